@@ -1,0 +1,297 @@
+"""Text encoders: prompts -> token features (B, L, D) and a padding mask (B, L) for cross-attention.
+
+Three kinds behind one interface, picked by `TextEncoderConfig.kind`:
+  "scratch"  - a transformer trained jointly with the U-Net (LDM txt2img, Rombach et al. 2022, Sec. 4.3),
+               on open_clip's CLIP BPE tokenizer;
+  "clip"     - a frozen transformers CLIPTextModel (SD 1.x uses openai/clip-vit-large-patch14);
+  "openclip" - a frozen OpenCLIP text tower from a local checkpoint (SD 2.x uses ViT-H-14, penultimate layer).
+Every encoder: `encoder(prompts) -> (context, mask)`, `.dim`, `.max_length`, `.tokenize(prompts)`.
+Prompts longer than `max_length` tokens are truncated (end token kept) with one warning per encoder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ldm.models.layers import Attention
+from ldm.models.unet import load_state_dict_strict
+
+KINDS = ("scratch", "clip", "openclip")
+LAYERS = ("last", "penultimate")
+
+
+@dataclass
+class TextEncoderConfig:
+    kind: str = "scratch"             # "scratch" | "clip" | "openclip"
+    path: str | None = None           # scratch: saved folder (None = random init); clip: folder or hub name;
+                                      # openclip: checkpoint file (.safetensors / .pt / .bin)
+    max_length: int = 77              # token limit incl. start/end tokens (openclip: the tower's own)
+    width: int = 256                  # scratch: token width D
+    depth: int = 4                    # scratch: transformer layers
+    heads: int = 4                    # scratch: attention heads
+    tokenizer: str = "ViT-B-32"       # scratch: open_clip tokenizer name (the CLIP BPE, ships offline)
+    arch: str = "ViT-H-14"            # openclip: architecture name or "local-dir:DIR" with open_clip_config.json
+    layer: str = "last"               # clip/openclip: "last" or "penultimate" (then the final LayerNorm)
+    local_files_only: bool = True     # clip: never reach the hub
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"TextEncoderConfig.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.layer not in LAYERS:
+            raise ValueError(f"TextEncoderConfig.layer must be one of {LAYERS}, got {self.layer!r}")
+        if self.kind == "openclip" and not self.path:
+            raise ValueError("TextEncoderConfig.path: the openclip kind needs a local checkpoint file")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TextEncoderConfig":
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"TextEncoderConfig: unknown keys {unknown}")
+        return cls(**d)
+
+
+class TextEncoder(nn.Module):
+    """Shared interface: forward(prompts) -> (context (B, L, D), mask (B, L) bool, True = real token)."""
+
+    dim: int
+    max_length: int
+
+    def __init__(self):
+        super().__init__()
+        self._warned = False
+
+    def _warn_truncation(self, prompts, lengths) -> None:
+        long = [p for p, n in zip(prompts, lengths) if n > self.max_length]
+        if long and not self._warned:
+            self._warned = True  # once per encoder, not once per training step
+            warnings.warn(f"{type(self).__name__}: {len(long)} prompt(s) longer than {self.max_length} tokens "
+                          f"are truncated, e.g. {long[0][:60]!r}... (further truncations are silent)", stacklevel=3)
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (B, max_length) long, mask (B, max_length) bool)."""
+        raise NotImplementedError
+
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        raise TypeError("text encoder takes a list of prompts, got a single str")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"text encoder: prompts must be str, got {bad[0]!r}")
+    return list(prompts)
+
+
+class _BPETokenize:
+    """CLIP BPE ids [start] + text + [end], zero-padded, with the true lengths for the mask."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tok, self.max_length = tokenizer, max_length
+
+    def __call__(self, encoder: TextEncoder, prompts):
+        prompts = _check_prompts(prompts)
+        ids = [[self.tok.sot_token_id] + self.tok.encode(p) + [self.tok.eot_token_id] for p in prompts]
+        encoder._warn_truncation(prompts, [len(x) for x in ids])
+        out = torch.zeros(len(ids), self.max_length, dtype=torch.long)
+        mask = torch.zeros(len(ids), self.max_length, dtype=torch.bool)
+        for i, x in enumerate(ids):
+            if len(x) > self.max_length:
+                x = x[: self.max_length - 1] + [self.tok.eot_token_id]
+            out[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = True
+        return out, mask
+
+
+def _simple_tokenizer(tokenizer, source: str):
+    from open_clip.tokenizer import SimpleTokenizer
+    if not isinstance(tokenizer, SimpleTokenizer):
+        raise ValueError(f"{source}: only open_clip's CLIP BPE tokenizer is supported, got {type(tokenizer).__name__}")
+    return tokenizer
+
+
+# ---- (a) trained from scratch ------------------------------------------------------------------
+
+class _EncoderLayer(nn.Module):
+    """Pre-LN bidirectional transformer layer; padding is excluded from the keys."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, None, heads, width // heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x, mask):
+        x = x + self.attn(self.norm1(x), mask=mask)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ScratchTextEncoder(TextEncoder):
+    """Token + learned position embeddings, `depth` transformer layers, final LayerNorm."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        import open_clip
+        if cfg.width % cfg.heads:
+            raise ValueError(f"TextEncoderConfig: width {cfg.width} not divisible by heads {cfg.heads}")
+        self.cfg, self.dim, self.max_length = cfg, cfg.width, cfg.max_length
+        tok = _simple_tokenizer(open_clip.get_tokenizer(cfg.tokenizer), f"tokenizer {cfg.tokenizer!r}")
+        self._tokenize = _BPETokenize(tok, cfg.max_length)
+        self.token_embedding = nn.Embedding(tok.vocab_size, cfg.width)
+        self.pos_embedding = nn.Parameter(torch.randn(cfg.max_length, cfg.width) * 0.01)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        self.layers = nn.ModuleList(_EncoderLayer(cfg.width, cfg.heads) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width)
+
+    def tokenize(self, prompts):
+        return self._tokenize(self, prompts)
+
+    def forward(self, prompts):
+        ids, mask = self.tokenize(prompts)
+        ids, mask = ids.to(self.pos_embedding.device), mask.to(self.pos_embedding.device)
+        x = self.token_embedding(ids) + self.pos_embedding  # (B, L, D)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.norm(x), mask
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write config.json and model.safetensors."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump({**dataclasses.asdict(self.cfg), "path": None}, f, indent=2)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
+                  os.path.join(directory, "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "ScratchTextEncoder":
+        for name in ("config.json", "model.safetensors"):
+            if not os.path.isfile(os.path.join(directory, name)):
+                raise FileNotFoundError(f"ScratchTextEncoder.from_pretrained: missing {os.path.join(directory, name)}")
+        with open(os.path.join(directory, "config.json")) as f:
+            cfg = TextEncoderConfig.from_dict(json.load(f))
+        model = cls(cfg)
+        load_state_dict_strict(model, load_file(os.path.join(directory, "model.safetensors")), directory)
+        return model
+
+
+# ---- frozen encoders ---------------------------------------------------------------------------
+
+class _Frozen(TextEncoder):
+    """No gradients, always in eval mode (dropout off) whatever the parent module does."""
+
+    def _freeze(self):
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+class ClipTextEncoder(_Frozen):
+    """transformers CLIPTokenizer + CLIPTextModel; a SD pipeline folder (tokenizer/, text_encoder/) works too."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        from transformers import CLIPTextModel, CLIPTokenizer
+        if not cfg.path:
+            raise ValueError("TextEncoderConfig.path: the clip kind needs a folder or hub name")
+        tok_dir = enc_dir = cfg.path
+        if os.path.isdir(os.path.join(cfg.path, "text_encoder")):
+            tok_dir, enc_dir = os.path.join(cfg.path, "tokenizer"), os.path.join(cfg.path, "text_encoder")
+        self.cfg = cfg
+        self.tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=cfg.local_files_only)
+        self.model = CLIPTextModel.from_pretrained(enc_dir, local_files_only=cfg.local_files_only)
+        self.dim = self.model.config.hidden_size
+        self.max_length = min(cfg.max_length, self.tokenizer.model_max_length,
+                              self.model.config.max_position_embeddings)
+        self._freeze()
+
+    def tokenize(self, prompts):
+        prompts = _check_prompts(prompts)
+        full = self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
+        self._warn_truncation(prompts, [len(x) for x in full])
+        enc = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"].bool()
+
+    @torch.no_grad()
+    def forward(self, prompts):
+        ids, mask = self.tokenize(prompts)
+        ids, mask = ids.to(self.model.device), mask.to(self.model.device)
+        # No attention mask into CLIP, as in SD: it is causal, so padding never reaches real tokens.
+        out = self.model(input_ids=ids, output_hidden_states=self.cfg.layer == "penultimate")
+        if self.cfg.layer == "penultimate":
+            return getattr(self.model, "text_model", self.model).final_layer_norm(out.hidden_states[-2]), mask
+        return out.last_hidden_state, mask
+
+
+def _read_state_dict(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"text encoder checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+class OpenClipTextEncoder(_Frozen):
+    """The text tower of an open_clip model (CLIP or CustomTextCLIP) loaded from a local checkpoint."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        import open_clip
+        self.cfg = cfg
+        model = open_clip.create_model(cfg.arch, pretrained=None, load_weights=False)
+        model.visual = None  # the image tower is never used: drop its weights before loading
+        state = {k: v for k, v in _read_state_dict(cfg.path).items() if not k.startswith("visual.")}
+        load_state_dict_strict(model, state, cfg.path)
+        self.tower = getattr(model, "text", model)  # CustomTextCLIP keeps the tower in .text
+        if getattr(self.tower, "cls_emb", None) is not None:
+            raise ValueError(f"openclip arch {cfg.arch!r}: text towers with a class token are not supported")
+        tok = _simple_tokenizer(open_clip.get_tokenizer(cfg.arch), f"openclip arch {cfg.arch!r}")
+        self.max_length = self.tower.positional_embedding.shape[0]
+        self.dim = self.tower.positional_embedding.shape[1]
+        self._tokenize = _BPETokenize(tok, self.max_length)
+        self._freeze()
+
+    def tokenize(self, prompts):
+        return self._tokenize(self, prompts)
+
+    @torch.no_grad()
+    def forward(self, prompts):
+        ids, mask = self.tokenize(prompts)
+        tower = self.tower
+        device = tower.positional_embedding.device
+        ids, mask = ids.to(device), mask.to(device)
+        x = tower.token_embedding(ids) + tower.positional_embedding  # (B, L, D)
+        blocks = tower.transformer.resblocks
+        if self.cfg.layer == "penultimate":
+            blocks = blocks[:-1]
+        batch_first = getattr(tower.transformer, "batch_first", True)
+        x = x if batch_first else x.transpose(0, 1)
+        for block in blocks:
+            x = block(x, attn_mask=tower.attn_mask)  # causal, like open_clip's own encode_text
+        x = x if batch_first else x.transpose(0, 1)
+        return tower.ln_final(x), mask
+
+
+def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
+    """The encoder `cfg.kind` names; a scratch encoder loads from `cfg.path` when given."""
+    if cfg.kind == "scratch":
+        return ScratchTextEncoder.from_pretrained(cfg.path) if cfg.path else ScratchTextEncoder(cfg)
+    if cfg.kind == "clip":
+        return ClipTextEncoder(cfg)
+    return OpenClipTextEncoder(cfg)

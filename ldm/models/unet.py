@@ -1,0 +1,299 @@
+"""The text-conditioned U-Net of Stable Diffusion (Rombach et al. 2022, LDM Sec. 3.3).
+
+Encoder levels of ResBlocks (+ spatial transformers attending to the text tokens),
+a middle block, decoder levels mirroring the encoder with skip connections.
+Timesteps enter through a sinusoidal embedding and an MLP; an optional extra
+vector (`cond_emb`, e.g. the guidance-weight embedding of the distilled student,
+Meng et al. 2023) is added to that embedding.
+
+Time scaling: the embedding is sinusoidal in whatever scalar is passed; its
+frequencies are made for discrete steps t in [0, 1000). A caller with continuous
+t in [0, 1] should pass 1000 * t.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+from ldm.models.layers import (
+    Downsample, GroupNorm, ResBlock, SpatialTransformer, TimestepMLP, Upsample, timestep_embedding,
+)
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4                              # latent channels in
+    out_channels: int = 4                             # prediction channels (eps / v / x0)
+    channels: tuple = (320, 640, 1280, 1280)          # width per level (diffusers: block_out_channels)
+    layers_per_block: int = 2                         # ResBlocks per encoder level (decoder: one more)
+    attention_levels: tuple = (0, 1, 2)               # levels with transformers (CompVis: resolutions 2**level)
+    num_heads: int | tuple | None = 8                 # heads per transformer (int or per level) ...
+    head_dim: int | None = None                       # ... or fixed head width (SD 2.x: 64); set exactly one
+    transformer_depth: int | tuple = 1                # transformer blocks per spatial transformer (int or per level)
+    context_dim: int = 768                            # text token width D_ctx
+    linear_projection: bool = False                   # Linear proj_in/out (SD 2.x) instead of 1x1 conv (SD 1.x)
+    mid_attention: bool = True                        # spatial transformer in the middle block
+    norm_groups: int = 32                             # GroupNorm groups everywhere
+    norm_eps: float = 1e-5                            # GroupNorm eps of ResBlocks and the output norm
+    dropout: float = 0.0                              # ResBlock and feed-forward dropout
+    gradient_checkpointing: bool = False              # recompute blocks in backward: less memory, ~30% more time
+
+    def __post_init__(self):
+        self.channels = tuple(self.channels)
+        self.attention_levels = tuple(self.attention_levels)
+        for name in ("num_heads", "transformer_depth"):
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
+        if (self.num_heads is None) == (self.head_dim is None):
+            raise ValueError(f"UNetConfig: set exactly one of num_heads ({self.num_heads}) "
+                             f"and head_dim ({self.head_dim})")
+        bad = [lvl for lvl in self.attention_levels if not 0 <= lvl < len(self.channels)]
+        if bad:
+            raise ValueError(f"UNetConfig.attention_levels: levels {bad} outside 0..{len(self.channels) - 1}")
+        for name in ("num_heads", "transformer_depth"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != len(self.channels):
+                raise ValueError(f"UNetConfig.{name}: {len(value)} entries for {len(self.channels)} levels")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.channels[0]
+
+    def per_level(self, name: str, level: int):
+        value = getattr(self, name)
+        return value[level] if isinstance(value, tuple) else value
+
+    def heads(self, level: int) -> tuple[int, int]:
+        """(heads, head_dim) of the transformers at `level`."""
+        ch = self.channels[level]
+        if self.head_dim is not None:
+            heads, head_dim = ch // self.head_dim, self.head_dim
+        else:
+            heads = self.per_level("num_heads", level)
+            head_dim = ch // heads
+        if heads * head_dim != ch:
+            raise ValueError(f"UNetConfig: level {level} width {ch} not divisible into heads "
+                             f"(num_heads={self.num_heads}, head_dim={self.head_dim})")
+        return heads, head_dim
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"UNetConfig: unknown keys {unknown}")
+        return cls(**d)
+
+
+class _Level(nn.Module):
+    """One resolution: ResBlocks, optional transformers after each, optional resampler."""
+
+    def __init__(self, res, attn, resample, resample_name):
+        super().__init__()
+        self.res = nn.ModuleList(res)
+        self.attn = nn.ModuleList(attn)
+        self.resample_name = resample_name
+        if resample is not None:
+            self.add_module(resample_name, resample)
+
+    @property
+    def resample(self):
+        return getattr(self, self.resample_name, None)
+
+
+class _Mid(nn.Module):
+    """ResBlock, transformer (optional), ResBlock at the lowest resolution."""
+
+    def __init__(self, res1, attn, res2):
+        super().__init__()
+        self.res1, self.attn, self.res2 = res1, attn, res2
+
+
+class UNet(nn.Module):
+    """eps/v-prediction U-Net: forward(x (B,C,H,W), t (B,), context (B,L,D)) -> (B,C_out,H,W)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch, emb_dim, n = cfg.channels, cfg.time_embed_dim, cfg.layers_per_block
+
+        def res(c_in, c_out):
+            return ResBlock(c_in, c_out, emb_dim, cfg.norm_groups, cfg.norm_eps, cfg.dropout)
+
+        def attn(level, c):
+            heads, head_dim = cfg.heads(level)
+            return SpatialTransformer(c, heads, head_dim, cfg.context_dim, cfg.per_level("transformer_depth", level),
+                                      cfg.norm_groups, cfg.linear_projection, cfg.dropout)
+
+        self.time_embed = TimestepMLP(ch[0], emb_dim)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+
+        # Encoder; remember every skip's width for the decoder.
+        skips, c, down = [ch[0]], ch[0], []
+        for lvl, c_out in enumerate(ch):
+            blocks = []
+            for _ in range(n):
+                blocks.append(res(c, c_out))
+                c = c_out
+                skips.append(c)
+            last = lvl == len(ch) - 1
+            if not last:
+                skips.append(c)
+            down.append(_Level(blocks, [attn(lvl, c) for _ in range(n)] if lvl in cfg.attention_levels else [],
+                               None if last else Downsample(c), "downsample"))
+        self.down = nn.ModuleList(down)
+
+        self.mid = _Mid(res(c, c), attn(len(ch) - 1, c) if cfg.mid_attention else None, res(c, c))
+
+        # Decoder, built deepest first; up[lvl] mirrors down[lvl] and takes n + 1 skips.
+        up = [None] * len(ch)
+        for lvl in reversed(range(len(ch))):
+            blocks = []
+            for _ in range(n + 1):
+                blocks.append(res(c + skips.pop(), ch[lvl]))
+                c = ch[lvl]
+            up[lvl] = _Level(blocks, [attn(lvl, c) for _ in range(n + 1)] if lvl in cfg.attention_levels else [],
+                             Upsample(c) if lvl > 0 else None, "upsample")
+        self.up = nn.ModuleList(up)
+
+        self.norm_out = GroupNorm(ch[0], cfg.norm_groups, cfg.norm_eps, activation="silu")
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.cfg.gradient_checkpointing = enabled
+
+    def _run(self, block, *args):
+        if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _embed(self, x, t, cond_emb):
+        if not torch.is_tensor(t):
+            t = torch.tensor(t, device=x.device)
+        t = t.to(x.device).reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t.to(x.device).reshape(-1)
+        if t.shape[0] != x.shape[0]:
+            raise ValueError(f"UNet: t has {t.shape[0]} entries for a batch of {x.shape[0]}")
+        emb = self.time_embed(timestep_embedding(t, self.cfg.channels[0]).to(self.conv_in.weight.dtype))
+        if cond_emb is not None:
+            if cond_emb.shape != emb.shape:
+                raise ValueError(f"UNet: cond_emb shape {tuple(cond_emb.shape)}, expected {tuple(emb.shape)}")
+            emb = emb + cond_emb.to(emb.dtype)
+        return emb  # (B, time_embed_dim)
+
+    def forward(self, x, t, context, context_mask=None, cond_emb=None):
+        """x (B,C,H,W), t (B,) or scalar in [0, 1000), context (B,L,D), context_mask (B,L) bool True=attend."""
+        if context.shape[-1] != self.cfg.context_dim:
+            raise ValueError(f"UNet: context width {context.shape[-1]}, config context_dim {self.cfg.context_dim}")
+        factor = 2 ** (len(self.cfg.channels) - 1)
+        if x.shape[-1] % factor or x.shape[-2] % factor:
+            raise ValueError(f"UNet: spatial size {tuple(x.shape[-2:])} must be divisible by {factor}")
+        emb = self._embed(x, t, cond_emb)
+        context = context.to(self.conv_in.weight.dtype)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for i, block in enumerate(level.res):
+                h = self._run(block, h, emb)
+                if len(level.attn):
+                    h = self._run(level.attn[i], h, context, context_mask)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+
+        h = self._run(self.mid.res1, h, emb)
+        if self.mid.attn is not None:
+            h = self._run(self.mid.attn, h, context, context_mask)
+        h = self._run(self.mid.res2, h, emb)
+
+        for level in reversed(self.up):
+            for i, block in enumerate(level.res):
+                h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
+                if len(level.attn):
+                    h = self._run(level.attn[i], h, context, context_mask)
+            if level.resample is not None:
+                h = level.resample(h)
+        return self.conv_out(self.norm_out(h))
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write config.json and model.safetensors into `directory`."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(dataclasses.asdict(self.cfg), f, indent=2)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(directory, WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str, device="cpu") -> "UNet":
+        """Inverse of save_pretrained; every weight must be present, none extra."""
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not os.path.isfile(os.path.join(directory, name)):
+                raise FileNotFoundError(f"UNet.from_pretrained: missing {os.path.join(directory, name)}")
+        with open(os.path.join(directory, CONFIG_NAME)) as f:
+            cfg = UNetConfig.from_dict(json.load(f))
+        model = cls(cfg)
+        load_state_dict_strict(model, load_file(os.path.join(directory, WEIGHTS_NAME), device=str(device)), directory)
+        return model.to(device)
+
+
+def load_state_dict_strict(model: nn.Module, state: dict, source: str) -> None:
+    """Load all-or-nothing; the error lists missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        def cut(xs):
+            return xs[:20] + ([f"... {len(xs) - 20} more"] if len(xs) > 20 else [])
+
+        raise ValueError(f"cannot load weights from {source}: missing keys {cut(missing)}, "
+                         f"unexpected keys {cut(unexpected)}, shape mismatches {cut(shapes)}")
+    model.load_state_dict(state, strict=True)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- presets -----------------------------------------------------------------------------
+
+def tiny_config(**overrides) -> UNetConfig:
+    """A ~1M-parameter U-Net for unit tests (8x8 latents)."""
+    base = dict(in_channels=4, out_channels=4, channels=(32, 64), layers_per_block=1, attention_levels=(1,),
+                num_heads=2, context_dim=32, norm_groups=8)
+    return UNetConfig(**{**base, **overrides})
+
+
+def shapes64_config(**overrides) -> UNetConfig:
+    """The shapes-world default: 8x8x4 latents of 64x64 images, ~10M parameters."""
+    base = dict(in_channels=4, out_channels=4, channels=(64, 128, 128), layers_per_block=2,
+                attention_levels=(1, 2), num_heads=None, head_dim=32, context_dim=256, norm_groups=32)
+    return UNetConfig(**{**base, **overrides})
+
+
+def sd15_config(**overrides) -> UNetConfig:
+    """Stable Diffusion 1.x sizes: 859.5M parameters."""
+    base = dict(channels=(320, 640, 1280, 1280), layers_per_block=2, attention_levels=(0, 1, 2),
+                num_heads=8, context_dim=768, linear_projection=False)
+    return UNetConfig(**{**base, **overrides})
+
+
+def sd2_config(**overrides) -> UNetConfig:
+    """Stable Diffusion 2.x sizes: head width 64, OpenCLIP-H context 1024, linear projections."""
+    base = dict(channels=(320, 640, 1280, 1280), layers_per_block=2, attention_levels=(0, 1, 2),
+                num_heads=None, head_dim=64, context_dim=1024, linear_projection=True)
+    return UNetConfig(**{**base, **overrides})
+
+
+PRESETS = {"tiny": tiny_config, "shapes64": shapes64_config, "sd15": sd15_config, "sd2": sd2_config}

@@ -1,0 +1,215 @@
+"""U-Net: shapes, conditioning, checkpointing, save/load, and equality with diffusers' SD U-Net."""
+import json
+import re
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from diffusers.models.embeddings import get_timestep_embedding
+from safetensors.torch import save_file
+
+from ldm.models.convert_unet import load_compvis_unet, load_diffusers_unet, unet_config_from_diffusers
+from ldm.models.layers import timestep_embedding
+from ldm.models.unet import UNet, UNetConfig, count_params, sd2_config, sd15_config, tiny_config
+
+
+def _inputs(cfg, batch=2, size=8, tokens=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.in_channels, size, size, generator=g)
+    t = torch.tensor([3.0, 917.0])[:batch]
+    ctx = torch.randn(batch, tokens, cfg.context_dim, generator=g)
+    return x, t, ctx
+
+
+def _perturb(model, seed=0, std=0.1):
+    """Randomise every parameter (norm weights too) so that a swapped name cannot hide."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_timestep_embedding_matches_diffusers_reference():
+    t = torch.tensor([0.0, 1.0, 17.5, 999.0])
+    ref = get_timestep_embedding(t, 64, flip_sin_to_cos=True, downscale_freq_shift=0)
+    torch.testing.assert_close(timestep_embedding(t, 64), ref)
+
+
+def test_output_shape_dtype_and_time_formats():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = UNet(cfg).eval()
+    x, t, ctx = _inputs(cfg)
+    out = model(x, t, ctx)
+    assert out.shape == (2, cfg.out_channels, 8, 8) and out.dtype == torch.float32
+    # a scalar t broadcasts; int and float tensors of the same value agree
+    torch.testing.assert_close(model(x, 5, ctx), model(x, torch.tensor([5.0, 5.0]), ctx))
+    torch.testing.assert_close(model(x, torch.tensor([5, 5]), ctx), model(x, 5.0, ctx))
+
+
+def test_cond_emb_is_added_to_time_embedding():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = _perturb(UNet(cfg)).eval()
+    x, t, ctx = _inputs(cfg)
+    base = model(x, t, ctx)
+    torch.testing.assert_close(model(x, t, ctx, cond_emb=torch.zeros(2, cfg.time_embed_dim)), base)
+    cond = torch.randn(2, cfg.time_embed_dim)
+    assert (model(x, t, ctx, cond_emb=cond) - base).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="cond_emb shape"):
+        model(x, t, ctx, cond_emb=torch.zeros(2, 3))
+
+
+def test_context_mask_equals_dropping_masked_tokens():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = _perturb(UNet(cfg)).eval()
+    x, t, ctx = _inputs(cfg, tokens=6)
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 4 + [False] * 2])
+    torch.testing.assert_close(model(x, t, ctx, context_mask=mask), model(x, t, ctx[:, :4]), atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = _perturb(UNet(cfg)).train()
+    x, t, ctx = _inputs(cfg)
+
+    def grads(flag):
+        model.zero_grad()
+        model.enable_gradient_checkpointing(flag)
+        model(x, t, ctx).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, ckpt = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_save_load_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config(linear_projection=True, num_heads=(2, 4), transformer_depth=2)
+    model = _perturb(UNet(cfg)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = UNet.from_pretrained(tmp_path).eval()
+    assert loaded.cfg == cfg
+    x, t, ctx = _inputs(cfg)
+    torch.testing.assert_close(loaded(x, t, ctx), model(x, t, ctx), atol=0, rtol=0)
+
+
+def test_from_pretrained_errors_name_the_key(tmp_path):
+    UNet(tiny_config()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "widths": [1]}))
+    with pytest.raises(ValueError, match="widths"):
+        UNet.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    state = UNet(tiny_config()).state_dict()
+    del state["mid.res1.conv1.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"mid\.res1\.conv1\.weight"):
+        UNet.from_pretrained(tmp_path)
+
+
+def test_config_rejects_bad_heads():
+    with pytest.raises(ValueError, match="exactly one"):
+        UNetConfig(num_heads=8, head_dim=64)
+    with pytest.raises(ValueError, match="divisible"):
+        UNet(tiny_config(num_heads=3))
+
+
+@pytest.mark.parametrize("make, expected", [(sd15_config, 859_520_964), (sd2_config, 865_910_724)])
+def test_stable_diffusion_sizes_on_meta(make, expected):
+    # Published parameter counts of the SD 1.x and SD 2.x U-Nets.
+    with torch.device("meta"):
+        assert count_params(UNet(make())) == expected
+
+
+# ---- diffusers / CompVis conversion ----------------------------------------------------------
+
+def _small_diffusers(linear: bool, heads):
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=heads, norm_num_groups=8, use_linear_projection=linear,
+    )
+    return _perturb(model).eval()
+
+
+def _diffusers_out(model, x, t, ctx, mask=None):
+    with torch.no_grad():
+        return model(x, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
+
+
+@pytest.mark.parametrize("linear, heads", [(False, 8), (True, (4, 2))])
+def test_diffusers_unet_loads_and_matches(tmp_path, linear, heads):
+    ref = _small_diffusers(linear, heads)
+    ref.save_pretrained(tmp_path)
+    ours = load_diffusers_unet(str(tmp_path)).eval()
+    x, t, ctx = _inputs(ours.cfg)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, ctx), _diffusers_out(ref, x, t, ctx), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours(x, t, ctx, context_mask=mask), _diffusers_out(ref, x, t, ctx, mask),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_diffusers_config_unsupported_key_is_named():
+    with pytest.raises(ValueError, match="class_embed_type"):
+        unet_config_from_diffusers({**_small_diffusers(False, 8).config, "class_embed_type": "timestep"})
+
+
+def _diffusers_to_compvis(state, levels, n):
+    """Independent test-side map of diffusers names to the CompVis openaimodel layout."""
+    res = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    out = {}
+    for key, v in state.items():
+        new = None
+        if m := re.fullmatch(r"down_blocks\.(\d)\.(resnets|attentions)\.(\d)\.(.+)", key):
+            b = 1 + int(m[1]) * (n + 1) + int(m[3])
+            new = f"input_blocks.{b}.{0 if m[2] == 'resnets' else 1}.{m[4]}"
+        elif m := re.fullmatch(r"down_blocks\.(\d)\.downsamplers\.0\.conv\.(.+)", key):
+            new = f"input_blocks.{(int(m[1]) + 1) * (n + 1)}.0.op.{m[2]}"
+        elif m := re.fullmatch(r"up_blocks\.(\d)\.(resnets|attentions)\.(\d)\.(.+)", key):
+            new = f"output_blocks.{int(m[1]) * (n + 1) + int(m[3])}.{0 if m[2] == 'resnets' else 1}.{m[4]}"
+        elif m := re.fullmatch(r"up_blocks\.(\d)\.upsamplers\.0\.(.+)", key):
+            has_attn = any(k.startswith(f"up_blocks.{m[1]}.attentions") for k in state)
+            new = f"output_blocks.{int(m[1]) * (n + 1) + n}.{2 if has_attn else 1}.{m[2]}"
+        elif m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d)\.(.+)", key):
+            new = f"middle_block.{1 if m[1] == 'attentions' else 2 * int(m[2])}.{m[3]}"
+        else:
+            new = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                   "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}[key.rsplit(".", 1)[0]]
+            new += "." + key.rsplit(".", 1)[1]
+        for d, c in res.items():
+            new = re.sub(rf"^((?:input|output)_blocks\.\d+\.0|middle_block\.[02])\.{d}\.", rf"\1.{c}.", new)
+        out["model.diffusion_model." + new] = v
+    return out
+
+
+def test_compvis_checkpoint_loads_and_matches():
+    ref = _small_diffusers(False, 8)
+    state = ref.state_dict()
+    compvis = _diffusers_to_compvis(state, levels=2, n=1)
+    # diffusers' own CompVis converter must map our test-side names back exactly
+    back = convert_ldm_unet_checkpoint(compvis, dict(ref.config))
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+
+    cfg = unet_config_from_diffusers(dict(ref.config))
+    ours = load_compvis_unet(compvis, cfg).eval()
+    x, t, ctx = _inputs(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, ctx), _diffusers_out(ref, x, t, ctx), atol=1e-4, rtol=1e-4)
+
+
+def test_compvis_errors_list_missing_and_unexpected_keys():
+    ref = _small_diffusers(False, 8)
+    compvis = _diffusers_to_compvis(ref.state_dict(), levels=2, n=1)
+    del compvis["model.diffusion_model.out.2.weight"]
+    compvis["model.diffusion_model.bogus.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"conv_out\.weight.*bogus\.weight"):
+        load_compvis_unet(compvis, unet_config_from_diffusers(dict(ref.config)))
