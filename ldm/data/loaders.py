@@ -1,0 +1,317 @@
+"""One entry point for the training stages: `make_dataloader(DataConfig, accelerator)`.
+
+Sources: the shapes world rendered on the fly ("shapes"), a local image folder with
+metadata.jsonl ("imagefolder", e.g. an exported shapes folder), parquet/arrow files with
+an image and a text column ("parquet", read through `datasets`), or a `datasets` hub
+name ("hub"). Every item is {"pixel_values": float (3, R, R) in [-1, 1], "text": str}
+(the shapes world adds its labels).
+
+Broken images are found once, up front (`verify`): each is decoded, and unreadable,
+truncated or non-image files are skipped with one warning that gives their count.
+
+Order and resumption: `EpochSampler` draws a fixed permutation per (seed, epoch), and
+crops/flips are keyed on (seed, epoch, index), so a run is reproducible. The returned
+`ResumableLoader` counts the batches it handed out; save its `state_dict()` with the
+checkpoint and `load_state_dict()` it on resume: the next batch is the one that would
+have come next. It wraps the Accelerate-prepared loader, so no `skip_first_batches`
+is needed (the sampler starts mid-epoch instead of loading and dropping batches).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ldm.data.shapes import SPLITS, ShapesWorld
+from ldm.data.transforms import CROPS, DECODE_ERRORS, open_image, preprocess
+
+SOURCES = ("shapes", "imagefolder", "parquet", "hub")
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class DataConfig:
+    """Where training images and captions come from and how they are prepared."""
+
+    source: str = "shapes"       # shapes | imagefolder | parquet | hub
+    path: str = ""               # folder, parquet file/folder/glob, or hub name (not shapes)
+    image_column: str = "image"  # parquet/hub column holding the image
+    text_column: str = "text"    # column (or metadata.jsonl key) holding the caption
+    resolution: int = 64         # output side; the shorter side is resized to it
+    crop: str = "center"         # center | random
+    flip: bool = False           # off by default: a mirror falsifies "left of" captions
+    batch_size: int = 32         # per process
+    num_workers: int = 0         # DataLoader worker processes
+    seed: int = 0                # order and crops; for shapes also the world's stream
+    split: str = "train"         # shapes: train | heldout; hub: the datasets split name
+    length: int = 100_000        # shapes: samples per epoch
+    verify: bool = True          # decode every image once up front to skip broken ones
+    drop_last: bool = True       # every batch full: steady shapes for compiled models
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
+        if self.crop not in CROPS:
+            raise ValueError(f"data.crop must be one of {CROPS}, got {self.crop!r}")
+        for key in ("resolution", "batch_size", "length"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.source == "shapes":
+            if self.split not in SPLITS:
+                raise ValueError(f"data.split must be one of {tuple(SPLITS)} for shapes, "
+                                 f"got {self.split!r}")
+            if self.flip:
+                raise ValueError("data.flip=True with source 'shapes' would make "
+                                 "'left'/'right' captions false")
+        elif not self.path:
+            raise ValueError(f"data.path is required for source {self.source!r}")
+
+
+# ------------------------------------------------------------------- image-text data
+
+class ImageTextDataset(Dataset):
+    """Captioned images from a table of (image value, text) rows, decoded lazily."""
+
+    def __init__(self, table, rows: list[int], cfg: DataConfig, root: str | None = None):
+        self.table, self.rows, self.cfg, self.root = table, rows, cfg, root
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch  # keys the random crop/flip, so every epoch draws new ones
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        value, text = self.table[self.rows[index]]
+        try:
+            image = open_image(value, self.root)
+        except DECODE_ERRORS as err:  # it decoded during verify: the file changed since
+            raise OSError(f"cannot read image {_describe(value)}: {err}") from err
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, index])
+        pixels = preprocess(image, self.cfg.resolution, self.cfg.crop, self.cfg.flip, rng)
+        return {"pixel_values": pixels, "text": "" if text is None else str(text)}
+
+
+class _HFTable:
+    """(image value, text) rows of a `datasets.Dataset` whose images are left undecoded."""
+
+    def __init__(self, ds, image_column: str, text_column: str):
+        self.ds, self.image_column, self.text_column = ds, image_column, text_column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, k: int):
+        row = self.ds[int(k)]
+        return row[self.image_column], row[self.text_column]
+
+
+def _describe(value) -> str:
+    if isinstance(value, dict):
+        return repr(value.get("path") or "<bytes>")
+    return "<bytes>" if isinstance(value, (bytes, bytearray)) else repr(value)
+
+
+def _usable_rows(table, root: str | None, cfg: DataConfig, where: str) -> list[int]:
+    """Indices of rows whose image decodes; one warning counts the rest."""
+    if not cfg.verify:
+        rows = list(range(len(table)))
+    else:
+        rows = []
+        for k in range(len(table)):
+            try:
+                open_image(table[k][0], root, draft=cfg.resolution)
+                rows.append(k)
+            except DECODE_ERRORS:
+                pass
+        bad = len(table) - len(rows)
+        if bad and rows:
+            warnings.warn(f"{where}: skipped {bad} of {len(table)} images that are unreadable, "
+                          f"truncated or not images", stacklevel=3)
+    if not rows:
+        raise ValueError(f"no usable image in {where} ({len(table)} rows, none decodes)")
+    return rows
+
+
+def _folder_table(path: str, text_column: str) -> list[tuple[str, str]]:
+    """(image path, text) rows of every metadata.jsonl under an image folder."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"imagefolder path is not a folder: {path}")
+    metas = sorted(root.rglob("metadata.jsonl"))
+    if not metas:
+        has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*"))
+        if not has_images:
+            raise ValueError(f"no usable image in {path}: no images and no metadata.jsonl")
+        raise ValueError(f"text column {text_column!r} not found in {path}: it has images but "
+                         f"no metadata.jsonl; columns found: ['image']")
+    rows = []
+    for meta in metas:
+        with open(meta, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{meta}:{line_no}: invalid JSON ({err})") from err
+                for key in ("file_name", text_column):
+                    if key not in record:
+                        raise ValueError(f"column {key!r} not found in {meta}:{line_no}; "
+                                         f"columns found: {sorted(record)}")
+                rows.append((str(meta.parent / record["file_name"]), record[text_column]))
+    return rows
+
+
+def _data_files(path: str) -> list[str]:
+    """Parquet/arrow files named by a file, a folder (searched recursively) or a glob."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.suffix in (".parquet", ".arrow"))
+    elif p.is_file():
+        files = [str(p)]
+    else:
+        files = sorted(glob.glob(path, recursive=True))
+    if not files:
+        raise ValueError(f"no usable image in {path}: no parquet or arrow files found")
+    return files
+
+
+def _hf_table(ds, cfg: DataConfig, where: str) -> _HFTable:
+    import datasets
+
+    for kind, name in (("image", cfg.image_column), ("text", cfg.text_column)):
+        if name not in ds.column_names:
+            raise ValueError(f"{kind} column {name!r} not found in {where}; "
+                             f"columns found: {ds.column_names}")
+    ds = ds.select_columns([cfg.image_column, cfg.text_column])
+    if isinstance(ds.features[cfg.image_column], datasets.Image):
+        # decode ourselves, inside try/except: datasets would raise mid-epoch on a bad file
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+    return _HFTable(ds, cfg.image_column, cfg.text_column)
+
+
+def _load_table(cfg: DataConfig):
+    """(table of (image value, text) rows, root for relative image paths) of a real source."""
+    if cfg.source == "imagefolder":
+        return _folder_table(cfg.path, cfg.text_column), None
+    import datasets  # slow to import: only the sources that read through it pay
+
+    if cfg.source == "parquet":
+        files = _data_files(cfg.path)
+        builder = "arrow" if all(f.endswith(".arrow") for f in files) else "parquet"
+        ds = datasets.load_dataset(builder, data_files=files, split="train")
+        return _hf_table(ds, cfg, cfg.path), os.path.dirname(files[0])
+    ds = datasets.load_dataset(cfg.path, split=cfg.split)
+    return _hf_table(ds, cfg, f"{cfg.path} (split {cfg.split!r})"), None
+
+
+def build_dataset(cfg: DataConfig) -> Dataset:
+    """The map-style data set `cfg` names; items hold pixel_values (3, R, R) and text."""
+    if cfg.source == "shapes":
+        return ShapesWorld(cfg.split, cfg.seed, cfg.resolution, cfg.length)
+    if cfg.source != "hub" and not os.path.exists(cfg.path) and not glob.glob(cfg.path):
+        raise FileNotFoundError(f"data path does not exist: {cfg.path}")
+    table, root = _load_table(cfg)
+    return ImageTextDataset(table, _usable_rows(table, root, cfg, cfg.path), cfg, root)
+
+
+# ------------------------------------------------------------------ order and resume
+
+class EpochSampler(Sampler[int]):
+    """A fixed permutation per (seed, epoch); `start` skips the first indices of one pass."""
+
+    def __init__(self, data_source, seed: int = 0, shuffle: bool = True):
+        self.data_source, self.seed, self.shuffle = data_source, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Accelerate's prepared loaders call this at every pass; we forward it to the data."""
+        self.epoch = epoch
+        if hasattr(self.data_source, "set_epoch"):
+            self.data_source.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.data_source) - self.start
+
+    def __iter__(self):
+        n = len(self.data_source)
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(n)
+                 if self.shuffle else np.arange(n))
+        start, self.start = self.start, 0  # a resume offset applies to one pass only
+        yield from order[start:].tolist()
+
+
+class ResumableLoader:
+    """Batches of one epoch per `for` loop, with a (epoch, batch) position to checkpoint.
+
+    `dataloader` may be a plain DataLoader or its Accelerate-prepared version; with N
+    processes each local batch stands for N batches of the shared sampler order.
+    """
+
+    def __init__(self, dataloader, sampler: EpochSampler, batch_size: int, num_processes: int = 1):
+        self.dataloader, self.sampler = dataloader, sampler
+        self.batch_size, self.num_processes = batch_size, num_processes
+        self.epoch, self.batch = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.dataloader)
+
+    def __iter__(self):
+        """The rest of the current epoch; the next loop starts the next epoch."""
+        self.sampler.start = self.batch * self.batch_size * self.num_processes
+        if hasattr(self.dataloader, "set_epoch"):  # Accelerate's loader keeps its own count
+            self.dataloader.set_epoch(self.epoch)
+        else:
+            self.sampler.set_epoch(self.epoch)
+        for batch in self.dataloader:
+            self.batch += 1  # counted when handed out, so prefetched batches do not count
+            yield batch
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def forever(self):
+        """Endless batches across epochs, for step-based training loops."""
+        while True:
+            yield from self
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("epoch", "batch"):
+            if key not in state:
+                raise KeyError(f"data loader state lacks {key!r}; found {sorted(state)}")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack pixel_values; every other key (text, labels) becomes a list."""
+    out = {"pixel_values": torch.stack([item["pixel_values"] for item in batch])}
+    for key in batch[0]:
+        if key != "pixel_values":
+            out[key] = [item[key] for item in batch]
+    return out
+
+
+def make_dataloader(cfg: DataConfig, accelerator=None) -> ResumableLoader:
+    """The training loader for `cfg`, prepared by `accelerator` when one is given."""
+    dataset = build_dataset(cfg)
+    sampler = EpochSampler(dataset, cfg.seed)
+    # persistent_workers=False: workers re-copy the data set every epoch, so they see its epoch
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
+                        num_workers=cfg.num_workers, collate_fn=collate, drop_last=cfg.drop_last,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    num_processes = 1
+    if accelerator is not None:
+        loader, num_processes = accelerator.prepare(loader), accelerator.num_processes
+    return ResumableLoader(loader, sampler, cfg.batch_size, num_processes)
