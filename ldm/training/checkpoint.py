@@ -1,0 +1,312 @@
+"""Atomic, exactly-resumable checkpoints: `output_dir/checkpoint-000500/`.
+
+A checkpoint is written into `checkpoint-000500.tmp/` and renamed when every file is in place,
+so a folder named `checkpoint-NNNNNN` is always complete. Contents:
+
+    meta.json               stage, step, model config, process count, EMA update count
+    config.yaml             the run's whole config
+    model.safetensors       model weights (+ `<name>.safetensors` for extra modules)
+    ema.safetensors         fp32 EMA shadow weights
+    training_state.pt       optimizer, LR scheduler, grad scaler, extra states (weights_only)
+    rng_state_<rank>.pt     Python, NumPy, torch and CUDA generators of each process
+    data_state_<rank>.pt    each process's data position (`data.state_dict()`)
+
+Resuming restores the RNG last, after everything was built, so a resumed run draws the same
+random numbers as an uninterrupted one. Only single-process and DDP runs are supported:
+FSDP shards weights and optimizer state, which this format does not gather.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import TrainConfig, config_to_dict, save_config
+from .ema import EMA, check_same_tensors
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint belongs to another stage or model architecture."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:06d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `output_dir` as (step, path), oldest first; temp folders ignored."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / "meta.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in `output_dir`, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    """`resume` (None | "latest" | path) -> a checkpoint folder or None (start fresh)."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        return find_latest_checkpoint(output_dir)
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"train.resume: checkpoint folder not found: {resume!r}")
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"train.resume: {resume!r} is not a complete checkpoint (no meta.json)")
+    return path
+
+
+# --------------------------------------------------------------------------- RNG
+
+def capture_rng() -> dict[str, Any]:
+    """This process's Python, NumPy, torch and CUDA generator states (weights_only-loadable)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng`."""
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- compatibility
+
+def _plain_json(obj: Any) -> Any:
+    return json.loads(json.dumps(config_to_dict(obj) if obj is not None else None))
+
+
+def _diff(saved: Any, now: Any, prefix: str) -> list[str]:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for k in sorted(set(saved) | set(now)):
+            key = f"{prefix}.{k}" if prefix else k
+            if k not in saved:
+                out.append(f"{key}: absent in checkpoint vs {now[k]!r} now")
+            elif k not in now:
+                out.append(f"{key}: {saved[k]!r} in checkpoint vs absent now")
+            else:
+                out += _diff(saved[k], now[k], key)
+        return out
+    return [] if saved == now else [f"{prefix}: checkpoint {saved!r} vs now {now!r}"]
+
+
+def check_compatible(path: Path, meta: dict, stage: str, model_config: Any) -> None:
+    """Refuse a checkpoint of another stage or model config, naming every difference."""
+    if meta.get("stage") != stage:
+        raise CheckpointMismatchError(
+            f"checkpoint {str(path)!r} was written by stage {meta.get('stage')!r}, "
+            f"this is stage {stage!r}")
+    diffs = _diff(meta.get("model_config"), _plain_json(model_config), "model")
+    if diffs:
+        raise CheckpointMismatchError(
+            f"checkpoint {str(path)!r} has a different model config: " + "; ".join(diffs))
+
+
+# --------------------------------------------------------------------------- save / load
+
+def _saveable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, no shared storage (safetensors refuses tied tensors)."""
+    out, seen = {}, set()
+    for k, t in state.items():
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[k] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
+def _require(path: Path, name: str) -> Path:
+    f = path / name
+    if not f.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is incomplete: missing {name}")
+    return f
+
+
+def _load_pt(f: Path) -> Any:
+    return torch.load(f, map_location="cpu", weights_only=True)
+
+
+class Checkpointer:
+    """Saves and restores everything a stage needs to continue bit-for-bit.
+
+    `model_config` is compared on resume (architecture changes are refused); `extras` holds
+    further named objects: modules (a discriminator) go to safetensors, anything else with
+    state_dict()/load_state_dict() (its optimizer) into training_state.pt. `data` is the
+    data position: any object with state_dict()/load_state_dict() of plain types.
+    """
+
+    def __init__(self, accelerator: Accelerator, cfg: TrainConfig, *, stage: str, model_config: Any,
+                 model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 ema: EMA | None = None, data: Any = None, config: Any = None,
+                 extras: dict[str, Any] | None = None):
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise NotImplementedError(
+                f"Checkpointer supports single-process and DDP runs, not {accelerator.distributed_type}")
+        self.accelerator, self.cfg, self.stage = accelerator, cfg, stage
+        self.model_config, self.config = model_config, config if config is not None else cfg
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.ema, self.data, self.extras = ema, data, dict(extras or {})
+        self.output_dir = Path(cfg.output_dir)
+
+    def _modules(self) -> dict[str, nn.Module]:
+        """File stem -> unwrapped module, for every module saved as safetensors."""
+        mods = {"model": self.model}
+        mods.update({k: v for k, v in self.extras.items() if isinstance(v, nn.Module)})
+        return {k: self.accelerator.unwrap_model(m) for k, m in mods.items()}
+
+    def _states(self) -> dict[str, Any]:
+        objs = {"optimizer": self.optimizer, "scheduler": self.scheduler}
+        objs.update({k: v for k, v in self.extras.items() if not isinstance(v, nn.Module)})
+        if self.accelerator.scaler is not None:
+            objs["grad_scaler"] = self.accelerator.scaler
+        return objs
+
+    # ------------------------------------------------------------------ save
+
+    def maybe_save(self, step: int) -> Path | None:
+        """Save every `checkpoint_every` steps and at `max_steps`."""
+        every = self.cfg.checkpoint_every
+        if (every > 0 and step % every == 0) or step == self.cfg.max_steps:
+            return self.save(step)
+        return None
+
+    def save(self, step: int) -> Path:
+        """Write checkpoint-<step> atomically on every process, then keep the last K."""
+        acc, rank = self.accelerator, self.accelerator.process_index
+        final = self.output_dir / checkpoint_name(step)
+        tmp = final.with_name(final.name + ".tmp")
+        if acc.is_main_process:
+            for stale in self.output_dir.glob("checkpoint-*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)  # left by a crashed save
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+
+        torch.save(capture_rng(), tmp / f"rng_state_{rank}.pt")
+        if self.data is not None:
+            torch.save(self.data.state_dict(), tmp / f"data_state_{rank}.pt")
+        if acc.is_main_process:
+            for stem, module in self._modules().items():
+                save_file(_saveable(module.state_dict()), str(tmp / f"{stem}.safetensors"))
+            if self.ema is not None:
+                save_file(_saveable(self.ema.state_dict()), str(tmp / "ema.safetensors"))
+            torch.save({k: v.state_dict() for k, v in self._states().items()},
+                       tmp / "training_state.pt")
+            save_config(self.config, tmp / "config.yaml")
+            meta = {"format": FORMAT_VERSION, "stage": self.stage, "step": step,
+                    "model_config": _plain_json(self.model_config),
+                    "num_processes": acc.num_processes,
+                    "ema_updates": self.ema.num_updates if self.ema is not None else None}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        acc.wait_for_everyone()
+
+        if acc.is_main_process:
+            if final.exists():  # re-saving a step (e.g. after resuming at it)
+                shutil.rmtree(final)
+            tmp.rename(final)   # atomic: the folder appears complete or not at all
+            self._prune()
+            logger.info("saved %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        if self.cfg.keep_last > 0:
+            for _, old in list_checkpoints(self.output_dir)[: -self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+
+    def resume(self) -> int:
+        """Apply `cfg.resume` (None | "latest" | path); returns the step to continue from."""
+        path = resolve_resume(self.output_dir, self.cfg.resume)
+        if path is None:
+            if self.cfg.resume == "latest":
+                logger.info("resume=latest: no checkpoint in %s, starting from step 0", self.output_dir)
+            elif list_checkpoints(self.output_dir):
+                logger.warning("%s already holds checkpoints; starting from step 0 anyway "
+                               "(pass --resume latest to continue)", self.output_dir)
+            return 0
+        return self.load(path)
+
+    def load(self, path: str | Path) -> int:
+        """Check, then restore every object and finally the RNG; returns the saved step."""
+        path, rank = Path(path), self.accelerator.process_index
+        meta = json.loads(_require(path, "meta.json").read_text())
+        check_compatible(path, meta, self.stage, self.model_config)
+
+        # Read and check everything before touching any object: no partial loads.
+        modules = self._modules()
+        weights = {stem: load_file(str(_require(path, f"{stem}.safetensors"))) for stem in modules}
+        for stem, module in modules.items():
+            check_same_tensors(module.state_dict(), weights[stem], f"{path.name}/{stem}")
+        ema_state = None
+        if self.ema is not None:
+            ema_state = load_file(str(_require(path, "ema.safetensors")))
+            check_same_tensors(self.ema.shadow, ema_state, f"{path.name}/ema")
+        states = _load_pt(_require(path, "training_state.pt"))
+        missing = sorted(set(self._states()) - set(states))
+        if missing:
+            raise ValueError(f"checkpoint {str(path)!r} has no saved state for {missing}")
+        rng = _load_pt(self._per_rank(path, "rng_state", rank, meta))
+        data_state = None
+        if self.data is not None:
+            data_state = _load_pt(self._per_rank(path, "data_state", rank, meta))
+
+        for stem, module in modules.items():
+            module.load_state_dict(weights[stem])
+        if self.ema is not None:
+            self.ema.load_state_dict(ema_state, meta["ema_updates"])
+        for name, obj in self._states().items():
+            obj.load_state_dict(states[name])
+        if self.data is not None:
+            self.data.load_state_dict(data_state)
+        restore_rng(rng)  # last: building and loading above may have drawn random numbers
+        logger.info("resumed from %s at step %d", path, meta["step"])
+        return int(meta["step"])
+
+    @staticmethod
+    def _per_rank(path: Path, stem: str, rank: int, meta: dict) -> Path:
+        f = path / f"{stem}_{rank}.pt"
+        if f.is_file():
+            return f
+        logger.warning("%s was written by %s process(es); process %d uses rank 0's %s "
+                       "(the run will not repeat the original exactly)",
+                       path, meta.get("num_processes"), rank, stem)
+        return _require(path, f"{stem}_0.pt")
