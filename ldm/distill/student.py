@@ -1,0 +1,79 @@
+"""The guidance-conditioned student of Meng et al. 2023 (sec. 4.1): a U-Net that also takes w.
+
+w enters as Fourier features -> MLP, added to the timestep embedding through the U-Net's
+`cond_emb` hook. The MLP's last layer starts at zero, so a fresh student equals its
+teacher's conditional model at every w; stage-one distillation then teaches it guidance.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from ldm.models.layers import TimestepMLP, timestep_embedding
+from ldm.models.unet import UNet, UNetConfig, load_state_dict_strict
+
+W_SCALE = 100.0   # w in [0, ~10] spread over the sinusoid frequencies made for t in [0, 1000)
+
+
+class WEmbedding(nn.Module):
+    """w (B,) -> (B, time_embed_dim): sinusoidal Fourier features of w, then an MLP."""
+
+    def __init__(self, features: int, out_dim: int):
+        super().__init__()
+        self.features = features
+        self.mlp = TimestepMLP(features, out_dim)
+        nn.init.zeros_(self.mlp.fc2.weight)   # start as the teacher: cond_emb = 0
+        nn.init.zeros_(self.mlp.fc2.bias)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(w * W_SCALE, self.features))
+
+
+class GuidedStudent(nn.Module):
+    """net(x, t, context, context_mask=None, w=0.) -> the U-Net's prediction at guidance w."""
+
+    def __init__(self, unet: UNet, w_features: int = 64):
+        super().__init__()
+        self.unet = unet
+        self.w_embed = WEmbedding(w_features, unet.cfg.time_embed_dim)
+
+    def forward(self, x, t, context, context_mask=None, w=0.0):
+        w = torch.as_tensor(w, dtype=torch.float32, device=x.device).expand(x.shape[0])  # (B,)
+        return self.unet(x, t, context, context_mask=context_mask, cond_emb=self.w_embed(w))
+
+    @classmethod
+    def from_teacher(cls, teacher: UNet, w_features: int = 64) -> "GuidedStudent":
+        """A student initialised from the teacher's weights (a copy; the teacher is untouched)."""
+        unet = UNet(teacher.cfg).to(next(teacher.parameters()).device)
+        unet.load_state_dict(teacher.state_dict())
+        return cls(unet, w_features)
+
+    def save_pretrained(self, directory: str, dtype: torch.dtype | None = None) -> None:
+        """config.json (U-Net config + w features) and model.safetensors (optionally cast, e.g. fp16)."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump({"kind": "guided_student", "w_features": self.w_embed.features,
+                       "unet": dataclasses.asdict(self.unet.cfg)}, f, indent=2)
+        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
+                 for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(directory, "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str, device="cpu") -> "GuidedStudent":
+        path = os.path.join(directory, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GuidedStudent.from_pretrained: missing {path}")
+        with open(path) as f:
+            cfg = json.load(f)
+        if cfg.get("kind") != "guided_student":
+            raise ValueError(f"{directory} holds a {cfg.get('kind', 'plain U-Net')!r} checkpoint, not a guided student")
+        model = cls(UNet(UNetConfig.from_dict(cfg["unet"])), cfg["w_features"])
+        state = load_file(os.path.join(directory, "model.safetensors"), device=str(device))
+        load_state_dict_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                               directory)
+        return model.to(device)
