@@ -1,0 +1,498 @@
+"""Fused attention in Triton, forward and backward, FlashAttention-2 style.
+
+out = softmax(scale * q k^T + mask) v without materializing the (Nq, Nk) score matrix:
+the forward streams key blocks through an online softmax (Milakov & Gimelshein 2018;
+Dao 2023, "FlashAttention-2", Alg. 1) and saves the row log-sum-exp; the backward
+recomputes P from it (Alg. 2), split into a dK/dV pass and a dQ pass so that no two
+programs write the same output: the backward is deterministic (no atomics).
+
+Supported:
+- q (B, H, Nq, d), k and v (B, H, Nk, d), like F.scaled_dot_product_attention; any Nq, Nk
+  (77 text tokens, 65 queries); d any multiple of 8 up to 256 (40, 80, 160 included),
+  loaded as a BLOCK_D = next_power_of_2(d) tile with a mask on the d axis.
+- Any strides, e.g. q a transposed view of a (B, N, H, d) tensor: nothing is copied.
+  Outputs and gradients take their input's memory layout when it is dense.
+- fp32, fp16, bf16 inputs; fp32 accumulation and softmax statistics. fp32 dots run in
+  IEEE fp32 by default (tight against references); fp32_precision="tf32" trades that
+  for tensor-core speed.
+- key_padding_mask: bool (B, Nk), True = attend. Masked and out-of-range keys score
+  -inf, never 0. A query row whose keys are all masked gets output 0 and zero gradients.
+- torch.compile: the forward and backward are `torch.library.triton_op`s (ldm::flash_attn_fwd,
+  ldm::flash_attn_bwd); autograd is attached with `register_autograd` rather than an
+  autograd.Function, so Inductor sees the kernels of both passes and a module calling
+  `flash_attention` compiles without graph breaks.
+- CPU tensors run through Triton's interpreter when TRITON_INTERPRET=1 (tests only).
+
+Caution:
+- Block sizes are fixed per (head_dim, dtype) (no autotune), chosen to fit H100 shared
+  memory at d=160/256, not measured for speed: benchmark before trusting them and tune
+  `_block_config` on your shapes. Compiled for sm_90, fp16/bf16 variants use <= 80 KB of
+  shared memory; the fp32 backward at d > 128 uses 132 KB, more than consumer GPUs
+  (sm_86/sm_89, 99 KB) offer.
+- The backward's delta = rowsum(dO * O) uses the output rounded to the input dtype, as
+  FA2 does; in bf16 this makes dQ/dK a little noisier than an fp32-intermediate backward.
+- No causal masking, no dropout, no additive bias, no dense (Nq, Nk) mask: only
+  key padding. Grouped-query attention (Hk != Hq) is not supported.
+- Under the interpreter bf16 `tl.dot` is wrong (bf16 is stored as raw uint16), so there
+  the dot operands are upcast to fp32; on a GPU bf16 dots are native.
+- torch.compile on CPU tensors (interpreter) cannot trace the kernels: the interpreter
+  runs them eagerly on fake tensors. Compile is a GPU feature.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the cheaper instruction
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP32_PRECISIONS = ("ieee", "tf32")
+
+
+# ----------------------------------------------------------------------------- tile I/O
+@triton.jit
+def _load_tile(ptrs, offs_r, offs_c, n_r, n_c, EVEN_R: tl.constexpr, EVEN_C: tl.constexpr):
+    """Load a (R, C) tile, zero-filling rows >= n_r and columns >= n_c unless known even."""
+    if EVEN_R:
+        if EVEN_C:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_c[None, :] < n_c, other=0.0)
+    else:
+        if EVEN_C:
+            x = tl.load(ptrs, mask=offs_r[:, None] < n_r, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c), other=0.0)
+    return x
+
+
+@triton.jit
+def _store_tile(ptrs, x, offs_r, offs_c, n_r, n_c, EVEN_R: tl.constexpr, EVEN_C: tl.constexpr):
+    """Store a (R, C) tile, skipping rows >= n_r and columns >= n_c unless known even."""
+    if EVEN_R:
+        if EVEN_C:
+            tl.store(ptrs, x)
+        else:
+            tl.store(ptrs, x, mask=offs_c[None, :] < n_c)
+    else:
+        if EVEN_C:
+            tl.store(ptrs, x, mask=offs_r[:, None] < n_r)
+        else:
+            tl.store(ptrs, x, mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c))
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation; UPCAST works around the interpreter's bf16 dot."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _key_bias(Mask, stride_mb, off_b, offs_n, n_k, HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr):
+    """(BLOCK_N,) additive score bias: 0 for keys to attend, -inf for masked or out-of-range."""
+    if HAS_MASK:
+        keep = tl.load(Mask + off_b * stride_mb + offs_n, mask=offs_n < n_k, other=0) != 0
+    elif EVEN_N:
+        keep = offs_n >= 0
+    else:
+        keep = offs_n < n_k
+    return tl.where(keep, 0.0, float("-inf"))
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out,  # (B, H, Nq, d), (B, H, Nk, d), (B, H, Nk, d), (B, H, Nq, d); any strides
+    Lse,  # (B*H, Nq) fp32, natural-log log-sum-exp of the scaled scores (+inf: no key)
+    Mask,  # (B, Nk) uint8 view of the bool key padding mask, unit stride on Nk
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_mb,
+    n_heads, n_q, n_k, head_dim,
+    qk_scale,  # scale * log2(e): scores go straight into exp2
+    HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)  # int64: batch offsets may pass 2^31 elements
+    off_b = pid_bh // n_heads
+    off_h = pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    k_base = K + off_b * stride_kb + off_h * stride_kh + offs_d[None, :] * stride_kd
+    v_base = V + off_b * stride_vb + off_h * stride_vh + offs_d[None, :] * stride_vd
+    q = _load_tile(q_ptrs, offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D)  # (M, D)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running row max, log2 units
+    l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start_n in range(0, n_k, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_tile(k_base + offs_n[:, None] * stride_kn, offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn, offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # (M, N), log2 units
+        s += _key_bias(Mask, stride_mb, off_b, offs_n, n_k, HAS_MASK, EVEN_N)[None, :]
+        # Online softmax (FA2 Alg. 1): rescale the old sums by exp2(m_old - m_new).
+        # A row with no key yet has m = -inf; subtracting 0 instead avoids inf - inf = NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+
+    empty = l_i == 0.0  # every key masked: output 0, lse = +inf so the backward's P is 0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    _store_tile(o_ptrs, out.to(Out.dtype.element_ty), offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D)
+    if EVEN_M:
+        tl.store(Lse + pid_bh * n_q + offs_m, lse)
+    else:
+        tl.store(Lse + pid_bh * n_q + offs_m, lse, mask=offs_m < n_q)
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out, dOut,  # (B, H, Nq, d) each, any strides
+    Delta,  # (B*H, Nq) fp32: rowsum(dO * O), the softmax-backward correction (FA2 Alg. 2 l.4)
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    n_heads, n_q, head_dim,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b = pid_bh // n_heads
+    off_h = pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    do_ptrs = dOut + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    o = _load_tile(o_ptrs, offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D).to(tl.float32)
+    do = _load_tile(do_ptrs, offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if EVEN_M:
+        tl.store(Delta + pid_bh * n_q + offs_m, delta)
+    else:
+        tl.store(Delta + pid_bh * n_q + offs_m, delta, mask=offs_m < n_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, dOut, dK, dV,  # q/dO (B, H, Nq, d); k/v/dK/dV (B, H, Nk, d); any strides
+    Lse, Delta,  # (B*H, Nq) fp32 each
+    Mask,  # (B, Nk) uint8, unit stride on Nk
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_mb,
+    n_heads, n_q, n_k, head_dim,
+    scale, qk_scale,
+    HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One program per key block: dV = P^T dO, dK = scale * dS^T Q over all query blocks."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b = pid_bh // n_heads
+    off_h = pid_bh % n_heads
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k = _load_tile(k_ptrs, offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)  # (N, D)
+    v = _load_tile(v_ptrs, offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)  # (N, D)
+    bias = _key_bias(Mask, stride_mb, off_b, offs_n, n_k, HAS_MASK, EVEN_N)  # (N,)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh + offs_d[None, :] * stride_qd
+    do_base = dOut + off_b * stride_dob + off_h * stride_doh + offs_d[None, :] * stride_dod
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for start_m in range(0, n_q, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q = _load_tile(q_base + offs_m[:, None] * stride_qn, offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D)
+        do = _load_tile(do_base + offs_m[:, None] * stride_don, offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D)
+        # Out-of-range query rows read lse = +inf, so their P row is exactly 0.
+        if EVEN_M:
+            lse = tl.load(Lse + pid_bh * n_q + offs_m)
+            delta = tl.load(Delta + pid_bh * n_q + offs_m)
+        else:
+            lse = tl.load(Lse + pid_bh * n_q + offs_m, mask=offs_m < n_q, other=float("inf"))
+            delta = tl.load(Delta + pid_bh * n_q + offs_m, mask=offs_m < n_q, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale + bias[None, :]  # (M, N), log2 units
+        p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)  # recomputed softmax (M, N)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)  # (M, N)
+        ds = p * (dp - delta[:, None])  # softmax backward: dS = P * (dP - rowsum(dO * O))
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
+    dk *= scale
+
+    dk_ptrs = dK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = dV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    _store_tile(dk_ptrs, dk.to(dK.dtype.element_ty), offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)
+    _store_tile(dv_ptrs, dv.to(dV.dtype.element_ty), offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, dOut, dQ,  # q/dO/dQ (B, H, Nq, d); k/v (B, H, Nk, d); any strides
+    Lse, Delta,  # (B*H, Nq) fp32 each
+    Mask,  # (B, Nk) uint8, unit stride on Nk
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    stride_mb,
+    n_heads, n_q, n_k, head_dim,
+    scale, qk_scale,
+    HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One program per query block: dQ = scale * dS K over all key blocks."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b = pid_bh // n_heads
+    off_h = pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    do_ptrs = dOut + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    q = _load_tile(q_ptrs, offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D)  # (M, D)
+    do = _load_tile(do_ptrs, offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D)  # (M, D)
+    if EVEN_M:
+        lse = tl.load(Lse + pid_bh * n_q + offs_m)
+        delta = tl.load(Delta + pid_bh * n_q + offs_m)
+    else:
+        lse = tl.load(Lse + pid_bh * n_q + offs_m, mask=offs_m < n_q, other=float("inf"))
+        delta = tl.load(Delta + pid_bh * n_q + offs_m, mask=offs_m < n_q, other=0.0)
+    lse2 = lse * 1.4426950408889634
+    k_base = K + off_b * stride_kb + off_h * stride_kh + offs_d[None, :] * stride_kd
+    v_base = V + off_b * stride_vb + off_h * stride_vh + offs_d[None, :] * stride_vd
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start_n in range(0, n_k, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_tile(k_base + offs_n[:, None] * stride_kn, offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn, offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # (M, N), log2 units
+        s += _key_bias(Mask, stride_mb, off_b, offs_n, n_k, HAS_MASK, EVEN_N)[None, :]
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+    dq *= scale
+
+    dq_ptrs = dQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
+    _store_tile(dq_ptrs, dq.to(dQ.dtype.element_ty), offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _interpreted() -> bool:
+    """True when TRITON_INTERPRET=1 was set before triton was imported."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_attn_fwd_kernel, InterpretedFunction)
+
+
+def _block_config(block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Forward tiles: fewer keys per block as a row grows, to fit H100 shared memory."""
+    if device.type != "cuda":  # interpreter: small tiles so tests cross block edges
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=1, num_stages=1)
+    row_bytes = block_d * dtype.itemsize  # one q/k/v row of the tile
+    if row_bytes <= 128:  # fp16 d <= 64
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if row_bytes <= 256:  # fp16 d in (64, 128], fp32 d <= 64
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
+    if row_bytes <= 512:  # fp16 d in (128, 256], fp32 d in (64, 128]
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)  # fp32 d > 128
+
+
+def _bwd_block_config(block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Backward tiles: two fp32 (BLOCK, D) accumulators and four input tiles, so smaller."""
+    if device.type != "cuda":
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=1, num_stages=1)
+    row_bytes = block_d * dtype.itemsize
+    if row_bytes <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    if row_bytes <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
+    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
+
+
+def _mask_arg(key_padding_mask, q):
+    """The mask as uint8 (a view, no copy) with unit stride on Nk, or a dummy pointer."""
+    if key_padding_mask is None:
+        return q, 0
+    m = key_padding_mask.view(torch.uint8)
+    if m.stride(1) != 1:
+        m = m.contiguous()
+    return m, m.stride(0)
+
+
+def _dot_flags(dtype: torch.dtype, fp32_precision: str, device: torch.device) -> dict:
+    precision = fp32_precision if dtype == torch.float32 else "tf32"  # ignored for 16-bit dots
+    return dict(PRECISION=precision, UPCAST=device.type != "cuda" and dtype == torch.bfloat16)
+
+
+@triton_op("ldm::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+    scale: float, fp32_precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward launcher: returns out (B, H, Nq, d) and the fp32 log-sum-exp (B, H, Nq)."""
+    B, H, n_q, d = q.shape
+    n_k = k.shape[2]
+    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs tile sides >= 16
+    cfg = _block_config(block_d, q.dtype, q.device)
+    out = torch.empty_like(q)  # keeps q's dense layout, e.g. (B, N, H, d) memory order
+    lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
+    mask, stride_mb = _mask_arg(key_padding_mask, q)
+    grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)
+    wrap_triton(_attn_fwd_kernel)[grid](
+        q, k, v, out, lse, mask,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), stride_mb,
+        H, n_q, n_k, d, scale * LOG2E,
+        HAS_MASK=key_padding_mask is not None,
+        EVEN_M=n_q % cfg["BLOCK_M"] == 0, EVEN_N=n_k % cfg["BLOCK_N"] == 0, EVEN_D=d == block_d,
+        BLOCK_D=block_d, **cfg, **_dot_flags(q.dtype, fp32_precision, q.device),
+    )
+    return out, lse
+
+
+@triton_op("ldm::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, key_padding_mask: torch.Tensor | None, scale: float, fp32_precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward launcher: delta = rowsum(dO * O), then the dK/dV pass and the dQ pass."""
+    B, H, n_q, d = q.shape
+    n_k = k.shape[2]
+    block_d = max(16, triton.next_power_of_2(d))
+    cfg = _bwd_block_config(block_d, q.dtype, q.device)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    even = dict(EVEN_M=n_q % bm == 0, EVEN_N=n_k % bn == 0, EVEN_D=d == block_d)
+    flags = _dot_flags(q.dtype, fp32_precision, q.device)
+    mask, stride_mb = _mask_arg(key_padding_mask, q)
+    delta = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(n_q, bm), B * H)](
+        out, do, delta, *out.stride(), *do.stride(), H, n_q, d,
+        EVEN_M=even["EVEN_M"], EVEN_D=even["EVEN_D"], BLOCK_M=bm, BLOCK_D=block_d,
+        num_warps=cfg["num_warps"],
+    )
+    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(n_k, bn), B * H)](
+        q, k, v, do, dk, dv, lse, delta, mask,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), stride_mb,
+        H, n_q, n_k, d, scale, scale * LOG2E,
+        HAS_MASK=key_padding_mask is not None, BLOCK_D=block_d, **even, **cfg, **flags,
+    )
+    wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(n_q, bm), B * H)](
+        q, k, v, do, dq, lse, delta, mask,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), stride_mb,
+        H, n_q, n_k, d, scale, scale * LOG2E,
+        HAS_MASK=key_padding_mask is not None, BLOCK_D=block_d, **even, **cfg, **flags,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, scale, fp32_precision = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.scale, ctx.fp32_precision = scale, fp32_precision
+
+
+def _backward(ctx, dout, dlse):
+    # dlse is unused: the log-sum-exp is a saved statistic, not an output anyone differentiates.
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = _flash_attn_bwd(dout, q, k, v, out, lse, key_padding_mask, ctx.scale, ctx.fp32_precision)
+    return dq, dk, dv, None, None, None
+
+
+_flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+def _check_inputs(q, k, v, key_padding_mask, fp32_precision) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (B, H, N, d), got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{name} dtype must be one of {DTYPES}, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    B, H, _, d = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != d or k.shape != v.shape:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match "
+                         "(B, H, Nq, d), (B, H, Nk, d), (B, H, Nk, d)")
+    if d % 8 != 0 or not 8 <= d <= 256:
+        raise ValueError(f"head_dim must be a multiple of 8 in [8, 256], got {d}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be bool (True = attend), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, k.shape[2]):
+            raise ValueError(f"key_padding_mask must be (B, Nk) = {(B, k.shape[2])}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
+    if q.device.type != "cuda" and not _interpreted():
+        raise ValueError(f"flash_attention needs CUDA tensors (got {q.device}); "
+                         "CPU tensors run only under TRITON_INTERPRET=1")
+
+
+def flash_attention(q, k, v, key_padding_mask=None, scale=None, *, fp32_precision="ieee"):
+    """softmax(scale * q k^T) v for q (B, H, Nq, d), k/v (B, H, Nk, d); mask (B, Nk) True = attend.
+
+    Differentiable, deterministic in backward, traceable by torch.compile. scale defaults
+    to 1/sqrt(d); fp32_precision ("ieee" or "tf32") picks the fp32 dot precision on GPUs.
+    """
+    _check_inputs(q, k, v, key_padding_mask, fp32_precision)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = _flash_attn_fwd(q, k, v, key_padding_mask, scale, fp32_precision)
+    return out
+
+
+def attention_reference(q, k, v, key_padding_mask=None, scale=None):
+    """Plain PyTorch attention in fp32 (inputs upcast), returned in the input dtype.
+
+    Rows with every key masked return 0, matching `flash_attention`.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    s = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale  # (B, H, Nq, Nk)
+    if key_padding_mask is not None:
+        s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all -inf rows give NaN: define them as 0
+    return torch.einsum("bhqk,bhkd->bhqd", p, v.float()).to(q.dtype)
