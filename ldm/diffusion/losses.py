@@ -1,0 +1,82 @@
+"""Denoising losses: MSE in eps / x0 / v space with a log-SNR dependent weighting.
+
+Weightings are stated as weights on the x0-space error ||x0-hat - x0||^2 and converted to the
+prediction space, since ||eps-hat - eps||^2 = SNR * ||x0-hat - x0||^2 and, for VP,
+||v-hat - v||^2 = (1 + SNR) * ||x0-hat - x0||^2 at fixed x_t:
+  uniform        plain MSE in the prediction space (no reweighting);
+  truncated_snr  x0 weight max(SNR, 1) (Salimans & Ho 2022, sec. 4);
+  min_snr        x0 weight min(SNR, gamma) (Hang et al. 2023, eq. 10).
+"""
+from __future__ import annotations
+
+import torch
+
+from .param import PREDICTIONS, append_dims, q_sample, training_target
+
+WEIGHTINGS = ("uniform", "truncated_snr", "min_snr")
+TIME_SAMPLING = ("discrete", "continuous")
+
+
+def space_factor(prediction: str, alpha, sigma):
+    """c with ||pred-space error||^2 = c * ||x0 error||^2 at fixed x_t: eps SNR, x0 1, v (a^2+s^2)^2/s^2."""
+    if prediction == "eps":
+        return alpha ** 2 / sigma ** 2
+    if prediction == "v":
+        return (alpha ** 2 + sigma ** 2) ** 2 / sigma ** 2
+    if prediction == "x0":
+        return torch.ones_like(torch.as_tensor(alpha))
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def loss_weight(weighting: str, prediction: str, alpha, sigma, gamma: float = 5.0):
+    """Per-sample weight on the prediction-space MSE that realises `weighting`."""
+    snr = alpha ** 2 / sigma ** 2
+    if weighting == "uniform":
+        return torch.ones_like(snr)
+    if weighting == "truncated_snr":
+        return snr.clamp(min=1.0) / space_factor(prediction, alpha, sigma)
+    if weighting == "min_snr":
+        return snr.clamp(max=gamma) / space_factor(prediction, alpha, sigma)
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def sample_times(schedule, n: int, *, time: str = "discrete", generator=None, device=None) -> torch.Tensor:
+    """Training times (n,): integers in [0, T) for discrete, U[t_min, t_max] for continuous time."""
+    if time == "discrete":
+        if not hasattr(schedule, "num_timesteps"):
+            raise ValueError(f"time='discrete' needs a discrete schedule, got {type(schedule).__name__}")
+        return torch.randint(0, schedule.num_timesteps, (n,), generator=generator, device=device).float()
+    if time == "continuous":
+        u = torch.rand(n, generator=generator, device=device)
+        return schedule.t_min + (schedule.t_max - schedule.t_min) * u
+    raise ValueError(f"time must be one of {TIME_SAMPLING}, got {time!r}")
+
+
+class DiffusionLoss:
+    """loss(net, x0, extra_args) -> scalar: noise x0 at random t, regress the net onto its target."""
+
+    def __init__(self, schedule, prediction: str = "eps", weighting: str = "uniform",
+                 gamma: float = 5.0, time: str = "discrete", time_scale: float = 1.0):
+        for name, value, allowed in (("prediction", prediction, PREDICTIONS),
+                                     ("weighting", weighting, WEIGHTINGS), ("time", time, TIME_SAMPLING)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        self.schedule, self.prediction, self.weighting = schedule, prediction, weighting
+        self.gamma, self.time = gamma, time
+        self.time_scale = time_scale   # the net sees t * time_scale, as in `Denoiser`
+
+    def per_sample(self, out, x0, eps, t):
+        """Weighted MSE per sample (B,) of the net output `out` at x_t = alpha(t)*x0 + sigma(t)*eps."""
+        alpha, sigma = self.schedule.alpha_sigma(t.to(x0.device))              # (B,) float64
+        w = loss_weight(self.weighting, self.prediction, alpha, sigma, self.gamma)
+        a, s = (append_dims(c.to(torch.float32), x0.ndim) for c in (alpha, sigma))
+        target = training_target(self.prediction, x0.float(), eps.float(), a, s)
+        mse = (out.float() - target).pow(2).flatten(1).mean(1)                # (B,)
+        return w.to(mse.dtype) * mse
+
+    def __call__(self, net, x0, extra_args=None, generator=None):
+        t = sample_times(self.schedule, x0.shape[0], time=self.time, generator=generator, device=x0.device)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        alpha, sigma = (append_dims(c.to(x0.dtype), x0.ndim) for c in self.schedule.alpha_sigma(t))
+        out = net(q_sample(x0, eps, alpha, sigma), t * self.time_scale, **(extra_args or {}))
+        return self.per_sample(out, x0, eps, t).mean()

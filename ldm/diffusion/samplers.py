@@ -1,0 +1,218 @@
+"""Samplers: each one pure function with one signature,
+
+    sample_x(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None,
+             generator=None, **options) -> x0 sample
+
+model(x_t, t, **extra_args) -> x0-hat with t a (B,) tensor; x is the initial x_{ts[0]} (see
+`initial_noise`); ts is a grid from `schedule.timesteps(n)`: n evaluation times then the final
+entry (t < 0: clean data). callback receives dict(i, t, x, denoised) once per step.
+Any model function works with any sampler: a `Denoiser`, a `cfg(...)` wrapper, a distilled student.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .param import append_dims, score_from_x0
+
+
+class Step(NamedTuple):
+    """One grid step t -> t_next with the schedule coefficients at both ends (host floats)."""
+    i: int
+    t: float
+    t_next: float
+    alpha: float
+    sigma: float
+    alpha_next: float
+    sigma_next: float
+
+
+def initial_noise(schedule, ts, shape, *, generator=None, device=None, dtype=torch.float32):
+    """x at ts[0] for unit-variance data: randn * sqrt(alpha^2 + sigma^2) (1 for VP)."""
+    alpha, sigma = (float(c) for c in schedule.alpha_sigma(torch.as_tensor(ts)[0]))
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype) * math.hypot(alpha, sigma)
+
+
+def _prepare(model, x, ts, schedule, extra_args, disable):
+    """Shared preamble: the model bound to extra_args, and the grid as `Step`s behind a tqdm bar."""
+    ts = [float(t) for t in torch.as_tensor(ts).flatten()]   # host floats: no device sync per step
+    if len(ts) < 2:
+        raise ValueError(f"ts needs at least 2 entries (one step), got {len(ts)}")
+    coeffs = [tuple(float(c) for c in schedule.alpha_sigma(t)) for t in ts]
+    steps = [Step(i, ts[i], ts[i + 1], *coeffs[i], *coeffs[i + 1]) for i in range(len(ts) - 1)]
+    extra_args = extra_args or {}
+    t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # bf16 cannot hold t = 999
+
+    def denoise(x, t):
+        return model(x, torch.full((x.shape[0],), t, dtype=t_dtype, device=x.device), **extra_args)
+
+    return denoise, tqdm(steps, disable=disable)
+
+
+def _noise(x, generator):
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def _ddpm_step(x, denoised, st: Step, generator):
+    """Ancestral step: draw from the posterior q(x_next | x_t, x0 = denoised) (Ho et al. 2020, eqs. 6-7)."""
+    a_ts = st.alpha / st.alpha_next                           # x_t = a_ts * x_next + s_ts * noise
+    var_ts = st.sigma ** 2 - a_ts ** 2 * st.sigma_next ** 2
+    mean = (a_ts * st.sigma_next ** 2 * x + st.alpha_next * var_ts * denoised) / st.sigma ** 2
+    if st.sigma_next == 0:
+        return mean
+    std = math.sqrt(max(var_ts, 0.0)) * st.sigma_next / st.sigma   # "fixed_small" variance
+    return mean + std * _noise(x, generator)
+
+
+def _langevin_step(x, score, step_size, z):
+    """Langevin dynamics x + step/2 * score + sqrt(step) * z; step_size a float or per-sample (B,)."""
+    step_size = append_dims(torch.as_tensor(step_size, dtype=x.dtype, device=x.device), x.ndim)
+    return x + step_size / 2 * score + step_size.sqrt() * z
+
+
+def _notify(callback, st: Step, x, denoised):
+    if callback is not None:
+        callback({"i": st.i, "t": st.t, "x": x, "denoised": denoised})
+
+
+@torch.no_grad()
+def sample_ddpm(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None):
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2) over any descending subset of times."""
+    denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
+    for st in steps:
+        denoised = denoise(x, st.t)
+        _notify(callback, st, x, denoised)
+        x = _ddpm_step(x, denoised, st, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None,
+                eta=0.0):
+    """DDIM (Song, Meng & Ermon 2021, eq. 12): eta = 0 deterministic, eta = 1 equals DDPM."""
+    denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
+    for st in steps:
+        denoised = denoise(x, st.t)
+        _notify(callback, st, x, denoised)
+        eps = (x - st.alpha * denoised) / st.sigma
+        # eq. 16: sigma_eta = eta * sqrt(posterior variance of q(x_next | x_t, x0)).
+        var_ts = st.sigma ** 2 - (st.alpha / st.alpha_next) ** 2 * st.sigma_next ** 2
+        std = eta * st.sigma_next / st.sigma * math.sqrt(max(var_ts, 0.0))
+        x = st.alpha_next * denoised + math.sqrt(max(st.sigma_next ** 2 - std ** 2, 0.0)) * eps
+        if std > 0:
+            x = x + std * _noise(x, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_euler(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None):
+    """Euler on the probability-flow ODE dy/ds = (y - D(y)) / s in y = x/alpha, s = sigma/alpha (Karras et al. 2022)."""
+    denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
+    for st in steps:
+        denoised = denoise(x, st.t)
+        _notify(callback, st, x, denoised)
+        s, s_next = st.sigma / st.alpha, st.sigma_next / st.alpha_next
+        y = x / st.alpha
+        y = y + (s_next - s) * (y - denoised) / s
+        x = st.alpha_next * y
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None):
+    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Alg. 1, no churn)."""
+    denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
+    for st in steps:
+        denoised = denoise(x, st.t)
+        _notify(callback, st, x, denoised)
+        s, s_next = st.sigma / st.alpha, st.sigma_next / st.alpha_next
+        y = x / st.alpha
+        slope = (y - denoised) / s
+        y_next = y + (s_next - s) * slope
+        if s_next > 0:  # the corrector needs D at s_next; at s_next = 0 Euler is exact (y = D)
+            denoised_next = denoise(st.alpha_next * y_next, st.t_next)
+            slope_next = (y_next - denoised_next) / s_next
+            y_next = y + (s_next - s) * (slope + slope_next) / 2
+        x = st.alpha_next * y_next
+    return x
+
+
+def _half_logsnr(alpha: float, sigma: float) -> float:
+    return math.inf if sigma == 0 else math.log(alpha / sigma)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), first order on the first and last steps."""
+    denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
+    n_steps = len(steps)
+    old_denoised, h_last = None, None
+    for st in steps:
+        denoised = denoise(x, st.t)
+        _notify(callback, st, x, denoised)
+        h = _half_logsnr(st.alpha_next, st.sigma_next) - _half_logsnr(st.alpha, st.sigma)
+        d = denoised
+        # The last step is first order: it lands on sigma = 0 (h = inf) and, with few steps,
+        # the multistep correction is unstable there (Lu et al. 2022b, sec. 5, "lower order final").
+        if old_denoised is not None and st.i < n_steps - 1:
+            r = h_last / h
+            d = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * old_denoised
+        x = (st.sigma_next / st.sigma) * x - st.alpha_next * math.expm1(-h) * d
+        old_denoised, h_last = denoised, h
+    return x
+
+
+@torch.no_grad()
+def sample_pc(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None,
+              snr=0.16, n_corrector=1):
+    """Predictor-corrector (Song et al. 2021, Alg. 2-5): Langevin corrector, then an ancestral predictor."""
+    denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
+    for st in steps:
+        for _ in range(n_corrector):
+            z = _noise(x, generator)
+            score = score_from_x0(x, denoise(x, st.t), st.alpha, st.sigma)
+            # Alg. 4 (alpha_i = 1): eps = 2 (snr ||z|| / ||score||)^2, x += eps*score + sqrt(2 eps) z. Norms are
+            # batch means: a per-sample ||score|| -> 0 at a mode would blow the step up in low dimension.
+            z_norm, score_norm = (v.flatten(1).norm(dim=1).mean() for v in (z, score))
+            eps = 2 * (snr * z_norm / score_norm) ** 2
+            x = _langevin_step(x, score, 2 * eps, z)
+        denoised = denoise(x, st.t)
+        _notify(callback, st, x, denoised)
+        x = _ddpm_step(x, denoised, st, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_langevin(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None,
+                    n_steps=100, step_lr=2e-5):
+    """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1); a final denoise when ts ends clean.
+
+    At each level step = step_lr * sigma_i^2 / sigma_L^2 (sigma_L: the last noise level), with the
+    score from the model: works with VE sigmas as in NCSN and with any other schedule.
+    """
+    denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
+    sigma_last = float(schedule.alpha_sigma(torch.as_tensor(ts)[-2])[1])
+    for st in steps:
+        step_size = step_lr * (st.sigma / sigma_last) ** 2
+        for _ in range(n_steps):
+            score = score_from_x0(x, denoise(x, st.t), st.alpha, st.sigma)
+            x = _langevin_step(x, score, step_size, _noise(x, generator))
+        denoised = denoise(x, st.t)
+        _notify(callback, st, x, denoised)
+        if st.sigma_next == 0:  # Tweedie denoising of the last level (Song & Ermon 2020, sec. 3.4)
+            x = denoised
+    return x
+
+
+SAMPLERS = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "pc": sample_pc,
+    "langevin": sample_langevin,
+}

@@ -1,0 +1,200 @@
+"""Noise schedules: a time t maps to (alpha_t, sigma_t) with x_t = alpha_t * x0 + sigma_t * eps.
+
+Three families share one small interface (`Schedule`):
+  * discrete VP schedules over integer timesteps 0..T-1 (DDPM linear, Stable Diffusion's
+    scaled_linear, Nichol & Dhariwal's cosine), defined by their betas;
+  * the continuous-time VP schedule with cosine log-SNR (Salimans & Ho 2022), t in [0, 1];
+  * the VE schedule of NCSN (Song & Ermon 2019): alpha = 1, sigma geometric in t, t in [0, 1].
+
+Time grids for sampling hold N+1 values: N model-evaluation times, descending, then a final
+entry. Any t < 0 (the constant `CLEAN`) means clean data, alpha = 1 and sigma = 0; this is
+diffusers' `prev_timestep < 0` with `set_alpha_to_one=True`.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import torch
+
+CLEAN = -1.0                                  # any t < 0: alpha = 1, sigma = 0
+SPACINGS = ("leading", "trailing", "linspace")
+FINALS = ("clean", "t_min")                   # last grid entry: clean data, or the schedule's t_min
+
+
+def _as_time(t) -> torch.Tensor:
+    return torch.as_tensor(t).to(torch.float64)   # schedule arithmetic in float64
+
+
+def _check_option(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+class Schedule:
+    """Interface every sampler uses: `alpha_sigma(t)`, `logsnr(t)`, `timesteps(n, ...)`."""
+
+    t_min: float
+    t_max: float
+
+    def logsnr(self, t) -> torch.Tensor:
+        """lambda(t) = log(alpha^2 / sigma^2), float64, same shape as t; +inf for t < 0."""
+        raise NotImplementedError
+
+    def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) as float64 tensors shaped like t; VP: alpha^2 = sigmoid(lambda)."""
+        lam = self.logsnr(t)
+        return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+
+    def timesteps(self, n: int, *, spacing: str = "trailing", final: str = "clean",
+                  steps_offset: int = 0) -> torch.Tensor:
+        """N+1 float64 times: n evaluation times (descending) then the final entry."""
+        _check_option("spacing", spacing, SPACINGS)
+        _check_option("final", final, FINALS)
+        if n < 1:
+            raise ValueError(f"number of steps must be >= 1, got {n}")
+        ts = torch.as_tensor(self._grid(n, spacing, steps_offset), dtype=torch.float64)
+        last = CLEAN if final == "clean" else self.t_min
+        return torch.cat([ts, ts.new_tensor([last])])
+
+    def _grid(self, n: int, spacing: str, steps_offset: int) -> np.ndarray:
+        """Continuous time: the three spacings of Lin et al. 2023 (Table 2) on t in [0, 1]."""
+        if steps_offset:
+            raise ValueError(f"steps_offset applies to discrete schedules only, got {steps_offset}")
+        i = np.arange(n)
+        if spacing == "leading":                # (n-1)/n ... 0: starts below t_max
+            return (n - 1 - i) / n
+        if spacing == "trailing":               # 1 ... 1/n: starts at t_max
+            return 1.0 - i / n
+        return np.linspace(1.0, 0.0, n)         # both ends included
+
+
+class DiscreteSchedule(Schedule):
+    """VP schedule on integer timesteps 0..T-1 from betas; fractional t interpolates log-SNR."""
+
+    def __init__(self, betas: torch.Tensor):
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must be a 1-D tensor with values in (0, 1)")
+        self.betas = betas
+        # alpha_bar_t = prod_{s<=t} (1 - beta_s) (Ho et al. 2020, eq. 4); alpha_t^2 = alpha_bar_t.
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, 0)
+        self._table = {torch.device("cpu"): torch.log(self.alphas_cumprod) - torch.log1p(-self.alphas_cumprod)}
+        self.num_timesteps = len(betas)
+        self.t_min, self.t_max = 0.0, float(self.num_timesteps - 1)
+
+    def _logsnr_table(self, device: torch.device) -> torch.Tensor:
+        if device not in self._table:
+            self._table[device] = self._table[torch.device("cpu")].to(device)
+        return self._table[device]
+
+    def logsnr(self, t) -> torch.Tensor:
+        t = _as_time(t)
+        table = self._logsnr_table(t.device)
+        tc = t.clamp(0.0, self.t_max)
+        lo = tc.floor().long()
+        hi = (lo + 1).clamp(max=self.num_timesteps - 1)
+        lam = torch.lerp(table[lo], table[hi], tc - lo)   # exact at integer t
+        return torch.where(t < 0, torch.full_like(lam, math.inf), lam)
+
+    def _grid(self, n: int, spacing: str, steps_offset: int) -> np.ndarray:
+        """diffusers' DDIMScheduler/DDPMScheduler `timestep_spacing` (Lin et al. 2023, Table 2).
+
+        Samplers step to the next grid entry, as DDPMScheduler does. DDIMScheduler steps to
+        t - T // n instead; the two agree for "leading", and for "trailing" when n divides T.
+        """
+        T = self.num_timesteps
+        if n > T:
+            raise ValueError(f"number of steps ({n}) cannot exceed the {T} training timesteps")
+        if spacing == "leading":
+            ts = np.arange(n)[::-1] * (T // n) + steps_offset
+        elif spacing == "trailing":
+            ts = np.round(T - np.arange(n) * (T / n)) - 1 + steps_offset
+        else:
+            ts = np.linspace(0, T - 1, n).round()[::-1] + steps_offset
+        if ts.max() > T - 1 or ts.min() < 0:
+            raise ValueError(f"steps_offset={steps_offset} puts timesteps outside [0, {T - 1}]")
+        return ts.astype(np.float64)
+
+
+class CosineLogSNR(Schedule):
+    """Continuous VP: lambda(t) = -2 log tan(pi t / 2), clipped (Salimans & Ho 2022, sec. 5)."""
+
+    def __init__(self, logsnr_min: float = -20.0, logsnr_max: float = 20.0):
+        self.logsnr_min, self.logsnr_max = logsnr_min, logsnr_max
+        self.t_min, self.t_max = 0.0, 1.0
+
+    def logsnr(self, t) -> torch.Tensor:
+        t = _as_time(t)
+        lam = -2.0 * torch.log(torch.tan(math.pi / 2 * t.clamp(0.0, 1.0)))  # +inf at t = 0
+        lam = lam.clamp(self.logsnr_min, self.logsnr_max)
+        return torch.where(t < 0, torch.full_like(lam, math.inf), lam)
+
+
+class GeometricVE(Schedule):
+    """VE (NCSN): alpha = 1, sigma(t) = sigma_min * (sigma_max / sigma_min)^t, t in [0, 1]."""
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.t_min, self.t_max = 0.0, 1.0
+
+    def _sigma(self, t: torch.Tensor) -> torch.Tensor:
+        s = self.sigma_min * (self.sigma_max / self.sigma_min) ** t.clamp(0.0, 1.0)
+        return torch.where(t < 0, torch.zeros_like(s), s)
+
+    def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        t = _as_time(t)
+        return torch.ones_like(t), self._sigma(t)
+
+    def logsnr(self, t) -> torch.Tensor:
+        return -2.0 * torch.log(self._sigma(_as_time(t)))
+
+
+# ---- betas of the discrete schedules ----
+
+def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2) -> torch.Tensor:
+    """DDPM (Ho et al. 2020, sec. 4): betas linear in t."""
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def scaled_linear_betas(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """Stable Diffusion (Rombach et al. 2022): sqrt(beta) linear in t."""
+    return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+
+
+def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = f(t)/f(0), beta_t = 1 - alpha_bar_t/alpha_bar_{t-1}."""
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)   # clipped at 0.999 to avoid the t = T singularity
+
+
+SCHEDULES = {
+    "linear": lambda T=1000, beta_start=1e-4, beta_end=2e-2: DiscreteSchedule(linear_betas(T, beta_start, beta_end)),
+    "scaled_linear": lambda T=1000, beta_start=0.00085, beta_end=0.012: DiscreteSchedule(
+        scaled_linear_betas(T, beta_start, beta_end)),
+    "cosine": lambda T=1000, s=0.008, max_beta=0.999: DiscreteSchedule(cosine_betas(T, s, max_beta)),
+    "cosine_logsnr": CosineLogSNR,
+    "ve": GeometricVE,
+}
+
+
+def make_schedule(name: str, **kwargs) -> Schedule:
+    """Build a schedule by name, e.g. make_schedule("cosine", T=1000) or make_schedule("ve", sigma_max=10)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose from {sorted(SCHEDULES)}")
+    allowed = inspect.signature(SCHEDULES[name]).parameters
+    for key in kwargs:
+        if key not in allowed:
+            raise ValueError(f"schedule {name!r} has no option {key!r}; options: {sorted(allowed)}")
+    return SCHEDULES[name](**kwargs)
+
+
+def schedule_from_config(config: dict) -> Schedule:
+    """Build from a mapping like {"name": "scaled_linear", "T": 1000} (e.g. a YAML section)."""
+    if "name" not in config:
+        raise ValueError(f"schedule config needs a 'name' key, got keys {sorted(config)}")
+    options = {k: v for k, v in config.items() if k != "name"}
+    return make_schedule(config["name"], **options)

@@ -1,0 +1,109 @@
+"""Parameterization conversions, the Denoiser wrapper and loss weightings against closed forms."""
+import pytest
+import torch
+
+from ldm.diffusion import param
+from ldm.diffusion.losses import DiffusionLoss, loss_weight, sample_times
+from ldm.diffusion.schedules import make_schedule
+
+
+def _batch(seed=0, vp=True):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    alpha = torch.rand(6, 1, 1, 1, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    sigma = (1 - alpha ** 2).sqrt() if vp else torch.rand(6, 1, 1, 1, generator=g, dtype=torch.float64) * 3 + 0.1
+    return x0, eps, alpha, sigma
+
+
+@pytest.mark.parametrize("vp", [True, False], ids=["vp", "general"])
+@pytest.mark.parametrize("prediction", param.PREDICTIONS)
+def test_conversions_round_trip(prediction, vp):
+    x0, eps, alpha, sigma = _batch(vp=vp)
+    x = param.q_sample(x0, eps, alpha, sigma)
+    target = param.training_target(prediction, x0, eps, alpha, sigma)
+    torch.testing.assert_close(param.to_x0(prediction, target, x, alpha, sigma), x0)
+    torch.testing.assert_close(param.from_x0(prediction, x0, x, alpha, sigma), target)
+
+
+def test_v_definition_and_score():
+    x0, eps, alpha, sigma = _batch()
+    x = alpha * x0 + sigma * eps
+    torch.testing.assert_close(param.x0_to_v(x, x0, alpha, sigma), alpha * eps - sigma * x0)
+    # For x0 ~ N(0, I): x_t ~ N(0, (alpha^2 + sigma^2) I), E[x0|x_t] = alpha x_t / (alpha^2 + sigma^2).
+    var = alpha ** 2 + sigma ** 2
+    xr = x.clone().requires_grad_(True)
+    (-(xr ** 2) / (2 * var)).sum().backward()
+    torch.testing.assert_close(param.score_from_x0(x, alpha * x / var, alpha, sigma), xr.grad)
+
+
+@pytest.mark.parametrize("prediction", param.PREDICTIONS)
+def test_denoiser_recovers_x0_from_an_oracle_net(prediction):
+    sched = make_schedule("scaled_linear")
+    x0, eps, _, _ = _batch()
+    t = torch.tensor([0, 10, 250, 500, 750, 999])
+    alpha, sigma = (param.append_dims(c, 4) for c in sched.alpha_sigma(t))
+    x = param.q_sample(x0, eps, alpha, sigma)
+    oracle = lambda x_in, t_in: param.training_target(prediction, x0, eps, alpha, sigma)  # noqa: E731
+    torch.testing.assert_close(param.Denoiser(oracle, sched, prediction)(x, t), x0)
+
+
+def test_loss_weights_equal_their_formulas():
+    alpha = torch.linspace(0.02, 0.99, 50, dtype=torch.float64)
+    sigma = (1 - alpha ** 2).sqrt()
+    snr = alpha ** 2 / sigma ** 2
+    one = torch.ones_like(snr)
+    expected = {  # Hang et al. 2023 (min-SNR) and Salimans & Ho 2022 (truncated SNR) per space
+        ("min_snr", "eps"): snr.clamp(max=5) / snr,
+        ("min_snr", "x0"): snr.clamp(max=5),
+        ("min_snr", "v"): snr.clamp(max=5) / (snr + 1),
+        ("truncated_snr", "eps"): torch.maximum(snr, one) / snr,
+        ("truncated_snr", "x0"): torch.maximum(snr, one),
+        ("truncated_snr", "v"): torch.maximum(snr, one) / (snr + 1),
+        ("uniform", "eps"): one, ("uniform", "x0"): one, ("uniform", "v"): one,
+    }
+    for (weighting, prediction), ref in expected.items():
+        torch.testing.assert_close(loss_weight(weighting, prediction, alpha, sigma, gamma=5.0), ref)
+
+
+def test_v_error_is_snr_plus_one_times_x0_error():
+    x0, eps, alpha, sigma = _batch()
+    x = alpha * x0 + sigma * eps
+    x0_hat = x0 + 0.1 * torch.randn_like(x0)
+    dv = param.x0_to_v(x, x0_hat, alpha, sigma) - param.x0_to_v(x, x0, alpha, sigma)
+    deps = param.x0_to_eps(x, x0_hat, alpha, sigma) - param.x0_to_eps(x, x0, alpha, sigma)
+    snr = alpha ** 2 / sigma ** 2
+    torch.testing.assert_close(dv.pow(2).flatten(1).sum(1), ((1 + snr) * (x0_hat - x0) ** 2).flatten(1).sum(1))
+    torch.testing.assert_close(deps.pow(2).flatten(1).sum(1), (snr * (x0_hat - x0) ** 2).flatten(1).sum(1))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("weighting", ["uniform", "min_snr"])
+def test_diffusion_loss_with_zero_data(prediction, weighting):
+    # With x0 = 0, x_t = sigma * eps, so the target is recoverable from what the net sees.
+    sched = make_schedule("linear")
+    seen = {}
+
+    def net(x_t, t):
+        seen.update(x_t=x_t, t=t)
+        return torch.zeros_like(x_t)
+
+    loss = DiffusionLoss(sched, prediction, weighting, gamma=5.0)(net, torch.zeros(8, 2, 3, 3),
+                                                                  generator=torch.Generator().manual_seed(0))
+    alpha, sigma = sched.alpha_sigma(seen["t"])
+    eps = seen["x_t"].double() / param.append_dims(sigma, 4)
+    target = eps if prediction == "eps" else param.append_dims(alpha, 4) * eps
+    snr = alpha ** 2 / sigma ** 2
+    w = torch.ones_like(snr) if weighting == "uniform" else snr.clamp(max=5) / (snr if prediction == "eps" else snr + 1)
+    expected = (w * target.pow(2).flatten(1).mean(1)).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sample_times_ranges():
+    g = torch.Generator().manual_seed(0)
+    t = sample_times(make_schedule("cosine", T=100), 1000, time="discrete", generator=g)
+    assert t.min() >= 0 and t.max() <= 99 and bool((t == t.round()).all()) and len(t.unique()) > 90
+    u = sample_times(make_schedule("cosine_logsnr"), 1000, time="continuous", generator=g)
+    assert u.min() >= 0 and u.max() <= 1 and 0.45 < u.mean() < 0.55
+    with pytest.raises(ValueError, match="discrete schedule"):
+        sample_times(make_schedule("cosine_logsnr"), 4, time="discrete")

@@ -1,0 +1,111 @@
+"""Our samplers step for step against diffusers' schedulers, same model function, same noise."""
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from ldm.diffusion.param import Denoiser
+from ldm.diffusion.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler
+from ldm.diffusion.schedules import make_schedule
+
+T = 1000
+BETAS = {"linear": ("linear", {}), "scaled_linear": ("scaled_linear", {"beta_start": 0.00085, "beta_end": 0.012}),
+         "cosine": ("squaredcos_cap_v2", {})}
+
+
+def eps_fn(x, t):
+    """An analytic noise predictor: nonlinear in x, depends on t."""
+    t = torch.as_tensor(t, dtype=x.dtype)
+    return torch.tanh(x) * 0.3 + 0.1 * t.reshape(-1, *[1] * (x.ndim - 1)) / T
+
+
+def _noise(seed=0):
+    return torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _ours(sampler, name, ts, x, **kw):
+    """Run our sampler, recording x before every step."""
+    sched = make_schedule(name, T=T)
+    xs = []
+    out = sampler(Denoiser(eps_fn, sched, "eps"), x, ts, sched, disable=True,
+                  callback=lambda d: xs.append(d["x"]), **kw)
+    return xs + [out]
+
+
+def _assert_trajectories_close(ours, ref):
+    # rtol too: diffusers keeps its tables in float32 (~1e-7 relative), and x0-hat of this
+    # made-up eps reaches |x| ~ 60 after a step to clean data from alpha ~ 0.006.
+    assert len(ours) == len(ref)
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {i}: {m}")
+
+
+@pytest.mark.parametrize("name", BETAS)
+@pytest.mark.parametrize("n", [1, 10])
+def test_ddpm_matches_diffusers(name, n):
+    beta_schedule, kw = BETAS[name]
+    ref = DDPMScheduler(beta_schedule=beta_schedule, variance_type="fixed_small", clip_sample=False,
+                        timestep_spacing="trailing", **kw)
+    ref.set_timesteps(n)
+    x = _noise()
+    gen = torch.Generator().manual_seed(1)
+    traj = [x]
+    for t in ref.timesteps:
+        x = ref.step(eps_fn(x, t), t, x, generator=gen).prev_sample
+        traj.append(x)
+    ts = make_schedule(name).timesteps(n, spacing="trailing")
+    _assert_trajectories_close(_ours(sample_ddpm, name, ts, _noise(), generator=torch.Generator().manual_seed(1)),
+                               traj)
+
+
+@pytest.mark.parametrize("name", BETAS)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("spacing, offset", [("leading", 1), ("trailing", 0)])
+def test_ddim_matches_diffusers(name, eta, spacing, offset):
+    beta_schedule, kw = BETAS[name]
+    ref = DDIMScheduler(beta_schedule=beta_schedule, clip_sample=False, set_alpha_to_one=True,
+                        timestep_spacing=spacing, steps_offset=offset, **kw)
+    ref.set_timesteps(20)
+    x = _noise()
+    gen = torch.Generator().manual_seed(1)
+    traj = [x]
+    for t in ref.timesteps:
+        x = ref.step(eps_fn(x, t), t, x, eta=eta, generator=gen).prev_sample
+        traj.append(x)
+    ts = make_schedule(name).timesteps(20, spacing=spacing, steps_offset=offset)
+    ours = _ours(sample_ddim, name, ts, _noise(), eta=eta, generator=torch.Generator().manual_seed(1))
+    _assert_trajectories_close(ours, traj)
+
+
+@pytest.mark.parametrize("name", BETAS)
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_euler_matches_diffusers(name, spacing):
+    beta_schedule, kw = BETAS[name]
+    ref = EulerDiscreteScheduler(beta_schedule=beta_schedule, timestep_spacing=spacing, **kw)
+    ref.set_timesteps(15)
+    # diffusers integrates in VE coordinates y = x * sqrt(1 + sigma^2); ours in x (VP) coordinates.
+    scale = (1 + ref.sigmas.double() ** 2).sqrt()
+    y = _noise() * scale[0]
+    traj = [y / scale[0]]
+    for i, t in enumerate(ref.timesteps):
+        y = ref.step(eps_fn(ref.scale_model_input(y, t), t), t, y).prev_sample.double()
+        traj.append(y / scale[i + 1])
+    ts = make_schedule(name).timesteps(15, spacing=spacing)
+    _assert_trajectories_close(_ours(sample_euler, name, ts, _noise()), traj)
+
+
+@pytest.mark.parametrize("name", BETAS)
+@pytest.mark.parametrize("n", [5, 20])
+def test_dpmpp_2m_matches_diffusers(name, n):
+    beta_schedule, kw = BETAS[name]
+    ref = DPMSolverMultistepScheduler(beta_schedule=beta_schedule, algorithm_type="dpmsolver++", solver_order=2,
+                                      solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero",
+                                      timestep_spacing="trailing", **kw)
+    ref.set_timesteps(n)
+    x = _noise()
+    traj = [x]
+    for t in ref.timesteps:
+        x = ref.step(eps_fn(x, t), t, x).prev_sample.double()
+        traj.append(x)
+    ts = make_schedule(name).timesteps(n, spacing="trailing")
+    torch.testing.assert_close(ts[:-1], ref.timesteps.double())
+    _assert_trajectories_close(_ours(sample_dpmpp_2m, name, ts, _noise()), traj)
