@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm import ops
+from ldm.models.weights import load_state_dict_strict  # noqa: F401  (re-exported)
 
 FP16_DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -343,17 +344,3 @@ class AutoencoderKL(nn.Module):
         model = cls(config)
         load_state_dict_strict(model, load_file(str(directory / WEIGHTS_NAME)), source=str(directory))
         return model.to(device=device, dtype=dtype)
-
-
-def load_state_dict_strict(model: nn.Module, state: dict, source: str) -> None:
-    """Load all-or-nothing, naming every missing/unexpected key and shape mismatch."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"state dict from {source} does not fit the autoencoder:\n"
-                         f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n"
-                         f"  shape mismatches: {shapes}")
-    model.load_state_dict(state, strict=True)

@@ -1,0 +1,24 @@
+"""All-or-nothing weight loading shared by every model: a wrong checkpoint names what differs."""
+from __future__ import annotations
+
+from torch import nn
+
+_SHOWN = 20  # keys listed per kind before "... N more"
+
+
+def _cut(keys: list[str]) -> list[str]:
+    return keys[:_SHOWN] + ([f"... {len(keys) - _SHOWN} more"] if len(keys) > _SHOWN else [])
+
+
+def load_state_dict_strict(model: nn.Module, state: dict, source: str) -> None:
+    """Load `state` into `model` only if every key and shape matches; otherwise raise, loading nothing."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"state dict from {source} does not fit {type(model).__name__}: "
+                         f"missing keys: {_cut(missing)}; unexpected keys: {_cut(unexpected)}; "
+                         f"shape mismatches: {_cut(shapes)}")
+    model.load_state_dict(state, strict=True)
