@@ -1,0 +1,290 @@
+"""Benchmark our Triton attention and GroupNorm(+SiLU) against PyTorch's and xformers' kernels.
+
+    python -m ldm.kernels.bench [--out FILE.json] [--quick]
+
+For every op / shape / dtype / direction (fwd, fwd+bwd) it times our kernel and each peer
+(SDPA with each backend it offers, xformers when installed, eager F.group_norm + F.silu and
+torch.compile of it), prints a table and writes JSON with the device, versions, date and
+command. Timings: CUDA events around each call, L2 flushed between calls, median of repeats.
+Throughput: attention TFLOP/s = 4*B*H*Nq*Nk*d forward, 2.5x that backward; GroupNorm GB/s
+counts the bytes an ideal kernel must move (fwd: read x, write y; bwd: read x, dy, write dx),
+so every implementation is scored on the same byte count and against the copy bandwidth.
+On CPU only a tiny --quick subset of PyTorch peers runs: it checks the harness, not speed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# SD-1.5 U-Net at 512x512 (64x64 latents): tokens and head dim per level, 8 heads, batch 2 (CFG).
+ATTN_LEVELS = [(4096, 40), (1024, 80), (256, 160), (64, 160)]
+TEXT_TOKENS = 77
+# (channels, side): encoder 320/640/1280 and decoder concatenations 960/1920/2560.
+GN_SHAPES = [(320, 64), (640, 32), (1280, 16), (1280, 8), (960, 64), (640, 64), (960, 32),
+             (1280, 32), (1920, 32), (1920, 16), (2560, 16), (2560, 8)]
+
+
+# ----------------------------------------------------------------------------- timing
+def _timer(device: torch.device, warmup: int, reps: int):
+    """A function that returns the median milliseconds of fn() on this device."""
+    if device.type != "cuda":
+        def time_cpu(fn):
+            for _ in range(warmup):
+                fn()
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(times)
+        return time_cpu
+
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)  # > L2 of H100/H200
+
+    def time_cuda(fn):
+        for _ in range(warmup):
+            fn()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for s, e in zip(starts, ends):
+            flush.zero_()  # a cold L2, as inside a U-Net where other layers evict it
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return time_cuda
+
+
+def copy_bandwidth_gbps(device: torch.device, timer, megabytes: int) -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second)."""
+    src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def _fwd_bwd(fn, inputs, grad):
+    """A callable running fn(*inputs) and its backward w.r.t. inputs."""
+    def run():
+        out = fn(*inputs)
+        torch.autograd.grad(out, inputs, grad)
+    return run
+
+
+# ----------------------------------------------------------------------------- peers
+def _sdpa_peers():
+    """name -> attention fn (q, k, v) for each SDPA backend, plus xformers when installed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    peers = {}
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            continue
+
+        def fn(q, k, v, backend=backend):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v)
+        peers[f"sdpa-{name.split('_')[0].lower()}"] = fn
+    try:
+        import xformers.ops as xops
+
+        peers["xformers"] = lambda q, k, v: xops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    except ImportError:
+        pass
+    return peers
+
+
+def _gn_eager(x, w, b):
+    return F.silu(F.group_norm(x, 32, w, b, 1e-5))
+
+
+# ----------------------------------------------------------------------------- cases
+def attention_cases(quick: bool, device: torch.device):
+    """(label, B, H, Nq, Nk, d) for SD self- and cross-attention."""
+    if quick and device.type != "cuda":
+        return [("self tiny", 1, 2, 64, 64, 40), ("cross tiny", 1, 2, 64, TEXT_TOKENS, 40)]
+    levels = ATTN_LEVELS[:2] if quick else ATTN_LEVELS
+    cases = []
+    for n, d in levels:
+        cases.append((f"self N={n} d={d}", 2, 8, n, n, d))
+        cases.append((f"cross N={n} d={d}", 2, 8, n, TEXT_TOKENS, d))
+    return cases
+
+
+def group_norm_cases(quick: bool, device: torch.device):
+    """(label, shape, channels_last) for SD GroupNorm(+SiLU), 32 groups, batch 2."""
+    if quick and device.type != "cuda":
+        return [("C=64 8x8", (1, 64, 8, 8), False)]
+    shapes = GN_SHAPES[:3] if quick else GN_SHAPES
+    cases = [(f"C={c} {s}x{s}", (2, c, s, s), False) for c, s in shapes]
+    cases += [(f"C={c} {s}x{s} NHWC", (2, c, s, s), True) for c, s in shapes[:3]]
+    return cases
+
+
+def bench_attention(case, dtype, device, timer, use_ours: bool, peers: dict):
+    label, b, h, n_q, n_k, d = case
+    q = torch.randn(b, h, n_q, d, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(b, h, n_k, d, device=device, dtype=dtype, requires_grad=True)
+            for _ in range(2))
+    grad = torch.randn_like(q)
+    impls = dict(peers)
+    if use_ours:
+        from ldm.kernels.attention import flash_attention
+        impls = {"ours": lambda q, k, v: flash_attention(q, k, v), **impls}
+    flops = 4.0 * b * h * n_q * n_k * d
+    rows = []
+    for direction, work in (("fwd", flops), ("fwd+bwd", 3.5 * flops)):
+        for name, fn in impls.items():
+            run = ((lambda fn=fn: fn(q, k, v)) if direction == "fwd"
+                   else _fwd_bwd(fn, (q, k, v), grad))
+            row = dict(op="attention", case=label, shape=[b, h, n_q, n_k, d],
+                       direction=direction, impl=name)
+
+            def rate(ms, work=work):
+                return dict(tflops=work / (ms * 1e-3) / 1e12)
+            rows.append(_measure(row, run, timer, rate))
+    return rows
+
+
+def bench_group_norm(case, dtype, device, timer, use_ours: bool, copy_gbps):
+    label, shape, channels_last = case
+    x = torch.randn(shape, device=device, dtype=dtype) * 2 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.rand(shape[1], device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(shape[1], device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    impls = {"eager": _gn_eager}
+    if device.type == "cuda":
+        # A fresh static-shape compile per case: Dynamo's per-function recompile limit would
+        # otherwise silently fall back to eager after a few shapes.
+        torch._dynamo.reset()
+        impls["compile"] = torch.compile(_gn_eager, dynamic=False)
+    if use_ours:
+        from ldm.kernels.group_norm import fused_group_norm
+        impls = {"ours": lambda x, w, b: fused_group_norm(x, 32, w, b, activation="silu"), **impls}
+    elem = x.numel() * x.element_size()
+    rows = []
+    for direction, nbytes in (("fwd", 2 * elem), ("fwd+bwd", 5 * elem)):
+        for name, fn in impls.items():
+            run = ((lambda fn=fn: fn(x, w, b)) if direction == "fwd"
+                   else _fwd_bwd(fn, (x, w, b), grad))
+            row = dict(op="group_norm", case=label, shape=list(shape), direction=direction,
+                       impl=name, layout="nhwc" if channels_last else "nchw")
+
+            def rate(ms, nbytes=nbytes):
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                out = dict(gbps=gbps)
+                if copy_gbps:
+                    out["pct_copy_bw"] = 100.0 * gbps / copy_gbps
+                return out
+            rows.append(_measure(row, run, timer, rate))
+    return rows
+
+
+def _measure(row, run, timer, rate):
+    try:
+        ms = timer(run)
+        row.update(ms=ms, **rate(ms))
+    except Exception as err:  # a peer that rejects this shape/dtype: record why, keep going
+        row.update(ms=None, error=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
+    return row
+
+
+def add_ratios(rows):
+    """speedup_vs[peer] = peer_ms / ours_ms on each 'ours' row (> 1: ours is faster)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["case"], r["dtype"], r["direction"]), []).append(r)
+    for group in groups.values():
+        ours = next((r for r in group if r["impl"] == "ours" and r.get("ms")), None)
+        if ours is not None:
+            ours["speedup_vs"] = {r["impl"]: r["ms"] / ours["ms"]
+                                  for r in group if r is not ours and r.get("ms")}
+    return rows
+
+
+def print_table(rows):
+    print(f"{'op':<10} {'case':<24} {'dtype':<5} {'dir':<8} {'impl':<14} {'ms':>9} "
+          f"{'rate':>14}  speedup of ours")
+    for r in rows:
+        ms = f"{r['ms']:.4f}" if r.get("ms") else "-"
+        rate = (f"{r['tflops']:.3g} TFLOP/s" if "tflops" in r else
+                f"{r['gbps']:.4g} GB/s" if "gbps" in r else r.get("error", "")[:30])
+        vs = " ".join(f"{k}:{v:.2f}x" for k, v in r.get("speedup_vs", {}).items())
+        print(f"{r['op']:<10} {r['case']:<24} {r['dtype']:<5} {r['direction']:<8} "
+              f"{r['impl']:<14} {ms:>9} {rate:>14}  {vs}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="a few shapes (CPU: a tiny subset)")
+    parser.add_argument("--ops", default="attention,group_norm", help="comma-separated ops")
+    parser.add_argument("--max-cases", type=int, default=None,
+                        help="keep the first N shapes per op")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    ops = args.ops.split(",")
+    unknown = set(ops) - {"attention", "group_norm"}
+    if unknown:
+        parser.error(f"unknown --ops {sorted(unknown)}; choose from attention, group_norm")
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        torch.set_num_threads(1)  # shared CI cores: one thread keeps the harness check steady
+        print("NOTE: no CUDA device. Timing PyTorch peers only on CPU; these numbers are "
+              "meaningless for the GPU goals (our kernels are not timed in the interpreter).")
+    warmup, reps = (10, 50) if cuda and not args.quick else (3, 10) if cuda else (1, 3)
+    timer = _timer(device, warmup, reps)
+    copy_gbps = copy_bandwidth_gbps(device, timer, 1024 if cuda else 16)
+    print(f"device copy bandwidth: {copy_gbps:.0f} GB/s")
+    dtypes = DTYPES if cuda else {"fp32": torch.float32}
+
+    rows = []
+    for dname, dtype in dtypes.items():
+        if "attention" in ops:
+            peers = _sdpa_peers() if cuda else {"sdpa": F.scaled_dot_product_attention}
+            for case in attention_cases(args.quick, device)[:args.max_cases]:
+                rows += [dict(r, dtype=dname)
+                         for r in bench_attention(case, dtype, device, timer, cuda, peers)]
+        if "group_norm" in ops:
+            for case in group_norm_cases(args.quick, device)[:args.max_cases]:
+                rows += [dict(r, dtype=dname)
+                         for r in bench_group_norm(case, dtype, device, timer, cuda, copy_gbps)]
+    add_ratios(rows)
+    print_table(rows)
+
+    import triton  # versions only; on CPU the kernels are never launched here
+
+    report = dict(
+        device=torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()})",
+        torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join(["python", "-m", "ldm.kernels.bench", *argv]),
+        quick=args.quick, warmup=warmup, reps=reps, copy_gbps=copy_gbps,
+        note=None if cuda else "CPU timings: harness check only, meaningless for GPU goals",
+        results=rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
