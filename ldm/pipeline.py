@@ -24,12 +24,15 @@ from ldm.diffusion.guidance import cfg
 from ldm.diffusion.param import Denoiser
 from ldm.diffusion.samplers import SAMPLERS, initial_noise
 from ldm.diffusion.schedules import schedule_from_config
+from ldm.distill.sampling import sample_stochastic
+from ldm.distill.targets import coefficients
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.text import ScratchTextEncoder, TextEncoderConfig, build_text_encoder
 from ldm.models.unet import UNet
 
 INDEX_NAME = "model_index.json"
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "shapes64")
+SAMPLER_CHOICES = {**SAMPLERS, "stochastic": sample_stochastic}   # Meng et al. 2023, sec. 4.3
 
 
 @dataclass
@@ -123,25 +126,128 @@ class TextToImage:
     def denoiser(self, net, prediction: str) -> Denoiser:
         return Denoiser(net, self.schedule, prediction, time_scale=self.index.time_scale)
 
+    def model_function(self, steps: int, guidance: float, teacher: bool = False):
+        """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG."""
+        if not teacher and steps in self._available_students():
+            model = self.denoiser(self.student(steps), self.index.student_prediction)
+            return model, lambda cond: {**cond, "w": guidance}, {"model": f"student-{steps}", "nfe_per_step": 1}
+        model = cfg(self.denoiser(self.unet, self.index.prediction), guidance, self.encode_prompts([""]))
+        return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1 if guidance == 0 else 2}
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], *, steps: int, guidance: float | None = None, seed: int = 0,
+               teacher: bool = False, sampler: str = "ddim", init: torch.Tensor | None = None,
+               strength: float = 1.0, mask: torch.Tensor | None = None,
+               progress: bool = False) -> tuple[torch.Tensor, dict]:
+        """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler}.
+
+        init: latents to start from (SDEdit, Meng et al. 2022): noised to the grid time that leaves
+        round(strength * steps) steps, and only those are run. mask (B, 1, h, w), 1 = repaint:
+        the rest is held to `init` at every step (see `keep_known`).
+        """
+        if sampler not in SAMPLER_CHOICES:
+            raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLER_CHOICES)}")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if init is not None and init.shape != self.latent_shape(len(prompts)):
+            raise ValueError(f"init latents {tuple(init.shape)} do not fit {len(prompts)} prompt(s): "
+                             f"expected {self.latent_shape(len(prompts))}")
+        if mask is not None and init is None:
+            raise ValueError("a mask needs init latents (the image to inpaint)")
+        w = self.index.guidance if guidance is None else float(guidance)
+        model, extra_args, info = self.model_function(steps, w, teacher)
+        ts = self.schedule.timesteps(steps)
+        run = steps if init is None else round(strength * steps)
+        info = {"model": info["model"], "steps": run, "nfe": run * info["nfe_per_step"], "guidance": w,
+                "sampler": sampler}
+        if run == 0:                                        # strength 0: nothing to do
+            return init, info
+        ts = ts[steps - run:]                               # the remaining part of the grid
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        x = initial_noise(self.schedule, ts, self.latent_shape(len(prompts)), generator=gen).to(self.device)
+        if init is not None:
+            alpha, sigma = (float(c) for c in self.schedule.alpha_sigma(ts[0]))
+            x = alpha * init + sigma * x                    # q(z_t | z_0): SDEdit's starting point
+        step_gen = torch.Generator(device=self.device).manual_seed(seed + 1)   # sampler noise, on device
+        if mask is not None:
+            model = keep_known(model, init, mask, self.schedule, step_gen)
+        cond = self.encode_prompts(prompts)
+        z = SAMPLER_CHOICES[sampler](model, x, ts, self.schedule, extra_args=extra_args(cond),
+                                     disable=not progress, generator=step_gen)
+        if mask is not None:
+            z = mask * z + (1 - mask) * init
+        return z, info
+
     @torch.no_grad()
     def generate(self, prompts: list[str], *, steps: int, guidance: float | None = None, seed: int = 0,
                  teacher: bool = False, sampler: str = "ddim", progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Images (B, 3, H, W) in [-1, 1] and info {model, steps, nfe}; a student when one has `steps`."""
-        w = self.index.guidance if guidance is None else guidance
-        cond = self.encode_prompts(prompts)
-        use_student = not teacher and steps in self._available_students()
-        if use_student:
-            model = self.denoiser(self.student(steps), self.index.student_prediction)
-            extra, nfe, kind = {**cond, "w": w}, steps, f"student-{steps}"
-        else:
-            model = cfg(self.denoiser(self.unet, self.index.prediction), w, self.encode_prompts([""]))
-            extra, nfe, kind = cond, steps * (1 if w == 0 else 2), "teacher"
-        ts = self.schedule.timesteps(steps)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        x = initial_noise(self.schedule, ts, self.latent_shape(len(prompts)), generator=gen).to(self.device)
-        z = SAMPLERS[sampler](model, x, ts, self.schedule, extra_args=extra, disable=not progress, generator=gen)
-        images = self.autoencoder.decode_latents(z).clamp(-1, 1)
-        return images, {"model": kind, "steps": steps, "nfe": nfe, "guidance": w}
+        z, info = self.sample(prompts, steps=steps, guidance=guidance, seed=seed, teacher=teacher,
+                              sampler=sampler, progress=progress)
+        return self.decode(z), info
+
+    @torch.no_grad()
+    def img2img(self, images: torch.Tensor, prompts: list[str], *, strength: float, steps: int,
+                **kwargs) -> tuple[torch.Tensor, dict]:
+        """SDEdit: images (B, 3, H, W) in [-1, 1] -> edited images, running round(strength * steps) steps."""
+        z0 = self.encode_images(images)
+        z, info = self.sample(prompts, steps=steps, init=z0, strength=strength, **kwargs)
+        return self.decode(z), info
+
+    @torch.no_grad()
+    def inpaint(self, images: torch.Tensor, masks: torch.Tensor, prompts: list[str], *, steps: int,
+                **kwargs) -> tuple[torch.Tensor, dict]:
+        """Repaint where masks (B, 1, H, W) are 1; elsewhere the result is the input image."""
+        images, masks = images.to(self.device), masks.to(self.device)
+        z0 = self.encode_images(images)
+        latent_mask = latent_grid_mask(masks, z0.shape[-1])
+        z, info = self.sample(prompts, steps=steps, init=z0, mask=latent_mask, **kwargs)
+        return masks * self.decode(z) + (1 - masks) * images, info
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] at the model resolution -> scaled latents (posterior mode)."""
+        side = self.index.resolution
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (side, side):
+            raise ValueError(f"expected images (B, 3, {side}, {side}), got {tuple(images.shape)}")
+        return self.autoencoder.encode_latents(images.to(self.device), sample=False)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode_latents(z).clamp(-1, 1)
 
     def _available_students(self) -> list[int]:
         return self.student_steps if self.folder else []
+
+
+def latent_grid_mask(masks: torch.Tensor, side: int) -> torch.Tensor:
+    """Pixel masks (B, 1, H, W) in {0, 1} -> (B, 1, side, side) by max-pooling: a latent cell is repainted
+    when any of its pixels is, so the repainted region covers the mask (the decoder mixes neighbours)."""
+    return torch.nn.functional.adaptive_max_pool2d(masks.float(), side)
+
+
+def keep_known(model, z0: torch.Tensor, mask: torch.Tensor, schedule, generator):
+    """x0-model for inpainting (RePaint, Lugmayr et al. 2022, in latent space).
+
+    At every step the known region (mask 0) of the input is replaced by z0 freshly noised to t,
+    q(z_t | z0), and the prediction there is z0 itself; only the masked region is generated.
+    """
+    def wrapped(x, t, **extra_args):
+        alpha, sigma = coefficients(schedule, t, x)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = mask * x + (1 - mask) * (alpha * z0 + sigma * noise)
+        return mask * model(x, t, **extra_args) + (1 - mask) * z0
+    return wrapped
+
+
+def save_random_model(folder: str, *, resolution: int = 32, seed: int = 0, text_max_length: int = 16) -> ModelIndex:
+    """A tiny, randomly initialised model folder (AE f=4, 1-layer text encoder, tiny U-Net) for smoke tests."""
+    from ldm.models.autoencoder import AutoencoderConfig
+    from ldm.models.unet import tiny_config
+    torch.manual_seed(seed)
+    AutoencoderKL(AutoencoderConfig(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, resolution=resolution,
+                                    num_groups=4, mid_attn=False)).save_pretrained(os.path.join(folder, "autoencoder"))
+    ScratchTextEncoder(TextEncoderConfig(width=32, depth=1, heads=2, max_length=text_max_length)).save_pretrained(
+        os.path.join(folder, "text_encoder"))
+    UNet(tiny_config(context_dim=32)).save_pretrained(os.path.join(folder, "unet"))
+    index = ModelIndex(resolution=resolution)
+    save_index(folder, index)
+    return index

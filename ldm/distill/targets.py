@@ -1,0 +1,86 @@
+"""Guided distillation targets and loss (Meng et al. 2023 on progressive distillation, Salimans & Ho 2022).
+
+Stage one (Meng sec. 4.1): the w-conditioned student learns the teacher's guided x-prediction
+    x_hat^w(z_t) = (1 + w) x_hat(z_t, c) - w x_hat(z_t, empty).
+Stage two (Meng sec. 4.2, Salimans & Ho Alg. 2): a student of N/2 steps learns two DDIM steps
+t -> t' -> t'' of its N-step teacher; its target x_tilde is the x0 from which ONE DDIM step
+t -> t'' lands on the teacher's z_t''.
+
+The loss is MSE in x space with the truncated-SNR weight max(SNR, 1) (Salimans & Ho sec. 4):
+for a v-predicting net ||v_hat - v||^2 = (1 + SNR) ||x_hat - x||^2 (VP), so max(SNR, 1) is the
+v-space MSE up to a factor in [1/2, 1]. Unlike the plain x-space MSE it does not vanish as
+SNR -> infinity (small steps must still be learnt), and unlike eps-space MSE it stays finite
+at SNR -> 0, where a few-step student takes its largest and most important step.
+"""
+from __future__ import annotations
+
+import torch
+
+from ldm.diffusion.param import append_dims
+
+
+def guided_x0(x_cond: torch.Tensor, x_uncond: torch.Tensor, w) -> torch.Tensor:
+    """Meng eq. (5) in x space, Imagen convention: (1 + w) x_hat(c) - w x_hat(empty); w float or (B,)."""
+    w = append_dims(torch.as_tensor(w, dtype=x_cond.dtype, device=x_cond.device), x_cond.ndim)
+    return (1 + w) * x_cond - w * x_uncond
+
+
+def ddim_step(z_t, x0, alpha_t, sigma_t, alpha_s, sigma_s):
+    """Deterministic DDIM t -> s (Song et al. 2021, eq. 12): z_s = alpha_s x0 + sigma_s (z_t - alpha_t x0) / sigma_t."""
+    eps = (z_t - alpha_t * x0) / sigma_t
+    return alpha_s * x0 + sigma_s * eps
+
+
+def two_step_target(z_t, z_tpp, alpha_t, sigma_t, alpha_tpp, sigma_tpp):
+    """Salimans & Ho Alg. 2: x_tilde = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t).
+
+    Solving ddim_step(z_t, x_tilde, t -> t'') = z_t'' for x_tilde. At t'' = 0 (sigma_t'' = 0) this is z_t''.
+    """
+    ratio = sigma_tpp / sigma_t
+    return (z_tpp - ratio * z_t) / (alpha_tpp - ratio * alpha_t)
+
+
+def truncated_snr_weight(alpha, sigma):
+    """max(SNR, 1) with SNR = alpha^2 / sigma^2 (Salimans & Ho 2022, sec. 4, 'truncated SNR')."""
+    return (alpha ** 2 / sigma ** 2).clamp(min=1.0)
+
+
+def x_space_loss(x_hat, target, alpha, sigma) -> torch.Tensor:
+    """Per-sample max(SNR, 1) * mean ||x_hat - target||^2, (B,); alpha, sigma (B,)."""
+    dtype = torch.promote_types(x_hat.dtype, torch.float32)               # fp16 squares overflow
+    mse = (x_hat.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(1)  # (B,)
+    return truncated_snr_weight(alpha, sigma).to(mse) * mse
+
+
+def coefficients(schedule, t: torch.Tensor, like: torch.Tensor):
+    """(alpha, sigma) at times t (B,), shaped (B, 1, ..., 1) like `like`, in its dtype (>= fp32)."""
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    return tuple(append_dims(c.to(device=like.device, dtype=dtype), like.ndim) for c in schedule.alpha_sigma(t))
+
+
+@torch.no_grad()
+def stage_one_target(teacher, z_t, t, w, cond: dict, uncond: dict) -> torch.Tensor:
+    """Guided x0 of the teacher x0-model at (z_t, t): cond and empty prompt as one batch of 2B."""
+    batch = z_t.shape[0]
+    args = {k: torch.cat([cond[k], uncond[k].expand_as(cond[k])]) for k in cond}
+    x = teacher(torch.cat([z_t, z_t]), torch.cat([t, t]), **args)           # (2B, C, H, W)
+    return guided_x0(x[:batch], x[batch:], w)
+
+
+@torch.no_grad()
+def stage_two_target(teacher, z_t, t, t_mid, t_end, schedule, extra: dict) -> torch.Tensor:
+    """x_tilde from two teacher DDIM steps t -> t' -> t'' (Salimans & Ho Alg. 2); teacher is an x0-model."""
+    a_t, s_t = coefficients(schedule, t, z_t)
+    a_m, s_m = coefficients(schedule, t_mid, z_t)
+    a_e, s_e = coefficients(schedule, t_end, z_t)
+    z_mid = ddim_step(z_t, teacher(z_t, t, **extra).to(a_t), a_t, s_t, a_m, s_m)
+    z_end = ddim_step(z_mid, teacher(z_mid, t_mid, **extra).to(a_t), a_m, s_m, a_e, s_e)
+    return two_step_target(z_t.to(a_t), z_end, a_t, s_t, a_e, s_e)
+
+
+def student_grid(schedule, n_teacher: int) -> torch.Tensor:
+    """(N/2, 3) rows (t, t', t'') from the sampling grid `schedule.timesteps(N)` (trailing, last = clean)."""
+    if n_teacher < 2 or n_teacher % 2:
+        raise ValueError(f"a halving round needs an even teacher step count >= 2, got {n_teacher}")
+    ts = schedule.timesteps(n_teacher)                                       # (N + 1,) descending
+    return torch.stack([ts[0:-1:2], ts[1::2], ts[2::2]], dim=1)             # (N/2, 3)

@@ -1,0 +1,123 @@
+"""Text to image from a model folder, with a distilled student when one matches --steps.
+
+    python -m ldm.txt2img "a red circle left of a blue square" --steps 4 --guidance 2 --out circle.png
+    python -m ldm.txt2img "a green triangle" --n 8 --out grid.png          # a grid of 8 samples
+    python -m ldm.txt2img --from-file prompts.txt --outdir out/              # out/0000.png, out/0001.png, ...
+
+`--steps N` uses the student distilled to N steps (one network evaluation per step) when the model
+folder has one, else the teacher with DDIM and classifier-free guidance (two per step); `--teacher`
+forces the teacher. Guidance uses the Imagen convention (1 + w) cond - w uncond: w = 0 is the plain
+conditional model, Stable Diffusion's scale s is w = s - 1.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.pipeline import DEFAULT_MODEL, INDEX_NAME, TextToImage
+from ldm.training.images import make_grid
+
+
+# ----------------------------------------------------------------------------- shared by the three CLIs
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model, --steps, --guidance, --seed, --teacher, --sampler, --device."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
+                        help="model folder with model_index.json (default: the shipped shapes64 model)")
+    parser.add_argument("--steps", type=int, default=4, help="sampling steps (default: 4)")
+    parser.add_argument("--guidance", type=float, default=None, metavar="W",
+                        help="guidance weight w, (1 + w) cond - w uncond (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    parser.add_argument("--teacher", action="store_true", help="use the teacher + CFG even when a student fits")
+    parser.add_argument("--sampler", default="ddim", choices=["ddim", "stochastic"],
+                        help="ddim (deterministic) or stochastic (Meng et al. 2023, sec. 4.3)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_pipeline(parser: argparse.ArgumentParser, args) -> TextToImage:
+    """The model folder, or a parser error that names the missing path."""
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if not os.path.isfile(os.path.join(args.model, INDEX_NAME)):
+        parser.error(f"--model {args.model!r} is not a model folder: {os.path.join(args.model, INDEX_NAME)} "
+                     f"is missing (train one with stages/, or pass --model DIR)")
+    return TextToImage.from_folder(args.model, device=args.device)
+
+
+def save_images(images: torch.Tensor, path: str) -> None:
+    """(K, 3, H, W) in [-1, 1] -> one PNG: the image itself for K = 1, else a near-square grid."""
+    grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=0 if len(images) == 1 else 2)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(grid)).save(path)
+
+
+def report(info: dict, seconds: float, path: str) -> None:
+    print(f"{path}: {info['model']}, {info['steps']} steps, {info['sampler']}, w={info['guidance']:g}, "
+          f"NFE {info['nfe']}, {seconds:.2f} s")
+
+
+def load_image(path: str, resolution: int, mode: str = "RGB") -> torch.Tensor:
+    """A PNG/JPEG resized (shorter side) and centre-cropped to the model resolution: (1, C, R, R) in [-1, 1]."""
+    from ldm.data.transforms import resize_and_crop, to_rgb, to_tensor
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path}")
+    image = Image.open(path)
+    image = to_rgb(image) if mode == "RGB" else image.convert(mode)
+    image = resize_and_crop(image, resolution, "center", np.random.default_rng(0))
+    if mode == "L":
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)[None, None]
+    return to_tensor(image)[None]
+
+
+# ----------------------------------------------------------------------------- txt2img
+
+def read_prompts(path: str) -> list[tuple[int, str]]:
+    """(line number from 0, prompt) for each non-blank line; blank lines keep their number."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--from-file: no such file {path}")
+    with open(path, encoding="utf-8") as f:
+        return [(i, line.strip()) for i, line in enumerate(f.read().splitlines()) if line.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ldm.txt2img", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompt", nargs="?", default=None, help='the prompt ("" is the unconditional model)')
+    parser.add_argument("--n", type=int, default=1, metavar="K", help="images per prompt, saved as one grid")
+    parser.add_argument("--out", default="txt2img.png", metavar="FILE.png", help="output for a single prompt")
+    parser.add_argument("--from-file", metavar="PROMPTS.txt",
+                        help="one prompt per line; writes OUTDIR/{line:04d}.png (line 0 first, blank lines skipped)")
+    parser.add_argument("--outdir", default="txt2img", metavar="DIR", help="output folder for --from-file")
+    add_model_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if (args.prompt is None) == (args.from_file is None):
+        parser.error("give exactly one of a prompt or --from-file")
+    if args.n < 1:
+        parser.error(f"--n must be >= 1, got {args.n}")
+    jobs = [(args.out, args.prompt)] if args.from_file is None else \
+        [(os.path.join(args.outdir, f"{i:04d}.png"), p) for i, p in read_prompts(args.from_file)]
+    pipe = load_pipeline(parser, args)
+    for path, prompt in jobs:
+        start = time.perf_counter()
+        images, info = pipe.generate([prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                     teacher=args.teacher, sampler=args.sampler)
+        if images.is_cuda:
+            torch.cuda.synchronize()
+        save_images(images, path)
+        report(info, time.perf_counter() - start, path)
+
+
+if __name__ == "__main__":
+    main()

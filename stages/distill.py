@@ -1,0 +1,308 @@
+"""Stage 3: guided two-step distillation (Meng et al., CVPR 2023) of a CFG teacher into few-step students.
+
+    accelerate launch stages/distill.py --config configs/distill/shapes64.yaml teacher=runs/latent/model
+    python stages/distill.py --config configs/distill/tiny.yaml teacher=DIR [--resume latest] [key=value ...]
+
+Stage one (Meng sec. 4.1): a w-conditioned student, initialised from the teacher, learns the
+teacher's guided x-prediction (1 + w) x(z_t, c) - w x(z_t, "") for w ~ U[w_min, w_max], t ~ U[0, 1].
+It is the N_start-step model (DDIM). Stage two (Meng sec. 4.2, Salimans & Ho 2022 Alg. 2): rounds
+halve the step count, N_start -> N_start/2 -> ... -> n_end; each student starts from its teacher
+(the previous round's student) and learns two of its DDIM steps in one.
+
+Every round trains in its own folder output_dir/<round>/ (checkpoints, samples, the final student)
+and writes its student into the model folder as student-N (model_index.json "students").
+`--resume latest` skips finished rounds and continues the unfinished one from its last checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from ldm.data.loaders import DataConfig, make_dataloader
+from ldm.diffusion.param import Denoiser
+from ldm.diffusion.samplers import initial_noise, sample_ddim
+from ldm.distill.student import GuidedStudent
+from ldm.distill.targets import stage_one_target, stage_two_target, student_grid, x_space_loss
+from ldm.pipeline import INDEX_NAME, TextToImage, load_index, save_index
+from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
+                          build_scheduler, log_images, optimizer_step, parse_args, seed_everything, setup)
+
+logger = logging.getLogger("distill")
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "distill" / "shapes64.yaml")
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class DistillSettings:
+    w_min: float = 0.0                 # guidance strengths learnt: w ~ U[w_min, w_max] (Imagen convention)
+    w_max: float = 4.0
+    w_features: int = 64               # Fourier features of w in the student's w-embedding
+    p_uncond: float = 0.1              # captions dropped to "", so students keep the empty prompt
+    n_start: int = 64                  # the stage-one student is round one's N_start-step teacher
+    n_end: int = 1                     # the last round's student steps
+    stage_one_steps: int = 1000        # optimizer updates of stage one (train.max_steps is not used)
+    round_steps: int = 500             # optimizer updates of each halving round
+    save_dtype: Literal["float16", "float32"] = "float16"   # students in the model folder
+    export: Optional[list[int]] = None  # step counts written into the model folder; None = every round
+    val_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square left of a green triangle"])
+    val_w: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0])   # one grid row per w
+    val_seed: int = 0                  # validation noise: the same images every time
+
+    def __post_init__(self):
+        if not 0 <= self.w_min <= self.w_max:
+            raise ValueError(f"need 0 <= w_min <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
+        ratio = self.n_start // self.n_end if self.n_end >= 1 else 0
+        if self.n_end < 1 or self.n_start % self.n_end or ratio & (ratio - 1):
+            raise ValueError(f"n_start ({self.n_start}) must be n_end ({self.n_end}) times a power of two")
+        if self.stage_one_steps < 1 or self.round_steps < 1:
+            raise ValueError(f"stage_one_steps and round_steps must be >= 1, got "
+                             f"{self.stage_one_steps}, {self.round_steps}")
+
+
+@dataclass
+class DistillStageConfig:
+    teacher: str = ""                  # model folder of stage 2 (model_index.json, autoencoder/, ...)
+    model_out: Optional[str] = None    # model folder to write students into; None = the teacher folder
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class Round:
+    name: str                          # folder under output_dir and checkpoint stage name
+    steps: int                         # the student's sampling steps
+    updates: int                       # optimizer updates
+    n_teacher: Optional[int]           # teacher steps (None: stage one, the CFG teacher)
+
+
+def plan_rounds(d: DistillSettings) -> list[Round]:
+    """Stage one, then halving rounds N_start/2, ..., n_end."""
+    rounds = [Round("stage-one", d.n_start, d.stage_one_steps, None)]
+    n = d.n_start
+    while n > d.n_end:
+        rounds.append(Round(f"round-{n // 2}", n // 2, d.round_steps, n))
+        n //= 2
+    return rounds
+
+
+# ----------------------------------------------------------------------------- model folder
+
+def prepare_model_folder(cfg: DistillStageConfig) -> str:
+    """The folder students go to: the teacher's, or a copy of its parts in model_out."""
+    out = cfg.model_out or cfg.teacher
+    if cfg.model_out and not os.path.isfile(os.path.join(out, INDEX_NAME)):
+        index = load_index(cfg.teacher)
+        for part in (index.autoencoder, index.text_encoder, index.unet):
+            shutil.copytree(os.path.join(cfg.teacher, part), os.path.join(out, part), dirs_exist_ok=True)
+        save_index(out, dataclasses.replace(index, students={}))
+    return out
+
+
+def export_student(student: GuidedStudent, folder: str, steps: int, dtype: str, prediction: str) -> None:
+    """Write student-N into the model folder and list it in model_index.json."""
+    student.save_pretrained(os.path.join(folder, f"student-{steps}"), dtype=getattr(torch, dtype))
+    index = load_index(folder)
+    students = {**index.students, str(steps): f"student-{steps}"}
+    students = dict(sorted(students.items(), key=lambda kv: -int(kv[0])))
+    save_index(folder, dataclasses.replace(index, students=students, student_prediction=prediction))
+
+
+# ----------------------------------------------------------------------------- validation
+
+@torch.no_grad()
+def validate(accelerator, student, parts: TextToImage, rnd: Round, d: DistillSettings, step: int, out_dir):
+    """A grid of the same prompts (columns) at each w in val_w (rows), from a fixed generator."""
+    net = accelerator.unwrap_model(student)
+    was_training = net.training
+    net.eval()
+    model = Denoiser(net, parts.schedule, parts.index.prediction, parts.index.time_scale)
+    prompts = d.val_prompts * len(d.val_w)
+    w = torch.tensor(d.val_w, device=accelerator.device).repeat_interleave(len(d.val_prompts))   # (rows*cols,)
+    ts = parts.schedule.timesteps(rnd.steps)
+    gen = torch.Generator().manual_seed(d.val_seed)
+    x = initial_noise(parts.schedule, ts, parts.latent_shape(len(d.val_prompts)), generator=gen)
+    x = x.repeat(len(d.val_w), 1, 1, 1).to(accelerator.device)   # the same noise in every row
+    z = sample_ddim(model, x, ts, parts.schedule, extra_args={**parts.encode_prompts(prompts), "w": w},
+                    disable=True)
+    log_images(accelerator, parts.decode(z), step, tag=f"val/{rnd.name}", output_dir=out_dir,
+               nrow=len(d.val_prompts))
+    net.train(was_training)
+
+
+# ----------------------------------------------------------------------------- one round
+
+def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, student: GuidedStudent,
+                teacher, parts: TextToImage, loader, resume, stop_after) -> GuidedStudent | None:
+    """Train `student` for one round; returns it with its final (EMA) weights, or None if stopped early."""
+    d, schedule, time_scale = cfg.distill, parts.schedule, parts.index.time_scale
+    tcfg = dataclasses.replace(cfg.train, output_dir=os.path.join(cfg.train.output_dir, rnd.name),
+                               max_steps=rnd.updates, resume=resume)
+    device = accelerator.device
+    # A round starts from a state that depends on its index only, so resuming at a round boundary
+    # repeats an uninterrupted run exactly; mid-round, the checkpoint restores the same state.
+    seed_everything(cfg.train.seed + 1000 * index + accelerator.process_index)
+    loader.load_state_dict({"epoch": index, "batch": 0})
+
+    optimizer = build_optimizer(student, tcfg)
+    scheduler = build_scheduler(optimizer, tcfg)                 # not prepared: one step per update
+    model, optimizer = accelerator.prepare(student, optimizer)
+    ema = EMA(accelerator.unwrap_model(model), tcfg.ema_decay, tcfg.ema_power) if tcfg.ema_decay > 0 else None
+    unet_cfg = dataclasses.asdict(accelerator.unwrap_model(model).unet.cfg)
+    ckpt = Checkpointer(accelerator, tcfg, stage=f"distill-{rnd.name}", config=cfg, model=model,
+                        optimizer=optimizer, scheduler=scheduler, ema=ema, data=loader,
+                        model_config={"unet": unet_cfg, "w_features": d.w_features, "n_teacher": rnd.n_teacher})
+    step = ckpt.resume()                                         # restores the RNG last
+
+    student_x0 = Denoiser(model, schedule, parts.index.prediction, time_scale)
+    grid = student_grid(schedule, rnd.n_teacher).to(device) if rnd.n_teacher else None   # (N/2, 3)
+    uncond = parts.encode_prompts([""])
+    guard, bar = NonFiniteGuard(tcfg.max_nonfinite), ProgressBar(accelerator, rnd.updates, initial=step)
+    bar.bar.set_description(rnd.name)
+    batches = loader.forever()
+    model.train()
+    while step < rnd.updates:
+        if stop_after == (rnd.name, step):                       # test hook: the job dies here
+            return None
+        # A new DataLoader iterator draws a seed from the global RNG, at other points of a resumed run
+        # than of an uninterrupted one: keep that draw out of the training's random stream.
+        with torch.random.fork_rng(devices=[]):
+            batch = next(batches)
+        with accelerator.accumulate(model):
+            with torch.no_grad():
+                x0 = parts.autoencoder.encode_latents(batch["pixel_values"].to(device))   # (B, C, h, w)
+                drop = torch.rand(len(batch["text"])) < d.p_uncond
+                cond = parts.encode_prompts(["" if u else p for u, p in zip(drop.tolist(), batch["text"])])
+            B = x0.shape[0]
+            w = d.w_min + (d.w_max - d.w_min) * torch.rand(B, device=device)             # (B,)
+            if grid is None:                                     # stage one: t ~ U[0, 1]
+                t = torch.rand(B, device=device, dtype=torch.float64)
+            else:                                                # stage two: t = i / (N/2) on the grid
+                t, t_mid, t_end = grid[torch.randint(0, len(grid), (B,), device=device)].unbind(1)
+            alpha, sigma = (c.float() for c in schedule.alpha_sigma(t))                  # (B,)
+            z_t = alpha.view(-1, 1, 1, 1) * x0 + sigma.view(-1, 1, 1, 1) * torch.randn_like(x0)
+            with accelerator.autocast():
+                if grid is None:
+                    target = stage_one_target(teacher, z_t, t, w, cond, uncond)
+                else:
+                    target = stage_two_target(teacher, z_t, t, t_mid, t_end, schedule, {**cond, "w": w})
+                x_hat = student_x0(z_t, t, **cond, w=w)
+            loss = x_space_loss(x_hat, target, alpha, sigma).mean()
+            guard.observe(loss)
+            accelerator.backward(loss)
+            update = None
+            if accelerator.sync_gradients:
+                update = optimizer_step(accelerator, model, optimizer, scheduler, guard,
+                                        max_grad_norm=tcfg.max_grad_norm, ema=ema)
+        if update is None:                                       # mid-accumulation, or a skipped update
+            continue
+
+        step += 1
+        bar.update(update)
+        if step % tcfg.log_every == 0:
+            accelerator.log({f"{rnd.name}/{k.split('/')[-1]}": v for k, v in update.metrics().items()}, step=step)
+        if step == rnd.updates or (tcfg.validate_every > 0 and step % tcfg.validate_every == 0):
+            with ema.swapped() if ema is not None else torch.no_grad():
+                validate(accelerator, model, parts, rnd, d, step, tcfg.output_dir)
+        ckpt.maybe_save(step)
+    bar.close()
+
+    final = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.copy_to(final)                                       # the student is the EMA of its weights
+    if accelerator.is_main_process:
+        final.save_pretrained(os.path.join(tcfg.output_dir, "student"))   # fp32: next round's teacher
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()                                    # drop the round's prepared objects
+    return final
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def first_unfinished(cfg: DistillStageConfig, rounds: list[Round]) -> tuple[int, list]:
+    """(index of the first round to train, per-round resume values) for train.resume."""
+    resume, out = cfg.train.resume, Path(cfg.train.output_dir)
+    done = lambda r: (out / r.name / "student" / "model.safetensors").is_file()   # noqa: E731
+    if resume is None:
+        return 0, [None] * len(rounds)
+    if resume == "latest":
+        start = next((i for i, r in enumerate(rounds) if not done(r)), len(rounds))
+        return start, ["latest"] * len(rounds)
+    names = [r.name for r in rounds]
+    parent = Path(resume).resolve().parent.name
+    if parent not in names:
+        raise ValueError(f"train.resume={resume!r}: not a checkpoint of a round folder {names}")
+    start = names.index(parent)
+    missing = [r.name for r in rounds[:start] if not done(r)]
+    if missing:
+        raise FileNotFoundError(f"train.resume={resume!r}: earlier rounds {missing} have no finished student in {out}")
+    return start, [None] * start + [resume] + [None] * (len(rounds) - start - 1)
+
+
+def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> str | None:
+    """Both stages; returns the model folder (None when `stop_after` cut the run short)."""
+    if not cfg.teacher:
+        raise ValueError("set the teacher model folder: teacher=DIR (a stage-2 model folder)")
+    accelerator = setup(cfg.train, cfg, project="distill")
+    device = accelerator.device
+
+    # The frozen parts: autoencoder, text encoder and the CFG teacher U-Net.
+    parts = TextToImage.from_folder(cfg.teacher, device=device)
+    for module in (parts.autoencoder, parts.text_encoder, parts.unet):
+        module.requires_grad_(False)
+    if parts.index.prediction == "eps":
+        logger.warning("the teacher predicts eps: few-step students are unstable in eps (Salimans & Ho "
+                       "2022, sec. 4); prefer a v- or x0-prediction teacher")
+    if parts.index.resolution != cfg.data.resolution:
+        raise ValueError(f"data.resolution={cfg.data.resolution} but the model folder's resolution is "
+                         f"{parts.index.resolution}")
+    folder = prepare_model_folder(cfg) if accelerator.is_main_process else (cfg.model_out or cfg.teacher)
+    accelerator.wait_for_everyone()
+    loader = make_dataloader(cfg.data, accelerator)
+    rounds = plan_rounds(cfg.distill)
+    export = cfg.distill.export
+    start, resumes = first_unfinished(cfg, rounds)
+
+    for i, rnd in enumerate(rounds):
+        round_dir = os.path.join(cfg.train.output_dir, rnd.name)
+        if i < start:
+            logger.info("%s: finished earlier, its student is in %s", rnd.name, round_dir)
+            continue
+        # The teacher model function: the CFG teacher (stage one), or the previous student read back.
+        if rnd.n_teacher is None:
+            teacher = Denoiser(parts.unet, parts.schedule, parts.index.prediction, parts.index.time_scale)
+            student = GuidedStudent.from_teacher(parts.unet, cfg.distill.w_features)
+        else:
+            previous = os.path.join(cfg.train.output_dir, rounds[i - 1].name, "student")
+            teacher_net = GuidedStudent.from_pretrained(previous, device=device).eval().requires_grad_(False)
+            teacher = Denoiser(teacher_net, parts.schedule, parts.index.prediction, parts.index.time_scale)
+            student = GuidedStudent.from_pretrained(previous, device=device)        # Salimans & Ho: init = teacher
+        logger.info("%s: %d updates, %s-step student", rnd.name, rnd.updates, rnd.steps)
+        final = train_round(accelerator, cfg, rnd, i, student.train(), teacher, parts, loader, resumes[i],
+                            stop_after)
+        if final is None:
+            return None
+        if accelerator.is_main_process and (export is None or rnd.steps in export):
+            export_student(final, folder, rnd.steps, cfg.distill.save_dtype, parts.index.prediction)
+        accelerator.wait_for_everyone()
+    accelerator.end_training()
+    logger.info("students %s written to %s", [r.steps for r in rounds], folder)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> str | None:
+    cfg = parse_args(DistillStageConfig, __doc__, DEFAULT_CONFIG, argv)
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,105 @@
+"""The txt2img / img2img / inpaint CLIs on a tiny random model folder with one student."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm import img2img, inpaint, txt2img
+from ldm.distill.student import GuidedStudent
+from ldm.models.unet import UNet
+from ldm.pipeline import load_index, save_index, save_random_model
+
+RES = 32
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                        # tiny convs lose badly to thread contention
+    folder = tmp_path_factory.mktemp("model")
+    save_random_model(str(folder), resolution=RES)
+    GuidedStudent.from_teacher(UNet.from_pretrained(str(folder / "unet")), 16).save_pretrained(
+        str(folder / "student-2"), dtype=torch.float16)
+    index = load_index(str(folder))
+    index.students = {"2": "student-2"}
+    save_index(str(folder), index)
+    yield str(folder)
+    torch.set_num_threads(threads)
+
+
+def size(path):
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_txt2img_student_teacher_and_grid(model, tmp_path, capsys):
+    out = tmp_path / "a.png"
+    txt2img.main(["a red circle", "--model", model, "--steps", "2", "--out", str(out)])
+    assert size(out) == (RES, RES)
+    printed = capsys.readouterr().out
+    assert "student-2" in printed and "NFE 2" in printed
+    txt2img.main(["a red circle", "--model", model, "--steps", "2", "--teacher", "--guidance", "1",
+                  "--n", "4", "--sampler", "stochastic", "--out", str(tmp_path / "grid.png")])
+    assert size(tmp_path / "grid.png") == (2 * (RES + 2) + 2,) * 2      # 2x2 grid, 2-pixel padding
+    printed = capsys.readouterr().out
+    assert "teacher" in printed and "NFE 4" in printed and "stochastic" in printed
+    txt2img.main(["", "--model", model, "--steps", "1", "--guidance", "0", "--out", str(tmp_path / "e.png")])
+    assert "teacher" in capsys.readouterr().out and size(tmp_path / "e.png") == (RES, RES)
+
+
+def test_txt2img_from_file_numbering_and_long_prompt(model, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\n" + "a very long prompt " * 10 + "\n")
+    with pytest.warns(UserWarning, match="truncated"):
+        txt2img.main(["--from-file", str(prompts), "--outdir", str(tmp_path / "out"), "--model", model,
+                      "--steps", "2"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0000.png", "0002.png"]
+    assert size(tmp_path / "out" / "0002.png") == (RES, RES)
+
+
+def test_missing_model_folder_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        txt2img.main(["x", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "model_index.json" in err
+    with pytest.raises(SystemExit):
+        txt2img.main(["--model", str(tmp_path)])                       # neither prompt nor --from-file
+
+
+def test_help_mentions_the_options(capsys):
+    for module in (txt2img, img2img, inpaint):
+        with pytest.raises(SystemExit) as e:
+            module.main(["--help"])
+        assert e.value.code == 0
+    assert "--strength" in capsys.readouterr().out
+
+
+def write_image(path, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)).save(path)
+
+
+def test_img2img_runs_the_remaining_steps(model, tmp_path, capsys):
+    write_image(tmp_path / "in.png")
+    img2img.main(["a blue square", "--image", str(tmp_path / "in.png"), "--strength", "0.5", "--steps", "2",
+                  "--model", model, "--out", str(tmp_path / "out.png")])
+    assert size(tmp_path / "out.png") == (RES, RES)
+    printed = capsys.readouterr().out
+    assert "student-2" in printed and "1 steps" in printed and "NFE 1" in printed
+
+
+def test_inpaint_keeps_the_unmasked_pixels(model, tmp_path, capsys):
+    write_image(tmp_path / "in.png")
+    mask = np.zeros((RES, RES), np.uint8)
+    mask[8:20, 10:24] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    inpaint.main(["a red circle", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                  "--steps", "2", "--model", model, "--out", str(tmp_path / "out.png")])
+    out = np.asarray(Image.open(tmp_path / "out.png"))
+    src = np.asarray(Image.open(tmp_path / "in.png"))
+    assert out.shape == (RES, RES, 3)
+    keep = mask == 0
+    assert np.array_equal(out[keep], src[keep])
+    assert not np.array_equal(out[~keep], src[~keep])
+    assert "NFE 2" in capsys.readouterr().out
