@@ -24,7 +24,6 @@ from ldm.diffusion.guidance import cfg
 from ldm.diffusion.param import Denoiser
 from ldm.diffusion.samplers import SAMPLERS, initial_noise
 from ldm.diffusion.schedules import schedule_from_config
-from ldm.distill.sampling import sample_stochastic
 from ldm.distill.targets import coefficients
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.text import ScratchTextEncoder, TextEncoderConfig, build_text_encoder
@@ -32,7 +31,6 @@ from ldm.models.unet import UNet
 
 INDEX_NAME = "model_index.json"
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "shapes64")
-SAMPLER_CHOICES = {**SAMPLERS, "stochastic": sample_stochastic}   # Meng et al. 2023, sec. 4.3
 
 
 @dataclass
@@ -145,8 +143,8 @@ class TextToImage:
         round(strength * steps) steps, and only those are run. mask (B, 1, h, w), 1 = repaint:
         the rest is held to `init` at every step (see `keep_known`).
         """
-        if sampler not in SAMPLER_CHOICES:
-            raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLER_CHOICES)}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         if init is not None and init.shape != self.latent_shape(len(prompts)):
@@ -172,7 +170,7 @@ class TextToImage:
         if mask is not None:
             model = keep_known(model, init, mask, self.schedule, step_gen)
         cond = self.encode_prompts(prompts)
-        z = SAMPLER_CHOICES[sampler](model, x, ts, self.schedule, extra_args=extra_args(cond),
+        z = SAMPLERS[sampler](model, x, ts, self.schedule, extra_args=extra_args(cond),
                                      disable=not progress, generator=step_gen)
         if mask is not None:
             z = mask * z + (1 - mask) * init

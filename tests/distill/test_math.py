@@ -7,7 +7,7 @@ import torch
 from ldm.diffusion.gmm import default_mixture
 from ldm.diffusion.samplers import initial_noise, sample_ddim
 from ldm.diffusion.schedules import make_schedule
-from ldm.distill.sampling import sample_stochastic
+from ldm.diffusion.samplers import sample_stochastic
 from ldm.distill.targets import (ddim_step, guided_x0, stage_one_target, stage_two_target, student_grid,
                                  truncated_snr_weight, two_step_target, x_space_loss)
 
