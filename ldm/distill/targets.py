@@ -16,13 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ldm.diffusion.guidance import cfg
 from ldm.diffusion.param import append_dims
-
-
-def guided_x0(x_cond: torch.Tensor, x_uncond: torch.Tensor, w) -> torch.Tensor:
-    """Meng eq. (5) in x space, Imagen convention: (1 + w) x_hat(c) - w x_hat(empty); w float or (B,)."""
-    w = append_dims(torch.as_tensor(w, dtype=x_cond.dtype, device=x_cond.device), x_cond.ndim)
-    return (1 + w) * x_cond - w * x_uncond
 
 
 def ddim_step(z_t, x0, alpha_t, sigma_t, alpha_s, sigma_s):
@@ -60,11 +55,8 @@ def coefficients(schedule, t: torch.Tensor, like: torch.Tensor):
 
 @torch.no_grad()
 def stage_one_target(teacher, z_t, t, w, cond: dict, uncond: dict) -> torch.Tensor:
-    """Guided x0 of the teacher x0-model at (z_t, t): cond and empty prompt as one batch of 2B."""
-    batch = z_t.shape[0]
-    args = {k: torch.cat([cond[k], uncond[k].expand_as(cond[k])]) for k in cond}
-    x = teacher(torch.cat([z_t, z_t]), torch.cat([t, t]), **args)           # (2B, C, H, W)
-    return guided_x0(x[:batch], x[batch:], w)
+    """Meng eq. (5) in x space: the teacher x0-model under CFG at weight w (float or (B,)), one batch of 2B."""
+    return cfg(teacher, w, uncond)(z_t, t, **cond)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from ldm.diffusion.gmm import default_mixture
 from ldm.diffusion.samplers import initial_noise, sample_ddim
 from ldm.diffusion.schedules import make_schedule
 from ldm.diffusion.samplers import sample_stochastic
-from ldm.distill.targets import (ddim_step, guided_x0, stage_one_target, stage_two_target, student_grid,
+from ldm.distill.targets import (ddim_step, stage_one_target, stage_two_target, student_grid,
                                  truncated_snr_weight, two_step_target, x_space_loss)
 
 
@@ -47,12 +47,6 @@ def test_stochastic_sampler_step_by_hand():
     z = a2 * d + s2 * n1                                         #   then q(z_1/3 | clean)
     expected = 0.5 * z                                           # step 2 at t = 1/3: deterministic to clean
     torch.testing.assert_close(out, expected)
-
-
-def test_guided_x0_imagen_convention():
-    c, u = torch.randn(3, 4), torch.randn(3, 4)
-    w = torch.tensor([0.0, 1.0, 2.5])
-    torch.testing.assert_close(guided_x0(c, u, w), torch.stack([c[0], 2 * c[1] - u[1], 3.5 * c[2] - 2.5 * u[2]]))
 
 
 def test_one_student_step_lands_on_the_teachers_two_steps():
