@@ -1,0 +1,199 @@
+"""Latent cache: encode a finite data set once with the frozen stage-1 autoencoder.
+
+Stage 2 never changes the autoencoder, so each image's posterior q(z|x) = N(mean, std^2) is
+the same in every epoch; caching it saves one encoder pass per step. We store the moments,
+not one sample, so training still draws a fresh z ~ q(z|x) each time it sees an image.
+
+Layout: `<cache_dir>/<key>/meta.json` (written last: its presence marks a complete cache) and
+`shard-00000.safetensors`, ... each holding `mean` and `std` (n, z, h, w) float32 in raw,
+unscaled latent units, with the n captions as JSON in the file's metadata.
+
+The key hashes everything that decides the latents: the autoencoder's weights (content
+digest) and config, the data config except pure batching knobs, and for local data the
+size and mtime of every file under `data.path`. Changing any of them gives a new key, so
+stale latents are never read (old folders stay until deleted). For the on-the-fly shapes
+world, caching means `data.length` samples rendered once, so the model sees a finite set.
+Caveat: random crops are cached as drawn in epoch 0 (the pixels' crop is fixed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ldm.data.loaders import DataConfig, EpochSampler, ResumableLoader, build_dataset, collate
+from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+BATCH_ONLY = ("batch_size", "num_workers", "drop_last")   # data keys that never change a latent
+
+
+# --------------------------------------------------------------------------- the key
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_fingerprint(cfg: DataConfig) -> dict:
+    """The data config minus batching knobs, plus (path, size, mtime) of local data files."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BATCH_ONLY}
+    if cfg.source in ("imagefolder", "parquet") and os.path.exists(cfg.path):
+        root = Path(cfg.path)
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        fields["files"] = [[str(f.relative_to(root) if root.is_dir() else f.name),
+                            f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+    return fields
+
+
+def cache_key(autoencoder_dir: str | Path, data_cfg: DataConfig) -> tuple[str, dict]:
+    """(hex key, the parts it hashes) for latents of `data_cfg` under the autoencoder folder."""
+    ae = Path(autoencoder_dir)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (ae / name).is_file():
+            raise FileNotFoundError(f"autoencoder folder {str(ae)!r} lacks {name}")
+    parts = {"format": FORMAT_VERSION,
+             "autoencoder": {"config": json.loads((ae / CONFIG_NAME).read_text()),
+                             "weights_sha256": file_digest(ae / WEIGHTS_NAME)},
+             "data": data_fingerprint(data_cfg)}
+    blob = json.dumps(parts, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:20], parts
+
+
+# --------------------------------------------------------------------------- reading
+
+class LatentCache(Dataset):
+    """Items {"mean", "std": (z, h, w) raw posterior moments, "text", "index"} of a complete cache."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        meta_path = self.folder / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"latent cache {str(self.folder)!r} is incomplete (no meta.json)")
+        self.meta = json.loads(meta_path.read_text())
+        means, stds, self.captions = [], [], []
+        for name in self.meta["shards"]:
+            with safe_open(str(self.folder / name), framework="pt") as f:
+                means.append(f.get_tensor("mean"))
+                stds.append(f.get_tensor("std"))
+                self.captions += json.loads(f.metadata()["captions"])
+        self.mean, self.std = torch.cat(means), torch.cat(stds)  # (N, z, h, w) each
+        if len(self.mean) != self.meta["num_samples"] or len(self.captions) != len(self.mean):
+            raise ValueError(f"latent cache {str(self.folder)!r}: shards hold {len(self.mean)} latents and "
+                             f"{len(self.captions)} captions, meta.json says {self.meta['num_samples']}")
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"mean": self.mean[index], "std": self.std[index], "text": self.captions[index],
+                "index": int(index)}
+
+
+def _collate(items: list[dict]) -> dict:
+    return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
+            for k in items[0]}
+
+
+def make_cache_loader(cache: LatentCache, cfg: DataConfig, accelerator=None) -> ResumableLoader:
+    """Seeded, resumable batches of a cache, in the same order rules as `make_dataloader`."""
+    sampler = EpochSampler(cache, cfg.seed)
+    loader = DataLoader(cache, batch_size=cfg.batch_size, sampler=sampler, collate_fn=_collate,
+                        drop_last=cfg.drop_last)  # in memory already: no workers needed
+    num_processes = 1
+    if accelerator is not None:
+        loader, num_processes = accelerator.prepare(loader), accelerator.num_processes
+    return ResumableLoader(loader, sampler, cfg.batch_size, num_processes)
+
+
+def scaled_latents(mean: torch.Tensor, std: torch.Tensor, ae_config, sample: bool = True,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cached moments -> diffusion latents, as `AutoencoderKL.encode_latents` computes them."""
+    z = mean
+    if sample:
+        z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (z - (ae_config.shift_factor or 0.0)) * ae_config.scaling_factor
+
+
+# --------------------------------------------------------------------------- building
+
+@torch.no_grad()
+def _encode_shard(ae: AutoencoderKL, dataset: Dataset, indices: range, batch_size: int,
+                  num_workers: int, path: Path) -> None:
+    device = next(ae.parameters()).device
+    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=collate)
+    means, stds, captions = [], [], []
+    for batch in loader:
+        posterior = ae.encode(batch["pixel_values"].to(device).float())
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+        captions += batch["text"]
+    save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}, str(path),
+              metadata={"captions": json.dumps(captions)})
+
+
+def build_cache(folder: Path, ae: AutoencoderKL, dataset: Dataset, parts: dict, *, batch_size: int = 64,
+                num_workers: int = 0, shard_size: int = 4096, rank: int = 0, world: int = 1,
+                barrier: Callable[[], None] = lambda: None, progress: bool = True) -> None:
+    """Encode `dataset` into `folder`; process `rank` of `world` encodes every world-th shard.
+
+    All processes must call it (they meet at `barrier`) and see one shared file system.
+    The folder is assembled as `<folder>.tmp` and renamed when complete.
+    """
+    from tqdm.auto import tqdm
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed build
+        tmp.mkdir(parents=True)
+    barrier()
+    n = len(dataset)
+    shards = [f"shard-{k:05d}.safetensors" for k in range((n + shard_size - 1) // shard_size)]
+    mine = range(rank, len(shards), world)
+    with torch.random.fork_rng(devices=[]):  # DataLoaders draw seeds: leave the caller's RNG as it was
+        for k in tqdm(mine, desc="caching latents", disable=not progress or rank != 0):
+            _encode_shard(ae, dataset, range(k * shard_size, min(n, (k + 1) * shard_size)),
+                          batch_size, num_workers, tmp / shards[k])
+    barrier()
+    if rank == 0:
+        meta = {"num_samples": n, "shard_size": shard_size, "shards": shards, **parts}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)  # the cache appears complete or not at all
+    barrier()
+
+
+def open_or_build(cache_dir: str | Path, autoencoder_dir: str | Path, data_cfg: DataConfig,
+                  ae: AutoencoderKL, **build_kwargs) -> tuple[LatentCache, bool]:
+    """(the cache of these latents, hit): build it first on a miss (see `build_cache`)."""
+    key, parts = cache_key(autoencoder_dir, data_cfg)
+    folder = Path(cache_dir) / key
+    hit = (folder / "meta.json").is_file()
+    if not hit:
+        if data_cfg.crop == "random":
+            warnings.warn("cache_latents with data.crop='random' caches one crop per image (epoch 0's)",
+                          stacklevel=2)
+        logger.info("latent cache miss: encoding %s into %s", data_cfg.source, folder)
+        build_cache(folder, ae, build_dataset(data_cfg), parts, batch_size=data_cfg.batch_size,
+                    num_workers=data_cfg.num_workers, **build_kwargs)
+    else:
+        logger.info("latent cache hit: %s", folder)
+    return LatentCache(folder), hit

@@ -1,0 +1,282 @@
+"""Stage 2: train a text-conditioned latent U-Net with classifier-free guidance.
+
+    accelerate launch stages/train_latent.py --config configs/latent/shapes64.yaml [--resume latest] [key=value ...]
+    python stages/train_latent.py --config configs/latent/tiny.yaml train.max_steps=3
+
+The story: setup -> data -> frozen stage-1 autoencoder -> text encoder (scratch: trained with
+the U-Net in one optimizer; clip/openclip: frozen) -> U-Net -> prepare -> EMA -> resume ->
+loop (latents, caption dropout, text encoding, diffusion loss, update, log, validate,
+checkpoint) -> a model folder at `<output_dir>/model/` (ldm/pipeline.py) that
+`TextToImage.from_folder` samples from. Design notes: docs/stage2-latent.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ldm.data.loaders import DataConfig, make_dataloader
+from ldm.diffusion import SAMPLERS, DiffusionLoss, schedule_from_config
+from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
+from ldm.models.text import TextEncoderConfig, build_text_encoder
+from ldm.models.unet import UNet, UNetConfig, count_params
+from ldm.pipeline import ModelIndex, TextToImage, save_index
+from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
+                          build_scheduler, config_to_dict, log_images, optimizer_step, parse_args, setup)
+from ldm.training.latent_cache import make_cache_loader, open_or_build, scaled_latents
+
+logger = logging.getLogger("train_latent")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "latent" / "shapes64.yaml"
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class UNetSection(UNetConfig):
+    """UNetConfig with its tuple fields' element types spelled out, so the config loader checks them."""
+
+    channels: tuple[int, ...] = UNetConfig.channels
+    attention_levels: tuple[int, ...] = UNetConfig.attention_levels
+    num_heads: int | tuple[int, ...] | None = UNetConfig.num_heads
+    transformer_depth: int | tuple[int, ...] = UNetConfig.transformer_depth
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "cosine_logsnr"                        # ldm.diffusion.schedules name
+    schedule_options: dict[str, Any] = field(default_factory=dict)  # e.g. {T: 1000} or {logsnr_min: -15}
+    prediction: Literal["eps", "v", "x0"] = "v"            # what the U-Net regresses onto
+    weighting: Literal["uniform", "truncated_snr", "min_snr"] = "uniform"  # per-t loss weight (losses.py)
+    gamma: float = 5.0                                     # min_snr's clip
+    time: Literal["continuous", "discrete"] = "continuous"  # t ~ U[0, 1] or integer steps 0..T-1
+    time_scale: float = 1000.0                             # the U-Net sees t * time_scale
+
+    def __post_init__(self):
+        schedule = schedule_from_config(self.schedule_config())  # unknown names/options fail here, named
+        if self.time == "discrete" and not hasattr(schedule, "num_timesteps"):
+            raise ValueError(f"time 'discrete' needs a discrete schedule, {self.schedule!r} is continuous")
+
+    def schedule_config(self) -> dict:
+        return {"name": self.schedule, **self.schedule_options}
+
+
+@dataclass
+class ValConfig:
+    prompts: list[str] = field(default_factory=lambda: [
+        "a red circle", "a blue square at the bottom", "a green triangle to the left of a yellow circle",
+        "a large purple square in the center on a black background"])
+    guidance: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 3.0, 5.0, 8.0])  # grid rows
+    steps: int = 25                                        # sampler steps per image
+    sampler: str = "ddim"                                  # ldm.diffusion.samplers name
+    seed: int = 0                                          # the same noise for every row
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
+        if not self.prompts or not self.guidance or self.steps < 1:
+            raise ValueError("needs at least one prompt, one guidance weight and steps >= 1")
+
+
+@dataclass
+class LatentStageConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)   # data.batch_size follows train.batch_size
+    unet: UNetSection = field(default_factory=UNetSection)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+    autoencoder: str = "runs/ae-shapes64/autoencoder"      # stage-1 folder (config.json + model.safetensors)
+    p_uncond: float = 0.1                                  # caption -> "" with this probability (CFG)
+    latents: Literal["sample", "mode"] = "sample"          # z ~ q(z|x), or its mean
+    cache_latents: bool = False                            # encode the (finite) data set once
+    cache_dir: str = ""                                    # "" = <output_dir>/latent-cache
+    guidance: float = 2.0                                  # default w written to model_index.json
+
+    def __post_init__(self):
+        if not 0.0 <= self.p_uncond < 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+
+
+# ----------------------------------------------------------------------------- pieces
+
+class LatentModel(nn.Module):
+    """What the optimizer trains: the U-Net and, when trained jointly (scratch), the text encoder."""
+
+    def __init__(self, unet: UNet, text_encoder: nn.Module, train_text: bool):
+        super().__init__()
+        self.unet = unet
+        if train_text:
+            self.text_encoder = text_encoder
+        else:
+            self._frozen = [text_encoder]  # a list hides it from parameters(), checkpoints and EMA
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.text_encoder if hasattr(self, "text_encoder") else self._frozen[0]
+
+    def forward(self, x, t, prompts: list[str]):
+        context, mask = self.encoder(prompts)              # (B, L, D), (B, L)
+        return self.unet(x, t, context, context_mask=mask)
+
+
+def drop_captions(captions: list[str], p: float, generator: torch.Generator | None = None) -> list[str]:
+    """Each caption -> "" with probability p: one network learns p(x|c) and p(x) (Ho & Salimans 2021)."""
+    keep = (torch.rand(len(captions), generator=generator) >= p).tolist()
+    return [c if k else "" for c, k in zip(captions, keep)]
+
+
+def load_autoencoder(path: str, device) -> AutoencoderKL:
+    """The stage-1 autoencoder, frozen: eval mode, no gradients."""
+    ae = AutoencoderKL.from_pretrained(path, device=device).eval().requires_grad_(False)
+    if ae.config.scaling_factor == 1.0:
+        logger.warning("autoencoder %s has scaling_factor 1.0: was it measured on data? "
+                       "Latents far from unit variance distort the noise schedule", path)
+    return ae
+
+
+def model_index(cfg: LatentStageConfig) -> ModelIndex:
+    d = cfg.diffusion
+    return ModelIndex(schedule=d.schedule_config(), prediction=d.prediction, time_scale=d.time_scale,
+                      resolution=cfg.data.resolution, guidance=cfg.guidance)
+
+
+@torch.no_grad()
+def validate(accelerator, net: LatentModel, ema, ae, cfg: LatentStageConfig, step: int) -> None:
+    """A PNG grid, rows = guidance weights, columns = the same prompts and noise; EMA weights, DDIM."""
+    if not accelerator.is_main_process:
+        return
+    with ema.swapped() if ema is not None else contextlib.nullcontext():
+        pipe = TextToImage(ae, net.encoder, net.unet, model_index(cfg))  # own seeded generator inside
+        rows = [pipe.generate(cfg.val.prompts, steps=cfg.val.steps, guidance=w, seed=cfg.val.seed,
+                              sampler=cfg.val.sampler)[0] for w in cfg.val.guidance]
+    net.train()
+    log_images(accelerator, torch.cat(rows), step, output_dir=cfg.train.output_dir, nrow=len(cfg.val.prompts))
+
+
+@torch.no_grad()
+def save_model_folder(net: LatentModel, ema, cfg: LatentStageConfig, folder: Path) -> None:
+    """autoencoder/ (copied), text_encoder/, unet/ (EMA weights) and model_index.json; atomic."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "autoencoder").mkdir(parents=True)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        shutil.copy2(Path(cfg.autoencoder) / name, tmp / "autoencoder" / name)
+    with ema.swapped() if ema is not None else contextlib.nullcontext():
+        net.unet.save_pretrained(str(tmp / "unet"))
+        if cfg.text.kind == "scratch":
+            net.text_encoder.save_pretrained(str(tmp / "text_encoder"))
+    if cfg.text.kind != "scratch":  # a frozen encoder is named, not copied
+        (tmp / "text_encoder").mkdir()
+        (tmp / "text_encoder" / "config.json").write_text(json.dumps(dataclasses.asdict(cfg.text), indent=2))
+    save_index(str(tmp), model_index(cfg))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def main(argv: list[str] | None = None) -> Path:
+    cfg = parse_args(LatentStageConfig, "Stage 2: text-conditioned latent U-Net with classifier-free guidance.",
+                     DEFAULT_CONFIG, argv)
+    cfg.data = dataclasses.replace(cfg.data, batch_size=cfg.train.batch_size)  # one batch size
+    accelerator = setup(cfg.train, cfg, project="latent")
+    device, output_dir = accelerator.device, Path(cfg.train.output_dir)
+
+    # Frozen stage-1 autoencoder: images <-> latents at unit scale.
+    ae = load_autoencoder(cfg.autoencoder, device)
+
+    # Data: cached posterior moments of a finite set, or images encoded on the fly.
+    if cfg.cache_latents:
+        cache, _ = open_or_build(cfg.cache_dir or output_dir / "latent-cache", cfg.autoencoder, cfg.data, ae,
+                                 rank=accelerator.process_index, world=accelerator.num_processes,
+                                 barrier=accelerator.wait_for_everyone,
+                                 progress=accelerator.is_local_main_process)
+        data = make_cache_loader(cache, cfg.data, accelerator)
+    else:
+        data = make_dataloader(cfg.data, accelerator)
+
+    # Text encoder + U-Net, wrapped as one module: one optimizer, one EMA, one checkpoint file.
+    text_encoder = build_text_encoder(cfg.text).to(device)
+    unet = UNet(cfg.unet)
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    model = LatentModel(unet, text_encoder, train_text=cfg.text.kind == "scratch")
+    logger.info("U-Net %.2fM params, trained text encoder %.2fM params", count_params(unet) / 1e6,
+                count_params(model) / 1e6 - count_params(unet) / 1e6)
+
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)    # stepped by us, not prepared
+    model, optimizer = accelerator.prepare(model, optimizer)
+    net = accelerator.unwrap_model(model)
+    ema = EMA(net, cfg.train.ema_decay, cfg.train.ema_power) if cfg.train.ema_decay > 0 else None
+    ckpt = Checkpointer(accelerator, cfg.train, stage="latent", config=cfg, model=model, optimizer=optimizer,
+                        scheduler=scheduler, ema=ema, data=data,
+                        model_config={"unet": config_to_dict(cfg.unet), "text": config_to_dict(cfg.text),
+                                      "autoencoder": config_to_dict(ae.config)})
+    step = ckpt.resume()  # restores the RNG last
+
+    loss_fn = DiffusionLoss(schedule_from_config(cfg.diffusion.schedule_config()), cfg.diffusion.prediction,
+                            cfg.diffusion.weighting, cfg.diffusion.gamma, cfg.diffusion.time,
+                            cfg.diffusion.time_scale)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite)
+    bar = ProgressBar(accelerator, cfg.train.max_steps, initial=step)
+    batches = data.forever()
+
+    def next_batch() -> dict:
+        # A DataLoader draws a seed from the global RNG whenever it starts an epoch, and a resumed
+        # run starts one mid-epoch: keep that draw out of the training RNG so resume is exact.
+        with torch.random.fork_rng(devices=[]):
+            return next(batches)
+
+    model.train()
+    while step < cfg.train.max_steps:
+        batch = next_batch()
+        with torch.no_grad():  # latents at unit scale; a fresh posterior sample each time (latents=sample)
+            if cfg.cache_latents:
+                z = scaled_latents(batch["mean"].to(device), batch["std"].to(device), ae.config,
+                                   sample=cfg.latents == "sample")
+            else:
+                z = ae.encode_latents(batch["pixel_values"].to(device), sample=cfg.latents == "sample")
+        prompts = drop_captions(batch["text"], cfg.p_uncond)  # (B,) per-sample, from the seeded global RNG
+        with accelerator.accumulate(model):
+            loss = loss_fn(model, z, {"prompts": prompts})
+            guard.observe(loss)
+            accelerator.backward(loss)
+            update = None
+            if accelerator.sync_gradients:
+                update = optimizer_step(accelerator, model, optimizer, scheduler, guard,
+                                        max_grad_norm=cfg.train.max_grad_norm, ema=ema)
+        if update is None:  # mid-accumulation, or a skipped non-finite update
+            continue
+
+        step += 1
+        bar.update(update)
+        if step % cfg.train.log_every == 0:
+            accelerator.log({**update.metrics(), "train/latent_std": z.std().item(),
+                             "train/skipped": guard.total_skipped}, step=step)
+        if cfg.train.validate_every > 0 and step % cfg.train.validate_every == 0:
+            validate(accelerator, net, ema, ae, cfg, step)
+            if accelerator.is_main_process:
+                save_model_folder(net, ema, cfg, output_dir / "model")
+        ckpt.maybe_save(step)
+
+    bar.close()
+    if accelerator.is_main_process:
+        save_model_folder(net, ema, cfg, output_dir / "model")
+        logger.info("model folder: %s", output_dir / "model")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return output_dir / "model"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,216 @@
+"""Stage 2 (stages/train_latent.py) at tiny size: run, resume exactly, model folder, latent cache, dropout."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from ldm.data.loaders import DataConfig, build_dataset
+from ldm.data.shapes import export
+from ldm.distill.student import WEmbedding
+from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.text import ScratchTextEncoder, TextEncoderConfig
+from ldm.models.unet import UNet, count_params
+from ldm.pipeline import TextToImage, load_index
+from ldm.training import find_latest_checkpoint, load_config
+from ldm.training.latent_cache import cache_key, open_or_build
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs" / "latent"
+
+
+def _load_stage():
+    # stages/ is not a package; register the module first so its dataclasses resolve their annotations
+    spec = importlib.util.spec_from_file_location("train_latent", ROOT / "stages" / "train_latent.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_latent"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+stage = _load_stage()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on shared cores those threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each stage run builds its own Accelerator: clear Accelerate's process-wide singletons."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def tiny_ae(tmp_path_factory) -> Path:
+    """A random f=2 autoencoder saved like stage 1 saves one."""
+    torch.manual_seed(0)
+    cfg = AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, z_channels=4,
+                            num_groups=4, mid_attn=False, resolution=32, scaling_factor=0.5)
+    folder = tmp_path_factory.mktemp("ae") / "autoencoder"
+    AutoencoderKL(cfg).save_pretrained(folder)
+    return folder
+
+
+def run(ae: Path, out: Path, *overrides: str) -> Path:
+    return stage.main(["--config", str(CONFIGS / "tiny.yaml"), f"autoencoder={ae}",
+                       f"train.output_dir={out}", *overrides])
+
+
+def test_run_resume_is_exact_and_writes_a_model_folder(tiny_ae, tmp_path):
+    cache = f"cache_dir={tmp_path / 'cache'}"
+    common = ["cache_latents=true", cache, "train.max_steps=4", "p_uncond=0.5"]
+    run(tiny_ae, tmp_path / "straight", *common)
+    run(tiny_ae, tmp_path / "resumed", *common, "train.max_steps=2")
+    assert find_latest_checkpoint(tmp_path / "resumed").name == "checkpoint-000002"
+    folder = run(tiny_ae, tmp_path / "resumed", *common, "--resume", "latest")
+
+    last = find_latest_checkpoint(tmp_path / "resumed")
+    assert last.name == "checkpoint-000004"
+    assert json.loads((last / "meta.json").read_text())["step"] == 4
+    straight = find_latest_checkpoint(tmp_path / "straight")
+    for name in ("model.safetensors", "ema.safetensors"):  # bit-for-bit: 2 + 2 steps == 4 steps
+        a, b = load_file(str(straight / name)), load_file(str(last / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+    # One optimizer trains the U-Net and the scratch text encoder: every EMA-tracked
+    # parameter received gradients (AdamW keeps state only for those).
+    ema = load_file(str(last / "ema.safetensors"))
+    adam = torch.load(last / "training_state.pt", weights_only=True)["optimizer"]["state"]
+    assert any(k.startswith("text_encoder.") for k in ema) and len(adam) == len(ema)
+
+    # The model folder holds the EMA weights, and generates through the public pipeline.
+    unet = load_file(str(folder / "unet" / "model.safetensors"))
+    assert all(torch.equal(unet[k], ema[f"unet.{k}"]) for k in unet)
+    text = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    assert all(torch.equal(text[k], ema[f"text_encoder.{k}"]) for k in text if f"text_encoder.{k}" in ema)
+    index = load_index(str(folder))
+    assert (index.prediction, index.schedule, index.time_scale, index.resolution) == \
+        ("v", {"name": "cosine_logsnr"}, 1000.0, 32)
+    pipe = TextToImage.from_folder(str(folder))
+    images, info = pipe.generate(["a red circle", "a blue square"], steps=8, guidance=2.0)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    assert info["nfe"] == 16
+
+
+def test_on_the_fly_latents_and_validation_grid(tiny_ae, tmp_path):
+    run(tiny_ae, tmp_path, "train.max_steps=1", "train.validate_every=1", "train.ema_decay=0")
+    grid = tmp_path / "samples" / "step-000001.png"
+    from PIL import Image
+    # rows = the 2 guidance weights, columns = the 2 prompts: 2 x (32 + 2 px padding) + 2
+    assert Image.open(grid).size == (70, 70)
+    assert (tmp_path / "model" / "model_index.json").is_file()
+    assert not (tmp_path / "latent-cache").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A random 2-layer CLIPTextModel folder with a CLIPTokenizer written from open_clip's BPE."""
+    import open_clip
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    root = tmp_path_factory.mktemp("clip")
+    bpe = open_clip.get_tokenizer("ViT-B-32")
+    special = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    (root / "vocab.json").write_text(json.dumps({special.get(k, k): v for k, v in bpe.encoder.items()}))
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    (root / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=len(bpe.encoder), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=bpe.sot_token_id,
+                            eos_token_id=bpe.eot_token_id, pad_token_id=bpe.eot_token_id)
+    CLIPTextModel(config).save_pretrained(root)
+    return root
+
+
+def test_frozen_clip_is_named_not_trained(tiny_ae, tiny_clip, tmp_path):
+    folder = run(tiny_ae, tmp_path, "text.kind=clip", f"text.path={tiny_clip}", "train.max_steps=1")
+    weights = load_file(str(find_latest_checkpoint(tmp_path) / "model.safetensors"))
+    assert weights and all(k.startswith("unet.") for k in weights)   # CLIP is neither saved nor trained
+    saved = json.loads((folder / "text_encoder" / "config.json").read_text())
+    assert (saved["kind"], saved["path"]) == ("clip", str(tiny_clip))
+    assert not (folder / "text_encoder" / "model.safetensors").exists()
+    images, _ = TextToImage.from_folder(str(folder)).generate(["a red circle"], steps=2, guidance=1.0)
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_latent_cache_hit_miss_and_invalidation(tiny_ae, tmp_path):
+    ae = AutoencoderKL.from_pretrained(tiny_ae)
+    data = DataConfig(source="shapes", resolution=32, length=5, batch_size=2, seed=3)
+    cache, hit = open_or_build(tmp_path, tiny_ae, data, ae, shard_size=2, progress=False)
+    assert not hit and len(cache) == 5 and len(list(cache.folder.glob("shard-*"))) == 3
+
+    # Against the autoencoder run directly on the same images.
+    items = [build_dataset(data)[i] for i in range(5)]
+    with torch.no_grad():
+        posterior = ae.encode(torch.stack([it["pixel_values"] for it in items]))
+    torch.testing.assert_close(cache.mean, posterior.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cache.std, posterior.std, rtol=1e-5, atol=1e-6)
+    assert cache.captions == [it["text"] for it in items]
+
+    again, hit = open_or_build(tmp_path, tiny_ae, dataclasses.replace(data, batch_size=4), ae)
+    assert hit and again.folder == cache.folder       # batching alone never rebuilds
+
+    _, hit = open_or_build(tmp_path, tiny_ae, dataclasses.replace(data, seed=4), ae, progress=False)
+    assert not hit                                     # other data
+
+    with torch.no_grad():
+        next(ae.parameters()).add_(0.01)
+    ae.save_pretrained(tiny_ae.parent / "ae2")
+    _, hit = open_or_build(tmp_path, tiny_ae.parent / "ae2", data, ae, progress=False)
+    assert not hit                                     # other autoencoder weights
+    assert len([p for p in tmp_path.iterdir() if (p / "meta.json").is_file()]) == 3
+
+
+def test_cache_key_follows_local_files(tiny_ae, tmp_path):
+    export(tmp_path / "imgs", 2, progress=False)
+    data = DataConfig(source="imagefolder", path=str(tmp_path / "imgs"), resolution=32)
+    key, _ = cache_key(tiny_ae, data)
+    assert cache_key(tiny_ae, data)[0] == key
+    meta = tmp_path / "imgs" / "metadata.jsonl"
+    meta.write_text(meta.read_text().replace("a ", "an ", 1))
+    assert cache_key(tiny_ae, data)[0] != key
+
+
+def test_caption_dropout_rate_is_p_uncond_and_seeded():
+    captions = ["a red circle"] * 20000
+    dropped = stage.drop_captions(captions, 0.1, torch.Generator().manual_seed(0))
+    rate = dropped.count("") / len(captions)
+    assert abs(rate - 0.1) < 0.006                     # 3 sigma of a binomial(20000, 0.1) rate is 0.0064
+    assert set(dropped) == {"", "a red circle"}
+    assert stage.drop_captions(captions, 0.1, torch.Generator().manual_seed(0)) == dropped
+    assert stage.drop_captions(captions[:100], 0.0) == captions[:100]
+
+
+def test_presets_load_and_shapes64_fits_the_budget():
+    for name in ("tiny", "shapes64", "sd15"):
+        load_config(stage.LatentStageConfig, CONFIGS / f"{name}.yaml")
+    cfg = load_config(stage.LatentStageConfig, CONFIGS / "shapes64.yaml")
+    unet = count_params(UNet(cfg.unet))
+    assert unet <= 5_000_000 and cfg.text.width == 128 and cfg.unet.context_dim == 128
+    text = count_params(ScratchTextEncoder(TextEncoderConfig(**vars(cfg.text))))
+    w_embedding = count_params(WEmbedding(64, cfg.unet.time_embed_dim))
+    fp16_mb = 2 * (5 * unet + 4 * w_embedding + text) / 1e6  # teacher + 4 students + text encoder
+    assert fp16_mb < 56, f"{fp16_mb:.1f} MB leaves too little of 60 MB for the autoencoder"
+
+
+def test_bad_key_is_named(capsys):
+    with pytest.raises(SystemExit):
+        stage.main(["--config", str(CONFIGS / "tiny.yaml"), "unet.chanels=[8]"])
+    assert "unet.chanels" in capsys.readouterr().err
