@@ -173,10 +173,7 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
     while step < rnd.updates:
         if stop_after == (rnd.name, step):                       # test hook: the job dies here
             return None
-        # A new DataLoader iterator draws a seed from the global RNG, at other points of a resumed run
-        # than of an uninterrupted one: keep that draw out of the training's random stream.
-        with torch.random.fork_rng(devices=[]):
-            batch = next(batches)
+        batch = next(batches)
         with accelerator.accumulate(model):
             with torch.no_grad():
                 x0 = parts.autoencoder.encode_latents(batch["pixel_values"].to(device))   # (B, C, h, w)

@@ -231,15 +231,9 @@ def main(argv: list[str] | None = None) -> Path:
     bar = ProgressBar(accelerator, cfg.train.max_steps, initial=step)
     batches = data.forever()
 
-    def next_batch() -> dict:
-        # A DataLoader draws a seed from the global RNG whenever it starts an epoch, and a resumed
-        # run starts one mid-epoch: keep that draw out of the training RNG so resume is exact.
-        with torch.random.fork_rng(devices=[]):
-            return next(batches)
-
     model.train()
     while step < cfg.train.max_steps:
-        batch = next_batch()
+        batch = next(batches)
         with torch.no_grad():  # latents at unit scale; a fresh posterior sample each time (latents=sample)
             if cfg.cache_latents:
                 z = scaled_latents(batch["mean"].to(device), batch["std"].to(device), ae.config,

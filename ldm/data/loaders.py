@@ -295,22 +295,27 @@ class ResumableLoader:
 
 
 def collate(batch: list[dict]) -> dict:
-    """Stack pixel_values; every other key (text, labels) becomes a list."""
-    out = {"pixel_values": torch.stack([item["pixel_values"] for item in batch])}
-    for key in batch[0]:
-        if key != "pixel_values":
-            out[key] = [item[key] for item in batch]
-    return out
+    """Stack tensors (pixel_values, cached latents); every other key (text, labels) becomes a list."""
+    return {key: torch.stack([item[key] for item in batch]) if torch.is_tensor(batch[0][key])
+            else [item[key] for item in batch] for key in batch[0]}
 
 
 def make_dataloader(cfg: DataConfig, accelerator=None) -> ResumableLoader:
     """The training loader for `cfg`, prepared by `accelerator` when one is given."""
-    dataset = build_dataset(cfg)
+    return resumable_loader(build_dataset(cfg), cfg, accelerator)
+
+
+def resumable_loader(dataset, cfg: DataConfig, accelerator=None, num_workers: int | None = None) -> ResumableLoader:
+    """Seeded, resumable batches of any map-style data set (the order rules of `EpochSampler`)."""
     sampler = EpochSampler(dataset, cfg.seed)
-    # persistent_workers=False: workers re-copy the data set every epoch, so they see its epoch
+    # persistent_workers=False: workers re-copy the data set every epoch, so they see its epoch.
+    # The loader's own generator: a DataLoader draws a worker base seed whenever an epoch starts,
+    # and drawing it from the global RNG would shift the training's random stream on resume.
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                        num_workers=cfg.num_workers, collate_fn=collate, drop_last=cfg.drop_last,
-                        pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                        num_workers=cfg.num_workers if num_workers is None else num_workers,
+                        collate_fn=collate, drop_last=cfg.drop_last,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     num_processes = 1
     if accelerator is not None:
         loader, num_processes = accelerator.prepare(loader), accelerator.num_processes

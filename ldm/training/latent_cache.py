@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ldm.data.loaders import DataConfig, EpochSampler, ResumableLoader, build_dataset, collate
+from ldm.data.loaders import DataConfig, ResumableLoader, build_dataset, collate, resumable_loader
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
 
 logger = logging.getLogger(__name__)
@@ -107,20 +107,9 @@ class LatentCache(Dataset):
                 "index": int(index)}
 
 
-def _collate(items: list[dict]) -> dict:
-    return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
-            for k in items[0]}
-
-
 def make_cache_loader(cache: LatentCache, cfg: DataConfig, accelerator=None) -> ResumableLoader:
     """Seeded, resumable batches of a cache, in the same order rules as `make_dataloader`."""
-    sampler = EpochSampler(cache, cfg.seed)
-    loader = DataLoader(cache, batch_size=cfg.batch_size, sampler=sampler, collate_fn=_collate,
-                        drop_last=cfg.drop_last)  # in memory already: no workers needed
-    num_processes = 1
-    if accelerator is not None:
-        loader, num_processes = accelerator.prepare(loader), accelerator.num_processes
-    return ResumableLoader(loader, sampler, cfg.batch_size, num_processes)
+    return resumable_loader(cache, cfg, accelerator, num_workers=0)  # in memory already: no workers
 
 
 def scaled_latents(mean: torch.Tensor, std: torch.Tensor, ae_config, sample: bool = True,
@@ -138,8 +127,9 @@ def scaled_latents(mean: torch.Tensor, std: torch.Tensor, ae_config, sample: boo
 def _encode_shard(ae: AutoencoderKL, dataset: Dataset, indices: range, batch_size: int,
                   num_workers: int, path: Path) -> None:
     device = next(ae.parameters()).device
+    # Its own generator: the worker seed it draws must not move the caller's (training) RNG.
     loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=collate)
+                        num_workers=num_workers, collate_fn=collate, generator=torch.Generator())
     means, stds, captions = [], [], []
     for batch in loader:
         posterior = ae.encode(batch["pixel_values"].to(device).float())
@@ -168,10 +158,9 @@ def build_cache(folder: Path, ae: AutoencoderKL, dataset: Dataset, parts: dict, 
     n = len(dataset)
     shards = [f"shard-{k:05d}.safetensors" for k in range((n + shard_size - 1) // shard_size)]
     mine = range(rank, len(shards), world)
-    with torch.random.fork_rng(devices=[]):  # DataLoaders draw seeds: leave the caller's RNG as it was
-        for k in tqdm(mine, desc="caching latents", disable=not progress or rank != 0):
-            _encode_shard(ae, dataset, range(k * shard_size, min(n, (k + 1) * shard_size)),
-                          batch_size, num_workers, tmp / shards[k])
+    for k in tqdm(mine, desc="caching latents", disable=not progress or rank != 0):
+        _encode_shard(ae, dataset, range(k * shard_size, min(n, (k + 1) * shard_size)),
+                      batch_size, num_workers, tmp / shards[k])
     barrier()
     if rank == 0:
         meta = {"num_samples": n, "shard_size": shard_size, "shards": shards, **parts}
