@@ -40,15 +40,6 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "latent" / "s
 
 # ----------------------------------------------------------------------------- config
 
-@dataclass
-class UNetSection(UNetConfig):
-    """UNetConfig with its tuple fields' element types spelled out, so the config loader checks them."""
-
-    channels: tuple[int, ...] = UNetConfig.channels
-    attention_levels: tuple[int, ...] = UNetConfig.attention_levels
-    num_heads: int | tuple[int, ...] | None = UNetConfig.num_heads
-    transformer_depth: int | tuple[int, ...] = UNetConfig.transformer_depth
-
 
 @dataclass
 class DiffusionConfig:
@@ -90,7 +81,7 @@ class ValConfig:
 class LatentStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)   # data.batch_size follows train.batch_size
-    unet: UNetSection = field(default_factory=UNetSection)
+    unet: UNetConfig = field(default_factory=UNetConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     val: ValConfig = field(default_factory=ValConfig)

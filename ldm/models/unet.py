@@ -34,12 +34,12 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 class UNetConfig:
     in_channels: int = 4                              # latent channels in
     out_channels: int = 4                             # prediction channels (eps / v / x0)
-    channels: tuple = (320, 640, 1280, 1280)          # width per level (diffusers: block_out_channels)
+    channels: tuple[int, ...] = (320, 640, 1280, 1280)  # width per level (diffusers: block_out_channels)
     layers_per_block: int = 2                         # ResBlocks per encoder level (decoder: one more)
-    attention_levels: tuple = (0, 1, 2)               # levels with transformers (CompVis: resolutions 2**level)
-    num_heads: int | tuple | None = 8                 # heads per transformer (int or per level) ...
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels with transformers (CompVis: resolutions 2**level)
+    num_heads: int | tuple[int, ...] | None = 8  # heads per transformer (int or per level) ...
     head_dim: int | None = None                       # ... or fixed head width (SD 2.x: 64); set exactly one
-    transformer_depth: int | tuple = 1                # transformer blocks per spatial transformer (int or per level)
+    transformer_depth: int | tuple[int, ...] = 1  # transformer blocks per spatial transformer (int or per level)
     context_dim: int = 768                            # text token width D_ctx
     linear_projection: bool = False                   # Linear proj_in/out (SD 2.x) instead of 1x1 conv (SD 1.x)
     mid_attention: bool = True                        # spatial transformer in the middle block
