@@ -1,0 +1,359 @@
+"""SD-scale model benchmark: our U-Net, VAE and txt2img pipeline vs diffusers, same weights.
+
+    python -m ldm.bench [--size sd15|tiny] [--out FILE.json] [--md FILE.md]
+                        [--only unet-infer,unet-train,vae-decode,txt2img] [--compile both|eager|compiled]
+
+Every diffusers module is built from its config (random init, fixed seed) and converted into
+ours, and both are run once on a small fp32 input to prove the weights match (max error
+printed and stored) before anything is timed. Benches (docs/bench.md says more):
+  unet-infer  one U-Net call, CFG batch 2, 77 text tokens; GPU: fp16 and bf16
+  unet-train  forward + backward + AdamW step under bf16 autocast, with and without gradient
+              checkpointing; peak memory per case
+  vae-decode  one latent -> one image
+  txt2img     4 DDIM steps with CFG: text encoder + 4 batch-2 U-Net calls + VAE decode
+"ours" calls ldm.ops with backend "auto" (our Triton kernels on CUDA); the peers are diffusers
+with its default SDPA attention processor and, when xformers is installed, with xformers.
+speed-up = t_peer / t_ours. On CPU everything runs in fp32 at --size tiny by default: that
+proves the harness works and says nothing about the GPU goals.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import importlib.util
+import json
+import platform
+import sys
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+from ldm import bench_models as bm
+from ldm.kernels.bench import _timer as make_timer  # CUDA events, warmup, median; perf_counter on CPU
+
+BENCHES = ("unet-infer", "unet-train", "vae-decode", "txt2img")
+COMPILE_MODES = {"both": ("eager", "compiled"), "eager": ("eager",), "compiled": ("compiled",)}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SDPA, XFORMERS = "diffusers-sdpa", "diffusers-xformers"
+# Speed-up goals over diffusers+SDPA per (bench, mode); training also needs peak memory <= the peer's.
+SPEED_GOALS = {("unet-infer", "eager"): 1.15, ("unet-infer", "compiled"): 1.0, ("unet-train", "eager"): 1.1}
+WEIGHT_CHECK_RTOL = 1e-4          # max |ours - diffusers| / max |diffusers| allowed at fp32
+TXT2IMG_STEPS, GUIDANCE = 4, 6.5   # w = 6.5 in our convention is diffusers' guidance_scale 7.5
+
+
+# ----------------------------------------------------------------------------- measuring
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _measure(row: dict, make_step, timer, device) -> dict:
+    """Time the callable make_step() returns; add ms (and peak GB on CUDA) or the error to row."""
+    step = None
+    if row["mode"] == "compiled":
+        # Fresh caches per case: the same forward code recompiles for every model copy and
+        # dtype, and past dynamo's recompile limit it would silently fall back to eager.
+        torch._dynamo.reset()
+    try:
+        step = make_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)  # the peak then counts weights + this case only
+        row["ms"] = timer(step)
+        if device.type == "cuda":
+            row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    except Exception as err:  # a peer that cannot run this case: record why, keep going
+        first_line = (str(err).splitlines() or [""])[0][:200]
+        row.update(ms=None, error=f"{type(err).__name__}: {first_line}")
+    del step
+    _free(device)
+    print(f"  {row['bench']:<10} {row['case']:<24} {row['dtype']:<4} {row['mode']:<8} {row['impl']:<18} "
+          + (f"{row['ms']:.3f} ms" if row.get("ms") else row.get("error", "")), flush=True)
+    return row
+
+
+def _peers(xformers: bool) -> list[str]:
+    return ["ours", SDPA] + ([XFORMERS] if xformers else [])
+
+
+def _placed(module, impl: str, device, dtype):
+    """A fresh copy of module on device/dtype; xformers attention switched on for that peer."""
+    module = copy.deepcopy(module).to(device=device, dtype=dtype)
+    if impl == XFORMERS:
+        module.enable_xformers_memory_efficient_attention()
+    return module
+
+
+def _maybe_compile(fn, mode: str):
+    return torch.compile(fn) if mode == "compiled" else fn
+
+
+def _unet_call(impl: str, model):
+    """(x, t, context) -> prediction for either U-Net."""
+    if impl == "ours":
+        return lambda x, t, c: model(x, t, c)
+    return lambda x, t, c: model(x, t, encoder_hidden_states=c).sample
+
+
+# ----------------------------------------------------------------------------- benches
+def bench_unet_infer(pair, size, device, dtypes, modes, impls, timer):
+    """One U-Net call at the CFG batch."""
+    ours, theirs = pair
+    g = torch.Generator().manual_seed(1)
+    b, side, ctx_dim = size.infer_batch, size.latent, size.unet["cross_attention_dim"]
+    rows = []
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        x = torch.randn(b, 4, side, side, generator=g).to(device, dtype)
+        ctx = torch.randn(b, size.tokens, ctx_dim, generator=g).to(device, dtype)
+        t = torch.full((b,), 500.0, device=device)
+        for mode in modes:
+            for impl in impls:
+                def make(impl=impl, mode=mode):
+                    model = _placed(ours if impl == "ours" else theirs, impl, device, dtype)
+                    call = _maybe_compile(_unet_call(impl, model), mode)
+                    return torch.no_grad()(lambda: call(x, t, ctx))
+                row = dict(bench="unet-infer", case=f"B={b} {side}x{side} L={size.tokens}", dtype=dname,
+                           mode=mode, impl=impl)
+                rows.append(_measure(row, make, timer, device))
+    return rows
+
+
+def bench_unet_train(pair, size, device, amp_dtype, modes, impls, timer):
+    """Forward + backward + AdamW step (fp32 master weights, autocast), checkpointing off and on."""
+    ours, theirs = pair
+    g = torch.Generator().manual_seed(2)
+    b, side, ctx_dim = size.train_batch, size.latent, size.unet["cross_attention_dim"]
+    x = torch.randn(b, 4, side, side, generator=g).to(device)
+    ctx = torch.randn(b, size.tokens, ctx_dim, generator=g).to(device)
+    target = torch.randn(b, 4, side, side, generator=g).to(device)
+    t = torch.randint(0, 1000, (b,), generator=g).float().to(device)
+    dname = next(k for k, v in DTYPES.items() if v == amp_dtype)
+    rows = []
+    for ckpt in (False, True):
+        for mode in modes:
+            for impl in impls:
+                def make(impl=impl, mode=mode, ckpt=ckpt):
+                    model = _placed(ours if impl == "ours" else theirs, impl, device, torch.float32).train()
+                    if ckpt:
+                        model.enable_gradient_checkpointing()
+                    call = _maybe_compile(_unet_call(impl, model), mode)
+                    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+                    def step():
+                        opt.zero_grad(set_to_none=True)
+                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+                            out = call(x, t, ctx)
+                        F.mse_loss(out.float(), target).backward()
+                        opt.step()
+                    return step
+                row = dict(bench="unet-train", case=f"B={b} {side}x{side} ckpt={'on' if ckpt else 'off'}",
+                           dtype=dname, mode=mode, impl=impl)
+                rows.append(_measure(row, make, timer, device))
+    return rows
+
+
+def bench_vae_decode(pair, size, device, dtypes, modes, impls, timer):
+    """Decode one latent to one image (both decode fp16 latents in fp16)."""
+    ours, theirs = pair
+    side = size.latent
+    z32 = torch.randn(1, size.vae["latent_channels"], side, side, generator=torch.Generator().manual_seed(3))
+    rows = []
+    for dname in dtypes:
+        z = z32.to(device, DTYPES[dname])
+        for mode in modes:
+            for impl in impls:
+                def make(impl=impl, mode=mode):
+                    vae = _placed(ours if impl == "ours" else theirs, impl, device, DTYPES[dname])
+                    decode = vae.decode if impl == "ours" else (lambda z: vae.decode(z).sample)
+                    decode = _maybe_compile(decode, mode)
+                    return torch.no_grad()(lambda: decode(z))
+                row = dict(bench="vae-decode", case=f"B=1 {side}x{side} -> {size.image}px", dtype=dname,
+                           mode=mode, impl=impl)
+                rows.append(_measure(row, make, timer, device))
+    return rows
+
+
+def bench_txt2img(unets, vaes, size, device, dtypes, modes, impls, timer):
+    """Prompt -> image: CLIP text encoder, 4 CFG U-Net steps, VAE decode (U-Net compiled in 'compiled')."""
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()  # one "Loading weights" bar per case otherwise
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ldm-bench-clip-") as clip_dir:
+        bm.write_clip_folder(size, clip_dir)
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            for mode in modes:
+                for impl in impls:
+                    def make(impl=impl, mode=mode):
+                        unet = _placed(unets[0 if impl == "ours" else 1], impl, device, dtype)
+                        vae = _placed(vaes[0 if impl == "ours" else 1], impl, device, dtype)
+                        build = bm.ours_txt2img if impl == "ours" else bm.diffusers_txt2img
+                        unet = _maybe_compile(unet, mode)  # only the U-Net, on both sides
+                        return build(unet, vae, clip_dir, size, device, dtype, TXT2IMG_STEPS, GUIDANCE)
+                    row = dict(bench="txt2img", case=f"{TXT2IMG_STEPS} steps {size.image}px B=1", dtype=dname,
+                               mode=mode, impl=impl)
+                    rows.append(_measure(row, make, timer, device))
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+def compare(rows, on_gpu: bool) -> list[dict]:
+    """One entry per (ours row, peer row) of the same case: speed-up, memory and the goal verdict."""
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((r["bench"], r["case"], r["dtype"], r["mode"]), {})[r["impl"]] = r
+    out = []
+    for (bench, case, dname, mode), impls in by_key.items():
+        ours = impls.get("ours")
+        for peer, p in impls.items():
+            if peer == "ours" or ours is None:
+                continue
+            c = dict(bench=bench, case=case, dtype=dname, mode=mode, peer=peer, ours_ms=ours.get("ms"),
+                     peer_ms=p.get("ms"), ours_peak_gb=ours.get("peak_gb"), peer_peak_gb=p.get("peak_gb"))
+            c["speedup"] = c["peer_ms"] / c["ours_ms"] if c["ours_ms"] and c["peer_ms"] else None
+            c["goal"], c["goal_met"] = _goal(c, on_gpu)
+            out.append(c)
+    return out
+
+
+def _goal(c: dict, on_gpu: bool):
+    """(goal text, True/False/None); None where no goal applies or nothing could be measured."""
+    speed = SPEED_GOALS.get((c["bench"], c["mode"])) if c["peer"] == SDPA else None
+    memory = c["bench"] == "unet-train" and c["peer"] == SDPA
+    if speed is None and not memory:
+        return "", None
+    text = " and ".join(([f">= {speed}x"] if speed else []) + (["peak <= peer"] if memory else []))
+    if not on_gpu or c["speedup"] is None:
+        return text, None
+    met = speed is None or c["speedup"] >= speed
+    if memory:
+        met = met and c["ours_peak_gb"] is not None and c["ours_peak_gb"] <= c["peer_peak_gb"]
+    return text, met
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(report: dict) -> str:
+    """The comparison table (and any failed runs) as markdown."""
+    lines = [f"# ldm.bench: {report['size']} on {report['device']}", "",
+             f"`{report['command']}` - {report['date']} - torch {report['versions']['torch']}, "
+             f"triton {report['versions']['triton']}, diffusers {report['versions']['diffusers']}", ""]
+    if report["note"]:
+        lines += [f"**{report['note']}**", ""]
+    lines += ["Weight-sharing check (fp32, CPU): " + ", ".join(
+        f"{k} max abs err {v['max_abs_err']:.2e}" for k, v in report["weight_check"].items()), ""]
+    lines += ["| bench | case | dtype | mode | peer | ours ms | peer ms | speed-up | ours GB | peer GB | goal |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in report["comparisons"]:
+        verdict = "" if not c["goal"] else (f"{c['goal']}: " + {True: "met", False: "not met",
+                                                                 None: "n/a"}[c["goal_met"]])
+        lines.append(f"| {c['bench']} | {c['case']} | {c['dtype']} | {c['mode']} | {c['peer']} | "
+                     f"{_fmt(c['ours_ms'], '.2f')} | {_fmt(c['peer_ms'], '.2f')} | {_fmt(c['speedup'], '.2f')}x | "
+                     f"{_fmt(c['ours_peak_gb'], '.2f')} | {_fmt(c['peer_peak_gb'], '.2f')} | {verdict} |")
+    failed = [r for r in report["results"] if r.get("error")]
+    if failed:
+        lines += ["", "Failed runs:", ""] + [f"- {r['bench']} {r['case']} {r['dtype']} {r['mode']} {r['impl']}: "
+                                             f"{r['error']}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _versions() -> dict:
+    import diffusers
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+           "python": platform.python_version()}
+    for name in ("triton", "xformers", "transformers"):
+        out[name] = importlib.import_module(name).__version__ if importlib.util.find_spec(name) else None
+    return out
+
+
+def _checked(name: str, err: dict) -> dict:
+    """Print the weight-sharing error; stop before timing anything if the pair does not match."""
+    print(f"weight check {name}: max abs err {err['max_abs_err']:.3e}, relative {err['max_rel_err']:.3e}",
+          flush=True)
+    if err["max_rel_err"] > WEIGHT_CHECK_RTOL:
+        raise SystemExit(f"weight check {name}: ours and diffusers differ by {err['max_rel_err']:.3e} "
+                         f"(relative) > {WEIGHT_CHECK_RTOL}; the conversion is broken, not timing")
+    return err
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(bm.SIZES), default=None,
+                        help="model size (default: sd15 on CUDA, tiny on CPU)")
+    parser.add_argument("--out", default=None, help="write every figure as JSON here")
+    parser.add_argument("--md", default=None, help="write the markdown table here")
+    parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
+    parser.add_argument("--compile", choices=sorted(COMPILE_MODES), default="both", help="eager, compiled or both")
+    args = parser.parse_args(argv)
+    args.only = [b for b in args.only.split(",") if b]
+    unknown = [b for b in args.only if b not in BENCHES]
+    if unknown:
+        parser.error(f"--only: unknown bench(es) {unknown}; choose from {', '.join(BENCHES)}")
+    return args
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    size_name = args.size or ("sd15" if cuda else "tiny")
+    size = bm.SIZES[size_name]
+    note = None if cuda else "CPU-only timings (fp32): they check the harness, they are not the GPU goals"
+    if note:
+        print(f"{'=' * 80}\nNOTE: {note}.\n{'=' * 80}")
+    # CPU has no fast fp16/bf16 kernels for all ops: fp32 everywhere there (docs/bench.md).
+    dtypes = ["fp16", "bf16"] if cuda else ["fp32"]
+    amp_dtype = torch.bfloat16 if cuda else torch.float32
+    modes = COMPILE_MODES[args.compile]
+    impls = _peers(cuda and importlib.util.find_spec("xformers") is not None)
+    warmup, reps = (3, 10) if cuda else (1, 3)
+    timer = make_timer(device, warmup, reps)
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.set_verbosity_error()  # its dtype-cast advice about .to() is noise here
+
+    checks, rows = {}, []
+    if {"unet-infer", "unet-train", "txt2img"} & set(args.only):
+        unets = bm.unet_pair(size)
+        checks["unet"] = _checked("U-Net", bm.check_unet_pair(*unets, size))
+    if {"vae-decode", "txt2img"} & set(args.only):
+        vaes = bm.vae_pair(size)
+        checks["vae"] = _checked("VAE", bm.check_vae_pair(*vaes, size))
+    if "unet-infer" in args.only:
+        rows += bench_unet_infer(unets, size, device, dtypes, modes, impls, timer)
+    if "unet-train" in args.only:
+        rows += bench_unet_train(unets, size, device, amp_dtype, modes, impls, timer)
+    if "vae-decode" in args.only:
+        rows += bench_vae_decode(vaes, size, device, dtypes, modes, impls, timer)
+    if "txt2img" in args.only:
+        # ours vs diffusers' own StableDiffusionPipeline; its xformers variant adds nothing here
+        rows += bench_txt2img(unets, vaes, size, device, dtypes, modes, impls[:2], timer)
+
+    report = dict(
+        size=size_name, device=torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()})",
+        versions=_versions(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join(["python", "-m", "ldm.bench", *argv]), note=note, warmup=warmup, reps=reps,
+        weight_check=checks, results=rows, comparisons=compare(rows, cuda))
+    table = markdown(report)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.out}")
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(table)
+        print(f"wrote {args.md}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

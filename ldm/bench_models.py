@@ -1,0 +1,199 @@
+"""Paired models for `ldm.bench`: a diffusers module and ours holding the very same weights.
+
+Each pair is built from a diffusers config (random init, fixed seed) and converted into
+ours through our own converters, so the benchmark compares implementations, not weights.
+`max_error` runs both on one small fp32 input on CPU: the proof that the pair matches.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Size:
+    """Model configs and input sizes of one benchmark size."""
+    unet: dict          # diffusers UNet2DConditionModel config
+    vae: dict           # diffusers AutoencoderKL config
+    clip: dict          # transformers CLIPTextConfig (the text encoder of txt2img)
+    latent: int         # latent side (image side = latent * 8 for sd15)
+    image: int          # image side of txt2img / VAE decode
+    infer_batch: int    # U-Net inference batch (2 = one prompt under CFG)
+    train_batch: int    # training-step batch
+    tokens: int = 77    # text tokens in the context
+
+
+SD15 = Size(
+    # Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5 unet/config.json): 859.5M parameters.
+    unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+              down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+              up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+              attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32),
+    # The SD VAE (f = 8, 4 latent channels): 83.7M parameters.
+    vae=dict(sample_size=512, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+             latent_channels=4, norm_num_groups=32, scaling_factor=0.18215, force_upcast=False),
+    # CLIP ViT-L/14 text tower (openai/clip-vit-large-patch14): 123M parameters.
+    clip=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu"),
+    latent=64, image=512, infer_batch=2, train_batch=8,
+)
+
+TINY = Size(
+    # The same block types at toy widths: runs on CPU in seconds.
+    unet=dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+              attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8),
+    vae=dict(sample_size=32, block_out_channels=(32, 64), layers_per_block=1,
+             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+             latent_channels=4, norm_num_groups=8, scaling_factor=0.18215, force_upcast=False),
+    clip=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=2, max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu"),
+    latent=16, image=32, infer_batch=2, train_batch=2,
+)
+
+SIZES = {"sd15": SD15, "tiny": TINY}
+
+
+def unet_pair(size: Size, seed: int = 0):
+    """(ours, diffusers) U-Nets with identical weights, fp32 on CPU, eval mode."""
+    from diffusers import UNet2DConditionModel
+
+    from ldm.models.convert_unet import diffusers_to_ours, unet_config_from_diffusers
+    from ldm.models.unet import UNet, load_state_dict_strict
+
+    torch.manual_seed(seed)
+    theirs = UNet2DConditionModel(**size.unet)
+    cfg = unet_config_from_diffusers(dict(theirs.config))
+    ours = UNet(cfg)
+    load_state_dict_strict(ours, diffusers_to_ours(theirs.state_dict(), len(cfg.channels)),
+                           "diffusers UNet2DConditionModel (random init)")
+    return ours.eval(), theirs.eval()
+
+
+def vae_pair(size: Size, seed: int = 0):
+    """(ours, diffusers) autoencoders with identical weights, fp32 on CPU, eval mode."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    from ldm.models.autoencoder import AutoencoderKL, load_state_dict_strict
+    from ldm.models.convert_ae import diffusers_config_to_ours, diffusers_state_dict_to_ours
+
+    torch.manual_seed(seed)
+    theirs = DiffusersAutoencoderKL(**size.vae)
+    with warnings.catch_warnings():  # diffusers adds config keys that do not change the weights
+        warnings.simplefilter("ignore")
+        cfg = diffusers_config_to_ours(dict(theirs.config))
+    # fp16 latents decode in fp16, as diffusers' module does (ours would otherwise upcast to fp32).
+    cfg.fp16_decode_dtype = "float16"
+    ours = AutoencoderKL(cfg)
+    load_state_dict_strict(ours, diffusers_state_dict_to_ours(theirs.state_dict()),
+                           "diffusers AutoencoderKL (random init)")
+    return ours.eval(), theirs.eval()
+
+
+@torch.no_grad()
+def max_error(ours_fn, theirs_fn, *inputs) -> dict:
+    """Max abs difference of two fp32 outputs on the same inputs, and relative to the output scale."""
+    a, b = ours_fn(*inputs).float(), theirs_fn(*inputs).float()
+    if a.shape != b.shape:
+        raise ValueError(f"weight-sharing check: output shapes differ, ours {tuple(a.shape)} vs {tuple(b.shape)}")
+    err = (a - b).abs().max().item()
+    return {"max_abs_err": err, "max_rel_err": err / max(b.abs().max().item(), 1e-12)}
+
+
+def check_unet_pair(ours, theirs, size: Size, seed: int = 0) -> dict:
+    """Both U-Nets on a batch-1 8x8 latent (the smallest every size divides into), fp32."""
+    factor = 2 ** (len(size.unet["block_out_channels"]) - 1)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, factor, factor, generator=g)
+    ctx = torch.randn(1, size.tokens, size.unet["cross_attention_dim"], generator=g)
+    t = torch.tensor([500.0])
+    return max_error(lambda x, t, c: ours(x, t, c), lambda x, t, c: theirs(x, t, encoder_hidden_states=c).sample,
+                     x, t, ctx)
+
+
+def check_vae_pair(ours, theirs, size: Size, seed: int = 0) -> dict:
+    """Both decoders on one 8x8 latent, fp32."""
+    z = torch.randn(1, size.vae["latent_channels"], 8, 8, generator=torch.Generator().manual_seed(seed))
+    return max_error(ours.decode, lambda z: theirs.decode(z).sample, z)
+
+
+# ---- text encoder for txt2img ----------------------------------------------------------------
+
+def write_clip_folder(size: Size, directory: str, seed: int = 0) -> str:
+    """A random CLIPTextModel plus a CLIP tokenizer in `directory` (no download needed).
+
+    The tokenizer files come from open_clip's bundled BPE table: the same vocabulary and
+    merges as openai/clip-vit-large-patch14, rewritten in transformers' vocab/merges format.
+    """
+    import open_clip
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    bpe = open_clip.get_tokenizer("ViT-L-14")
+    os.makedirs(directory, exist_ok=True)
+    vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    # open_clip spells the two special tokens differently from transformers' CLIPTokenizer.
+    names = {bpe.sot_token_id: "<|startoftext|>", bpe.eot_token_id: "<|endoftext|>"}
+    with open(vocab, "w") as f:
+        json.dump({names.get(i, token): i for token, i in bpe.encoder.items()}, f)
+    with open(merges, "w") as f:
+        ranked = sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for (a, b), _ in ranked))
+    CLIPTokenizer(vocab, merges, model_max_length=size.tokens).save_pretrained(directory)
+    torch.manual_seed(seed)
+    CLIPTextModel(CLIPTextConfig(**size.clip)).save_pretrained(directory)
+    return directory
+
+
+def clip_text_encoder(directory: str):
+    """Our ClipTextEncoder around the CLIP folder written by `write_clip_folder`."""
+    from ldm.models.text import ClipTextEncoder, TextEncoderConfig
+    return ClipTextEncoder(TextEncoderConfig(kind="clip", path=directory, local_files_only=True))
+
+
+# ---- the two text-to-image pipelines ----------------------------------------------------------
+
+PROMPT = "a red cube on a blue floor"
+
+
+def ours_txt2img(unet, vae, clip_dir: str, size: Size, device, dtype, steps: int, guidance: float):
+    """A callable: our TextToImage (DDIM, scaled-linear schedule, eps) from prompt to image."""
+    from ldm.pipeline import ModelIndex, TextToImage
+
+    text = clip_text_encoder(clip_dir).to(device=device, dtype=dtype)
+    index = ModelIndex(schedule={"name": "scaled_linear"}, prediction="eps", time_scale=1.0,
+                       resolution=size.image, guidance=guidance)
+    pipe = TextToImage(vae, text, unet, index)
+    amp = device.type == "cuda" and dtype != torch.float32  # the sampler keeps latents in fp32
+
+    def run():
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            return pipe.generate([PROMPT], steps=steps, seed=0)[0]
+    return run
+
+
+def diffusers_txt2img(unet, vae, clip_dir: str, size: Size, device, dtype, steps: int, guidance: float):
+    """A callable: diffusers' StableDiffusionPipeline (DDIM, trailing spacing) on the same weights."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              timestep_spacing="trailing", steps_offset=1, clip_sample=False,
+                              set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=CLIPTextModel.from_pretrained(clip_dir).to(device, dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(clip_dir), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator(device=device)
+
+    def run():
+        # diffusers' guidance_scale g is our 1 + w: g * cond - (g - 1) * uncond
+        return pipe(PROMPT, num_inference_steps=steps, guidance_scale=1 + guidance, height=size.image,
+                    width=size.image, generator=gen.manual_seed(0), output_type="pt").images
+    return run
