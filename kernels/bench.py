@@ -34,7 +34,7 @@ GN_SHAPES = [(320, 64), (640, 32), (1280, 16), (1280, 8), (960, 64), (640, 64), 
 
 
 # ----------------------------------------------------------------------------- timing
-def _timer(device: torch.device, warmup: int, reps: int):
+def make_timer(device: torch.device, warmup: int, reps: int):
     """A function that returns the median milliseconds of fn() on this device."""
     if device.type != "cuda":
         def time_cpu(fn):
@@ -250,7 +250,7 @@ def main(argv=None):
         print("NOTE: no CUDA device. Timing PyTorch peers only on CPU; these numbers are "
               "meaningless for the GPU goals (our kernels are not timed in the interpreter).")
     warmup, reps = (10, 50) if cuda and not args.quick else (3, 10) if cuda else (1, 3)
-    timer = _timer(device, warmup, reps)
+    timer = make_timer(device, warmup, reps)
     copy_gbps = copy_bandwidth_gbps(device, timer, 1024 if cuda else 16)
     print(f"device copy bandwidth: {copy_gbps:.0f} GB/s")
     dtypes = DTYPES if cuda else {"fp32": torch.float32}

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm import bench_models as bm
-from ldm.kernels.bench import _timer as make_timer  # CUDA events, warmup, median; perf_counter on CPU
+from ldm.kernels.bench import make_timer  # CUDA events, warmup, median; perf_counter on CPU
 
 BENCHES = ("unet-infer", "unet-train", "vae-decode", "txt2img")
 COMPILE_MODES = {"both": ("eager", "compiled"), "eager": ("eager",), "compiled": ("compiled",)}

@@ -1,0 +1,1 @@
+"""Evaluation on the shapes world: the attribute oracle (oracle.py, reader.py) and metrics.py."""
