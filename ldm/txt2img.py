@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--n must be >= 1, got {args.n}")
     jobs = [(args.out, args.prompt)] if args.from_file is None else \
         [(os.path.join(args.outdir, f"{i:04d}.png"), p) for i, p in read_prompts(args.from_file)]
+    if not jobs:
+        parser.error(f"--from-file {args.from_file}: no prompts, every line is blank")
     pipe = load_pipeline(parser, args)
     for path, prompt in jobs:
         start = time.perf_counter()

@@ -1,0 +1,67 @@
+"""Fixtures of the reliability tests: one thread, fresh Accelerate state, tiny autoencoder and teacher folders."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+# The test modules `import reliability_harness` (pytest's importlib mode puts no test folder on sys.path).
+_spec = importlib.util.spec_from_file_location("reliability_harness", Path(__file__).with_name("harness.py"))
+harness = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = harness
+_spec.loader.exec_module(harness)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on 2 shared cores those threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each stage run builds its own Accelerator: clear Accelerate's process-wide singletons."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def save_tiny_ae(folder: Path, poison: bool = False) -> Path:
+    """A random f=2 autoencoder saved like stage 1 saves one; `poison` puts a NaN in its encoder."""
+    from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+    torch.manual_seed(0)
+    cfg = AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, z_channels=4,
+                            num_groups=4, mid_attn=False, resolution=32, scaling_factor=0.5)
+    ae = AutoencoderKL(cfg)
+    if poison:
+        with torch.no_grad():
+            ae.encoder.conv_in.bias[0] = float("nan")
+    ae.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_ae(tmp_path_factory) -> Path:
+    return save_tiny_ae(tmp_path_factory.mktemp("ae") / "autoencoder")
+
+
+@pytest.fixture(scope="session")
+def nan_ae(tmp_path_factory) -> Path:
+    """The same architecture with a NaN weight: every latent, and so every loss, is NaN."""
+    return save_tiny_ae(tmp_path_factory.mktemp("nan-ae") / "autoencoder", poison=True)
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory) -> Path:
+    """A tiny random stage-2 model folder to distill."""
+    from ldm.pipeline import save_random_model
+    folder = tmp_path_factory.mktemp("teacher")
+    save_random_model(str(folder), resolution=32)
+    return folder
