@@ -1,0 +1,111 @@
+"""Evaluation CLIs on the shapes world (docs/eval.md).
+
+    python -m ldm.eval score --images out/ --prompts prompts.txt [--out result.json] [--fd-n N]
+    python -m ldm.eval report --model ldm/assets/shapes64 [--n 500] [--out-dir docs/eval/shapes64]
+
+`score` judges a folder of generated PNGs (txt2img --from-file writes out/{line:04d}.png) against
+their prompts; `report` samples the teacher and its students itself and writes report.md/json,
+plots and sample grids.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def number_list(kind):
+    """argparse type: "8,16,32" -> [8, 16, 32], naming the bad item otherwise."""
+    def parse(text: str):
+        try:
+            values = [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one {kind.__name__}, got {text!r}")
+        return values
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ldm.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sc = commands.add_parser("score", help="prompt accuracy and FD of a folder of generated images",
+                             description="Judge DIR/{line:04d}.png against line `line` of the prompts file "
+                             "(blank lines skipped but counted) and print prompt accuracy and FD.")
+    sc.add_argument("--images", required=True, metavar="DIR", help="folder of generated PNGs, one image per file")
+    sc.add_argument("--prompts", required=True, metavar="FILE", help="prompts, one per line")
+    sc.add_argument("--out", metavar="RESULT.json", help="also write the result as JSON")
+    sc.add_argument("--fd-n", type=int, default=None, metavar="N",
+                    help="held-out real images for FD (default: as many as generated images)")
+    sc.add_argument("--fd-seed", type=int, default=0, metavar="S",
+                    help="held-out seed of the real images, as in heldout_prompts(n, S) (default: 0)")
+
+    rp = commands.add_parser("report", help="evaluate a model folder's teacher and students",
+                             description="Sample the held-out prompts with the teacher (DDIM + CFG) at each "
+                             "step count and with each distilled student; write report.md, report.json, "
+                             "plots and sample grids.")
+    rp.add_argument("--model", required=True, metavar="DIR", help="model folder with model_index.json")
+    rp.add_argument("--n", type=int, default=500, help="held-out prompts, and real images for FD (default: 500)")
+    rp.add_argument("--out-dir", default=None, metavar="DIR", help="default: docs/eval/<model folder name>")
+    rp.add_argument("--seed", type=int, default=0, help="prompts, real images and sampling noise (default: 0)")
+    rp.add_argument("--teacher-steps", type=number_list(int), default=[8, 16, 32, 64], metavar="LIST",
+                    help="teacher DDIM step counts (default: 8,16,32,64)")
+    rp.add_argument("--student-steps", type=number_list(int), default=[1, 2, 4, 8], metavar="LIST",
+                    help="student step counts, where the model folder has one (default: 1,2,4,8)")
+    rp.add_argument("--guidance", type=float, default=None, metavar="W",
+                    help="guidance weight w, (1 + w) cond - w uncond (default: the model's)")
+    rp.add_argument("--ws", type=number_list(float), default=[0, 1, 2, 3, 5, 8], metavar="LIST",
+                    help="guidance weights of the teacher sweep (default: 0,1,2,3,5,8)")
+    rp.add_argument("--batch", type=int, default=50, help="prompts per sampling batch (default: 50)")
+    rp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "score":
+        from ldm.eval.score import format_table, score_folder, write_json
+        if args.fd_n is not None and args.fd_n < 2:
+            parser.error(f"--fd-n must be >= 2, got {args.fd_n}")
+        try:
+            result = score_folder(args.images, args.prompts, args.fd_n, args.fd_seed)
+        except (FileNotFoundError, ValueError) as err:
+            parser.exit(2, f"python -m ldm.eval score: error: {err}\n")
+        print(format_table(result))
+        if args.out:
+            write_json(result, args.out)
+            print(f"wrote {args.out}")
+        return
+
+    from ldm.eval.report import make_report
+    from ldm.eval.score import percent
+    from ldm.pipeline import INDEX_NAME
+    if not os.path.isfile(os.path.join(args.model, INDEX_NAME)):
+        parser.error(f"--model {args.model!r} is not a model folder: "
+                     f"{os.path.join(args.model, INDEX_NAME)} is missing")
+    for flag, values in (("--teacher-steps", args.teacher_steps), ("--student-steps", args.student_steps)):
+        if min(values) < 1:
+            parser.error(f"{flag} must be >= 1, got {values}")
+    if args.n < 2 or args.batch < 1:
+        parser.error(f"need --n >= 2 and --batch >= 1, got --n {args.n} and --batch {args.batch}")
+    out_dir = args.out_dir or os.path.join("docs", "eval", os.path.basename(os.path.normpath(args.model)))
+    report = make_report(args.model, out_dir, n=args.n, seed=args.seed, teacher_steps=args.teacher_steps,
+                         student_steps=args.student_steps, guidance=args.guidance, ws=args.ws,
+                         batch=args.batch, device=args.device)
+    for row in report["rows"] + report["sweep"]["rows"]:
+        print(f"{row['model']:>10} {row['steps']:>3} steps  w={row['guidance']:<4g} NFE {row['nfe']:>4}  "
+              f"accuracy {percent(row['accuracy']):>6}  FD {row['fd']:<8.4g} "
+              f"{1e3 * row['seconds_per_image']:.2f} ms/image")
+    for goal in report["goals"]:
+        print(f"{goal['status']:>8}: {goal['goal']}: {goal['detail']}")
+    print(f"wrote {os.path.join(out_dir, 'report.md')} and report.json, plots, samples/")
+
+
+if __name__ == "__main__":
+    main()

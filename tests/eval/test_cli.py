@@ -1,0 +1,144 @@
+"""`python -m ldm.eval score` on real held-out shapes (accuracy ~1, FD ~0 next to noise) and
+`python -m ldm.eval report` as a smoke test on a tiny random model folder with one student."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.data.captions import parse_caption
+from ldm.data.shapes import generate, render
+from ldm.eval.__main__ import main
+from ldm.eval.metrics import heldout_prompts
+from ldm.eval.score import heldout_samples
+
+N = 64     # held-out images per folder: FD's finite-sample bias (~6 here) stays far below noise's (~200)
+SEED = 1   # the images' held-out seed; the CLI's FD reference uses seed 0, other scenes
+
+
+def write_folder(folder, images, prompts, blank_after=None):
+    """Images as txt2img --from-file names them; a blank line after `blank_after` shifts the numbering."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for image, prompt in zip(images, prompts):
+        lines.append(prompt)
+        Image.fromarray(image).save(folder / f"{len(lines) - 1:04d}.png")
+        if len(lines) - 1 == blank_after:
+            lines.append("")
+    (folder / "prompts.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def real():
+    """N held-out samples straight from the generator: images (N, 64, 64, 3) uint8 and captions."""
+    samples = [generate(SEED, i, "heldout") for i in range(N)]
+    return np.stack([render(s.scene) for s in samples]), [s.text for s in samples]
+
+
+def score(folder, capsys, *extra):
+    out = folder / "result.json"
+    main(["score", "--images", str(folder), "--prompts", str(folder / "prompts.txt"), "--out", str(out), *extra])
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
+def test_score_real_images_are_right_and_close_to_the_real_reference(real, tmp_path, capsys, one_thread):
+    images, prompts = real
+    result, printed = score(write_folder(tmp_path / "real", images, prompts, blank_after=5), capsys)
+    assert result["accuracy"] >= 0.99
+    assert result["one_object"] >= 0.99 and result["two_object"] >= 0.99
+    # counts from the captions themselves
+    asked = [parse_caption(p) for p in prompts]
+    n_objects = [len(a["objects"]) for a in asked]
+    assert result["counts"] == {"all": N, "one_object": n_objects.count(1), "two_object": n_objects.count(2)}
+    attrs = result["per_attribute"]
+    assert attrs["colour"]["n"] == attrs["shape"]["n"] == sum(n_objects)
+    assert attrs["count"]["n"] == N
+    assert attrs["relation"]["n"] == n_objects.count(2)
+    assert attrs["background"]["n"] == sum(a["background"] is not None for a in asked)
+    assert all(row["accuracy"] >= 0.99 for row in attrs.values())
+    assert result["fd_n"] == N and f"vs {N} held-out real images" in printed
+
+    noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
+    noisy, _ = score(write_folder(tmp_path / "noise", noise, prompts), capsys)
+    empty = np.broadcast_to(images[:, :1, :1], images.shape).copy()  # objects removed: background only
+    emptied, _ = score(write_folder(tmp_path / "empty", empty, prompts), capsys)
+    swapped, _ = score(write_folder(tmp_path / "bgr", images[..., ::-1], prompts), capsys)  # wrong colours
+    assert noisy["accuracy"] < 0.1 and emptied["accuracy"] == 0 and swapped["accuracy"] < 0.5
+    assert result["fd"] < 0.1 * noisy["fd"]
+    assert result["fd"] < 0.1 * emptied["fd"]
+
+
+def test_score_fd_n_sets_the_reference_size(real, tmp_path, capsys):
+    images, prompts = real
+    result, printed = score(write_folder(tmp_path / "real", images[:16], prompts[:16]), capsys, "--fd-n", "24")
+    assert result["fd_n"] == 24 and "vs 24 held-out real images" in printed
+    assert result["counts"]["all"] == 16
+
+
+def test_reference_scenes_are_those_of_heldout_prompts():
+    assert [s.text for s in heldout_samples(9, 3)] == heldout_prompts(9, 3)
+
+
+def test_score_missing_image_is_named(real, tmp_path, capsys):
+    images, prompts = real
+    folder = write_folder(tmp_path / "real", images[:8], prompts[:8], blank_after=2)
+    (folder / "0005.png").unlink()  # prompt line 5 (the 5th prompt: line 3 is blank)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--images", str(folder), "--prompts", str(folder / "prompts.txt")])
+    assert exit_info.value.code == 2
+    assert "0005.png" in capsys.readouterr().err
+
+
+def test_score_without_images_errors(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    with pytest.raises(SystemExit):
+        main(["score", "--images", str(tmp_path), "--prompts", str(tmp_path / "prompts.txt")])
+    assert "no PNG images" in capsys.readouterr().err
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions: one thread is several times faster than two fighting over busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_report_smoke_on_a_tiny_model(tmp_path, capsys, one_thread):
+    from ldm.distill.student import GuidedStudent
+    from ldm.models.unet import UNet
+    from ldm.pipeline import save_index, save_random_model
+
+    model = tmp_path / "tiny"
+    index = save_random_model(str(model))
+    GuidedStudent.from_teacher(UNet.from_pretrained(str(model / "unet"))).save_pretrained(str(model / "student-4"))
+    index.students = {"4": "student-4"}
+    save_index(str(model), index)
+    out = tmp_path / "report"
+    main(["report", "--model", str(model), "--n", "4", "--teacher-steps", "1,2", "--ws", "0,1",
+          "--out-dir", str(out), "--device", "cpu"])
+
+    report = json.loads((out / "report.json").read_text())
+    assert {"device", "n", "guidance", "rows", "goals", "sweep", "plots"} <= set(report)
+    rows = {(r["model"], r["steps"]): r for r in report["rows"]}
+    assert set(rows) == {("teacher", 1), ("teacher", 2), ("student-4", 4)}
+    w = report["guidance"]
+    assert rows["teacher", 2]["nfe"] == (4 if w > 0 else 2) and rows["student-4", 4]["nfe"] == 4
+    for row in report["rows"] + report["sweep"]["rows"]:
+        assert {"accuracy", "one_object", "two_object", "per_attribute", "fd", "fd_n", "nfe",
+                "seconds_per_image", "grid"} <= set(row)
+        assert (out / row["grid"]).is_file()
+    assert report["sweep"]["steps"] == 2 and [r["guidance"] for r in report["sweep"]["rows"]] == [0, 1]
+    assert report["sweep"]["rows"][0]["nfe"] == 2  # w = 0 needs no unconditional pass
+    assert report["missing_students"] == [1, 2, 8]
+    statuses = {g["goal"]: g["status"] for g in report["goals"]}
+    assert len(statuses) == 4 and "2-step teacher" in report["goals"][0]["goal"]  # 64 not run: the largest
+    assert [s for goal, s in statuses.items() if goal.startswith("2-step")] == ["not run"]
+    assert all(s in ("met", "not met") for goal, s in statuses.items() if goal.startswith("4-step"))
+    for name in report["plots"].values():
+        assert Image.open(out / name).format == "PNG"
+    text = (out / "report.md").read_text()
+    assert "## Goals" in text and "| student-4 | 4 | 4 |" in text
