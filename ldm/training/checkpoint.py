@@ -12,8 +12,12 @@ so a folder named `checkpoint-NNNNNN` is always complete. Contents:
     data_state_<rank>.pt    each process's data position (`data.state_dict()`)
 
 Resuming restores the RNG last, after everything was built, so a resumed run draws the same
-random numbers as an uninterrupted one. Only single-process and DDP runs are supported:
-FSDP shards weights and optimizer state, which this format does not gather.
+random numbers as an uninterrupted one. Single-process, DDP and FSDP2 (`fsdp_version: 2`) runs
+are supported. Under FSDP2 the same files hold FULL state: every process takes part in gathering
+the sharded weights, optimizer state and EMA shadow, rank 0 writes them, and on resume every
+process reads the full files and keeps its own shard. The optimizer state is then keyed by
+parameter name (torch.distributed.checkpoint's full optimizer state dict), so meta.json records
+`"sharding": "fsdp2"` and a DDP run refuses such a checkpoint (and vice versa).
 """
 from __future__ import annotations
 
@@ -31,6 +35,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .config import TrainConfig, config_to_dict, save_config
 from .ema import EMA, check_same_tensors
@@ -128,12 +136,17 @@ def _diff(saved: Any, now: Any, prefix: str) -> list[str]:
     return [] if saved == now else [f"{prefix}: checkpoint {saved!r} vs now {now!r}"]
 
 
-def check_compatible(path: Path, meta: dict, stage: str, model_config: Any) -> None:
-    """Refuse a checkpoint of another stage or model config, naming every difference."""
+def check_compatible(path: Path, meta: dict, stage: str, model_config: Any,
+                     sharding: str | None = None) -> None:
+    """Refuse a checkpoint of another stage, model config or sharding, naming every difference."""
     if meta.get("stage") != stage:
         raise CheckpointMismatchError(
             f"checkpoint {str(path)!r} was written by stage {meta.get('stage')!r}, "
             f"this is stage {stage!r}")
+    if meta.get("sharding") != sharding:  # the optimizer state formats differ
+        raise CheckpointMismatchError(
+            f"checkpoint {str(path)!r} was written with sharding {meta.get('sharding')!r} "
+            f"(None = single process or DDP), this run uses {sharding!r}")
     diffs = _diff(meta.get("model_config"), _plain_json(model_config), "model")
     if diffs:
         raise CheckpointMismatchError(
@@ -160,8 +173,37 @@ def _require(path: Path, name: str) -> Path:
     return f
 
 
-def _load_pt(f: Path) -> Any:
-    return torch.load(f, map_location="cpu", weights_only=True)
+def _load_pt(f: Path, mmap: bool = False) -> Any:
+    return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered, on rank 0 only
+
+
+def _full_tensor(t: torch.Tensor, keep: bool) -> torch.Tensor | None:
+    """Gather a DTensor (collective: every process calls it); keep a CPU copy where `keep`."""
+    full = t.full_tensor() if isinstance(t, DTensor) else t
+    return full.detach().cpu() if keep else None
+
+
+def _shard_like(like: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This process's shard of `full`, laid out as the DTensor `like` (every process holds `full`)."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _check_fsdp(accelerator: Accelerator, extras: dict[str, Any]) -> None:
+    """Refuse FSDP set-ups this checkpoint format does not gather, naming the fix."""
+    if not accelerator.is_fsdp2:
+        raise NotImplementedError(
+            "Checkpointer supports FSDP2 only: set `fsdp_version: 2` in the accelerate config "
+            "(FSDP1's flattened parameters are not gathered)")
+    bad = sorted(k for k, v in extras.items() if isinstance(v, (nn.Module, torch.optim.Optimizer)))
+    if bad:
+        raise NotImplementedError(
+            f"Checkpointer under FSDP saves one model and its optimizer; extra modules or "
+            f"optimizers {bad} are not supported (use DDP for this stage)")
 
 
 class Checkpointer:
@@ -177,9 +219,13 @@ class Checkpointer:
                  model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  ema: EMA | None = None, data: Any = None, config: Any = None,
                  extras: dict[str, Any] | None = None):
-        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise NotImplementedError(
-                f"Checkpointer supports single-process and DDP runs, not {accelerator.distributed_type}")
+                f"Checkpointer supports single-process, DDP and FSDP2 runs, not {accelerator.distributed_type}")
+        self.fsdp = accelerator.distributed_type == DistributedType.FSDP
+        if self.fsdp:
+            _check_fsdp(accelerator, dict(extras or {}))
+        self.sharding = "fsdp2" if self.fsdp else None
         self.accelerator, self.cfg, self.stage = accelerator, cfg, stage
         self.model_config, self.config = model_config, config if config is not None else cfg
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -198,6 +244,26 @@ class Checkpointer:
         if self.accelerator.scaler is not None:
             objs["grad_scaler"] = self.accelerator.scaler
         return objs
+
+    def _local_states(self) -> tuple[dict, dict | None, dict]:
+        """(weights by file stem, EMA shadow, training states) of a single-process or DDP run."""
+        weights = {stem: module.state_dict() for stem, module in self._modules().items()}
+        ema = self.ema.state_dict() if self.ema is not None else None
+        return weights, ema, {k: v.state_dict() for k, v in self._states().items()}
+
+    def _gathered_states(self) -> tuple[dict, dict | None, dict]:
+        """The same, gathered from FSDP shards; collective, the result is filled on rank 0 only."""
+        main = self.accelerator.is_main_process
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap AcceleratedOptimizer
+        weights = {"model": get_model_state_dict(self.model, options=_FULL)}
+        ema = None
+        if self.ema is not None:
+            ema = {n: _full_tensor(s, main) for n, s in self.ema.shadow.items()}
+        states = {}
+        for name, obj in self._states().items():  # same order as _local_states
+            states[name] = (get_optimizer_state_dict(self.model, optimizer, options=_FULL)
+                            if name == "optimizer" else obj.state_dict())
+        return weights, ema, states
 
     # ------------------------------------------------------------------ save
 
@@ -222,18 +288,21 @@ class Checkpointer:
         torch.save(capture_rng(), tmp / f"rng_state_{rank}.pt")
         if self.data is not None:
             torch.save(self.data.state_dict(), tmp / f"data_state_{rank}.pt")
+        gathered = self._gathered_states() if self.fsdp else None  # every process must take part
         if acc.is_main_process:
-            for stem, module in self._modules().items():
-                save_file(_saveable(module.state_dict()), str(tmp / f"{stem}.safetensors"))
-            if self.ema is not None:
-                save_file(_saveable(self.ema.state_dict()), str(tmp / "ema.safetensors"))
-            torch.save({k: v.state_dict() for k, v in self._states().items()},
-                       tmp / "training_state.pt")
+            weights, ema_state, states = gathered if self.fsdp else self._local_states()
+            for stem, state in weights.items():
+                save_file(_saveable(state), str(tmp / f"{stem}.safetensors"))
+            if ema_state is not None:
+                save_file(_saveable(ema_state), str(tmp / "ema.safetensors"))
+            torch.save(states, tmp / "training_state.pt")
             save_config(self.config, tmp / "config.yaml")
             meta = {"format": FORMAT_VERSION, "stage": self.stage, "step": step,
                     "model_config": _plain_json(self.model_config),
                     "num_processes": acc.num_processes,
                     "ema_updates": self.ema.num_updates if self.ema is not None else None}
+            if self.fsdp:
+                meta["sharding"] = self.sharding
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         acc.wait_for_everyone()
 
@@ -269,7 +338,7 @@ class Checkpointer:
         """Check, then restore every object and finally the RNG; returns the saved step."""
         path, rank = Path(path), self.accelerator.process_index
         meta = json.loads(_require(path, "meta.json").read_text())
-        check_compatible(path, meta, self.stage, self.model_config)
+        check_compatible(path, meta, self.stage, self.model_config, self.sharding)
 
         # Read and check everything before touching any object: no partial loads.
         modules = self._modules()
@@ -280,7 +349,8 @@ class Checkpointer:
         if self.ema is not None:
             ema_state = load_file(str(_require(path, "ema.safetensors")))
             check_same_tensors(self.ema.shadow, ema_state, f"{path.name}/ema")
-        states = _load_pt(_require(path, "training_state.pt"))
+        # Under FSDP every process reads the full optimizer state: mmap shares the file's pages.
+        states = _load_pt(_require(path, "training_state.pt"), mmap=self.fsdp)
         missing = sorted(set(self._states()) - set(states))
         if missing:
             raise ValueError(f"checkpoint {str(path)!r} has no saved state for {missing}")
@@ -289,12 +359,22 @@ class Checkpointer:
         if self.data is not None:
             data_state = _load_pt(self._per_rank(path, "data_state", rank, meta))
 
+        # Under FSDP every process read the full files above and keeps its own shard.
         for stem, module in modules.items():
-            module.load_state_dict(weights[stem])
+            if self.fsdp:
+                set_model_state_dict(module, weights[stem], options=StateDictOptions(full_state_dict=True))
+            else:
+                module.load_state_dict(weights[stem])
         if self.ema is not None:
+            if self.fsdp:
+                ema_state = {n: _shard_like(self.ema.shadow[n], t) for n, t in ema_state.items()}
             self.ema.load_state_dict(ema_state, meta["ema_updates"])
         for name, obj in self._states().items():
-            obj.load_state_dict(states[name])
+            if self.fsdp and name == "optimizer":
+                set_optimizer_state_dict(self.model, getattr(obj, "optimizer", obj), states[name],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                obj.load_state_dict(states[name])
         if self.data is not None:
             self.data.load_state_dict(data_state)
         restore_rng(rng)  # last: building and loading above may have drawn random numbers
