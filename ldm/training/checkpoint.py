@@ -331,8 +331,13 @@ class Checkpointer:
             elif list_checkpoints(self.output_dir):
                 logger.warning("%s already holds checkpoints; starting from step 0 anyway "
                                "(pass --resume latest to continue)", self.output_dir)
-            return 0
-        return self.load(path)
+            step = 0
+        else:
+            step = self.load(path)
+        # Only now, with the checkpoint accepted: a refused resume must not touch the run's config.
+        if self.accelerator.is_main_process:
+            save_config(self.config, self.output_dir / "config.yaml")
+        return step
 
     def load(self, path: str | Path) -> int:
         """Check, then restore every object and finally the RNG; returns the saved step."""

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
-from .config import TrainConfig, flatten_config, save_config
+from .config import TrainConfig, flatten_config
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,9 @@ def use_cpu(cfg: TrainConfig) -> bool:
 def setup(cfg: TrainConfig, full_config: Any = None, project: str = "train") -> Accelerator:
     """Check the output folder, build the Accelerator, start trackers and seed every process.
 
-    `full_config` (the stage's whole config) is saved as output_dir/config.yaml and logged as
-    flattened hyperparameters; it defaults to `cfg`. Seeds are seed + process index, so dropout
+    `full_config` (the stage's whole config, default `cfg`) is logged as flattened
+    hyperparameters; the Checkpointer writes output_dir/config.yaml once the run has started
+    (a refused resume leaves the folder as it was). Seeds are seed + process index, so dropout
     and noise differ across processes; DDP broadcasts rank 0's initial weights at `prepare`.
     """
     output_dir = check_output_dir(cfg.output_dir, cfg.min_free_disk_gb)
@@ -67,8 +68,6 @@ def setup(cfg: TrainConfig, full_config: Any = None, project: str = "train") -> 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     full_config = cfg if full_config is None else full_config
-    if accelerator.is_main_process:
-        save_config(full_config, output_dir / "config.yaml")
     if cfg.tracker != "none":
         accelerator.init_trackers(project, config=flatten_config(full_config))
     seed_everything(cfg.seed + accelerator.process_index)

@@ -78,11 +78,13 @@ def stage1_run(tmp_path):
 
 def test_stage2_refuses_to_resume_from_a_stage1_output_folder(stage1_run, tiny_ae):
     before = h.snapshot(stage1_run / "checkpoint-000001")
+    run_config = (stage1_run / "config.yaml").read_text()
     with pytest.raises(CheckpointMismatchError, match=r"written by stage 'ae', this is stage 'latent'"):
         h.stage("latent").main(["--config", str(h.TINY["latent"]), f"autoencoder={tiny_ae}",
                                 f"train.output_dir={stage1_run}", "--resume", "latest"])
     assert [s for s, _ in list_checkpoints(stage1_run)] == [1]
     assert h.snapshot(stage1_run / "checkpoint-000001") == before
+    assert (stage1_run / "config.yaml").read_text() == run_config   # the run's config is not overwritten
 
 
 def test_stage2_refuses_another_architecture_naming_the_key(tiny_ae, tmp_path):
