@@ -12,10 +12,11 @@ import os
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ldm.models.layers import TimestepMLP, timestep_embedding
-from ldm.models.unet import UNet, UNetConfig, load_state_dict_strict
+from ldm.models.unet import UNet, UNetConfig
+from ldm.models.weights import load_state_dict_strict, save_weights
 
 W_SCALE = 100.0   # w in [0, ~10] spread over the sinusoid frequencies made for t in [0, 1000)
 
@@ -59,9 +60,7 @@ class GuidedStudent(nn.Module):
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump({"kind": "guided_student", "w_features": self.w_embed.features,
                        "unet": dataclasses.asdict(self.unet.cfg)}, f, indent=2)
-        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
-                 for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, "model.safetensors"))
+        save_weights(self, os.path.join(directory, "model.safetensors"), dtype)
 
     @classmethod
     def from_pretrained(cls, directory: str, device="cpu") -> "GuidedStudent":

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ldm.models.layers import Attention
-from ldm.models.unet import load_state_dict_strict
+from ldm.models.weights import load_state_dict_strict, save_weights
 
 KINDS = ("scratch", "clip", "openclip")
 LAYERS = ("last", "penultimate")
@@ -165,13 +165,12 @@ class ScratchTextEncoder(TextEncoder):
             x = layer(x, mask)
         return self.norm(x), mask
 
-    def save_pretrained(self, directory: str) -> None:
-        """Write config.json and model.safetensors."""
+    def save_pretrained(self, directory: str, dtype: torch.dtype | None = None) -> None:
+        """Write config.json and model.safetensors (weights cast to `dtype` if given)."""
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump({**dataclasses.asdict(self.cfg), "path": None}, f, indent=2)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
-                  os.path.join(directory, "model.safetensors"))
+        save_weights(self, os.path.join(directory, "model.safetensors"), dtype)
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "ScratchTextEncoder":

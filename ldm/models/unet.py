@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
 from ldm.models.layers import (
     Downsample, GroupNorm, ResBlock, SpatialTransformer, TimestepMLP, Upsample, timestep_embedding,
 )
-from ldm.models.weights import load_state_dict_strict  # noqa: F401  (re-exported)
+from ldm.models.weights import load_state_dict_strict, save_weights  # noqa: F401  (re-exported)
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -226,13 +226,12 @@ class UNet(nn.Module):
                 h = level.resample(h)
         return self.conv_out(self.norm_out(h))
 
-    def save_pretrained(self, directory: str) -> None:
-        """Write config.json and model.safetensors into `directory`."""
+    def save_pretrained(self, directory: str, dtype: torch.dtype | None = None) -> None:
+        """Write config.json and model.safetensors into `directory` (weights cast to `dtype` if given)."""
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
             json.dump(dataclasses.asdict(self.cfg), f, indent=2)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, WEIGHTS_NAME))
+        save_weights(self, os.path.join(directory, WEIGHTS_NAME), dtype)
 
     @classmethod
     def from_pretrained(cls, directory: str, device="cpu") -> "UNet":

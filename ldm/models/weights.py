@@ -1,6 +1,8 @@
 """All-or-nothing weight loading shared by every model: a wrong checkpoint names what differs."""
 from __future__ import annotations
 
+import torch
+from safetensors.torch import save_file
 from torch import nn
 
 _SHOWN = 20  # keys listed per kind before "... N more"
@@ -22,3 +24,13 @@ def load_state_dict_strict(model: nn.Module, state: dict, source: str) -> None:
                          f"missing keys: {_cut(missing)}; unexpected keys: {_cut(unexpected)}; "
                          f"shape mismatches: {_cut(shapes)}")
     model.load_state_dict(state, strict=True)
+
+
+def save_weights(module: nn.Module, path: str, dtype: torch.dtype | None = None) -> None:
+    """module.state_dict() as safetensors; floating tensors cast to `dtype` when given (fp16 storage).
+
+    Loading casts back: load_state_dict copies into the module's own (fp32) parameters.
+    """
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
+             for k, v in module.state_dict().items()}
+    save_file(state, path)
