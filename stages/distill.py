@@ -31,9 +31,11 @@ from ldm.diffusion.param import Denoiser
 from ldm.diffusion.samplers import initial_noise, sample_ddim
 from ldm.distill.student import GuidedStudent
 from ldm.distill.targets import stage_one_target, stage_two_target, student_grid, x_space_loss
+from ldm.models.unet import UNet
 from ldm.pipeline import INDEX_NAME, TextToImage, load_index, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
                           build_scheduler, log_images, optimizer_step, parse_args, seed_everything, setup)
+from ldm.training.gather import main_process_copy
 
 logger = logging.getLogger("distill")
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "distill" / "shapes64.yaml")
@@ -216,11 +218,13 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
     final = accelerator.unwrap_model(model)
     if ema is not None:
         ema.copy_to(final)                                       # the student is the EMA of its weights
+    # Rank 0 saves alone: under FSDP2 every process gathers the shards into a plain copy for it.
+    plain = main_process_copy(accelerator, model, lambda: GuidedStudent(UNet(final.unet.cfg), d.w_features))
     if accelerator.is_main_process:
-        final.save_pretrained(os.path.join(tcfg.output_dir, "student"))   # fp32: next round's teacher
+        plain.save_pretrained(os.path.join(tcfg.output_dir, "student"))   # fp32: next round's teacher
     accelerator.wait_for_everyone()
     accelerator.free_memory()                                    # drop the round's prepared objects
-    return final
+    return plain if accelerator.is_main_process else final      # the others export nothing
 
 
 # ----------------------------------------------------------------------------- the stage

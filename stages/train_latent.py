@@ -11,7 +11,6 @@ checkpoint) -> a model folder at `<output_dir>/model/` (ldm/pipeline.py) that
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -32,6 +31,7 @@ from ldm.models.unet import UNet, UNetConfig, count_params
 from ldm.pipeline import ModelIndex, TextToImage, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
                           build_scheduler, config_to_dict, log_images, optimizer_step, parse_args, setup)
+from ldm.training.gather import ema_copy
 from ldm.training.latent_cache import make_cache_loader, open_or_build, scaled_latents
 
 logger = logging.getLogger("train_latent")
@@ -140,31 +140,34 @@ def model_index(cfg: LatentStageConfig) -> ModelIndex:
                       resolution=cfg.data.resolution, guidance=cfg.guidance)
 
 
+def plain_model(cfg: LatentStageConfig, net: LatentModel) -> LatentModel:
+    """An unsharded LatentModel of the same architecture (FSDP2 runs validate and export from one)."""
+    train_text = cfg.text.kind == "scratch"
+    text_encoder = build_text_encoder(cfg.text) if train_text else net.encoder  # a frozen one is not sharded
+    return LatentModel(UNet(cfg.unet), text_encoder, train_text)
+
+
 @torch.no_grad()
-def validate(accelerator, net: LatentModel, ema, ae, cfg: LatentStageConfig, step: int) -> None:
-    """A PNG grid, rows = guidance weights, columns = the same prompts and noise; EMA weights, DDIM."""
-    if not accelerator.is_main_process:
-        return
-    with ema.swapped() if ema is not None else contextlib.nullcontext():
-        pipe = TextToImage(ae, net.encoder, net.unet, model_index(cfg))  # own seeded generator inside
-        rows = [pipe.generate(cfg.val.prompts, steps=cfg.val.steps, guidance=w, seed=cfg.val.seed,
-                              sampler=cfg.val.sampler)[0] for w in cfg.val.guidance]
+def validate(accelerator, net: LatentModel, ae, cfg: LatentStageConfig, step: int) -> None:
+    """A PNG grid, rows = guidance weights, columns = the same prompts and noise; DDIM (main process only)."""
+    pipe = TextToImage(ae, net.encoder, net.unet, model_index(cfg))  # own seeded generator inside
+    rows = [pipe.generate(cfg.val.prompts, steps=cfg.val.steps, guidance=w, seed=cfg.val.seed,
+                          sampler=cfg.val.sampler)[0] for w in cfg.val.guidance]
     net.train()
     log_images(accelerator, torch.cat(rows), step, output_dir=cfg.train.output_dir, nrow=len(cfg.val.prompts))
 
 
 @torch.no_grad()
-def save_model_folder(net: LatentModel, ema, cfg: LatentStageConfig, folder: Path) -> None:
-    """autoencoder/ (copied), text_encoder/, unet/ (EMA weights) and model_index.json; atomic."""
+def save_model_folder(net: LatentModel, cfg: LatentStageConfig, folder: Path) -> None:
+    """autoencoder/ (copied), text_encoder/, unet/ (the weights of `net`) and model_index.json; atomic."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "autoencoder").mkdir(parents=True)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         shutil.copy2(Path(cfg.autoencoder) / name, tmp / "autoencoder" / name)
-    with ema.swapped() if ema is not None else contextlib.nullcontext():
-        net.unet.save_pretrained(str(tmp / "unet"))
-        if cfg.text.kind == "scratch":
-            net.text_encoder.save_pretrained(str(tmp / "text_encoder"))
+    net.unet.save_pretrained(str(tmp / "unet"))
+    if cfg.text.kind == "scratch":
+        net.text_encoder.save_pretrained(str(tmp / "text_encoder"))
     if cfg.text.kind != "scratch":  # a frozen encoder is named, not copied
         (tmp / "text_encoder").mkdir()
         (tmp / "text_encoder" / "config.json").write_text(json.dumps(dataclasses.asdict(cfg.text), indent=2))
@@ -249,15 +252,18 @@ def main(argv: list[str] | None = None) -> Path:
             accelerator.log({**update.metrics(), "train/latent_std": z.std().item(),
                              "train/skipped": guard.total_skipped}, step=step)
         if cfg.train.validate_every > 0 and step % cfg.train.validate_every == 0:
-            validate(accelerator, net, ema, ae, cfg, step)
-            if accelerator.is_main_process:
-                save_model_folder(net, ema, cfg, output_dir / "model")
+            # EMA weights on the main process; under FSDP2 every process gathers them into a plain copy.
+            with ema_copy(accelerator, model, ema, lambda: plain_model(cfg, net)) as ema_net:
+                if ema_net is not None:
+                    validate(accelerator, ema_net, ae, cfg, step)
+                    save_model_folder(ema_net, cfg, output_dir / "model")
         ckpt.maybe_save(step)
 
     bar.close()
-    if accelerator.is_main_process:
-        save_model_folder(net, ema, cfg, output_dir / "model")
-        logger.info("model folder: %s", output_dir / "model")
+    with ema_copy(accelerator, model, ema, lambda: plain_model(cfg, net)) as ema_net:
+        if ema_net is not None:
+            save_model_folder(ema_net, cfg, output_dir / "model")
+            logger.info("model folder: %s", output_dir / "model")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir / "model"

@@ -72,7 +72,7 @@ class GuidedStudent(nn.Module):
         if cfg.get("kind") != "guided_student":
             raise ValueError(f"{directory} holds a {cfg.get('kind', 'plain U-Net')!r} checkpoint, not a guided student")
         model = cls(UNet(UNetConfig.from_dict(cfg["unet"])), cfg["w_features"])
-        state = load_file(os.path.join(directory, "model.safetensors"), device=str(device))
+        state = load_file(os.path.join(directory, "model.safetensors"))  # CPU, then .to(device): safetensors rejects "cpu:0"
         load_state_dict_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()},
                                directory)
         return model.to(device)

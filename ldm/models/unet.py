@@ -242,7 +242,7 @@ class UNet(nn.Module):
         with open(os.path.join(directory, CONFIG_NAME)) as f:
             cfg = UNetConfig.from_dict(json.load(f))
         model = cls(cfg)
-        load_state_dict_strict(model, load_file(os.path.join(directory, WEIGHTS_NAME), device=str(device)), directory)
+        load_state_dict_strict(model, load_file(os.path.join(directory, WEIGHTS_NAME)), directory)
         return model.to(device)
 
 
