@@ -91,6 +91,7 @@ class LatentStageConfig:
     cache_latents: bool = False                            # encode the (finite) data set once
     cache_dir: str = ""                                    # "" = <output_dir>/latent-cache
     guidance: float = 2.0                                  # default w written to model_index.json
+    save_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # model-folder weights (checkpoints stay fp32)
 
     def __post_init__(self):
         if not 0.0 <= self.p_uncond < 1.0:
@@ -165,10 +166,11 @@ def save_model_folder(net: LatentModel, cfg: LatentStageConfig, folder: Path) ->
     (tmp / "autoencoder").mkdir(parents=True)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         shutil.copy2(Path(cfg.autoencoder) / name, tmp / "autoencoder" / name)
-    net.unet.save_pretrained(str(tmp / "unet"))
+    dtype = getattr(torch, cfg.save_dtype)
+    net.unet.save_pretrained(str(tmp / "unet"), dtype=dtype)
     if cfg.text.kind == "scratch":
-        net.text_encoder.save_pretrained(str(tmp / "text_encoder"))
-    if cfg.text.kind != "scratch":  # a frozen encoder is named, not copied
+        net.text_encoder.save_pretrained(str(tmp / "text_encoder"), dtype=dtype)
+    else:  # a frozen encoder is named, not copied
         (tmp / "text_encoder").mkdir()
         (tmp / "text_encoder" / "config.json").write_text(json.dumps(dataclasses.asdict(cfg.text), indent=2))
     save_index(str(tmp), model_index(cfg))
