@@ -1,10 +1,13 @@
-"""Suite-wide setup: Triton's interpreter on machines without CUDA.
+"""Suite-wide setup: Triton's interpreter on machines without CUDA, and a clean Accelerate state per test.
 
 TRITON_INTERPRET must be set before triton is imported anywhere (triton.jit reads it
 when a kernel is decorated), so it lives here, in the root conftest, which pytest
 loads before collecting any test module.
 """
 import os
+import sys
+
+import pytest
 
 try:  # torch is cheap to ask; triton itself is not imported here.
     import torch
@@ -15,3 +18,18 @@ except Exception:  # pragma: no cover - torch missing means nothing else runs ei
 
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _reset_accelerate() -> None:
+    state = sys.modules.get("accelerate.state")  # only if a test (or what it imports) loaded Accelerate
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+        state.GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each stage run builds its own Accelerator: clear Accelerate's process-wide singletons around every test."""
+    _reset_accelerate()
+    yield
+    _reset_accelerate()

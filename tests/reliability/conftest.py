@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 # The test modules `import reliability_harness` (pytest's importlib mode puts no test folder on sys.path).
 _spec = importlib.util.spec_from_file_location("reliability_harness", Path(__file__).with_name("harness.py"))
@@ -21,16 +20,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each stage run builds its own Accelerator: clear Accelerate's process-wide singletons."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def save_tiny_ae(folder: Path, poison: bool = False) -> Path:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from ldm.data.loaders import build_dataset
@@ -32,16 +31,6 @@ def _load_stage():
 
 
 stage = _load_stage()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each stage run builds its own Accelerator: clear Accelerate's process-wide singletons."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def run(out: Path, *args: str) -> dict:
