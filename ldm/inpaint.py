@@ -13,9 +13,7 @@ import argparse
 import sys
 import time
 
-import torch
-
-from ldm.txt2img import add_model_args, load_image, load_pipeline, report, save_images
+from ldm.txt2img import add_model_args, finish, load_image, load_pipeline
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,10 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], steps=args.steps,
                                 guidance=args.guidance, seed=args.seed, teacher=args.teacher, sampler=args.sampler)
-    if images.is_cuda:
-        torch.cuda.synchronize()
-    save_images(images, args.out)
-    report(info, time.perf_counter() - start, args.out)
+    finish(images, info, start, args.out)
 
 
 if __name__ == "__main__":

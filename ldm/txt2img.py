@@ -58,9 +58,13 @@ def save_images(images: torch.Tensor, path: str) -> None:
     Image.fromarray(np.ascontiguousarray(grid)).save(path)
 
 
-def report(info: dict, seconds: float, path: str) -> None:
+def finish(images: torch.Tensor, info: dict, start: float, path: str) -> None:
+    """Save the images and print the model, steps, NFE and wall time since `start` (GPU work included)."""
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    save_images(images, path)
     print(f"{path}: {info['model']}, {info['steps']} steps, {info['sampler']}, w={info['guidance']:g}, "
-          f"NFE {info['nfe']}, {seconds:.2f} s")
+          f"NFE {info['nfe']}, {time.perf_counter() - start:.2f} s")
 
 
 def load_image(path: str, resolution: int, mode: str = "RGB") -> torch.Tensor:
@@ -115,10 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         images, info = pipe.generate([prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
                                      teacher=args.teacher, sampler=args.sampler)
-        if images.is_cuda:
-            torch.cuda.synchronize()
-        save_images(images, path)
-        report(info, time.perf_counter() - start, path)
+        finish(images, info, start, path)
 
 
 if __name__ == "__main__":
