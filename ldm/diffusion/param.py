@@ -39,6 +39,11 @@ def x0_to_v(x, x0, alpha, sigma):
     return alpha * x0_to_eps(x, x0, alpha, sigma) - sigma * x0
 
 
+def ddim_step(x, x0, alpha, sigma, alpha_next, sigma_next):
+    """Deterministic DDIM t -> s (Song et al. 2021, eq. 12): alpha_s x0 + sigma_s (x_t - alpha_t x0) / sigma_t."""
+    return q_sample(x0, x0_to_eps(x, x0, alpha, sigma), alpha_next, sigma_next)
+
+
 def score_from_x0(x, x0, alpha, sigma):
     """grad log p_t(x) = (alpha * E[x0|x] - x) / sigma^2 (Tweedie's formula)."""
     return (alpha * x0 - x) / sigma ** 2

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .param import append_dims, score_from_x0
+from .param import append_dims, ddim_step, score_from_x0
 
 
 class Step(NamedTuple):
@@ -228,12 +228,11 @@ def sample_stochastic(model, x, ts, schedule, *, extra_args=None, callback=None,
     for st in bar:
         denoised = denoise(x, st.t)
         _notify(callback, st, x, denoised)
-        eps = (x - st.alpha * denoised) / st.sigma
         if st.i + 2 >= len(coeffs):           # the last step: deterministic DDIM to the final entry
-            x = st.alpha_next * denoised + st.sigma_next * eps
+            x = ddim_step(x, denoised, st.alpha, st.sigma, st.alpha_next, st.sigma_next)
             continue
         alpha_2, sigma_2 = coeffs[st.i + 2]   # twice the step length (Meng: "same as an N/2-step sampler")
-        x = alpha_2 * denoised + sigma_2 * eps
+        x = ddim_step(x, denoised, st.alpha, st.sigma, alpha_2, sigma_2)
         x = _forward_diffuse(x, alpha_2, sigma_2, st.alpha_next, st.sigma_next, generator)
     return x
 

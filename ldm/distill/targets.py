@@ -17,13 +17,7 @@ from __future__ import annotations
 import torch
 
 from ldm.diffusion.guidance import cfg
-from ldm.diffusion.param import append_dims
-
-
-def ddim_step(z_t, x0, alpha_t, sigma_t, alpha_s, sigma_s):
-    """Deterministic DDIM t -> s (Song et al. 2021, eq. 12): z_s = alpha_s x0 + sigma_s (z_t - alpha_t x0) / sigma_t."""
-    eps = (z_t - alpha_t * x0) / sigma_t
-    return alpha_s * x0 + sigma_s * eps
+from ldm.diffusion.param import append_dims, ddim_step
 
 
 def two_step_target(z_t, z_tpp, alpha_t, sigma_t, alpha_tpp, sigma_tpp):

@@ -8,16 +8,12 @@ from ldm.diffusion.gmm import default_mixture
 from ldm.diffusion.samplers import initial_noise, sample_ddim
 from ldm.diffusion.schedules import make_schedule
 from ldm.diffusion.samplers import sample_stochastic
-from ldm.distill.targets import (ddim_step, stage_one_target, stage_two_target, student_grid,
+from ldm.diffusion.param import ddim_step
+from ldm.distill.targets import (stage_one_target, stage_two_target, student_grid,
                                  truncated_snr_weight, two_step_target, x_space_loss)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_stochastic_sampler_recovers_mixture_weights():
