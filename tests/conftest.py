@@ -33,3 +33,13 @@ def fresh_accelerate_state():
     _reset_accelerate()
     yield
     _reset_accelerate()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on shared cores those threads spin."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

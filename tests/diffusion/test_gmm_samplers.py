@@ -20,13 +20,7 @@ CASES = {  # id: (sampler, schedule, schedule options, steps, spacing, sampler o
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """(4000, 2) tensors gain nothing from intra-op threads, and lose a lot when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (4000, 2) tensors: threads only contend
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -98,15 +98,6 @@ def test_score_without_images_errors(tmp_path, capsys):
     assert "no PNG images" in capsys.readouterr().err
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny convolutions: one thread is several times faster than two fighting over busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_report_smoke_on_a_tiny_model(tmp_path, capsys, one_thread):
     from ldm.distill.student import GuidedStudent
     from ldm.models.unet import UNet
