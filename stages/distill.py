@@ -36,6 +36,7 @@ from ldm.pipeline import INDEX_NAME, TextToImage, load_index, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
                           build_scheduler, log_images, optimizer_step, parse_args, seed_everything, setup)
 from ldm.training.gather import main_process_copy
+from ldm.training.latent_cache import make_cache_loader, open_or_build, scaled_latents
 
 logger = logging.getLogger("distill")
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "distill" / "shapes64.yaml")
@@ -74,6 +75,11 @@ class DistillSettings:
 class DistillStageConfig:
     teacher: str = ""                  # model folder of stage 2 (model_index.json, autoencoder/, ...)
     model_out: Optional[str] = None    # model folder to write students into; None = the teacher folder
+    # Encode a finite data set once (stage 2's latent cache): on a CPU the autoencoder pass costs
+    # about as much as the distillation update itself. The same data config and autoencoder as
+    # stage 2 give the same cache key, so stage 2's cache is reused.
+    cache_latents: bool = False
+    cache_dir: str = ""                # "" = <output_dir>/latent-cache
     distill: DistillSettings = field(default_factory=DistillSettings)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -178,7 +184,11 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
         batch = next(batches)
         with accelerator.accumulate(model):
             with torch.no_grad():
-                x0 = parts.autoencoder.encode_latents(batch["pixel_values"].to(device))   # (B, C, h, w)
+                if cfg.cache_latents:                            # z ~ q(z|x) from the cached moments
+                    x0 = scaled_latents(batch["mean"].to(device), batch["std"].to(device),
+                                        parts.autoencoder.config)
+                else:
+                    x0 = parts.autoencoder.encode_latents(batch["pixel_values"].to(device))   # (B, C, h, w)
                 drop = torch.rand(len(batch["text"])) < d.p_uncond
                 cond = parts.encode_prompts(["" if u else p for u, p in zip(drop.tolist(), batch["text"])])
             B = x0.shape[0]
@@ -268,7 +278,14 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
                          f"{parts.index.resolution}")
     folder = prepare_model_folder(cfg) if accelerator.is_main_process else (cfg.model_out or cfg.teacher)
     accelerator.wait_for_everyone()
-    loader = make_dataloader(cfg.data, accelerator)
+    if cfg.cache_latents:
+        cache, _ = open_or_build(cfg.cache_dir or Path(cfg.train.output_dir) / "latent-cache",
+                                 Path(cfg.teacher) / parts.index.autoencoder, cfg.data, parts.autoencoder,
+                                 rank=accelerator.process_index, world=accelerator.num_processes,
+                                 barrier=accelerator.wait_for_everyone, progress=accelerator.is_local_main_process)
+        loader = make_cache_loader(cache, cfg.data, accelerator)
+    else:
+        loader = make_dataloader(cfg.data, accelerator)
     rounds = plan_rounds(cfg.distill)
     export = cfg.distill.export
     start, resumes = first_unfinished(cfg, rounds)

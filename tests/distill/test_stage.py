@@ -112,3 +112,21 @@ def test_presets_load_and_plan_halving_rounds(stage, preset):
     assert rounds[0].n_teacher is None and rounds[0].steps == cfg.distill.n_start
     assert [r.steps * 2 for r in rounds[1:]] == [r.steps for r in rounds[:-1]]
     assert rounds[-1].steps == cfg.distill.n_end
+
+
+def test_cached_latents_are_built_once_and_trained_on(stage, teacher, tmp_path):
+    # Stage 3 reads stage 2's latent cache: the cache is keyed on the teacher's autoencoder and the
+    # data, built on the first run and hit by the next, which trains the same students from it.
+    cache = tmp_path / "cache"
+    args = argv(teacher, tmp_path / "run", tmp_path / "model", "cache_latents=true", f"cache_dir={cache}")
+    folder = stage.main(args)
+    (key,) = [p for p in cache.iterdir() if p.is_dir()]
+    assert json.loads((key / "meta.json").read_text())["num_samples"] == 64           # data.length
+    mtime = (key / "meta.json").stat().st_mtime_ns
+    again = stage.main(argv(teacher, tmp_path / "run2", tmp_path / "model2", "cache_latents=true",
+                            f"cache_dir={cache}"))
+    assert (key / "meta.json").stat().st_mtime_ns == mtime                             # a hit, not a rebuild
+    for name in ("student-2", "student-1"):
+        a = load_file(str(Path(folder) / name / "model.safetensors"))
+        b = load_file(str(Path(again) / name / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
