@@ -30,6 +30,7 @@ from ldm.models.text import ScratchTextEncoder, TextEncoderConfig, build_text_en
 from ldm.models.unet import UNet
 
 INDEX_NAME = "model_index.json"
+CPU_DECODE_CHUNK = 8   # latents decoded at once on a CPU (see TextToImage.decode)
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "shapes64")
 
 
@@ -81,6 +82,10 @@ class TextToImage:
     def __init__(self, autoencoder: AutoencoderKL, text_encoder, unet: UNet, index: ModelIndex,
                  folder: str | None = None):
         self.autoencoder, self.text_encoder, self.unet = autoencoder.eval(), text_encoder.eval(), unet.eval()
+        if self.device.type == "cpu":
+            # oneDNN's convolutions run ~1.5x faster on channels_last than on NCHW tensors; the
+            # decoder (full-resolution convs) costs more than a U-Net step, so it sets few-step latency.
+            self.autoencoder.to(memory_format=torch.channels_last)
         self.index, self.folder = index, folder
         self.schedule = schedule_from_config(index.schedule)
         self._students: dict[int, torch.nn.Module] = {}
@@ -210,7 +215,11 @@ class TextToImage:
         return self.autoencoder.encode_latents(images.to(self.device), sample=False)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.decode_latents(z).clamp(-1, 1)
+        """Scaled latents -> images in [-1, 1]. On a CPU in chunks: a chunk's full-resolution
+        activations stay in cache (decoding 50 shapes64 latents at once is ~2x slower per image)."""
+        chunk = CPU_DECODE_CHUNK if z.device.type == "cpu" else len(z)
+        parts = [self.autoencoder.decode_latents(c).clamp(-1, 1) for c in z.split(max(chunk, 1))]
+        return torch.cat(parts).contiguous()
 
     def _available_students(self) -> list[int]:
         return self.student_steps if self.folder else []
