@@ -35,11 +35,15 @@ def fresh_accelerate_state():
     _reset_accelerate()
 
 
-@pytest.fixture
-def one_thread():
+def _one_thread():
     """Tiny tensors gain nothing from intra-op threads, and on shared cores those threads spin."""
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The same setting for one test, or for a module of small-model runs (its fixtures included).
+one_thread = pytest.fixture(_one_thread, name="one_thread")
+one_thread_module = pytest.fixture(_one_thread, scope="module", name="one_thread_module")

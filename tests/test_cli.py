@@ -13,9 +13,7 @@ RES = 32
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)                        # tiny convs lose badly to thread contention
+def model(tmp_path_factory, one_thread_module):
     folder = tmp_path_factory.mktemp("model")
     save_random_model(str(folder), resolution=RES)
     GuidedStudent.from_teacher(UNet.from_pretrained(str(folder / "unet")), 16).save_pretrained(
@@ -23,8 +21,7 @@ def model(tmp_path_factory):
     index = load_index(str(folder))
     index.students = {"2": "student-2"}
     save_index(str(folder), index)
-    yield str(folder)
-    torch.set_num_threads(threads)
+    return str(folder)
 
 
 def size(path):

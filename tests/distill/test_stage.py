@@ -22,11 +22,8 @@ def load_stage():
 
 
 @pytest.fixture(scope="module")
-def stage():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)                        # tiny convs lose badly to thread contention
-    yield load_stage()
-    torch.set_num_threads(threads)
+def stage(one_thread_module):
+    return load_stage()
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,9 @@ sys.modules[_spec.name] = harness
 _spec.loader.exec_module(harness)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on 2 shared cores those threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True, scope="module")
+def _reliability_one_thread(one_thread_module):
+    """Every reliability test runs small models: one intra-op thread (tests/conftest.py)."""
 
 
 def save_tiny_ae(folder: Path, poison: bool = False) -> Path:
