@@ -94,6 +94,12 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tile_ptrs(Base, off_b, off_h, offs_r, offs_d, stride_b, stride_h, stride_r, stride_d):
+    """(R, D) pointers to rows offs_r of head (off_b, off_h) of a (B, H, N, d) tensor with any strides."""
+    return Base + off_b * stride_b + off_h * stride_h + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+
+
+@triton.jit
 def _key_bias(Mask, stride_mb, off_b, offs_n, n_k, HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr):
     """(BLOCK_N,) additive score bias: 0 for keys to attend, -inf for masked or out-of-range."""
     if HAS_MASK:
@@ -130,9 +136,10 @@ def _attn_fwd_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    k_base = K + off_b * stride_kb + off_h * stride_kh + offs_d[None, :] * stride_kd
-    v_base = V + off_b * stride_vb + off_h * stride_vh + offs_d[None, :] * stride_vd
+    q_ptrs = _tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
+    # Key/value tiles of row block 0; block start_n is start_n * stride rows further.
+    k_base = _tile_ptrs(K, off_b, off_h, offs_n0, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
+    v_base = _tile_ptrs(V, off_b, off_h, offs_n0, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
     q = _load_tile(q_ptrs, offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D)  # (M, D)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running row max, log2 units
@@ -140,8 +147,8 @@ def _attn_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start_n in range(0, n_k, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_tile(k_base + offs_n[:, None] * stride_kn, offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vn, offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)
+        k = _load_tile(k_base + start_n * stride_kn, offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)
+        v = _load_tile(v_base + start_n * stride_vn, offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # (M, N), log2 units
         s += _key_bias(Mask, stride_mb, off_b, offs_n, n_k, HAS_MASK, EVEN_N)[None, :]
         # Online softmax (FA2 Alg. 1): rescale the old sums by exp2(m_old - m_new).
@@ -158,7 +165,7 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
-    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    o_ptrs = _tile_ptrs(Out, off_b, off_h, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od)
     _store_tile(o_ptrs, out.to(Out.dtype.element_ty), offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D)
     if EVEN_M:
         tl.store(Lse + pid_bh * n_q + offs_m, lse)
@@ -182,8 +189,8 @@ def _attn_bwd_preprocess_kernel(
     off_h = pid_bh % n_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-    do_ptrs = dOut + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    o_ptrs = _tile_ptrs(Out, off_b, off_h, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od)
+    do_ptrs = _tile_ptrs(dOut, off_b, off_h, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod)
     o = _load_tile(o_ptrs, offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D).to(tl.float32)
     do = _load_tile(do_ptrs, offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D).to(tl.float32)
     delta = tl.sum(o * do, 1)
@@ -220,20 +227,21 @@ def _attn_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
 
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k_ptrs = _tile_ptrs(K, off_b, off_h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
+    v_ptrs = _tile_ptrs(V, off_b, off_h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
     k = _load_tile(k_ptrs, offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)  # (N, D)
     v = _load_tile(v_ptrs, offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)  # (N, D)
     bias = _key_bias(Mask, stride_mb, off_b, offs_n, n_k, HAS_MASK, EVEN_N)  # (N,)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh + offs_d[None, :] * stride_qd
-    do_base = dOut + off_b * stride_dob + off_h * stride_doh + offs_d[None, :] * stride_dod
+    # Query/dO tiles of row block 0; block start_m is start_m * stride rows further.
+    q_base = _tile_ptrs(Q, off_b, off_h, offs_m0, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
+    do_base = _tile_ptrs(dOut, off_b, off_h, offs_m0, offs_d, stride_dob, stride_doh, stride_don, stride_dod)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for start_m in range(0, n_q, BLOCK_M):
         offs_m = start_m + offs_m0
-        q = _load_tile(q_base + offs_m[:, None] * stride_qn, offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D)
-        do = _load_tile(do_base + offs_m[:, None] * stride_don, offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D)
+        q = _load_tile(q_base + start_m * stride_qn, offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D)
+        do = _load_tile(do_base + start_m * stride_don, offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D)
         # Out-of-range query rows read lse = +inf, so their P row is exactly 0.
         if EVEN_M:
             lse = tl.load(Lse + pid_bh * n_q + offs_m)
@@ -249,8 +257,8 @@ def _attn_bwd_dkdv_kernel(
         dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
     dk *= scale
 
-    dk_ptrs = dK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = dV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    dk_ptrs = _tile_ptrs(dK, off_b, off_h, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd)
+    dv_ptrs = _tile_ptrs(dV, off_b, off_h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, stride_dvd)
     _store_tile(dk_ptrs, dk.to(dK.dtype.element_ty), offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)
     _store_tile(dv_ptrs, dv.to(dV.dtype.element_ty), offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)
 
@@ -281,8 +289,8 @@ def _attn_bwd_dq_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    do_ptrs = dOut + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    q_ptrs = _tile_ptrs(Q, off_b, off_h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd)
+    do_ptrs = _tile_ptrs(dOut, off_b, off_h, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod)
     q = _load_tile(q_ptrs, offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D)  # (M, D)
     do = _load_tile(do_ptrs, offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D)  # (M, D)
     if EVEN_M:
@@ -292,14 +300,15 @@ def _attn_bwd_dq_kernel(
         lse = tl.load(Lse + pid_bh * n_q + offs_m, mask=offs_m < n_q, other=float("inf"))
         delta = tl.load(Delta + pid_bh * n_q + offs_m, mask=offs_m < n_q, other=0.0)
     lse2 = lse * 1.4426950408889634
-    k_base = K + off_b * stride_kb + off_h * stride_kh + offs_d[None, :] * stride_kd
-    v_base = V + off_b * stride_vb + off_h * stride_vh + offs_d[None, :] * stride_vd
+    # Key/value tiles of row block 0; block start_n is start_n * stride rows further.
+    k_base = _tile_ptrs(K, off_b, off_h, offs_n0, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
+    v_base = _tile_ptrs(V, off_b, off_h, offs_n0, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start_n in range(0, n_k, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_tile(k_base + offs_n[:, None] * stride_kn, offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vn, offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)
+        k = _load_tile(k_base + start_n * stride_kn, offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)
+        v = _load_tile(v_base + start_n * stride_vn, offs_n, offs_d, n_k, head_dim, EVEN_N, EVEN_D)
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # (M, N), log2 units
         s += _key_bias(Mask, stride_mb, off_b, offs_n, n_k, HAS_MASK, EVEN_N)[None, :]
         p = tl.math.exp2(s - lse2[:, None])
@@ -308,7 +317,7 @@ def _attn_bwd_dq_kernel(
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
     dq *= scale
 
-    dq_ptrs = dQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
+    dq_ptrs = _tile_ptrs(dQ, off_b, off_h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd)
     _store_tile(dq_ptrs, dq.to(dQ.dtype.element_ty), offs_m, offs_d, n_q, head_dim, EVEN_M, EVEN_D)
 
 
