@@ -152,4 +152,6 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
         _check_triton(x.device)
         return fused_group_norm(x, num_groups, weight, bias, eps, activation)
     y = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(y) if activation == "silu" else y
+    # In place when autograd does not need y (inference): y is our own fresh tensor, and on a
+    # CPU the extra allocation + memory pass was a tenth of the shapes64 decoder's time.
+    return F.silu(y, inplace=not y.requires_grad) if activation == "silu" else y

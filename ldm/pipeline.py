@@ -217,8 +217,12 @@ class TextToImage:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1]. On a CPU in chunks: a chunk's full-resolution
         activations stay in cache (decoding 50 shapes64 latents at once is ~2x slower per image)."""
-        chunk = CPU_DECODE_CHUNK if z.device.type == "cpu" else len(z)
-        parts = [self.autoencoder.decode_latents(c).clamp(-1, 1) for c in z.split(max(chunk, 1))]
+        if z.device.type != "cpu":
+            return self.autoencoder.decode_latents(z).clamp(-1, 1)
+        # channels_last input as well as weights: an NCHW input sends the first convs to the
+        # slow non-oneDNN path.
+        parts = [self.autoencoder.decode_latents(c.contiguous(memory_format=torch.channels_last)).clamp(-1, 1)
+                 for c in z.split(CPU_DECODE_CHUNK)]
         return torch.cat(parts).contiguous()
 
     def _available_students(self) -> list[int]:
