@@ -92,6 +92,7 @@ class LatentStageConfig:
     cache_dir: str = ""                                    # "" = <output_dir>/latent-cache
     guidance: float = 2.0                                  # default w written to model_index.json
     save_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # model-folder weights (checkpoints stay fp32)
+    init_from: str = ""                                    # a model folder whose unet/ (+ text_encoder/) start the run
 
     def __post_init__(self):
         if not 0.0 <= self.p_uncond < 1.0:
@@ -133,6 +134,24 @@ def load_autoencoder(path: str, device) -> AutoencoderKL:
         logger.warning("autoencoder %s has scaling_factor 1.0: was it measured on data? "
                        "Latents far from unit variance distort the noise schedule", path)
     return ae
+
+
+def init_weights(model: LatentModel, folder: str) -> None:
+    """Fine-tuning: start from a model folder's weights (a resumed checkpoint still takes precedence).
+
+    The architecture comes from this run's config; a folder that does not fit it fails, naming the keys.
+    """
+    from safetensors.torch import load_file
+
+    from ldm.models.weights import load_state_dict_strict
+    parts = [("unet", model.unet)] + ([("text_encoder", model.text_encoder)] if hasattr(model, "text_encoder") else [])
+    for name, module in parts:
+        path = Path(folder) / name / WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"init_from: missing {path}")
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+        load_state_dict_strict(module, state, str(path))
+    logger.info("initialised from %s", folder)
 
 
 def model_index(cfg: LatentStageConfig) -> ModelIndex:
@@ -206,6 +225,8 @@ def main(argv: list[str] | None = None) -> Path:
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model = LatentModel(unet, text_encoder, train_text=cfg.text.kind == "scratch")
+    if cfg.init_from:
+        init_weights(model, cfg.init_from)
     logger.info("U-Net %.2fM params, trained text encoder %.2fM params", count_params(unet) / 1e6,
                 count_params(model) / 1e6 - count_params(unet) / 1e6)
 

@@ -92,6 +92,23 @@ def test_run_resume_is_exact_and_writes_a_model_folder(tiny_ae, tmp_path):
     assert info["nfe"] == 16
 
 
+def test_init_from_a_model_folder_starts_from_its_weights(tiny_ae, tmp_path):
+    common = ["cache_latents=true", f"cache_dir={tmp_path / 'cache'}"]
+    first = run(tiny_ae, tmp_path / "first", *common, "train.max_steps=2")
+    # lr 0: the weights (and so the EMA) stay at the loaded ones; the exported folder must equal the source.
+    again = run(tiny_ae, tmp_path / "again", *common, "train.max_steps=1", "train.lr=0", f"init_from={first}")
+    for part in ("unet", "text_encoder"):
+        a = load_file(str(first / part / "model.safetensors"))
+        b = load_file(str(again / part / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    fresh = run(tiny_ae, tmp_path / "fresh", *common, "train.max_steps=1", "train.lr=0")
+    a, b = (load_file(str(f / "unet" / "model.safetensors")) for f in (first, fresh))
+    assert not all(torch.equal(a[k], b[k]) for k in a)              # the test can tell the difference
+    with pytest.raises(ValueError, match="does not fit"):             # another architecture: named keys
+        run(tiny_ae, tmp_path / "wide", *common, "train.max_steps=1", f"init_from={first}",
+            "unet.channels=[32,64]")
+
+
 def test_on_the_fly_latents_and_validation_grid(tiny_ae, tmp_path):
     run(tiny_ae, tmp_path, "train.max_steps=1", "train.validate_every=1", "train.ema_decay=0")
     grid = tmp_path / "samples" / "step-000001.png"
