@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--ws", type=number_list(float), default=[0, 1, 2, 3, 5, 8], metavar="LIST",
                     help="guidance weights of the teacher sweep (default: 0,1,2,3,5,8)")
     rp.add_argument("--batch", type=int, default=50, help="prompts per sampling batch (default: 50)")
+    rp.add_argument("--student-sampler", choices=["ddim", "stochastic"], default="ddim",
+                    help="the students' sampler: deterministic DDIM, or Meng et al.'s N-step stochastic "
+                         "sampler (sec. 4.3); the teacher always uses DDIM (default: ddim)")
     rp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = args.out_dir or os.path.join("docs", "eval", os.path.basename(os.path.normpath(args.model)))
     report = make_report(args.model, out_dir, n=args.n, seed=args.seed, teacher_steps=args.teacher_steps,
                          student_steps=args.student_steps, guidance=args.guidance, ws=args.ws,
-                         batch=args.batch, device=args.device)
+                         batch=args.batch, device=args.device, student_sampler=args.student_sampler)
     for row in report["rows"] + report["sweep"]["rows"]:
         print(f"{row['model']:>10} {row['steps']:>3} steps  w={row['guidance']:<4g} NFE {row['nfe']:>4}  "
               f"accuracy {percent(row['accuracy']):>6}  FD {row['fd']:<8.4g} "

@@ -71,15 +71,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def sample_run(pipe, run: Run, prompts: list[str], seed: int, batch: int, bar) -> tuple[torch.Tensor, dict]:
+def sample_run(pipe, run: Run, prompts: list[str], seed: int, batch: int, bar,
+               student_sampler: str = "ddim") -> tuple[torch.Tensor, dict]:
     """uint8 images (N, 3, R, R) of one run and its {nfe, seconds_per_image}; wall time covers
-    text encoding, sampling and decoding, not the oracle."""
+    text encoding, sampling and decoding, not the oracle. The teacher always samples with DDIM."""
     images, seconds, nfe = [], 0.0, None
     for b, start in enumerate(range(0, len(prompts), batch)):
         _sync(pipe.device)
         t0 = time.perf_counter()
         out, info = pipe.generate(prompts[start:start + batch], steps=run.steps, guidance=run.guidance,
-                                  seed=batch_seed(seed, b), teacher=run.teacher)
+                                  seed=batch_seed(seed, b), teacher=run.teacher,
+                                  sampler="ddim" if run.teacher else student_sampler)
         _sync(pipe.device)
         seconds += time.perf_counter() - t0
         if info["model"] != run.model:
@@ -218,7 +220,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Evaluation of `{report['name']}`", "",
              f"Model folder `{report['model']}`; {report['n']} held-out prompts (seed {report['seed']}, "
              f"alternating one- and two-object); guidance w = {report['guidance']:g} "
-             f"(Imagen convention, (1 + w) cond - w uncond); DDIM for the teacher; "
+             f"(Imagen convention, (1 + w) cond - w uncond); DDIM for the teacher, "
+             f"{report.get('student_sampler', 'ddim')} for the students; "
              f"device: {report['device']}, torch {report['torch']}.", "",
              "Accuracy: share of prompts whose every asked attribute holds, judged by the oracle "
              "(docs/eval.md); per-attribute columns: share of asks of that attribute that hold. "
@@ -243,7 +246,8 @@ def markdown(report: dict) -> str:
 
 def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: int = 0,
                 teacher_steps=(8, 16, 32, 64), student_steps=(1, 2, 4, 8), guidance: float | None = None,
-                ws=(0, 1, 2, 3, 5, 8), batch: int = 50, device: str | None = None, oracle=None) -> dict:
+                ws=(0, 1, 2, 3, 5, 8), batch: int = 50, device: str | None = None, oracle=None,
+                student_sampler: str = "ddim") -> dict:
     """Evaluate the model folder, write the report files into out_dir and return report.json's dict."""
     from tqdm import tqdm
 
@@ -274,7 +278,7 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
         if run.model not in warm:
             warm_up(pipe, run, prompts[:batch])
             warm.add(run.model)
-        images, timing = sample_run(pipe, run, prompts, seed, batch, bar)
+        images, timing = sample_run(pipe, run, prompts, seed, batch, bar, student_sampler)
         grid = f"samples/{run.name}.png"
         save_image_grid(images[:GRID].float() / 127.5 - 1, out_dir / grid, nrow=4)
         results[run] = {"model": run.model, "steps": run.steps, "guidance": run.guidance, **timing,
@@ -285,6 +289,7 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
     reference = results[Run("teacher", sweep_steps, w)]
     report = {"name": Path(model).resolve().name, "model": str(model), "device": device_name(pipe.device),
               "torch": torch.__version__, "n": n, "seed": seed, "guidance": w, "sampler": "ddim",
+              "student_sampler": student_sampler,
               "rows": rows, "goals": goals(rows, reference),
               "missing_students": [s for s in sorted(student_steps) if s not in pipe.student_steps],
               "sweep": {"steps": sweep_steps, "rows": [results[r] for r in sweep]},

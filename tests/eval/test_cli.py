@@ -133,3 +133,24 @@ def test_report_smoke_on_a_tiny_model(tmp_path, capsys, one_thread):
         assert Image.open(out / name).format == "PNG"
     text = (out / "report.md").read_text()
     assert "## Goals" in text and "| student-4 | 4 | 4 |" in text
+    assert report["student_sampler"] == "ddim" and "ddim for the students" in text
+
+
+def test_report_student_sampler_reaches_the_students_only(tmp_path, one_thread):
+    from ldm.distill.student import GuidedStudent
+    from ldm.eval.report import make_report
+    from ldm.models.unet import UNet
+    from ldm.pipeline import save_index, save_random_model
+
+    model = tmp_path / "tiny"
+    index = save_random_model(str(model))
+    GuidedStudent.from_teacher(UNet.from_pretrained(str(model / "unet"))).save_pretrained(str(model / "student-2"))
+    index.students = {"2": "student-2"}
+    save_index(str(model), index)
+    reports = {s: make_report(model, tmp_path / s, n=4, teacher_steps=(2,), student_steps=(2,), ws=(1,),
+                              device="cpu", student_sampler=s) for s in ("ddim", "stochastic")}
+    grids = {s: {r["model"]: (tmp_path / s / r["grid"]).read_bytes() for r in rep["rows"]}
+             for s, rep in reports.items()}
+    assert grids["ddim"]["teacher"] == grids["stochastic"]["teacher"]      # the teacher stays on DDIM
+    assert grids["ddim"]["student-2"] != grids["stochastic"]["student-2"]  # the student's sampler changed
+    assert reports["stochastic"]["student_sampler"] == "stochastic"
