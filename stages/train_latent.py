@@ -28,6 +28,7 @@ from ldm.diffusion import SAMPLERS, DiffusionLoss, schedule_from_config
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
 from ldm.models.text import TextEncoderConfig, build_text_encoder
 from ldm.models.unet import UNet, UNetConfig, count_params
+from ldm.models.weights import load_weights
 from ldm.pipeline import ModelIndex, TextToImage, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
                           build_scheduler, config_to_dict, log_images, optimizer_step, parse_args, setup)
@@ -141,16 +142,9 @@ def init_weights(model: LatentModel, folder: str) -> None:
 
     The architecture comes from this run's config; a folder that does not fit it fails, naming the keys.
     """
-    from safetensors.torch import load_file
-
-    from ldm.models.weights import load_state_dict_strict
     parts = [("unet", model.unet)] + ([("text_encoder", model.text_encoder)] if hasattr(model, "text_encoder") else [])
     for name, module in parts:
-        path = Path(folder) / name / WEIGHTS_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"init_from: missing {path}")
-        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
-        load_state_dict_strict(module, state, str(path))
+        load_weights(module, str(Path(folder) / name / WEIGHTS_NAME))
     logger.info("initialised from %s", folder)
 
 

@@ -12,11 +12,10 @@ import os
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 from ldm.models.layers import TimestepMLP, timestep_embedding
 from ldm.models.unet import UNet, UNetConfig
-from ldm.models.weights import load_state_dict_strict, save_weights
+from ldm.models.weights import load_weights, save_weights
 
 W_SCALE = 100.0   # w in [0, ~10] spread over the sinusoid frequencies made for t in [0, 1000)
 
@@ -72,7 +71,5 @@ class GuidedStudent(nn.Module):
         if cfg.get("kind") != "guided_student":
             raise ValueError(f"{directory} holds a {cfg.get('kind', 'plain U-Net')!r} checkpoint, not a guided student")
         model = cls(UNet(UNetConfig.from_dict(cfg["unet"])), cfg["w_features"])
-        state = load_file(os.path.join(directory, "model.safetensors"))  # CPU, then .to(device): safetensors rejects "cpu:0"
-        load_state_dict_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()},
-                               directory)
+        load_weights(model, os.path.join(directory, "model.safetensors"), directory)  # on CPU, then .to(device)
         return model.to(device)

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm import ops
-from ldm.models.weights import load_state_dict_strict  # noqa: F401  (re-exported)
+from ldm.models.weights import load_state_dict_strict, load_weights  # noqa: F401  (re-exported)
 
 FP16_DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -334,13 +334,11 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> "AutoencoderKL":
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
         config = AutoencoderConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
         model = cls(config)
-        load_state_dict_strict(model, load_file(str(directory / WEIGHTS_NAME)), source=str(directory))
+        load_weights(model, str(directory / WEIGHTS_NAME), source=str(directory))
         return model.to(device=device, dtype=dtype)

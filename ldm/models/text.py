@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ldm.models.layers import Attention
-from ldm.models.weights import load_state_dict_strict, save_weights
+from ldm.models.weights import load_state_dict_strict, load_weights, save_weights
 
 KINDS = ("scratch", "clip", "openclip")
 LAYERS = ("last", "penultimate")
@@ -180,7 +180,7 @@ class ScratchTextEncoder(TextEncoder):
         with open(os.path.join(directory, "config.json")) as f:
             cfg = TextEncoderConfig.from_dict(json.load(f))
         model = cls(cfg)
-        load_state_dict_strict(model, load_file(os.path.join(directory, "model.safetensors")), directory)
+        load_weights(model, os.path.join(directory, "model.safetensors"), directory)
         return model
 
 

@@ -19,13 +19,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
 from ldm.models.layers import (
     Downsample, GroupNorm, ResBlock, SpatialTransformer, TimestepMLP, Upsample, timestep_embedding,
 )
-from ldm.models.weights import load_state_dict_strict, save_weights  # noqa: F401  (re-exported)
+from ldm.models.weights import load_state_dict_strict, load_weights, save_weights  # noqa: F401  (re-exported)
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -242,7 +241,7 @@ class UNet(nn.Module):
         with open(os.path.join(directory, CONFIG_NAME)) as f:
             cfg = UNetConfig.from_dict(json.load(f))
         model = cls(cfg)
-        load_state_dict_strict(model, load_file(os.path.join(directory, WEIGHTS_NAME)), directory)
+        load_weights(model, os.path.join(directory, WEIGHTS_NAME), directory)
         return model.to(device)
 
 

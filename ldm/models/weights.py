@@ -1,8 +1,10 @@
 """All-or-nothing weight loading shared by every model: a wrong checkpoint names what differs."""
 from __future__ import annotations
 
+import os
+
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 _SHOWN = 20  # keys listed per kind before "... N more"
@@ -24,6 +26,16 @@ def load_state_dict_strict(model: nn.Module, state: dict, source: str) -> None:
                          f"missing keys: {_cut(missing)}; unexpected keys: {_cut(unexpected)}; "
                          f"shape mismatches: {_cut(shapes)}")
     model.load_state_dict(state, strict=True)
+
+
+def load_weights(module: nn.Module, path: str, source: str | None = None) -> None:
+    """Inverse of save_weights: a safetensors file into `module`, all or nothing (load_state_dict_strict).
+
+    fp16 files load into fp32 modules as they are: load_state_dict copies, and the copy casts.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing weights file {path}")
+    load_state_dict_strict(module, load_file(path), source or path)
 
 
 def save_weights(module: nn.Module, path: str, dtype: torch.dtype | None = None) -> None:
