@@ -221,7 +221,7 @@ def markdown(report: dict) -> str:
              f"Model folder `{report['model']}`; {report['n']} held-out prompts (seed {report['seed']}, "
              f"alternating one- and two-object); guidance w = {report['guidance']:g} "
              f"(Imagen convention, (1 + w) cond - w uncond); DDIM for the teacher, "
-             f"{report.get('student_sampler', 'ddim')} for the students; "
+             f"{report['student_sampler']} for the students; "
              f"device: {report['device']}, torch {report['torch']}.", "",
              "Accuracy: share of prompts whose every asked attribute holds, judged by the oracle "
              "(docs/eval.md); per-attribute columns: share of asks of that attribute that hold. "

@@ -6,7 +6,6 @@ this is the check a fresh clone can run in seconds: README's first prompt at 4 s
 from pathlib import Path
 
 import pytest
-import torch
 
 import ldm
 from ldm.eval.oracle import Oracle
@@ -30,26 +29,32 @@ def test_shipped_folder_is_complete_and_within_budget():
     assert size <= 60e6, f"{size / 1e6:.1f} MB"
 
 
-def _judge(prompt: str, steps: int, teacher: bool = False, n: int = 8) -> tuple[int, dict[str, int]]:
-    """n seeded samples: how many satisfy the whole prompt, and how many satisfy each asked attribute."""
-    pipe = TextToImage.from_folder(str(FOLDER))
+@pytest.fixture(scope="module")
+def judge():
+    """judge(prompt, steps, teacher): n seeded samples -> how many satisfy the whole prompt, and how
+    many satisfy each asked attribute. The model folder and the oracle load once for the module."""
+    pipe, oracle = TextToImage.from_folder(str(FOLDER)), Oracle.load()
+    return lambda prompt, steps, teacher=False, n=8: _judge(pipe, oracle, prompt, steps, teacher, n)
+
+
+def _judge(pipe, oracle, prompt: str, steps: int, teacher: bool, n: int) -> tuple[int, dict[str, int]]:
     images, info = pipe.generate([prompt] * n, steps=steps, seed=0, teacher=teacher)
     assert info["model"] == ("teacher" if teacher else f"student-{steps}")
     assert info["nfe"] == (2 * steps if teacher else steps)
-    judged = Oracle.load().judge_batch(images, [prompt] * n)
+    judged = oracle.judge_batch(images, [prompt] * n)
     return sum(all(j.values()) for j in judged), {k: sum(j[k] for j in judged) for k in judged[0]}
 
 
 # Thresholds sit below what the shipped model measured here (8 samples, seed 0, 1 CPU thread;
 # in the comments) and far above chance: a broken part, a wrong schedule, guidance or text encoder fails them.
 @pytest.mark.parametrize("steps,teacher", [(4, False), (2, False), (16, True)])
-def test_shipped_model_draws_a_one_object_prompt(one_thread, steps, teacher):
-    holds, _ = _judge("a red circle", steps, teacher)   # measured 8/8 for each
+def test_shipped_model_draws_a_one_object_prompt(one_thread, judge, steps, teacher):
+    holds, _ = judge("a red circle", steps, teacher)   # measured 8/8 for each
     assert holds >= 7
 
 
-def test_shipped_student_draws_the_readme_prompt(one_thread):
-    holds, per_attribute = _judge(PROMPT, 4)             # measured: 3/8 whole prompt (relation is the weak part)
+def test_shipped_student_draws_the_readme_prompt(one_thread, judge):
+    holds, per_attribute = judge(PROMPT, 4)             # measured: 3/8 whole prompt (relation is the weak part)
     assert holds >= 2, per_attribute
     for key in ("colour_0", "shape_0", "colour_1", "shape_1"):   # measured 6-8 of 8 each
         assert per_attribute[key] >= 5, per_attribute
