@@ -18,9 +18,10 @@ Supported:
 - key_padding_mask: bool (B, Nk), True = attend. Masked and out-of-range keys score
   -inf, never 0. A query row whose keys are all masked gets output 0 and zero gradients.
 - torch.compile: the forward and backward are `torch.library.triton_op`s (ldm::flash_attn_fwd,
-  ldm::flash_attn_bwd); autograd is attached with `register_autograd` rather than an
-  autograd.Function, so Inductor sees the kernels of both passes and a module calling
-  `flash_attention` compiles without graph breaks.
+  ldm::flash_attn_bwd); autograd is attached with `register_autograd`, so Inductor sees the
+  kernels of both passes and a module calling `flash_attention` compiles without graph
+  breaks. Eager calls take a plain autograd.Function around the same launchers instead
+  (less host time per call; see "autograd" below).
 - CPU tensors run through Triton's interpreter when TRITON_INTERPRET=1 (tests only).
 
 Caution:
@@ -46,6 +47,11 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+try:  # makes wrap_triton launch directly in eager mode (triton_op does the same internally)
+    from torch._library.triton import set_wrap_triton_enabled
+except ImportError:  # older torch: wrap_triton launches through its dispatch, just slower
+    from contextlib import nullcontext as set_wrap_triton_enabled
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the cheaper instruction
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -116,7 +122,7 @@ def _key_bias(Mask, stride_mb, off_b, offs_n, n_k, HAS_MASK: tl.constexpr, EVEN_
 def _attn_fwd_kernel(
     Q, K, V, Out,  # (B, H, Nq, d), (B, H, Nk, d), (B, H, Nk, d), (B, H, Nq, d); any strides
     Lse,  # (B*H, Nq) fp32, natural-log log-sum-exp of the scaled scores (+inf: no key)
-    Mask,  # (B, Nk) uint8 view of the bool key padding mask, unit stride on Nk
+    Mask,  # (B, Nk) uint8 copy of the bool key padding mask, unit stride on Nk
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -128,6 +134,9 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # Inductor passes Python floats as fp64 scalars (Triton's own launcher: fp32); fp64 would
+    # promote the fp32 softmax state and fail Triton's loop-carried type check.
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)  # int64: batch offsets may pass 2^31 elements
     off_b = pid_bh // n_heads
@@ -219,6 +228,7 @@ def _attn_bwd_dkdv_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One program per key block: dV = P^T dO, dK = scale * dS^T Q over all query blocks."""
+    scale, qk_scale = tl.cast(scale, tl.float32), tl.cast(qk_scale, tl.float32)  # fp64 under Inductor
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     off_b = pid_bh // n_heads
@@ -281,6 +291,7 @@ def _attn_bwd_dq_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One program per query block: dQ = scale * dS K over all key blocks."""
+    scale, qk_scale = tl.cast(scale, tl.float32), tl.cast(qk_scale, tl.float32)  # fp64 under Inductor
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     off_b = pid_bh // n_heads
@@ -356,10 +367,12 @@ def _bwd_block_config(block_d: int, dtype: torch.dtype, device: torch.device) ->
 
 
 def _mask_arg(key_padding_mask, q):
-    """The mask as uint8 (a view, no copy) with unit stride on Nk, or a dummy pointer."""
+    """The mask as uint8 with unit stride on Nk (a (B, Nk) copy: a few hundred bytes), or a
+    dummy pointer. Not .view(torch.uint8): Inductor in torch 2.11 cannot lower a bool->uint8
+    view (TypeError in to_dtype_bitcast, seen on an H200), which broke torch.compile."""
     if key_padding_mask is None:
         return q, 0
-    m = key_padding_mask.view(torch.uint8)
+    m = key_padding_mask.to(torch.uint8)
     if m.stride(1) != 1:
         m = m.contiguous()
     return m, m.stride(0)
@@ -370,8 +383,7 @@ def _dot_flags(dtype: torch.dtype, fp32_precision: str, device: torch.device) ->
     return dict(PRECISION=precision, UPCAST=device.type != "cuda" and dtype == torch.bfloat16)
 
 
-@triton_op("ldm::flash_attn_fwd", mutates_args=())
-def _flash_attn_fwd(
+def _attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
     scale: float, fp32_precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,8 +407,7 @@ def _flash_attn_fwd(
     return out, lse
 
 
-@triton_op("ldm::flash_attn_bwd", mutates_args=())
-def _flash_attn_bwd(
+def _attn_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, key_padding_mask: torch.Tensor | None, scale: float, fp32_precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -433,6 +444,17 @@ def _flash_attn_bwd(
 
 
 # ----------------------------------------------------------------------------- autograd
+# Two doors to the same launchers. Under torch.compile: custom ops (triton_op), so Inductor
+# sees every kernel and a module compiles without graph breaks. In eager mode: a plain
+# autograd.Function, because the custom-op dispatcher and its autograd wrapper cost more host
+# time per call than the kernels take at SD's smaller shapes (attention at 16x16 latents runs
+# in ~30 us on an H200, see docs/results). set_wrap_triton_enabled(False) makes wrap_triton
+# launch directly instead of through its higher-order-op dispatch, as triton_op itself does
+# in eager mode.
+_flash_attn_fwd = triton_op("ldm::flash_attn_fwd", mutates_args=())(_attn_fwd)
+_flash_attn_bwd = triton_op("ldm::flash_attn_bwd", mutates_args=())(_attn_bwd)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, key_padding_mask, scale, fp32_precision = inputs
     out, lse = output
@@ -448,6 +470,25 @@ def _backward(ctx, dout, dlse):
 
 
 _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerFlashAttention(torch.autograd.Function):
+    """The eager door: same launchers and saved tensors as the custom op, less host time."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, scale, fp32_precision):
+        with set_wrap_triton_enabled(False):
+            out, lse = _attn_fwd(q, k, v, key_padding_mask, scale, fp32_precision)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+        ctx.scale, ctx.fp32_precision = scale, fp32_precision
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        with set_wrap_triton_enabled(False):
+            dq, dk, dv = _attn_bwd(dout, q, k, v, out, lse, key_padding_mask, ctx.scale, ctx.fp32_precision)
+        return dq, dk, dv, None, None, None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -490,8 +531,10 @@ def flash_attention(q, k, v, key_padding_mask=None, scale=None, *, fp32_precisio
     """
     _check_inputs(q, k, v, key_padding_mask, fp32_precision)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = _flash_attn_fwd(q, k, v, key_padding_mask, scale, fp32_precision)
-    return out
+    if torch.compiler.is_compiling():
+        out, _ = _flash_attn_fwd(q, k, v, key_padding_mask, scale, fp32_precision)
+        return out
+    return _EagerFlashAttention.apply(q, k, v, key_padding_mask, scale, fp32_precision)
 
 
 def attention_reference(q, k, v, key_padding_mask=None, scale=None):

@@ -37,6 +37,11 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+try:  # makes wrap_triton launch directly in eager mode (triton_op does the same internally)
+    from torch._library.triton import set_wrap_triton_enabled
+except ImportError:  # older torch: wrap_triton launches through its dispatch, just slower
+    from contextlib import nullcontext as set_wrap_triton_enabled
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TILE = 4096  # elements per tile (BLOCK_C * BLOCK_L): 16 KiB of fp32 registers per program
 MAX_CHUNKS = 256  # per (sample, group); the in-kernel merge loads them all in one block
@@ -64,12 +69,21 @@ def _offsets(n, c, l_idx, stride_n, stride_c, stride_l):
 
 
 @triton.jit
-def _load_affine(w_ptr, b_ptr, g, c_first, CG, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
-    """Channel ids (BLOCK_C,), their mask, and w, b as fp32 (BLOCK_C, 1) (1 and 0 if absent)."""
+def _channels(g, c_first, CG, BLOCK_C: tl.constexpr):
+    """Channel ids (BLOCK_C,) of group g from its local channel c_first on, and their mask."""
     c_loc = c_first + tl.arange(0, BLOCK_C)
-    c = g * CG + c_loc
-    c_ok = c_loc < CG
+    return g * CG + c_loc, c_loc < CG
+
+
+@triton.jit
+def _load_affine(w_ptr, b_ptr, c, c_ok, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """w, b at channels c as fp32 (BLOCK_C, 1) (1 and 0 if absent).
+
+    It returns only loaded values: torch.compile's mutation analysis follows a store's
+    address back through a call's results to all of the call's arguments, so channel ids
+    taken from here would mark w/b as written (and fail on a parameter that needs grad).
+    """
     if HAS_W:
         w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
     else:
@@ -78,7 +92,7 @@ def _load_affine(w_ptr, b_ptr, g, c_first, CG, HAS_W: tl.constexpr, HAS_B: tl.co
         b = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
     else:
         b = tl.zeros((BLOCK_C, 1), tl.float32)
-    return c, c_ok, w, b
+    return w, b
 
 
 @triton.jit
@@ -131,6 +145,7 @@ def _gn_forward_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Merge the group's partials in a fixed order, then y = act(xhat * w + b) over one chunk."""
+    eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64 scalars
     ng, p = tl.program_id(0), tl.program_id(1)
     P = tl.num_programs(1)
     n, g = ng // G, ng % G
@@ -153,7 +168,8 @@ def _gn_forward_kernel(
     c_start = (p // CHUNKS_L) * CHUNK_C
     l_start = (p % CHUNKS_L) * CHUNK_L
     for cp in range(0, CHUNK_C, BLOCK_C):
-        _, _, w, b = _load_affine(w_ptr, b_ptr, g, c_start + cp, CG, HAS_W, HAS_B, BLOCK_C)
+        c_vec, c_ok = _channels(g, c_start + cp, CG, BLOCK_C)
+        w, b = _load_affine(w_ptr, b_ptr, c_vec, c_ok, HAS_W, HAS_B, BLOCK_C)
         a = w * rstd  # (BLOCK_C, 1): normalize + affine folded into y = x * a + s
         s = b - mean * a
         for lp in range(0, CHUNK_L, BLOCK_L):
@@ -203,8 +219,8 @@ def _gn_backward_partials_kernel(
     s2 = 0.0
     row = (n * CHUNKS_L + p % CHUNKS_L).to(tl.int64) * C  # this chunk's row of dw/db partials
     for cp in range(0, CHUNK_C, BLOCK_C):
-        c_vec, c_ok, w, b = _load_affine(w_ptr, b_ptr, g, c_start + cp, CG, HAS_W, HAS_B,
-                                         BLOCK_C)
+        c_vec, c_ok = _channels(g, c_start + cp, CG, BLOCK_C)
+        w, b = _load_affine(w_ptr, b_ptr, c_vec, c_ok, HAS_W, HAS_B, BLOCK_C)
         dw_acc = tl.zeros((BLOCK_C,), tl.float32)
         db_acc = tl.zeros((BLOCK_C,), tl.float32)
         for lp in range(0, CHUNK_L, BLOCK_L):
@@ -238,6 +254,7 @@ def _gn_backward_dx_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """dx = rstd * (w*dz - (xhat*c1 + c2)), c1 = mean(xhat*w*dz), c2 = mean(w*dz) per group."""
+    inv_count = tl.cast(inv_count, tl.float32)  # Inductor passes Python floats as fp64 scalars
     ng, p = tl.program_id(0), tl.program_id(1)
     P = tl.num_programs(1)
     n, g = ng // G, ng % G
@@ -250,7 +267,8 @@ def _gn_backward_dx_kernel(
     c_start = (p // CHUNKS_L) * CHUNK_C
     l_start = (p % CHUNKS_L) * CHUNK_L
     for cp in range(0, CHUNK_C, BLOCK_C):
-        _, _, w, b = _load_affine(w_ptr, b_ptr, g, c_start + cp, CG, HAS_W, HAS_B, BLOCK_C)
+        c_vec, c_ok = _channels(g, c_start + cp, CG, BLOCK_C)
+        w, b = _load_affine(w_ptr, b_ptr, c_vec, c_ok, HAS_W, HAS_B, BLOCK_C)
         for lp in range(0, CHUNK_L, BLOCK_L):
             c, l_idx, mask = _tile(g, c_start + cp, l_start + lp, CG, L, BLOCK_C, BLOCK_L)
             x = tl.load(x_ptr + _offsets(n, c, l_idx, sx_n, sx_c, sx_l), mask=mask, other=0.0)
@@ -278,6 +296,7 @@ def _flat_spatial_stride(x: torch.Tensor) -> Optional[int]:
     return dims[-1][1]
 
 
+@functools.lru_cache(maxsize=1024)
 def launch_plan(n: int, groups: int, group_channels: int, length: int, target_programs: int,
                 max_tile: int = MAX_TILE) -> dict:
     """Tile sizes and the chunk split of each (sample, group) so about target_programs run."""
@@ -345,8 +364,7 @@ def _plan_for(x: torch.Tensor, num_groups: int, target_programs: int, max_tile: 
     return (n * num_groups, chunks), c // num_groups, length, plan, loops
 
 
-@triton_op("ldm::group_norm_fwd", mutates_args=())
-def _group_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+def _gn_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                     num_groups: int, eps: float, silu: bool, target_programs: int,
                     max_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = act(GroupNorm(x)), plus the fp32 mean and rstd (N, G) for the backward."""
@@ -369,8 +387,7 @@ def _group_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     return y, mean, rstd
 
 
-@triton_op("ldm::group_norm_bwd", mutates_args=())
-def _group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+def _gn_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                     bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                     num_groups: int, silu: bool, target_programs: int,
                     max_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -401,6 +418,13 @@ def _group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Te
     return dx, dweight, dbias
 
 
+# Two doors to the same launchers, as in attention.py: custom ops under torch.compile (Inductor
+# sees the kernels, no graph break), a plain autograd.Function in eager mode (the custom-op
+# dispatcher costs more host time than the kernels take at SD shapes).
+_group_norm_fwd = triton_op("ldm::group_norm_fwd", mutates_args=())(_gn_fwd)
+_group_norm_bwd = triton_op("ldm::group_norm_bwd", mutates_args=())(_gn_bwd)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, num_groups, _, silu, target_programs, max_tile = inputs
     _, mean, rstd = output
@@ -413,6 +437,26 @@ def _backward(ctx, dy, _dmean, _drstd):
     dx, dweight, dbias = _group_norm_bwd(dy, x, weight, bias, mean, rstd, *ctx.args)
     return (dx, dweight if weight is not None else None, dbias if bias is not None else None,
             None, None, None, None, None)
+
+
+class _EagerGroupNorm(torch.autograd.Function):
+    """The eager door: same launchers and saved tensors as the custom op, less host time."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps, silu, target_programs, max_tile):
+        with set_wrap_triton_enabled(False):
+            y, mean, rstd = _gn_fwd(x, weight, bias, num_groups, eps, silu, target_programs, max_tile)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.args = (num_groups, silu, target_programs, max_tile)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        with set_wrap_triton_enabled(False):
+            dx, dweight, dbias = _gn_bwd(dy, x, weight, bias, mean, rstd, *ctx.args)
+        return (dx, dweight if weight is not None else None, dbias if bias is not None else None,
+                None, None, None, None, None)
 
 
 _group_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -453,9 +497,11 @@ def fused_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation
     _validate(x, num_groups, weight, bias, activation)
     if target_programs is None:
         target_programs = default_target_programs(x.device)
-    y, _, _ = _group_norm_fwd(x, weight, bias, num_groups, float(eps), activation == "silu",
-                              int(target_programs), int(max_tile))
-    return y
+    args = (x, weight, bias, num_groups, float(eps), activation == "silu", int(target_programs),
+            int(max_tile))
+    if torch.compiler.is_compiling():
+        return _group_norm_fwd(*args)[0]
+    return _EagerGroupNorm.apply(*args)
 
 
 def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):

@@ -2,6 +2,7 @@
 
     python -m ldm.bench [--size sd15|tiny] [--out FILE.json] [--md FILE.md]
                         [--only unet-infer,unet-train,vae-decode,txt2img] [--compile both|eager|compiled]
+                        [--dtypes fp16,bf16]
 
 Every diffusers module is built from its config (random init, fixed seed) and converted into
 ours, and both are run once on a small fp32 input to prove the weights match (max error
@@ -292,7 +293,14 @@ def parse_args(argv):
     parser.add_argument("--md", default=None, help="write the markdown table here")
     parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
     parser.add_argument("--compile", choices=sorted(COMPILE_MODES), default="both", help="eager, compiled or both")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma-separated subset of fp16,bf16,fp32 for the inference benches "
+                             "(default: fp16,bf16 on CUDA, fp32 on CPU; training always uses bf16 autocast on CUDA)")
     args = parser.parse_args(argv)
+    args.dtypes = [d for d in args.dtypes.split(",") if d] if args.dtypes else None
+    bad = [d for d in args.dtypes or [] if d not in DTYPES]
+    if bad:
+        parser.error(f"--dtypes: unknown dtype(s) {bad}; choose from {', '.join(DTYPES)}")
     args.only = [b for b in args.only.split(",") if b]
     unknown = [b for b in args.only if b not in BENCHES]
     if unknown:
@@ -311,7 +319,7 @@ def main(argv=None) -> dict:
     if note:
         print(f"{'=' * 80}\nNOTE: {note}.\n{'=' * 80}")
     # CPU has no fast fp16/bf16 kernels for all ops: fp32 everywhere there (docs/bench.md).
-    dtypes = ["fp16", "bf16"] if cuda else ["fp32"]
+    dtypes = args.dtypes or (["fp16", "bf16"] if cuda else ["fp32"])
     amp_dtype = torch.bfloat16 if cuda else torch.float32
     modes = COMPILE_MODES[args.compile]
     impls = _peers(cuda and importlib.util.find_spec("xformers") is not None)
@@ -320,7 +328,20 @@ def main(argv=None) -> dict:
     from diffusers.utils import logging as diffusers_logging
     diffusers_logging.set_verbosity_error()  # its dtype-cast advice about .to() is noise here
 
-    checks, rows = {}, []
+    report = dict(
+        size=size_name, device=torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()})",
+        versions=_versions(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join(["python", "-m", "ldm.bench", *argv]), note=note, warmup=warmup, reps=reps,
+        complete=False, weight_check={}, results=[], comparisons=[])
+
+    def save(rows, complete=False):
+        """Rewrite the JSON after every bench: an interrupted run keeps what it measured."""
+        report.update(results=rows, comparisons=compare(rows, cuda), complete=complete)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+
+    checks, rows = report["weight_check"], []
     if {"unet-infer", "unet-train", "txt2img"} & set(args.only):
         unets = bm.unet_pair(size)
         checks["unet"] = _checked("U-Net", bm.check_unet_pair(*unets, size))
@@ -329,24 +350,20 @@ def main(argv=None) -> dict:
         checks["vae"] = _checked("VAE", bm.check_vae_pair(*vaes, size))
     if "unet-infer" in args.only:
         rows += bench_unet_infer(unets, size, device, dtypes, modes, impls, timer)
+        save(rows)
     if "unet-train" in args.only:
         rows += bench_unet_train(unets, size, device, amp_dtype, modes, impls, timer)
+        save(rows)
     if "vae-decode" in args.only:
         rows += bench_vae_decode(vaes, size, device, dtypes, modes, impls, timer)
+        save(rows)
     if "txt2img" in args.only:
         # ours vs diffusers' own StableDiffusionPipeline; its xformers variant adds nothing here
         rows += bench_txt2img(unets, vaes, size, device, dtypes, modes, impls[:2], timer)
-
-    report = dict(
-        size=size_name, device=torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()})",
-        versions=_versions(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join(["python", "-m", "ldm.bench", *argv]), note=note, warmup=warmup, reps=reps,
-        weight_check=checks, results=rows, comparisons=compare(rows, cuda))
+    save(rows, complete=True)
     table = markdown(report)
     print(table)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
         print(f"wrote {args.out}")
     if args.md:
         with open(args.md, "w") as f:
