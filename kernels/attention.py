@@ -26,10 +26,14 @@ Supported:
 
 Caution:
 - Block sizes are fixed per (head_dim, dtype) (no autotune), chosen to fit H100 shared
-  memory at d=160/256, not measured for speed: benchmark before trusting them and tune
-  `_block_config` on your shapes. Compiled for sm_90, fp16/bf16 variants use <= 80 KB of
-  shared memory; the fp32 backward at d > 128 uses 132 KB, more than consumer GPUs
-  (sm_86/sm_89, 99 KB) offer.
+  memory at d=160/256, not tuned for speed: the first H200 run (docs/results) found them
+  0.4-0.9x cuDNN where the host time did not dominate. Compiled for sm_90 with the 16-byte
+  loads of dense inputs, fp16/bf16 variants use <= 96 KB of shared memory; the fp32
+  backward at d > 128 uses more than consumer GPUs (sm_86/sm_89, 99 KB) offer.
+- Rows must start at multiples of 8 elements for 16-byte loads (ALIGN=8, see _align): true
+  of dense (B, H, N, d) and (B, N, H, d) tensors with d % 8 == 0. Other strides work, with
+  2-byte loads (the path every head_dim-40 launch took before ALIGN: 2.4x slower than d=64
+  on the H200 in bf16, docs/results).
 - The backward's delta = rowsum(dO * O) uses the output rounded to the input dtype, as
   FA2 does; in bf16 this makes dQ/dK a little noisier than an fp32-intermediate backward.
 - No causal masking, no dropout, no additive bias, no dense (Nq, Nk) mask: only
@@ -106,6 +110,15 @@ def _tile_ptrs(Base, off_b, off_h, offs_r, offs_d, stride_b, stride_h, stride_r,
 
 
 @triton.jit
+def _rows(stride_b, stride_h, stride_r, ALIGN: tl.constexpr):
+    """Undo the launcher's division by ALIGN: the products tell Triton's alignment analysis that
+    every row starts at a multiple of ALIGN elements, so 16-bit tiles load in 16-byte vectors
+    (cp.async) even at head_dim 40, where a row stride of 40 (or a head offset of 40) is not
+    one of the multiples of 16 that Triton's launcher detects by itself."""
+    return stride_b * ALIGN, stride_h * ALIGN, stride_r * ALIGN
+
+
+@triton.jit
 def _key_bias(Mask, stride_mb, off_b, offs_n, n_k, HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr):
     """(BLOCK_N,) additive score bias: 0 for keys to attend, -inf for masked or out-of-range."""
     if HAS_MASK:
@@ -132,11 +145,16 @@ def _attn_fwd_kernel(
     qk_scale,  # scale * log2(e): scores go straight into exp2
     HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
 ):
     # Inductor passes Python floats as fp64 scalars (Triton's own launcher: fp32); fp64 would
     # promote the fp32 softmax state and fail Triton's loop-carried type check.
     qk_scale = tl.cast(qk_scale, tl.float32)
+    head_dim = head_dim * ALIGN
+    stride_qb, stride_qh, stride_qn = _rows(stride_qb, stride_qh, stride_qn, ALIGN)
+    stride_kb, stride_kh, stride_kn = _rows(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = _rows(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_ob, stride_oh, stride_on = _rows(stride_ob, stride_oh, stride_on, ALIGN)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)  # int64: batch offsets may pass 2^31 elements
     off_b = pid_bh // n_heads
@@ -191,7 +209,11 @@ def _attn_bwd_preprocess_kernel(
     stride_dob, stride_doh, stride_don, stride_dod,
     n_heads, n_q, head_dim,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    head_dim = head_dim * ALIGN
+    stride_ob, stride_oh, stride_on = _rows(stride_ob, stride_oh, stride_on, ALIGN)
+    stride_dob, stride_doh, stride_don = _rows(stride_dob, stride_doh, stride_don, ALIGN)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     off_b = pid_bh // n_heads
@@ -225,10 +247,17 @@ def _attn_bwd_dkdv_kernel(
     scale, qk_scale,
     HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """One program per key block: dV = P^T dO, dK = scale * dS^T Q over all query blocks."""
     scale, qk_scale = tl.cast(scale, tl.float32), tl.cast(qk_scale, tl.float32)  # fp64 under Inductor
+    head_dim = head_dim * ALIGN
+    stride_qb, stride_qh, stride_qn = _rows(stride_qb, stride_qh, stride_qn, ALIGN)
+    stride_kb, stride_kh, stride_kn = _rows(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = _rows(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_dob, stride_doh, stride_don = _rows(stride_dob, stride_doh, stride_don, ALIGN)
+    stride_dkb, stride_dkh, stride_dkn = _rows(stride_dkb, stride_dkh, stride_dkn, ALIGN)
+    stride_dvb, stride_dvh, stride_dvn = _rows(stride_dvb, stride_dvh, stride_dvn, ALIGN)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     off_b = pid_bh // n_heads
@@ -288,10 +317,16 @@ def _attn_bwd_dq_kernel(
     scale, qk_scale,
     HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """One program per query block: dQ = scale * dS K over all key blocks."""
     scale, qk_scale = tl.cast(scale, tl.float32), tl.cast(qk_scale, tl.float32)  # fp64 under Inductor
+    head_dim = head_dim * ALIGN
+    stride_qb, stride_qh, stride_qn = _rows(stride_qb, stride_qh, stride_qn, ALIGN)
+    stride_kb, stride_kh, stride_kn = _rows(stride_kb, stride_kh, stride_kn, ALIGN)
+    stride_vb, stride_vh, stride_vn = _rows(stride_vb, stride_vh, stride_vn, ALIGN)
+    stride_dob, stride_doh, stride_don = _rows(stride_dob, stride_doh, stride_don, ALIGN)
+    stride_dqb, stride_dqh, stride_dqn = _rows(stride_dqb, stride_dqh, stride_dqn, ALIGN)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     off_b = pid_bh // n_heads
@@ -378,6 +413,20 @@ def _mask_arg(key_padding_mask, q):
     return m, m.stride(0)
 
 
+def _align(*tensors: torch.Tensor) -> int:
+    """8 when every batch, head and row stride is a multiple of 8 elements, else 1.
+
+    The kernels take those strides and head_dim (always a multiple of 8) divided by it and
+    multiply back (_rows): a fact Triton cannot see by itself unless a stride is a multiple of 16.
+    """
+    return 8 if all(s % 8 == 0 for t in tensors for s in t.stride()[:3]) else 1
+
+
+def _strides(t: torch.Tensor, align: int) -> tuple[int, int, int, int]:
+    sb, sh, sr, sd = t.stride()
+    return sb // align, sh // align, sr // align, sd
+
+
 def _dot_flags(dtype: torch.dtype, fp32_precision: str, device: torch.device) -> dict:
     precision = fp32_precision if dtype == torch.float32 else "tf32"  # ignored for 16-bit dots
     return dict(PRECISION=precision, UPCAST=device.type != "cuda" and dtype == torch.bfloat16)
@@ -396,10 +445,11 @@ def _attn_fwd(
     lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
     mask, stride_mb = _mask_arg(key_padding_mask, q)
     grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)
+    a = _align(q, k, v, out)
     wrap_triton(_attn_fwd_kernel)[grid](
         q, k, v, out, lse, mask,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), stride_mb,
-        H, n_q, n_k, d, scale * LOG2E,
+        *_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(out, a), stride_mb,
+        H, n_q, n_k, d // a, scale * LOG2E, ALIGN=a,
         HAS_MASK=key_padding_mask is not None,
         EVEN_M=n_q % cfg["BLOCK_M"] == 0, EVEN_N=n_k % cfg["BLOCK_N"] == 0, EVEN_D=d == block_d,
         BLOCK_D=block_d, **cfg, **_dot_flags(q.dtype, fp32_precision, q.device),
@@ -422,22 +472,25 @@ def _attn_bwd(
     mask, stride_mb = _mask_arg(key_padding_mask, q)
     delta = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    a = _align(q, k, v, out, do, dq, dk, dv)
 
     wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(n_q, bm), B * H)](
-        out, do, delta, *out.stride(), *do.stride(), H, n_q, d,
-        EVEN_M=even["EVEN_M"], EVEN_D=even["EVEN_D"], BLOCK_M=bm, BLOCK_D=block_d,
+        out, do, delta, *_strides(out, a), *_strides(do, a), H, n_q, d // a,
+        EVEN_M=even["EVEN_M"], EVEN_D=even["EVEN_D"], BLOCK_M=bm, BLOCK_D=block_d, ALIGN=a,
         num_warps=cfg["num_warps"],
     )
     wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(n_k, bn), B * H)](
         q, k, v, do, dk, dv, lse, delta, mask,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), stride_mb,
-        H, n_q, n_k, d, scale, scale * LOG2E,
+        *_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(do, a), *_strides(dk, a),
+        *_strides(dv, a), stride_mb,
+        H, n_q, n_k, d // a, scale, scale * LOG2E, ALIGN=a,
         HAS_MASK=key_padding_mask is not None, BLOCK_D=block_d, **even, **cfg, **flags,
     )
     wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(n_q, bm), B * H)](
         q, k, v, do, dq, lse, delta, mask,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), stride_mb,
-        H, n_q, n_k, d, scale, scale * LOG2E,
+        *_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(do, a), *_strides(dq, a),
+        stride_mb,
+        H, n_q, n_k, d // a, scale, scale * LOG2E, ALIGN=a,
         HAS_MASK=key_padding_mask is not None, BLOCK_D=block_d, **even, **cfg, **flags,
     )
     return dq, dk, dv
