@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ldm.data.loaders import DataConfig, make_dataloader
@@ -28,7 +29,7 @@ from ldm.diffusion import SAMPLERS, DiffusionLoss, schedule_from_config
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
 from ldm.models.text import TextEncoderConfig, build_text_encoder
 from ldm.models.unet import UNet, UNetConfig, count_params
-from ldm.models.weights import load_weights
+from ldm.models.weights import load_state_dict_strict, load_weights
 from ldm.pipeline import ModelIndex, TextToImage, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
                           build_scheduler, config_to_dict, log_images, optimizer_step, parse_args, setup)
@@ -141,10 +142,18 @@ def init_weights(model: LatentModel, folder: str) -> None:
     """Fine-tuning: start from a model folder's weights (a resumed checkpoint still takes precedence).
 
     The architecture comes from this run's config; a folder that does not fit it fails, naming the keys.
+    One exception: unet.pos_embed=true on a folder trained without it keeps its zero-initialised
+    position projections, so the run starts as exactly the folder's model.
     """
-    parts = [("unet", model.unet)] + ([("text_encoder", model.text_encoder)] if hasattr(model, "text_encoder") else [])
-    for name, module in parts:
-        load_weights(module, str(Path(folder) / name / WEIGHTS_NAME))
+    unet_state = load_file(str(Path(folder) / "unet" / WEIGHTS_NAME))
+    own = model.unet.state_dict()
+    new = [k for k in own if ".pos_proj." in k and k not in unet_state]
+    if new:
+        unet_state.update({k: own[k] for k in new})
+        logger.info("position embeddings: %d new tensors, zero-initialised", len(new))
+    load_state_dict_strict(model.unet, unet_state, str(Path(folder) / "unet"))
+    if hasattr(model, "text_encoder"):
+        load_weights(model.text_encoder, str(Path(folder) / "text_encoder" / WEIGHTS_NAME))
     logger.info("initialised from %s", folder)
 
 

@@ -174,8 +174,30 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def position_features(h: int, w: int, n_freq: int, device=None) -> torch.Tensor:
+    """(h*w, 4*n_freq) sin/cos of each token's centre (y, x) in [0, 1] at frequencies 1..n_freq * pi.
+
+    Resolution-free: a token's features depend on where it sits in the image, not on h, w.
+    """
+    y = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+    x = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+    yy, xx = torch.meshgrid(y, x, indexing="ij")
+    f = torch.arange(1, n_freq + 1, device=device, dtype=torch.float32) * math.pi
+    ang = torch.cat([yy.reshape(-1, 1) * f, xx.reshape(-1, 1) * f], dim=1)  # (h*w, 2*n_freq)
+    return torch.cat([ang.sin(), ang.cos()], dim=1)
+
+
+POS_FREQS = 8  # position features per axis and per sin/cos: frequencies pi .. 8 pi
+
+
 class SpatialTransformer(nn.Module):
-    """GroupNorm, project to tokens, `depth` transformer blocks, project back, residual (LDM Sec. 3.3)."""
+    """GroupNorm, project to tokens, `depth` transformer blocks, project back, residual (LDM Sec. 3.3).
+
+    pos_embed (not in SD): adds a learned projection of fixed 2-D sin/cos position features to
+    the tokens, so cross-attention can tie words such as "on the left" to places. Convolutions
+    see position only through the zero padding, weakly. The projection starts at zero: a model
+    with it behaves exactly as the same weights without it until it learns otherwise.
+    """
 
     def __init__(
         self,
@@ -187,10 +209,17 @@ class SpatialTransformer(nn.Module):
         groups: int = 32,
         linear_projection: bool = False,  # SD 2.x projects with Linear, SD 1.x with a 1x1 conv
         dropout: float = 0.0,
+        pos_embed: bool = False,
     ):
         super().__init__()
         inner = heads * head_dim
         self.linear_projection = linear_projection
+        if pos_embed:
+            self.pos_proj = nn.Linear(4 * POS_FREQS, inner)
+            nn.init.zeros_(self.pos_proj.weight)
+            nn.init.zeros_(self.pos_proj.bias)
+        else:
+            self.pos_proj = None
         # eps 1e-6 here (not the ResBlocks' 1e-5) matches the released SD weights
         self.norm = GroupNorm(channels, groups, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if linear_projection else nn.Conv2d(channels, inner, 1)
@@ -206,6 +235,9 @@ class SpatialTransformer(nn.Module):
             h = self.proj_in(h.flatten(2).transpose(1, 2))  # (B, HW, inner)
         else:
             h = self.proj_in(h).flatten(2).transpose(1, 2)  # (B, HW, inner)
+        if self.pos_proj is not None:
+            feats = position_features(H, W, POS_FREQS, h.device)
+            h = h + self.pos_proj(feats.to(self.pos_proj.weight.dtype)).to(h.dtype)
         for block in self.blocks:
             h = block(h, context, mask)
         if self.linear_projection:

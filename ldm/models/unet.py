@@ -46,6 +46,7 @@ class UNetConfig:
     norm_eps: float = 1e-5                            # GroupNorm eps of ResBlocks and the output norm
     dropout: float = 0.0                              # ResBlock and feed-forward dropout
     gradient_checkpointing: bool = False              # recompute blocks in backward: less memory, ~30% more time
+    pos_embed: bool = False                           # 2-D position features added to transformer tokens (not SD)
 
     def __post_init__(self):
         self.channels = tuple(self.channels)
@@ -132,7 +133,7 @@ class UNet(nn.Module):
         def attn(level, c):
             heads, head_dim = cfg.heads(level)
             return SpatialTransformer(c, heads, head_dim, cfg.context_dim, cfg.per_level("transformer_depth", level),
-                                      cfg.norm_groups, cfg.linear_projection, cfg.dropout)
+                                      cfg.norm_groups, cfg.linear_projection, cfg.dropout, cfg.pos_embed)
 
         self.time_embed = TimestepMLP(ch[0], emb_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)

@@ -62,6 +62,34 @@ def test_cond_emb_is_added_to_time_embedding():
         model(x, t, ctx, cond_emb=torch.zeros(2, 3))
 
 
+def test_position_embeddings_start_at_zero_and_break_translation_symmetry():
+    """pos_embed adds W @ features(y, x) to every transformer token: zero W = the plain U-Net;
+    a trained (non-zero) W makes the output depend on where a pattern sits, checked against
+    features computed from the definition."""
+    import dataclasses
+    import math
+
+    from ldm.models.layers import POS_FREQS, position_features
+
+    cfg = tiny_config()
+    plain = _perturb(UNet(cfg)).eval()
+    pos = UNet(dataclasses.replace(cfg, pos_embed=True)).eval()
+    missing, unexpected = pos.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(".pos_proj." in k for k in missing) and not unexpected
+    x, t, ctx = _inputs(cfg)
+    torch.testing.assert_close(pos(x, t, ctx), plain(x, t, ctx))
+    with torch.no_grad():
+        for k in missing:
+            pos.get_parameter(k).normal_(0, 0.5)
+    assert (pos(x, t, ctx) - plain(x, t, ctx)).abs().max() > 1e-3
+    f = position_features(2, 4, POS_FREQS)
+    assert f.shape == (8, 4 * POS_FREQS)
+    # token (row 1, col 2) of a 2x4 grid: centre y = 0.75, x = 0.625; first frequency pi
+    assert math.isclose(f[6, 0].item(), math.sin(math.pi * 0.75), abs_tol=1e-6)
+    assert math.isclose(f[6, POS_FREQS].item(), math.sin(math.pi * 0.625), abs_tol=1e-6)
+    assert math.isclose(f[6, 2 * POS_FREQS].item(), math.cos(math.pi * 0.75), abs_tol=1e-6)
+
+
 def test_context_mask_equals_dropping_masked_tokens():
     torch.manual_seed(0)
     cfg = tiny_config()

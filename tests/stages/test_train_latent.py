@@ -109,6 +109,23 @@ def test_init_from_a_model_folder_starts_from_its_weights(tiny_ae, tmp_path):
             "unet.channels=[32,64]")
 
 
+def test_init_from_adds_zero_position_embeddings(tiny_ae, tmp_path):
+    """unet.pos_embed=true on a folder trained without it: the run starts as that model (lr 0
+    exports its weights unchanged, plus all-zero position projections) and generates the same."""
+    common = ["cache_latents=true", f"cache_dir={tmp_path / 'cache'}"]
+    first = run(tiny_ae, tmp_path / "first", *common, "train.max_steps=2")
+    pos = run(tiny_ae, tmp_path / "pos", *common, "train.max_steps=1", "train.lr=0", f"init_from={first}",
+              "unet.pos_embed=true")
+    a = load_file(str(first / "unet" / "model.safetensors"))
+    b = load_file(str(pos / "unet" / "model.safetensors"))
+    new = sorted(set(b) - set(a))
+    assert new and all(".pos_proj." in k for k in new) and all(not b[k].any() for k in new)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    images = [TextToImage.from_folder(str(f)).generate(["a red circle on the left"], steps=4, guidance=2.0,
+                                                       seed=0)[0] for f in (first, pos)]
+    torch.testing.assert_close(images[0], images[1])
+
+
 def test_on_the_fly_latents_and_validation_grid(tiny_ae, tmp_path):
     run(tiny_ae, tmp_path, "train.max_steps=1", "train.validate_every=1", "train.ema_decay=0")
     grid = tmp_path / "samples" / "step-000001.png"
