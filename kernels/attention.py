@@ -515,33 +515,35 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.fp32_precision = scale, fp32_precision
 
 
+def _grads(ctx, dout, bwd):
+    """(dq, dk, dv, None, None, None) from what _setup_context saved; bwd is either door's launcher."""
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, key_padding_mask, ctx.scale, ctx.fp32_precision)
+    return dq, dk, dv, None, None, None
+
+
 def _backward(ctx, dout, dlse):
     # dlse is unused: the log-sum-exp is a saved statistic, not an output anyone differentiates.
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = _flash_attn_bwd(dout, q, k, v, out, lse, key_padding_mask, ctx.scale, ctx.fp32_precision)
-    return dq, dk, dv, None, None, None
+    return _grads(ctx, dout, _flash_attn_bwd)
 
 
 _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerFlashAttention(torch.autograd.Function):
-    """The eager door: same launchers and saved tensors as the custom op, less host time."""
+    """The eager door: same launchers, saved tensors and gradients as the custom op, less host time."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, scale, fp32_precision):
+    def forward(ctx, *inputs):
         with set_wrap_triton_enabled(False):
-            out, lse = _attn_fwd(q, k, v, key_padding_mask, scale, fp32_precision)
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-        ctx.scale, ctx.fp32_precision = scale, fp32_precision
-        return out
+            output = _attn_fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output[0]
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
         with set_wrap_triton_enabled(False):
-            dq, dk, dv = _attn_bwd(dout, q, k, v, out, lse, key_padding_mask, ctx.scale, ctx.fp32_precision)
-        return dq, dk, dv, None, None, None
+            return _grads(ctx, dout, _attn_bwd)
 
 
 # ----------------------------------------------------------------------------- public API

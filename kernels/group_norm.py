@@ -365,8 +365,8 @@ def _plan_for(x: torch.Tensor, num_groups: int, target_programs: int, max_tile: 
 
 
 def _gn_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                    num_groups: int, eps: float, silu: bool, target_programs: int,
-                    max_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            num_groups: int, eps: float, silu: bool, target_programs: int,
+            max_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = act(GroupNorm(x)), plus the fp32 mean and rstd (N, G) for the backward."""
     x = _flat(x)
     grid, cg, length, _, loops = _plan_for(x, num_groups, target_programs, max_tile)
@@ -388,9 +388,9 @@ def _gn_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
 
 
 def _gn_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
-                    bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
-                    num_groups: int, silu: bool, target_programs: int,
-                    max_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+            num_groups: int, silu: bool, target_programs: int,
+            max_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias); dweight/dbias are empty when weight/bias is None."""
     x, dy = _flat(x), _flat(dy)
     grid, cg, length, plan, loops = _plan_for(x, num_groups, target_programs, max_tile)
@@ -432,31 +432,32 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (num_groups, silu, target_programs, max_tile)
 
 
-def _backward(ctx, dy, _dmean, _drstd):
+def _grads(ctx, dy, bwd):
+    """Input gradients from what _setup_context saved; bwd is either door's launcher."""
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = _group_norm_bwd(dy, x, weight, bias, mean, rstd, *ctx.args)
+    dx, dweight, dbias = bwd(dy, x, weight, bias, mean, rstd, *ctx.args)
     return (dx, dweight if weight is not None else None, dbias if bias is not None else None,
             None, None, None, None, None)
 
 
+def _backward(ctx, dy, _dmean, _drstd):
+    return _grads(ctx, dy, _group_norm_bwd)
+
+
 class _EagerGroupNorm(torch.autograd.Function):
-    """The eager door: same launchers and saved tensors as the custom op, less host time."""
+    """The eager door: same launchers, saved tensors and gradients as the custom op, less host time."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps, silu, target_programs, max_tile):
+    def forward(ctx, *inputs):
         with set_wrap_triton_enabled(False):
-            y, mean, rstd = _gn_fwd(x, weight, bias, num_groups, eps, silu, target_programs, max_tile)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.args = (num_groups, silu, target_programs, max_tile)
-        return y
+            output = _gn_fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output[0]
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
         with set_wrap_triton_enabled(False):
-            dx, dweight, dbias = _gn_bwd(dy, x, weight, bias, mean, rstd, *ctx.args)
-        return (dx, dweight if weight is not None else None, dbias if bias is not None else None,
-                None, None, None, None, None)
+            return _grads(ctx, dy, _gn_bwd)
 
 
 _group_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
