@@ -275,8 +275,8 @@ def main(argv=None):
         """Rewrite the JSON after every case: an interrupted run keeps what it measured."""
         if not complete:
             print(f"  {rows[-1]['op']} {rows[-1]['case']} {rows[-1]['dtype']}: done", flush=True)
+        report.update(results=add_ratios(rows), complete=complete)
         if args.out:
-            report.update(results=add_ratios(rows), complete=complete)
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
 
@@ -293,10 +293,8 @@ def main(argv=None):
                 rows += [dict(r, dtype=dname)
                          for r in bench_group_norm(case, dtype, device, timer, cuda, copy_gbps)]
                 save(rows, complete=False)
-    add_ratios(rows)
-    print_table(rows)
-    report["results"] = rows
     save(rows, complete=True)
+    print_table(rows)
     if args.out:
         print(f"wrote {args.out}")
     return report
