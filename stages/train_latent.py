@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ldm.data.loaders import DataConfig, make_dataloader
@@ -29,7 +28,7 @@ from ldm.diffusion import SAMPLERS, DiffusionLoss, schedule_from_config
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
 from ldm.models.text import TextEncoderConfig, build_text_encoder
 from ldm.models.unet import UNet, UNetConfig, count_params
-from ldm.models.weights import load_state_dict_strict, load_weights
+from ldm.models.weights import load_state_dict_strict, load_weights, read_weights
 from ldm.pipeline import ModelIndex, TextToImage, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
                           build_scheduler, config_to_dict, log_images, optimizer_step, parse_args, setup)
@@ -145,13 +144,14 @@ def init_weights(model: LatentModel, folder: str) -> None:
     One exception: unet.pos_embed=true on a folder trained without it keeps its zero-initialised
     position projections, so the run starts as exactly the folder's model.
     """
-    unet_state = load_file(str(Path(folder) / "unet" / WEIGHTS_NAME))
+    unet_path = str(Path(folder) / "unet" / WEIGHTS_NAME)
+    unet_state = read_weights(unet_path)
     own = model.unet.state_dict()
     new = [k for k in own if ".pos_proj." in k and k not in unet_state]
     if new:
         unet_state.update({k: own[k] for k in new})
         logger.info("position embeddings: %d new tensors, zero-initialised", len(new))
-    load_state_dict_strict(model.unet, unet_state, str(Path(folder) / "unet"))
+    load_state_dict_strict(model.unet, unet_state, unet_path)
     if hasattr(model, "text_encoder"):
         load_weights(model.text_encoder, str(Path(folder) / "text_encoder" / WEIGHTS_NAME))
     logger.info("initialised from %s", folder)

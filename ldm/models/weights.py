@@ -28,14 +28,19 @@ def load_state_dict_strict(model: nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def read_weights(path: str) -> dict:
+    """A safetensors file's tensors (on CPU); a missing file is named."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing weights file {path}")
+    return load_file(path)
+
+
 def load_weights(module: nn.Module, path: str, source: str | None = None) -> None:
     """Inverse of save_weights: a safetensors file into `module`, all or nothing (load_state_dict_strict).
 
     fp16 files load into fp32 modules as they are: load_state_dict copies, and the copy casts.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing weights file {path}")
-    load_state_dict_strict(module, load_file(path), source or path)
+    load_state_dict_strict(module, read_weights(path), source or path)
 
 
 def save_weights(module: nn.Module, path: str, dtype: torch.dtype | None = None) -> None:
