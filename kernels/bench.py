@@ -5,7 +5,10 @@
 For every op / shape / dtype / direction (fwd, fwd+bwd) it times our kernel and each peer
 (SDPA with each backend it offers, xformers when installed, eager F.group_norm + F.silu and
 torch.compile of it), prints a table and writes JSON with the device, versions, date and
-command. Timings: CUDA events around each call, L2 flushed between calls, median of repeats.
+command. Timings: CUDA events around each call, L2 flushed between calls, median of repeats;
+on a GPU each callable is timed twice: as called from Python (`ms`: what an eager U-Net pays,
+launch and host time included) and replayed from a CUDA graph (`graph_ms`: the device time
+alone, as under CUDA graphs or torch.compile's reduce-overhead), each with its own speed-ups.
 Throughput: attention TFLOP/s = 4*B*H*Nq*Nk*d forward, 2.5x that backward; GroupNorm GB/s
 counts the bytes an ideal kernel must move (fwd: read x, write y; bwd: read x, dy, write dx),
 so every implementation is scored on the same byte count and against the copy bandwidth.
@@ -65,6 +68,22 @@ def make_timer(device: torch.device, warmup: int, reps: int):
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
     return time_cuda
+
+
+def graph_timer(timer):
+    """Time fn captured in a CUDA graph: one replay per call, so host/launch time drops out."""
+    def time_graph(fn):
+        side = torch.cuda.Stream()  # capture wants its warm-up (allocator, autotune) off-stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return timer(graph.replay)
+    return time_graph
 
 
 def copy_bandwidth_gbps(device: torch.device, timer, megabytes: int) -> float:
@@ -159,7 +178,8 @@ def bench_attention(case, dtype, device, timer, use_ours: bool, peers: dict):
 
             def rate(ms, work=work):
                 return dict(tflops=work / (ms * 1e-3) / 1e12)
-            rows.append(_measure(row, run, timer, rate))
+            # SDPA's math backend is never the best peer: no graph replay for it (saves GPU time)
+            rows.append(_measure(row, run, timer, rate, graph=name != "sdpa-math"))
     return rows
 
 
@@ -200,38 +220,53 @@ def bench_group_norm(case, dtype, device, timer, use_ours: bool, copy_gbps):
     return rows
 
 
-def _measure(row, run, timer, rate):
+def _measure(row, run, timer, rate, graph=True):
     try:
         ms = timer(run)
         row.update(ms=ms, **rate(ms))
     except Exception as err:  # a peer that rejects this shape/dtype: record why, keep going
-        row.update(ms=None, error=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
+        row.update(ms=None, error=_why(err))
+    graphed = getattr(timer, "graph", None) if graph else None
+    if graphed is not None and row["ms"] is not None:
+        try:
+            row["graph_ms"] = graphed(run)
+        except Exception as err:  # not capturable (e.g. a host sync inside): say so
+            row.update(graph_ms=None, graph_error=_why(err))
     return row
 
 
+def _why(err):
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+
+
 def add_ratios(rows):
-    """speedup_vs[peer] = peer_ms / ours_ms on each 'ours' row (> 1: ours is faster)."""
+    """speedup_vs[peer] = peer_ms / ours_ms on each 'ours' row (> 1: ours is faster), and
+    graph_speedup_vs the same from CUDA-graph replays."""
     groups = {}
     for r in rows:
         groups.setdefault((r["op"], r["case"], r["dtype"], r["direction"]), []).append(r)
     for group in groups.values():
-        ours = next((r for r in group if r["impl"] == "ours" and r.get("ms")), None)
-        if ours is not None:
-            ours["speedup_vs"] = {r["impl"]: r["ms"] / ours["ms"]
-                                  for r in group if r is not ours and r.get("ms")}
+        ours = next((r for r in group if r["impl"] == "ours"), None)
+        for key, out in (("ms", "speedup_vs"), ("graph_ms", "graph_speedup_vs")):
+            if ours is not None and ours.get(key):
+                ours[out] = {r["impl"]: r[key] / ours[key]
+                             for r in group if r is not ours and r.get(key)}
     return rows
 
 
 def print_table(rows):
     print(f"{'op':<10} {'case':<24} {'dtype':<5} {'dir':<8} {'impl':<14} {'ms':>9} "
-          f"{'rate':>14}  speedup of ours")
+          f"{'graph ms':>9} {'rate':>14}  speedup of ours (graph)")
     for r in rows:
         ms = f"{r['ms']:.4f}" if r.get("ms") else "-"
+        gms = f"{r['graph_ms']:.4f}" if r.get("graph_ms") else "-"
         rate = (f"{r['tflops']:.3g} TFLOP/s" if "tflops" in r else
                 f"{r['gbps']:.4g} GB/s" if "gbps" in r else r.get("error", "")[:30])
-        vs = " ".join(f"{k}:{v:.2f}x" for k, v in r.get("speedup_vs", {}).items())
+        graph = r.get("graph_speedup_vs", {})
+        vs = " ".join(f"{k}:{v:.2f}x" + (f" ({graph[k]:.2f}x)" if k in graph else "")
+                      for k, v in r.get("speedup_vs", {}).items())
         print(f"{r['op']:<10} {r['case']:<24} {r['dtype']:<5} {r['direction']:<8} "
-              f"{r['impl']:<14} {ms:>9} {rate:>14}  {vs}")
+              f"{r['impl']:<14} {ms:>9} {gms:>9} {rate:>14}  {vs}")
 
 
 def main(argv=None):
@@ -241,6 +276,8 @@ def main(argv=None):
     parser.add_argument("--ops", default="attention,group_norm", help="comma-separated ops")
     parser.add_argument("--max-cases", type=int, default=None,
                         help="keep the first N shapes per op")
+    parser.add_argument("--timing", default="both", choices=["both", "events"],
+                        help="GPU: also time CUDA-graph replays (both), or only Python calls")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     ops = args.ops.split(",")
@@ -256,6 +293,8 @@ def main(argv=None):
               "meaningless for the GPU goals (our kernels are not timed in the interpreter).")
     warmup, reps = (10, 50) if cuda and not args.quick else (3, 10) if cuda else (1, 3)
     timer = make_timer(device, warmup, reps)
+    if cuda and args.timing == "both":
+        timer.graph = graph_timer(timer)
     copy_gbps = copy_bandwidth_gbps(device, timer, 1024 if cuda else 16)
     print(f"device copy bandwidth: {copy_gbps:.0f} GB/s")
     dtypes = DTYPES if cuda else {"fp32": torch.float32}
@@ -267,7 +306,7 @@ def main(argv=None):
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=" ".join(["python", "-m", "ldm.kernels.bench", *argv]),
-        quick=args.quick, warmup=warmup, reps=reps, copy_gbps=copy_gbps,
+        quick=args.quick, timing=args.timing if cuda else "cpu", warmup=warmup, reps=reps, copy_gbps=copy_gbps,
         note=None if cuda else "CPU timings: harness check only, meaningless for GPU goals",
         complete=False, results=[])
 

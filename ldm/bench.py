@@ -28,6 +28,7 @@ import json
 import platform
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +53,9 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def _measure(row: dict, make_step, timer, device) -> dict:
-    """Time the callable make_step() returns; add ms (and peak GB on CUDA) or the error to row."""
+def _measure(row: dict, make_step, timer, device, profile_dir=None) -> dict:
+    """Time the callable make_step() returns; add ms (and peak GB on CUDA) or the error to row.
+    With profile_dir, also write a per-kernel table of 3 more steps there (where the time goes)."""
     step = None
     if row["mode"] == "compiled":
         # Fresh caches per case: the same forward code recompiles for every model copy and
@@ -67,6 +69,8 @@ def _measure(row: dict, make_step, timer, device) -> dict:
         row["ms"] = timer(step)
         if device.type == "cuda":
             row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if profile_dir:
+            row["profile"] = _profile(step, device, profile_dir, row)
     except Exception as err:  # a peer that cannot run this case: record why, keep going
         first_line = (str(err).splitlines() or [""])[0][:200]
         row.update(ms=None, error=f"{type(err).__name__}: {first_line}")
@@ -75,6 +79,25 @@ def _measure(row: dict, make_step, timer, device) -> dict:
     print(f"  {row['bench']:<10} {row['case']:<24} {row['dtype']:<4} {row['mode']:<8} {row['impl']:<18} "
           + (f"{row['ms']:.3f} ms" if row.get("ms") else row.get("error", "")), flush=True)
     return row
+
+
+def _profile(step, device, profile_dir, row) -> str:
+    """Run step 3 times under torch.profiler; write the top ops by device time; return the path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    name = "-".join(str(row[k]) for k in ("bench", "dtype", "mode", "impl"))
+    path = Path(profile_dir) / f"{name}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+    return str(path)
 
 
 def _peers(xformers: bool) -> list[str]:
@@ -101,7 +124,7 @@ def _unet_call(impl: str, model):
 
 
 # ----------------------------------------------------------------------------- benches
-def bench_unet_infer(pair, size, device, dtypes, modes, impls, timer):
+def bench_unet_infer(pair, size, device, dtypes, modes, impls, timer, profile_dir=None):
     """One U-Net call at the CFG batch."""
     ours, theirs = pair
     g = torch.Generator().manual_seed(1)
@@ -120,7 +143,7 @@ def bench_unet_infer(pair, size, device, dtypes, modes, impls, timer):
                     return torch.no_grad()(lambda: call(x, t, ctx))
                 row = dict(bench="unet-infer", case=f"B={b} {side}x{side} L={size.tokens}", dtype=dname,
                            mode=mode, impl=impl)
-                rows.append(_measure(row, make, timer, device))
+                rows.append(_measure(row, make, timer, device, profile_dir))
     return rows
 
 
@@ -292,6 +315,8 @@ def parse_args(argv):
     parser.add_argument("--out", default=None, help="write every figure as JSON here")
     parser.add_argument("--md", default=None, help="write the markdown table here")
     parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also write a per-kernel torch.profiler table for each U-Net inference case here")
     parser.add_argument("--compile", choices=sorted(COMPILE_MODES), default="both", help="eager, compiled or both")
     parser.add_argument("--dtypes", default=None,
                         help="comma-separated subset of fp16,bf16,fp32 for the inference benches "
@@ -349,7 +374,7 @@ def main(argv=None) -> dict:
         vaes = bm.vae_pair(size)
         checks["vae"] = _checked("VAE", bm.check_vae_pair(*vaes, size))
     if "unet-infer" in args.only:
-        rows += bench_unet_infer(unets, size, device, dtypes, modes, impls, timer)
+        rows += bench_unet_infer(unets, size, device, dtypes, modes, impls, timer, args.profile)
         save(rows)
     if "unet-train" in args.only:
         rows += bench_unet_train(unets, size, device, amp_dtype, modes, impls, timer)

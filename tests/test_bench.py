@@ -15,7 +15,8 @@ def report(tmp_path_factory):
     md = out.with_suffix(".md")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, even on a GPU machine
     cmd = [sys.executable, "-m", "ldm.bench", "--size", "tiny", "--only", ",".join(BENCHES),
-           "--compile", "eager", "--out", str(out), "--md", str(md)]
+           "--compile", "eager", "--out", str(out), "--md", str(md),
+           "--profile", str(out.parent / "profiles")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "CPU-only timings" in proc.stdout  # the banner
@@ -82,3 +83,14 @@ def test_goal_verdicts_on_gpu():
         ("unet-train", "eager", "diffusers-sdpa"): (1.2, False),       # fast enough, but more memory
         ("unet-train", "eager", "diffusers-xformers"): (1.2, None),    # no goal against xformers
     }
+
+
+def test_profile_tables(report):
+    """--profile writes one per-op table per U-Net inference case, named in its row."""
+    data, _ = report
+    infer = [r for r in data["results"] if r["bench"] == "unet-infer"]
+    assert infer and all("profile" in r for r in infer)
+    for r in infer:
+        text = open(r["profile"]).read()
+        assert r["impl"] in r["profile"] and "convolution" in text, r["profile"]
+    assert not any("profile" in r for r in data["results"] if r["bench"] != "unet-infer")

@@ -213,3 +213,20 @@ def test_benchmark_runs_tiny_config(tmp_path):
     assert all(r.get("ms") is not None or "error" in r for r in report["results"])
     if CUDA:  # our kernels are timed, with a speedup against each peer that ran
         assert any("speedup_vs" in r for r in report["results"] if r["impl"] == "ours")
+        assert any(r.get("graph_ms") for r in report["results"] if r["impl"] == "ours")
+
+
+def test_benchmark_ratios_per_timing():
+    """Speed-ups are peer time / our time, separately for Python calls and CUDA-graph replays,
+    and a peer that failed (no time) gets no ratio."""
+    from ldm.kernels.bench import add_ratios
+
+    key = dict(op="attention", case="c", dtype="fp16", direction="fwd")
+    rows = add_ratios([dict(key, impl="ours", ms=2.0, graph_ms=0.5),
+                       dict(key, impl="sdpa-flash", ms=1.0, graph_ms=1.0),
+                       dict(key, impl="sdpa-cudnn", ms=None, error="RuntimeError: no"),
+                       dict(key, impl="xformers", ms=4.0, graph_ms=None),
+                       dict(key, direction="fwd+bwd", impl="sdpa-flash", ms=3.0)])
+    assert rows[0]["speedup_vs"] == {"sdpa-flash": 0.5, "xformers": 2.0}
+    assert rows[0]["graph_speedup_vs"] == {"sdpa-flash": 2.0}
+    assert "speedup_vs" not in rows[4]
