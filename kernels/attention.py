@@ -25,11 +25,12 @@ Supported:
 - CPU tensors run through Triton's interpreter when TRITON_INTERPRET=1 (tests only).
 
 Caution:
-- Block sizes are fixed per (head_dim, dtype) (no autotune), chosen to fit H100 shared
-  memory at d=160/256, not tuned for speed: the first H200 run (docs/results) found them
-  0.4-0.9x cuDNN where the host time did not dominate. Compiled for sm_90 with the 16-byte
-  loads of dense inputs, fp16/bf16 variants use <= 96 KB of shared memory; the fp32
-  backward at d > 128 uses more than consumer GPUs (sm_86/sm_89, 99 KB) offer.
+- Block sizes are fixed per (head_dim, dtype, shared memory) (no autotune). The 16-bit
+  head_dim 72-128 tiles come from `python -m ldm.kernels.tune` on an H200; the others were
+  chosen to fit shared memory and measured (the d=40 ones won that sweep too); head_dim
+  129-256 is not yet tuned. Compiled for sm_90, 16-bit kernels use <= 128 KB of shared
+  memory (the tuned d=72-128 forward; <= 96 KB elsewhere); on 99 KB parts (sm_86/sm_89)
+  that forward falls back to smaller tiles, and the fp32 backward at d > 128 does not fit.
 - Rows must start at multiples of 8 elements for 16-byte loads (ALIGN=8, see _align): true
   of dense (B, H, N, d) and (B, N, H, d) tensors with d % 8 == 0. Other strides work, with
   2-byte loads (the path every head_dim-40 launch took before ALIGN: 2.4x slower than d=64
@@ -45,6 +46,7 @@ Caution:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -375,27 +377,57 @@ def _interpreted() -> bool:
     return isinstance(_attn_fwd_kernel, InterpretedFunction)
 
 
-def _block_config(block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Forward tiles: fewer keys per block as a row grows, to fit H100 shared memory."""
+# Shared memory per block of sm_80/sm_90 parts (A100 163 KB, H100/H200 227 KB) versus consumer
+# Ampere/Ada (99 KB): the larger tiles below only fit the former.
+BIG_SMEM = 160 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_per_block(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 99 * 1024))
+
+
+def _smem(device: torch.device) -> int:
+    return _smem_per_block(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _block_config(block_d: int, dtype: torch.dtype, device: torch.device, smem: int | None = None) -> dict:
+    """Forward tiles: fewer keys per block as a row grows, to fit shared memory.
+
+    The 16-bit head_dim 72-128 entry comes from `python -m ldm.kernels.tune` on an H200
+    (docs/results/tune-h200-2026-11-27.json): at N=1024, d=80 fp16, 128x64 tiles, 8 warps and
+    3 stages took 0.0268 ms against 0.0491 ms for the 128x32/2-stage tiles used before.
+    """
     if device.type != "cuda":  # interpreter: small tiles so tests cross block edges
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=1, num_stages=1)
+    smem = _smem(device) if smem is None else smem
     row_bytes = block_d * dtype.itemsize  # one q/k/v row of the tile
     if row_bytes <= 128:  # fp16 d <= 64
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if row_bytes <= 256:  # fp16 d in (64, 128], fp32 d <= 64
+    if row_bytes <= 256 and dtype.itemsize == 2 and smem >= BIG_SMEM:  # 16-bit d in (64, 128]
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    if row_bytes <= 256:  # fp32 d <= 64, or 16-bit d in (64, 128] on 99 KB parts
         return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
     if row_bytes <= 512:  # fp16 d in (128, 256], fp32 d in (64, 128]
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)  # fp32 d > 128
 
 
-def _bwd_block_config(block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Backward tiles: two fp32 (BLOCK, D) accumulators and four input tiles, so smaller."""
+def _bwd_block_config(block_d: int, dtype: torch.dtype, device: torch.device,
+                      smem: int | None = None) -> dict:
+    """Backward tiles: two fp32 (BLOCK, D) accumulators and four input tiles, so smaller.
+
+    16-bit head_dim 72-128: 32x64 tiles, 4 warps, from the same H200 sweep (N=1024, d=80 fp16:
+    0.169 ms for the three backward kernels against 0.265 ms with 64x32 tiles and 8 warps).
+    """
     if device.type != "cuda":
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=1, num_stages=1)
     row_bytes = block_d * dtype.itemsize
     if row_bytes <= 128:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    if row_bytes <= 256 and dtype.itemsize == 2:
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
     if row_bytes <= 256:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
     return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
