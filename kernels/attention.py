@@ -52,12 +52,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-try:  # makes wrap_triton launch directly in eager mode (triton_op does the same internally)
-    from torch._library.triton import set_wrap_triton_enabled
-except ImportError:  # older torch: wrap_triton launches through its dispatch, just slower
-    from contextlib import nullcontext as set_wrap_triton_enabled
+from ldm.kernels.launch import cdiv, launchable, next_pow2, set_wrap_triton_enabled
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the cheaper instruction
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -471,14 +468,14 @@ def _attn_fwd(
     """Forward launcher: returns out (B, H, Nq, d) and the fp32 log-sum-exp (B, H, Nq)."""
     B, H, n_q, d = q.shape
     n_k = k.shape[2]
-    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs tile sides >= 16
+    block_d = max(16, next_pow2(d))  # tl.dot needs tile sides >= 16
     cfg = _block_config(block_d, q.dtype, q.device)
     out = torch.empty_like(q)  # keeps q's dense layout, e.g. (B, N, H, d) memory order
     lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
     mask, stride_mb = _mask_arg(key_padding_mask, q)
-    grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)
+    grid = (cdiv(n_q, cfg["BLOCK_M"]), B * H)
     a = _align(q, k, v, out)
-    wrap_triton(_attn_fwd_kernel)[grid](
+    launchable(_attn_fwd_kernel)[grid](
         q, k, v, out, lse, mask,
         *_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(out, a), stride_mb,
         H, n_q, n_k, d // a, scale * LOG2E, ALIGN=a,
@@ -496,7 +493,7 @@ def _attn_bwd(
     """Backward launcher: delta = rowsum(dO * O), then the dK/dV pass and the dQ pass."""
     B, H, n_q, d = q.shape
     n_k = k.shape[2]
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_pow2(d))
     cfg = _bwd_block_config(block_d, q.dtype, q.device)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     even = dict(EVEN_M=n_q % bm == 0, EVEN_N=n_k % bn == 0, EVEN_D=d == block_d)
@@ -506,19 +503,19 @@ def _attn_bwd(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     a = _align(q, k, v, out, do, dq, dk, dv)
 
-    wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(n_q, bm), B * H)](
+    launchable(_attn_bwd_preprocess_kernel)[(cdiv(n_q, bm), B * H)](
         out, do, delta, *_strides(out, a), *_strides(do, a), H, n_q, d // a,
         EVEN_M=even["EVEN_M"], EVEN_D=even["EVEN_D"], BLOCK_M=bm, BLOCK_D=block_d, ALIGN=a,
         num_warps=cfg["num_warps"],
     )
-    wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(n_k, bn), B * H)](
+    launchable(_attn_bwd_dkdv_kernel)[(cdiv(n_k, bn), B * H)](
         q, k, v, do, dk, dv, lse, delta, mask,
         *_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(do, a), *_strides(dk, a),
         *_strides(dv, a), stride_mb,
         H, n_q, n_k, d // a, scale, scale * LOG2E, ALIGN=a,
         HAS_MASK=key_padding_mask is not None, BLOCK_D=block_d, **even, **cfg, **flags,
     )
-    wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(n_q, bm), B * H)](
+    launchable(_attn_bwd_dq_kernel)[(cdiv(n_q, bm), B * H)](
         q, k, v, do, dq, lse, delta, mask,
         *_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(do, a), *_strides(dq, a),
         stride_mb,
@@ -621,6 +618,9 @@ def flash_attention(q, k, v, key_padding_mask=None, scale=None, *, fp32_precisio
     if torch.compiler.is_compiling():
         out, _ = _flash_attn_fwd(q, k, v, key_padding_mask, scale, fp32_precision)
         return out
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        with set_wrap_triton_enabled(False):  # inference: no autograd node, no saved tensors
+            return _attn_fwd(q, k, v, key_padding_mask, scale, fp32_precision)[0]
     return _EagerFlashAttention.apply(q, k, v, key_padding_mask, scale, fp32_precision)
 
 

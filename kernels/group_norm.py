@@ -35,12 +35,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-try:  # makes wrap_triton launch directly in eager mode (triton_op does the same internally)
-    from torch._library.triton import set_wrap_triton_enabled
-except ImportError:  # older torch: wrap_triton launches through its dispatch, just slower
-    from contextlib import nullcontext as set_wrap_triton_enabled
+from ldm.kernels.launch import launchable, next_pow2, set_wrap_triton_enabled
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TILE = 4096  # elements per tile (BLOCK_C * BLOCK_L): 16 KiB of fp32 registers per program
@@ -287,7 +284,12 @@ def _gn_backward_dx_kernel(
 
 def _flat_spatial_stride(x: torch.Tensor) -> Optional[int]:
     """The stride of the flattened spatial index of x (N, C, *spatial), or None if not flat."""
-    dims = [(s, st) for s, st in zip(x.shape[2:], x.stride()[2:]) if s != 1]
+    return _spatial_stride(x.shape, x.stride())
+
+
+@functools.lru_cache(maxsize=1024)  # host time: called for every tensor of every launch
+def _spatial_stride(shape: tuple, stride: tuple) -> Optional[int]:
+    dims = [(s, st) for s, st in zip(shape[2:], stride[2:]) if s != 1]
     if not dims:
         return 1
     for (_, outer), (size, inner) in zip(dims[:-1], dims[1:]):
@@ -372,18 +374,19 @@ def _gn_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
     grid, cg, length, _, loops = _plan_for(x, num_groups, target_programs, max_tile)
     y = torch.empty_like(x)  # keeps x's memory format (NCHW or channels_last)
     part = x.new_empty((3, *grid), dtype=torch.float32)  # (count, mean, M2) per chunk
+    cnt, mu, m2 = part.unbind(0)  # one op for three views
     mean = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
     rstd = torch.empty_like(mean)
     sx, sy = _strides(x), _strides(y)
-    wrap_triton(_gn_stats_kernel)[grid](
-        x, part[0], part[1], part[2], num_groups, cg, length,
+    launchable(_gn_stats_kernel)[grid](
+        x, cnt, mu, m2, num_groups, cg, length,
         sx_n=sx[0], sx_c=sx[1], sx_l=sx[2], **loops)
-    wrap_triton(_gn_forward_kernel)[grid](
+    launchable(_gn_forward_kernel)[grid](
         x, y, weight if weight is not None else part, bias if bias is not None else part,
-        part[0], part[1], part[2], mean, rstd, num_groups, cg, length, eps=eps,
+        cnt, mu, m2, mean, rstd, num_groups, cg, length, eps=eps,
         sx_n=sx[0], sx_c=sx[1], sx_l=sx[2], sy_n=sy[0], sy_c=sy[1], sy_l=sy[2],
         HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
-        BLOCK_P=triton.next_power_of_2(grid[1]), **loops)
+        BLOCK_P=next_pow2(grid[1]), **loops)
     return y, mean, rstd
 
 
@@ -403,18 +406,20 @@ def _gn_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu)
     w_arg = weight if weight is not None else sums  # dummies are never read
     b_arg = bias if bias is not None else sums
-    wrap_triton(_gn_backward_partials_kernel)[grid](
-        x, dy, w_arg, b_arg, mean, rstd, sums[0], sums[1], dwb[0], dwb[1],
+    s1, s2 = sums.unbind(0)
+    dw_rows, db_rows = dwb.unbind(0)
+    launchable(_gn_backward_partials_kernel)[grid](
+        x, dy, w_arg, b_arg, mean, rstd, s1, s2, dw_rows, db_rows,
         num_groups, c, cg, length, loops["CHUNK_C"], loops["CHUNK_L"], loops["CHUNKS_L"],
         *sx, *sd, **flags, BLOCK_C=loops["BLOCK_C"], BLOCK_L=loops["BLOCK_L"])
-    wrap_triton(_gn_backward_dx_kernel)[grid](
-        x, dy, dx, w_arg, b_arg, mean, rstd, sums[0], sums[1], num_groups, cg, length,
+    launchable(_gn_backward_dx_kernel)[grid](
+        x, dy, dx, w_arg, b_arg, mean, rstd, s1, s2, num_groups, cg, length,
         loops["CHUNK_C"], loops["CHUNK_L"], loops["CHUNKS_L"], 1.0 / (cg * length),
-        *sx, *sd, *so, **flags, BLOCK_P=triton.next_power_of_2(grid[1]),
+        *sx, *sd, *so, **flags, BLOCK_P=next_pow2(grid[1]),
         BLOCK_C=loops["BLOCK_C"], BLOCK_L=loops["BLOCK_L"])
     # Fixed-order fp32 reductions over (sample, spatial chunk): deterministic, no atomics.
-    dweight = dwb[0].sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
-    dbias = dwb[1].sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
+    dweight = dw_rows.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
+    dbias = db_rows.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
     return dx, dweight, dbias
 
 
@@ -502,7 +507,14 @@ def fused_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation
             int(max_tile))
     if torch.compiler.is_compiling():
         return _group_norm_fwd(*args)[0]
+    if not _needs_grad(x, weight, bias):  # inference: no autograd node, no saved tensors
+        with set_wrap_triton_enabled(False):
+            return _gn_fwd(*args)[0]
     return _EagerGroupNorm.apply(*args)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):

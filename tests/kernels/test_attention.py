@@ -200,6 +200,20 @@ def test_custom_op_and_eager_door_agree_bitwise():
         assert torch.equal(a, b)
 
 
+def test_inference_door_matches_and_records_no_graph():
+    """Without grad (no_grad, or inputs that need none) flash_attention launches directly: no
+    autograd node, and the same output bits as the differentiable door."""
+    q, k, v, _, mask = _inputs((2, 2, 33, 77, 40), torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with_grad = flash_attention(q, k, v, key_padding_mask=mask)
+    assert with_grad.grad_fn is not None
+    with torch.no_grad():
+        no_grad = flash_attention(q, k, v, key_padding_mask=mask)
+    plain = flash_attention(q.detach(), k.detach(), v.detach(), key_padding_mask=mask)
+    for out in (no_grad, plain):
+        assert out.grad_fn is None and torch.equal(out, with_grad.detach())
+
+
 class _TinyAttention(torch.nn.Module):
     """A projection, then flash_attention over (B, H, N, d) heads."""
 

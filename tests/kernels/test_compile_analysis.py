@@ -41,7 +41,7 @@ class Record:
     def __init__(self, kernel): self.kernel = kernel
     def __getitem__(self, grid):
         return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
-A.wrap_triton = G.wrap_triton = Record
+A.launchable = G.launchable = Record
 
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(2, 2, n, 40, generator=g) for n in (65, 77, 77))

@@ -108,6 +108,21 @@ def test_custom_op_and_eager_door_agree_bitwise():
         assert torch.equal(a, b)
 
 
+def test_inference_door_matches_and_records_no_graph():
+    """Without grad fused_group_norm launches directly: no autograd node, same output bits."""
+    x, w, b = (t.requires_grad_() for t in _inputs((2, 64, 5, 7), False, True, torch.float32)[:3])
+
+    def run(x, w, b):
+        return fused_group_norm(x, 8, w, b, activation="silu", target_programs=8)
+    with_grad = run(x, w, b)
+    assert with_grad.grad_fn is not None
+    with torch.no_grad():
+        no_grad = run(x, w, b)
+    plain = run(x.detach(), w.detach(), b.detach())
+    for out in (no_grad, plain):
+        assert out.grad_fn is None and torch.equal(out, with_grad.detach())
+
+
 def test_deterministic_bitwise():
     """Two runs of forward and backward give identical bits (no atomics, fixed order)."""
     shape, groups = (2, 12, 5, 7), 3
