@@ -141,15 +141,15 @@ def init_weights(model: LatentModel, folder: str) -> None:
     """Fine-tuning: start from a model folder's weights (a resumed checkpoint still takes precedence).
 
     The architecture comes from this run's config; a folder that does not fit it fails, naming the keys.
-    One exception: unet.pos_embed=true on a folder trained without it keeps its zero-initialised
-    position projections, so the run starts as exactly the folder's model.
+    One exception: unet.pos_embed=true on a folder trained without it gets zero position
+    projections, so the run starts as exactly the folder's model.
     """
     unet_path = str(Path(folder) / "unet" / WEIGHTS_NAME)
     unet_state = read_weights(unet_path)
     own = model.unet.state_dict()
     new = [k for k in own if ".pos_proj." in k and k not in unet_state]
     if new:
-        unet_state.update({k: own[k] for k in new})
+        unet_state.update({k: torch.zeros_like(own[k]) for k in new})
         logger.info("position embeddings: %d new tensors, zero-initialised", len(new))
     load_state_dict_strict(model.unet, unet_state, unet_path)
     if hasattr(model, "text_encoder"):

@@ -195,8 +195,10 @@ class SpatialTransformer(nn.Module):
 
     pos_embed (not in SD): adds a learned projection of fixed 2-D sin/cos position features to
     the tokens, so cross-attention can tie words such as "on the left" to places. Convolutions
-    see position only through the zero padding, weakly. The projection starts at zero: a model
-    with it behaves exactly as the same weights without it until it learns otherwise.
+    see position only through the zero padding, weakly. The projection has nn.Linear's default
+    (random) initialisation: a zero start is a saddle, as a 4000-step fine-tune found (its
+    projections stayed at ~0.003, docs/stage2-latent.md). Stage 2's init_from zeroes it instead
+    when the source folder was trained without it, so that run starts as exactly that model.
     """
 
     def __init__(
@@ -216,8 +218,6 @@ class SpatialTransformer(nn.Module):
         self.linear_projection = linear_projection
         if pos_embed:
             self.pos_proj = nn.Linear(4 * POS_FREQS, inner)
-            nn.init.zeros_(self.pos_proj.weight)
-            nn.init.zeros_(self.pos_proj.bias)
         else:
             self.pos_proj = None
         # eps 1e-6 here (not the ResBlocks' 1e-5) matches the released SD weights

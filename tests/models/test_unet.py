@@ -62,8 +62,9 @@ def test_cond_emb_is_added_to_time_embedding():
         model(x, t, ctx, cond_emb=torch.zeros(2, 3))
 
 
-def test_position_embeddings_start_at_zero_and_break_translation_symmetry():
-    """pos_embed adds W @ features(y, x) to every transformer token: zero W = the plain U-Net;
+def test_position_embeddings_zero_is_plain_and_nonzero_breaks_translation_symmetry():
+    """pos_embed adds W @ features(y, x) to every transformer token (W random at construction):
+    zero W = the plain U-Net;
     a trained (non-zero) W makes the output depend on where a pattern sits, checked against
     features computed from the definition."""
     import dataclasses
@@ -76,6 +77,10 @@ def test_position_embeddings_start_at_zero_and_break_translation_symmetry():
     pos = UNet(dataclasses.replace(cfg, pos_embed=True)).eval()
     missing, unexpected = pos.load_state_dict(plain.state_dict(), strict=False)
     assert missing and all(".pos_proj." in k for k in missing) and not unexpected
+    assert all(pos.get_parameter(k).abs().max() > 0 for k in missing if k.endswith("weight"))  # random start
+    with torch.no_grad():
+        for k in missing:
+            pos.get_parameter(k).zero_()
     x, t, ctx = _inputs(cfg)
     torch.testing.assert_close(pos(x, t, ctx), plain(x, t, ctx))
     with torch.no_grad():
