@@ -2,10 +2,12 @@
 
     python -m ldm.eval score --images out/ --prompts prompts.txt [--out result.json] [--fd-n N]
     python -m ldm.eval report --model ldm/assets/shapes64 [--n 500] [--out-dir docs/eval/shapes64]
+    python -m ldm.eval position --model ldm/assets/shapes64 [--n 32] [--steps 1,16] [--ws 0,4]
 
 `score` judges a folder of generated PNGs (txt2img --from-file writes out/{line:04d}.png) against
 their prompts; `report` samples the teacher and its students itself and writes report.md/json,
-plots and sample grids.
+plots and sample grids; `position` measures how far position words move an object (fast, no
+oracle: usable on training checkpoints).
 """
 from __future__ import annotations
 
@@ -66,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the students' sampler: deterministic DDIM, or Meng et al.'s N-step stochastic "
                          "sampler (sec. 4.3); the teacher always uses DDIM (default: ddim)")
     rp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+    po = commands.add_parser("position", help="how far position words move an object (teacher, fast)",
+                             description="Sample 'a large red circle' with each position suffix (same noise) "
+                             "and print the red centroid's shift left-right and top-bottom, beside the data's.")
+    po.add_argument("--model", required=True, metavar="DIR", help="model folder with model_index.json")
+    po.add_argument("--n", type=int, default=32, help="samples per prompt (default: 32)")
+    po.add_argument("--steps", type=number_list(int), default=[1, 16], metavar="LIST",
+                    help="teacher DDIM step counts; 1 = the x0 prediction from pure noise (default: 1,16)")
+    po.add_argument("--ws", type=number_list(float), default=[0.0, 4.0], metavar="LIST",
+                    help="guidance weights (default: 0,4)")
+    po.add_argument("--seed", type=int, default=0)
+    po.add_argument("--out", metavar="RESULT.json", help="also write the result as JSON")
+    po.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
 
@@ -92,6 +107,19 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.isfile(os.path.join(args.model, INDEX_NAME)):
         parser.error(f"--model {args.model!r} is not a model folder: "
                      f"{os.path.join(args.model, INDEX_NAME)} is missing")
+    if args.command == "position":
+        import json
+
+        from ldm.eval.position import format_probe, probe
+        if args.n < 1 or min(args.steps) < 1:
+            parser.error(f"need --n >= 1 and --steps >= 1, got --n {args.n} and --steps {args.steps}")
+        result = probe(args.model, args.n, args.steps, args.ws, args.device, args.seed)
+        print(format_probe(result))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+            print(f"wrote {args.out}")
+        return
     for flag, values in (("--teacher-steps", args.teacher_steps), ("--student-steps", args.student_steps)):
         if min(values) < 1:
             parser.error(f"{flag} must be >= 1, got {values}")
