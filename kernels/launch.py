@@ -4,8 +4,9 @@ Each op has two doors to the same launchers: a `torch.library.triton_op` for tor
 (Inductor must see every kernel, so launches go through `wrap_triton`) and a plain
 autograd.Function for eager calls. In the eager door wrapping is switched off
 (`set_wrap_triton_enabled(False)`, as triton_op does internally in eager mode) and `launchable`
-hands back the kernel itself: wrap_triton's checks, and on older torch its higher-order-op
-dispatch, cost host time on every launch, which at SD shapes is larger than the kernel.
+hands back a direct launcher of the kernel instead (_Direct below): wrap_triton's checks (on
+older torch its higher-order-op dispatch) and Triton's per-call bookkeeping cost host time on
+every launch, which at SD shapes is more than the kernel's GPU time.
 """
 from __future__ import annotations
 
