@@ -94,6 +94,9 @@ class LatentStageConfig:
     guidance: float = 2.0                                  # default w written to model_index.json
     save_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # model-folder weights (checkpoints stay fp32)
     init_from: str = ""                                    # a model folder whose unet/ (+ text_encoder/) start the run
+    # scratch text encoder: trained jointly (LDM), or frozen at its seeded random init. Frozen keeps
+    # words distinct that joint training merged: the shapes64 teacher's "left"/"right" (docs/stage2-latent.md).
+    train_text_encoder: bool = True
 
     def __post_init__(self):
         if not 0.0 <= self.p_uncond < 1.0:
@@ -230,6 +233,9 @@ def main(argv: list[str] | None = None) -> Path:
     model = LatentModel(unet, text_encoder, train_text=cfg.text.kind == "scratch")
     if cfg.init_from:
         init_weights(model, cfg.init_from)
+    if cfg.text.kind == "scratch" and not cfg.train_text_encoder:
+        # Still part of the model (checkpointed, exported), just not optimised.
+        model.text_encoder.requires_grad_(False)
     logger.info("U-Net %.2fM params, trained text encoder %.2fM params", count_params(unet) / 1e6,
                 count_params(model) / 1e6 - count_params(unet) / 1e6)
 

@@ -109,6 +109,20 @@ def test_init_from_a_model_folder_starts_from_its_weights(tiny_ae, tmp_path):
             "unet.channels=[32,64]")
 
 
+def test_frozen_scratch_text_encoder_stays_at_its_init(tiny_ae, tmp_path):
+    """train_text_encoder=false: the scratch encoder is exported exactly as it started (same seed,
+    same random init as a trained run's), while the U-Net trains."""
+    common = ["cache_latents=true", f"cache_dir={tmp_path / 'cache'}", "train.max_steps=2", "train.ema_decay=0"]
+    frozen = run(tiny_ae, tmp_path / "frozen", *common, "train_text_encoder=false")
+    start = run(tiny_ae, tmp_path / "start", *common, "train.lr=0")
+    trained = run(tiny_ae, tmp_path / "trained", *common)
+    text = {f: load_file(str(f / "text_encoder" / "model.safetensors")) for f in (frozen, start, trained)}
+    assert all(torch.equal(text[frozen][k], text[start][k]) for k in text[start])
+    assert not all(torch.equal(text[trained][k], text[start][k]) for k in text[start])  # it can tell
+    unet = {f: load_file(str(f / "unet" / "model.safetensors")) for f in (frozen, start)}
+    assert not all(torch.equal(unet[frozen][k], unet[start][k]) for k in unet[start])
+
+
 def test_init_from_adds_zero_position_embeddings(tiny_ae, tmp_path):
     """unet.pos_embed=true on a folder trained without it: the run starts as that model (lr 0
     exports its weights unchanged, plus all-zero position projections) and generates the same."""
