@@ -230,6 +230,7 @@ def _measure(row, run, timer, rate, graph=True):
     if graphed is not None and row["ms"] is not None:
         try:
             row["graph_ms"] = graphed(run)
+            row.update({f"graph_{k}": v for k, v in rate(row["graph_ms"]).items()})  # graph_tflops, ...
         except Exception as err:  # not capturable (e.g. a host sync inside): say so
             row.update(graph_ms=None, graph_error=_why(err))
     return row
