@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ldm.kernels.launch import cdiv, launchable, next_pow2, set_wrap_triton_enabled
+from ldm.kernels.launch import cdiv, launchable, needs_grad, next_pow2, set_wrap_triton_enabled
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the cheaper instruction
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -618,7 +618,7 @@ def flash_attention(q, k, v, key_padding_mask=None, scale=None, *, fp32_precisio
     if torch.compiler.is_compiling():
         out, _ = _flash_attn_fwd(q, k, v, key_padding_mask, scale, fp32_precision)
         return out
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+    if not needs_grad(q, k, v):
         with set_wrap_triton_enabled(False):  # inference: no autograd node, no saved tensors
             return _attn_fwd(q, k, v, key_padding_mask, scale, fp32_precision)[0]
     return _EagerFlashAttention.apply(q, k, v, key_padding_mask, scale, fp32_precision)

@@ -225,18 +225,19 @@ def _measure(row, run, timer, rate, graph=True):
         ms = timer(run)
         row.update(ms=ms, **rate(ms))
     except Exception as err:  # a peer that rejects this shape/dtype: record why, keep going
-        row.update(ms=None, error=_why(err))
+        row.update(ms=None, error=describe_error(err))
     graphed = getattr(timer, "graph", None) if graph else None
     if graphed is not None and row["ms"] is not None:
         try:
             row["graph_ms"] = graphed(run)
             row.update({f"graph_{k}": v for k, v in rate(row["graph_ms"]).items()})  # graph_tflops, ...
         except Exception as err:  # not capturable (e.g. a host sync inside): say so
-            row.update(graph_ms=None, graph_error=_why(err))
+            row.update(graph_ms=None, graph_error=describe_error(err))
     return row
 
 
-def _why(err):
+def describe_error(err: Exception) -> str:
+    """The exception's type and first line (160 characters at most), for a JSON row."""
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
 
 

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ldm.kernels.launch import launchable, next_pow2, set_wrap_triton_enabled
+from ldm.kernels.launch import launchable, needs_grad, next_pow2, set_wrap_triton_enabled
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TILE = 4096  # elements per tile (BLOCK_C * BLOCK_L): 16 KiB of fp32 registers per program
@@ -507,14 +507,11 @@ def fused_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation
             int(max_tile))
     if torch.compiler.is_compiling():
         return _group_norm_fwd(*args)[0]
-    if not _needs_grad(x, weight, bias):  # inference: no autograd node, no saved tensors
+    if not needs_grad(x, weight, bias):  # inference: no autograd node, no saved tensors
         with set_wrap_triton_enabled(False):
             return _gn_fwd(*args)[0]
     return _EagerGroupNorm.apply(*args)
 
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def group_norm_reference(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):

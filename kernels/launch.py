@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor
 from torch.library import wrap_triton
 
@@ -23,7 +24,12 @@ except ImportError:  # older torch: every launch goes through wrap_triton, just 
     def is_wrap_triton_enabled() -> bool:
         return True
 
-__all__ = ["cdiv", "launchable", "next_pow2", "set_wrap_triton_enabled"]
+__all__ = ["cdiv", "launchable", "needs_grad", "next_pow2", "set_wrap_triton_enabled"]
+
+
+def needs_grad(*tensors) -> bool:
+    """False when an eager call can skip autograd: grad mode off, or no input (None allowed) needs it."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def launchable(kernel):

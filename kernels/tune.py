@@ -22,7 +22,8 @@ import time
 import torch
 
 from ldm.kernels import attention as attn
-from ldm.kernels.bench import TEXT_TOKENS, graph_timer, make_timer
+from ldm.kernels.bench import TEXT_TOKENS, describe_error, graph_timer, make_timer
+from ldm.kernels.launch import next_pow2
 
 # (label, B, H, Nq, Nk, d): the SD-1.5 levels, batch 2 (CFG), 8 heads, as in the benchmark.
 CASES = [("self N=4096 d=40", 2, 8, 4096, 4096, 40), ("self N=1024 d=80", 2, 8, 1024, 1024, 80),
@@ -61,7 +62,7 @@ def sweep_case(case, dtype, pass_name, timer, deadline):
     tensors = (q, k, v, out, lse, do)
     reference = _run(pass_name, None, tensors, scale)
     default = (attn._block_config if pass_name == "fwd" else attn._bwd_block_config)(
-        max(16, 1 << (d - 1).bit_length()), dtype, q.device)
+        max(16, next_pow2(d)), dtype, q.device)
     rows = []
     for cfg in sorted(FWD if pass_name == "fwd" else BWD, key=lambda c: c != default):
         if time.monotonic() > deadline:
@@ -74,7 +75,7 @@ def sweep_case(case, dtype, pass_name, timer, deadline):
             row.update(max_abs_diff_vs_default=err,
                        ms=timer(lambda cfg=cfg: _run(pass_name, cfg, tensors, scale)))
         except Exception as e:  # out of shared memory, no valid layout, ...
-            row.update(ms=None, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}")
+            row.update(ms=None, error=describe_error(e))
         rows.append(row)
     return rows
 

@@ -236,8 +236,9 @@ def main(argv: list[str] | None = None) -> Path:
     if cfg.text.kind == "scratch" and not cfg.train_text_encoder:
         # Still part of the model (checkpointed, exported), just not optimised.
         model.text_encoder.requires_grad_(False)
-    logger.info("U-Net %.2fM params, trained text encoder %.2fM params", count_params(unet) / 1e6,
-                count_params(model) / 1e6 - count_params(unet) / 1e6)
+    text_params = count_params(model) - count_params(unet)
+    logger.info("U-Net %.2fM params, %s text encoder %.2fM params", count_params(unet) / 1e6,
+                "trained" if cfg.train_text_encoder else "frozen", text_params / 1e6)
 
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)    # stepped by us, not prepared
