@@ -34,13 +34,17 @@ def empty_asks() -> dict:
     return {"objects": [], "zone": None, "relation": None, "background": None}
 
 
-def caption(scene, rng: np.random.Generator) -> tuple[str, dict]:
-    """A caption true of `scene` and the attributes it asks for; `rng` picks the template."""
+def caption(scene, rng: np.random.Generator, p_zone: float = P_ZONE) -> tuple[str, dict]:
+    """A caption true of `scene` and the attributes it asks for; `rng` picks the template.
+
+    `p_zone`: how often a one-object caption names its zone. It only moves a threshold, so
+    every p_zone draws the same random numbers: the same scenes, only the captions differ.
+    """
     asks = empty_asks()
     if len(scene.objects) == 1:
         obj = scene.objects[0]
         size = obj.size if rng.random() < P_SIZE else None
-        asks["zone"] = obj.zone if rng.random() < P_ZONE else None
+        asks["zone"] = obj.zone if rng.random() < p_zone else None
         asks["objects"] = [{"colour": obj.colour, "shape": obj.shape, "size": size}]
     else:
         asks["objects"] = [{"colour": o.colour, "shape": o.shape, "size": None}

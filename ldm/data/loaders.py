@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ldm.data.captions import P_ZONE
 from ldm.data.shapes import SPLITS, ShapesWorld
 from ldm.data.transforms import CROPS, DECODE_ERRORS, open_image, preprocess
 
@@ -52,6 +53,7 @@ class DataConfig:
     seed: int = 0                # order and crops; for shapes also the world's stream
     split: str = "train"         # shapes: train | heldout; hub: the datasets split name
     length: int = 100_000        # shapes: samples per epoch
+    p_zone: float = P_ZONE       # shapes: share of one-object captions naming the zone (curricula)
     verify: bool = True          # decode every image once up front to skip broken ones
     drop_last: bool = True       # every batch full: steady shapes for compiled models
 
@@ -63,6 +65,8 @@ class DataConfig:
         for key in ("resolution", "batch_size", "length"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 <= self.p_zone <= 1.0:
+            raise ValueError(f"data.p_zone must be in [0, 1], got {self.p_zone}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.source == "shapes":
@@ -219,7 +223,7 @@ def _load_table(cfg: DataConfig):
 def build_dataset(cfg: DataConfig) -> Dataset:
     """The map-style data set `cfg` names; items hold pixel_values (3, R, R) and text."""
     if cfg.source == "shapes":
-        return ShapesWorld(cfg.split, cfg.seed, cfg.resolution, cfg.length)
+        return ShapesWorld(cfg.split, cfg.seed, cfg.resolution, cfg.length, cfg.p_zone)
     if cfg.source != "hub" and not os.path.exists(cfg.path) and not glob.glob(cfg.path):
         raise FileNotFoundError(f"data path does not exist: {cfg.path}")
     table, root = _load_table(cfg)

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ldm.data.captions import caption, empty_asks, parse_caption
+from ldm.data.captions import P_ZONE, caption, empty_asks, parse_caption
 from ldm.data.transforms import to_tensor
 
 BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128)}
@@ -199,17 +199,23 @@ def split_of(scene: Scene) -> str:
     return "heldout" if bucket % HELDOUT_BUCKETS == 0 else "train"
 
 
-def generate(seed: int, index: int, split: str = "train", resolution: int = REFERENCE) -> Sample:
-    """Sample `index` of the (seed, split) stream: a pure function of its arguments."""
+def generate(seed: int, index: int, split: str = "train", resolution: int = REFERENCE,
+             p_zone: float = P_ZONE) -> Sample:
+    """Sample `index` of the (seed, split) stream: a pure function of its arguments.
+
+    `p_zone` (how often a one-object caption names its zone) changes captions, never scenes.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+    if not 0.0 <= p_zone <= 1.0:
+        raise ValueError(f"p_zone must be in [0, 1], got {p_zone}")
     rng = np.random.default_rng([seed, SPLITS[split], index])
     scene = sample_scene(rng, resolution)
     while split_of(scene) != split:  # redraw from the same stream: still deterministic
         scene = sample_scene(rng, resolution)
-    text, asks = caption(scene, rng)
+    text, asks = caption(scene, rng, p_zone)
     return Sample(scene, text, asks)
 
 
@@ -272,12 +278,15 @@ class ShapesWorld(Dataset):
     """
 
     def __init__(self, split: str = "train", seed: int = 0, resolution: int = REFERENCE,
-                 length: int = 10_000):
+                 length: int = 10_000, p_zone: float = P_ZONE):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
+        if not 0.0 <= p_zone <= 1.0:
+            raise ValueError(f"p_zone must be in [0, 1], got {p_zone}")
         self.split, self.seed, self.resolution, self.length = split, seed, resolution, length
+        self.p_zone = p_zone
 
     def __len__(self) -> int:
         return self.length
@@ -285,7 +294,8 @@ class ShapesWorld(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for ShapesWorld of length {self.length}")
-        scene, text, asks = generate(self.seed, int(index), self.split, self.resolution)
+        scene, text, asks = generate(self.seed, int(index), self.split, self.resolution,
+                                     self.p_zone)
         return {"pixel_values": to_tensor(render(scene)), "text": text,
                 "scene": scene.to_dict(), "asks": asks, "index": int(index)}
 

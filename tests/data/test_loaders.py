@@ -229,3 +229,8 @@ def test_accelerate_prepared_loader_resumes():
     resumed.load_state_dict({"epoch": 0, "batch": 2})
     assert [_ids(b) for b in resumed] == plain[2:]
     assert prepared.state_dict() == {"epoch": 1, "batch": 0}
+
+
+def test_data_config_rejects_a_bad_p_zone_by_name():
+    with pytest.raises(ValueError, match="data.p_zone"):
+        DataConfig(p_zone=1.5)

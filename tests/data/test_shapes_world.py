@@ -166,3 +166,23 @@ def test_cli_help_and_bad_arguments(tmp_path):
     assert err.value.code == 0
     with pytest.raises(SystemExit):
         main(["export", "--out", str(tmp_path), "--n", "0"])
+
+
+def test_p_zone_changes_only_the_captions():
+    # a zone curriculum (data.p_zone) must keep the images and their order: only captions move
+    one_object = 0
+    for index in range(300):
+        base = generate(4, index)
+        always, never = generate(4, index, p_zone=1.0), generate(4, index, p_zone=0.0)
+        assert always.scene == base.scene == never.scene
+        assert parse_caption(always.text) == always.asks
+        if len(base.scene.objects) == 1:
+            one_object += 1
+            assert always.asks["zone"] == base.scene.objects[0].zone
+            assert never.asks["zone"] is None
+            assert base.text in (always.text, never.text)  # the default is one of the two
+        else:
+            assert always.text == base.text == never.text
+    assert one_object > 100
+    with pytest.raises(ValueError, match="p_zone"):
+        generate(4, 0, p_zone=1.5)
