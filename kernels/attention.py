@@ -398,12 +398,12 @@ def _block_config(block_d: int, dtype: torch.dtype, device: torch.device, smem: 
     """
     if device.type != "cuda":  # interpreter: small tiles so tests cross block edges
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=1, num_stages=1)
-    smem = _smem(device) if smem is None else smem
     row_bytes = block_d * dtype.itemsize  # one q/k/v row of the tile
     if row_bytes <= 128:  # fp16 d <= 64
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if row_bytes <= 256 and dtype.itemsize == 2 and smem >= BIG_SMEM:  # 16-bit d in (64, 128]
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    if row_bytes <= 256 and dtype.itemsize == 2:  # 16-bit d in (64, 128]: big tiles if they fit
+        if (_smem(device) if smem is None else smem) >= BIG_SMEM:  # looked up only here
+            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     if row_bytes <= 256:  # fp32 d <= 64, or 16-bit d in (64, 128] on 99 KB parts
         return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
     if row_bytes <= 512:  # fp16 d in (128, 256], fp32 d in (64, 128]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm import bench_models as bm
-from ldm.kernels.bench import make_timer  # CUDA events, warmup, median; perf_counter on CPU
+from ldm.kernels.bench import describe_error, make_timer  # timer: CUDA events, warmup, median
 
 BENCHES = ("unet-infer", "unet-train", "vae-decode", "txt2img")
 COMPILE_MODES = {"both": ("eager", "compiled"), "eager": ("eager",), "compiled": ("compiled",)}
@@ -72,8 +72,7 @@ def _measure(row: dict, make_step, timer, device, profile_dir=None) -> dict:
         if profile_dir:
             row["profile"] = _profile(step, device, profile_dir, row)
     except Exception as err:  # a peer that cannot run this case: record why, keep going
-        first_line = (str(err).splitlines() or [""])[0][:200]
-        row.update(ms=None, error=f"{type(err).__name__}: {first_line}")
+        row.update(ms=None, error=describe_error(err))
     del step
     _free(device)
     print(f"  {row['bench']:<10} {row['case']:<24} {row['dtype']:<4} {row['mode']:<8} {row['impl']:<18} "
