@@ -37,6 +37,9 @@ class TextEncoderConfig:
     width: int = 256                  # scratch: token width D
     depth: int = 4                    # scratch: transformer layers
     heads: int = 4                    # scratch: attention heads
+    embed_std: float = 0.02           # scratch: init std of the token embeddings (positions: half).
+                                      # 0.02 as CLIP; 1.0 keeps each word in its own token when the
+                                      # encoder stays frozen at init (docs/stage2-latent.md)
     tokenizer: str = "ViT-B-32"       # scratch: open_clip tokenizer name (the CLIP BPE, ships offline)
     arch: str = "ViT-H-14"            # openclip: architecture name or "local-dir:DIR" with open_clip_config.json
     layer: str = "last"               # clip/openclip: "last" or "penultimate" (then the final LayerNorm)
@@ -47,6 +50,8 @@ class TextEncoderConfig:
             raise ValueError(f"TextEncoderConfig.kind must be one of {KINDS}, got {self.kind!r}")
         if self.layer not in LAYERS:
             raise ValueError(f"TextEncoderConfig.layer must be one of {LAYERS}, got {self.layer!r}")
+        if self.embed_std <= 0:
+            raise ValueError(f"TextEncoderConfig.embed_std must be > 0, got {self.embed_std}")
         if self.kind == "openclip" and not self.path:
             raise ValueError("TextEncoderConfig.path: the openclip kind needs a local checkpoint file")
 
@@ -149,8 +154,11 @@ class ScratchTextEncoder(TextEncoder):
         tok = _simple_tokenizer(open_clip.get_tokenizer(cfg.tokenizer), f"tokenizer {cfg.tokenizer!r}")
         self._tokenize = _BPETokenize(tok, cfg.max_length)
         self.token_embedding = nn.Embedding(tok.vocab_size, cfg.width)
-        self.pos_embedding = nn.Parameter(torch.randn(cfg.max_length, cfg.width) * 0.01)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        # At std 0.02 (CLIP's) the first layer's output, O(1) after its LayerNorm, swamps the
+        # embedding: at random init every token carries about the same bag-of-words mixture and
+        # loses its own word and place. Unit scale keeps them; the layers add context on top.
+        self.pos_embedding = nn.Parameter(torch.randn(cfg.max_length, cfg.width) * (cfg.embed_std / 2))
+        nn.init.normal_(self.token_embedding.weight, std=cfg.embed_std)
         self.layers = nn.ModuleList(_EncoderLayer(cfg.width, cfg.heads) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width)
 

@@ -70,11 +70,28 @@ def test_scratch_gets_gradients(scratch):
     scratch.zero_grad()
 
 
+@pytest.mark.parametrize("embed_std,keeps_words", [(0.02, False), (1.0, True)])
+def test_frozen_random_scratch_keeps_each_word_only_at_unit_scale(embed_std, keeps_words):
+    # A frozen random encoder is only useful if "left" vs "right" changes the "left" token and
+    # little else; at CLIP's 0.02 every token becomes the same bag-of-words mixture.
+    torch.manual_seed(0)
+    enc = ScratchTextEncoder(TextEncoderConfig(kind="scratch", width=64, depth=2, heads=4,
+                                               max_length=16, embed_std=embed_std)).eval()
+    with torch.no_grad():
+        c, mask = enc(["a large red circle on the left", "a large red circle on the right"])
+    diff = (c[1] - c[0])[mask[0]].norm(dim=-1)  # per token; the changed word is token 7 (after <start>)
+    others = torch.cat([diff[:7], diff[8:]])
+    ratio = float(diff[7] / others.max())
+    assert (ratio > 5) == keeps_words, (embed_std, diff.tolist())
+
+
 def test_config_errors_name_the_value():
     with pytest.raises(ValueError, match="bert"):
         TextEncoderConfig(kind="bert")
     with pytest.raises(ValueError, match="wdth"):
         TextEncoderConfig.from_dict({"kind": "scratch", "wdth": 3})
+    with pytest.raises(ValueError, match="embed_std"):
+        TextEncoderConfig(embed_std=0.0)
     with pytest.raises(TypeError, match="single str"):
         ScratchTextEncoder(TextEncoderConfig(width=32, depth=1, heads=2)).tokenize("a red circle")
 
