@@ -1,38 +1,76 @@
-"""Session-6 capacity test (docs/stage2-latent.md, "What unblocks it"): can the shapes64 U-Net and
-scratch text encoder learn position words at all? Trains from scratch on position-only captions,
-then exports a model folder for `python -m ldm.eval position --model OUT --steps 1`.
+"""Capacity tests of position learning (docs/stage2-latent.md, sessions 6 and 7): train the shapes64
+U-Net and scratch text encoder from scratch on a chosen caption mix, then export a model folder for
+`python -m ldm.eval position --model OUT --steps 1`.
 
-    OMP_NUM_THREADS=1 python docs/experiments/position_capacity.py VARIANT STEPS OUT
-    VARIANT: nopos | pos | nopos-frozen | pos-frozen  (unet.pos_embed; text encoder frozen at init)
+    OMP_NUM_THREADS=1 python docs/experiments/position_capacity.py MODE STEPS OUT \
+        [--embed-std S] [--joint] [--no-pos-embed] [--batch N] [--t-min T]
+
+MODE cap: 'a large {colour} circle {zone}' (4 zones); one: one-object scenes, zone always named;
+onefixed: the same scenes as 'a {size} {colour} {shape} {zone}'; mix: the preset's captions.
+Session 6's table: cap with --embed-std 0.02 and each of --joint / --no-pos-embed; session 7's:
+each MODE at the defaults (embed_std 1, encoder frozen at init, pos_embed on), one with --t-min 0.8.
 """
-import sys, random, numpy as np, torch
+import argparse, random, sys
 from pathlib import Path
+
+import numpy as np
+import torch
+
 sys.path.insert(0, "stages")  # run from the repo root
 import train_latent as T
-from ldm.data.shapes import COLOURS, render, scene_for_prompt
+import ldm.diffusion.losses as L
+from ldm.data.captions import ZONE_PHRASES
+from ldm.data.shapes import COLOURS, generate, render, scene_for_prompt
 from ldm.diffusion import DiffusionLoss, schedule_from_config
 from ldm.training.latent_cache import scaled_latents
+
+parser = argparse.ArgumentParser()
+parser.add_argument("mode", choices=["cap", "one", "onefixed", "mix"])
+parser.add_argument("steps", type=int)
+parser.add_argument("out", type=Path)
+parser.add_argument("--embed-std", type=float, default=1.0, help="text.embed_std")
+parser.add_argument("--joint", action="store_true", help="train the text encoder (default: frozen at init)")
+parser.add_argument("--no-pos-embed", action="store_true", help="unet.pos_embed=false")
+parser.add_argument("--batch", type=int, default=32)
+parser.add_argument("--t-min", type=float, default=0.0, help="train on t ~ U[t_min, 1] only (high noise)")
+args = parser.parse_args()
+
 torch.set_num_threads(1); torch.manual_seed(0); random.seed(0)
-pos = sys.argv[1].startswith("pos"); frozen = sys.argv[1].endswith("frozen"); steps = int(sys.argv[2]); out = Path(sys.argv[3])
 cfg = T.parse_args(T.LatentStageConfig, "x", T.DEFAULT_CONFIG,
-                   ["--config", "configs/latent/shapes64.yaml", f"unet.pos_embed={'true' if pos else 'false'}"])
+                   ["--config", "configs/latent/shapes64.yaml", f"unet.pos_embed={str(not args.no_pos_embed).lower()}",
+                    f"text.embed_std={args.embed_std}"])
 ae = T.load_autoencoder(cfg.autoencoder, "cpu")
 rng = np.random.default_rng(0)
-suffix = [" on the left", " on the right", " at the top", " at the bottom"]
-prompts = [f"a large {c} circle{random.choice(suffix)}" for c in COLOURS for _ in range(200)]
-random.shuffle(prompts)
-imgs = torch.from_numpy(np.stack([render(scene_for_prompt(p, rng, 64)) for p in prompts])).permute(0, 3, 1, 2).float() / 127.5 - 1
+if args.mode == "cap":
+    suffix = [" on the left", " on the right", " at the top", " at the bottom"]
+    prompts = [f"a large {c} circle{random.choice(suffix)}" for c in COLOURS for _ in range(200)]
+    random.shuffle(prompts)
+    scenes = [scene_for_prompt(p, rng, 64) for p in prompts]
+else:
+    prompts, scenes, i = [], [], 0
+    while len(prompts) < 4800:
+        s = generate(0, i, p_zone=0.5 if args.mode == "mix" else 1.0); i += 1
+        if args.mode != "mix" and len(s.scene.objects) != 1:
+            continue
+        text = s.text
+        if args.mode == "onefixed":  # one template: size always named, no background words
+            obj = s.scene.objects[0]
+            text = f"a {obj.size} {obj.colour} {obj.shape} {ZONE_PHRASES[obj.zone]}"
+        prompts.append(text); scenes.append(s.scene)
+imgs = torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
 with torch.no_grad():
     post = [ae.encode(imgs[i:i + 200]) for i in range(0, len(imgs), 200)]
 mean = torch.cat([p.mean for p in post]); std = torch.cat([p.std for p in post])
 net = T.LatentModel(T.UNet(cfg.unet), T.build_text_encoder(cfg.text), True)
-if frozen:
+if not args.joint:
     net.text_encoder.requires_grad_(False)
 opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=4e-4, weight_decay=0.01)
+if args.t_min > 0:  # high noise only: where the words, not x_t, decide the layout
+    L.sample_times = lambda schedule, n, **kw: args.t_min + (1 - args.t_min) * torch.rand(n)
 d = cfg.diffusion
 loss_fn = DiffusionLoss(schedule_from_config(d.schedule_config()), d.prediction, d.weighting, d.gamma, d.time, d.time_scale)
-for step in range(steps):
-    idx = torch.randint(0, len(prompts), (32,))
+for step in range(args.steps):
+    idx = torch.randint(0, len(prompts), (args.batch,))
     z = scaled_latents(mean[idx], std[idx], ae.config)
     ps = T.drop_captions([prompts[i] for i in idx], 0.1)
     for g in opt.param_groups:
@@ -41,5 +79,5 @@ for step in range(steps):
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0); opt.step()
     if step % 100 == 0:
         print(step, loss.item(), flush=True)
-T.save_model_folder(net, cfg, out)
-print("saved", out)
+T.save_model_folder(net, cfg, args.out)
+print("saved", args.out)
