@@ -51,11 +51,15 @@ class DiffusionConfig:
     gamma: float = 5.0                                     # min_snr's clip
     time: Literal["continuous", "discrete"] = "continuous"  # t ~ U[0, 1] or integer steps 0..T-1
     time_scale: float = 1000.0                             # the U-Net sees t * time_scale
+    time_shift: float = 1.0                                # > 1: training log-SNR moved by -2 log(shift) (losses.py)
 
     def __post_init__(self):
         schedule = schedule_from_config(self.schedule_config())  # unknown names/options fail here, named
         if self.time == "discrete" and not hasattr(schedule, "num_timesteps"):
             raise ValueError(f"time 'discrete' needs a discrete schedule, {self.schedule!r} is continuous")
+        if self.time_shift <= 0 or (self.time_shift != 1.0 and self.time != "continuous"):
+            raise ValueError(f"diffusion.time_shift={self.time_shift}: must be > 0, and 1.0 unless time is "
+                             "'continuous'")
 
     def schedule_config(self) -> dict:
         return {"name": self.schedule, **self.schedule_options}
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     loss_fn = DiffusionLoss(schedule_from_config(cfg.diffusion.schedule_config()), cfg.diffusion.prediction,
                             cfg.diffusion.weighting, cfg.diffusion.gamma, cfg.diffusion.time,
-                            cfg.diffusion.time_scale)
+                            cfg.diffusion.time_scale, cfg.diffusion.time_shift)
     guard = NonFiniteGuard(cfg.train.max_nonfinite)
     bar = ProgressBar(accelerator, cfg.train.max_steps, initial=step)
     batches = data.forever()

@@ -9,6 +9,8 @@ prediction space, since ||eps-hat - eps||^2 = SNR * ||x0-hat - x0||^2 and, for V
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .param import PREDICTIONS, append_dims, q_sample, training_target
@@ -40,23 +42,53 @@ def loss_weight(weighting: str, prediction: str, alpha, sigma, gamma: float = 5.
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
-def sample_times(schedule, n: int, *, time: str = "discrete", generator=None, device=None) -> torch.Tensor:
-    """Training times (n,): integers in [0, T) for discrete, U[t_min, t_max] for continuous time."""
+def sample_times(schedule, n: int, *, time: str = "discrete", shift: float = 1.0, generator=None,
+                 device=None) -> torch.Tensor:
+    """Training times (n,): integers in [0, T) for discrete, U[t_min, t_max] for continuous time.
+
+    `shift` s > 1 (continuous time only) draws u ~ U[t_min, t_max] and returns the time whose
+    log-SNR is lambda(u) - 2 log s: the whole training distribution moved towards noise, as the
+    shifted schedules of simple diffusion (Hoogeboom et al. 2023, sec. 3.1) and SD3 (Esser et al.
+    2024, sec. 5.3.2), but in the training times only, so samplers and students keep the schedule.
+    Layout is decided at low SNR, where x_t no longer shows it and only the prompt can.
+    """
+    if shift <= 0:
+        raise ValueError(f"time shift must be > 0, got {shift}")
     if time == "discrete":
         if not hasattr(schedule, "num_timesteps"):
             raise ValueError(f"time='discrete' needs a discrete schedule, got {type(schedule).__name__}")
+        if shift != 1.0:
+            raise ValueError("a time shift needs time='continuous'")
         return torch.randint(0, schedule.num_timesteps, (n,), generator=generator, device=device).float()
     if time == "continuous":
         u = torch.rand(n, generator=generator, device=device)
-        return schedule.t_min + (schedule.t_max - schedule.t_min) * u
+        t = schedule.t_min + (schedule.t_max - schedule.t_min) * u
+        if shift != 1.0:
+            t = time_of_logsnr(schedule, schedule.logsnr(t) - 2.0 * math.log(shift)).to(t.dtype)
+        return t
     raise ValueError(f"time must be one of {TIME_SAMPLING}, got {time!r}")
+
+
+def time_of_logsnr(schedule, lam: torch.Tensor, iters: int = 60) -> torch.Tensor:
+    """The t in [t_min, t_max] with logsnr(t) = lam (clipped to the schedule's range), by bisection.
+
+    Any schedule with a decreasing log-SNR works; 60 halvings pin t to float64 precision.
+    """
+    lam = lam.to(torch.float64)
+    lo = torch.full_like(lam, schedule.t_min)
+    hi = torch.full_like(lam, schedule.t_max)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        above = schedule.logsnr(mid) > lam  # still too little noise: the answer is later
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return (lo + hi) / 2
 
 
 class DiffusionLoss:
     """loss(net, x0, extra_args) -> scalar: noise x0 at random t, regress the net onto its target."""
 
     def __init__(self, schedule, prediction: str = "eps", weighting: str = "uniform",
-                 gamma: float = 5.0, time: str = "discrete", time_scale: float = 1.0):
+                 gamma: float = 5.0, time: str = "discrete", time_scale: float = 1.0, time_shift: float = 1.0):
         for name, value, allowed in (("prediction", prediction, PREDICTIONS),
                                      ("weighting", weighting, WEIGHTINGS), ("time", time, TIME_SAMPLING)):
             if value not in allowed:
@@ -64,6 +96,9 @@ class DiffusionLoss:
         self.schedule, self.prediction, self.weighting = schedule, prediction, weighting
         self.gamma, self.time = gamma, time
         self.time_scale = time_scale   # the net sees t * time_scale, as in `Denoiser`
+        self.time_shift = time_shift   # training times moved towards noise (sample_times)
+        if time_shift <= 0 or (time_shift != 1.0 and time != "continuous"):
+            raise ValueError(f"time_shift {time_shift}: must be > 0, and != 1 only with time='continuous'")
 
     def per_sample(self, out, x0, eps, t):
         """Weighted MSE per sample (B,) of the net output `out` at x_t = alpha(t)*x0 + sigma(t)*eps."""
@@ -75,7 +110,8 @@ class DiffusionLoss:
         return w.to(mse.dtype) * mse
 
     def __call__(self, net, x0, extra_args=None, generator=None):
-        t = sample_times(self.schedule, x0.shape[0], time=self.time, generator=generator, device=x0.device)
+        t = sample_times(self.schedule, x0.shape[0], time=self.time, shift=self.time_shift,
+                         generator=generator, device=x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         alpha, sigma = (append_dims(c.to(x0.dtype), x0.ndim) for c in self.schedule.alpha_sigma(t))
         out = net(q_sample(x0, eps, alpha, sigma), t * self.time_scale, **(extra_args or {}))

@@ -1,9 +1,10 @@
 """Parameterization conversions, the Denoiser wrapper and loss weightings against closed forms."""
+import math
 import pytest
 import torch
 
 from ldm.diffusion import param
-from ldm.diffusion.losses import DiffusionLoss, loss_weight, sample_times
+from ldm.diffusion.losses import DiffusionLoss, loss_weight, sample_times, time_of_logsnr
 from ldm.diffusion.schedules import make_schedule
 
 
@@ -107,3 +108,26 @@ def test_sample_times_ranges():
     assert u.min() >= 0 and u.max() <= 1 and 0.45 < u.mean() < 0.55
     with pytest.raises(ValueError, match="discrete schedule"):
         sample_times(make_schedule("cosine_logsnr"), 4, time="discrete")
+
+
+def test_time_shift_moves_log_snr_by_minus_two_log_s():
+    # cosine log-SNR has the closed-form inverse t = (2/pi) atan(exp(-lambda / 2)), so the shifted
+    # time of u is (2/pi) atan(s tan(pi u / 2)); the code finds it by bisection
+    sched, s = make_schedule("cosine_logsnr"), 8.0
+    u = sample_times(sched, 4096, time="continuous", generator=torch.Generator().manual_seed(3))
+    t = sample_times(sched, 4096, time="continuous", shift=s, generator=torch.Generator().manual_seed(3))
+    expect = (2 / math.pi) * torch.atan(s * torch.tan(math.pi / 2 * u.double()))
+    torch.testing.assert_close(t.double(), expect, atol=1e-6, rtol=0)
+    inside = (u > 0.01) & (u < 0.99)  # away from the +-20 clip
+    torch.testing.assert_close(sched.logsnr(t)[inside], sched.logsnr(u)[inside] - 2 * math.log(s), atol=1e-4, rtol=0)
+    assert (t >= u).all() and (t > 0.9).float().mean() > 0.4  # 6.4% of u is above 0.9
+
+
+def test_time_shift_on_a_discrete_table_and_bad_values():
+    sched = make_schedule("scaled_linear", T=1000)  # any decreasing log-SNR inverts, not only the closed form
+    lam = torch.linspace(-5, 6.5, 17, dtype=torch.float64)  # inside its range, -5.4 to 7.1
+    torch.testing.assert_close(sched.logsnr(time_of_logsnr(sched, lam)), lam, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="continuous"):
+        sample_times(sched, 4, time="discrete", shift=2.0)
+    with pytest.raises(ValueError, match="time_shift"):
+        DiffusionLoss(make_schedule("cosine_logsnr"), "v", time="continuous", time_shift=0.0)

@@ -245,3 +245,9 @@ def test_bad_key_is_named(capsys):
     with pytest.raises(SystemExit):
         stage.main(["--config", str(CONFIGS / "tiny.yaml"), "unet.chanels=[8]"])
     assert "unet.chanels" in capsys.readouterr().err
+
+
+def test_bad_time_shift_is_named(capsys):
+    with pytest.raises(SystemExit):
+        stage.main(["--config", str(CONFIGS / "tiny.yaml"), "diffusion.time_shift=-2"])
+    assert "diffusion.time_shift" in capsys.readouterr().err
