@@ -8,6 +8,12 @@ shift the words cause, x(left) - x(right) and y(top) - y(bottom) in pixels: 0 me
 are ignored; the data's own shift (rendered scenes for the same prompts) is printed beside it.
 With steps = 1 the image is the model's x0 prediction from pure noise, i.e. its conditional
 mean: the first thing a diffusion model learns, so it shows position learning early in training.
+
+It also reports where that first prediction comes from (`spread`): its variance across noise
+draws for a fixed prompt against the variance of its per-prompt mean across the four prompts.
+At t = 1 the input holds no image, so the ideal prediction does not depend on the noise at all;
+a model whose first x0 follows the noise lays the scene out from the noise, and the words can
+only recolour it later (docs/stage2-latent.md, session 8).
 """
 from __future__ import annotations
 
@@ -59,6 +65,19 @@ def model_centres(pipe, n: int, steps: int, guidance: float, seed: int = 0) -> d
     return out
 
 
+def spread(images: torch.Tensor) -> dict[str, float]:
+    """images (P prompts, N noises, C, H, W): mean per-pixel variance over noise and over prompts."""
+    return {"noise": images.var(1).mean().item(), "prompt": images.mean(1).var(0).mean().item()}
+
+
+@torch.no_grad()
+def first_step_spread(pipe, n: int, seed: int = 0) -> dict[str, float]:
+    """`spread` of the one-step (t = 1, w = 0) predictions for the four position prompts."""
+    images = [pipe.generate([BASE + s] * n, steps=1, guidance=0.0, seed=seed, teacher=True)[0].float().cpu()
+              for s in SUFFIXES.values()]
+    return spread(torch.stack(images))
+
+
 def probe(model: str, n: int = 32, steps: list[int] = (1, 16), ws: list[float] = (0.0, 4.0),
           device: str = "cpu", seed: int = 0) -> dict:
     from ldm.pipeline import TextToImage
@@ -70,7 +89,8 @@ def probe(model: str, n: int = 32, steps: list[int] = (1, 16), ws: list[float] =
         for w in ws:
             centres = model_centres(pipe, n, s, w, seed)
             rows.append(dict(steps=s, guidance=w, centres=centres, **shifts(centres)))
-    return dict(model=model, n=n, data=dict(centres=truth, **shifts(truth)), rows=rows)
+    return dict(model=model, n=n, data=dict(centres=truth, **shifts(truth)), rows=rows,
+                first_step=first_step_spread(pipe, n, seed) if n > 1 else None)
 
 
 def format_probe(result: dict) -> str:
@@ -81,4 +101,8 @@ def format_probe(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"{'steps=%d w=%g' % (r['steps'], r['guidance']):>18} {r['horizontal']:>17.1f} "
                      f"{r['vertical']:>17.1f}")
+    if result.get("first_step"):
+        f = result["first_step"]
+        lines.append(f"first step (t=1, w=0) x0 variance: {f['noise']:.4f} across noise, {f['prompt']:.4f} "
+                     "across the 4 prompts (ideal: 0 across noise)")
     return "\n".join(lines)

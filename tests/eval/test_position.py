@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ldm.data.shapes import COLOURS
-from ldm.eval.position import data_centres, red_centroid, shifts
+from ldm.eval.position import data_centres, red_centroid, shifts, spread
 
 
 def test_red_centroid_of_known_discs():
@@ -30,10 +30,20 @@ def test_data_obeys_its_position_words():
     assert s["horizontal"] < -25 and s["vertical"] < -25 and not math.isnan(s["horizontal"])
 
 
+def test_spread_separates_noise_from_prompt():
+    """Prompt offsets a_p plus noise terms b_n: the two variances are those of a and b alone."""
+    a = torch.tensor([0.0, 1.0, 2.0, 5.0])       # per prompt; unbiased variance 14/3
+    b = torch.tensor([-1.0, 1.0, 0.0])           # per noise draw; unbiased variance 1
+    images = (a[:, None] + b[None, :])[:, :, None, None, None].expand(4, 3, 3, 2, 2)
+    got = spread(images)
+    assert math.isclose(got["noise"], 1.0, rel_tol=1e-6) and math.isclose(got["prompt"], 14 / 3, rel_tol=1e-6)
+    assert spread(images[:, :1].expand(4, 3, 3, 2, 2))["noise"] == 0.0  # noise-blind: the ideal first step
+
+
 @pytest.mark.slow
 def test_cli_on_the_shipped_model(capsys):
     from ldm.eval.__main__ import main
 
     main(["position", "--model", "ldm/assets/shapes64", "--n", "2", "--steps", "1", "--ws", "0"])
     out = capsys.readouterr().out
-    assert "x(left)-x(right)" in out and "steps=1 w=0" in out
+    assert "x(left)-x(right)" in out and "steps=1 w=0" in out and "across noise" in out
