@@ -48,8 +48,9 @@ def sample_times(schedule, n: int, *, time: str = "discrete", shift: float = 1.0
 
     `shift` s > 1 (continuous time only) draws u ~ U[t_min, t_max] and returns the time whose
     log-SNR is lambda(u) - 2 log s: the whole training distribution moved towards noise, as the
-    shifted schedules of simple diffusion (Hoogeboom et al. 2023, sec. 3.1) and SD3 (Esser et al.
-    2024, sec. 5.3.2), but in the training times only, so samplers and students keep the schedule.
+    shifted schedules of simple diffusion (Hoogeboom et al. 2023) and SD3's resolution-dependent
+    shift (Esser et al. 2024), but in the training times only, so samplers and students keep the
+    schedule.
     Layout is decided at low SNR, where x_t no longer shows it and only the prompt can.
     """
     if shift <= 0:
