@@ -55,12 +55,17 @@ def data_centres(n: int, resolution: int, seed: int = 0) -> dict[str, tuple[floa
 
 
 @torch.no_grad()
-def model_centres(pipe, n: int, steps: int, guidance: float, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """Mean red centroid of n teacher samples per position prompt, the same noise for each."""
+def model_samples(pipe, n: int, steps: int, guidance: float, seed: int = 0) -> torch.Tensor:
+    """n teacher samples per position prompt, the same noise for each: (4 prompts, n, 3, H, W) on the CPU."""
+    return torch.stack([pipe.generate([BASE + suffix] * n, steps=steps, guidance=guidance, seed=seed,
+                                      teacher=True)[0].float().cpu() for suffix in SUFFIXES.values()])
+
+
+def sample_centres(samples: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """Mean red centroid per position prompt of `model_samples`' output."""
     out = {}
-    for key, suffix in SUFFIXES.items():
-        images, _ = pipe.generate([BASE + suffix] * n, steps=steps, guidance=guidance, seed=seed, teacher=True)
-        x, y = red_centroid(images.float().cpu())
+    for key, images in zip(SUFFIXES, samples):
+        x, y = red_centroid(images)
         out[key] = (x.mean().item(), y.mean().item())
     return out
 
@@ -70,27 +75,25 @@ def spread(images: torch.Tensor) -> dict[str, float]:
     return {"noise": images.var(1).mean().item(), "prompt": images.mean(1).var(0).mean().item()}
 
 
-@torch.no_grad()
-def first_step_spread(pipe, n: int, seed: int = 0) -> dict[str, float]:
-    """`spread` of the one-step (t = 1, w = 0) predictions for the four position prompts."""
-    images = [pipe.generate([BASE + s] * n, steps=1, guidance=0.0, seed=seed, teacher=True)[0].float().cpu()
-              for s in SUFFIXES.values()]
-    return spread(torch.stack(images))
-
-
 def probe(model: str, n: int = 32, steps: list[int] = (1, 16), ws: list[float] = (0.0, 4.0),
           device: str = "cpu", seed: int = 0) -> dict:
+    """Shifts at each (steps, w), and the `spread` of the one-step (t = 1, w = 0) predictions."""
     from ldm.pipeline import TextToImage
 
     pipe = TextToImage.from_folder(model, device=device)
     truth = data_centres(n, pipe.index.resolution, seed)
-    rows = []
+    rows, first = [], None
     for s in steps:
         for w in ws:
-            centres = model_centres(pipe, n, s, w, seed)
+            samples = model_samples(pipe, n, s, w, seed)
+            if s == 1 and w == 0:
+                first = samples
+            centres = sample_centres(samples)
             rows.append(dict(steps=s, guidance=w, centres=centres, **shifts(centres)))
+    if n > 1 and first is None:  # the grid has no one-step, unguided row: sample it for the spread
+        first = model_samples(pipe, n, 1, 0.0, seed)
     return dict(model=model, n=n, data=dict(centres=truth, **shifts(truth)), rows=rows,
-                first_step=first_step_spread(pipe, n, seed) if n > 1 else None)
+                first_step=spread(first) if n > 1 else None)
 
 
 def format_probe(result: dict) -> str:
