@@ -25,6 +25,7 @@ from torch import nn
 
 from ldm.data.loaders import DataConfig, make_dataloader
 from ldm.diffusion import SAMPLERS, DiffusionLoss, schedule_from_config
+from ldm.diffusion.losses import check_time_shift
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
 from ldm.models.text import TextEncoderConfig, build_text_encoder
 from ldm.models.unet import UNet, UNetConfig, count_params
@@ -57,9 +58,7 @@ class DiffusionConfig:
         schedule = schedule_from_config(self.schedule_config())  # unknown names/options fail here, named
         if self.time == "discrete" and not hasattr(schedule, "num_timesteps"):
             raise ValueError(f"time 'discrete' needs a discrete schedule, {self.schedule!r} is continuous")
-        if self.time_shift <= 0 or (self.time_shift != 1.0 and self.time != "continuous"):
-            raise ValueError(f"diffusion.time_shift={self.time_shift}: must be > 0, and 1.0 unless time is "
-                             "'continuous'")
+        check_time_shift(self.time_shift, self.time, "diffusion.time_shift")
 
     def schedule_config(self) -> dict:
         return {"name": self.schedule, **self.schedule_options}

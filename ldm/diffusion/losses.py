@@ -50,16 +50,12 @@ def sample_times(schedule, n: int, *, time: str = "discrete", shift: float = 1.0
     log-SNR is lambda(u) - 2 log s: the whole training distribution moved towards noise, as the
     shifted schedules of simple diffusion (Hoogeboom et al. 2023) and SD3's resolution-dependent
     shift (Esser et al. 2024), but in the training times only, so samplers and students keep the
-    schedule.
-    Layout is decided at low SNR, where x_t no longer shows it and only the prompt can.
+    schedule. Layout is decided at low SNR, where x_t no longer shows it and only the prompt can.
     """
-    if shift <= 0:
-        raise ValueError(f"time shift must be > 0, got {shift}")
+    check_time_shift(shift, time)
     if time == "discrete":
         if not hasattr(schedule, "num_timesteps"):
             raise ValueError(f"time='discrete' needs a discrete schedule, got {type(schedule).__name__}")
-        if shift != 1.0:
-            raise ValueError("a time shift needs time='continuous'")
         return torch.randint(0, schedule.num_timesteps, (n,), generator=generator, device=device).float()
     if time == "continuous":
         u = torch.rand(n, generator=generator, device=device)
@@ -68,6 +64,12 @@ def sample_times(schedule, n: int, *, time: str = "discrete", shift: float = 1.0
             t = time_of_logsnr(schedule, schedule.logsnr(t) - 2.0 * math.log(shift)).to(t.dtype)
         return t
     raise ValueError(f"time must be one of {TIME_SAMPLING}, got {time!r}")
+
+
+def check_time_shift(shift: float, time: str, name: str = "time_shift") -> None:
+    """ValueError naming `name` unless shift > 0, and shift == 1 unless time is continuous."""
+    if shift <= 0 or (shift != 1.0 and time != "continuous"):
+        raise ValueError(f"{name}={shift}: must be > 0, and 1.0 unless time='continuous' (time={time!r})")
 
 
 def time_of_logsnr(schedule, lam: torch.Tensor, iters: int = 60) -> torch.Tensor:
@@ -98,8 +100,7 @@ class DiffusionLoss:
         self.gamma, self.time = gamma, time
         self.time_scale = time_scale   # the net sees t * time_scale, as in `Denoiser`
         self.time_shift = time_shift   # training times moved towards noise (sample_times)
-        if time_shift <= 0 or (time_shift != 1.0 and time != "continuous"):
-            raise ValueError(f"time_shift {time_shift}: must be > 0, and != 1 only with time='continuous'")
+        check_time_shift(time_shift, time)
 
     def per_sample(self, out, x0, eps, t):
         """Weighted MSE per sample (B,) of the net output `out` at x_t = alpha(t)*x0 + sigma(t)*eps."""
