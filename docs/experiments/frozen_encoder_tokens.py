@@ -1,6 +1,6 @@
 """Session-7 check (docs/stage2-latent.md): per-token feature distance between two prompts for a
 random scratch text encoder at embed_std 0.02 and 1.0.  OMP_NUM_THREADS=1 python docs/experiments/frozen_encoder_tokens.py"""
-import sys, torch
+import torch
 from ldm.models.text import TextEncoderConfig, build_text_encoder
 for std in (0.02, 1.0):
     torch.manual_seed(0)

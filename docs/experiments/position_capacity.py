@@ -121,7 +121,8 @@ with torch.no_grad():  # the first sampling step: x0 = -v at t = 1, the same 8 n
     x0 = -torch.stack([net(z1, torch.full((8,), d.time_scale), [p] * 8) for p in prompts])  # (8 prompts, 8, 4, 16, 16)
     images = ae.decode_latents(x0.flatten(0, 1)).clamp(-1, 1)
 x, y = (c.view(8, 8).mean(1) for c in red_centroid(images))
-print(f"first step: latent variance {spread(x0)['noise']:.4f} across noise, {spread(x0)['prompt']:.4f} across prompts; "
+first = spread(x0)
+print(f"first step: latent variance {first['noise']:.4f} across noise, {first['prompt']:.4f} across prompts; "
       f"red x(left)-x(right) {x[0] - x[1]:.1f}, y(top)-y(bottom) {y[2] - y[3]:.1f} px")
 grid = images.view(8, 8, 3, 64, 64).permute(0, 3, 1, 4, 2).reshape(512, 512, 3)  # rows: prompts, columns: noises
 Image.fromarray(((grid + 1) * 127.5).round().byte().numpy()).save(args.out.with_suffix(".png"))
