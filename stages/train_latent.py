@@ -53,12 +53,14 @@ class DiffusionConfig:
     time: Literal["continuous", "discrete"] = "continuous"  # t ~ U[0, 1] or integer steps 0..T-1
     time_scale: float = 1000.0                             # the U-Net sees t * time_scale
     time_shift: float = 1.0                                # > 1: training log-SNR moved by -2 log(shift) (losses.py)
+    time_shift_share: float = 1.0                          # share of samples shifted; the rest keep u ~ U[0, 1]
 
     def __post_init__(self):
         schedule = schedule_from_config(self.schedule_config())  # unknown names/options fail here, named
         if self.time == "discrete" and not hasattr(schedule, "num_timesteps"):
             raise ValueError(f"time 'discrete' needs a discrete schedule, {self.schedule!r} is continuous")
-        check_time_shift(self.time_shift, self.time, "diffusion.time_shift")
+        check_time_shift(self.time_shift, self.time, "diffusion.time_shift", self.time_shift_share,
+                         "diffusion.time_shift_share")
 
     def schedule_config(self) -> dict:
         return {"name": self.schedule, **self.schedule_options}
@@ -256,7 +258,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     loss_fn = DiffusionLoss(schedule_from_config(cfg.diffusion.schedule_config()), cfg.diffusion.prediction,
                             cfg.diffusion.weighting, cfg.diffusion.gamma, cfg.diffusion.time,
-                            cfg.diffusion.time_scale, cfg.diffusion.time_shift)
+                            cfg.diffusion.time_scale, cfg.diffusion.time_shift,
+                            cfg.diffusion.time_shift_share)
     guard = NonFiniteGuard(cfg.train.max_nonfinite)
     bar = ProgressBar(accelerator, cfg.train.max_steps, initial=step)
     batches = data.forever()

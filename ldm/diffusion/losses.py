@@ -42,8 +42,8 @@ def loss_weight(weighting: str, prediction: str, alpha, sigma, gamma: float = 5.
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
-def sample_times(schedule, n: int, *, time: str = "discrete", shift: float = 1.0, generator=None,
-                 device=None) -> torch.Tensor:
+def sample_times(schedule, n: int, *, time: str = "discrete", shift: float = 1.0, shift_share: float = 1.0,
+                 generator=None, device=None) -> torch.Tensor:
     """Training times (n,): integers in [0, T) for discrete, U[t_min, t_max] for continuous time.
 
     `shift` s > 1 (continuous time only) draws u ~ U[t_min, t_max] and returns the time whose
@@ -51,8 +51,10 @@ def sample_times(schedule, n: int, *, time: str = "discrete", shift: float = 1.0
     shifted schedules of simple diffusion (Hoogeboom et al. 2023) and SD3's resolution-dependent
     shift (Esser et al. 2024), but in the training times only, so samplers and students keep the
     schedule. Layout is decided at low SNR, where x_t no longer shows it and only the prompt can.
+    `shift_share` < 1 shifts only that share of the samples (each one drawn independently) and
+    leaves the rest at u: a mixture that keeps the low-noise times where detail is learnt.
     """
-    check_time_shift(shift, time)
+    check_time_shift(shift, time, share=shift_share)
     if time == "discrete":
         if not hasattr(schedule, "num_timesteps"):
             raise ValueError(f"time='discrete' needs a discrete schedule, got {type(schedule).__name__}")
@@ -61,15 +63,22 @@ def sample_times(schedule, n: int, *, time: str = "discrete", shift: float = 1.0
         u = torch.rand(n, generator=generator, device=device)
         t = schedule.t_min + (schedule.t_max - schedule.t_min) * u
         if shift != 1.0:
-            t = time_of_logsnr(schedule, schedule.logsnr(t) - 2.0 * math.log(shift)).to(t.dtype)
+            shifted = time_of_logsnr(schedule, schedule.logsnr(t) - 2.0 * math.log(shift)).to(t.dtype)
+            if shift_share < 1.0:
+                keep = torch.rand(n, generator=generator, device=device) >= shift_share
+                shifted = torch.where(keep, t, shifted)
+            t = shifted
         return t
     raise ValueError(f"time must be one of {TIME_SAMPLING}, got {time!r}")
 
 
-def check_time_shift(shift: float, time: str, name: str = "time_shift") -> None:
-    """ValueError naming `name` unless shift > 0, and shift == 1 unless time is continuous."""
+def check_time_shift(shift: float, time: str, name: str = "time_shift", share: float = 1.0,
+                     share_name: str = "time_shift_share") -> None:
+    """ValueError naming the key unless shift > 0 (1 unless time is continuous) and 0 <= share <= 1."""
     if shift <= 0 or (shift != 1.0 and time != "continuous"):
         raise ValueError(f"{name}={shift}: must be > 0, and 1.0 unless time='continuous' (time={time!r})")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"{share_name}={share}: must be in [0, 1] (the share of samples at shifted times)")
 
 
 def time_of_logsnr(schedule, lam: torch.Tensor, iters: int = 60) -> torch.Tensor:
@@ -91,7 +100,8 @@ class DiffusionLoss:
     """loss(net, x0, extra_args) -> scalar: noise x0 at random t, regress the net onto its target."""
 
     def __init__(self, schedule, prediction: str = "eps", weighting: str = "uniform",
-                 gamma: float = 5.0, time: str = "discrete", time_scale: float = 1.0, time_shift: float = 1.0):
+                 gamma: float = 5.0, time: str = "discrete", time_scale: float = 1.0, time_shift: float = 1.0,
+                 time_shift_share: float = 1.0):
         for name, value, allowed in (("prediction", prediction, PREDICTIONS),
                                      ("weighting", weighting, WEIGHTINGS), ("time", time, TIME_SAMPLING)):
             if value not in allowed:
@@ -100,7 +110,8 @@ class DiffusionLoss:
         self.gamma, self.time = gamma, time
         self.time_scale = time_scale   # the net sees t * time_scale, as in `Denoiser`
         self.time_shift = time_shift   # training times moved towards noise (sample_times)
-        check_time_shift(time_shift, time)
+        self.time_shift_share = time_shift_share
+        check_time_shift(time_shift, time, share=time_shift_share)
 
     def per_sample(self, out, x0, eps, t):
         """Weighted MSE per sample (B,) of the net output `out` at x_t = alpha(t)*x0 + sigma(t)*eps."""
@@ -113,7 +124,7 @@ class DiffusionLoss:
 
     def __call__(self, net, x0, extra_args=None, generator=None):
         t = sample_times(self.schedule, x0.shape[0], time=self.time, shift=self.time_shift,
-                         generator=generator, device=x0.device)
+                         shift_share=self.time_shift_share, generator=generator, device=x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         alpha, sigma = (append_dims(c.to(x0.dtype), x0.ndim) for c in self.schedule.alpha_sigma(t))
         out = net(q_sample(x0, eps, alpha, sigma), t * self.time_scale, **(extra_args or {}))

@@ -123,6 +123,21 @@ def test_time_shift_moves_log_snr_by_minus_two_log_s():
     assert (t >= u).all() and (t > 0.9).float().mean() > 0.4  # 6.4% of u is above 0.9
 
 
+def test_time_shift_share_mixes_shifted_and_plain_times():
+    # u is drawn first, so every mixed time is either u itself or u's shifted time; the shifted
+    # count is Binomial(4096, 0.3): mean 1229, sd 29
+    sched, s, n = make_schedule("cosine_logsnr"), 8.0, 4096
+    draw = lambda **kw: sample_times(sched, n, time="continuous", generator=torch.Generator().manual_seed(5), **kw)  # noqa: E731
+    u, full, mixed = draw(), draw(shift=s), draw(shift=s, shift_share=0.3)
+    plain, shifted = torch.isclose(mixed, u, atol=1e-7, rtol=0), torch.isclose(mixed, full, atol=1e-7, rtol=0)
+    assert bool((plain | shifted).all())
+    moved = (shifted & ~plain).sum().item()
+    assert 1229 - 5 * 29 < moved < 1229 + 5 * 29
+    torch.testing.assert_close(draw(shift=s, shift_share=0.0), u, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="time_shift_share"):
+        DiffusionLoss(sched, "v", time="continuous", time_shift=s, time_shift_share=1.5)
+
+
 def test_time_shift_on_a_discrete_table_and_bad_values():
     sched = make_schedule("scaled_linear", T=1000)  # any decreasing log-SNR inverts, not only the closed form
     lam = torch.linspace(-5, 6.5, 17, dtype=torch.float64)  # inside its range, -5.4 to 7.1

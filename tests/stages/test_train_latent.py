@@ -247,7 +247,9 @@ def test_bad_key_is_named(capsys):
     assert "unet.chanels" in capsys.readouterr().err
 
 
-def test_bad_time_shift_is_named(capsys):
+@pytest.mark.parametrize("override, key", [("diffusion.time_shift=-2", "diffusion.time_shift="),
+                                           ("diffusion.time_shift_share=2", "diffusion.time_shift_share=")])
+def test_bad_time_shift_is_named(capsys, override, key):
     with pytest.raises(SystemExit):
-        stage.main(["--config", str(CONFIGS / "tiny.yaml"), "diffusion.time_shift=-2"])
-    assert "diffusion.time_shift" in capsys.readouterr().err
+        stage.main(["--config", str(CONFIGS / "tiny.yaml"), override])
+    assert key in capsys.readouterr().err
