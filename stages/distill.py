@@ -4,7 +4,8 @@
     python stages/distill.py --config configs/distill/tiny.yaml teacher=DIR [--resume latest] [key=value ...]
 
 Stage one (Meng sec. 4.1): a w-conditioned student, initialised from the teacher, learns the
-teacher's guided x-prediction (1 + w) x(z_t, c) - w x(z_t, "") for w ~ U[w_min, w_max], t ~ U[0, 1].
+teacher's guided x-prediction (1 + w) x(z_t, c) - w x(z_t, "") for w ~ U[w_min, w_max], t ~ U[0, 1]
+(optionally shifted towards noise: distill.time_shift).
 It is the N_start-step model (DDIM). Stage two (Meng sec. 4.2, Salimans & Ho 2022 Alg. 2): rounds
 halve the step count, N_start -> N_start/2 -> ... -> n_end; each student starts from its teacher
 (the previous round's student) and learns two of its DDIM steps in one.
@@ -27,6 +28,7 @@ from typing import Literal, Optional
 import torch
 
 from ldm.data.loaders import DataConfig, make_dataloader
+from ldm.diffusion.losses import check_time_shift, shift_times
 from ldm.diffusion.param import Denoiser
 from ldm.diffusion.samplers import initial_noise, sample_ddim
 from ldm.distill.student import GuidedStudent
@@ -59,6 +61,11 @@ class DistillSettings:
     val_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square left of a green triangle"])
     val_w: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0])   # one grid row per w
     val_seed: int = 0                  # validation noise: the same images every time
+    # Stage one's times: t ~ U[0, 1] (Meng et al.) moved to log-SNR lambda(t) - 2 log time_shift for
+    # a share time_shift_share of the samples, as stage 2's diffusion.time_shift(_share) (losses.py).
+    # Rounds use their sampling grid whatever these say.
+    time_shift: float = 1.0
+    time_shift_share: float = 1.0
 
     def __post_init__(self):
         if not 0 <= self.w_min <= self.w_max:
@@ -66,6 +73,8 @@ class DistillSettings:
         ratio = self.n_start // self.n_end if self.n_end >= 1 else 0
         if self.n_end < 1 or self.n_start % self.n_end or ratio & (ratio - 1):
             raise ValueError(f"n_start ({self.n_start}) must be n_end ({self.n_end}) times a power of two")
+        check_time_shift(self.time_shift, "continuous", "distill.time_shift", self.time_shift_share,
+                         "distill.time_shift_share")
         if self.stage_one_steps < 1 or self.round_steps < 1:
             raise ValueError(f"stage_one_steps and round_steps must be >= 1, got "
                              f"{self.stage_one_steps}, {self.round_steps}")
@@ -193,8 +202,9 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
                 cond = parts.encode_prompts(["" if u else p for u, p in zip(drop.tolist(), batch["text"])])
             B = x0.shape[0]
             w = d.w_min + (d.w_max - d.w_min) * torch.rand(B, device=device)             # (B,)
-            if grid is None:                                     # stage one: t ~ U[0, 1]
-                t = torch.rand(B, device=device, dtype=torch.float64)
+            if grid is None:                                     # stage one: t ~ U[0, 1], maybe shifted
+                t = shift_times(schedule, torch.rand(B, device=device, dtype=torch.float64), d.time_shift,
+                                d.time_shift_share)
             else:                                                # stage two: t = i / (N/2) on the grid
                 t, t_mid, t_end = grid[torch.randint(0, len(grid), (B,), device=device)].unbind(1)
             alpha, sigma = (c.float() for c in schedule.alpha_sigma(t))                  # (B,)

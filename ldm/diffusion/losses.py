@@ -61,15 +61,20 @@ def sample_times(schedule, n: int, *, time: str = "discrete", shift: float = 1.0
         return torch.randint(0, schedule.num_timesteps, (n,), generator=generator, device=device).float()
     if time == "continuous":
         u = torch.rand(n, generator=generator, device=device)
-        t = schedule.t_min + (schedule.t_max - schedule.t_min) * u
-        if shift != 1.0:
-            shifted = time_of_logsnr(schedule, schedule.logsnr(t) - 2.0 * math.log(shift)).to(t.dtype)
-            if shift_share < 1.0:
-                keep = torch.rand(n, generator=generator, device=device) >= shift_share
-                shifted = torch.where(keep, t, shifted)
-            t = shifted
-        return t
+        return shift_times(schedule, schedule.t_min + (schedule.t_max - schedule.t_min) * u, shift, shift_share,
+                           generator)
     raise ValueError(f"time must be one of {TIME_SAMPLING}, got {time!r}")
+
+
+def shift_times(schedule, t: torch.Tensor, shift: float, share: float = 1.0, generator=None) -> torch.Tensor:
+    """The times whose log-SNR is lambda(t) - 2 log shift, for a random `share` of t (the rest as given)."""
+    if shift == 1.0:
+        return t
+    shifted = time_of_logsnr(schedule, schedule.logsnr(t) - 2.0 * math.log(shift)).to(t.dtype)
+    if share < 1.0:
+        keep = torch.rand(t.shape, generator=generator, device=t.device) >= share
+        shifted = torch.where(keep, t, shifted)
+    return shifted
 
 
 def check_time_shift(shift: float, time: str, name: str = "time_shift", share: float = 1.0,

@@ -94,9 +94,24 @@ def test_resume_from_another_rounds_state_differs(stage, straight, teacher, tmp_
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bad_settings_are_named(stage, teacher, tmp_path):
+def test_stage_one_time_shift_reaches_training(stage, straight, teacher, tmp_path):
+    # Same seed, same data: only stage one's times differ, so its student must too (the straight
+    # run is the unshifted reference; with distill.time_shift=1 the students are equal).
+    root, folder = straight
+    out = stage.main(argv(teacher, tmp_path / "run", tmp_path / "model", "distill.n_end=2",
+                          "distill.time_shift=8", "distill.time_shift_share=0.5"))
+    a = load_file(str(Path(folder) / "student-2" / "model.safetensors"))
+    b = load_file(str(Path(out) / "student-2" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in b.values())
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_settings_are_named(stage, teacher, tmp_path, capsys):
     with pytest.raises(SystemExit):
         stage.main(argv(teacher, tmp_path, tmp_path / "m", "distill.n_start=3"))
+    with pytest.raises(SystemExit):
+        stage.main(argv(teacher, tmp_path, tmp_path / "m", "distill.time_shift_share=-1"))
+    assert "distill.time_shift_share" in capsys.readouterr().err
     with pytest.raises(ValueError, match="teacher=DIR"):
         stage.run(stage.parse_args(stage.DistillStageConfig, "", None, ["--config", str(ROOT / "configs" / "distill" / "tiny.yaml")]))
 
