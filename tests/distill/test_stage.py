@@ -126,6 +126,18 @@ def test_presets_load_and_plan_halving_rounds(stage, preset):
     assert rounds[-1].steps == cfg.distill.n_end
 
 
+def test_round_updates_override_single_rounds(stage, capsys):
+    from ldm.training import load_config
+    preset = ROOT / "configs" / "distill" / "shapes64.yaml"
+    cfg = load_config(stage.DistillStageConfig, preset, ["teacher=x", "distill.round_updates={8: 1800, 4: 900}"])
+    updates = {r.steps: r.updates for r in stage.plan_rounds(cfg.distill)[1:]}
+    base = cfg.distill.round_steps
+    assert updates == {32: base, 16: base, 8: 1800, 4: 900, 2: base, 1: base}
+    with pytest.raises(SystemExit):                                   # no 3-step round: named, not ignored
+        stage.main(["--config", str(preset), "teacher=x", "distill.round_updates={3: 100}"])
+    assert "distill.round_updates" in capsys.readouterr().err
+
+
 def test_cached_latents_are_built_once_and_trained_on(stage, teacher, tmp_path):
     # Stage 3 reads stage 2's latent cache: the cache is keyed on the teacher's autoencoder and the
     # data, built on the first run and hit by the next, which trains the same students from it.
