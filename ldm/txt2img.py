@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.pipeline import DEFAULT_MODEL, INDEX_NAME, TextToImage
+from ldm.pipeline import DECODER_PRECISIONS, DEFAULT_MODEL, INDEX_NAME, TextToImage
 from ldm.training.images import make_grid
 
 
 # ----------------------------------------------------------------------------- shared by the three CLIs
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--model, --steps, --guidance, --seed, --teacher, --sampler, --device."""
+    """--model, --steps, --guidance, --seed, --teacher, --sampler, --device, --decoder-precision."""
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                         help="model folder with model_index.json (default: the shipped shapes64 model)")
     parser.add_argument("--steps", type=int, default=4, help="sampling steps (default: 4)")
@@ -39,6 +39,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default="ddim", choices=["ddim", "stochastic"],
                         help="ddim (deterministic) or stochastic (Meng et al. 2023, sec. 4.3)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--decoder-precision", default="auto", choices=list(DECODER_PRECISIONS),
+                        help="autoencoder decoder: auto = bf16 on CPUs with native bf16 (about 2x faster, "
+                             "pixels within 0.02 of fp32), else fp32")
 
 
 def load_pipeline(parser: argparse.ArgumentParser, args) -> TextToImage:
@@ -48,7 +51,7 @@ def load_pipeline(parser: argparse.ArgumentParser, args) -> TextToImage:
     if not os.path.isfile(os.path.join(args.model, INDEX_NAME)):
         parser.error(f"--model {args.model!r} is not a model folder: {os.path.join(args.model, INDEX_NAME)} "
                      f"is missing (train one with stages/, or pass --model DIR)")
-    return TextToImage.from_folder(args.model, device=args.device)
+    return TextToImage.from_folder(args.model, device=args.device, decoder_precision=args.decoder_precision)
 
 
 def save_images(images: torch.Tensor, path: str) -> None:

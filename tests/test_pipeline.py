@@ -1,17 +1,37 @@
-"""TextToImage's CPU decode (channels_last autoencoder, chunks) gives the plain decoder's images."""
+"""TextToImage's CPU decode (channels_last autoencoder, chunks, optional bf16) gives the plain decoder's images."""
 import copy
 
+import pytest
 import torch
 
-from ldm.pipeline import CPU_DECODE_CHUNK, TextToImage, save_random_model
+from ldm.pipeline import CPU_DECODE_CHUNK, TextToImage, native_bf16_cpu, save_random_model
 
 
 def test_cpu_decode_in_chunks_matches_plain_decode(tmp_path, one_thread):
     save_random_model(str(tmp_path), resolution=32)
-    pipe = TextToImage.from_folder(str(tmp_path))
+    pipe = TextToImage.from_folder(str(tmp_path), decoder_precision="fp32")
     reference = copy.deepcopy(pipe.autoencoder).to(memory_format=torch.contiguous_format)
     assert pipe.autoencoder.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     z = torch.randn(2 * CPU_DECODE_CHUNK + 3, *pipe.latent_shape(1)[1:], generator=torch.Generator().manual_seed(0))
     images = pipe.decode(z)
     assert images.is_contiguous() and images.shape == (len(z), 3, 32, 32)
     torch.testing.assert_close(images, reference.decode_latents(z).clamp(-1, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_decoder_stays_close_to_fp32(tmp_path, one_thread):
+    save_random_model(str(tmp_path), resolution=32)
+    pipe = TextToImage.from_folder(str(tmp_path), decoder_precision="bf16")
+    reference = copy.deepcopy(pipe.autoencoder).to(memory_format=torch.contiguous_format)
+    z = torch.randn(CPU_DECODE_CHUNK + 1, *pipe.latent_shape(1)[1:], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        images, exact = pipe.decode(z), reference.decode_latents(z).clamp(-1, 1)
+    assert images.dtype == torch.float32 and images.shape == exact.shape
+    error = (images - exact).abs()                                  # bf16 ran (not exact) and stays close:
+    assert 0 < error.max() < 0.1 and error.mean() < 5e-3            # bf16's eps is 2^-8 of each activation
+
+
+def test_decoder_precision_auto_follows_the_cpu(tmp_path):
+    save_random_model(str(tmp_path), resolution=32)
+    assert TextToImage.from_folder(str(tmp_path)).decoder_precision == ("bf16" if native_bf16_cpu() else "fp32")
+    with pytest.raises(ValueError, match="decoder precision"):
+        TextToImage.from_folder(str(tmp_path), decoder_precision="fp16")

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the students' sampler: deterministic DDIM, or Meng et al.'s N-step stochastic "
                          "sampler (sec. 4.3); the teacher always uses DDIM (default: ddim)")
     rp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    rp.add_argument("--decoder-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="autoencoder decoder, for every run alike: auto = bf16 on CPUs with native bf16, "
+                         "else fp32 (default: auto)")
 
     po = commands.add_parser("position", help="how far position words move an object (teacher, fast)",
                              description="Sample 'a large red circle' with each position suffix (same noise) "
@@ -128,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = args.out_dir or os.path.join("docs", "eval", os.path.basename(os.path.normpath(args.model)))
     report = make_report(args.model, out_dir, n=args.n, seed=args.seed, teacher_steps=args.teacher_steps,
                          student_steps=args.student_steps, guidance=args.guidance, ws=args.ws,
-                         batch=args.batch, device=args.device, student_sampler=args.student_sampler)
+                         batch=args.batch, device=args.device, student_sampler=args.student_sampler,
+                         decoder_precision=args.decoder_precision)
     for row in report["rows"] + report["sweep"]["rows"]:
         print(f"{row['model']:>10} {row['steps']:>3} steps  w={row['guidance']:<4g} NFE {row['nfe']:>4}  "
               f"accuracy {percent(row['accuracy']):>6}  FD {row['fd']:<8.4g} "

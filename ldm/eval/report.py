@@ -222,7 +222,8 @@ def markdown(report: dict) -> str:
              f"alternating one- and two-object); guidance w = {report['guidance']:g} "
              f"(Imagen convention, (1 + w) cond - w uncond); DDIM for the teacher, "
              f"{report['student_sampler']} for the students; "
-             f"device: {report['device']}, torch {report['torch']}.", "",
+             f"device: {report['device']}, torch {report['torch']}; "
+             f"decoder in {report.get('decoder_precision', 'fp32')}.", "",
              "Accuracy: share of prompts whose every asked attribute holds, judged by the oracle "
              "(docs/eval.md); per-attribute columns: share of asks of that attribute that hold. "
              f"FD: Frechet distance in the oracle's feature space to {report['n']} real held-out images "
@@ -247,7 +248,7 @@ def markdown(report: dict) -> str:
 def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: int = 0,
                 teacher_steps=(8, 16, 32, 64), student_steps=(1, 2, 4, 8), guidance: float | None = None,
                 ws=(0, 1, 2, 3, 5, 8), batch: int = 50, device: str | None = None, oracle=None,
-                student_sampler: str = "ddim") -> dict:
+                student_sampler: str = "ddim", decoder_precision: str = "auto") -> dict:
     """Evaluate the model folder, write the report files into out_dir and return report.json's dict."""
     from tqdm import tqdm
 
@@ -259,7 +260,7 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
         raise ValueError(f"need n >= 2, batch >= 1, teacher steps >= 1 and some ws; got n={n}, batch={batch}, "
                          f"teacher_steps={list(teacher_steps)}, ws={list(ws)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = TextToImage.from_folder(str(model), device=device)
+    pipe = TextToImage.from_folder(str(model), device=device, decoder_precision=decoder_precision)
     oracle = oracle or Oracle.load()
     w = pipe.index.guidance if guidance is None else float(guidance)
     out_dir = Path(out_dir)
@@ -289,7 +290,7 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
     reference = results[Run("teacher", sweep_steps, w)]
     report = {"name": Path(model).resolve().name, "model": str(model), "device": device_name(pipe.device),
               "torch": torch.__version__, "n": n, "seed": seed, "guidance": w, "sampler": "ddim",
-              "student_sampler": student_sampler,
+              "student_sampler": student_sampler, "decoder_precision": pipe.decoder_precision,
               "rows": rows, "goals": goals(rows, reference),
               "missing_students": [s for s in sorted(student_steps) if s not in pipe.student_steps],
               "sweep": {"steps": sweep_steps, "rows": [results[r] for r in sweep]},
