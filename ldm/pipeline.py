@@ -237,7 +237,7 @@ class TextToImage:
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> fp32 images in [-1, 1], in bf16 autocast if decoder_precision says so
-        (shapes64: at most 0.02 from fp32, 1e-3 on average). On a CPU in chunks: a chunk's
+        (shapes64: at most 0.02 from fp32, 1.5e-3 on average). On a CPU in chunks: a chunk's
         full-resolution activations stay in cache (50 shapes64 latents at once are ~2x slower per image)."""
         bf16 = self.decoder_precision == "bf16"
         with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -57,8 +57,8 @@ class DistillSettings:
     stage_one_steps: int = 1000        # optimizer updates of stage one (train.max_steps is not used)
     round_steps: int = 500             # optimizer updates of each halving round
     # Updates of single rounds by their student's steps, e.g. {8: 1800, 4: 1800}: the last rounds
-    # are the hard ones (each loses about 2 points at 600 updates on the shapes world, while
-    # 64 -> 16 loses none), and Salimans & Ho (2022, sec. 5) also train the final rounds longer.
+    # are the hard ones (each lost about 2 points at 600 updates on the shapes world, while
+    # 64 -> 16 lost none; docs/stage3-distill.md).
     round_updates: dict[int, int] = field(default_factory=dict)
     save_dtype: Literal["float16", "float32"] = "float16"   # students in the model folder
     export: Optional[list[int]] = None  # step counts written into the model folder; None = every round
