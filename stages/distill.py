@@ -46,6 +46,15 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "disti
 
 # ----------------------------------------------------------------------------- config
 
+def halving_steps(n_start: int, n_end: int) -> list[int]:
+    """The students' steps of the halving rounds: N_start/2, N_start/4, ..., n_end."""
+    steps, n = [], n_start
+    while n > n_end:
+        n //= 2
+        steps.append(n)
+    return steps
+
+
 @dataclass
 class DistillSettings:
     w_min: float = 0.0                 # guidance strengths learnt: w ~ U[w_min, w_max] (Imagen convention)
@@ -82,7 +91,7 @@ class DistillSettings:
         if self.stage_one_steps < 1 or self.round_steps < 1:
             raise ValueError(f"stage_one_steps and round_steps must be >= 1, got "
                              f"{self.stage_one_steps}, {self.round_steps}")
-        steps = [self.n_start // 2 ** i for i in range(1, ratio.bit_length())]    # the rounds' students
+        steps = halving_steps(self.n_start, self.n_end)
         unknown = sorted(set(self.round_updates) - set(steps))
         if unknown:
             raise ValueError(f"distill.round_updates: no round has a {unknown}-step student; rounds: {steps}")
@@ -114,12 +123,9 @@ class Round:
 
 def plan_rounds(d: DistillSettings) -> list[Round]:
     """Stage one, then halving rounds N_start/2, ..., n_end."""
-    rounds = [Round("stage-one", d.n_start, d.stage_one_steps, None)]
-    n = d.n_start
-    while n > d.n_end:
-        rounds.append(Round(f"round-{n // 2}", n // 2, d.round_updates.get(n // 2, d.round_steps), n))
-        n //= 2
-    return rounds
+    halvings = [Round(f"round-{n}", n, d.round_updates.get(n, d.round_steps), 2 * n)
+                for n in halving_steps(d.n_start, d.n_end)]
+    return [Round("stage-one", d.n_start, d.stage_one_steps, None)] + halvings
 
 
 # ----------------------------------------------------------------------------- model folder

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the students' sampler: deterministic DDIM, or Meng et al.'s N-step stochastic "
                          "sampler (sec. 4.3); the teacher always uses DDIM (default: ddim)")
     rp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # the choices of ldm.pipeline.DECODER_PRECISIONS, which is not imported here: it would load the
+    # model code (~1.6 s) for every --help
     rp.add_argument("--decoder-precision", choices=["auto", "fp32", "bf16"], default="auto",
                     help="autoencoder decoder, for every run alike: auto = bf16 on CPUs with native bf16, "
                          "else fp32 (default: auto)")

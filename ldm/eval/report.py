@@ -223,7 +223,7 @@ def markdown(report: dict) -> str:
              f"(Imagen convention, (1 + w) cond - w uncond); DDIM for the teacher, "
              f"{report['student_sampler']} for the students; "
              f"device: {report['device']}, torch {report['torch']}; "
-             f"decoder in {report.get('decoder_precision', 'fp32')}.", "",
+             f"decoder in {report['decoder_precision']}.", "",
              "Accuracy: share of prompts whose every asked attribute holds, judged by the oracle "
              "(docs/eval.md); per-attribute columns: share of asks of that attribute that hold. "
              f"FD: Frechet distance in the oracle's feature space to {report['n']} real held-out images "
