@@ -36,7 +36,8 @@ from ldm.distill.targets import stage_one_target, stage_two_target, student_grid
 from ldm.models.unet import UNet
 from ldm.pipeline import INDEX_NAME, TextToImage, load_index, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
-                          build_scheduler, log_images, optimizer_step, parse_args, seed_everything, setup)
+                          build_scheduler, log_images, one_batch_size, optimizer_step, parse_args,
+                          seed_everything, setup)
 from ldm.training.gather import main_process_copy
 from ldm.training.latent_cache import make_cache_loader, open_or_build, scaled_latents
 
@@ -111,6 +112,9 @@ class DistillStageConfig:
     distill: DistillSettings = field(default_factory=DistillSettings)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        self.data = one_batch_size(self.data, self.train)
 
 
 @dataclass

@@ -24,8 +24,8 @@ from ldm.data.loaders import DataConfig, build_dataset, make_dataloader
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.losses_ae import AELossConfig, AutoencoderLoss, hinge_d_loss
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig,
-                          build_optimizer, build_scheduler, log_images, optimizer_step,
-                          parse_args, setup)
+                          build_optimizer, build_scheduler, log_images, one_batch_size,
+                          optimizer_step, parse_args, setup)
 from ldm.training.ae_eval import heldout_psnr, latent_scaling_factor, psnr, reconstruct
 
 logger = logging.getLogger("train_ae")
@@ -43,10 +43,7 @@ class AEStageConfig:
     scale_batches: int = 8        # training batches whose latent std sets model.scaling_factor
 
     def __post_init__(self):
-        if self.data.batch_size != self.train.batch_size:
-            raise ValueError(f"data.batch_size={self.data.batch_size} differs from train.batch_size="
-                             f"{self.train.batch_size}: the loader's batch is the training batch, "
-                             f"set both")
+        self.data = one_batch_size(self.data, self.train)
         if self.data.resolution % self.model.downsample_factor:
             raise ValueError(f"data.resolution={self.data.resolution} is not divisible by the "
                              f"autoencoder's factor {self.model.downsample_factor} (model.channel_mult)")

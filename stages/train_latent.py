@@ -32,7 +32,8 @@ from ldm.models.unet import UNet, UNetConfig, count_params
 from ldm.models.weights import load_state_dict_strict, load_weights, read_weights
 from ldm.pipeline import ModelIndex, TextToImage, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
-                          build_scheduler, config_to_dict, log_images, optimizer_step, parse_args, setup)
+                          build_scheduler, config_to_dict, log_images, one_batch_size, optimizer_step,
+                          parse_args, setup)
 from ldm.training.gather import ema_copy
 from ldm.training.latent_cache import make_cache_loader, open_or_build, scaled_latents
 
@@ -86,7 +87,7 @@ class ValConfig:
 @dataclass
 class LatentStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)   # data.batch_size follows train.batch_size
+    data: DataConfig = field(default_factory=DataConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -106,6 +107,7 @@ class LatentStageConfig:
     def __post_init__(self):
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+        self.data = one_batch_size(self.data, self.train)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -213,7 +215,6 @@ def save_model_folder(net: LatentModel, cfg: LatentStageConfig, folder: Path) ->
 def main(argv: list[str] | None = None) -> Path:
     cfg = parse_args(LatentStageConfig, "Stage 2: text-conditioned latent U-Net with classifier-free guidance.",
                      DEFAULT_CONFIG, argv)
-    cfg.data = dataclasses.replace(cfg.data, batch_size=cfg.train.batch_size)  # one batch size
     accelerator = setup(cfg.train, cfg, project="latent")
     device, output_dir = accelerator.device, Path(cfg.train.output_dir)
 

@@ -24,6 +24,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ class DataConfig:
     resolution: int = 64         # output side; the shorter side is resized to it
     crop: str = "center"         # center | random
     flip: bool = False           # off by default: a mirror falsifies "left of" captions
-    batch_size: int = 32         # per process
+    batch_size: Optional[int] = None  # per process; None: the stage's train.batch_size
     num_workers: int = 0         # DataLoader worker processes
     seed: int = 0                # order and crops; for shapes also the world's stream
     split: str = "train"         # shapes: train | heldout; hub: the datasets split name
@@ -63,7 +64,7 @@ class DataConfig:
         if self.crop not in CROPS:
             raise ValueError(f"data.crop must be one of {CROPS}, got {self.crop!r}")
         for key in ("resolution", "batch_size", "length"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
         if not 0.0 <= self.p_zone <= 1.0:
             raise ValueError(f"data.p_zone must be in [0, 1], got {self.p_zone}")
@@ -311,6 +312,8 @@ def make_dataloader(cfg: DataConfig, accelerator=None) -> ResumableLoader:
 
 def resumable_loader(dataset, cfg: DataConfig, accelerator=None, num_workers: int | None = None) -> ResumableLoader:
     """Seeded, resumable batches of any map-style data set (the order rules of `EpochSampler`)."""
+    if cfg.batch_size is None:                  # DataLoader(batch_size=None) would not batch at all
+        raise ValueError("data.batch_size is not set (a training stage sets it from train.batch_size)")
     sampler = EpochSampler(dataset, cfg.seed)
     # persistent_workers=False: workers re-copy the data set every epoch, so they see its epoch.
     # The loader's own generator: a DataLoader draws a worker base seed whenever an epoch starts,

@@ -24,7 +24,7 @@ A stage script reads top to bottom (tests/training/test_loop.py is the worked ex
 from .checkpoint import (CheckpointMismatchError, Checkpointer, find_latest_checkpoint,
                          list_checkpoints, resolve_resume)
 from .config import (ConfigError, TrainConfig, config_to_dict, flatten_config, load_config,
-                     parse_args, save_config)
+                     one_batch_size, parse_args, save_config)
 from .ema import EMA
 from .images import log_images, make_grid, save_image_grid
 from .loop import NonFiniteGuard, NonFiniteLossError, ProgressBar, UpdateResult, optimizer_step
@@ -34,7 +34,7 @@ from .runtime import check_output_dir, seed_everything, setup
 __all__ = [
     "CheckpointMismatchError", "Checkpointer", "find_latest_checkpoint", "list_checkpoints",
     "resolve_resume", "ConfigError", "TrainConfig", "config_to_dict", "flatten_config",
-    "load_config", "parse_args", "save_config", "EMA", "log_images", "make_grid",
+    "load_config", "one_batch_size", "parse_args", "save_config", "EMA", "log_images", "make_grid",
     "save_image_grid", "NonFiniteGuard", "NonFiniteLossError", "ProgressBar", "UpdateResult",
     "optimizer_step", "build_optimizer", "build_scheduler", "lr_multiplier",
     "check_output_dir", "seed_everything", "setup",

@@ -73,6 +73,22 @@ class TrainConfig:
             raise ValueError(f"lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
 
 
+def one_batch_size(data: Any, train: TrainConfig) -> Any:
+    """The stage's data config with its batch size settled: one number for the loader and the update.
+
+    The loader's batch is the training batch (per process, per micro-step), so a stage takes
+    train.batch_size; data.batch_size left unset (None) follows it, and one set to another value
+    is refused rather than silently ignored.
+    """
+    if data.batch_size is None:
+        return dataclasses.replace(data, batch_size=train.batch_size)
+    if data.batch_size != train.batch_size:
+        raise ValueError(f"data.batch_size={data.batch_size} differs from train.batch_size="
+                         f"{train.batch_size}: the loader's batch is the training batch (per process, "
+                         f"per micro-step); set train.batch_size alone")
+    return data
+
+
 # --------------------------------------------------------------------------- type checking
 
 def _type_name(tp: Any) -> str:

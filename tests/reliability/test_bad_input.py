@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 import reliability_harness as h
 from ldm import txt2img
 from ldm.data.shapes import export
-from ldm.training import CheckpointMismatchError, list_checkpoints
+from ldm.training import CheckpointMismatchError, ConfigError, list_checkpoints, load_config
 
 
 def image_folder(folder, captions: list[str]):
@@ -118,3 +118,16 @@ def test_prompts_file_of_blank_lines_is_refused(tmp_path, capsys):
     assert exc.value.code == 2
     assert f"--from-file {prompts}: no prompts, every line is blank" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+CONFIG_CLASSES = {"ae": "AEStageConfig", "latent": "LatentStageConfig", "distill": "DistillStageConfig"}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_CLASSES))
+def test_one_batch_size_in_every_stage(name):
+    """train.batch_size is the batch everywhere; a data.batch_size that disagrees is refused, not ignored."""
+    cls = getattr(h.stage(name), CONFIG_CLASSES[name])
+    assert load_config(cls, h.TINY[name], ["train.batch_size=3"]).data.batch_size == 3
+    assert load_config(cls, h.TINY[name], ["train.batch_size=3", "data.batch_size=3"]).data.batch_size == 3
+    with pytest.raises(ConfigError, match=r"data.batch_size=5 differs from train.batch_size=3"):
+        load_config(cls, h.TINY[name], ["train.batch_size=3", "data.batch_size=5"])

@@ -86,12 +86,6 @@ def test_bad_config_key_names_the_key(tmp_path, capsys):
     assert "loss.kl_wieght" in err and "kl_weight" in err  # names it and suggests the right one
 
 
-def test_mismatched_batch_sizes_are_refused(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        run(tmp_path, "train.batch_size=4")
-    assert "data.batch_size=2 differs from train.batch_size=4" in capsys.readouterr().err
-
-
 def test_help_lists_stage_keys(capsys):
     with pytest.raises(SystemExit) as exc:
         stage.main(["--help"])
