@@ -32,7 +32,7 @@ from ldm.diffusion.losses import check_time_shift, shift_times
 from ldm.diffusion.param import Denoiser
 from ldm.diffusion.samplers import initial_noise, sample_ddim
 from ldm.distill.student import GuidedStudent
-from ldm.distill.targets import stage_one_target, stage_two_target, student_grid, x_space_loss
+from ldm.distill.targets import grid_rows, stage_one_target, stage_two_target, student_grid, x_space_loss
 from ldm.models.unet import UNet
 from ldm.pipeline import INDEX_NAME, TextToImage, load_index, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
@@ -77,9 +77,12 @@ class DistillSettings:
     val_seed: int = 0                  # validation noise: the same images every time
     # Stage one's times: t ~ U[0, 1] (Meng et al.) moved to log-SNR lambda(t) - 2 log time_shift for
     # a share time_shift_share of the samples, as stage 2's diffusion.time_shift(_share) (losses.py).
-    # Rounds use their sampling grid whatever these say.
     time_shift: float = 1.0
     time_shift_share: float = 1.0
+    # Rounds train on their sampling grid's steps (t, t', t''). "uniform": a step uniformly, as
+    # Salimans & Ho; "shifted": a step with the probability stage one's (shifted) times fall in it,
+    # so the high-noise steps that lay a picture out keep the weight stage one gave them.
+    round_times: Literal["uniform", "shifted"] = "uniform"
 
     def __post_init__(self):
         if not 0 <= self.w_min <= self.w_max:
@@ -225,8 +228,13 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
             if grid is None:                                     # stage one: t ~ U[0, 1], maybe shifted
                 t = shift_times(schedule, torch.rand(B, device=device, dtype=torch.float64), d.time_shift,
                                 d.time_shift_share)
-            else:                                                # stage two: t = i / (N/2) on the grid
-                t, t_mid, t_end = grid[torch.randint(0, len(grid), (B,), device=device)].unbind(1)
+            else:                                                # stage two: a step (t, t', t'') of the grid
+                if d.round_times == "shifted":
+                    u = torch.rand(B, device=device, dtype=torch.float64)
+                    rows = grid_rows(grid, shift_times(schedule, u, d.time_shift, d.time_shift_share))
+                else:
+                    rows = torch.randint(0, len(grid), (B,), device=device)
+                t, t_mid, t_end = grid[rows].unbind(1)
             alpha, sigma = (c.float() for c in schedule.alpha_sigma(t))                  # (B,)
             z_t = alpha.view(-1, 1, 1, 1) * x0 + sigma.view(-1, 1, 1, 1) * torch.randn_like(x0)
             with accelerator.autocast():

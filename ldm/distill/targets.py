@@ -70,3 +70,10 @@ def student_grid(schedule, n_teacher: int) -> torch.Tensor:
         raise ValueError(f"a halving round needs an even teacher step count >= 2, got {n_teacher}")
     ts = schedule.timesteps(n_teacher)                                       # (N + 1,) descending
     return torch.stack([ts[0:-1:2], ts[1::2], ts[2::2]], dim=1)             # (N/2, 3)
+
+
+def grid_rows(grid: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(B,) indices i of the `student_grid` rows (t_i, t_i', t_i'') with t_i'' < t <= t_i (ends clamp)."""
+    ends = grid[:, 2].to(t)                                                  # descending, last = 0
+    rows = (ends.unsqueeze(0) >= t.unsqueeze(1)).sum(1)                      # rows that end at or above t
+    return rows.clamp(max=len(grid) - 1)

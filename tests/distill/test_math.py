@@ -9,7 +9,8 @@ from ldm.diffusion.samplers import initial_noise, sample_ddim
 from ldm.diffusion.schedules import make_schedule
 from ldm.diffusion.samplers import sample_stochastic
 from ldm.diffusion.param import ddim_step
-from ldm.distill.targets import (stage_one_target, stage_two_target, student_grid,
+from ldm.diffusion.losses import shift_times
+from ldm.distill.targets import (grid_rows, stage_one_target, stage_two_target, student_grid,
                                  truncated_snr_weight, two_step_target, x_space_loss)
 
 
@@ -71,6 +72,32 @@ def test_student_grid_is_the_sampling_grid():
     torch.testing.assert_close(grid[:, 0], schedule.timesteps(4)[:-1])   # student steps on its own grid
     with pytest.raises(ValueError, match="even"):
         student_grid(schedule, 3)
+
+
+def test_grid_rows_cover_their_steps():
+    grid = student_grid(make_schedule("cosine_logsnr"), 8)                  # rows start at 1, 3/4, 1/2, 1/4
+    t = torch.tensor([1.0, 0.9, 0.75, 0.7, 0.5, 0.26, 0.25, 0.1, 0.0, 1.5, -0.5], dtype=torch.float64)
+    assert grid_rows(grid, t).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 3, 0, 3]
+
+
+def test_shifted_rows_follow_the_shifted_time_mass():
+    # cosine log-SNR: lambda(t) = -2 log tan(pi t / 2), so lambda - 2 log s is tan(pi t' / 2) =
+    # s tan(pi t / 2), and a shifted time falls below x with probability (2/pi) atan(tan(pi x / 2) / s).
+    # With a share p shifted: F(x) = p (2/pi) atan(tan(pi x / 2) / s) + (1 - p) x; a row gets F(t) - F(t'').
+    schedule, s, p = make_schedule("cosine_logsnr"), 8.0, 0.5
+    grid = student_grid(schedule, 8)
+    torch.manual_seed(0)
+    u = torch.rand(400_000, dtype=torch.float64)
+    counts = torch.bincount(grid_rows(grid, shift_times(schedule, u, s, p)), minlength=len(grid))
+
+    def cdf(x):
+        x = min(max(x, 0.0), 1.0)
+        return p * 2 / math.pi * math.atan(math.tan(math.pi * x / 2) / s) + (1 - p) * x
+    expected = torch.tensor([cdf(a) - cdf(c) for a, _, c in grid.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(counts.double() / counts.sum(), expected, atol=4e-3, rtol=0)
+    assert expected[0] > 0.45                                                # the layout step: ~half the samples
+    uniform = (4 - (u * 4).ceil().long()).clamp(0, 3)                         # no shift: t's quarter
+    assert torch.equal(grid_rows(grid, shift_times(schedule, u, 1.0)), uniform)
 
 
 class LinearTeacher:

@@ -106,12 +106,29 @@ def test_stage_one_time_shift_reaches_training(stage, straight, teacher, tmp_pat
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_round_times_reach_the_rounds_only(stage, teacher, tmp_path):
+    # The same shifted stage one, then round 2 (two grid steps) with uniform or shifted steps:
+    # equal stage-one students, different round students.
+    common = ["distill.n_start=4", "distill.n_end=2", "distill.time_shift=8", "distill.time_shift_share=0.5"]
+    runs = {}
+    for times in ("uniform", "shifted"):
+        stage.main(argv(teacher, tmp_path / times, tmp_path / f"m-{times}", *common, f"distill.round_times={times}"))
+        runs[times] = {r: load_file(str(tmp_path / times / r / "student" / "model.safetensors"))
+                       for r in ("stage-one", "round-2")}
+    a, b = runs["uniform"], runs["shifted"]
+    assert all(torch.equal(a["stage-one"][k], b["stage-one"][k]) for k in a["stage-one"])
+    assert any(not torch.equal(a["round-2"][k], b["round-2"][k]) for k in a["round-2"])
+
+
 def test_bad_settings_are_named(stage, teacher, tmp_path, capsys):
     with pytest.raises(SystemExit):
         stage.main(argv(teacher, tmp_path, tmp_path / "m", "distill.n_start=3"))
     with pytest.raises(SystemExit):
         stage.main(argv(teacher, tmp_path, tmp_path / "m", "distill.time_shift_share=-1"))
     assert "distill.time_shift_share" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        stage.main(argv(teacher, tmp_path, tmp_path / "m", "distill.round_times=log"))
+    assert "distill.round_times" in capsys.readouterr().err
     with pytest.raises(ValueError, match="teacher=DIR"):
         stage.run(stage.parse_args(stage.DistillStageConfig, "", None, ["--config", str(ROOT / "configs" / "distill" / "tiny.yaml")]))
 
