@@ -32,7 +32,8 @@ from ldm.diffusion.losses import check_time_shift, shift_times
 from ldm.diffusion.param import Denoiser
 from ldm.diffusion.samplers import initial_noise, sample_ddim
 from ldm.distill.student import GuidedStudent
-from ldm.distill.targets import grid_rows, stage_one_target, stage_two_target, student_grid, x_space_loss
+from ldm.distill.targets import (grid_rows, stage_one_target, stage_two_target, student_grid, teacher_states,
+                                 x_space_loss)
 from ldm.models.unet import UNet
 from ldm.pipeline import INDEX_NAME, TextToImage, load_index, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
@@ -83,6 +84,11 @@ class DistillSettings:
     # Salimans & Ho; "shifted": a step with the probability stage one's (shifted) times fall in it,
     # so the high-noise steps that lay a picture out keep the weight stage one gave them.
     round_times: Literal["uniform", "shifted"] = "uniform"
+    # Share of a round's samples whose z_t is the round teacher's own DDIM state at t (run from
+    # noise, teacher_states) instead of noised data: a guided teacher's path holds states unlike
+    # noised data, and a student samples on that path. 0 = Salimans & Ho. Costs teacher steps:
+    # up to 2 (N/2 - 1) more per sample in a round of N teacher steps.
+    teacher_path_share: float = 0.0
 
     def __post_init__(self):
         if not 0 <= self.w_min <= self.w_max:
@@ -92,6 +98,8 @@ class DistillSettings:
             raise ValueError(f"n_start ({self.n_start}) must be n_end ({self.n_end}) times a power of two")
         check_time_shift(self.time_shift, "continuous", "distill.time_shift", self.time_shift_share,
                          "distill.time_shift_share")
+        if not 0.0 <= self.teacher_path_share <= 1.0:
+            raise ValueError(f"distill.teacher_path_share={self.teacher_path_share}: must be in [0, 1]")
         if self.stage_one_steps < 1 or self.round_steps < 1:
             raise ValueError(f"stage_one_steps and round_steps must be >= 1, got "
                              f"{self.stage_one_steps}, {self.round_steps}")
@@ -238,6 +246,11 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
             alpha, sigma = (c.float() for c in schedule.alpha_sigma(t))                  # (B,)
             z_t = alpha.view(-1, 1, 1, 1) * x0 + sigma.view(-1, 1, 1, 1) * torch.randn_like(x0)
             with accelerator.autocast():
+                if grid is not None and d.teacher_path_share > 0:
+                    own = (torch.rand(B, device=device) < d.teacher_path_share).nonzero().squeeze(1)
+                    noise = initial_noise(schedule, grid[0, :1], (len(own), *x0.shape[1:]), device=device)
+                    extra = {key: v[own] for key, v in {**cond, "w": w}.items()}
+                    z_t[own] = teacher_states(teacher, noise, rows[own], schedule, rnd.n_teacher, extra).to(z_t)
                 if grid is None:
                     target = stage_one_target(teacher, z_t, t, w, cond, uncond)
                 else:

@@ -72,6 +72,27 @@ def student_grid(schedule, n_teacher: int) -> torch.Tensor:
     return torch.stack([ts[0:-1:2], ts[1::2], ts[2::2]], dim=1)             # (N/2, 3)
 
 
+@torch.no_grad()
+def teacher_states(teacher, noise, rows, schedule, n_teacher: int, extra: dict) -> torch.Tensor:
+    """z at the start of student step `rows` (B,) on the teacher's own sampling path.
+
+    The teacher's DDIM on `schedule.timesteps(n_teacher)` from `noise` (the sampler's start), 2 * row
+    steps for each sample: the states a student that follows its teacher meets when it samples,
+    where noised data (Salimans & Ho) holds states of data the guided teacher would not draw.
+    """
+    ts = schedule.timesteps(n_teacher).to(noise.device)                    # (N + 1,) descending
+    z, need = noise.clone(), 2 * rows                                       # teacher steps per sample
+    for k in range(int(need.max()) if len(rows) else 0):
+        on = (need > k).nonzero().squeeze(1)                                # samples still on their way
+        sub = {key: v[on] for key, v in extra.items()}                      # (B, ...) tensors
+        t, t_next = ts[k].expand(len(on)), ts[k + 1].expand(len(on))
+        a, s = coefficients(schedule, t, z)
+        a_next, s_next = coefficients(schedule, t_next, z)
+        x0 = teacher(z[on], t, **sub).to(a)
+        z[on] = ddim_step(z[on].to(a), x0, a, s, a_next, s_next).to(z)
+    return z
+
+
 def grid_rows(grid: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """(B,) indices i of the `student_grid` rows (t_i, t_i', t_i'') with t_i'' < t <= t_i (ends clamp)."""
     ends = grid[:, 2].to(t)                                                  # descending, last = 0

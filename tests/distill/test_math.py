@@ -10,7 +10,7 @@ from ldm.diffusion.schedules import make_schedule
 from ldm.diffusion.samplers import sample_stochastic
 from ldm.diffusion.param import ddim_step
 from ldm.diffusion.losses import shift_times
-from ldm.distill.targets import (grid_rows, stage_one_target, stage_two_target, student_grid,
+from ldm.distill.targets import (grid_rows, stage_one_target, stage_two_target, student_grid, teacher_states,
                                  truncated_snr_weight, two_step_target, x_space_loss)
 
 
@@ -165,3 +165,18 @@ def test_ddim_deterministic_student_sampler_uses_w():
     model = lambda x, t, w: (seen.append(w), torch.zeros_like(x))[1]   # noqa: E731
     sample_ddim(model, torch.randn(2, 3), schedule.timesteps(2), schedule, extra_args={"w": 1.5}, disable=True)
     assert seen == [1.5, 1.5]
+
+
+def test_teacher_states_are_the_ddim_samplers_states():
+    # Row i of an 8-step teacher's grid starts at ts[2 i]: the sampler run on ts[:2 i + 1] lands there.
+    teacher, schedule = LinearTeacher(), make_schedule("cosine_logsnr")
+    ts = schedule.timesteps(8)
+    noise = torch.randn(5, 4, dtype=torch.float64)
+    rows = torch.tensor([0, 1, 2, 3, 1])
+    context = torch.randn(5, 3, 2, dtype=torch.float64)
+    states = teacher_states(teacher, noise, rows, schedule, 8, {"context": context})
+    torch.testing.assert_close(states[0], noise[0])                          # row 0: the noise itself
+    for i in range(1, 5):
+        expected = sample_ddim(teacher, noise[i:i + 1], ts[:2 * int(rows[i]) + 1], schedule,
+                               extra_args={"context": context[i:i + 1]}, disable=True)
+        torch.testing.assert_close(states[i:i + 1], expected)

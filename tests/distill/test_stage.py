@@ -106,17 +106,28 @@ def test_stage_one_time_shift_reaches_training(stage, straight, teacher, tmp_pat
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_round_times_reach_the_rounds_only(stage, teacher, tmp_path):
-    # The same shifted stage one, then round 2 (two grid steps) with uniform or shifted steps:
-    # equal stage-one students, different round students.
-    common = ["distill.n_start=4", "distill.n_end=2", "distill.time_shift=8", "distill.time_shift_share=0.5"]
-    runs = {}
-    for times in ("uniform", "shifted"):
-        stage.main(argv(teacher, tmp_path / times, tmp_path / f"m-{times}", *common, f"distill.round_times={times}"))
-        runs[times] = {r: load_file(str(tmp_path / times / r / "student" / "model.safetensors"))
-                       for r in ("stage-one", "round-2")}
-    a, b = runs["uniform"], runs["shifted"]
+ROUND_ONLY = ["distill.n_start=4", "distill.n_end=2", "distill.time_shift=8", "distill.time_shift_share=0.5"]
+
+
+def students(run_dir) -> dict:
+    return {r: load_file(str(run_dir / r / "student" / "model.safetensors")) for r in ("stage-one", "round-2")}
+
+
+@pytest.fixture(scope="module")
+def round_baseline(stage, teacher, tmp_path_factory):
+    """A shifted stage one, then round 2 (two grid steps) on uniform steps of noised data."""
+    root = tmp_path_factory.mktemp("round-baseline")
+    stage.main(argv(teacher, root / "run", root / "model", *ROUND_ONLY))
+    return students(root / "run")
+
+
+@pytest.mark.parametrize("option", ["distill.round_times=shifted", "distill.teacher_path_share=1"])
+def test_round_options_reach_the_rounds_only(stage, teacher, round_baseline, tmp_path, option):
+    # Same seeds and data: equal stage-one students, different round students.
+    stage.main(argv(teacher, tmp_path / "run", tmp_path / "model", *ROUND_ONLY, option))
+    a, b = round_baseline, students(tmp_path / "run")
     assert all(torch.equal(a["stage-one"][k], b["stage-one"][k]) for k in a["stage-one"])
+    assert all(torch.isfinite(v).all() for v in b["round-2"].values())
     assert any(not torch.equal(a["round-2"][k], b["round-2"][k]) for k in a["round-2"])
 
 
@@ -129,6 +140,9 @@ def test_bad_settings_are_named(stage, teacher, tmp_path, capsys):
     with pytest.raises(SystemExit):
         stage.main(argv(teacher, tmp_path, tmp_path / "m", "distill.round_times=log"))
     assert "distill.round_times" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        stage.main(argv(teacher, tmp_path, tmp_path / "m", "distill.teacher_path_share=1.5"))
+    assert "distill.teacher_path_share" in capsys.readouterr().err
     with pytest.raises(ValueError, match="teacher=DIR"):
         stage.run(stage.parse_args(stage.DistillStageConfig, "", None, ["--config", str(ROOT / "configs" / "distill" / "tiny.yaml")]))
 
