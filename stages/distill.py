@@ -103,10 +103,13 @@ class DistillSettings:
         if self.stage_one_steps < 1 or self.round_steps < 1:
             raise ValueError(f"stage_one_steps and round_steps must be >= 1, got "
                              f"{self.stage_one_steps}, {self.round_steps}")
-        steps = halving_steps(self.n_start, self.n_end)
+        # Keys of any halving of n_start count (a preset's stay valid when n_end cuts the rounds
+        # short, e.g. a stage-one-only run); others are typos, named.
+        steps = halving_steps(self.n_start, 1)
         unknown = sorted(set(self.round_updates) - set(steps))
         if unknown:
-            raise ValueError(f"distill.round_updates: no round has a {unknown}-step student; rounds: {steps}")
+            raise ValueError(f"distill.round_updates: no halving of n_start={self.n_start} gives a "
+                             f"{unknown}-step student; halvings: {steps}")
         if any(u < 1 for u in self.round_updates.values()):
             raise ValueError(f"distill.round_updates: updates must be >= 1, got {self.round_updates}")
 

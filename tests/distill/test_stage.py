@@ -167,6 +167,8 @@ def test_round_updates_override_single_rounds(stage, capsys):
     with pytest.raises(SystemExit):                                   # no 3-step round: named, not ignored
         stage.main(["--config", str(preset), "teacher=x", "distill.round_updates={3: 100}"])
     assert "distill.round_updates" in capsys.readouterr().err
+    only_one = load_config(stage.DistillStageConfig, preset, ["teacher=x", "distill.n_end=64"])
+    assert [r.name for r in stage.plan_rounds(only_one.distill)] == ["stage-one"]   # the preset's keys still load
 
 
 def test_cached_latents_are_built_once_and_trained_on(stage, teacher, tmp_path):
