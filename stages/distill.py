@@ -236,15 +236,12 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
                 cond = parts.encode_prompts(["" if u else p for u, p in zip(drop.tolist(), batch["text"])])
             B = x0.shape[0]
             w = d.w_min + (d.w_max - d.w_min) * torch.rand(B, device=device)             # (B,)
-            if grid is None:                                     # stage one: t ~ U[0, 1], maybe shifted
+            if grid is None or d.round_times == "shifted":       # stage one's t ~ U[0, 1], maybe shifted
                 t = shift_times(schedule, torch.rand(B, device=device, dtype=torch.float64), d.time_shift,
                                 d.time_shift_share)
-            else:                                                # stage two: a step (t, t', t'') of the grid
-                if d.round_times == "shifted":
-                    u = torch.rand(B, device=device, dtype=torch.float64)
-                    rows = grid_rows(grid, shift_times(schedule, u, d.time_shift, d.time_shift_share))
-                else:
-                    rows = torch.randint(0, len(grid), (B,), device=device)
+            if grid is not None:                                 # stage two: a step (t, t', t'') of the grid
+                rows = (grid_rows(grid, t) if d.round_times == "shifted"
+                        else torch.randint(0, len(grid), (B,), device=device))
                 t, t_mid, t_end = grid[rows].unbind(1)
             alpha, sigma = (c.float() for c in schedule.alpha_sigma(t))                  # (B,)
             z_t = alpha.view(-1, 1, 1, 1) * x0 + sigma.view(-1, 1, 1, 1) * torch.randn_like(x0)

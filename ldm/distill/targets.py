@@ -88,8 +88,8 @@ def teacher_states(teacher, noise, rows, schedule, n_teacher: int, extra: dict) 
         t, t_next = ts[k].expand(len(on)), ts[k + 1].expand(len(on))
         a, s = coefficients(schedule, t, z)
         a_next, s_next = coefficients(schedule, t_next, z)
-        x0 = teacher(z[on], t, **sub).to(a)
-        z[on] = ddim_step(z[on].to(a), x0, a, s, a_next, s_next).to(z)
+        z_on = z[on].to(a)
+        z[on] = ddim_step(z_on, teacher(z_on, t, **sub).to(a), a, s, a_next, s_next).to(z)
     return z
 
 
