@@ -89,6 +89,9 @@ class DistillSettings:
     # noised data, and a student samples on that path. 0 = Salimans & Ho. Costs teacher steps:
     # up to 2 (N/2 - 1) more per sample in a round of N teacher steps.
     teacher_path_share: float = 0.0
+    # The loss weight max(SNR, 1) (Salimans & Ho) capped at snr_cap: None = no cap; a cap moves the
+    # weight from the low-noise end (SNR in the thousands) to the steps that lay a picture out.
+    snr_cap: Optional[float] = None
 
     def __post_init__(self):
         if not 0 <= self.w_min <= self.w_max:
@@ -100,6 +103,8 @@ class DistillSettings:
                          "distill.time_shift_share")
         if not 0.0 <= self.teacher_path_share <= 1.0:
             raise ValueError(f"distill.teacher_path_share={self.teacher_path_share}: must be in [0, 1]")
+        if self.snr_cap is not None and not self.snr_cap >= 1.0:
+            raise ValueError(f"distill.snr_cap={self.snr_cap}: must be >= 1 (the weight is max(SNR, 1)) or null")
         if self.stage_one_steps < 1 or self.round_steps < 1:
             raise ValueError(f"stage_one_steps and round_steps must be >= 1, got "
                              f"{self.stage_one_steps}, {self.round_steps}")
@@ -256,7 +261,7 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
                 else:
                     target = stage_two_target(teacher, z_t, t, t_mid, t_end, schedule, {**cond, "w": w})
                 x_hat = student_x0(z_t, t, **cond, w=w)
-            loss = x_space_loss(x_hat, target, alpha, sigma).mean()
+            loss = x_space_loss(x_hat, target, alpha, sigma, d.snr_cap).mean()
             guard.observe(loss)
             accelerator.backward(loss)
             update = None

@@ -29,16 +29,22 @@ def two_step_target(z_t, z_tpp, alpha_t, sigma_t, alpha_tpp, sigma_tpp):
     return (z_tpp - ratio * z_t) / (alpha_tpp - ratio * alpha_t)
 
 
-def truncated_snr_weight(alpha, sigma):
-    """max(SNR, 1) with SNR = alpha^2 / sigma^2 (Salimans & Ho 2022, sec. 4, 'truncated SNR')."""
-    return (alpha ** 2 / sigma ** 2).clamp(min=1.0)
+def truncated_snr_weight(alpha, sigma, cap: float | None = None):
+    """max(SNR, 1) with SNR = alpha^2 / sigma^2 (Salimans & Ho 2022, sec. 4, 'truncated SNR').
+
+    `cap` also bounds it from above, min(max(SNR, 1), cap): the low-noise end, where SNR runs to
+    thousands, then no longer outweighs the high-noise steps that lay a picture out (cap = 1 is
+    the plain x-space MSE).
+    """
+    weight = (alpha ** 2 / sigma ** 2).clamp(min=1.0)
+    return weight if cap is None else weight.clamp(max=cap)
 
 
-def x_space_loss(x_hat, target, alpha, sigma) -> torch.Tensor:
-    """Per-sample max(SNR, 1) * mean ||x_hat - target||^2, (B,); alpha, sigma (B,)."""
+def x_space_loss(x_hat, target, alpha, sigma, snr_cap: float | None = None) -> torch.Tensor:
+    """Per-sample min(max(SNR, 1), snr_cap) * mean ||x_hat - target||^2, (B,); alpha, sigma (B,)."""
     dtype = torch.promote_types(x_hat.dtype, torch.float32)               # fp16 squares overflow
     mse = (x_hat.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(1)  # (B,)
-    return truncated_snr_weight(alpha, sigma).to(mse) * mse
+    return truncated_snr_weight(alpha, sigma, snr_cap).to(mse) * mse
 
 
 def coefficients(schedule, t: torch.Tensor, like: torch.Tensor):

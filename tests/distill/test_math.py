@@ -158,6 +158,19 @@ def test_truncated_snr_loss_matches_v_space_mse_scale():
     torch.testing.assert_close(truncated_snr_weight(alpha, sigma), snr.clamp(min=1))
 
 
+def test_snr_cap_bounds_the_weight_from_above():
+    # alpha = 0.1, 0.6, 0.99: SNR ~ 0.0101, 0.5625, 49.25; cap 4 leaves the first two at 1.
+    alpha = torch.tensor([0.1, 0.6, 0.99], dtype=torch.float64)
+    sigma = (1 - alpha ** 2).sqrt()
+    x, x_hat = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    mse = (x_hat - x).pow(2).mean(1)
+    torch.testing.assert_close(truncated_snr_weight(alpha, sigma, 4.0),
+                               torch.tensor([1.0, 1.0, 4.0], dtype=torch.float64))
+    torch.testing.assert_close(x_space_loss(x_hat, x, alpha, sigma, snr_cap=1.0).double(), mse)   # plain x MSE
+    torch.testing.assert_close(x_space_loss(x_hat, x, alpha, sigma, snr_cap=1e6).double(),
+                               x_space_loss(x_hat, x, alpha, sigma).double())
+
+
 def test_ddim_deterministic_student_sampler_uses_w():
     # The core DDIM sampler drives a w-taking model through extra_args unchanged.
     schedule = make_schedule("cosine_logsnr")

@@ -94,12 +94,13 @@ def test_resume_from_another_rounds_state_differs(stage, straight, teacher, tmp_
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_stage_one_time_shift_reaches_training(stage, straight, teacher, tmp_path):
-    # Same seed, same data: only stage one's times differ, so its student must too (the straight
-    # run is the unshifted reference; with distill.time_shift=1 the students are equal).
+@pytest.mark.parametrize("option", [["distill.time_shift=8", "distill.time_shift_share=0.5"],
+                                    ["distill.snr_cap=1"]], ids=["time_shift", "snr_cap"])
+def test_stage_one_options_reach_training(stage, straight, teacher, tmp_path, option):
+    # Same seed, same data: only stage one's times (or loss weights) differ, so its student must
+    # too (the straight run is the reference; with distill.time_shift=1 the students are equal).
     root, folder = straight
-    out = stage.main(argv(teacher, tmp_path / "run", tmp_path / "model", "distill.n_end=2",
-                          "distill.time_shift=8", "distill.time_shift_share=0.5"))
+    out = stage.main(argv(teacher, tmp_path / "run", tmp_path / "model", "distill.n_end=2", *option))
     a = load_file(str(Path(folder) / "student-2" / "model.safetensors"))
     b = load_file(str(Path(out) / "student-2" / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in b.values())
@@ -143,6 +144,9 @@ def test_bad_settings_are_named(stage, teacher, tmp_path, capsys):
     with pytest.raises(SystemExit):
         stage.main(argv(teacher, tmp_path, tmp_path / "m", "distill.teacher_path_share=1.5"))
     assert "distill.teacher_path_share" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        stage.main(argv(teacher, tmp_path, tmp_path / "m", "distill.snr_cap=0.5"))
+    assert "distill.snr_cap" in capsys.readouterr().err
     with pytest.raises(ValueError, match="teacher=DIR"):
         stage.run(stage.parse_args(stage.DistillStageConfig, "", None, ["--config", str(ROOT / "configs" / "distill" / "tiny.yaml")]))
 
