@@ -132,6 +132,18 @@ def test_round_options_reach_the_rounds_only(stage, teacher, round_baseline, tmp
     assert any(not torch.equal(a["round-2"][k], b["round-2"][k]) for k in a["round-2"])
 
 
+def test_teacher_path_states_are_trained_on(stage, teacher, tmp_path, monkeypatch):
+    # The option test above would pass if the states were computed and dropped (the share draws
+    # other random numbers anyway); here only the states differ, and so must the round students.
+    extra = (*ROUND_ONLY, "distill.teacher_path_share=1")
+    stage.main(argv(teacher, tmp_path / "a", tmp_path / "ma", *extra))
+    monkeypatch.setattr(stage, "teacher_states", lambda teacher, noise, *args: torch.zeros_like(noise))
+    stage.main(argv(teacher, tmp_path / "b", tmp_path / "mb", *extra))
+    a, b = students(tmp_path / "a"), students(tmp_path / "b")
+    assert all(torch.equal(a["stage-one"][k], b["stage-one"][k]) for k in a["stage-one"])
+    assert any(not torch.equal(a["round-2"][k], b["round-2"][k]) for k in a["round-2"])
+
+
 def test_bad_settings_are_named(stage, teacher, tmp_path, capsys):
     with pytest.raises(SystemExit):
         stage.main(argv(teacher, tmp_path, tmp_path / "m", "distill.n_start=3"))
