@@ -71,6 +71,10 @@ class DistillSettings:
     # are the hard ones (each lost about 2 points at 600 updates on the shapes world, while
     # 64 -> 16 lost none; docs/stage3-distill.md).
     round_updates: dict[int, int] = field(default_factory=dict)
+    # Learning rates of single rounds by their student's steps, e.g. {32: 5.0e-5}; others use
+    # train.lr. An early round only has to learn a small two-step correction, which a high rate
+    # can overshoot (docs/stage3-distill.md).
+    round_lr: dict[int, float] = field(default_factory=dict)
     save_dtype: Literal["float16", "float32"] = "float16"   # students in the model folder
     export: Optional[list[int]] = None  # step counts written into the model folder; None = every round
     val_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square left of a green triangle"])
@@ -111,12 +115,13 @@ class DistillSettings:
         # Keys of any halving of n_start count (a preset's stay valid when n_end cuts the rounds
         # short, e.g. a stage-one-only run); others are typos, named.
         steps = halving_steps(self.n_start, 1)
-        unknown = sorted(set(self.round_updates) - set(steps))
-        if unknown:
-            raise ValueError(f"distill.round_updates: no halving of n_start={self.n_start} gives a "
-                             f"{unknown}-step student; halvings: {steps}")
-        if any(u < 1 for u in self.round_updates.values()):
-            raise ValueError(f"distill.round_updates: updates must be >= 1, got {self.round_updates}")
+        for key, per_round in (("round_updates", self.round_updates), ("round_lr", self.round_lr)):
+            unknown = sorted(set(per_round) - set(steps))
+            if unknown:
+                raise ValueError(f"distill.{key}: no halving of n_start={self.n_start} gives a "
+                                 f"{unknown}-step student; halvings: {steps}")
+            if any(not v > 0 for v in per_round.values()):
+                raise ValueError(f"distill.{key}: values must be > 0, got {per_round}")
 
 
 @dataclass
@@ -142,11 +147,12 @@ class Round:
     steps: int                         # the student's sampling steps
     updates: int                       # optimizer updates
     n_teacher: Optional[int]           # teacher steps (None: stage one, the CFG teacher)
+    lr: Optional[float] = None         # peak learning rate; None: train.lr
 
 
 def plan_rounds(d: DistillSettings) -> list[Round]:
     """Stage one, then halving rounds N_start/2, ..., n_end."""
-    halvings = [Round(f"round-{n}", n, d.round_updates.get(n, d.round_steps), 2 * n)
+    halvings = [Round(f"round-{n}", n, d.round_updates.get(n, d.round_steps), 2 * n, d.round_lr.get(n))
                 for n in halving_steps(d.n_start, d.n_end)]
     return [Round("stage-one", d.n_start, d.stage_one_steps, None)] + halvings
 
@@ -202,7 +208,7 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
     """Train `student` for one round; returns it with its final (EMA) weights, or None if stopped early."""
     d, schedule, time_scale = cfg.distill, parts.schedule, parts.index.time_scale
     tcfg = dataclasses.replace(cfg.train, output_dir=os.path.join(cfg.train.output_dir, rnd.name),
-                               max_steps=rnd.updates, resume=resume)
+                               max_steps=rnd.updates, resume=resume, lr=rnd.lr or cfg.train.lr)
     device = accelerator.device
     # A round starts from a state that depends on its index only, so resuming at a round boundary
     # repeats an uninterrupted run exactly; mid-round, the checkpoint restores the same state.

@@ -122,7 +122,8 @@ def round_baseline(stage, teacher, tmp_path_factory):
     return students(root / "run")
 
 
-@pytest.mark.parametrize("option", ["distill.round_times=shifted", "distill.teacher_path_share=1"])
+@pytest.mark.parametrize("option", ["distill.round_times=shifted", "distill.teacher_path_share=1",
+                                    "distill.round_lr={2: 1.0e-5}"])
 def test_round_options_reach_the_rounds_only(stage, teacher, round_baseline, tmp_path, option):
     # Same seeds and data: equal stage-one students, different round students.
     stage.main(argv(teacher, tmp_path / "run", tmp_path / "model", *ROUND_ONLY, option))
@@ -183,6 +184,13 @@ def test_round_updates_override_single_rounds(stage, capsys):
     with pytest.raises(SystemExit):                                   # no 3-step round: named, not ignored
         stage.main(["--config", str(preset), "teacher=x", "distill.round_updates={3: 100}"])
     assert "distill.round_updates" in capsys.readouterr().err
+    lrs = load_config(stage.DistillStageConfig, preset, ["teacher=x", "distill.round_lr={32: 5.0e-5}"])
+    assert {r.steps: r.lr for r in stage.plan_rounds(lrs.distill)[1:]} == {32: 5e-5, 16: None, 8: None, 4: None,
+                                                                          2: None, 1: None}
+    for bad in ("distill.round_lr={3: 1.0e-4}", "distill.round_lr={32: 0}"):
+        with pytest.raises(SystemExit):
+            stage.main(["--config", str(preset), "teacher=x", bad])
+        assert "distill.round_lr" in capsys.readouterr().err
     only_one = load_config(stage.DistillStageConfig, preset, ["teacher=x", "distill.n_end=64"])
     assert [r.name for r in stage.plan_rounds(only_one.distill)] == ["stage-one"]   # the preset's keys still load
 
