@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ldm.diffusion.guidance import cfg
+from ldm.diffusion.losses import loss_weight
 from ldm.diffusion.param import append_dims, ddim_step
 
 
@@ -36,7 +37,7 @@ def truncated_snr_weight(alpha, sigma, cap: float | None = None):
     thousands, then no longer outweighs the high-noise steps that lay a picture out (cap = 1 is
     the plain x-space MSE).
     """
-    weight = (alpha ** 2 / sigma ** 2).clamp(min=1.0)
+    weight = loss_weight("truncated_snr", "x0", alpha, sigma)   # the core losses' max(SNR, 1)
     return weight if cap is None else weight.clamp(max=cap)
 
 
