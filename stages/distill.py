@@ -208,7 +208,7 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
     """Train `student` for one round; returns it with its final (EMA) weights, or None if stopped early."""
     d, schedule, time_scale = cfg.distill, parts.schedule, parts.index.time_scale
     tcfg = dataclasses.replace(cfg.train, output_dir=os.path.join(cfg.train.output_dir, rnd.name),
-                               max_steps=rnd.updates, resume=resume, lr=rnd.lr or cfg.train.lr)
+                               max_steps=rnd.updates, resume=resume, lr=cfg.train.lr if rnd.lr is None else rnd.lr)
     device = accelerator.device
     # A round starts from a state that depends on its index only, so resuming at a round boundary
     # repeats an uninterrupted run exactly; mid-round, the checkpoint restores the same state.
