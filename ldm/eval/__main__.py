@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="guidance weight w, (1 + w) cond - w uncond (default: the model's)")
     rp.add_argument("--ws", type=number_list(float), default=[0, 1, 2, 3, 5, 8], metavar="LIST",
                     help="guidance weights of the teacher sweep (default: 0,1,2,3,5,8)")
+    rp.add_argument("--student-sweep", type=int, default=4, metavar="STEPS",
+                    help="also sweep this student over --ws (it takes w as an input); 0: no student "
+                         "sweep (default: 4)")
     rp.add_argument("--batch", type=int, default=50, help="prompts per sampling batch (default: 50)")
     rp.add_argument("--student-sampler", choices=["ddim", "stochastic"], default="ddim",
                     help="the students' sampler: deterministic DDIM, or Meng et al.'s N-step stochastic "
@@ -134,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     report = make_report(args.model, out_dir, n=args.n, seed=args.seed, teacher_steps=args.teacher_steps,
                          student_steps=args.student_steps, guidance=args.guidance, ws=args.ws,
                          batch=args.batch, device=args.device, student_sampler=args.student_sampler,
-                         decoder_precision=args.decoder_precision)
-    for row in report["rows"] + report["sweep"]["rows"]:
+                         decoder_precision=args.decoder_precision, student_sweep=args.student_sweep)
+    student_sweep = report["student_sweep"]["rows"] if report["student_sweep"] else []
+    for row in report["rows"] + report["sweep"]["rows"] + student_sweep:
         print(f"{row['model']:>10} {row['steps']:>3} steps  w={row['guidance']:<4g} NFE {row['nfe']:>4}  "
               f"accuracy {percent(row['accuracy']):>6}  FD {row['fd']:<8.4g} "
               f"{1e3 * row['seconds_per_image']:.2f} ms/image")

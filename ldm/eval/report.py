@@ -1,8 +1,10 @@
 """`python -m ldm.eval report`: accuracy, FD and speed of a teacher and its students on held-out prompts.
 
 Runs: the teacher with DDIM and classifier-free guidance at each teacher step count (NFE = 2 x steps
-for w > 0), each distilled student of the model folder at its own step count (NFE = steps), and a
-guidance sweep of the teacher at 64 steps (else its largest step count). Every run draws the same N
+for w > 0), each distilled student of the model folder at its own step count (NFE = steps), and
+guidance sweeps over the same weights of the teacher at 64 steps (else its largest step count) and of
+one student (4 steps by default): the student takes w as an input (Meng et al. 2023, stage one), so
+one network gives the whole quality-diversity trade-off at a fixed NFE, as the paper's FID/IS curves show. Every run draws the same N
 held-out prompts (`metrics.heldout_prompts`) with the same noise per batch, so rows differ only by
 the sampler (common random numbers). Images are quantised to uint8, as a PNG would hold them, judged
 by the oracle and compared with the N real held-out scenes those prompts describe (score.py).
@@ -98,12 +100,15 @@ def warm_up(pipe, run: Run, prompts: list[str]) -> None:
 
 
 def plan(teacher_steps: list[int], student_steps: list[int], available: list[int], w: float,
-         ws: list[float]) -> tuple[list[Run], list[Run], int]:
-    """The table's runs (teacher curve, then students), the w-sweep runs and the sweep's step count."""
+         ws: list[float], student_sweep: int = 0) -> tuple[list[Run], list[Run], int, list[Run]]:
+    """The table's runs (teacher curve, then students), the teacher's w-sweep runs, that sweep's step
+    count, and the w-sweep runs of the student-`student_sweep` (none if 0 or the folder has no such one)."""
     table = [Run("teacher", s, w) for s in sorted(teacher_steps)]
     table += [Run(f"student-{s}", s, w) for s in sorted(student_steps) if s in available]
     sweep_steps = REFERENCE_STEPS if REFERENCE_STEPS in teacher_steps else max(teacher_steps)
-    return table, [Run("teacher", sweep_steps, float(x)) for x in ws], sweep_steps
+    students = [Run(f"student-{student_sweep}", student_sweep, float(x)) for x in ws] \
+        if student_sweep in available else []
+    return table, [Run("teacher", sweep_steps, float(x)) for x in ws], sweep_steps, students
 
 
 # ------------------------------------------------------------------------------- goals
@@ -183,18 +188,23 @@ def plot_nfe(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_w(rows: list[dict], path: Path) -> None:
-    """Accuracy and FD of the teacher against the guidance weight w."""
-    plt, fig, axes = _axes_pair(f"teacher, {rows[0]['steps']} DDIM steps: quality against guidance w")
-    rows = sorted(rows, key=lambda r: r["guidance"])
-    ws = [r["guidance"] for r in rows]
-    axes[0].plot(ws, [100 * r["accuracy"] for r in rows], "o-")
+def plot_w(rows: list[dict], path: Path, student_rows: list[dict] = ()) -> None:
+    """Accuracy and FD against the guidance weight w: the teacher, and a student when swept."""
+    plt, fig, axes = _axes_pair("quality against guidance w")
+    curves = [(f"teacher, {rows[0]['steps']} DDIM steps", rows)]
+    if student_rows:
+        curves.append((f"{student_rows[0]['model']} ({student_rows[0]['nfe']} NFE)", student_rows))
+    for label, curve in curves:
+        curve = sorted(curve, key=lambda r: r["guidance"])
+        ws = [r["guidance"] for r in curve]
+        axes[0].plot(ws, [100 * r["accuracy"] for r in curve], "o-", label=label)
+        axes[1].plot(ws, [r["fd"] for r in curve], "o-", label=label)
     axes[0].set_ylabel("prompt accuracy (%)")
-    axes[1].plot(ws, [r["fd"] for r in rows], "o-")
     axes[1].set_ylabel("FD (lower is better)")
     for ax in axes:
         ax.set_xlabel("w in (1 + w) cond - w uncond")
         ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -237,6 +247,11 @@ def markdown(report: dict) -> str:
     lines += [f"- **{g['status']}**: {g['goal']}: {g['detail']}" for g in report["goals"]]
     lines += ["", f"## Guidance sweep (teacher, {sweep['steps']} DDIM steps)", ""]
     lines += _table(sweep["rows"], [("w", lambda r: f"{r['guidance']:g}"), ("NFE", lambda r: str(r["nfe"]))])
+    student = report.get("student_sweep")
+    if student:
+        lines += ["", f"## Guidance sweep ({student['model']}, {report['student_sampler']}: one network, "
+                  "w as its input)", ""]
+        lines += _table(student["rows"], [("w", lambda r: f"{r['guidance']:g}"), ("NFE", lambda r: str(r["nfe"]))])
     lines += ["", "## Plots", "", f"![quality against NFE]({report['plots']['nfe']})", "",
               f"![quality against w]({report['plots']['w']})", "",
               f"Sample grids show the first {GRID} prompts, listed in `samples/prompts.txt`.", ""]
@@ -248,7 +263,7 @@ def markdown(report: dict) -> str:
 def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: int = 0,
                 teacher_steps=(8, 16, 32, 64), student_steps=(1, 2, 4, 8), guidance: float | None = None,
                 ws=(0, 1, 2, 3, 5, 8), batch: int = 50, device: str | None = None, oracle=None,
-                student_sampler: str = "ddim", decoder_precision: str = "auto") -> dict:
+                student_sampler: str = "ddim", decoder_precision: str = "auto", student_sweep: int = 4) -> dict:
     """Evaluate the model folder, write the report files into out_dir and return report.json's dict."""
     from tqdm import tqdm
 
@@ -270,8 +285,9 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
     real_features = oracle.features(real_images(n, seed, pipe.index.resolution))
     (out_dir / "samples" / "prompts.txt").write_text("\n".join(prompts[:GRID]) + "\n")
 
-    table, sweep, sweep_steps = plan(list(teacher_steps), list(student_steps), pipe.student_steps, w, list(ws))
-    runs = list(dict.fromkeys(table + sweep))  # the sweep's w = guidance run is a table run
+    table, sweep, sweep_steps, student_sweep_runs = plan(list(teacher_steps), list(student_steps),
+                                                         pipe.student_steps, w, list(ws), student_sweep)
+    runs = list(dict.fromkeys(table + sweep + student_sweep_runs))  # a sweep's w = guidance run is a table run
     results, warm = {}, set()
     bar = tqdm(total=len(runs) * math.ceil(n / batch), desc="report", unit="batch")
     for run in runs:
@@ -294,9 +310,12 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
               "rows": rows, "goals": goals(rows, reference),
               "missing_students": [s for s in sorted(student_steps) if s not in pipe.student_steps],
               "sweep": {"steps": sweep_steps, "rows": [results[r] for r in sweep]},
+              "student_sweep": {"model": student_sweep_runs[0].model, "steps": student_sweep,
+                                "rows": [results[r] for r in student_sweep_runs]} if student_sweep_runs else None,
               "plots": {"nfe": "quality_vs_nfe.png", "w": "quality_vs_w.png"}}
     plot_nfe(rows, out_dir / report["plots"]["nfe"])
-    plot_w(report["sweep"]["rows"], out_dir / report["plots"]["w"])
+    plot_w(report["sweep"]["rows"], out_dir / report["plots"]["w"],
+           report["student_sweep"]["rows"] if report["student_sweep"] else ())
     report = finite(report)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     (out_dir / "report.md").write_text(markdown(report))

@@ -124,6 +124,10 @@ def test_report_smoke_on_a_tiny_model(tmp_path, capsys, one_thread):
         assert (out / row["grid"]).is_file()
     assert report["sweep"]["steps"] == 2 and [r["guidance"] for r in report["sweep"]["rows"]] == [0, 1]
     assert report["sweep"]["rows"][0]["nfe"] == 2  # w = 0 needs no unconditional pass
+    student = report["student_sweep"]  # --student-sweep defaults to the 4-step student, over --ws
+    assert student["model"] == "student-4" and [r["guidance"] for r in student["rows"]] == [0, 1]
+    assert [r["nfe"] for r in student["rows"]] == [4, 4]  # w is the student's input: one pass per step
+    assert all((out / r["grid"]).is_file() for r in student["rows"])
     assert report["missing_students"] == [1, 2, 8]
     statuses = {g["goal"]: g["status"] for g in report["goals"]}
     assert len(statuses) == 4 and "2-step teacher" in report["goals"][0]["goal"]  # 64 not run: the largest
@@ -134,6 +138,20 @@ def test_report_smoke_on_a_tiny_model(tmp_path, capsys, one_thread):
     text = (out / "report.md").read_text()
     assert "## Goals" in text and "| student-4 | 4 | 4 |" in text
     assert report["student_sampler"] == "ddim" and "ddim for the students" in text
+    assert "## Guidance sweep (student-4" in text and "| 0 | 4 |" in text
+
+
+def test_report_student_sweep_off_or_absent(tmp_path, one_thread):
+    from ldm.eval.report import make_report
+    from ldm.pipeline import save_random_model
+
+    model = tmp_path / "tiny"
+    save_random_model(str(model))  # no students at all
+    for sweep in (0, 4):
+        report = make_report(model, tmp_path / f"r{sweep}", n=2, teacher_steps=(1,), ws=(1,), device="cpu",
+                             student_sweep=sweep)
+        assert report["student_sweep"] is None and [r["model"] for r in report["rows"]] == ["teacher"]
+        assert "Guidance sweep (student" not in (tmp_path / f"r{sweep}" / "report.md").read_text()
 
 
 def test_report_student_sampler_reaches_the_students_only(tmp_path, one_thread):
