@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -153,7 +154,12 @@ class TextToImage:
     def model_function(self, steps: int, guidance: float, teacher: bool = False):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG."""
         if not teacher and steps in self._available_students():
-            model = self.denoiser(self.student(steps), self.index.student_prediction)
+            net = self.student(steps)
+            if net.w_range is not None and not net.w_range[0] <= guidance <= net.w_range[1]:
+                warnings.warn(f"guidance w = {guidance:g} is outside [{net.w_range[0]:g}, {net.w_range[1]:g}], the "
+                              f"range student-{steps} was distilled on: it extrapolates there and does not follow "
+                              "the teacher's guidance (docs/stage3-distill.md)", stacklevel=3)
+            model = self.denoiser(net, self.index.student_prediction)
             return model, lambda cond: {**cond, "w": guidance}, {"model": f"student-{steps}", "nfe_per_step": 1}
         model = cfg(self.denoiser(self.unet, self.index.prediction), guidance, self.encode_prompts([""]))
         return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1 if guidance == 0 else 2}

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -44,8 +45,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "pixels within 0.02 of fp32), else fp32")
 
 
+def short_warnings(message, category, filename, lineno, line=None) -> str:
+    """A CLI user needs the warning, not the library line that raised it."""
+    return f"warning: {message}\n"
+
+
 def load_pipeline(parser: argparse.ArgumentParser, args) -> TextToImage:
-    """The model folder, or a parser error that names the missing path."""
+    """The model folder, or a parser error that names the missing path. Warnings print as one line."""
+    warnings.formatwarning = short_warnings
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if not os.path.isfile(os.path.join(args.model, INDEX_NAME)):

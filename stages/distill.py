@@ -293,6 +293,7 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
     # Rank 0 saves alone: under FSDP2 every process gathers the shards into a plain copy for it.
     plain = main_process_copy(accelerator, model, lambda: GuidedStudent(UNet(final.unet.cfg), d.w_features))
     if accelerator.is_main_process:
+        plain.w_range = (float(d.w_min), float(d.w_max))   # what it learnt: saved in its config
         plain.save_pretrained(os.path.join(tcfg.output_dir, "student"))   # fp32: next round's teacher
     accelerator.wait_for_everyone()
     accelerator.free_memory()                                    # drop the round's prepared objects

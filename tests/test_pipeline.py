@@ -1,10 +1,15 @@
-"""TextToImage's CPU decode (channels_last autoencoder, chunks, optional bf16) gives the plain decoder's images."""
+"""TextToImage: its CPU decode (channels_last autoencoder, chunks, optional bf16) gives the plain decoder's
+images; a student warns when asked for a guidance weight outside the range it was distilled on."""
 import copy
+import json
+import warnings
 
 import pytest
 import torch
 
-from ldm.pipeline import CPU_DECODE_CHUNK, TextToImage, native_bf16_cpu, save_random_model
+from ldm.distill.student import GuidedStudent
+from ldm.models.unet import UNet
+from ldm.pipeline import CPU_DECODE_CHUNK, TextToImage, load_index, native_bf16_cpu, save_index, save_random_model
 
 
 def test_cpu_decode_in_chunks_matches_plain_decode(tmp_path, one_thread):
@@ -35,3 +40,25 @@ def test_decoder_precision_auto_follows_the_cpu(tmp_path):
     assert TextToImage.from_folder(str(tmp_path)).decoder_precision == ("bf16" if native_bf16_cpu() else "fp32")
     with pytest.raises(ValueError, match="decoder precision"):
         TextToImage.from_folder(str(tmp_path), decoder_precision="fp16")
+
+
+def test_student_warns_outside_its_trained_guidance_range(tmp_path, one_thread):
+    save_random_model(str(tmp_path), resolution=32)
+    unet = UNet.from_pretrained(str(tmp_path / "unet"))
+    GuidedStudent(unet, 16, w_range=(1, 3)).save_pretrained(str(tmp_path / "student-1"))
+    GuidedStudent(unet, 16).save_pretrained(str(tmp_path / "student-2"))   # a folder from before w_range
+    assert json.loads((tmp_path / "student-1" / "config.json").read_text())["w_range"] == [1.0, 3.0]
+    index = load_index(str(tmp_path))
+    index.students = {"1": "student-1", "2": "student-2"}
+    save_index(str(tmp_path), index)
+    pipe = TextToImage.from_folder(str(tmp_path))
+    assert pipe.student(1).w_range == (1.0, 3.0) and pipe.student(2).w_range is None
+    for w in (0.5, 3.5):
+        with pytest.warns(UserWarning, match=rf"w = {w:g} is outside \[1, 3\].*student-1"):
+            pipe.sample(["a red circle"], steps=1, guidance=w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for w in (1.0, 2.0, 3.0):                       # inside, the ends included
+            pipe.sample(["a red circle"], steps=1, guidance=w)
+        pipe.sample(["a red circle"], steps=2, guidance=8.0)     # no range known: no warning
+        pipe.sample(["a red circle"], steps=1, guidance=8.0, teacher=True)  # the teacher takes any w

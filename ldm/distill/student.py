@@ -35,12 +35,17 @@ class WEmbedding(nn.Module):
 
 
 class GuidedStudent(nn.Module):
-    """net(x, t, context, context_mask=None, w=0.) -> the U-Net's prediction at guidance w."""
+    """net(x, t, context, context_mask=None, w=0.) -> the U-Net's prediction at guidance w.
 
-    def __init__(self, unet: UNet, w_features: int = 64):
+    w_range: the (w_min, w_max) it was distilled on, saved with it so that samplers can warn when
+    asked for a w outside it (the w-embedding does not extrapolate the teacher's guidance there).
+    """
+
+    def __init__(self, unet: UNet, w_features: int = 64, w_range: tuple[float, float] | None = None):
         super().__init__()
         self.unet = unet
         self.w_embed = WEmbedding(w_features, unet.cfg.time_embed_dim)
+        self.w_range = None if w_range is None else (float(w_range[0]), float(w_range[1]))
 
     def forward(self, x, t, context, context_mask=None, w=0.0):
         w = torch.as_tensor(w, dtype=torch.float32, device=x.device).expand(x.shape[0])  # (B,)
@@ -57,7 +62,8 @@ class GuidedStudent(nn.Module):
         """config.json (U-Net config + w features) and model.safetensors (optionally cast, e.g. fp16)."""
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump({"kind": "guided_student", "w_features": self.w_embed.features,
+            w_range = {} if self.w_range is None else {"w_range": list(self.w_range)}
+            json.dump({"kind": "guided_student", "w_features": self.w_embed.features, **w_range,
                        "unet": dataclasses.asdict(self.unet.cfg)}, f, indent=2)
         save_weights(self, os.path.join(directory, "model.safetensors"), dtype)
 
@@ -70,6 +76,6 @@ class GuidedStudent(nn.Module):
             cfg = json.load(f)
         if cfg.get("kind") != "guided_student":
             raise ValueError(f"{directory} holds a {cfg.get('kind', 'plain U-Net')!r} checkpoint, not a guided student")
-        model = cls(UNet(UNetConfig.from_dict(cfg["unet"])), cfg["w_features"])
+        model = cls(UNet(UNetConfig.from_dict(cfg["unet"])), cfg["w_features"], cfg.get("w_range"))
         load_weights(model, os.path.join(directory, "model.safetensors"), directory)  # on CPU, then .to(device)
         return model.to(device)
