@@ -53,8 +53,9 @@ def test_top_level_kernels_is_the_pypi_package_or_absent(tmp_path, where):
             print("absent", err.name)
     """, tmp_path if where == "neutral folder" else ROOT)
     if _pypi_kernels_installed():
-        assert Path(out.strip()).resolve().parent != ROOT / "kernels"
-        assert Path(out.strip()).resolve() == Path(metadata.distribution("kernels").locate_file("kernels/__init__.py")).resolve()
+        found = Path(out.strip()).resolve()
+        assert found.parent != ROOT / "kernels"
+        assert found == Path(metadata.distribution("kernels").locate_file("kernels/__init__.py")).resolve()
     else:
         assert out.split() == ["absent", "kernels"]
 

@@ -4,10 +4,11 @@ Runs: the teacher with DDIM and classifier-free guidance at each teacher step co
 for w > 0), each distilled student of the model folder at its own step count (NFE = steps), and
 guidance sweeps over the same weights of the teacher at 64 steps (else its largest step count) and of
 one student (4 steps by default): the student takes w as an input (Meng et al. 2023, stage one), so
-one network gives the whole quality-diversity trade-off at a fixed NFE, as the paper's FID/IS curves show. Every run draws the same N
-held-out prompts (`metrics.heldout_prompts`) with the same noise per batch, so rows differ only by
-the sampler (common random numbers). Images are quantised to uint8, as a PNG would hold them, judged
-by the oracle and compared with the N real held-out scenes those prompts describe (score.py).
+one network gives the whole quality-diversity trade-off at a fixed NFE, as the paper's FID/IS
+curves show. Every run draws the same N held-out prompts (`metrics.heldout_prompts`) with the same
+noise per batch, so rows differ only by the sampler (common random numbers). Images are quantised to
+uint8, as a PNG would hold them, judged by the oracle and compared with the N real held-out scenes
+those prompts describe (score.py).
 
 Writes into the output folder: report.md, report.json, quality_vs_nfe.png, quality_vs_w.png, and
 samples/<run>.png (the first 16 prompts, listed in samples/prompts.txt).
@@ -246,12 +247,13 @@ def markdown(report: dict) -> str:
     lines += ["", "## Goals", ""]
     lines += [f"- **{g['status']}**: {g['goal']}: {g['detail']}" for g in report["goals"]]
     lines += ["", f"## Guidance sweep (teacher, {sweep['steps']} DDIM steps)", ""]
-    lines += _table(sweep["rows"], [("w", lambda r: f"{r['guidance']:g}"), ("NFE", lambda r: str(r["nfe"]))])
+    sweep_columns = [("w", lambda r: f"{r['guidance']:g}"), ("NFE", lambda r: str(r["nfe"]))]
+    lines += _table(sweep["rows"], sweep_columns)
     student = report.get("student_sweep")
     if student:
         lines += ["", f"## Guidance sweep ({student['model']}, {report['student_sampler']}: one network, "
                   "w as its input)", ""]
-        lines += _table(student["rows"], [("w", lambda r: f"{r['guidance']:g}"), ("NFE", lambda r: str(r["nfe"]))])
+        lines += _table(student["rows"], sweep_columns)
     lines += ["", "## Plots", "", f"![quality against NFE]({report['plots']['nfe']})", "",
               f"![quality against w]({report['plots']['w']})", "",
               f"Sample grids show the first {GRID} prompts, listed in `samples/prompts.txt`.", ""]
@@ -303,6 +305,7 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
     bar.close()
 
     rows = [results[r] for r in table]
+    student_rows = [results[r] for r in student_sweep_runs]
     reference = results[Run("teacher", sweep_steps, w)]
     report = {"name": Path(model).resolve().name, "model": str(model), "device": device_name(pipe.device),
               "torch": torch.__version__, "n": n, "seed": seed, "guidance": w, "sampler": "ddim",
@@ -311,11 +314,10 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
               "missing_students": [s for s in sorted(student_steps) if s not in pipe.student_steps],
               "sweep": {"steps": sweep_steps, "rows": [results[r] for r in sweep]},
               "student_sweep": {"model": student_sweep_runs[0].model, "steps": student_sweep,
-                                "rows": [results[r] for r in student_sweep_runs]} if student_sweep_runs else None,
+                                "rows": student_rows} if student_sweep_runs else None,
               "plots": {"nfe": "quality_vs_nfe.png", "w": "quality_vs_w.png"}}
     plot_nfe(rows, out_dir / report["plots"]["nfe"])
-    plot_w(report["sweep"]["rows"], out_dir / report["plots"]["w"],
-           report["student_sweep"]["rows"] if report["student_sweep"] else ())
+    plot_w(report["sweep"]["rows"], out_dir / report["plots"]["w"], student_rows)
     report = finite(report)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     (out_dir / "report.md").write_text(markdown(report))
