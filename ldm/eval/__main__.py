@@ -3,11 +3,13 @@
     python -m ldm.eval score --images out/ --prompts prompts.txt [--out result.json] [--fd-n N]
     python -m ldm.eval report --model ldm/assets/shapes64 [--n 500] [--out-dir docs/eval/shapes64]
     python -m ldm.eval position --model ldm/assets/shapes64 [--n 32] [--steps 1,16] [--ws 0,4]
+    python -m ldm.eval compare A/report.json[:RUN] B/report.json[:RUN] [--out result.json]
 
 `score` judges a folder of generated PNGs (txt2img --from-file writes out/{line:04d}.png) against
 their prompts; `report` samples the teacher and its students itself and writes report.md/json,
 plots and sample grids; `position` measures how far position words move an object (fast, no
-oracle: usable on training checkpoints).
+oracle: usable on training checkpoints); `compare` tests whether two runs' accuracies differ,
+prompt by prompt (a paired test: McNemar's, with a confidence interval).
 """
 from __future__ import annotations
 
@@ -89,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--seed", type=int, default=0)
     po.add_argument("--out", metavar="RESULT.json", help="also write the result as JSON")
     po.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+    cp = commands.add_parser("compare", help="paired test of two runs' prompt accuracy (same prompts)",
+                             description="Compare prompt accuracy prompt by prompt: B - A with a 95% "
+                             "confidence interval and McNemar's exact p-value. A and B are report.json files "
+                             "(or their folders) made with the same --n and --seed; FILE:RUN picks one run "
+                             "on each side (run names as in the report's sample grids: teacher-64-w2, "
+                             "student-4-w2), else every run the two reports share is compared.")
+    cp.add_argument("a", metavar="A[:RUN]", help="the baseline report (and run)")
+    cp.add_argument("b", metavar="B[:RUN]", help="the report (and run) compared with it")
+    cp.add_argument("--out", metavar="RESULT.json", help="also write the comparisons as JSON")
     return parser
 
 
@@ -106,6 +118,20 @@ def main(argv: list[str] | None = None) -> None:
         print(format_table(result))
         if args.out:
             write_json(result, args.out)
+            print(f"wrote {args.out}")
+        return
+    if args.command == "compare":
+        import json
+
+        from ldm.eval.compare import compare, format_comparisons
+        try:
+            results = compare(args.a, args.b)
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            parser.exit(2, f"python -m ldm.eval compare: error: {err}\n")
+        print(format_comparisons(results))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
             print(f"wrote {args.out}")
         return
 

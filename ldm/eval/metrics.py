@@ -21,16 +21,23 @@ CLEARANCE = 2.0  # px beyond the reader's tolerance that an altered zone/relatio
 # --------------------------------------------------------------------- prompt accuracy
 
 def prompt_accuracy(judgements: list[dict], captions: list[str]) -> dict:
-    """Share of prompts whose asked attributes all hold (all, one-, two-object); per attribute."""
+    """Share of prompts whose asked attributes all hold (all, one-, two-object); per attribute.
+
+    "passed" keeps each prompt's outcome in caption order (None: the prompt asks for nothing), for
+    paired comparisons of two runs on the same prompts (compare.py).
+    """
     if len(judgements) != len(captions):
         raise ValueError(f"{len(judgements)} judgements for {len(captions)} captions")
     passed = {"all": [], "one_object": [], "two_object": []}
     per_attr: dict[str, list[bool]] = {}
+    outcomes: list[bool | None] = []
     for judged, text in zip(judgements, captions):
         n = len(parse_caption(text)["objects"])
         if n == 0 or not judged:
+            outcomes.append(None)
             continue  # the empty prompt asks for nothing
-        ok = all(judged.values())
+        ok = bool(all(judged.values()))
+        outcomes.append(ok)
         passed["all"].append(ok)
         passed["one_object" if n == 1 else "two_object"].append(ok)
         for key, holds in judged.items():
@@ -38,6 +45,7 @@ def prompt_accuracy(judgements: list[dict], captions: list[str]) -> dict:
     out = {name: _mean(xs) for name, xs in passed.items()}
     out["count"] = len(passed["all"])
     out["per_attribute"] = {name: _mean(xs) for name, xs in sorted(per_attr.items())}
+    out["passed"] = outcomes
     return out
 
 

@@ -109,7 +109,11 @@ def attribute_counts(judgements: list[dict]) -> dict[str, int]:
 
 def evaluate_images(oracle, images: torch.Tensor, captions: list[str],
                     real_features: torch.Tensor) -> dict:
-    """Prompt accuracy (all, one-, two-object, per attribute with counts) and FD to the reals."""
+    """Prompt accuracy (all, one-, two-object, per attribute with counts) and FD to the reals.
+
+    "correct" holds each prompt's outcome as one character, "1" held, "0" not, "-" asked nothing:
+    500 prompts stay one line of report.json, and two runs pair up prompt by prompt (compare.py).
+    """
     judgements = oracle.judge_batch(images, captions)
     acc = prompt_accuracy(judgements, captions)
     objects = [len(parse_caption(c)["objects"]) for c in captions]
@@ -121,6 +125,7 @@ def evaluate_images(oracle, images: torch.Tensor, captions: list[str],
                           for name in counts},
         "fd": frechet_distance(oracle.features(images), real_features),
         "fd_n": len(real_features),
+        "correct": "".join("-" if ok is None else "01"[ok] for ok in acc["passed"]),
     }
 
 

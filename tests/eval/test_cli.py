@@ -122,6 +122,9 @@ def test_report_smoke_on_a_tiny_model(tmp_path, capsys, one_thread):
         assert {"accuracy", "one_object", "two_object", "per_attribute", "fd", "fd_n", "nfe",
                 "seconds_per_image", "grid"} <= set(row)
         assert (out / row["grid"]).is_file()
+        asked = row["correct"].replace("-", "")  # per-prompt outcomes, for `compare`
+        assert len(row["correct"]) == 4 and set(asked) <= {"0", "1"}
+        assert row["accuracy"] == pytest.approx(asked.count("1") / len(asked))
     assert report["sweep"]["steps"] == 2 and [r["guidance"] for r in report["sweep"]["rows"]] == [0, 1]
     assert report["sweep"]["rows"][0]["nfe"] == 2  # w = 0 needs no unconditional pass
     student = report["student_sweep"]  # --student-sweep defaults to the 4-step student, over --ws
@@ -139,6 +142,12 @@ def test_report_smoke_on_a_tiny_model(tmp_path, capsys, one_thread):
     assert "## Goals" in text and "| student-4 | 4 | 4 |" in text
     assert report["student_sampler"] == "ddim" and "ddim for the students" in text
     assert "## Guidance sweep (student-4" in text and "| 0 | 4 |" in text
+    capsys.readouterr()
+    main(["compare", str(out), str(out)])  # a report against itself: every run, no difference
+    runs = {(r["model"], r["steps"], r["guidance"]) for r in report["rows"] + report["sweep"]["rows"] + student["rows"]}
+    assert capsys.readouterr().out.count("| +0.0 points | [+0.0, +0.0] | 0 / 0 | 1 |") == len(runs)
+    main(["compare", f"{out}:teacher-2-w0", f"{out}:teacher-2-w1"])  # two runs of one report
+    assert "teacher-2-w0 |" in capsys.readouterr().out
 
 
 def test_report_student_sweep_off_or_absent(tmp_path, one_thread):
