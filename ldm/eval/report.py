@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ldm.eval.compare import paired
 from ldm.eval.metrics import heldout_prompts
 from ldm.eval.score import evaluate_images, finite, percent, real_images, to_uint8
 
@@ -115,9 +116,13 @@ def plan(teacher_steps: list[int], student_steps: list[int], available: list[int
 # ------------------------------------------------------------------------------- goals
 
 def accuracy_goal(student: dict, teacher: dict, points: float) -> tuple[bool, str]:
+    """Met on the point estimate (the goal is one run); the detail adds the paired 95% CI (compare.py)."""
     diff = 100 * (student["accuracy"] - teacher["accuracy"])
-    return (not math.isnan(diff) and diff >= -points,
-            f"{percent(student['accuracy'])} vs {percent(teacher['accuracy'])} ({diff:+.1f} points)")
+    detail = f"{percent(student['accuracy'])} vs {percent(teacher['accuracy'])} ({diff:+.1f} points"
+    if "correct" in student and "correct" in teacher:
+        lo, hi = (100 * x for x in paired(teacher["correct"], student["correct"])["ci95"])
+        detail += f", paired 95% CI [{lo:+.1f}, {hi:+.1f}]"
+    return not math.isnan(diff) and diff >= -points, detail + ")"
 
 
 def fd_goal(student: dict, teacher: dict, ratio: float) -> tuple[bool, str]:

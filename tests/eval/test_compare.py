@@ -51,6 +51,16 @@ def test_paired_skips_prompts_without_asks_and_checks_lengths():
         paired("101", "10")
 
 
+def test_accuracy_goal_states_the_paired_interval():
+    from ldm.eval.report import accuracy_goal
+    teacher, student = row("teacher", 64, 2.0, "1" * 10), row("student-4", 4, 2.0, "1" * 8 + "00")
+    met, detail = accuracy_goal(student, teacher, 2.0)
+    # d = -0.2, se = sqrt(2 - 4 / 10) / 10, 1.96 se = 0.248: [-44.8, +4.8] points
+    assert not met and detail == "80.0% vs 100.0% (-20.0 points, paired 95% CI [-44.8, +4.8])"
+    del student["correct"]                                          # an old row: no interval
+    assert accuracy_goal(student, teacher, 25.0) == (True, "80.0% vs 100.0% (-20.0 points)")
+
+
 def write_report(path, rows, n=4, seed=0, sweep=None):
     path.mkdir(parents=True, exist_ok=True)
     report = {"n": n, "seed": seed, "rows": rows, "sweep": sweep, "student_sweep": None}
