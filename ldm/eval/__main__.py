@@ -104,36 +104,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def emit(text: str, result, out: str | None) -> None:
+    """Print a command's table; with --out also write its result as JSON."""
+    from ldm.eval.score import write_json
+    print(text)
+    if out:
+        write_json(result, out)
+        print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "score":
-        from ldm.eval.score import format_table, score_folder, write_json
+        from ldm.eval.score import format_table, score_folder
         if args.fd_n is not None and args.fd_n < 2:
             parser.error(f"--fd-n must be >= 2, got {args.fd_n}")
         try:
             result = score_folder(args.images, args.prompts, args.fd_n, args.fd_seed)
         except (FileNotFoundError, ValueError) as err:
             parser.exit(2, f"python -m ldm.eval score: error: {err}\n")
-        print(format_table(result))
-        if args.out:
-            write_json(result, args.out)
-            print(f"wrote {args.out}")
-        return
+        return emit(format_table(result), result, args.out)
     if args.command == "compare":
-        import json
-
         from ldm.eval.compare import compare, format_comparisons
         try:
             results = compare(args.a, args.b)
         except (FileNotFoundError, ValueError, KeyError) as err:
             parser.exit(2, f"python -m ldm.eval compare: error: {err}\n")
-        print(format_comparisons(results))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=1)
-            print(f"wrote {args.out}")
-        return
+        return emit(format_comparisons(results), results, args.out)
 
     from ldm.eval.report import make_report
     from ldm.eval.score import percent
@@ -142,18 +140,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--model {args.model!r} is not a model folder: "
                      f"{os.path.join(args.model, INDEX_NAME)} is missing")
     if args.command == "position":
-        import json
-
         from ldm.eval.position import format_probe, probe
         if args.n < 1 or min(args.steps) < 1:
             parser.error(f"need --n >= 1 and --steps >= 1, got --n {args.n} and --steps {args.steps}")
         result = probe(args.model, args.n, args.steps, args.ws, args.device, args.seed)
-        print(format_probe(result))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-            print(f"wrote {args.out}")
-        return
+        return emit(format_probe(result), result, args.out)
     for flag, values in (("--teacher-steps", args.teacher_steps), ("--student-steps", args.student_steps)):
         if min(values) < 1:
             parser.error(f"{flag} must be >= 1, got {values}")
