@@ -50,14 +50,10 @@ def paired(a: str, b: str) -> dict:
             "a_only": n10, "b_only": n01, "p": mcnemar_exact(n10, n01)}
 
 
-def run_name(row: dict) -> str:
-    """A row's run name as in report.py's Run.name: teacher-64-w2, student-4-w2."""
-    steps = f"-{row['steps']}" if row["model"] == "teacher" else ""
-    return f"{row['model']}{steps}-w{row['guidance']:g}"
-
-
 def load_runs(path: str | Path) -> tuple[dict, dict[str, dict]]:
-    """(report.json, {run name: row}) over its table and both guidance sweeps."""
+    """(report.json, {run name: row}) over its table and both guidance sweeps; names are report.py's
+    Run.name (teacher-64-w2, student-4-w2), as its sample grids are named."""
+    from ldm.eval.report import Run  # here, not at the top: report.py imports `paired` from this module
     path = Path(path)
     if path.is_dir():
         path = path / "report.json"
@@ -65,7 +61,7 @@ def load_runs(path: str | Path) -> tuple[dict, dict[str, dict]]:
     rows = list(report.get("rows", []))
     for sweep in (report.get("sweep"), report.get("student_sweep")):
         rows += sweep["rows"] if sweep else []
-    runs = {run_name(row): row for row in rows}
+    runs = {Run(row["model"], row["steps"], row["guidance"]).name: row for row in rows}
     return report, runs
 
 

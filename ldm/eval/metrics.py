@@ -23,7 +23,7 @@ CLEARANCE = 2.0  # px beyond the reader's tolerance that an altered zone/relatio
 def prompt_accuracy(judgements: list[dict], captions: list[str]) -> dict:
     """Share of prompts whose asked attributes all hold (all, one-, two-object); per attribute.
 
-    "passed" keeps each prompt's outcome in caption order (None: the prompt asks for nothing), for
+    "outcomes" keeps each prompt's outcome in caption order (None: the prompt asks for nothing), for
     paired comparisons of two runs on the same prompts (compare.py).
     """
     if len(judgements) != len(captions):
@@ -45,7 +45,7 @@ def prompt_accuracy(judgements: list[dict], captions: list[str]) -> dict:
     out = {name: _mean(xs) for name, xs in passed.items()}
     out["count"] = len(passed["all"])
     out["per_attribute"] = {name: _mean(xs) for name, xs in sorted(per_attr.items())}
-    out["passed"] = outcomes
+    out["outcomes"] = outcomes
     return out
 
 

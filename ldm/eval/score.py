@@ -125,7 +125,7 @@ def evaluate_images(oracle, images: torch.Tensor, captions: list[str],
                           for name in counts},
         "fd": frechet_distance(oracle.features(images), real_features),
         "fd_n": len(real_features),
-        "correct": "".join("-" if ok is None else "01"[ok] for ok in acc["passed"]),
+        "correct": "".join("-" if ok is None else "01"[ok] for ok in acc["outcomes"]),
     }
 
 

@@ -91,7 +91,7 @@ def test_prompt_accuracy_aggregates_hand_written_judgements():
     assert per["shape"] == pytest.approx(5 / 6)
     assert per["relation"] == pytest.approx(1 / 2)
     assert per["zone"] == per["size"] == per["count"] == 1.0
-    assert acc["passed"] == [True, False, True, False, None]  # per prompt, in caption order
+    assert acc["outcomes"] == [True, False, True, False, None]  # per prompt, in caption order
 
 
 def test_prompt_accuracy_rejects_mismatched_lengths():
