@@ -8,7 +8,9 @@ teacher's guided x-prediction (1 + w) x(z_t, c) - w x(z_t, "") for w ~ U[w_min, 
 (optionally shifted towards noise: distill.time_shift).
 It is the N_start-step model (DDIM). Stage two (Meng sec. 4.2, Salimans & Ho 2022 Alg. 2): rounds
 halve the step count, N_start -> N_start/2 -> ... -> n_end; each student starts from its teacher
-(the previous round's student) and learns two of its DDIM steps in one.
+(the previous round's student) and learns two of its DDIM steps in one. Optional path rounds
+(distill.path_updates, ldm/distill/paths.py) then fine-tune chosen students on the CFG teacher's
+own many-step DDIM paths, which a chain of halvings can only approach.
 
 Every round trains in its own folder output_dir/<round>/ (checkpoints, samples, the final student)
 and writes its student into the model folder as student-N (model_index.json "students").
@@ -26,11 +28,14 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from ldm.data.loaders import DataConfig, make_dataloader
+from ldm.diffusion.guidance import cfg as cfg_guidance
 from ldm.diffusion.losses import check_time_shift, shift_times
 from ldm.diffusion.param import Denoiser
 from ldm.diffusion.samplers import initial_noise, sample_ddim
+from ldm.distill.paths import load_paths, path_batch, save_paths, teacher_path
 from ldm.distill.student import GuidedStudent
 from ldm.distill.targets import (grid_rows, stage_one_target, stage_two_target, student_grid, teacher_states,
                                  x_space_loss)
@@ -96,6 +101,20 @@ class DistillSettings:
     # The loss weight max(SNR, 1) (Salimans & Ho) capped at snr_cap: None = no cap; a cap moves the
     # weight from the low-noise end (SNR in the thousands) to the steps that lay a picture out.
     snr_cap: Optional[float] = None
+    # Teacher-path fine-tuning (ldm/distill/paths.py), after the rounds: `teacher_paths` DDIM paths
+    # of the CFG teacher (`path_steps` steps from pure noise, training prompts, w ~ U[w_min, w_max])
+    # are drawn once into output_dir/paths; then each student in path_updates ({steps: updates},
+    # from its round's student) learns to land on them, at path_lr. The rounds' students can at
+    # best match their round teacher's quality; the paths carry the many-step teacher's.
+    path_updates: dict[int, int] = field(default_factory=dict)   # {} = off
+    teacher_paths: int = 4096
+    path_steps: int = 64
+    path_lr: float = 1.0e-4
+
+    @property
+    def path_keep(self) -> int:
+        """The grid the paths keep their states on: the finest student's (it holds the others)."""
+        return max(self.path_updates, default=1)
 
     def __post_init__(self):
         if not 0 <= self.w_min <= self.w_max:
@@ -122,6 +141,16 @@ class DistillSettings:
                                  f"{unknown}-step student; halvings: {steps}")
             if any(not v > 0 for v in per_round.values()):
                 raise ValueError(f"distill.{key}: values must be > 0, got {per_round}")
+        if self.path_updates:
+            unknown = sorted(set(self.path_updates) - set(steps))    # as above: n_end may cut them
+            if unknown:
+                raise ValueError(f"distill.path_updates: no halving of n_start={self.n_start} gives a "
+                                 f"{unknown}-step student; halvings: {steps}")
+            if any(not v > 0 for v in self.path_updates.values()):
+                raise ValueError(f"distill.path_updates: values must be > 0, got {self.path_updates}")
+            if self.path_steps % self.path_keep or self.teacher_paths < 1 or not self.path_lr > 0:
+                raise ValueError(f"distill.path_steps={self.path_steps} must be a multiple of the largest "
+                                 f"student in path_updates ({self.path_keep}); teacher_paths and path_lr > 0")
 
 
 @dataclass
@@ -146,15 +175,23 @@ class Round:
     name: str                          # folder under output_dir and checkpoint stage name
     steps: int                         # the student's sampling steps
     updates: int                       # optimizer updates
-    n_teacher: Optional[int]           # teacher steps (None: stage one, the CFG teacher)
+    n_teacher: Optional[int]           # teacher steps (None: stage one or a path round, the CFG teacher)
     lr: Optional[float] = None         # peak learning rate; None: train.lr
+    paths: bool = False                # a teacher-path round: fine-tunes round-<steps>'s student
+
+
+def round_folder(rounds: list[Round], steps: int) -> str:
+    """The name of the halving round (or stage one) whose student has `steps` steps."""
+    return next(r.name for r in rounds if r.steps == steps and not r.paths)
 
 
 def plan_rounds(d: DistillSettings) -> list[Round]:
     """Stage one, then halving rounds N_start/2, ..., n_end."""
     halvings = [Round(f"round-{n}", n, d.round_updates.get(n, d.round_steps), 2 * n, d.round_lr.get(n))
                 for n in halving_steps(d.n_start, d.n_end)]
-    return [Round("stage-one", d.n_start, d.stage_one_steps, None)] + halvings
+    paths = [Round(f"paths-{n}", n, updates, None, d.path_lr, paths=True)   # for the rounds run only
+             for n, updates in sorted(d.path_updates.items(), reverse=True) if any(r.steps == n for r in halvings)]
+    return [Round("stage-one", d.n_start, d.stage_one_steps, None)] + halvings + paths
 
 
 # ----------------------------------------------------------------------------- model folder
@@ -203,9 +240,61 @@ def validate(accelerator, student, parts: TextToImage, rnd: Round, d: DistillSet
 
 # ----------------------------------------------------------------------------- one round
 
+def data_batch(accelerator, cfg: DistillStageConfig, rnd: Round, parts: TextToImage, teacher, grid, uncond, batch):
+    """(z_t, t, cond, w, target) from a data batch: noised latents and the teacher's targets for them.
+
+    Stage one (grid None): t ~ U[0, 1] (maybe shifted) and the guided teacher's x (Meng eq. 5);
+    a halving round: a step (t, t', t'') of the grid and the x of its teacher's two DDIM steps.
+    """
+    d, schedule, device = cfg.distill, parts.schedule, accelerator.device
+    with torch.no_grad():
+        if cfg.cache_latents:                                    # z ~ q(z|x) from the cached moments
+            x0 = scaled_latents(batch["mean"].to(device), batch["std"].to(device), parts.autoencoder.config)
+        else:
+            x0 = parts.autoencoder.encode_latents(batch["pixel_values"].to(device))   # (B, C, h, w)
+        drop = torch.rand(len(batch["text"])) < d.p_uncond
+        cond = parts.encode_prompts(["" if u else p for u, p in zip(drop.tolist(), batch["text"])])
+    B = x0.shape[0]
+    w = d.w_min + (d.w_max - d.w_min) * torch.rand(B, device=device)                 # (B,)
+    if grid is None or d.round_times == "shifted":               # stage one's t ~ U[0, 1], maybe shifted
+        t = shift_times(schedule, torch.rand(B, device=device, dtype=torch.float64), d.time_shift,
+                        d.time_shift_share)
+    if grid is not None:                                         # stage two: a step (t, t', t'') of the grid
+        rows = (grid_rows(grid, t) if d.round_times == "shifted"
+                else torch.randint(0, len(grid), (B,), device=device))
+        t, t_mid, t_end = grid[rows].unbind(1)
+    alpha, sigma = (c.float() for c in schedule.alpha_sigma(t))                      # (B,)
+    z_t = alpha.view(-1, 1, 1, 1) * x0 + sigma.view(-1, 1, 1, 1) * torch.randn_like(x0)
+    with accelerator.autocast():
+        if grid is not None and d.teacher_path_share > 0:
+            own = (torch.rand(B, device=device) < d.teacher_path_share).nonzero().squeeze(1)
+            noise = initial_noise(schedule, grid[0, :1], (len(own), *x0.shape[1:]), device=device)
+            extra = {key: v[own] for key, v in {**cond, "w": w}.items()}
+            z_t[own] = teacher_states(teacher, noise, rows[own], schedule, rnd.n_teacher, extra).to(z_t)
+        if grid is None:
+            target = stage_one_target(teacher, z_t, t, w, cond, uncond)
+        else:
+            target = stage_two_target(teacher, z_t, t, t_mid, t_end, schedule, {**cond, "w": w})
+    return z_t, t, cond, w, target
+
+
+def path_round_batches(cfg: DistillStageConfig, rnd: Round, parts: TextToImage, paths, device):
+    """A function drawing (z_t, t, cond, w, target) batches from the teacher's paths (ldm/distill/paths.py)."""
+    states, ws, prompts = paths
+
+    def draw():
+        z_t, t, target, idx = path_batch(states, rnd.steps, parts.schedule, cfg.train.batch_size)
+        cond = parts.encode_prompts([prompts[k] for k in idx.tolist()])
+        return z_t.to(device), t.to(device), cond, ws[idx].to(device), target.to(device)
+    return draw
+
+
 def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, student: GuidedStudent,
-                teacher, parts: TextToImage, loader, resume, stop_after) -> GuidedStudent | None:
-    """Train `student` for one round; returns it with its final (EMA) weights, or None if stopped early."""
+                teacher, parts: TextToImage, loader, resume, stop_after, paths=None) -> GuidedStudent | None:
+    """Train `student` for one round; returns it with its final (EMA) weights, or None if stopped early.
+
+    paths: (states, w, prompts) of `load_paths` for a teacher-path round (its batches come from them).
+    """
     d, schedule, time_scale = cfg.distill, parts.schedule, parts.index.time_scale
     tcfg = dataclasses.replace(cfg.train, output_dir=os.path.join(cfg.train.output_dir, rnd.name),
                                max_steps=rnd.updates, resume=resume, lr=cfg.train.lr if rnd.lr is None else rnd.lr)
@@ -227,45 +316,24 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
 
     student_x0 = Denoiser(model, schedule, parts.index.prediction, time_scale)
     grid = student_grid(schedule, rnd.n_teacher).to(device) if rnd.n_teacher else None   # (N/2, 3)
+    if paths is not None:
+        batch_of_paths = path_round_batches(cfg, rnd, parts, paths, device)
     uncond = parts.encode_prompts([""])
     guard, bar = NonFiniteGuard(tcfg.max_nonfinite), ProgressBar(accelerator, rnd.updates, initial=step)
     bar.bar.set_description(rnd.name)
-    batches = loader.forever()
+    batches = loader.forever() if paths is None else None
     model.train()
     while step < rnd.updates:
         if stop_after == (rnd.name, step):                       # test hook: the job dies here
             return None
-        batch = next(batches)
         with accelerator.accumulate(model):
-            with torch.no_grad():
-                if cfg.cache_latents:                            # z ~ q(z|x) from the cached moments
-                    x0 = scaled_latents(batch["mean"].to(device), batch["std"].to(device),
-                                        parts.autoencoder.config)
-                else:
-                    x0 = parts.autoencoder.encode_latents(batch["pixel_values"].to(device))   # (B, C, h, w)
-                drop = torch.rand(len(batch["text"])) < d.p_uncond
-                cond = parts.encode_prompts(["" if u else p for u, p in zip(drop.tolist(), batch["text"])])
-            B = x0.shape[0]
-            w = d.w_min + (d.w_max - d.w_min) * torch.rand(B, device=device)             # (B,)
-            if grid is None or d.round_times == "shifted":       # stage one's t ~ U[0, 1], maybe shifted
-                t = shift_times(schedule, torch.rand(B, device=device, dtype=torch.float64), d.time_shift,
-                                d.time_shift_share)
-            if grid is not None:                                 # stage two: a step (t, t', t'') of the grid
-                rows = (grid_rows(grid, t) if d.round_times == "shifted"
-                        else torch.randint(0, len(grid), (B,), device=device))
-                t, t_mid, t_end = grid[rows].unbind(1)
+            if paths is None:                                    # noised data: stage one or a halving round
+                z_t, t, cond, w, target = data_batch(accelerator, cfg, rnd, parts, teacher, grid, uncond,
+                                                     next(batches))
+            else:                                                # states on the CFG teacher's paths
+                z_t, t, cond, w, target = batch_of_paths()
             alpha, sigma = (c.float() for c in schedule.alpha_sigma(t))                  # (B,)
-            z_t = alpha.view(-1, 1, 1, 1) * x0 + sigma.view(-1, 1, 1, 1) * torch.randn_like(x0)
             with accelerator.autocast():
-                if grid is not None and d.teacher_path_share > 0:
-                    own = (torch.rand(B, device=device) < d.teacher_path_share).nonzero().squeeze(1)
-                    noise = initial_noise(schedule, grid[0, :1], (len(own), *x0.shape[1:]), device=device)
-                    extra = {key: v[own] for key, v in {**cond, "w": w}.items()}
-                    z_t[own] = teacher_states(teacher, noise, rows[own], schedule, rnd.n_teacher, extra).to(z_t)
-                if grid is None:
-                    target = stage_one_target(teacher, z_t, t, w, cond, uncond)
-                else:
-                    target = stage_two_target(teacher, z_t, t, t_mid, t_end, schedule, {**cond, "w": w})
                 x_hat = student_x0(z_t, t, **cond, w=w)
             loss = x_space_loss(x_hat, target, alpha, sigma, d.snr_cap).mean()
             guard.observe(loss)
@@ -298,6 +366,48 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
     accelerator.wait_for_everyone()
     accelerator.free_memory()                                    # drop the round's prepared objects
     return plain if accelerator.is_main_process else final      # the others export nothing
+
+
+# ----------------------------------------------------------------------------- teacher paths
+
+@torch.no_grad()
+def draw_teacher_paths(accelerator, cfg: DistillStageConfig, parts: TextToImage, loader, epoch: int):
+    """The CFG teacher's DDIM paths, drawn into output_dir/paths (files there are kept), then loaded.
+
+    File b holds one batch: its prompts (training captions, p_uncond of them dropped), w ~ U[w_min,
+    w_max] and noise, all drawn from a generator seeded by (train.seed, b), so an interrupted draw
+    resumes with the same paths; processes draw every world-th file.
+    """
+    d, batch = cfg.distill, cfg.train.batch_size
+    folder = Path(cfg.train.output_dir) / "paths"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [folder / f"paths-{b:05d}.safetensors" for b in range(-(-d.teacher_paths // batch))]
+    teacher = Denoiser(parts.unet, parts.schedule, parts.index.prediction, parts.index.time_scale)
+    uncond, ts = parts.encode_prompts([""]), parts.schedule.timesteps(d.path_steps)
+    loader.load_state_dict({"epoch": epoch, "batch": 0})
+    batches = loader.forever()
+    todo = [b for b, f in enumerate(files) if b % accelerator.num_processes == accelerator.process_index
+            and not f.is_file()]
+    logger.info("teacher paths: %d of %d files to draw (%d paths, %d DDIM steps, states on a %d-step grid)",
+                len(todo), len(files), d.teacher_paths, d.path_steps, d.path_keep)
+    bar = tqdm(total=len(todo), desc="teacher paths", disable=not accelerator.is_local_main_process)
+    for b, f in enumerate(files):
+        texts = next(batches)["text"]                            # file b's captions, whoever draws it
+        if b not in todo:
+            continue
+        n = min(batch, d.teacher_paths - b * batch, len(texts))
+        gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + b)
+        drop = torch.rand(n, generator=gen) < d.p_uncond
+        prompts = ["" if u else p for u, p in zip(drop.tolist(), texts[:n])]
+        w = d.w_min + (d.w_max - d.w_min) * torch.rand(n, generator=gen)
+        noise = initial_noise(parts.schedule, ts, parts.latent_shape(n), generator=gen)
+        states = teacher_path(cfg_guidance(teacher, w.to(accelerator.device), uncond), noise.to(accelerator.device),
+                              ts, parts.schedule, d.path_keep, parts.encode_prompts(prompts))
+        save_paths(f, states.cpu(), w, prompts)
+        bar.update(1)
+    bar.close()
+    accelerator.wait_for_everyone()
+    return load_paths(files)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -352,14 +462,21 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
     rounds = plan_rounds(cfg.distill)
     export = cfg.distill.export
     start, resumes = first_unfinished(cfg, rounds)
+    paths = None                                                 # teacher paths, loaded for the path rounds
 
     for i, rnd in enumerate(rounds):
         round_dir = os.path.join(cfg.train.output_dir, rnd.name)
         if i < start:
             logger.info("%s: finished earlier, its student is in %s", rnd.name, round_dir)
             continue
-        # The teacher model function: the CFG teacher (stage one), or the previous student read back.
-        if rnd.n_teacher is None:
+        # The teacher model function: the CFG teacher (stage one), or the previous student read back;
+        # a path round fine-tunes its round's student on the CFG teacher's paths (drawn once).
+        if rnd.paths:
+            if paths is None:
+                paths = draw_teacher_paths(accelerator, cfg, parts, loader, len(rounds))
+            previous = os.path.join(cfg.train.output_dir, round_folder(rounds, rnd.steps), "student")
+            teacher, student = None, GuidedStudent.from_pretrained(previous, device=device)
+        elif rnd.n_teacher is None:
             teacher = Denoiser(parts.unet, parts.schedule, parts.index.prediction, parts.index.time_scale)
             student = GuidedStudent.from_teacher(parts.unet, cfg.distill.w_features)
         else:
@@ -369,14 +486,14 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
             student = GuidedStudent.from_pretrained(previous, device=device)        # Salimans & Ho: init = teacher
         logger.info("%s: %d updates, %s-step student", rnd.name, rnd.updates, rnd.steps)
         final = train_round(accelerator, cfg, rnd, i, student.train(), teacher, parts, loader, resumes[i],
-                            stop_after)
+                            stop_after, paths if rnd.paths else None)
         if final is None:
             return None
         if accelerator.is_main_process and (export is None or rnd.steps in export):
             export_student(final, folder, rnd.steps, cfg.distill.save_dtype, parts.index.prediction)
         accelerator.wait_for_everyone()
     accelerator.end_training()
-    logger.info("students %s written to %s", [r.steps for r in rounds], folder)
+    logger.info("students %s written to %s", sorted({r.steps for r in rounds}, reverse=True), folder)
     return folder
 
 

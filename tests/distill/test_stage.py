@@ -170,7 +170,11 @@ def test_bad_settings_are_named(stage, teacher, tmp_path, capsys):
 def test_presets_load_and_plan_halving_rounds(stage, preset):
     from ldm.training import load_config
     cfg = load_config(stage.DistillStageConfig, ROOT / "configs" / "distill" / f"{preset}.yaml", ["teacher=x"])
-    rounds = stage.plan_rounds(cfg.distill)
+    plan = stage.plan_rounds(cfg.distill)
+    rounds = [r for r in plan if not r.paths]
+    assert [r.steps for r in plan if r.paths] == sorted(set(cfg.distill.path_updates) & {r.steps for r in rounds[1:]},
+                                                         reverse=True)
+    assert plan[: len(rounds)] == rounds                            # path rounds come after the halvings
     assert rounds[0].n_teacher is None and rounds[0].steps == cfg.distill.n_start
     assert [r.steps * 2 for r in rounds[1:]] == [r.steps for r in rounds[:-1]]
     assert rounds[-1].steps == cfg.distill.n_end
@@ -180,14 +184,14 @@ def test_round_updates_override_single_rounds(stage, capsys):
     from ldm.training import load_config
     preset = ROOT / "configs" / "distill" / "shapes64.yaml"
     cfg = load_config(stage.DistillStageConfig, preset, ["teacher=x", "distill.round_updates={8: 1800, 4: 900}"])
-    updates = {r.steps: r.updates for r in stage.plan_rounds(cfg.distill)[1:]}
+    updates = {r.steps: r.updates for r in stage.plan_rounds(cfg.distill)[1:] if not r.paths}
     base = cfg.distill.round_steps
     assert updates == {32: base, 16: base, 8: 1800, 4: 900, 2: base, 1: base}
     with pytest.raises(SystemExit):                                   # no 3-step round: named, not ignored
         stage.main(["--config", str(preset), "teacher=x", "distill.round_updates={3: 100}"])
     assert "distill.round_updates" in capsys.readouterr().err
     lrs = load_config(stage.DistillStageConfig, preset, ["teacher=x", "distill.round_lr={32: 5.0e-5}"])
-    assert {r.steps: r.lr for r in stage.plan_rounds(lrs.distill)[1:]} == {32: 5e-5, 16: None, 8: None, 4: None,
+    assert {r.steps: r.lr for r in stage.plan_rounds(lrs.distill)[1:] if not r.paths} == {32: 5e-5, 16: None, 8: None, 4: None,
                                                                           2: None, 1: None}
     for bad in ("distill.round_lr={3: 1.0e-4}", "distill.round_lr={32: 0}"):
         with pytest.raises(SystemExit):
@@ -213,3 +217,32 @@ def test_cached_latents_are_built_once_and_trained_on(stage, teacher, tmp_path):
         a = load_file(str(Path(folder) / name / "model.safetensors"))
         b = load_file(str(Path(again) / name / "model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_path_rounds_fine_tune_their_rounds_students(stage, teacher, tmp_path):
+    # Round 1, then its student fine-tuned on 3 of the teacher's 4-step DDIM paths (2 files of batch
+    # 2); the model folder gets the fine-tuned student; a resume finds everything done.
+    extra = ("distill.path_updates={1: 2}", "distill.teacher_paths=3", "distill.path_steps=4")
+    folder = stage.main(argv(teacher, tmp_path / "run", tmp_path / "model", *extra))
+    run = tmp_path / "run"
+    files = sorted((run / "paths").glob("*.safetensors"))
+    states, w, prompts = stage.load_paths(files)
+    assert len(files) == 2 and states.shape[:2] == (2, 3) and len(prompts) == 3
+    assert ((0 <= w) & (w <= 4)).all()
+    tuned = load_file(str(run / "paths-1" / "student" / "model.safetensors"))
+    chained = load_file(str(run / "round-1" / "student" / "model.safetensors"))
+    shipped = load_file(str(Path(folder) / "student-1" / "model.safetensors"))
+    assert all(torch.equal(tuned[k], shipped[k]) for k in tuned)
+    assert any(not torch.equal(tuned[k], chained[k]) for k in tuned)
+    assert (run / "paths-1" / "samples" / "step-000002.png").is_file()
+    done = [*files, run / "paths-1" / "student" / "model.safetensors"]
+    stamps = [f.stat().st_mtime_ns for f in done]
+    stage.main(argv(teacher, run, tmp_path / "model", *extra, "--resume", "latest"))
+    assert [f.stat().st_mtime_ns for f in done] == stamps
+
+
+def test_bad_path_settings_are_named(stage, teacher, tmp_path, capsys):
+    for bad in (["distill.path_updates={3: 5}"], ["distill.path_updates={2: 5}", "distill.path_steps=3"]):
+        with pytest.raises(SystemExit):
+            stage.main(argv(teacher, tmp_path, tmp_path / "m", *bad))
+        assert "distill.path_" in capsys.readouterr().err
