@@ -493,7 +493,8 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
             export_student(final, folder, rnd.steps, cfg.distill.save_dtype, parts.index.prediction)
         accelerator.wait_for_everyone()
     accelerator.end_training()
-    logger.info("students %s written to %s", sorted({r.steps for r in rounds}, reverse=True), folder)
+    written = sorted({r.steps for r in rounds if export is None or r.steps in export}, reverse=True)
+    logger.info("students %s written to %s", written, folder)
     return folder
 
 
