@@ -316,22 +316,20 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
 
     student_x0 = Denoiser(model, schedule, parts.index.prediction, time_scale)
     grid = student_grid(schedule, rnd.n_teacher).to(device) if rnd.n_teacher else None   # (N/2, 3)
-    if paths is not None:
-        batch_of_paths = path_round_batches(cfg, rnd, parts, paths, device)
     uncond = parts.encode_prompts([""])
+    if paths is None:                                            # noised data: stage one or a halving round
+        batches = loader.forever()
+        draw = lambda: data_batch(accelerator, cfg, rnd, parts, teacher, grid, uncond, next(batches))  # noqa: E731
+    else:                                                        # states on the CFG teacher's paths
+        draw = path_round_batches(cfg, rnd, parts, paths, device)
     guard, bar = NonFiniteGuard(tcfg.max_nonfinite), ProgressBar(accelerator, rnd.updates, initial=step)
     bar.bar.set_description(rnd.name)
-    batches = loader.forever() if paths is None else None
     model.train()
     while step < rnd.updates:
         if stop_after == (rnd.name, step):                       # test hook: the job dies here
             return None
         with accelerator.accumulate(model):
-            if paths is None:                                    # noised data: stage one or a halving round
-                z_t, t, cond, w, target = data_batch(accelerator, cfg, rnd, parts, teacher, grid, uncond,
-                                                     next(batches))
-            else:                                                # states on the CFG teacher's paths
-                z_t, t, cond, w, target = batch_of_paths()
+            z_t, t, cond, w, target = draw()
             alpha, sigma = (c.float() for c in schedule.alpha_sigma(t))                  # (B,)
             with accelerator.autocast():
                 x_hat = student_x0(z_t, t, **cond, w=w)

@@ -2,7 +2,9 @@
 prompts, with the states at the 8-step grid's times kept: targets for fine-tuning few-step students
 on the teacher's own end points instead of the previous round's two steps.
 
-    python runs/traj_gen.py OUT_DIR N_BATCHES [START]
+    python docs/provenance/traj_gen.py OUT_DIR N_BATCHES [START]
+
+(Kept as it ran from runs/; only the docstring's file references were corrected afterwards.)
 """
 import sys
 import time

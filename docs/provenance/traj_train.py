@@ -1,8 +1,10 @@
 """Throw-away driver (session 18): fine-tune an N-step student so that each of its DDIM steps lands
-where the CFG teacher's 64-step DDIM path (runs/traj_gen.py) lands, not where its round teacher's two
+where the CFG teacher's 64-step DDIM path (traj_gen.py) lands, not where its round teacher's two
 steps do: a target past the chain's ceiling (the previous student's own N-step quality).
 
-    python runs/traj_train.py TRAJ_DIR INIT_STUDENT OUT_MODEL_DIR STEPS UPDATES LR [PROG_SHARE]
+    python docs/provenance/traj_train.py TRAJ_DIR INIT_STUDENT OUT_MODEL_DIR STEPS UPDATES LR
+
+(Kept as it ran from runs/; only the docstring's file references were corrected afterwards.)
 """
 import os
 import sys
