@@ -63,6 +63,23 @@ def path_batch(states, steps: int, schedule, batch: int, generator=None):
     return z_t, t, two_step_target(z_t, z_end, a_t, s_t, a_e, s_e).to(z_t.dtype), idx
 
 
+@torch.no_grad()
+def path_error(model, states, steps: int, schedule, extra_args: dict, batch: int = 64) -> float:
+    """Mean squared distance, per latent element, of the N-step DDIM sample from each path's noise
+    (row 0 of `states` (keep + 1, P, ...)) to the path's end point (its last row).
+
+    model: the student's x0 function; extra_args: tensors with P rows (cond, w), sliced per batch.
+    Held-out paths measure what the student learnt of the teacher's map from noise to images;
+    training paths beside them show how much of it was memorised (docs/stage3-distill.md).
+    """
+    ts, total = schedule.timesteps(steps), 0.0
+    for i in range(0, states.shape[1], batch):
+        extra = {k: v[i:i + batch] for k, v in extra_args.items()}
+        z = sample_ddim(model, states[0, i:i + batch], ts, schedule, extra_args=extra, disable=True)
+        total += (z.float() - states[-1, i:i + batch].float()).pow(2).flatten(1).mean(1).sum().item()
+    return total / states.shape[1]
+
+
 def save_paths(path: str | Path, states: torch.Tensor, w: torch.Tensor, prompts: list[str]) -> None:
     """One file of paths: states (keep + 1, B, ...), w (B,), prompts in the metadata."""
     tmp = Path(path).with_suffix(".tmp")

@@ -5,7 +5,7 @@ import torch
 from ldm.diffusion.param import ddim_step
 from ldm.diffusion.samplers import sample_ddim
 from ldm.diffusion.schedules import schedule_from_config
-from ldm.distill.paths import load_paths, path_batch, save_paths, teacher_path
+from ldm.distill.paths import load_paths, path_batch, path_error, save_paths, teacher_path
 from ldm.distill.targets import coefficients
 
 SCHEDULE = schedule_from_config({"name": "cosine_logsnr"})
@@ -41,6 +41,21 @@ def test_one_student_step_with_the_target_lands_on_the_path():
         landed = ddim_step(z_t, target, a, s, a_n, s_n)
         torch.testing.assert_close(landed, states[(i + 1) * stride, idx], rtol=1e-4, atol=1e-4)
     assert len({int(v) for v in path_batch(states, 4, SCHEDULE, batch=64)[3]}) > 8   # paths vary
+
+
+def test_path_error_is_the_mean_squared_gap_to_the_path_end():
+    torch.manual_seed(2)
+    noise, scale = torch.randn(5, 2, 4, 4), torch.tensor([0.5, 1.0, 2.0, 1.5, 0.8])
+    states = teacher_path(toy_model, noise, SCHEDULE.timesteps(8), SCHEDULE, keep=4, extra_args={"scale": scale})
+    # The drawing model on the drawing grid retraces its paths; batches of 2 must weigh paths alike.
+    assert path_error(toy_model, states, 8, SCHEDULE, {"scale": scale}, batch=2) < 1e-10
+    for steps in (1, 2):
+        z = sample_ddim(toy_model, noise, SCHEDULE.timesteps(steps), SCHEDULE, extra_args={"scale": scale},
+                        disable=True)
+        expected = ((z - states[-1]) ** 2).mean().item()
+        assert expected > 1e-4
+        assert path_error(toy_model, states, steps, SCHEDULE, {"scale": scale}, batch=2) == pytest.approx(expected,
+                                                                                                        rel=1e-5)
 
 
 def test_grids_that_do_not_nest_are_refused():

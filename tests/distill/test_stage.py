@@ -1,6 +1,7 @@
 """stages/distill.py on a tiny random teacher folder: both stages write students; resume mid-round is exact."""
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -241,8 +242,26 @@ def test_path_rounds_fine_tune_their_rounds_students(stage, teacher, tmp_path):
     assert [f.stat().st_mtime_ns for f in done] == stamps
 
 
+def test_held_out_paths_are_drawn_after_and_never_trained_on(stage, teacher, tmp_path, caplog):
+    # 3 training paths (2 files of batch 2) and 2 held out (a third file); the round logs both errors.
+    extra = ("distill.path_updates={1: 2}", "distill.teacher_paths=3", "distill.path_steps=4",
+             "distill.path_holdout=2")
+    with caplog.at_level(logging.INFO, logger="distill"):
+        stage.main(argv(teacher, tmp_path / "run", tmp_path / "model", *extra))
+    files = sorted((tmp_path / "run" / "paths").glob("*.safetensors"))
+    assert [stage.load_paths([f])[0].shape[1] for f in files] == [2, 1, 2]
+    logged = [r.getMessage() for r in caplog.records if "path error held-out" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].startswith("paths-1 step 2:") and "(2 paths each)" in logged[0]
+    # The held-out file is not in the training batches: training on the first two files alone is the same run.
+    alone = stage.main(argv(teacher, tmp_path / "run2", tmp_path / "model2", *extra[:3]))
+    a = load_file(str(Path(alone) / "student-1" / "model.safetensors"))
+    b = load_file(str(tmp_path / "model" / "student-1" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_path_settings_are_named(stage, teacher, tmp_path, capsys):
-    for bad in (["distill.path_updates={3: 5}"], ["distill.path_updates={2: 5}", "distill.path_steps=3"]):
+    for bad in (["distill.path_updates={3: 5}"], ["distill.path_updates={2: 5}", "distill.path_steps=3"],
+                ["distill.path_updates={2: 5}", "distill.path_holdout=-1"]):
         with pytest.raises(SystemExit):
             stage.main(argv(teacher, tmp_path, tmp_path / "m", *bad))
         assert "distill.path_" in capsys.readouterr().err
