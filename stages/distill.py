@@ -10,7 +10,9 @@ It is the N_start-step model (DDIM). Stage two (Meng sec. 4.2, Salimans & Ho 202
 halve the step count, N_start -> N_start/2 -> ... -> n_end; each student starts from its teacher
 (the previous round's student) and learns two of its DDIM steps in one. Optional path rounds
 (distill.path_updates, ldm/distill/paths.py) then fine-tune chosen students on the CFG teacher's
-own many-step DDIM paths, which a chain of halvings can only approach.
+own many-step DDIM paths, which a chain of halvings can only approach; optional distribution-matching
+rounds (distill.dmd_updates, ldm/distill/dmd.py) after them make a student's samples distributed as
+the teacher's rather than close to its images in squared error.
 
 Every round trains in its own folder output_dir/<round>/ (checkpoints, samples, the final student)
 and writes its student into the model folder as student-N (model_index.json "students").
@@ -18,6 +20,7 @@ and writes its student into the model folder as student-N (model_index.json "stu
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -35,6 +38,7 @@ from ldm.diffusion.guidance import cfg as cfg_guidance
 from ldm.diffusion.losses import check_time_shift, shift_times
 from ldm.diffusion.param import Denoiser
 from ldm.diffusion.samplers import initial_noise, sample_ddim
+from ldm.distill.dmd import T_RANGE, dmd_direction, dmd_loss, unrolled_ddim
 from ldm.distill.paths import load_paths, path_batch, path_error, save_paths, teacher_path
 from ldm.distill.student import GuidedStudent
 from ldm.distill.targets import (grid_rows, stage_one_target, stage_two_target, student_grid, teacher_states,
@@ -116,6 +120,23 @@ class DistillSettings:
     path_holdout: int = 0
     path_steps: int = 64
     path_lr: float = 1.0e-4
+    # Distribution matching (ldm/distill/dmd.py; Yin et al. 2024), after the path rounds: each
+    # student in dmd_updates ({steps: updates}) starts from its path round's student (else its
+    # round's), and its unrolled N-step sampler learns to draw as the CFG teacher does (stage one's
+    # student is the real denoiser, a copy of it trained online on the student's samples at
+    # dmd_fake_lr the fake one), plus dmd_reg times the squared error to the teacher's path end
+    # points (the paths above; dmd_batch // 2 of them an update). Regression alone leaves a 2-step
+    # student blending layouts; this took the shapes world's from 79.6% to 83.6%
+    # (docs/stage3-distill.md). Constant rates, no EMA: the generator chases a moving fake denoiser.
+    dmd_updates: dict[int, int] = field(default_factory=dict)   # {} = off
+    dmd_lr: float = 2.0e-5
+    dmd_fake_lr: float = 1.0e-4
+    dmd_reg: float = 0.5
+    dmd_batch: int = 32                # samples of the student an update (<= train.batch_size)
+
+    @property
+    def needs_paths(self) -> bool:
+        return bool(self.path_updates or self.dmd_updates)
 
     @property
     def path_keep(self) -> int:
@@ -140,20 +161,19 @@ class DistillSettings:
         # Keys of any halving of n_start count (a preset's stay valid when n_end cuts the rounds
         # short, e.g. a stage-one-only run); others are typos, named.
         steps = halving_steps(self.n_start, 1)
-        for key, per_round in (("round_updates", self.round_updates), ("round_lr", self.round_lr)):
+        for key, per_round in (("round_updates", self.round_updates), ("round_lr", self.round_lr),
+                               ("path_updates", self.path_updates), ("dmd_updates", self.dmd_updates)):
             unknown = sorted(set(per_round) - set(steps))
             if unknown:
                 raise ValueError(f"distill.{key}: no halving of n_start={self.n_start} gives a "
                                  f"{unknown}-step student; halvings: {steps}")
             if any(not v > 0 for v in per_round.values()):
                 raise ValueError(f"distill.{key}: values must be > 0, got {per_round}")
-        if self.path_updates:
-            unknown = sorted(set(self.path_updates) - set(steps))    # as above: n_end may cut them
-            if unknown:
-                raise ValueError(f"distill.path_updates: no halving of n_start={self.n_start} gives a "
-                                 f"{unknown}-step student; halvings: {steps}")
-            if any(not v > 0 for v in self.path_updates.values()):
-                raise ValueError(f"distill.path_updates: values must be > 0, got {self.path_updates}")
+        if self.dmd_updates and not (self.dmd_lr > 0 and self.dmd_fake_lr > 0 and self.dmd_reg >= 0
+                                     and self.dmd_batch >= 2):
+            raise ValueError(f"distill.dmd_lr={self.dmd_lr}, dmd_fake_lr={self.dmd_fake_lr} must be > 0, "
+                             f"dmd_reg={self.dmd_reg} >= 0, dmd_batch={self.dmd_batch} >= 2")
+        if self.needs_paths:
             if self.path_holdout < 0:
                 raise ValueError(f"distill.path_holdout={self.path_holdout}: must be >= 0 (0 = none)")
             if self.path_steps % self.path_keep or self.teacher_paths < 1 or not self.path_lr > 0:
@@ -183,23 +203,29 @@ class Round:
     name: str                          # folder under output_dir and checkpoint stage name
     steps: int                         # the student's sampling steps
     updates: int                       # optimizer updates
-    n_teacher: Optional[int]           # teacher steps (None: stage one or a path round, the CFG teacher)
+    n_teacher: Optional[int]           # teacher steps (None: stage one, a path or a DMD round)
     lr: Optional[float] = None         # peak learning rate; None: train.lr
-    paths: bool = False                # a teacher-path round: fine-tunes round-<steps>'s student
+    # "data": stage one or a halving round (noised data); "paths": fine-tuning on the CFG teacher's
+    # paths; "dmd": distribution matching. The last two start from the student before them.
+    kind: Literal["data", "paths", "dmd"] = "data"
 
 
-def round_folder(rounds: list[Round], steps: int) -> str:
-    """The name of the halving round (or stage one) whose student has `steps` steps."""
-    return next(r.name for r in rounds if r.steps == steps and not r.paths)
+def source_round(rounds: list[Round], rnd: Round) -> str:
+    """The round whose student a fine-tuning round starts from: the last one before it with the
+    same steps (paths-N: round-N; dmd-N: paths-N where it is planned, else round-N)."""
+    return [r for r in rounds[:rounds.index(rnd)] if r.steps == rnd.steps][-1].name
 
 
 def plan_rounds(d: DistillSettings) -> list[Round]:
-    """Stage one, then halving rounds N_start/2, ..., n_end."""
+    """Stage one, halving rounds N_start/2, ..., n_end, then path rounds and DMD rounds."""
     halvings = [Round(f"round-{n}", n, d.round_updates.get(n, d.round_steps), 2 * n, d.round_lr.get(n))
                 for n in halving_steps(d.n_start, d.n_end)]
-    paths = [Round(f"paths-{n}", n, updates, None, d.path_lr, paths=True)   # for the rounds run only
-             for n, updates in sorted(d.path_updates.items(), reverse=True) if any(r.steps == n for r in halvings)]
-    return [Round("stage-one", d.n_start, d.stage_one_steps, None)] + halvings + paths
+    run = {r.steps for r in halvings}                            # fine-tune the rounds run only
+    paths = [Round(f"paths-{n}", n, updates, None, d.path_lr, kind="paths")
+             for n, updates in sorted(d.path_updates.items(), reverse=True) if n in run]
+    dmd = [Round(f"dmd-{n}", n, updates, None, d.dmd_lr, kind="dmd")
+           for n, updates in sorted(d.dmd_updates.items(), reverse=True) if n in run]
+    return [Round("stage-one", d.n_start, d.stage_one_steps, None)] + halvings + paths + dmd
 
 
 # ----------------------------------------------------------------------------- model folder
@@ -314,17 +340,67 @@ def path_round_batches(cfg: DistillStageConfig, rnd: Round, parts: TextToImage, 
     return draw
 
 
+class DMDUpdates:
+    """A DMD round's work (ldm/distill/dmd.py): the student's loss, then one update of the fake denoiser
+    on the same samples (DMD Alg. 1). `real` is the guided teacher as one x0-model of (x_t, t, cond, w)."""
+
+    def __init__(self, accelerator, cfg: DistillStageConfig, rnd: Round, parts: TextToImage, student_x0,
+                 real, fake, fake_optimizer, paths, batches):
+        self.accelerator, self.d, self.parts, self.student_x0, self.real = accelerator, cfg.distill, parts, student_x0, real
+        self.fake, self.fake_optimizer, self.paths, self.batches = fake, fake_optimizer, paths, batches
+        self.fake_x0 = Denoiser(fake, parts.schedule, parts.index.prediction, parts.index.time_scale)
+        self.ts, self.max_grad_norm, self.samples = parts.schedule.timesteps(rnd.steps), cfg.train.max_grad_norm, None
+
+    def student_loss(self) -> torch.Tensor:
+        d, parts, device, schedule = self.d, self.parts, self.accelerator.device, self.parts.schedule
+        texts = next(self.batches)["text"][: d.dmd_batch]
+        drop = torch.rand(len(texts)) < d.p_uncond
+        extra = {**parts.encode_prompts(["" if u else p for u, p in zip(drop.tolist(), texts)]),
+                 "w": d.w_min + (d.w_max - d.w_min) * torch.rand(len(texts), device=device)}
+        noise = initial_noise(schedule, self.ts, parts.latent_shape(len(texts)), device=device)
+        t = T_RANGE[0] + (T_RANGE[1] - T_RANGE[0]) * torch.rand(len(texts), device=device)
+        with self.accelerator.autocast():
+            x = unrolled_ddim(self.student_x0, noise, self.ts, schedule, extra)
+            loss = dmd_loss(x, dmd_direction(self.real, self.fake_x0, x, t, torch.randn_like(x), schedule, extra))
+            if d.dmd_reg > 0:                                    # DMD's paired regression: the teacher's paths
+                states, ws, prompts = self.paths
+                idx = torch.randint(0, states.shape[1], (max(1, len(texts) // 2),))
+                paired = {**parts.encode_prompts([prompts[k] for k in idx.tolist()]), "w": ws[idx].to(device)}
+                end = unrolled_ddim(self.student_x0, states[0, idx].to(device), self.ts, schedule, paired)
+                loss = loss + d.dmd_reg * (end.float() - states[-1, idx].to(device)).pow(2).mean()
+        self.samples = (x.detach(), extra)
+        return loss
+
+    def update_fake(self) -> float:
+        """The diffusion loss (truncated-SNR x space, t ~ U[0, 1]) of the fake denoiser on the samples."""
+        x, extra = self.samples
+        t = torch.rand(x.shape[0], device=x.device)
+        alpha, sigma = (c.float() for c in self.parts.schedule.alpha_sigma(t))
+        x_t = alpha.view(-1, 1, 1, 1) * x + sigma.view(-1, 1, 1, 1) * torch.randn_like(x)
+        with self.accelerator.autocast():
+            loss = x_space_loss(self.fake_x0(x_t, t, **extra), x, alpha, sigma).mean()
+        self.fake_optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if self.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.fake.parameters(), self.max_grad_norm)
+        self.fake_optimizer.step()
+        return loss.item()
+
+
 def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, student: GuidedStudent,
                 teacher, parts: TextToImage, loader, resume, stop_after, paths=None,
                 heldout=None) -> GuidedStudent | None:
     """Train `student` for one round; returns it with its final (EMA) weights, or None if stopped early.
 
-    paths: (states, w, prompts) of `load_paths` for a teacher-path round (its batches come from them);
+    teacher: the round teacher's x0-model (a DMD round: the real denoiser, a GuidedStudent's).
+    paths: (states, w, prompts) of `load_paths` for a path or DMD round (its batches come from them);
     heldout: paths of the same kind it does not train on (their path error is logged), or None.
     """
     d, schedule, time_scale = cfg.distill, parts.schedule, parts.index.time_scale
     tcfg = dataclasses.replace(cfg.train, output_dir=os.path.join(cfg.train.output_dir, rnd.name),
                                max_steps=rnd.updates, resume=resume, lr=cfg.train.lr if rnd.lr is None else rnd.lr)
+    if rnd.kind == "dmd":                                        # constant rate, no EMA (see DistillSettings)
+        tcfg = dataclasses.replace(tcfg, lr_schedule="constant", warmup_steps=0, ema_decay=0.0)
     device = accelerator.device
     # A round starts from a state that depends on its index only, so resuming at a round boundary
     # repeats an uninterrupted run exactly; mid-round, the checkpoint restores the same state.
@@ -335,20 +411,40 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
     scheduler = build_scheduler(optimizer, tcfg)                 # not prepared: one step per update
     model, optimizer = accelerator.prepare(student, optimizer)
     ema = EMA(accelerator.unwrap_model(model), tcfg.ema_decay, tcfg.ema_power) if tcfg.ema_decay > 0 else None
+    extras = {}
+    if rnd.kind == "dmd":                                        # the fake denoiser starts as the real one
+        fake = copy.deepcopy(teacher.net).train().requires_grad_(True)
+        fake_optimizer = torch.optim.AdamW(fake.parameters(), lr=d.dmd_fake_lr, betas=tuple(tcfg.betas),
+                                           eps=tcfg.eps, weight_decay=0.0)
+        fake, fake_optimizer = accelerator.prepare(fake, fake_optimizer)
+        extras = {"fake": fake, "fake_optimizer": fake_optimizer}
     unet_cfg = dataclasses.asdict(accelerator.unwrap_model(model).unet.cfg)
     ckpt = Checkpointer(accelerator, tcfg, stage=f"distill-{rnd.name}", config=cfg, model=model,
-                        optimizer=optimizer, scheduler=scheduler, ema=ema, data=loader,
+                        optimizer=optimizer, scheduler=scheduler, ema=ema, data=loader, extras=extras,
                         model_config={"unet": unet_cfg, "w_features": d.w_features, "n_teacher": rnd.n_teacher})
     step = ckpt.resume()                                         # restores the RNG last
 
     student_x0 = Denoiser(model, schedule, parts.index.prediction, time_scale)
     grid = student_grid(schedule, rnd.n_teacher).to(device) if rnd.n_teacher else None   # (N/2, 3)
     uncond = parts.encode_prompts([""])
-    if paths is None:                                            # noised data: stage one or a halving round
-        batches = loader.forever()
-        draw = lambda: data_batch(accelerator, cfg, rnd, parts, teacher, grid, uncond, next(batches))  # noqa: E731
-    else:                                                        # states on the CFG teacher's paths
-        draw = path_round_batches(cfg, rnd, parts, paths, device)
+    dmd = None
+    if rnd.kind == "dmd":
+        dmd = DMDUpdates(accelerator, cfg, rnd, parts, student_x0, teacher, fake, fake_optimizer, paths,
+                         loader.forever())
+        student_loss = dmd.student_loss
+    else:                                                        # regression on the round's targets
+        if rnd.kind == "data":                                   # noised data: stage one or a halving round
+            batches = loader.forever()
+            draw = lambda: data_batch(accelerator, cfg, rnd, parts, teacher, grid, uncond, next(batches))  # noqa: E731
+        else:                                                    # states on the CFG teacher's paths
+            draw = path_round_batches(cfg, rnd, parts, paths, device)
+
+        def student_loss():
+            z_t, t, cond, w, target = draw()
+            alpha, sigma = (c.float() for c in schedule.alpha_sigma(t))                  # (B,)
+            with accelerator.autocast():
+                x_hat = student_x0(z_t, t, **cond, w=w)
+            return x_space_loss(x_hat, target, alpha, sigma, d.snr_cap).mean()
     guard, bar = NonFiniteGuard(tcfg.max_nonfinite), ProgressBar(accelerator, rnd.updates, initial=step)
     bar.bar.set_description(rnd.name)
     model.train()
@@ -356,11 +452,7 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
         if stop_after == (rnd.name, step):                       # test hook: the job dies here
             return None
         with accelerator.accumulate(model):
-            z_t, t, cond, w, target = draw()
-            alpha, sigma = (c.float() for c in schedule.alpha_sigma(t))                  # (B,)
-            with accelerator.autocast():
-                x_hat = student_x0(z_t, t, **cond, w=w)
-            loss = x_space_loss(x_hat, target, alpha, sigma, d.snr_cap).mean()
+            loss = student_loss()
             guard.observe(loss)
             accelerator.backward(loss)
             update = None
@@ -369,11 +461,15 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
                                         max_grad_norm=tcfg.max_grad_norm, ema=ema)
         if update is None:                                       # mid-accumulation, or a skipped update
             continue
+        fake_loss = dmd.update_fake() if dmd is not None else None
 
         step += 1
         bar.update(update)
         if step % tcfg.log_every == 0:
-            accelerator.log({f"{rnd.name}/{k.split('/')[-1]}": v for k, v in update.metrics().items()}, step=step)
+            metrics = {f"{rnd.name}/{k.split('/')[-1]}": v for k, v in update.metrics().items()}
+            if fake_loss is not None:
+                metrics[f"{rnd.name}/fake_loss"] = fake_loss
+            accelerator.log(metrics, step=step)
         if step == rnd.updates or (tcfg.validate_every > 0 and step % tcfg.validate_every == 0):
             with ema.swapped() if ema is not None else torch.no_grad():
                 validate(accelerator, model, parts, rnd, d, step, tcfg.output_dir)
@@ -502,12 +598,17 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
             logger.info("%s: finished earlier, its student is in %s", rnd.name, round_dir)
             continue
         # The teacher model function: the CFG teacher (stage one), or the previous student read back;
-        # a path round fine-tunes its round's student on the CFG teacher's paths (drawn once).
-        if rnd.paths:
+        # a path round fine-tunes its round's student on the CFG teacher's paths (drawn once), a DMD
+        # round the student before it, against stage one's student.
+        if rnd.kind != "data":
             if paths is None:
                 paths, heldout = draw_teacher_paths(accelerator, cfg, parts, loader, len(rounds))
-            previous = os.path.join(cfg.train.output_dir, round_folder(rounds, rnd.steps), "student")
+            previous = os.path.join(cfg.train.output_dir, source_round(rounds, rnd), "student")
             teacher, student = None, GuidedStudent.from_pretrained(previous, device=device)
+            if rnd.kind == "dmd":                                # the real denoiser: stage one's student
+                real = GuidedStudent.from_pretrained(os.path.join(cfg.train.output_dir, "stage-one", "student"),
+                                                     device=device).eval().requires_grad_(False)
+                teacher = Denoiser(real, parts.schedule, parts.index.prediction, parts.index.time_scale)
         elif rnd.n_teacher is None:
             teacher = Denoiser(parts.unet, parts.schedule, parts.index.prediction, parts.index.time_scale)
             student = GuidedStudent.from_teacher(parts.unet, cfg.distill.w_features)
@@ -518,7 +619,7 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
             student = GuidedStudent.from_pretrained(previous, device=device)        # Salimans & Ho: init = teacher
         logger.info("%s: %d updates, %s-step student", rnd.name, rnd.updates, rnd.steps)
         final = train_round(accelerator, cfg, rnd, i, student.train(), teacher, parts, loader, resumes[i],
-                            stop_after, *((paths, heldout) if rnd.paths else (None, None)))
+                            stop_after, *((paths, heldout) if rnd.kind != "data" else (None, None)))
         if final is None:
             return None
         if accelerator.is_main_process and (export is None or rnd.steps in export):

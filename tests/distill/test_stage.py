@@ -172,10 +172,12 @@ def test_presets_load_and_plan_halving_rounds(stage, preset):
     from ldm.training import load_config
     cfg = load_config(stage.DistillStageConfig, ROOT / "configs" / "distill" / f"{preset}.yaml", ["teacher=x"])
     plan = stage.plan_rounds(cfg.distill)
-    rounds = [r for r in plan if not r.paths]
-    assert [r.steps for r in plan if r.paths] == sorted(set(cfg.distill.path_updates) & {r.steps for r in rounds[1:]},
-                                                         reverse=True)
-    assert plan[: len(rounds)] == rounds                            # path rounds come after the halvings
+    rounds = [r for r in plan if r.kind == "data"]
+    for kind, per_round in (("paths", cfg.distill.path_updates), ("dmd", cfg.distill.dmd_updates)):
+        assert [r.steps for r in plan if r.kind == kind] == sorted(set(per_round) & {r.steps for r in rounds[1:]},
+                                                                    reverse=True)
+    assert plan[: len(rounds)] == rounds                            # fine-tuning rounds come after the halvings
+    assert [r.kind for r in plan[len(rounds):]] == sorted((r.kind for r in plan[len(rounds):]), reverse=True)
     assert rounds[0].n_teacher is None and rounds[0].steps == cfg.distill.n_start
     assert [r.steps * 2 for r in rounds[1:]] == [r.steps for r in rounds[:-1]]
     assert rounds[-1].steps == cfg.distill.n_end
@@ -185,14 +187,14 @@ def test_round_updates_override_single_rounds(stage, capsys):
     from ldm.training import load_config
     preset = ROOT / "configs" / "distill" / "shapes64.yaml"
     cfg = load_config(stage.DistillStageConfig, preset, ["teacher=x", "distill.round_updates={8: 1800, 4: 900}"])
-    updates = {r.steps: r.updates for r in stage.plan_rounds(cfg.distill)[1:] if not r.paths}
+    updates = {r.steps: r.updates for r in stage.plan_rounds(cfg.distill)[1:] if r.kind == "data"}
     base = cfg.distill.round_steps
     assert updates == {32: base, 16: base, 8: 1800, 4: 900, 2: base, 1: base}
     with pytest.raises(SystemExit):                                   # no 3-step round: named, not ignored
         stage.main(["--config", str(preset), "teacher=x", "distill.round_updates={3: 100}"])
     assert "distill.round_updates" in capsys.readouterr().err
     lrs = load_config(stage.DistillStageConfig, preset, ["teacher=x", "distill.round_lr={32: 5.0e-5}"])
-    assert {r.steps: r.lr for r in stage.plan_rounds(lrs.distill)[1:] if not r.paths} == {32: 5e-5, 16: None, 8: None, 4: None,
+    assert {r.steps: r.lr for r in stage.plan_rounds(lrs.distill)[1:] if r.kind == "data"} == {32: 5e-5, 16: None, 8: None, 4: None,
                                                                           2: None, 1: None}
     for bad in ("distill.round_lr={3: 1.0e-4}", "distill.round_lr={32: 0}"):
         with pytest.raises(SystemExit):
@@ -259,9 +261,33 @@ def test_held_out_paths_are_drawn_after_and_never_trained_on(stage, teacher, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_dmd_rounds_fine_tune_the_path_rounds_students_and_resume_exactly(stage, teacher, tmp_path):
+    # Round 1, its path round, then DMD from the path round's student against stage one's student;
+    # killed after the DMD round's first update and resumed, it ends where an unbroken run ends.
+    extra = ("distill.path_updates={1: 2}", "distill.dmd_updates={1: 2}", "distill.teacher_paths=3",
+             "distill.path_steps=4", "distill.dmd_batch=2", "train.checkpoint_every=1")
+    folder = stage.main(argv(teacher, tmp_path / "run", tmp_path / "model", *extra))
+    run = tmp_path / "run"
+    dmd = load_file(str(run / "dmd-1" / "student" / "model.safetensors"))
+    tuned = load_file(str(run / "paths-1" / "student" / "model.safetensors"))
+    shipped = load_file(str(Path(folder) / "student-1" / "model.safetensors"))
+    assert all(torch.equal(dmd[k], shipped[k]) for k in dmd)
+    assert any(not torch.equal(dmd[k], tuned[k]) for k in dmd)
+    fake = load_file(str(run / "dmd-1" / "checkpoint-000002" / "fake.safetensors"))
+    real = load_file(str(run / "stage-one" / "student" / "model.safetensors"))
+    assert fake.keys() == real.keys() and any(not torch.equal(fake[k], real[k]) for k in fake)   # it trained
+    args = argv(teacher, tmp_path / "again", tmp_path / "model2", *extra)
+    assert stage.run(stage.parse_args(stage.DistillStageConfig, "", None, args), stop_after=("dmd-1", 1)) is None
+    out = stage.main(args + ["--resume", "latest"])
+    again = load_file(str(Path(out) / "student-1" / "model.safetensors"))
+    assert all(torch.equal(again[k], shipped[k]) for k in again)
+
+
 def test_bad_path_settings_are_named(stage, teacher, tmp_path, capsys):
     for bad in (["distill.path_updates={3: 5}"], ["distill.path_updates={2: 5}", "distill.path_steps=3"],
-                ["distill.path_updates={2: 5}", "distill.path_holdout=-1"]):
+                ["distill.path_updates={2: 5}", "distill.path_holdout=-1"], ["distill.dmd_updates={3: 5}"],
+                ["distill.dmd_updates={2: 5}", "distill.dmd_lr=0"]):
         with pytest.raises(SystemExit):
             stage.main(argv(teacher, tmp_path, tmp_path / "m", *bad))
-        assert "distill.path_" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "distill.path_" in err or "distill.dmd_" in err
