@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ldm.data.loaders import DataConfig, make_dataloader
 from ldm.diffusion.guidance import cfg as cfg_guidance
 from ldm.diffusion.losses import check_time_shift, shift_times
-from ldm.diffusion.param import Denoiser
+from ldm.diffusion.param import Denoiser, q_sample
 from ldm.diffusion.samplers import initial_noise, sample_ddim
 from ldm.distill.dmd import T_RANGE, dmd_direction, dmd_loss, unrolled_ddim
 from ldm.distill.paths import load_paths, path_batch, path_error, save_paths, teacher_path
@@ -133,6 +133,15 @@ class DistillSettings:
     dmd_fake_lr: float = 1.0e-4
     dmd_reg: float = 0.5
     dmd_batch: int = 32                # samples of the student an update (<= train.batch_size)
+
+    def drop_captions(self, texts: list[str], generator=None) -> list[str]:
+        """Captions with a share p_uncond replaced by "" (one uniform draw per caption)."""
+        drop = torch.rand(len(texts), generator=generator) < self.p_uncond
+        return ["" if u else p for u, p in zip(drop.tolist(), texts)]
+
+    def draw_w(self, n: int, device=None, generator=None) -> torch.Tensor:
+        """n guidance weights w ~ U[w_min, w_max]."""
+        return self.w_min + (self.w_max - self.w_min) * torch.rand(n, device=device, generator=generator)
 
     @property
     def needs_paths(self) -> bool:
@@ -303,10 +312,9 @@ def data_batch(accelerator, cfg: DistillStageConfig, rnd: Round, parts: TextToIm
             x0 = scaled_latents(batch["mean"].to(device), batch["std"].to(device), parts.autoencoder.config)
         else:
             x0 = parts.autoencoder.encode_latents(batch["pixel_values"].to(device))   # (B, C, h, w)
-        drop = torch.rand(len(batch["text"])) < d.p_uncond
-        cond = parts.encode_prompts(["" if u else p for u, p in zip(drop.tolist(), batch["text"])])
+        cond = parts.encode_prompts(d.drop_captions(batch["text"]))
     B = x0.shape[0]
-    w = d.w_min + (d.w_max - d.w_min) * torch.rand(B, device=device)                 # (B,)
+    w = d.draw_w(B, device)                                                           # (B,)
     if grid is None or d.round_times == "shifted":               # stage one's t ~ U[0, 1], maybe shifted
         t = shift_times(schedule, torch.rand(B, device=device, dtype=torch.float64), d.time_shift,
                         d.time_shift_share)
@@ -354,9 +362,7 @@ class DMDUpdates:
     def student_loss(self) -> torch.Tensor:
         d, parts, device, schedule = self.d, self.parts, self.accelerator.device, self.parts.schedule
         texts = next(self.batches)["text"][: d.dmd_batch]
-        drop = torch.rand(len(texts)) < d.p_uncond
-        extra = {**parts.encode_prompts(["" if u else p for u, p in zip(drop.tolist(), texts)]),
-                 "w": d.w_min + (d.w_max - d.w_min) * torch.rand(len(texts), device=device)}
+        extra = {**parts.encode_prompts(d.drop_captions(texts)), "w": d.draw_w(len(texts), device)}
         noise = initial_noise(schedule, self.ts, parts.latent_shape(len(texts)), device=device)
         t = T_RANGE[0] + (T_RANGE[1] - T_RANGE[0]) * torch.rand(len(texts), device=device)
         with self.accelerator.autocast():
@@ -376,7 +382,7 @@ class DMDUpdates:
         x, extra = self.samples
         t = torch.rand(x.shape[0], device=x.device)
         alpha, sigma = (c.float() for c in self.parts.schedule.alpha_sigma(t))
-        x_t = alpha.view(-1, 1, 1, 1) * x + sigma.view(-1, 1, 1, 1) * torch.randn_like(x)
+        x_t = q_sample(x, torch.randn_like(x), alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1))
         with self.accelerator.autocast():
             loss = x_space_loss(self.fake_x0(x_t, t, **extra), x, alpha, sigma).mean()
         self.fake_optimizer.zero_grad(set_to_none=True)
@@ -525,9 +531,8 @@ def draw_teacher_paths(accelerator, cfg: DistillStageConfig, parts: TextToImage,
             continue
         n = min(sizes[b], len(texts))
         gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + b)
-        drop = torch.rand(n, generator=gen) < d.p_uncond
-        prompts = ["" if u else p for u, p in zip(drop.tolist(), texts[:n])]
-        w = d.w_min + (d.w_max - d.w_min) * torch.rand(n, generator=gen)
+        prompts = d.drop_captions(texts[:n], gen)
+        w = d.draw_w(n, generator=gen)
         noise = initial_noise(parts.schedule, ts, parts.latent_shape(n), generator=gen)
         states = teacher_path(cfg_guidance(teacher, w.to(accelerator.device), uncond), noise.to(accelerator.device),
                               ts, parts.schedule, d.path_keep, parts.encode_prompts(prompts))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ldm.diffusion.param import ddim_step
+from ldm.diffusion.param import ddim_step, q_sample
 from ldm.distill.targets import coefficients
 
 T_RANGE = (0.02, 0.98)   # DMD's noise levels for the gradient: t in [0.02 T, 0.98 T] (sec. 4)
@@ -39,7 +39,7 @@ def dmd_direction(real, fake, x, t, noise, schedule, extra_args: dict) -> torch.
     """DMD eqs. 7-8 in x0 units: (x0_fake - x0_real)(x_t) / mean|x - x0_real| per sample, at
     x_t = alpha_t x + sigma_t noise; x moves against it (towards where p_real > p_fake)."""
     a, s = coefficients(schedule, t, x)
-    x_t = a * x + s * noise
+    x_t = q_sample(x, noise, a, s)
     mu_real, mu_fake = real(x_t, t, **extra_args).to(a), fake(x_t, t, **extra_args).to(a)
     norm = (x.to(a) - mu_real).abs().flatten(1).mean(1).clamp(min=1e-4).view(-1, *[1] * (x.ndim - 1))
     return torch.nan_to_num((mu_fake - mu_real) / norm)
