@@ -67,6 +67,8 @@ class ModelIndex:
     guidance: float = 2.0                   # default w (Imagen convention: (1 + w) cond - w uncond)
     students: dict = field(default_factory=dict)   # "4" -> "student-4": distilled to that many steps
     student_prediction: str = "v"           # what the students' U-Nets predict
+    data: str = ""                          # stage 2's data.source ("" = not recorded): with "shapes",
+                                            # prompts outside the shapes world's caption forms warn
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelIndex":
@@ -111,6 +113,7 @@ class TextToImage:
         self.index, self.folder = index, folder
         self.schedule = schedule_from_config(index.schedule)
         self._students: dict[int, torch.nn.Module] = {}
+        self._warned_prompts: set[str] = set()
 
     @classmethod
     def from_folder(cls, folder: str = DEFAULT_MODEL, device="cpu", decoder_precision: str = "auto") -> "TextToImage":
@@ -148,6 +151,24 @@ class TextToImage:
         context, mask = self.text_encoder(prompts)
         return {"context": context, "context_mask": mask}
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Warn (once a prompt) when a model that saw only shapes-world captions is asked for something else:
+        it will still draw shapes, and a user asking for "a corgi" should know why."""
+        if self.index.data != "shapes":
+            return
+        from ldm.data.captions import parse_caption
+        for prompt in dict.fromkeys(prompts):
+            if prompt in self._warned_prompts:
+                continue
+            try:   # the CLIP BPE tokenizer lower-cases and collapses whitespace, so the model sees this form
+                parse_caption(" ".join(prompt.lower().split()))
+            except ValueError:
+                self._warned_prompts.add(prompt)
+                warnings.warn(f"{prompt!r} is not a shapes-world caption, and this model was trained only on those "
+                              "(one or two circles, squares or triangles: 'a large red circle on the left', 'a blue "
+                              "square above a green triangle on a black background'): expect shapes, not what it "
+                              "names (docs/model-card.md)", stacklevel=3)
+
     def denoiser(self, net, prediction: str) -> Denoiser:
         return Denoiser(net, self.schedule, prediction, time_scale=self.index.time_scale)
 
@@ -184,6 +205,7 @@ class TextToImage:
                              f"expected {self.latent_shape(len(prompts))}")
         if mask is not None and init is None:
             raise ValueError("a mask needs init latents (the image to inpaint)")
+        self.check_prompts(prompts)
         w = self.index.guidance if guidance is None else float(guidance)
         model, extra_args, info = self.model_function(steps, w, teacher)
         ts = self.schedule.timesteps(steps)

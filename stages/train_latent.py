@@ -170,7 +170,7 @@ def init_weights(model: LatentModel, folder: str) -> None:
 def model_index(cfg: LatentStageConfig) -> ModelIndex:
     d = cfg.diffusion
     return ModelIndex(schedule=d.schedule_config(), prediction=d.prediction, time_scale=d.time_scale,
-                      resolution=cfg.data.resolution, guidance=cfg.guidance)
+                      resolution=cfg.data.resolution, guidance=cfg.guidance, data=cfg.data.source)
 
 
 def plain_model(cfg: LatentStageConfig, net: LatentModel) -> LatentModel:

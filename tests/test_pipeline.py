@@ -62,3 +62,23 @@ def test_student_warns_outside_its_trained_guidance_range(tmp_path, one_thread):
             pipe.sample(["a red circle"], steps=1, guidance=w)
         pipe.sample(["a red circle"], steps=2, guidance=8.0)     # no range known: no warning
         pipe.sample(["a red circle"], steps=1, guidance=8.0, teacher=True)  # the teacher takes any w
+
+
+def test_shapes_model_warns_once_for_a_prompt_outside_its_captions(tmp_path, one_thread):
+    save_random_model(str(tmp_path), resolution=32)
+    pipe = TextToImage.from_folder(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.sample(["a corgi"], steps=1)                  # no data source recorded: nothing to say
+    index = load_index(str(tmp_path))
+    index.data = "shapes"
+    save_index(str(tmp_path), index)
+    pipe = TextToImage.from_folder(str(tmp_path))
+    with pytest.warns(UserWarning, match=r"'a corgi' is not a shapes-world caption") as record:
+        pipe.sample(["a corgi", "a red circle", "a corgi"], steps=1)
+    assert len([w for w in record if "corgi" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.sample(["a corgi"], steps=1)                  # once a prompt, not once a call
+        pipe.sample(["", "A  Red circle", "a large red circle on the left",     # what the tokenizer sees
+                     "a blue square above a green triangle on a black background"], steps=1)

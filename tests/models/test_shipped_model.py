@@ -3,6 +3,7 @@
 The full evaluation (500 held-out prompts, teacher and every student) is docs/eval/shapes64/report.md;
 this is the check a fresh clone can run in seconds: README's first prompt at 4 steps, judged by the oracle.
 """
+import warnings
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,14 @@ def test_shipped_student_draws_the_readme_prompt(one_thread, judge):
     for key in ("colour_0", "shape_0", "colour_1", "shape_1"):   # measured 7-8 of 8 each
         assert per_attribute[key] >= 6, per_attribute
     assert per_attribute["relation"] >= 6, per_attribute          # measured 8/8: "above" is followed
+
+
+def test_txt2img_says_when_a_prompt_is_outside_the_shapes_world(one_thread, tmp_path):
+    from ldm.txt2img import main
+    assert load_index(str(FOLDER)).data == "shapes"
+    with pytest.warns(UserWarning, match="'a corgi' is not a shapes-world caption"):
+        main(["a corgi", "--steps", "1", "--out", str(tmp_path / "corgi.png")])
+    assert (tmp_path / "corgi.png").is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        main([PROMPT, "--steps", "1", "--out", str(tmp_path / "ok.png")])
