@@ -153,7 +153,8 @@ def write_clip_folder(size: Size, directory: str, seed: int = 0) -> str:
 def clip_text_encoder(directory: str):
     """Our ClipTextEncoder around the CLIP folder written by `write_clip_folder`."""
     from ldm.models.text import ClipTextEncoder, TextEncoderConfig
-    return ClipTextEncoder(TextEncoderConfig(kind="clip", path=directory, local_files_only=True))
+    # mask_padding=False: the U-Net attends to all 77 tokens, as in diffusers' pipeline and SD's training
+    return ClipTextEncoder(TextEncoderConfig(kind="clip", path=directory, local_files_only=True, mask_padding=False))
 
 
 # ---- the two text-to-image pipelines ----------------------------------------------------------

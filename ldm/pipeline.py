@@ -93,9 +93,12 @@ def save_index(folder: str, index: ModelIndex) -> None:
 
 
 def load_text_encoder(folder: str):
-    """A scratch encoder with its weights, or a frozen CLIP/OpenCLIP one named by its config."""
+    """A scratch encoder with its weights, or a frozen CLIP/OpenCLIP one named by its config. A relative
+    path that exists inside `folder` is read from there (an imported CLIP travels with the model folder)."""
     with open(os.path.join(folder, "config.json")) as f:
         tcfg = TextEncoderConfig.from_dict(json.load(f))
+    if tcfg.path and not os.path.isabs(tcfg.path) and os.path.exists(os.path.join(folder, tcfg.path)):
+        tcfg = dataclasses.replace(tcfg, path=os.path.join(folder, tcfg.path))
     return ScratchTextEncoder.from_pretrained(folder) if tcfg.kind == "scratch" else build_text_encoder(tcfg)
 
 

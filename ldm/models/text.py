@@ -44,6 +44,8 @@ class TextEncoderConfig:
     arch: str = "ViT-H-14"            # openclip: architecture name or "local-dir:DIR" with open_clip_config.json
     layer: str = "last"               # clip/openclip: "last" or "penultimate" (then the final LayerNorm)
     local_files_only: bool = True     # clip: never reach the hub
+    mask_padding: bool = True         # clip/openclip: False = the U-Net's cross-attention sees the padding
+                                      # tokens too, as Stable Diffusion's U-Nets were trained (its imports)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -204,6 +206,10 @@ class _Frozen(TextEncoder):
     def train(self, mode: bool = True):
         return super().train(False)
 
+    def _context_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The tokenizer's mask, or all True where the U-Net was trained on all max_length tokens."""
+        return mask if self.cfg.mask_padding else torch.ones_like(mask)
+
 
 class ClipTextEncoder(_Frozen):
     """transformers CLIPTokenizer + CLIPTextModel; a SD pipeline folder (tokenizer/, text_encoder/) works too."""
@@ -239,8 +245,9 @@ class ClipTextEncoder(_Frozen):
         # No attention mask into CLIP, as in SD: it is causal, so padding never reaches real tokens.
         out = self.model(input_ids=ids, output_hidden_states=self.cfg.layer == "penultimate")
         if self.cfg.layer == "penultimate":
-            return getattr(self.model, "text_model", self.model).final_layer_norm(out.hidden_states[-2]), mask
-        return out.last_hidden_state, mask
+            hidden = getattr(self.model, "text_model", self.model).final_layer_norm(out.hidden_states[-2])
+            return hidden, self._context_mask(mask)
+        return out.last_hidden_state, self._context_mask(mask)
 
 
 def _read_state_dict(path: str) -> dict:
@@ -292,7 +299,7 @@ class OpenClipTextEncoder(_Frozen):
         for block in blocks:
             x = block(x, attn_mask=tower.attn_mask)  # causal, like open_clip's own encode_text
         x = x if batch_first else x.transpose(0, 1)
-        return tower.ln_final(x), mask
+        return tower.ln_final(x), self._context_mask(mask)
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:

@@ -1,0 +1,147 @@
+"""A diffusers Stable Diffusion pipeline (SD 1.x / 2.x layout) -> one of our model folders.
+
+    python -m ldm.models.from_diffusers runwayml/stable-diffusion-v1-5 --out models/sd15
+    python -m ldm.models.from_diffusers /data/my-sd-pipeline --out models/mine --dtype float16
+    python -m ldm.txt2img "a corgi on a beach" --model models/sd15 --steps 25
+    accelerate launch stages/distill.py --config configs/distill/sd15.yaml teacher=models/sd15 ...
+
+The source is a local pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+scheduler/) or a hub repo id, downloaded, or found in the local Hugging Face cache when offline.
+The U-Net and the autoencoder are converted to our modules (ldm.models.convert_unet, convert_ae);
+the CLIP text encoder and its tokenizer are copied as they are into text_encoder/clip/ and run
+through transformers (`TextEncoderConfig(kind="clip")`). The scheduler's betas and prediction type
+become model_index.json's schedule and prediction. Sampling uses our trailing-spaced grids (Lin et
+al. 2023), not the scheduler's "leading" spacing, and ends at clean data.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from ldm.models.convert_ae import load_diffusers_autoencoder
+from ldm.models.convert_unet import load_diffusers_unet
+from ldm.models.text import TextEncoderConfig
+from ldm.pipeline import ModelIndex, save_index
+
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}   # diffusers' names -> ours
+SCHEDULES = ("scaled_linear", "linear")                                # beta_schedule values we build
+TEXT_ENCODERS = ("CLIPTextModel",)
+CLIP_DIR = "clip"                          # text_encoder/clip/{text_encoder,tokenizer}: the copied CLIP
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HUB_FILES = ["model_index.json", "scheduler/*", "text_encoder/config.json", "text_encoder/model.safetensors",
+             "tokenizer/*", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+             "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+
+
+def resolve_source(source: str) -> Path:
+    """A local pipeline folder, else a hub repo id: downloaded, or from the local cache when offline."""
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{source}: expected a diffusers pipeline folder, got a file")
+        return path
+    if source.count("/") != 1:
+        raise FileNotFoundError(f"{source!r} is neither a folder nor a hub repo id 'org/name'")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(source, allow_patterns=HUB_FILES))
+    except Exception as err:  # no network: the cache may still hold it
+        try:
+            return Path(snapshot_download(source, allow_patterns=HUB_FILES, local_files_only=True))
+        except Exception:
+            raise FileNotFoundError(f"{source!r}: not downloadable ({type(err).__name__}: {err}) "
+                                    "and not in the local Hugging Face cache") from err
+
+
+def read_pipeline(src: Path) -> dict:
+    """model_index.json, checked for the parts and classes we convert; the missing ones are named."""
+    index_path = src / "model_index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path} is missing: not a diffusers pipeline folder")
+    index = json.loads(index_path.read_text())
+    missing = [part for part in PARTS if not (src / part).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{src}: the pipeline lacks {missing} (need {list(PARTS)})")
+    text_class = (index.get("text_encoder") or [None, None])[1]
+    if text_class not in TEXT_ENCODERS:
+        raise ValueError(f"{src}: text_encoder is {text_class!r}; only {TEXT_ENCODERS} (SD 1.x / 2.x) are supported")
+    return index
+
+
+def model_index_from_scheduler(scheduler: dict, resolution: int, guidance: float) -> ModelIndex:
+    """The scheduler's discrete VP schedule and prediction type in model_index.json's terms."""
+    beta_schedule = scheduler.get("beta_schedule", "linear")
+    if beta_schedule not in SCHEDULES:
+        raise ValueError(f"scheduler beta_schedule {beta_schedule!r} is not supported; only {SCHEDULES}")
+    prediction = scheduler.get("prediction_type", "epsilon")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"scheduler prediction_type {prediction!r} is not supported; only {sorted(PREDICTIONS)}")
+    if scheduler.get("trained_betas"):
+        raise ValueError("scheduler trained_betas (explicit betas) are not supported")
+    schedule = {"name": beta_schedule, "T": int(scheduler.get("num_train_timesteps", 1000)),
+                "beta_start": float(scheduler.get("beta_start", 0.0001)),
+                "beta_end": float(scheduler.get("beta_end", 0.02))}
+    # time_scale 1: a discrete schedule's t is already the integer timestep the U-Net was trained on
+    return ModelIndex(schedule=schedule, prediction=PREDICTIONS[prediction], time_scale=1.0,
+                      resolution=resolution, guidance=guidance)
+
+
+def convert(source: str, out: str, *, guidance: float = 6.5, dtype: str = "float32") -> ModelIndex:
+    """Write a model folder at `out` (autoencoder/, text_encoder/, unet/, model_index.json); atomic."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if os.path.exists(os.path.join(out, "model_index.json")):
+        raise FileExistsError(f"{out} already holds a model folder; remove it or pick another --out")
+    src = resolve_source(source)
+    read_pipeline(src)
+    scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
+    tmp = Path(f"{out}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet = load_diffusers_unet(str(src), subfolder="unet")
+    unet.save_pretrained(str(tmp / "unet"), dtype=DTYPES[dtype])
+    del unet
+    ae = load_diffusers_autoencoder(src, subfolder="vae")
+    ae.to(DTYPES[dtype]).save_pretrained(tmp / "autoencoder")
+    resolution = ae.config.resolution
+    del ae
+    for part in ("text_encoder", "tokenizer"):
+        shutil.copytree(src / part, tmp / "text_encoder" / CLIP_DIR / part)
+    text_cfg = TextEncoderConfig(kind="clip", path=CLIP_DIR, max_length=77, local_files_only=True,
+                                 mask_padding=False)     # SD's U-Net attends to all 77 tokens
+    (tmp / "text_encoder" / "config.json").write_text(json.dumps(dataclasses.asdict(text_cfg), indent=2))
+    index = model_index_from_scheduler(scheduler, resolution, guidance)
+    save_index(str(tmp), index)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)          # an empty or half-written folder from before
+    os.replace(tmp, out)
+    return index
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ldm.models.from_diffusers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="diffusers pipeline folder or hub repo id (e.g. runwayml/stable-diffusion-v1-5)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    parser.add_argument("--guidance", type=float, default=6.5, metavar="W",
+                        help="default w written to model_index.json (our (1 + w) convention: SD's scale 7.5 is 6.5)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="weights of unet/ and autoencoder/ (default float32: no rounding)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        index = convert(args.source, args.out, guidance=args.guidance, dtype=args.dtype)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        parser.error(str(err))
+    print(f"{args.out}: {index.resolution} px, schedule {index.schedule['name']}, prediction {index.prediction}, "
+          f"w = {index.guidance:g}; try: python -m ldm.txt2img \"a photo of a corgi\" --model {args.out} --steps 25")
+
+
+if __name__ == "__main__":
+    main()

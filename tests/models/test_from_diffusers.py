@@ -1,0 +1,115 @@
+"""python -m ldm.models.from_diffusers: a diffusers Stable Diffusion pipeline folder becomes our model folder,
+and our TextToImage on it draws what diffusers' StableDiffusionPipeline draws from the same noise.
+
+The pipeline is a tiny random one written here with diffusers (the SD block types at toy widths, a
+2-layer CLIP with the real CLIP BPE vocabulary): nothing is downloaded."""
+import json
+import warnings
+
+import pytest
+import torch
+
+from ldm.bench_models import TINY, write_clip_folder
+from ldm.diffusion.samplers import initial_noise
+from ldm.models.from_diffusers import convert, main
+from ldm.pipeline import TextToImage, load_index
+
+diffusers = pytest.importorskip("diffusers")
+
+PROMPTS = ["a red cube on a blue floor", "a cat"]      # different lengths: the padding differs
+
+
+def write_sd_pipeline(folder, prediction_type: str = "epsilon"):
+    from transformers import CLIPTextModel, CLIPTokenizer
+    clip = write_clip_folder(TINY, str(folder / "clip-src"))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=diffusers.AutoencoderKL(**TINY.vae), text_encoder=CLIPTextModel.from_pretrained(clip),
+            tokenizer=CLIPTokenizer.from_pretrained(clip), unet=diffusers.UNet2DConditionModel(**TINY.unet),
+            scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                              prediction_type=prediction_type, clip_sample=False),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(str(folder / "sd"))
+    return pipe
+
+
+@pytest.mark.parametrize("prediction_type,ours", [("epsilon", "eps"), ("v_prediction", "v")])
+def test_imported_pipeline_draws_what_diffusers_draws(tmp_path, one_thread, prediction_type, ours):
+    theirs = write_sd_pipeline(tmp_path, prediction_type)
+    index = convert(str(tmp_path / "sd"), str(tmp_path / "model"), guidance=3.0)
+    assert index == load_index(str(tmp_path / "model"))
+    assert (index.prediction, index.schedule["name"], index.time_scale, index.resolution) == (ours, "scaled_linear",
+                                                                                            1.0, TINY.image)
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    steps, w = 4, 3.0
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(steps), pipe.latent_shape(len(PROMPTS)),
+                          generator=torch.Generator().manual_seed(0))
+    images, info = pipe.generate(PROMPTS, steps=steps, seed=0)
+    assert info == {"model": "teacher", "steps": 4, "nfe": 8, "guidance": w, "sampler": "ddim"}
+    # diffusers' reference: DDIM with trailing spacing ending at clean data (set_alpha_to_one), as our
+    # grid; its guidance_scale g is our 1 + w; output_type="pt" is in [0, 1]
+    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
+                                                           set_alpha_to_one=True)
+    theirs.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        reference = theirs(PROMPTS, num_inference_steps=steps, guidance_scale=1 + w, latents=noise,
+                           output_type="pt").images
+    assert reference.std() > 0.05                              # a real image, not a constant
+    torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+
+
+def test_padding_is_seen_as_sd_was_trained(tmp_path, one_thread):
+    """SD's U-Net attends to all 77 tokens, padding included; masking it would change every image."""
+    write_sd_pipeline(tmp_path)
+    convert(str(tmp_path / "sd"), str(tmp_path / "model"))
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    context, mask = pipe.text_encoder(PROMPTS)
+    assert context.shape == (2, 77, TINY.clip["hidden_size"]) and bool(mask.all())
+    masked = pipe.text_encoder.tokenize(PROMPTS)[1]            # the tokenizer's own mask still marks padding
+    assert masked.sum(1).tolist() == [9, 4]
+
+
+def test_bad_sources_are_named(tmp_path, capsys):
+    write_sd_pipeline(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a hub repo id"):
+        convert(str(tmp_path / "nowhere"), str(tmp_path / "model"))
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "clip-src"), "--out", str(tmp_path / "model")])
+    assert "model_index.json is missing" in capsys.readouterr().err
+    scheduler = tmp_path / "sd" / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler.read_text())
+    scheduler.write_text(json.dumps({**config, "beta_schedule": "squaredcos_cap_v2"}))
+    with pytest.raises(ValueError, match="beta_schedule 'squaredcos_cap_v2' is not supported"):
+        convert(str(tmp_path / "sd"), str(tmp_path / "model"))
+    assert not (tmp_path / "model").exists()
+    scheduler.write_text(json.dumps(config))
+    main([str(tmp_path / "sd"), "--out", str(tmp_path / "model"), "--dtype", "float16"])
+    assert "schedule scaled_linear, prediction eps" in capsys.readouterr().out
+    with pytest.raises(SystemExit):                            # never over a model folder
+        main([str(tmp_path / "sd"), "--out", str(tmp_path / "model")])
+    assert "already holds a model folder" in capsys.readouterr().err
+
+
+def test_stage_three_distills_an_imported_teacher(tmp_path):
+    """The imported folder is a stage-2 model folder like ours: stage 3 takes it as its teacher (discrete
+    scaled-linear schedule, eps prediction, frozen CLIP copied along with the folder)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    write_sd_pipeline(tmp_path)
+    convert(str(tmp_path / "sd"), str(tmp_path / "model"))
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, str(root / "stages" / "distill.py"), "--config",
+                          str(root / "configs" / "distill" / "tiny.yaml"), f"teacher={tmp_path / 'model'}",
+                          f"train.output_dir={tmp_path / 'run'}", f"model_out={tmp_path / 'distilled'}",
+                          "distill.n_start=2", "train.checkpoint_every=0"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "the teacher predicts eps" in run.stderr                 # the stage says what it thinks of eps
+    pipe = TextToImage.from_folder(str(tmp_path / "distilled"), decoder_precision="fp32")
+    images, info = pipe.generate(["a cat"], steps=1, guidance=2.0)
+    assert info["model"] == "student-1" and images.shape == (1, 3, TINY.image, TINY.image)
+    assert torch.isfinite(images).all() and bool(pipe.text_encoder(["a cat"])[1].all())
