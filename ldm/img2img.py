@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     image = load_image(args.image, pipe.index.resolution)
     start = time.perf_counter()
     images, info = pipe.img2img(image, [args.prompt], strength=args.strength, steps=args.steps,
-                                guidance=args.guidance, seed=args.seed, teacher=args.teacher, sampler=args.sampler)
+                                guidance=args.guidance, seed=args.seed, teacher=args.teacher, sampler=args.sampler,
+                                negative=args.negative)
     finish(images, info, start, args.out)
 
 

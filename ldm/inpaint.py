@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: mask {args.mask} has no white pixel: the output is the input", file=sys.stderr)
     start = time.perf_counter()
     images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], steps=args.steps,
-                                guidance=args.guidance, seed=args.seed, teacher=args.teacher, sampler=args.sampler)
+                                guidance=args.guidance, seed=args.seed, teacher=args.teacher, sampler=args.sampler,
+                                negative=args.negative)
     finish(images, info, start, args.out)
 
 

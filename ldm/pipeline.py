@@ -34,6 +34,7 @@ INDEX_NAME = "model_index.json"
 CPU_DECODE_CHUNK = 8   # latents decoded at once on a CPU (see TextToImage.decode)
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "shapes64")
 DECODER_PRECISIONS = ("auto", "fp32", "bf16")
+STUDENT_SAMPLERS = ("ddim", "stochastic")   # what the students were distilled for (Meng et al. 2023, sec. 4.3)
 
 
 def native_bf16_cpu() -> bool:
@@ -175,9 +176,13 @@ class TextToImage:
     def denoiser(self, net, prediction: str) -> Denoiser:
         return Denoiser(net, self.schedule, prediction, time_scale=self.index.time_scale)
 
-    def model_function(self, steps: int, guidance: float, teacher: bool = False):
-        """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG."""
+    def model_function(self, steps: int, guidance: float, teacher: bool = False, negative: str = ""):
+        """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
+        with `negative` as the unconditional prompt (students were distilled with the empty one)."""
         if not teacher and steps in self._available_students():
+            if negative:
+                raise ValueError(f"a negative prompt needs the teacher (teacher=True, --teacher): student-{steps} "
+                                 "was distilled with the empty prompt as guidance's unconditional branch")
             net = self.student(steps)
             if net.w_range is not None and not net.w_range[0] <= guidance <= net.w_range[1]:
                 warnings.warn(f"guidance w = {guidance:g} is outside [{net.w_range[0]:g}, {net.w_range[1]:g}], the "
@@ -185,15 +190,16 @@ class TextToImage:
                               "the teacher's guidance (docs/stage3-distill.md)", stacklevel=3)
             model = self.denoiser(net, self.index.student_prediction)
             return model, lambda cond: {**cond, "w": guidance}, {"model": f"student-{steps}", "nfe_per_step": 1}
-        model = cfg(self.denoiser(self.unet, self.index.prediction), guidance, self.encode_prompts([""]))
+        model = cfg(self.denoiser(self.unet, self.index.prediction), guidance, self.encode_prompts([negative]))
         return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1 if guidance == 0 else 2}
 
     @torch.no_grad()
     def sample(self, prompts: list[str], *, steps: int, guidance: float | None = None, seed: int = 0,
                teacher: bool = False, sampler: str = "ddim", init: torch.Tensor | None = None,
-               strength: float = 1.0, mask: torch.Tensor | None = None,
+               strength: float = 1.0, mask: torch.Tensor | None = None, negative: str = "",
                progress: bool = False) -> tuple[torch.Tensor, dict]:
-        """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler}.
+        """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler}; nfe counts the network
+        evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
 
         init: latents to start from (SDEdit, Meng et al. 2022): noised to the grid time that leaves
         round(strength * steps) steps, and only those are run. mask (B, 1, h, w), 1 = repaint:
@@ -210,11 +216,14 @@ class TextToImage:
             raise ValueError("a mask needs init latents (the image to inpaint)")
         self.check_prompts(prompts)
         w = self.index.guidance if guidance is None else float(guidance)
-        model, extra_args, info = self.model_function(steps, w, teacher)
+        model, extra_args, info = self.model_function(steps, w, teacher, negative)
+        if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
+            warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
+                          f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
         ts = self.schedule.timesteps(steps)
         run = steps if init is None else round(strength * steps)
-        info = {"model": info["model"], "steps": run, "nfe": run * info["nfe_per_step"], "guidance": w,
-                "sampler": sampler}
+        per_call = info["nfe_per_step"]
+        info = {"model": info["model"], "steps": run, "nfe": 0, "guidance": w, "sampler": sampler}
         if run == 0:                                        # strength 0: nothing to do
             return init, info
         ts = ts[steps - run:]                               # the remaining part of the grid
@@ -227,18 +236,19 @@ class TextToImage:
         if mask is not None:
             model = keep_known(model, init, mask, self.schedule, step_gen)
         cond = self.encode_prompts(prompts)
-        z = SAMPLERS[sampler](model, x, ts, self.schedule, extra_args=extra_args(cond),
-                                     disable=not progress, generator=step_gen)
+        z = SAMPLERS[sampler](counted(model, info, per_call), x, ts, self.schedule, extra_args=extra_args(cond),
+                              disable=not progress, generator=step_gen)
         if mask is not None:
             z = mask * z + (1 - mask) * init
         return z, info
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, steps: int, guidance: float | None = None, seed: int = 0,
-                 teacher: bool = False, sampler: str = "ddim", progress: bool = False) -> tuple[torch.Tensor, dict]:
+                 teacher: bool = False, sampler: str = "ddim", negative: str = "",
+                 progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Images (B, 3, H, W) in [-1, 1] and info {model, steps, nfe}; a student when one has `steps`."""
         z, info = self.sample(prompts, steps=steps, guidance=guidance, seed=seed, teacher=teacher,
-                              sampler=sampler, progress=progress)
+                              sampler=sampler, negative=negative, progress=progress)
         return self.decode(z), info
 
     @torch.no_grad()
@@ -288,6 +298,14 @@ def latent_grid_mask(masks: torch.Tensor, side: int) -> torch.Tensor:
     """Pixel masks (B, 1, H, W) in {0, 1} -> (B, 1, side, side) by max-pooling: a latent cell is repainted
     when any of its pixels is, so the repainted region covers the mask (the decoder mixes neighbours)."""
     return torch.nn.functional.adaptive_max_pool2d(masks.float(), side)
+
+
+def counted(model, info: dict, per_call: int):
+    """`model`, adding `per_call` network evaluations to info["nfe"] at each call."""
+    def call(x, t, **extra_args):
+        info["nfe"] += per_call
+        return model(x, t, **extra_args)
+    return call
 
 
 def keep_known(model, z0: torch.Tensor, mask: torch.Tensor, schedule, generator):

@@ -25,11 +25,13 @@ from PIL import Image
 from ldm.pipeline import DECODER_PRECISIONS, DEFAULT_MODEL, INDEX_NAME, TextToImage
 from ldm.training.images import make_grid
 
+CLI_SAMPLERS = ["ddim", "stochastic", "euler", "heun", "dpmpp_2m", "ddpm"]
+
 
 # ----------------------------------------------------------------------------- shared by the three CLIs
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--model, --steps, --guidance, --seed, --teacher, --sampler, --device, --decoder-precision."""
+    """--model, --steps, --guidance, --seed, --teacher, --sampler, --negative, --device, --decoder-precision."""
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                         help="model folder with model_index.json (default: the shipped shapes64 model)")
     parser.add_argument("--steps", type=int, default=4, help="sampling steps (default: 4)")
@@ -37,8 +39,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="guidance weight w, (1 + w) cond - w uncond (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     parser.add_argument("--teacher", action="store_true", help="use the teacher + CFG even when a student fits")
-    parser.add_argument("--sampler", default="ddim", choices=["ddim", "stochastic"],
-                        help="ddim (deterministic) or stochastic (Meng et al. 2023, sec. 4.3)")
+    parser.add_argument("--sampler", default="ddim", choices=CLI_SAMPLERS,
+                        help="ddim (deterministic) or stochastic (Meng et al. 2023, sec. 4.3), what students were "
+                             "distilled for; for the teacher also euler, heun (Karras et al. 2022), dpmpp_2m "
+                             "(DPM-Solver++(2M), Lu et al. 2022) and ddpm")
+    parser.add_argument("--negative", default="", metavar="TEXT",
+                        help="negative prompt: guidance's unconditional branch instead of the empty prompt "
+                             "(teacher only: add --teacher where a student fits --steps)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--decoder-precision", default="auto", choices=list(DECODER_PRECISIONS),
                         help="autoencoder decoder: auto = bf16 on CPUs with native bf16 (about 2x faster, "
@@ -58,7 +65,11 @@ def load_pipeline(parser: argparse.ArgumentParser, args) -> TextToImage:
     if not os.path.isfile(os.path.join(args.model, INDEX_NAME)):
         parser.error(f"--model {args.model!r} is not a model folder: {os.path.join(args.model, INDEX_NAME)} "
                      f"is missing (train one with stages/, or pass --model DIR)")
-    return TextToImage.from_folder(args.model, device=args.device, decoder_precision=args.decoder_precision)
+    pipe = TextToImage.from_folder(args.model, device=args.device, decoder_precision=args.decoder_precision)
+    if args.negative and not args.teacher and args.steps in pipe.student_steps:
+        parser.error(f"--negative needs the teacher: student-{args.steps} was distilled with the empty prompt as "
+                     "guidance's unconditional branch (add --teacher, or pick --steps without a student)")
+    return pipe
 
 
 def save_images(images: torch.Tensor, path: str) -> None:
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     for path, prompt in jobs:
         start = time.perf_counter()
         images, info = pipe.generate([prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                     teacher=args.teacher, sampler=args.sampler)
+                                     teacher=args.teacher, sampler=args.sampler, negative=args.negative)
         finish(images, info, start, path)
 
 

@@ -44,6 +44,33 @@ def test_txt2img_student_teacher_and_grid(model, tmp_path, capsys):
     assert "teacher" in capsys.readouterr().out and size(tmp_path / "e.png") == (RES, RES)
 
 
+def test_teacher_samplers_count_their_network_evaluations(model, tmp_path, capsys):
+    for sampler, nfe in (("heun", (2 * 3 - 1) * 2), ("dpmpp_2m", 3 * 2), ("euler", 3 * 2)):  # CFG: 2 a call;
+        txt2img.main(["a red circle", "--model", model, "--steps", "3", "--sampler", sampler,     # Heun's last
+                      "--guidance", "1", "--out", str(tmp_path / f"{sampler}.png")])               # step is Euler
+        printed = capsys.readouterr().out
+        assert f"teacher, 3 steps, {sampler}, w=1, NFE {nfe}," in printed
+    with pytest.warns(UserWarning, match="student-2 was distilled to match DDIM steps; 'heun'"):
+        txt2img.main(["a red circle", "--model", model, "--steps", "2", "--sampler", "heun",
+                      "--out", str(tmp_path / "s.png")])
+    assert "student-2, 2 steps, heun, w=2, NFE 3," in capsys.readouterr().out
+
+
+def test_negative_prompt_is_the_teachers_unconditional_branch(model, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        txt2img.main(["a red circle", "--model", model, "--steps", "2", "--negative", "blue",
+                      "--out", str(tmp_path / "n.png")])
+    assert e.value.code == 2 and "--negative needs the teacher" in capsys.readouterr().err
+    # (1 + w) c - w c = c: with the prompt itself as the negative, any w gives the conditional model (w = 0)
+    for args, name in ((["--negative", "a red circle", "--guidance", "3"], "same"), (["--guidance", "0"], "plain"),
+                       (["--negative", "a blue square", "--guidance", "3"], "other")):
+        txt2img.main(["a red circle", "--model", model, "--steps", "2", "--teacher", *args,
+                      "--out", str(tmp_path / f"{name}.png")])
+    pixels = {name: np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.int16) for name in ("same", "plain", "other")}
+    assert np.abs(pixels["same"] - pixels["plain"]).max() <= 1              # PNG rounding
+    assert np.abs(pixels["other"] - pixels["plain"]).max() > 8
+
+
 def test_txt2img_from_file_numbering_and_long_prompt(model, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\n" + "a very long prompt " * 10 + "\n")
