@@ -14,17 +14,33 @@ the backend is picked per call:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
-try:  # triton is a Linux-only dependency: keep the PyTorch paths importable without it
-    from ldm.kernels.attention import flash_attention
-    from ldm.kernels.group_norm import fused_group_norm, interpreted
-    _TRITON_ERROR = None
-except ImportError as err:  # pragma: no cover - exercised only where triton is missing
-    flash_attention = fused_group_norm = interpreted = None
-    _TRITON_ERROR = err
+flash_attention = fused_group_norm = interpreted = None   # ldm.kernels' entry points, once imported
+_TRITON_ERROR: ImportError | None = None
+
+
+def _load_kernels() -> None:
+    """Import our Triton kernels, once. triton is a Linux-only dependency: without it the PyTorch
+    paths stay importable and backend='triton' names the import error."""
+    global flash_attention, fused_group_norm, interpreted, _TRITON_ERROR
+    if flash_attention is not None or _TRITON_ERROR is not None:
+        return
+    try:
+        from ldm.kernels.attention import flash_attention
+        from ldm.kernels.group_norm import fused_group_norm, interpreted
+    except ImportError as err:  # pragma: no cover - exercised only where triton is missing
+        _TRITON_ERROR = err
+
+
+# Where the kernels can run (CUDA, or Triton's interpreter) they load now, so "auto" and torch.compile
+# see them from the first call; elsewhere only backend="triton" loads them. Triton and the kernels'
+# torch.library registration pull in torch._inductor: ~1.5 s of a CPU txt2img's start-up.
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    _load_kernels()
 
 BACKENDS = ("auto", "triton", "sdpa", "xformers", "torch")
 ACTIVATIONS = (None, "silu")
@@ -38,6 +54,7 @@ def _check_backend(backend: str) -> None:
 
 def _check_triton(device: torch.device) -> None:
     """Raise a clear error when the Triton backend cannot run on this device."""
+    _load_kernels()
     if _TRITON_ERROR is not None:
         raise RuntimeError(f"backend='triton' needs the triton package: {_TRITON_ERROR}")
     if device.type == "cuda":
@@ -116,7 +133,7 @@ def attention(q, k, v, *, key_padding_mask=None, scale=None, backend="auto"):
     _check_backend(backend)
     _check_attention(q, k, v, key_padding_mask)
     if backend == "auto":
-        backend = "triton" if q.is_cuda and _TRITON_ERROR is None and _flash_supports(q) else "sdpa"
+        backend = "triton" if q.is_cuda and flash_attention is not None and _flash_supports(q) else "sdpa"
     if backend == "triton":
         _check_triton(q.device)
         return flash_attention(q, k, v, key_padding_mask, scale)
@@ -146,7 +163,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
     _check_backend(backend)
     _check_group_norm(x, num_groups, weight, bias, activation)
     if backend == "auto":
-        use_triton = x.is_cuda and _TRITON_ERROR is None and x.dtype in TRITON_DTYPES
+        use_triton = x.is_cuda and fused_group_norm is not None and x.dtype in TRITON_DTYPES
         backend = "triton" if use_triton else "torch"
     if backend == "triton":
         _check_triton(x.device)

@@ -82,3 +82,19 @@ def test_shapes_model_warns_once_for_a_prompt_outside_its_captions(tmp_path, one
         pipe.sample(["a corgi"], steps=1)                  # once a prompt, not once a call
         pipe.sample(["", "A  Red circle", "a large red circle on the left",     # what the tokenizer sees
                      "a blue square above a green triangle on a black background"], steps=1)
+
+
+def test_cpu_start_up_leaves_triton_inductor_and_open_clip_unimported():
+    """Without CUDA or the interpreter the kernels cannot run, and importing them (triton, torch._inductor
+    through torch.library) was ~1.5 s of every CPU txt2img, open_clip (torchvision, torch._dynamo) ~2.5 s
+    more for a tokenizer; backend="triton" still loads the kernels on demand."""
+    import os
+    import subprocess
+    import sys
+    code = ("import sys, torch; from ldm.pipeline import TextToImage; TextToImage.from_folder(); "
+            "print(sorted(m for m in ('triton', 'torch._inductor', 'open_clip', 'torchvision') if m in sys.modules))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**env, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "[]"
