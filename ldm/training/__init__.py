@@ -21,21 +21,32 @@ A stage script reads top to bottom (tests/training/test_loop.py is the worked ex
         step += 1; bar.update(update); accelerator.log(update.metrics(), step=step)
         ckpt.maybe_save(step)
 """
-from .checkpoint import (CheckpointMismatchError, Checkpointer, find_latest_checkpoint,
-                         list_checkpoints, resolve_resume)
-from .config import (ConfigError, TrainConfig, config_to_dict, flatten_config, load_config,
-                     one_batch_size, parse_args, save_config)
-from .ema import EMA
-from .images import log_images, make_grid, save_image_grid
-from .loop import NonFiniteGuard, NonFiniteLossError, ProgressBar, UpdateResult, optimizer_step
-from .optim import build_optimizer, build_scheduler, lr_multiplier
-from .runtime import check_output_dir, seed_everything, setup
+import importlib
 
-__all__ = [
-    "CheckpointMismatchError", "Checkpointer", "find_latest_checkpoint", "list_checkpoints",
-    "resolve_resume", "ConfigError", "TrainConfig", "config_to_dict", "flatten_config",
-    "load_config", "one_batch_size", "parse_args", "save_config", "EMA", "log_images", "make_grid",
-    "save_image_grid", "NonFiniteGuard", "NonFiniteLossError", "ProgressBar", "UpdateResult",
-    "optimizer_step", "build_optimizer", "build_scheduler", "lr_multiplier",
-    "check_output_dir", "seed_everything", "setup",
-]
+# Loaded on first use (PEP 562), so that `from ldm.training.images import make_grid` in a CLI does not
+# import the checkpointing stack (torch.distributed.checkpoint: ~1 s of txt2img's start-up).
+_HOME = {
+    "checkpoint": ["CheckpointMismatchError", "Checkpointer", "find_latest_checkpoint", "list_checkpoints",
+                   "resolve_resume"],
+    "config": ["ConfigError", "TrainConfig", "config_to_dict", "flatten_config", "load_config", "one_batch_size",
+               "parse_args", "save_config"],
+    "ema": ["EMA"],
+    "images": ["log_images", "make_grid", "save_image_grid"],
+    "loop": ["NonFiniteGuard", "NonFiniteLossError", "ProgressBar", "UpdateResult", "optimizer_step"],
+    "optim": ["build_optimizer", "build_scheduler", "lr_multiplier"],
+    "runtime": ["check_output_dir", "seed_everything", "setup"],
+}
+_MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
+__all__ = [name for names in _HOME.values() for name in names]
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])
