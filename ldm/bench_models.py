@@ -126,25 +126,12 @@ def check_vae_pair(ours, theirs, size: Size, seed: int = 0) -> dict:
 # ---- text encoder for txt2img ----------------------------------------------------------------
 
 def write_clip_folder(size: Size, directory: str, seed: int = 0) -> str:
-    """A random CLIPTextModel plus a CLIP tokenizer in `directory` (no download needed).
+    """A random CLIPTextModel plus a CLIP tokenizer in `directory` (no download needed): the tokenizer
+    has the same vocabulary and merges as openai/clip-vit-large-patch14 (ldm.models.clip_bpe)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    The tokenizer files come from open_clip's bundled BPE table: the same vocabulary and
-    merges as openai/clip-vit-large-patch14, rewritten in transformers' vocab/merges format.
-    """
-    import open_clip
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    bpe = open_clip.get_tokenizer("ViT-L-14")
-    os.makedirs(directory, exist_ok=True)
-    vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
-    # open_clip spells the two special tokens differently from transformers' CLIPTokenizer.
-    names = {bpe.sot_token_id: "<|startoftext|>", bpe.eot_token_id: "<|endoftext|>"}
-    with open(vocab, "w") as f:
-        json.dump({names.get(i, token): i for token, i in bpe.encoder.items()}, f)
-    with open(merges, "w") as f:
-        ranked = sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for (a, b), _ in ranked))
-    CLIPTokenizer(vocab, merges, model_max_length=size.tokens).save_pretrained(directory)
+    from ldm.models.clip_bpe import write_clip_tokenizer
+    write_clip_tokenizer(directory, size.tokens)
     torch.manual_seed(seed)
     CLIPTextModel(CLIPTextConfig(**size.clip)).save_pretrained(directory)
     return directory

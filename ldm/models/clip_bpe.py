@@ -14,9 +14,11 @@ import gzip
 import html
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 SOT, EOT = "<start_of_text>", "<end_of_text>"
+TRANSFORMERS_NAMES = {SOT: "<|startoftext|>", EOT: "<|endoftext|>"}   # transformers spells the specials so
 N_MERGES = 49152 - 256 - 2      # merges kept: 256 bytes + 256 word-final bytes + merges + 2 specials = 49408 ids
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # Words are runs of letters, single digits, runs of other non-space characters, or English
@@ -116,3 +118,18 @@ def clip_bpe_for(name: str) -> ClipBPE | None:
     if "hf_tokenizer_name" in text_cfg or text_cfg.get("tokenizer_kwargs"):
         return None
     return _shared()
+
+
+def write_clip_tokenizer(directory: str | Path, max_length: int = 77) -> str:
+    """transformers' CLIPTokenizer files for this vocabulary (vocab.json + merges.txt in its format, then
+    its own save): the tokenizer of SD 1.x's text encoder (openai/clip-vit-large-patch14), no download."""
+    from transformers import CLIPTokenizer
+    bpe = _shared()
+    os.makedirs(directory, exist_ok=True)
+    vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    with open(vocab, "w", encoding="utf-8") as f:
+        json.dump({TRANSFORMERS_NAMES.get(token, token): i for token, i in bpe.ids.items()}, f)
+    with open(merges, "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for (a, b) in sorted(bpe.rank, key=bpe.rank.get)))
+    CLIPTokenizer(vocab, merges, model_max_length=max_length).save_pretrained(str(directory))
+    return str(directory)

@@ -68,3 +68,18 @@ def test_scratch_encoder_tokenizes_as_before(ours):
         ids, mask = encoder.tokenize(prompts)
         ref_ids, ref_mask = reference(encoder, prompts)
     assert ids.equal(ref_ids) and mask.equal(ref_mask)
+
+
+def test_transformers_tokenizer_files_give_the_same_ids(ours, tmp_path):
+    """The CLIPTokenizer written for imported SD 1.x models (and the benchmark's CLIP) tokenizes as we do."""
+    from transformers import CLIPTokenizer
+
+    from ldm.models.clip_bpe import write_clip_tokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path / "tok"))
+    assert tokenizer.model_max_length == 77 and tokenizer.pad_token == "<|endoftext|>"
+    for text in corpus():
+        # open_clip's spelling of the specials; transformers neither undoes HTML escapes nor repairs mojibake
+        if "_of_text>" in text.lower() or "&" in text or "Ã" in text:
+            continue
+        expected = [ours.sot_token_id, *ours.encode(text), ours.eot_token_id]
+        assert tokenizer(text)["input_ids"] == expected, text
