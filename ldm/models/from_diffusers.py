@@ -94,17 +94,35 @@ def model_index_from_scheduler(scheduler: dict, resolution: int, guidance: float
                       resolution=resolution, guidance=guidance)
 
 
+def start_folder(out: str) -> Path:
+    """A fresh `out`.tmp to write into; refuses to replace a model folder."""
+    if os.path.exists(os.path.join(out, "model_index.json")):
+        raise FileExistsError(f"{out} already holds a model folder; remove it or pick another --out")
+    tmp = Path(f"{out}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def finish_folder(tmp: Path, out: str, index: ModelIndex) -> None:
+    """The CLIP text encoder's config (the model sits in text_encoder/clip/), model_index.json, then
+    `out`.tmp becomes `out` in one rename."""
+    text_cfg = TextEncoderConfig(kind="clip", path=CLIP_DIR, max_length=77, local_files_only=True,
+                                 mask_padding=False)     # SD's U-Net attends to all 77 tokens
+    (tmp / "text_encoder" / "config.json").write_text(json.dumps(dataclasses.asdict(text_cfg), indent=2))
+    save_index(str(tmp), index)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)          # an empty or half-written folder from before
+    os.replace(tmp, out)
+
+
 def convert(source: str, out: str, *, guidance: float = 6.5, dtype: str = "float32") -> ModelIndex:
     """Write a model folder at `out` (autoencoder/, text_encoder/, unet/, model_index.json); atomic."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if os.path.exists(os.path.join(out, "model_index.json")):
-        raise FileExistsError(f"{out} already holds a model folder; remove it or pick another --out")
+    tmp = start_folder(out)
     src = resolve_source(source)
     read_pipeline(src)
     scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
-    tmp = Path(f"{out}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     unet = load_diffusers_unet(str(src), subfolder="unet")
     unet.save_pretrained(str(tmp / "unet"), dtype=DTYPES[dtype])
     del unet
@@ -114,14 +132,8 @@ def convert(source: str, out: str, *, guidance: float = 6.5, dtype: str = "float
     del ae
     for part in ("text_encoder", "tokenizer"):
         shutil.copytree(src / part, tmp / "text_encoder" / CLIP_DIR / part)
-    text_cfg = TextEncoderConfig(kind="clip", path=CLIP_DIR, max_length=77, local_files_only=True,
-                                 mask_padding=False)     # SD's U-Net attends to all 77 tokens
-    (tmp / "text_encoder" / "config.json").write_text(json.dumps(dataclasses.asdict(text_cfg), indent=2))
     index = model_index_from_scheduler(scheduler, resolution, guidance)
-    save_index(str(tmp), index)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    shutil.rmtree(out, ignore_errors=True)          # an empty or half-written folder from before
-    os.replace(tmp, out)
+    finish_folder(tmp, out, index)
     return index
 
 

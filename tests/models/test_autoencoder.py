@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from safetensors.torch import save_file
 
+from sd_layouts import vae_key_to_compvis
+
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
 from ldm.models.convert_ae import load_compvis_autoencoder, load_diffusers_autoencoder
 from ldm.models.losses_ae import (AELossConfig, AutoencoderLoss, PatchDiscriminator, PerceptualDistance,
@@ -61,24 +63,10 @@ def test_diffusers_folder_loads_and_matches(diffusers_vae, image, tmp_path):
     assert_matches_diffusers(ours, diffusers_vae, image)
 
 
-def diffusers_to_compvis_key(key: str, levels: int) -> str:
-    """Inverse map written from the CompVis layout (ldm/modules/diffusionmodules/model.py)."""
-    key = key.replace("mid_block.resnets.0.", "mid.block_1.").replace("mid_block.resnets.1.", "mid.block_2.")
-    key = key.replace("mid_block.attentions.0.", "mid.attn_1.")
-    for old, new in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
-        key = key.replace(f"attn_1.{old}.", f"attn_1.{new}.")
-    key = key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
-    key = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", key)
-    key = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", key)
-    key = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{levels - 1 - int(m[1])}.block.", key)
-    key = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{levels - 1 - int(m[1])}.upsample.", key)
-    return "first_stage_model." + key
-
-
 def compvis_state_dict(vae: DiffusersAutoencoderKL) -> dict:
     state = {}
     for key, value in vae.state_dict().items():
-        key = diffusers_to_compvis_key(key, len(WIDTHS))
+        key = vae_key_to_compvis(key, len(WIDTHS))
         if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", key):
             value = value[:, :, None, None]                           # CompVis uses 1x1 convs
         state[key] = value.clone()

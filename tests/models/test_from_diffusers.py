@@ -9,31 +9,14 @@ import warnings
 import pytest
 import torch
 
-from ldm.bench_models import TINY, write_clip_folder
+from sd_layouts import PROMPTS, write_sd_pipeline
+
+from ldm.bench_models import TINY
 from ldm.diffusion.samplers import initial_noise
 from ldm.models.from_diffusers import convert, main
 from ldm.pipeline import TextToImage, load_index
 
 diffusers = pytest.importorskip("diffusers")
-
-PROMPTS = ["a red cube on a blue floor", "a cat"]      # different lengths: the padding differs
-
-
-def write_sd_pipeline(folder, prediction_type: str = "epsilon"):
-    from transformers import CLIPTextModel, CLIPTokenizer
-    clip = write_clip_folder(TINY, str(folder / "clip-src"))
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = diffusers.StableDiffusionPipeline(
-            vae=diffusers.AutoencoderKL(**TINY.vae), text_encoder=CLIPTextModel.from_pretrained(clip),
-            tokenizer=CLIPTokenizer.from_pretrained(clip), unet=diffusers.UNet2DConditionModel(**TINY.unet),
-            scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                              prediction_type=prediction_type, clip_sample=False),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.save_pretrained(str(folder / "sd"))
-    return pipe
-
 
 @pytest.mark.parametrize("prediction_type,ours", [("epsilon", "eps"), ("v_prediction", "v")])
 def test_imported_pipeline_draws_what_diffusers_draws(tmp_path, one_thread, prediction_type, ours):
@@ -51,7 +34,7 @@ def test_imported_pipeline_draws_what_diffusers_draws(tmp_path, one_thread, pred
     # diffusers' reference: DDIM with trailing spacing ending at clean data (set_alpha_to_one), as our
     # grid; its guidance_scale g is our 1 + w; output_type="pt" is in [0, 1]
     theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
-                                                           set_alpha_to_one=True)
+                                                           set_alpha_to_one=True, steps_offset=1)
     theirs.set_progress_bar_config(disable=True)
     with torch.no_grad():
         reference = theirs(PROMPTS, num_inference_steps=steps, guidance_scale=1 + w, latents=noise,

@@ -11,6 +11,8 @@ from safetensors.torch import save_file
 
 from ldm.models.convert_unet import load_compvis_unet, load_diffusers_unet, unet_config_from_diffusers
 from ldm.models.layers import timestep_embedding
+from sd_layouts import unet_to_compvis
+
 from ldm.models.unet import UNet, UNetConfig, count_params, sd2_config, sd15_config, tiny_config
 
 
@@ -195,39 +197,10 @@ def test_diffusers_config_unsupported_key_is_named():
         unet_config_from_diffusers({**_small_diffusers(False, 8).config, "class_embed_type": "timestep"})
 
 
-def _diffusers_to_compvis(state, levels, n):
-    """Independent test-side map of diffusers names to the CompVis openaimodel layout."""
-    res = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-    out = {}
-    for key, v in state.items():
-        new = None
-        if m := re.fullmatch(r"down_blocks\.(\d)\.(resnets|attentions)\.(\d)\.(.+)", key):
-            b = 1 + int(m[1]) * (n + 1) + int(m[3])
-            new = f"input_blocks.{b}.{0 if m[2] == 'resnets' else 1}.{m[4]}"
-        elif m := re.fullmatch(r"down_blocks\.(\d)\.downsamplers\.0\.conv\.(.+)", key):
-            new = f"input_blocks.{(int(m[1]) + 1) * (n + 1)}.0.op.{m[2]}"
-        elif m := re.fullmatch(r"up_blocks\.(\d)\.(resnets|attentions)\.(\d)\.(.+)", key):
-            new = f"output_blocks.{int(m[1]) * (n + 1) + int(m[3])}.{0 if m[2] == 'resnets' else 1}.{m[4]}"
-        elif m := re.fullmatch(r"up_blocks\.(\d)\.upsamplers\.0\.(.+)", key):
-            has_attn = any(k.startswith(f"up_blocks.{m[1]}.attentions") for k in state)
-            new = f"output_blocks.{int(m[1]) * (n + 1) + n}.{2 if has_attn else 1}.{m[2]}"
-        elif m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d)\.(.+)", key):
-            new = f"middle_block.{1 if m[1] == 'attentions' else 2 * int(m[2])}.{m[3]}"
-        else:
-            new = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-                   "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}[key.rsplit(".", 1)[0]]
-            new += "." + key.rsplit(".", 1)[1]
-        for d, c in res.items():
-            new = re.sub(rf"^((?:input|output)_blocks\.\d+\.0|middle_block\.[02])\.{d}\.", rf"\1.{c}.", new)
-        out["model.diffusion_model." + new] = v
-    return out
-
-
 def test_compvis_checkpoint_loads_and_matches():
     ref = _small_diffusers(False, 8)
     state = ref.state_dict()
-    compvis = _diffusers_to_compvis(state, levels=2, n=1)
+    compvis = unet_to_compvis(state, levels=2, n=1)
     # diffusers' own CompVis converter must map our test-side names back exactly
     back = convert_ldm_unet_checkpoint(compvis, dict(ref.config))
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
@@ -241,7 +214,7 @@ def test_compvis_checkpoint_loads_and_matches():
 
 def test_compvis_errors_list_missing_and_unexpected_keys():
     ref = _small_diffusers(False, 8)
-    compvis = _diffusers_to_compvis(ref.state_dict(), levels=2, n=1)
+    compvis = unet_to_compvis(ref.state_dict(), levels=2, n=1)
     del compvis["model.diffusion_model.out.2.weight"]
     compvis["model.diffusion_model.bogus.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"conv_out\.weight.*bogus\.weight"):

@@ -1,0 +1,143 @@
+"""One Stable Diffusion 1.x checkpoint file (the CompVis layout most fine-tunes ship in, .safetensors or
+.ckpt) -> one of our model folders.
+
+    python -m ldm.models.from_single_file v1-5-pruned-emaonly.safetensors --out models/sd15
+    python -m ldm.txt2img "a corgi on a beach" --model models/sd15 --steps 25 --sampler dpmpp_2m
+
+The file holds three models under three prefixes: the U-Net (`model.diffusion_model.`), the
+autoencoder (`first_stage_model.`) and the CLIP text encoder (`cond_stage_model.transformer.`), but no
+configs: the SD 1.x ones are built in (Rombach et al. 2022's v1-inference.yaml, in diffusers' and
+transformers' terms), and `--unet-config`, `--vae-config`, `--text-config` take config.json files for
+other sizes. The tokenizer is CLIP's (ldm.models.clip_bpe), the schedule SD's scaled-linear betas;
+a file does not say whether it predicts eps or v (SD 2.x 768-v models do), so `--prediction` does.
+SD 2.x (an OpenCLIP text tower) and SDXL files are refused with what to do instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.convert_ae import _read_checkpoint, diffusers_config_to_ours, load_compvis_autoencoder
+from ldm.models.convert_unet import COMPVIS_PREFIX, load_compvis_unet, unet_config_from_diffusers
+from ldm.models.from_diffusers import (CLIP_DIR, DTYPES, PREDICTIONS, finish_folder, model_index_from_scheduler,
+                                       start_folder)
+from ldm.models.weights import load_state_dict_strict
+
+VAE_PREFIX, CLIP_PREFIX = "first_stage_model.", "cond_stage_model.transformer."
+SD1_UNET = {   # diffusers' UNet2DConditionModel config of SD 1.x (v1-inference.yaml: 320 channels, 8 heads)
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2, "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "attention_head_dim": 8,
+    "cross_attention_dim": 768, "norm_num_groups": 32,
+}
+SD1_VAE = {    # diffusers' AutoencoderKL config of SD's f = 8 KL autoencoder
+    "sample_size": 512, "in_channels": 3, "out_channels": 3, "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2, "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "latent_channels": 4, "norm_num_groups": 32, "scaling_factor": 0.18215,
+}
+SD1_TEXT = {   # transformers' CLIPTextConfig of openai/clip-vit-large-patch14's text tower
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768, "hidden_act": "quick_gelu",
+}
+SD_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+# position_ids is a buffer that older transformers saved and newer ones rebuild
+CLIP_BUFFERS = ("text_model.embeddings.position_ids",)
+
+
+def read_config(path: str | None, default: dict, what: str) -> dict:
+    if path is None:
+        return dict(default)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--{what}-config {path}: no such file")
+    return json.loads(Path(path).read_text())
+
+
+def check_layout(state: dict, source: str) -> None:
+    """An SD 1.x file, or an error that says what the file is and what to do with it."""
+    if any(k.startswith("conditioner.embedders.") for k in state):
+        raise ValueError(f"{source}: an SDXL checkpoint (conditioner.embedders.*); SDXL is not supported")
+    if any(k.startswith("cond_stage_model.model.") for k in state):
+        raise ValueError(f"{source}: an SD 2.x checkpoint (OpenCLIP text tower, cond_stage_model.model.*); "
+                         "convert it to a diffusers folder and use python -m ldm.models.from_diffusers")
+    missing = [p for p in (COMPVIS_PREFIX, VAE_PREFIX, CLIP_PREFIX) if not any(k.startswith(p) for k in state)]
+    if missing:
+        raise ValueError(f"{source}: no {missing} weights: not a full SD 1.x checkpoint "
+                         "(a bare U-Net or VAE file loads with ldm.models.convert_unet / convert_ae)")
+
+
+def load_clip(state: dict, config: dict, source: str):
+    """The text tower's weights into a transformers CLIPTextModel, all-or-nothing."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    weights = {k[len(CLIP_PREFIX):]: v for k, v in state.items() if k.startswith(CLIP_PREFIX)}
+    weights = {k: v for k, v in weights.items() if k not in CLIP_BUFFERS}
+    model = CLIPTextModel(CLIPTextConfig(**config))
+    load_state_dict_strict(model, {k: v.float() for k, v in weights.items()}, source)
+    return model
+
+
+def convert(checkpoint: str, out: str, *, prediction: str = "eps", guidance: float = 6.5, dtype: str = "float32",
+            unet_config: str | None = None, vae_config: str | None = None, text_config: str | None = None):
+    """Write a model folder at `out` from one CompVis-layout SD 1.x checkpoint file; atomic."""
+    from ldm.models.clip_bpe import write_clip_tokenizer
+    ours = {v: k for k, v in PREDICTIONS.items()}
+    if prediction not in ours:
+        raise ValueError(f"prediction must be one of {sorted(ours)}, got {prediction!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    configs = (read_config(unet_config, SD1_UNET, "unet"), read_config(vae_config, SD1_VAE, "vae"),
+               read_config(text_config, SD1_TEXT, "text"))
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found")
+    tmp = start_folder(out)
+    state = _read_checkpoint(path)
+    check_layout(state, checkpoint)
+    unet = load_compvis_unet({k: v.float() for k, v in state.items() if k.startswith(COMPVIS_PREFIX)},
+                             unet_config_from_diffusers(configs[0]))
+    unet.save_pretrained(str(tmp / "unet"), dtype=DTYPES[dtype])
+    del unet
+    ae: AutoencoderKL = load_compvis_autoencoder(state, diffusers_config_to_ours(configs[1]))
+    ae.to(DTYPES[dtype]).save_pretrained(tmp / "autoencoder")
+    resolution = ae.config.resolution
+    del ae
+    clip = load_clip(state, configs[2], checkpoint)
+    clip.save_pretrained(str(tmp / "text_encoder" / CLIP_DIR / "text_encoder"))
+    write_clip_tokenizer(tmp / "text_encoder" / CLIP_DIR / "tokenizer", clip.config.max_position_embeddings)
+    index = model_index_from_scheduler({**SD_SCHEDULER, "prediction_type": ours[prediction]}, resolution, guidance)
+    finish_folder(tmp, out, index)
+    return index
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ldm.models.from_single_file", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="an SD 1.x checkpoint: .safetensors, or .ckpt (read with weights_only)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    parser.add_argument("--prediction", default="eps", choices=["eps", "v"],
+                        help="what the U-Net predicts (default eps: SD 1.x; the file does not say)")
+    parser.add_argument("--guidance", type=float, default=6.5, metavar="W",
+                        help="default w written to model_index.json (our (1 + w) convention: SD's scale 7.5 is 6.5)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="weights of unet/ and autoencoder/ (default float32: no rounding)")
+    for part, what in (("unet", "diffusers UNet2DConditionModel"), ("vae", "diffusers AutoencoderKL"),
+                       ("text", "transformers CLIPTextModel")):
+        parser.add_argument(f"--{part}-config", metavar="JSON", help=f"a {what} config.json (default: SD 1.x's)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        index = convert(args.checkpoint, args.out, prediction=args.prediction, guidance=args.guidance,
+                        dtype=args.dtype, unet_config=args.unet_config, vae_config=args.vae_config,
+                        text_config=args.text_config)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        parser.error(str(err))
+    print(f"{args.out}: {index.resolution} px, prediction {index.prediction}, w = {index.guidance:g}; try: "
+          f"python -m ldm.txt2img \"a photo of a corgi\" --model {args.out} --steps 25 --sampler dpmpp_2m")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

@@ -1,0 +1,72 @@
+"""Stable Diffusion layouts for the model tests: a tiny random diffusers SD pipeline, and test-side maps
+of diffusers' parameter names to the CompVis (original SD) layout. Loaded as the module `sd_layouts` by
+tests/models/conftest.py (pytest's importlib mode puts no test folder on sys.path)."""
+import re
+import warnings
+
+import diffusers
+import torch
+
+from ldm.bench_models import TINY, write_clip_folder
+
+PROMPTS = ["a red cube on a blue floor", "a cat"]      # different lengths: the padding differs
+
+
+def write_sd_pipeline(folder, prediction_type: str = "epsilon"):
+    from transformers import CLIPTextModel, CLIPTokenizer
+    clip = write_clip_folder(TINY, str(folder / "clip-src"))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=diffusers.AutoencoderKL(**TINY.vae), text_encoder=CLIPTextModel.from_pretrained(clip),
+            tokenizer=CLIPTokenizer.from_pretrained(clip), unet=diffusers.UNet2DConditionModel(**TINY.unet),
+            scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                              prediction_type=prediction_type, clip_sample=False),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(str(folder / "sd"))
+    return pipe
+
+
+def unet_to_compvis(state, levels, n):
+    """Independent test-side map of diffusers names to the CompVis openaimodel layout."""
+    res = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    out = {}
+    for key, v in state.items():
+        new = None
+        if m := re.fullmatch(r"down_blocks\.(\d)\.(resnets|attentions)\.(\d)\.(.+)", key):
+            b = 1 + int(m[1]) * (n + 1) + int(m[3])
+            new = f"input_blocks.{b}.{0 if m[2] == 'resnets' else 1}.{m[4]}"
+        elif m := re.fullmatch(r"down_blocks\.(\d)\.downsamplers\.0\.conv\.(.+)", key):
+            new = f"input_blocks.{(int(m[1]) + 1) * (n + 1)}.0.op.{m[2]}"
+        elif m := re.fullmatch(r"up_blocks\.(\d)\.(resnets|attentions)\.(\d)\.(.+)", key):
+            new = f"output_blocks.{int(m[1]) * (n + 1) + int(m[3])}.{0 if m[2] == 'resnets' else 1}.{m[4]}"
+        elif m := re.fullmatch(r"up_blocks\.(\d)\.upsamplers\.0\.(.+)", key):
+            has_attn = any(k.startswith(f"up_blocks.{m[1]}.attentions") for k in state)
+            new = f"output_blocks.{int(m[1]) * (n + 1) + n}.{2 if has_attn else 1}.{m[2]}"
+        elif m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d)\.(.+)", key):
+            new = f"middle_block.{1 if m[1] == 'attentions' else 2 * int(m[2])}.{m[3]}"
+        else:
+            new = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                   "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}[key.rsplit(".", 1)[0]]
+            new += "." + key.rsplit(".", 1)[1]
+        for d, c in res.items():
+            new = re.sub(rf"^((?:input|output)_blocks\.\d+\.0|middle_block\.[02])\.{d}\.", rf"\1.{c}.", new)
+        out["model.diffusion_model." + new] = v
+    return out
+
+
+
+def vae_key_to_compvis(key: str, levels: int) -> str:
+    """Inverse map written from the CompVis layout (ldm/modules/diffusionmodules/model.py)."""
+    key = key.replace("mid_block.resnets.0.", "mid.block_1.").replace("mid_block.resnets.1.", "mid.block_2.")
+    key = key.replace("mid_block.attentions.0.", "mid.attn_1.")
+    for old, new in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+        key = key.replace(f"attn_1.{old}.", f"attn_1.{new}.")
+    key = key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+    key = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", key)
+    key = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", key)
+    key = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{levels - 1 - int(m[1])}.block.", key)
+    key = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{levels - 1 - int(m[1])}.upsample.", key)
+    return "first_stage_model." + key
