@@ -103,6 +103,22 @@ def start_folder(out: str) -> Path:
     return tmp
 
 
+def save_networks(tmp: Path, unet, autoencoder, dtype: str) -> int:
+    """unet/ and autoencoder/ in `dtype`; the model's image side (the autoencoder's resolution)."""
+    unet.save_pretrained(str(tmp / "unet"), dtype=DTYPES[dtype])
+    autoencoder.to(DTYPES[dtype]).save_pretrained(tmp / "autoencoder")
+    return autoencoder.config.resolution
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """--out, --guidance, --dtype: what both importers write."""
+    parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    parser.add_argument("--guidance", type=float, default=6.5, metavar="W",
+                        help="default w written to model_index.json (our (1 + w) convention: SD's scale 7.5 is 6.5)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="weights of unet/ and autoencoder/ (default float32: no rounding)")
+
+
 def finish_folder(tmp: Path, out: str, index: ModelIndex) -> None:
     """The CLIP text encoder's config (the model sits in text_encoder/clip/), model_index.json, then
     `out`.tmp becomes `out` in one rename."""
@@ -123,13 +139,8 @@ def convert(source: str, out: str, *, guidance: float = 6.5, dtype: str = "float
     src = resolve_source(source)
     read_pipeline(src)
     scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
-    unet = load_diffusers_unet(str(src), subfolder="unet")
-    unet.save_pretrained(str(tmp / "unet"), dtype=DTYPES[dtype])
-    del unet
-    ae = load_diffusers_autoencoder(src, subfolder="vae")
-    ae.to(DTYPES[dtype]).save_pretrained(tmp / "autoencoder")
-    resolution = ae.config.resolution
-    del ae
+    resolution = save_networks(tmp, load_diffusers_unet(str(src), subfolder="unet"),
+                               load_diffusers_autoencoder(src, subfolder="vae"), dtype)
     for part in ("text_encoder", "tokenizer"):
         shutil.copytree(src / part, tmp / "text_encoder" / CLIP_DIR / part)
     index = model_index_from_scheduler(scheduler, resolution, guidance)
@@ -141,11 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ldm.models.from_diffusers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="diffusers pipeline folder or hub repo id (e.g. runwayml/stable-diffusion-v1-5)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
-    parser.add_argument("--guidance", type=float, default=6.5, metavar="W",
-                        help="default w written to model_index.json (our (1 + w) convention: SD's scale 7.5 is 6.5)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                        help="weights of unet/ and autoencoder/ (default float32: no rounding)")
+    add_output_args(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         index = convert(args.source, args.out, guidance=args.guidance, dtype=args.dtype)

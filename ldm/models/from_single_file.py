@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 
-from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.convert_ae import _read_checkpoint, diffusers_config_to_ours, load_compvis_autoencoder
 from ldm.models.convert_unet import COMPVIS_PREFIX, load_compvis_unet, unet_config_from_diffusers
-from ldm.models.from_diffusers import (CLIP_DIR, DTYPES, PREDICTIONS, finish_folder, model_index_from_scheduler,
-                                       start_folder)
+from ldm.models.from_diffusers import (CLIP_DIR, DTYPES, PREDICTIONS, add_output_args, finish_folder,
+                                       model_index_from_scheduler, save_networks, start_folder)
 from ldm.models.weights import load_state_dict_strict
 
 VAE_PREFIX, CLIP_PREFIX = "first_stage_model.", "cond_stage_model.transformer."
@@ -99,12 +98,8 @@ def convert(checkpoint: str, out: str, *, prediction: str = "eps", guidance: flo
     check_layout(state, checkpoint)
     unet = load_compvis_unet({k: v.float() for k, v in state.items() if k.startswith(COMPVIS_PREFIX)},
                              unet_config_from_diffusers(configs[0]))
-    unet.save_pretrained(str(tmp / "unet"), dtype=DTYPES[dtype])
+    resolution = save_networks(tmp, unet, load_compvis_autoencoder(state, diffusers_config_to_ours(configs[1])), dtype)
     del unet
-    ae: AutoencoderKL = load_compvis_autoencoder(state, diffusers_config_to_ours(configs[1]))
-    ae.to(DTYPES[dtype]).save_pretrained(tmp / "autoencoder")
-    resolution = ae.config.resolution
-    del ae
     clip = load_clip(state, configs[2], checkpoint)
     clip.save_pretrained(str(tmp / "text_encoder" / CLIP_DIR / "text_encoder"))
     write_clip_tokenizer(tmp / "text_encoder" / CLIP_DIR / "tokenizer", clip.config.max_position_embeddings)
@@ -117,13 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ldm.models.from_single_file", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="an SD 1.x checkpoint: .safetensors, or .ckpt (read with weights_only)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    add_output_args(parser)
     parser.add_argument("--prediction", default="eps", choices=["eps", "v"],
                         help="what the U-Net predicts (default eps: SD 1.x; the file does not say)")
-    parser.add_argument("--guidance", type=float, default=6.5, metavar="W",
-                        help="default w written to model_index.json (our (1 + w) convention: SD's scale 7.5 is 6.5)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                        help="weights of unet/ and autoencoder/ (default float32: no rounding)")
     for part, what in (("unet", "diffusers UNet2DConditionModel"), ("vae", "diffusers AutoencoderKL"),
                        ("text", "transformers CLIPTextModel")):
         parser.add_argument(f"--{part}-config", metavar="JSON", help=f"a {what} config.json (default: SD 1.x's)")
