@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from ldm.txt2img import add_model_args, finish, load_image, load_pipeline
+from ldm.txt2img import add_model_args, finish, load_image, load_pipeline, show_progress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     images, info = pipe.img2img(image, [args.prompt], strength=args.strength, steps=args.steps,
                                 guidance=args.guidance, seed=args.seed, teacher=args.teacher, sampler=args.sampler,
-                                negative=args.negative)
+                                negative=args.negative, progress=show_progress())
     finish(images, info, start, args.out)
 
 

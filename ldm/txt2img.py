@@ -72,6 +72,11 @@ def load_pipeline(parser: argparse.ArgumentParser, args) -> TextToImage:
     return pipe
 
 
+def show_progress() -> bool:
+    """A step bar on a terminal (a 25-step teacher at 512 px takes minutes on a CPU), none in logs."""
+    return sys.stderr.isatty()
+
+
 def save_images(images: torch.Tensor, path: str) -> None:
     """(K, 3, H, W) in [-1, 1] -> one PNG: the image itself for K = 1, else a near-square grid."""
     grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=0 if len(images) == 1 else 2)
@@ -139,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     for path, prompt in jobs:
         start = time.perf_counter()
         images, info = pipe.generate([prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                     teacher=args.teacher, sampler=args.sampler, negative=args.negative)
+                                     teacher=args.teacher, sampler=args.sampler, negative=args.negative,
+                                     progress=show_progress())
         finish(images, info, start, path)
 
 

@@ -127,3 +127,11 @@ def test_inpaint_keeps_the_unmasked_pixels(model, tmp_path, capsys):
     assert np.array_equal(out[keep], src[keep])
     assert not np.array_equal(out[~keep], src[~keep])
     assert "NFE 2" in capsys.readouterr().out
+
+
+def test_step_bar_on_a_terminal_only(model, tmp_path, capsys, monkeypatch):
+    txt2img.main(["a red circle", "--model", model, "--steps", "3", "--teacher", "--out", str(tmp_path / "a.png")])
+    assert "3/3" not in capsys.readouterr().err                       # captured stderr: not a terminal
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    txt2img.main(["a red circle", "--model", model, "--steps", "3", "--teacher", "--out", str(tmp_path / "b.png")])
+    assert "3/3" in capsys.readouterr().err
