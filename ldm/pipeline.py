@@ -152,7 +152,11 @@ class TextToImage:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict:
+        """U-Net conditioning: the tokens, and the padding mask unless the U-Net was trained on every
+        token (imported SD models: then no mask at all, the cheaper attention and diffusers' own call)."""
         context, mask = self.text_encoder(prompts)
+        if not getattr(getattr(self.text_encoder, "cfg", None), "mask_padding", True):
+            return {"context": context}
         return {"context": context, "context_mask": mask}
 
     def check_prompts(self, prompts: list[str]) -> None:

@@ -57,6 +57,8 @@ class TextEncoderConfig:
             raise ValueError(f"TextEncoderConfig.embed_std must be > 0, got {self.embed_std}")
         if self.kind == "openclip" and not self.path:
             raise ValueError("TextEncoderConfig.path: the openclip kind needs a local checkpoint file")
+        if self.kind == "scratch" and not self.mask_padding:
+            raise ValueError("TextEncoderConfig.mask_padding: a scratch encoder always masks its padding")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextEncoderConfig":

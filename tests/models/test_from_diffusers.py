@@ -96,3 +96,17 @@ def test_stage_three_distills_an_imported_teacher(tmp_path):
     images, info = pipe.generate(["a cat"], steps=1, guidance=2.0)
     assert info["model"] == "student-1" and images.shape == (1, 3, TINY.image, TINY.image)
     assert torch.isfinite(images).all() and bool(pipe.text_encoder(["a cat"])[1].all())
+
+
+def test_pipeline_passes_no_mask_where_sd_used_none(tmp_path):
+    """No context_mask reaches an imported U-Net (diffusers' call, and the attention without a mask);
+    our own models keep theirs, and a scratch encoder cannot be told to drop it."""
+    from ldm.models.text import TextEncoderConfig
+    from ldm.pipeline import save_random_model
+    write_sd_pipeline(tmp_path)
+    convert(str(tmp_path / "sd"), str(tmp_path / "model"))
+    assert set(TextToImage.from_folder(str(tmp_path / "model")).encode_prompts(PROMPTS)) == {"context"}
+    save_random_model(str(tmp_path / "ours"))
+    assert set(TextToImage.from_folder(str(tmp_path / "ours")).encode_prompts(PROMPTS)) == {"context", "context_mask"}
+    with pytest.raises(ValueError, match="scratch encoder always masks"):
+        TextEncoderConfig(kind="scratch", mask_padding=False)
