@@ -26,6 +26,8 @@ from ldm.pipeline import DECODER_PRECISIONS, DEFAULT_MODEL, INDEX_NAME, TextToIm
 from ldm.training.images import make_grid
 
 CLI_SAMPLERS = ["ddim", "stochastic", "euler", "heun", "dpmpp_2m", "ddpm"]
+STUDENT_STEPS = 4      # the default where a 4-step student exists (the shipped model's: 87.4%, 17 ms)
+TEACHER_STEPS = 25     # else the teacher's: DDIM + CFG at 4 steps is far from converged
 
 
 # ----------------------------------------------------------------------------- shared by the three CLIs
@@ -34,7 +36,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --steps, --guidance, --seed, --teacher, --sampler, --negative, --device, --decoder-precision."""
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                         help="model folder with model_index.json (default: the shipped shapes64 model)")
-    parser.add_argument("--steps", type=int, default=4, help="sampling steps (default: 4)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"sampling steps (default: {STUDENT_STEPS} when the model has a {STUDENT_STEPS}-step "
+                             f"student, else {TEACHER_STEPS} teacher steps, e.g. an imported Stable Diffusion)")
     parser.add_argument("--guidance", type=float, default=None, metavar="W",
                         help="guidance weight w, (1 + w) cond - w uncond (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
@@ -60,12 +64,14 @@ def short_warnings(message, category, filename, lineno, line=None) -> str:
 def load_pipeline(parser: argparse.ArgumentParser, args) -> TextToImage:
     """The model folder, or a parser error that names the missing path. Warnings print as one line."""
     warnings.formatwarning = short_warnings
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if not os.path.isfile(os.path.join(args.model, INDEX_NAME)):
         parser.error(f"--model {args.model!r} is not a model folder: {os.path.join(args.model, INDEX_NAME)} "
                      f"is missing (train one with stages/, or pass --model DIR)")
     pipe = TextToImage.from_folder(args.model, device=args.device, decoder_precision=args.decoder_precision)
+    if args.steps is None:
+        args.steps = STUDENT_STEPS if STUDENT_STEPS in pipe.student_steps else TEACHER_STEPS
     if args.negative and not args.teacher and args.steps in pipe.student_steps:
         parser.error(f"--negative needs the teacher: student-{args.steps} was distilled with the empty prompt as "
                      "guidance's unconditional branch (add --teacher, or pick --steps without a student)")

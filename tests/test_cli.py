@@ -135,3 +135,11 @@ def test_step_bar_on_a_terminal_only(model, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
     txt2img.main(["a red circle", "--model", model, "--steps", "3", "--teacher", "--out", str(tmp_path / "b.png")])
     assert "3/3" in capsys.readouterr().err
+
+
+def test_default_steps_follow_the_model(model, tmp_path, capsys):
+    """4 where a 4-step student exists (the shipped model), else the teacher at 25 steps."""
+    txt2img.main(["a red circle", "--out", str(tmp_path / "shipped.png")])
+    assert "student-4, 4 steps" in capsys.readouterr().out
+    txt2img.main(["a red circle", "--model", model, "--out", str(tmp_path / "teacher.png")])  # only a student-2
+    assert "teacher, 25 steps, ddim, w=2, NFE 50," in capsys.readouterr().out
