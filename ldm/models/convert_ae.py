@@ -185,7 +185,8 @@ def _strip_compvis_prefix(state: dict) -> dict:
     return {k: v for k, v in state.items() if not k.startswith("loss.")}
 
 
-def _read_checkpoint(path: Path) -> dict:
+def read_checkpoint(path: Path) -> dict:
+    """An SD / LDM checkpoint file's state dict: .safetensors, or a .ckpt pickle (its "state_dict")."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
@@ -203,7 +204,7 @@ def load_compvis_autoencoder(state_dict_or_file: dict | str | Path,
         path = Path(state_dict_or_file)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} not found")
-        state, source = _read_checkpoint(path), str(path)
+        state, source = read_checkpoint(path), str(path)
     state = compvis_state_dict_to_ours(_strip_compvis_prefix(state), len(config.channel_mult))
     model = AutoencoderKL(config)
     load_state_dict_strict(model, {k: v.float() for k, v in state.items()}, source=source)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.models.convert_ae import _read_checkpoint, diffusers_config_to_ours, load_compvis_autoencoder
+from ldm.models.convert_ae import read_checkpoint, diffusers_config_to_ours, load_compvis_autoencoder
 from ldm.models.convert_unet import COMPVIS_PREFIX, load_compvis_unet, unet_config_from_diffusers
 from ldm.models.from_diffusers import (CLIP_DIR, DTYPES, PREDICTIONS, add_output_args, finish_folder,
                                        model_index_from_scheduler, save_networks, start_folder)
@@ -94,7 +94,7 @@ def convert(checkpoint: str, out: str, *, prediction: str = "eps", guidance: flo
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} not found")
     tmp = start_folder(out)
-    state = _read_checkpoint(path)
+    state = read_checkpoint(path)
     check_layout(state, checkpoint)
     unet = load_compvis_unet({k: v.float() for k, v in state.items() if k.startswith(COMPVIS_PREFIX)},
                              unet_config_from_diffusers(configs[0]))
