@@ -183,7 +183,7 @@ class TextToImage:
     def model_function(self, steps: int, guidance: float, teacher: bool = False, negative: str = ""):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
         with `negative` as the unconditional prompt (students were distilled with the empty one)."""
-        if not teacher and steps in self._available_students():
+        if self.uses_student(steps, teacher):
             if negative:
                 raise ValueError(f"a negative prompt needs the teacher (teacher=True, --teacher): student-{steps} "
                                  "was distilled with the empty prompt as guidance's unconditional branch")
@@ -293,6 +293,10 @@ class TextToImage:
             parts = [self.autoencoder.decode_latents(c.contiguous(memory_format=torch.channels_last))
                      for c in z.split(CPU_DECODE_CHUNK)]
         return torch.cat(parts).float().clamp(-1, 1).contiguous()
+
+    def uses_student(self, steps: int, teacher: bool = False) -> bool:
+        """Whether sampling with `steps` runs a student (one is distilled to it, and the teacher is not forced)."""
+        return not teacher and steps in self._available_students()
 
     def _available_students(self) -> list[int]:
         return self.student_steps if self.folder else []

@@ -72,7 +72,7 @@ def load_pipeline(parser: argparse.ArgumentParser, args) -> TextToImage:
     pipe = TextToImage.from_folder(args.model, device=args.device, decoder_precision=args.decoder_precision)
     if args.steps is None:
         args.steps = STUDENT_STEPS if STUDENT_STEPS in pipe.student_steps else TEACHER_STEPS
-    if args.negative and not args.teacher and args.steps in pipe.student_steps:
+    if args.negative and pipe.uses_student(args.steps, args.teacher):
         parser.error(f"--negative needs the teacher: student-{args.steps} was distilled with the empty prompt as "
                      "guidance's unconditional branch (add --teacher, or pick --steps without a student)")
     return pipe

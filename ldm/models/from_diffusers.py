@@ -61,8 +61,8 @@ def resolve_source(source: str) -> Path:
                                     "and not in the local Hugging Face cache") from err
 
 
-def read_pipeline(src: Path) -> dict:
-    """model_index.json, checked for the parts and classes we convert; the missing ones are named."""
+def check_pipeline(src: Path) -> None:
+    """The pipeline's model_index.json and folders hold the parts and classes we convert; the missing ones are named."""
     index_path = src / "model_index.json"
     if not index_path.is_file():
         raise FileNotFoundError(f"{index_path} is missing: not a diffusers pipeline folder")
@@ -73,7 +73,6 @@ def read_pipeline(src: Path) -> dict:
     text_class = (index.get("text_encoder") or [None, None])[1]
     if text_class not in TEXT_ENCODERS:
         raise ValueError(f"{src}: text_encoder is {text_class!r}; only {TEXT_ENCODERS} (SD 1.x / 2.x) are supported")
-    return index
 
 
 def model_index_from_scheduler(scheduler: dict, resolution: int, guidance: float) -> ModelIndex:
@@ -137,7 +136,7 @@ def convert(source: str, out: str, *, guidance: float = 6.5, dtype: str = "float
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tmp = start_folder(out)
     src = resolve_source(source)
-    read_pipeline(src)
+    check_pipeline(src)
     scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
     resolution = save_networks(tmp, load_diffusers_unet(str(src), subfolder="unet"),
                                load_diffusers_autoencoder(src, subfolder="vae"), dtype)
