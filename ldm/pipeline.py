@@ -27,6 +27,7 @@ from ldm.diffusion.samplers import SAMPLERS, initial_noise
 from ldm.diffusion.schedules import schedule_from_config
 from ldm.distill.targets import coefficients
 from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.lora import merge_lora, read_lora
 from ldm.models.text import ScratchTextEncoder, TextEncoderConfig, build_text_encoder
 from ldm.models.unet import UNet
 
@@ -117,6 +118,7 @@ class TextToImage:
         self.index, self.folder = index, folder
         self.schedule = schedule_from_config(index.schedule)
         self._students: dict[int, torch.nn.Module] = {}
+        self._loras: list[tuple[dict, float, str]] = []   # merged into every U-Net, students as they load
         self._warned_prompts: set[str] = set()
 
     @classmethod
@@ -142,8 +144,21 @@ class TextToImage:
             raise ValueError(f"no student for {steps} steps in {self.folder}; have {self.student_steps}")
         if steps not in self._students:
             path = os.path.join(self.folder, self.index.students[str(steps)])
-            self._students[steps] = GuidedStudent.from_pretrained(path, device=self.device).eval()
+            student = GuidedStudent.from_pretrained(path, device=self.device).eval()
+            for lora, scale, source in self._loras:
+                merge_lora(lora, [student.unet], None, scale, source)
+            self._students[steps] = student
         return self._students[steps]
+
+    def add_lora(self, path: str, scale: float = 1.0) -> int:
+        """Merge a LoRA file (diffusers/peft or kohya layout, ldm.models.lora) into the teacher's U-Net, its
+        CLIP text encoder and every student, scaled by `scale`; returns how many layers it changed."""
+        from ldm.models.text import ClipTextEncoder
+        lora = read_lora(path)
+        text = self.text_encoder.model if isinstance(self.text_encoder, ClipTextEncoder) else None
+        n = merge_lora(lora, [self.unet, *(s.unet for s in self._students.values())], text, scale, path)
+        self._loras.append(({"unet": lora["unet"], "text_encoder": {}}, scale, path))
+        return n
 
     def latent_shape(self, n: int) -> tuple[int, ...]:
         ae = self.autoencoder.config

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.models.lora import parse_lora_arg
 from ldm.pipeline import DECODER_PRECISIONS, DEFAULT_MODEL, INDEX_NAME, TextToImage
 from ldm.training.images import make_grid
 
@@ -33,7 +34,7 @@ TEACHER_STEPS = 25     # else the teacher's: DDIM + CFG at 4 steps is far from c
 # ----------------------------------------------------------------------------- shared by the three CLIs
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--model, --steps, --guidance, --seed, --teacher, --sampler, --negative, --device, --decoder-precision."""
+    """--model, --steps, --guidance, --seed, --teacher, --sampler, --negative, --lora, --device, --decoder-precision."""
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                         help="model folder with model_index.json (default: the shipped shapes64 model)")
     parser.add_argument("--steps", type=int, default=None,
@@ -50,6 +51,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative", default="", metavar="TEXT",
                         help="negative prompt: guidance's unconditional branch instead of the empty prompt "
                              "(teacher only: add --teacher where a student fits --steps)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="merge a LoRA into the model before sampling, scaled by SCALE (default 1); repeatable. "
+                             "Reads diffusers/peft and kohya (A1111) files for SD 1.x/2.x and stage 2's lora.safetensors")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--decoder-precision", default="auto", choices=list(DECODER_PRECISIONS),
                         help="autoencoder decoder: auto = bf16 on CPUs with native bf16 (about 2x faster, "
@@ -70,6 +74,14 @@ def load_pipeline(parser: argparse.ArgumentParser, args) -> TextToImage:
         parser.error(f"--model {args.model!r} is not a model folder: {os.path.join(args.model, INDEX_NAME)} "
                      f"is missing (train one with stages/, or pass --model DIR)")
     pipe = TextToImage.from_folder(args.model, device=args.device, decoder_precision=args.decoder_precision)
+    for arg in args.lora:
+        path, scale = parse_lora_arg(arg)
+        if not os.path.isfile(path):
+            parser.error(f"--lora {arg!r}: no file {path!r}")
+        try:
+            pipe.add_lora(path, scale)
+        except ValueError as err:
+            parser.error(f"--lora {arg!r}: {err}")
     if args.steps is None:
         args.steps = STUDENT_STEPS if STUDENT_STEPS in pipe.student_steps else TEACHER_STEPS
     if args.negative and pipe.uses_student(args.steps, args.teacher):

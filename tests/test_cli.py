@@ -143,3 +143,34 @@ def test_default_steps_follow_the_model(model, tmp_path, capsys):
     assert "student-4, 4 steps" in capsys.readouterr().out
     txt2img.main(["a red circle", "--model", model, "--out", str(tmp_path / "teacher.png")])  # only a student-2
     assert "teacher, 25 steps, ddim, w=2, NFE 50," in capsys.readouterr().out
+
+
+def test_lora_merges_into_teacher_and_students(model, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from ldm.models.lora import add_lora, lora_file_state
+    unet = UNet.from_pretrained(f"{model}/unet")
+    add_lora(unet, rank=2)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.5)
+    tensors, meta = lora_file_state(unet, len(unet.cfg.channels))
+    save_file(tensors, str(tmp_path / "lora.safetensors"), metadata=meta)
+    runs = {"plain": [], "zero": ["--lora", f"{tmp_path / 'lora.safetensors'}:0"],
+            "lora": ["--lora", str(tmp_path / "lora.safetensors")]}
+    pixels = {}
+    for name, args in runs.items():
+        for steps in ("2", "3"):                                          # student-2, teacher
+            out = tmp_path / f"{name}-{steps}.png"
+            txt2img.main(["a red circle", "--model", model, "--steps", steps, *args, "--out", str(out)])
+            pixels[name, steps] = np.asarray(Image.open(out), dtype=np.int16)
+    for steps in ("2", "3"):
+        assert np.array_equal(pixels["zero", steps], pixels["plain", steps])
+        assert np.abs(pixels["lora", steps] - pixels["plain", steps]).max() > 8
+    for bad, message in (("missing.safetensors", "no file"), (f"{model}/unet/model.safetensors",
+                                                               "not LoRA weights in a layout we read")):
+        with pytest.raises(SystemExit) as e:
+            txt2img.main(["a red circle", "--model", model, "--lora", str(tmp_path / bad) if bad.startswith("m")
+                          else bad, "--out", str(tmp_path / "x.png")])
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -1,0 +1,300 @@
+"""LoRA: low-rank updates W + (alpha / r) B A of a model's weights (Hu et al. 2021, eq. 3).
+
+Two uses:
+- Sampling with LoRA files as people share them for Stable Diffusion 1.x, merged into the weights
+  (no cost per step): `read_lora` + `merge_lora` (the CLIs' `--lora FILE[:SCALE]`). Layouts read:
+    diffusers / peft   `unet.<diffusers module>.lora_A.weight`, `.lora_B.weight` (alpha from the
+                       safetensors metadata `lora_adapter_metadata`, else alpha = r), the older
+                       `...attn1.processor.to_q_lora.down.weight` and `....lora.down.weight`, and
+                       `text_encoder.<transformers module>...` for a CLIP text encoder;
+    kohya / A1111      `lora_unet_<module with _ for .>.lora_down.weight`, `.lora_up.weight`,
+                       `.alpha`, and `lora_te_...` (LoCon's conv layers included).
+  Other adapters (LoHa, LoKr, DoRA) and SDXL's layout are refused by name.
+- Training in stage 2 (`lora.rank > 0`): `add_lora` wraps the attention projections in
+  `LoRALinear` with the base frozen; `lora_file_state` writes the result in diffusers' layout, so
+  diffusers' `load_lora_weights` reads our files too, and `merged_state_dict` folds it into plain weights.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ldm.models.convert_unet import diffusers_to_ours
+
+TRAIN_TARGETS = ("to_q", "to_k", "to_v", "to_out")   # our attention projections (diffusers: to_out.0)
+METADATA_KEY = "lora_adapter_metadata"               # diffusers' safetensors metadata entry
+
+
+# ----------------------------------------------------------------------------- training
+
+class LoRALinear(nn.Module):
+    """base(x) + (alpha / r) * x A^T B^T with `base` frozen; B = 0 at the start, so the wrapped
+    model starts as exactly the base model (Hu et al. 2021, Sec. 4.1)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as peft does
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        return self.base(x) + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
+
+    def delta(self) -> torch.Tensor:
+        """(out, in): what the update adds to base.weight."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scale
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=TRAIN_TARGETS) -> list[str]:
+    """Freeze `model` and wrap every nn.Linear whose last name is in `targets`; returns their names."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    model.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    if not names:
+        raise ValueError(f"add_lora: no nn.Linear named one of {tuple(targets)} in {type(model).__name__}")
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, LoRALinear(getattr(parent, leaf), rank, float(alpha or rank)))
+    return names
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the plain model: each LoRALinear's base.weight + delta under the base's names."""
+    wrapped = lora_modules(model)
+    out = {}
+    for key, value in model.state_dict().items():
+        prefix, _, param = key.rpartition(".")
+        if prefix in wrapped:
+            continue                                       # lora_A / lora_B: folded below
+        if prefix.endswith(".base") and prefix[:-5] in wrapped:
+            name = prefix[:-5]
+            if param == "weight":
+                value = (value.float() + wrapped[name].delta()).to(value.dtype)
+            key = f"{name}.{param}"
+        out[key] = value
+    return out
+
+
+_TOP = {"time_embed.fc1": "time_embedding.linear_1", "time_embed.fc2": "time_embedding.linear_2",
+        "norm_out": "conv_norm_out", "mid.res1": "mid_block.resnets.0", "mid.res2": "mid_block.resnets.1",
+        "mid.attn": "mid_block.attentions.0"}
+_INVERSE = {"res": ((".emb_proj.", ".time_emb_proj."), (".skip.", ".conv_shortcut.")),
+            "attn": ((".blocks.", ".transformer_blocks."), (".to_out.", ".to_out.0."),
+                     (".ff.geglu.proj.", ".ff.net.0.proj."), (".ff.out.", ".ff.net.2."))}
+
+
+def ours_to_diffusers(name: str, num_levels: int) -> str:
+    """Our U-Net module name -> diffusers' UNet2DConditionModel name (convert_unet's renaming, inverted)."""
+    head, rest, kind = name, "", None                     # conv_in, conv_out: the same names
+    m = re.match(r"(down|up)\.(\d+)\.(?:(res|attn)\.(\d+)|(downsample|upsample))(\..*)?$", name)
+    if m:
+        side, level, kind, j, resample, rest = m.groups()
+        idx = int(level) if side == "down" else num_levels - 1 - int(level)  # diffusers: up blocks deepest first
+        block = f"{resample}rs.0" if resample else f"{'resnets' if kind == 'res' else 'attentions'}.{j}"
+        head = f"{side}_blocks.{idx}.{block}"
+    else:
+        for ours, theirs in _TOP.items():
+            if name == ours or name.startswith(ours + "."):
+                head, rest = theirs, name[len(ours):]
+                kind = "attn" if ours == "mid.attn" else "res" if ours.startswith("mid.res") else None
+                break
+    rest = (rest or "") + "."
+    for a, b in _INVERSE.get(kind, ()):
+        rest = rest.replace(a, b)
+    return head + rest[:-1]
+
+
+def lora_file_state(unet: nn.Module, num_levels: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a diffusers/peft LoRA file for the LoRALinear modules of `unet`.
+
+    alpha / r is folded into lora_B and the metadata says lora_alpha = r: any reader, with or
+    without the metadata, applies exactly the trained update.
+    """
+    tensors, ranks = {}, set()
+    for name, m in lora_modules(unet).items():
+        key = f"unet.{ours_to_diffusers(name, num_levels)}"
+        tensors[f"{key}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
+        tensors[f"{key}.lora_B.weight"] = (m.lora_B.detach().float() * m.scale).contiguous()
+        ranks.add(m.lora_A.shape[0])
+    if len(ranks) != 1:
+        raise ValueError(f"lora_file_state: one rank expected, got {sorted(ranks)}")
+    r = ranks.pop()
+    targets = sorted({"to_out.0" if n.endswith(".to_out") else n.rsplit(".", 1)[-1] for n in lora_modules(unet)})
+    meta = {"unet.r": r, "unet.lora_alpha": r, "unet.target_modules": targets}
+    return tensors, {"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)}
+
+
+# ----------------------------------------------------------------------------- reading files
+
+@dataclass
+class Update:
+    """One module's update: weight += scale * (up @ down), reshaped to the weight's shape."""
+    down: torch.Tensor   # (r, in) or (r, in, kh, kw)
+    up: torch.Tensor     # (out, r) or (out, r, 1, 1)
+    scale: float         # alpha / r
+
+    def delta(self, shape: torch.Size) -> torch.Tensor:
+        r = self.down.shape[0]
+        if self.up.shape[1] != r or self.up.shape[0] != shape[0] or self.down[0].numel() != math.prod(shape[1:]):
+            raise ValueError(f"LoRA down {tuple(self.down.shape)} / up {tuple(self.up.shape)} do not fit a "
+                             f"weight of shape {tuple(shape)}")
+        return (self.up.float().reshape(shape[0], r) @ self.down.float().reshape(r, -1)).reshape(shape) * self.scale
+
+
+# Multi-word names in diffusers' U-Net and transformers' CLIP: kohya writes module paths with "_" for ".",
+# so "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" is re-split at these words.
+_WORDS = {"down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+          "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out",
+          "time_embedding", "linear_1", "linear_2", "text_model", "self_attn", "q_proj", "k_proj", "v_proj",
+          "out_proj", "final_layer_norm", "layer_norm1", "layer_norm2"}
+
+
+def kohya_to_dotted(name: str) -> str:
+    """'down_blocks_0_attentions_0_proj_in' -> 'down_blocks.0.attentions.0.proj_in'."""
+    parts, out, i = name.split("_"), [], 0
+    while i < len(parts):
+        for n in (3, 2, 1):
+            word = "_".join(parts[i:i + n])
+            if n == 1 or word in _WORDS:
+                out.append(word)
+                i += n
+                break
+    return ".".join(out)
+
+
+_UNSUPPORTED = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
+                "lora_unet_input_blocks": "SDXL / SGM layout", "lora_te1_": "SDXL (two text encoders)",
+                "lora_te2_": "SDXL (two text encoders)"}
+
+
+_LAYOUTS = ((r"(.*)\.lora_A(?:\.default)?\.weight", "down"), (r"(.*)\.lora_B(?:\.default)?\.weight", "up"),  # peft
+            (r"(.*)\.lora(?:_linear_layer)?\.down\.weight", "down"),                     # diffusers 0.2x
+            (r"(.*)\.lora(?:_linear_layer)?\.up\.weight", "up"), (r"(.*)\.alpha", "alpha"))
+_PROCESSOR = re.compile(r"(.*)\.processor\.(to_[qkv]|to_out)_lora\.(down|up)\.weight")  # attention processors
+_KOHYA = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+
+
+def _split_key(key: str) -> tuple[str, str, str] | None:
+    """(part, source module, 'down'|'up'|'alpha') of one tensor key, or None for a key that is not LoRA."""
+    for pre, part in (("lora_unet_", "unet"), ("lora_te_", "text_encoder")):
+        if key.startswith(pre):
+            module, _, kind = key[len(pre):].partition(".")
+            return (part, kohya_to_dotted(module), _KOHYA[kind]) if kind in _KOHYA else None
+    part, _, rest = key.partition(".")
+    if part not in ("unet", "text_encoder"):
+        part, rest = "unet", key                          # the oldest diffusers files have no prefix
+    m = _PROCESSOR.fullmatch(rest)
+    if m:
+        return part, f"{m.group(1)}.{m.group(2)}" + (".0" if m.group(2) == "to_out" else ""), m.group(3)
+    for pattern, kind in _LAYOUTS:
+        m = re.fullmatch(pattern, rest)
+        if m:
+            return part, m.group(1), kind
+    return None
+
+
+def read_lora(path: str) -> dict[str, dict[str, Update]]:
+    """{'unet': {diffusers module: Update}, 'text_encoder': {transformers module: Update}} of a LoRA file."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        state = load_file(path)
+    else:
+        state, metadata = torch.load(path, map_location="cpu", weights_only=True), {}
+    for marker, what in _UNSUPPORTED.items():
+        if any(marker in k for k in state):
+            raise ValueError(f"{path}: a {what} file; only LoRA for Stable Diffusion 1.x/2.x U-Nets and CLIP is supported")
+    meta = json.loads(metadata.get(METADATA_KEY, "{}"))
+    for part in ("unet", "text_encoder"):
+        if meta.get(f"{part}.use_dora") or meta.get(f"{part}.rank_pattern") or meta.get(f"{part}.alpha_pattern"):
+            raise ValueError(f"{path}: per-module ranks/alphas or DoRA in the metadata are not supported")
+    pieces: dict[tuple[str, str], dict] = {}
+    unknown = []
+    for key, value in state.items():
+        split = _split_key(key)
+        if split is None:
+            unknown.append(key)
+            continue
+        part, module, kind = split
+        pieces.setdefault((part, module), {})[kind] = value
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} keys are not LoRA weights in a layout we read, e.g. {unknown[:3]}")
+    out: dict[str, dict[str, Update]] = {"unet": {}, "text_encoder": {}}
+    for (part, module), p in pieces.items():
+        if "down" not in p or "up" not in p:
+            raise ValueError(f"{path}: {part} module {module!r} has no {'down/lora_A' if 'down' not in p else 'up/lora_B'} weight")
+        r = p["down"].shape[0]
+        if "alpha" in p:
+            alpha = float(p["alpha"])
+        else:
+            alpha = float(meta.get(f"{part}.lora_alpha", r))
+            alpha = alpha * math.sqrt(r) if meta.get(f"{part}.use_rslora") else alpha  # rsLoRA: alpha / sqrt(r)
+        out[part][module] = Update(p["down"], p["up"], alpha / r)
+    return out
+
+
+# ----------------------------------------------------------------------------- merging
+
+def _targets(lora: dict[str, Update], model: nn.Module, rename, source: str) -> list[tuple[nn.Module, Update]]:
+    modules = dict(model.named_modules())
+    found, missing = [], []
+    for name, update in lora.items():
+        module = modules.get(rename(name))
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            missing.append(name)
+        else:
+            update.delta(module.weight.shape)              # shape errors now, before any weight changes
+            found.append((module, update))
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} LoRA modules have no linear/conv layer in this model, "
+                         f"e.g. {missing[:3]} (is the LoRA for this base model?)")
+    return found
+
+
+@torch.no_grad()
+def merge_lora(lora: dict[str, dict[str, Update]], unets: list[nn.Module], text_encoder: nn.Module | None,
+               scale: float = 1.0, source: str = "LoRA") -> int:
+    """weight += scale * alpha / r * up @ down in each U-Net (ours, diffusers names mapped) and in the
+    text encoder (a transformers module: its own names). Checks everything first: all or nothing."""
+    plan = []
+    for unet in unets:
+        levels = len(unet.cfg.channels)
+        plan += _targets(lora["unet"], unet, lambda n: diffusers_to_ours({f"{n}.weight": None}, levels)
+                         .popitem()[0][:-len(".weight")], source)
+    if lora["text_encoder"]:
+        if text_encoder is None:
+            raise ValueError(f"{source} has text-encoder weights, but this model's text encoder is not a "
+                             "transformers CLIP model (ours is trained from scratch)")
+        plan += _targets(lora["text_encoder"], text_encoder, lambda n: n, source)
+    for module, update in plan:
+        w = module.weight
+        w.copy_((w.float() + scale * update.delta(w.shape).to(w.device)).to(w.dtype))
+    return len(plan)
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """'file.safetensors' or 'file.safetensors:0.8' -> (path, scale)."""
+    path, sep, scale = arg.rpartition(":")
+    if sep and path and not scale.startswith(("/", "\\")):
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return arg, 1.0
