@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from ldm.data.loaders import DataConfig, make_dataloader
 from ldm.diffusion import SAMPLERS, DiffusionLoss, schedule_from_config
 from ldm.diffusion.losses import check_time_shift
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
+from ldm.models.lora import TRAIN_TARGETS, add_lora, lora_file_state, merged_state_dict
 from ldm.models.text import TextEncoderConfig, build_text_encoder
 from ldm.models.unet import UNet, UNetConfig, count_params
 from ldm.models.weights import load_state_dict_strict, load_weights, read_weights
@@ -85,6 +87,22 @@ class ValConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Fine-tune low-rank updates of a trained U-Net's attention projections only (Hu et al. 2021)."""
+    rank: int = 0                                          # 0 = off (train every weight); SD LoRAs: 4-128
+    alpha: float = 0.0                                     # the update is scaled by alpha / rank; 0 = rank (scale 1)
+    targets: list[str] = field(default_factory=lambda: list(TRAIN_TARGETS))  # our names (diffusers: to_out.0)
+
+    def __post_init__(self):
+        if self.rank < 0 or self.alpha < 0:
+            raise ValueError(f"lora.rank and lora.alpha must be >= 0, got {self.rank}, {self.alpha}")
+        unknown = sorted(set(self.targets) - set(TRAIN_TARGETS) - {"proj_in", "proj_out", "proj", "out"})
+        if unknown or not self.targets:
+            raise ValueError(f"lora.targets: {unknown or 'empty'}; pick from {list(TRAIN_TARGETS)} (attention), "
+                             "proj_in/proj_out (linear projections), proj/out (feed-forward)")
+
+
+@dataclass
 class LatentStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -103,10 +121,14 @@ class LatentStageConfig:
     # scratch text encoder: trained jointly (LDM), or frozen at its seeded random init. Frozen keeps
     # words distinct that joint training merged: the shapes64 teacher's "left"/"right" (docs/stage2-latent.md).
     train_text_encoder: bool = True
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # rank > 0: only LoRA updates train (needs init_from)
 
     def __post_init__(self):
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+        if self.lora.rank and not self.init_from:
+            raise ValueError("lora.rank > 0 fine-tunes a trained U-Net: set init_from=MODEL_FOLDER (e.g. one "
+                             "written by `python -m ldm.models.from_diffusers`)")
         self.data = one_batch_size(self.data, self.train)
 
 
@@ -167,6 +189,13 @@ def init_weights(model: LatentModel, folder: str) -> None:
     logger.info("initialised from %s", folder)
 
 
+def add_lora_updates(model: LatentModel, cfg: LatentStageConfig) -> None:
+    """lora.rank > 0: freeze everything (text encoder included), then wrap the U-Net's targets in LoRALinear."""
+    if cfg.lora.rank:
+        model.requires_grad_(False)
+        add_lora(model.unet, cfg.lora.rank, cfg.lora.alpha or None, cfg.lora.targets)
+
+
 def model_index(cfg: LatentStageConfig) -> ModelIndex:
     d = cfg.diffusion
     return ModelIndex(schedule=d.schedule_config(), prediction=d.prediction, time_scale=d.time_scale,
@@ -177,7 +206,9 @@ def plain_model(cfg: LatentStageConfig, net: LatentModel) -> LatentModel:
     """An unsharded LatentModel of the same architecture (FSDP2 runs validate and export from one)."""
     train_text = cfg.text.kind == "scratch"
     text_encoder = build_text_encoder(cfg.text) if train_text else net.encoder  # a frozen one is not sharded
-    return LatentModel(UNet(cfg.unet), text_encoder, train_text)
+    plain = LatentModel(UNet(cfg.unet), text_encoder, train_text)
+    add_lora_updates(plain, cfg)
+    return plain
 
 
 @torch.no_grad()
@@ -190,6 +221,13 @@ def validate(accelerator, net: LatentModel, ae, cfg: LatentStageConfig, step: in
     log_images(accelerator, torch.cat(rows), step, output_dir=cfg.train.output_dir, nrow=len(cfg.val.prompts))
 
 
+def save_lora_file(unet: UNet, path: Path) -> None:
+    """The LoRA updates alone, in diffusers' layout (`--lora FILE` here, `load_lora_weights` there); atomic."""
+    tensors, metadata = lora_file_state(unet, len(unet.cfg.channels))
+    save_file(tensors, str(path.with_name(path.name + ".tmp")), metadata=metadata)
+    path.with_name(path.name + ".tmp").replace(path)
+
+
 @torch.no_grad()
 def save_model_folder(net: LatentModel, cfg: LatentStageConfig, folder: Path) -> None:
     """autoencoder/ (copied), text_encoder/, unet/ (the weights of `net`) and model_index.json; atomic."""
@@ -199,7 +237,12 @@ def save_model_folder(net: LatentModel, cfg: LatentStageConfig, folder: Path) ->
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         shutil.copy2(Path(cfg.autoencoder) / name, tmp / "autoencoder" / name)
     dtype = getattr(torch, cfg.save_dtype)
-    net.unet.save_pretrained(str(tmp / "unet"), dtype=dtype)
+    unet = net.unet
+    if cfg.lora.rank:  # the folder holds plain weights, the updates merged in; the LoRA file goes beside it
+        unet = UNet(cfg.unet)
+        unet.load_state_dict(merged_state_dict(net.unet))
+        save_lora_file(net.unet, folder.parent / "lora.safetensors")
+    unet.save_pretrained(str(tmp / "unet"), dtype=dtype)
     if cfg.text.kind == "scratch":
         net.text_encoder.save_pretrained(str(tmp / "text_encoder"), dtype=dtype)
     else:  # a frozen encoder is named, not copied
@@ -239,12 +282,16 @@ def main(argv: list[str] | None = None) -> Path:
     model = LatentModel(unet, text_encoder, train_text=cfg.text.kind == "scratch")
     if cfg.init_from:
         init_weights(model, cfg.init_from)
+    add_lora_updates(model, cfg)                           # lora.rank > 0: only the low-rank updates train
     if cfg.text.kind == "scratch" and not cfg.train_text_encoder:
         # Still part of the model (checkpointed, exported), just not optimised.
         model.text_encoder.requires_grad_(False)
     text_params = count_params(model) - count_params(unet)
     logger.info("U-Net %.2fM params, %s text encoder %.2fM params", count_params(unet) / 1e6,
-                "trained" if cfg.train_text_encoder else "frozen", text_params / 1e6)
+                "trained" if cfg.train_text_encoder and not cfg.lora.rank else "frozen", text_params / 1e6)
+    if cfg.lora.rank:
+        logger.info("LoRA rank %d on %s: %.3fM trainable params", cfg.lora.rank, "/".join(cfg.lora.targets),
+                    sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
 
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)    # stepped by us, not prepared

@@ -125,17 +125,18 @@ def lora_file_state(unet: nn.Module, num_levels: int) -> tuple[dict[str, torch.T
     alpha / r is folded into lora_B and the metadata says lora_alpha = r: any reader, with or
     without the metadata, applies exactly the trained update.
     """
-    tensors, ranks = {}, set()
+    tensors, ranks, targets = {}, set(), set()
     for name, m in lora_modules(unet).items():
-        key = f"unet.{ours_to_diffusers(name, num_levels)}"
-        tensors[f"{key}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
-        tensors[f"{key}.lora_B.weight"] = (m.lora_B.detach().float() * m.scale).contiguous()
+        theirs = ours_to_diffusers(name, num_levels)
+        tensors[f"unet.{theirs}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
+        tensors[f"unet.{theirs}.lora_B.weight"] = (m.lora_B.detach().float() * m.scale).contiguous()
         ranks.add(m.lora_A.shape[0])
+        parts = theirs.split(".")  # peft's target_modules match name suffixes: "to_q", "to_out.0", "net.2"
+        targets.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
     if len(ranks) != 1:
         raise ValueError(f"lora_file_state: one rank expected, got {sorted(ranks)}")
     r = ranks.pop()
-    targets = sorted({"to_out.0" if n.endswith(".to_out") else n.rsplit(".", 1)[-1] for n in lora_modules(unet)})
-    meta = {"unet.r": r, "unet.lora_alpha": r, "unet.target_modules": targets}
+    meta = {"unet.r": r, "unet.lora_alpha": r, "unet.target_modules": sorted(targets)}
     return tensors, {"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)}
 
 

@@ -171,13 +171,14 @@ def test_our_trained_lora_file_loads_in_diffusers(tmp_path, one_thread):
     levels = len(SD_LIKE["block_out_channels"])
     ours = UNet(unet_config_from_diffusers(dict(theirs.config))).eval()
     ours.load_state_dict(diffusers_to_ours(theirs.state_dict(), levels))
-    add_lora(ours, rank=4, alpha=2)                                # alpha / r = 0.5, folded into the file
+    add_lora(ours, rank=4, alpha=2, targets=("to_q", "to_k", "to_v", "to_out", "proj", "out"))  # + feed-forward
     with torch.no_grad():
         for m in ours.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.normal_(0, 0.1)
     tensors, meta = lora_file_state(ours, levels)
-    assert json.loads(meta[METADATA_KEY])["unet.target_modules"] == ["to_k", "to_out.0", "to_q", "to_v"]
+    assert json.loads(meta[METADATA_KEY])["unet.target_modules"] == ["net.2", "proj", "to_k", "to_out.0", "to_q",
+                                                                           "to_v"]
     save_file(tensors, str(tmp_path / "lora.safetensors"), metadata=meta)
     pipe = diffusers.StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=theirs, scheduler=None,
                                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -109,6 +109,33 @@ def test_init_from_a_model_folder_starts_from_its_weights(tiny_ae, tmp_path):
             "unet.channels=[32,64]")
 
 
+def test_lora_fine_tune_trains_only_the_updates(tiny_ae, tmp_path, capsys):
+    """lora.rank > 0: only the low-rank updates train; the folder holds them merged, and the LoRA file
+    beside it, merged into the source model, draws the same images."""
+    common = ["cache_latents=true", f"cache_dir={tmp_path / 'cache'}", "train.ema_decay=0"]
+    first = run(tiny_ae, tmp_path / "first", *common, "train.max_steps=2")
+    with pytest.raises(SystemExit):
+        run(tiny_ae, tmp_path / "none", *common, "lora.rank=2")
+    assert "lora.rank > 0 fine-tunes a trained U-Net: set init_from" in capsys.readouterr().err
+    lora = [*common, f"init_from={first}", "lora.rank=2", "lora.alpha=4", "train.lr=1e-2"]
+    run(tiny_ae, tmp_path / "lora", *lora, "train.max_steps=2")
+    folder = run(tiny_ae, tmp_path / "lora", *lora, "train.max_steps=3", "--resume", "latest")
+    last = find_latest_checkpoint(tmp_path / "lora")
+    adam = torch.load(last / "training_state.pt", weights_only=True)["optimizer"]["state"]
+    n = 4 * 2 * 4                                                   # transformer blocks (down 1, mid 1, up 2)
+    assert last.name == "checkpoint-000003" and len(adam) == 2 * n  # x 2 attentions x 4 projections; A and B
+    base, tuned = (load_file(str(f / "unet" / "model.safetensors")) for f in (first, folder))
+    assert base.keys() == tuned.keys()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.weight")) for k in changed)
+    a, b = (load_file(str(f / "text_encoder" / "model.safetensors")) for f in (first, folder))
+    assert all(torch.equal(a[k], b[k]) for k in a)                   # frozen, scratch encoder included
+    source = TextToImage.from_folder(str(first))
+    assert source.add_lora(str(tmp_path / "lora" / "lora.safetensors")) == n
+    images = [p.generate(["a red circle"], steps=3, guidance=2.0)[0] for p in (source, TextToImage.from_folder(str(folder)))]
+    torch.testing.assert_close(images[0], images[1], atol=1e-5, rtol=0)
+
+
 def test_frozen_scratch_text_encoder_stays_at_its_init(tiny_ae, tmp_path):
     """train_text_encoder=false: the scratch encoder is exported exactly as it started (same seed,
     same random init as a trained run's), while the U-Net trains."""
