@@ -298,10 +298,13 @@ def main(argv: list[str] | None = None) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     net = accelerator.unwrap_model(model)
     ema = EMA(net, cfg.train.ema_decay, cfg.train.ema_power) if cfg.train.ema_decay > 0 else None
+    model_config = {"unet": config_to_dict(cfg.unet), "text": config_to_dict(cfg.text),
+                    "autoencoder": config_to_dict(ae.config)}
+    if cfg.lora.rank:  # the checkpoints hold the updates only: the frozen base must be the same on resume
+        model_config |= {"lora": config_to_dict(cfg.lora), "init_from": cfg.init_from}
     ckpt = Checkpointer(accelerator, cfg.train, stage="latent", config=cfg, model=model, optimizer=optimizer,
-                        scheduler=scheduler, ema=ema, data=data,
-                        model_config={"unet": config_to_dict(cfg.unet), "text": config_to_dict(cfg.text),
-                                      "autoencoder": config_to_dict(ae.config)})
+                        scheduler=scheduler, ema=ema, data=data, model_config=model_config,
+                        trainable_only=cfg.lora.rank > 0)
     step = ckpt.resume()  # restores the RNG last
 
     loss_fn = DiffusionLoss(schedule_from_config(cfg.diffusion.schedule_config()), cfg.diffusion.prediction,

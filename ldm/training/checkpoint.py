@@ -5,7 +5,9 @@ so a folder named `checkpoint-NNNNNN` is always complete. Contents:
 
     meta.json               stage, step, model config, process count, EMA update count
     config.yaml             the run's whole config
-    model.safetensors       model weights (+ `<name>.safetensors` for extra modules)
+    model.safetensors       model weights (+ `<name>.safetensors` for extra modules); with
+                            trainable_only, only the parameters that train (a LoRA run's updates:
+                            the frozen rest is rebuilt from init_from before resuming)
     ema.safetensors         fp32 EMA shadow weights
     training_state.pt       optimizer, LR scheduler, grad scaler, extra states (weights_only)
     rng_state_<rank>.pt     Python, NumPy, torch and CUDA generators of each process
@@ -213,12 +215,14 @@ class Checkpointer:
     further named objects: modules (a discriminator) go to safetensors, anything else with
     state_dict()/load_state_dict() (its optimizer) into training_state.pt. `data` is the
     data position: any object with state_dict()/load_state_dict() of plain types.
+    `trainable_only`: the model file holds only parameters with requires_grad (LoRA on SD: ~10 MB
+    instead of 3.4 GB a checkpoint); the caller rebuilds the frozen rest identically before resume.
     """
 
     def __init__(self, accelerator: Accelerator, cfg: TrainConfig, *, stage: str, model_config: Any,
                  model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  ema: EMA | None = None, data: Any = None, config: Any = None,
-                 extras: dict[str, Any] | None = None):
+                 extras: dict[str, Any] | None = None, trainable_only: bool = False):
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise NotImplementedError(
                 f"Checkpointer supports single-process, DDP and FSDP2 runs, not {accelerator.distributed_type}")
@@ -231,6 +235,16 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.ema, self.data, self.extras = ema, data, dict(extras or {})
         self.output_dir = Path(cfg.output_dir)
+        self.trainable_only = trainable_only
+        self.weights = "trainable" if trainable_only else "all"
+
+    def _kept(self, stem: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The part of a module's state dict that a checkpoint holds."""
+        if not (self.trainable_only and stem == "model"):
+            return state
+        module = self._modules()[stem]
+        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        return {k: v for k, v in state.items() if k in trainable}
 
     def _modules(self) -> dict[str, nn.Module]:
         """File stem -> unwrapped module, for every module saved as safetensors."""
@@ -247,7 +261,7 @@ class Checkpointer:
 
     def _local_states(self) -> tuple[dict, dict | None, dict]:
         """(weights by file stem, EMA shadow, training states) of a single-process or DDP run."""
-        weights = {stem: module.state_dict() for stem, module in self._modules().items()}
+        weights = {stem: self._kept(stem, module.state_dict()) for stem, module in self._modules().items()}
         ema = self.ema.state_dict() if self.ema is not None else None
         return weights, ema, {k: v.state_dict() for k, v in self._states().items()}
 
@@ -255,7 +269,7 @@ class Checkpointer:
         """The same, gathered from FSDP shards; collective, the result is filled on rank 0 only."""
         main = self.accelerator.is_main_process
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap AcceleratedOptimizer
-        weights = {"model": get_model_state_dict(self.model, options=_FULL)}
+        weights = {"model": self._kept("model", get_model_state_dict(self.model, options=_FULL))}
         ema = None
         if self.ema is not None:
             ema = {n: _full_tensor(s, main) for n, s in self.ema.shadow.items()}
@@ -300,7 +314,8 @@ class Checkpointer:
             meta = {"format": FORMAT_VERSION, "stage": self.stage, "step": step,
                     "model_config": _plain_json(self.model_config),
                     "num_processes": acc.num_processes,
-                    "ema_updates": self.ema.num_updates if self.ema is not None else None}
+                    "ema_updates": self.ema.num_updates if self.ema is not None else None,
+                    "weights": self.weights}
             if self.fsdp:
                 meta["sharding"] = self.sharding
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -344,12 +359,15 @@ class Checkpointer:
         path, rank = Path(path), self.accelerator.process_index
         meta = json.loads(_require(path, "meta.json").read_text())
         check_compatible(path, meta, self.stage, self.model_config, self.sharding)
+        if meta.get("weights", "all") != self.weights:
+            raise ValueError(f"checkpoint {str(path)!r} holds {meta.get('weights', 'all')} weights, this run saves "
+                             f"{self.weights}: resume with the settings it was saved with (e.g. lora.rank)")
 
         # Read and check everything before touching any object: no partial loads.
         modules = self._modules()
         weights = {stem: load_file(str(_require(path, f"{stem}.safetensors"))) for stem in modules}
         for stem, module in modules.items():
-            check_same_tensors(module.state_dict(), weights[stem], f"{path.name}/{stem}")
+            check_same_tensors(self._kept(stem, module.state_dict()), weights[stem], f"{path.name}/{stem}")
         ema_state = None
         if self.ema is not None:
             ema_state = load_file(str(_require(path, "ema.safetensors")))
@@ -367,9 +385,10 @@ class Checkpointer:
         # Under FSDP every process read the full files above and keeps its own shard.
         for stem, module in modules.items():
             if self.fsdp:
-                set_model_state_dict(module, weights[stem], options=StateDictOptions(full_state_dict=True))
+                set_model_state_dict(module, weights[stem], options=StateDictOptions(
+                    full_state_dict=True, strict=not self.trainable_only))
             else:
-                module.load_state_dict(weights[stem])
+                module.load_state_dict(weights[stem], strict=not self.trainable_only)
         if self.ema is not None:
             if self.fsdp:
                 ema_state = {n: _shard_like(self.ema.shadow[n], t) for n, t in ema_state.items()}

@@ -159,6 +159,29 @@ def test_stage2_validates_exports_and_resumes_under_fsdp2(tiny_ae, tmp_path):
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
 
 
+@pytest.mark.slow  # three launches
+def test_stage2_lora_trains_exports_and_resumes_under_fsdp2(tiny_ae, tmp_path):
+    """lora.rank > 0 under FSDP2: frozen shards beside trainable ones; the checkpoint holds the updates only."""
+    import reliability_harness as h
+    base, run = tmp_path / "base", tmp_path / "run"
+    common = ["--config", str(h.TINY["latent"]), f"autoencoder={tiny_ae}", "train.ema_decay=0.9"]
+    launch(tmp_path, "train_latent", *common, f"train.output_dir={base}", "train.max_steps=1")
+    args = [*common, f"train.output_dir={run}", f"init_from={base / 'model'}", "lora.rank=2", "train.lr=1e-2",
+            "train.checkpoint_every=2", "train.validate_every=2"]
+    launch(tmp_path, "train_latent", *args, "train.max_steps=2")
+    log = launch(tmp_path, "train_latent", *args, "train.max_steps=3", "train.resume=latest")
+    assert "checkpoint-000002 at step 2" in log
+    saved = load_file(str(run / "checkpoint-000003" / "model.safetensors"))
+    assert saved and all(k.endswith(("lora_A", "lora_B")) for k in saved)
+    import ldm.pipeline
+    source = ldm.pipeline.TextToImage.from_folder(str(base / "model"))
+    source.add_lora(str(run / "lora.safetensors"))
+    images = [p.generate(["a red circle"], steps=2)[0] for p in (source, ldm.pipeline.TextToImage.from_folder(str(run / "model")))]
+    torch.testing.assert_close(images[0], images[1], atol=1e-5, rtol=0)
+    assert not torch.equal(load_file(str(base / "model" / "unet" / "model.safetensors"))["down.1.attn.0.blocks.0.attn1.to_q.weight"],
+                           load_file(str(run / "model" / "unet" / "model.safetensors"))["down.1.attn.0.blocks.0.attn1.to_q.weight"])
+
+
 @pytest.mark.slow  # ~55 s on 2 cores: two more launches would take CI past this file's 60 s
 def test_stage3_exports_students_and_resumes_mid_round_under_fsdp2(teacher, tmp_path):
     import reliability_harness as h

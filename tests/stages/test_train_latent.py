@@ -120,10 +120,17 @@ def test_lora_fine_tune_trains_only_the_updates(tiny_ae, tmp_path, capsys):
     lora = [*common, f"init_from={first}", "lora.rank=2", "lora.alpha=4", "train.lr=1e-2"]
     run(tiny_ae, tmp_path / "lora", *lora, "train.max_steps=2")
     folder = run(tiny_ae, tmp_path / "lora", *lora, "train.max_steps=3", "--resume", "latest")
+    straight = run(tiny_ae, tmp_path / "straight", *lora, "train.max_steps=3")
     last = find_latest_checkpoint(tmp_path / "lora")
     adam = torch.load(last / "training_state.pt", weights_only=True)["optimizer"]["state"]
     n = 4 * 2 * 4                                                   # transformer blocks (down 1, mid 1, up 2)
     assert last.name == "checkpoint-000003" and len(adam) == 2 * n  # x 2 attentions x 4 projections; A and B
+    saved = load_file(str(last / "model.safetensors"))              # the updates only: the base is init_from's
+    assert len(saved) == 2 * n and all(k.endswith(("lora_A", "lora_B")) for k in saved)
+    a, b = (load_file(str(f / "unet" / "model.safetensors")) for f in (folder, straight))
+    assert all(torch.equal(a[k], b[k]) for k in a)                  # 2 + 1 steps == 3 steps
+    with pytest.raises(ValueError, match="model.lora: .* in checkpoint vs absent now"):  # nor a full run
+        run(tiny_ae, tmp_path / "lora", *common, f"init_from={first}", "train.max_steps=4", "--resume", "latest")
     base, tuned = (load_file(str(f / "unet" / "model.safetensors")) for f in (first, folder))
     assert base.keys() == tuned.keys()
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
