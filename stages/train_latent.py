@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ldm.data.loaders import DataConfig, make_dataloader
@@ -31,7 +30,7 @@ from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
 from ldm.models.lora import TRAIN_TARGETS, add_lora, lora_file_state, merged_state_dict
 from ldm.models.text import TextEncoderConfig, build_text_encoder
 from ldm.models.unet import UNet, UNetConfig, count_params
-from ldm.models.weights import load_state_dict_strict, load_weights, read_weights
+from ldm.models.weights import load_state_dict_strict, load_weights, read_weights, write_safetensors
 from ldm.pipeline import ModelIndex, TextToImage, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
                           build_scheduler, config_to_dict, log_images, one_batch_size, optimizer_step,
@@ -224,7 +223,7 @@ def validate(accelerator, net: LatentModel, ae, cfg: LatentStageConfig, step: in
 def save_lora_file(unet: UNet, path: Path) -> None:
     """The LoRA updates alone, in diffusers' layout (`--lora FILE` here, `load_lora_weights` there); atomic."""
     tensors, metadata = lora_file_state(unet, len(unet.cfg.channels))
-    save_file(tensors, str(path.with_name(path.name + ".tmp")), metadata=metadata)
+    write_safetensors(tensors, path.with_name(path.name + ".tmp"), metadata=metadata)
     path.with_name(path.name + ".tmp").replace(path)
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ldm.diffusion.samplers import sample_ddim
 from ldm.distill.targets import coefficients, two_step_target
+from ldm.models.weights import write_safetensors
 
 
 @torch.no_grad()
@@ -83,8 +83,8 @@ def path_error(model, states, steps: int, schedule, extra_args: dict, batch: int
 def save_paths(path: str | Path, states: torch.Tensor, w: torch.Tensor, prompts: list[str]) -> None:
     """One file of paths: states (keep + 1, B, ...), w (B,), prompts in the metadata."""
     tmp = Path(path).with_suffix(".tmp")
-    save_file({"states": states.contiguous().float(), "w": w.float()}, str(tmp),
-              metadata={"prompts": json.dumps(prompts)})
+    write_safetensors({"states": states.contiguous().float(), "w": w.float()}, tmp,
+                      metadata={"prompts": json.dumps(prompts)})
     tmp.replace(path)                                   # a killed run leaves no half-written file
 
 

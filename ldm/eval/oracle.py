@@ -26,12 +26,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ldm.data.captions import COLOUR_NAMES, SHAPE_NAMES, parse_caption
 from ldm.data.shapes import generate, render
 from ldm.eval.metrics import probes
 from ldm.eval.reader import SIDE, Reading, attribute, judge, read_maps, scene_maps
+from ldm.models.weights import write_safetensors
 
 WEIGHTS = Path(__file__).with_name("oracle.safetensors")
 N_COLOUR, N_SHAPE = 1 + len(COLOUR_NAMES), len(SHAPE_NAMES)
@@ -208,7 +209,7 @@ def train(out: Path, steps: int = 2500, batch: int = 32, lr: float = 3e-3, seed:
         bar.set_postfix(loss=f"{loss.item():.4f}")
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(out), metadata={"steps": str(steps), "batch": str(batch)})
+    write_safetensors(state, out, metadata={"steps": str(steps), "batch": str(batch)})
     oracle = Oracle(net)
     report = {"steps": steps, "batch": batch, "params": sum(p.numel() for p in net.parameters()),
               "clean": evaluate(oracle, n_eval),

@@ -323,13 +323,13 @@ class AutoencoderKL(nn.Module):
 
     # -- persistence: config.json + model.safetensors ------------------------
     def save_pretrained(self, directory: str | Path) -> None:
-        from safetensors.torch import save_file
+        from ldm.models.weights import write_safetensors
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME))
+        write_safetensors(state, directory / WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",

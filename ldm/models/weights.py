@@ -43,6 +43,19 @@ def load_weights(module: nn.Module, path: str, source: str | None = None) -> Non
     load_state_dict_strict(module, read_weights(path), source or path)
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, then the file mode an ordinary open() would give (0o666 & ~umask).
+
+    safetensors >= 0.8 writes through a private temp file and leaves every file 0600 (its issue
+    #782): model folders and LoRA files would be unreadable to the other users of a shared machine.
+    """
+    save_file(tensors, str(path), metadata=metadata)
+    if os.name == "posix":
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)
+
+
 def save_weights(module: nn.Module, path: str, dtype: torch.dtype | None = None) -> None:
     """module.state_dict() as safetensors; floating tensors cast to `dtype` when given (fp16 storage).
 
@@ -50,4 +63,4 @@ def save_weights(module: nn.Module, path: str, dtype: torch.dtype | None = None)
     """
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
              for k, v in module.state_dict().items()}
-    save_file(state, path)
+    write_safetensors(state, path)

@@ -35,12 +35,14 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ldm.models.weights import write_safetensors
 
 from .config import TrainConfig, config_to_dict, save_config
 from .ema import EMA, check_same_tensors
@@ -306,9 +308,9 @@ class Checkpointer:
         if acc.is_main_process:
             weights, ema_state, states = gathered if self.fsdp else self._local_states()
             for stem, state in weights.items():
-                save_file(_saveable(state), str(tmp / f"{stem}.safetensors"))
+                write_safetensors(_saveable(state), tmp / f"{stem}.safetensors")
             if ema_state is not None:
-                save_file(_saveable(ema_state), str(tmp / "ema.safetensors"))
+                write_safetensors(_saveable(ema_state), tmp / "ema.safetensors")
             torch.save(states, tmp / "training_state.pt")
             save_config(self.config, tmp / "config.yaml")
             meta = {"format": FORMAT_VERSION, "stage": self.stage, "step": step,

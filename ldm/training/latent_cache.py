@@ -29,11 +29,11 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ldm.data.loaders import DataConfig, ResumableLoader, build_dataset, collate, resumable_loader
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
+from ldm.models.weights import write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +136,8 @@ def _encode_shard(ae: AutoencoderKL, dataset: Dataset, indices: range, batch_siz
         means.append(posterior.mean.float().cpu())
         stds.append(posterior.std.float().cpu())
         captions += batch["text"]
-    save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}, str(path),
-              metadata={"captions": json.dumps(captions)})
+    write_safetensors({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}, path,
+                      metadata={"captions": json.dumps(captions)})
 
 
 def build_cache(folder: Path, ae: AutoencoderKL, dataset: Dataset, parts: dict, *, batch_size: int = 64,

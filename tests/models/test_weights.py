@@ -1,12 +1,13 @@
 """fp16 storage of model folders: half the bytes, loads back into fp32 modules, same outputs to fp16 rounding."""
 import os
+import stat
 
 import pytest
 import torch
 
 from ldm.models.text import ScratchTextEncoder, TextEncoderConfig
 from ldm.models.unet import UNet, tiny_config
-from ldm.models.weights import load_state_dict_strict
+from ldm.models.weights import load_state_dict_strict, write_safetensors
 
 
 def test_unet_fp16_storage_round_trip(tmp_path):
@@ -37,3 +38,19 @@ def test_strict_load_names_missing_and_unexpected_keys():
     state["bogus.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"missing keys: \[.*\]; unexpected keys: \['bogus\.weight'\]"):
         load_state_dict_strict(unet, state, "test")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_written_weights_are_as_readable_as_any_other_file(tmp_path):
+    """safetensors >= 0.8 leaves its files 0600; ours get the mode open() gives under the umask."""
+    old = os.umask(0o022)
+    try:
+        write_safetensors({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+        (tmp_path / "plain.txt").write_text("x")
+        os.umask(0o077)                                        # a private umask is kept too
+        write_safetensors({"w": torch.ones(2)}, tmp_path / "private.safetensors")
+    finally:
+        os.umask(old)
+    mode = lambda name: stat.S_IMODE((tmp_path / name).stat().st_mode)  # noqa: E731
+    assert mode("w.safetensors") == mode("plain.txt") == 0o644
+    assert mode("private.safetensors") == 0o600

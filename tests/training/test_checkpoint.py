@@ -87,14 +87,14 @@ def test_latest_ignores_temp_and_incomplete_folders(tmp_path):
 def test_crash_during_save_leaves_previous_latest(tmp_path, monkeypatch):
     ckpt = make(tmp_path)
     ckpt.save(2)
-    real_save_file = ckpt_mod.save_file
+    real_write = ckpt_mod.write_safetensors
 
-    def dying_save_file(tensors, filename, *args, **kwargs):
-        if filename.endswith("ema.safetensors"):
+    def dying_write(tensors, filename, *args, **kwargs):
+        if str(filename).endswith("ema.safetensors"):
             raise OSError("disk full")
-        return real_save_file(tensors, filename, *args, **kwargs)
+        return real_write(tensors, filename, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt_mod, "save_file", dying_save_file)
+    monkeypatch.setattr(ckpt_mod, "write_safetensors", dying_write)
     with pytest.raises(OSError, match="disk full"):
         ckpt.save(4)
     assert not (tmp_path / "checkpoint-000004").exists()
