@@ -1,0 +1,212 @@
+"""One of our model folders with Stable Diffusion's architecture -> a diffusers StableDiffusionPipeline folder.
+
+    python -m ldm.models.to_diffusers runs/my-finetune/model --out exported/sd-finetune
+    # then, with diffusers: StableDiffusionPipeline.from_pretrained("exported/sd-finetune")
+
+The inverse of `ldm.models.from_diffusers`: a model imported from SD and fine-tuned here (stage 2,
+LoRA merged or not) goes back to the layout the rest of the ecosystem loads. Exported: the U-Net and
+the autoencoder (our names mapped to diffusers', configs written from ours), the CLIP text encoder
+and tokenizer (saved through transformers), and a DDIMScheduler with our sampling grid (trailing
+spacing, ending at clean data), so the pipeline's default call draws what `ldm.txt2img --teacher`
+draws. Refused, by name: what diffusers' pipeline cannot run as we do (a scratch text encoder, a
+continuous schedule, position features, a padding mask the U-Net was trained with). Distilled
+students are not exported (they take w as an input: no diffusers pipeline does).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.from_diffusers import DTYPES, PREDICTIONS, SCHEDULES, start_folder
+from ldm.models.lora import ours_to_diffusers
+from ldm.models.text import ClipTextEncoder
+from ldm.models.unet import UNet, UNetConfig
+from ldm.models.weights import write_safetensors
+from ldm.pipeline import load_index, load_text_encoder
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+PIPELINE_INDEX = {
+    "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+    "feature_extractor": [None, None], "requires_safety_checker": False}
+
+
+# ----------------------------------------------------------------------------- U-Net
+
+def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int) -> dict:
+    """UNetConfig -> a UNet2DConditionModel config.json dict (inverse of convert_unet's reading)."""
+    if cfg.pos_embed:
+        raise ValueError("the U-Net has position features (unet.pos_embed): diffusers' UNet2DConditionModel has none")
+    if not cfg.mid_attention:
+        raise ValueError("the U-Net has no middle attention block: diffusers' SD U-Net always has one")
+    levels = range(len(cfg.channels))
+    heads = [cfg.per_level("num_heads", lvl) if cfg.num_heads is not None else cfg.channels[lvl] // cfg.head_dim
+             for lvl in levels]   # diffusers' `attention_head_dim` holds the number of heads (its old name)
+    depth = [cfg.per_level("transformer_depth", lvl) for lvl in levels]
+    down = ["CrossAttnDownBlock2D" if lvl in cfg.attention_levels else "DownBlock2D" for lvl in levels]
+    up = [name.replace("Down", "Up") for name in reversed(down)]
+    return {
+        "_class_name": "UNet2DConditionModel", "sample_size": sample_size,
+        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+        "block_out_channels": list(cfg.channels), "layers_per_block": cfg.layers_per_block,
+        "down_block_types": down, "up_block_types": up, "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "attention_head_dim": heads[0] if len(set(heads)) == 1 else heads,
+        "transformer_layers_per_block": depth[0] if len(set(depth)) == 1 else depth,
+        "cross_attention_dim": cfg.context_dim, "use_linear_projection": cfg.linear_projection,
+        "norm_num_groups": cfg.norm_groups, "norm_eps": cfg.norm_eps, "dropout": cfg.dropout,
+        "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False,
+        "downsample_padding": 1,
+    }
+
+
+def unet_state_to_diffusers(state: dict, num_levels: int) -> dict:
+    """Our U-Net's keys -> diffusers' (module names through ours_to_diffusers, the parameter name kept)."""
+    out = {}
+    for key, value in state.items():
+        module, _, param = key.rpartition(".")
+        out[f"{ours_to_diffusers(module, num_levels)}.{param}"] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- autoencoder
+
+# convert_ae's diffusers rules, inverted; the attention's inner names first, while "mid.attn." still marks them
+_AE_RULES = [
+    (r"\.mid\.attn\.norm\.", ".mid.attn.group_norm."), (r"\.mid\.attn\.q\.", ".mid.attn.to_q."),
+    (r"\.mid\.attn\.k\.", ".mid.attn.to_k."), (r"\.mid\.attn\.v\.", ".mid.attn.to_v."),
+    (r"\.mid\.attn\.proj\.", ".mid.attn.to_out.0."), (r"\.mid\.attn\.", ".mid_block.attentions.0."),
+    (r"\.mid\.res1\.", ".mid_block.resnets.0."), (r"\.mid\.res2\.", ".mid_block.resnets.1."),
+    (r"\.down\.(\d+)\.res\.(\d+)\.", r".down_blocks.\1.resnets.\2."),
+    (r"\.down\.(\d+)\.resample\.", r".down_blocks.\1.downsamplers.0."),
+    (r"\.up\.(\d+)\.res\.(\d+)\.", r".up_blocks.\1.resnets.\2."),
+    (r"\.up\.(\d+)\.resample\.", r".up_blocks.\1.upsamplers.0."),
+    (r"\.skip\.", ".conv_shortcut."), (r"\.norm_out\.", ".conv_norm_out."),
+]
+
+
+def autoencoder_state_to_diffusers(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in _AE_RULES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def autoencoder_config_to_diffusers(cfg: AutoencoderConfig) -> dict:
+    levels = len(cfg.channel_mult)
+    d = {"_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+         "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+         "block_out_channels": [cfg.base_channels * m for m in cfg.channel_mult],
+         "layers_per_block": cfg.num_res_blocks, "act_fn": "silu", "latent_channels": cfg.z_channels,
+         "norm_num_groups": cfg.num_groups, "sample_size": cfg.resolution, "scaling_factor": cfg.scaling_factor,
+         "use_quant_conv": cfg.use_quant_conv, "use_post_quant_conv": cfg.use_quant_conv,
+         "mid_block_add_attention": cfg.mid_attn}
+    if cfg.shift_factor is not None:
+        d["shift_factor"] = cfg.shift_factor
+    return d
+
+
+# ----------------------------------------------------------------------------- scheduler and text encoder
+
+def scheduler_config(index) -> dict:
+    """A DDIMScheduler that samples on our grid: trailing spacing (Lin et al. 2023), ending at alpha = 1."""
+    s = index.schedule
+    if s.get("name") not in SCHEDULES or index.time_scale != 1.0:
+        raise ValueError(f"schedule {s.get('name')!r} (time_scale {index.time_scale:g}) has no diffusers scheduler: "
+                         f"only the discrete {SCHEDULES} schedules of SD, with the U-Net seeing integer steps")
+    prediction = {ours: theirs for theirs, ours in PREDICTIONS.items()}[index.prediction]
+    return {"_class_name": "DDIMScheduler", "num_train_timesteps": int(s.get("T", 1000)),
+            "beta_start": float(s.get("beta_start", 0.0001)), "beta_end": float(s.get("beta_end", 0.02)),
+            "beta_schedule": s["name"], "prediction_type": prediction, "clip_sample": False,
+            "set_alpha_to_one": True, "steps_offset": 1, "timestep_spacing": "trailing"}
+
+
+def check_text_encoder(encoder) -> None:
+    """A CLIP text model that diffusers' pipeline runs as we do: the last (or penultimate) layer, unmasked."""
+    if not isinstance(encoder, ClipTextEncoder):
+        raise ValueError(f"the text encoder is {type(encoder).__name__}: diffusers' StableDiffusionPipeline runs "
+                         "a transformers CLIPTextModel (our scratch encoder is trained with the U-Net, not CLIP)")
+    if encoder.cfg.mask_padding:
+        raise ValueError("the U-Net was trained with the text padding masked (text mask_padding true); diffusers' "
+                         "pipeline attends to every token, so its images would differ")
+
+
+def save_text_encoder(encoder: ClipTextEncoder, out: Path) -> None:
+    """text_encoder/ and tokenizer/ through transformers' save_pretrained."""
+    model = encoder.model
+    if encoder.cfg.layer == "penultimate":   # SD 2.x ships its CLIP with the last layer dropped: the same output
+        inner = getattr(model, "text_model", model)       # transformers 5 has no text_model level
+        inner.encoder.layers = inner.encoder.layers[:-1]
+        model.config.num_hidden_layers -= 1
+    model.save_pretrained(out / "text_encoder")
+    encoder.tokenizer.model_max_length = encoder.max_length
+    encoder.tokenizer.save_pretrained(out / "tokenizer")
+
+
+# ----------------------------------------------------------------------------- export
+
+def export(model_dir: str, out: str, dtype: str = "float32") -> Path:
+    """Write a diffusers StableDiffusionPipeline folder at `out`; atomic (`out`.tmp renamed at the end)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    index = load_index(model_dir)
+    scheduler = scheduler_config(index)                # the cheap refusals first
+    unet = UNet.from_pretrained(os.path.join(model_dir, index.unet))
+    ae = AutoencoderKL.from_pretrained(os.path.join(model_dir, index.autoencoder))
+    unet_config = unet_config_to_diffusers(unet.cfg, index.resolution // ae.config.downsample_factor)
+    text = load_text_encoder(os.path.join(model_dir, index.text_encoder))
+    check_text_encoder(text)
+    if os.path.exists(os.path.join(out, "model_index.json")):
+        raise FileExistsError(f"{out} already holds a pipeline; remove it or pick another --out")
+    tmp = start_folder(out)
+    cast = lambda state: {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()  # noqa: E731
+                          for k, v in state.items()}
+    parts = {"unet": (unet_config, unet_state_to_diffusers(unet.state_dict(), len(unet.cfg.channels))),
+             "vae": (autoencoder_config_to_diffusers(ae.config), autoencoder_state_to_diffusers(ae.state_dict()))}
+    try:
+        for name, (config, state) in parts.items():
+            (tmp / name).mkdir(parents=True)
+            (tmp / name / "config.json").write_text(json.dumps(config, indent=2))
+            write_safetensors(cast(state), tmp / name / WEIGHTS)
+        save_text_encoder(text, tmp)
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(PIPELINE_INDEX, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)             # an empty or half-written folder from before
+    os.replace(tmp, out)
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ldm.models.to_diffusers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="our model folder (model_index.json, unet/, autoencoder/, text_encoder/)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the diffusers pipeline folder to write")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights (default float32)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
+        parser.error(f"{args.model!r} is not a model folder: model_index.json is missing")
+    try:
+        out = export(args.model, args.out, args.dtype)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        parser.error(str(err))
+    print(f"{out}: a diffusers StableDiffusionPipeline folder; load it with "
+          f"StableDiffusionPipeline.from_pretrained({str(out)!r})")
+
+
+if __name__ == "__main__":
+    main()
