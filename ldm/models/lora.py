@@ -199,6 +199,7 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
     part, _, rest = key.partition(".")
     if part not in ("unet", "text_encoder"):
         part, rest = "unet", key                          # the oldest diffusers files have no prefix
+    rest = rest.removeprefix("base_model.model.")         # a peft model's own state dict
     m = _PROCESSOR.fullmatch(rest)
     if m:
         return part, f"{m.group(1)}.{m.group(2)}" + (".0" if m.group(2) == "to_out" else ""), m.group(3)

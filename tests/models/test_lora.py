@@ -231,6 +231,15 @@ def test_scratch_text_encoder_refuses_text_lora(tmp_path):
         pipe.add_lora(str(tmp_path / "te.safetensors"))
 
 
+def test_older_and_peft_key_forms_name_the_same_update():
+    from ldm.models.lora import _split_key
+    module = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    for key in (f"unet.{module}.lora_A.weight", f"unet.base_model.model.{module}.lora_A.default.weight",
+                f"{module}.lora.down.weight", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor."
+                "to_out_lora.down.weight", "lora_unet_" + module.replace(".", "_") + ".lora_down.weight"):
+        assert _split_key(key) == ("unet", module, "down"), key
+
+
 def test_lora_argument():
     assert parse_lora_arg("style.safetensors") == ("style.safetensors", 1.0)
     assert parse_lora_arg("runs/a:b/style.safetensors:0.75") == ("runs/a:b/style.safetensors", 0.75)
