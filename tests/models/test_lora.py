@@ -244,3 +244,59 @@ def test_lora_argument():
     assert parse_lora_arg("style.safetensors") == ("style.safetensors", 1.0)
     assert parse_lora_arg("runs/a:b/style.safetensors:0.75") == ("runs/a:b/style.safetensors", 0.75)
     assert parse_lora_arg("C:/loras/x.safetensors") == ("C:/loras/x.safetensors", 1.0)
+
+
+def test_merge_lora_bakes_into_a_copy_what_add_lora_does(tmp_path, one_thread, capsys):
+    from ldm.models.merge_lora import main
+    theirs = write_sd_pipeline(tmp_path)
+    convert(str(tmp_path / "sd"), str(tmp_path / "model"))
+    state, meta = _random_lora(theirs.unet, theirs.text_encoder, "peft")
+    save_file(state, str(tmp_path / "lora.safetensors"))
+    before = (tmp_path / "model" / "unet" / "model.safetensors").read_bytes()
+    main([str(tmp_path / "model"), "--lora", f"{tmp_path / 'lora.safetensors'}:0.5", "--out", str(tmp_path / "baked")])
+    assert "1 LoRA file(s) merged" in capsys.readouterr().out
+    assert (tmp_path / "model" / "unet" / "model.safetensors").read_bytes() == before     # the source is untouched
+    live = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    live.add_lora(str(tmp_path / "lora.safetensors"), 0.5)
+    baked = TextToImage.from_folder(str(tmp_path / "baked"), decoder_precision="fp32")
+    images = [p.generate(PROMPTS, steps=2, seed=0)[0] for p in (live, baked)]
+    torch.testing.assert_close(images[1], images[0], atol=1e-5, rtol=0)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "model"), "--lora", str(tmp_path / "lora.safetensors"), "--out", str(tmp_path / "baked")])
+    assert "already holds a model folder" in capsys.readouterr().err
+
+
+def test_merge_lora_reaches_the_students_and_keeps_their_dtype(tmp_path, one_thread):
+    from safetensors import safe_open
+
+    from ldm.distill.student import GuidedStudent
+    from ldm.models.merge_lora import merge
+    from ldm.pipeline import load_index, save_index, save_random_model
+    save_random_model(str(tmp_path / "model"))
+    GuidedStudent.from_teacher(UNet.from_pretrained(str(tmp_path / "model" / "unet")), 16).save_pretrained(
+        str(tmp_path / "model" / "student-2"), dtype=torch.float16)
+    index = load_index(str(tmp_path / "model"))
+    index.students = {"2": "student-2"}
+    save_index(str(tmp_path / "model"), index)
+    unet = UNet.from_pretrained(str(tmp_path / "model" / "unet"))
+    add_lora(unet, rank=2)
+    with torch.no_grad():
+        for m in unet.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, 0.3)
+    tensors, meta = lora_file_state(unet, len(unet.cfg.channels))
+    save_file(tensors, str(tmp_path / "lora.safetensors"), metadata=meta)
+    assert merge(str(tmp_path / "model"), [(str(tmp_path / "lora.safetensors"), 1.0)], str(tmp_path / "baked")) \
+        == 2 * len(tensors) // 2                                           # teacher and student-2
+    with safe_open(str(tmp_path / "baked" / "student-2" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    live = TextToImage.from_folder(str(tmp_path / "model"))
+    live.add_lora(str(tmp_path / "lora.safetensors"))
+    baked = TextToImage.from_folder(str(tmp_path / "baked"))
+    images = [p.generate(["a red circle"], steps=3, seed=0)[0] for p in (live, baked)]   # the teacher
+    torch.testing.assert_close(images[1], images[0], atol=1e-5, rtol=0)
+    merged = {k: v.half() for k, v in live.student(2).state_dict().items()}           # student-2: its merged
+    stored = baked.student(2).state_dict()                                            # weights, in fp16
+    assert all(torch.equal(stored[k].half(), merged[k]) for k in merged)
+    assert not all(torch.equal(stored[k], GuidedStudent.from_pretrained(str(tmp_path / "model" / "student-2"))
+                               .state_dict()[k]) for k in stored)
