@@ -212,14 +212,19 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
 
 def read_lora(path: str) -> dict[str, dict[str, Update]]:
     """{'unet': {diffusers module: Update}, 'text_encoder': {transformers module: Update}} of a LoRA file."""
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-        state = load_file(path)
-    else:
-        state, metadata = torch.load(path, map_location="cpu", weights_only=True), {}
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+            with safe_open(path, "pt") as f:
+                metadata = f.metadata() or {}
+            state = load_file(path)
+        else:                                             # .ckpt / .pt / .bin: tensors only, no code
+            state, metadata = torch.load(path, map_location="cpu", weights_only=True), {}
+    except Exception as err:                              # safetensors' and pickle's own error types
+        raise ValueError(f"{path}: not a readable LoRA file ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a LoRA file (expected a flat dict of tensors)")
     for marker, what in _UNSUPPORTED.items():
         if any(marker in k for k in state):
             raise ValueError(f"{path}: a {what} file; only LoRA for Stable Diffusion 1.x/2.x U-Nets and CLIP is supported")

@@ -210,6 +210,12 @@ def test_bad_files_are_refused_and_change_nothing(tmp_path):
         "half": ({f"{q}.lora_A.weight": torch.ones(2, 64)}, "has no up/lora_B weight"),
         "other": (good | {"unet.conv_in.weight": torch.ones(1)}, "not LoRA weights in a layout we read"),
     }
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="junk.safetensors: not a readable LoRA file"):
+        pipe.add_lora(str(tmp_path / "junk.safetensors"))
+    torch.save({"state_dict": {"a": torch.ones(1)}}, tmp_path / "nested.ckpt")
+    with pytest.raises(ValueError, match="expected a flat dict of tensors"):
+        pipe.add_lora(str(tmp_path / "nested.ckpt"))
     for name, (state, message) in cases.items():
         save_file(state, str(tmp_path / f"{name}.safetensors"))
         with pytest.raises(ValueError, match=message):
