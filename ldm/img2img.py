@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     images, info = pipe.img2img(image, [args.prompt], strength=args.strength, steps=args.steps,
                                 guidance=args.guidance, seed=args.seed, teacher=args.teacher, sampler=args.sampler,
-                                negative=args.negative, progress=show_progress())
+                                negative=args.negative, spacing=args.spacing, progress=show_progress())
     finish(images, info, start, args.out)
 
 

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], steps=args.steps,
                                 guidance=args.guidance, seed=args.seed, teacher=args.teacher, sampler=args.sampler,
-                                negative=args.negative, progress=show_progress())
+                                negative=args.negative, spacing=args.spacing, progress=show_progress())
     finish(images, info, start, args.out)
 
 

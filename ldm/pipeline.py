@@ -216,9 +216,13 @@ class TextToImage:
     def sample(self, prompts: list[str], *, steps: int, guidance: float | None = None, seed: int = 0,
                teacher: bool = False, sampler: str = "ddim", init: torch.Tensor | None = None,
                strength: float = 1.0, mask: torch.Tensor | None = None, negative: str = "",
-               progress: bool = False) -> tuple[torch.Tensor, dict]:
-        """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler}; nfe counts the network
-        evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
+               spacing: str | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
+        """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
+        network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
+        spacing: the time grid (ldm.diffusion.schedules.SPACINGS); None: "karras" (Karras et al. 2022,
+        eq. 5) for the teacher's heun, the pairing of their paper, else "trailing". Heun on a trailing
+        grid that starts at the shapes64 teacher's s = sigma / alpha of 22026 multiplies the change of
+        the denoiser over its first step by ~2000 (1% of prompts right, docs/sampling.md).
 
         init: latents to start from (SDEdit, Meng et al. 2022): noised to the grid time that leaves
         round(strength * steps) steps, and only those are run. mask (B, 1, h, w), 1 = repaint:
@@ -239,10 +243,15 @@ class TextToImage:
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
             warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
                           f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
-        ts = self.schedule.timesteps(steps)
+        if spacing is None:
+            spacing = "karras" if info["model"] == "teacher" and sampler == "heun" else "trailing"
+        if info["model"] != "teacher" and spacing != "trailing":
+            warnings.warn(f"{info['model']} was distilled on the trailing time grid; {spacing!r} runs it off it",
+                          stacklevel=3)
+        ts = self.schedule.timesteps(steps, spacing=spacing)
         run = steps if init is None else round(strength * steps)
         per_call = info["nfe_per_step"]
-        info = {"model": info["model"], "steps": run, "nfe": 0, "guidance": w, "sampler": sampler}
+        info = {"model": info["model"], "steps": run, "nfe": 0, "guidance": w, "sampler": sampler, "spacing": spacing}
         if run == 0:                                        # strength 0: nothing to do
             return init, info
         ts = ts[steps - run:]                               # the remaining part of the grid
@@ -263,11 +272,11 @@ class TextToImage:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, steps: int, guidance: float | None = None, seed: int = 0,
-                 teacher: bool = False, sampler: str = "ddim", negative: str = "",
+                 teacher: bool = False, sampler: str = "ddim", negative: str = "", spacing: str | None = None,
                  progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Images (B, 3, H, W) in [-1, 1] and info {model, steps, nfe}; a student when one has `steps`."""
         z, info = self.sample(prompts, steps=steps, guidance=guidance, seed=seed, teacher=teacher,
-                              sampler=sampler, negative=negative, progress=progress)
+                              sampler=sampler, negative=negative, spacing=spacing, progress=progress)
         return self.decode(z), info
 
     @torch.no_grad()

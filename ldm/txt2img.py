@@ -34,7 +34,8 @@ TEACHER_STEPS = 25     # else the teacher's: DDIM + CFG at 4 steps is far from c
 # ----------------------------------------------------------------------------- shared by the three CLIs
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--model, --steps, --guidance, --seed, --teacher, --sampler, --negative, --lora, --device, --decoder-precision."""
+    """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --negative, --lora, --device,
+    --decoder-precision."""
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                         help="model folder with model_index.json (default: the shipped shapes64 model)")
     parser.add_argument("--steps", type=int, default=None,
@@ -48,6 +49,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="ddim (deterministic) or stochastic (Meng et al. 2023, sec. 4.3), what students were "
                              "distilled for; for the teacher also euler, heun (Karras et al. 2022), dpmpp_2m "
                              "(DPM-Solver++(2M), Lu et al. 2022) and ddpm")
+    parser.add_argument("--spacing", default=None, choices=["trailing", "karras", "leading", "linspace"],
+                        help="the time grid: trailing (Lin et al. 2023; what students were distilled on) or karras "
+                             "(Karras et al. 2022, eq. 5: 'DPM++ 2M Karras' is --sampler dpmpp_2m --spacing karras); "
+                             "default: karras for the teacher's heun (the paper's pairing), else trailing")
     parser.add_argument("--negative", default="", metavar="TEXT",
                         help="negative prompt: guidance's unconditional branch instead of the empty prompt "
                              "(teacher only: add --teacher where a student fits --steps)")
@@ -107,7 +112,8 @@ def finish(images: torch.Tensor, info: dict, start: float, path: str) -> None:
     if images.is_cuda:
         torch.cuda.synchronize()
     save_images(images, path)
-    print(f"{path}: {info['model']}, {info['steps']} steps, {info['sampler']}, w={info['guidance']:g}, "
+    sampler = info["sampler"] + ("" if info.get("spacing", "trailing") == "trailing" else f" ({info['spacing']})")
+    print(f"{path}: {info['model']}, {info['steps']} steps, {sampler}, w={info['guidance']:g}, "
           f"NFE {info['nfe']}, {time.perf_counter() - start:.2f} s")
 
 
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         images, info = pipe.generate([prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
                                      teacher=args.teacher, sampler=args.sampler, negative=args.negative,
-                                     progress=show_progress())
+                                     spacing=args.spacing, progress=show_progress())
         finish(images, info, start, path)
 
 

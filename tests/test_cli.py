@@ -49,7 +49,8 @@ def test_teacher_samplers_count_their_network_evaluations(model, tmp_path, capsy
         txt2img.main(["a red circle", "--model", model, "--steps", "3", "--sampler", sampler,     # Heun's last
                       "--guidance", "1", "--out", str(tmp_path / f"{sampler}.png")])               # step is Euler
         printed = capsys.readouterr().out
-        assert f"teacher, 3 steps, {sampler}, w=1, NFE {nfe}," in printed
+        grid = " (karras)" if sampler == "heun" else ""                                        # heun's default grid
+        assert f"teacher, 3 steps, {sampler}{grid}, w=1, NFE {nfe}," in printed
     with pytest.warns(UserWarning, match="student-2 was distilled to match DDIM steps; 'heun'"):
         txt2img.main(["a red circle", "--model", model, "--steps", "2", "--sampler", "heun",
                       "--out", str(tmp_path / "s.png")])
@@ -174,3 +175,16 @@ def test_lora_merges_into_teacher_and_students(model, tmp_path, capsys):
             txt2img.main(["a red circle", "--model", model, "--lora", str(tmp_path / bad) if bad.startswith("m")
                           else bad, "--out", str(tmp_path / "x.png")])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_karras_spacing_for_the_teacher_warns_for_a_student(model, tmp_path, capsys):
+    txt2img.main(["a red circle", "--model", model, "--steps", "3", "--sampler", "dpmpp_2m", "--spacing", "karras",
+                  "--guidance", "1", "--out", str(tmp_path / "k.png")])
+    assert "teacher, 3 steps, dpmpp_2m (karras), w=1, NFE 6," in capsys.readouterr().out
+    txt2img.main(["a red circle", "--model", model, "--steps", "3", "--sampler", "dpmpp_2m", "--guidance", "1",
+                  "--out", str(tmp_path / "t.png")])
+    pixels = [np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("k", "t")]
+    assert np.abs(pixels[0] - pixels[1]).max() > 8                          # another grid, another image
+    with pytest.warns(UserWarning, match="distilled on the trailing time grid; 'karras'"):
+        txt2img.main(["a red circle", "--model", model, "--steps", "2", "--spacing", "karras",
+                      "--out", str(tmp_path / "s.png")])

@@ -1,4 +1,7 @@
 """Our samplers step for step against diffusers' schedulers, same model function, same noise."""
+import math
+
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
@@ -109,3 +112,48 @@ def test_dpmpp_2m_matches_diffusers(name, n):
     ts = make_schedule(name).timesteps(n, spacing="trailing")
     torch.testing.assert_close(ts[:-1], ref.timesteps.double())
     _assert_trajectories_close(_ours(sample_dpmpp_2m, name, ts, _noise()), traj)
+
+
+@pytest.mark.parametrize("n", [2, 8, 25])  # n = 1: diffusers' linspace grid is [0] alone
+def test_karras_grid_matches_diffusers(n):
+    """spacing="karras": Karras et al.'s sigmas (eq. 5, rho 7) over SD's schedule, at fractional timesteps;
+    diffusers' Euler with use_karras_sigmas over the same range ("linspace" ends at 0 and T-1). SD's
+    range, 0.029 to 14.6, lies inside the [0.002, 80] that the grid is cut to."""
+    name = "scaled_linear"
+    beta_schedule, kw = BETAS[name]
+    ref = EulerDiscreteScheduler(beta_schedule=beta_schedule, timestep_spacing="linspace", use_karras_sigmas=True, **kw)
+    ref.set_timesteps(n)
+    sched = make_schedule(name)
+    ts = sched.timesteps(n, spacing="karras")
+    alpha, sigma = sched.alpha_sigma(ts)
+    # diffusers builds sigma = sqrt((1 - a) / a) in float32: at a = 0.9999 (t = 0) 1 - a keeps ~3 digits
+    torch.testing.assert_close(sigma / alpha, ref.sigmas.double(), atol=0, rtol=1e-3)
+    # ... and inverts log sigma on that float32 table: near t = 0 its timesteps move by a few hundredths
+    torch.testing.assert_close(ts[:-1], ref.timesteps.double(), atol=0.05, rtol=0)
+    scale = (1 + ref.sigmas.double() ** 2).sqrt()
+    y = _noise() * scale[0]
+    traj = [y / scale[0]]
+    for i, t in enumerate(ref.timesteps):
+        y = ref.step(eps_fn(ref.scale_model_input(y, t), t), t, y).prev_sample.double()
+        traj.append(y / scale[i + 1])
+    ours = _ours(sample_euler, name, ts, _noise())
+    for i, (a, b) in enumerate(zip(ours, traj)):   # diffusers' float32 sigmas (above) set the tolerance
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=5e-4, msg=lambda m: f"step {i}: {m}")
+
+
+@pytest.mark.parametrize("name,lo,hi", [("cosine_logsnr", 0.002, 80.0),      # +-20 log-SNR: cut on both sides
+                                         ("linear", None, 80.0)])               # DDPM's 157 at t = T-1: cut
+def test_karras_formula_within_its_range(name, lo, hi):
+    sched = make_schedule(name)
+    ts = sched.timesteps(6, spacing="karras")
+    alpha, sigma = sched.alpha_sigma(ts[:-1])
+    s = (sigma / alpha).numpy()
+    if lo is None:                                    # the schedule's own cleanest level
+        a, sg = sched.alpha_sigma(torch.tensor(sched.t_min))
+        lo = float(sg / a)
+    ramp = np.arange(6) / 5
+    expected = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+    np.testing.assert_allclose(s, expected, rtol=1e-6)
+    assert ts[-1] < 0 and bool((ts[:-1].diff() < 0).all())
+    with pytest.raises(ValueError, match="steps_offset does not apply"):
+        sched.timesteps(4, spacing="karras", steps_offset=1)

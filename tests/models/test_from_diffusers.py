@@ -30,7 +30,7 @@ def test_imported_pipeline_draws_what_diffusers_draws(tmp_path, one_thread, pred
     noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(steps), pipe.latent_shape(len(PROMPTS)),
                           generator=torch.Generator().manual_seed(0))
     images, info = pipe.generate(PROMPTS, steps=steps, seed=0)
-    assert info == {"model": "teacher", "steps": 4, "nfe": 8, "guidance": w, "sampler": "ddim"}
+    assert info == {"model": "teacher", "steps": 4, "nfe": 8, "guidance": w, "sampler": "ddim", "spacing": "trailing"}
     # diffusers' reference: DDIM with trailing spacing ending at clean data (set_alpha_to_one), as our
     # grid; its guidance_scale g is our 1 + w; output_type="pt" is in [0, 1]
     theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
