@@ -79,21 +79,25 @@ def test_ddim_matches_diffusers(name, eta, spacing, offset):
     _assert_trajectories_close(ours, traj)
 
 
-@pytest.mark.parametrize("name", BETAS)
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
-def test_euler_matches_diffusers(name, spacing):
-    beta_schedule, kw = BETAS[name]
-    ref = EulerDiscreteScheduler(beta_schedule=beta_schedule, timestep_spacing=spacing, **kw)
-    ref.set_timesteps(15)
-    # diffusers integrates in VE coordinates y = x * sqrt(1 + sigma^2); ours in x (VP) coordinates.
+def _euler_reference(ref):
+    """diffusers' Euler trajectory; it integrates in VE coordinates y = x * sqrt(1 + sigma^2), ours in x (VP)."""
     scale = (1 + ref.sigmas.double() ** 2).sqrt()
     y = _noise() * scale[0]
     traj = [y / scale[0]]
     for i, t in enumerate(ref.timesteps):
         y = ref.step(eps_fn(ref.scale_model_input(y, t), t), t, y).prev_sample.double()
         traj.append(y / scale[i + 1])
+    return traj
+
+
+@pytest.mark.parametrize("name", BETAS)
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_euler_matches_diffusers(name, spacing):
+    beta_schedule, kw = BETAS[name]
+    ref = EulerDiscreteScheduler(beta_schedule=beta_schedule, timestep_spacing=spacing, **kw)
+    ref.set_timesteps(15)
     ts = make_schedule(name).timesteps(15, spacing=spacing)
-    _assert_trajectories_close(_ours(sample_euler, name, ts, _noise()), traj)
+    _assert_trajectories_close(_ours(sample_euler, name, ts, _noise()), _euler_reference(ref))
 
 
 @pytest.mark.parametrize("name", BETAS)
@@ -130,14 +134,8 @@ def test_karras_grid_matches_diffusers(n):
     torch.testing.assert_close(sigma / alpha, ref.sigmas.double(), atol=0, rtol=1e-3)
     # ... and inverts log sigma on that float32 table: near t = 0 its timesteps move by a few hundredths
     torch.testing.assert_close(ts[:-1], ref.timesteps.double(), atol=0.05, rtol=0)
-    scale = (1 + ref.sigmas.double() ** 2).sqrt()
-    y = _noise() * scale[0]
-    traj = [y / scale[0]]
-    for i, t in enumerate(ref.timesteps):
-        y = ref.step(eps_fn(ref.scale_model_input(y, t), t), t, y).prev_sample.double()
-        traj.append(y / scale[i + 1])
     ours = _ours(sample_euler, name, ts, _noise())
-    for i, (a, b) in enumerate(zip(ours, traj)):   # diffusers' float32 sigmas (above) set the tolerance
+    for i, (a, b) in enumerate(zip(ours, _euler_reference(ref))):   # diffusers' float32 sigmas (above) set the tolerance
         torch.testing.assert_close(a, b, atol=1e-4, rtol=5e-4, msg=lambda m: f"step {i}: {m}")
 
 
