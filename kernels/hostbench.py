@@ -123,6 +123,24 @@ def cases(A, G, dtype):
     return out
 
 
+def pytorch_cases():
+    """PyTorch's own calls at tiny CPU shapes, for scale: their compute is a few hundred flops, so the
+    time is mostly dispatch, the part of diffusers' eager GroupNorm+SiLU and SDPA that costs host time."""
+    import torch.nn.functional as F
+    x, w, b = torch.randn(2, 320, 1, 1), torch.rand(320), torch.rand(320)
+    q = torch.randn(2, 8, 1, 40)
+
+    def gn_silu():
+        with torch.no_grad():
+            F.silu(F.group_norm(x, 32, w, b), inplace=True)
+
+    def sdpa():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, q, q)
+    return [("pytorch", "F.group_norm + F.silu, 2x320x1x1", "fwd (no grad)", gn_silu),
+            ("pytorch", "F.scaled_dot_product_attention, N=1", "fwd (no grad)", sdpa)]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -141,9 +159,10 @@ def main(argv=None):
     _reuse_cpu_memory()
     torch.set_num_threads(1)
     rows = []
-    for op, case, direction, fn in cases(A, G, torch.float16):
+    for op, case, direction, fn in cases(A, G, torch.float16) + pytorch_cases():
         us = _time_us(fn, args.reps if direction.startswith("fwd (") else max(1, args.reps // 4))
-        rows.append(dict(op=op, case=case, dtype="fp16", direction=direction, host_us=us))
+        rows.append(dict(op=op, case=case, dtype="fp32" if op == "pytorch" else "fp16", direction=direction,
+                         host_us=us))
         print(f"{op:<11} {case:<18} {direction:<14} {us:8.1f} us/call", flush=True)
     report = dict(cpu=platform.processor() or platform.machine(), python=platform.python_version(),
                   torch=torch.__version__, triton=triton.__version__,
