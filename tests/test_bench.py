@@ -15,7 +15,7 @@ def report(tmp_path_factory):
     md = out.with_suffix(".md")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, even on a GPU machine
     cmd = [sys.executable, "-m", "ldm.bench", "--size", "tiny", "--only", ",".join(BENCHES),
-           "--compile", "eager", "--out", str(out), "--md", str(md),
+           "--compile", "eager", "--layout", "both", "--out", str(out), "--md", str(md),
            "--profile", str(out.parent / "profiles")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -52,6 +52,12 @@ def test_every_case_timed(report):
         assert r["ms"] > 0, r
 
 
+def test_both_layouts_compared_within_each(report):
+    data, _ = report
+    cases = {c["case"] for c in data["comparisons"] if c["bench"] == "unet-infer"}
+    assert len(cases) == 2 and sum(case.endswith(" NHWC") for case in cases) == 1
+
+
 def test_comparisons(report):
     data, md = report
     comps = data["comparisons"]
@@ -61,7 +67,7 @@ def test_comparisons(report):
         assert c["goal_met"] is None  # goals are judged on GPU runs only
     infer = next(c for c in comps if c["bench"] == "unet-infer")
     assert infer["goal"] == ">= 1.15x"
-    assert md.count("| unet-infer |") == 1 and md.count("| vae-decode |") == 1
+    assert md.count("| unet-infer |") == 2 and md.count("| vae-decode |") == 1   # NCHW and NHWC rows
 
 
 def test_goal_verdicts_on_gpu():
