@@ -84,9 +84,10 @@ def load_pipeline(parser: argparse.ArgumentParser, args) -> TextToImage:
         if not os.path.isfile(path):
             parser.error(f"--lora {arg!r}: no file {path!r}")
         try:
-            pipe.add_lora(path, scale)
+            layers = pipe.add_lora(path, scale)
         except ValueError as err:
             parser.error(f"--lora {arg!r}: {err}")
+        print(f"LoRA {path} x {scale:g}: {layers} layers merged")
     if args.steps is None:
         args.steps = STUDENT_STEPS if STUDENT_STEPS in pipe.student_steps else TEACHER_STEPS
     if args.negative and pipe.uses_student(args.steps, args.teacher):

@@ -166,6 +166,9 @@ def test_lora_merges_into_teacher_and_students(model, tmp_path, capsys):
             out = tmp_path / f"{name}-{steps}.png"
             txt2img.main(["a red circle", "--model", model, "--steps", steps, *args, "--out", str(out)])
             pixels[name, steps] = np.asarray(Image.open(out), dtype=np.int16)
+            if name == "lora":                              # the teacher's layers (+ student-2's once loaded)
+                assert f"LoRA {tmp_path / 'lora.safetensors'} x 1: {len(tensors) // 2} layers merged" in \
+                    capsys.readouterr().out
     for steps in ("2", "3"):
         assert np.array_equal(pixels["zero", steps], pixels["plain", steps])
         assert np.abs(pixels["lora", steps] - pixels["plain", steps]).max() > 8
