@@ -81,15 +81,21 @@ def unet_config_from_diffusers(d: dict) -> UNetConfig:
 
 # ---- key renaming ----------------------------------------------------------------------------
 
+# Names inside a spatial transformer (identical in both layouts) -> ours; ldm.models.lora inverts these tables.
+TRANSFORMER_RENAMES = (("transformer_blocks.", "blocks."), ("to_out.0.", "to_out."),
+                       ("ff.net.0.proj.", "ff.geglu.proj."), ("ff.net.2.", "ff.out."))
+DIFFUSERS_TOP = {"time_embedding.linear_1.": "time_embed.fc1.", "time_embedding.linear_2.": "time_embed.fc2.",
+                 "conv_norm_out.": "norm_out.", "mid_block.resnets.0.": "mid.res1.", "mid_block.resnets.1.": "mid.res2.",
+                 "mid_block.attentions.0.": "mid.attn."}
+
+
 def _rename_transformer(suffix: str) -> str:
-    """Names inside a spatial transformer (identical in both layouts) -> ours."""
-    for old, new in (("transformer_blocks.", "blocks."), ("to_out.0.", "to_out."),
-                     ("ff.net.0.proj.", "ff.geglu.proj."), ("ff.net.2.", "ff.out.")):
+    for old, new in TRANSFORMER_RENAMES:
         suffix = suffix.replace(old, new)
     return suffix
 
 
-_RES_DIFFUSERS = {"time_emb_proj": "emb_proj", "conv_shortcut": "skip"}
+RES_DIFFUSERS = {"time_emb_proj": "emb_proj", "conv_shortcut": "skip"}
 _RES_COMPVIS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "emb_proj",
                 "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "skip"}
 
@@ -101,24 +107,21 @@ def _rename_res(suffix: str, table: dict) -> str:
 
 def diffusers_to_ours(state: dict, num_levels: int) -> dict:
     """Rename diffusers UNet2DConditionModel keys; unknown keys pass through (the loader reports them)."""
-    top = {"time_embedding.linear_1.": "time_embed.fc1.", "time_embedding.linear_2.": "time_embed.fc2.",
-           "conv_norm_out.": "norm_out.", "mid_block.resnets.0.": "mid.res1.", "mid_block.resnets.1.": "mid.res2.",
-           "mid_block.attentions.0.": "mid.attn."}
     out = {}
     for key, value in state.items():
         new = key
-        for old, ours in top.items():
+        for old, ours in DIFFUSERS_TOP.items():
             if key.startswith(old):
                 rest = key[len(old):]
                 new = ours + (_rename_transformer(rest) if "attentions" in old
-                              else _rename_res(rest, _RES_DIFFUSERS) if "resnets" in old else rest)
+                              else _rename_res(rest, RES_DIFFUSERS) if "resnets" in old else rest)
         m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers\.0|upsamplers\.0)\.(.*)", key)
         if m:
             side, idx, kind, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4)
             level = idx if side == "down" else num_levels - 1 - idx  # diffusers orders up blocks deepest first
             if kind == "resnets":
                 j, _, rest = rest.partition(".")
-                new = f"{side}.{level}.res.{j}.{_rename_res(rest, _RES_DIFFUSERS)}"
+                new = f"{side}.{level}.res.{j}.{_rename_res(rest, RES_DIFFUSERS)}"
             elif kind == "attentions":
                 j, _, rest = rest.partition(".")
                 new = f"{side}.{level}.attn.{j}.{_rename_transformer(rest)}"

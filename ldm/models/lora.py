@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.models.convert_unet import diffusers_to_ours
+from ldm.models.convert_unet import DIFFUSERS_TOP, RES_DIFFUSERS, TRANSFORMER_RENAMES, diffusers_to_ours
 
 TRAIN_TARGETS = ("to_q", "to_k", "to_v", "to_out")   # our attention projections (diffusers: to_out.0)
 METADATA_KEY = "lora_adapter_metadata"               # diffusers' safetensors metadata entry
@@ -90,12 +90,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-_TOP = {"time_embed.fc1": "time_embedding.linear_1", "time_embed.fc2": "time_embedding.linear_2",
-        "norm_out": "conv_norm_out", "mid.res1": "mid_block.resnets.0", "mid.res2": "mid_block.resnets.1",
-        "mid.attn": "mid_block.attentions.0"}
-_INVERSE = {"res": ((".emb_proj.", ".time_emb_proj."), (".skip.", ".conv_shortcut.")),
-            "attn": ((".blocks.", ".transformer_blocks."), (".to_out.", ".to_out.0."),
-                     (".ff.geglu.proj.", ".ff.net.0.proj."), (".ff.out.", ".ff.net.2."))}
+# convert_unet's diffusers -> ours tables, inverted (module names, so without the trailing dots)
+_TOP = {ours[:-1]: theirs[:-1] for theirs, ours in DIFFUSERS_TOP.items()}
+_INVERSE = {"res": tuple((f".{ours}.", f".{theirs}.") for theirs, ours in RES_DIFFUSERS.items()),
+            "attn": tuple((f".{ours}", f".{theirs}") for theirs, ours in TRANSFORMER_RENAMES)}
 
 
 def ours_to_diffusers(name: str, num_levels: int) -> str:
@@ -111,7 +109,7 @@ def ours_to_diffusers(name: str, num_levels: int) -> str:
         for ours, theirs in _TOP.items():
             if name == ours or name.startswith(ours + "."):
                 head, rest = theirs, name[len(ours):]
-                kind = "attn" if ours == "mid.attn" else "res" if ours.startswith("mid.res") else None
+                kind = "attn" if ".attentions." in theirs else "res" if ".resnets." in theirs else None
                 break
     rest = (rest or "") + "."
     for a, b in _INVERSE.get(kind, ()):
