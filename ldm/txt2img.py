@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.diffusion.schedules import SPACINGS
 from ldm.models.lora import parse_lora_arg
 from ldm.pipeline import DECODER_PRECISIONS, DEFAULT_MODEL, INDEX_NAME, TextToImage
 from ldm.training.images import make_grid
@@ -49,7 +50,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="ddim (deterministic) or stochastic (Meng et al. 2023, sec. 4.3), what students were "
                              "distilled for; for the teacher also euler, heun (Karras et al. 2022), dpmpp_2m "
                              "(DPM-Solver++(2M), Lu et al. 2022) and ddpm")
-    parser.add_argument("--spacing", default=None, choices=["trailing", "karras", "leading", "linspace"],
+    parser.add_argument("--spacing", default=None, choices=SPACINGS,
                         help="the time grid: trailing (Lin et al. 2023; what students were distilled on) or karras "
                              "(Karras et al. 2022, eq. 5: 'DPM++ 2M Karras' is --sampler dpmpp_2m --spacing karras); "
                              "default: karras for the teacher's heun (the paper's pairing), else trailing")

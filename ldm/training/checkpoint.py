@@ -217,8 +217,8 @@ class Checkpointer:
     further named objects: modules (a discriminator) go to safetensors, anything else with
     state_dict()/load_state_dict() (its optimizer) into training_state.pt. `data` is the
     data position: any object with state_dict()/load_state_dict() of plain types.
-    `trainable_only`: the model file holds only parameters with requires_grad (LoRA on SD: ~10 MB
-    instead of 3.4 GB a checkpoint); the caller rebuilds the frozen rest identically before resume.
+    `trainable_only`: the model file holds only parameters with requires_grad (rank-8 LoRA on SD 1.5's
+    U-Net: 6.4 MB of fp32 instead of 3.44 GB); the caller rebuilds the frozen rest identically before resume.
     """
 
     def __init__(self, accelerator: Accelerator, cfg: TrainConfig, *, stage: str, model_config: Any,
@@ -238,7 +238,11 @@ class Checkpointer:
         self.ema, self.data, self.extras = ema, data, dict(extras or {})
         self.output_dir = Path(cfg.output_dir)
         self.trainable_only = trainable_only
-        self.weights = "trainable" if trainable_only else "all"
+
+    @property
+    def weights(self) -> str:
+        """What model.safetensors holds, as meta.json records it."""
+        return "trainable" if self.trainable_only else "all"
 
     def _kept(self, stem: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The part of a module's state dict that a checkpoint holds."""
