@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from ldm.txt2img import add_model_args, finish, load_image, load_pipeline, show_progress
+from ldm.txt2img import add_model_args, finish, load_image, load_pipeline, sampling_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_pipeline(parser, args)
     image = load_image(args.image, pipe.index.resolution)
     start = time.perf_counter()
-    images, info = pipe.img2img(image, [args.prompt], strength=args.strength, steps=args.steps,
-                                guidance=args.guidance, seed=args.seed, teacher=args.teacher, sampler=args.sampler,
-                                negative=args.negative, spacing=args.spacing, progress=show_progress())
+    images, info = pipe.img2img(image, [args.prompt], strength=args.strength, **sampling_options(args))
     finish(images, info, start, args.out)
 
 

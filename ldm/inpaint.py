@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from ldm.txt2img import add_model_args, finish, load_image, load_pipeline, show_progress
+from ldm.txt2img import add_model_args, finish, load_image, load_pipeline, sampling_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,9 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     if mask.sum() == 0:
         print(f"warning: mask {args.mask} has no white pixel: the output is the input", file=sys.stderr)
     start = time.perf_counter()
-    images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], steps=args.steps,
-                                guidance=args.guidance, seed=args.seed, teacher=args.teacher, sampler=args.sampler,
-                                negative=args.negative, spacing=args.spacing, progress=show_progress())
+    images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], **sampling_options(args))
     finish(images, info, start, args.out)
 
 

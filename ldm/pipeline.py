@@ -195,13 +195,16 @@ class TextToImage:
     def denoiser(self, net, prediction: str) -> Denoiser:
         return Denoiser(net, self.schedule, prediction, time_scale=self.index.time_scale)
 
-    def model_function(self, steps: int, guidance: float, teacher: bool = False, negative: str = ""):
+    def model_function(self, steps: int, guidance: float, teacher: bool = False, negative: str = "",
+                       guidance_rescale: float = 0.0):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
-        with `negative` as the unconditional prompt (students were distilled with the empty one)."""
+        with `negative` as the unconditional prompt (students were distilled with the empty one) and
+        guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024)."""
         if self.uses_student(steps, teacher):
-            if negative:
-                raise ValueError(f"a negative prompt needs the teacher (teacher=True, --teacher): student-{steps} "
-                                 "was distilled with the empty prompt as guidance's unconditional branch")
+            for name, value in (("a negative prompt", negative), ("guidance rescale", guidance_rescale)):
+                if value:
+                    raise ValueError(f"{name} needs the teacher (teacher=True, --teacher): student-{steps} was "
+                                     "distilled from plain CFG with the empty prompt as its unconditional branch")
             net = self.student(steps)
             if net.w_range is not None and not net.w_range[0] <= guidance <= net.w_range[1]:
                 warnings.warn(f"guidance w = {guidance:g} is outside [{net.w_range[0]:g}, {net.w_range[1]:g}], the "
@@ -209,14 +212,19 @@ class TextToImage:
                               "the teacher's guidance (docs/stage3-distill.md)", stacklevel=3)
             model = self.denoiser(net, self.index.student_prediction)
             return model, lambda cond: {**cond, "w": guidance}, {"model": f"student-{steps}", "nfe_per_step": 1}
-        model = cfg(self.denoiser(self.unet, self.index.prediction), guidance, self.encode_prompts([negative]))
+        uncond = self.encode_prompts([negative])
+        if guidance_rescale:   # rescale the net's eps / v, then convert: the rescale is not linear
+            model = self.denoiser(cfg(self.unet, guidance, uncond, guidance_rescale), self.index.prediction)
+        else:
+            model = cfg(self.denoiser(self.unet, self.index.prediction), guidance, uncond)
         return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1 if guidance == 0 else 2}
 
     @torch.no_grad()
     def sample(self, prompts: list[str], *, steps: int, guidance: float | None = None, seed: int = 0,
                teacher: bool = False, sampler: str = "ddim", init: torch.Tensor | None = None,
                strength: float = 1.0, mask: torch.Tensor | None = None, negative: str = "",
-               spacing: str | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
+               spacing: str | None = None, guidance_rescale: float = 0.0,
+               progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
         spacing: the time grid (ldm.diffusion.schedules.SPACINGS); None: "karras" (Karras et al. 2022,
@@ -239,7 +247,7 @@ class TextToImage:
             raise ValueError("a mask needs init latents (the image to inpaint)")
         self.check_prompts(prompts)
         w = self.index.guidance if guidance is None else float(guidance)
-        model, extra_args, info = self.model_function(steps, w, teacher, negative)
+        model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale)
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
             warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
                           f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
@@ -272,11 +280,10 @@ class TextToImage:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, steps: int, guidance: float | None = None, seed: int = 0,
-                 teacher: bool = False, sampler: str = "ddim", negative: str = "", spacing: str | None = None,
-                 progress: bool = False) -> tuple[torch.Tensor, dict]:
-        """Images (B, 3, H, W) in [-1, 1] and info {model, steps, nfe}; a student when one has `steps`."""
-        z, info = self.sample(prompts, steps=steps, guidance=guidance, seed=seed, teacher=teacher,
-                              sampler=sampler, negative=negative, spacing=spacing, progress=progress)
+                 **kwargs) -> tuple[torch.Tensor, dict]:
+        """Images (B, 3, H, W) in [-1, 1] and info {model, steps, nfe}; a student when one has `steps`.
+        kwargs: `sample`'s teacher, sampler, negative, spacing, guidance_rescale, progress."""
+        z, info = self.sample(prompts, steps=steps, guidance=guidance, seed=seed, **kwargs)
         return self.decode(z), info
 
     @torch.no_grad()

@@ -26,6 +26,7 @@ from torch import nn
 from ldm.data.loaders import DataConfig, make_dataloader
 from ldm.diffusion import SAMPLERS, DiffusionLoss, schedule_from_config
 from ldm.diffusion.losses import check_time_shift
+from ldm.diffusion.param import check_prediction
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
 from ldm.models.lora import TRAIN_TARGETS, add_lora, lora_file_state, merged_state_dict
 from ldm.models.text import TextEncoderConfig, build_text_encoder
@@ -61,6 +62,7 @@ class DiffusionConfig:
         schedule = schedule_from_config(self.schedule_config())  # unknown names/options fail here, named
         if self.time == "discrete" and not hasattr(schedule, "num_timesteps"):
             raise ValueError(f"time 'discrete' needs a discrete schedule, {self.schedule!r} is continuous")
+        check_prediction(self.prediction, schedule)   # zero_snr with eps: refused by name
         check_time_shift(self.time_shift, self.time, "diffusion.time_shift", self.time_shift_share,
                          "diffusion.time_shift_share")
 

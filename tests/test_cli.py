@@ -72,6 +72,27 @@ def test_negative_prompt_is_the_teachers_unconditional_branch(model, tmp_path, c
     assert np.abs(pixels["other"] - pixels["plain"]).max() > 8
 
 
+def test_guidance_rescale_is_a_teacher_option(model, tmp_path, capsys):
+    """--guidance-rescale PHI (Lin et al. 2024): refused for students and outside [0, 1]; at w = 0 the guided
+    prediction is the conditional one, so the rescale is the identity; at w = 3 it changes the image."""
+    for args, message in ((["--guidance-rescale", "0.7"], "--guidance-rescale needs the teacher"),
+                          (["--teacher", "--guidance-rescale", "1.5"], "must be in [0, 1], got 1.5")):
+        with pytest.raises(SystemExit) as e:
+            txt2img.main(["a red circle", "--model", model, "--steps", "2", *args, "--out", str(tmp_path / "x.png")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    for args, name in ((["--guidance", "0"], "w0"), (["--guidance", "0", "--guidance-rescale", "1"], "w0-phi1"),
+                       (["--guidance", "3"], "w3"), (["--guidance", "3", "--guidance-rescale", "1"], "w3-phi1")):
+        txt2img.main(["a red circle", "--model", model, "--steps", "2", "--teacher", *args,
+                      "--out", str(tmp_path / f"{name}.png")])
+    pixels = {n: np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("w0", "w0-phi1", "w3", "w3-phi1")}
+    assert np.array_equal(pixels["w0"], pixels["w0-phi1"])
+    assert np.abs(pixels["w3"] - pixels["w3-phi1"]).max() > 8
+    write_image(tmp_path / "in.png")
+    img2img.main(["a blue square", "--image", str(tmp_path / "in.png"), "--strength", "0.5", "--steps", "2",
+                  "--teacher", "--guidance-rescale", "0.7", "--model", model, "--out", str(tmp_path / "i.png")])
+    assert "teacher, 1 steps" in capsys.readouterr().out
+
+
 def test_txt2img_from_file_numbering_and_long_prompt(model, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\n" + "a very long prompt " * 10 + "\n")

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .param import PREDICTIONS, append_dims, q_sample, training_target
+from .param import PREDICTIONS, append_dims, check_prediction, q_sample, training_target
 
 WEIGHTINGS = ("uniform", "truncated_snr", "min_snr")
 TIME_SAMPLING = ("discrete", "continuous")
@@ -111,6 +111,7 @@ class DiffusionLoss:
                                      ("weighting", weighting, WEIGHTINGS), ("time", time, TIME_SAMPLING)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        check_prediction(prediction, schedule)
         self.schedule, self.prediction, self.weighting = schedule, prediction, weighting
         self.gamma, self.time = gamma, time
         self.time_scale = time_scale   # the net sees t * time_scale, as in `Denoiser`

@@ -82,6 +82,15 @@ def training_target(prediction: str, x0, eps, alpha, sigma):
     raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
 
+def check_prediction(prediction: str, schedule) -> None:
+    """ValueError unless `prediction` is known and defines x0 everywhere on `schedule`'s times."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if prediction == "eps" and getattr(schedule, "zero_terminal_snr", False):
+        # x0 = (x - sigma eps) / alpha has alpha = 0 at the last step (Lin et al. 2024, sec. 3.2)
+        raise ValueError("a zero-terminal-SNR schedule needs prediction 'v' or 'x0': eps gives no x0 at SNR 0")
+
+
 class Denoiser(nn.Module):
     """Model function (x_t, t, **extra_args) -> x0-hat around a net predicting eps / x0 / v.
 
@@ -91,8 +100,7 @@ class Denoiser(nn.Module):
 
     def __init__(self, net: nn.Module, schedule, prediction: str = "eps", time_scale: float = 1.0):
         super().__init__()
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        check_prediction(prediction, schedule)
         self.net, self.schedule, self.prediction = net, schedule, prediction
         self.time_scale = time_scale   # the net sees t * time_scale (e.g. 1000 for t in [0, 1])
 

@@ -107,6 +107,12 @@ def sample_ddim(model, x, ts, schedule, *, extra_args=None, callback=None, disab
     return x
 
 
+def _step_from_pure_noise(x, denoised, st: Step):
+    """The Euler step's limit as s = sigma/alpha -> inf (zero terminal SNR, alpha = 0 at t):
+    y + (s_next - s)(y - D)/s with y = x/alpha -> D + s_next x/sigma, i.e. the DDIM step."""
+    return st.alpha_next * denoised + (st.sigma_next / st.sigma) * x
+
+
 @torch.no_grad()
 def sample_euler(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None):
     """Euler on the probability-flow ODE dy/ds = (y - D(y)) / s in y = x/alpha, s = sigma/alpha (Karras et al. 2022)."""
@@ -114,6 +120,9 @@ def sample_euler(model, x, ts, schedule, *, extra_args=None, callback=None, disa
     for st in steps:
         denoised = denoise(x, st.t)
         _notify(callback, st, x, denoised)
+        if st.alpha == 0:
+            x = _step_from_pure_noise(x, denoised, st)
+            continue
         s, s_next = st.sigma / st.alpha, st.sigma_next / st.alpha_next
         y = x / st.alpha
         y = y + (s_next - s) * (y - denoised) / s
@@ -128,6 +137,9 @@ def sample_heun(model, x, ts, schedule, *, extra_args=None, callback=None, disab
     for st in steps:
         denoised = denoise(x, st.t)
         _notify(callback, st, x, denoised)
+        if st.alpha == 0:  # s = inf: no slope to average there; the first-order limit step
+            x = _step_from_pure_noise(x, denoised, st)
+            continue
         s, s_next = st.sigma / st.alpha, st.sigma_next / st.alpha_next
         y = x / st.alpha
         slope = (y - denoised) / s
@@ -141,7 +153,9 @@ def sample_heun(model, x, ts, schedule, *, extra_args=None, callback=None, disab
 
 
 def _half_logsnr(alpha: float, sigma: float) -> float:
-    return math.inf if sigma == 0 else math.log(alpha / sigma)
+    if sigma == 0 or alpha == 0:   # clean data, or pure noise (zero terminal SNR): h = inf, a DDIM step
+        return math.inf if sigma == 0 else -math.inf
+    return math.log(alpha / sigma)
 
 
 @torch.no_grad()

@@ -39,6 +39,7 @@ class Schedule:
 
     t_min: float
     t_max: float
+    zero_terminal_snr: bool = False           # alpha(t_max) = 0 exactly (Lin et al. 2024)
 
     def logsnr(self, t) -> torch.Tensor:
         """lambda(t) = log(alpha^2 / sigma^2), float64, same shape as t; +inf for t < 0."""
@@ -101,15 +102,23 @@ class Schedule:
 
 
 class DiscreteSchedule(Schedule):
-    """VP schedule on integer timesteps 0..T-1 from betas; fractional t interpolates log-SNR."""
+    """VP schedule on integer timesteps 0..T-1 from betas; fractional t interpolates log-SNR.
+
+    A last beta of exactly 1 gives zero terminal SNR (`zero_terminal_snr_betas`): alpha = 0 at
+    t = T-1, log-SNR -inf; between T-2 and T-1 alpha_bar then falls linearly to 0.
+    """
 
     def __init__(self, betas: torch.Tensor):
         betas = torch.as_tensor(betas, dtype=torch.float64)
-        if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError("betas must be a 1-D tensor with values in (0, 1)")
+        inner = betas[:-1] if betas.ndim == 1 else betas
+        if betas.ndim != 1 or len(betas) < 2 or not bool(((inner > 0) & (inner < 1)).all()) \
+                or not 0 < float(betas[-1]) <= 1:
+            raise ValueError("betas must be a 1-D tensor (T >= 2) with values in (0, 1); the last may be 1 "
+                             "(zero terminal SNR)")
         self.betas = betas
         # alpha_bar_t = prod_{s<=t} (1 - beta_s) (Ho et al. 2020, eq. 4); alpha_t^2 = alpha_bar_t.
         self.alphas_cumprod = torch.cumprod(1.0 - betas, 0)
+        self.zero_terminal_snr = float(betas[-1]) == 1.0
         self._table = {torch.device("cpu"): torch.log(self.alphas_cumprod) - torch.log1p(-self.alphas_cumprod)}
         self.num_timesteps = len(betas)
         self.t_min, self.t_max = 0.0, float(self.num_timesteps - 1)
@@ -126,13 +135,22 @@ class DiscreteSchedule(Schedule):
         lo = tc.floor().long()
         hi = (lo + 1).clamp(max=self.num_timesteps - 1)
         lam = torch.lerp(table[lo], table[hi], tc - lo)   # exact at integer t
+        if self.zero_terminal_snr:  # lerp towards -inf gives nan at T-2: alpha_bar linear to 0 instead
+            ab = float(self.alphas_cumprod[-2]) * (self.t_max - tc)
+            lam = torch.where(tc >= self.t_max - 1, torch.log(ab) - torch.log1p(-ab), lam)
         return torch.where(t < 0, torch.full_like(lam, math.inf), lam)
 
     def t_from_logsnr(self, lam: np.ndarray) -> np.ndarray:
         """Exact inverse of `logsnr` on [0, T-1]: linear in lambda between integer steps, as diffusers'
         `_sigma_to_t` interpolates log sigma."""
         table = self._table[torch.device("cpu")].numpy()
-        return np.interp(-np.asarray(lam, dtype=np.float64), -table, np.arange(self.num_timesteps, dtype=np.float64))
+        lam = np.asarray(lam, dtype=np.float64)
+        if not self.zero_terminal_snr:
+            return np.interp(-lam, -table, np.arange(self.num_timesteps, dtype=np.float64))
+        t = np.interp(-lam, -table[:-1], np.arange(self.num_timesteps - 1, dtype=np.float64))
+        ab = 1.0 / (1.0 + np.exp(-lam))                   # the last interval, as `logsnr` defines it
+        last = self.t_max - ab / float(self.alphas_cumprod[-2])
+        return np.where(lam < table[-2], last, t)
 
     def _grid(self, n: int, spacing: str, steps_offset: int) -> np.ndarray:
         """diffusers' DDIMScheduler/DDPMScheduler `timestep_spacing` (Lin et al. 2023, Table 2).
@@ -212,11 +230,31 @@ def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> to
     return (1 - f[1:] / f[:-1]).clamp(max=max_beta)   # clipped at 0.999 to avoid the t = T singularity
 
 
+def zero_terminal_snr_betas(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024, Alg. 1: the betas with sqrt(alpha_bar) shifted to end at 0 and scaled to keep its start.
+
+    Common schedules end at SNR > 0 (SD's scaled_linear: alpha_bar_{T-1} = 0.0047), so training
+    never shows the net pure noise while sampling starts from it; with the last alpha_bar at 0 the
+    two agree. Needs a net that predicts v or x0: eps says nothing about x0 at SNR 0 (their sec. 3.2).
+    """
+    root = torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64), 0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    alphas_cumprod = ((root - last) * (first / (first - last))) ** 2
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1.0 - alphas
+
+
+def _discrete(betas: torch.Tensor, zero_snr: bool) -> DiscreteSchedule:
+    return DiscreteSchedule(zero_terminal_snr_betas(betas) if zero_snr else betas)
+
+
 SCHEDULES = {
-    "linear": lambda T=1000, beta_start=1e-4, beta_end=2e-2: DiscreteSchedule(linear_betas(T, beta_start, beta_end)),
-    "scaled_linear": lambda T=1000, beta_start=0.00085, beta_end=0.012: DiscreteSchedule(
-        scaled_linear_betas(T, beta_start, beta_end)),
-    "cosine": lambda T=1000, s=0.008, max_beta=0.999: DiscreteSchedule(cosine_betas(T, s, max_beta)),
+    "linear": lambda T=1000, beta_start=1e-4, beta_end=2e-2, zero_snr=False: _discrete(
+        linear_betas(T, beta_start, beta_end), zero_snr),
+    "scaled_linear": lambda T=1000, beta_start=0.00085, beta_end=0.012, zero_snr=False: _discrete(
+        scaled_linear_betas(T, beta_start, beta_end), zero_snr),
+    "cosine": lambda T=1000, s=0.008, max_beta=0.999, zero_snr=False: _discrete(
+        cosine_betas(T, s, max_beta), zero_snr),
     "cosine_logsnr": CosineLogSNR,
     "ve": GeometricVE,
 }

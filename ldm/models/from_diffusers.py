@@ -88,6 +88,8 @@ def model_index_from_scheduler(scheduler: dict, resolution: int, guidance: float
     schedule = {"name": beta_schedule, "T": int(scheduler.get("num_train_timesteps", 1000)),
                 "beta_start": float(scheduler.get("beta_start", 0.0001)),
                 "beta_end": float(scheduler.get("beta_end", 0.02))}
+    if scheduler.get("rescale_betas_zero_snr"):   # Lin et al. 2024: trained with alpha = 0 at the last step
+        schedule["zero_snr"] = True
     # time_scale 1: a discrete schedule's t is already the integer timestep the U-Net was trained on
     return ModelIndex(schedule=schedule, prediction=PREDICTIONS[prediction], time_scale=1.0,
                       resolution=resolution, guidance=guidance)

@@ -129,7 +129,8 @@ def scheduler_config(index) -> dict:
     return {"_class_name": "DDIMScheduler", "num_train_timesteps": int(s.get("T", 1000)),
             "beta_start": float(s.get("beta_start", 0.0001)), "beta_end": float(s.get("beta_end", 0.02)),
             "beta_schedule": s["name"], "prediction_type": prediction, "clip_sample": False,
-            "set_alpha_to_one": True, "steps_offset": 1, "timestep_spacing": "trailing"}
+            "set_alpha_to_one": True, "steps_offset": 1, "timestep_spacing": "trailing",
+            "rescale_betas_zero_snr": bool(s.get("zero_snr", False))}
 
 
 def check_text_encoder(encoder) -> None:

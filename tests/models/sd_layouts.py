@@ -12,7 +12,7 @@ from ldm.bench_models import TINY, write_clip_folder
 PROMPTS = ["a red cube on a blue floor", "a cat"]      # different lengths: the padding differs
 
 
-def write_sd_pipeline(folder, prediction_type: str = "epsilon"):
+def write_sd_pipeline(folder, prediction_type: str = "epsilon", **scheduler_options):
     from transformers import CLIPTextModel, CLIPTokenizer
     clip = write_clip_folder(TINY, str(folder / "clip-src"))
     torch.manual_seed(0)
@@ -22,7 +22,8 @@ def write_sd_pipeline(folder, prediction_type: str = "epsilon"):
             vae=diffusers.AutoencoderKL(**TINY.vae), text_encoder=CLIPTextModel.from_pretrained(clip),
             tokenizer=CLIPTokenizer.from_pretrained(clip), unet=diffusers.UNet2DConditionModel(**TINY.unet),
             scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                              prediction_type=prediction_type, clip_sample=False),
+                                              prediction_type=prediction_type, clip_sample=False,
+                                              **scheduler_options),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(str(folder / "sd"))
     return pipe

@@ -43,6 +43,30 @@ def test_imported_pipeline_draws_what_diffusers_draws(tmp_path, one_thread, pred
     torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
 
 
+def test_zero_terminal_snr_and_guidance_rescale_draw_what_diffusers_draws(tmp_path, one_thread):
+    """A v model trained on a zero-terminal-SNR schedule (`rescale_betas_zero_snr`, Lin et al. 2024) keeps it
+    on import, and `guidance_rescale` rescales its v as diffusers' pipeline does: same images, same noise."""
+    theirs = write_sd_pipeline(tmp_path, "v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                               set_alpha_to_one=True, steps_offset=1)
+    index = convert(str(tmp_path / "sd"), str(tmp_path / "model"), guidance=4.0)
+    assert index.schedule["zero_snr"] is True and index.prediction == "v"
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    assert pipe.schedule.zero_terminal_snr and float(pipe.schedule.alpha_sigma(999.0)[0]) == 0.0
+    steps, w, phi = 4, 4.0, 0.7
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(steps), pipe.latent_shape(len(PROMPTS)),
+                          generator=torch.Generator().manual_seed(0))
+    theirs.set_progress_bar_config(disable=True)
+    plain, _ = pipe.generate(PROMPTS, steps=steps, seed=0)
+    for rescale in (0.0, phi):
+        ours, info = pipe.generate(PROMPTS, steps=steps, seed=0, guidance_rescale=rescale)
+        with torch.no_grad():
+            reference = theirs(PROMPTS, num_inference_steps=steps, guidance_scale=1 + w, guidance_rescale=rescale,
+                               latents=noise, output_type="pt").images
+        assert reference.std() > 0.05 and info["nfe"] == 2 * steps
+        torch.testing.assert_close(ours * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+    assert (ours - plain).abs().max() > 2e-3                   # the rescale changed the images (10x the tolerance)
+
+
 def test_padding_is_seen_as_sd_was_trained(tmp_path, one_thread):
     """SD's U-Net attends to all 77 tokens, padding included; masking it would change every image."""
     write_sd_pipeline(tmp_path)

@@ -26,9 +26,10 @@ def _their_images(pipeline_dir, noise, steps, w):
         return theirs(PROMPTS, num_inference_steps=steps, guidance_scale=1 + w, latents=noise, output_type="pt").images
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_export_loads_in_diffusers_and_draws_our_images(tmp_path, one_thread, prediction_type):
-    write_sd_pipeline(tmp_path, prediction_type)
+@pytest.mark.parametrize("prediction_type,zero_snr", [("epsilon", False), ("v_prediction", False),
+                                                      ("v_prediction", True)])
+def test_export_loads_in_diffusers_and_draws_our_images(tmp_path, one_thread, prediction_type, zero_snr):
+    write_sd_pipeline(tmp_path, prediction_type, rescale_betas_zero_snr=zero_snr)
     convert(str(tmp_path / "sd"), str(tmp_path / "model"))
     export(str(tmp_path / "model"), str(tmp_path / "back"))
     for part in ("unet", "vae"):                                # the original names and tensors, all of them
@@ -36,7 +37,8 @@ def test_export_loads_in_diffusers_and_draws_our_images(tmp_path, one_thread, pr
         b = load_file(str(tmp_path / "back" / part / "diffusion_pytorch_model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     scheduler = json.loads((tmp_path / "back" / "scheduler" / "scheduler_config.json").read_text())
-    assert (scheduler["prediction_type"], scheduler["timestep_spacing"]) == (prediction_type, "trailing")
+    assert (scheduler["prediction_type"], scheduler["timestep_spacing"], scheduler["rescale_betas_zero_snr"]) == \
+        (prediction_type, "trailing", zero_snr)
 
     pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
     steps, w = 4, 3.0          # n divides T = 1000: diffusers' DDIM then steps on its own grid (schedules.py)

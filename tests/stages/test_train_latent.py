@@ -287,3 +287,22 @@ def test_bad_time_shift_is_named(capsys, override, key):
     with pytest.raises(SystemExit):
         stage.main(["--config", str(CONFIGS / "tiny.yaml"), override])
     assert key in capsys.readouterr().err
+
+
+ZERO_SNR = ["diffusion.schedule=scaled_linear", "diffusion.schedule_options={zero_snr: true}", "diffusion.time=discrete",
+            "diffusion.time_scale=1", "diffusion.time_shift_share=1"]
+
+
+def test_zero_terminal_snr_trains_v_and_refuses_eps(tiny_ae, tmp_path, capsys):
+    """Lin et al. 2024: a zero-terminal-SNR schedule trains a v model (the last step sees pure noise) and
+    samples it; eps prediction is refused by its key before anything runs."""
+    with pytest.raises(SystemExit):
+        run(tiny_ae, tmp_path / "eps", *ZERO_SNR, "diffusion.prediction=eps")
+    assert "config section 'diffusion': a zero-terminal-SNR schedule needs prediction 'v'" in capsys.readouterr().err
+    folder = run(tiny_ae, tmp_path / "v", *ZERO_SNR, "diffusion.prediction=v", "train.max_steps=2",
+                 "train.validate_every=2", "train.ema_decay=0")
+    from ldm.pipeline import TextToImage
+    pipe = TextToImage.from_folder(str(folder))
+    assert pipe.index.schedule == {"name": "scaled_linear", "zero_snr": True} and pipe.schedule.zero_terminal_snr
+    images, _ = pipe.generate(["a red circle"], steps=3, sampler="dpmpp_2m")
+    assert bool(torch.isfinite(images).all()) and (tmp_path / "v" / "samples" / "step-000002.png").is_file()
