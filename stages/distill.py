@@ -5,7 +5,8 @@
 
 Stage one (Meng sec. 4.1): a w-conditioned student, initialised from the teacher, learns the
 teacher's guided x-prediction (1 + w) x(z_t, c) - w x(z_t, "") for w ~ U[w_min, w_max], t ~ U[0, 1]
-(optionally shifted towards noise: distill.time_shift).
+(in the teacher's own time units: U[0, T-1] for a discrete teacher; optionally shifted towards noise:
+distill.time_shift).
 It is the N_start-step model (DDIM). Stage two (Meng sec. 4.2, Salimans & Ho 2022 Alg. 2): rounds
 halve the step count, N_start -> N_start/2 -> ... -> n_end; each student starts from its teacher
 (the previous round's student) and learns two of its DDIM steps in one. Optional path rounds
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ldm.data.loaders import DataConfig, make_dataloader
 from ldm.diffusion.guidance import cfg as cfg_guidance
-from ldm.diffusion.losses import check_time_shift, shift_times
+from ldm.diffusion.losses import check_time_shift, shift_times, uniform_times
 from ldm.diffusion.param import Denoiser, q_sample
 from ldm.diffusion.samplers import initial_noise, sample_ddim
 from ldm.distill.dmd import T_RANGE, dmd_direction, dmd_loss, unrolled_ddim
@@ -303,7 +304,7 @@ def log_path_errors(accelerator, student, parts: TextToImage, rnd: Round, paths,
 def data_batch(accelerator, cfg: DistillStageConfig, rnd: Round, parts: TextToImage, teacher, grid, uncond, batch):
     """(z_t, t, cond, w, target) from a data batch: noised latents and the teacher's targets for them.
 
-    Stage one (grid None): t ~ U[0, 1] (maybe shifted) and the guided teacher's x (Meng eq. 5);
+    Stage one (grid None): t ~ U[0, 1] over the schedule (maybe shifted) and the guided teacher's x (Meng eq. 5);
     a halving round: a step (t, t', t'') of the grid and the x of its teacher's two DDIM steps.
     """
     d, schedule, device = cfg.distill, parts.schedule, accelerator.device
@@ -316,8 +317,8 @@ def data_batch(accelerator, cfg: DistillStageConfig, rnd: Round, parts: TextToIm
     B = x0.shape[0]
     w = d.draw_w(B, device)                                                           # (B,)
     if grid is None or d.round_times == "shifted":               # stage one's t ~ U[0, 1], maybe shifted
-        t = shift_times(schedule, torch.rand(B, device=device, dtype=torch.float64), d.time_shift,
-                        d.time_shift_share)
+        t = shift_times(schedule, uniform_times(schedule, torch.rand(B, device=device, dtype=torch.float64)),
+                        d.time_shift, d.time_shift_share)
     if grid is not None:                                         # stage two: a step (t, t', t'') of the grid
         rows = (grid_rows(grid, t) if d.round_times == "shifted"
                 else torch.randint(0, len(grid), (B,), device=device))
@@ -364,7 +365,8 @@ class DMDUpdates:
         texts = next(self.batches)["text"][: d.dmd_batch]
         extra = {**parts.encode_prompts(d.drop_captions(texts)), "w": d.draw_w(len(texts), device)}
         noise = initial_noise(schedule, self.ts, parts.latent_shape(len(texts)), device=device)
-        t = T_RANGE[0] + (T_RANGE[1] - T_RANGE[0]) * torch.rand(len(texts), device=device)
+        u = T_RANGE[0] + (T_RANGE[1] - T_RANGE[0]) * torch.rand(len(texts), device=device)
+        t = uniform_times(schedule, u)
         with self.accelerator.autocast():
             x = unrolled_ddim(self.student_x0, noise, self.ts, schedule, extra)
             loss = dmd_loss(x, dmd_direction(self.real, self.fake_x0, x, t, torch.randn_like(x), schedule, extra))
@@ -378,9 +380,9 @@ class DMDUpdates:
         return loss
 
     def update_fake(self) -> float:
-        """The diffusion loss (truncated-SNR x space, t ~ U[0, 1]) of the fake denoiser on the samples."""
+        """The diffusion loss (truncated-SNR x space, t uniform over the schedule) of the fake denoiser."""
         x, extra = self.samples
-        t = torch.rand(x.shape[0], device=x.device)
+        t = uniform_times(self.parts.schedule, torch.rand(x.shape[0], device=x.device))
         alpha, sigma = (c.float() for c in self.parts.schedule.alpha_sigma(t))
         x_t = q_sample(x, torch.randn_like(x), alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1))
         with self.accelerator.autocast():

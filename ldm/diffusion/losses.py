@@ -42,6 +42,12 @@ def loss_weight(weighting: str, prediction: str, alpha, sigma, gamma: float = 5.
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
+def uniform_times(schedule, u: torch.Tensor) -> torch.Tensor:
+    """u in [0, 1] -> t in [t_min, t_max]: the same share of the schedule for [0, 1] continuous time and
+    for discrete 0..T-1 (fractional t there interpolates the log-SNR table)."""
+    return schedule.t_min + (schedule.t_max - schedule.t_min) * u
+
+
 def sample_times(schedule, n: int, *, time: str = "discrete", shift: float = 1.0, shift_share: float = 1.0,
                  generator=None, device=None) -> torch.Tensor:
     """Training times (n,): integers in [0, T) for discrete, U[t_min, t_max] for continuous time.
@@ -61,8 +67,7 @@ def sample_times(schedule, n: int, *, time: str = "discrete", shift: float = 1.0
         return torch.randint(0, schedule.num_timesteps, (n,), generator=generator, device=device).float()
     if time == "continuous":
         u = torch.rand(n, generator=generator, device=device)
-        return shift_times(schedule, schedule.t_min + (schedule.t_max - schedule.t_min) * u, shift, shift_share,
-                           generator)
+        return shift_times(schedule, uniform_times(schedule, u), shift, shift_share, generator)
     raise ValueError(f"time must be one of {TIME_SAMPLING}, got {time!r}")
 
 

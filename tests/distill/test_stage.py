@@ -291,3 +291,30 @@ def test_bad_path_settings_are_named(stage, teacher, tmp_path, capsys):
             stage.main(argv(teacher, tmp_path, tmp_path / "m", *bad))
         err = capsys.readouterr().err
         assert "distill.path_" in err or "distill.dmd_" in err
+
+
+def test_a_discrete_teacher_is_distilled_over_its_whole_schedule(stage, tmp_path, monkeypatch):
+    """An imported SD teacher's times run 0..999: stage one and DMD draw t over all of them, not U[0, 1]
+    (which, in timestep units, is clean data only: what the stage drew before session 22)."""
+    folder = tmp_path / "teacher"
+    save_random_model(str(folder), resolution=32)
+    index = load_index(str(folder))
+    index.schedule, index.time_scale, index.prediction = {"name": "scaled_linear", "zero_snr": True}, 1.0, "v"
+    from ldm.pipeline import save_index
+    save_index(str(folder), index)
+    seen = {"stage-one": [], "dmd": []}
+
+    def recorder(fn, key, pos):
+        def wrapped(*args, **kwargs):
+            seen[key].append(args[pos].detach().double())
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(stage, "stage_one_target", recorder(stage.stage_one_target, "stage-one", 2))
+    monkeypatch.setattr(stage, "dmd_direction", recorder(stage.dmd_direction, "dmd", 3))
+    extra = ("distill.stage_one_steps=8", "distill.path_updates={1: 1}", "distill.dmd_updates={1: 8}",
+             "distill.teacher_paths=3", "distill.path_steps=4", "distill.dmd_batch=2")
+    stage.main(argv(folder, tmp_path / "run", tmp_path / "model", *extra))
+    t = {k: torch.cat(v) for k, v in seen.items()}
+    assert t["stage-one"].numel() == 16 and t["stage-one"].max() > 300 and t["stage-one"].min() >= 0
+    assert t["dmd"].numel() == 16 and t["dmd"].max() > 300 and t["dmd"].max() <= 0.98 * 999 + 1e-3
