@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not 0.0 <= args.strength <= 1.0:
         parser.error(f"--strength must be in [0, 1], got {args.strength}")
-    pipe = load_pipeline(parser, args)
+    pipe = load_pipeline(parser, args, [args.prompt])
     image = load_image(args.image, pipe.index.resolution)
     start = time.perf_counter()
     images, info = pipe.img2img(image, [args.prompt], strength=args.strength, **sampling_options(args))

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    pipe = load_pipeline(parser, args)
+    pipe = load_pipeline(parser, args, [args.prompt])
     image = load_image(args.image, pipe.index.resolution)
     mask = (load_image(args.mask, pipe.index.resolution, mode="L") > 0).float()   # (1, 1, R, R): > 127
     if mask.sum() == 0:

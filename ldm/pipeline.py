@@ -28,6 +28,7 @@ from ldm.diffusion.schedules import schedule_from_config
 from ldm.distill.targets import coefficients
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.lora import merge_lora, read_lora
+from ldm.models.prompt_weights import encode_weighted, parse_weighted, plain_text
 from ldm.models.text import ScratchTextEncoder, TextEncoderConfig, build_text_encoder
 from ldm.models.unet import UNet
 
@@ -120,6 +121,7 @@ class TextToImage:
         self._students: dict[int, torch.nn.Module] = {}
         self._loras: list[tuple[dict, float, str]] = []   # merged into every U-Net, students as they load
         self._warned_prompts: set[str] = set()
+        self.prompt_weights = False   # read "(word:1.3)" emphasis in prompts (ldm.models.prompt_weights)
 
     @classmethod
     def from_folder(cls, folder: str = DEFAULT_MODEL, device="cpu", decoder_precision: str = "auto") -> "TextToImage":
@@ -168,8 +170,12 @@ class TextToImage:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict:
         """U-Net conditioning: the tokens, and the padding mask unless the U-Net was trained on every
-        token (imported SD models: then no mask at all, the cheaper attention and diffusers' own call)."""
-        context, mask = self.text_encoder(prompts)
+        token (imported SD models: then no mask at all, the cheaper attention and diffusers' own call).
+        With `prompt_weights` on, "(word:1.3)" emphasis is read (ldm.models.prompt_weights)."""
+        if self.prompt_weights:
+            context, mask = encode_weighted(self.text_encoder, prompts)
+        else:
+            context, mask = self.text_encoder(prompts)
         if not getattr(getattr(self.text_encoder, "cfg", None), "mask_padding", True):
             return {"context": context}
         return {"context": context, "context_mask": mask}
@@ -183,8 +189,9 @@ class TextToImage:
         for prompt in dict.fromkeys(prompts):
             if prompt in self._warned_prompts:
                 continue
+            text = plain_text(parse_weighted(prompt)) if self.prompt_weights else prompt
             try:   # the CLIP BPE tokenizer lower-cases and collapses whitespace, so the model sees this form
-                parse_caption(" ".join(prompt.lower().split()))
+                parse_caption(" ".join(text.lower().split()))
             except ValueError:
                 self._warned_prompts.add(prompt)
                 warnings.warn(f"{prompt!r} is not a shapes-world caption, and this model was trained only on those "

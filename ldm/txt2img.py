@@ -24,6 +24,7 @@ from PIL import Image
 
 from ldm.diffusion.schedules import SPACINGS
 from ldm.models.lora import parse_lora_arg
+from ldm.models.prompt_weights import parse_weighted, token_weights
 from ldm.pipeline import DECODER_PRECISIONS, DEFAULT_MODEL, INDEX_NAME, TextToImage
 from ldm.training.images import make_grid
 
@@ -36,7 +37,7 @@ TEACHER_STEPS = 25     # else the teacher's: DDIM + CFG at 4 steps is far from c
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --negative, --guidance-rescale,
-    --lora, --device, --decoder-precision."""
+    --prompt-weights, --lora, --device, --decoder-precision."""
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                         help="model folder with model_index.json (default: the shipped shapes64 model)")
     parser.add_argument("--steps", type=int, default=None,
@@ -61,6 +62,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="rescale the guided prediction's std to the conditional one's, by PHI in [0, 1] "
                              "(Lin et al. 2024, eqs. 15-16; they use 0.7; diffusers' guidance_rescale): less "
                              "over-exposure at high guidance. Teacher only (default: 0, off)")
+    parser.add_argument("--prompt-weights", default="a1111", choices=["a1111", "off"],
+                        help="a1111 (default): read emphasis as the AUTOMATIC1111 web UI does, '(word:1.3)' weights "
+                             "a word 1.3, '(word)' 1.1, '[word]' 1/1.1, '\\(' is a literal bracket; off: prompts "
+                             "go to the text encoder as typed")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="merge a LoRA into the model before sampling, scaled by SCALE (default 1); repeatable. "
                              "Reads diffusers/peft and kohya (A1111) files for SD 1.x/2.x and stage 2's lora.safetensors")
@@ -75,15 +80,32 @@ def short_warnings(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
-def load_pipeline(parser: argparse.ArgumentParser, args) -> TextToImage:
-    """The model folder, or a parser error that names the missing path. Warnings print as one line."""
+def check_prompt_syntax(parser: argparse.ArgumentParser, args, prompts: list[str], encoder=None) -> None:
+    """A parser error for an unbalanced bracket (and, given the encoder, a weight inside a word)."""
+    if args.prompt_weights == "off":
+        return
+    for prompt in [*prompts, args.negative]:
+        try:
+            pieces = parse_weighted(prompt)
+            if encoder is not None and any(w != 1.0 for _, w in pieces):
+                token_weights(encoder, pieces)
+        except ValueError as err:
+            parser.error(f"{err} (or --prompt-weights off)")
+
+
+def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()) -> TextToImage:
+    """The model folder, or a parser error that names the missing path or a bad prompt. Warnings print
+    as one line."""
     warnings.formatwarning = short_warnings
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    check_prompt_syntax(parser, args, prompts)
     if not os.path.isfile(os.path.join(args.model, INDEX_NAME)):
         parser.error(f"--model {args.model!r} is not a model folder: {os.path.join(args.model, INDEX_NAME)} "
                      f"is missing (train one with stages/, or pass --model DIR)")
     pipe = TextToImage.from_folder(args.model, device=args.device, decoder_precision=args.decoder_precision)
+    pipe.prompt_weights = args.prompt_weights == "a1111"
+    check_prompt_syntax(parser, args, prompts, pipe.text_encoder)
     for arg in args.lora:
         path, scale = parse_lora_arg(arg)
         if not os.path.isfile(path):
@@ -180,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         [(os.path.join(args.outdir, f"{i:04d}.png"), p) for i, p in read_prompts(args.from_file)]
     if not jobs:
         parser.error(f"--from-file {args.from_file}: no prompts, every line is blank")
-    pipe = load_pipeline(parser, args)
+    pipe = load_pipeline(parser, args, [prompt for _, prompt in jobs])
     for path, prompt in jobs:
         start = time.perf_counter()
         images, info = pipe.generate([prompt] * args.n, **sampling_options(args))

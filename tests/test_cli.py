@@ -93,6 +93,25 @@ def test_guidance_rescale_is_a_teacher_option(model, tmp_path, capsys):
     assert "teacher, 1 steps" in capsys.readouterr().out
 
 
+def test_prompt_weights_are_read_unless_off(model, tmp_path, capsys):
+    """'(red:1.0)' is 'red' with the default a1111 syntax; `--prompt-weights off` sends the brackets as text.
+    A bracket left open, or a weight inside a word, is a usage error before anything is drawn."""
+    def draw(name, prompt, *args):
+        txt2img.main([prompt, "--model", model, "--steps", "2", *args, "--out", str(tmp_path / f"{name}.png")])
+        return np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.int16)
+    plain = draw("plain", "a red circle")
+    assert np.array_equal(draw("one", "a (red:1.0) circle"), plain)
+    assert not np.array_equal(draw("literal", "a (red:1.0) circle", "--prompt-weights", "off"), plain)
+    assert not np.array_equal(draw("heavy", "a (red:3) circle"), plain)
+    for prompt, message in (("a (red circle", "is never closed"), ("a (red)dish circle", "must cover whole words")):
+        with pytest.raises(SystemExit) as e:
+            draw("bad", prompt)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        draw("bad", "a red circle", "--teacher", "--negative", "[blue")
+    assert "'[' at position 0 is never closed" in capsys.readouterr().err
+
+
 def test_txt2img_from_file_numbering_and_long_prompt(model, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\n" + "a very long prompt " * 10 + "\n")
