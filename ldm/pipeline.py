@@ -162,6 +162,19 @@ class TextToImage:
         self._loras.append(({"unet": lora["unet"], "text_encoder": {}}, scale, path))
         return n
 
+    def add_embedding(self, path: str, word: str | None = None) -> tuple[str, int]:
+        """A textual-inversion file (ldm.models.embeddings) as a new word of the CLIP text encoder, named
+        `word` or else after the file; returns (the word, its number of vectors)."""
+        from ldm.models.embeddings import embedding_word, read_embedding
+        from ldm.models.text import ClipTextEncoder
+        if not isinstance(self.text_encoder, ClipTextEncoder):
+            raise ValueError(f"textual-inversion embeddings need a CLIP text encoder (transformers), as SD 1.x/2.x "
+                             f"have; this model's is {type(self.text_encoder).__name__}")
+        _, vectors = read_embedding(path)
+        word = embedding_word(path, word)
+        self.text_encoder.add_embedding(word, vectors)
+        return word, len(vectors)
+
     def latent_shape(self, n: int) -> tuple[int, ...]:
         ae = self.autoencoder.config
         side = self.index.resolution // ae.downsample_factor

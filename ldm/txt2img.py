@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from ldm.diffusion.schedules import SPACINGS
+from ldm.models.embeddings import parse_embedding_arg
 from ldm.models.lora import parse_lora_arg
 from ldm.models.prompt_weights import parse_weighted, token_weights
 from ldm.pipeline import DECODER_PRECISIONS, DEFAULT_MODEL, INDEX_NAME, TextToImage
@@ -37,7 +38,7 @@ TEACHER_STEPS = 25     # else the teacher's: DDIM + CFG at 4 steps is far from c
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --negative, --guidance-rescale,
-    --prompt-weights, --lora, --device, --decoder-precision."""
+    --prompt-weights, --embedding, --lora, --device, --decoder-precision."""
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                         help="model folder with model_index.json (default: the shipped shapes64 model)")
     parser.add_argument("--steps", type=int, default=None,
@@ -66,6 +67,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="a1111 (default): read emphasis as the AUTOMATIC1111 web UI does, '(word:1.3)' weights "
                              "a word 1.3, '(word)' 1.1, '[word]' 1/1.1, '\\(' is a literal bracket; off: prompts "
                              "go to the text encoder as typed")
+    parser.add_argument("--embedding", action="append", default=[], metavar="FILE[:WORD]",
+                        help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers) as a new word for "
+                             "prompts and --negative: WORD, else the file's name; repeatable. CLIP models (SD 1.x/2.x)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="merge a LoRA into the model before sampling, scaled by SCALE (default 1); repeatable. "
                              "Reads diffusers/peft and kohya (A1111) files for SD 1.x/2.x and stage 2's lora.safetensors")
@@ -105,6 +109,15 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
                      f"is missing (train one with stages/, or pass --model DIR)")
     pipe = TextToImage.from_folder(args.model, device=args.device, decoder_precision=args.decoder_precision)
     pipe.prompt_weights = args.prompt_weights == "a1111"
+    for arg in args.embedding:
+        path, word = parse_embedding_arg(arg)
+        if not os.path.isfile(path):
+            parser.error(f"--embedding {arg!r}: no file {path!r}")
+        try:
+            word, k = pipe.add_embedding(path, word)
+        except ValueError as err:
+            parser.error(f"--embedding {arg!r}: {err}")
+        print(f"embedding {path}: {word!r}, {k} token{'s' if k > 1 else ''}")
     check_prompt_syntax(parser, args, prompts, pipe.text_encoder)
     for arg in args.lora:
         path, scale = parse_lora_arg(arg)

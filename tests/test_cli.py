@@ -112,6 +112,16 @@ def test_prompt_weights_are_read_unless_off(model, tmp_path, capsys):
     assert "'[' at position 0 is never closed" in capsys.readouterr().err
 
 
+def test_embedding_errors_are_usage_errors(model, tmp_path, capsys):
+    from safetensors.torch import save_file
+    save_file({"<w>": torch.zeros(1, 8)}, str(tmp_path / "w.safetensors"))
+    for arg, message in ((str(tmp_path / "none.pt"), "no file"),
+                         (str(tmp_path / "w.safetensors"), "need a CLIP text encoder")):
+        with pytest.raises(SystemExit) as e:
+            txt2img.main(["a red circle", "--model", model, "--embedding", arg, "--out", str(tmp_path / "x.png")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_txt2img_from_file_numbering_and_long_prompt(model, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\n" + "a very long prompt " * 10 + "\n")

@@ -233,10 +233,42 @@ class ClipTextEncoder(_Frozen):
         self.dim = self.model.config.hidden_size
         self.max_length = min(cfg.max_length, self.tokenizer.model_max_length,
                               self.model.config.max_position_embeddings)
+        self._words: dict[str, str] = {}          # textual-inversion word -> its tokens, space-separated
         self._freeze()
 
+    def add_embedding(self, word: str, vectors: torch.Tensor) -> list[str]:
+        """A textual-inversion word (ldm.models.embeddings): k new tokens with `vectors` (k, D) as their
+        input embeddings; a prompt's `word` then becomes all k. Returns the tokens."""
+        from ldm.models.embeddings import word_tokens
+        table = self.model.get_input_embeddings()
+        if vectors.shape[-1] != table.weight.shape[1]:
+            raise ValueError(f"the embedding's vectors are {vectors.shape[-1]} wide, this CLIP's tokens "
+                             f"{table.weight.shape[1]} (SD 1.x: 768, SD 2.x: 1024): made for another model")
+        tokens = word_tokens(word, len(vectors))
+        taken = [t for t in tokens if t in self.tokenizer.get_vocab()]
+        if taken:
+            raise ValueError(f"{taken[0]!r} is already a token of this tokenizer: pick another word (FILE:WORD)")
+        self.tokenizer.add_tokens(tokens)
+        self.model.resize_token_embeddings(len(self.tokenizer))
+        table = self.model.get_input_embeddings()
+        ids = self.tokenizer.convert_tokens_to_ids(tokens)
+        with torch.no_grad():
+            table.weight[ids] = vectors.to(table.weight)
+        self._words[word] = " ".join(tokens)
+        return tokens
+
+    def _expand_words(self, prompt: str) -> str:
+        """Each multi-vector word written out as its k tokens (diffusers' maybe_convert_prompt)."""
+        if not any(" " in t for t in self._words.values()):
+            return prompt
+        present = set(self.tokenizer.tokenize(prompt))
+        for word, tokens in self._words.items():
+            if word in present:
+                prompt = prompt.replace(word, tokens)
+        return prompt
+
     def tokenize(self, prompts):
-        prompts = _check_prompts(prompts)
+        prompts = [self._expand_words(p) for p in _check_prompts(prompts)]
         full = self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
         self._warn_truncation(prompts, [len(x) for x in full])
         enc = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
