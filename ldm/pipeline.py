@@ -28,6 +28,7 @@ from ldm.diffusion.schedules import schedule_from_config
 from ldm.distill.targets import coefficients
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.lora import merge_lora, read_lora
+from ldm.models.prompt_chunks import chunk_count, encode_chunked
 from ldm.models.prompt_weights import encode_weighted, parse_weighted, plain_text
 from ldm.models.text import ScratchTextEncoder, TextEncoderConfig, build_text_encoder
 from ldm.models.unet import UNet
@@ -181,11 +182,15 @@ class TextToImage:
         return (n, ae.z_channels, side, side)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> dict:
+    def encode_prompts(self, prompts: list[str], chunks: int | None = None) -> dict:
         """U-Net conditioning: the tokens, and the padding mask unless the U-Net was trained on every
         token (imported SD models: then no mask at all, the cheaper attention and diffusers' own call).
-        With `prompt_weights` on, "(word:1.3)" emphasis is read (ldm.models.prompt_weights)."""
-        if self.prompt_weights:
+        With `prompt_weights` on, "(word:1.3)" emphasis is read (ldm.models.prompt_weights).
+        chunks: with a CLIP text encoder, at least this many 77-token chunks side by side, and as many
+        as the longest prompt needs (ldm.models.prompt_chunks); None: one, longer prompts truncated."""
+        if chunks is not None and self.chunked_prompts:
+            context, mask = encode_chunked(self.text_encoder, prompts, chunks=chunks, weighted=self.prompt_weights)
+        elif self.prompt_weights:
             context, mask = encode_weighted(self.text_encoder, prompts)
         else:
             context, mask = self.text_encoder(prompts)
@@ -212,11 +217,20 @@ class TextToImage:
                               "square above a green triangle on a black background'): expect shapes, not what it "
                               "names (docs/model-card.md)", stacklevel=3)
 
+    @property
+    def chunked_prompts(self) -> bool:
+        """Whether long prompts go in as several chunks (CLIP text encoders) rather than truncated."""
+        return hasattr(self.text_encoder, "encode_ids")
+
+    def prompt_chunks(self, prompts: list[str]) -> int | None:
+        """The chunks that `prompts` and their CFG negative need together; None without chunking."""
+        return chunk_count(self.text_encoder, prompts, self.prompt_weights) if self.chunked_prompts else None
+
     def denoiser(self, net, prediction: str) -> Denoiser:
         return Denoiser(net, self.schedule, prediction, time_scale=self.index.time_scale)
 
     def model_function(self, steps: int, guidance: float, teacher: bool = False, negative: str = "",
-                       guidance_rescale: float = 0.0):
+                       guidance_rescale: float = 0.0, chunks: int | None = None):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
         with `negative` as the unconditional prompt (students were distilled with the empty one) and
         guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024)."""
@@ -232,7 +246,7 @@ class TextToImage:
                               "the teacher's guidance (docs/stage3-distill.md)", stacklevel=3)
             model = self.denoiser(net, self.index.student_prediction)
             return model, lambda cond: {**cond, "w": guidance}, {"model": f"student-{steps}", "nfe_per_step": 1}
-        uncond = self.encode_prompts([negative])
+        uncond = self.encode_prompts([negative], chunks)
         if guidance_rescale:   # rescale the net's eps / v, then convert: the rescale is not linear
             model = self.denoiser(cfg(self.unet, guidance, uncond, guidance_rescale), self.index.prediction)
         else:
@@ -267,7 +281,8 @@ class TextToImage:
             raise ValueError("a mask needs init latents (the image to inpaint)")
         self.check_prompts(prompts)
         w = self.index.guidance if guidance is None else float(guidance)
-        model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale)
+        chunks = self.prompt_chunks([*prompts, negative])      # cond and uncond alike (prompt_chunks.py)
+        model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks)
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
             warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
                           f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
@@ -291,7 +306,7 @@ class TextToImage:
         step_gen = torch.Generator(device=self.device).manual_seed(seed + 1)   # sampler noise, on device
         if mask is not None:
             model = keep_known(model, init, mask, self.schedule, step_gen)
-        cond = self.encode_prompts(prompts)
+        cond = self.encode_prompts(prompts, chunks)
         z = SAMPLERS[sampler](counted(model, info, per_call), x, ts, self.schedule, extra_args=extra_args(cond),
                               disable=not progress, generator=step_gen)
         if mask is not None:

@@ -91,7 +91,8 @@ def check_prompt_syntax(parser: argparse.ArgumentParser, args, prompts: list[str
     for prompt in [*prompts, args.negative]:
         try:
             pieces = parse_weighted(prompt)
-            if encoder is not None and any(w != 1.0 for _, w in pieces):
+            chunked = hasattr(encoder, "encode_ids")   # CLIP: pieces are tokenized alone (prompt_chunks.py)
+            if encoder is not None and not chunked and any(w != 1.0 for _, w in pieces):
                 token_weights(encoder, pieces)
         except ValueError as err:
             parser.error(f"{err} (or --prompt-weights off)")

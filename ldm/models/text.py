@@ -275,16 +275,22 @@ class ClipTextEncoder(_Frozen):
                              return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"].bool()
 
+    def token_ids(self, text: str) -> list[int]:
+        """The ids of `text` without the start and end tokens, untruncated (embedding words written out)."""
+        return self.tokenizer(self._expand_words(text), add_special_tokens=False, verbose=False)["input_ids"]
+
     @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids, start/end/padding included -> (B, L, D) from the configured layer."""
+        # No attention mask into CLIP, as in SD: it is causal, so padding never reaches real tokens.
+        out = self.model(input_ids=ids.to(self.model.device), output_hidden_states=self.cfg.layer == "penultimate")
+        if self.cfg.layer == "penultimate":
+            return getattr(self.model, "text_model", self.model).final_layer_norm(out.hidden_states[-2])
+        return out.last_hidden_state
+
     def forward(self, prompts):
         ids, mask = self.tokenize(prompts)
-        ids, mask = ids.to(self.model.device), mask.to(self.model.device)
-        # No attention mask into CLIP, as in SD: it is causal, so padding never reaches real tokens.
-        out = self.model(input_ids=ids, output_hidden_states=self.cfg.layer == "penultimate")
-        if self.cfg.layer == "penultimate":
-            hidden = getattr(self.model, "text_model", self.model).final_layer_norm(out.hidden_states[-2])
-            return hidden, self._context_mask(mask)
-        return out.last_hidden_state, self._context_mask(mask)
+        return self.encode_ids(ids), self._context_mask(mask.to(self.model.device))
 
 
 def _read_state_dict(path: str) -> dict:
