@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from ldm.txt2img import add_model_args, finish, load_image, load_pipeline, sampling_options
+from ldm.txt2img import add_model_args, finish, load_image, load_pipeline, sampling_options, settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     image = load_image(args.image, pipe.index.resolution)
     start = time.perf_counter()
     images, info = pipe.img2img(image, [args.prompt], strength=args.strength, **sampling_options(args))
-    finish(images, info, start, args.out)
+    finish(images, info, start, args.out, settings(args, args.prompt, info, strength=args.strength, image=args.image))
 
 
 if __name__ == "__main__":

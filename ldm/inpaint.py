@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from ldm.txt2img import add_model_args, finish, load_image, load_pipeline, sampling_options
+from ldm.txt2img import add_model_args, finish, load_image, load_pipeline, sampling_options, settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: mask {args.mask} has no white pixel: the output is the input", file=sys.stderr)
     start = time.perf_counter()
     images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], **sampling_options(args))
-    finish(images, info, start, args.out)
+    finish(images, info, start, args.out, settings(args, args.prompt, info, image=args.image, mask=args.mask))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ conditional model, Stable Diffusion's scale s is w = s - 1.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -21,6 +22,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from ldm.diffusion.schedules import SPACINGS
 from ldm.models.embeddings import parse_embedding_arg
@@ -152,18 +154,47 @@ def show_progress() -> bool:
     return sys.stderr.isatty()
 
 
-def save_images(images: torch.Tensor, path: str) -> None:
-    """(K, 3, H, W) in [-1, 1] -> one PNG: the image itself for K = 1, else a near-square grid."""
+SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "heun": "Heun", "dpmpp_2m": "DPM++ 2M", "ddpm": "DDPM",
+                 "stochastic": "Meng stochastic"}        # as the A1111 web UI names them, where it has them
+
+
+def settings(args, prompt: str, info: dict, **extra) -> dict:
+    """Everything that decides the image: the CLI's settings as run (JSON-ready), `extra` for img2img/inpaint."""
+    return {"prompt": prompt, "negative": args.negative, "steps": args.steps, "guidance": info["guidance"],
+            "seed": args.seed, "n": getattr(args, "n", 1), "sampler": args.sampler, "spacing": info["spacing"],
+            "teacher": args.teacher, "guidance_rescale": args.guidance_rescale,
+            "prompt_weights": args.prompt_weights, "model": args.model, "drawn_by": info["model"],
+            "lora": list(args.lora), "embedding": list(args.embedding), **extra}
+
+
+def png_info(run: dict, size: tuple[int, int]) -> PngInfo:
+    """Two text chunks: `parameters` in the A1111 web UI's layout, which image sites and other UIs read
+    (CFG scale is SD's 1 + w), and `ldm`, the JSON of `settings`, to draw the image again."""
+    sampler = SAMPLER_NAMES.get(run["sampler"], run["sampler"]) + (" Karras" if run["spacing"] == "karras" else "")
+    lines = [run["prompt"]] + ([f"Negative prompt: {run['negative']}"] if run["negative"] else [])
+    lines.append(f"Steps: {run['steps']}, Sampler: {sampler}, CFG scale: {1 + run['guidance']:g}, "
+                 f"Seed: {run['seed']}, Size: {size[0]}x{size[1]}, Model: {os.path.basename(run['model'].rstrip('/'))}")
+    meta = PngInfo()
+    meta.add_text("parameters", "\n".join(lines))
+    meta.add_text("ldm", json.dumps(run))
+    return meta
+
+
+def save_images(images: torch.Tensor, path: str, run: dict | None = None) -> None:
+    """(K, 3, H, W) in [-1, 1] -> one PNG: the image itself for K = 1, else a near-square grid;
+    with `run` (see `settings`) its settings go into the file as text chunks."""
     grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=0 if len(images) == 1 else 2)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(grid)).save(path)
+    meta = None if run is None else png_info(run, (images.shape[-1], images.shape[-2]))
+    Image.fromarray(np.ascontiguousarray(grid)).save(path, pnginfo=meta)
 
 
-def finish(images: torch.Tensor, info: dict, start: float, path: str) -> None:
-    """Save the images and print the model, steps, NFE and wall time since `start` (GPU work included)."""
+def finish(images: torch.Tensor, info: dict, start: float, path: str, run: dict | None = None) -> None:
+    """Save the images (with `run`'s settings in the PNG) and print the model, steps, NFE and wall time
+    since `start` (GPU work included)."""
     if images.is_cuda:
         torch.cuda.synchronize()
-    save_images(images, path)
+    save_images(images, path, run)
     sampler = info["sampler"] + ("" if info.get("spacing", "trailing") == "trailing" else f" ({info['spacing']})")
     print(f"{path}: {info['model']}, {info['steps']} steps, {sampler}, w={info['guidance']:g}, "
           f"NFE {info['nfe']}, {time.perf_counter() - start:.2f} s")
@@ -220,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     for path, prompt in jobs:
         start = time.perf_counter()
         images, info = pipe.generate([prompt] * args.n, **sampling_options(args))
-        finish(images, info, start, path)
+        finish(images, info, start, path, settings(args, prompt, info))
 
 
 if __name__ == "__main__":

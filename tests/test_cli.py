@@ -122,6 +122,31 @@ def test_embedding_errors_are_usage_errors(model, tmp_path, capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_png_holds_the_settings_that_draw_it_again(model, tmp_path):
+    txt2img.main(["a (red:1.2) circle", "--model", model, "--steps", "3", "--teacher", "--guidance", "1.5",
+                  "--seed", "7", "--sampler", "dpmpp_2m", "--spacing", "karras", "--negative", "blue",
+                  "--guidance-rescale", "0.5", "--out", str(tmp_path / "a.png")])
+    with Image.open(tmp_path / "a.png") as im:
+        text = dict(im.text)
+    assert text["parameters"] == ("a (red:1.2) circle\nNegative prompt: blue\nSteps: 3, Sampler: DPM++ 2M Karras, "
+                                  f"CFG scale: 2.5, Seed: 7, Size: {RES}x{RES}, Model: {model.rstrip('/').split('/')[-1]}")
+    import json
+    run = json.loads(text["ldm"])
+    assert run["drawn_by"] == "teacher" and run["guidance_rescale"] == 0.5
+    flags = ["--steps", run["steps"], "--guidance", run["guidance"], "--seed", run["seed"], "--sampler", run["sampler"],
+             "--spacing", run["spacing"], "--negative", run["negative"], "--guidance-rescale", run["guidance_rescale"],
+             "--prompt-weights", run["prompt_weights"], "--model", run["model"]]
+    txt2img.main([run["prompt"], *map(str, flags), *(["--teacher"] if run["teacher"] else []),
+                  "--out", str(tmp_path / "b.png")])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    write_image(tmp_path / "in.png")
+    img2img.main(["a blue square", "--image", str(tmp_path / "in.png"), "--strength", "0.5", "--steps", "2",
+                  "--model", model, "--out", str(tmp_path / "i.png")])
+    with Image.open(tmp_path / "i.png") as im:
+        run = json.loads(im.text["ldm"])
+    assert (run["strength"], run["image"], run["drawn_by"]) == (0.5, str(tmp_path / "in.png"), "student-2")
+
+
 def test_txt2img_from_file_numbering_and_long_prompt(model, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\n" + "a very long prompt " * 10 + "\n")
