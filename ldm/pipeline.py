@@ -176,10 +176,17 @@ class TextToImage:
         self.text_encoder.add_embedding(word, vectors)
         return word, len(vectors)
 
-    def latent_shape(self, n: int) -> tuple[int, ...]:
+    def latent_shape(self, n: int, size: tuple[int, int] | None = None) -> tuple[int, ...]:
+        """(n, C, h, w) of the latents for images of `size` = (width, height) px, default the model's square.
+        ValueError unless each side is a multiple of the autoencoder's factor times the U-Net's."""
         ae = self.autoencoder.config
-        side = self.index.resolution // ae.downsample_factor
-        return (n, ae.z_channels, side, side)
+        width, height = size or (self.index.resolution,) * 2
+        multiple = ae.downsample_factor * 2 ** (len(self.unet.cfg.channels) - 1)
+        if width % multiple or height % multiple or min(width, height) < multiple:
+            raise ValueError(f"image size {width}x{height}: each side must be a positive multiple of {multiple} "
+                             f"(the autoencoder's factor {ae.downsample_factor} times the U-Net's "
+                             f"{multiple // ae.downsample_factor})")
+        return (n, ae.z_channels, height // ae.downsample_factor, width // ae.downsample_factor)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], chunks: int | None = None) -> dict:
@@ -257,7 +264,7 @@ class TextToImage:
     def sample(self, prompts: list[str], *, steps: int, guidance: float | None = None, seed: int = 0,
                teacher: bool = False, sampler: str = "ddim", init: torch.Tensor | None = None,
                strength: float = 1.0, mask: torch.Tensor | None = None, negative: str = "",
-               spacing: str | None = None, guidance_rescale: float = 0.0,
+               spacing: str | None = None, guidance_rescale: float = 0.0, size: tuple[int, int] | None = None,
                progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
@@ -268,15 +275,21 @@ class TextToImage:
 
         init: latents to start from (SDEdit, Meng et al. 2022): noised to the grid time that leaves
         round(strength * steps) steps, and only those are run. mask (B, 1, h, w), 1 = repaint:
-        the rest is held to `init` at every step (see `keep_known`).
+        the rest is held to `init` at every step (see `keep_known`). size: (width, height) in pixels,
+        default the model's resolution; the U-Net and the autoencoder are convolutional and our position
+        features resolution-free, so any multiple of `latent_shape`'s factor runs (what a model does at a
+        size it was not trained at is its own affair: SD 1.x was trained at 512 px).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
-        if init is not None and init.shape != self.latent_shape(len(prompts)):
+        if init is not None and size is not None:
+            raise ValueError("give init latents or a size, not both: the latents set the size")
+        shape = self.latent_shape(len(prompts), size) if init is None else init.shape
+        if init is not None and (init.ndim != 4 or init.shape[:2] != self.latent_shape(len(prompts))[:2]):
             raise ValueError(f"init latents {tuple(init.shape)} do not fit {len(prompts)} prompt(s): "
-                             f"expected {self.latent_shape(len(prompts))}")
+                             f"expected {self.latent_shape(len(prompts))[:2]} and two spatial dims")
         if mask is not None and init is None:
             raise ValueError("a mask needs init latents (the image to inpaint)")
         self.check_prompts(prompts)
@@ -299,7 +312,7 @@ class TextToImage:
             return init, info
         ts = ts[steps - run:]                               # the remaining part of the grid
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        x = initial_noise(self.schedule, ts, self.latent_shape(len(prompts)), generator=gen).to(self.device)
+        x = initial_noise(self.schedule, ts, shape, generator=gen).to(self.device)
         if init is not None:
             alpha, sigma = (float(c) for c in self.schedule.alpha_sigma(ts[0]))
             x = alpha * init + sigma * x                    # q(z_t | z_0): SDEdit's starting point

@@ -160,11 +160,14 @@ SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "heun": "Heun", "dpmpp_2m": "
 
 def settings(args, prompt: str, info: dict, **extra) -> dict:
     """Everything that decides the image: the CLI's settings as run (JSON-ready), `extra` for img2img/inpaint."""
-    return {"prompt": prompt, "negative": args.negative, "steps": args.steps, "guidance": info["guidance"],
-            "seed": args.seed, "n": getattr(args, "n", 1), "sampler": args.sampler, "spacing": info["spacing"],
-            "teacher": args.teacher, "guidance_rescale": args.guidance_rescale,
-            "prompt_weights": args.prompt_weights, "model": args.model, "drawn_by": info["model"],
-            "lora": list(args.lora), "embedding": list(args.embedding), **extra}
+    run = {"prompt": prompt, "negative": args.negative, "steps": args.steps, "guidance": info["guidance"],
+           "seed": args.seed, "n": getattr(args, "n", 1), "sampler": args.sampler, "spacing": info["spacing"],
+           "teacher": args.teacher, "guidance_rescale": args.guidance_rescale,
+           "prompt_weights": args.prompt_weights, "model": args.model, "drawn_by": info["model"],
+           "lora": list(args.lora), "embedding": list(args.embedding), **extra}
+    if getattr(args, "size", None):
+        run["size"] = list(args.size)
+    return run
 
 
 def png_info(run: dict, size: tuple[int, int]) -> PngInfo:
@@ -223,6 +226,15 @@ def read_prompts(path: str) -> list[tuple[int, str]]:
         return [(i, line.strip()) for i, line in enumerate(f.read().splitlines()) if line.strip()]
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x768' -> (512, 768): width, height."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x768, got {text!r}") from None
+    return width, height
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldm.txt2img", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-file", metavar="PROMPTS.txt",
                         help="one prompt per line; writes OUTDIR/{line:04d}.png (line 0 first, blank lines skipped)")
     parser.add_argument("--outdir", default="txt2img", metavar="DIR", help="output folder for --from-file")
+    parser.add_argument("--size", type=parse_size, default=None, metavar="WxH",
+                        help="image width x height in pixels, e.g. 512x768 (default: the model's square resolution); "
+                             "each side a multiple of the autoencoder's and U-Net's downsampling (8 x 8 for SD)")
     add_model_args(parser)
     return parser
 
@@ -248,9 +263,13 @@ def main(argv: list[str] | None = None) -> None:
     if not jobs:
         parser.error(f"--from-file {args.from_file}: no prompts, every line is blank")
     pipe = load_pipeline(parser, args, [prompt for _, prompt in jobs])
+    try:
+        pipe.latent_shape(1, args.size)
+    except ValueError as err:
+        parser.error(f"--size: {err}")
     for path, prompt in jobs:
         start = time.perf_counter()
-        images, info = pipe.generate([prompt] * args.n, **sampling_options(args))
+        images, info = pipe.generate([prompt] * args.n, **sampling_options(args), size=args.size)
         finish(images, info, start, path, settings(args, prompt, info))
 
 

@@ -147,6 +147,19 @@ def test_png_holds_the_settings_that_draw_it_again(model, tmp_path):
     assert (run["strength"], run["image"], run["drawn_by"]) == (0.5, str(tmp_path / "in.png"), "student-2")
 
 
+def test_txt2img_size(model, tmp_path, capsys):
+    txt2img.main(["a red circle", "--model", model, "--steps", "2", "--size", f"{2 * RES}x{RES}",
+                  "--out", str(tmp_path / "wide.png")])
+    assert size(tmp_path / "wide.png") == (2 * RES, RES)
+    txt2img.main(["a red circle", "--model", model, "--steps", "2", "--size", f"{RES}x{RES}", "--out", str(tmp_path / "sq.png")])
+    txt2img.main(["a red circle", "--model", model, "--steps", "2", "--out", str(tmp_path / "default.png")])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "sq.png")), np.asarray(Image.open(tmp_path / "default.png")))
+    for bad, message in (("30x32", "each side must be a positive multiple of"), ("big", "expected WIDTHxHEIGHT")):
+        with pytest.raises(SystemExit) as e:
+            txt2img.main(["a red circle", "--model", model, "--size", bad, "--out", str(tmp_path / "x.png")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_txt2img_from_file_numbering_and_long_prompt(model, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\n" + "a very long prompt " * 10 + "\n")

@@ -67,6 +67,28 @@ def test_zero_terminal_snr_and_guidance_rescale_draw_what_diffusers_draws(tmp_pa
     assert (ours - plain).abs().max() > 2e-3                   # the rescale changed the images (10x the tolerance)
 
 
+def test_non_square_sizes_draw_what_diffusers_draws(tmp_path, one_thread):
+    """size=(width, height): the latents (B, C, h/8, w/8) as diffusers' height/width make them, same images."""
+    theirs = write_sd_pipeline(tmp_path)
+    convert(str(tmp_path / "sd"), str(tmp_path / "model"))
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    width, height = 2 * TINY.image, TINY.image
+    shape = pipe.latent_shape(len(PROMPTS), (width, height))
+    assert shape[2:] == (height // 2, width // 2)                 # the tiny VAE downsamples by 2
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(3), shape, generator=torch.Generator().manual_seed(0))
+    ours, _ = pipe.generate(PROMPTS, steps=3, seed=0, size=(width, height))
+    assert ours.shape == (2, 3, height, width)
+    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
+                                                           set_alpha_to_one=True, steps_offset=1)
+    theirs.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        reference = theirs(PROMPTS, height=height, width=width, num_inference_steps=3, guidance_scale=1 + pipe.index.guidance,
+                           latents=noise, output_type="pt").images
+    torch.testing.assert_close(ours * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+    with pytest.raises(ValueError, match="each side must be a positive multiple of"):
+        pipe.latent_shape(1, (width + 2, height))
+
+
 def test_padding_is_seen_as_sd_was_trained(tmp_path, one_thread):
     """SD's U-Net attends to all 77 tokens, padding included; masking it would change every image."""
     write_sd_pipeline(tmp_path)
