@@ -261,7 +261,7 @@ class TextToImage:
         return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1 if guidance == 0 else 2}
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], *, steps: int, guidance: float | None = None, seed: int = 0,
+    def sample(self, prompts: list[str], *, steps: int, guidance: float | None = None, seed: int | list[int] = 0,
                teacher: bool = False, sampler: str = "ddim", init: torch.Tensor | None = None,
                strength: float = 1.0, mask: torch.Tensor | None = None, negative: str = "",
                spacing: str | None = None, guidance_rescale: float = 0.0, size: tuple[int, int] | None = None,
@@ -272,6 +272,9 @@ class TextToImage:
         eq. 5) for the teacher's heun, the pairing of their paper, else "trailing". Heun on a trailing
         grid that starts at the shapes64 teacher's s = sigma / alpha of 22026 multiplies the change of
         the denoiser over its first step by ~2000 (1% of prompts right, docs/sampling.md).
+        seed: one seed for the batch's noise, or one per prompt (a list): then image i is what seed[i]
+        draws alone, as far as the starting noise decides it (all of it for ddim, euler, heun and
+        dpmpp_2m; the stochastic samplers' later noise comes from seed[0] for the whole batch).
 
         init: latents to start from (SDEdit, Meng et al. 2022): noised to the grid time that leaves
         round(strength * steps) steps, and only those are run. mask (B, 1, h, w), 1 = repaint:
@@ -311,8 +314,15 @@ class TextToImage:
         if run == 0:                                        # strength 0: nothing to do
             return init, info
         ts = ts[steps - run:]                               # the remaining part of the grid
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        x = initial_noise(self.schedule, ts, shape, generator=gen).to(self.device)
+        if isinstance(seed, int):
+            x = initial_noise(self.schedule, ts, shape, generator=torch.Generator().manual_seed(seed))
+        elif len(seed) != len(prompts):
+            raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts: give one seed, or one per prompt")
+        else:
+            x = torch.cat([initial_noise(self.schedule, ts, (1, *shape[1:]), generator=torch.Generator().manual_seed(s))
+                           for s in seed])
+            seed = seed[0]
+        x = x.to(self.device)
         if init is not None:
             alpha, sigma = (float(c) for c in self.schedule.alpha_sigma(ts[0]))
             x = alpha * init + sigma * x                    # q(z_t | z_0): SDEdit's starting point
@@ -327,7 +337,7 @@ class TextToImage:
         return z, info
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, steps: int, guidance: float | None = None, seed: int = 0,
+    def generate(self, prompts: list[str], *, steps: int, guidance: float | None = None, seed: int | list[int] = 0,
                  **kwargs) -> tuple[torch.Tensor, dict]:
         """Images (B, 3, H, W) in [-1, 1] and info {model, steps, nfe}; a student when one has `steps`.
         kwargs: `sample`'s teacher, sampler, negative, spacing, guidance_rescale, progress."""

@@ -239,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldm.txt2img", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", default=None, help='the prompt ("" is the unconditional model)')
-    parser.add_argument("--n", type=int, default=1, metavar="K", help="images per prompt, saved as one grid")
+    parser.add_argument("--n", type=int, default=1, metavar="K",
+                        help="images per prompt, saved as one grid; image i has seed SEED+i (for ddim, euler, heun "
+                             "and dpmpp_2m it is what --seed SEED+i draws alone)")
     parser.add_argument("--out", default="txt2img.png", metavar="FILE.png", help="output for a single prompt")
     parser.add_argument("--from-file", metavar="PROMPTS.txt",
                         help="one prompt per line; writes OUTDIR/{line:04d}.png (line 0 first, blank lines skipped)")
@@ -269,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--size: {err}")
     for path, prompt in jobs:
         start = time.perf_counter()
-        images, info = pipe.generate([prompt] * args.n, **sampling_options(args), size=args.size)
+        seeds = [args.seed + i for i in range(args.n)]   # image i of a grid is `--seed SEED+i` alone
+        images, info = pipe.generate([prompt] * args.n, **{**sampling_options(args), "seed": seeds}, size=args.size)
         finish(images, info, start, path, settings(args, prompt, info))
 
 

@@ -147,6 +147,20 @@ def test_png_holds_the_settings_that_draw_it_again(model, tmp_path):
     assert (run["strength"], run["image"], run["drawn_by"]) == (0.5, str(tmp_path / "in.png"), "student-2")
 
 
+def test_each_image_of_a_grid_has_its_own_seed(model, tmp_path):
+    """--n 4 --seed 5: image i is what --seed 5+i draws alone (A1111's rule), for the teacher and the student."""
+    for extra in ([], ["--teacher", "--sampler", "dpmpp_2m"]):
+        txt2img.main(["a red circle", "--model", model, "--steps", "2", "--n", "4", "--seed", "5", *extra,
+                      "--out", str(tmp_path / "grid.png")])
+        txt2img.main(["a red circle", "--model", model, "--steps", "2", "--seed", "7", *extra,
+                      "--out", str(tmp_path / "one.png")])
+        grid = np.asarray(Image.open(tmp_path / "grid.png"), dtype=np.int16)
+        tile = grid[2 + RES + 2: 2 + RES + 2 + RES, 2: 2 + RES]              # row 1, column 0: image 2
+        one = np.asarray(Image.open(tmp_path / "one.png"), dtype=np.int16)
+        assert np.abs(tile - one).max() <= 1                                # a batch of 4 vs 1: rounding at most
+        assert np.abs(grid[2: 2 + RES, 2: 2 + RES] - one).max() > 8         # image 0 is another draw
+
+
 def test_txt2img_size(model, tmp_path, capsys):
     txt2img.main(["a red circle", "--model", model, "--steps", "2", "--size", f"{2 * RES}x{RES}",
                   "--out", str(tmp_path / "wide.png")])
