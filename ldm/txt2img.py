@@ -165,8 +165,9 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
            "teacher": args.teacher, "guidance_rescale": args.guidance_rescale,
            "prompt_weights": args.prompt_weights, "model": args.model, "drawn_by": info["model"],
            "lora": list(args.lora), "embedding": list(args.embedding), **extra}
-    if getattr(args, "size", None):
-        run["size"] = list(args.size)
+    for key in ("size", "hires"):
+        if getattr(args, key, None):
+            run[key] = list(getattr(args, key))
     return run
 
 
@@ -235,6 +236,18 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def parse_hires(text: str) -> tuple[float, float]:
+    """'2' -> (2.0, 0.7); '1.5:0.6' -> (1.5, 0.6): scale > 1, strength in (0, 1]."""
+    scale, _, strength = text.partition(":")
+    try:
+        value = (float(scale), float(strength) if strength else 0.7)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SCALE[:STRENGTH] such as 2:0.6, got {text!r}") from None
+    if value[0] <= 1 or not 0 < value[1] <= 1:
+        raise argparse.ArgumentTypeError(f"SCALE must be > 1 and STRENGTH in (0, 1], got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldm.txt2img", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-file", metavar="PROMPTS.txt",
                         help="one prompt per line; writes OUTDIR/{line:04d}.png (line 0 first, blank lines skipped)")
     parser.add_argument("--outdir", default="txt2img", metavar="DIR", help="output folder for --from-file")
+    parser.add_argument("--hires", type=parse_hires, default=None, metavar="SCALE[:STRENGTH]",
+                        help="'hires fix' (as the A1111 web UI's, latent upscaler): draw at --size, enlarge the "
+                             "latents SCALE times, redraw them at STRENGTH (default 0.7) with --steps; e.g. 2:0.6")
     parser.add_argument("--size", type=parse_size, default=None, metavar="WxH",
                         help="image width x height in pixels, e.g. 512x768 (default: the model's square resolution); "
                              "each side a multiple of the autoencoder's and U-Net's downsampling (8 x 8 for SD)")
@@ -265,14 +281,21 @@ def main(argv: list[str] | None = None) -> None:
     if not jobs:
         parser.error(f"--from-file {args.from_file}: no prompts, every line is blank")
     pipe = load_pipeline(parser, args, [prompt for _, prompt in jobs])
-    try:
-        pipe.latent_shape(1, args.size)
-    except ValueError as err:
-        parser.error(f"--size: {err}")
+    width, height = args.size or (pipe.index.resolution,) * 2
+    for flag, size in (("--size", (width, height)),
+                       ("--hires", (round(width * args.hires[0]), round(height * args.hires[0])) if args.hires else None)):
+        try:
+            pipe.latent_shape(1, size)
+        except ValueError as err:
+            parser.error(f"{flag}: {err}")
     for path, prompt in jobs:
         start = time.perf_counter()
         seeds = [args.seed + i for i in range(args.n)]   # image i of a grid is `--seed SEED+i` alone
-        images, info = pipe.generate([prompt] * args.n, **{**sampling_options(args), "seed": seeds}, size=args.size)
+        options = {**sampling_options(args), "seed": seeds, "size": args.size}
+        if args.hires:
+            images, info = pipe.hires([prompt] * args.n, scale=args.hires[0], strength=args.hires[1], **options)
+        else:
+            images, info = pipe.generate([prompt] * args.n, **options)
         finish(images, info, start, path, settings(args, prompt, info))
 
 

@@ -161,6 +161,18 @@ def test_each_image_of_a_grid_has_its_own_seed(model, tmp_path):
         assert np.abs(grid[2: 2 + RES, 2: 2 + RES] - one).max() > 8         # image 0 is another draw
 
 
+def test_hires_fix_draws_twice_at_two_sizes(model, tmp_path, capsys):
+    txt2img.main(["a red circle", "--model", model, "--steps", "4", "--teacher", "--guidance", "1", "--hires", "2:0.5",
+                  "--out", str(tmp_path / "big.png")])
+    assert size(tmp_path / "big.png") == (2 * RES, 2 * RES)
+    assert "teacher, 6 steps, ddim, w=1, NFE 12," in capsys.readouterr().out     # 4 + 2 steps, CFG: 2 a step
+    for bad, message in (("1.1", "each side must be a positive multiple of"), ("0.5", "SCALE must be > 1"),
+                         ("2:0", "STRENGTH in (0, 1]")):
+        with pytest.raises(SystemExit) as e:
+            txt2img.main(["a red circle", "--model", model, "--hires", bad, "--out", str(tmp_path / "x.png")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_txt2img_size(model, tmp_path, capsys):
     txt2img.main(["a red circle", "--model", model, "--steps", "2", "--size", f"{2 * RES}x{RES}",
                   "--out", str(tmp_path / "wide.png")])

@@ -89,6 +89,26 @@ def test_non_square_sizes_draw_what_diffusers_draws(tmp_path, one_thread):
         pipe.latent_shape(1, (width + 2, height))
 
 
+def test_sdedit_on_latents_draws_what_diffusers_img2img_draws(tmp_path, one_thread):
+    """sample(init=latents, strength) as diffusers' StableDiffusionImg2ImgPipeline given the same latents
+    (it takes 4-channel images as latents): the same grid tail, noise and steps; non-square, as the
+    second pass of `hires` runs it."""
+    theirs = write_sd_pipeline(tmp_path)
+    convert(str(tmp_path / "sd"), str(tmp_path / "model"))
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    init = torch.randn(2, 4, TINY.image // 2, TINY.image, generator=torch.Generator().manual_seed(3))
+    z, info = pipe.sample(PROMPTS, steps=4, seed=0, init=init, strength=0.5)
+    assert info["steps"] == 2 and info["nfe"] == 4
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**theirs.components)
+    img2img.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
+                                                            set_alpha_to_one=True, steps_offset=1)
+    img2img.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        reference = img2img(PROMPTS, image=init, strength=0.5, num_inference_steps=4, guidance_scale=1 + pipe.index.guidance,
+                            generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(pipe.decode(z) * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+
+
 def test_padding_is_seen_as_sd_was_trained(tmp_path, one_thread):
     """SD's U-Net attends to all 77 tokens, padding included; masking it would change every image."""
     write_sd_pipeline(tmp_path)
