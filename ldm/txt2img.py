@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-file", metavar="PROMPTS.txt",
                         help="one prompt per line; writes OUTDIR/{line:04d}.png (line 0 first, blank lines skipped)")
     parser.add_argument("--outdir", default="txt2img", metavar="DIR", help="output folder for --from-file")
+    parser.add_argument("--replay", metavar="FILE.png", default=None,
+                        help="draw again with the settings stored in a PNG this command wrote (prompt, seed, model, "
+                             "...); flags given with it override them")
     parser.add_argument("--hires", type=parse_hires, default=None, metavar="SCALE[:STRENGTH]",
                         help="'hires fix' (as the A1111 web UI's, latent upscaler): draw at --size, enlarge the "
                              "latents SCALE times, redraw them at STRENGTH (default 0.7) with --steps; e.g. 2:0.6")
@@ -269,9 +272,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+REPLAYED = ("prompt", "negative", "steps", "guidance", "seed", "n", "sampler", "spacing", "teacher",
+            "guidance_rescale", "prompt_weights", "model", "lora", "embedding", "size", "hires")
+
+
+def replay_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The settings a PNG of ours holds (its `ldm` chunk, see `settings`), as parser defaults."""
+    try:
+        with Image.open(path) as im:
+            run = json.loads(im.text["ldm"])
+    except (OSError, KeyError, ValueError) as err:
+        parser.error(f"--replay {path}: no settings of ours in it ({type(err).__name__}: {err})")
+    if "image" in run:
+        parser.error(f"--replay {path}: drawn by img2img/inpaint from {run['image']}; replay it there")
+    return {k: tuple(v) if k in ("size", "hires") else v for k, v in run.items() if k in REPLAYED}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if args.replay:   # the PNG's settings become the defaults: flags given now still win
+        parser.set_defaults(**replay_defaults(parser, args.replay))
+        args = parser.parse_args(argv)
     if (args.prompt is None) == (args.from_file is None):
         parser.error("give exactly one of a prompt or --from-file")
     if args.n < 1:

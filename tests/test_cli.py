@@ -122,7 +122,7 @@ def test_embedding_errors_are_usage_errors(model, tmp_path, capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_png_holds_the_settings_that_draw_it_again(model, tmp_path):
+def test_png_holds_the_settings_that_draw_it_again(model, tmp_path, capsys):
     txt2img.main(["a (red:1.2) circle", "--model", model, "--steps", "3", "--teacher", "--guidance", "1.5",
                   "--seed", "7", "--sampler", "dpmpp_2m", "--spacing", "karras", "--negative", "blue",
                   "--guidance-rescale", "0.5", "--out", str(tmp_path / "a.png")])
@@ -139,12 +139,21 @@ def test_png_holds_the_settings_that_draw_it_again(model, tmp_path):
     txt2img.main([run["prompt"], *map(str, flags), *(["--teacher"] if run["teacher"] else []),
                   "--out", str(tmp_path / "b.png")])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    txt2img.main(["--replay", str(tmp_path / "a.png"), "--out", str(tmp_path / "c.png")])      # the same, in one flag
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "c.png")))
+    txt2img.main(["--replay", str(tmp_path / "a.png"), "--seed", "8", "--out", str(tmp_path / "d.png")])
+    with Image.open(tmp_path / "d.png") as im:                                             # a flag given wins
+        assert json.loads(im.text["ldm"])["seed"] == 8 and json.loads(im.text["ldm"])["negative"] == "blue"
     write_image(tmp_path / "in.png")
     img2img.main(["a blue square", "--image", str(tmp_path / "in.png"), "--strength", "0.5", "--steps", "2",
                   "--model", model, "--out", str(tmp_path / "i.png")])
     with Image.open(tmp_path / "i.png") as im:
         run = json.loads(im.text["ldm"])
     assert (run["strength"], run["image"], run["drawn_by"]) == (0.5, str(tmp_path / "in.png"), "student-2")
+    for png, message in (("i.png", "drawn by img2img/inpaint"), ("in.png", "no settings of ours")):
+        with pytest.raises(SystemExit):
+            txt2img.main(["--replay", str(tmp_path / png)])
+        assert message in capsys.readouterr().err
 
 
 def test_each_image_of_a_grid_has_its_own_seed(model, tmp_path):
