@@ -12,7 +12,8 @@ import argparse
 import sys
 import time
 
-from ldm.txt2img import add_model_args, finish, load_image, load_pipeline, sampling_options, settings
+from ldm.txt2img import (add_model_args, control_options, finish, load_image, load_pipeline, sampling_options,
+                         settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +34,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--strength must be in [0, 1], got {args.strength}")
     pipe = load_pipeline(parser, args, [args.prompt])
     image = load_image(args.image, pipe.index.resolution)
+    control = control_options(parser, args, pipe, None)
     start = time.perf_counter()
-    images, info = pipe.img2img(image, [args.prompt], strength=args.strength, **sampling_options(args))
+    images, info = pipe.img2img(image, [args.prompt], strength=args.strength, **sampling_options(args), **control)
     finish(images, info, start, args.out, settings(args, args.prompt, info, strength=args.strength, image=args.image))
 
 

@@ -13,7 +13,8 @@ import argparse
 import sys
 import time
 
-from ldm.txt2img import add_model_args, finish, load_image, load_pipeline, sampling_options, settings
+from ldm.txt2img import (add_model_args, control_options, finish, load_image, load_pipeline, sampling_options,
+                         settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     mask = (load_image(args.mask, pipe.index.resolution, mode="L") > 0).float()   # (1, 1, R, R): > 127
     if mask.sum() == 0:
         print(f"warning: mask {args.mask} has no white pixel: the output is the input", file=sys.stderr)
+    control = control_options(parser, args, pipe, None)
     start = time.perf_counter()
-    images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], **sampling_options(args))
+    images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], **sampling_options(args), **control)
     finish(images, info, start, args.out, settings(args, args.prompt, info, image=args.image, mask=args.mask))
 
 

@@ -28,6 +28,7 @@ from ldm.diffusion.samplers import SAMPLERS, initial_noise
 from ldm.diffusion.schedules import schedule_from_config
 from ldm.distill.targets import coefficients
 from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.controlnet import ControlledUNet
 from ldm.models.lora import merge_lora, read_lora
 from ldm.models.prompt_chunks import chunk_count, encode_chunked
 from ldm.models.prompt_weights import encode_weighted, parse_weighted, plain_text
@@ -238,12 +239,14 @@ class TextToImage:
         return Denoiser(net, self.schedule, prediction, time_scale=self.index.time_scale)
 
     def model_function(self, steps: int, guidance: float, teacher: bool = False, negative: str = "",
-                       guidance_rescale: float = 0.0, chunks: int | None = None):
+                       guidance_rescale: float = 0.0, chunks: int | None = None, control: list | None = None):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
         with `negative` as the unconditional prompt (students were distilled with the empty one) and
-        guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024)."""
+        guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024), and
+        `control`'s ControlNets attached to the U-Net (ldm.models.controlnet.ControlledUNet)."""
         if self.uses_student(steps, teacher):
-            for name, value in (("a negative prompt", negative), ("guidance rescale", guidance_rescale)):
+            for name, value in (("a negative prompt", negative), ("guidance rescale", guidance_rescale),
+                                ("a ControlNet", control)):
                 if value:
                     raise ValueError(f"{name} needs the teacher (teacher=True, --teacher): student-{steps} was "
                                      "distilled from plain CFG with the empty prompt as its unconditional branch")
@@ -255,10 +258,11 @@ class TextToImage:
             model = self.denoiser(net, self.index.student_prediction)
             return model, lambda cond: {**cond, "w": guidance}, {"model": f"student-{steps}", "nfe_per_step": 1}
         uncond = self.encode_prompts([negative], chunks)
+        unet = ControlledUNet(self.unet, control) if control else self.unet
         if guidance_rescale:   # rescale the net's eps / v, then convert: the rescale is not linear
-            model = self.denoiser(cfg(self.unet, guidance, uncond, guidance_rescale), self.index.prediction)
+            model = self.denoiser(cfg(unet, guidance, uncond, guidance_rescale), self.index.prediction)
         else:
-            model = cfg(self.denoiser(self.unet, self.index.prediction), guidance, uncond)
+            model = cfg(self.denoiser(unet, self.index.prediction), guidance, uncond)
         return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1 if guidance == 0 else 2}
 
     @torch.no_grad()
@@ -266,7 +270,7 @@ class TextToImage:
                teacher: bool = False, sampler: str = "ddim", init: torch.Tensor | None = None,
                strength: float = 1.0, mask: torch.Tensor | None = None, negative: str = "",
                spacing: str | None = None, guidance_rescale: float = 0.0, size: tuple[int, int] | None = None,
-               progress: bool = False) -> tuple[torch.Tensor, dict]:
+               control: list | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
         spacing: the time grid (ldm.diffusion.schedules.SPACINGS); None: "karras" (Karras et al. 2022,
@@ -283,6 +287,8 @@ class TextToImage:
         default the model's resolution; the U-Net and the autoencoder are convolutional and our position
         features resolution-free, so any multiple of `latent_shape`'s factor runs (what a model does at a
         size it was not trained at is its own affair: SD 1.x was trained at 512 px).
+        control: [(ControlNet, image (1 or B, 3, H, W) in [0, 1] at the output size, scale), ...] for
+        the teacher (ldm.models.controlnet).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
@@ -299,7 +305,7 @@ class TextToImage:
         self.check_prompts(prompts)
         w = self.index.guidance if guidance is None else float(guidance)
         chunks = self.prompt_chunks([*prompts, negative])      # cond and uncond alike (prompt_chunks.py)
-        model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks)
+        model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks, control)
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
             warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
                           f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
@@ -358,6 +364,9 @@ class TextToImage:
         self.latent_shape(1, big)                          # the enlarged size must fit the networks
         z, first = self.sample(prompts, steps=steps, seed=seed, size=(width, height), **kwargs)
         z = F.interpolate(z, size=(big[1] // factor, big[0] // factor), mode="bilinear", align_corners=False)
+        if kwargs.get("control"):                          # control images follow to the larger size
+            kwargs["control"] = [(net, F.interpolate(hint, size=big[::-1], mode="bilinear", align_corners=False), scale)
+                                 for net, hint, scale in kwargs["control"]]
         z, info = self.sample(prompts, steps=steps, seed=seed, init=z, strength=strength, **kwargs)
         return self.decode(z), {**info, "steps": first["steps"] + info["steps"], "nfe": first["nfe"] + info["nfe"]}
 

@@ -40,7 +40,8 @@ TEACHER_STEPS = 25     # else the teacher's: DDIM + CFG at 4 steps is far from c
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --negative, --guidance-rescale,
-    --prompt-weights, --embedding, --lora, --device, --decoder-precision."""
+    --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --lora, --device,
+    --decoder-precision."""
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                         help="model folder with model_index.json (default: the shipped shapes64 model)")
     parser.add_argument("--steps", type=int, default=None,
@@ -72,6 +73,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding", action="append", default=[], metavar="FILE[:WORD]",
                         help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers) as a new word for "
                              "prompts and --negative: WORD, else the file's name; repeatable. CLIP models (SD 1.x/2.x)")
+    parser.add_argument("--controlnet", default=None, metavar="DIR",
+                        help="a diffusers ControlNetModel folder (SD 1.x/2.x) steering the teacher with "
+                             "--control-image (Zhang et al. 2023)")
+    parser.add_argument("--control-image", default=None, metavar="IMAGE",
+                        help="the ControlNet's input (edges, depth, pose, ... as that ControlNet expects), resized "
+                             "and centre-cropped to the output size")
+    parser.add_argument("--control-scale", type=float, default=1.0, metavar="S",
+                        help="ControlNet conditioning scale (default 1.0)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="merge a LoRA into the model before sampling, scaled by SCALE (default 1); repeatable. "
                              "Reads diffusers/peft and kohya (A1111) files for SD 1.x/2.x and stage 2's lora.safetensors")
@@ -135,11 +144,44 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
         args.steps = STUDENT_STEPS if STUDENT_STEPS in pipe.student_steps else TEACHER_STEPS
     if not 0.0 <= args.guidance_rescale <= 1.0:
         parser.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
-    for flag, value in (("--negative", args.negative), ("--guidance-rescale", args.guidance_rescale)):
+    if (args.controlnet is None) != (args.control_image is None):
+        parser.error("--controlnet and --control-image go together")
+    for flag, value in (("--negative", args.negative), ("--guidance-rescale", args.guidance_rescale),
+                        ("--controlnet", args.controlnet)):
         if value and pipe.uses_student(args.steps, args.teacher):
             parser.error(f"{flag} needs the teacher: student-{args.steps} was distilled from plain CFG with the "
                          "empty prompt as its unconditional branch (add --teacher, or pick --steps without a student)")
     return pipe
+
+
+def load_control_image(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """An RGB image resized to cover `size` = (width, height) and centre-cropped to it: (1, 3, H, W) in [0, 1]."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path}")
+    with Image.open(path) as im:
+        image = im.convert("RGB")
+    scale = max(size[0] / image.width, size[1] / image.height)
+    image = image.resize((max(size[0], round(image.width * scale)), max(size[1], round(image.height * scale))),
+                         Image.BICUBIC)
+    left, top = (image.width - size[0]) // 2, (image.height - size[1]) // 2
+    image = image.crop((left, top, left + size[0], top + size[1]))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, size: tuple[int, int] | None) -> dict:
+    """{"control": [(ControlNet, image, scale)]} from --controlnet/--control-image, or {}; errors as usage errors."""
+    if args.controlnet is None:
+        return {}
+    from ldm.models.controlnet import load_diffusers_controlnet
+    try:
+        net = load_diffusers_controlnet(args.controlnet, device=pipe.device)
+        image = load_control_image(args.control_image, size or (pipe.index.resolution,) * 2)
+    except (OSError, ValueError) as err:
+        parser.error(f"--controlnet {args.controlnet} / --control-image {args.control_image}: {err}")
+    if net.cfg.context_dim != pipe.unet.cfg.context_dim or net.cfg.channels != pipe.unet.cfg.channels:
+        parser.error(f"--controlnet {args.controlnet}: made for another U-Net (widths {net.cfg.channels}, text "
+                     f"{net.cfg.context_dim}; this model's {pipe.unet.cfg.channels}, {pipe.unet.cfg.context_dim})")
+    return {"control": [(net, image, args.control_scale)]}
 
 
 def sampling_options(args) -> dict:
@@ -165,6 +207,8 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
            "teacher": args.teacher, "guidance_rescale": args.guidance_rescale,
            "prompt_weights": args.prompt_weights, "model": args.model, "drawn_by": info["model"],
            "lora": list(args.lora), "embedding": list(args.embedding), **extra}
+    if args.controlnet:
+        run.update(controlnet=args.controlnet, control_image=args.control_image, control_scale=args.control_scale)
     for key in ("size", "hires"):
         if getattr(args, key, None):
             run[key] = list(getattr(args, key))
@@ -273,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 REPLAYED = ("prompt", "negative", "steps", "guidance", "seed", "n", "sampler", "spacing", "teacher",
-            "guidance_rescale", "prompt_weights", "model", "lora", "embedding", "size", "hires")
+            "guidance_rescale", "prompt_weights", "model", "lora", "embedding", "size", "hires", "controlnet",
+            "control_image", "control_scale")
 
 
 def replay_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
@@ -311,10 +356,11 @@ def main(argv: list[str] | None = None) -> None:
             pipe.latent_shape(1, size)
         except ValueError as err:
             parser.error(f"{flag}: {err}")
+    control = control_options(parser, args, pipe, args.size)
     for path, prompt in jobs:
         start = time.perf_counter()
         seeds = [args.seed + i for i in range(args.n)]   # image i of a grid is `--seed SEED+i` alone
-        options = {**sampling_options(args), "seed": seeds, "size": args.size}
+        options = {**sampling_options(args), **control, "seed": seeds, "size": args.size}
         if args.hires:
             images, info = pipe.hires([prompt] * args.n, scale=args.hires[0], strength=args.hires[1], **options)
         else:

@@ -152,6 +152,7 @@ class UNet(nn.Module):
             down.append(_Level(blocks, [attn(lvl, c) for _ in range(n)] if lvl in cfg.attention_levels else [],
                                None if last else Downsample(c), "downsample"))
         self.down = nn.ModuleList(down)
+        self.skip_channels = tuple(skips)   # widths of the skips, in order (a ControlNet adds one residual to each)
 
         self.mid = _Mid(res(c, c), attn(len(ch) - 1, c) if cfg.mid_attention else None, res(c, c))
 
@@ -190,17 +191,15 @@ class UNet(nn.Module):
             emb = emb + cond_emb.to(emb.dtype)
         return emb  # (B, time_embed_dim)
 
-    def forward(self, x, t, context, context_mask=None, cond_emb=None):
-        """x (B,C,H,W), t (B,) or scalar in [0, 1000), context (B,L,D), context_mask (B,L) bool True=attend."""
+    def _check_inputs(self, x, context) -> None:
         if context.shape[-1] != self.cfg.context_dim:
             raise ValueError(f"UNet: context width {context.shape[-1]}, config context_dim {self.cfg.context_dim}")
         factor = 2 ** (len(self.cfg.channels) - 1)
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(f"UNet: spatial size {tuple(x.shape[-2:])} must be divisible by {factor}")
-        emb = self._embed(x, t, cond_emb)
-        context = context.to(self.conv_in.weight.dtype)
 
-        h = self.conv_in(x)
+    def encode(self, h, emb, context, context_mask=None):
+        """The encoder and the middle block from conv_in's output h: (h, skips). A ControlNet runs this too."""
         skips = [h]
         for level in self.down:
             for i, block in enumerate(level.res):
@@ -211,11 +210,23 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
                 skips.append(h)
-
         h = self._run(self.mid.res1, h, emb)
         if self.mid.attn is not None:
             h = self._run(self.mid.attn, h, context, context_mask)
-        h = self._run(self.mid.res2, h, emb)
+        return self._run(self.mid.res2, h, emb), skips
+
+    def forward(self, x, t, context, context_mask=None, cond_emb=None, control=None):
+        """x (B,C,H,W), t (B,) or scalar in [0, 1000), context (B,L,D), context_mask (B,L) bool True=attend.
+        control: (residuals, one per skip, mid residual) from ControlNets (ldm.models.controlnet), added
+        to the skips and to the middle block's output (Zhang et al. 2023, eq. 2 and Fig. 3)."""
+        self._check_inputs(x, context)
+        emb = self._embed(x, t, cond_emb)
+        context = context.to(self.conv_in.weight.dtype)
+        h, skips = self.encode(self.conv_in(x), emb, context, context_mask)
+        if control is not None:
+            down, mid = control
+            skips = [s + r.to(s.dtype) for s, r in zip(skips, down, strict=True)]
+            h = h + mid.to(h.dtype)
 
         for level in reversed(self.up):
             for i, block in enumerate(level.res):

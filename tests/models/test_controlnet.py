@@ -1,0 +1,91 @@
+"""ControlNet (ldm.models.controlnet) against diffusers: a random ControlNetModel made from the tiny SD
+U-Net (its zero convolutions made non-zero, so that it does something), read into ours; the residuals,
+the controlled U-Net and the whole txt2img equal diffusers' ControlNetModel, UNet2DConditionModel and
+StableDiffusionControlNetPipeline on the same weights and noise."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sd_layouts import PROMPTS, write_sd_pipeline
+
+from ldm.bench_models import TINY
+from ldm.diffusion.samplers import initial_noise
+from ldm.models.controlnet import load_diffusers_controlnet
+from ldm.models.from_diffusers import convert
+from ldm.pipeline import TextToImage
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def write_controlnet(folder, unet):
+    torch.manual_seed(1)
+    net = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))  # f = 2, as the VAE
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")):
+                p.normal_(0, 0.1)
+    net.save_pretrained(str(folder))
+    return net
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("controlnet")
+    theirs = write_sd_pipeline(root)
+    convert(str(root / "sd"), str(root / "model"))
+    return root, theirs, write_controlnet(root / "cn", theirs.unet)
+
+
+def test_residuals_and_controlled_unet_equal_diffusers(setup, one_thread):
+    root, theirs, net = setup
+    ours = load_diffusers_controlnet(str(root / "cn"))
+    pipe = TextToImage.from_folder(str(root / "model"))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 12, generator=g), torch.tensor([10.0, 700.0])
+    context = torch.randn(2, 77, TINY.unet["cross_attention_dim"], generator=g)
+    hint = torch.rand(2, 3, 16, 24, generator=g)
+    with torch.no_grad():
+        down, mid = net(x, t, context, hint, return_dict=False)
+        our_down, our_mid = ours(x, t, context, hint)
+        assert len(our_down) == len(down) == len(pipe.unet.skip_channels)
+        for a, b in zip(our_down, down):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(our_mid, mid, atol=1e-5, rtol=1e-5)
+        reference = theirs.unet(x, t, context, down_block_additional_residuals=down,
+                                mid_block_additional_residual=mid).sample
+        torch.testing.assert_close(pipe.unet(x, t, context, control=(our_down, our_mid)), reference,
+                                   atol=1e-5, rtol=1e-5)
+        assert (reference - theirs.unet(x, t, context).sample).abs().max() > 1e-2   # the control mattered
+
+
+def test_txt2img_with_a_controlnet_draws_what_diffusers_draws(setup, tmp_path, one_thread, capsys):
+    from ldm import txt2img
+    root, theirs, net = setup
+    side = TINY.image
+    control = (np.random.default_rng(0).random((side, side, 3)) * 255).astype(np.uint8)
+    Image.fromarray(control).save(tmp_path / "edges.png")
+    txt2img.main([PROMPTS[0], "--model", str(root / "model"), "--steps", "3", "--controlnet", str(root / "cn"),
+                  "--control-image", str(tmp_path / "edges.png"), "--control-scale", "0.8",
+                  "--decoder-precision", "fp32", "--out", str(tmp_path / "ours.png")])
+    pipe = TextToImage.from_folder(str(root / "model"))
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(3), pipe.latent_shape(1),
+                          generator=torch.Generator().manual_seed(0))
+    cn_pipe = diffusers.StableDiffusionControlNetPipeline(**theirs.components, controlnet=net)
+    cn_pipe.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
+                                                            set_alpha_to_one=True, steps_offset=1)
+    cn_pipe.set_progress_bar_config(disable=True)
+    image = torch.from_numpy(control.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        reference = cn_pipe(PROMPTS[0], image=image, controlnet_conditioning_scale=0.8, num_inference_steps=3,
+                            guidance_scale=1 + pipe.index.guidance, latents=noise, output_type="np").images[0]
+    ours = np.asarray(Image.open(tmp_path / "ours.png"), dtype=np.int16)
+    assert np.abs(ours - np.round(reference * 255)).max() <= 1              # PNG rounding
+    plain, _ = pipe.generate([PROMPTS[0]], steps=3, seed=0)
+    assert np.abs(ours - np.asarray(((plain[0] * 0.5 + 0.5).clamp(0, 1) * 255).round().permute(1, 2, 0))).max() > 8
+    with pytest.raises(SystemExit):
+        txt2img.main([PROMPTS[0], "--model", str(root / "model"), "--controlnet", str(root / "cn")])
+    assert "--controlnet and --control-image go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        txt2img.main([PROMPTS[0], "--model", str(root / "model"), "--controlnet", str(tmp_path),
+                      "--control-image", str(tmp_path / "edges.png")])
+    assert "not a diffusers ControlNetModel folder" in capsys.readouterr().err
