@@ -13,8 +13,8 @@ import argparse
 import sys
 import time
 
-from ldm.txt2img import (add_model_args, control_options, finish, load_image, load_pipeline, sampling_options,
-                         settings)
+from ldm.cli import (add_model_args, control_options, finish, load_image, load_pipeline, sampling_options,
+                     settings)
 
 
 def build_parser() -> argparse.ArgumentParser:

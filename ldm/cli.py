@@ -1,0 +1,250 @@
+"""What txt2img, img2img and inpaint share: the model and sampling flags, loading the pipeline with LoRA,
+embeddings and ControlNet, reading images, and writing PNGs with their settings inside."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ldm.diffusion.schedules import SPACINGS
+from ldm.models.embeddings import parse_embedding_arg
+from ldm.models.lora import parse_lora_arg
+from ldm.models.prompt_weights import parse_weighted, token_weights
+from ldm.pipeline import DECODER_PRECISIONS, DEFAULT_MODEL, INDEX_NAME, TextToImage
+from ldm.training.images import make_grid
+
+CLI_SAMPLERS = ["ddim", "stochastic", "euler", "heun", "dpmpp_2m", "ddpm"]
+STUDENT_STEPS = 4      # the default where a 4-step student exists (the shipped model's: 87.4%, 17 ms)
+TEACHER_STEPS = 25     # else the teacher's: DDIM + CFG at 4 steps is far from converged
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --negative, --guidance-rescale,
+    --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --lora, --device,
+    --decoder-precision."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
+                        help="model folder with model_index.json (default: the shipped shapes64 model)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"sampling steps (default: {STUDENT_STEPS} when the model has a {STUDENT_STEPS}-step "
+                             f"student, else {TEACHER_STEPS} teacher steps, e.g. an imported Stable Diffusion)")
+    parser.add_argument("--guidance", type=float, default=None, metavar="W",
+                        help="guidance weight w, (1 + w) cond - w uncond (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    parser.add_argument("--teacher", action="store_true", help="use the teacher + CFG even when a student fits")
+    parser.add_argument("--sampler", default="ddim", choices=CLI_SAMPLERS,
+                        help="ddim (deterministic) or stochastic (Meng et al. 2023, sec. 4.3), what students were "
+                             "distilled for; for the teacher also euler, heun (Karras et al. 2022), dpmpp_2m "
+                             "(DPM-Solver++(2M), Lu et al. 2022) and ddpm")
+    parser.add_argument("--spacing", default=None, choices=SPACINGS,
+                        help="the time grid: trailing (Lin et al. 2023; what students were distilled on) or karras "
+                             "(Karras et al. 2022, eq. 5: 'DPM++ 2M Karras' is --sampler dpmpp_2m --spacing karras); "
+                             "default: karras for the teacher's heun (the paper's pairing), else trailing")
+    parser.add_argument("--negative", default="", metavar="TEXT",
+                        help="negative prompt: guidance's unconditional branch instead of the empty prompt "
+                             "(teacher only: add --teacher where a student fits --steps)")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                        help="rescale the guided prediction's std to the conditional one's, by PHI in [0, 1] "
+                             "(Lin et al. 2024, eqs. 15-16; they use 0.7; diffusers' guidance_rescale): less "
+                             "over-exposure at high guidance. Teacher only (default: 0, off)")
+    parser.add_argument("--prompt-weights", default="a1111", choices=["a1111", "off"],
+                        help="a1111 (default): read emphasis as the AUTOMATIC1111 web UI does, '(word:1.3)' weights "
+                             "a word 1.3, '(word)' 1.1, '[word]' 1/1.1, '\\(' is a literal bracket; off: prompts "
+                             "go to the text encoder as typed")
+    parser.add_argument("--embedding", action="append", default=[], metavar="FILE[:WORD]",
+                        help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers) as a new word for "
+                             "prompts and --negative: WORD, else the file's name; repeatable. CLIP models (SD 1.x/2.x)")
+    parser.add_argument("--controlnet", default=None, metavar="DIR",
+                        help="a diffusers ControlNetModel folder (SD 1.x/2.x) steering the teacher with "
+                             "--control-image (Zhang et al. 2023)")
+    parser.add_argument("--control-image", default=None, metavar="IMAGE",
+                        help="the ControlNet's input (edges, depth, pose, ... as that ControlNet expects), resized "
+                             "and centre-cropped to the output size")
+    parser.add_argument("--control-scale", type=float, default=1.0, metavar="S",
+                        help="ControlNet conditioning scale (default 1.0)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="merge a LoRA into the model before sampling, scaled by SCALE (default 1); repeatable. "
+                             "Reads diffusers/peft and kohya (A1111) files for SD 1.x/2.x and stage 2's lora.safetensors")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--decoder-precision", default="auto", choices=list(DECODER_PRECISIONS),
+                        help="autoencoder decoder: auto = bf16 on CPUs with native bf16 (about 2x faster, "
+                             "pixels within 0.02 of fp32), else fp32")
+
+
+def short_warnings(message, category, filename, lineno, line=None) -> str:
+    """A CLI user needs the warning, not the library line that raised it."""
+    return f"warning: {message}\n"
+
+
+def check_prompt_syntax(parser: argparse.ArgumentParser, args, prompts: list[str], encoder=None) -> None:
+    """A parser error for an unbalanced bracket (and, given the encoder, a weight inside a word)."""
+    if args.prompt_weights == "off":
+        return
+    for prompt in [*prompts, args.negative]:
+        try:
+            pieces = parse_weighted(prompt)
+            chunked = hasattr(encoder, "encode_ids")   # CLIP: pieces are tokenized alone (prompt_chunks.py)
+            if encoder is not None and not chunked and any(w != 1.0 for _, w in pieces):
+                token_weights(encoder, pieces)
+        except ValueError as err:
+            parser.error(f"{err} (or --prompt-weights off)")
+
+
+def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()) -> TextToImage:
+    """The model folder, or a parser error that names the missing path or a bad prompt. Warnings print
+    as one line."""
+    warnings.formatwarning = short_warnings
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    check_prompt_syntax(parser, args, prompts)
+    if not os.path.isfile(os.path.join(args.model, INDEX_NAME)):
+        parser.error(f"--model {args.model!r} is not a model folder: {os.path.join(args.model, INDEX_NAME)} "
+                     f"is missing (train one with stages/, or pass --model DIR)")
+    pipe = TextToImage.from_folder(args.model, device=args.device, decoder_precision=args.decoder_precision)
+    pipe.prompt_weights = args.prompt_weights == "a1111"
+    for arg in args.embedding:
+        path, word = parse_embedding_arg(arg)
+        if not os.path.isfile(path):
+            parser.error(f"--embedding {arg!r}: no file {path!r}")
+        try:
+            word, k = pipe.add_embedding(path, word)
+        except ValueError as err:
+            parser.error(f"--embedding {arg!r}: {err}")
+        print(f"embedding {path}: {word!r}, {k} token{'s' if k > 1 else ''}")
+    check_prompt_syntax(parser, args, prompts, pipe.text_encoder)
+    for arg in args.lora:
+        path, scale = parse_lora_arg(arg)
+        if not os.path.isfile(path):
+            parser.error(f"--lora {arg!r}: no file {path!r}")
+        try:
+            layers = pipe.add_lora(path, scale)
+        except ValueError as err:
+            parser.error(f"--lora {arg!r}: {err}")
+        print(f"LoRA {path} x {scale:g}: {layers} layers merged")
+    if args.steps is None:
+        args.steps = STUDENT_STEPS if STUDENT_STEPS in pipe.student_steps else TEACHER_STEPS
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        parser.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+    if (args.controlnet is None) != (args.control_image is None):
+        parser.error("--controlnet and --control-image go together")
+    for flag, value in (("--negative", args.negative), ("--guidance-rescale", args.guidance_rescale),
+                        ("--controlnet", args.controlnet)):
+        if value and pipe.uses_student(args.steps, args.teacher):
+            parser.error(f"{flag} needs the teacher: student-{args.steps} was distilled from plain CFG with the "
+                         "empty prompt as its unconditional branch (add --teacher, or pick --steps without a student)")
+    return pipe
+
+
+def load_control_image(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """An RGB image resized to cover `size` = (width, height) and centre-cropped to it: (1, 3, H, W) in [0, 1]."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path}")
+    with Image.open(path) as im:
+        image = im.convert("RGB")
+    scale = max(size[0] / image.width, size[1] / image.height)
+    image = image.resize((max(size[0], round(image.width * scale)), max(size[1], round(image.height * scale))),
+                         Image.BICUBIC)
+    left, top = (image.width - size[0]) // 2, (image.height - size[1]) // 2
+    image = image.crop((left, top, left + size[0], top + size[1]))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, size: tuple[int, int] | None) -> dict:
+    """{"control": [(ControlNet, image, scale)]} from --controlnet/--control-image, or {}; errors as usage errors."""
+    if args.controlnet is None:
+        return {}
+    from ldm.models.controlnet import load_diffusers_controlnet
+    try:
+        net = load_diffusers_controlnet(args.controlnet, device=pipe.device)
+        image = load_control_image(args.control_image, size or (pipe.index.resolution,) * 2)
+    except (OSError, ValueError) as err:
+        parser.error(f"--controlnet {args.controlnet} / --control-image {args.control_image}: {err}")
+    if net.cfg.context_dim != pipe.unet.cfg.context_dim or net.cfg.channels != pipe.unet.cfg.channels:
+        parser.error(f"--controlnet {args.controlnet}: made for another U-Net (widths {net.cfg.channels}, text "
+                     f"{net.cfg.context_dim}; this model's {pipe.unet.cfg.channels}, {pipe.unet.cfg.context_dim})")
+    return {"control": [(net, image, args.control_scale)]}
+
+
+def sampling_options(args) -> dict:
+    """The keyword arguments of `TextToImage.sample` that add_model_args' flags set."""
+    return dict(steps=args.steps, guidance=args.guidance, seed=args.seed, teacher=args.teacher,
+                sampler=args.sampler, negative=args.negative, spacing=args.spacing,
+                guidance_rescale=args.guidance_rescale, progress=show_progress())
+
+
+def show_progress() -> bool:
+    """A step bar on a terminal (a 25-step teacher at 512 px takes minutes on a CPU), none in logs."""
+    return sys.stderr.isatty()
+
+
+SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "heun": "Heun", "dpmpp_2m": "DPM++ 2M", "ddpm": "DDPM",
+                 "stochastic": "Meng stochastic"}        # as the A1111 web UI names them, where it has them
+
+
+def settings(args, prompt: str, info: dict, **extra) -> dict:
+    """Everything that decides the image: the CLI's settings as run (JSON-ready), `extra` for img2img/inpaint."""
+    run = {"prompt": prompt, "negative": args.negative, "steps": args.steps, "guidance": info["guidance"],
+           "seed": args.seed, "n": getattr(args, "n", 1), "sampler": args.sampler, "spacing": info["spacing"],
+           "teacher": args.teacher, "guidance_rescale": args.guidance_rescale,
+           "prompt_weights": args.prompt_weights, "model": args.model, "drawn_by": info["model"],
+           "lora": list(args.lora), "embedding": list(args.embedding), **extra}
+    if args.controlnet:
+        run.update(controlnet=args.controlnet, control_image=args.control_image, control_scale=args.control_scale)
+    for key in ("size", "hires"):
+        if getattr(args, key, None):
+            run[key] = list(getattr(args, key))
+    return run
+
+
+def png_info(run: dict, size: tuple[int, int]) -> PngInfo:
+    """Two text chunks: `parameters` in the A1111 web UI's layout, which image sites and other UIs read
+    (CFG scale is SD's 1 + w), and `ldm`, the JSON of `settings`, to draw the image again."""
+    sampler = SAMPLER_NAMES.get(run["sampler"], run["sampler"]) + (" Karras" if run["spacing"] == "karras" else "")
+    lines = [run["prompt"]] + ([f"Negative prompt: {run['negative']}"] if run["negative"] else [])
+    lines.append(f"Steps: {run['steps']}, Sampler: {sampler}, CFG scale: {1 + run['guidance']:g}, "
+                 f"Seed: {run['seed']}, Size: {size[0]}x{size[1]}, Model: {os.path.basename(run['model'].rstrip('/'))}")
+    meta = PngInfo()
+    meta.add_text("parameters", "\n".join(lines))
+    meta.add_text("ldm", json.dumps(run))
+    return meta
+
+
+def save_images(images: torch.Tensor, path: str, run: dict | None = None) -> None:
+    """(K, 3, H, W) in [-1, 1] -> one PNG: the image itself for K = 1, else a near-square grid;
+    with `run` (see `settings`) its settings go into the file as text chunks."""
+    grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=0 if len(images) == 1 else 2)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    meta = None if run is None else png_info(run, (images.shape[-1], images.shape[-2]))
+    Image.fromarray(np.ascontiguousarray(grid)).save(path, pnginfo=meta)
+
+
+def finish(images: torch.Tensor, info: dict, start: float, path: str, run: dict | None = None) -> None:
+    """Save the images (with `run`'s settings in the PNG) and print the model, steps, NFE and wall time
+    since `start` (GPU work included)."""
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    save_images(images, path, run)
+    sampler = info["sampler"] + ("" if info.get("spacing", "trailing") == "trailing" else f" ({info['spacing']})")
+    print(f"{path}: {info['model']}, {info['steps']} steps, {sampler}, w={info['guidance']:g}, "
+          f"NFE {info['nfe']}, {time.perf_counter() - start:.2f} s")
+
+
+def load_image(path: str, resolution: int, mode: str = "RGB") -> torch.Tensor:
+    """A PNG/JPEG resized (shorter side) and centre-cropped to the model resolution: (1, C, R, R) in [-1, 1]."""
+    from ldm.data.transforms import resize_and_crop, to_rgb, to_tensor
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path}")
+    image = Image.open(path)
+    image = to_rgb(image) if mode == "RGB" else image.convert(mode)
+    image = resize_and_crop(image, resolution, "center", np.random.default_rng(0))
+    if mode == "L":
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)[None, None]
+    return to_tensor(image)[None]
