@@ -239,14 +239,16 @@ class TextToImage:
         return Denoiser(net, self.schedule, prediction, time_scale=self.index.time_scale)
 
     def model_function(self, steps: int, guidance: float, teacher: bool = False, negative: str = "",
-                       guidance_rescale: float = 0.0, chunks: int | None = None, control: list | None = None):
+                       guidance_rescale: float = 0.0, chunks: int | None = None, control: list | None = None,
+                       inpaint: torch.Tensor | None = None):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
         with `negative` as the unconditional prompt (students were distilled with the empty one) and
         guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024), and
-        `control`'s ControlNets attached to the U-Net (ldm.models.controlnet.ControlledUNet)."""
+        `control`'s ControlNets attached to the U-Net (ldm.models.controlnet.ControlledUNet) and `inpaint`'s
+        extra inputs given to an inpainting U-Net (`ConcatInputs`)."""
         if self.uses_student(steps, teacher):
             for name, value in (("a negative prompt", negative), ("guidance rescale", guidance_rescale),
-                                ("a ControlNet", control)):
+                                ("a ControlNet", control), ("an inpainting U-Net's mask", inpaint is not None)):
                 if value:
                     raise ValueError(f"{name} needs the teacher (teacher=True, --teacher): student-{steps} was "
                                      "distilled from plain CFG with the empty prompt as its unconditional branch")
@@ -258,7 +260,8 @@ class TextToImage:
             model = self.denoiser(net, self.index.student_prediction)
             return model, lambda cond: {**cond, "w": guidance}, {"model": f"student-{steps}", "nfe_per_step": 1}
         uncond = self.encode_prompts([negative], chunks)
-        unet = ControlledUNet(self.unet, control) if control else self.unet
+        unet = self.unet if inpaint is None else ConcatInputs(self.unet, inpaint)
+        unet = ControlledUNet(unet, control) if control else unet
         if guidance_rescale:   # rescale the net's eps / v, then convert: the rescale is not linear
             model = self.denoiser(cfg(unet, guidance, uncond, guidance_rescale), self.index.prediction)
         else:
@@ -270,7 +273,8 @@ class TextToImage:
                teacher: bool = False, sampler: str = "ddim", init: torch.Tensor | None = None,
                strength: float = 1.0, mask: torch.Tensor | None = None, negative: str = "",
                spacing: str | None = None, guidance_rescale: float = 0.0, size: tuple[int, int] | None = None,
-               control: list | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
+               control: list | None = None, inpaint: torch.Tensor | None = None,
+               progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
         spacing: the time grid (ldm.diffusion.schedules.SPACINGS); None: "karras" (Karras et al. 2022,
@@ -288,7 +292,9 @@ class TextToImage:
         features resolution-free, so any multiple of `latent_shape`'s factor runs (what a model does at a
         size it was not trained at is its own affair: SD 1.x was trained at 512 px).
         control: [(ControlNet, image (1 or B, 3, H, W) in [0, 1] at the output size, scale), ...] for
-        the teacher (ldm.models.controlnet).
+        the teacher (ldm.models.controlnet). inpaint: an inpainting U-Net's extra inputs
+        (`inpainting_inputs`); without them such a U-Net draws freely, from an all-ones mask over an
+        all-gray image (the A1111 web UI's txt2img with an inpainting model).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
@@ -305,7 +311,13 @@ class TextToImage:
         self.check_prompts(prompts)
         w = self.index.guidance if guidance is None else float(guidance)
         chunks = self.prompt_chunks([*prompts, negative])      # cond and uncond alike (prompt_chunks.py)
-        model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks, control)
+        if self.inpainting_unet and inpaint is None:
+            factor = self.autoencoder.config.downsample_factor
+            width, height = (shape[-1] * factor, shape[-2] * factor)
+            blank = torch.zeros(len(prompts), 3, height, width, device=self.device)
+            inpaint = self.inpainting_inputs(blank, torch.ones_like(blank[:, :1]))
+        model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks, control,
+                                                      inpaint)
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
             warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
                           f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
@@ -381,18 +393,34 @@ class TextToImage:
     @torch.no_grad()
     def inpaint(self, images: torch.Tensor, masks: torch.Tensor, prompts: list[str], *, steps: int,
                 **kwargs) -> tuple[torch.Tensor, dict]:
-        """Repaint where masks (B, 1, H, W) are 1; elsewhere the result is the input image."""
+        """Repaint where masks (B, 1, H, W) are 1; elsewhere the result is the input image. A plain U-Net
+        repaints by holding the known latents (`keep_known`); an inpainting U-Net (SD-inpainting) is
+        given the mask and the masked image and draws from pure noise (`inpainting_inputs`)."""
         images, masks = images.to(self.device), masks.to(self.device)
-        z0 = self.encode_images(images)
-        latent_mask = latent_grid_mask(masks, z0.shape[-1])
-        z, info = self.sample(prompts, steps=steps, init=z0, mask=latent_mask, **kwargs)
+        if self.inpainting_unet:
+            z, info = self.sample(prompts, steps=steps, inpaint=self.inpainting_inputs(images, masks), **kwargs)
+        else:
+            z0 = self.encode_images(images)
+            z, info = self.sample(prompts, steps=steps, init=z0, mask=latent_grid_mask(masks, z0.shape[-1]), **kwargs)
         return masks * self.decode(z) + (1 - masks) * images, info
 
+    @property
+    def inpainting_unet(self) -> bool:
+        """A U-Net that takes the mask and the masked image's latents besides x (4 + 1 + 4 channels)."""
+        return self.unet.cfg.in_channels == 2 * self.autoencoder.config.z_channels + 1
+
+    def inpainting_inputs(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + C, h, w): the mask at the latent grid (nearest) and the latents of the image with the masked
+        part set to 0 (mid-gray), as SD-inpainting was trained (diffusers' inpainting pipeline)."""
+        masks = (masks >= 0.5).to(images.dtype)
+        latents = self.encode_images(images * (1 - masks))
+        return torch.cat([F.interpolate(masks, size=latents.shape[-2:]), latents], dim=1)
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] at the model resolution -> scaled latents (posterior mode)."""
-        side = self.index.resolution
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (side, side):
-            raise ValueError(f"expected images (B, 3, {side}, {side}), got {tuple(images.shape)}")
+        """Images (B, 3, H, W) in [-1, 1], sides as `latent_shape` takes them -> scaled latents (posterior mode)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+        self.latent_shape(len(images), (images.shape[-1], images.shape[-2]))
         return self.autoencoder.encode_latents(images.to(self.device), sample=False)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -415,6 +443,20 @@ class TextToImage:
 
     def _available_students(self) -> list[int]:
         return self.student_steps if self.folder else []
+
+
+class ConcatInputs(torch.nn.Module):
+    """An inpainting U-Net (SD-inpainting: 4 + 1 + 4 input channels) seen as a plain one: its extra
+    inputs, the latent mask and the masked image's latents, are appended to x at every call."""
+
+    def __init__(self, unet, extra: torch.Tensor):
+        super().__init__()
+        self.unet, self.cfg, self.extra = unet, unet.cfg, extra
+
+    def forward(self, x, t, context, context_mask=None, cond_emb=None, control=None):
+        extra = self.extra.to(device=x.device, dtype=x.dtype)
+        extra = extra.repeat(x.shape[0] // extra.shape[0], 1, 1, 1)          # CFG's halves share it
+        return self.unet(torch.cat([x, extra], dim=1), t, context, context_mask, cond_emb, control=control)
 
 
 def latent_grid_mask(masks: torch.Tensor, side: int) -> torch.Tensor:

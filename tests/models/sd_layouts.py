@@ -12,7 +12,7 @@ from ldm.bench_models import TINY, write_clip_folder
 PROMPTS = ["a red cube on a blue floor", "a cat"]      # different lengths: the padding differs
 
 
-def write_sd_pipeline(folder, prediction_type: str = "epsilon", **scheduler_options):
+def write_sd_pipeline(folder, prediction_type: str = "epsilon", unet_options: dict | None = None, **scheduler_options):
     from transformers import CLIPTextModel, CLIPTokenizer
     clip = write_clip_folder(TINY, str(folder / "clip-src"))
     torch.manual_seed(0)
@@ -20,7 +20,7 @@ def write_sd_pipeline(folder, prediction_type: str = "epsilon", **scheduler_opti
         warnings.simplefilter("ignore")
         pipe = diffusers.StableDiffusionPipeline(
             vae=diffusers.AutoencoderKL(**TINY.vae), text_encoder=CLIPTextModel.from_pretrained(clip),
-            tokenizer=CLIPTokenizer.from_pretrained(clip), unet=diffusers.UNet2DConditionModel(**TINY.unet),
+            tokenizer=CLIPTokenizer.from_pretrained(clip), unet=diffusers.UNet2DConditionModel(**{**TINY.unet, **(unet_options or {})}),
             scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                               prediction_type=prediction_type, clip_sample=False,
                                               **scheduler_options),
