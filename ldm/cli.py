@@ -29,8 +29,8 @@ TEACHER_STEPS = 25     # else the teacher's: DDIM + CFG at 4 steps is far from c
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --negative, --guidance-rescale,
-    --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --lora, --device,
-    --decoder-precision."""
+    --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --clip-skip, --lora,
+    --device, --decoder-precision."""
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                         help="model folder with model_index.json (default: the shipped shapes64 model)")
     parser.add_argument("--steps", type=int, default=None,
@@ -70,6 +70,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "and centre-cropped to the output size")
     parser.add_argument("--control-scale", type=float, default=1.0, metavar="S",
                         help="ControlNet conditioning scale (default 1.0)")
+    parser.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                        help="CLIP models: condition on the N-th layer from the end (A1111's 'clip skip': 1 the last, "
+                             "2 the penultimate, as many anime fine-tunes of SD 1.x expect); default: the model's own")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="merge a LoRA into the model before sampling, scaled by SCALE (default 1); repeatable. "
                              "Reads diffusers/peft and kohya (A1111) files for SD 1.x/2.x and stage 2's lora.safetensors")
@@ -110,6 +113,14 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
                      f"is missing (train one with stages/, or pass --model DIR)")
     pipe = TextToImage.from_folder(args.model, device=args.device, decoder_precision=args.decoder_precision)
     pipe.prompt_weights = args.prompt_weights == "a1111"
+    if args.clip_skip is not None:
+        layers = getattr(getattr(getattr(pipe.text_encoder, "model", None), "config", None), "num_hidden_layers", None)
+        if layers is None:
+            parser.error("--clip-skip needs a CLIP text encoder (SD 1.x/2.x); this model's is "
+                         f"{type(pipe.text_encoder).__name__}")
+        if not 1 <= args.clip_skip <= layers:
+            parser.error(f"--clip-skip must be in [1, {layers}] (the CLIP's layers), got {args.clip_skip}")
+        pipe.text_encoder.clip_skip = args.clip_skip
     for arg in args.embedding:
         path, word = parse_embedding_arg(arg)
         if not os.path.isfile(path):
@@ -196,6 +207,8 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
            "teacher": args.teacher, "guidance_rescale": args.guidance_rescale,
            "prompt_weights": args.prompt_weights, "model": args.model, "drawn_by": info["model"],
            "lora": list(args.lora), "embedding": list(args.embedding), **extra}
+    if args.clip_skip is not None:
+        run["clip_skip"] = args.clip_skip
     if args.controlnet:
         run.update(controlnet=args.controlnet, control_image=args.control_image, control_scale=args.control_scale)
     for key in ("size", "hires"):

@@ -234,6 +234,7 @@ class ClipTextEncoder(_Frozen):
         self.max_length = min(cfg.max_length, self.tokenizer.model_max_length,
                               self.model.config.max_position_embeddings)
         self._words: dict[str, str] = {}          # textual-inversion word -> its tokens, space-separated
+        self.clip_skip: int | None = None         # set: the layer counted from the end (A1111's "clip skip")
         self._freeze()
 
     def add_embedding(self, word: str, vectors: torch.Tensor) -> list[str]:
@@ -281,11 +282,13 @@ class ClipTextEncoder(_Frozen):
 
     @torch.no_grad()
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids, start/end/padding included -> (B, L, D) from the configured layer."""
+        """(B, L) token ids, start/end/padding included -> (B, L, D) from the configured layer, or from
+        the `clip_skip`-th layer from the end when set (1 = the last, 2 = the penultimate, ...)."""
+        skip = self.clip_skip or (2 if self.cfg.layer == "penultimate" else 1)
         # No attention mask into CLIP, as in SD: it is causal, so padding never reaches real tokens.
-        out = self.model(input_ids=ids.to(self.model.device), output_hidden_states=self.cfg.layer == "penultimate")
-        if self.cfg.layer == "penultimate":
-            return getattr(self.model, "text_model", self.model).final_layer_norm(out.hidden_states[-2])
+        out = self.model(input_ids=ids.to(self.model.device), output_hidden_states=skip > 1)
+        if skip > 1:   # an inner layer goes through the final LayerNorm too, as SD 2.x and A1111's clip skip do
+            return getattr(self.model, "text_model", self.model).final_layer_norm(out.hidden_states[-skip])
         return out.last_hidden_state
 
     def forward(self, prompts):

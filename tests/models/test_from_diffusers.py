@@ -109,6 +109,40 @@ def test_sdedit_on_latents_draws_what_diffusers_img2img_draws(tmp_path, one_thre
     torch.testing.assert_close(pipe.decode(z) * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
 
 
+def test_clip_skip_draws_what_diffusers_draws(tmp_path, one_thread, capsys):
+    """--clip-skip 2 (A1111: the penultimate layer, through the final LayerNorm) is diffusers' clip_skip=1."""
+    from ldm import txt2img
+    import numpy as np
+    from PIL import Image
+    theirs = write_sd_pipeline(tmp_path)
+    convert(str(tmp_path / "sd"), str(tmp_path / "model"))
+    txt2img.main([PROMPTS[0], "--model", str(tmp_path / "model"), "--steps", "4", "--clip-skip", "2",
+                  "--decoder-precision", "fp32", "--out", str(tmp_path / "skip.png")])
+    pipe = TextToImage.from_folder(str(tmp_path / "model"))
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(4), pipe.latent_shape(1),
+                          generator=torch.Generator().manual_seed(0))
+    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
+                                                           set_alpha_to_one=True, steps_offset=1)
+    theirs.set_progress_bar_config(disable=True)
+    def penultimate(text):   # diffusers' clip_skip=1, by hand (its own path fails on this transformers' CLIPTextModel)
+        ids = theirs.tokenizer([text], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        out = theirs.text_encoder(ids, output_hidden_states=True)
+        final = getattr(theirs.text_encoder, "text_model", theirs.text_encoder).final_layer_norm
+        return final(out.hidden_states[-2])
+
+    with torch.no_grad():
+        reference = theirs(prompt_embeds=penultimate(PROMPTS[0]), negative_prompt_embeds=penultimate(""),
+                           num_inference_steps=4, guidance_scale=1 + pipe.index.guidance,
+                           latents=noise, output_type="np").images[0]
+        plain = theirs(PROMPTS[0], num_inference_steps=4, guidance_scale=1 + pipe.index.guidance,
+                       latents=noise, output_type="np").images[0]
+    ours = np.asarray(Image.open(tmp_path / "skip.png"), dtype=np.int16)
+    assert np.abs(ours - np.round(reference * 255)).max() <= 1 and np.abs(ours - np.round(plain * 255)).max() > 8
+    with pytest.raises(SystemExit):
+        txt2img.main([PROMPTS[0], "--model", str(tmp_path / "model"), "--clip-skip", "9"])
+    assert "--clip-skip must be in [1, 2]" in capsys.readouterr().err
+
+
 def test_padding_is_seen_as_sd_was_trained(tmp_path, one_thread):
     """SD's U-Net attends to all 77 tokens, padding included; masking it would change every image."""
     write_sd_pipeline(tmp_path)
