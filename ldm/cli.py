@@ -27,10 +27,21 @@ STUDENT_STEPS = 4      # the default where a 4-step student exists (the shipped 
 TEACHER_STEPS = 25     # else the teacher's: DDIM + CFG at 4 steps is far from converged
 
 
+def parse_freeu(text: str) -> tuple[float, float, float, float]:
+    """'1.5,1.6,0.9,0.2' -> (b1, b2, s1, s2)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"expected four numbers B1,B2,S1,S2 such as 1.5,1.6,0.9,0.2, got {text!r}")
+    return values
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --negative, --guidance-rescale,
-    --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --clip-skip, --lora,
-    --device, --decoder-precision."""
+    --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --freeu, --clip-skip,
+    --lora, --device, --decoder-precision."""
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                         help="model folder with model_index.json (default: the shipped shapes64 model)")
     parser.add_argument("--steps", type=int, default=None,
@@ -70,6 +81,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "and centre-cropped to the output size")
     parser.add_argument("--control-scale", type=float, default=1.0, metavar="S",
                         help="ControlNet conditioning scale (default 1.0)")
+    parser.add_argument("--freeu", type=parse_freeu, default=None, metavar="B1,B2,S1,S2",
+                        help="FreeU (Si et al. 2024): scale the two deepest decoder levels' backbone features by B1, "
+                             "B2 and their skips' low frequencies by S1, S2; diffusers' docs give 1.5,1.6,0.9,0.2 "
+                             "for SD 1.x and 1.4,1.6,0.9,0.2 for SD 2.1 (default: off)")
     parser.add_argument("--clip-skip", type=int, default=None, metavar="N",
                         help="CLIP models: condition on the N-th layer from the end (A1111's 'clip skip': 1 the last, "
                              "2 the penultimate, as many anime fine-tunes of SD 1.x expect); default: the model's own")
@@ -113,6 +128,7 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
                      f"is missing (train one with stages/, or pass --model DIR)")
     pipe = TextToImage.from_folder(args.model, device=args.device, decoder_precision=args.decoder_precision)
     pipe.prompt_weights = args.prompt_weights == "a1111"
+    pipe.set_freeu(args.freeu)
     if args.clip_skip is not None:
         layers = getattr(getattr(getattr(pipe.text_encoder, "model", None), "config", None), "num_hidden_layers", None)
         if layers is None:
@@ -207,8 +223,9 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
            "teacher": args.teacher, "guidance_rescale": args.guidance_rescale,
            "prompt_weights": args.prompt_weights, "model": args.model, "drawn_by": info["model"],
            "lora": list(args.lora), "embedding": list(args.embedding), **extra}
-    if args.clip_skip is not None:
-        run["clip_skip"] = args.clip_skip
+    for key in ("clip_skip", "freeu"):
+        if getattr(args, key) is not None:
+            run[key] = getattr(args, key)
     if args.controlnet:
         run.update(controlnet=args.controlnet, control_image=args.control_image, control_scale=args.control_scale)
     for key in ("size", "hires"):

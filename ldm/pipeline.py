@@ -152,8 +152,15 @@ class TextToImage:
             student = GuidedStudent.from_pretrained(path, device=self.device).eval()
             for lora, scale, source in self._loras:
                 merge_lora(lora, [student.unet], None, scale, source)
+            student.unet.freeu = self.unet.freeu
             self._students[steps] = student
         return self._students[steps]
+
+    def set_freeu(self, factors: tuple[float, float, float, float] | None) -> None:
+        """FreeU's (b1, b2, s1, s2) on the teacher and every student (ldm.models.unet.freeu); None: off."""
+        self.unet.freeu = None if factors is None else tuple(float(f) for f in factors)
+        for student in self._students.values():
+            student.unet.freeu = self.unet.freeu
 
     def add_lora(self, path: str, scale: float = 1.0) -> int:
         """Merge a LoRA file (diffusers/peft or kohya layout, ldm.models.lora) into the teacher's U-Net, its

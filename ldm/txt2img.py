@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 REPLAYED = ("prompt", "negative", "steps", "guidance", "seed", "n", "sampler", "spacing", "teacher",
             "guidance_rescale", "prompt_weights", "model", "lora", "embedding", "size", "hires", "controlnet",
-            "control_image", "control_scale", "clip_skip")
+            "control_image", "control_scale", "clip_skip", "freeu")
 
 
 def replay_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
@@ -89,7 +89,7 @@ def replay_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         parser.error(f"--replay {path}: no settings of ours in it ({type(err).__name__}: {err})")
     if "image" in run:
         parser.error(f"--replay {path}: drawn by img2img/inpaint from {run['image']}; replay it there")
-    return {k: tuple(v) if k in ("size", "hires") else v for k, v in run.items() if k in REPLAYED}
+    return {k: tuple(v) if k in ("size", "hires", "freeu") else v for k, v in run.items() if k in REPLAYED}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -182,6 +182,18 @@ def test_hires_fix_draws_twice_at_two_sizes(model, tmp_path, capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_freeu_and_clip_skip_flags(model, tmp_path, capsys):
+    txt2img.main(["a red circle", "--model", model, "--steps", "2", "--freeu", "1.2,1.4,0.9,0.2",
+                  "--out", str(tmp_path / "f.png")])                    # the student too: it is a U-Net
+    txt2img.main(["a red circle", "--model", model, "--steps", "2", "--out", str(tmp_path / "p.png")])
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "f.png")), np.asarray(Image.open(tmp_path / "p.png")))
+    for args, message in ((["--freeu", "1.2,1.4"], "expected four numbers"),
+                          (["--clip-skip", "2"], "--clip-skip needs a CLIP text encoder")):
+        with pytest.raises(SystemExit) as e:
+            txt2img.main(["a red circle", "--model", model, *args, "--out", str(tmp_path / "x.png")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_txt2img_size(model, tmp_path, capsys):
     txt2img.main(["a red circle", "--model", model, "--steps", "2", "--size", f"{2 * RES}x{RES}",
                   "--out", str(tmp_path / "wide.png")])

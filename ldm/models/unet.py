@@ -119,6 +119,21 @@ class _Mid(nn.Module):
         self.res1, self.attn, self.res2 = res1, attn, res2
 
 
+def freeu(h: torch.Tensor, skip: torch.Tensor, b: float, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FreeU (Si et al. 2024), training-free, in the two deepest decoder levels: the backbone's first half of
+    channels times b (its denoising, "structure" part), and the skip's lowest frequencies times s (the
+    2 x 2 centre of its shifted 2-D spectrum), so the decoder leans less on the encoder's high-frequency
+    detail. The released code's form (a constant b, not the paper's mean-feature modulation)."""
+    half = h.shape[1] // 2
+    h = torch.cat([h[:, :half] * b, h[:, half:]], dim=1)
+    spectrum = torch.fft.fftshift(torch.fft.fftn(skip.float(), dim=(-2, -1)), dim=(-2, -1))
+    H, W = skip.shape[-2:]
+    scale = torch.ones(H, W, device=skip.device)
+    scale[H // 2 - 1: H // 2 + 1, W // 2 - 1: W // 2 + 1] = s
+    skip = torch.fft.ifftn(torch.fft.ifftshift(spectrum * scale, dim=(-2, -1)), dim=(-2, -1)).real.to(skip.dtype)
+    return h, skip
+
+
 class UNet(nn.Module):
     """eps/v-prediction U-Net: forward(x (B,C,H,W), t (B,), context (B,L,D)) -> (B,C_out,H,W)."""
 
@@ -153,6 +168,7 @@ class UNet(nn.Module):
                                None if last else Downsample(c), "downsample"))
         self.down = nn.ModuleList(down)
         self.skip_channels = tuple(skips)   # widths of the skips, in order (a ControlNet adds one residual to each)
+        self.freeu: tuple[float, float, float, float] | None = None   # (b1, b2, s1, s2): see `freeu`
 
         self.mid = _Mid(res(c, c), attn(len(ch) - 1, c) if cfg.mid_attention else None, res(c, c))
 
@@ -228,9 +244,12 @@ class UNet(nn.Module):
             skips = [s + r.to(s.dtype) for s, r in zip(skips, down, strict=True)]
             h = h + mid.to(h.dtype)
 
-        for level in reversed(self.up):
+        for depth, level in enumerate(reversed(self.up)):
             for i, block in enumerate(level.res):
-                h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
+                skip = skips.pop()
+                if self.freeu is not None and depth < 2:
+                    h, skip = freeu(h, skip, self.freeu[depth], self.freeu[2 + depth])
+                h = self._run(block, torch.cat([h, skip], dim=1), emb)
                 if len(level.attn):
                     h = self._run(level.attn[i], h, context, context_mask)
             if level.resample is not None:

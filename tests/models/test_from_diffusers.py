@@ -143,6 +143,38 @@ def test_clip_skip_draws_what_diffusers_draws(tmp_path, one_thread, capsys):
     assert "--clip-skip must be in [1, 2]" in capsys.readouterr().err
 
 
+def test_freeu_draws_what_diffusers_draws(tmp_path, one_thread):
+    """--freeu B1,B2,S1,S2 against diffusers' enable_freeu(s1, s2, b1, b2) on the same tiny pipeline: the
+    U-Net's output on a non-square input and the CLI's image."""
+    from ldm import txt2img
+    import numpy as np
+    from PIL import Image
+    theirs = write_sd_pipeline(tmp_path)
+    convert(str(tmp_path / "sd"), str(tmp_path / "model"))
+    pipe = TextToImage.from_folder(str(tmp_path / "model"))
+    pipe.set_freeu((1.5, 1.6, 0.9, 0.2))
+    theirs.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 12, generator=g), torch.tensor([10.0, 700.0])
+    context = torch.randn(2, 77, TINY.unet["cross_attention_dim"], generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, context), theirs.unet(x, t, context).sample, atol=1e-5, rtol=1e-5)
+        pipe.set_freeu(None)
+        assert (pipe.unet(x, t, context) - theirs.unet(x, t, context).sample).abs().max() > 1e-2   # it does something
+    txt2img.main([PROMPTS[0], "--model", str(tmp_path / "model"), "--steps", "4", "--freeu", "1.5,1.6,0.9,0.2",
+                  "--decoder-precision", "fp32", "--out", str(tmp_path / "freeu.png")])
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(4), pipe.latent_shape(1),
+                          generator=torch.Generator().manual_seed(0))
+    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
+                                                           set_alpha_to_one=True, steps_offset=1)
+    theirs.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        reference = theirs(PROMPTS[0], num_inference_steps=4, guidance_scale=1 + pipe.index.guidance,
+                           latents=noise, output_type="np").images[0]
+    ours = np.asarray(Image.open(tmp_path / "freeu.png"), dtype=np.int16)
+    assert np.abs(ours - np.round(reference * 255)).max() <= 1
+
+
 def test_padding_is_seen_as_sd_was_trained(tmp_path, one_thread):
     """SD's U-Net attends to all 77 tokens, padding included; masking it would change every image."""
     write_sd_pipeline(tmp_path)
