@@ -152,6 +152,28 @@ def sample_heun(model, x, ts, schedule, *, extra_args=None, callback=None, disab
     return x
 
 
+@torch.no_grad()
+def sample_euler_a(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None):
+    """Euler ancestral ("Euler a"): each step goes down to s_down by Euler, then adds fresh noise of size s_up,
+    with s_up^2 = s_next^2 (s^2 - s_next^2) / s^2 and s_down^2 = s_next^2 - s_up^2 (s = sigma / alpha): the
+    ancestral step's noise split (Ho et al. 2020) on the probability-flow ODE of Karras et al. 2022."""
+    denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
+    for st in steps:
+        denoised = denoise(x, st.t)
+        _notify(callback, st, x, denoised)
+        noise = _noise(x, generator)
+        if st.alpha == 0:                        # s = inf: s_up -> s_next, s_down -> 0
+            x = st.alpha_next * denoised + st.sigma_next * noise
+            continue
+        s, s_next = st.sigma / st.alpha, st.sigma_next / st.alpha_next
+        s_up = math.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2)
+        s_down = math.sqrt(s_next ** 2 - s_up ** 2)
+        y = x / st.alpha
+        y = y + (s_down - s) * (y - denoised) / s + s_up * noise
+        x = st.alpha_next * y
+    return x
+
+
 def _half_logsnr(alpha: float, sigma: float) -> float:
     if sigma == 0 or alpha == 0:   # clean data, or pure noise (zero terminal SNR): h = inf, a DDIM step
         return math.inf if sigma == 0 else -math.inf
@@ -175,6 +197,31 @@ def sample_dpmpp_2m(model, x, ts, schedule, *, extra_args=None, callback=None, d
             r = h_last / h
             d = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * old_denoised
         x = (st.sigma_next / st.sigma) * x - st.alpha_next * math.expm1(-h) * d
+        old_denoised, h_last = denoised, h
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None):
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, sec. 4 / app. B; the midpoint form), first order on the first and
+    last steps. With h the step in half-log-SNR: x' = (sigma'/sigma) e^-h x + alpha' (1 - e^-2h) D
+    + sigma' sqrt(1 - e^-2h) z, where D is the data prediction, extrapolated by half the last change."""
+    denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
+    n_steps = len(steps)
+    old_denoised, h_last = None, None
+    for st in steps:
+        denoised = denoise(x, st.t)
+        _notify(callback, st, x, denoised)
+        h = _half_logsnr(st.alpha_next, st.sigma_next) - _half_logsnr(st.alpha, st.sigma)
+        d = denoised
+        if old_denoised is not None and st.i < n_steps - 1:
+            d = denoised + 0.5 * (h / h_last) * (denoised - old_denoised)
+        noise = _noise(x, generator)
+        if st.sigma_next == 0:                   # h = inf: the last step lands on D
+            x = st.alpha_next * d
+        else:
+            decay = 0.0 if st.sigma == 0 or st.alpha == 0 else (st.sigma_next / st.sigma) * math.exp(-h)
+            x = decay * x - st.alpha_next * math.expm1(-2 * h) * d + st.sigma_next * math.sqrt(-math.expm1(-2 * h)) * noise
         old_denoised, h_last = denoised, h
     return x
 
@@ -256,7 +303,9 @@ SAMPLERS = {
     "ddim": sample_ddim,
     "euler": sample_euler,
     "heun": sample_heun,
+    "euler_a": sample_euler_a,
     "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "pc": sample_pc,
     "langevin": sample_langevin,
     "stochastic": sample_stochastic,

@@ -4,10 +4,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler)
 
 from ldm.diffusion.param import Denoiser
-from ldm.diffusion.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler
+from ldm.diffusion.samplers import (sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_euler,
+                                   sample_euler_a)
 from ldm.diffusion.schedules import make_schedule
 
 T = 1000
@@ -116,6 +118,47 @@ def test_dpmpp_2m_matches_diffusers(name, n):
     ts = make_schedule(name).timesteps(n, spacing="trailing")
     torch.testing.assert_close(ts[:-1], ref.timesteps.double())
     _assert_trajectories_close(_ours(sample_dpmpp_2m, name, ts, _noise()), traj)
+
+
+@pytest.mark.parametrize("name", BETAS)
+@pytest.mark.parametrize("n", [1, 6, 15])
+def test_euler_ancestral_matches_diffusers(name, n):
+    """Same generator: diffusers draws its noise in VE coordinates y = x / alpha once a step, as we do."""
+    beta_schedule, kw = BETAS[name]
+    ref = EulerAncestralDiscreteScheduler(beta_schedule=beta_schedule, timestep_spacing="trailing", **kw)
+    ref.set_timesteps(n)
+    scale = (1 + ref.sigmas.double() ** 2).sqrt()
+    gen = torch.Generator().manual_seed(1)
+    y = _noise() * scale[0]
+    traj = [y / scale[0]]
+    for i, t in enumerate(ref.timesteps):
+        y = ref.step(eps_fn(ref.scale_model_input(y, t), t), t, y, generator=gen).prev_sample.double()
+        traj.append(y / scale[i + 1])
+    ts = make_schedule(name).timesteps(n, spacing="trailing")
+    _assert_trajectories_close(_ours(sample_euler_a, name, ts, _noise(), generator=torch.Generator().manual_seed(1)),
+                               traj)
+
+
+@pytest.mark.parametrize("name", BETAS)
+@pytest.mark.parametrize("n", [1, 5, 20])
+def test_dpmpp_2m_sde_matches_diffusers(name, n):
+    """diffusers draws the SDE's noise in float32 once a step: the trajectories run in float32 here."""
+    beta_schedule, kw = BETAS[name]
+    ref = DPMSolverMultistepScheduler(beta_schedule=beta_schedule, algorithm_type="sde-dpmsolver++", solver_order=2,
+                                      solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero",
+                                      timestep_spacing="trailing", **kw)
+    ref.set_timesteps(n)
+    x = _noise().float()
+    gen = torch.Generator().manual_seed(1)
+    traj = [x]
+    for t in ref.timesteps:
+        x = ref.step(eps_fn(x, t), t, x, generator=gen).prev_sample
+        traj.append(x)
+    ts = make_schedule(name).timesteps(n, spacing="trailing")
+    ours = _ours(sample_dpmpp_2m_sde, name, ts, _noise().float(), generator=torch.Generator().manual_seed(1))
+    assert len(ours) == len(traj)
+    for i, (a, b) in enumerate(zip(ours, traj)):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m: f"step {i}: {m}")
 
 
 @pytest.mark.parametrize("n", [2, 8, 25])  # n = 1: diffusers' linspace grid is [0] alone

@@ -144,3 +144,16 @@ def test_cfg_rescales_its_model_space():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="guidance rescale phi must be in"):
             cfg(net, 3.0, {"context": null}, rescale=bad)
+
+
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m_sde"])
+def test_stochastic_samplers_start_from_pure_noise(name):
+    """From alpha = 0 their first step is x0-hat at the next level plus fresh noise of that level's size."""
+    sched = make_schedule("scaled_linear", zero_snr=True)
+    ts = sched.timesteps(5)
+    first = _ours(SAMPLERS[name], ts, _noise(), generator=torch.Generator().manual_seed(3))[1]
+    a_next, s_next = (float(c) for c in sched.alpha_sigma(ts[1]))
+    z = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    denoised = -v_fn(_noise(), ts[0].expand(4))                 # x0-hat = -v at alpha = 0
+    torch.testing.assert_close(first, a_next * denoised + s_next * z, atol=1e-10, rtol=0)
+    assert bool(torch.isfinite(_ours(SAMPLERS[name], ts, _noise(), generator=torch.Generator())[-1]).all())
