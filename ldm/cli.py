@@ -74,14 +74,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding", action="append", default=[], metavar="FILE[:WORD]",
                         help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers) as a new word for "
                              "prompts and --negative: WORD, else the file's name; repeatable. CLIP models (SD 1.x/2.x)")
-    parser.add_argument("--controlnet", default=None, metavar="DIR",
+    parser.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                         help="a diffusers ControlNetModel folder (SD 1.x/2.x) steering the teacher with "
-                             "--control-image (Zhang et al. 2023)")
-    parser.add_argument("--control-image", default=None, metavar="IMAGE",
+                             "--control-image (Zhang et al. 2023); repeatable: the n-th goes with the n-th image")
+    parser.add_argument("--control-image", action="append", default=[], metavar="IMAGE",
                         help="the ControlNet's input (edges, depth, pose, ... as that ControlNet expects), resized "
                              "and centre-cropped to the output size")
-    parser.add_argument("--control-scale", type=float, default=1.0, metavar="S",
-                        help="ControlNet conditioning scale (default 1.0)")
+    parser.add_argument("--control-scale", action="append", type=float, default=[], metavar="S",
+                        help="ControlNet conditioning scale (default 1.0); one for all, or one per --controlnet")
     parser.add_argument("--freeu", type=parse_freeu, default=None, metavar="B1,B2,S1,S2",
                         help="FreeU (Si et al. 2024): scale the two deepest decoder levels' backbone features by B1, "
                              "B2 and their skips' low frequencies by S1, S2; diffusers' docs give 1.5,1.6,0.9,0.2 "
@@ -161,8 +161,10 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
         args.steps = STUDENT_STEPS if STUDENT_STEPS in pipe.student_steps else TEACHER_STEPS
     if not 0.0 <= args.guidance_rescale <= 1.0:
         parser.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
-    if (args.controlnet is None) != (args.control_image is None):
-        parser.error("--controlnet and --control-image go together")
+    if len(args.controlnet) != len(args.control_image) or len(args.control_scale) not in (0, 1, len(args.controlnet)):
+        parser.error(f"--controlnet and --control-image go together, one each ({len(args.controlnet)} and "
+                     f"{len(args.control_image)} given), with one --control-scale or one per ControlNet "
+                     f"({len(args.control_scale)} given)")
     for flag, value in (("--negative", args.negative), ("--guidance-rescale", args.guidance_rescale),
                         ("--controlnet", args.controlnet)):
         if value and pipe.uses_student(args.steps, args.teacher):
@@ -186,19 +188,25 @@ def load_control_image(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 
 def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, size: tuple[int, int] | None) -> dict:
-    """{"control": [(ControlNet, image, scale)]} from --controlnet/--control-image, or {}; errors as usage errors."""
-    if args.controlnet is None:
+    """{"control": [(ControlNet, image, scale), ...]} from --controlnet/--control-image, or {}; errors as usage
+    errors. Several ControlNets add their residuals (diffusers' MultiControlNetModel)."""
+    if not args.controlnet:
         return {}
     from ldm.models.controlnet import load_diffusers_controlnet
-    try:
-        net = load_diffusers_controlnet(args.controlnet, device=pipe.device)
-        image = load_control_image(args.control_image, size or (pipe.index.resolution,) * 2)
-    except (OSError, ValueError) as err:
-        parser.error(f"--controlnet {args.controlnet} / --control-image {args.control_image}: {err}")
-    if net.cfg.context_dim != pipe.unet.cfg.context_dim or net.cfg.channels != pipe.unet.cfg.channels:
-        parser.error(f"--controlnet {args.controlnet}: made for another U-Net (widths {net.cfg.channels}, text "
-                     f"{net.cfg.context_dim}; this model's {pipe.unet.cfg.channels}, {pipe.unet.cfg.context_dim})")
-    return {"control": [(net, image, args.control_scale)]}
+    scales = args.control_scale * len(args.controlnet) if len(args.control_scale) == 1 else \
+        args.control_scale or [1.0] * len(args.controlnet)
+    control = []
+    for folder, path, scale in zip(args.controlnet, args.control_image, scales):
+        try:
+            net = load_diffusers_controlnet(folder, device=pipe.device)
+            image = load_control_image(path, size or (pipe.index.resolution,) * 2)
+        except (OSError, ValueError) as err:
+            parser.error(f"--controlnet {folder} / --control-image {path}: {err}")
+        if net.cfg.context_dim != pipe.unet.cfg.context_dim or net.cfg.channels != pipe.unet.cfg.channels:
+            parser.error(f"--controlnet {folder}: made for another U-Net (widths {net.cfg.channels}, text "
+                         f"{net.cfg.context_dim}; this model's {pipe.unet.cfg.channels}, {pipe.unet.cfg.context_dim})")
+        control.append((net, image, scale))
+    return {"control": control}
 
 
 def sampling_options(args) -> dict:
@@ -228,7 +236,8 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
         if getattr(args, key) is not None:
             run[key] = getattr(args, key)
     if args.controlnet:
-        run.update(controlnet=args.controlnet, control_image=args.control_image, control_scale=args.control_scale)
+        run.update(controlnet=list(args.controlnet), control_image=list(args.control_image),
+                   control_scale=list(args.control_scale))
     for key in ("size", "hires"):
         if getattr(args, key, None):
             run[key] = list(getattr(args, key))

@@ -85,6 +85,11 @@ def test_txt2img_with_a_controlnet_draws_what_diffusers_draws(setup, tmp_path, o
     with pytest.raises(SystemExit):
         txt2img.main([PROMPTS[0], "--model", str(root / "model"), "--controlnet", str(root / "cn")])
     assert "--controlnet and --control-image go together" in capsys.readouterr().err
+    # two ControlNets add up: the same one twice at 0.4 each is it once at 0.8
+    txt2img.main([PROMPTS[0], "--model", str(root / "model"), "--steps", "3", "--decoder-precision", "fp32",
+                  *["--controlnet", str(root / "cn"), "--control-image", str(tmp_path / "edges.png")] * 2,
+                  "--control-scale", "0.4", "--out", str(tmp_path / "twice.png")])
+    assert np.abs(np.asarray(Image.open(tmp_path / "twice.png"), dtype=np.int16) - ours).max() <= 1
     with pytest.raises(SystemExit):
         txt2img.main([PROMPTS[0], "--model", str(root / "model"), "--controlnet", str(tmp_path),
                       "--control-image", str(tmp_path / "edges.png")])
