@@ -290,7 +290,7 @@ class TextToImage:
         the denoiser over its first step by ~2000 (1% of prompts right, docs/sampling.md).
         seed: one seed for the batch's noise, or one per prompt (a list): then image i is what seed[i]
         draws alone, as far as the starting noise decides it (all of it for ddim, euler, heun and
-        dpmpp_2m; the stochastic samplers' later noise comes from seed[0] for the whole batch).
+        dpmpp_2m; the stochastic samplers' later noise comes from seed[0] + 1 for the whole batch).
 
         init: latents to start from (SDEdit, Meng et al. 2022): noised to the grid time that leaves
         round(strength * steps) steps, and only those are run. mask (B, 1, h, w), 1 = repaint:
@@ -319,10 +319,7 @@ class TextToImage:
         w = self.index.guidance if guidance is None else float(guidance)
         chunks = self.prompt_chunks([*prompts, negative])      # cond and uncond alike (prompt_chunks.py)
         if self.inpainting_unet and inpaint is None:
-            factor = self.autoencoder.config.downsample_factor
-            width, height = (shape[-1] * factor, shape[-2] * factor)
-            blank = torch.zeros(len(prompts), 3, height, width, device=self.device)
-            inpaint = self.inpainting_inputs(blank, torch.ones_like(blank[:, :1]))
+            inpaint = self._paint_everything(shape)
         model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks, control,
                                                       inpaint)
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
@@ -340,15 +337,8 @@ class TextToImage:
         if run == 0:                                        # strength 0: nothing to do
             return init, info
         ts = ts[steps - run:]                               # the remaining part of the grid
-        if isinstance(seed, int):
-            x = initial_noise(self.schedule, ts, shape, generator=torch.Generator().manual_seed(seed))
-        elif len(seed) != len(prompts):
-            raise ValueError(f"{len(seed)} seeds for {len(prompts)} prompts: give one seed, or one per prompt")
-        else:
-            x = torch.cat([initial_noise(self.schedule, ts, (1, *shape[1:]), generator=torch.Generator().manual_seed(s))
-                           for s in seed])
-            seed = seed[0]
-        x = x.to(self.device)
+        x = self._starting_noise(ts, shape, seed)
+        seed = seed if isinstance(seed, int) else seed[0]
         if init is not None:
             alpha, sigma = (float(c) for c in self.schedule.alpha_sigma(ts[0]))
             x = alpha * init + sigma * x                    # q(z_t | z_0): SDEdit's starting point
@@ -361,6 +351,21 @@ class TextToImage:
         if mask is not None:
             z = mask * z + (1 - mask) * init
         return z, info
+
+    def _starting_noise(self, ts: torch.Tensor, shape: tuple[int, ...], seed: int | list[int]) -> torch.Tensor:
+        """x at ts[0] on the device: from one seed for the batch, or from one seed per sample (CPU generators)."""
+        if isinstance(seed, int):
+            return initial_noise(self.schedule, ts, shape, generator=torch.Generator().manual_seed(seed)).to(self.device)
+        if len(seed) != shape[0]:
+            raise ValueError(f"{len(seed)} seeds for {shape[0]} prompts: give one seed, or one per prompt")
+        return torch.cat([initial_noise(self.schedule, ts, (1, *shape[1:]), generator=torch.Generator().manual_seed(s))
+                          for s in seed]).to(self.device)
+
+    def _paint_everything(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An inpainting U-Net's extra inputs for drawing freely: an all-ones mask over an all-gray image."""
+        factor = self.autoencoder.config.downsample_factor
+        blank = torch.zeros(shape[0], 3, shape[-2] * factor, shape[-1] * factor, device=self.device)
+        return self.inpainting_inputs(blank, torch.ones_like(blank[:, :1]))
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, steps: int, guidance: float | None = None, seed: int | list[int] = 0,
