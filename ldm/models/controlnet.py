@@ -1,7 +1,7 @@
 """ControlNet (Zhang et al. 2023): a trainable copy of the U-Net's encoder that reads a control image
 (edges, depth, pose, ...) and adds zero-initialised residuals to the frozen U-Net's skips and middle.
 
-    python -m ldm.txt2img "a house" --model models/sd15 --controlnet controlnets/canny --control-image edges.png
+    python -m ldm.txt2img "a house" --model models/sd15 --controlnet lllyasviel/sd-controlnet-canny --control-image edges.png
 
 The networks people share for SD 1.x/2.x come as diffusers `ControlNetModel` folders (config.json +
 diffusion_pytorch_model.safetensors); `load_diffusers_controlnet` reads one into `ControlNet`, whose
@@ -113,8 +113,11 @@ def controlnet_state_from_diffusers(state: dict, num_levels: int) -> dict:
     return out
 
 
-def load_diffusers_controlnet(path: str, device="cpu") -> ControlNet:
-    """A diffusers ControlNetModel folder (config.json + diffusion_pytorch_model.safetensors/.bin)."""
+def load_diffusers_controlnet(source: str, device="cpu") -> ControlNet:
+    """A diffusers ControlNetModel folder (config.json + diffusion_pytorch_model.safetensors/.bin), or a hub
+    repo id such as lllyasviel/sd-controlnet-canny (downloaded, or from the cache when offline)."""
+    from ldm.models.from_diffusers import resolve_source
+    path = str(resolve_source(source, ["config.json", "diffusion_pytorch_model.safetensors"], "a ControlNet folder"))
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path}: not a diffusers ControlNetModel folder (no config.json)")

@@ -41,21 +41,22 @@ HUB_FILES = ["model_index.json", "scheduler/*", "text_encoder/config.json", "tex
              "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
 
 
-def resolve_source(source: str) -> Path:
-    """A local pipeline folder, else a hub repo id: downloaded, or from the local cache when offline."""
+def resolve_source(source: str, patterns: list[str] = HUB_FILES, what: str = "a diffusers pipeline folder") -> Path:
+    """A local folder, else a hub repo id: its files matching `patterns` downloaded, or taken from the local
+    cache when offline."""
     path = Path(source)
     if path.exists():
         if not path.is_dir():
-            raise FileNotFoundError(f"{source}: expected a diffusers pipeline folder, got a file")
+            raise FileNotFoundError(f"{source}: expected {what}, got a file")
         return path
     if source.count("/") != 1:
         raise FileNotFoundError(f"{source!r} is neither a folder nor a hub repo id 'org/name'")
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(source, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(source, allow_patterns=patterns))
     except Exception as err:  # no network: the cache may still hold it
         try:
-            return Path(snapshot_download(source, allow_patterns=HUB_FILES, local_files_only=True))
+            return Path(snapshot_download(source, allow_patterns=patterns, local_files_only=True))
         except Exception:
             raise FileNotFoundError(f"{source!r}: not downloadable ({type(err).__name__}: {err}) "
                                     "and not in the local Hugging Face cache") from err

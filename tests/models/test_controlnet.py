@@ -94,3 +94,12 @@ def test_txt2img_with_a_controlnet_draws_what_diffusers_draws(setup, tmp_path, o
         txt2img.main([PROMPTS[0], "--model", str(root / "model"), "--controlnet", str(tmp_path),
                       "--control-image", str(tmp_path / "edges.png")])
     assert "not a diffusers ControlNetModel folder" in capsys.readouterr().err
+
+
+def test_a_hub_name_is_looked_up_and_named_when_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="(?s)not downloadable .* and not in the local Hugging Face cache"):
+        load_diffusers_controlnet("nobody/no-such-controlnet")
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a hub repo id"):
+        load_diffusers_controlnet(str(tmp_path / "nowhere"))
