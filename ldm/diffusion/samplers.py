@@ -180,9 +180,11 @@ def _half_logsnr(alpha: float, sigma: float) -> float:
     return math.log(alpha / sigma)
 
 
-@torch.no_grad()
-def sample_dpmpp_2m(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None):
-    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), first order on the first and last steps."""
+def _dpmpp_2m_loop(model, x, ts, schedule, extra_args, callback, disable, update):
+    """DPM-Solver++(2M)'s multistep loop (Lu et al. 2022b, Alg. 2): the data prediction D extrapolated by half
+    its last change per unit of half-log-SNR, D + h / (2 h_last) (D - D_last), first order on the first
+    step and the last (it lands on sigma = 0, h = inf, where the correction is unstable with few steps:
+    their sec. 5, "lower order final"); `update(x, step, h, d)` takes the step."""
     denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
     n_steps = len(steps)
     old_denoised, h_last = None, None
@@ -191,39 +193,32 @@ def sample_dpmpp_2m(model, x, ts, schedule, *, extra_args=None, callback=None, d
         _notify(callback, st, x, denoised)
         h = _half_logsnr(st.alpha_next, st.sigma_next) - _half_logsnr(st.alpha, st.sigma)
         d = denoised
-        # The last step is first order: it lands on sigma = 0 (h = inf) and, with few steps,
-        # the multistep correction is unstable there (Lu et al. 2022b, sec. 5, "lower order final").
         if old_denoised is not None and st.i < n_steps - 1:
-            r = h_last / h
-            d = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * old_denoised
-        x = (st.sigma_next / st.sigma) * x - st.alpha_next * math.expm1(-h) * d
+            d = denoised + h / (2 * h_last) * (denoised - old_denoised)
+        x = update(x, st, h, d)
         old_denoised, h_last = denoised, h
     return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None):
+    """DPM-Solver++(2M): x' = (sigma' / sigma) x - alpha' (e^-h - 1) D, h the step in half-log-SNR."""
+    def update(x, st, h, d):
+        return (st.sigma_next / st.sigma) * x - st.alpha_next * math.expm1(-h) * d
+    return _dpmpp_2m_loop(model, x, ts, schedule, extra_args, callback, disable, update)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None):
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, sec. 4 / app. B; the midpoint form), first order on the first and
-    last steps. With h the step in half-log-SNR: x' = (sigma'/sigma) e^-h x + alpha' (1 - e^-2h) D
-    + sigma' sqrt(1 - e^-2h) z, where D is the data prediction, extrapolated by half the last change."""
-    denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
-    n_steps = len(steps)
-    old_denoised, h_last = None, None
-    for st in steps:
-        denoised = denoise(x, st.t)
-        _notify(callback, st, x, denoised)
-        h = _half_logsnr(st.alpha_next, st.sigma_next) - _half_logsnr(st.alpha, st.sigma)
-        d = denoised
-        if old_denoised is not None and st.i < n_steps - 1:
-            d = denoised + 0.5 * (h / h_last) * (denoised - old_denoised)
-        noise = _noise(x, generator)
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, sec. 4 / app. B; the midpoint form):
+    x' = (sigma' / sigma) e^-h x + alpha' (1 - e^-2h) D + sigma' sqrt(1 - e^-2h) z, fresh noise z each step."""
+    def update(x, st, h, d):
+        noise = _noise(x, generator)             # drawn on the last step too, as diffusers does
         if st.sigma_next == 0:                   # h = inf: the last step lands on D
-            x = st.alpha_next * d
-        else:
-            decay = 0.0 if st.sigma == 0 or st.alpha == 0 else (st.sigma_next / st.sigma) * math.exp(-h)
-            x = decay * x - st.alpha_next * math.expm1(-2 * h) * d + st.sigma_next * math.sqrt(-math.expm1(-2 * h)) * noise
-        old_denoised, h_last = denoised, h
-    return x
+            return st.alpha_next * d
+        decay = 0.0 if st.alpha == 0 else (st.sigma_next / st.sigma) * math.exp(-h)
+        return decay * x - st.alpha_next * math.expm1(-2 * h) * d + st.sigma_next * math.sqrt(-math.expm1(-2 * h)) * noise
+    return _dpmpp_2m_loop(model, x, ts, schedule, extra_args, callback, disable, update)
 
 
 @torch.no_grad()

@@ -22,8 +22,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.from_diffusers import DTYPES, PREDICTIONS, SCHEDULES, start_folder
 from ldm.models.lora import ours_to_diffusers

@@ -1,5 +1,4 @@
 """Our samplers step for step against diffusers' schedulers, same model function, same noise."""
-import math
 
 import numpy as np
 import pytest
@@ -103,21 +102,28 @@ def test_euler_matches_diffusers(name, spacing):
 
 
 @pytest.mark.parametrize("name", BETAS)
-@pytest.mark.parametrize("n", [5, 20])
-def test_dpmpp_2m_matches_diffusers(name, n):
+@pytest.mark.parametrize("n", [1, 5, 20])
+@pytest.mark.parametrize("algorithm,sampler,dtype,tol", [("dpmsolver++", sample_dpmpp_2m, torch.float64, 1e-5),
+                                                         # the SDE's noise is drawn in float32 by diffusers
+                                                         ("sde-dpmsolver++", sample_dpmpp_2m_sde, torch.float32, 2e-4)])
+def test_dpmpp_2m_matches_diffusers(name, n, algorithm, sampler, dtype, tol):
     beta_schedule, kw = BETAS[name]
-    ref = DPMSolverMultistepScheduler(beta_schedule=beta_schedule, algorithm_type="dpmsolver++", solver_order=2,
+    ref = DPMSolverMultistepScheduler(beta_schedule=beta_schedule, algorithm_type=algorithm, solver_order=2,
                                       solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero",
                                       timestep_spacing="trailing", **kw)
     ref.set_timesteps(n)
-    x = _noise()
+    x = _noise().to(dtype)
+    gen = torch.Generator().manual_seed(1)
     traj = [x]
     for t in ref.timesteps:
-        x = ref.step(eps_fn(x, t), t, x).prev_sample.double()
+        x = ref.step(eps_fn(x, t), t, x, generator=gen).prev_sample.to(dtype)
         traj.append(x)
     ts = make_schedule(name).timesteps(n, spacing="trailing")
     torch.testing.assert_close(ts[:-1], ref.timesteps.double())
-    _assert_trajectories_close(_ours(sample_dpmpp_2m, name, ts, _noise()), traj)
+    ours = _ours(sampler, name, ts, _noise().to(dtype), generator=torch.Generator().manual_seed(1))
+    assert len(ours) == len(traj)
+    for i, (a, b) in enumerate(zip(ours, traj)):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m: f"step {i}: {m}")
 
 
 @pytest.mark.parametrize("name", BETAS)
@@ -137,28 +143,6 @@ def test_euler_ancestral_matches_diffusers(name, n):
     ts = make_schedule(name).timesteps(n, spacing="trailing")
     _assert_trajectories_close(_ours(sample_euler_a, name, ts, _noise(), generator=torch.Generator().manual_seed(1)),
                                traj)
-
-
-@pytest.mark.parametrize("name", BETAS)
-@pytest.mark.parametrize("n", [1, 5, 20])
-def test_dpmpp_2m_sde_matches_diffusers(name, n):
-    """diffusers draws the SDE's noise in float32 once a step: the trajectories run in float32 here."""
-    beta_schedule, kw = BETAS[name]
-    ref = DPMSolverMultistepScheduler(beta_schedule=beta_schedule, algorithm_type="sde-dpmsolver++", solver_order=2,
-                                      solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero",
-                                      timestep_spacing="trailing", **kw)
-    ref.set_timesteps(n)
-    x = _noise().float()
-    gen = torch.Generator().manual_seed(1)
-    traj = [x]
-    for t in ref.timesteps:
-        x = ref.step(eps_fn(x, t), t, x, generator=gen).prev_sample
-        traj.append(x)
-    ts = make_schedule(name).timesteps(n, spacing="trailing")
-    ours = _ours(sample_dpmpp_2m_sde, name, ts, _noise().float(), generator=torch.Generator().manual_seed(1))
-    assert len(ours) == len(traj)
-    for i, (a, b) in enumerate(zip(ours, traj)):
-        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m: f"step {i}: {m}")
 
 
 @pytest.mark.parametrize("n", [2, 8, 25])  # n = 1: diffusers' linspace grid is [0] alone

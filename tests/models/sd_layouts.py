@@ -29,6 +29,15 @@ def write_sd_pipeline(folder, prediction_type: str = "epsilon", unet_options: di
     return pipe
 
 
+def on_our_grid(pipeline):
+    """A diffusers pipeline set to sample as ours does: DDIM on the trailing grid ending at clean data
+    (alpha = 1), no progress bar. Its DDIM steps to t - T // n: the same grid when n divides T = 1000."""
+    pipeline.scheduler = diffusers.DDIMScheduler.from_config(pipeline.scheduler.config, timestep_spacing="trailing",
+                                                             set_alpha_to_one=True, steps_offset=1)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 def unet_to_compvis(state, levels, n):
     """Independent test-side map of diffusers names to the CompVis openaimodel layout."""
     res = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",

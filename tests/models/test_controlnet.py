@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sd_layouts import PROMPTS, write_sd_pipeline
+from sd_layouts import PROMPTS, on_our_grid, write_sd_pipeline
 
 from ldm.bench_models import TINY
 from ldm.diffusion.samplers import initial_noise
@@ -71,9 +71,7 @@ def test_txt2img_with_a_controlnet_draws_what_diffusers_draws(setup, tmp_path, o
     noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(3), pipe.latent_shape(1),
                           generator=torch.Generator().manual_seed(0))
     cn_pipe = diffusers.StableDiffusionControlNetPipeline(**theirs.components, controlnet=net)
-    cn_pipe.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
-                                                            set_alpha_to_one=True, steps_offset=1)
-    cn_pipe.set_progress_bar_config(disable=True)
+    on_our_grid(cn_pipe)
     image = torch.from_numpy(control.astype(np.float32) / 255).permute(2, 0, 1)[None]
     with torch.no_grad():
         reference = cn_pipe(PROMPTS[0], image=image, controlnet_conditioning_scale=0.8, num_inference_steps=3,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd_layouts import write_sd_pipeline
+from sd_layouts import on_our_grid, write_sd_pipeline
 
 from ldm.bench_models import TINY
 from ldm.diffusion.samplers import initial_noise
@@ -47,9 +47,7 @@ def test_embeddings_draw_what_diffusers_draws(tmp_path, one_thread):
     ours, info = pipe.generate(prompts, steps=3, seed=0, negative="cfix")
     noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(3), pipe.latent_shape(2),
                           generator=torch.Generator().manual_seed(0))
-    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
-                                                           set_alpha_to_one=True, steps_offset=1)
-    theirs.set_progress_bar_config(disable=True)
+    on_our_grid(theirs)
     with torch.no_grad():
         reference = theirs(prompts, negative_prompt=["cfix"] * 2, num_inference_steps=3, guidance_scale=1 + info["guidance"],
                            latents=noise, output_type="pt").images

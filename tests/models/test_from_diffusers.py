@@ -4,12 +4,11 @@ and our TextToImage on it draws what diffusers' StableDiffusionPipeline draws fr
 The pipeline is a tiny random one written here with diffusers (the SD block types at toy widths, a
 2-layer CLIP with the real CLIP BPE vocabulary): nothing is downloaded."""
 import json
-import warnings
 
 import pytest
 import torch
 
-from sd_layouts import PROMPTS, write_sd_pipeline
+from sd_layouts import PROMPTS, on_our_grid, write_sd_pipeline
 
 from ldm.bench_models import TINY
 from ldm.diffusion.samplers import initial_noise
@@ -33,9 +32,7 @@ def test_imported_pipeline_draws_what_diffusers_draws(tmp_path, one_thread, pred
     assert info == {"model": "teacher", "steps": 4, "nfe": 8, "guidance": w, "sampler": "ddim", "spacing": "trailing"}
     # diffusers' reference: DDIM with trailing spacing ending at clean data (set_alpha_to_one), as our
     # grid; its guidance_scale g is our 1 + w; output_type="pt" is in [0, 1]
-    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
-                                                           set_alpha_to_one=True, steps_offset=1)
-    theirs.set_progress_bar_config(disable=True)
+    on_our_grid(theirs)
     with torch.no_grad():
         reference = theirs(PROMPTS, num_inference_steps=steps, guidance_scale=1 + w, latents=noise,
                            output_type="pt").images
@@ -78,9 +75,7 @@ def test_non_square_sizes_draw_what_diffusers_draws(tmp_path, one_thread):
     noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(3), shape, generator=torch.Generator().manual_seed(0))
     ours, _ = pipe.generate(PROMPTS, steps=3, seed=0, size=(width, height))
     assert ours.shape == (2, 3, height, width)
-    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
-                                                           set_alpha_to_one=True, steps_offset=1)
-    theirs.set_progress_bar_config(disable=True)
+    on_our_grid(theirs)
     with torch.no_grad():
         reference = theirs(PROMPTS, height=height, width=width, num_inference_steps=3, guidance_scale=1 + pipe.index.guidance,
                            latents=noise, output_type="pt").images
@@ -100,9 +95,7 @@ def test_sdedit_on_latents_draws_what_diffusers_img2img_draws(tmp_path, one_thre
     z, info = pipe.sample(PROMPTS, steps=4, seed=0, init=init, strength=0.5)
     assert info["steps"] == 2 and info["nfe"] == 4
     img2img = diffusers.StableDiffusionImg2ImgPipeline(**theirs.components)
-    img2img.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
-                                                            set_alpha_to_one=True, steps_offset=1)
-    img2img.set_progress_bar_config(disable=True)
+    on_our_grid(img2img)
     with torch.no_grad():
         reference = img2img(PROMPTS, image=init, strength=0.5, num_inference_steps=4, guidance_scale=1 + pipe.index.guidance,
                             generator=torch.Generator().manual_seed(0), output_type="pt").images
@@ -121,9 +114,7 @@ def test_clip_skip_draws_what_diffusers_draws(tmp_path, one_thread, capsys):
     pipe = TextToImage.from_folder(str(tmp_path / "model"))
     noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(4), pipe.latent_shape(1),
                           generator=torch.Generator().manual_seed(0))
-    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
-                                                           set_alpha_to_one=True, steps_offset=1)
-    theirs.set_progress_bar_config(disable=True)
+    on_our_grid(theirs)
     def penultimate(text):   # diffusers' clip_skip=1, by hand (its own path fails on this transformers' CLIPTextModel)
         ids = theirs.tokenizer([text], padding="max_length", max_length=77, return_tensors="pt").input_ids
         out = theirs.text_encoder(ids, output_hidden_states=True)
@@ -165,9 +156,7 @@ def test_freeu_draws_what_diffusers_draws(tmp_path, one_thread):
                   "--decoder-precision", "fp32", "--out", str(tmp_path / "freeu.png")])
     noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(4), pipe.latent_shape(1),
                           generator=torch.Generator().manual_seed(0))
-    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
-                                                           set_alpha_to_one=True, steps_offset=1)
-    theirs.set_progress_bar_config(disable=True)
+    on_our_grid(theirs)
     with torch.no_grad():
         reference = theirs(PROMPTS[0], num_inference_steps=4, guidance_scale=1 + pipe.index.guidance,
                            latents=noise, output_type="np").images[0]

@@ -2,7 +2,7 @@
 StableDiffusionInpaintPipeline runs it: the same latents from the same noise, mask and masked image."""
 import pytest
 import torch
-from sd_layouts import PROMPTS, write_sd_pipeline
+from sd_layouts import PROMPTS, on_our_grid, write_sd_pipeline
 
 from ldm.bench_models import TINY
 from ldm.diffusion.samplers import initial_noise
@@ -38,9 +38,7 @@ def test_inpainting_unet_draws_what_diffusers_draws(setup, one_thread):
     noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(4), pipe.latent_shape(2),
                           generator=torch.Generator().manual_seed(0))
     inpaint = diffusers.StableDiffusionInpaintPipeline(**theirs.components)
-    inpaint.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
-                                                            set_alpha_to_one=True, steps_offset=1)
-    inpaint.set_progress_bar_config(disable=True)
+    on_our_grid(inpaint)
     with torch.no_grad():
         reference = inpaint(PROMPTS, image=images * 0.5 + 0.5, mask_image=masks, masked_image_latents=extra[:, 1:],
                             latents=noise, strength=1.0, num_inference_steps=4,

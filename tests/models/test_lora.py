@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from sd_layouts import PROMPTS, write_sd_pipeline
+from sd_layouts import PROMPTS, on_our_grid, write_sd_pipeline
 
 from ldm.bench_models import TINY
 from ldm.diffusion.samplers import initial_noise
@@ -112,9 +112,7 @@ def _random_lora(unet, text, layout: str, rank: int = 4, seed: int = 0) -> tuple
 
 
 def _diffusers_images(theirs, noise, steps, w):
-    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
-                                                           set_alpha_to_one=True, steps_offset=1)
-    theirs.set_progress_bar_config(disable=True)
+    on_our_grid(theirs)
     with torch.no_grad():
         return theirs(PROMPTS, num_inference_steps=steps, guidance_scale=1 + w, latents=noise, output_type="pt").images
 

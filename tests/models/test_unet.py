@@ -1,6 +1,5 @@
 """U-Net: shapes, conditioning, checkpointing, save/load, and equality with diffusers' SD U-Net."""
 import json
-import re
 
 import pytest
 import torch
