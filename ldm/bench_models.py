@@ -6,8 +6,6 @@ ours through our own converters, so the benchmark compares implementations, not 
 """
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from dataclasses import dataclass
 

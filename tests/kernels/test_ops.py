@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ldm import ops
 

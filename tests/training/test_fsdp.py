@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldm.training import CheckpointMismatchError, find_latest_checkpoint
+from ldm.training import CheckpointMismatchError
 
 _LOOP = Path(__file__).with_name("test_loop.py")
 
