@@ -22,7 +22,7 @@ from ldm.models.prompt_weights import parse_weighted, token_weights
 from ldm.pipeline import DECODER_PRECISIONS, DEFAULT_MODEL, INDEX_NAME, TextToImage
 from ldm.training.images import make_grid
 
-CLI_SAMPLERS = ["ddim", "stochastic", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "ddpm"]
+CLI_SAMPLERS = ["ddim", "stochastic", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "lcm", "ddpm"]
 STUDENT_STEPS = 4      # the default where a 4-step student exists (the shipped model's: 87.4%, 17 ms)
 TEACHER_STEPS = 25     # else the teacher's: DDIM + CFG at 4 steps is far from converged
 
@@ -54,12 +54,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default="ddim", choices=CLI_SAMPLERS,
                         help="ddim (deterministic) or stochastic (Meng et al. 2023, sec. 4.3), what students were "
                              "distilled for; for the teacher also euler, euler_a (ancestral), heun (Karras et al. "
-                             "2022), dpmpp_2m and dpmpp_2m_sde (DPM-Solver++(2M) and its SDE form, Lu et al. 2022) "
-                             "and ddpm")
+                             "2022), dpmpp_2m and dpmpp_2m_sde (DPM-Solver++(2M) and its SDE form, Lu et al. 2022), "
+                             "lcm (latent consistency models and LCM-LoRAs, e.g. --steps 4 --guidance 0) and ddpm")
     parser.add_argument("--spacing", default=None, choices=SPACINGS,
-                        help="the time grid: trailing (Lin et al. 2023; what students were distilled on) or karras "
-                             "(Karras et al. 2022, eq. 5: 'DPM++ 2M Karras' is --sampler dpmpp_2m --spacing karras); "
-                             "default: karras for the teacher's heun (the paper's pairing), else trailing")
+                        help="the time grid: trailing (Lin et al. 2023; what students were distilled on), karras "
+                             "(Karras et al. 2022, eq. 5: 'DPM++ 2M Karras' is --sampler dpmpp_2m --spacing karras) "
+                             "or lcm (the 50 LCM timesteps); default: karras for the teacher's heun (the paper's "
+                             "pairing), lcm for lcm on a discrete schedule, else trailing")
     parser.add_argument("--negative", default="", metavar="TEXT",
                         help="negative prompt: guidance's unconditional branch instead of the empty prompt "
                              "(teacher only: add --teacher where a student fits --steps)")
@@ -222,7 +223,7 @@ def show_progress() -> bool:
 
 
 SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
-                 "dpmpp_2m_sde": "DPM++ 2M SDE", "ddpm": "DDPM", "stochastic": "Meng stochastic"}        # as the A1111 web UI names them, where it has them
+                 "dpmpp_2m_sde": "DPM++ 2M SDE", "lcm": "LCM", "ddpm": "DDPM", "stochastic": "Meng stochastic"}        # as the A1111 web UI names them, where it has them
 
 
 def settings(args, prompt: str, info: dict, **extra) -> dict:

@@ -325,8 +325,9 @@ class TextToImage:
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
             warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
                           f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
-        if spacing is None:
-            spacing = "karras" if info["model"] == "teacher" and sampler == "heun" else "trailing"
+        if spacing is None:   # heun: Karras et al.'s pairing; lcm: the grid LCMs were trained on (discrete only)
+            spacing = ("karras" if info["model"] == "teacher" and sampler == "heun" else
+                       "lcm" if sampler == "lcm" and hasattr(self.schedule, "num_timesteps") else "trailing")
         if info["model"] != "teacher" and spacing != "trailing":
             warnings.warn(f"{info['model']} was distilled on the trailing time grid; {spacing!r} runs it off it",
                           stacklevel=3)

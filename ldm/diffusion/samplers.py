@@ -263,6 +263,27 @@ def sample_langevin(model, x, ts, schedule, *, extra_args=None, callback=None, d
     return x
 
 
+@torch.no_grad()
+def sample_lcm(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None,
+               timestep_scaling=10.0):
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1) as latent consistency models use it (Luo et
+    al. 2023): each step maps x_t to the clean estimate f = c_out(t) D + c_skip(t) x_t and noises it afresh
+    to the next grid time; the last step returns f. The boundary-condition scalings c_skip = s^2 / (u^2 + s^2),
+    c_out = u / sqrt(u^2 + s^2) with s = 0.5 and u = timestep_scaling x t are the LCM's (diffusers'
+    LCMScheduler, t in discrete timesteps); far from t = 0 they are 0 and 1."""
+    denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
+    for st in steps:
+        denoised = denoise(x, st.t)
+        _notify(callback, st, x, denoised)
+        u = timestep_scaling * st.t
+        d = (u / math.sqrt(u * u + 0.25)) * denoised + (0.25 / (u * u + 0.25)) * x
+        if st.sigma_next == 0:
+            x = st.alpha_next * d
+        else:
+            x = st.alpha_next * d + st.sigma_next * _noise(x, generator)
+    return x
+
+
 def _forward_diffuse(x, alpha_u, sigma_u, alpha_s, sigma_s, generator):
     """A draw of z_s ~ q(z_s | z_u) for s later in time than u: mean (alpha_s/alpha_u) z_u (Kingma et al. 2021, eq. 4)."""
     a = alpha_s / alpha_u
@@ -304,4 +325,5 @@ SAMPLERS = {
     "pc": sample_pc,
     "langevin": sample_langevin,
     "stochastic": sample_stochastic,
+    "lcm": sample_lcm,
 }

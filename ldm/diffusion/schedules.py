@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 CLEAN = -1.0                                  # any t < 0: alpha = 1, sigma = 0
-SPACINGS = ("leading", "trailing", "linspace", "karras")
+SPACINGS = ("leading", "trailing", "linspace", "karras", "lcm")
+LCM_ORIGINAL_STEPS = 50                       # Luo et al. 2023: LCMs learn consistency on a 50-step DDIM grid
 KARRAS_RHO = 7.0                              # Karras et al. 2022, eq. 5 (their choice for every model)
 KARRAS_SIGMAS = (0.002, 80.0)                 # their Table 1 range of sigma / alpha; SD's 0.029-14.6 lies inside
 FINALS = ("clean", "t_min")                   # last grid entry: clean data, or the schedule's t_min
@@ -57,10 +58,10 @@ class Schedule:
         _check_option("final", final, FINALS)
         if n < 1:
             raise ValueError(f"number of steps must be >= 1, got {n}")
-        if spacing == "karras":
+        if spacing in ("karras", "lcm"):
             if steps_offset:
-                raise ValueError(f"steps_offset does not apply to the karras spacing, got {steps_offset}")
-            grid = self._karras_grid(n)
+                raise ValueError(f"steps_offset does not apply to the {spacing} spacing, got {steps_offset}")
+            grid = self._karras_grid(n) if spacing == "karras" else self._lcm_grid(n)
         else:
             grid = self._grid(n, spacing, steps_offset)
         ts = torch.as_tensor(grid, dtype=torch.float64)
@@ -82,6 +83,9 @@ class Schedule:
         ramp = np.arange(n) / max(n - 1, 1)
         s = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
         return self.t_from_logsnr(-2.0 * np.log(s))
+
+    def _lcm_grid(self, n: int) -> np.ndarray:
+        raise ValueError("the lcm spacing is a grid of discrete timesteps: it needs a discrete schedule")
 
     def t_from_logsnr(self, lam: np.ndarray) -> np.ndarray:
         """The times with log-SNR `lam` (lambda decreases in t); here by interpolation on a fine grid."""
@@ -151,6 +155,14 @@ class DiscreteSchedule(Schedule):
         ab = 1.0 / (1.0 + np.exp(-lam))                   # the last interval, as `logsnr` defines it
         last = self.t_max - ab / float(self.alphas_cumprod[-2])
         return np.where(lam < table[-2], last, t)
+
+    def _lcm_grid(self, n: int) -> np.ndarray:
+        """Latent consistency models' grid (Luo et al. 2023): n of the 50 DDIM timesteps their consistency was
+        trained on (T/50 - 1, ..., T - 1), from the noisiest, evenly by index (diffusers' LCMScheduler)."""
+        if n > LCM_ORIGINAL_STEPS:
+            raise ValueError(f"the lcm spacing takes at most {LCM_ORIGINAL_STEPS} steps, got {n}")
+        origin = (np.arange(1, LCM_ORIGINAL_STEPS + 1) * (self.num_timesteps // LCM_ORIGINAL_STEPS) - 1)[::-1]
+        return origin[np.floor(np.linspace(0, LCM_ORIGINAL_STEPS, n, endpoint=False)).astype(np.int64)].astype(np.float64)
 
     def _grid(self, n: int, spacing: str, steps_offset: int) -> np.ndarray:
         """diffusers' DDIMScheduler/DDPMScheduler `timestep_spacing` (Lin et al. 2023, Table 2).

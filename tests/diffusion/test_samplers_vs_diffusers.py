@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler)
+                       EulerDiscreteScheduler, LCMScheduler)
 
 from ldm.diffusion.param import Denoiser
 from ldm.diffusion.samplers import (sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_euler,
-                                   sample_euler_a)
+                                   sample_euler_a, sample_lcm)
 from ldm.diffusion.schedules import make_schedule
 
 T = 1000
@@ -143,6 +143,31 @@ def test_euler_ancestral_matches_diffusers(name, n):
     ts = make_schedule(name).timesteps(n, spacing="trailing")
     _assert_trajectories_close(_ours(sample_euler_a, name, ts, _noise(), generator=torch.Generator().manual_seed(1)),
                                traj)
+
+
+@pytest.mark.parametrize("name", BETAS)
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 50])
+def test_lcm_matches_diffusers(name, n):
+    """The lcm grid (n of the 50 LCM-training timesteps) and multistep consistency sampling, same generator."""
+    beta_schedule, kw = BETAS[name]
+    # LCMScheduler's default betas are SD's: give DDPM's linear ones explicitly
+    ref = LCMScheduler(beta_schedule=beta_schedule, **{"beta_start": 1e-4, "beta_end": 0.02, **kw})
+    ref.set_timesteps(n)
+    ts = make_schedule(name).timesteps(n, spacing="lcm")
+    torch.testing.assert_close(ts[:-1], ref.timesteps.double())
+    x, gen = _noise(), torch.Generator().manual_seed(1)
+    traj = [x]
+    for t in ref.timesteps:
+        x = ref.step(eps_fn(x, t), t, x, generator=gen).prev_sample.double()
+        traj.append(x)
+    ours = _ours(sample_lcm, name, ts, _noise(), generator=torch.Generator().manual_seed(1))
+    assert len(ours) == len(traj)
+    for i, (a, b) in enumerate(zip(ours, traj)):   # each step re-noises x0-hat: float32 tables weigh more
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"step {i}: {m}")
+    with pytest.raises(ValueError, match="at most 50 steps"):
+        make_schedule(name).timesteps(51, spacing="lcm")
+    with pytest.raises(ValueError, match="needs a discrete schedule"):
+        make_schedule("cosine_logsnr").timesteps(4, spacing="lcm")
 
 
 @pytest.mark.parametrize("n", [2, 8, 25])  # n = 1: diffusers' linspace grid is [0] alone

@@ -164,6 +164,25 @@ def test_freeu_draws_what_diffusers_draws(tmp_path, one_thread):
     assert np.abs(ours - np.round(reference * 255)).max() <= 1
 
 
+@pytest.mark.parametrize("w", [0.0, 0.5])
+def test_lcm_sampler_draws_what_diffusers_lcm_draws(tmp_path, one_thread, w):
+    """sampler="lcm" on the lcm grid, as an LCM-LoRA is run: diffusers' pipeline with its LCMScheduler, the same
+    latents and the same generator for the sampler's noise (our seed + 1), with and without CFG."""
+    theirs = write_sd_pipeline(tmp_path)
+    convert(str(tmp_path / "sd"), str(tmp_path / "model"))
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    ours, info = pipe.generate(PROMPTS, steps=4, seed=0, guidance=w, sampler="lcm")
+    assert info["spacing"] == "lcm" and info["nfe"] == (4 if w == 0 else 8)
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(4, spacing="lcm"), pipe.latent_shape(2),
+                          generator=torch.Generator().manual_seed(0))
+    theirs.scheduler = diffusers.LCMScheduler.from_config(theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        reference = theirs(PROMPTS, num_inference_steps=4, guidance_scale=1 + w, latents=noise,
+                           generator=torch.Generator().manual_seed(1), output_type="pt").images
+    torch.testing.assert_close(ours * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+
+
 def test_padding_is_seen_as_sd_was_trained(tmp_path, one_thread):
     """SD's U-Net attends to all 77 tokens, padding included; masking it would change every image."""
     write_sd_pipeline(tmp_path)
