@@ -40,8 +40,8 @@ def parse_freeu(text: str) -> tuple[float, float, float, float]:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --negative, --guidance-rescale,
-    --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --freeu, --clip-skip,
-    --lora, --device, --decoder-precision."""
+    --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --ip-adapter, --image-encoder,
+    --ip-image, --ip-scale, --freeu, --clip-skip, --lora, --device, --decoder-precision."""
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                         help="model folder with model_index.json (default: the shipped shapes64 model)")
     parser.add_argument("--steps", type=int, default=None,
@@ -83,6 +83,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "and centre-cropped to the output size")
     parser.add_argument("--control-scale", action="append", type=float, default=[], metavar="S",
                         help="ControlNet conditioning scale (default 1.0); one for all, or one per --controlnet")
+    parser.add_argument("--ip-adapter", default=None, metavar="FILE",
+                        help="an IP-Adapter (Ye et al. 2023; SD 1.x/2.x base variant) to prompt with --ip-image too; "
+                             "needs --image-encoder")
+    parser.add_argument("--image-encoder", default=None, metavar="DIR",
+                        help="the IP-Adapter's CLIP image encoder (a transformers CLIPVisionModelWithProjection folder)")
+    parser.add_argument("--ip-image", default=None, metavar="IMAGE", help="the image prompt for --ip-adapter")
+    parser.add_argument("--ip-scale", type=float, default=1.0, metavar="S",
+                        help="weight of the image prompt's attention (default 1.0; 0.5 mixes it with the text)")
     parser.add_argument("--freeu", type=parse_freeu, default=None, metavar="B1,B2,S1,S2",
                         help="FreeU (Si et al. 2024): scale the two deepest decoder levels' backbone features by B1, "
                              "B2 and their skips' low frequencies by S1, S2; diffusers' docs give 1.5,1.6,0.9,0.2 "
@@ -158,6 +166,15 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
         except ValueError as err:
             parser.error(f"--lora {arg!r}: {err}")
         print(f"LoRA {path} x {scale:g}: {layers} layers merged")
+    if (args.ip_adapter is None) != (args.ip_image is None) or (args.ip_adapter and not args.image_encoder):
+        parser.error("--ip-adapter, --image-encoder and --ip-image go together")
+    if args.ip_adapter:
+        try:
+            if not os.path.isfile(args.ip_image):
+                raise FileNotFoundError(f"no image {args.ip_image!r}")
+            pipe.add_ip_adapter(args.ip_adapter, args.image_encoder, args.ip_scale)
+        except (OSError, ValueError) as err:
+            parser.error(f"--ip-adapter {args.ip_adapter}: {err}")
     if args.steps is None:
         args.steps = STUDENT_STEPS if STUDENT_STEPS in pipe.student_steps else TEACHER_STEPS
     if not 0.0 <= args.guidance_rescale <= 1.0:
@@ -167,7 +184,7 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
                      f"{len(args.control_image)} given), with one --control-scale or one per ControlNet "
                      f"({len(args.control_scale)} given)")
     for flag, value in (("--negative", args.negative), ("--guidance-rescale", args.guidance_rescale),
-                        ("--controlnet", args.controlnet)):
+                        ("--controlnet", args.controlnet), ("--ip-adapter", args.ip_adapter)):
         if value and pipe.uses_student(args.steps, args.teacher):
             parser.error(f"{flag} needs the teacher: student-{args.steps} was distilled from plain CFG with the "
                          "empty prompt as its unconditional branch (add --teacher, or pick --steps without a student)")
@@ -212,9 +229,10 @@ def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, si
 
 def sampling_options(args) -> dict:
     """The keyword arguments of `TextToImage.sample` that add_model_args' flags set."""
+    ip_image = Image.open(args.ip_image).convert("RGB") if args.ip_image else None
     return dict(steps=args.steps, guidance=args.guidance, seed=args.seed, teacher=args.teacher,
                 sampler=args.sampler, negative=args.negative, spacing=args.spacing,
-                guidance_rescale=args.guidance_rescale, progress=show_progress())
+                guidance_rescale=args.guidance_rescale, ip_image=ip_image, progress=show_progress())
 
 
 def show_progress() -> bool:
@@ -233,6 +251,9 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
            "teacher": args.teacher, "guidance_rescale": args.guidance_rescale,
            "prompt_weights": args.prompt_weights, "model": args.model, "drawn_by": info["model"],
            "lora": list(args.lora), "embedding": list(args.embedding), **extra}
+    if args.ip_adapter:
+        run.update(ip_adapter=args.ip_adapter, image_encoder=args.image_encoder, ip_image=args.ip_image,
+                   ip_scale=args.ip_scale)
     for key in ("clip_skip", "freeu"):
         if getattr(args, key) is not None:
             run[key] = getattr(args, key)

@@ -125,6 +125,7 @@ class TextToImage:
         self._loras: list[tuple[dict, float, str]] = []   # merged into every U-Net, students as they load
         self._warned_prompts: set[str] = set()
         self.prompt_weights = False   # read "(word:1.3)" emphasis in prompts (ldm.models.prompt_weights)
+        self._ip = None               # (ImageTokens, shared state, ImageEncoder) once add_ip_adapter ran
 
     @classmethod
     def from_folder(cls, folder: str = DEFAULT_MODEL, device="cpu", decoder_precision: str = "auto") -> "TextToImage":
@@ -155,6 +156,32 @@ class TextToImage:
             student.unet.freeu = self.unet.freeu
             self._students[steps] = student
         return self._students[steps]
+
+    def add_ip_adapter(self, path: str, image_encoder: str, scale: float = 1.0) -> None:
+        """An IP-Adapter file (ldm.models.ip_adapter) on the teacher's U-Net, with its CLIP image encoder folder;
+        `sample(ip_image=...)` then prompts with an image too. LoRAs merge before it, not after."""
+        from ldm.models.ip_adapter import ImageEncoder, attach_ip_adapter
+        if self._ip is not None:
+            raise ValueError("an IP-Adapter is attached already: one at a time")
+        encoder = ImageEncoder(image_encoder, device=self.device)
+        tokens, state = attach_ip_adapter(self.unet, path, scale)
+        if encoder.model.config.projection_dim != tokens.proj.in_features:
+            raise ValueError(f"{image_encoder}: image embeddings {encoder.model.config.projection_dim} wide, the "
+                             f"IP-Adapter takes {tokens.proj.in_features}")
+        self._ip = (tokens, state, encoder)
+
+    def image_prompt(self, images, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """IP-Adapter tokens for PIL `images` (one, or one per prompt) and for the unconditional half (an
+        all-zero embedding, as diffusers' pipeline uses): (batch, n, D) and (1, n, D)."""
+        if self._ip is None:
+            raise ValueError("an image prompt needs an IP-Adapter: add_ip_adapter(path, image_encoder) first")
+        tokens, _, encoder = self._ip
+        embeds = encoder(images if isinstance(images, list) else [images])
+        if embeds.shape[0] not in (1, batch):
+            raise ValueError(f"{embeds.shape[0]} prompt images for {batch} prompts: give one, or one per prompt")
+        with torch.no_grad():
+            cond, uncond = tokens(embeds), tokens(torch.zeros_like(embeds[:1]))
+        return cond.expand(batch, -1, -1), uncond
 
     def set_freeu(self, factors: tuple[float, float, float, float] | None) -> None:
         """FreeU's (b1, b2, s1, s2) on the teacher and every student (ldm.models.unet.freeu); None: off."""
@@ -247,7 +274,7 @@ class TextToImage:
 
     def model_function(self, steps: int, guidance: float, teacher: bool = False, negative: str = "",
                        guidance_rescale: float = 0.0, chunks: int | None = None, control: list | None = None,
-                       inpaint: torch.Tensor | None = None):
+                       inpaint: torch.Tensor | None = None, ip_uncond: torch.Tensor | None = None):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
         with `negative` as the unconditional prompt (students were distilled with the empty one) and
         guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024), and
@@ -255,7 +282,8 @@ class TextToImage:
         extra inputs given to an inpainting U-Net (`ConcatInputs`)."""
         if self.uses_student(steps, teacher):
             for name, value in (("a negative prompt", negative), ("guidance rescale", guidance_rescale),
-                                ("a ControlNet", control), ("an inpainting U-Net's mask", inpaint is not None)):
+                                ("a ControlNet", control), ("an inpainting U-Net's mask", inpaint is not None),
+                                ("an image prompt", ip_uncond is not None)):
                 if value:
                     raise ValueError(f"{name} needs the teacher (teacher=True, --teacher): student-{steps} was "
                                      "distilled from plain CFG with the empty prompt as its unconditional branch")
@@ -269,6 +297,9 @@ class TextToImage:
         uncond = self.encode_prompts([negative], chunks)
         unet = self.unet if inpaint is None else ConcatInputs(self.unet, inpaint)
         unet = ControlledUNet(unet, control) if control else unet
+        if ip_uncond is not None:                  # ip_tokens reach the U-Net as one more conditioning input
+            from ldm.models.ip_adapter import IPAdapterUNet
+            unet, uncond = IPAdapterUNet(unet, self._ip[1]), {**uncond, "ip_tokens": ip_uncond}
         if guidance_rescale:   # rescale the net's eps / v, then convert: the rescale is not linear
             model = self.denoiser(cfg(unet, guidance, uncond, guidance_rescale), self.index.prediction)
         else:
@@ -280,7 +311,7 @@ class TextToImage:
                teacher: bool = False, sampler: str = "ddim", init: torch.Tensor | None = None,
                strength: float = 1.0, mask: torch.Tensor | None = None, negative: str = "",
                spacing: str | None = None, guidance_rescale: float = 0.0, size: tuple[int, int] | None = None,
-               control: list | None = None, inpaint: torch.Tensor | None = None,
+               control: list | None = None, inpaint: torch.Tensor | None = None, ip_image=None,
                progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
@@ -301,7 +332,8 @@ class TextToImage:
         control: [(ControlNet, image (1 or B, 3, H, W) in [0, 1] at the output size, scale), ...] for
         the teacher (ldm.models.controlnet). inpaint: an inpainting U-Net's extra inputs
         (`inpainting_inputs`); without them such a U-Net draws freely, from an all-ones mask over an
-        all-gray image (the A1111 web UI's txt2img with an inpainting model).
+        all-gray image (the A1111 web UI's txt2img with an inpainting model). ip_image: a PIL image (or one
+        per prompt) prompting through the attached IP-Adapter (`add_ip_adapter`).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
@@ -320,8 +352,9 @@ class TextToImage:
         chunks = self.prompt_chunks([*prompts, negative])      # cond and uncond alike (prompt_chunks.py)
         if self.inpainting_unet and inpaint is None:
             inpaint = self._paint_everything(shape)
+        ip_cond, ip_uncond = self.image_prompt(ip_image, len(prompts)) if ip_image is not None else (None, None)
         model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks, control,
-                                                      inpaint)
+                                                      inpaint, ip_uncond)
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
             warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
                           f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
@@ -347,6 +380,8 @@ class TextToImage:
         if mask is not None:
             model = keep_known(model, init, mask, self.schedule, step_gen)
         cond = self.encode_prompts(prompts, chunks)
+        if ip_cond is not None:
+            cond["ip_tokens"] = ip_cond
         z = SAMPLERS[sampler](counted(model, info, per_call), x, ts, self.schedule, extra_args=extra_args(cond),
                               disable=not progress, generator=step_gen)
         if mask is not None:
