@@ -57,12 +57,17 @@ class DiffusionConfig:
     time_scale: float = 1000.0                             # the U-Net sees t * time_scale
     time_shift: float = 1.0                                # > 1: training log-SNR moved by -2 log(shift) (losses.py)
     time_shift_share: float = 1.0                          # share of samples shifted; the rest keep u ~ U[0, 1]
+    noise_offset: float = 0.0                              # per-channel constant in eps (offset noise; SD uses ~0.05-0.1)
+    input_perturbation: float = 0.0                        # x_t from eps + gamma*xi, target eps (Ning et al. 2023; 0.1)
 
     def __post_init__(self):
         schedule = schedule_from_config(self.schedule_config())  # unknown names/options fail here, named
         if self.time == "discrete" and not hasattr(schedule, "num_timesteps"):
             raise ValueError(f"time 'discrete' needs a discrete schedule, {self.schedule!r} is continuous")
         check_prediction(self.prediction, schedule)   # zero_snr with eps: refused by name
+        if self.noise_offset < 0 or self.input_perturbation < 0:
+            raise ValueError(f"noise_offset={self.noise_offset}, input_perturbation={self.input_perturbation}: "
+                             "must be >= 0")
         check_time_shift(self.time_shift, self.time, "diffusion.time_shift", self.time_shift_share,
                          "diffusion.time_shift_share")
 
@@ -311,7 +316,8 @@ def main(argv: list[str] | None = None) -> Path:
     loss_fn = DiffusionLoss(schedule_from_config(cfg.diffusion.schedule_config()), cfg.diffusion.prediction,
                             cfg.diffusion.weighting, cfg.diffusion.gamma, cfg.diffusion.time,
                             cfg.diffusion.time_scale, cfg.diffusion.time_shift,
-                            cfg.diffusion.time_shift_share)
+                            cfg.diffusion.time_shift_share, cfg.diffusion.noise_offset,
+                            cfg.diffusion.input_perturbation)
     guard = NonFiniteGuard(cfg.train.max_nonfinite)
     bar = ProgressBar(accelerator, cfg.train.max_steps, initial=step)
     batches = data.forever()

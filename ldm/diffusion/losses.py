@@ -111,7 +111,7 @@ class DiffusionLoss:
 
     def __init__(self, schedule, prediction: str = "eps", weighting: str = "uniform",
                  gamma: float = 5.0, time: str = "discrete", time_scale: float = 1.0, time_shift: float = 1.0,
-                 time_shift_share: float = 1.0):
+                 time_shift_share: float = 1.0, noise_offset: float = 0.0, input_perturbation: float = 0.0):
         for name, value, allowed in (("prediction", prediction, PREDICTIONS),
                                      ("weighting", weighting, WEIGHTINGS), ("time", time, TIME_SAMPLING)):
             if value not in allowed:
@@ -123,6 +123,24 @@ class DiffusionLoss:
         self.time_shift = time_shift   # training times moved towards noise (sample_times)
         self.time_shift_share = time_shift_share
         check_time_shift(time_shift, time, share=time_shift_share)
+        if noise_offset < 0 or input_perturbation < 0:
+            raise ValueError(f"noise_offset={noise_offset} and input_perturbation={input_perturbation} must be >= 0")
+        self.noise_offset = noise_offset              # eps += offset * n(B, C, 1, 1): images far from mid-gray
+        self.input_perturbation = input_perturbation  # x_t from eps + gamma * xi, target from eps
+
+    def noise(self, x0, generator=None):
+        """(eps of the target, the noise x_t is made with). Offset noise (Guttenberg 2023) adds a per-channel
+        constant to eps, so the net learns to move an image's mean, which zero-mean noise hides from it at
+        high noise; input perturbation (Ning et al. 2023, eq. 9) noises x_t with eps + gamma xi but keeps eps
+        as the target, the mismatch sampling meets (exposure bias)."""
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if self.noise_offset:
+            offset = torch.randn(x0.shape[:2], generator=generator, device=x0.device, dtype=x0.dtype)
+            eps = eps + self.noise_offset * append_dims(offset, x0.ndim)
+        if not self.input_perturbation:
+            return eps, eps
+        xi = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return eps, eps + self.input_perturbation * xi
 
     def per_sample(self, out, x0, eps, t):
         """Weighted MSE per sample (B,) of the net output `out` at x_t = alpha(t)*x0 + sigma(t)*eps."""
@@ -136,7 +154,7 @@ class DiffusionLoss:
     def __call__(self, net, x0, extra_args=None, generator=None):
         t = sample_times(self.schedule, x0.shape[0], time=self.time, shift=self.time_shift,
                          shift_share=self.time_shift_share, generator=generator, device=x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        eps, input_noise = self.noise(x0, generator)
         alpha, sigma = (append_dims(c.to(x0.dtype), x0.ndim) for c in self.schedule.alpha_sigma(t))
-        out = net(q_sample(x0, eps, alpha, sigma), t * self.time_scale, **(extra_args or {}))
+        out = net(q_sample(x0, input_noise, alpha, sigma), t * self.time_scale, **(extra_args or {}))
         return self.per_sample(out, x0, eps, t).mean()

@@ -146,3 +146,33 @@ def test_time_shift_on_a_discrete_table_and_bad_values():
         sample_times(sched, 4, time="discrete", shift=2.0)
     with pytest.raises(ValueError, match="time_shift"):
         DiffusionLoss(make_schedule("cosine_logsnr"), "v", time="continuous", time_shift=0.0)
+
+
+def test_offset_noise_and_input_perturbation():
+    """Closed forms: offset noise adds a per-(sample, channel) constant of std `offset` to eps; input
+    perturbation noises x_t with eps + gamma xi while the target stays eps, so a net that returns the
+    noise of its input scores gamma^2 on average; neither changes the default draw."""
+    from ldm.diffusion.losses import DiffusionLoss
+    from ldm.diffusion.schedules import make_schedule
+    sched = make_schedule("scaled_linear")
+    x0 = torch.zeros(512, 4, 8, 8)
+    plain = DiffusionLoss(sched, "eps", time="discrete")
+    eps, noisy = plain.noise(x0, torch.Generator().manual_seed(0))
+    assert noisy is eps and torch.equal(eps, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
+    eps, _ = DiffusionLoss(sched, "eps", time="discrete", noise_offset=0.5).noise(x0, torch.Generator().manual_seed(0))
+    means = eps.mean(dim=(2, 3))
+    assert abs(float(means.var()) - (0.25 + 1 / 64)) < 0.03 and abs(float(eps.var()) - 1.25) < 0.03
+    perturbed = DiffusionLoss(sched, "eps", time="discrete", input_perturbation=0.1)
+    eps, noisy = perturbed.noise(x0, torch.Generator().manual_seed(0))
+    assert abs(float((noisy - eps).std()) - 0.1) < 0.003 and abs(float(torch.corrcoef(
+        torch.stack([(noisy - eps).flatten(), eps.flatten()]))[0, 1])) < 0.01
+
+    def returns_its_noise(x, t):                  # x0 = 0: x_t = sigma_t * (input noise)
+        sigma = sched.alpha_sigma(t)[1].float()
+        return x / sigma.view(-1, 1, 1, 1)
+
+    loss = perturbed(returns_its_noise, x0, generator=torch.Generator().manual_seed(1))
+    assert abs(float(loss) - 0.01) < 5e-4
+    assert float(plain(returns_its_noise, x0, generator=torch.Generator().manual_seed(1))) < 1e-10
+    with pytest.raises(ValueError, match="must be >= 0"):
+        DiffusionLoss(sched, "eps", noise_offset=-0.1)

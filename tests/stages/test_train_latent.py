@@ -282,7 +282,8 @@ def test_bad_key_is_named(capsys):
 
 
 @pytest.mark.parametrize("override, key", [("diffusion.time_shift=-2", "diffusion.time_shift="),
-                                           ("diffusion.time_shift_share=2", "diffusion.time_shift_share=")])
+                                           ("diffusion.time_shift_share=2", "diffusion.time_shift_share="),
+                                           ("diffusion.noise_offset=-1", "noise_offset=-1")])
 def test_bad_time_shift_is_named(capsys, override, key):
     with pytest.raises(SystemExit):
         stage.main(["--config", str(CONFIGS / "tiny.yaml"), override])
@@ -300,7 +301,8 @@ def test_zero_terminal_snr_trains_v_and_refuses_eps(tiny_ae, tmp_path, capsys):
         run(tiny_ae, tmp_path / "eps", *ZERO_SNR, "diffusion.prediction=eps")
     assert "config section 'diffusion': a zero-terminal-SNR schedule needs prediction 'v'" in capsys.readouterr().err
     folder = run(tiny_ae, tmp_path / "v", *ZERO_SNR, "diffusion.prediction=v", "train.max_steps=2",
-                 "train.validate_every=2", "train.ema_decay=0")
+                 "train.validate_every=2", "train.ema_decay=0", "diffusion.noise_offset=0.1",
+                 "diffusion.input_perturbation=0.1")   # the training tricks run with it too
     from ldm.pipeline import TextToImage
     pipe = TextToImage.from_folder(str(folder))
     assert pipe.index.schedule == {"name": "scaled_linear", "zero_snr": True} and pipe.schedule.zero_terminal_snr
