@@ -42,67 +42,72 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --negative, --guidance-rescale,
     --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --ip-adapter, --image-encoder,
     --ip-image, --ip-scale, --freeu, --clip-skip, --lora, --device, --decoder-precision."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
+    model = parser.add_argument_group("model and device")
+    sampling = parser.add_argument_group("sampling")
+    prompt = parser.add_argument_group("prompt")
+    adapters = parser.add_argument_group("adapters (LoRA, ControlNet, IP-Adapter)")
+    model.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                         help="model folder with model_index.json (default: the shipped shapes64 model)")
-    parser.add_argument("--steps", type=int, default=None,
+    sampling.add_argument("--steps", type=int, default=None,
                         help=f"sampling steps (default: {STUDENT_STEPS} when the model has a {STUDENT_STEPS}-step "
                              f"student, else {TEACHER_STEPS} teacher steps, e.g. an imported Stable Diffusion)")
-    parser.add_argument("--guidance", type=float, default=None, metavar="W",
+    sampling.add_argument("--guidance", type=float, default=None, metavar="W",
                         help="guidance weight w, (1 + w) cond - w uncond (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
-    parser.add_argument("--teacher", action="store_true", help="use the teacher + CFG even when a student fits")
-    parser.add_argument("--sampler", default="ddim", choices=CLI_SAMPLERS,
+    sampling.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    sampling.add_argument("--teacher", action="store_true", help="use the teacher + CFG even when a student fits")
+    sampling.add_argument("--sampler", default="ddim", choices=CLI_SAMPLERS,
                         help="ddim (deterministic) or stochastic (Meng et al. 2023, sec. 4.3), what students were "
                              "distilled for; for the teacher also euler, euler_a (ancestral), heun (Karras et al. "
                              "2022), dpmpp_2m and dpmpp_2m_sde (DPM-Solver++(2M) and its SDE form, Lu et al. 2022), "
                              "lcm (latent consistency models and LCM-LoRAs, e.g. --steps 4 --guidance 0) and ddpm")
-    parser.add_argument("--spacing", default=None, choices=SPACINGS,
+    sampling.add_argument("--spacing", default=None, choices=SPACINGS,
                         help="the time grid: trailing (Lin et al. 2023; what students were distilled on), karras "
                              "(Karras et al. 2022, eq. 5: 'DPM++ 2M Karras' is --sampler dpmpp_2m --spacing karras) "
                              "or lcm (the 50 LCM timesteps); default: karras for the teacher's heun (the paper's "
                              "pairing), lcm for lcm on a discrete schedule, else trailing")
-    parser.add_argument("--negative", default="", metavar="TEXT",
+    prompt.add_argument("--negative", default="", metavar="TEXT",
                         help="negative prompt: guidance's unconditional branch instead of the empty prompt "
                              "(teacher only: add --teacher where a student fits --steps)")
-    parser.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+    sampling.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
                         help="rescale the guided prediction's std to the conditional one's, by PHI in [0, 1] "
                              "(Lin et al. 2024, eqs. 15-16; they use 0.7; diffusers' guidance_rescale): less "
                              "over-exposure at high guidance. Teacher only (default: 0, off)")
-    parser.add_argument("--prompt-weights", default="a1111", choices=["a1111", "off"],
+    prompt.add_argument("--prompt-weights", default="a1111", choices=["a1111", "off"],
                         help="a1111 (default): read emphasis as the AUTOMATIC1111 web UI does, '(word:1.3)' weights "
                              "a word 1.3, '(word)' 1.1, '[word]' 1/1.1, '\\(' is a literal bracket; off: prompts "
                              "go to the text encoder as typed")
-    parser.add_argument("--embedding", action="append", default=[], metavar="FILE[:WORD]",
+    prompt.add_argument("--embedding", action="append", default=[], metavar="FILE[:WORD]",
                         help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers) as a new word for "
                              "prompts and --negative: WORD, else the file's name; repeatable. CLIP models (SD 1.x/2.x)")
-    parser.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+    adapters.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                         help="a diffusers ControlNetModel folder (SD 1.x/2.x) steering the teacher with "
                              "--control-image (Zhang et al. 2023); repeatable: the n-th goes with the n-th image")
-    parser.add_argument("--control-image", action="append", default=[], metavar="IMAGE",
+    adapters.add_argument("--control-image", action="append", default=[], metavar="IMAGE",
                         help="the ControlNet's input (edges, depth, pose, ... as that ControlNet expects), resized "
                              "and centre-cropped to the output size")
-    parser.add_argument("--control-scale", action="append", type=float, default=[], metavar="S",
+    adapters.add_argument("--control-scale", action="append", type=float, default=[], metavar="S",
                         help="ControlNet conditioning scale (default 1.0); one for all, or one per --controlnet")
-    parser.add_argument("--ip-adapter", default=None, metavar="FILE",
+    adapters.add_argument("--ip-adapter", default=None, metavar="FILE",
                         help="an IP-Adapter (Ye et al. 2023; SD 1.x/2.x base variant) to prompt with --ip-image too; "
                              "needs --image-encoder")
-    parser.add_argument("--image-encoder", default=None, metavar="DIR",
+    adapters.add_argument("--image-encoder", default=None, metavar="DIR",
                         help="the IP-Adapter's CLIP image encoder (a transformers CLIPVisionModelWithProjection folder)")
-    parser.add_argument("--ip-image", default=None, metavar="IMAGE", help="the image prompt for --ip-adapter")
-    parser.add_argument("--ip-scale", type=float, default=1.0, metavar="S",
+    adapters.add_argument("--ip-image", default=None, metavar="IMAGE", help="the image prompt for --ip-adapter")
+    adapters.add_argument("--ip-scale", type=float, default=1.0, metavar="S",
                         help="weight of the image prompt's attention (default 1.0; 0.5 mixes it with the text)")
-    parser.add_argument("--freeu", type=parse_freeu, default=None, metavar="B1,B2,S1,S2",
+    sampling.add_argument("--freeu", type=parse_freeu, default=None, metavar="B1,B2,S1,S2",
                         help="FreeU (Si et al. 2024): scale the two deepest decoder levels' backbone features by B1, "
                              "B2 and their skips' low frequencies by S1, S2; diffusers' docs give 1.5,1.6,0.9,0.2 "
                              "for SD 1.x and 1.4,1.6,0.9,0.2 for SD 2.1 (default: off)")
-    parser.add_argument("--clip-skip", type=int, default=None, metavar="N",
+    prompt.add_argument("--clip-skip", type=int, default=None, metavar="N",
                         help="CLIP models: condition on the N-th layer from the end (A1111's 'clip skip': 1 the last, "
                              "2 the penultimate, as many anime fine-tunes of SD 1.x expect); default: the model's own")
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+    adapters.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="merge a LoRA into the model before sampling, scaled by SCALE (default 1); repeatable. "
                              "Reads diffusers/peft and kohya (A1111) files for SD 1.x/2.x and stage 2's lora.safetensors")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--decoder-precision", default="auto", choices=list(DECODER_PRECISIONS),
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="torch device (default: cuda when there is one, else cpu)")
+    model.add_argument("--decoder-precision", default="auto", choices=list(DECODER_PRECISIONS),
                         help="autoencoder decoder: auto = bf16 on CPUs with native bf16 (about 2x faster, "
                              "pixels within 0.02 of fp32), else fp32")
 
