@@ -27,6 +27,15 @@ STUDENT_STEPS = 4      # the default where a 4-step student exists (the shipped 
 TEACHER_STEPS = 25     # else the teacher's: DDIM + CFG at 4 steps is far from converged
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x768' -> (512, 768): width, height."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x768, got {text!r}") from None
+    return width, height
+
+
 def parse_freeu(text: str) -> tuple[float, float, float, float]:
     """'1.5,1.6,0.9,0.2' -> (b1, b2, s1, s2)."""
     try:
@@ -198,16 +207,7 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
 
 def load_control_image(path: str, size: tuple[int, int]) -> torch.Tensor:
     """An RGB image resized to cover `size` = (width, height) and centre-cropped to it: (1, 3, H, W) in [0, 1]."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image not found: {path}")
-    with Image.open(path) as im:
-        image = im.convert("RGB")
-    scale = max(size[0] / image.width, size[1] / image.height)
-    image = image.resize((max(size[0], round(image.width * scale)), max(size[1], round(image.height * scale))),
-                         Image.BICUBIC)
-    left, top = (image.width - size[0]) // 2, (image.height - size[1]) // 2
-    image = image.crop((left, top, left + size[0], top + size[1]))
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    return load_image(path, size) * 0.5 + 0.5
 
 
 def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, size: tuple[int, int] | None) -> dict:
@@ -304,14 +304,32 @@ def finish(images: torch.Tensor, info: dict, start: float, path: str, run: dict 
           f"NFE {info['nfe']}, {time.perf_counter() - start:.2f} s")
 
 
-def load_image(path: str, resolution: int, mode: str = "RGB") -> torch.Tensor:
-    """A PNG/JPEG resized (shorter side) and centre-cropped to the model resolution: (1, C, R, R) in [-1, 1]."""
-    from ldm.data.transforms import resize_and_crop, to_rgb, to_tensor
+def add_input_size(parser: argparse.ArgumentParser) -> None:
+    """--size for img2img and inpaint: the size the input image (and mask) is resized and cropped to."""
+    parser.add_argument("--size", type=parse_size, default=None, metavar="WxH",
+                        help="resize the input to cover WxH and crop its centre (default: the model's square "
+                             "resolution); the output has that size")
+
+
+def input_size(parser: argparse.ArgumentParser, args, pipe: TextToImage) -> tuple[int, int]:
+    """--size, or the model's square resolution, checked against what the networks take (a usage error)."""
+    size = args.size or (pipe.index.resolution,) * 2
+    try:
+        pipe.latent_shape(1, size)
+    except ValueError as err:
+        parser.error(f"--size: {err}")
+    return size
+
+
+def load_image(path: str, size: int | tuple[int, int], mode: str = "RGB") -> torch.Tensor:
+    """A PNG/JPEG resized to cover `size` (a side, or (width, height)) and centre-cropped to it: (1, C, H, W)
+    in [-1, 1]."""
+    from ldm.data.transforms import cover_and_crop, to_rgb, to_tensor
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
     image = Image.open(path)
     image = to_rgb(image) if mode == "RGB" else image.convert(mode)
-    image = resize_and_crop(image, resolution, "center", np.random.default_rng(0))
+    image = cover_and_crop(image, (size, size) if isinstance(size, int) else tuple(size))
     if mode == "L":
         return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)[None, None]
     return to_tensor(image)[None]

@@ -12,8 +12,8 @@ import argparse
 import sys
 import time
 
-from ldm.cli import (add_model_args, control_options, finish, load_image, load_pipeline, sampling_options,
-                     settings)
+from ldm.cli import (add_input_size, add_model_args, control_options, finish, input_size, load_image, load_pipeline,
+                     sampling_options, settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", required=True, metavar="IN.png", help="the image to edit")
     parser.add_argument("--strength", type=float, default=0.6, help="how much to change, in [0, 1] (default 0.6)")
     parser.add_argument("--out", default="img2img.png", metavar="OUT.png")
+    add_input_size(parser)
     add_model_args(parser)
     return parser
 
@@ -33,8 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     if not 0.0 <= args.strength <= 1.0:
         parser.error(f"--strength must be in [0, 1], got {args.strength}")
     pipe = load_pipeline(parser, args, [args.prompt])
-    image = load_image(args.image, pipe.index.resolution)
-    control = control_options(parser, args, pipe, None)
+    size = input_size(parser, args, pipe)
+    image = load_image(args.image, size)
+    control = control_options(parser, args, pipe, size)
     start = time.perf_counter()
     images, info = pipe.img2img(image, [args.prompt], strength=args.strength, **sampling_options(args), **control)
     finish(images, info, start, args.out, settings(args, args.prompt, info, strength=args.strength, image=args.image))

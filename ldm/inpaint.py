@@ -13,8 +13,8 @@ import argparse
 import sys
 import time
 
-from ldm.cli import (add_model_args, control_options, finish, load_image, load_pipeline, sampling_options,
-                     settings)
+from ldm.cli import (add_input_size, add_model_args, control_options, finish, input_size, load_image, load_pipeline,
+                     sampling_options, settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", required=True, metavar="IN.png", help="the image")
     parser.add_argument("--mask", required=True, metavar="MASK.png", help="white = repaint, black = keep")
     parser.add_argument("--out", default="inpaint.png", metavar="OUT.png")
+    add_input_size(parser)
     add_model_args(parser)
     return parser
 
@@ -32,11 +33,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     pipe = load_pipeline(parser, args, [args.prompt])
-    image = load_image(args.image, pipe.index.resolution)
-    mask = (load_image(args.mask, pipe.index.resolution, mode="L") > 0).float()   # (1, 1, R, R): > 127
+    size = input_size(parser, args, pipe)
+    image = load_image(args.image, size)
+    mask = (load_image(args.mask, size, mode="L") > 0).float()   # (1, 1, H, W): > 127
     if mask.sum() == 0:
         print(f"warning: mask {args.mask} has no white pixel: the output is the input", file=sys.stderr)
-    control = control_options(parser, args, pipe, None)
+    control = control_options(parser, args, pipe, size)
     start = time.perf_counter()
     images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], **sampling_options(args), **control)
     finish(images, info, start, args.out, settings(args, args.prompt, info, image=args.image, mask=args.mask))

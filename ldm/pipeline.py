@@ -449,7 +449,7 @@ class TextToImage:
             z, info = self.sample(prompts, steps=steps, inpaint=self.inpainting_inputs(images, masks), **kwargs)
         else:
             z0 = self.encode_images(images)
-            z, info = self.sample(prompts, steps=steps, init=z0, mask=latent_grid_mask(masks, z0.shape[-1]), **kwargs)
+            z, info = self.sample(prompts, steps=steps, init=z0, mask=latent_grid_mask(masks, z0.shape[-2:]), **kwargs)
         return masks * self.decode(z) + (1 - masks) * images, info
 
     @property
@@ -507,10 +507,11 @@ class ConcatInputs(torch.nn.Module):
         return self.unet(torch.cat([x, extra], dim=1), t, context, context_mask, cond_emb, control=control)
 
 
-def latent_grid_mask(masks: torch.Tensor, side: int) -> torch.Tensor:
-    """Pixel masks (B, 1, H, W) in {0, 1} -> (B, 1, side, side) by max-pooling: a latent cell is repainted
-    when any of its pixels is, so the repainted region covers the mask (the decoder mixes neighbours)."""
-    return torch.nn.functional.adaptive_max_pool2d(masks.float(), side)
+def latent_grid_mask(masks: torch.Tensor, size) -> torch.Tensor:
+    """Pixel masks (B, 1, H, W) in {0, 1} -> (B, 1, h, w) (`size`: a side or (h, w)) by max-pooling: a latent
+    cell is repainted when any of its pixels is, so the repainted region covers the mask (the decoder mixes
+    neighbours)."""
+    return torch.nn.functional.adaptive_max_pool2d(masks.float(), tuple(size) if not isinstance(size, int) else size)
 
 
 def counted(model, info: dict, per_call: int):

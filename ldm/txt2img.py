@@ -19,7 +19,7 @@ import time
 
 from PIL import Image
 
-from ldm.cli import add_model_args, control_options, finish, load_pipeline, sampling_options, settings
+from ldm.cli import add_model_args, control_options, finish, load_pipeline, parse_size, sampling_options, settings
 
 
 def read_prompts(path: str) -> list[tuple[int, str]]:
@@ -28,15 +28,6 @@ def read_prompts(path: str) -> list[tuple[int, str]]:
         raise FileNotFoundError(f"--from-file: no such file {path}")
     with open(path, encoding="utf-8") as f:
         return [(i, line.strip()) for i, line in enumerate(f.read().splitlines()) if line.strip()]
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'512x768' -> (512, 768): width, height."""
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x768, got {text!r}") from None
-    return width, height
 
 
 def parse_hires(text: str) -> tuple[float, float]:

@@ -265,6 +265,28 @@ def test_inpaint_keeps_the_unmasked_pixels(model, tmp_path, capsys):
     assert "NFE 2" in capsys.readouterr().out
 
 
+def test_img2img_and_inpaint_at_another_size(model, tmp_path, capsys):
+    """--size WxH: the input (and mask) cover-cropped to it, the output that size, the unmasked pixels kept."""
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (RES, 3 * RES, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    img2img.main(["a blue square", "--image", str(tmp_path / "wide.png"), "--strength", "0.5", "--steps", "2",
+                  "--size", f"{2 * RES}x{RES}", "--model", model, "--out", str(tmp_path / "i.png")])
+    assert size(tmp_path / "i.png") == (2 * RES, RES)
+    mask = np.zeros((RES, 3 * RES), np.uint8)
+    mask[8:20, 40:60] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    inpaint.main(["a red circle", "--image", str(tmp_path / "wide.png"), "--mask", str(tmp_path / "mask.png"),
+                  "--size", f"{2 * RES}x{RES}", "--steps", "2", "--model", model, "--out", str(tmp_path / "p.png")])
+    out = np.asarray(Image.open(tmp_path / "p.png"))
+    src = np.asarray(Image.open(tmp_path / "wide.png"))[:, RES // 2: RES // 2 + 2 * RES]   # the centre crop
+    keep = mask[:, RES // 2: RES // 2 + 2 * RES] == 0
+    assert out.shape == (RES, 2 * RES, 3) and np.array_equal(out[keep], src[keep])
+    assert not np.array_equal(out[~keep], src[~keep])
+    with pytest.raises(SystemExit):
+        img2img.main(["x", "--image", str(tmp_path / "wide.png"), "--size", "30x32", "--model", model])
+    assert "each side must be a positive multiple of" in capsys.readouterr().err
+
+
 def test_step_bar_on_a_terminal_only(model, tmp_path, capsys, monkeypatch):
     txt2img.main(["a red circle", "--model", model, "--steps", "3", "--teacher", "--out", str(tmp_path / "a.png")])
     assert "3/3" not in capsys.readouterr().err                       # captured stderr: not a terminal

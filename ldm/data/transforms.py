@@ -75,6 +75,22 @@ def resize_and_crop(image: Image.Image, resolution: int, crop: str = "center",
     return image.crop((left, top, left + resolution, top + resolution))
 
 
+def cover_and_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize to cover `size` = (width, height) with the aspect kept, then crop its centre to it; square sizes
+    give `resize_and_crop(image, side)` exactly."""
+    width, height = size
+    w, h = image.size
+    scale = max(width / w, height / h)
+    if (w, h) != size and scale != 1:
+        image = image.resize((max(width, round(w * scale)), max(height, round(h * scale))),
+                             Image.Resampling.BICUBIC, reducing_gap=3.0)
+        w, h = image.size
+    if (w, h) == size:
+        return image
+    left, top = (w - width) // 2, (h - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
 def to_tensor(pixels) -> torch.Tensor:
     """uint8 (H, W, 3) array or RGB PIL image -> float32 (3, H, W) in [-1, 1]."""
     array = np.asarray(pixels, dtype=np.uint8)
