@@ -176,7 +176,7 @@ class TextToImage:
         if self._ip is None:
             raise ValueError("an image prompt needs an IP-Adapter: add_ip_adapter(path, image_encoder) first")
         tokens, _, encoder = self._ip
-        embeds = encoder(images if isinstance(images, list) else [images])
+        embeds = encoder(images if isinstance(images, list) else [images]).to(tokens.proj.weight)
         if embeds.shape[0] not in (1, batch):
             raise ValueError(f"{embeds.shape[0]} prompt images for {batch} prompts: give one, or one per prompt")
         with torch.no_grad():
