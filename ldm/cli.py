@@ -300,8 +300,9 @@ def finish(images: torch.Tensor, info: dict, start: float, path: str, run: dict 
         torch.cuda.synchronize()
     save_images(images, path, run)
     sampler = info["sampler"] + ("" if info.get("spacing", "trailing") == "trailing" else f" ({info['spacing']})")
+    seeds = f", seeds {run['seed']}-{run['seed'] + run['n'] - 1}" if run and run.get("n", 1) > 1 else ""
     print(f"{path}: {info['model']}, {info['steps']} steps, {sampler}, w={info['guidance']:g}, "
-          f"NFE {info['nfe']}, {time.perf_counter() - start:.2f} s")
+          f"NFE {info['nfe']}, {time.perf_counter() - start:.2f} s{seeds}")
 
 
 def add_input_size(parser: argparse.ArgumentParser) -> None:

@@ -156,13 +156,14 @@ def test_png_holds_the_settings_that_draw_it_again(model, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_each_image_of_a_grid_has_its_own_seed(model, tmp_path):
+def test_each_image_of_a_grid_has_its_own_seed(model, tmp_path, capsys):
     """--n 4 --seed 5: image i is what --seed 5+i draws alone (A1111's rule), for the teacher and the student."""
     for extra in ([], ["--teacher", "--sampler", "dpmpp_2m"]):
         txt2img.main(["a red circle", "--model", model, "--steps", "2", "--n", "4", "--seed", "5", *extra,
                       "--out", str(tmp_path / "grid.png")])
         txt2img.main(["a red circle", "--model", model, "--steps", "2", "--seed", "7", *extra,
                       "--out", str(tmp_path / "one.png")])
+        assert ", seeds 5-8" in capsys.readouterr().out                     # which seed each image has
         grid = np.asarray(Image.open(tmp_path / "grid.png"), dtype=np.int16)
         tile = grid[2 + RES + 2: 2 + RES + 2 + RES, 2: 2 + RES]              # row 1, column 0: image 2
         one = np.asarray(Image.open(tmp_path / "one.png"), dtype=np.int16)
