@@ -36,7 +36,7 @@ from ldm.pipeline import ModelIndex, TextToImage, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
                           build_scheduler, config_to_dict, log_images, one_batch_size, optimizer_step,
                           parse_args, setup)
-from ldm.training.gather import ema_copy
+from ldm.training.gather import ema_copy, is_sharded
 from ldm.training.latent_cache import make_cache_loader, open_or_build, scaled_latents
 
 logger = logging.getLogger("train_latent")
@@ -109,6 +109,21 @@ class LoRAConfig:
 
 
 @dataclass
+class TextualInversionConfig:
+    """Learn a new word for a frozen CLIP text encoder from a few images (Gal et al. 2023): only its vectors train."""
+    word: str = ""                                         # e.g. "<my-cat>"; "" = off. Needs init_from, text.kind=clip
+    init_word: str = "*"                                   # its vectors start as this one-token word's embedding
+    vectors: int = 1                                       # tokens the word becomes (word, word_1, ...)
+    template: str = ""                                     # e.g. "a photo of {}": every caption, with the word; "" = the data's
+
+    def __post_init__(self):
+        if self.vectors < 1:
+            raise ValueError(f"ti.vectors must be >= 1, got {self.vectors}")
+        if self.template and "{}" not in self.template:
+            raise ValueError(f"ti.template {self.template!r} has no {{}} for the word")
+
+
+@dataclass
 class LatentStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,6 +143,7 @@ class LatentStageConfig:
     # words distinct that joint training merged: the shapes64 teacher's "left"/"right" (docs/stage2-latent.md).
     train_text_encoder: bool = True
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # rank > 0: only LoRA updates train (needs init_from)
+    ti: TextualInversionConfig = field(default_factory=TextualInversionConfig)  # word != "": only its vectors train
 
     def __post_init__(self):
         if not 0.0 <= self.p_uncond < 1.0:
@@ -135,6 +151,9 @@ class LatentStageConfig:
         if self.lora.rank and not self.init_from:
             raise ValueError("lora.rank > 0 fine-tunes a trained U-Net: set init_from=MODEL_FOLDER (e.g. one "
                              "written by `python -m ldm.models.from_diffusers`)")
+        if self.ti.word and (not self.init_from or self.text.kind != "clip" or self.lora.rank):
+            raise ValueError("ti.word learns a word for a trained model's frozen CLIP text encoder: it needs "
+                             "init_from=MODEL_FOLDER and text.kind=clip, and no lora.rank")
         self.data = one_batch_size(self.data, self.train)
 
 
@@ -202,6 +221,31 @@ def add_lora_updates(model: LatentModel, cfg: LatentStageConfig) -> None:
         add_lora(model.unet, cfg.lora.rank, cfg.lora.alpha or None, cfg.lora.targets)
 
 
+def add_word(model: LatentModel, ti: TextualInversionConfig) -> None:
+    """ti.word: freeze everything, add the word's tokens to the CLIP tokenizer, and give the model one trainable
+    (k, D) parameter that a hook on CLIP's token embedding splices in wherever those tokens appear."""
+    encoder = model.encoder
+    init_ids = encoder.token_ids(ti.init_word)
+    if len(init_ids) != 1:
+        raise ValueError(f"ti.init_word {ti.init_word!r} is {len(init_ids)} tokens: pick a word of one token")
+    table = encoder.model.get_input_embeddings()
+    init = table.weight[init_ids[0]].detach().float().clone()
+    tokens = encoder.add_embedding(ti.word, init.expand(ti.vectors, -1))
+    ids = torch.tensor(encoder.tokenizer.convert_tokens_to_ids(tokens))
+    model.requires_grad_(False)
+    model.ti_vectors = nn.Parameter(init.repeat(ti.vectors, 1))
+    owner = [model]                                        # the module, not a submodule of the encoder
+
+    def splice(module, inputs, output):
+        match = inputs[0][..., None] == ids.to(inputs[0].device)            # (B, L, k)
+        vectors = owner[0].ti_vectors.to(output.dtype)
+        if not bool(match.any()):   # a batch without the word (captions dropped for CFG): zero gradients
+            return output + 0 * vectors.sum()
+        return torch.where(match.any(-1, keepdim=True), match.to(output.dtype) @ vectors, output)
+
+    table.register_forward_hook(splice)
+
+
 def model_index(cfg: LatentStageConfig) -> ModelIndex:
     d = cfg.diffusion
     return ModelIndex(schedule=d.schedule_config(), prediction=d.prediction, time_scale=d.time_scale,
@@ -249,6 +293,10 @@ def save_model_folder(net: LatentModel, cfg: LatentStageConfig, folder: Path) ->
         unet.load_state_dict(merged_state_dict(net.unet))
         save_lora_file(net.unet, folder.parent / "lora.safetensors")
     unet.save_pretrained(str(tmp / "unet"), dtype=dtype)
+    if cfg.ti.word:  # the word beside the folder, in diffusers' layout (`--embedding FILE:WORD` here)
+        path = folder.parent / "embedding.safetensors"
+        write_safetensors({cfg.ti.word: net.ti_vectors.detach().float().cpu()}, path.with_name(path.name + ".tmp"))
+        path.with_name(path.name + ".tmp").replace(path)
     if cfg.text.kind == "scratch":
         net.text_encoder.save_pretrained(str(tmp / "text_encoder"), dtype=dtype)
     else:  # a frozen encoder is named, not copied
@@ -289,6 +337,10 @@ def main(argv: list[str] | None = None) -> Path:
     if cfg.init_from:
         init_weights(model, cfg.init_from)
     add_lora_updates(model, cfg)                           # lora.rank > 0: only the low-rank updates train
+    if cfg.ti.word:
+        if is_sharded(accelerator):
+            raise ValueError("ti.word trains a few vectors: run it without FSDP")
+        add_word(model, cfg.ti)                            # only the new word's vectors train
     if cfg.text.kind == "scratch" and not cfg.train_text_encoder:
         # Still part of the model (checkpointed, exported), just not optimised.
         model.text_encoder.requires_grad_(False)
@@ -308,9 +360,11 @@ def main(argv: list[str] | None = None) -> Path:
                     "autoencoder": config_to_dict(ae.config)}
     if cfg.lora.rank:  # the checkpoints hold the updates only: the frozen base must be the same on resume
         model_config |= {"lora": config_to_dict(cfg.lora), "init_from": cfg.init_from}
+    if cfg.ti.word:    # ... or the word's vectors only
+        model_config |= {"ti": config_to_dict(cfg.ti), "init_from": cfg.init_from}
     ckpt = Checkpointer(accelerator, cfg.train, stage="latent", config=cfg, model=model, optimizer=optimizer,
                         scheduler=scheduler, ema=ema, data=data, model_config=model_config,
-                        trainable_only=cfg.lora.rank > 0)
+                        trainable_only=cfg.lora.rank > 0 or bool(cfg.ti.word))
     step = ckpt.resume()  # restores the RNG last
 
     loss_fn = DiffusionLoss(schedule_from_config(cfg.diffusion.schedule_config()), cfg.diffusion.prediction,
@@ -331,7 +385,8 @@ def main(argv: list[str] | None = None) -> Path:
                                    sample=cfg.latents == "sample")
             else:
                 z = ae.encode_latents(batch["pixel_values"].to(device), sample=cfg.latents == "sample")
-        prompts = drop_captions(batch["text"], cfg.p_uncond)  # (B,) per-sample, from the seeded global RNG
+        captions = [cfg.ti.template.format(cfg.ti.word)] * len(batch["text"]) if cfg.ti.template else batch["text"]
+        prompts = drop_captions(captions, cfg.p_uncond)     # (B,) per-sample, from the seeded global RNG
         with accelerator.accumulate(model):
             loss = loss_fn(model, z, {"prompts": prompts})
             guard.observe(loss)
