@@ -126,16 +126,18 @@ def short_warnings(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
-def check_prompt_syntax(parser: argparse.ArgumentParser, args, prompts: list[str], encoder=None) -> None:
-    """A parser error for an unbalanced bracket (and, given the encoder, a weight inside a word)."""
+def check_prompt_syntax(parser: argparse.ArgumentParser, args, prompts: list[str],
+                        pipe: TextToImage | None = None) -> None:
+    """A parser error for an unbalanced bracket (and, given the pipeline, a weight inside a word where its
+    text encoder tokenizes the whole prompt at once: chunked CLIP prompts tokenize each piece alone)."""
     if args.prompt_weights == "off":
         return
+    whole = pipe is not None and not pipe.chunked_prompts
     for prompt in [*prompts, args.negative]:
         try:
             pieces = parse_weighted(prompt)
-            chunked = hasattr(encoder, "encode_ids")   # CLIP: pieces are tokenized alone (prompt_chunks.py)
-            if encoder is not None and not chunked and any(w != 1.0 for _, w in pieces):
-                token_weights(encoder, pieces)
+            if whole and any(w != 1.0 for _, w in pieces):
+                token_weights(pipe.text_encoder, pieces)
         except ValueError as err:
             parser.error(f"{err} (or --prompt-weights off)")
 
@@ -170,7 +172,7 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
         except ValueError as err:
             parser.error(f"--embedding {arg!r}: {err}")
         print(f"embedding {path}: {word!r}, {k} token{'s' if k > 1 else ''}")
-    check_prompt_syntax(parser, args, prompts, pipe.text_encoder)
+    check_prompt_syntax(parser, args, prompts, pipe)
     for arg in args.lora:
         path, scale = parse_lora_arg(arg)
         if not os.path.isfile(path):
@@ -245,8 +247,9 @@ def show_progress() -> bool:
     return sys.stderr.isatty()
 
 
+# The samplers as the A1111 web UI names them, where it has them
 SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
-                 "dpmpp_2m_sde": "DPM++ 2M SDE", "lcm": "LCM", "ddpm": "DDPM", "stochastic": "Meng stochastic"}        # as the A1111 web UI names them, where it has them
+                 "dpmpp_2m_sde": "DPM++ 2M SDE", "lcm": "LCM", "ddpm": "DDPM", "stochastic": "Meng stochastic"}
 
 
 def settings(args, prompt: str, info: dict, **extra) -> dict:

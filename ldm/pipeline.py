@@ -341,10 +341,12 @@ class TextToImage:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         if init is not None and size is not None:
             raise ValueError("give init latents or a size, not both: the latents set the size")
-        shape = self.latent_shape(len(prompts), size) if init is None else init.shape
-        if init is not None and (init.ndim != 4 or init.shape[:2] != self.latent_shape(len(prompts))[:2]):
-            raise ValueError(f"init latents {tuple(init.shape)} do not fit {len(prompts)} prompt(s): "
-                             f"expected {self.latent_shape(len(prompts))[:2]} and two spatial dims")
+        shape = self.latent_shape(len(prompts), size)
+        if init is not None:                                # the latents set the size
+            if init.ndim != 4 or init.shape[:2] != shape[:2]:
+                raise ValueError(f"init latents {tuple(init.shape)} do not fit {len(prompts)} prompt(s): "
+                                 f"expected {shape[:2]} and two spatial dims")
+            shape = init.shape
         if mask is not None and init is None:
             raise ValueError("a mask needs init latents (the image to inpaint)")
         self.check_prompts(prompts)

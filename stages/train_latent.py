@@ -25,13 +25,13 @@ from torch import nn
 
 from ldm.data.loaders import DataConfig, make_dataloader
 from ldm.diffusion import SAMPLERS, DiffusionLoss, schedule_from_config
-from ldm.diffusion.losses import check_time_shift
+from ldm.diffusion.losses import check_noise_options, check_time_shift
 from ldm.diffusion.param import check_prediction
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
 from ldm.models.lora import TRAIN_TARGETS, add_lora, lora_file_state, merged_state_dict
 from ldm.models.text import TextEncoderConfig, build_text_encoder
 from ldm.models.unet import UNet, UNetConfig, count_params
-from ldm.models.weights import load_state_dict_strict, load_weights, read_weights, write_safetensors
+from ldm.models.weights import load_state_dict_strict, load_weights, read_weights, write_safetensors_atomic
 from ldm.pipeline import ModelIndex, TextToImage, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
                           build_scheduler, config_to_dict, log_images, one_batch_size, optimizer_step,
@@ -65,9 +65,7 @@ class DiffusionConfig:
         if self.time == "discrete" and not hasattr(schedule, "num_timesteps"):
             raise ValueError(f"time 'discrete' needs a discrete schedule, {self.schedule!r} is continuous")
         check_prediction(self.prediction, schedule)   # zero_snr with eps: refused by name
-        if self.noise_offset < 0 or self.input_perturbation < 0:
-            raise ValueError(f"noise_offset={self.noise_offset}, input_perturbation={self.input_perturbation}: "
-                             "must be >= 0")
+        check_noise_options(self.noise_offset, self.input_perturbation, "diffusion.")
         check_time_shift(self.time_shift, self.time, "diffusion.time_shift", self.time_shift_share,
                          "diffusion.time_shift_share")
 
@@ -274,8 +272,7 @@ def validate(accelerator, net: LatentModel, ae, cfg: LatentStageConfig, step: in
 def save_lora_file(unet: UNet, path: Path) -> None:
     """The LoRA updates alone, in diffusers' layout (`--lora FILE` here, `load_lora_weights` there); atomic."""
     tensors, metadata = lora_file_state(unet, len(unet.cfg.channels))
-    write_safetensors(tensors, path.with_name(path.name + ".tmp"), metadata=metadata)
-    path.with_name(path.name + ".tmp").replace(path)
+    write_safetensors_atomic(tensors, path, metadata)
 
 
 @torch.no_grad()
@@ -294,9 +291,8 @@ def save_model_folder(net: LatentModel, cfg: LatentStageConfig, folder: Path) ->
         save_lora_file(net.unet, folder.parent / "lora.safetensors")
     unet.save_pretrained(str(tmp / "unet"), dtype=dtype)
     if cfg.ti.word:  # the word beside the folder, in diffusers' layout (`--embedding FILE:WORD` here)
-        path = folder.parent / "embedding.safetensors"
-        write_safetensors({cfg.ti.word: net.ti_vectors.detach().float().cpu()}, path.with_name(path.name + ".tmp"))
-        path.with_name(path.name + ".tmp").replace(path)
+        write_safetensors_atomic({cfg.ti.word: net.ti_vectors.detach().float().cpu()},
+                                 folder.parent / "embedding.safetensors")
     if cfg.text.kind == "scratch":
         net.text_encoder.save_pretrained(str(tmp / "text_encoder"), dtype=dtype)
     else:  # a frozen encoder is named, not copied

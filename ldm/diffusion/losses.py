@@ -91,6 +91,13 @@ def check_time_shift(shift: float, time: str, name: str = "time_shift", share: f
         raise ValueError(f"{share_name}={share}: must be in [0, 1] (the share of samples at shifted times)")
 
 
+def check_noise_options(noise_offset: float, input_perturbation: float, prefix: str = "") -> None:
+    """ValueError naming the keys unless offset noise and input perturbation are >= 0 (`DiffusionLoss.noise`)."""
+    if noise_offset < 0 or input_perturbation < 0:
+        raise ValueError(f"{prefix}noise_offset={noise_offset} and {prefix}input_perturbation={input_perturbation} "
+                         "must be >= 0")
+
+
 def time_of_logsnr(schedule, lam: torch.Tensor, iters: int = 60) -> torch.Tensor:
     """The t in [t_min, t_max] with logsnr(t) = lam (clipped to the schedule's range), by bisection.
 
@@ -112,8 +119,7 @@ class DiffusionLoss:
     def __init__(self, schedule, prediction: str = "eps", weighting: str = "uniform",
                  gamma: float = 5.0, time: str = "discrete", time_scale: float = 1.0, time_shift: float = 1.0,
                  time_shift_share: float = 1.0, noise_offset: float = 0.0, input_perturbation: float = 0.0):
-        for name, value, allowed in (("prediction", prediction, PREDICTIONS),
-                                     ("weighting", weighting, WEIGHTINGS), ("time", time, TIME_SAMPLING)):
+        for name, value, allowed in (("weighting", weighting, WEIGHTINGS), ("time", time, TIME_SAMPLING)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         check_prediction(prediction, schedule)
@@ -123,8 +129,7 @@ class DiffusionLoss:
         self.time_shift = time_shift   # training times moved towards noise (sample_times)
         self.time_shift_share = time_shift_share
         check_time_shift(time_shift, time, share=time_shift_share)
-        if noise_offset < 0 or input_perturbation < 0:
-            raise ValueError(f"noise_offset={noise_offset} and input_perturbation={input_perturbation} must be >= 0")
+        check_noise_options(noise_offset, input_perturbation)
         self.noise_offset = noise_offset              # eps += offset * n(B, C, 1, 1): images far from mid-gray
         self.input_perturbation = input_perturbation  # x_t from eps + gamma * xi, target from eps
 

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from ldm.diffusion.samplers import sample_ddim
 from ldm.distill.targets import coefficients, two_step_target
-from ldm.models.weights import write_safetensors
+from ldm.models.weights import write_safetensors_atomic
 
 
 @torch.no_grad()
@@ -82,10 +82,8 @@ def path_error(model, states, steps: int, schedule, extra_args: dict, batch: int
 
 def save_paths(path: str | Path, states: torch.Tensor, w: torch.Tensor, prompts: list[str]) -> None:
     """One file of paths: states (keep + 1, B, ...), w (B,), prompts in the metadata."""
-    tmp = Path(path).with_suffix(".tmp")
-    write_safetensors({"states": states.contiguous().float(), "w": w.float()}, tmp,
-                      metadata={"prompts": json.dumps(prompts)})
-    tmp.replace(path)                                   # a killed run leaves no half-written file
+    write_safetensors_atomic({"states": states.contiguous().float(), "w": w.float()}, path,
+                             metadata={"prompts": json.dumps(prompts)})   # a killed run leaves no half file
 
 
 def load_paths(files) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -54,6 +55,14 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(path, 0o666 & ~umask)
+
+
+def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    """`write_safetensors` to a file beside `path`, then renamed onto it: a killed run leaves no half file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write_safetensors(tensors, tmp, metadata=metadata)
+    tmp.replace(path)
 
 
 def save_weights(module: nn.Module, path: str, dtype: torch.dtype | None = None) -> None:
