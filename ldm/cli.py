@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.diffusion.schedules import SPACINGS
@@ -236,7 +236,8 @@ def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, si
 
 def sampling_options(args) -> dict:
     """The keyword arguments of `TextToImage.sample` that add_model_args' flags set."""
-    ip_image = Image.open(args.ip_image).convert("RGB") if args.ip_image else None
+    from ldm.data.transforms import open_image
+    ip_image = open_image(args.ip_image) if args.ip_image else None  # upright, RGB
     return dict(steps=args.steps, guidance=args.guidance, seed=args.seed, teacher=args.teacher,
                 sampler=args.sampler, negative=args.negative, spacing=args.spacing,
                 guidance_rescale=args.guidance_rescale, ip_image=ip_image, progress=show_progress())
@@ -331,7 +332,8 @@ def load_image(path: str, size: int | tuple[int, int], mode: str = "RGB") -> tor
     from ldm.data.transforms import cover_and_crop, to_rgb, to_tensor
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
-    image = Image.open(path)
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)  # upright as viewers show it (camera photos record the turn)
     image = to_rgb(image) if mode == "RGB" else image.convert(mode)
     image = cover_and_crop(image, (size, size) if isinstance(size, int) else tuple(size))
     if mode == "L":

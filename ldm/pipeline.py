@@ -217,7 +217,7 @@ class TextToImage:
         ValueError unless each side is a multiple of the autoencoder's factor times the U-Net's."""
         ae = self.autoencoder.config
         width, height = size or (self.index.resolution,) * 2
-        multiple = ae.downsample_factor * 2 ** (len(self.unet.cfg.channels) - 1)
+        multiple = ae.downsample_factor * self.unet.cfg.downsample_factor
         if width % multiple or height % multiple or min(width, height) < multiple:
             raise ValueError(f"image size {width}x{height}: each side must be a positive multiple of {multiple} "
                              f"(the autoencoder's factor {ae.downsample_factor} times the U-Net's "

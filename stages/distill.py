@@ -34,7 +34,7 @@ from typing import Literal, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ldm.data.loaders import DataConfig, make_dataloader
+from ldm.data.loaders import DataConfig, check_image_multiple, make_dataloader
 from ldm.diffusion.guidance import cfg as cfg_guidance
 from ldm.diffusion.losses import check_time_shift, shift_times, uniform_times
 from ldm.diffusion.param import Denoiser, q_sample
@@ -584,6 +584,8 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
     if parts.index.resolution != cfg.data.resolution:
         raise ValueError(f"data.resolution={cfg.data.resolution} but the model folder's resolution is "
                          f"{parts.index.resolution}")
+    check_image_multiple(cfg.data, parts.autoencoder.config.downsample_factor * parts.unet.cfg.downsample_factor,
+                         "the teacher's autoencoder factor x U-Net downsampling")
     folder = prepare_model_folder(cfg) if accelerator.is_main_process else (cfg.model_out or cfg.teacher)
     accelerator.wait_for_everyone()
     if cfg.cache_latents:

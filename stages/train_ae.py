@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm.data.loaders import DataConfig, build_dataset, make_dataloader
+from ldm.data.loaders import DataConfig, build_dataset, check_image_multiple, make_dataloader
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.losses_ae import AELossConfig, AutoencoderLoss, hinge_d_loss
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig,
@@ -44,9 +44,7 @@ class AEStageConfig:
 
     def __post_init__(self):
         self.data = one_batch_size(self.data, self.train)
-        if self.data.resolution % self.model.downsample_factor:
-            raise ValueError(f"data.resolution={self.data.resolution} is not divisible by the "
-                             f"autoencoder's factor {self.model.downsample_factor} (model.channel_mult)")
+        check_image_multiple(self.data, self.model.downsample_factor, "the autoencoder's factor, model.channel_mult")
         if self.loss.disc_weight > 0 and self.train.mixed_precision == "fp16":
             raise ValueError("train.mixed_precision=fp16 with loss.disc_weight > 0: one fp16 grad "
                              "scaler cannot serve two optimizers; use bf16")
@@ -60,7 +58,7 @@ def heldout_images(cfg: AEStageConfig) -> torch.Tensor:
     if cfg.data.source == "shapes":
         val = dataclasses.replace(cfg.data, split="heldout", length=cfg.val_images)
     else:
-        val = dataclasses.replace(cfg.data, path=cfg.val_path or cfg.data.path, crop="center")
+        val = dataclasses.replace(cfg.data, path=cfg.val_path or cfg.data.path, crop="center", buckets=False)
     dataset = build_dataset(val)
     n = min(cfg.val_images, len(dataset))
     return torch.stack([dataset[i]["pixel_values"] for i in range(n)])
@@ -68,7 +66,7 @@ def heldout_images(cfg: AEStageConfig) -> torch.Tensor:
 
 def scale_images(cfg: AEStageConfig) -> list[torch.Tensor]:
     """The first scale_batches training batches, read from a fresh data set (the loader's position is untouched)."""
-    dataset = build_dataset(dataclasses.replace(cfg.data, crop="center"))
+    dataset = build_dataset(dataclasses.replace(cfg.data, crop="center", buckets=False))  # square: they stack
     bs = cfg.train.batch_size
     n = min(cfg.scale_batches * bs, len(dataset))
     images = torch.stack([dataset[i]["pixel_values"] for i in range(n)])

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ldm.data.loaders import DataConfig, make_dataloader
+from ldm.data.loaders import DataConfig, check_image_multiple, make_dataloader
 from ldm.diffusion import SAMPLERS, DiffusionLoss, schedule_from_config
 from ldm.diffusion.losses import check_noise_options, check_time_shift
 from ldm.diffusion.param import check_prediction
@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     # Frozen stage-1 autoencoder: images <-> latents at unit scale.
     ae = load_autoencoder(cfg.autoencoder, device)
+    check_image_multiple(cfg.data, ae.config.downsample_factor * cfg.unet.downsample_factor,
+                         "the autoencoder's factor x the U-Net's downsampling")
 
     # Data: cached posterior moments of a finite set, or images encoded on the fly.
     if cfg.cache_latents:

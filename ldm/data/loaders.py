@@ -4,10 +4,12 @@ Sources: the shapes world rendered on the fly ("shapes"), a local image folder w
 metadata.jsonl ("imagefolder", e.g. an exported shapes folder), parquet/arrow files with
 an image and a text column ("parquet", read through `datasets`), or a `datasets` hub
 name ("hub"). Every item is {"pixel_values": float (3, R, R) in [-1, 1], "text": str}
-(the shapes world adds its labels).
+(the shapes world adds its labels). With `buckets` on, pixel_values are (3, H, W) in
+aspect-ratio buckets of about R^2 pixels, one bucket per batch (ldm/data/buckets.py).
 
 Broken images are found once, up front (`verify`): each is decoded, and unreadable,
 truncated or non-image files are skipped with one warning that gives their count.
+Images are read upright: an EXIF orientation (camera photos) is applied.
 
 Order and resumption: `EpochSampler` draws a fixed permutation per (seed, epoch), and
 crops/flips are keyed on (seed, epoch, index), so a run is reproducible. The returned
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -30,9 +33,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ldm.data.buckets import BucketBatchSampler, assign_buckets, bucket_sizes, describe
 from ldm.data.captions import P_ZONE
 from ldm.data.shapes import SPLITS, ShapesWorld
-from ldm.data.transforms import CROPS, DECODE_ERRORS, open_image, preprocess
+from ldm.data.transforms import CROPS, DECODE_ERRORS, image_size, open_image, preprocess
+
+logger = logging.getLogger(__name__)
 
 SOURCES = ("shapes", "imagefolder", "parquet", "hub")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -57,6 +63,9 @@ class DataConfig:
     p_zone: float = P_ZONE       # shapes: share of one-object captions naming the zone (curricula)
     verify: bool = True          # decode every image once up front to skip broken ones
     drop_last: bool = True       # every batch full: steady shapes for compiled models
+    buckets: bool = False        # aspect-ratio buckets: whole pictures of ~resolution^2 pixels, not square crops
+    bucket_step: int = 64        # bucket sides are multiples of this: the autoencoder's x the U-Net's downsampling
+    bucket_max_ratio: float = 2.0  # the longest bucket side over its shortest
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -70,6 +79,17 @@ class DataConfig:
             raise ValueError(f"data.p_zone must be in [0, 1], got {self.p_zone}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.buckets:
+            if self.source == "shapes":
+                raise ValueError("data.buckets: the shapes world is square; buckets are for imagefolder, "
+                                 "parquet and hub data")
+            if not 1 <= self.bucket_step <= self.resolution:
+                raise ValueError(f"data.bucket_step must be in [1, data.resolution={self.resolution}], "
+                                 f"got {self.bucket_step}")
+            if self.bucket_max_ratio < 1:
+                raise ValueError(f"data.bucket_max_ratio must be >= 1, got {self.bucket_max_ratio}")
+            if not self.drop_last:  # accelerate's sharding only takes full batches when they can differ in shape
+                raise ValueError("data.buckets needs data.drop_last=true")
         if self.source == "shapes":
             if self.split not in SPLITS:
                 raise ValueError(f"data.split must be one of {tuple(SPLITS)} for shapes, "
@@ -81,14 +101,32 @@ class DataConfig:
             raise ValueError(f"data.path is required for source {self.source!r}")
 
 
+def check_image_multiple(cfg: DataConfig, multiple: int, why: str) -> None:
+    """Refuse image sides the models cannot take: the square side and every bucket side must divide by `multiple`."""
+    if cfg.resolution % multiple:
+        raise ValueError(f"data.resolution={cfg.resolution} is not divisible by {multiple} ({why})")
+    if cfg.buckets and cfg.bucket_step % multiple:
+        raise ValueError(f"data.bucket_step={cfg.bucket_step} is not divisible by {multiple} ({why}): "
+                         f"bucket sides are multiples of it")
+
+
 # ------------------------------------------------------------------- image-text data
 
 class ImageTextDataset(Dataset):
-    """Captioned images from a table of (image value, text) rows, decoded lazily."""
+    """Captioned images from a table of (image value, text) rows, decoded lazily.
 
-    def __init__(self, table, rows: list[int], cfg: DataConfig, root: str | None = None):
+    `sizes`, the upright (width, height) of each row, puts the items in aspect-ratio buckets:
+    `buckets` lists the (width, height) sizes, `item_buckets` the bucket of each item.
+    """
+
+    def __init__(self, table, rows: list[int], cfg: DataConfig, root: str | None = None,
+                 sizes: list[tuple[int, int]] | None = None):
         self.table, self.rows, self.cfg, self.root = table, rows, cfg, root
         self.epoch = 0
+        self.buckets = self.item_buckets = None
+        if sizes is not None:
+            self.buckets = bucket_sizes(cfg.resolution, cfg.bucket_step, cfg.bucket_max_ratio)
+            self.item_buckets = assign_buckets(sizes, self.buckets)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch  # keys the random crop/flip, so every epoch draws new ones
@@ -103,7 +141,8 @@ class ImageTextDataset(Dataset):
         except DECODE_ERRORS as err:  # it decoded during verify: the file changed since
             raise OSError(f"cannot read image {_describe(value)}: {err}") from err
         rng = np.random.default_rng([self.cfg.seed, self.epoch, index])
-        pixels = preprocess(image, self.cfg.resolution, self.cfg.crop, self.cfg.flip, rng)
+        size = self.cfg.resolution if self.buckets is None else self.buckets[self.item_buckets[index]]
+        pixels = preprocess(image, size, self.cfg.crop, self.cfg.flip, rng)
         return {"pixel_values": pixels, "text": "" if text is None else str(text)}
 
 
@@ -127,15 +166,18 @@ def _describe(value) -> str:
     return "<bytes>" if isinstance(value, (bytes, bytearray)) else repr(value)
 
 
-def _usable_rows(table, root: str | None, cfg: DataConfig, where: str) -> list[int]:
-    """Indices of rows whose image decodes; one warning counts the rest."""
-    if not cfg.verify:
-        rows = list(range(len(table)))
+def _usable_rows(table, root: str | None, cfg: DataConfig, where: str) -> tuple[list[int], list | None]:
+    """(indices of rows whose image decodes, their upright sizes when buckets are on); one warning counts the rest."""
+    if not cfg.verify and not cfg.buckets:
+        rows, sizes = list(range(len(table))), None
     else:
-        rows = []
+        rows, sizes = [], [] if cfg.buckets else None
         for k in range(len(table)):
             try:
-                open_image(table[k][0], root, draft=cfg.resolution)
+                if cfg.verify:
+                    open_image(table[k][0], root, draft=cfg.resolution)
+                if cfg.buckets:  # the header: a draft decode may round the size
+                    sizes.append(image_size(table[k][0], root))
                 rows.append(k)
             except DECODE_ERRORS:
                 pass
@@ -145,7 +187,7 @@ def _usable_rows(table, root: str | None, cfg: DataConfig, where: str) -> list[i
                           f"truncated or not images", stacklevel=3)
     if not rows:
         raise ValueError(f"no usable image in {where} ({len(table)} rows, none decodes)")
-    return rows
+    return rows, sizes
 
 
 def _folder_table(path: str, text_column: str) -> list[tuple[str, str]]:
@@ -228,7 +270,11 @@ def build_dataset(cfg: DataConfig) -> Dataset:
     if cfg.source != "hub" and not os.path.exists(cfg.path) and not glob.glob(cfg.path):
         raise FileNotFoundError(f"data path does not exist: {cfg.path}")
     table, root = _load_table(cfg)
-    return ImageTextDataset(table, _usable_rows(table, root, cfg, cfg.path), cfg, root)
+    rows, sizes = _usable_rows(table, root, cfg, cfg.path)
+    dataset = ImageTextDataset(table, rows, cfg, root, sizes)
+    if sizes is not None:
+        logger.info("aspect-ratio buckets of %s: %s", cfg.path, describe(dataset.buckets, dataset.item_buckets))
+    return dataset
 
 
 # ------------------------------------------------------------------ order and resume
@@ -261,12 +307,14 @@ class ResumableLoader:
     """Batches of one epoch per `for` loop, with a (epoch, batch) position to checkpoint.
 
     `dataloader` may be a plain DataLoader or its Accelerate-prepared version; with N
-    processes each local batch stands for N batches of the shared sampler order.
+    processes each local batch stands for N batches of the shared sampler order. `stride`
+    is how many sampler positions one batch spans: the batch size for an `EpochSampler`,
+    1 for a `BucketBatchSampler` (its positions are batches).
     """
 
-    def __init__(self, dataloader, sampler: EpochSampler, batch_size: int, num_processes: int = 1):
+    def __init__(self, dataloader, sampler: EpochSampler | BucketBatchSampler, stride: int, num_processes: int = 1):
         self.dataloader, self.sampler = dataloader, sampler
-        self.batch_size, self.num_processes = batch_size, num_processes
+        self.stride, self.num_processes = stride, num_processes
         self.epoch, self.batch = 0, 0
 
     def __len__(self) -> int:
@@ -274,11 +322,10 @@ class ResumableLoader:
 
     def __iter__(self):
         """The rest of the current epoch; the next loop starts the next epoch."""
-        self.sampler.start = self.batch * self.batch_size * self.num_processes
+        self.sampler.start = self.batch * self.stride * self.num_processes
         if hasattr(self.dataloader, "set_epoch"):  # Accelerate's loader keeps its own count
             self.dataloader.set_epoch(self.epoch)
-        else:
-            self.sampler.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch)         # Accelerate does not reach a sharded batch sampler
         for batch in self.dataloader:
             self.batch += 1  # counted when handed out, so prefetched batches do not count
             yield batch
@@ -314,16 +361,27 @@ def resumable_loader(dataset, cfg: DataConfig, accelerator=None, num_workers: in
     """Seeded, resumable batches of any map-style data set (the order rules of `EpochSampler`)."""
     if cfg.batch_size is None:                  # DataLoader(batch_size=None) would not batch at all
         raise ValueError("data.batch_size is not set (a training stage sets it from train.batch_size)")
-    sampler = EpochSampler(dataset, cfg.seed)
     # persistent_workers=False: workers re-copy the data set every epoch, so they see its epoch.
     # The loader's own generator: a DataLoader draws a worker base seed whenever an epoch starts,
     # and drawing it from the global RNG would shift the training's random stream on resume.
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                        num_workers=cfg.num_workers if num_workers is None else num_workers,
-                        collate_fn=collate, drop_last=cfg.drop_last,
-                        pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    common = dict(num_workers=cfg.num_workers if num_workers is None else num_workers, collate_fn=collate,
+                  pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                  generator=torch.Generator().manual_seed(cfg.seed))
+    item_buckets = getattr(dataset, "item_buckets", None)
+    if item_buckets is not None:  # aspect-ratio buckets: the sampler makes the batches
+        sampler = BucketBatchSampler(dataset, item_buckets, cfg.batch_size, cfg.seed, cfg.drop_last)
+        never = sum(len(m) for m in sampler.members.values() if len(m) < cfg.batch_size)
+        if never:
+            warnings.warn(f"aspect-ratio buckets: {never} of {len(item_buckets)} images are in buckets smaller "
+                          f"than a batch ({cfg.batch_size}) and are never drawn; fewer buckets (a lower "
+                          f"data.bucket_max_ratio, a larger data.bucket_step) or smaller batches take them",
+                          stacklevel=2)
+        loader, stride = DataLoader(dataset, batch_sampler=sampler, **common), 1
+    else:
+        sampler = EpochSampler(dataset, cfg.seed)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=cfg.drop_last, **common)
+        stride = cfg.batch_size
     num_processes = 1
     if accelerator is not None:
         loader, num_processes = accelerator.prepare(loader), accelerator.num_processes
-    return ResumableLoader(loader, sampler, cfg.batch_size, num_processes)
+    return ResumableLoader(loader, sampler, stride, num_processes)

@@ -1,4 +1,4 @@
-"""Image preprocessing shared by every data source: any PIL image -> float (3, R, R) in [-1, 1]."""
+"""Image preprocessing shared by every data source: any PIL image -> float (3, H, W) in [-1, 1]."""
 from __future__ import annotations
 
 import io
@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 CROPS = ("center", "random")
 
@@ -25,15 +25,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def open_image(value, root: str | None = None, draft: int | None = None) -> Image.Image:
-    """Decode an image given as a path, raw bytes, a {"bytes", "path"} dict or a PIL image.
-
-    Relative paths are taken under `root`. `draft` lets JPEG decode at a reduced scale
-    (at least that many pixels a side), which makes a validation pass cheap.
-    Raises one of DECODE_ERRORS for anything that is not a complete image.
-    """
-    if isinstance(value, Image.Image):
-        return to_rgb(value)
+def _source(value, root: str | None):
+    """What `Image.open` reads for an image value: a path or a bytes buffer."""
     data, path = None, None
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
@@ -47,47 +40,59 @@ def open_image(value, root: str | None = None, draft: int | None = None) -> Imag
         raise ValueError("image value holds neither bytes nor a path")
     if data is None and root is not None and not os.path.isabs(path):
         path = os.path.join(root, path)
-    with Image.open(io.BytesIO(data) if data is not None else path) as image:
+    return io.BytesIO(data) if data is not None else path
+
+
+# EXIF orientations 5-8 turn the picture a quarter: its upright width is the stored height.
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def open_image(value, root: str | None = None, draft: int | None = None) -> Image.Image:
+    """Decode an image given as a path, raw bytes, a {"bytes", "path"} dict or a PIL image, upright.
+
+    Relative paths are taken under `root`. Cameras store pictures as shot and record the turn
+    in EXIF: the turn is applied, or portraits would train as landscapes. `draft` lets JPEG
+    decode at a reduced scale (at least that many pixels a side), which makes a validation
+    pass cheap. Raises one of DECODE_ERRORS for anything that is not a complete image.
+    """
+    if isinstance(value, Image.Image):
+        return to_rgb(value)
+    with Image.open(_source(value, root)) as image:
         if draft is not None:
             image.draft("RGB", (draft, draft))
         image.load()  # decodes every byte: truncated files fail here, not later
-        return to_rgb(image)
+        return to_rgb(ImageOps.exif_transpose(image))
 
 
-def resize_and_crop(image: Image.Image, resolution: int, crop: str = "center",
-                    rng: np.random.Generator | None = None) -> Image.Image:
-    """Resize the shorter side to `resolution`, then crop a square (center or random)."""
+def image_size(value, root: str | None = None) -> tuple[int, int]:
+    """(width, height) of an image value as `open_image` returns it, from its header alone."""
+    if isinstance(value, Image.Image):
+        return value.size
+    with Image.open(_source(value, root)) as image:
+        width, height = image.size
+        turned = image.getexif().get(0x0112, 1) in _QUARTER_TURNS  # 0x0112: the Orientation tag
+    return (height, width) if turned else (width, height)
+
+
+def cover_and_crop(image: Image.Image, size: tuple[int, int], crop: str = "center",
+                   rng: np.random.Generator | None = None) -> Image.Image:
+    """Resize to cover `size` = (width, height) with the aspect kept, then crop it out (center or random)."""
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
-    w, h = image.size
-    if min(w, h) != resolution:  # an image already at size keeps its exact pixels
-        scale = resolution / min(w, h)
-        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        w, h = image.size
-    if crop == "random":
-        rng = rng if rng is not None else np.random.default_rng()
-        left, top = int(rng.integers(w - resolution + 1)), int(rng.integers(h - resolution + 1))
-    else:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-    if (w, h) == (resolution, resolution):
-        return image
-    return image.crop((left, top, left + resolution, top + resolution))
-
-
-def cover_and_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize to cover `size` = (width, height) with the aspect kept, then crop its centre to it; square sizes
-    give `resize_and_crop(image, side)` exactly."""
     width, height = size
     w, h = image.size
     scale = max(width / w, height / h)
-    if (w, h) != size and scale != 1:
+    if (w, h) != size and scale != 1:  # an image already at size keeps its exact pixels
         image = image.resize((max(width, round(w * scale)), max(height, round(h * scale))),
                              Image.Resampling.BICUBIC, reducing_gap=3.0)
         w, h = image.size
+    if crop == "random":
+        rng = rng if rng is not None else np.random.default_rng()
+        left, top = int(rng.integers(w - width + 1)), int(rng.integers(h - height + 1))
+    else:
+        left, top = (w - width) // 2, (h - height) // 2
     if (w, h) == size:
         return image
-    left, top = (w - width) // 2, (h - height) // 2
     return image.crop((left, top, left + width, top + height))
 
 
@@ -97,11 +102,11 @@ def to_tensor(pixels) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def preprocess(image: Image.Image, resolution: int, crop: str = "center", flip: bool = False,
+def preprocess(image: Image.Image, size: int | tuple[int, int], crop: str = "center", flip: bool = False,
                rng: np.random.Generator | None = None) -> torch.Tensor:
-    """RGB PIL image -> (3, resolution, resolution) in [-1, 1]; `rng` drives crop and flip."""
+    """RGB PIL image -> (3, height, width) in [-1, 1] (an int size is a square); `rng` drives crop and flip."""
     rng = rng if rng is not None else np.random.default_rng()
-    image = resize_and_crop(to_rgb(image), resolution, crop, rng)
+    image = cover_and_crop(to_rgb(image), (size, size) if isinstance(size, int) else tuple(size), crop, rng)
     if flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return to_tensor(image)

@@ -48,6 +48,11 @@ class UNetConfig:
     gradient_checkpointing: bool = False              # recompute blocks in backward: less memory, ~30% more time
     pos_embed: bool = False                           # 2-D position features added to transformer tokens (not SD)
 
+    @property
+    def downsample_factor(self) -> int:
+        """Latent sides must divide by this: every level but the last halves them."""
+        return 2 ** (len(self.channels) - 1)
+
     def __post_init__(self):
         self.channels = tuple(self.channels)
         self.attention_levels = tuple(self.attention_levels)
@@ -210,7 +215,7 @@ class UNet(nn.Module):
     def _check_inputs(self, x, context) -> None:
         if context.shape[-1] != self.cfg.context_dim:
             raise ValueError(f"UNet: context width {context.shape[-1]}, config context_dim {self.cfg.context_dim}")
-        factor = 2 ** (len(self.cfg.channels) - 1)
+        factor = self.cfg.downsample_factor
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(f"UNet: spatial size {tuple(x.shape[-2:])} must be divisible by {factor}")
 

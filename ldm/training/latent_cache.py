@@ -6,7 +6,9 @@ not one sample, so training still draws a fresh z ~ q(z|x) each time it sees an 
 
 Layout: `<cache_dir>/<key>/meta.json` (written last: its presence marks a complete cache) and
 `shard-00000.safetensors`, ... each holding `mean` and `std` (n, z, h, w) float32 in raw,
-unscaled latent units, with the n captions as JSON in the file's metadata.
+unscaled latent units, with the n captions as JSON in the file's metadata. With aspect-ratio
+buckets (`data.buckets`) latents differ in size: a shard holds `mean.<k>`/`std.<k>` per bucket k
+and its metadata `groups` = [[k, [positions in the shard]], ...] says which items they are.
 
 The key hashes everything that decides the latents: the autoencoder's weights (content
 digest) and config, the data config except pure batching knobs, and for local data the
@@ -55,6 +57,8 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
 def data_fingerprint(cfg: DataConfig) -> dict:
     """The data config minus batching knobs, plus (path, size, mtime) of local data files."""
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BATCH_ONLY}
+    if not cfg.buckets:  # keys of square caches stay as they were before buckets existed
+        fields = {k: v for k, v in fields.items() if not k.startswith("bucket")}
     if cfg.source in ("imagefolder", "parquet") and os.path.exists(cfg.path):
         root = Path(cfg.path)
         files = sorted(root.rglob("*")) if root.is_dir() else [root]
@@ -80,7 +84,10 @@ def cache_key(autoencoder_dir: str | Path, data_cfg: DataConfig) -> tuple[str, d
 # --------------------------------------------------------------------------- reading
 
 class LatentCache(Dataset):
-    """Items {"mean", "std": (z, h, w) raw posterior moments, "text", "index"} of a complete cache."""
+    """Items {"mean", "std": (z, h, w) raw posterior moments, "text", "index"} of a complete cache.
+
+    A bucketed cache also has `item_buckets` (each item's bucket), which `resumable_loader` batches by.
+    """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -88,13 +95,30 @@ class LatentCache(Dataset):
         if not meta_path.is_file():
             raise FileNotFoundError(f"latent cache {str(self.folder)!r} is incomplete (no meta.json)")
         self.meta = json.loads(meta_path.read_text())
-        means, stds, self.captions = [], [], []
+        means, stds, self.captions, self.item_buckets = [], [], [], None
         for name in self.meta["shards"]:
             with safe_open(str(self.folder / name), framework="pt") as f:
-                means.append(f.get_tensor("mean"))
-                stds.append(f.get_tensor("std"))
-                self.captions += json.loads(f.metadata()["captions"])
-        self.mean, self.std = torch.cat(means), torch.cat(stds)  # (N, z, h, w) each
+                metadata = f.metadata()
+                if "groups" in metadata:   # bucketed: per-item (z, h, w) tensors, back in item order
+                    self.item_buckets = self.item_buckets or []
+                    captions = json.loads(metadata["captions"])
+                    slots = [None] * len(captions)
+                    for bucket, positions in json.loads(metadata["groups"]):
+                        mean, std = f.get_tensor(f"mean.{bucket}"), f.get_tensor(f"std.{bucket}")
+                        for row, position in enumerate(positions):
+                            slots[position] = (mean[row], std[row], bucket)
+                    means += [m for m, _, _ in slots]
+                    stds += [s for _, s, _ in slots]
+                    self.item_buckets += [b for _, _, b in slots]
+                else:
+                    means.append(f.get_tensor("mean"))
+                    stds.append(f.get_tensor("std"))
+                    captions = json.loads(metadata["captions"])
+                self.captions += captions
+        if self.item_buckets is None:
+            self.mean, self.std = torch.cat(means), torch.cat(stds)  # (N, z, h, w) each
+        else:
+            self.mean, self.std = means, stds                          # N tensors (z, h, w)
         if len(self.mean) != self.meta["num_samples"] or len(self.captions) != len(self.mean):
             raise ValueError(f"latent cache {str(self.folder)!r}: shards hold {len(self.mean)} latents and "
                              f"{len(self.captions)} captions, meta.json says {self.meta['num_samples']}")
@@ -124,11 +148,12 @@ def scaled_latents(mean: torch.Tensor, std: torch.Tensor, ae_config, sample: boo
 # --------------------------------------------------------------------------- building
 
 @torch.no_grad()
-def _encode_shard(ae: AutoencoderKL, dataset: Dataset, indices: range, batch_size: int,
-                  num_workers: int, path: Path) -> None:
+def _encode(ae: AutoencoderKL, dataset: Dataset, indices: list[int], batch_size: int,
+            num_workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(mean, std, captions) of the items `indices`, which must share one image size."""
     device = next(ae.parameters()).device
     # Its own generator: the worker seed it draws must not move the caller's (training) RNG.
-    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate, generator=torch.Generator())
     means, stds, captions = [], [], []
     for batch in loader:
@@ -136,8 +161,27 @@ def _encode_shard(ae: AutoencoderKL, dataset: Dataset, indices: range, batch_siz
         means.append(posterior.mean.float().cpu())
         stds.append(posterior.std.float().cpu())
         captions += batch["text"]
-    write_safetensors({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}, path,
-                      metadata={"captions": json.dumps(captions)})
+    return torch.cat(means).contiguous(), torch.cat(stds).contiguous(), captions
+
+
+def _encode_shard(ae: AutoencoderKL, dataset: Dataset, indices: range, batch_size: int,
+                  num_workers: int, path: Path) -> None:
+    item_buckets = getattr(dataset, "item_buckets", None)
+    if item_buckets is None:
+        mean, std, captions = _encode(ae, dataset, list(indices), batch_size, num_workers)
+        write_safetensors({"mean": mean, "std": std}, path, metadata={"captions": json.dumps(captions)})
+        return
+    groups: dict[int, list[int]] = {}                      # bucket -> positions in the shard
+    for position, index in enumerate(indices):
+        groups.setdefault(item_buckets[index], []).append(position)
+    tensors, captions = {}, [""] * len(indices)
+    for bucket, positions in sorted(groups.items()):
+        mean, std, texts = _encode(ae, dataset, [indices[p] for p in positions], batch_size, num_workers)
+        tensors |= {f"mean.{bucket}": mean, f"std.{bucket}": std}
+        for position, text in zip(positions, texts):
+            captions[position] = text
+    write_safetensors(tensors, path, metadata={"captions": json.dumps(captions),
+                                               "groups": json.dumps(sorted(groups.items()))})
 
 
 def build_cache(folder: Path, ae: AutoencoderKL, dataset: Dataset, parts: dict, *, batch_size: int = 64,
@@ -164,6 +208,8 @@ def build_cache(folder: Path, ae: AutoencoderKL, dataset: Dataset, parts: dict, 
     barrier()
     if rank == 0:
         meta = {"num_samples": n, "shard_size": shard_size, "shards": shards, **parts}
+        if getattr(dataset, "buckets", None) is not None:
+            meta["buckets"] = [list(size) for size in dataset.buckets]
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)  # the cache appears complete or not at all
