@@ -199,11 +199,11 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
         parser.error(f"--controlnet and --control-image go together, one each ({len(args.controlnet)} and "
                      f"{len(args.control_image)} given), with one --control-scale or one per ControlNet "
                      f"({len(args.control_scale)} given)")
-    for flag, value in (("--negative", args.negative), ("--guidance-rescale", args.guidance_rescale),
-                        ("--controlnet", args.controlnet), ("--ip-adapter", args.ip_adapter)):
-        if value and pipe.uses_student(args.steps, args.teacher):
-            parser.error(f"{flag} needs the teacher: student-{args.steps} was distilled from plain CFG with the "
-                         "empty prompt as its unconditional branch (add --teacher, or pick --steps without a student)")
+    try:  # before any model runs
+        pipe.refuse_with_student(args.steps, args.teacher, negative=args.negative, control=args.controlnet,
+                                 guidance_rescale=args.guidance_rescale, ip=args.ip_adapter)
+    except ValueError as err:
+        parser.error(str(err))
     return pipe
 
 

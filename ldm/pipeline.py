@@ -40,6 +40,10 @@ CPU_DECODE_CHUNK = 8   # latents decoded at once on a CPU (see TextToImage.decod
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "shapes64")
 DECODER_PRECISIONS = ("auto", "fp32", "bf16")
 STUDENT_SAMPLERS = ("ddim", "stochastic")   # what the students were distilled for (Meng et al. 2023, sec. 4.3)
+# Options a student cannot take (it learnt plain CFG with the empty prompt as the unconditional branch),
+# named as the CLI names them; `refuse_with_student` checks them, the CLI before the model runs.
+TEACHER_ONLY = {"negative": "--negative", "guidance_rescale": "--guidance-rescale", "control": "--controlnet",
+                "ip": "--ip-adapter", "inpaint": "an inpainting U-Net's mask"}
 
 
 def native_bf16_cpu() -> bool:
@@ -272,6 +276,15 @@ class TextToImage:
     def denoiser(self, net, prediction: str) -> Denoiser:
         return Denoiser(net, self.schedule, prediction, time_scale=self.index.time_scale)
 
+    def refuse_with_student(self, steps: int, teacher: bool, **options) -> None:
+        """ValueError naming the first of `options` (keys of TEACHER_ONLY) that is set when `steps` runs a student."""
+        if self.uses_student(steps, teacher):
+            for key, value in options.items():
+                if value:
+                    raise ValueError(f"{TEACHER_ONLY[key]} needs the teacher (--teacher; teacher=True in Python): "
+                                     f"student-{steps} was distilled from plain CFG with the empty prompt as its "
+                                     "unconditional branch (or pick --steps without a student)")
+
     def model_function(self, steps: int, guidance: float, teacher: bool = False, negative: str = "",
                        guidance_rescale: float = 0.0, chunks: int | None = None, control: list | None = None,
                        inpaint: torch.Tensor | None = None, ip_uncond: torch.Tensor | None = None):
@@ -281,12 +294,8 @@ class TextToImage:
         `control`'s ControlNets attached to the U-Net (ldm.models.controlnet.ControlledUNet) and `inpaint`'s
         extra inputs given to an inpainting U-Net (`ConcatInputs`)."""
         if self.uses_student(steps, teacher):
-            for name, value in (("a negative prompt", negative), ("guidance rescale", guidance_rescale),
-                                ("a ControlNet", control), ("an inpainting U-Net's mask", inpaint is not None),
-                                ("an image prompt", ip_uncond is not None)):
-                if value:
-                    raise ValueError(f"{name} needs the teacher (teacher=True, --teacher): student-{steps} was "
-                                     "distilled from plain CFG with the empty prompt as its unconditional branch")
+            self.refuse_with_student(steps, teacher, negative=negative, guidance_rescale=guidance_rescale,
+                                     control=control, inpaint=inpaint is not None, ip=ip_uncond is not None)
             net = self.student(steps)
             if net.w_range is not None and not net.w_range[0] <= guidance <= net.w_range[1]:
                 warnings.warn(f"guidance w = {guidance:g} is outside [{net.w_range[0]:g}, {net.w_range[1]:g}], the "

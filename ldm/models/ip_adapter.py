@@ -52,15 +52,13 @@ class IPCrossAttention(nn.Module):
 
     def forward(self, x, context=None, mask=None):
         a = self.attn
-        context = x if context is None else context
-        q = a._split(a.to_q(x))
-        out = ops.attention(q, a._split(a.to_k(context)), a._split(a.to_v(context)), key_padding_mask=mask)
+        q, out = a.attend(x, context, mask)
         tokens = self.state.tokens
-        if tokens is not None:
+        if tokens is not None:  # decoupled cross-attention: the image tokens' own keys and values
             tokens = tokens.to(x.dtype)
             ip = ops.attention(q, a._split(self.to_k_ip(tokens)), a._split(self.to_v_ip(tokens)))
             out = out + self.state.scale * ip
-        return a.to_out(out.transpose(1, 2).flatten(2))
+        return a.merge(out)
 
 
 def cross_attentions(unet) -> list[tuple[nn.Module, str]]:

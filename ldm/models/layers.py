@@ -124,11 +124,17 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         return x.view(B, N, self.heads, -1).transpose(1, 2)  # (B, H, N, d)
 
-    def forward(self, x, context=None, mask=None):
+    def attend(self, x, context=None, mask=None):
+        """(q, heads' output), both (B, H, N, d), before `merge`: adapters add their own terms in between."""
         context = x if context is None else context
         q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(context))
-        out = ops.attention(q, k, v, key_padding_mask=mask)  # (B, H, N, d)
-        return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, C)
+        return q, ops.attention(q, k, v, key_padding_mask=mask)
+
+    def merge(self, out):
+        return self.to_out(out.transpose(1, 2).flatten(2))  # (B, H, N, d) -> (B, N, C)
+
+    def forward(self, x, context=None, mask=None):
+        return self.merge(self.attend(x, context, mask)[1])
 
 
 class GEGLU(nn.Module):
