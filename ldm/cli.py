@@ -89,7 +89,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers) as a new word for "
                              "prompts and --negative: WORD, else the file's name; repeatable. CLIP models (SD 1.x/2.x)")
     adapters.add_argument("--controlnet", action="append", default=[], metavar="DIR",
-                        help="a diffusers ControlNetModel folder (SD 1.x/2.x) steering the teacher with "
+                        help="a ControlNet folder (diffusers' ControlNetModel, hub id, or one of stages/"
+                             "train_controlnet.py) steering the teacher with "
                              "--control-image (Zhang et al. 2023); repeatable: the n-th goes with the n-th image")
     adapters.add_argument("--control-image", action="append", default=[], metavar="IMAGE",
                         help="the ControlNet's input (edges, depth, pose, ... as that ControlNet expects), resized "
@@ -217,13 +218,13 @@ def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, si
     errors. Several ControlNets add their residuals (diffusers' MultiControlNetModel)."""
     if not args.controlnet:
         return {}
-    from ldm.models.controlnet import load_diffusers_controlnet
+    from ldm.models.controlnet import load_controlnet
     scales = args.control_scale * len(args.controlnet) if len(args.control_scale) == 1 else \
         args.control_scale or [1.0] * len(args.controlnet)
     control = []
     for folder, path, scale in zip(args.controlnet, args.control_image, scales):
         try:
-            net = load_diffusers_controlnet(folder, device=pipe.device)
+            net = load_controlnet(folder, device=pipe.device)
             image = load_control_image(path, size or (pipe.index.resolution,) * 2)
         except (OSError, ValueError) as err:
             parser.error(f"--controlnet {folder} / --control-image {path}: {err}")

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ldm.data.loaders import DataConfig, check_image_multiple, make_dataloader
 from ldm.diffusion.guidance import cfg as cfg_guidance
+from ldm.diffusion.guidance import drop_captions
 from ldm.diffusion.losses import check_time_shift, shift_times, uniform_times
 from ldm.diffusion.param import Denoiser, q_sample
 from ldm.diffusion.samplers import initial_noise, sample_ddim
@@ -137,8 +138,7 @@ class DistillSettings:
 
     def drop_captions(self, texts: list[str], generator=None) -> list[str]:
         """Captions with a share p_uncond replaced by "" (one uniform draw per caption)."""
-        drop = torch.rand(len(texts), generator=generator) < self.p_uncond
-        return ["" if u else p for u, p in zip(drop.tolist(), texts)]
+        return drop_captions(texts, self.p_uncond, generator)
 
     def draw_w(self, n: int, device=None, generator=None) -> torch.Tensor:
         """n guidance weights w ~ U[w_min, w_max]."""

@@ -25,6 +25,7 @@ from torch import nn
 
 from ldm.data.loaders import DataConfig, check_image_multiple, make_dataloader
 from ldm.diffusion import SAMPLERS, DiffusionLoss, schedule_from_config
+from ldm.diffusion.guidance import drop_captions
 from ldm.diffusion.losses import check_noise_options, check_time_shift
 from ldm.diffusion.param import check_prediction
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
@@ -175,12 +176,6 @@ class LatentModel(nn.Module):
     def forward(self, x, t, prompts: list[str]):
         context, mask = self.encoder(prompts)              # (B, L, D), (B, L)
         return self.unet(x, t, context, context_mask=mask)
-
-
-def drop_captions(captions: list[str], p: float, generator: torch.Generator | None = None) -> list[str]:
-    """Each caption -> "" with probability p: one network learns p(x|c) and p(x) (Ho & Salimans 2021)."""
-    keep = (torch.rand(len(captions), generator=generator) >= p).tolist()
-    return [c if k else "" for c, k in zip(captions, keep)]
 
 
 def load_autoencoder(path: str, device) -> AutoencoderKL:

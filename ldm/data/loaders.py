@@ -5,7 +5,9 @@ metadata.jsonl ("imagefolder", e.g. an exported shapes folder), parquet/arrow fi
 an image and a text column ("parquet", read through `datasets`), or a `datasets` hub
 name ("hub"). Every item is {"pixel_values": float (3, R, R) in [-1, 1], "text": str}
 (the shapes world adds its labels). With `buckets` on, pixel_values are (3, H, W) in
-aspect-ratio buckets of about R^2 pixels, one bucket per batch (ldm/data/buckets.py).
+aspect-ratio buckets of about R^2 pixels, one bucket per batch (ldm/data/buckets.py). With
+`control_column` set, items add "control" (3, H, W) in [0, 1]: that column's image, cropped and
+flipped with the picture (ControlNet training).
 
 Broken images are found once, up front (`verify`): each is decoded, and unreadable,
 truncated or non-image files are skipped with one warning that gives their count.
@@ -31,6 +33,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldm.data.buckets import BucketBatchSampler, assign_buckets, bucket_sizes, describe
@@ -52,6 +55,7 @@ class DataConfig:
     path: str = ""               # folder, parquet file/folder/glob, or hub name (not shapes)
     image_column: str = "image"  # parquet/hub column holding the image
     text_column: str = "text"    # column (or metadata.jsonl key) holding the caption
+    control_column: str = ""     # column/key of a control image per row (ControlNet training); "" = none
     resolution: int = 64         # output side; the shorter side is resized to it
     crop: str = "center"         # center | random
     flip: bool = False           # off by default: a mirror falsifies "left of" captions
@@ -97,6 +101,9 @@ class DataConfig:
             if self.flip:
                 raise ValueError("data.flip=True with source 'shapes' would make "
                                  "'left'/'right' captions false")
+            if self.control_column:
+                raise ValueError("data.control_column: the shapes world has no control images "
+                                 "(compute them: stages/train_controlnet.py hint=edges)")
         elif not self.path:
             raise ValueError(f"data.path is required for source {self.source!r}")
 
@@ -135,28 +142,36 @@ class ImageTextDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        value, text = self.table[self.rows[index]]
+        value, text, *control = self.table[self.rows[index]]
         try:
             image = open_image(value, self.root)
+            control = open_image(control[0], self.root) if control else None
         except DECODE_ERRORS as err:  # it decoded during verify: the file changed since
             raise OSError(f"cannot read image {_describe(value)}: {err}") from err
-        rng = np.random.default_rng([self.cfg.seed, self.epoch, index])
+        key = [self.cfg.seed, self.epoch, index]
         size = self.cfg.resolution if self.buckets is None else self.buckets[self.item_buckets[index]]
-        pixels = preprocess(image, size, self.cfg.crop, self.cfg.flip, rng)
-        return {"pixel_values": pixels, "text": "" if text is None else str(text)}
+        item = {"pixel_values": preprocess(image, size, self.cfg.crop, self.cfg.flip, np.random.default_rng(key)),
+                "text": "" if text is None else str(text)}
+        if control is not None:  # the same crop and flip as the picture (the same draws at the same size), in [0, 1]
+            control = control.resize(image.size, Image.Resampling.BICUBIC) if control.size != image.size else control
+            item["control"] = (preprocess(control, size, self.cfg.crop, self.cfg.flip, np.random.default_rng(key)) + 1) / 2
+        return item
 
 
 class _HFTable:
     """(image value, text) rows of a `datasets.Dataset` whose images are left undecoded."""
 
-    def __init__(self, ds, image_column: str, text_column: str):
+    def __init__(self, ds, image_column: str, text_column: str, control_column: str = ""):
         self.ds, self.image_column, self.text_column = ds, image_column, text_column
+        self.control_column = control_column
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, k: int):
         row = self.ds[int(k)]
+        if self.control_column:
+            return row[self.image_column], row[self.text_column], row[self.control_column]
         return row[self.image_column], row[self.text_column]
 
 
@@ -175,7 +190,8 @@ def _usable_rows(table, root: str | None, cfg: DataConfig, where: str) -> tuple[
         for k in range(len(table)):
             try:
                 if cfg.verify:
-                    open_image(table[k][0], root, draft=cfg.resolution)
+                    for value in (table[k][0], *table[k][2:]):   # the picture and its control image
+                        open_image(value, root, draft=cfg.resolution)
                 if cfg.buckets:  # the header: a draft decode may round the size
                     sizes.append(image_size(table[k][0], root))
                 rows.append(k)
@@ -190,8 +206,8 @@ def _usable_rows(table, root: str | None, cfg: DataConfig, where: str) -> tuple[
     return rows, sizes
 
 
-def _folder_table(path: str, text_column: str) -> list[tuple[str, str]]:
-    """(image path, text) rows of every metadata.jsonl under an image folder."""
+def _folder_table(path: str, text_column: str, control_column: str = "") -> list[tuple[str, ...]]:
+    """(image path, text[, control image path]) rows of every metadata.jsonl under an image folder."""
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"imagefolder path is not a folder: {path}")
@@ -212,11 +228,12 @@ def _folder_table(path: str, text_column: str) -> list[tuple[str, str]]:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{meta}:{line_no}: invalid JSON ({err})") from err
-                for key in ("file_name", text_column):
+                for key in ("file_name", text_column, control_column or "file_name"):
                     if key not in record:
                         raise ValueError(f"column {key!r} not found in {meta}:{line_no}; "
                                          f"columns found: {sorted(record)}")
-                rows.append((str(meta.parent / record["file_name"]), record[text_column]))
+                row = (str(meta.parent / record["file_name"]), record[text_column])
+                rows.append(row + (str(meta.parent / record[control_column]),) if control_column else row)
     return rows
 
 
@@ -237,21 +254,24 @@ def _data_files(path: str) -> list[str]:
 def _hf_table(ds, cfg: DataConfig, where: str) -> _HFTable:
     import datasets
 
-    for kind, name in (("image", cfg.image_column), ("text", cfg.text_column)):
+    columns = [("image", cfg.image_column), ("text", cfg.text_column)]
+    columns += [("control image", cfg.control_column)] if cfg.control_column else []
+    for kind, name in columns:
         if name not in ds.column_names:
             raise ValueError(f"{kind} column {name!r} not found in {where}; "
                              f"columns found: {ds.column_names}")
-    ds = ds.select_columns([cfg.image_column, cfg.text_column])
-    if isinstance(ds.features[cfg.image_column], datasets.Image):
-        # decode ourselves, inside try/except: datasets would raise mid-epoch on a bad file
-        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
-    return _HFTable(ds, cfg.image_column, cfg.text_column)
+    ds = ds.select_columns([name for _, name in columns])
+    for name in (cfg.image_column, cfg.control_column):
+        if name and isinstance(ds.features[name], datasets.Image):
+            # decode ourselves, inside try/except: datasets would raise mid-epoch on a bad file
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+    return _HFTable(ds, cfg.image_column, cfg.text_column, cfg.control_column)
 
 
 def _load_table(cfg: DataConfig):
     """(table of (image value, text) rows, root for relative image paths) of a real source."""
     if cfg.source == "imagefolder":
-        return _folder_table(cfg.path, cfg.text_column), None
+        return _folder_table(cfg.path, cfg.text_column, cfg.control_column), None
     import datasets  # slow to import: only the sources that read through it pay
 
     if cfg.source == "parquet":

@@ -14,6 +14,12 @@ import torch
 from .param import append_dims
 
 
+def drop_captions(captions: list[str], p: float, generator: torch.Generator | None = None) -> list[str]:
+    """Each caption -> "" with probability p: one network learns p(x|c) and p(x) (Ho & Salimans 2021)."""
+    keep = (torch.rand(len(captions), generator=generator) >= p).tolist()
+    return [c if k else "" for c, k in zip(captions, keep)]
+
+
 def _batched_args(cond: dict, uncond: dict, batch: int) -> dict:
     """extra_args for the doubled batch [cond; uncond]: keys in `uncond` get their uncond value, others repeat."""
     for key in uncond:

@@ -11,10 +11,18 @@ f = 8 autoencoder) added to conv_in's output; every skip and the middle block's 
 "zero convolution" of the copy's own (their eq. 2), scaled by the conditioning scale.
 `ControlledUNet` wraps the U-Net so that any sampler and CFG run it unchanged: the control image goes
 with both halves of CFG's batch, as in diffusers' pipeline.
+
+Training one (stages/train_controlnet.py): `ControlNet.from_unet` copies a trained U-Net's encoder and
+zero-initialises the zero convolutions and the hint encoder's last conv (Zhang et al. sec. 3.1: at step 0
+the controlled U-Net is exactly the U-Net). `save_controlnet` writes a diffusers ControlNetModel folder
+when the U-Net has SD's architecture, else our own (config.json with "_class_name": "ldm.ControlNet" +
+model.safetensors); `load_controlnet` reads either.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 
 import torch
@@ -23,7 +31,11 @@ from torch import nn
 
 from ldm.models.convert_unet import _read_weights, diffusers_to_ours, unet_config_from_diffusers
 from ldm.models.unet import UNet, UNetConfig
-from ldm.models.weights import load_state_dict_strict
+from ldm.models.weights import load_state_dict_strict, load_weights, save_weights
+
+OUR_CLASS = "ldm.ControlNet"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+HINT_WIDTHS = (16, 32, 96, 256)    # diffusers' default conditioning_embedding_out_channels (SD, f = 8)
 
 
 class HintEncoder(nn.Module):
@@ -58,6 +70,22 @@ class ControlNet(nn.Module):
         self.hint = HintEncoder(hint_channels, self.hint_widths, cfg.channels[0])
         self.zero_down = nn.ModuleList(nn.Conv2d(c, c, 1) for c in body.skip_channels)
         self.zero_mid = nn.Conv2d(cfg.channels[-1], cfg.channels[-1], 1)
+
+    @classmethod
+    def from_unet(cls, unet: UNet, latent_factor: int = 8, hint_channels: int = 3) -> "ControlNet":
+        """A ControlNet whose encoder is a copy of `unet`'s, its output convolutions zero (Zhang et al. sec. 3.1).
+        The hint encoder halves the control image k - 1 times for `latent_factor` = 2^(k-1) (the autoencoder's)."""
+        k = int(math.log2(latent_factor)) + 1
+        if 2 ** (k - 1) != latent_factor:
+            raise ValueError(f"latent_factor must be a power of 2, got {latent_factor}")
+        widths = HINT_WIDTHS[:k] + (HINT_WIDTHS[-1],) * max(0, k - len(HINT_WIDTHS))
+        net = cls(unet.cfg, widths, hint_channels)
+        own = net.body.state_dict()
+        net.body.load_state_dict({name: v for name, v in unet.state_dict().items() if name in own})
+        for zero in [*net.zero_down, net.zero_mid, net.hint.conv_out]:
+            nn.init.zeros_(zero.weight)
+            nn.init.zeros_(zero.bias)
+        return net.to(next(unet.parameters()).device)
 
     def forward(self, x, t, context, hint, context_mask=None):
         body = self.body
@@ -111,6 +139,68 @@ def controlnet_state_from_diffusers(state: dict, num_levels: int) -> dict:
             (new, v), = diffusers_to_ours({key: value}, num_levels).items()
             out["body." + new] = v
     return out
+
+
+def controlnet_state_to_diffusers(state: dict, num_levels: int) -> dict:
+    """Inverse of controlnet_state_from_diffusers."""
+    from ldm.models.to_diffusers import unet_state_to_diffusers
+    out = {}
+    for key, value in state.items():
+        for theirs, ours in _HINT_KEYS.items():
+            if key.startswith(ours):
+                out[theirs + key[len(ours):]] = value
+                break
+        else:
+            out.update(unet_state_to_diffusers({key[len("body."):]: value}, num_levels))
+    return out
+
+
+def diffusers_config(net: ControlNet, sample_size: int) -> dict:
+    """A ControlNetModel config.json dict; ValueError when the U-Net is not SD's architecture (e.g. pos_embed)."""
+    from ldm.models.to_diffusers import unet_config_to_diffusers
+    d = unet_config_to_diffusers(net.cfg, sample_size)
+    for key in ("up_block_types", "out_channels", "center_input_sample", "dropout"):  # not a ControlNet's
+        d.pop(key)
+    return {**d, "_class_name": "ControlNetModel", "conditioning_channels": net.hint.conv_in.in_channels,
+            "conditioning_embedding_out_channels": list(net.hint_widths),
+            "controlnet_conditioning_channel_order": "rgb", "global_pool_conditions": False}
+
+
+@torch.no_grad()
+def save_controlnet(net: ControlNet, folder: str, sample_size: int = 64, dtype: torch.dtype | None = None) -> str:
+    """Write `net` to `folder`: diffusers' ControlNetModel layout when it can hold it, else ours; returns which."""
+    os.makedirs(folder, exist_ok=True)
+    try:
+        config = diffusers_config(net, sample_size)
+    except ValueError:
+        config = None
+    if config is not None:
+        state = controlnet_state_to_diffusers(net.state_dict(), len(net.cfg.channels))
+        from ldm.models.weights import write_safetensors
+        write_safetensors({k: (v.to(dtype) if dtype else v).contiguous().cpu() for k, v in state.items()},
+                          os.path.join(folder, DIFFUSERS_WEIGHTS))
+        layout = "diffusers"
+    else:
+        config = {"_class_name": OUR_CLASS, "unet": dataclasses.asdict(net.cfg), "hint_widths": list(net.hint_widths),
+                  "hint_channels": net.hint.conv_in.in_channels}
+        save_weights(net, os.path.join(folder, "model.safetensors"), dtype)
+        layout = "ours"
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return layout
+
+
+def load_controlnet(source: str, device="cpu") -> ControlNet:
+    """A ControlNet folder of ours (save_controlnet) or of diffusers, or a hub repo id (diffusers')."""
+    config_path = os.path.join(source, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            d = json.load(f)
+        if d.get("_class_name") == OUR_CLASS:
+            net = ControlNet(UNetConfig.from_dict(d["unet"]), tuple(d["hint_widths"]), d["hint_channels"])
+            load_weights(net, os.path.join(source, "model.safetensors"), source)
+            return net.to(device).eval().requires_grad_(False)
+    return load_diffusers_controlnet(source, device)
 
 
 def load_diffusers_controlnet(source: str, device="cpu") -> ControlNet:

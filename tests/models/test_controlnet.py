@@ -2,6 +2,8 @@
 U-Net (its zero convolutions made non-zero, so that it does something), read into ours; the residuals,
 the controlled U-Net and the whole txt2img equal diffusers' ControlNetModel, UNet2DConditionModel and
 StableDiffusionControlNetPipeline on the same weights and noise."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ from sd_layouts import PROMPTS, on_our_grid, write_sd_pipeline
 
 from ldm.bench_models import TINY
 from ldm.diffusion.samplers import initial_noise
-from ldm.models.controlnet import load_diffusers_controlnet
+from ldm.models.controlnet import (ControlNet, controlnet_state_from_diffusers, load_controlnet,
+                                   load_diffusers_controlnet, save_controlnet)
 from ldm.models.from_diffusers import convert
 from ldm.pipeline import TextToImage
 
@@ -101,3 +104,52 @@ def test_a_hub_name_is_looked_up_and_named_when_missing(monkeypatch, tmp_path):
         load_diffusers_controlnet("nobody/no-such-controlnet")
     with pytest.raises(FileNotFoundError, match="neither a folder nor a hub repo id"):
         load_diffusers_controlnet(str(tmp_path / "nowhere"))
+
+
+def test_a_controlnet_made_from_our_unet_is_diffusers_from_unet(setup, one_thread):
+    """ControlNet.from_unet against diffusers' ControlNetModel.from_unet on the same U-Net: the encoder copied,
+    the zero convolutions and the hint encoder's last conv zero (the hint encoder's other convs are random)."""
+    root, theirs, _ = setup
+    pipe = TextToImage.from_folder(str(root / "model"))
+    ours = ControlNet.from_unet(pipe.unet, latent_factor=pipe.autoencoder.config.downsample_factor)
+    reference = controlnet_state_from_diffusers(
+        diffusers.ControlNetModel.from_unet(theirs.unet, conditioning_embedding_out_channels=(16, 32)).state_dict(),
+        len(pipe.unet.cfg.channels))
+    state = ours.state_dict()
+    assert state.keys() == reference.keys()
+    random_hint = [k for k in state if k.startswith("hint.") and not k.startswith("hint.conv_out.")]
+    assert random_hint and all(torch.equal(state[k], reference[k]) for k in state if k not in random_hint)
+    assert all(state[k].abs().sum() == 0 for k in state if k.startswith(("zero_", "hint.conv_out.")))
+
+
+def test_saved_controlnets_load_in_diffusers_and_back(setup, tmp_path, one_thread):
+    """save_controlnet: an SD-architecture ControlNet as a diffusers folder that ControlNetModel.from_pretrained
+    reads to the same residuals; a U-Net diffusers cannot hold (position features) in our layout."""
+    root, _, _ = setup
+    pipe = TextToImage.from_folder(str(root / "model"))
+    ours = ControlNet.from_unet(pipe.unet, latent_factor=2)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.05)                   # non-zero zero convolutions, as after training
+    assert save_controlnet(ours, str(tmp_path / "sd"), sample_size=8) == "diffusers"
+    theirs = diffusers.ControlNetModel.from_pretrained(str(tmp_path / "sd"))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 12, generator=g), torch.tensor([10.0, 700.0])
+    context = torch.randn(2, 77, TINY.unet["cross_attention_dim"], generator=g)
+    hint = torch.rand(2, 3, 16, 24, generator=g)
+    with torch.no_grad():
+        down, mid = theirs(x, t, context, hint, return_dict=False)
+        for net in (ours, load_controlnet(str(tmp_path / "sd"))):
+            our_down, our_mid = net(x, t, context, hint)
+            for a, b in zip(our_down, down):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(our_mid, mid, atol=1e-5, rtol=1e-5)
+
+    from ldm.models.unet import UNet
+    positional = UNet(dataclasses.replace(pipe.unet.cfg, pos_embed=True))
+    net = ControlNet.from_unet(positional, latent_factor=4)
+    assert net.hint_widths == (16, 32, 96)
+    assert save_controlnet(net, str(tmp_path / "ours")) == "ours"
+    again = load_controlnet(str(tmp_path / "ours"))
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in net.state_dict().items())
