@@ -47,3 +47,20 @@ def _one_thread():
 # The same setting for one test, or for a module of small-model runs (its fixtures included).
 one_thread = pytest.fixture(_one_thread, name="one_thread")
 one_thread_module = pytest.fixture(_one_thread, scope="module", name="one_thread_module")
+
+
+@pytest.fixture
+def mixed_aspect_folder(tmp_path):
+    """An imagefolder of 2 wide (80x48), 2 square (64x64) and 2 tall (48x80) flat pictures, captioned
+    "picture i": at 32 px with bucket step 8 they fill the buckets 40x24, 32x32 and 24x40."""
+    import json
+
+    from PIL import Image
+    folder = tmp_path / "mixed-aspect"
+    folder.mkdir()
+    rows = []
+    for i, size in enumerate([(80, 48)] * 2 + [(64, 64)] * 2 + [(48, 80)] * 2):
+        Image.new("RGB", size, (40 * i, 100, 200 - 30 * i)).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"picture {i}"}) + "\n")
+    (folder / "metadata.jsonl").write_text("".join(rows))
+    return folder

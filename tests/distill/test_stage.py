@@ -320,16 +320,9 @@ def test_a_discrete_teacher_is_distilled_over_its_whole_schedule(stage, tmp_path
     assert t["dmd"].numel() == 16 and t["dmd"].max() > 300 and t["dmd"].max() <= 0.98 * 999 + 1e-3
 
 
-def test_aspect_ratio_buckets_feed_both_stages(stage, teacher, tmp_path):
+def test_aspect_ratio_buckets_feed_both_stages(stage, teacher, tmp_path, mixed_aspect_folder):
     """Wide, square and tall pictures (buckets 40x24, 32x32, 24x40 at 32 px) through stage one and a round."""
-    from PIL import Image
-    images = tmp_path / "images"
-    images.mkdir()
-    rows = []
-    for i, size in enumerate([(80, 48)] * 2 + [(64, 64)] * 2 + [(48, 80)] * 2):
-        Image.new("RGB", size, (40 * i, 100, 200 - 30 * i)).save(images / f"{i}.png")
-        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"picture {i}"}) + "\n")
-    (images / "metadata.jsonl").write_text("".join(rows))
+    images = mixed_aspect_folder
     data = ("data.source=imagefolder", f"data.path={images}", "data.buckets=true", "data.bucket_step=8")
     folder = stage.main(argv(teacher, tmp_path / "run", tmp_path / "model", *data))
     assert load_index(folder).students == {"2": "student-2", "1": "student-1"}

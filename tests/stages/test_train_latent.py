@@ -340,16 +340,9 @@ def test_textual_inversion_trains_only_the_words_vectors(tiny_ae, tiny_clip, tmp
     assert "ti.word learns a word for a trained model's frozen CLIP" in capsys.readouterr().err
 
 
-def test_aspect_ratio_buckets_train_from_images_and_from_the_cache(tiny_ae, tmp_path):
+def test_aspect_ratio_buckets_train_from_images_and_from_the_cache(tiny_ae, tmp_path, mixed_aspect_folder):
     """Wide, square and tall pictures in their own buckets (40x24, 32x32, 24x40), on the fly and cached."""
-    from PIL import Image
-    images = tmp_path / "images"
-    images.mkdir()
-    rows = []
-    for i, size in enumerate([(80, 48)] * 2 + [(64, 64)] * 2 + [(48, 80)] * 2):
-        Image.new("RGB", size, (40 * i, 100, 200 - 30 * i)).save(images / f"{i}.png")
-        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"picture {i}"}) + "\n")
-    (images / "metadata.jsonl").write_text("".join(rows))
+    images = mixed_aspect_folder
     data = ["data.source=imagefolder", f"data.path={images}", "data.buckets=true", "data.bucket_step=8"]
     for cached in ("false", "true"):
         folder = run(tiny_ae, tmp_path / f"run-{cached}", *data, f"cache_latents={cached}", "train.max_steps=3")
