@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     # The ControlNet: the U-Net's encoder copied, zero convolutions at zero.
     controlnet = ControlNet.from_unet(pipe.unet, factor, hint_channels=3)
+    if cfg.train.gradient_checkpointing:                   # both: the frozen U-Net's activations are kept too
+        controlnet.body.enable_gradient_checkpointing()
+        pipe.unet.enable_gradient_checkpointing()
     logger.info("ControlNet %.2fM params (U-Net %.2fM, frozen)", count_params(controlnet) / 1e6,
                 count_params(pipe.unet) / 1e6)
     optimizer = build_optimizer(controlnet, cfg.train)

@@ -79,7 +79,7 @@ class ControlNet(nn.Module):
         if 2 ** (k - 1) != latent_factor:
             raise ValueError(f"latent_factor must be a power of 2, got {latent_factor}")
         widths = HINT_WIDTHS[:k] + (HINT_WIDTHS[-1],) * max(0, k - len(HINT_WIDTHS))
-        net = cls(unet.cfg, widths, hint_channels)
+        net = cls(dataclasses.replace(unet.cfg), widths, hint_channels)  # its own config: checkpointing is per net
         own = net.body.state_dict()
         net.body.load_state_dict({name: v for name, v in unet.state_dict().items() if name in own})
         for zero in [*net.zero_down, net.zero_mid, net.hint.conv_out]:
@@ -181,7 +181,8 @@ def save_controlnet(net: ControlNet, folder: str, sample_size: int = 64, dtype: 
                           os.path.join(folder, DIFFUSERS_WEIGHTS))
         layout = "diffusers"
     else:
-        config = {"_class_name": OUR_CLASS, "unet": dataclasses.asdict(net.cfg), "hint_widths": list(net.hint_widths),
+        unet = dataclasses.asdict(dataclasses.replace(net.cfg, gradient_checkpointing=False))  # a training setting
+        config = {"_class_name": OUR_CLASS, "unet": unet, "hint_widths": list(net.hint_widths),
                   "hint_channels": net.hint.conv_in.in_channels}
         save_weights(net, os.path.join(folder, "model.safetensors"), dtype)
         layout = "ours"

@@ -195,7 +195,7 @@ class UNet(nn.Module):
         self.cfg.gradient_checkpointing = enabled
 
     def _run(self, block, *args):
-        if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if self.cfg.gradient_checkpointing and torch.is_grad_enabled():  # a frozen (eval) U-Net too: a ControlNet's
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ldm.data.hints import edge_map
 from ldm.data.loaders import DataConfig, build_dataset
@@ -45,7 +46,7 @@ def run(model: Path, out: Path, *overrides: str) -> Path:
     return stage.main(["--config", str(TINY), f"model={model}", f"train.output_dir={out}", *overrides])
 
 
-def test_run_resume_is_exact_and_the_folder_steers_txt2img(model, tmp_path):
+def test_run_resume_is_exact_and_the_folder_steers_txt2img(model, tmp_path, monkeypatch):
     straight = run(model, tmp_path / "straight", "train.validate_every=3")
     run(model, tmp_path / "resumed", "train.max_steps=2")
     resumed = run(model, tmp_path / "resumed", "--resume", "latest")
@@ -54,6 +55,13 @@ def test_run_resume_is_exact_and_the_folder_steers_txt2img(model, tmp_path):
     a, b = (load_file(str(f / "diffusion_pytorch_model.safetensors")) for f in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "straight" / "samples" / "step-000003.png").is_file()
+    import ldm.models.unet as unet_module
+    calls = []
+    monkeypatch.setattr(unet_module, "checkpoint", lambda *a, **k: calls.append(1) or torch_checkpoint(*a, **k))
+    saved = run(model, tmp_path / "checkpointed", "train.gradient_checkpointing=true")   # recomputes, same result
+    assert len(calls) > 0
+    c = load_file(str(saved / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a)
     net = load_controlnet(str(straight))
     assert any(v.abs().sum() > 0 for k, v in net.state_dict().items() if k.startswith("zero_"))  # trained off zero
 
