@@ -157,3 +157,10 @@ def test_the_controlled_unet_starts_as_the_unet(model):
         assert torch.equal(ControlledUNet(pipe.unet, [(net, hint, 1.0)])(x, t, context), pipe.unet(x, t, context))
     own = {k: v for k, v in pipe.unet.state_dict().items()}
     assert all(torch.equal(v, own[k[len("body."):]]) for k, v in net.state_dict().items() if k.startswith("body."))
+
+
+def test_presets_load():
+    from ldm.training import load_config
+    for name in ("tiny", "shapes64", "sd15"):
+        cfg = load_config(stage.ControlNetStageConfig, ROOT / "configs" / "controlnet" / f"{name}.yaml")
+        assert cfg.data.batch_size == cfg.train.batch_size
