@@ -83,8 +83,12 @@ class ValConfig:
     steps: int = 25                                        # sampler steps per image
     sampler: str = "ddim"                                  # ldm.diffusion.samplers name
     seed: int = 0                                          # the same noise for every row
+    score: int = 0                                         # shapes data: held-out prompts drawn at w = guidance and
+                                                           # scored by the oracle (val/accuracy, val/fd); 0 = off
 
     def __post_init__(self):
+        if self.score < 0:
+            raise ValueError(f"val.score must be >= 0, got {self.score}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
         if not self.prompts or not self.guidance or self.steps < 1:
@@ -150,6 +154,8 @@ class LatentStageConfig:
         if self.lora.rank and not self.init_from:
             raise ValueError("lora.rank > 0 fine-tunes a trained U-Net: set init_from=MODEL_FOLDER (e.g. one "
                              "written by `python -m ldm.models.from_diffusers`)")
+        if self.val.score and self.data.source != "shapes":
+            raise ValueError("val.score needs data.source=shapes: the oracle knows only the shapes world")
         if self.ti.word and (not self.init_from or self.text.kind != "clip" or self.lora.rank):
             raise ValueError("ti.word learns a word for a trained model's frozen CLIP text encoder: it needs "
                              "init_from=MODEL_FOLDER and text.kind=clip, and no lora.rank")
@@ -260,8 +266,39 @@ def validate(accelerator, net: LatentModel, ae, cfg: LatentStageConfig, step: in
     pipe = TextToImage(ae, net.encoder, net.unet, model_index(cfg))  # own seeded generator inside
     rows = [pipe.generate(cfg.val.prompts, steps=cfg.val.steps, guidance=w, seed=cfg.val.seed,
                           sampler=cfg.val.sampler)[0] for w in cfg.val.guidance]
+    if cfg.val.score:
+        with torch.random.fork_rng():  # building the oracle's net draws its init from the global RNG
+            score_heldout(accelerator, pipe, cfg, step)
     net.train()
     log_images(accelerator, torch.cat(rows), step, output_dir=cfg.train.output_dir, nrow=len(cfg.val.prompts))
+
+
+_REFERENCE: dict = {}                                      # the oracle and its features of the real scenes, once
+
+
+def score_heldout(accelerator, pipe: TextToImage, cfg: LatentStageConfig, step: int) -> dict:
+    """val.score held-out prompts at w = cfg.guidance, judged by the oracle as `python -m ldm.eval` does;
+    logged and written to samples/step-<step>-score.json."""
+    from ldm.eval.metrics import heldout_prompts
+    from ldm.eval.oracle import Oracle
+    from ldm.eval.score import evaluate_images, real_images
+    n = cfg.val.score
+    if _REFERENCE.get("n") != n:
+        oracle = Oracle.load()
+        _REFERENCE.update(n=n, oracle=oracle, reals=oracle.features(real_images(n, 0)))
+    prompts = heldout_prompts(n, 0)
+    images = torch.cat([pipe.generate(prompts[i:i + 100], steps=cfg.val.steps, guidance=cfg.guidance, seed=i,
+                                      sampler=cfg.val.sampler)[0].cpu() for i in range(0, n, 100)])
+    result = evaluate_images(_REFERENCE["oracle"], images, prompts, _REFERENCE["reals"])
+    scores = {"step": step, "prompts": n, "guidance": cfg.guidance, "steps": cfg.val.steps,
+              "accuracy": result["accuracy"], "one_object": result["one_object"],
+              "two_object": result["two_object"], "fd": result["fd"]}
+    accelerator.log({"val/accuracy": scores["accuracy"], "val/fd": scores["fd"]}, step=step)
+    logger.info("step %d: %d held-out prompts %.1f%% right, FD %.3f", step, n, 100 * scores["accuracy"], scores["fd"])
+    out = Path(cfg.train.output_dir) / "samples" / f"step-{step:06d}-score.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(scores, indent=2))
+    return scores
 
 
 def save_lora_file(unet: UNet, path: Path) -> None:

@@ -174,8 +174,16 @@ def test_init_from_adds_zero_position_embeddings(tiny_ae, tmp_path):
     torch.testing.assert_close(images[0], images[1])
 
 
-def test_on_the_fly_latents_and_validation_grid(tiny_ae, tmp_path):
-    run(tiny_ae, tmp_path, "train.max_steps=1", "train.validate_every=1", "train.ema_decay=0")
+def test_on_the_fly_latents_and_validation_grid(tiny_ae, tmp_path, capsys):
+    run(tiny_ae, tmp_path, "train.max_steps=2", "train.validate_every=1", "train.ema_decay=0", "val.score=3")
+    scores = json.loads((tmp_path / "samples" / "step-000001-score.json").read_text())
+    assert scores["prompts"] == 3 and 0 <= scores["accuracy"] <= 1 and scores["fd"] > 0   # the oracle's verdict
+    unscored = run(tiny_ae, tmp_path / "unscored", "train.max_steps=2", "train.validate_every=1", "train.ema_decay=0")
+    a, b = (load_file(str(f / "unet" / "model.safetensors")) for f in (tmp_path / "model", unscored))
+    assert all(torch.equal(a[k], b[k]) for k in a)                                          # the training RNG untouched
+    with pytest.raises(SystemExit):
+        run(tiny_ae, tmp_path / "bad", "val.score=3", "data.source=imagefolder", f"data.path={tmp_path}")
+    assert "val.score needs data.source=shapes" in capsys.readouterr().err
     grid = tmp_path / "samples" / "step-000001.png"
     from PIL import Image
     # rows = the 2 guidance weights, columns = the 2 prompts: 2 x (32 + 2 px padding) + 2
