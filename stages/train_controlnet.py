@@ -37,7 +37,6 @@ from ldm.training.gather import ema_copy, is_sharded
 
 logger = logging.getLogger("train_controlnet")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "controlnet" / "shapes64.yaml"
-HINTS = ("edges", "column")
 
 
 @dataclass
@@ -61,15 +60,13 @@ class ControlNetStageConfig:
     data: DataConfig = field(default_factory=DataConfig)
     val: ValConfig = field(default_factory=ValConfig)
     model: str = DEFAULT_MODEL                             # the model folder whose frozen U-Net is steered
-    hint: str = "edges"                                    # edges: Sobel edges of each picture; column: data.control_column
+    hint: Literal["edges", "column"] = "edges"             # edges: Sobel edges of each picture; column: data.control_column
     edge_threshold: float = 0.1                            # edges: share of a black-to-white step (ldm.data.hints)
     p_uncond: float = 0.5                                  # captions -> "": the control image alone must carry the
                                                            # layout (Zhang et al. sec. 3.3 drop 50% of the prompts)
     save_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
     def __post_init__(self):
-        if self.hint not in HINTS:
-            raise ValueError(f"hint must be one of {HINTS}, got {self.hint!r}")
         if self.hint == "column" and not self.data.control_column:
             raise ValueError("hint=column reads control images from the data: set data.control_column")
         if not 0.0 <= self.p_uncond <= 1.0:

@@ -137,7 +137,7 @@ def test_column_hints_train(model, tmp_path):
     assert (folder / "config.json").is_file() and (tmp_path / "run" / "samples" / "step-000002.png").is_file()
 
 
-@pytest.mark.parametrize("override, key", [("hint=column", "data.control_column"), ("hint=depth", "hint must be"),
+@pytest.mark.parametrize("override, key", [("hint=column", "data.control_column"), ("hint=depth", "config key 'hint'"),
                                           ("p_uncond=2", "p_uncond")])
 def test_bad_settings_are_named(model, tmp_path, capsys, override, key):
     with pytest.raises(SystemExit):
