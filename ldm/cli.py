@@ -90,7 +90,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "prompts and --negative: WORD, else the file's name; repeatable. CLIP models (SD 1.x/2.x)")
     adapters.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                         help="a ControlNet folder (diffusers' ControlNetModel, hub id, or one of stages/"
-                             "train_controlnet.py) steering the teacher with "
+                             "train_controlnet.py; shapes64-edges: the shipped one) steering the teacher with "
                              "--control-image (Zhang et al. 2023); repeatable: the n-th goes with the n-th image")
     adapters.add_argument("--control-image", action="append", default=[], metavar="IMAGE",
                         help="the ControlNet's input (edges, depth, pose, ... as that ControlNet expects), resized "

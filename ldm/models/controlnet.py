@@ -191,8 +191,15 @@ def save_controlnet(net: ControlNet, folder: str, sample_size: int = 64, dtype: 
     return layout
 
 
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")   # e.g. shapes64-edges
+
+
 def load_controlnet(source: str, device="cpu") -> ControlNet:
-    """A ControlNet folder of ours (save_controlnet) or of diffusers, or a hub repo id (diffusers')."""
+    """A ControlNet folder of ours (save_controlnet) or of diffusers, a hub repo id (diffusers'), or the name
+    of one shipped in ldm/assets (`shapes64-edges`)."""
+    if not os.path.isdir(source) and os.sep not in source and "/" not in source \
+            and os.path.isfile(os.path.join(SHIPPED, source, "config.json")):
+        source = os.path.join(SHIPPED, source)
     config_path = os.path.join(source, "config.json")
     if os.path.isfile(config_path):
         with open(config_path) as f:

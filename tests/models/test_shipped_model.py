@@ -77,6 +77,7 @@ def test_shipped_edges_controlnet_puts_shapes_on_the_edges(one_thread):
     """ldm/assets/shapes64-edges (docs/controlnet.md): on 8 held-out scenes' Sobel edges the steered teacher's
     drawings have edges where the scenes' are (measured here, 1 thread: F1 0.951 steered, 0.132 alone; 500
     scenes in the doc: 0.942 and 0.189)."""
+    import torch
     import torch.nn.functional as F
 
     from ldm.data.hints import edge_map
@@ -85,7 +86,8 @@ def test_shipped_edges_controlnet_puts_shapes_on_the_edges(one_thread):
     folder = FOLDER.parent / "shapes64-edges"
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size <= 4e6, f"{size / 1e6:.1f} MB"
-    net = load_controlnet(str(folder))
+    net = load_controlnet("shapes64-edges")                     # the shipped name, from any directory
+    assert all(torch.equal(v, load_controlnet(str(folder)).state_dict()[k]) for k, v in net.state_dict().items())
     captions = [s.text for s in heldout_samples(8, 0)]
     hints = edge_map(real_images(8, 0).float() / 127.5 - 1)
     pipe = TextToImage.from_folder(str(FOLDER))
