@@ -127,6 +127,21 @@ class TextualInversionConfig:
 
 
 @dataclass
+class PriorConfig:
+    """DreamBooth's prior preservation (Ruiz et al. 2023, eq. 2): fine-tune on a few pictures of one subject while
+    a second loss, on pictures of its class that the model drew before training, keeps the class as it was."""
+    class_prompt: str = ""                                 # e.g. "a photo of a dog"; "" = off. Needs init_from
+    class_images: int = 100                                # drawn once by init_from's teacher into <output_dir>/class-images
+    weight: float = 1.0                                    # lambda: loss = instance loss + lambda x class loss
+    steps: int = 25                                        # DDIM steps of those drawings (at the model's default w)
+
+    def __post_init__(self):
+        if self.class_images < 1 or self.steps < 1 or self.weight < 0:
+            raise ValueError(f"prior.class_images and prior.steps must be >= 1 and prior.weight >= 0, got "
+                             f"{self.class_images}, {self.steps}, {self.weight}")
+
+
+@dataclass
 class LatentStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -147,6 +162,7 @@ class LatentStageConfig:
     train_text_encoder: bool = True
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # rank > 0: only LoRA updates train (needs init_from)
     ti: TextualInversionConfig = field(default_factory=TextualInversionConfig)  # word != "": only its vectors train
+    prior: PriorConfig = field(default_factory=PriorConfig)  # class_prompt != "": DreamBooth's class prior loss
 
     def __post_init__(self):
         if not 0.0 <= self.p_uncond < 1.0:
@@ -159,6 +175,9 @@ class LatentStageConfig:
         if self.ti.word and (not self.init_from or self.text.kind != "clip" or self.lora.rank):
             raise ValueError("ti.word learns a word for a trained model's frozen CLIP text encoder: it needs "
                              "init_from=MODEL_FOLDER and text.kind=clip, and no lora.rank")
+        if self.prior.class_prompt and (not self.init_from or self.ti.word):
+            raise ValueError("prior.class_prompt keeps a trained model's class while it learns a subject: it needs "
+                             "init_from=MODEL_FOLDER (the class pictures are its drawings), and no ti.word")
         self.data = one_batch_size(self.data, self.train)
 
 
@@ -335,6 +354,38 @@ def save_model_folder(net: LatentModel, cfg: LatentStageConfig, folder: Path) ->
     tmp.rename(folder)
 
 
+def draw_class_images(accelerator, cfg: LatentStageConfig) -> Path:
+    """<output_dir>/class-images: prior.class_images pictures of prior.class_prompt drawn by init_from's teacher
+    (image i from seed i, so a stopped run resumes where it stopped); metadata.jsonl, written last, marks it done."""
+    folder = Path(cfg.train.output_dir) / "class-images"
+    meta, n, prompt = folder / "metadata.jsonl", cfg.prior.class_images, cfg.prior.class_prompt
+    rows = [json.dumps({"file_name": f"{i:05d}.png", "text": prompt}) + "\n" for i in range(n)]
+    if accelerator.is_main_process and not (meta.is_file() and meta.read_text() == "".join(rows)):
+        from PIL import Image
+        folder.mkdir(parents=True, exist_ok=True)
+        meta.unlink(missing_ok=True)
+        with torch.random.fork_rng():          # building the pipeline draws module inits from the global RNG
+            pipe = TextToImage.from_folder(cfg.init_from, device=accelerator.device)
+            todo = [i for i in range(n) if not (folder / f"{i:05d}.png").is_file()]
+            logger.info("drawing %d class images of %r (%d steps)", len(todo), prompt, cfg.prior.steps)
+            for k in range(0, len(todo), 16):
+                seeds = todo[k:k + 16]
+                images, _ = pipe.generate([prompt] * len(seeds), steps=cfg.prior.steps, seed=seeds, teacher=True)
+                pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+                for i, array in zip(seeds, pixels.cpu().numpy()):
+                    Image.fromarray(array).save(folder / f"{i:05d}.png")
+        meta.write_text("".join(rows))
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def class_loader(cfg: LatentStageConfig, folder: Path, accelerator):
+    """The class pictures as a second seeded, resumable loader: square centre crops at data.resolution."""
+    data = dataclasses.replace(cfg.data, source="imagefolder", path=str(folder), crop="center", flip=False,
+                               buckets=False, control_column="", seed=cfg.data.seed + 1)
+    return make_dataloader(data, accelerator)
+
+
 # ----------------------------------------------------------------------------- the stage
 
 def main(argv: list[str] | None = None) -> Path:
@@ -392,8 +443,10 @@ def main(argv: list[str] | None = None) -> Path:
         model_config |= {"lora": config_to_dict(cfg.lora), "init_from": cfg.init_from}
     if cfg.ti.word:    # ... or the word's vectors only
         model_config |= {"ti": config_to_dict(cfg.ti), "init_from": cfg.init_from}
+    prior = class_loader(cfg, draw_class_images(accelerator, cfg), accelerator) if cfg.prior.class_prompt else None
     ckpt = Checkpointer(accelerator, cfg.train, stage="latent", config=cfg, model=model, optimizer=optimizer,
                         scheduler=scheduler, ema=ema, data=data, model_config=model_config,
+                        extras={"class_data": prior} if prior is not None else None,
                         trainable_only=cfg.lora.rank > 0 or bool(cfg.ti.word))
     step = ckpt.resume()  # restores the RNG last
 
@@ -405,6 +458,7 @@ def main(argv: list[str] | None = None) -> Path:
     guard = NonFiniteGuard(cfg.train.max_nonfinite)
     bar = ProgressBar(accelerator, cfg.train.max_steps, initial=step)
     batches = data.forever()
+    class_batches = prior.forever() if prior is not None else None
 
     model.train()
     while step < cfg.train.max_steps:
@@ -417,8 +471,15 @@ def main(argv: list[str] | None = None) -> Path:
                 z = ae.encode_latents(batch["pixel_values"].to(device), sample=cfg.latents == "sample")
         captions = [cfg.ti.template.format(cfg.ti.word)] * len(batch["text"]) if cfg.ti.template else batch["text"]
         prompts = drop_captions(captions, cfg.p_uncond)     # (B,) per-sample, from the seeded global RNG
+        if class_batches is not None:                      # DreamBooth: the class as the model drew it
+            pictures = next(class_batches)
+            with torch.no_grad():
+                z_class = ae.encode_latents(pictures["pixel_values"].to(device), sample=cfg.latents == "sample")
+            class_prompts = drop_captions(pictures["text"], cfg.p_uncond)
         with accelerator.accumulate(model):
             loss = loss_fn(model, z, {"prompts": prompts})
+            if class_batches is not None:                  # Ruiz et al. eq. 2: + lambda x the class's own loss
+                loss = loss + cfg.prior.weight * loss_fn(model, z_class, {"prompts": class_prompts})
             guard.observe(loss)
             accelerator.backward(loss)
             update = None

@@ -359,3 +359,34 @@ def test_aspect_ratio_buckets_train_from_images_and_from_the_cache(tiny_ae, tmp_
     assert json.loads((cache / "meta.json").read_text())["buckets"] == [[40, 24], [32, 32], [24, 40]]
     with pytest.raises(ValueError, match="data.bucket_step=6 is not divisible by 4"):
         run(tiny_ae, tmp_path / "bad", *data[:-1], "data.bucket_step=6")
+
+
+def test_dreambooth_prior_draws_the_class_once_and_resumes_exactly(tiny_ae, tmp_path, capsys):
+    """prior.class_prompt (Ruiz et al. 2023): the class pictures are the init model's own drawings, seed i for
+    image i; they are drawn once; the class loader's position is checkpointed (1 + 2 steps == 3 steps)."""
+    import numpy as np
+    from PIL import Image
+    first = run(tiny_ae, tmp_path / "first", "train.max_steps=2")
+    prior = [f"init_from={first}", "prior.class_prompt=a red circle", "prior.class_images=3", "prior.steps=2",
+             "train.checkpoint_every=1"]
+    straight = run(tiny_ae, tmp_path / "straight", *prior)
+    run(tiny_ae, tmp_path / "resumed", *prior, "train.max_steps=1")
+    resumed = run(tiny_ae, tmp_path / "resumed", *prior, "--resume", "latest")
+    a, b = (load_file(str(f / "unet" / "model.safetensors")) for f in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = run(tiny_ae, tmp_path / "plain", f"init_from={first}", "train.checkpoint_every=1")
+    c = load_file(str(plain / "unet" / "model.safetensors"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)              # the class loss changed the training
+
+    folder = tmp_path / "straight" / "class-images"
+    pipe = TextToImage.from_folder(str(first))
+    drawn, _ = pipe.generate(["a red circle"] * 3, steps=2, seed=[0, 1, 2], teacher=True)
+    want = ((drawn.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i in range(3):
+        assert np.array_equal(np.asarray(Image.open(folder / f"{i:05d}.png")), want[i])
+    stamp = (folder / "00000.png").stat().st_mtime_ns
+    run(tiny_ae, tmp_path / "straight", *prior, "train.max_steps=4", "--resume", "latest")
+    assert (folder / "00000.png").stat().st_mtime_ns == stamp       # drawn once
+    with pytest.raises(SystemExit):
+        run(tiny_ae, tmp_path / "bad", "prior.class_prompt=a red circle")
+    assert "prior.class_prompt" in capsys.readouterr().err
