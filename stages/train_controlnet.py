@@ -15,6 +15,7 @@ Design notes: docs/controlnet.md.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -115,6 +116,9 @@ def save_folder(net: ControlNet, pipe: TextToImage, cfg: ControlNetStageConfig, 
     shutil.rmtree(tmp, ignore_errors=True)
     sample_size = cfg.data.resolution // pipe.autoencoder.config.downsample_factor
     layout = save_controlnet(net, str(tmp), sample_size, getattr(torch, cfg.save_dtype))
+    # what its control images must look like: `python -m ldm.data.hints IN OUT --threshold T` draws the same
+    hint = {"hint": cfg.hint, **({"edge_threshold": cfg.edge_threshold} if cfg.hint == "edges" else {})}
+    (tmp / "hint.json").write_text(json.dumps(hint, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return layout

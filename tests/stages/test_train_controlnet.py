@@ -55,6 +55,7 @@ def test_run_resume_is_exact_and_the_folder_steers_txt2img(model, tmp_path, monk
     a, b = (load_file(str(f / "diffusion_pytorch_model.safetensors")) for f in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "straight" / "samples" / "step-000003.png").is_file()
+    assert json.loads((straight / "hint.json").read_text()) == {"hint": "edges", "edge_threshold": 0.1}
     import ldm.models.unet as unet_module
     calls = []
     monkeypatch.setattr(unet_module, "checkpoint", lambda *a, **k: calls.append(1) or torch_checkpoint(*a, **k))
