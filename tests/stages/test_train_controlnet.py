@@ -165,3 +165,26 @@ def test_presets_load():
     for name in ("tiny", "shapes64", "sd15"):
         cfg = load_config(stage.ControlNetStageConfig, ROOT / "configs" / "controlnet" / f"{name}.yaml")
         assert cfg.data.batch_size == cfg.train.batch_size
+
+
+def test_hints_cli_draws_what_a_controlnet_was_trained_on(tmp_path, capsys):
+    from ldm.data import hints
+    from ldm.data.transforms import open_image, to_tensor
+    picture = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(picture)
+    x = to_tensor(open_image(picture))[None]
+    folder = tmp_path / "cn"
+    folder.mkdir()
+    for threshold in (0.1, 0.5):
+        (folder / "hint.json").write_text(json.dumps({"hint": "edges", "edge_threshold": threshold}))
+        hints.main([str(picture), str(tmp_path / "out.png"), "--controlnet", str(folder)])
+        drawn = np.asarray(Image.open(tmp_path / "out.png"))[..., 0] > 127
+        assert np.array_equal(drawn, edge_map(x, threshold)[0, 0].numpy() > 0.5)
+    hints.main([str(picture), str(tmp_path / "shipped.png"), "--controlnet", "shapes64-edges"])   # 0.1
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "shipped.png"))[..., 0] > 127,
+                          edge_map(x, 0.1)[0, 0].numpy() > 0.5)
+    (folder / "hint.json").write_text(json.dumps({"hint": "column"}))
+    for bad, message in ((str(folder), "trained on 'column'"), (str(tmp_path), "no hint.json")):
+        with pytest.raises(SystemExit):
+            hints.main([str(picture), str(tmp_path / "x.png"), "--controlnet", bad])
+        assert message in capsys.readouterr().err
