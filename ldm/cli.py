@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.diffusion.schedules import SPACINGS
@@ -330,12 +330,10 @@ def input_size(parser: argparse.ArgumentParser, args, pipe: TextToImage) -> tupl
 def load_image(path: str, size: int | tuple[int, int], mode: str = "RGB") -> torch.Tensor:
     """A PNG/JPEG resized to cover `size` (a side, or (width, height)) and centre-cropped to it: (1, C, H, W)
     in [-1, 1]."""
-    from ldm.data.transforms import cover_and_crop, to_rgb, to_tensor
+    from ldm.data.transforms import cover_and_crop, open_image, to_tensor
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)  # upright as viewers show it (camera photos record the turn)
-    image = to_rgb(image) if mode == "RGB" else image.convert(mode)
+    image = open_image(path, mode=mode)                     # upright as viewers show it (EXIF turns applied)
     image = cover_and_crop(image, (size, size) if isinstance(size, int) else tuple(size))
     if mode == "L":
         return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)[None, None]

@@ -293,9 +293,9 @@ class TextToImage:
         guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024), and
         `control`'s ControlNets attached to the U-Net (ldm.models.controlnet.ControlledUNet) and `inpaint`'s
         extra inputs given to an inpainting U-Net (`ConcatInputs`)."""
+        self.refuse_with_student(steps, teacher, negative=negative, guidance_rescale=guidance_rescale,
+                                 control=control, inpaint=inpaint is not None, ip=ip_uncond is not None)
         if self.uses_student(steps, teacher):
-            self.refuse_with_student(steps, teacher, negative=negative, guidance_rescale=guidance_rescale,
-                                     control=control, inpaint=inpaint is not None, ip=ip_uncond is not None)
             net = self.student(steps)
             if net.w_range is not None and not net.w_range[0] <= guidance <= net.w_range[1]:
                 warnings.warn(f"guidance w = {guidance:g} is outside [{net.w_range[0]:g}, {net.w_range[1]:g}], the "

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from ldm.data.hints import edge_map
-from ldm.data.loaders import DataConfig, build_dataset, check_image_multiple, make_dataloader
+from ldm.data.loaders import DataConfig, build_dataset, check_image_multiple, collate, make_dataloader
 from ldm.diffusion import SAMPLERS, DiffusionLoss
 from ldm.diffusion.guidance import drop_captions
 from ldm.models.controlnet import ControlNet, save_controlnet
@@ -89,10 +89,7 @@ def heldout(cfg: ControlNetStageConfig) -> dict:
     else:
         data = dataclasses.replace(cfg.data, crop="center", flip=False, buckets=False)
     dataset = build_dataset(data)
-    items = [dataset[i] for i in range(min(cfg.val.images, len(dataset)))]
-    batch = {"pixel_values": torch.stack([it["pixel_values"] for it in items]), "text": [it["text"] for it in items]}
-    if "control" in items[0]:
-        batch["control"] = torch.stack([it["control"] for it in items])
+    batch = collate([dataset[i] for i in range(min(cfg.val.images, len(dataset)))])
     return {"text": batch["text"], "hint": control_images(batch, cfg), "pixels": batch["pixel_values"]}
 
 
@@ -116,7 +113,7 @@ def save_folder(net: ControlNet, pipe: TextToImage, cfg: ControlNetStageConfig, 
     shutil.rmtree(tmp, ignore_errors=True)
     sample_size = cfg.data.resolution // pipe.autoencoder.config.downsample_factor
     layout = save_controlnet(net, str(tmp), sample_size, getattr(torch, cfg.save_dtype))
-    # what its control images must look like: `python -m ldm.data.hints IN OUT --threshold T` draws the same
+    # what its control images must look like: `python -m ldm.data.hints IN OUT --controlnet DIR` draws the same
     hint = {"hint": cfg.hint, **({"edge_threshold": cfg.edge_threshold} if cfg.hint == "edges" else {})}
     (tmp / "hint.json").write_text(json.dumps(hint, indent=2))
     shutil.rmtree(folder, ignore_errors=True)

@@ -362,6 +362,8 @@ def draw_class_images(accelerator, cfg: LatentStageConfig) -> Path:
     rows = [json.dumps({"file_name": f"{i:05d}.png", "text": prompt}) + "\n" for i in range(n)]
     if accelerator.is_main_process and not (meta.is_file() and meta.read_text() == "".join(rows)):
         from PIL import Image
+
+        from ldm.training.images import make_grid
         folder.mkdir(parents=True, exist_ok=True)
         meta.unlink(missing_ok=True)
         with torch.random.fork_rng():          # building the pipeline draws module inits from the global RNG
@@ -371,9 +373,8 @@ def draw_class_images(accelerator, cfg: LatentStageConfig) -> Path:
             for k in range(0, len(todo), 16):
                 seeds = todo[k:k + 16]
                 images, _ = pipe.generate([prompt] * len(seeds), steps=cfg.prior.steps, seed=seeds, teacher=True)
-                pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-                for i, array in zip(seeds, pixels.cpu().numpy()):
-                    Image.fromarray(array).save(folder / f"{i:05d}.png")
+                for i, image in zip(seeds, images):
+                    Image.fromarray(make_grid(image[None], nrow=1, padding=0)).save(folder / f"{i:05d}.png")
         meta.write_text("".join(rows))
     accelerator.wait_for_everyone()
     return folder

@@ -47,21 +47,23 @@ def _source(value, root: str | None):
 _QUARTER_TURNS = (5, 6, 7, 8)
 
 
-def open_image(value, root: str | None = None, draft: int | None = None) -> Image.Image:
-    """Decode an image given as a path, raw bytes, a {"bytes", "path"} dict or a PIL image, upright.
+def open_image(value, root: str | None = None, draft: int | None = None, mode: str = "RGB") -> Image.Image:
+    """Decode an image given as a path, raw bytes, a {"bytes", "path"} dict or a PIL image, upright, in
+    `mode` (RGB: `to_rgb`, transparency over white; else PIL's convert, e.g. "L" for masks).
 
     Relative paths are taken under `root`. Cameras store pictures as shot and record the turn
     in EXIF: the turn is applied, or portraits would train as landscapes. `draft` lets JPEG
     decode at a reduced scale (at least that many pixels a side), which makes a validation
     pass cheap. Raises one of DECODE_ERRORS for anything that is not a complete image.
     """
+    as_mode = to_rgb if mode == "RGB" else (lambda image: image.convert(mode))
     if isinstance(value, Image.Image):
-        return to_rgb(value)
+        return as_mode(value)
     with Image.open(_source(value, root)) as image:
         if draft is not None:
             image.draft("RGB", (draft, draft))
         image.load()  # decodes every byte: truncated files fail here, not later
-        return to_rgb(ImageOps.exif_transpose(image))
+        return as_mode(ImageOps.exif_transpose(image))
 
 
 def image_size(value, root: str | None = None) -> tuple[int, int]:

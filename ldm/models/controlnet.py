@@ -31,7 +31,7 @@ from torch import nn
 
 from ldm.models.convert_unet import _read_weights, diffusers_to_ours, unet_config_from_diffusers
 from ldm.models.unet import UNet, UNetConfig
-from ldm.models.weights import load_state_dict_strict, load_weights, save_weights
+from ldm.models.weights import load_state_dict_strict, load_weights, save_state, save_weights
 
 OUR_CLASS = "ldm.ControlNet"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -175,10 +175,8 @@ def save_controlnet(net: ControlNet, folder: str, sample_size: int = 64, dtype: 
     except ValueError:
         config = None
     if config is not None:
-        state = controlnet_state_to_diffusers(net.state_dict(), len(net.cfg.channels))
-        from ldm.models.weights import write_safetensors
-        write_safetensors({k: (v.to(dtype) if dtype else v).contiguous().cpu() for k, v in state.items()},
-                          os.path.join(folder, DIFFUSERS_WEIGHTS))
+        save_state(controlnet_state_to_diffusers(net.state_dict(), len(net.cfg.channels)),
+                   os.path.join(folder, DIFFUSERS_WEIGHTS), dtype)
         layout = "diffusers"
     else:
         unet = dataclasses.asdict(dataclasses.replace(net.cfg, gradient_checkpointing=False))  # a training setting

@@ -27,7 +27,7 @@ from ldm.models.from_diffusers import DTYPES, PREDICTIONS, SCHEDULES, start_fold
 from ldm.models.lora import ours_to_diffusers
 from ldm.models.text import ClipTextEncoder
 from ldm.models.unet import UNet, UNetConfig
-from ldm.models.weights import write_safetensors
+from ldm.models.weights import save_state
 from ldm.pipeline import load_index, load_text_encoder
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -169,15 +169,13 @@ def export(model_dir: str, out: str, dtype: str = "float32") -> Path:
     if os.path.exists(os.path.join(out, "model_index.json")):
         raise FileExistsError(f"{out} already holds a pipeline; remove it or pick another --out")
     tmp = start_folder(out)
-    cast = lambda state: {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()  # noqa: E731
-                          for k, v in state.items()}
     parts = {"unet": (unet_config, unet_state_to_diffusers(unet.state_dict(), len(unet.cfg.channels))),
              "vae": (autoencoder_config_to_diffusers(ae.config), autoencoder_state_to_diffusers(ae.state_dict()))}
     try:
         for name, (config, state) in parts.items():
             (tmp / name).mkdir(parents=True)
             (tmp / name / "config.json").write_text(json.dumps(config, indent=2))
-            write_safetensors(cast(state), tmp / name / WEIGHTS)
+            save_state(state, tmp / name / WEIGHTS, DTYPES[dtype])
         save_text_encoder(text, tmp)
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))

@@ -65,11 +65,15 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path, metadata: d
     tmp.replace(path)
 
 
+def save_state(state: dict[str, torch.Tensor], path, dtype: torch.dtype | None = None) -> None:
+    """A state dict as safetensors; floating tensors cast to `dtype` when given (fp16 storage)."""
+    write_safetensors({k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
+                       for k, v in state.items()}, path)
+
+
 def save_weights(module: nn.Module, path: str, dtype: torch.dtype | None = None) -> None:
-    """module.state_dict() as safetensors; floating tensors cast to `dtype` when given (fp16 storage).
+    """module.state_dict() as safetensors (`save_state`).
 
     Loading casts back: load_state_dict copies into the module's own (fp32) parameters.
     """
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
-             for k, v in module.state_dict().items()}
-    write_safetensors(state, path)
+    save_state(module.state_dict(), path, dtype)
