@@ -120,9 +120,10 @@ def clip_bpe_for(name: str) -> ClipBPE | None:
     return _shared()
 
 
-def write_clip_tokenizer(directory: str | Path, max_length: int = 77) -> str:
+def write_clip_tokenizer(directory: str | Path, max_length: int = 77, pad_token: str | None = None) -> str:
     """transformers' CLIPTokenizer files for this vocabulary (vocab.json + merges.txt in its format, then
-    its own save): the tokenizer of SD 1.x's text encoder (openai/clip-vit-large-patch14), no download."""
+    its own save): the tokenizer of SD 1.x's text encoder (openai/clip-vit-large-patch14), no download.
+    `pad_token`: the padding token when not the end token ("!", id 0, for SD 2.x's OpenCLIP)."""
     from transformers import CLIPTokenizer
     bpe = _shared()
     os.makedirs(directory, exist_ok=True)
@@ -131,5 +132,6 @@ def write_clip_tokenizer(directory: str | Path, max_length: int = 77) -> str:
         json.dump({TRANSFORMERS_NAMES.get(token, token): i for token, i in bpe.ids.items()}, f)
     with open(merges, "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for (a, b) in sorted(bpe.rank, key=bpe.rank.get)))
-    CLIPTokenizer(vocab, merges, model_max_length=max_length).save_pretrained(str(directory))
+    options = {"pad_token": pad_token} if pad_token else {}
+    CLIPTokenizer(vocab, merges, model_max_length=max_length, **options).save_pretrained(str(directory))
     return str(directory)

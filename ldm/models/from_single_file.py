@@ -1,16 +1,21 @@
-"""One Stable Diffusion 1.x checkpoint file (the CompVis layout most fine-tunes ship in, .safetensors or
-.ckpt) -> one of our model folders.
+"""One Stable Diffusion 1.x or 2.x checkpoint file (the CompVis layout most fine-tunes ship in,
+.safetensors or .ckpt) -> one of our model folders.
 
     python -m ldm.models.from_single_file v1-5-pruned-emaonly.safetensors --out models/sd15
+    python -m ldm.models.from_single_file v2-1_768-ema-pruned.safetensors --prediction v --resolution 768 --out models/sd21
     python -m ldm.txt2img "a corgi on a beach" --model models/sd15 --steps 25 --sampler dpmpp_2m
 
 The file holds three models under three prefixes: the U-Net (`model.diffusion_model.`), the
-autoencoder (`first_stage_model.`) and the CLIP text encoder (`cond_stage_model.transformer.`), but no
-configs: the SD 1.x ones are built in (Rombach et al. 2022's v1-inference.yaml, in diffusers' and
-transformers' terms), and `--unet-config`, `--vae-config`, `--text-config` take config.json files for
-other sizes. The tokenizer is CLIP's (ldm.models.clip_bpe), the schedule SD's scaled-linear betas;
-a file does not say whether it predicts eps or v (SD 2.x 768-v models do), so `--prediction` does.
-SD 2.x (an OpenCLIP text tower) and SDXL files are refused with what to do instead.
+autoencoder (`first_stage_model.`) and the text encoder: SD 1.x's CLIP ViT-L/14 in transformers' layout
+(`cond_stage_model.transformer.`), or SD 2.x's OpenCLIP ViT-H/14 in open_clip's (`cond_stage_model.model.`,
+converted to a transformers CLIPTextModel that stops at the penultimate layer SD 2.x conditions on:
+ldm.models.convert_openclip). A file holds no configs: SD 1.x's and 2.x's are built in (Rombach et al.
+2022's v1-inference.yaml and Stability AI's v2-inference.yaml, in diffusers' and transformers' terms; an
+OpenCLIP tower's sizes are read off its weights), and `--unet-config`, `--vae-config`, `--text-config` take
+config.json files for other sizes. The tokenizer is CLIP's (ldm.models.clip_bpe; SD 2.x pads with id 0
+as open_clip does), the schedule SD's scaled-linear betas. A file says neither whether it predicts eps or
+v (SD 2.x 768-v models do: `--prediction v`) nor its image size (`--resolution 768` for those).
+SDXL files are refused.
 """
 from __future__ import annotations
 
@@ -21,18 +26,25 @@ from pathlib import Path
 
 import torch
 
+from ldm.models import convert_openclip
 from ldm.models.convert_ae import read_checkpoint, diffusers_config_to_ours, load_compvis_autoencoder
 from ldm.models.convert_unet import COMPVIS_PREFIX, load_compvis_unet, unet_config_from_diffusers
 from ldm.models.from_diffusers import (CLIP_DIR, DTYPES, PREDICTIONS, add_output_args, finish_folder,
                                        model_index_from_scheduler, save_networks, start_folder)
+from ldm.models.text import clip_name
 from ldm.models.weights import load_state_dict_strict
 
 VAE_PREFIX, CLIP_PREFIX = "first_stage_model.", "cond_stage_model.transformer."
+OPENCLIP_PREFIX = "cond_stage_model.model."      # SD 2.x: open_clip's CLIP, text tower only
 SD1_UNET = {   # diffusers' UNet2DConditionModel config of SD 1.x (v1-inference.yaml: 320 channels, 8 heads)
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "block_out_channels": [320, 640, 1280, 1280],
     "layers_per_block": 2, "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
     "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "attention_head_dim": 8,
     "cross_attention_dim": 768, "norm_num_groups": 32,
+}
+SD2_UNET = {   # v2-inference.yaml: 64-wide heads (diffusers' attention_head_dim counts heads per level),
+    **SD1_UNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,   # OpenCLIP-H tokens,
+    "use_linear_projection": True,                                                     # Linear proj_in/out
 }
 SD1_VAE = {    # diffusers' AutoencoderKL config of SD's f = 8 KL autoencoder
     "sample_size": 512, "in_channels": 3, "out_channels": 3, "block_out_channels": [128, 256, 512, 512],
@@ -56,54 +68,70 @@ def read_config(path: str | None, default: dict, what: str) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def check_layout(state: dict, source: str) -> None:
-    """An SD 1.x file, or an error that says what the file is and what to do with it."""
+def check_layout(state: dict, source: str) -> str:
+    """"sd1" or "sd2" (by the text tower), or an error that says what the file is and what to do with it."""
     if any(k.startswith("conditioner.embedders.") for k in state):
         raise ValueError(f"{source}: an SDXL checkpoint (conditioner.embedders.*); SDXL is not supported")
-    if any(k.startswith("cond_stage_model.model.") for k in state):
-        raise ValueError(f"{source}: an SD 2.x checkpoint (OpenCLIP text tower, cond_stage_model.model.*); "
-                         "convert it to a diffusers folder and use python -m ldm.models.from_diffusers")
-    missing = [p for p in (COMPVIS_PREFIX, VAE_PREFIX, CLIP_PREFIX) if not any(k.startswith(p) for k in state)]
+    version = "sd2" if any(k.startswith(OPENCLIP_PREFIX) for k in state) else "sd1"
+    text_prefix = OPENCLIP_PREFIX if version == "sd2" else CLIP_PREFIX
+    missing = [p for p in (COMPVIS_PREFIX, VAE_PREFIX, text_prefix) if not any(k.startswith(p) for k in state)]
     if missing:
-        raise ValueError(f"{source}: no {missing} weights: not a full SD 1.x checkpoint "
+        raise ValueError(f"{source}: no {missing} weights: not a full SD 1.x / 2.x checkpoint "
                          "(a bare U-Net or VAE file loads with ldm.models.convert_unet / convert_ae)")
+    return version
 
 
-def load_clip(state: dict, config: dict, source: str):
-    """The text tower's weights into a transformers CLIPTextModel, all-or-nothing."""
+def load_clip(weights: dict, config: dict, source: str):
+    """Text-tower weights under transformers' names into a CLIPTextModel, all-or-nothing."""
     from transformers import CLIPTextConfig, CLIPTextModel
-    weights = {k[len(CLIP_PREFIX):]: v for k, v in state.items() if k.startswith(CLIP_PREFIX)}
-    weights = {k: v for k, v in weights.items() if k not in CLIP_BUFFERS}
     model = CLIPTextModel(CLIPTextConfig(**config))
-    load_state_dict_strict(model, {k: v.float() for k, v in weights.items()}, source)
+    load_state_dict_strict(model, {clip_name(k, model): v.float() for k, v in weights.items()}, source)
     return model
 
 
+def text_encoder(state: dict, version: str, text_config: str | None, source: str):
+    """The file's text tower as a transformers CLIPTextModel, and the token that pads its prompts."""
+    if version == "sd1":
+        weights = {k[len(CLIP_PREFIX):]: v for k, v in state.items() if k.startswith(CLIP_PREFIX)}
+        weights = {k: v for k, v in weights.items() if k not in CLIP_BUFFERS}
+        return load_clip(weights, read_config(text_config, SD1_TEXT, "text"), source), None
+    tower = convert_openclip.text_tower(state, OPENCLIP_PREFIX)
+    config = {**convert_openclip.clip_config(tower), **read_config(text_config, {}, "text")}
+    return (load_clip(convert_openclip.to_transformers(tower), config, source), convert_openclip.PAD_TOKEN)
+
+
 def convert(checkpoint: str, out: str, *, prediction: str = "eps", guidance: float = 6.5, dtype: str = "float32",
-            unet_config: str | None = None, vae_config: str | None = None, text_config: str | None = None):
-    """Write a model folder at `out` from one CompVis-layout SD 1.x checkpoint file; atomic."""
+            resolution: int | None = None, unet_config: str | None = None, vae_config: str | None = None,
+            text_config: str | None = None):
+    """Write a model folder at `out` from one CompVis-layout SD 1.x / 2.x checkpoint file; atomic."""
     from ldm.models.clip_bpe import write_clip_tokenizer
     ours = {v: k for k, v in PREDICTIONS.items()}
     if prediction not in ours:
         raise ValueError(f"prediction must be one of {sorted(ours)}, got {prediction!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    configs = (read_config(unet_config, SD1_UNET, "unet"), read_config(vae_config, SD1_VAE, "vae"),
-               read_config(text_config, SD1_TEXT, "text"))
+    if resolution is not None and (resolution <= 0 or resolution % 8):
+        raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}")
+    for what, name in (("unet", unet_config), ("vae", vae_config), ("text", text_config)):
+        read_config(name, {}, what)              # a missing config is named before the checkpoint is read
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} not found")
     tmp = start_folder(out)
     state = read_checkpoint(path)
-    check_layout(state, checkpoint)
+    version = check_layout(state, checkpoint)
     unet = load_compvis_unet({k: v.float() for k, v in state.items() if k.startswith(COMPVIS_PREFIX)},
-                             unet_config_from_diffusers(configs[0]))
-    resolution = save_networks(tmp, unet, load_compvis_autoencoder(state, diffusers_config_to_ours(configs[1])), dtype)
-    del unet
-    clip = load_clip(state, configs[2], checkpoint)
+                             unet_config_from_diffusers(read_config(unet_config, SD2_UNET if version == "sd2"
+                                                                    else SD1_UNET, "unet")))
+    autoencoder = load_compvis_autoencoder(state, diffusers_config_to_ours(read_config(vae_config, SD1_VAE, "vae")))
+    side = save_networks(tmp, unet, autoencoder, dtype)
+    del unet, autoencoder
+    clip, pad_token = text_encoder(state, version, text_config, checkpoint)
     clip.save_pretrained(str(tmp / "text_encoder" / CLIP_DIR / "text_encoder"))
-    write_clip_tokenizer(tmp / "text_encoder" / CLIP_DIR / "tokenizer", clip.config.max_position_embeddings)
-    index = model_index_from_scheduler({**SD_SCHEDULER, "prediction_type": ours[prediction]}, resolution, guidance)
+    write_clip_tokenizer(tmp / "text_encoder" / CLIP_DIR / "tokenizer", clip.config.max_position_embeddings,
+                         pad_token=pad_token)
+    index = model_index_from_scheduler({**SD_SCHEDULER, "prediction_type": ours[prediction]}, resolution or side,
+                                       guidance)
     finish_folder(tmp, out, index)
     return index
 
@@ -111,17 +139,22 @@ def convert(checkpoint: str, out: str, *, prediction: str = "eps", guidance: flo
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ldm.models.from_single_file", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="an SD 1.x checkpoint: .safetensors, or .ckpt (read with weights_only)")
+    parser.add_argument("checkpoint", help="an SD 1.x / 2.x checkpoint: .safetensors, or .ckpt (read with weights_only)")
     add_output_args(parser)
     parser.add_argument("--prediction", default="eps", choices=["eps", "v"],
-                        help="what the U-Net predicts (default eps: SD 1.x; the file does not say)")
+                        help="what the U-Net predicts (default eps: SD 1.x, SD 2.x base; v for SD 2.x 768-v files; "
+                             "the file does not say)")
+    parser.add_argument("--resolution", type=int, metavar="PX",
+                        help="the image side the model was trained at (default: the autoencoder config's, 512; "
+                             "768 for SD 2.x 768-v files)")
     for part, what in (("unet", "diffusers UNet2DConditionModel"), ("vae", "diffusers AutoencoderKL"),
                        ("text", "transformers CLIPTextModel")):
-        parser.add_argument(f"--{part}-config", metavar="JSON", help=f"a {what} config.json (default: SD 1.x's)")
+        parser.add_argument(f"--{part}-config", metavar="JSON",
+                            help=f"a {what} config.json (default: SD 1.x's or 2.x's, by the file's text tower)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         index = convert(args.checkpoint, args.out, prediction=args.prediction, guidance=args.guidance,
-                        dtype=args.dtype, unet_config=args.unet_config, vae_config=args.vae_config,
+                        dtype=args.dtype, resolution=args.resolution, unet_config=args.unet_config, vae_config=args.vae_config,
                         text_config=args.text_config)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         parser.error(str(err))

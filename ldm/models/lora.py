@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldm.models.convert_unet import DIFFUSERS_TOP, RES_DIFFUSERS, TRANSFORMER_RENAMES, diffusers_to_ours
+from ldm.models.text import clip_name
 
 TRAIN_TARGETS = ("to_q", "to_k", "to_v", "to_out")   # our attention projections (diffusers: to_out.0)
 METADATA_KEY = "lora_adapter_metadata"               # diffusers' safetensors metadata entry
@@ -287,7 +288,7 @@ def merge_lora(lora: dict[str, dict[str, Update]], unets: list[nn.Module], text_
         if text_encoder is None:
             raise ValueError(f"{source} has text-encoder weights, but this model's text encoder is not a "
                              "transformers CLIP model (ours is trained from scratch)")
-        plan += _targets(lora["text_encoder"], text_encoder, lambda n: n, source)
+        plan += _targets(lora["text_encoder"], text_encoder, lambda n: clip_name(n, text_encoder), source)
     for module, update in plan:
         w = module.weight
         w.copy_((w.float() + scale * update.delta(w.shape).to(w.device)).to(w.dtype))

@@ -216,6 +216,18 @@ class _Frozen(TextEncoder):
         return mask if self.cfg.mask_padding else torch.ones_like(mask)
 
 
+def clip_name(name: str, model: nn.Module) -> str:
+    """A CLIPTextModel weight or module name as files write it ("text_model.encoder...", transformers 4's
+    nesting, in which every SD checkpoint and LoRA file was written) or as transformers 5 names it
+    ("encoder..."), put in the form of `model`, the installed transformers' own."""
+    nested = hasattr(model, "text_model")
+    if not nested and name.startswith("text_model."):
+        return name[len("text_model."):]
+    if nested and name.split(".", 1)[0] not in dict(model.named_children()):
+        return "text_model." + name
+    return name
+
+
 class ClipTextEncoder(_Frozen):
     """transformers CLIPTokenizer + CLIPTextModel; a SD pipeline folder (tokenizer/, text_encoder/) works too."""
 

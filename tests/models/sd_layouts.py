@@ -80,3 +80,32 @@ def vae_key_to_compvis(key: str, levels: int) -> str:
     key = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{levels - 1 - int(m[1])}.block.", key)
     key = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{levels - 1 - int(m[1])}.upsample.", key)
     return "first_stage_model." + key
+
+
+def openclip_text_model(seed: int = 0, width: int = 128, layers: int = 3):
+    """A tiny random open_clip CLIP (its own modules and init) whose text tower has SD 2.x's structure:
+    64-wide heads, GELU, the full CLIP vocabulary and 77 positions."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    torch.manual_seed(seed)
+    model = CLIP(embed_dim=32, vision_cfg=CLIPVisionCfg(layers=1, width=64, patch_size=16, image_size=32, head_width=32),
+                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=width, heads=width // 64, layers=layers))
+    return model.eval()
+
+
+@torch.no_grad()
+def openclip_tokens(model, prompts, penultimate: bool = True) -> torch.Tensor:
+    """SD 2.x's conditioning by open_clip's own code: its tokenizer, then encode_text up to the final
+    LayerNorm, whose (B, 77, D) output is caught; `penultimate` runs all but the last layer, as SD 2.x's
+    FrozenOpenCLIPEmbedder does."""
+    import open_clip
+    caught = []
+    blocks = model.transformer.resblocks
+    hook = model.ln_final.register_forward_hook(lambda module, args, out: caught.append(out))
+    try:
+        if penultimate:
+            model.transformer.resblocks = blocks[:-1]
+        model.encode_text(open_clip.tokenize(prompts))
+    finally:
+        hook.remove()
+        model.transformer.resblocks = blocks
+    return caught[0]

@@ -1,15 +1,17 @@
-"""python -m ldm.models.from_single_file: an SD 1.x checkpoint file in the CompVis layout becomes our model
-folder, and our TextToImage on it draws what diffusers' StableDiffusionPipeline draws from the same weights.
+"""python -m ldm.models.from_single_file: an SD 1.x or 2.x checkpoint file in the CompVis layout becomes our
+model folder, and our TextToImage on it draws what diffusers' StableDiffusionPipeline draws from the same
+weights (for SD 2.x: from the conditioning open_clip's own model computes).
 
 The file is written here from the tiny random diffusers pipeline of test_from_diffusers.py with the
 test-side name maps of test_unet.py and test_autoencoder.py (the U-Net one is checked there against
-diffusers' own CompVis converter)."""
+diffusers' own CompVis converter); the SD 2.x file's text tower is a tiny random open_clip CLIP."""
 import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from sd_layouts import PROMPTS, unet_to_compvis, vae_key_to_compvis, write_sd_pipeline
+from sd_layouts import (PROMPTS, openclip_text_model, openclip_tokens, unet_to_compvis, vae_key_to_compvis,
+                        write_sd_pipeline)
 
 from ldm.bench_models import TINY
 from ldm.diffusion.samplers import initial_noise
@@ -17,6 +19,7 @@ from ldm.models.from_single_file import convert, main
 from ldm.pipeline import TextToImage
 
 diffusers = pytest.importorskip("diffusers")
+open_clip = pytest.importorskip("open_clip")
 
 
 def single_file_state(pipe) -> dict:
@@ -26,8 +29,8 @@ def single_file_state(pipe) -> dict:
     for key, value in pipe.vae.state_dict().items():
         key = vae_key_to_compvis(key, len(TINY.vae["block_out_channels"]))
         state[key] = value[:, :, None, None] if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", key) else value
-    for key, value in pipe.text_encoder.state_dict().items():
-        state["cond_stage_model.transformer." + key] = value
+    for key, value in pipe.text_encoder.state_dict().items():    # transformers 4's names, as every SD 1.x file has
+        state["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = value
     # what old files carry besides: the CLIP position ids buffer, EMA copies are not there in -emaonly files
     state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     return {k: v.contiguous().clone() for k, v in state.items()}
@@ -75,7 +78,8 @@ def test_wrong_files_are_named(sd, tmp_path, capsys):
     _, folder = sd
     state = single_file_state(sd[0])
     for name, edit, message in (
-            ("v2.safetensors", lambda s: {**s, "cond_stage_model.model.ln_final.weight": torch.ones(1)}, "SD 2.x"),
+            ("v2.safetensors", lambda s: {**s, "cond_stage_model.model.ln_final.weight": torch.ones(1)},
+             "OpenCLIP text tower: the weights lack"),
             ("xl.safetensors", lambda s: {**s, "conditioner.embedders.0.x": torch.ones(1)}, "SDXL"),
             ("unet.safetensors", lambda s: {k: v for k, v in s.items() if k.startswith("model.")}, "first_stage_model"),
             ("bad.safetensors", lambda s: {k: v for k, v in s.items() if "conv_in" not in k}, "missing keys")):
@@ -88,3 +92,73 @@ def test_wrong_files_are_named(sd, tmp_path, capsys):
         convert(str(folder / "sd.safetensors"), str(tmp_path / "model"))
     with pytest.raises(FileNotFoundError, match="no such file"):
         convert(str(folder / "sd.safetensors"), str(tmp_path / "model"), unet_config=str(tmp_path / "none.json"))
+
+
+SD2_UNET = {"cross_attention_dim": 128, "use_linear_projection": True, "attention_head_dim": [1, 2]}  # heads per level
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    """(diffusers pipeline with an SD 2.x-style U-Net predicting v, open_clip model, folder with sd2.safetensors)."""
+    folder = tmp_path_factory.mktemp("single2")
+    pipe = write_sd_pipeline(folder, prediction_type="v_prediction", unet_options=SD2_UNET)
+    tower = openclip_text_model()
+    state = {k: v for k, v in single_file_state(pipe).items() if not k.startswith("cond_stage_model.")}
+    # open_clip's whole CLIP as SD 2.x's FrozenOpenCLIPEmbedder holds it, plus what old open_clip saved
+    state |= {f"cond_stage_model.model.{k}": v.contiguous() for k, v in tower.state_dict().items()}
+    state["cond_stage_model.model.attn_mask"] = torch.full((77, 77), float("-inf")).triu(1)
+    save_file(state, str(folder / "sd2.safetensors"))
+    return pipe, tower, folder
+
+
+def test_sd2_file_draws_from_open_clips_conditioning(sd2, tmp_path, one_thread, capsys):
+    theirs, tower, folder = sd2
+    main([str(folder / "sd2.safetensors"), "--out", str(tmp_path / "model"), "--guidance", "3", "--prediction", "v",
+          "--resolution", "48", *configs(folder)[:4]])                      # the text tower's sizes: from its weights
+    assert "48 px, prediction v, w = 3" in capsys.readouterr().out
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    prompts = [*PROMPTS, "a photo of a corgi, " * 30]                       # one row truncated at 77 tokens
+    ids, _ = pipe.text_encoder.tokenize(prompts)
+    torch.testing.assert_close(ids, open_clip.tokenize(prompts), atol=0, rtol=0)   # zero padding, as open_clip
+    context = pipe.encode_prompts(prompts)["context"]
+    torch.testing.assert_close(context, openclip_tokens(tower, prompts), atol=2e-5, rtol=1e-5)
+
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(4), pipe.latent_shape(len(PROMPTS)),
+                          generator=torch.Generator().manual_seed(0))
+    assert noise.shape[-1] == 48 // 2
+    images, _ = pipe.generate(PROMPTS, steps=4, seed=0)
+    scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, timestep_spacing="trailing",
+                                                    set_alpha_to_one=True, steps_offset=1)
+    reference_pipe = diffusers.StableDiffusionPipeline(**{**theirs.components, "scheduler": scheduler})
+    reference_pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        reference = reference_pipe(prompt_embeds=openclip_tokens(tower, PROMPTS),
+                                   negative_prompt_embeds=openclip_tokens(tower, [""] * len(PROMPTS)),
+                                   height=48, width=48, num_inference_steps=4, guidance_scale=1 + 3.0,
+                                   latents=noise, output_type="pt").images
+    assert reference.std() > 0.05
+    torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+
+
+def test_built_in_sd2_sizes_are_the_real_models():
+    """At full size, on the meta device (no memory): the SD 2.x U-Net config builds diffusers' model (865.9M
+    parameters), every CompVis name lands on ours with its shape, and OpenCLIP ViT-H/14's text tower (built by
+    open_clip from its own model config) reads off as the CLIPTextConfig of stabilityai/stable-diffusion-2-1's
+    text_encoder/config.json: 1024 wide, 16 heads, 4096 MLP, 23 layers, GELU (its projection_dim is unused by a
+    CLIPTextModel and left out)."""
+    from ldm.models.convert_openclip import clip_config, text_tower
+    from ldm.models.convert_unet import compvis_to_ours, unet_config_from_diffusers
+    from ldm.models.from_single_file import SD2_UNET
+    from ldm.models.unet import UNet
+    with torch.device("meta"):
+        theirs = diffusers.UNet2DConditionModel(**SD2_UNET)
+        ours = UNet(unet_config_from_diffusers(SD2_UNET))
+        clip = open_clip.create_model("ViT-H-14", pretrained=None, device="meta")
+    assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in ours.parameters()) == 865_910_724
+    mapped = compvis_to_ours(unet_to_compvis(theirs.state_dict(), levels=4, n=2), ours.cfg)
+    assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    config = clip_config(text_tower({f"m.{k}": v for k, v in clip.state_dict().items()}, "m."))
+    assert {k: config[k] for k in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers",
+                                   "hidden_act", "max_position_embeddings", "vocab_size")} == {
+        "hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096, "num_hidden_layers": 23,
+        "hidden_act": "gelu", "max_position_embeddings": 77, "vocab_size": 49408}

@@ -121,8 +121,9 @@ def _diffusers_images(theirs, noise, steps, w):
 def test_lora_file_draws_what_diffusers_draws(tmp_path, one_thread, layout, scale):
     theirs = write_sd_pipeline(tmp_path)
     convert(str(tmp_path / "sd"), str(tmp_path / "model"), guidance=3.0)
-    # diffusers 0.42 converts a kohya text-encoder LoRA to names CLIPTextModel then drops (its load report
-    # says UNEXPECTED): the kohya text part is checked against its peft twin below instead.
+    # diffusers 0.42 converts a kohya text-encoder LoRA to transformers 4's names ("text_model.encoder..."),
+    # which transformers 5's CLIPTextModel lacks and drops (its load report says UNEXPECTED): the kohya text
+    # part is checked against its peft twin below instead.
     state, meta = _random_lora(theirs.unet, None if layout == "kohya" else theirs.text_encoder, layout)
     save_file(state, str(tmp_path / "lora.safetensors"), metadata=meta or None)
     pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
@@ -144,23 +145,30 @@ def test_lora_file_draws_what_diffusers_draws(tmp_path, one_thread, layout, scal
 def test_kohya_and_peft_files_of_one_update_merge_alike(tmp_path):
     write_sd_pipeline(tmp_path)
     convert(str(tmp_path / "sd"), str(tmp_path / "model"))
-    pipes = [TextToImage.from_folder(str(tmp_path / "model")) for _ in range(2)]
+    pipes = [TextToImage.from_folder(str(tmp_path / "model")) for _ in range(3)]
     text = pipes[0].text_encoder.model
     kohya, _ = _random_lora(nn.Module(), text, "kohya")                 # text-encoder layers only
+    # the names kohya and diffusers wrote under transformers 4 ("text_model.encoder..."), whichever is installed
+    kohya = {"lora_te_text_model_" + k.removeprefix("lora_te_").removeprefix("text_model_"): v for k, v in kohya.items()}
     peft, meta = {}, {METADATA_KEY: json.dumps({"text_encoder.r": 4, "text_encoder.lora_alpha": 2})}
     for key, value in kohya.items():
         module, _, kind = key.partition(".")
         name = "text_encoder." + kohya_to_dotted(module[len("lora_te_"):])
         if kind != "alpha":
             peft[f"{name}.lora_{'A' if kind == 'lora_down.weight' else 'B'}.weight"] = value
+    assert all(k.startswith("text_encoder.text_model.encoder.") for k in peft)
+    flat = {k.replace("text_model.", "", 1): v for k, v in peft.items()}    # transformers 5's names
     save_file(kohya, str(tmp_path / "kohya.safetensors"))
     save_file(peft, str(tmp_path / "peft.safetensors"), metadata=meta)
+    save_file(flat, str(tmp_path / "flat.safetensors"), metadata=meta)
     before = {k: v.clone() for k, v in text.state_dict().items()}
-    assert pipes[0].add_lora(str(tmp_path / "kohya.safetensors")) == pipes[1].add_lora(str(tmp_path / "peft.safetensors")) == 6
+    counts = [p.add_lora(str(tmp_path / f"{name}.safetensors")) for p, name in zip(pipes, ("kohya", "peft", "flat"))]
+    assert counts == [6, 6, 6]
     after = [p.text_encoder.model.state_dict() for p in pipes]
     assert sum(not torch.equal(after[0][k], before[k]) for k in before) == 6
     for k in before:
         torch.testing.assert_close(after[0][k], after[1][k], atol=1e-6, rtol=0)
+        torch.testing.assert_close(after[2][k], after[1][k], atol=0, rtol=0)
 
 
 def test_our_trained_lora_file_loads_in_diffusers(tmp_path, one_thread):
