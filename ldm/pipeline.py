@@ -128,6 +128,7 @@ class TextToImage:
         self._students: dict[int, torch.nn.Module] = {}
         self._loras: list[tuple[dict, float, str]] = []   # merged into every U-Net, students as they load
         self._warned_prompts: set[str] = set()
+        self._warned_emphasis = False     # SDXL prompts with "(" while prompt_weights is on: said once
         self.prompt_weights = False   # read "(word:1.3)" emphasis in prompts (ldm.models.prompt_weights)
         self._ip = None               # (ImageTokens, shared state, ImageEncoder) once add_ip_adapter ran
 
@@ -235,6 +236,13 @@ class TextToImage:
         With `prompt_weights` on, "(word:1.3)" emphasis is read (ldm.models.prompt_weights).
         chunks: with a CLIP text encoder, at least this many 77-token chunks side by side, and as many
         as the longest prompt needs (ldm.models.prompt_chunks); None: one, longer prompts truncated."""
+        if hasattr(self.text_encoder, "encode_pooled"):      # SDXL: one 77-token window, no emphasis (yet)
+            if self.prompt_weights and any("(" in p for p in prompts) and not self._warned_emphasis:
+                self._warned_emphasis = True
+                warnings.warn("SDXL prompts are read without (word:1.3) emphasis: the brackets are plain text",
+                              stacklevel=3)
+            context, _, pooled = self.text_encoder.encode_pooled(prompts)
+            return {"context": context, "pooled": pooled}
         if chunks is not None and self.chunked_prompts:
             context, mask = encode_chunked(self.text_encoder, prompts, chunks=chunks, weighted=self.prompt_weights)
         elif self.prompt_weights:
@@ -393,11 +401,21 @@ class TextToImage:
         cond = self.encode_prompts(prompts, chunks)
         if ip_cond is not None:
             cond["ip_tokens"] = ip_cond
+        if self.unet.cfg.added_cond == "text_time":
+            cond["time_ids"] = self.size_ids(shape)
         z = SAMPLERS[sampler](counted(model, info, per_call), x, ts, self.schedule, extra_args=extra_args(cond),
                               disable=not progress, generator=step_gen)
         if mask is not None:
             z = mask * z + (1 - mask) * init
         return z, info
+
+    def size_ids(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """SDXL's size and crop numbers (Podell et al. 2023, sec. 2.2) for drawing at `shape`'s size: the
+        "original" size and the target size are the output's (height, width) in pixels, the crop's top-left
+        corner (0, 0): a whole, uncropped picture, as diffusers' default call. (B, 6), one row a sample."""
+        factor = self.autoencoder.config.downsample_factor
+        h, w = shape[-2] * factor, shape[-1] * factor
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=self.device).expand(shape[0], 6)
 
     def _starting_noise(self, ts: torch.Tensor, shape: tuple[int, ...], seed: int | list[int]) -> torch.Tensor:
         """x at ts[0] on the device: from one seed for the batch, or from one seed per sample (CPU generators)."""
@@ -512,10 +530,10 @@ class ConcatInputs(torch.nn.Module):
         super().__init__()
         self.unet, self.cfg, self.extra = unet, unet.cfg, extra
 
-    def forward(self, x, t, context, context_mask=None, cond_emb=None, control=None):
+    def forward(self, x, t, context, context_mask=None, cond_emb=None, control=None, **added):
         extra = self.extra.to(device=x.device, dtype=x.dtype)
         extra = extra.repeat(x.shape[0] // extra.shape[0], 1, 1, 1)          # CFG's halves share it
-        return self.unet(torch.cat([x, extra], dim=1), t, context, context_mask, cond_emb, control=control)
+        return self.unet(torch.cat([x, extra], dim=1), t, context, context_mask, cond_emb, control=control, **added)
 
 
 def latent_grid_mask(masks: torch.Tensor, size) -> torch.Tensor:

@@ -31,7 +31,7 @@ from ldm.diffusion.param import check_prediction
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
 from ldm.models.lora import TRAIN_TARGETS, add_lora, lora_file_state, merged_state_dict
 from ldm.models.text import TextEncoderConfig, build_text_encoder
-from ldm.models.unet import UNet, UNetConfig, count_params
+from ldm.models.unet import UNet, UNetConfig, count_params, refuse_added_cond
 from ldm.models.weights import load_state_dict_strict, load_weights, read_weights, write_safetensors_atomic
 from ldm.pipeline import ModelIndex, TextToImage, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
@@ -412,6 +412,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # Text encoder + U-Net, wrapped as one module: one optimizer, one EMA, one checkpoint file.
     text_encoder = build_text_encoder(cfg.text).to(device)
+    refuse_added_cond(cfg.unet, "stage 2")
     unet = UNet(cfg.unet)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

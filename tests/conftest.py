@@ -4,8 +4,10 @@ TRITON_INTERPRET must be set before triton is imported anywhere (triton.jit read
 when a kernel is decorated), so it lives here, in the root conftest, which pytest
 loads before collecting any test module.
 """
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,11 @@ except Exception:  # pragma: no cover - torch missing means nothing else runs ei
 
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# tests/stage_scripts.py as the module `stage_scripts` (pytest's importlib mode puts no test folder on sys.path)
+_spec = importlib.util.spec_from_file_location("stage_scripts", Path(__file__).with_name("stage_scripts.py"))
+sys.modules["stage_scripts"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sys.modules["stage_scripts"])
 
 
 def _reset_accelerate() -> None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.convert_unet import _read_weights, diffusers_to_ours, unet_config_from_diffusers
-from ldm.models.unet import UNet, UNetConfig
+from ldm.models.unet import UNet, UNetConfig, refuse_added_cond
 from ldm.models.weights import load_state_dict_strict, load_weights, save_state, save_weights
 
 OUR_CLASS = "ldm.ControlNet"
@@ -75,6 +75,7 @@ class ControlNet(nn.Module):
     def from_unet(cls, unet: UNet, latent_factor: int = 8, hint_channels: int = 3) -> "ControlNet":
         """A ControlNet whose encoder is a copy of `unet`'s, its output convolutions zero (Zhang et al. sec. 3.1).
         The hint encoder halves the control image k - 1 times for `latent_factor` = 2^(k-1) (the autoencoder's)."""
+        refuse_added_cond(unet.cfg, "ControlNet")
         k = int(math.log2(latent_factor)) + 1
         if 2 ** (k - 1) != latent_factor:
             raise ValueError(f"latent_factor must be a power of 2, got {latent_factor}")
@@ -103,6 +104,7 @@ class ControlledUNet(nn.Module):
 
     def __init__(self, unet: UNet, controls: list[tuple[ControlNet, torch.Tensor, float]]):
         super().__init__()
+        refuse_added_cond(unet.cfg, "ControlNet")
         self.unet, self.cfg = unet, unet.cfg
         self.nets = nn.ModuleList(net for net, _, _ in controls)
         self.hints = [hint for _, hint, _ in controls]

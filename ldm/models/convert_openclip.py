@@ -57,10 +57,15 @@ def clip_config(tower: dict, drop_last: bool = True) -> dict:
             "hidden_act": "gelu", "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407}
 
 
-def to_transformers(tower: dict, drop_last: bool = True) -> dict:
-    """The tower's weights under CLIPTextModel's names; unknown entries are refused by name."""
+def to_transformers(tower: dict, drop_last: bool = True, projection: bool = False) -> dict:
+    """The tower's weights under CLIPTextModel's names (with `projection`, CLIPTextModelWithProjection's:
+    SDXL's pooled vector is bigG's projected end token); unknown entries are refused by name."""
     keep = num_layers(tower) - int(drop_last)
     out, unknown = {}, []
+    if projection:   # open_clip multiplies x @ P (D, P'); transformers' Linear holds P^T
+        if "text_projection" not in tower:
+            raise ValueError("OpenCLIP text tower: no text_projection to make the pooled vector from")
+        out["text_projection.weight"] = tower["text_projection"].t()
     for key, value in tower.items():
         if key in IGNORED:
             continue

@@ -22,7 +22,7 @@ _DIFFUSERS_FIXED = {
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
     "downsample_padding": 1, "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn",
     "only_cross_attention": False, "dual_cross_attention": False, "class_embed_type": None,
-    "addition_embed_type": None, "num_class_embeds": None, "encoder_hid_dim": None,
+    "num_class_embeds": None, "encoder_hid_dim": None,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
     "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
@@ -59,6 +59,9 @@ def unet_config_from_diffusers(d: dict) -> UNetConfig:
     mirrored = [_CROSS_UP if i in attention_levels else _PLAIN_UP for i in reversed(range(len(down)))]
     if up != mirrored:
         raise ValueError(f"diffusers config: up_block_types {up} do not mirror down_block_types {down}")
+    added = d.get("addition_embed_type")
+    if added not in (None, "text_time"):
+        raise ValueError(f"diffusers config addition_embed_type={added!r} is not supported (need None or 'text_time')")
     heads = d.get("attention_head_dim", 8)  # diffusers' historical name for the number of heads
     depth = d.get("transformer_layers_per_block", 1)
     if isinstance(depth, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in depth):
@@ -76,6 +79,9 @@ def unet_config_from_diffusers(d: dict) -> UNetConfig:
         norm_groups=d.get("norm_num_groups", 32),
         norm_eps=d.get("norm_eps", 1e-5),
         dropout=d.get("dropout", 0.0),
+        added_cond=added,
+        **({"added_in_dim": d["projection_class_embeddings_input_dim"],
+            "added_id_dim": d.get("addition_time_embed_dim", 256)} if added else {}),
     )
 
 
@@ -86,7 +92,8 @@ TRANSFORMER_RENAMES = (("transformer_blocks.", "blocks."), ("to_out.0.", "to_out
                        ("ff.net.0.proj.", "ff.geglu.proj."), ("ff.net.2.", "ff.out."))
 DIFFUSERS_TOP = {"time_embedding.linear_1.": "time_embed.fc1.", "time_embedding.linear_2.": "time_embed.fc2.",
                  "conv_norm_out.": "norm_out.", "mid_block.resnets.0.": "mid.res1.", "mid_block.resnets.1.": "mid.res2.",
-                 "mid_block.attentions.0.": "mid.attn."}
+                 "mid_block.attentions.0.": "mid.attn.",
+                 "add_embedding.linear_1.": "add_embed.fc1.", "add_embedding.linear_2.": "add_embed.fc2."}
 
 
 def _rename_transformer(suffix: str) -> str:
@@ -137,6 +144,8 @@ def _compvis_table(cfg: UNetConfig) -> dict:
     table = {"time_embed.0": ("time_embed.fc1", "plain"), "time_embed.2": ("time_embed.fc2", "plain"),
              "input_blocks.0.0": ("conv_in", "plain"), "out.0": ("norm_out", "plain"),
              "out.2": ("conv_out", "plain")}
+    if cfg.added_cond:   # SDXL (Stability AI's sgm layout): the added embedding's MLP
+        table |= {"label_emb.0.0": ("add_embed.fc1", "plain"), "label_emb.0.2": ("add_embed.fc2", "plain")}
     mid = [("mid.res1", "res"), ("mid.attn", "attn"), ("mid.res2", "res")]
     for i, entry in enumerate(mid if cfg.mid_attention else mid[::2]):
         table[f"middle_block.{i}"] = entry

@@ -1,4 +1,4 @@
-"""A diffusers Stable Diffusion pipeline (SD 1.x / 2.x layout) -> one of our model folders.
+"""A diffusers Stable Diffusion pipeline (SD 1.x / 2.x / SDXL base layout) -> one of our model folders.
 
     python -m ldm.models.from_diffusers runwayml/stable-diffusion-v1-5 --out models/sd15
     python -m ldm.models.from_diffusers /data/my-sd-pipeline --out models/mine --dtype float16
@@ -9,7 +9,8 @@ The source is a local pipeline folder (model_index.json, unet/, vae/, text_encod
 scheduler/) or a hub repo id, downloaded, or found in the local Hugging Face cache when offline.
 The U-Net and the autoencoder are converted to our modules (ldm.models.convert_unet, convert_ae);
 the CLIP text encoder and its tokenizer are copied as they are into text_encoder/clip/ and run
-through transformers (`TextEncoderConfig(kind="clip")`). The scheduler's betas and prediction type
+through transformers (`TextEncoderConfig(kind="clip")`); SDXL's two encoders and tokenizers likewise
+(`kind="sdxl"`, ldm.models.text_sdxl), its U-Net with the added size/pooled-text embedding. The scheduler's betas and prediction type
 become model_index.json's schedule and prediction. Sampling uses our trailing-spaced grids (Lin et
 al. 2023), not the scheduler's "leading" spacing, and ends at clean data.
 """
@@ -31,14 +32,17 @@ from ldm.models.text import TextEncoderConfig
 from ldm.pipeline import ModelIndex, save_index
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}   # diffusers' names -> ours
 SCHEDULES = ("scaled_linear", "linear")                                # beta_schedule values we build
 TEXT_ENCODERS = ("CLIPTextModel",)
+TEXT_ENCODERS_2 = ("CLIPTextModelWithProjection",)   # SDXL's second encoder
 CLIP_DIR = "clip"                          # text_encoder/clip/{text_encoder,tokenizer}: the copied CLIP
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HUB_FILES = ["model_index.json", "scheduler/*", "text_encoder/config.json", "text_encoder/model.safetensors",
              "tokenizer/*", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-             "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+             "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder_2/config.json",
+             "text_encoder_2/model.safetensors", "tokenizer_2/*"]
 
 
 def resolve_source(source: str, patterns: list[str] = HUB_FILES, what: str = "a diffusers pipeline folder") -> Path:
@@ -62,18 +66,24 @@ def resolve_source(source: str, patterns: list[str] = HUB_FILES, what: str = "a 
                                     "and not in the local Hugging Face cache") from err
 
 
-def check_pipeline(src: Path) -> None:
-    """The pipeline's model_index.json and folders hold the parts and classes we convert; the missing ones are named."""
+def check_pipeline(src: Path) -> dict:
+    """The pipeline's model_index.json, once its folders are found to hold the parts and classes we convert
+    (the missing ones are named)."""
     index_path = src / "model_index.json"
     if not index_path.is_file():
         raise FileNotFoundError(f"{index_path} is missing: not a diffusers pipeline folder")
     index = json.loads(index_path.read_text())
-    missing = [part for part in PARTS if not (src / part).is_dir()]
+    if index.get("requires_aesthetics_score"):
+        raise ValueError(f"{src}: an SDXL refiner (aesthetic-score conditioning); only SDXL base pipelines are supported")
+    parts = PARTS + (SDXL_PARTS if index.get("text_encoder_2") else ())
+    missing = [part for part in parts if not (src / part).is_dir()]
     if missing:
-        raise FileNotFoundError(f"{src}: the pipeline lacks {missing} (need {list(PARTS)})")
-    text_class = (index.get("text_encoder") or [None, None])[1]
-    if text_class not in TEXT_ENCODERS:
-        raise ValueError(f"{src}: text_encoder is {text_class!r}; only {TEXT_ENCODERS} (SD 1.x / 2.x) are supported")
+        raise FileNotFoundError(f"{src}: the pipeline lacks {missing} (need {list(parts)})")
+    for part, classes in (("text_encoder", TEXT_ENCODERS), ("text_encoder_2", TEXT_ENCODERS_2)):
+        text_class = (index.get(part) or [None, None])[1]
+        if part in parts and text_class not in classes:
+            raise ValueError(f"{src}: {part} is {text_class!r}; only {classes} (SD 1.x / 2.x / SDXL) are supported")
+    return index
 
 
 def model_index_from_scheduler(scheduler: dict, resolution: int, guidance: float) -> ModelIndex:
@@ -121,11 +131,12 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
                         help="weights of unet/ and autoencoder/ (default float32: no rounding)")
 
 
-def finish_folder(tmp: Path, out: str, index: ModelIndex) -> None:
-    """The CLIP text encoder's config (the model sits in text_encoder/clip/), model_index.json, then
-    `out`.tmp becomes `out` in one rename."""
-    text_cfg = TextEncoderConfig(kind="clip", path=CLIP_DIR, max_length=77, local_files_only=True,
-                                 mask_padding=False)     # SD's U-Net attends to all 77 tokens
+def finish_folder(tmp: Path, out: str, index: ModelIndex, **text_options) -> None:
+    """The CLIP text encoder's config (the model sits in text_encoder/clip/; `text_options`: e.g. SDXL's
+    kind), model_index.json, then `out`.tmp becomes `out` in one rename."""
+    text_cfg = TextEncoderConfig(**{"kind": "clip", "path": CLIP_DIR, "max_length": 77, "local_files_only": True,
+                                    "mask_padding": False,     # SD's U-Net attends to all 77 tokens
+                                    **text_options})
     (tmp / "text_encoder" / "config.json").write_text(json.dumps(dataclasses.asdict(text_cfg), indent=2))
     save_index(str(tmp), index)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -139,14 +150,17 @@ def convert(source: str, out: str, *, guidance: float = 6.5, dtype: str = "float
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tmp = start_folder(out)
     src = resolve_source(source)
-    check_pipeline(src)
+    pipeline = check_pipeline(src)
+    sdxl = bool(pipeline.get("text_encoder_2"))
     scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
     resolution = save_networks(tmp, load_diffusers_unet(str(src), subfolder="unet"),
                                load_diffusers_autoencoder(src, subfolder="vae"), dtype)
-    for part in ("text_encoder", "tokenizer"):
+    for part in ("text_encoder", "tokenizer") + (SDXL_PARTS if sdxl else ()):
         shutil.copytree(src / part, tmp / "text_encoder" / CLIP_DIR / part)
     index = model_index_from_scheduler(scheduler, resolution, guidance)
-    finish_folder(tmp, out, index)
+    # SDXL draws the unconditional half from zeroed embeddings unless its pipeline says otherwise
+    finish_folder(tmp, out, index, **({"kind": "sdxl", "zero_empty": bool(pipeline.get("force_zeros_for_empty_prompt",
+                                                                                        True))} if sdxl else {}))
     return index
 
 

@@ -1,21 +1,23 @@
-"""One Stable Diffusion 1.x or 2.x checkpoint file (the CompVis layout most fine-tunes ship in,
-.safetensors or .ckpt) -> one of our model folders.
+"""One Stable Diffusion 1.x, 2.x or SDXL base checkpoint file (the CompVis / Stability AI layout most
+fine-tunes ship in, .safetensors or .ckpt) -> one of our model folders.
 
     python -m ldm.models.from_single_file v1-5-pruned-emaonly.safetensors --out models/sd15
     python -m ldm.models.from_single_file v2-1_768-ema-pruned.safetensors --prediction v --resolution 768 --out models/sd21
+    python -m ldm.models.from_single_file sd_xl_base_1.0.safetensors --out models/sdxl
     python -m ldm.txt2img "a corgi on a beach" --model models/sd15 --steps 25 --sampler dpmpp_2m
 
 The file holds three models under three prefixes: the U-Net (`model.diffusion_model.`), the
 autoencoder (`first_stage_model.`) and the text encoder: SD 1.x's CLIP ViT-L/14 in transformers' layout
 (`cond_stage_model.transformer.`), or SD 2.x's OpenCLIP ViT-H/14 in open_clip's (`cond_stage_model.model.`,
 converted to a transformers CLIPTextModel that stops at the penultimate layer SD 2.x conditions on:
-ldm.models.convert_openclip). A file holds no configs: SD 1.x's and 2.x's are built in (Rombach et al.
-2022's v1-inference.yaml and Stability AI's v2-inference.yaml, in diffusers' and transformers' terms; an
-OpenCLIP tower's sizes are read off its weights), and `--unet-config`, `--vae-config`, `--text-config` take
-config.json files for other sizes. The tokenizer is CLIP's (ldm.models.clip_bpe; SD 2.x pads with id 0
+ldm.models.convert_openclip); SDXL's two, CLIP ViT-L/14 (`conditioner.embedders.0.transformer.`) and
+OpenCLIP bigG/14 whole, with its projection (`conditioner.embedders.1.model.`). A file holds no configs: SD 1.x's, 2.x's and SDXL's are built in (Rombach et al.
+2022's v1-inference.yaml, Stability AI's v2-inference.yaml and sd_xl_base.yaml, in diffusers' and
+transformers' terms; an OpenCLIP tower's sizes are read off its weights), and `--unet-config`,
+`--vae-config`, `--text-config` (CLIP ViT-L's) take config.json files for other sizes. The tokenizer is CLIP's (ldm.models.clip_bpe; SD 2.x pads with id 0
 as open_clip does), the schedule SD's scaled-linear betas. A file says neither whether it predicts eps or
 v (SD 2.x 768-v models do: `--prediction v`) nor its image size (`--resolution 768` for those).
-SDXL files are refused.
+SDXL refiner files are refused.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from ldm.models.weights import load_state_dict_strict
 
 VAE_PREFIX, CLIP_PREFIX = "first_stage_model.", "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."      # SD 2.x: open_clip's CLIP, text tower only
+XL_CLIP_PREFIX, XL_BIGG_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."   # SDXL
 SD1_UNET = {   # diffusers' UNet2DConditionModel config of SD 1.x (v1-inference.yaml: 320 channels, 8 heads)
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "block_out_channels": [320, 640, 1280, 1280],
     "layers_per_block": 2, "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
@@ -46,11 +49,20 @@ SD2_UNET = {   # v2-inference.yaml: 64-wide heads (diffusers' attention_head_dim
     **SD1_UNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,   # OpenCLIP-H tokens,
     "use_linear_projection": True,                                                     # Linear proj_in/out
 }
+SDXL_UNET = {  # sd_xl_base.yaml (Podell et al. 2023, Tab. 1): no attention at 128^2 latents, 2 / 10 blocks below
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2, "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
+    "up_block_types": ["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"], "attention_head_dim": [5, 10, 20],
+    "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048, "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,   # bigG's pooled 1280 + 6 size numbers x 256
+}
 SD1_VAE = {    # diffusers' AutoencoderKL config of SD's f = 8 KL autoencoder
     "sample_size": 512, "in_channels": 3, "out_channels": 3, "block_out_channels": [128, 256, 512, 512],
     "layers_per_block": 2, "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
     "latent_channels": 4, "norm_num_groups": 32, "scaling_factor": 0.18215,
 }
+SDXL_VAE = {**SD1_VAE, "sample_size": 1024, "scaling_factor": 0.13025}   # retrained, same architecture
 SD1_TEXT = {   # transformers' CLIPTextConfig of openai/clip-vit-large-patch14's text tower
     "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
     "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768, "hidden_act": "quick_gelu",
@@ -68,36 +80,54 @@ def read_config(path: str | None, default: dict, what: str) -> dict:
     return json.loads(Path(path).read_text())
 
 
+TEXT_PREFIXES = {"sd1": (CLIP_PREFIX,), "sd2": (OPENCLIP_PREFIX,), "sdxl": (XL_CLIP_PREFIX, XL_BIGG_PREFIX)}
+UNETS, VAES = {"sd1": SD1_UNET, "sd2": SD2_UNET, "sdxl": SDXL_UNET}, {"sd1": SD1_VAE, "sd2": SD1_VAE, "sdxl": SDXL_VAE}
+
+
 def check_layout(state: dict, source: str) -> str:
-    """"sd1" or "sd2" (by the text tower), or an error that says what the file is and what to do with it."""
+    """"sd1", "sd2" or "sdxl" (by the text towers), or an error that says what the file is and what to do."""
     if any(k.startswith("conditioner.embedders.") for k in state):
-        raise ValueError(f"{source}: an SDXL checkpoint (conditioner.embedders.*); SDXL is not supported")
-    version = "sd2" if any(k.startswith(OPENCLIP_PREFIX) for k in state) else "sd1"
-    text_prefix = OPENCLIP_PREFIX if version == "sd2" else CLIP_PREFIX
-    missing = [p for p in (COMPVIS_PREFIX, VAE_PREFIX, text_prefix) if not any(k.startswith(p) for k in state)]
+        if not any(k.startswith(XL_CLIP_PREFIX) for k in state):
+            raise ValueError(f"{source}: an SDXL checkpoint without the CLIP ViT-L encoder ({XL_CLIP_PREFIX}*): "
+                             "the SDXL refiner is not supported, only SDXL base files")
+        version = "sdxl"
+    else:
+        version = "sd2" if any(k.startswith(OPENCLIP_PREFIX) for k in state) else "sd1"
+    prefixes = (COMPVIS_PREFIX, VAE_PREFIX, *TEXT_PREFIXES[version])
+    missing = [p for p in prefixes if not any(k.startswith(p) for k in state)]
     if missing:
-        raise ValueError(f"{source}: no {missing} weights: not a full SD 1.x / 2.x checkpoint "
+        raise ValueError(f"{source}: no {missing} weights: not a full SD 1.x / 2.x / SDXL checkpoint "
                          "(a bare U-Net or VAE file loads with ldm.models.convert_unet / convert_ae)")
     return version
 
 
-def load_clip(weights: dict, config: dict, source: str):
-    """Text-tower weights under transformers' names into a CLIPTextModel, all-or-nothing."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-    model = CLIPTextModel(CLIPTextConfig(**config))
+def load_clip(weights: dict, config: dict, source: str, projection: bool = False):
+    """Text-tower weights under transformers' names into a CLIPTextModel (CLIPTextModelWithProjection),
+    all-or-nothing."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**config))
     load_state_dict_strict(model, {clip_name(k, model): v.float() for k, v in weights.items()}, source)
     return model
 
 
-def text_encoder(state: dict, version: str, text_config: str | None, source: str):
-    """The file's text tower as a transformers CLIPTextModel, and the token that pads its prompts."""
-    if version == "sd1":
-        weights = {k[len(CLIP_PREFIX):]: v for k, v in state.items() if k.startswith(CLIP_PREFIX)}
-        weights = {k: v for k, v in weights.items() if k not in CLIP_BUFFERS}
-        return load_clip(weights, read_config(text_config, SD1_TEXT, "text"), source), None
-    tower = convert_openclip.text_tower(state, OPENCLIP_PREFIX)
-    config = {**convert_openclip.clip_config(tower), **read_config(text_config, {}, "text")}
-    return (load_clip(convert_openclip.to_transformers(tower), config, source), convert_openclip.PAD_TOKEN)
+def text_encoders(state: dict, version: str, text_config: str | None, source: str) -> list[tuple]:
+    """The file's text towers as transformers models, each with the token that pads its prompts (None: the
+    end token). `text_config`: CLIP ViT-L's whole config (SD 1.x, SDXL's first), or entries over what an
+    OpenCLIP tower's weights say (SD 2.x)."""
+    if version == "sd2":
+        tower = convert_openclip.text_tower(state, OPENCLIP_PREFIX)
+        config = {**convert_openclip.clip_config(tower), **read_config(text_config, {}, "text")}
+        return [(load_clip(convert_openclip.to_transformers(tower), config, source), convert_openclip.PAD_TOKEN)]
+    prefix = XL_CLIP_PREFIX if version == "sdxl" else CLIP_PREFIX
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    weights = {k: v for k, v in weights.items() if k not in CLIP_BUFFERS}
+    encoders = [(load_clip(weights, read_config(text_config, SD1_TEXT, "text"), source), None)]
+    if version == "sdxl":   # bigG whole (SDXL reads its layer -2 and the pooled end token of the last)
+        tower = convert_openclip.text_tower(state, XL_BIGG_PREFIX)
+        encoders.append((load_clip(convert_openclip.to_transformers(tower, drop_last=False, projection=True),
+                                   convert_openclip.clip_config(tower, drop_last=False), source, projection=True),
+                         convert_openclip.PAD_TOKEN))
+    return encoders
 
 
 def convert(checkpoint: str, out: str, *, prediction: str = "eps", guidance: float = 6.5, dtype: str = "float32",
@@ -121,32 +151,34 @@ def convert(checkpoint: str, out: str, *, prediction: str = "eps", guidance: flo
     state = read_checkpoint(path)
     version = check_layout(state, checkpoint)
     unet = load_compvis_unet({k: v.float() for k, v in state.items() if k.startswith(COMPVIS_PREFIX)},
-                             unet_config_from_diffusers(read_config(unet_config, SD2_UNET if version == "sd2"
-                                                                    else SD1_UNET, "unet")))
-    autoencoder = load_compvis_autoencoder(state, diffusers_config_to_ours(read_config(vae_config, SD1_VAE, "vae")))
+                             unet_config_from_diffusers(read_config(unet_config, UNETS[version], "unet")))
+    autoencoder = load_compvis_autoencoder(state, diffusers_config_to_ours(read_config(vae_config, VAES[version],
+                                                                                      "vae")))
     side = save_networks(tmp, unet, autoencoder, dtype)
     del unet, autoencoder
-    clip, pad_token = text_encoder(state, version, text_config, checkpoint)
-    clip.save_pretrained(str(tmp / "text_encoder" / CLIP_DIR / "text_encoder"))
-    write_clip_tokenizer(tmp / "text_encoder" / CLIP_DIR / "tokenizer", clip.config.max_position_embeddings,
-                         pad_token=pad_token)
+    for i, (clip, pad_token) in enumerate(text_encoders(state, version, text_config, checkpoint)):
+        suffix = f"_{i + 1}" if i else ""                  # SDXL's second: text_encoder_2/, tokenizer_2/
+        clip.save_pretrained(str(tmp / "text_encoder" / CLIP_DIR / f"text_encoder{suffix}"))
+        write_clip_tokenizer(tmp / "text_encoder" / CLIP_DIR / f"tokenizer{suffix}",
+                             clip.config.max_position_embeddings, pad_token=pad_token)
     index = model_index_from_scheduler({**SD_SCHEDULER, "prediction_type": ours[prediction]}, resolution or side,
                                        guidance)
-    finish_folder(tmp, out, index)
+    finish_folder(tmp, out, index, **({"kind": "sdxl", "zero_empty": True} if version == "sdxl" else {}))
     return index
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ldm.models.from_single_file", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="an SD 1.x / 2.x checkpoint: .safetensors, or .ckpt (read with weights_only)")
+    parser.add_argument("checkpoint", help="an SD 1.x / 2.x / SDXL base checkpoint: .safetensors, or .ckpt "
+                                           "(read with weights_only)")
     add_output_args(parser)
     parser.add_argument("--prediction", default="eps", choices=["eps", "v"],
                         help="what the U-Net predicts (default eps: SD 1.x, SD 2.x base; v for SD 2.x 768-v files; "
                              "the file does not say)")
     parser.add_argument("--resolution", type=int, metavar="PX",
-                        help="the image side the model was trained at (default: the autoencoder config's, 512; "
-                             "768 for SD 2.x 768-v files)")
+                        help="the image side the model was trained at (default: the autoencoder config's: 512, "
+                             "SDXL 1024; give 768 for SD 2.x 768-v files)")
     for part, what in (("unet", "diffusers UNet2DConditionModel"), ("vae", "diffusers AutoencoderKL"),
                        ("text", "transformers CLIPTextModel")):
         parser.add_argument(f"--{part}-config", metavar="JSON",

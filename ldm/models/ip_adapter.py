@@ -100,10 +100,10 @@ class IPAdapterUNet(nn.Module):
         super().__init__()
         self.unet, self.cfg, self.state = unet, unet.cfg, state
 
-    def forward(self, x, t, context, context_mask=None, cond_emb=None, ip_tokens=None):
+    def forward(self, x, t, context, context_mask=None, cond_emb=None, ip_tokens=None, **added):
         self.state.tokens = ip_tokens
         try:
-            return self.unet(x, t, context, context_mask, cond_emb)
+            return self.unet(x, t, context, context_mask, cond_emb, **added)
         finally:
             self.state.tokens = None
 

@@ -1,10 +1,11 @@
 """Text encoders: prompts -> token features (B, L, D) and a padding mask (B, L) for cross-attention.
 
-Three kinds behind one interface, picked by `TextEncoderConfig.kind`:
+Four kinds behind one interface, picked by `TextEncoderConfig.kind`:
   "scratch"  - a transformer trained jointly with the U-Net (LDM txt2img, Rombach et al. 2022, Sec. 4.3),
                on open_clip's CLIP BPE tokenizer;
   "clip"     - a frozen transformers CLIPTextModel (SD 1.x uses openai/clip-vit-large-patch14);
-  "openclip" - a frozen OpenCLIP text tower from a local checkpoint (SD 2.x uses ViT-H-14, penultimate layer).
+  "openclip" - a frozen OpenCLIP text tower from a local checkpoint (SD 2.x uses ViT-H-14, penultimate layer);
+  "sdxl"     - SDXL's two frozen CLIP encoders side by side, plus a pooled vector (ldm.models.text_sdxl).
 Every encoder: `encoder(prompts) -> (context, mask)`, `.dim`, `.max_length`, `.tokenize(prompts)`.
 Prompts longer than `max_length` tokens are truncated (end token kept) with one warning per encoder.
 """
@@ -25,13 +26,13 @@ from ldm.models.clip_bpe import clip_bpe_for
 from ldm.models.layers import Attention
 from ldm.models.weights import load_state_dict_strict, load_weights, save_weights
 
-KINDS = ("scratch", "clip", "openclip")
+KINDS = ("scratch", "clip", "openclip", "sdxl")
 LAYERS = ("last", "penultimate")
 
 
 @dataclass
 class TextEncoderConfig:
-    kind: str = "scratch"             # "scratch" | "clip" | "openclip"
+    kind: str = "scratch"             # "scratch" | "clip" | "openclip" | "sdxl"
     path: str | None = None           # scratch: saved folder (None = random init); clip: folder or hub name;
                                       # openclip: checkpoint file (.safetensors / .pt / .bin)
     max_length: int = 77              # token limit incl. start/end tokens (openclip: the tower's own)
@@ -47,6 +48,7 @@ class TextEncoderConfig:
     local_files_only: bool = True     # clip: never reach the hub
     mask_padding: bool = True         # clip/openclip: False = the U-Net's cross-attention sees the padding
                                       # tokens too, as Stable Diffusion's U-Nets were trained (its imports)
+    zero_empty: bool = False          # sdxl: an empty prompt is all zeros (SDXL's dropped captions)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -367,4 +369,7 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
         return ScratchTextEncoder.from_pretrained(cfg.path) if cfg.path else ScratchTextEncoder(cfg)
     if cfg.kind == "clip":
         return ClipTextEncoder(cfg)
+    if cfg.kind == "sdxl":
+        from ldm.models.text_sdxl import SdxlTextEncoder
+        return SdxlTextEncoder(cfg)
     return OpenClipTextEncoder(cfg)

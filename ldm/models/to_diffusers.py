@@ -26,7 +26,7 @@ from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.from_diffusers import DTYPES, PREDICTIONS, SCHEDULES, start_folder
 from ldm.models.lora import ours_to_diffusers
 from ldm.models.text import ClipTextEncoder
-from ldm.models.unet import UNet, UNetConfig
+from ldm.models.unet import UNet, UNetConfig, refuse_added_cond
 from ldm.models.weights import save_state
 from ldm.pipeline import load_index, load_text_encoder
 
@@ -162,6 +162,7 @@ def export(model_dir: str, out: str, dtype: str = "float32") -> Path:
     index = load_index(model_dir)
     scheduler = scheduler_config(index)                # the cheap refusals first
     unet = UNet.from_pretrained(os.path.join(model_dir, index.unet))
+    refuse_added_cond(unet.cfg, "python -m ldm.models.to_diffusers")
     ae = AutoencoderKL.from_pretrained(os.path.join(model_dir, index.autoencoder))
     unet_config = unet_config_to_diffusers(unet.cfg, index.resolution // ae.config.downsample_factor)
     text = load_text_encoder(os.path.join(model_dir, index.text_encoder))

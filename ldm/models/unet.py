@@ -27,6 +27,7 @@ from ldm.models.layers import (
 from ldm.models.weights import load_state_dict_strict, load_weights, save_weights  # noqa: F401  (re-exported)
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+ADDED_CONDS = (None, "text_time")
 
 
 @dataclass
@@ -47,6 +48,9 @@ class UNetConfig:
     dropout: float = 0.0                              # ResBlock and feed-forward dropout
     gradient_checkpointing: bool = False              # recompute blocks in backward: less memory, ~30% more time
     pos_embed: bool = False                           # 2-D position features added to transformer tokens (not SD)
+    added_cond: str | None = None                     # "text_time": SDXL's pooled text + size numbers (UNet._added)
+    added_in_dim: int = 2816                          # text_time: MLP input, pooled width + numbers x their sinusoid
+    added_id_dim: int = 256                           # text_time: sinusoid width of each number
 
     @property
     def downsample_factor(self) -> int:
@@ -62,6 +66,8 @@ class UNetConfig:
         if (self.num_heads is None) == (self.head_dim is None):
             raise ValueError(f"UNetConfig: set exactly one of num_heads ({self.num_heads}) "
                              f"and head_dim ({self.head_dim})")
+        if self.added_cond not in ADDED_CONDS:
+            raise ValueError(f"UNetConfig.added_cond must be one of {ADDED_CONDS}, got {self.added_cond!r}")
         bad = [lvl for lvl in self.attention_levels if not 0 <= lvl < len(self.channels)]
         if bad:
             raise ValueError(f"UNetConfig.attention_levels: levels {bad} outside 0..{len(self.channels) - 1}")
@@ -156,6 +162,8 @@ class UNet(nn.Module):
                                       cfg.norm_groups, cfg.linear_projection, cfg.dropout, cfg.pos_embed)
 
         self.time_embed = TimestepMLP(ch[0], emb_dim)
+        if cfg.added_cond == "text_time":   # SDXL (Podell et al. 2023, sec. 2.2): pooled text + size/crop numbers
+            self.add_embed = TimestepMLP(cfg.added_in_dim, emb_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
 
         # Encoder; remember every skip's width for the decoder.
@@ -199,7 +207,7 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _embed(self, x, t, cond_emb):
+    def _embed(self, x, t, cond_emb, pooled=None, time_ids=None):
         if not torch.is_tensor(t):
             t = torch.tensor(t, device=x.device)
         t = t.to(x.device).reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t.to(x.device).reshape(-1)
@@ -210,7 +218,28 @@ class UNet(nn.Module):
             if cond_emb.shape != emb.shape:
                 raise ValueError(f"UNet: cond_emb shape {tuple(cond_emb.shape)}, expected {tuple(emb.shape)}")
             emb = emb + cond_emb.to(emb.dtype)
+        if self.cfg.added_cond is not None:
+            emb = emb + self._added(pooled, time_ids, x.shape[0]).to(emb.dtype)
+        elif pooled is not None or time_ids is not None:
+            raise ValueError("UNet: pooled / time_ids given, but this U-Net has no added conditioning")
         return emb  # (B, time_embed_dim)
+
+    def _added(self, pooled, time_ids, batch: int) -> torch.Tensor:
+        """SDXL's micro-conditioning: the pooled text embedding (B, P) beside the sinusoids of the numbers
+        (B, K) (original height, width, crop top, left, target height, width), through an MLP; the sinusoid
+        is the timesteps' own ([cos, sin], base 10^4), so its frequencies suit pixel counts in the 1000s."""
+        cfg = self.cfg
+        if pooled is None or time_ids is None:
+            raise ValueError("UNet: this U-Net (added_cond='text_time', SDXL) needs `pooled` (B, P) and "
+                             "`time_ids` (B, K) beside the context")
+        if (pooled.ndim, time_ids.ndim) != (2, 2) or pooled.shape[0] != batch or time_ids.shape[0] != batch or \
+                pooled.shape[1] + time_ids.shape[1] * cfg.added_id_dim != cfg.added_in_dim:
+            raise ValueError(f"UNet: pooled {tuple(pooled.shape)} and time_ids {tuple(time_ids.shape)} do not make "
+                             f"the {cfg.added_in_dim} inputs of its added embedding ({cfg.added_id_dim} per number) "
+                             f"for a batch of {batch}")
+        ids = timestep_embedding(time_ids.reshape(-1), cfg.added_id_dim).reshape(batch, -1)
+        dtype = self.add_embed.fc1.weight.dtype
+        return self.add_embed(torch.cat([pooled.to(dtype), ids.to(dtype)], dim=1))
 
     def _check_inputs(self, x, context) -> None:
         if context.shape[-1] != self.cfg.context_dim:
@@ -236,12 +265,13 @@ class UNet(nn.Module):
             h = self._run(self.mid.attn, h, context, context_mask)
         return self._run(self.mid.res2, h, emb), skips
 
-    def forward(self, x, t, context, context_mask=None, cond_emb=None, control=None):
+    def forward(self, x, t, context, context_mask=None, cond_emb=None, control=None, pooled=None, time_ids=None):
         """x (B,C,H,W), t (B,) or scalar in [0, 1000), context (B,L,D), context_mask (B,L) bool True=attend.
         control: (residuals, one per skip, mid residual) from ControlNets (ldm.models.controlnet), added
-        to the skips and to the middle block's output (Zhang et al. 2023, eq. 2 and Fig. 3)."""
+        to the skips and to the middle block's output (Zhang et al. 2023, eq. 2 and Fig. 3).
+        pooled (B, P), time_ids (B, K): SDXL's added conditioning (`added_cond="text_time"` only)."""
         self._check_inputs(x, context)
-        emb = self._embed(x, t, cond_emb)
+        emb = self._embed(x, t, cond_emb, pooled, time_ids)
         context = context.to(self.conv_in.weight.dtype)
         h, skips = self.encode(self.conv_in(x), emb, context, context_mask)
         if control is not None:
@@ -279,6 +309,13 @@ class UNet(nn.Module):
         model = cls(cfg)
         load_weights(model, os.path.join(directory, WEIGHTS_NAME), directory)
         return model.to(device)
+
+
+def refuse_added_cond(cfg: UNetConfig, what: str) -> None:
+    """ValueError for parts that do not pass SDXL's added conditioning (pooled text, size numbers) yet."""
+    if cfg.added_cond is not None:
+        raise ValueError(f"{what} does not take SDXL U-Nets yet (added_cond={cfg.added_cond!r}: pooled text and "
+                         "size numbers beside the context); txt2img, img2img and inpainting sample them")
 
 
 def count_params(model: nn.Module) -> int:
@@ -319,4 +356,14 @@ def sd2_config(**overrides) -> UNetConfig:
     return UNetConfig(**{**base, **overrides})
 
 
-PRESETS = {"tiny": tiny_config, "shapes64": shapes64_config, "sd15": sd15_config, "sd2": sd2_config}
+def sdxl_config(**overrides) -> UNetConfig:
+    """SDXL base sizes (Podell et al. 2023, Tab. 1): three levels, no attention at the first, 2 and 10
+    transformer blocks at the others and the middle, head width 64, context 2048 (CLIP ViT-L's 768 beside
+    OpenCLIP bigG's 1280 tokens), pooled bigG text (1280) + 6 size numbers x 256 added to the time embedding."""
+    base = dict(channels=(320, 640, 1280), layers_per_block=2, attention_levels=(1, 2), num_heads=None, head_dim=64,
+                transformer_depth=(1, 2, 10), context_dim=2048, linear_projection=True, added_cond="text_time",
+                added_in_dim=1280 + 6 * 256, added_id_dim=256)
+    return UNetConfig(**{**base, **overrides})
+
+
+PRESETS = {"tiny": tiny_config, "shapes64": shapes64_config, "sd15": sd15_config, "sd2": sd2_config, "sdxl": sdxl_config}

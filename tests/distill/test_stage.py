@@ -1,30 +1,21 @@
 """stages/distill.py on a tiny random teacher folder: both stages write students; resume mid-round is exact."""
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from stage_scripts import load_stage
 
 from ldm.pipeline import TextToImage, load_index, save_random_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_stage():
-    spec = importlib.util.spec_from_file_location("distill_stage", ROOT / "stages" / "distill.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["distill_stage"] = module          # dataclass type hints resolve through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def stage(one_thread_module):
-    return load_stage()
+    return load_stage("distill")
 
 
 @pytest.fixture(scope="module")

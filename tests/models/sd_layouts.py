@@ -59,6 +59,7 @@ def unet_to_compvis(state, levels, n):
             new = f"middle_block.{1 if m[1] == 'attentions' else 2 * int(m[2])}.{m[3]}"
         else:
             new = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                   "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",   # SDXL
                    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}[key.rsplit(".", 1)[0]]
             new += "." + key.rsplit(".", 1)[1]
         for d, c in res.items():
@@ -109,3 +110,38 @@ def openclip_tokens(model, prompts, penultimate: bool = True) -> torch.Tensor:
         hook.remove()
         model.transformer.resblocks = blocks
     return caught[0]
+
+
+def write_sdxl_pipeline(folder, text_encoder_2=None):
+    """A tiny random diffusers StableDiffusionXLPipeline saved in folder / "sdxl": SDXL's block structure at toy
+    widths (a plain first level, 1 and 2 transformer blocks, linear projections, the text_time embedding),
+    both tokenizers on the real CLIP vocabulary (the second padding with "!"), the VAE's SDXL scaling factor.
+    `text_encoder_2`: a CLIPTextModelWithProjection to use (default: a random 48-wide one)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from ldm.models.clip_bpe import write_clip_tokenizer
+    write_clip_tokenizer(folder / "tok")
+    write_clip_tokenizer(folder / "tok2", pad_token="!")
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY.clip))
+    text_encoder_2 = text_encoder_2 or CLIPTextModelWithProjection(CLIPTextConfig(**{
+        **TINY.clip, "hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 2, "num_hidden_layers": 3,
+        "projection_dim": 24, "hidden_act": "gelu"}))
+    unet = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=8,
+                cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+                addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=text_encoder_2.config.projection_dim + 6 * 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=diffusers.AutoencoderKL(**{**TINY.vae, "scaling_factor": 0.13025}), text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2, tokenizer=CLIPTokenizer.from_pretrained(str(folder / "tok")),
+            tokenizer_2=CLIPTokenizer.from_pretrained(str(folder / "tok2")), unet=diffusers.UNet2DConditionModel(**unet),
+            scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                              clip_sample=False),
+            force_zeros_for_empty_prompt=True)
+        pipe.save_pretrained(str(folder / "sdxl"))
+    return pipe

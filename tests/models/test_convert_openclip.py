@@ -38,3 +38,26 @@ def test_other_towers_are_refused_by_name():
         convert_openclip.to_transformers({**tower, "transformer.resblocks.0.attn.gate.weight": torch.ones(1)})
     with pytest.raises(ValueError, match="lack .*token_embedding.weight"):
         convert_openclip.clip_config({"ln_final.weight": torch.ones(4)})
+
+
+def test_sdxl_bigg_pooled_and_penultimate_equal_open_clip(one_thread):
+    """SDXL reads the whole tower: the projected pooled end token (open_clip's encode_text) and layer -2
+    as it is, without the final LayerNorm (open_clip's second-to-last block's output)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    model = openclip_text_model()
+    tower = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
+    clip = CLIPTextModelWithProjection(CLIPTextConfig(**convert_openclip.clip_config(tower, drop_last=False))).eval()
+    weights = convert_openclip.to_transformers(tower, drop_last=False, projection=True)
+    clip.load_state_dict({clip_name(k, clip): v for k, v in weights.items()}, strict=True)
+    tokens = open_clip.tokenize(PROMPTS)
+    caught = []
+    hook = model.transformer.resblocks[-2].register_forward_hook(lambda module, args, out: caught.append(out))
+    with torch.no_grad():
+        pooled = model.encode_text(tokens)
+        hook.remove()
+        out = clip(input_ids=tokens, output_hidden_states=True)
+    assert pooled.shape == (3, 32) and pooled.std() > 0.1
+    torch.testing.assert_close(out.text_embeds, pooled, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out.hidden_states[-2], caught[0], atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no text_projection"):
+        convert_openclip.to_transformers({k: v for k, v in tower.items() if k != "text_projection"}, projection=True)

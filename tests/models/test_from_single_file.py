@@ -9,9 +9,10 @@ import re
 
 import pytest
 import torch
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.torch import save_file
-from sd_layouts import (PROMPTS, openclip_text_model, openclip_tokens, unet_to_compvis, vae_key_to_compvis,
-                        write_sd_pipeline)
+from sd_layouts import (PROMPTS, on_our_grid, openclip_text_model, openclip_tokens, unet_to_compvis,
+                        vae_key_to_compvis, write_sd_pipeline, write_sdxl_pipeline)
 
 from ldm.bench_models import TINY
 from ldm.diffusion.samplers import initial_noise
@@ -80,7 +81,7 @@ def test_wrong_files_are_named(sd, tmp_path, capsys):
     for name, edit, message in (
             ("v2.safetensors", lambda s: {**s, "cond_stage_model.model.ln_final.weight": torch.ones(1)},
              "OpenCLIP text tower: the weights lack"),
-            ("xl.safetensors", lambda s: {**s, "conditioner.embedders.0.x": torch.ones(1)}, "SDXL"),
+            ("xl.safetensors", lambda s: {**s, "conditioner.embedders.1.model.x": torch.ones(1)}, "SDXL refiner"),
             ("unet.safetensors", lambda s: {k: v for k, v in s.items() if k.startswith("model.")}, "first_stage_model"),
             ("bad.safetensors", lambda s: {k: v for k, v in s.items() if "conv_in" not in k}, "missing keys")):
         save_file(edit(state), str(tmp_path / name))
@@ -162,3 +163,62 @@ def test_built_in_sd2_sizes_are_the_real_models():
                                    "hidden_act", "max_position_embeddings", "vocab_size")} == {
         "hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096, "num_hidden_layers": 23,
         "hidden_act": "gelu", "max_position_embeddings": 77, "vocab_size": 49408}
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """(diffusers SDXL pipeline, folder with sdxl.safetensors in Stability AI's sgm layout): the second text
+    encoder is a tiny open_clip model, in the file as open_clip holds it and in the diffusers pipeline as
+    transformers does (that conversion is checked against open_clip in test_convert_openclip.py)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from ldm.models import convert_openclip
+    from ldm.models.text import clip_name
+    folder = tmp_path_factory.mktemp("singlexl")
+    tower = {k: v for k, v in openclip_text_model(seed=1).state_dict().items() if not k.startswith("visual.")}
+    bigg = CLIPTextModelWithProjection(CLIPTextConfig(**convert_openclip.clip_config(tower, drop_last=False))).eval()
+    bigg.load_state_dict({clip_name(k, bigg): v for k, v in
+                          convert_openclip.to_transformers(tower, drop_last=False, projection=True).items()})
+    pipe = write_sdxl_pipeline(folder, text_encoder_2=bigg)
+    levels = len(pipe.unet.config.block_out_channels)
+    unet = unet_to_compvis(pipe.unet.state_dict(), levels=levels, n=2)
+    # the test-side U-Net map, SDXL's label_emb included, is diffusers' own converter's inverse
+    back = convert_ldm_unet_checkpoint(unet, dict(pipe.unet.config))
+    assert set(back) == set(pipe.unet.state_dict()) and all(torch.equal(back[k], v) for k, v in pipe.unet.state_dict().items())
+    state = {**unet, **{k: v for k, v in single_file_state(pipe).items() if k.startswith("first_stage_model.")}}
+    state |= {"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
+              for k, v in pipe.text_encoder.state_dict().items()}
+    state |= {f"conditioner.embedders.1.model.{k}": v for k, v in tower.items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "sdxl.safetensors"))
+    return pipe, folder
+
+
+def test_sdxl_file_draws_what_diffusers_draws(sdxl, tmp_path, one_thread, capsys):
+    theirs, folder = sdxl
+    sd = folder / "sdxl"
+    main([str(folder / "sdxl.safetensors"), "--out", str(tmp_path / "model"), "--guidance", "3",
+          "--unet-config", str(sd / "unet" / "config.json"), "--vae-config", str(sd / "vae" / "config.json"),
+          "--text-config", str(sd / "text_encoder" / "config.json")])        # bigG's sizes: from its weights
+    assert "prediction eps, w = 3" in capsys.readouterr().out
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    assert pipe.text_encoder.cfg.kind == "sdxl" and pipe.text_encoder.cfg.zero_empty
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(4), pipe.latent_shape(len(PROMPTS)),
+                          generator=torch.Generator().manual_seed(0))
+    images, _ = pipe.generate(PROMPTS, steps=4, seed=0)
+    side = pipe.index.resolution
+    with torch.no_grad():
+        reference = on_our_grid(theirs)(PROMPTS, num_inference_steps=4, guidance_scale=1 + 3.0, latents=noise,
+                                        height=side, width=side, output_type="pt").images
+    assert reference.std() > 0.05
+    torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+
+
+def test_sdxl_refiner_file_is_named(sdxl, tmp_path, capsys):
+    from safetensors.torch import load_file
+    _, folder = sdxl
+    state = {k: v for k, v in load_file(str(folder / "sdxl.safetensors")).items()
+             if not k.startswith("conditioner.embedders.0.")}
+    save_file(state, str(tmp_path / "refiner.safetensors"))
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "refiner.safetensors"), "--out", str(tmp_path / "model")])
+    assert "SDXL refiner is not supported" in capsys.readouterr().err

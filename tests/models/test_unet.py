@@ -12,7 +12,7 @@ from ldm.models.convert_unet import load_compvis_unet, load_diffusers_unet, unet
 from ldm.models.layers import timestep_embedding
 from sd_layouts import unet_to_compvis
 
-from ldm.models.unet import UNet, UNetConfig, count_params, sd2_config, sd15_config, tiny_config
+from ldm.models.unet import UNet, UNetConfig, count_params, sd2_config, sd15_config, sdxl_config, tiny_config
 
 
 def _inputs(cfg, batch=2, size=8, tokens=5, seed=0):
@@ -154,9 +154,11 @@ def test_config_rejects_bad_heads():
         UNet(tiny_config(num_heads=3))
 
 
-@pytest.mark.parametrize("make, expected", [(sd15_config, 859_520_964), (sd2_config, 865_910_724)])
+@pytest.mark.parametrize("make, expected", [(sd15_config, 859_520_964), (sd2_config, 865_910_724),
+                                            (sdxl_config, 2_567_463_684)])
 def test_stable_diffusion_sizes_on_meta(make, expected):
-    # Published parameter counts of the SD 1.x and SD 2.x U-Nets.
+    # Published parameter counts of the SD 1.x, SD 2.x and SDXL base U-Nets (diffusers' models: 2.6B for SDXL,
+    # Podell et al. 2023, Tab. 1).
     with torch.device("meta"):
         assert count_params(UNet(make())) == expected
 
@@ -189,6 +191,43 @@ def test_diffusers_unet_loads_and_matches(tmp_path, linear, heads):
         torch.testing.assert_close(ours(x, t, ctx), _diffusers_out(ref, x, t, ctx), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(ours(x, t, ctx, context_mask=mask), _diffusers_out(ref, x, t, ctx, mask),
                                    atol=1e-4, rtol=1e-4)
+
+
+def _small_sdxl():
+    """SDXL's block structure at toy widths: a plain first level, per-level transformer depths (the middle
+    takes the last level's), linear projections, and the "text_time" added embedding."""
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(16, 32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 2, 4),
+        transformer_layers_per_block=(1, 2, 3), cross_attention_dim=24, norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=20 + 6 * 8)
+    return _perturb(model).eval()
+
+
+def test_sdxl_unet_loads_and_matches(tmp_path):
+    ref = _small_sdxl()
+    ref.save_pretrained(tmp_path)
+    ours = load_diffusers_unet(str(tmp_path)).eval()
+    assert (ours.cfg.added_cond, ours.cfg.transformer_depth, ours.cfg.attention_levels) == ("text_time", (1, 2, 3), (1, 2))
+    x, t, ctx = _inputs(ours.cfg)
+    g = torch.Generator().manual_seed(1)
+    pooled = torch.randn(2, 20, generator=g)
+    time_ids = torch.tensor([[512.0, 384, 0, 16, 512, 512], [1024, 1024, 8, 0, 768, 1024]])
+    with torch.no_grad():
+        theirs = ref(x, t, encoder_hidden_states=ctx,
+                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        torch.testing.assert_close(ours(x, t, ctx, pooled=pooled, time_ids=time_ids), theirs, atol=1e-4, rtol=1e-4)
+        moved = ours(x, t, ctx, pooled=pooled, time_ids=time_ids.flip(0))      # the numbers do reach the output
+        assert (moved - theirs).abs().max() > 1e-2
+        with pytest.raises(ValueError, match="needs `pooled`"):
+            ours(x, t, ctx)
+        with pytest.raises(ValueError, match="do not make the 68 inputs"):
+            ours(x, t, ctx, pooled=pooled, time_ids=time_ids[:, :5])
+        with pytest.raises(ValueError, match="no added conditioning"):
+            load_diffusers_unet(str(tmp_path)).__class__(tiny_config())(x, t, torch.zeros(2, 5, 32), pooled=pooled,
+                                                                       time_ids=time_ids)
 
 
 def test_diffusers_config_unsupported_key_is_named():

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from stage_scripts import load_stage
 
 from ldm.data.loaders import build_dataset
 from ldm.models.autoencoder import AutoencoderKL
@@ -21,16 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "ae" / "tiny.yaml"
 
 
-def _load_stage():
-    # stages/ is not a package; register the module first so its dataclasses resolve their annotations
-    spec = importlib.util.spec_from_file_location("train_ae", ROOT / "stages" / "train_ae.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_ae"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-stage = _load_stage()
+stage = load_stage("train_ae")
 
 
 def run(out: Path, *args: str) -> dict:

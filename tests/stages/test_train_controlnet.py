@@ -2,9 +2,7 @@
 from edges (against a numpy Sobel) and from a data column (cropped with the picture)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
+from stage_scripts import load_stage
 
 from ldm.data.hints import edge_map
 from ldm.data.loaders import DataConfig, build_dataset
@@ -23,15 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "controlnet" / "tiny.yaml"
 
 
-def _load_stage():
-    spec = importlib.util.spec_from_file_location("train_controlnet", ROOT / "stages" / "train_controlnet.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_controlnet"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-stage = _load_stage()
+stage = load_stage("train_controlnet")
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from stage_scripts import load_stage
 
 from ldm.data.loaders import DataConfig, build_dataset
 from ldm.data.shapes import export
@@ -25,16 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "latent"
 
 
-def _load_stage():
-    # stages/ is not a package; register the module first so its dataclasses resolve their annotations
-    spec = importlib.util.spec_from_file_location("train_latent", ROOT / "stages" / "train_latent.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_latent"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-stage = _load_stage()
+stage = load_stage("train_latent")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")

@@ -1,0 +1,84 @@
+"""SDXL's text conditioning (Podell et al. 2023, sec. 2.1): two frozen CLIP text encoders side by side.
+
+    context = [CLIP ViT-L/14, layer -2 (768) ; OpenCLIP ViT-bigG/14, layer -2 (1280)]    (B, 77, 2048)
+    pooled  = bigG's projected pooled output (its end token after the final LayerNorm)   (B, 1280)
+
+Both token streams are the penultimate layer's output as it is, without the final LayerNorm that SD 2.x
+applies; `clip_skip` N takes layer -N instead (default 2). The two tokenizers share CLIP's vocabulary but
+pad differently (the end token; "!", id 0), each as its encoder was trained. The pooled vector enters the
+U-Net beside the size numbers (UNet._added). An empty prompt is all zeros, tokens and pooled, when
+`TextEncoderConfig.zero_empty` is set: SDXL dropped captions by zeroing their embeddings, and its pipeline
+draws the unconditional half so (diffusers' `force_zeros_for_empty_prompt`).
+
+A model folder holds the four parts as a diffusers SDXL pipeline names them: text_encoder/, tokenizer/,
+text_encoder_2/, tokenizer_2/ under `TextEncoderConfig.path`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ldm.models.text import TextEncoder, TextEncoderConfig, _check_prompts
+
+PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+class SdxlTextEncoder(TextEncoder):
+    """transformers' CLIPTextModel + CLIPTextModelWithProjection with their tokenizers; frozen."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        if not cfg.path or not os.path.isdir(cfg.path):
+            raise ValueError(f"TextEncoderConfig.path: the sdxl kind needs a folder with {PARTS}, got {cfg.path!r}")
+        missing = [p for p in PARTS if not os.path.isdir(os.path.join(cfg.path, p))]
+        if missing:
+            raise FileNotFoundError(f"{cfg.path}: SDXL's text encoders lack {missing}")
+        self.cfg = cfg
+        load = {"local_files_only": cfg.local_files_only}
+        self.tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(cfg.path, p), **load)
+                           for p in ("tokenizer", "tokenizer_2")]
+        self.model = CLIPTextModel.from_pretrained(os.path.join(cfg.path, "text_encoder"), **load)
+        self.model_2 = CLIPTextModelWithProjection.from_pretrained(os.path.join(cfg.path, "text_encoder_2"), **load)
+        self.dim = self.model.config.hidden_size + self.model_2.config.hidden_size
+        self.pooled_dim = self.model_2.config.projection_dim
+        self.max_length = min(cfg.max_length, *(t.model_max_length for t in self.tokenizers),
+                              self.model.config.max_position_embeddings)
+        self.clip_skip: int | None = None         # the layer counted from the end; None: 2, the penultimate
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)               # frozen: dropout stays off whatever the parent does
+
+    def tokenize(self, prompts):
+        """The first tokenizer's ids and mask (the second's differ only in the padding id)."""
+        return self._ids(self.tokenizers[0], _check_prompts(prompts), warn=True)
+
+    def _ids(self, tokenizer, prompts, warn=False):
+        if warn:
+            self._warn_truncation(prompts, [len(x) for x in tokenizer(prompts, truncation=False, verbose=False)["input_ids"]])
+        enc = tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"].bool()
+
+    @torch.no_grad()
+    def encode_pooled(self, prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(context (B, L, D1 + D2), mask (B, L), all True: SDXL's U-Net sees the padding, pooled (B, P))."""
+        prompts = _check_prompts(prompts)
+        layer = -(self.clip_skip or 2)
+        states, pooled = [], None
+        for model, tokenizer in ((self.model, self.tokenizers[0]), (self.model_2, self.tokenizers[1])):
+            ids, _ = self._ids(tokenizer, prompts, warn=model is self.model)
+            out = model(input_ids=ids.to(model.device), output_hidden_states=True)
+            states.append(out.hidden_states[layer])
+            pooled = getattr(out, "text_embeds", None)
+        context = torch.cat(states, dim=-1)
+        if self.cfg.zero_empty:
+            keep = torch.tensor([p != "" for p in prompts], device=context.device)
+            context, pooled = context * keep[:, None, None], pooled * keep[:, None]
+        return context, torch.ones(context.shape[:2], dtype=torch.bool, device=context.device), pooled
+
+    def forward(self, prompts):
+        context, mask, _ = self.encode_pooled(prompts)
+        return context, mask

@@ -1,0 +1,91 @@
+"""SDXL base (Podell et al. 2023): a diffusers StableDiffusionXLPipeline becomes our model folder, and our
+TextToImage on it draws what diffusers draws from the same weights and noise: two CLIP encoders side by
+side (penultimate layers, no final LayerNorm), the pooled text and the size numbers in the U-Net's added
+embedding, zeroed embeddings for the empty negative prompt.
+
+The pipeline is tiny and random, built here from diffusers' and transformers' own classes (the SDXL block
+structure at toy widths; both tokenizers with the real CLIP vocabulary, the second padding with "!")."""
+import pytest
+import torch
+from sd_layouts import PROMPTS, on_our_grid, write_sdxl_pipeline
+
+from ldm.diffusion.samplers import initial_noise
+from ldm.models.from_diffusers import convert, main
+from ldm.pipeline import TextToImage
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """(diffusers SDXL pipeline, the folder it was saved to)."""
+    folder = tmp_path_factory.mktemp("sdxl")
+    return write_sdxl_pipeline(folder), folder
+
+
+def test_sdxl_pipeline_draws_what_diffusers_draws(sdxl, tmp_path, one_thread, capsys):
+    theirs, folder = sdxl
+    main([str(folder / "sdxl"), "--out", str(tmp_path / "model"), "--guidance", "3"])
+    assert "prediction eps, w = 3" in capsys.readouterr().out
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    assert pipe.text_encoder.cfg.kind == "sdxl" and pipe.text_encoder.dim == 80
+    ids_2 = pipe.text_encoder._ids(pipe.text_encoder.tokenizers[1], PROMPTS)[0]
+    assert ids_2[1, -1] == 0 and pipe.text_encoder.tokenize(PROMPTS)[0][1, -1] == 49407   # each pads its own way
+
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(4), pipe.latent_shape(len(PROMPTS)),
+                          generator=torch.Generator().manual_seed(0))
+    images, info = pipe.generate(PROMPTS, steps=4, seed=0)
+    assert (info["model"], info["nfe"]) == ("teacher", 8)
+    side = pipe.index.resolution
+    with torch.no_grad():
+        reference = on_our_grid(theirs)(PROMPTS, num_inference_steps=4, guidance_scale=1 + 3.0, latents=noise,
+                                        height=side, width=side, output_type="pt").images
+    assert reference.std() > 0.05
+    torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+
+    # not square: the size numbers go in as (height, width), as diffusers' original_size / target_size
+    wide = pipe.latent_shape(1, (48, 32))
+    assert pipe.size_ids(wide).tolist() == [[32, 48, 0, 0, 32, 48]]
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(2), wide, generator=torch.Generator().manual_seed(1))
+    images, _ = pipe.generate(PROMPTS[:1], steps=2, seed=1, size=(48, 32))
+    with torch.no_grad():
+        reference = theirs(PROMPTS[:1], num_inference_steps=2, guidance_scale=1 + 3.0, latents=noise, height=32,
+                           width=48, output_type="pt").images
+    torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+
+
+def test_refiner_and_wrong_second_encoder_are_named(sdxl, tmp_path):
+    import json
+    import shutil
+    _, folder = sdxl
+    for name, edit, message in (("refiner", {"requires_aesthetics_score": True}, "SDXL refiner"),
+                                ("other", {"text_encoder_2": ["transformers", "T5EncoderModel"]}, "text_encoder_2 is")):
+        src = tmp_path / name
+        shutil.copytree(folder / "sdxl", src)
+        index = json.loads((src / "model_index.json").read_text())
+        (src / "model_index.json").write_text(json.dumps({**index, **edit}))
+        with pytest.raises(ValueError, match=message):
+            convert(str(src), str(tmp_path / f"{name}-model"))
+
+
+def test_parts_without_sdxl_support_refuse_it_by_name(sdxl, tmp_path, one_thread):
+    """ControlNets and the training stages do not pass the pooled text and size numbers yet: they say so
+    instead of failing inside the U-Net."""
+    from stage_scripts import load_stage
+
+    from ldm.models.controlnet import ControlNet
+    from ldm.models.to_diffusers import export
+    from ldm.pipeline import load_index
+    _, folder = sdxl
+    convert(str(folder / "sdxl"), str(tmp_path / "model"))
+    unet = TextToImage.from_folder(str(tmp_path / "model")).unet
+    with pytest.raises(ValueError, match="ControlNet does not take SDXL U-Nets yet"):
+        ControlNet.from_unet(unet, latent_factor=2)
+    stage = load_stage("distill")
+    side = load_index(str(tmp_path / "model")).resolution
+    argv = ["--config", str(stage.DEFAULT_CONFIG), f"teacher={tmp_path / 'model'}", f"model_out={tmp_path / 'out'}",
+            f"train.output_dir={tmp_path / 'run'}", f"data.resolution={side}"]
+    with pytest.raises(ValueError, match=r"stage 3 \(distillation\) does not take SDXL"):
+        stage.main(argv)
+    with pytest.raises(ValueError, match="to_diffusers does not take SDXL"):
+        export(str(tmp_path / "model"), str(tmp_path / "exported"))
