@@ -157,7 +157,7 @@ class TextToImage:
             path = os.path.join(self.folder, self.index.students[str(steps)])
             student = GuidedStudent.from_pretrained(path, device=self.device).eval()
             for lora, scale, source in self._loras:
-                merge_lora(lora, [student.unet], None, scale, source)
+                merge_lora(lora, [student.unet], {}, scale, source)
             student.unet.freeu = self.unet.freeu
             self._students[steps] = student
         return self._students[steps]
@@ -196,13 +196,21 @@ class TextToImage:
 
     def add_lora(self, path: str, scale: float = 1.0) -> int:
         """Merge a LoRA file (diffusers/peft or kohya layout, ldm.models.lora) into the teacher's U-Net, its
-        CLIP text encoder and every student, scaled by `scale`; returns how many layers it changed."""
-        from ldm.models.text import ClipTextEncoder
+        CLIP text encoder(s) and every student, scaled by `scale`; returns how many layers it changed."""
         lora = read_lora(path)
-        text = self.text_encoder.model if isinstance(self.text_encoder, ClipTextEncoder) else None
-        n = merge_lora(lora, [self.unet, *(s.unet for s in self._students.values())], text, scale, path)
-        self._loras.append(({"unet": lora["unet"], "text_encoder": {}}, scale, path))
+        n = merge_lora(lora, [self.unet, *(s.unet for s in self._students.values())], self.clip_models(), scale, path)
+        self._loras.append(({"unet": lora["unet"]}, scale, path))
         return n
+
+    def clip_models(self) -> dict:
+        """The transformers CLIP models of the text encoder by a LoRA file's part names: {"text_encoder": ...}
+        (SDXL: and "text_encoder_2"); {} for our scratch encoder."""
+        from ldm.models.text import ClipTextEncoder
+        if isinstance(self.text_encoder, ClipTextEncoder):
+            return {"text_encoder": self.text_encoder.model}
+        if hasattr(self.text_encoder, "model_2"):
+            return {"text_encoder": self.text_encoder.model, "text_encoder_2": self.text_encoder.model_2}
+        return {}
 
     def add_embedding(self, path: str, word: str | None = None) -> tuple[str, int]:
         """A textual-inversion file (ldm.models.embeddings) as a new word of the CLIP text encoder, named

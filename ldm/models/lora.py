@@ -1,15 +1,18 @@
 """LoRA: low-rank updates W + (alpha / r) B A of a model's weights (Hu et al. 2021, eq. 3).
 
 Two uses:
-- Sampling with LoRA files as people share them for Stable Diffusion 1.x, merged into the weights
-  (no cost per step): `read_lora` + `merge_lora` (the CLIs' `--lora FILE[:SCALE]`). Layouts read:
+- Sampling with LoRA files as people share them for Stable Diffusion 1.x/2.x and SDXL, merged into the
+  weights (no cost per step): `read_lora` + `merge_lora` (the CLIs' `--lora FILE[:SCALE]`). Layouts read:
     diffusers / peft   `unet.<diffusers module>.lora_A.weight`, `.lora_B.weight` (alpha from the
                        safetensors metadata `lora_adapter_metadata`, else alpha = r), the older
                        `...attn1.processor.to_q_lora.down.weight` and `....lora.down.weight`, and
-                       `text_encoder.<transformers module>...` for a CLIP text encoder;
+                       `text_encoder.<transformers module>...` for a CLIP text encoder (SDXL: and
+                       `text_encoder_2.`);
     kohya / A1111      `lora_unet_<module with _ for .>.lora_down.weight`, `.lora_up.weight`,
-                       `.alpha`, and `lora_te_...` (LoCon's conv layers included).
-  Other adapters (LoHa, LoKr, DoRA) and SDXL's layout are refused by name.
+                       `.alpha`, and `lora_te_...` (LoCon's conv layers included); the U-Net module in
+                       diffusers' names or, as kohya writes SDXL's, in the original (CompVis / sgm)
+                       ones (`lora_unet_input_blocks_4_1_...`); SDXL's encoders `lora_te1_`, `lora_te2_`.
+  Other adapters (LoHa, LoKr, DoRA) are refused by name.
 - Training in stage 2 (`lora.rank > 0`): `add_lora` wraps the attention projections in
   `LoRALinear` with the base frozen; `lora_file_state` writes the result in diffusers' layout, so
   diffusers' `load_lora_weights` reads our files too, and `merged_state_dict` folds it into plain weights.
@@ -25,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.models.convert_unet import DIFFUSERS_TOP, RES_DIFFUSERS, TRANSFORMER_RENAMES, diffusers_to_ours
+from ldm.models.convert_unet import DIFFUSERS_TOP, RES_DIFFUSERS, TRANSFORMER_RENAMES, compvis_to_ours, diffusers_to_ours
 from ldm.models.text import clip_name
 
 TRAIN_TARGETS = ("to_q", "to_k", "to_v", "to_out")   # our attention projections (diffusers: to_out.0)
@@ -161,7 +164,12 @@ class Update:
 _WORDS = {"down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
           "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out",
           "time_embedding", "linear_1", "linear_2", "text_model", "self_attn", "q_proj", "k_proj", "v_proj",
-          "out_proj", "final_layer_norm", "layer_norm1", "layer_norm2"}
+          "out_proj", "final_layer_norm", "layer_norm1", "layer_norm2", "add_embedding",
+          # the CompVis / sgm U-Net (kohya's SDXL files)
+          "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers",
+          "skip_connection", "time_embed", "label_emb"}
+_COMPVIS_TOP = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
+TEXT_PARTS = ("text_encoder", "text_encoder_2")        # SDXL has two
 
 
 def kohya_to_dotted(name: str) -> str:
@@ -177,9 +185,7 @@ def kohya_to_dotted(name: str) -> str:
     return ".".join(out)
 
 
-_UNSUPPORTED = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
-                "lora_unet_input_blocks": "SDXL / SGM layout", "lora_te1_": "SDXL (two text encoders)",
-                "lora_te2_": "SDXL (two text encoders)"}
+_UNSUPPORTED = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA"}
 
 
 _LAYOUTS = ((r"(.*)\.lora_A(?:\.default)?\.weight", "down"), (r"(.*)\.lora_B(?:\.default)?\.weight", "up"),  # peft
@@ -191,12 +197,13 @@ _KOHYA = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 
 def _split_key(key: str) -> tuple[str, str, str] | None:
     """(part, source module, 'down'|'up'|'alpha') of one tensor key, or None for a key that is not LoRA."""
-    for pre, part in (("lora_unet_", "unet"), ("lora_te_", "text_encoder")):
+    for pre, part in (("lora_unet_", "unet"), ("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"),
+                      ("lora_te2_", "text_encoder_2")):
         if key.startswith(pre):
             module, _, kind = key[len(pre):].partition(".")
             return (part, kohya_to_dotted(module), _KOHYA[kind]) if kind in _KOHYA else None
     part, _, rest = key.partition(".")
-    if part not in ("unet", "text_encoder"):
+    if part not in ("unet", *TEXT_PARTS):
         part, rest = "unet", key                          # the oldest diffusers files have no prefix
     rest = rest.removeprefix("base_model.model.")         # a peft model's own state dict
     m = _PROCESSOR.fullmatch(rest)
@@ -210,7 +217,8 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
 
 
 def read_lora(path: str) -> dict[str, dict[str, Update]]:
-    """{'unet': {diffusers module: Update}, 'text_encoder': {transformers module: Update}} of a LoRA file."""
+    """{'unet': {diffusers or CompVis module: Update}, 'text_encoder' (and SDXL's 'text_encoder_2'):
+    {transformers module: Update}} of a LoRA file."""
     try:
         if path.endswith(".safetensors"):
             from safetensors import safe_open
@@ -226,9 +234,9 @@ def read_lora(path: str) -> dict[str, dict[str, Update]]:
         raise ValueError(f"{path}: not a LoRA file (expected a flat dict of tensors)")
     for marker, what in _UNSUPPORTED.items():
         if any(marker in k for k in state):
-            raise ValueError(f"{path}: a {what} file; only LoRA for Stable Diffusion 1.x/2.x U-Nets and CLIP is supported")
+            raise ValueError(f"{path}: a {what} file; only LoRA for Stable Diffusion U-Nets and CLIP is supported")
     meta = json.loads(metadata.get(METADATA_KEY, "{}"))
-    for part in ("unet", "text_encoder"):
+    for part in ("unet", *TEXT_PARTS):
         if meta.get(f"{part}.use_dora") or meta.get(f"{part}.rank_pattern") or meta.get(f"{part}.alpha_pattern"):
             raise ValueError(f"{path}: per-module ranks/alphas or DoRA in the metadata are not supported")
     pieces: dict[tuple[str, str], dict] = {}
@@ -242,7 +250,7 @@ def read_lora(path: str) -> dict[str, dict[str, Update]]:
         pieces.setdefault((part, module), {})[kind] = value
     if unknown:
         raise ValueError(f"{path}: {len(unknown)} keys are not LoRA weights in a layout we read, e.g. {unknown[:3]}")
-    out: dict[str, dict[str, Update]] = {"unet": {}, "text_encoder": {}}
+    out: dict[str, dict[str, Update]] = {"unet": {}, **{part: {} for part in TEXT_PARTS}}
     for (part, module), p in pieces.items():
         if "down" not in p or "up" not in p:
             raise ValueError(f"{path}: {part} module {module!r} has no {'down/lora_A' if 'down' not in p else 'up/lora_B'} weight")
@@ -274,21 +282,32 @@ def _targets(lora: dict[str, Update], model: nn.Module, rename, source: str) -> 
     return found
 
 
+def unet_module(name: str, cfg) -> str:
+    """A LoRA file's U-Net module name (diffusers', or CompVis / sgm as kohya writes SDXL's) -> ours."""
+    key = f"{name}.weight"
+    ours = compvis_to_ours({key: None}, cfg) if name.startswith(_COMPVIS_TOP) else \
+        diffusers_to_ours({key: None}, len(cfg.channels))
+    return ours.popitem()[0][:-len(".weight")]
+
+
 @torch.no_grad()
-def merge_lora(lora: dict[str, dict[str, Update]], unets: list[nn.Module], text_encoder: nn.Module | None,
+def merge_lora(lora: dict[str, dict[str, Update]], unets: list[nn.Module], text_encoders: dict[str, nn.Module],
                scale: float = 1.0, source: str = "LoRA") -> int:
-    """weight += scale * alpha / r * up @ down in each U-Net (ours, diffusers names mapped) and in the
-    text encoder (a transformers module: its own names). Checks everything first: all or nothing."""
+    """weight += scale * alpha / r * up @ down in each U-Net (ours, diffusers or CompVis names mapped) and in
+    the text encoders (`text_encoders`: part -> transformers module, its own names). Checks everything
+    first: all or nothing."""
     plan = []
     for unet in unets:
-        levels = len(unet.cfg.channels)
-        plan += _targets(lora["unet"], unet, lambda n: diffusers_to_ours({f"{n}.weight": None}, levels)
-                         .popitem()[0][:-len(".weight")], source)
-    if lora["text_encoder"]:
-        if text_encoder is None:
-            raise ValueError(f"{source} has text-encoder weights, but this model's text encoder is not a "
-                             "transformers CLIP model (ours is trained from scratch)")
-        plan += _targets(lora["text_encoder"], text_encoder, lambda n: clip_name(n, text_encoder), source)
+        plan += _targets(lora["unet"], unet, lambda n: unet_module(n, unet.cfg), source)
+    for part in TEXT_PARTS:
+        if not lora.get(part):
+            continue
+        if part not in text_encoders:
+            have = "no transformers CLIP model (ours is trained from scratch)" if not text_encoders else \
+                f"only {sorted(text_encoders)}"
+            raise ValueError(f"{source} has {part} weights, but this model's text encoders are {have}")
+        model = text_encoders[part]
+        plan += _targets(lora[part], model, lambda n: clip_name(n, model), source)
     for module, update in plan:
         w = module.weight
         w.copy_((w.float() + scale * update.delta(w.shape).to(w.device)).to(w.dtype))

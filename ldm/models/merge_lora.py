@@ -19,7 +19,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from ldm.models.lora import parse_lora_arg, read_lora
+from ldm.models.lora import TEXT_PARTS, parse_lora_arg, read_lora
 from ldm.pipeline import TextToImage, load_index
 
 
@@ -44,7 +44,7 @@ def merge(model_dir: str, loras: list[tuple[str, float]], out: str) -> int:
     for steps in pipe.student_steps:
         pipe.student(steps)                            # loaded now, so that each LoRA merges into it too
     text_dir = None
-    if any(read_lora(path)["text_encoder"] for path, _ in loras):
+    if any(read_lora(path)[part] for path, _ in loras for part in TEXT_PARTS):
         config = json.loads((Path(model_dir) / index.text_encoder / "config.json").read_text())
         path = config.get("path") or ""                # as written: relative when it lives in the folder
         inside = os.path.join(model_dir, index.text_encoder, path)
@@ -64,9 +64,8 @@ def merge(model_dir: str, loras: list[tuple[str, float]], out: str) -> int:
         for steps, rel in index.students.items():
             student_dir = tmp / rel
             pipe.student(int(steps)).save_pretrained(str(student_dir), dtype=_dtype_of(student_dir / "model.safetensors"))
-        if text_dir is not None:
-            model = pipe.text_encoder.model
-            enc = tmp / text_dir / "text_encoder" if (tmp / text_dir / "text_encoder").is_dir() else tmp / text_dir
+        for part, model in pipe.clip_models().items() if text_dir is not None else ():
+            enc = tmp / text_dir / part if (tmp / text_dir / part).is_dir() else tmp / text_dir
             weights = next(enc.glob("*.safetensors"), None)
             model.to(_dtype_of(weights) if weights is not None else model.dtype).save_pretrained(enc)
     except BaseException:

@@ -208,7 +208,12 @@ def test_bad_files_are_refused_and_change_nothing(tmp_path):
     good = {f"{q}.lora_A.weight": torch.ones(2, 64), f"{q}.lora_B.weight": torch.ones(64, 2)}
     cases = {
         "loha": ({"lora_unet_x.hada_w1_a": torch.ones(1)}, "a LoHa file"),
-        "sdxl": ({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.ones(1)}, "SDXL"),
+        "sgm": (good | {"lora_unet_input_blocks_40_1_proj_in.lora_down.weight": torch.ones(2, 64),   # CompVis
+                        "lora_unet_input_blocks_40_1_proj_in.lora_up.weight": torch.ones(64, 2)},  # names too
+                "have no linear/conv layer in this model"),
+        "sdxl": (good | {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(2, 32),
+                         "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(32, 2)},
+                 r"text_encoder_2 weights, but this model's text encoders are only \['text_encoder'\]"),
         "missing": (good | {"unet.down_blocks.7.attentions.0.proj_in.lora_A.weight": torch.ones(2, 64),
                             "unet.down_blocks.7.attentions.0.proj_in.lora_B.weight": torch.ones(64, 2)},
                     "have no linear/conv layer in this model"),
@@ -239,7 +244,7 @@ def test_scratch_text_encoder_refuses_text_lora(tmp_path):
     save_file({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 8),
                "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(8, 2)},
               str(tmp_path / "te.safetensors"))
-    with pytest.raises(ValueError, match="not a transformers CLIP model"):
+    with pytest.raises(ValueError, match="no transformers CLIP model"):
         pipe.add_lora(str(tmp_path / "te.safetensors"))
 
 

@@ -89,3 +89,78 @@ def test_parts_without_sdxl_support_refuse_it_by_name(sdxl, tmp_path, one_thread
         stage.main(argv)
     with pytest.raises(ValueError, match="to_diffusers does not take SDXL"):
         export(str(tmp_path / "model"), str(tmp_path / "exported"))
+
+
+def _kohya_sdxl_lora(unet, text_encoders, rank=4, seed=0) -> dict:
+    """A kohya-layout SDXL LoRA: U-Net modules in the CompVis / sgm names kohya writes for SDXL (attention
+    projections and LoCon's ResBlock convs), the two text encoders as lora_te1_ / lora_te2_ in transformers
+    4's names (text_model.encoder...)."""
+    from sd_layouts import unet_to_compvis
+    g = torch.Generator().manual_seed(seed)
+    state = unet.state_dict()
+    compvis = {id(v): k for k, v in unet_to_compvis(state, levels=len(unet.config.block_out_channels),
+                                                    n=unet.config.layers_per_block).items()}
+    modules = {}
+    for name, m in unet.named_modules():
+        if name.endswith(("to_q", "to_k", "to_v", "to_out.0", "resnets.0.conv1")):
+            key = compvis[id(state[f"{name}.weight"])][len("model.diffusion_model."):-len(".weight")]
+            modules["lora_unet_" + key.replace(".", "_")] = m
+    for prefix, model in zip(("lora_te1_", "lora_te2_"), text_encoders):
+        for name, m in model.named_modules():
+            if name.endswith(("q_proj", "fc1")):
+                modules[prefix + "text_model_" + name.removeprefix("text_model.").replace(".", "_")] = m
+    out = {}
+    for key, m in modules.items():
+        down = torch.randn(rank, *m.weight.shape[1:], generator=g) * 0.3
+        up = torch.randn(m.weight.shape[0], rank, *([1, 1] if m.weight.dim() == 4 else []), generator=g) * 0.3
+        out |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0)}
+    return out
+
+
+def test_kohya_sdxl_lora_merges_as_diffusers_and_the_closed_form(sdxl, tmp_path, one_thread):
+    """U-Net part (sgm names, input_blocks_4_1_...): our images equal diffusers' load_lora_weights + fuse_lora
+    on a fresh copy of the pipeline. Text parts (diffusers 0.42 drops them under transformers 5): each merged
+    weight equals W + scale * alpha / r * up @ down."""
+    from safetensors.torch import save_file
+    _, folder = sdxl
+    convert(str(folder / "sdxl"), str(tmp_path / "model"), guidance=3.0)
+    theirs = write_sdxl_pipeline(tmp_path)                     # the same seed: the same weights, unfused
+    lora = _kohya_sdxl_lora(theirs.unet, (theirs.text_encoder, theirs.text_encoder_2))
+    assert any(k.startswith("lora_unet_input_blocks_") for k in lora)
+    unet_part = {k: v for k, v in lora.items() if k.startswith("lora_unet_")}
+    text_part = {k: v for k, v in lora.items() if not k.startswith("lora_unet_")}
+    save_file(unet_part, str(tmp_path / "unet.safetensors"))
+    save_file(text_part, str(tmp_path / "text.safetensors"))
+
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(3), pipe.latent_shape(len(PROMPTS)),
+                          generator=torch.Generator().manual_seed(0))
+    side = pipe.index.resolution
+    with torch.no_grad():
+        before = on_our_grid(theirs)(PROMPTS, num_inference_steps=3, guidance_scale=4.0, latents=noise,
+                                     height=side, width=side, output_type="pt").images
+    assert pipe.add_lora(str(tmp_path / "unet.safetensors"), 0.7) == len(unet_part) // 3
+    images, _ = pipe.generate(PROMPTS, steps=3, seed=0)
+    theirs.load_lora_weights(str(tmp_path / "unet.safetensors"))
+    theirs.fuse_lora(lora_scale=0.7)
+    with torch.no_grad():
+        reference = theirs(PROMPTS, num_inference_steps=3, guidance_scale=4.0, latents=noise, height=side,
+                           width=side, output_type="pt").images
+    assert (reference - before).abs().max() > 0.05
+    torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=3e-4, rtol=0)
+
+    models = {"lora_te1_": pipe.text_encoder.model, "lora_te2_": pipe.text_encoder.model_2}
+    base = {p: {k: v.clone() for k, v in m.state_dict().items()} for p, m in models.items()}
+    assert pipe.add_lora(str(tmp_path / "text.safetensors"), 0.5) == len(text_part) // 3
+    changed = 0
+    for prefix, model in models.items():
+        for name, weight in model.state_dict().items():
+            key = prefix + "text_model_" + name.removeprefix("text_model.").removesuffix(".weight").replace(".", "_")
+            if f"{key}.lora_down.weight" in text_part:
+                down, up = text_part[f"{key}.lora_down.weight"], text_part[f"{key}.lora_up.weight"]
+                expected = base[prefix][name] + 0.5 * 2.0 / 4 * up @ down
+                torch.testing.assert_close(weight, expected, atol=1e-5, rtol=1e-5)
+                changed += 1
+            else:
+                assert torch.equal(weight, base[prefix][name]), name
+    assert changed == len(text_part) // 3
