@@ -164,3 +164,24 @@ def test_kohya_sdxl_lora_merges_as_diffusers_and_the_closed_form(sdxl, tmp_path,
             else:
                 assert torch.equal(weight, base[prefix][name]), name
     assert changed == len(text_part) // 3
+
+
+def test_lcm_sampler_on_sdxl_draws_what_diffusers_lcm_draws(sdxl, tmp_path, one_thread):
+    """Few-step SDXL as people run it with an LCM-LoRA (latent-consistency/lcm-lora-sdxl): sampler="lcm" on the
+    lcm grid, 4 steps, no CFG; diffusers' SDXL pipeline with its LCMScheduler, the same latents and the same
+    generator for the sampler's noise (our seed + 1)."""
+    theirs, folder = sdxl
+    convert(str(folder / "sdxl"), str(tmp_path / "model"))
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    ours, info = pipe.generate(PROMPTS, steps=4, seed=0, guidance=0.0, sampler="lcm")
+    assert info["spacing"] == "lcm" and info["nfe"] == 4
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(4, spacing="lcm"), pipe.latent_shape(2),
+                          generator=torch.Generator().manual_seed(0))
+    lcm = diffusers.StableDiffusionXLPipeline(**{**theirs.components,
+                                                 "scheduler": diffusers.LCMScheduler.from_config(theirs.scheduler.config)})
+    lcm.set_progress_bar_config(disable=True)
+    side = pipe.index.resolution
+    with torch.no_grad():
+        reference = lcm(PROMPTS, num_inference_steps=4, guidance_scale=1.0, latents=noise, height=side, width=side,
+                        generator=torch.Generator().manual_seed(1), output_type="pt").images
+    torch.testing.assert_close(ours * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
