@@ -244,13 +244,14 @@ class TextToImage:
         With `prompt_weights` on, "(word:1.3)" emphasis is read (ldm.models.prompt_weights).
         chunks: with a CLIP text encoder, at least this many 77-token chunks side by side, and as many
         as the longest prompt needs (ldm.models.prompt_chunks); None: one, longer prompts truncated."""
-        if hasattr(self.text_encoder, "encode_pooled"):      # SDXL: one 77-token window, no emphasis (yet)
+        if hasattr(self.text_encoder, "encode_pooled"):      # SDXL: one 77-token window, no emphasis (yet);
+            # its size numbers at the model's resolution (`sample` puts the drawn size's in place)
             if self.prompt_weights and any("(" in p for p in prompts) and not self._warned_emphasis:
                 self._warned_emphasis = True
                 warnings.warn("SDXL prompts are read without (word:1.3) emphasis: the brackets are plain text",
                               stacklevel=3)
             context, _, pooled = self.text_encoder.encode_pooled(prompts)
-            return {"context": context, "pooled": pooled}
+            return {"context": context, "pooled": pooled, "time_ids": self.size_ids(self.latent_shape(len(prompts)))}
         if chunks is not None and self.chunked_prompts:
             context, mask = encode_chunked(self.text_encoder, prompts, chunks=chunks, weighted=self.prompt_weights)
         elif self.prompt_weights:
@@ -320,6 +321,7 @@ class TextToImage:
             model = self.denoiser(net, self.index.student_prediction)
             return model, lambda cond: {**cond, "w": guidance}, {"model": f"student-{steps}", "nfe_per_step": 1}
         uncond = self.encode_prompts([negative], chunks)
+        uncond.pop("time_ids", None)               # SDXL: both halves take the drawn size's numbers
         unet = self.unet if inpaint is None else ConcatInputs(self.unet, inpaint)
         unet = ControlledUNet(unet, control) if control else unet
         if ip_uncond is not None:                  # ip_tokens reach the U-Net as one more conditioning input

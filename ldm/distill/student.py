@@ -35,7 +35,8 @@ class WEmbedding(nn.Module):
 
 
 class GuidedStudent(nn.Module):
-    """net(x, t, context, context_mask=None, w=0.) -> the U-Net's prediction at guidance w.
+    """net(x, t, context, context_mask=None, w=0., **added) -> the U-Net's prediction at guidance w
+    (`added`: an SDXL U-Net's pooled text and size numbers, passed on).
 
     w_range: the (w_min, w_max) it was distilled on, saved with it so that samplers can warn when
     asked for a w outside it (the w-embedding does not extrapolate the teacher's guidance there).
@@ -47,9 +48,9 @@ class GuidedStudent(nn.Module):
         self.w_embed = WEmbedding(w_features, unet.cfg.time_embed_dim)
         self.w_range = None if w_range is None else (float(w_range[0]), float(w_range[1]))
 
-    def forward(self, x, t, context, context_mask=None, w=0.0):
+    def forward(self, x, t, context, context_mask=None, w=0.0, **added):
         w = torch.as_tensor(w, dtype=torch.float32, device=x.device).expand(x.shape[0])  # (B,)
-        return self.unet(x, t, context, context_mask=context_mask, cond_emb=self.w_embed(w))
+        return self.unet(x, t, context, context_mask=context_mask, cond_emb=self.w_embed(w), **added)
 
     @classmethod
     def from_teacher(cls, teacher: UNet, w_features: int = 64) -> "GuidedStudent":

@@ -5,6 +5,8 @@ embedding, zeroed embeddings for the empty negative prompt.
 
 The pipeline is tiny and random, built here from diffusers' and transformers' own classes (the SDXL block
 structure at toy widths; both tokenizers with the real CLIP vocabulary, the second padding with "!")."""
+from pathlib import Path
+
 import pytest
 import torch
 from sd_layouts import PROMPTS, on_our_grid, write_sdxl_pipeline
@@ -68,27 +70,47 @@ def test_refiner_and_wrong_second_encoder_are_named(sdxl, tmp_path):
             convert(str(src), str(tmp_path / f"{name}-model"))
 
 
-def test_parts_without_sdxl_support_refuse_it_by_name(sdxl, tmp_path, one_thread):
-    """ControlNets and the training stages do not pass the pooled text and size numbers yet: they say so
-    instead of failing inside the U-Net."""
-    from stage_scripts import load_stage
-
+def test_parts_without_sdxl_support_refuse_it_by_name(sdxl, tmp_path):
+    """ControlNets and export do not pass the pooled text and size numbers yet: they say so instead of
+    failing inside the U-Net."""
     from ldm.models.controlnet import ControlNet
     from ldm.models.to_diffusers import export
-    from ldm.pipeline import load_index
     _, folder = sdxl
     convert(str(folder / "sdxl"), str(tmp_path / "model"))
     unet = TextToImage.from_folder(str(tmp_path / "model")).unet
     with pytest.raises(ValueError, match="ControlNet does not take SDXL U-Nets yet"):
         ControlNet.from_unet(unet, latent_factor=2)
-    stage = load_stage("distill")
-    side = load_index(str(tmp_path / "model")).resolution
-    argv = ["--config", str(stage.DEFAULT_CONFIG), f"teacher={tmp_path / 'model'}", f"model_out={tmp_path / 'out'}",
-            f"train.output_dir={tmp_path / 'run'}", f"data.resolution={side}"]
-    with pytest.raises(ValueError, match=r"stage 3 \(distillation\) does not take SDXL"):
-        stage.main(argv)
     with pytest.raises(ValueError, match="to_diffusers does not take SDXL"):
         export(str(tmp_path / "model"), str(tmp_path / "exported"))
+
+
+def test_stage_three_distills_an_sdxl_teacher(sdxl, tmp_path, one_thread):
+    """Guided distillation of the imported tiny SDXL teacher, end to end: the w-conditioned student and its
+    halvings pass the pooled text and the size numbers on; the students draw, and a fresh stage-one
+    student (the w-embedding's last layer zero) is the teacher's conditional model exactly."""
+    from stage_scripts import load_stage
+
+    from ldm.distill.student import GuidedStudent
+    _, folder = sdxl
+    convert(str(folder / "sdxl"), str(tmp_path / "model"))
+    teacher = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    student = GuidedStudent.from_teacher(teacher.unet).eval()
+    cond = teacher.encode_prompts(PROMPTS)
+    assert set(cond) == {"context", "pooled", "time_ids"}
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        torch.testing.assert_close(student(x, t, w=torch.tensor([0.0, 3.0]), **cond), teacher.unet(x, t, **cond))
+
+    stage = load_stage("distill")
+    folder_out = stage.main(["--config", str(Path(stage.__file__).parents[1] / "configs" / "distill" / "tiny.yaml"),
+                             f"teacher={tmp_path / 'model'}", f"train.output_dir={tmp_path / 'run'}",
+                             f"model_out={tmp_path / 'distilled'}", "distill.n_start=2", "train.checkpoint_every=0"])
+    pipe = TextToImage.from_folder(folder_out, decoder_precision="fp32")
+    assert pipe.student_steps == [1, 2]
+    for steps in (1, 2):
+        images, info = pipe.generate(PROMPTS, steps=steps, guidance=2.0, size=(48, 32))
+        assert info["model"] == f"student-{steps}" and images.shape == (2, 3, 32, 48)
+        assert torch.isfinite(images).all()
 
 
 def _kohya_sdxl_lora(unet, text_encoders, rank=4, seed=0) -> dict:
