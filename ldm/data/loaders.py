@@ -4,7 +4,8 @@ Sources: the shapes world rendered on the fly ("shapes"), a local image folder w
 metadata.jsonl ("imagefolder", e.g. an exported shapes folder), parquet/arrow files with
 an image and a text column ("parquet", read through `datasets`), or a `datasets` hub
 name ("hub"). Every item is {"pixel_values": float (3, R, R) in [-1, 1], "text": str}
-(the shapes world adds its labels). With `buckets` on, pixel_values are (3, H, W) in
+(the shapes world adds its labels; image data sets add "size_ids", SDXL's original size and crop
+corner of the picture, ldm.data.transforms.preprocess). With `buckets` on, pixel_values are (3, H, W) in
 aspect-ratio buckets of about R^2 pixels, one bucket per batch (ldm/data/buckets.py). With
 `control_column` set, items add "control" (3, H, W) in [0, 1]: that column's image, cropped and
 flipped with the picture (ControlNet training).
@@ -150,8 +151,9 @@ class ImageTextDataset(Dataset):
             raise OSError(f"cannot read image {_describe(value)}: {err}") from err
         key = [self.cfg.seed, self.epoch, index]
         size = self.cfg.resolution if self.buckets is None else self.buckets[self.item_buckets[index]]
-        item = {"pixel_values": preprocess(image, size, self.cfg.crop, self.cfg.flip, np.random.default_rng(key)),
-                "text": "" if text is None else str(text)}
+        pixels, size_ids = preprocess(image, size, self.cfg.crop, self.cfg.flip, np.random.default_rng(key),
+                                      size_ids=True)
+        item = {"pixel_values": pixels, "size_ids": size_ids, "text": "" if text is None else str(text)}
         if control is not None:  # the same crop and flip as the picture (the same draws at the same size), in [0, 1]
             control = control.resize(image.size, Image.Resampling.BICUBIC) if control.size != image.size else control
             item["control"] = (preprocess(control, size, self.cfg.crop, self.cfg.flip, np.random.default_rng(key)) + 1) / 2

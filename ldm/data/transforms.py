@@ -77,8 +77,9 @@ def image_size(value, root: str | None = None) -> tuple[int, int]:
 
 
 def cover_and_crop(image: Image.Image, size: tuple[int, int], crop: str = "center",
-                   rng: np.random.Generator | None = None) -> Image.Image:
-    """Resize to cover `size` = (width, height) with the aspect kept, then crop it out (center or random)."""
+                   rng: np.random.Generator | None = None, box: bool = False):
+    """Resize to cover `size` = (width, height) with the aspect kept, then crop it out (center or random).
+    box: also return (top, left, resized width): where the crop sits in the resized picture."""
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
     width, height = size
@@ -93,9 +94,9 @@ def cover_and_crop(image: Image.Image, size: tuple[int, int], crop: str = "cente
         left, top = int(rng.integers(w - width + 1)), int(rng.integers(h - height + 1))
     else:
         left, top = (w - width) // 2, (h - height) // 2
-    if (w, h) == size:
-        return image
-    return image.crop((left, top, left + width, top + height))
+    if (w, h) != size:
+        image = image.crop((left, top, left + width, top + height))
+    return (image, (top, left, w)) if box else image
 
 
 def to_tensor(pixels) -> torch.Tensor:
@@ -105,10 +106,20 @@ def to_tensor(pixels) -> torch.Tensor:
 
 
 def preprocess(image: Image.Image, size: int | tuple[int, int], crop: str = "center", flip: bool = False,
-               rng: np.random.Generator | None = None) -> torch.Tensor:
-    """RGB PIL image -> (3, height, width) in [-1, 1] (an int size is a square); `rng` drives crop and flip."""
+               rng: np.random.Generator | None = None, size_ids: bool = False):
+    """RGB PIL image -> (3, height, width) in [-1, 1] (an int size is a square); `rng` drives crop and flip.
+
+    size_ids: also return SDXL's size and crop numbers of the picture (Podell et al. 2023, sec. 2.2):
+    (original height, original width, crop top, crop left), float32, the crop's corner in the resized
+    picture as it ends up (flipped, if it was), as diffusers' SDXL training script records them."""
     rng = rng if rng is not None else np.random.default_rng()
-    image = cover_and_crop(to_rgb(image), (size, size) if isinstance(size, int) else tuple(size), crop, rng)
+    original = image.size
+    image, (top, left, resized_width) = cover_and_crop(to_rgb(image), (size, size) if isinstance(size, int)
+                                                       else tuple(size), crop, rng, box=True)
     if flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+        left = resized_width - image.width - left          # the same box, seen in the flipped picture
+    pixels = to_tensor(image)
+    if not size_ids:
+        return pixels
+    return pixels, torch.tensor([original[1], original[0], top, left], dtype=torch.float32)

@@ -84,7 +84,8 @@ def cache_key(autoencoder_dir: str | Path, data_cfg: DataConfig) -> tuple[str, d
 # --------------------------------------------------------------------------- reading
 
 class LatentCache(Dataset):
-    """Items {"mean", "std": (z, h, w) raw posterior moments, "text", "index"} of a complete cache.
+    """Items {"mean", "std": (z, h, w) raw posterior moments, "text", "index"} of a complete cache, and
+    "size_ids" (4,) (SDXL's original size and crop corner, `preprocess`) where the pictures had them.
 
     A bucketed cache also has `item_buckets` (each item's bucket), which `resumable_loader` batches by.
     """
@@ -96,6 +97,7 @@ class LatentCache(Dataset):
             raise FileNotFoundError(f"latent cache {str(self.folder)!r} is incomplete (no meta.json)")
         self.meta = json.loads(meta_path.read_text())
         means, stds, self.captions, self.item_buckets = [], [], [], None
+        sizes = []                  # SDXL's size numbers: image data sets have them, the shapes world not
         for name in self.meta["shards"]:
             with safe_open(str(self.folder / name), framework="pt") as f:
                 metadata = f.metadata()
@@ -103,22 +105,28 @@ class LatentCache(Dataset):
                     self.item_buckets = self.item_buckets or []
                     captions = json.loads(metadata["captions"])
                     slots = [None] * len(captions)
+                    keys = set(f.keys())
                     for bucket, positions in json.loads(metadata["groups"]):
                         mean, std = f.get_tensor(f"mean.{bucket}"), f.get_tensor(f"std.{bucket}")
+                        ids = f.get_tensor(f"size_ids.{bucket}") if f"size_ids.{bucket}" in keys else None
                         for row, position in enumerate(positions):
-                            slots[position] = (mean[row], std[row], bucket)
-                    means += [m for m, _, _ in slots]
-                    stds += [s for _, s, _ in slots]
-                    self.item_buckets += [b for _, _, b in slots]
+                            slots[position] = (mean[row], std[row], bucket, None if ids is None else ids[row])
+                    means += [m for m, _, _, _ in slots]
+                    stds += [s for _, s, _, _ in slots]
+                    self.item_buckets += [b for _, _, b, _ in slots]
+                    sizes += [i for _, _, _, i in slots]
                 else:
                     means.append(f.get_tensor("mean"))
                     stds.append(f.get_tensor("std"))
                     captions = json.loads(metadata["captions"])
+                    ids = f.get_tensor("size_ids") if "size_ids" in f.keys() else None
+                    sizes += [None] * len(captions) if ids is None else list(ids)
                 self.captions += captions
         if self.item_buckets is None:
             self.mean, self.std = torch.cat(means), torch.cat(stds)  # (N, z, h, w) each
         else:
             self.mean, self.std = means, stds                          # N tensors (z, h, w)
+        self.size_ids = sizes if sizes and all(i is not None for i in sizes) else None
         if len(self.mean) != self.meta["num_samples"] or len(self.captions) != len(self.mean):
             raise ValueError(f"latent cache {str(self.folder)!r}: shards hold {len(self.mean)} latents and "
                              f"{len(self.captions)} captions, meta.json says {self.meta['num_samples']}")
@@ -127,8 +135,10 @@ class LatentCache(Dataset):
         return len(self.mean)
 
     def __getitem__(self, index: int) -> dict:
-        return {"mean": self.mean[index], "std": self.std[index], "text": self.captions[index],
-                "index": int(index)}
+        item = {"mean": self.mean[index], "std": self.std[index], "text": self.captions[index], "index": int(index)}
+        if self.size_ids is not None:
+            item["size_ids"] = self.size_ids[index]
+        return item
 
 
 def make_cache_loader(cache: LatentCache, cfg: DataConfig, accelerator=None) -> ResumableLoader:
@@ -149,35 +159,39 @@ def scaled_latents(mean: torch.Tensor, std: torch.Tensor, ae_config, sample: boo
 
 @torch.no_grad()
 def _encode(ae: AutoencoderKL, dataset: Dataset, indices: list[int], batch_size: int,
-            num_workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(mean, std, captions) of the items `indices`, which must share one image size."""
+            num_workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
+    """(mean, std, captions, size_ids or None) of the items `indices`, which must share one image size."""
     device = next(ae.parameters()).device
     # Its own generator: the worker seed it draws must not move the caller's (training) RNG.
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate, generator=torch.Generator())
-    means, stds, captions = [], [], []
+    means, stds, captions, sizes = [], [], [], []
     for batch in loader:
         posterior = ae.encode(batch["pixel_values"].to(device).float())
         means.append(posterior.mean.float().cpu())
         stds.append(posterior.std.float().cpu())
         captions += batch["text"]
-    return torch.cat(means).contiguous(), torch.cat(stds).contiguous(), captions
+        sizes.append(batch.get("size_ids"))
+    ids = torch.cat(sizes).contiguous() if all(s is not None for s in sizes) else None
+    return torch.cat(means).contiguous(), torch.cat(stds).contiguous(), captions, ids
 
 
 def _encode_shard(ae: AutoencoderKL, dataset: Dataset, indices: range, batch_size: int,
                   num_workers: int, path: Path) -> None:
     item_buckets = getattr(dataset, "item_buckets", None)
     if item_buckets is None:
-        mean, std, captions = _encode(ae, dataset, list(indices), batch_size, num_workers)
-        write_safetensors({"mean": mean, "std": std}, path, metadata={"captions": json.dumps(captions)})
+        mean, std, captions, ids = _encode(ae, dataset, list(indices), batch_size, num_workers)
+        write_safetensors({"mean": mean, "std": std, **({"size_ids": ids} if ids is not None else {})}, path,
+                          metadata={"captions": json.dumps(captions)})
         return
     groups: dict[int, list[int]] = {}                      # bucket -> positions in the shard
     for position, index in enumerate(indices):
         groups.setdefault(item_buckets[index], []).append(position)
     tensors, captions = {}, [""] * len(indices)
     for bucket, positions in sorted(groups.items()):
-        mean, std, texts = _encode(ae, dataset, [indices[p] for p in positions], batch_size, num_workers)
-        tensors |= {f"mean.{bucket}": mean, f"std.{bucket}": std}
+        mean, std, texts, ids = _encode(ae, dataset, [indices[p] for p in positions], batch_size, num_workers)
+        tensors |= {f"mean.{bucket}": mean, f"std.{bucket}": std, **({f"size_ids.{bucket}": ids} if ids is not None
+                                                                     else {})}
         for position, text in zip(positions, texts):
             captions[position] = text
     write_safetensors(tensors, path, metadata={"captions": json.dumps(captions),

@@ -102,6 +102,31 @@ def test_preprocess_resizes_shorter_side_and_random_crop_stays_inside():
     assert torch.equal(flipped, plain) or torch.equal(flipped, plain.flip(-1))
 
 
+@pytest.mark.parametrize("crop, flip", [("center", False), ("random", False), ("random", True)])
+def test_size_ids_are_the_original_size_and_where_the_crop_sits(crop, flip):
+    """SDXL's numbers of a picture (original height, width, crop top, left): the crop corner is found
+    independently, by matching the returned pixels against PIL's own resize of the picture, flipped
+    when the picture came out flipped."""
+    gradient = np.tile(np.arange(100, dtype=np.uint8)[None, :, None] * 2, (60, 1, 3))   # 100 x 60, columns differ
+    gradient[..., 1] = np.arange(60, dtype=np.uint8)[:, None] * 4                         # rows differ
+    image = Image.fromarray(gradient)
+    lefts, flips = set(), 0
+    for seed in range(6):
+        pixels, ids = preprocess(image, 32, crop, flip, np.random.default_rng(seed), size_ids=True)
+        resized = np.asarray(image.resize((53, 32), Image.Resampling.BICUBIC, reducing_gap=3.0)).astype(np.int16)
+        got = np.rint((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.int16)
+        flipped = not np.array_equal(got, resized[:, int(ids[3]):int(ids[3]) + 32])
+        if flipped:                                          # the corner is the flipped picture's
+            resized = resized[:, ::-1]
+        top, left = int(ids[2]), int(ids[3])
+        assert ids[:2].tolist() == [60.0, 100.0] and top == 0 and 0 <= left <= 21
+        assert np.array_equal(got, resized[top:top + 32, left:left + 32])
+        lefts.add(left)
+        flips += flipped
+    assert lefts == {10} if crop == "center" else len(lefts) > 1
+    assert (flips > 0) == flip
+
+
 def test_parquet_with_custom_columns_and_broken_bytes(tmp_path):
     import datasets
     images = [Image.new("RGB", (64, 64), c) for c in (RED, BLUE, (5, 6, 7))]

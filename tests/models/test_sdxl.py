@@ -207,3 +207,58 @@ def test_lcm_sampler_on_sdxl_draws_what_diffusers_lcm_draws(sdxl, tmp_path, one_
         reference = lcm(PROMPTS, num_inference_steps=4, guidance_scale=1.0, latents=noise, height=side, width=side,
                         generator=torch.Generator().manual_seed(1), output_type="pt").images
     torch.testing.assert_close(ours * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+
+
+def _sdxl_stage_two_config(model: Path, images: Path, out: Path) -> Path:
+    """A stage-2 config that fine-tunes the imported tiny SDXL model: its U-Net's own config, its two frozen
+    CLIP encoders, SD's discrete schedule, a rank-4 LoRA, aspect-ratio buckets, a validation grid."""
+    import json
+
+    import yaml
+    cfg = {"autoencoder": str(model / "autoencoder"), "init_from": str(model), "p_uncond": 0.5, "guidance": 3.0,
+           "train": {"output_dir": str(out), "max_steps": 3, "batch_size": 2, "lr": 1e-2, "ema_decay": 0,
+                     "checkpoint_every": 2, "log_every": 1, "validate_every": 3, "tracker": "none",
+                     "min_free_disk_gb": 0},
+           "data": {"source": "imagefolder", "path": str(images), "resolution": 32, "buckets": True,
+                    "bucket_step": 8},
+           "unet": json.loads((model / "unet" / "config.json").read_text()),
+           "text": {"kind": "sdxl", "path": str(model / "text_encoder" / "clip"), "mask_padding": False,
+                    "zero_empty": True},
+           "diffusion": {"schedule": "scaled_linear",
+                         "schedule_options": {"T": 1000, "beta_start": 0.00085, "beta_end": 0.012},
+                         "prediction": "eps", "time": "discrete", "time_scale": 1.0},
+           "lora": {"rank": 4},
+           "val": {"prompts": ["picture 1", "picture 4"], "guidance": [0.0, 3.0], "steps": 2, "seed": 0}}
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_stage_two_trains_an_sdxl_lora(sdxl, tmp_path, one_thread, mixed_aspect_folder, monkeypatch, cached):
+    """A LoRA on the imported tiny SDXL model from wide, square and tall pictures (their own buckets), on the
+    fly and from the latent cache: the U-Net gets the pooled text and the six numbers of each picture (its
+    original size, its crop corner in the resized picture, the bucket's size), the run resumes, the LoRA file
+    merges, the model folder samples."""
+    from stage_scripts import load_stage
+    stage = load_stage("train_latent")
+    _, folder = sdxl
+    convert(str(folder / "sdxl"), str(tmp_path / "model"))
+    config = _sdxl_stage_two_config(tmp_path / "model", mixed_aspect_folder, tmp_path / "run")
+    seen = []
+    forward = stage.LatentModel.forward
+    monkeypatch.setattr(stage.LatentModel, "forward",
+                        lambda self, x, t, prompts, time_ids=None: seen.append(time_ids.cpu()) or
+                        forward(self, x, t, prompts, time_ids))
+    extra = [f"cache_latents={str(cached).lower()}", f"cache_dir={tmp_path / 'cache'}"]
+    stage.main(["--config", str(config), *extra, "train.max_steps=2"])
+    out = stage.main(["--config", str(config), *extra, "--resume", "latest"])
+    rows = {tuple(row.tolist()) for ids in seen for row in ids}
+    # wide 80x48 -> bucket 40x24 (w x h): resized to 40x24 exactly; square 64 -> 32; tall 48x80 -> 24x40
+    assert rows <= {(48.0, 80.0, 0.0, 0.0, 24.0, 40.0), (64.0, 64.0, 0.0, 0.0, 32.0, 32.0),
+                    (80.0, 48.0, 0.0, 0.0, 40.0, 24.0)} and len(rows) >= 2
+    assert (out.parent / "lora.safetensors").is_file() and any((out.parent / "samples").glob("*.png"))
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    assert pipe.add_lora(str(out.parent / "lora.safetensors")) > 0
+    images, _ = TextToImage.from_folder(str(out), decoder_precision="fp32").generate(["picture 1"], steps=2)
+    assert torch.isfinite(images).all()

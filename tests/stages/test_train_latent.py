@@ -15,7 +15,7 @@ from ldm.data.shapes import export
 from ldm.distill.student import WEmbedding
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.text import ScratchTextEncoder, TextEncoderConfig
-from ldm.models.unet import UNet, count_params
+from ldm.models.unet import UNet, count_params, sdxl_config
 from ldm.pipeline import TextToImage, load_index
 from ldm.training import find_latest_checkpoint, load_config
 from ldm.training.latent_cache import cache_key, open_or_build
@@ -262,8 +262,9 @@ def test_caption_dropout_rate_is_p_uncond_and_seeded():
 
 
 def test_presets_load_and_shapes64_fits_the_budget():
-    for name in ("tiny", "shapes64", "sd15"):
+    for name in ("tiny", "shapes64", "sd15", "sdxl-lora"):
         load_config(stage.LatentStageConfig, CONFIGS / f"{name}.yaml")
+    assert load_config(stage.LatentStageConfig, CONFIGS / "sdxl-lora.yaml").unet == sdxl_config()
     cfg = load_config(stage.LatentStageConfig, CONFIGS / "shapes64.yaml")
     unet = count_params(UNet(cfg.unet))
     assert unet <= 5_000_000 and cfg.text.width == 128 and cfg.unet.context_dim == 128
