@@ -1,4 +1,5 @@
-"""One of our model folders with Stable Diffusion's architecture -> a diffusers StableDiffusionPipeline folder.
+"""One of our model folders with Stable Diffusion's architecture -> a diffusers StableDiffusionPipeline folder
+(StableDiffusionXLPipeline for SDXL).
 
     python -m ldm.models.to_diffusers runs/my-finetune/model --out exported/sd-finetune
     # then, with diffusers: StableDiffusionPipeline.from_pretrained("exported/sd-finetune")
@@ -26,7 +27,7 @@ from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.from_diffusers import DTYPES, PREDICTIONS, SCHEDULES, start_folder
 from ldm.models.lora import ours_to_diffusers
 from ldm.models.text import ClipTextEncoder
-from ldm.models.unet import UNet, UNetConfig, refuse_added_cond
+from ldm.models.unet import UNet, UNetConfig
 from ldm.models.weights import save_state
 from ldm.pipeline import load_index, load_text_encoder
 
@@ -37,6 +38,12 @@ PIPELINE_INDEX = {
     "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
     "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
     "feature_extractor": [None, None], "requires_safety_checker": False}
+SDXL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
+    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDIMScheduler"], "image_encoder": [None, None], "feature_extractor": [None, None]}
 
 
 # ----------------------------------------------------------------------------- U-Net
@@ -64,6 +71,8 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int) -> dict:
         "norm_num_groups": cfg.norm_groups, "norm_eps": cfg.norm_eps, "dropout": cfg.dropout,
         "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False,
         "downsample_padding": 1,
+        **({"addition_embed_type": "text_time", "addition_time_embed_dim": cfg.added_id_dim,
+            "projection_class_embeddings_input_dim": cfg.added_in_dim} if cfg.added_cond else {}),
     }
 
 
@@ -132,7 +141,10 @@ def scheduler_config(index) -> dict:
 
 
 def check_text_encoder(encoder) -> None:
-    """A CLIP text model that diffusers' pipeline runs as we do: the last (or penultimate) layer, unmasked."""
+    """A CLIP text model that diffusers' pipeline runs as we do: the last (or penultimate) layer, unmasked
+    (or SDXL's pair)."""
+    if hasattr(encoder, "model_2"):
+        return                                   # SDXL's: diffusers' own encoding (ldm.models.text_sdxl)
     if not isinstance(encoder, ClipTextEncoder):
         raise ValueError(f"the text encoder is {type(encoder).__name__}: diffusers' StableDiffusionPipeline runs "
                          "a transformers CLIPTextModel (our scratch encoder is trained with the U-Net, not CLIP)")
@@ -142,7 +154,14 @@ def check_text_encoder(encoder) -> None:
 
 
 def save_text_encoder(encoder: ClipTextEncoder, out: Path) -> None:
-    """text_encoder/ and tokenizer/ through transformers' save_pretrained."""
+    """text_encoder/ and tokenizer/ through transformers' save_pretrained (SDXL: and text_encoder_2/,
+    tokenizer_2/)."""
+    if hasattr(encoder, "model_2"):
+        for suffix, model, tokenizer in (("", encoder.model, encoder.tokenizers[0]),
+                                         ("_2", encoder.model_2, encoder.tokenizers[1])):
+            model.save_pretrained(out / f"text_encoder{suffix}")
+            tokenizer.save_pretrained(out / f"tokenizer{suffix}")
+        return
     model = encoder.model
     if encoder.cfg.layer == "penultimate":   # SD 2.x ships its CLIP with the last layer dropped: the same output
         inner = getattr(model, "text_model", model)       # transformers 5 has no text_model level
@@ -162,7 +181,6 @@ def export(model_dir: str, out: str, dtype: str = "float32") -> Path:
     index = load_index(model_dir)
     scheduler = scheduler_config(index)                # the cheap refusals first
     unet = UNet.from_pretrained(os.path.join(model_dir, index.unet))
-    refuse_added_cond(unet.cfg, "python -m ldm.models.to_diffusers")
     ae = AutoencoderKL.from_pretrained(os.path.join(model_dir, index.autoencoder))
     unet_config = unet_config_to_diffusers(unet.cfg, index.resolution // ae.config.downsample_factor)
     text = load_text_encoder(os.path.join(model_dir, index.text_encoder))
@@ -180,7 +198,9 @@ def export(model_dir: str, out: str, dtype: str = "float32") -> Path:
         save_text_encoder(text, tmp)
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-        (tmp / "model_index.json").write_text(json.dumps(PIPELINE_INDEX, indent=2))
+        pipeline = PIPELINE_INDEX if unet.cfg.added_cond is None else \
+            {**SDXL_INDEX, "force_zeros_for_empty_prompt": text.cfg.zero_empty}
+        (tmp / "model_index.json").write_text(json.dumps(pipeline, indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -202,8 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         out = export(args.model, args.out, args.dtype)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         parser.error(str(err))
-    print(f"{out}: a diffusers StableDiffusionPipeline folder; load it with "
-          f"StableDiffusionPipeline.from_pretrained({str(out)!r})")
+    name = json.loads((out / "model_index.json").read_text())["_class_name"]
+    print(f"{out}: a diffusers {name} folder; load it with {name}.from_pretrained({str(out)!r})")
 
 
 if __name__ == "__main__":

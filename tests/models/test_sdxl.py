@@ -70,18 +70,48 @@ def test_refiner_and_wrong_second_encoder_are_named(sdxl, tmp_path):
             convert(str(src), str(tmp_path / f"{name}-model"))
 
 
-def test_parts_without_sdxl_support_refuse_it_by_name(sdxl, tmp_path):
-    """ControlNets and export do not pass the pooled text and size numbers yet: they say so instead of
-    failing inside the U-Net."""
+def test_controlnets_refuse_sdxl_by_name(sdxl, tmp_path):
+    """ControlNets do not pass the pooled text and size numbers yet: they say so instead of failing inside
+    the U-Net."""
     from ldm.models.controlnet import ControlNet
-    from ldm.models.to_diffusers import export
     _, folder = sdxl
     convert(str(folder / "sdxl"), str(tmp_path / "model"))
     unet = TextToImage.from_folder(str(tmp_path / "model")).unet
     with pytest.raises(ValueError, match="ControlNet does not take SDXL U-Nets yet"):
         ControlNet.from_unet(unet, latent_factor=2)
-    with pytest.raises(ValueError, match="to_diffusers does not take SDXL"):
-        export(str(tmp_path / "model"), str(tmp_path / "exported"))
+
+
+def test_export_back_to_diffusers_draws_our_images(sdxl, tmp_path, one_thread, capsys):
+    """ldm.models.to_diffusers on an SDXL folder (after a LoRA merged into U-Net and both encoders, as after
+    fine-tuning here): diffusers' StableDiffusionXLPipeline.from_pretrained on the export, with its default
+    call on the written scheduler, draws what our teacher draws."""
+    from safetensors.torch import save_file
+
+    from ldm.models.merge_lora import main as merge_main
+    from ldm.models.to_diffusers import main as export_main
+    theirs, folder = sdxl
+    convert(str(folder / "sdxl"), str(tmp_path / "model"), guidance=3.0)
+    save_file(_kohya_sdxl_lora(theirs.unet, (theirs.text_encoder, theirs.text_encoder_2)), str(tmp_path / "l.safetensors"))
+    merge_main([str(tmp_path / "model"), "--lora", f"{tmp_path / 'l.safetensors'}:0.5", "--out", str(tmp_path / "tuned")])
+    export_main([str(tmp_path / "tuned"), "--out", str(tmp_path / "exported")])
+    assert "a diffusers StableDiffusionXLPipeline folder" in capsys.readouterr().out
+    pipe = TextToImage.from_folder(str(tmp_path / "tuned"), decoder_precision="fp32")
+    for ours, base in ((pipe.text_encoder.model, theirs.text_encoder), (pipe.text_encoder.model_2, theirs.text_encoder_2)):
+        q = [k for k in base.state_dict() if k.endswith("layers.0.self_attn.q_proj.weight")][0]
+        assert (ours.state_dict()[q] - base.state_dict()[q]).abs().max() > 1e-3   # both encoders were baked
+    images, _ = pipe.generate(PROMPTS, steps=4, seed=0)
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(4), pipe.latent_shape(len(PROMPTS)),
+                          generator=torch.Generator().manual_seed(0))
+    exported = diffusers.StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "exported"))
+    exported.set_progress_bar_config(disable=True)
+    side = pipe.index.resolution
+    with torch.no_grad():
+        reference = exported(PROMPTS, num_inference_steps=4, guidance_scale=4.0, latents=noise, height=side,
+                             width=side, output_type="pt").images
+        untuned = on_our_grid(theirs)(PROMPTS, num_inference_steps=4, guidance_scale=4.0, latents=noise,
+                                      height=side, width=side, output_type="pt").images
+    assert (reference - untuned).abs().max() > 0.05                    # the merged LoRA went along
+    torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
 
 
 def test_stage_three_distills_an_sdxl_teacher(sdxl, tmp_path, one_thread):
