@@ -215,8 +215,13 @@ class TextToImage:
     def add_embedding(self, path: str, word: str | None = None) -> tuple[str, int]:
         """A textual-inversion file (ldm.models.embeddings) as a new word of the CLIP text encoder, named
         `word` or else after the file; returns (the word, its number of vectors)."""
-        from ldm.models.embeddings import embedding_word, read_embedding
+        from ldm.models.embeddings import embedding_word, read_embedding, read_embedding_pair
         from ldm.models.text import ClipTextEncoder
+        if hasattr(self.text_encoder, "model_2"):          # SDXL: a word for each encoder
+            vectors_l, vectors_g = read_embedding_pair(path)
+            word = embedding_word(path, word)
+            self.text_encoder.add_embedding(word, vectors_l, vectors_g)
+            return word, len(vectors_l)
         if not isinstance(self.text_encoder, ClipTextEncoder):
             raise ValueError(f"textual-inversion embeddings need a CLIP text encoder (transformers), as SD 1.x/2.x "
                              f"have; this model's is {type(self.text_encoder).__name__}")

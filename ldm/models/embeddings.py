@@ -11,8 +11,9 @@ Layouts read:
     A1111 .safetensors   {"emb_params": (k, D)}
     diffusers            {word: (k, D) or (D,)} (.safetensors or .bin), or a bare tensor
 The word is the one given (`FILE:WORD`), else the file's name without its suffix (what the A1111 web
-UI uses). SDXL files (two encoders: clip_l, clip_g) are refused by name. .pt/.bin files are read
-with `torch.load(weights_only=True)`: no code in a shared file runs.
+UI uses). SDXL files hold a word for each of its two encoders, {"clip_l": (k, 768), "clip_g": (k, 1280)}
+(`read_embedding_pair`). .pt/.bin files are read with `torch.load(weights_only=True)`: no code in a
+shared file runs.
 """
 from __future__ import annotations
 
@@ -29,23 +30,42 @@ def parse_embedding_arg(arg: str) -> tuple[str, str | None]:
     return path, word
 
 
-def read_embedding(path: str) -> tuple[str | None, torch.Tensor]:
-    """(the word the file names or None, vectors (k, D) float32) from any layout above; ValueError otherwise."""
+def _load(path: str):
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:   # a truncated file, a pickle with code in it, not a tensor file at all
         raise ValueError(f"{path}: not a readable embedding file ({type(err).__name__}: {err})") from None
+
+
+def _vectors(path: str, vectors) -> torch.Tensor:
+    if not torch.is_tensor(vectors) or vectors.ndim not in (1, 2) or not vectors.is_floating_point():
+        raise ValueError(f"{path}: the embedding is not a (k, D) float tensor")
+    return vectors.reshape(-1, vectors.shape[-1]).float()
+
+
+def read_embedding_pair(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """An SDXL embedding's (clip_l (k, 768), clip_g (k, 1280)) vectors, float32; ValueError otherwise."""
+    state = _load(path)
+    if not isinstance(state, dict) or not {"clip_l", "clip_g"} <= set(state):
+        keys = list(state)[:6] if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: not an SDXL embedding (keys {keys}; expected clip_l and clip_g): an SDXL "
+                         "model needs a word for each of its two encoders")
+    return _vectors(path, state["clip_l"]), _vectors(path, state["clip_g"])
+
+
+def read_embedding(path: str) -> tuple[str | None, torch.Tensor]:
+    """(the word the file names or None, vectors (k, D) float32) from any layout above; ValueError otherwise."""
+    state = _load(path)
     name = None
     if torch.is_tensor(state):
         vectors = state
     elif isinstance(state, dict) and "string_to_param" in state:
         vectors, name = state["string_to_param"]["*"], state.get("name")
     elif isinstance(state, dict) and {"clip_l", "clip_g"} <= set(state):
-        raise ValueError(f"{path}: an SDXL embedding (clip_l + clip_g); only SD 1.x/2.x (one CLIP) is supported")
+        raise ValueError(f"{path}: an SDXL embedding (clip_l + clip_g), for an SDXL model's two encoders")
     elif isinstance(state, dict) and "emb_params" in state:
         vectors = state["emb_params"]
     elif isinstance(state, dict) and len(state) == 1:
@@ -54,9 +74,7 @@ def read_embedding(path: str) -> tuple[str | None, torch.Tensor]:
         keys = list(state)[:6] if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: no embedding layout recognised (keys {keys}; expected string_to_param, "
                          "emb_params or a single word)")
-    if not torch.is_tensor(vectors) or vectors.ndim not in (1, 2) or not vectors.is_floating_point():
-        raise ValueError(f"{path}: the embedding is not a (k, D) float tensor")
-    return (str(name) if name is not None else None), vectors.reshape(-1, vectors.shape[-1]).float()
+    return (str(name) if name is not None else None), _vectors(path, vectors)
 
 
 def embedding_word(path: str, word: str | None) -> str:

@@ -218,6 +218,42 @@ class _Frozen(TextEncoder):
         return mask if self.cfg.mask_padding else torch.ones_like(mask)
 
 
+def check_word(tokenizer, model, word: str, vectors: torch.Tensor) -> None:
+    """ValueError unless `vectors` (k, D) fit the CLIP model's token width and `word`'s tokens are new."""
+    from ldm.models.embeddings import word_tokens
+    width = model.get_input_embeddings().weight.shape[1]
+    if vectors.shape[-1] != width:
+        raise ValueError(f"the embedding's vectors are {vectors.shape[-1]} wide, this CLIP's tokens {width} "
+                         "(SD 1.x: 768, SD 2.x: 1024, SDXL: 768 and 1280): made for another model")
+    taken = [t for t in word_tokens(word, len(vectors)) if t in tokenizer.get_vocab()]
+    if taken:
+        raise ValueError(f"{taken[0]!r} is already a token of this tokenizer: pick another word (FILE:WORD)")
+
+
+def add_word(tokenizer, model, word: str, vectors: torch.Tensor) -> list[str]:
+    """`word` as k new tokens of a transformers CLIP tokenizer and model, `vectors` their input embeddings."""
+    from ldm.models.embeddings import word_tokens
+    tokens = word_tokens(word, len(vectors))
+    tokenizer.add_tokens(tokens)
+    model.resize_token_embeddings(len(tokenizer))
+    table = model.get_input_embeddings()
+    with torch.no_grad():
+        table.weight[tokenizer.convert_tokens_to_ids(tokens)] = vectors.to(table.weight)
+    return tokens
+
+
+def expand_words(tokenizer, words: dict[str, str], prompt: str) -> str:
+    """Each multi-vector word (`words`: word -> its tokens, space-separated) written out as its k tokens
+    (diffusers' maybe_convert_prompt)."""
+    if not any(" " in t for t in words.values()):
+        return prompt
+    present = set(tokenizer.tokenize(prompt))
+    for word, tokens in words.items():
+        if word in present:
+            prompt = prompt.replace(word, tokens)
+    return prompt
+
+
 def clip_name(name: str, model: nn.Module) -> str:
     """A CLIPTextModel weight or module name as files write it ("text_model.encoder...", transformers 4's
     nesting, in which every SD checkpoint and LoRA file was written) or as transformers 5 names it
@@ -254,33 +290,13 @@ class ClipTextEncoder(_Frozen):
     def add_embedding(self, word: str, vectors: torch.Tensor) -> list[str]:
         """A textual-inversion word (ldm.models.embeddings): k new tokens with `vectors` (k, D) as their
         input embeddings; a prompt's `word` then becomes all k. Returns the tokens."""
-        from ldm.models.embeddings import word_tokens
-        table = self.model.get_input_embeddings()
-        if vectors.shape[-1] != table.weight.shape[1]:
-            raise ValueError(f"the embedding's vectors are {vectors.shape[-1]} wide, this CLIP's tokens "
-                             f"{table.weight.shape[1]} (SD 1.x: 768, SD 2.x: 1024): made for another model")
-        tokens = word_tokens(word, len(vectors))
-        taken = [t for t in tokens if t in self.tokenizer.get_vocab()]
-        if taken:
-            raise ValueError(f"{taken[0]!r} is already a token of this tokenizer: pick another word (FILE:WORD)")
-        self.tokenizer.add_tokens(tokens)
-        self.model.resize_token_embeddings(len(self.tokenizer))
-        table = self.model.get_input_embeddings()
-        ids = self.tokenizer.convert_tokens_to_ids(tokens)
-        with torch.no_grad():
-            table.weight[ids] = vectors.to(table.weight)
+        check_word(self.tokenizer, self.model, word, vectors)
+        tokens = add_word(self.tokenizer, self.model, word, vectors)
         self._words[word] = " ".join(tokens)
         return tokens
 
     def _expand_words(self, prompt: str) -> str:
-        """Each multi-vector word written out as its k tokens (diffusers' maybe_convert_prompt)."""
-        if not any(" " in t for t in self._words.values()):
-            return prompt
-        present = set(self.tokenizer.tokenize(prompt))
-        for word, tokens in self._words.items():
-            if word in present:
-                prompt = prompt.replace(word, tokens)
-        return prompt
+        return expand_words(self.tokenizer, self._words, prompt)
 
     def tokenize(self, prompts):
         prompts = [self._expand_words(p) for p in _check_prompts(prompts)]

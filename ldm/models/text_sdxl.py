@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from ldm.models.text import TextEncoder, TextEncoderConfig, _check_prompts
+from ldm.models.text import TextEncoder, TextEncoderConfig, _check_prompts, add_word, check_word, expand_words
 
 PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
@@ -46,6 +46,7 @@ class SdxlTextEncoder(TextEncoder):
         self.max_length = min(cfg.max_length, *(t.model_max_length for t in self.tokenizers),
                               self.model.config.max_position_embeddings)
         self.clip_skip: int | None = None         # the layer counted from the end; None: 2, the penultimate
+        self._words: dict[str, str] = {}          # textual-inversion word -> its tokens, space-separated
         self.requires_grad_(False)
         self.train(False)
 
@@ -56,7 +57,20 @@ class SdxlTextEncoder(TextEncoder):
         """The first tokenizer's ids and mask (the second's differ only in the padding id)."""
         return self._ids(self.tokenizers[0], _check_prompts(prompts), warn=True)
 
+    def add_embedding(self, word: str, vectors_l: torch.Tensor, vectors_g: torch.Tensor) -> list[str]:
+        """An SDXL textual-inversion word: k new tokens in both tokenizers, `vectors_l` (k, 768) their input
+        embeddings in CLIP ViT-L, `vectors_g` (k, 1280) in bigG (the file's clip_l and clip_g)."""
+        if len(vectors_l) != len(vectors_g):
+            raise ValueError(f"the embedding has {len(vectors_l)} clip_l and {len(vectors_g)} clip_g vectors")
+        pairs = ((self.tokenizers[0], self.model, vectors_l), (self.tokenizers[1], self.model_2, vectors_g))
+        for tokenizer, model, vectors in pairs:             # every check first: all or nothing
+            check_word(tokenizer, model, word, vectors)
+        tokens = [add_word(tokenizer, model, word, vectors) for tokenizer, model, vectors in pairs][0]
+        self._words[word] = " ".join(tokens)
+        return tokens
+
     def _ids(self, tokenizer, prompts, warn=False):
+        prompts = [expand_words(tokenizer, self._words, p) for p in prompts]
         if warn:
             self._warn_truncation(prompts, [len(x) for x in tokenizer(prompts, truncation=False, verbose=False)["input_ids"]])
         enc = tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")

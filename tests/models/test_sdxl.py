@@ -292,3 +292,41 @@ def test_stage_two_trains_an_sdxl_lora(sdxl, tmp_path, one_thread, mixed_aspect_
     assert pipe.add_lora(str(out.parent / "lora.safetensors")) > 0
     images, _ = TextToImage.from_folder(str(out), decoder_precision="fp32").generate(["picture 1"], steps=2)
     assert torch.isfinite(images).all()
+
+
+def test_sdxl_embedding_draws_what_diffusers_draws(sdxl, tmp_path, one_thread):
+    """An SDXL textual-inversion file ({"clip_l": (k, 768-ish), "clip_g": (k, 1280-ish)}, here 2 vectors at the
+    toy widths) as a word of both encoders, in the prompt and in the negative prompt: diffusers'
+    load_textual_inversion of each half into its encoder and tokenizer draws the same images."""
+    from safetensors.torch import save_file
+    _, folder = sdxl
+    convert(str(folder / "sdxl"), str(tmp_path / "model"), guidance=3.0)
+    theirs = write_sdxl_pipeline(tmp_path)                     # a fresh copy: the words change it
+    g = torch.Generator().manual_seed(3)
+    state = {"clip_l": torch.randn(2, 32, generator=g) * 0.5, "clip_g": torch.randn(2, 48, generator=g) * 0.5}
+    save_file(state, str(tmp_path / "mystyle.safetensors"))
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    prompts = ["a cube in mystyle", "a cat"]
+    before, _ = pipe.generate(prompts, steps=3, seed=0, negative="mystyle")
+    assert pipe.add_embedding(str(tmp_path / "mystyle.safetensors")) == ("mystyle", 2)
+    theirs.load_textual_inversion(state["clip_l"], token="mystyle", text_encoder=theirs.text_encoder,
+                                  tokenizer=theirs.tokenizer)
+    theirs.load_textual_inversion(state["clip_g"], token="mystyle", text_encoder=theirs.text_encoder_2,
+                                  tokenizer=theirs.tokenizer_2)
+    ours, info = pipe.generate(prompts, steps=3, seed=0, negative="mystyle")
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(3), pipe.latent_shape(2),
+                          generator=torch.Generator().manual_seed(0))
+    side = pipe.index.resolution
+    with torch.no_grad():
+        reference = on_our_grid(theirs)(prompts, negative_prompt=["mystyle"] * 2, num_inference_steps=3,
+                                        guidance_scale=1 + info["guidance"], latents=noise, height=side,
+                                        width=side, output_type="pt").images
+    torch.testing.assert_close(ours * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+    assert (ours - before).abs().max() > 1e-2                                 # the new word did something
+    save_file({"emb_params": state["clip_l"]}, str(tmp_path / "one.safetensors"))
+    with pytest.raises(ValueError, match="not an SDXL embedding"):
+        pipe.add_embedding(str(tmp_path / "one.safetensors"))
+    save_file({"clip_l": state["clip_l"], "clip_g": state["clip_l"].clone()}, str(tmp_path / "narrow.safetensors"))
+    with pytest.raises(ValueError, match="32 wide, this CLIP's tokens 48"):
+        pipe.add_embedding(str(tmp_path / "narrow.safetensors"), "<other>")
+    assert "<other>" not in pipe.text_encoder.tokenizers[0].get_vocab()    # all or nothing
