@@ -128,7 +128,6 @@ class TextToImage:
         self._students: dict[int, torch.nn.Module] = {}
         self._loras: list[tuple[dict, float, str]] = []   # merged into every U-Net, students as they load
         self._warned_prompts: set[str] = set()
-        self._warned_emphasis = False     # SDXL prompts with "(" while prompt_weights is on: said once
         self.prompt_weights = False   # read "(word:1.3)" emphasis in prompts (ldm.models.prompt_weights)
         self._ip = None               # (ImageTokens, shared state, ImageEncoder) once add_ip_adapter ran
 
@@ -249,14 +248,8 @@ class TextToImage:
         With `prompt_weights` on, "(word:1.3)" emphasis is read (ldm.models.prompt_weights).
         chunks: with a CLIP text encoder, at least this many 77-token chunks side by side, and as many
         as the longest prompt needs (ldm.models.prompt_chunks); None: one, longer prompts truncated."""
-        if hasattr(self.text_encoder, "encode_pooled"):      # SDXL: one 77-token window, no emphasis (yet);
-            # its size numbers at the model's resolution (`sample` puts the drawn size's in place)
-            if self.prompt_weights and any("(" in p for p in prompts) and not self._warned_emphasis:
-                self._warned_emphasis = True
-                warnings.warn("SDXL prompts are read without (word:1.3) emphasis: the brackets are plain text",
-                              stacklevel=3)
-            context, _, pooled = self.text_encoder.encode_pooled(prompts)
-            return {"context": context, "pooled": pooled, "time_ids": self.size_ids(self.latent_shape(len(prompts)))}
+        if hasattr(self.text_encoder, "encode_pooled"):      # SDXL
+            return self._encode_sdxl(prompts, chunks)
         if chunks is not None and self.chunked_prompts:
             context, mask = encode_chunked(self.text_encoder, prompts, chunks=chunks, weighted=self.prompt_weights)
         elif self.prompt_weights:
@@ -266,6 +259,18 @@ class TextToImage:
         if not getattr(getattr(self.text_encoder, "cfg", None), "mask_padding", True):
             return {"context": context}
         return {"context": context, "context_mask": mask}
+
+    def _encode_sdxl(self, prompts: list[str], chunks: int | None) -> dict:
+        """SDXL's conditioning: tokens (chunked and weighted as for SD), the pooled vector of the first 75
+        tokens without emphasis (the first chunk's, as the A1111 web UI takes it), and the size numbers at
+        the model's resolution (`sample` puts the drawn size's in place)."""
+        encoder = self.text_encoder
+        plain = [plain_text(parse_weighted(p)) for p in prompts] if self.prompt_weights else prompts
+        context, _, pooled = encoder.encode_pooled(plain)
+        if chunks is not None and (chunks > 1 or self.prompt_weights):
+            context = encoder.zero_empty_rows(prompts, encode_chunked(encoder, prompts, chunks=chunks,
+                                                                      weighted=self.prompt_weights)[0])
+        return {"context": context, "pooled": pooled, "time_ids": self.size_ids(self.latent_shape(len(prompts)))}
 
     def check_prompts(self, prompts: list[str]) -> None:
         """Warn (once a prompt) when a model that saw only shapes-world captions is asked for something else:

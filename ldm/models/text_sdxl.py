@@ -57,6 +57,39 @@ class SdxlTextEncoder(TextEncoder):
         """The first tokenizer's ids and mask (the second's differ only in the padding id)."""
         return self._ids(self.tokenizers[0], _check_prompts(prompts), warn=True)
 
+    # What ldm.models.prompt_chunks and prompt_weights need (long prompts in 77-token chunks, emphasis):
+    # rows are laid out by the first tokenizer, and bigG's copy of each row pads with its own id.
+    @property
+    def tokenizer(self):
+        return self.tokenizers[0]
+
+    def token_ids(self, text: str) -> list[int]:
+        """The ids of `text` without the start and end tokens, untruncated (the same in both tokenizers:
+        one vocabulary, the same words added to both)."""
+        tokenizer = self.tokenizers[0]
+        return tokenizer(expand_words(tokenizer, self._words, text), add_special_tokens=False, verbose=False)["input_ids"]
+
+    @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """(N, L) rows in the first tokenizer's layout (start, text, end, end-token padding) -> (N, L, D1 + D2)."""
+        ids = ids.to(self.model.device)
+        end = (ids == self.tokenizers[0].eos_token_id).int()
+        padding = (end.cumsum(1) - end) > 0                 # every position after the row's first end token
+        ids_2 = ids.masked_fill(padding, self.tokenizers[1].pad_token_id)
+        layer = -(self.clip_skip or 2)
+        return torch.cat([self.model(input_ids=ids, output_hidden_states=True).hidden_states[layer],
+                          self.model_2(input_ids=ids_2, output_hidden_states=True).hidden_states[layer]], dim=-1)
+
+    def _context_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask if self.cfg.mask_padding else torch.ones_like(mask)
+
+    def zero_empty_rows(self, prompts, *tensors):
+        """`tensors` (B, ...) with the rows of empty prompts zeroed when `zero_empty` (one tensor: itself)."""
+        if self.cfg.zero_empty:
+            keep = torch.tensor([p != "" for p in prompts], device=tensors[0].device)
+            tensors = tuple(t * keep.reshape(-1, *[1] * (t.ndim - 1)) for t in tensors)
+        return tensors if len(tensors) > 1 else tensors[0]
+
     def add_embedding(self, word: str, vectors_l: torch.Tensor, vectors_g: torch.Tensor) -> list[str]:
         """An SDXL textual-inversion word: k new tokens in both tokenizers, `vectors_l` (k, 768) their input
         embeddings in CLIP ViT-L, `vectors_g` (k, 1280) in bigG (the file's clip_l and clip_g)."""
@@ -87,10 +120,7 @@ class SdxlTextEncoder(TextEncoder):
             out = model(input_ids=ids.to(model.device), output_hidden_states=True)
             states.append(out.hidden_states[layer])
             pooled = getattr(out, "text_embeds", None)
-        context = torch.cat(states, dim=-1)
-        if self.cfg.zero_empty:
-            keep = torch.tensor([p != "" for p in prompts], device=context.device)
-            context, pooled = context * keep[:, None, None], pooled * keep[:, None]
+        context, pooled = self.zero_empty_rows(prompts, torch.cat(states, dim=-1), pooled)
         return context, torch.ones(context.shape[:2], dtype=torch.bool, device=context.device), pooled
 
     def forward(self, prompts):

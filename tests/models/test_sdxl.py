@@ -330,3 +330,44 @@ def test_sdxl_embedding_draws_what_diffusers_draws(sdxl, tmp_path, one_thread):
     with pytest.raises(ValueError, match="32 wide, this CLIP's tokens 48"):
         pipe.add_embedding(str(tmp_path / "narrow.safetensors"), "<other>")
     assert "<other>" not in pipe.text_encoder.tokenizers[0].get_vocab()    # all or nothing
+
+
+def test_sdxl_long_prompts_and_emphasis(sdxl, tmp_path, one_thread):
+    """Prompts past 77 tokens in 75-token chunks, each through both encoders alone (bigG's rows padded with
+    its own id), side by side; the pooled vector is the first chunk's; `(word:1.5)` weighs its tokens; a
+    short unweighted prompt gives exactly the plain encoding."""
+    from ldm.models.prompt_weights import apply_weights
+    theirs, folder = sdxl
+    convert(str(folder / "sdxl"), str(tmp_path / "model"))
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    pipe.prompt_weights = True
+    plain = pipe.text_encoder.encode_pooled(PROMPTS)
+    chunked = pipe.encode_prompts(PROMPTS, chunks=pipe.prompt_chunks(PROMPTS))
+    assert pipe.prompt_chunks(PROMPTS) == 1
+    assert torch.equal(chunked["context"], plain[0]) and torch.equal(chunked["pooled"], plain[2])
+
+    long = "a red cube on a blue floor beside a green sphere under a yellow lamp, " * 8
+    n = pipe.prompt_chunks([long])
+    cond = pipe.encode_prompts([long, ""], chunks=n)
+    assert n == 2 and cond["context"].shape == (2, 154, 80)
+    rows = []
+    for tokenizer, model in ((theirs.tokenizer, theirs.text_encoder), (theirs.tokenizer_2, theirs.text_encoder_2)):
+        ids = tokenizer(long, add_special_tokens=False)["input_ids"]
+        chunks = []
+        for j in range(2):
+            part = ids[75 * j: 75 * (j + 1)]
+            row = [tokenizer.bos_token_id, *part, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * (75 - len(part))
+            with torch.no_grad():
+                chunks.append(model(torch.tensor([row]), output_hidden_states=True).hidden_states[-2])
+        rows.append(torch.cat(chunks, dim=1))
+    torch.testing.assert_close(cond["context"][0], torch.cat(rows, dim=-1)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cond["pooled"][0], pipe.text_encoder.encode_pooled([long])[2][0])
+    assert not cond["context"][1].any() and not cond["pooled"][1].any()        # the empty prompt: zeros
+
+    weighted = pipe.encode_prompts(["a (cube:1.5) on a floor"], chunks=1)["context"]
+    weights = torch.ones(1, 77)
+    weights[0, 2] = 1.5                                                       # start, "a", "cube"
+    reference = apply_weights(pipe.text_encoder.encode_pooled(["a cube on a floor"])[0], weights)
+    torch.testing.assert_close(weighted, reference)
+    images, _ = pipe.generate([long], steps=2)                                # through sample's chunk count
+    assert torch.isfinite(images).all()
