@@ -33,7 +33,7 @@ from ldm.models.lora import merge_lora, read_lora
 from ldm.models.prompt_chunks import chunk_count, encode_chunked
 from ldm.models.prompt_weights import encode_weighted, parse_weighted, plain_text
 from ldm.models.text import ScratchTextEncoder, TextEncoderConfig, build_text_encoder
-from ldm.models.unet import UNet
+from ldm.models.unet import UNet, sdxl_time_ids
 
 INDEX_NAME = "model_index.json"
 CPU_DECODE_CHUNK = 8   # latents decoded at once on a CPU (see TextToImage.decode)
@@ -434,8 +434,7 @@ class TextToImage:
         "original" size and the target size are the output's (height, width) in pixels, the crop's top-left
         corner (0, 0): a whole, uncropped picture, as diffusers' default call. (B, 6), one row a sample."""
         factor = self.autoencoder.config.downsample_factor
-        h, w = shape[-2] * factor, shape[-1] * factor
-        return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=self.device).expand(shape[0], 6)
+        return sdxl_time_ids(None, shape[0], shape[-2] * factor, shape[-1] * factor).to(self.device)
 
     def _starting_noise(self, ts: torch.Tensor, shape: tuple[int, ...], seed: int | list[int]) -> torch.Tensor:
         """x at ts[0] on the device: from one seed for the batch, or from one seed per sample (CPU generators)."""

@@ -29,7 +29,7 @@ from ldm.data.loaders import DataConfig, build_dataset, check_image_multiple, co
 from ldm.diffusion import SAMPLERS, DiffusionLoss
 from ldm.diffusion.guidance import drop_captions
 from ldm.models.controlnet import ControlNet, save_controlnet
-from ldm.models.unet import count_params, refuse_added_cond
+from ldm.models.unet import count_params, sdxl_time_ids
 from ldm.pipeline import DEFAULT_MODEL, TextToImage
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
                           build_scheduler, config_to_dict, log_images, one_batch_size, optimizer_step,
@@ -133,7 +133,6 @@ def main(argv: list[str] | None = None) -> Path:
     pipe = TextToImage.from_folder(cfg.model, device=device)
     for module in (pipe.autoencoder, pipe.text_encoder, pipe.unet):
         module.eval().requires_grad_(False)
-    refuse_added_cond(pipe.unet.cfg, "the ControlNet stage")
     factor = pipe.autoencoder.config.downsample_factor
     check_image_multiple(cfg.data, factor * pipe.unet.cfg.downsample_factor,
                          "the model's autoencoder factor x U-Net downsampling")
@@ -162,9 +161,9 @@ def main(argv: list[str] | None = None) -> Path:
     loss_fn = DiffusionLoss(schedule, index.prediction, time="discrete" if hasattr(schedule, "num_timesteps")
                             else "continuous", time_scale=index.time_scale)
 
-    def controlled(x, t, hint, context, context_mask=None):
-        down, mid = model(x, t, context, hint, context_mask)
-        return pipe.unet(x, t, context, context_mask, control=(down, mid))
+    def controlled(x, t, hint, context, context_mask=None, **added):      # added: SDXL's pooled text, numbers
+        down, mid = model(x, t, context, hint, context_mask, **added)
+        return pipe.unet(x, t, context, context_mask, control=(down, mid), **added)
 
     guard = NonFiniteGuard(cfg.train.max_nonfinite)
     bar = ProgressBar(accelerator, cfg.train.max_steps, initial=step)
@@ -177,6 +176,10 @@ def main(argv: list[str] | None = None) -> Path:
             z = pipe.autoencoder.encode_latents(pixels, sample=True)
             hint = control_images({**batch, "pixel_values": pixels}, cfg).to(device)
             cond = pipe.encode_prompts(drop_captions(batch["text"], cfg.p_uncond))  # the seeded global RNG
+            if "time_ids" in cond:   # SDXL: each picture's own size and crop numbers
+                factor = pipe.autoencoder.config.downsample_factor
+                cond["time_ids"] = sdxl_time_ids(batch.get("size_ids"), z.shape[0], z.shape[-2] * factor,
+                                                 z.shape[-1] * factor).to(device)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 loss = loss_fn(controlled, z, {"hint": hint, **cond})

@@ -31,7 +31,7 @@ from ldm.diffusion.param import check_prediction
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
 from ldm.models.lora import TRAIN_TARGETS, add_lora, lora_file_state, merged_state_dict
 from ldm.models.text import TextEncoderConfig, build_text_encoder
-from ldm.models.unet import UNet, UNetConfig, count_params
+from ldm.models.unet import UNet, UNetConfig, count_params, sdxl_time_ids
 from ldm.models.weights import load_state_dict_strict, load_weights, read_weights, write_safetensors_atomic
 from ldm.pipeline import ModelIndex, TextToImage, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
@@ -206,14 +206,11 @@ class LatentModel(nn.Module):
         return self.unet(x, t, context, context_mask=mask)
 
 
-def sdxl_time_ids(batch: dict, z: torch.Tensor, factor: int) -> torch.Tensor:
-    """SDXL's six numbers a picture trains with (Podell et al. 2023, sec. 2.2): its original size and crop
-    corner as the loader drew them (`size_ids`), then the size trained at; a batch without them (the shapes
-    world, a latent cache built before they were kept) counts as uncropped pictures at that size."""
-    h, w = z.shape[-2] * factor, z.shape[-1] * factor
-    ids = batch.get("size_ids")
-    ids = torch.tensor([[h, w, 0, 0]] * z.shape[0], dtype=torch.float32) if ids is None else ids.float()
-    return torch.cat([ids, torch.tensor([[h, w]] * z.shape[0], dtype=torch.float32)], dim=1).to(z.device)
+def time_ids(batch: dict, z: torch.Tensor, factor: int) -> torch.Tensor:
+    """SDXL's six numbers of each picture: its original size and crop corner as the loader drew them, then
+    the size trained at; a batch without them (the shapes world, a latent cache built before they were
+    kept) counts as uncropped pictures at that size."""
+    return sdxl_time_ids(batch.get("size_ids"), z.shape[0], z.shape[-2] * factor, z.shape[-1] * factor).to(z.device)
 
 
 def load_autoencoder(path: str, device) -> AutoencoderKL:
@@ -488,13 +485,13 @@ def main(argv: list[str] | None = None) -> Path:
                 z = ae.encode_latents(batch["pixel_values"].to(device), sample=cfg.latents == "sample")
         captions = [cfg.ti.template.format(cfg.ti.word)] * len(batch["text"]) if cfg.ti.template else batch["text"]
         prompts = drop_captions(captions, cfg.p_uncond)     # (B,) per-sample, from the seeded global RNG
-        sdxl = {"time_ids": sdxl_time_ids(batch, z, ae.config.downsample_factor)} if cfg.unet.added_cond else {}
+        sdxl = {"time_ids": time_ids(batch, z, ae.config.downsample_factor)} if cfg.unet.added_cond else {}
         if class_batches is not None:                      # DreamBooth: the class as the model drew it
             pictures = next(class_batches)
             with torch.no_grad():
                 z_class = ae.encode_latents(pictures["pixel_values"].to(device), sample=cfg.latents == "sample")
             class_prompts = drop_captions(pictures["text"], cfg.p_uncond)
-            class_sdxl = {"time_ids": sdxl_time_ids(pictures, z_class, ae.config.downsample_factor)} if sdxl else {}
+            class_sdxl = {"time_ids": time_ids(pictures, z_class, ae.config.downsample_factor)} if sdxl else {}
         with accelerator.accumulate(model):
             loss = loss_fn(model, z, {"prompts": prompts, **sdxl})
             if class_batches is not None:                  # Ruiz et al. eq. 2: + lambda x the class's own loss

@@ -3,14 +3,15 @@
 
     python -m ldm.txt2img "a house" --model models/sd15 --controlnet lllyasviel/sd-controlnet-canny --control-image edges.png
 
-The networks people share for SD 1.x/2.x come as diffusers `ControlNetModel` folders (config.json +
+The networks people share for SD 1.x/2.x and SDXL come as diffusers `ControlNetModel` folders (config.json +
 diffusion_pytorch_model.safetensors); `load_diffusers_controlnet` reads one into `ControlNet`, whose
 encoder is our own U-Net's (its `encode`), renamed by ldm.models.convert_unet. The control image enters
 through a small conv stack (`HintEncoder`, Zhang et al. sec. 3.2: 4x4 down to the latent grid for SD's
 f = 8 autoencoder) added to conv_in's output; every skip and the middle block's output then gets a 1x1
 "zero convolution" of the copy's own (their eq. 2), scaled by the conditioning scale.
 `ControlledUNet` wraps the U-Net so that any sampler and CFG run it unchanged: the control image goes
-with both halves of CFG's batch, as in diffusers' pipeline.
+with both halves of CFG's batch, as in diffusers' pipeline. An SDXL ControlNet has SDXL's added embedding
+(pooled text, size numbers) in its copy of the encoder, and gets the U-Net's.
 
 Training one (stages/train_controlnet.py): `ControlNet.from_unet` copies a trained U-Net's encoder and
 zero-initialises the zero convolutions and the hint encoder's last conv (Zhang et al. sec. 3.1: at step 0
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.convert_unet import _read_weights, diffusers_to_ours, unet_config_from_diffusers
-from ldm.models.unet import UNet, UNetConfig, refuse_added_cond
+from ldm.models.unet import UNet, UNetConfig
 from ldm.models.weights import load_state_dict_strict, load_weights, save_state, save_weights
 
 OUR_CLASS = "ldm.ControlNet"
@@ -75,7 +76,6 @@ class ControlNet(nn.Module):
     def from_unet(cls, unet: UNet, latent_factor: int = 8, hint_channels: int = 3) -> "ControlNet":
         """A ControlNet whose encoder is a copy of `unet`'s, its output convolutions zero (Zhang et al. sec. 3.1).
         The hint encoder halves the control image k - 1 times for `latent_factor` = 2^(k-1) (the autoencoder's)."""
-        refuse_added_cond(unet.cfg, "ControlNet")
         k = int(math.log2(latent_factor)) + 1
         if 2 ** (k - 1) != latent_factor:
             raise ValueError(f"latent_factor must be a power of 2, got {latent_factor}")
@@ -88,39 +88,42 @@ class ControlNet(nn.Module):
             nn.init.zeros_(zero.bias)
         return net.to(next(unet.parameters()).device)
 
-    def forward(self, x, t, context, hint, context_mask=None):
+    def forward(self, x, t, context, hint, context_mask=None, pooled=None, time_ids=None):
         body = self.body
         body._check_inputs(x, context)
-        emb = body._embed(x, t, None)
+        emb = body._embed(x, t, None, pooled, time_ids)
         h = body.conv_in(x) + self.hint(hint.to(x.dtype))
         h, skips = body.encode(h, emb, context.to(body.conv_in.weight.dtype), context_mask)
         return [zero(s) for zero, s in zip(self.zero_down, skips)], self.zero_mid(h)
 
 
 class ControlledUNet(nn.Module):
-    """A U-Net with ControlNets attached: forward(x, t, context, context_mask=None, cond_emb=None) like the
-    U-Net's; each (controlnet, hint (1 or B, 3, H, W) in [0, 1], scale) adds scale x its residuals
+    """A U-Net with ControlNets attached: forward(x, t, context, context_mask=None, cond_emb=None, **added)
+    like the U-Net's (`added`: SDXL's pooled text and size numbers, for both); each (controlnet, hint (1 or B, 3, H, W) in [0, 1], scale) adds scale x its residuals
     (several ControlNets: summed, as diffusers' MultiControlNetModel does)."""
 
     def __init__(self, unet: UNet, controls: list[tuple[ControlNet, torch.Tensor, float]]):
         super().__init__()
-        refuse_added_cond(unet.cfg, "ControlNet")
+        for net, _, _ in controls:
+            if (net.cfg.added_cond is None) != (unet.cfg.added_cond is None):
+                raise ValueError("a ControlNet for SDXL needs an SDXL U-Net and the other way round: "
+                                 f"ControlNet added_cond={net.cfg.added_cond!r}, U-Net {unet.cfg.added_cond!r}")
         self.unet, self.cfg = unet, unet.cfg
         self.nets = nn.ModuleList(net for net, _, _ in controls)
         self.hints = [hint for _, hint, _ in controls]
         self.scales = [float(scale) for _, _, scale in controls]
 
-    def forward(self, x, t, context, context_mask=None, cond_emb=None):
+    def forward(self, x, t, context, context_mask=None, cond_emb=None, **added):
         down, mid = None, None
         for net, hint, scale in zip(self.nets, self.hints, self.scales):
             if x.shape[0] % hint.shape[0]:
                 raise ValueError(f"control image batch {hint.shape[0]} does not divide the batch {x.shape[0]}")
             hint = hint.to(x.device).repeat(x.shape[0] // hint.shape[0], 1, 1, 1)   # CFG's halves share it
-            d, m = net(x, t, context, hint, context_mask)
+            d, m = net(x, t, context, hint, context_mask, **added)
             d, m = [r * scale for r in d], m * scale
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
-        return self.unet(x, t, context, context_mask, cond_emb, control=(down, mid))
+        return self.unet(x, t, context, context_mask, cond_emb, control=(down, mid), **added)
 
 
 # ----------------------------------------------------------------------------- diffusers' ControlNetModel
@@ -222,7 +225,7 @@ def load_diffusers_controlnet(source: str, device="cpu") -> ControlNet:
     with open(config_path) as f:
         d = json.load(f)
     if d.get("_class_name", "ControlNetModel") != "ControlNetModel":
-        raise ValueError(f"{path}: a {d['_class_name']}, not a ControlNetModel (SD 1.x/2.x)")
+        raise ValueError(f"{path}: a {d['_class_name']}, not a ControlNetModel (SD 1.x/2.x, SDXL)")
     if d.get("controlnet_conditioning_channel_order", "rgb") != "rgb" or d.get("global_pool_conditions", False):
         raise ValueError(f"{path}: BGR control images and pooled conditions (shuffle) are not supported")
     down = list(d["down_block_types"])

@@ -311,6 +311,17 @@ class UNet(nn.Module):
         return model.to(device)
 
 
+def sdxl_time_ids(size_ids: torch.Tensor | None, batch: int, height: int, width: int) -> torch.Tensor:
+    """SDXL's six numbers a sample is drawn or trained with (Podell et al. 2023, sec. 2.2), (batch, 6): the
+    picture's original height, width and crop corner (`size_ids` (batch, 4), as the loaders record them,
+    ldm.data.transforms.preprocess), then the size drawn at; None: an uncropped picture of that size, as
+    diffusers' pipeline draws by default."""
+    if size_ids is None:
+        size_ids = torch.tensor([[height, width, 0, 0]], dtype=torch.float32).expand(batch, 4)
+    target = torch.tensor([[height, width]], dtype=torch.float32, device=size_ids.device).expand(batch, 2)
+    return torch.cat([size_ids.float(), target], dim=1)
+
+
 def refuse_added_cond(cfg: UNetConfig, what: str) -> None:
     """ValueError for parts that do not pass SDXL's added conditioning (pooled text, size numbers) yet."""
     if cfg.added_cond is not None:

@@ -70,15 +70,62 @@ def test_refiner_and_wrong_second_encoder_are_named(sdxl, tmp_path):
             convert(str(src), str(tmp_path / f"{name}-model"))
 
 
-def test_controlnets_refuse_sdxl_by_name(sdxl, tmp_path):
-    """ControlNets do not pass the pooled text and size numbers yet: they say so instead of failing inside
-    the U-Net."""
-    from ldm.models.controlnet import ControlNet
+def test_sdxl_controlnet_draws_what_diffusers_draws(sdxl, tmp_path, one_thread):
+    """A diffusers SDXL ControlNetModel (from_unet of the pipeline's U-Net, with its own copy of the added
+    embedding; zero convolutions and hint stack made non-zero) loads into ours, and txt2img with it draws
+    what diffusers' StableDiffusionXLControlNetPipeline draws; ControlNet.from_unet on our U-Net copies
+    what diffusers' from_unet copies."""
+    import numpy as np
+
+    from ldm.models.controlnet import ControlNet, controlnet_state_from_diffusers, load_controlnet
+    theirs, folder = sdxl
+    convert(str(folder / "sdxl"), str(tmp_path / "model"), guidance=3.0)
+    torch.manual_seed(1)
+    net = diffusers.ControlNetModel.from_unet(theirs.unet, conditioning_embedding_out_channels=(16, 32))  # f = 2
+    assert net.config.addition_embed_type == "text_time"
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")):
+                p.normal_(0, 0.1)
+    net.save_pretrained(str(tmp_path / "cn"))
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    side = pipe.index.resolution
+    hint = torch.from_numpy(np.random.default_rng(0).random((1, 3, side, side)).astype(np.float32))
+    control = [(load_controlnet(str(tmp_path / "cn")), hint, 0.8)]
+    images, _ = pipe.generate(PROMPTS[:1], steps=3, seed=0, control=control)
+    plain, _ = pipe.generate(PROMPTS[:1], steps=3, seed=0)
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(3), pipe.latent_shape(1),
+                          generator=torch.Generator().manual_seed(0))
+    cn_pipe = on_our_grid(diffusers.StableDiffusionXLControlNetPipeline(**theirs.components, controlnet=net))
+    with torch.no_grad():
+        reference = cn_pipe(PROMPTS[0], image=hint, controlnet_conditioning_scale=0.8, num_inference_steps=3,
+                            guidance_scale=4.0, latents=noise, height=side, width=side, output_type="pt").images
+    assert (images - plain).abs().max() > 0.05                                   # the control mattered
+    torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+
+    ours = ControlNet.from_unet(pipe.unet, latent_factor=2)
+    copied = controlnet_state_from_diffusers(
+        diffusers.ControlNetModel.from_unet(theirs.unet, conditioning_embedding_out_channels=(16, 32)).state_dict(), 2)
+    body = {k: v for k, v in ours.state_dict().items() if k.startswith("body.")}
+    assert any(k.startswith("body.add_embed.") for k in body)
+    assert all(torch.equal(v, copied[k]) for k, v in body.items())
+
+
+def test_controlnet_stage_trains_one_for_sdxl(sdxl, tmp_path, one_thread, mixed_aspect_folder):
+    """The ControlNet stage on the imported tiny SDXL model, from wide, square and tall pictures (buckets):
+    the copy and the frozen U-Net both get the pooled text and each picture's six numbers; it writes a
+    diffusers SDXL ControlNetModel that diffusers loads, with validation grids drawn through it."""
+    from stage_scripts import load_stage
+    stage = load_stage("train_controlnet")
     _, folder = sdxl
     convert(str(folder / "sdxl"), str(tmp_path / "model"))
-    unet = TextToImage.from_folder(str(tmp_path / "model")).unet
-    with pytest.raises(ValueError, match="ControlNet does not take SDXL U-Nets yet"):
-        ControlNet.from_unet(unet, latent_factor=2)
+    config = Path(stage.__file__).parents[1] / "configs" / "controlnet" / "tiny.yaml"
+    out = stage.main(["--config", str(config), f"model={tmp_path / 'model'}", f"train.output_dir={tmp_path / 'run'}",
+                      "data.source=imagefolder", f"data.path={mixed_aspect_folder}", "data.buckets=true",
+                      "data.bucket_step=8", "train.validate_every=3"])
+    net = diffusers.ControlNetModel.from_pretrained(str(out))
+    assert net.config.addition_embed_type == "text_time"
+    assert any((tmp_path / "run" / "samples").glob("*.png"))
 
 
 def test_export_back_to_diffusers_draws_our_images(sdxl, tmp_path, one_thread, capsys):
