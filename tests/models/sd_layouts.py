@@ -38,6 +38,19 @@ def on_our_grid(pipeline):
     return pipeline
 
 
+def diffusers_images(theirs, pipe, prompts, steps: int, guidance_scale: float, seed: int = 0, size=None, **call):
+    """What diffusers' pipeline `theirs` draws on our grid (`on_our_grid`) from the noise our TextToImage
+    `pipe` starts `prompts` from with `seed`, at `size` = (width, height) (default the model's square):
+    images (B, 3, H, W) in [0, 1]. `call`: more of the pipeline's arguments (negative_prompt, image, ...)."""
+    from ldm.diffusion.samplers import initial_noise
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(steps), pipe.latent_shape(len(prompts), size),
+                          generator=torch.Generator().manual_seed(seed))
+    width, height = size or (pipe.index.resolution,) * 2
+    with torch.no_grad():
+        return on_our_grid(theirs)(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, latents=noise,
+                                   height=height, width=width, output_type="pt", **call).images
+
+
 def unet_to_compvis(state, levels, n):
     """Independent test-side map of diffusers names to the CompVis openaimodel layout."""
     res = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",

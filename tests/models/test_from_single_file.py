@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.torch import save_file
-from sd_layouts import (PROMPTS, on_our_grid, openclip_text_model, openclip_tokens, unet_to_compvis,
+from sd_layouts import (PROMPTS, diffusers_images, openclip_text_model, openclip_tokens, unet_to_compvis,
                         vae_key_to_compvis, write_sd_pipeline, write_sdxl_pipeline)
 
 from ldm.bench_models import TINY
@@ -202,13 +202,8 @@ def test_sdxl_file_draws_what_diffusers_draws(sdxl, tmp_path, one_thread, capsys
     assert "prediction eps, w = 3" in capsys.readouterr().out
     pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
     assert pipe.text_encoder.cfg.kind == "sdxl" and pipe.text_encoder.cfg.zero_empty
-    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(4), pipe.latent_shape(len(PROMPTS)),
-                          generator=torch.Generator().manual_seed(0))
     images, _ = pipe.generate(PROMPTS, steps=4, seed=0)
-    side = pipe.index.resolution
-    with torch.no_grad():
-        reference = on_our_grid(theirs)(PROMPTS, num_inference_steps=4, guidance_scale=1 + 3.0, latents=noise,
-                                        height=side, width=side, output_type="pt").images
+    reference = diffusers_images(theirs, pipe, PROMPTS, 4, 1 + 3.0)
     assert reference.std() > 0.05
     torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sd_layouts import PROMPTS, on_our_grid, write_sdxl_pipeline
+from sd_layouts import PROMPTS, diffusers_images, on_our_grid, write_sdxl_pipeline
 
 from ldm.diffusion.samplers import initial_noise
 from ldm.models.from_diffusers import convert, main
@@ -34,25 +34,16 @@ def test_sdxl_pipeline_draws_what_diffusers_draws(sdxl, tmp_path, one_thread, ca
     ids_2 = pipe.text_encoder._ids(pipe.text_encoder.tokenizers[1], PROMPTS)[0]
     assert ids_2[1, -1] == 0 and pipe.text_encoder.tokenize(PROMPTS)[0][1, -1] == 49407   # each pads its own way
 
-    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(4), pipe.latent_shape(len(PROMPTS)),
-                          generator=torch.Generator().manual_seed(0))
     images, info = pipe.generate(PROMPTS, steps=4, seed=0)
     assert (info["model"], info["nfe"]) == ("teacher", 8)
-    side = pipe.index.resolution
-    with torch.no_grad():
-        reference = on_our_grid(theirs)(PROMPTS, num_inference_steps=4, guidance_scale=1 + 3.0, latents=noise,
-                                        height=side, width=side, output_type="pt").images
+    reference = diffusers_images(theirs, pipe, PROMPTS, 4, 1 + 3.0)
     assert reference.std() > 0.05
     torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
 
     # not square: the size numbers go in as (height, width), as diffusers' original_size / target_size
-    wide = pipe.latent_shape(1, (48, 32))
-    assert pipe.size_ids(wide).tolist() == [[32, 48, 0, 0, 32, 48]]
-    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(2), wide, generator=torch.Generator().manual_seed(1))
+    assert pipe.size_ids(pipe.latent_shape(1, (48, 32))).tolist() == [[32, 48, 0, 0, 32, 48]]
     images, _ = pipe.generate(PROMPTS[:1], steps=2, seed=1, size=(48, 32))
-    with torch.no_grad():
-        reference = theirs(PROMPTS[:1], num_inference_steps=2, guidance_scale=1 + 3.0, latents=noise, height=32,
-                           width=48, output_type="pt").images
+    reference = diffusers_images(theirs, pipe, PROMPTS[:1], 2, 1 + 3.0, seed=1, size=(48, 32))
     torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
 
 
@@ -232,19 +223,12 @@ def test_kohya_sdxl_lora_merges_as_diffusers_and_the_closed_form(sdxl, tmp_path,
     save_file(text_part, str(tmp_path / "text.safetensors"))
 
     pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
-    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(3), pipe.latent_shape(len(PROMPTS)),
-                          generator=torch.Generator().manual_seed(0))
-    side = pipe.index.resolution
-    with torch.no_grad():
-        before = on_our_grid(theirs)(PROMPTS, num_inference_steps=3, guidance_scale=4.0, latents=noise,
-                                     height=side, width=side, output_type="pt").images
+    before = diffusers_images(theirs, pipe, PROMPTS, 3, 4.0)
     assert pipe.add_lora(str(tmp_path / "unet.safetensors"), 0.7) == len(unet_part) // 3
     images, _ = pipe.generate(PROMPTS, steps=3, seed=0)
     theirs.load_lora_weights(str(tmp_path / "unet.safetensors"))
     theirs.fuse_lora(lora_scale=0.7)
-    with torch.no_grad():
-        reference = theirs(PROMPTS, num_inference_steps=3, guidance_scale=4.0, latents=noise, height=side,
-                           width=side, output_type="pt").images
+    reference = diffusers_images(theirs, pipe, PROMPTS, 3, 4.0)
     assert (reference - before).abs().max() > 0.05
     torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=3e-4, rtol=0)
 
@@ -361,13 +345,7 @@ def test_sdxl_embedding_draws_what_diffusers_draws(sdxl, tmp_path, one_thread):
     theirs.load_textual_inversion(state["clip_g"], token="mystyle", text_encoder=theirs.text_encoder_2,
                                   tokenizer=theirs.tokenizer_2)
     ours, info = pipe.generate(prompts, steps=3, seed=0, negative="mystyle")
-    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(3), pipe.latent_shape(2),
-                          generator=torch.Generator().manual_seed(0))
-    side = pipe.index.resolution
-    with torch.no_grad():
-        reference = on_our_grid(theirs)(prompts, negative_prompt=["mystyle"] * 2, num_inference_steps=3,
-                                        guidance_scale=1 + info["guidance"], latents=noise, height=side,
-                                        width=side, output_type="pt").images
+    reference = diffusers_images(theirs, pipe, prompts, 3, 1 + info["guidance"], negative_prompt=["mystyle"] * 2)
     torch.testing.assert_close(ours * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
     assert (ours - before).abs().max() > 1e-2                                 # the new word did something
     save_file({"emb_params": state["clip_l"]}, str(tmp_path / "one.safetensors"))
