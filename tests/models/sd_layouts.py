@@ -158,3 +158,37 @@ def write_sdxl_pipeline(folder, text_encoder_2=None):
             force_zeros_for_empty_prompt=True)
         pipe.save_pretrained(str(folder / "sdxl"))
     return pipe
+
+
+EMBED = 16                                              # the IP-Adapter tests' image embedding width
+
+
+def write_image_encoder(folder):
+    """A tiny random CLIPVisionModelWithProjection (EMBED-wide image embeddings) and its processor in `folder`."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=EMBED)
+    torch.manual_seed(2)
+    CLIPVisionModelWithProjection(config).save_pretrained(str(folder))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(str(folder))
+    return folder
+
+
+def write_ip_adapter(path, unet, tokens=4):
+    """A random IP-Adapter for the diffusers `unet`, keys as IP-Adapter files have them: i = the
+    cross-attention's place in diffusers' attn_processors."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(3)
+    dim = unet.config.cross_attention_dim
+    state = {"image_proj.proj.weight": torch.randn(tokens * dim, EMBED, generator=g) * 0.3,
+             "image_proj.proj.bias": torch.randn(tokens * dim, generator=g) * 0.1,
+             "image_proj.norm.weight": 1 + 0.1 * torch.randn(dim, generator=g),
+             "image_proj.norm.bias": 0.1 * torch.randn(dim, generator=g)}
+    for i, (name, processor) in enumerate(unet.attn_processors.items()):
+        if name.endswith("attn2.processor"):
+            inner = unet.get_submodule(name[: -len(".processor")]).to_k.out_features
+            for key in ("to_k_ip", "to_v_ip"):
+                state[f"ip_adapter.{i}.{key}.weight"] = torch.randn(inner, dim, generator=g) * 0.3
+    save_file(state, str(path))
+    return path

@@ -6,45 +6,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from sd_layouts import PROMPTS, on_our_grid, write_sd_pipeline
+from sd_layouts import PROMPTS, on_our_grid, write_image_encoder, write_ip_adapter, write_sd_pipeline
 
-from ldm.bench_models import TINY
 from ldm.diffusion.samplers import initial_noise
 from ldm.models.from_diffusers import convert
 from ldm.pipeline import TextToImage
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-EMBED = 16                                              # the image encoder's projection width
-
-
-def write_image_encoder(folder):
-    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=32, patch_size=8, projection_dim=EMBED)
-    torch.manual_seed(2)
-    transformers.CLIPVisionModelWithProjection(config).save_pretrained(str(folder))
-    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor.save_pretrained(str(folder))
-    return folder
-
-
-def write_ip_adapter(path, unet, tokens=4):
-    """Keys as IP-Adapter files have them: i = the cross-attention's place in diffusers' attn_processors."""
-    g = torch.Generator().manual_seed(3)
-    dim = TINY.unet["cross_attention_dim"]
-    state = {"image_proj.proj.weight": torch.randn(tokens * dim, EMBED, generator=g) * 0.3,
-             "image_proj.proj.bias": torch.randn(tokens * dim, generator=g) * 0.1,
-             "image_proj.norm.weight": 1 + 0.1 * torch.randn(dim, generator=g),
-             "image_proj.norm.bias": 0.1 * torch.randn(dim, generator=g)}
-    for i, (name, processor) in enumerate(unet.attn_processors.items()):
-        if name.endswith("attn2.processor"):
-            inner = unet.get_submodule(name[: -len(".processor")]).to_k.out_features
-            for key in ("to_k_ip", "to_v_ip"):
-                state[f"ip_adapter.{i}.{key}.weight"] = torch.randn(inner, dim, generator=g) * 0.3
-    save_file(state, str(path))
-    return path
-
-
 BOTH_LEVELS = {"down_block_types": ("CrossAttnDownBlock2D",) * 2, "up_block_types": ("CrossAttnUpBlock2D",) * 2}
 
 
