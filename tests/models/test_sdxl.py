@@ -424,3 +424,33 @@ def test_sdxl_ip_adapter_draws_what_diffusers_draws(sdxl, tmp_path, one_thread):
     reference = diffusers_images(xl, pipe, PROMPTS, 3, 4.0, ip_adapter_image=image)
     torch.testing.assert_close(ours * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
     assert (ours - plain).abs().max() > 1e-2                               # the image prompt mattered
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_turbo_style_sampling_draws_what_diffusers_draws(sdxl, tmp_path, one_thread, steps):
+    """Few-step SDXL checkpoints distilled elsewhere (SDXL-Turbo's adversarial diffusion distillation, Sauer
+    et al. 2023) are SDXL base folders sampled with Euler ancestral on the trailing grid, without CFG, in 1-4
+    steps: `--sampler euler_a --guidance 0 --steps 1` draws what diffusers' SDXL pipeline with
+    EulerAncestralDiscreteScheduler(timestep_spacing="trailing") draws (guidance_scale 0), the ancestral noise
+    from the same generator (our seed + 1). diffusers' Euler schedulers start trailing grids from
+    latents x sigma_max (`init_noise_sigma`) where the VP start is sqrt(1 + sigma_max^2), 0.23% more at
+    SD's sigma_max = 14.6: its latents are given that factor, so both start from the same point."""
+    theirs, folder = sdxl
+    convert(str(folder / "sdxl"), str(tmp_path / "model"))
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    ours, info = pipe.generate(PROMPTS, steps=steps, seed=0, guidance=0.0, sampler="euler_a")
+    assert info["nfe"] == steps
+    euler = diffusers.StableDiffusionXLPipeline(**{**theirs.components, "scheduler":
+                                                   diffusers.EulerAncestralDiscreteScheduler.from_config(
+                                                       theirs.scheduler.config, timestep_spacing="trailing")})
+    euler.set_progress_bar_config(disable=True)
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(steps), pipe.latent_shape(2),
+                          generator=torch.Generator().manual_seed(0))
+    euler.scheduler.set_timesteps(steps)
+    sigma = float(euler.scheduler.sigmas[0])
+    side = pipe.index.resolution
+    with torch.no_grad():
+        reference = euler(PROMPTS, num_inference_steps=steps, guidance_scale=0.0, height=side,
+                          latents=noise * (1 + sigma ** 2) ** 0.5 / sigma,
+                          width=side, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    torch.testing.assert_close(ours * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
