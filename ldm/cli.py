@@ -157,7 +157,8 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
     pipe.prompt_weights = args.prompt_weights == "a1111"
     pipe.set_freeu(args.freeu)
     if args.clip_skip is not None:
-        layers = getattr(getattr(getattr(pipe.text_encoder, "model", None), "config", None), "num_hidden_layers", None)
+        clip = getattr(pipe.text_encoder, "model", None) or getattr(pipe.text_encoder, "model_2", None)  # SDXL refiner: bigG
+        layers = getattr(getattr(clip, "config", None), "num_hidden_layers", None)
         if layers is None:
             parser.error("--clip-skip needs a CLIP text encoder (SD 1.x/2.x); this model's is "
                          f"{type(pipe.text_encoder).__name__}")

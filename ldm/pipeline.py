@@ -79,6 +79,7 @@ class ModelIndex:
     student_prediction: str = "v"           # what the students' U-Nets predict
     data: str = ""                          # stage 2's data.source ("" = not recorded): with "shapes",
                                             # prompts outside the shapes world's caption forms warn
+    aesthetic: list | None = None           # SDXL refiner: [score, negative score] among its size numbers
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelIndex":
@@ -208,7 +209,8 @@ class TextToImage:
         if isinstance(self.text_encoder, ClipTextEncoder):
             return {"text_encoder": self.text_encoder.model}
         if hasattr(self.text_encoder, "model_2"):
-            return {"text_encoder": self.text_encoder.model, "text_encoder_2": self.text_encoder.model_2}
+            models = {"text_encoder": self.text_encoder.model, "text_encoder_2": self.text_encoder.model_2}
+            return {part: model for part, model in models.items() if model is not None}
         return {}
 
     def add_embedding(self, path: str, word: str | None = None) -> tuple[str, int]:
@@ -314,7 +316,8 @@ class TextToImage:
 
     def model_function(self, steps: int, guidance: float, teacher: bool = False, negative: str = "",
                        guidance_rescale: float = 0.0, chunks: int | None = None, control: list | None = None,
-                       inpaint: torch.Tensor | None = None, ip_uncond: torch.Tensor | None = None):
+                       inpaint: torch.Tensor | None = None, ip_uncond: torch.Tensor | None = None,
+                       shape: tuple[int, ...] | None = None):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
         with `negative` as the unconditional prompt (students were distilled with the empty one) and
         guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024), and
@@ -331,7 +334,9 @@ class TextToImage:
             model = self.denoiser(net, self.index.student_prediction)
             return model, lambda cond: {**cond, "w": guidance}, {"model": f"student-{steps}", "nfe_per_step": 1}
         uncond = self.encode_prompts([negative], chunks)
-        uncond.pop("time_ids", None)               # SDXL: both halves take the drawn size's numbers
+        uncond.pop("time_ids", None)               # SDXL: both halves take the drawn size's numbers, but
+        if self.index.aesthetic is not None:       # the refiner's unconditional half has its own score
+            uncond["time_ids"] = self.size_ids(shape or self.latent_shape(1), negative=True)[:1]
         unet = self.unet if inpaint is None else ConcatInputs(self.unet, inpaint)
         unet = ControlledUNet(unet, control) if control else unet
         if ip_uncond is not None:                  # ip_tokens reach the U-Net as one more conditioning input
@@ -393,7 +398,7 @@ class TextToImage:
             inpaint = self._paint_everything(shape)
         ip_cond, ip_uncond = self.image_prompt(ip_image, len(prompts)) if ip_image is not None else (None, None)
         model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks, control,
-                                                      inpaint, ip_uncond)
+                                                      inpaint, ip_uncond, shape)
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
             warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
                           f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
@@ -429,12 +434,18 @@ class TextToImage:
             z = mask * z + (1 - mask) * init
         return z, info
 
-    def size_ids(self, shape: tuple[int, ...]) -> torch.Tensor:
+    def size_ids(self, shape: tuple[int, ...], negative: bool = False) -> torch.Tensor:
         """SDXL's size and crop numbers (Podell et al. 2023, sec. 2.2) for drawing at `shape`'s size: the
         "original" size and the target size are the output's (height, width) in pixels, the crop's top-left
-        corner (0, 0): a whole, uncropped picture, as diffusers' default call. (B, 6), one row a sample."""
+        corner (0, 0): a whole, uncropped picture, as diffusers' default call. (B, 6), one row a sample.
+        The refiner's: original size, crop corner and an aesthetic score, its negative one for the
+        unconditional half (`negative`) (B, 5), as diffusers' refiner pipeline (6.0 and 2.5 by default)."""
         factor = self.autoencoder.config.downsample_factor
-        return sdxl_time_ids(None, shape[0], shape[-2] * factor, shape[-1] * factor).to(self.device)
+        ids = sdxl_time_ids(None, shape[0], shape[-2] * factor, shape[-1] * factor)
+        if self.index.aesthetic is not None:
+            score = torch.tensor([[float(self.index.aesthetic[int(negative)])]]).expand(shape[0], 1)
+            ids = torch.cat([ids[:, :4], score], dim=1)
+        return ids.to(self.device)
 
     def _starting_noise(self, ts: torch.Tensor, shape: tuple[int, ...], seed: int | list[int]) -> torch.Tensor:
         """x at ts[0] on the device: from one seed for the batch, or from one seed per sample (CPU generators)."""

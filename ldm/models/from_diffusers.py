@@ -1,4 +1,4 @@
-"""A diffusers Stable Diffusion pipeline (SD 1.x / 2.x / SDXL base layout) -> one of our model folders.
+"""A diffusers Stable Diffusion pipeline (SD 1.x / 2.x / SDXL base and refiner layout) -> one of our model folders.
 
     python -m ldm.models.from_diffusers runwayml/stable-diffusion-v1-5 --out models/sd15
     python -m ldm.models.from_diffusers /data/my-sd-pipeline --out models/mine --dtype float16
@@ -73,9 +73,9 @@ def check_pipeline(src: Path) -> dict:
     if not index_path.is_file():
         raise FileNotFoundError(f"{index_path} is missing: not a diffusers pipeline folder")
     index = json.loads(index_path.read_text())
-    if index.get("requires_aesthetics_score"):
-        raise ValueError(f"{src}: an SDXL refiner (aesthetic-score conditioning); only SDXL base pipelines are supported")
     parts = PARTS + (SDXL_PARTS if index.get("text_encoder_2") else ())
+    if index.get("text_encoder_2") and not (index.get("text_encoder") or [None])[0]:   # SDXL's refiner: bigG alone
+        parts = tuple(p for p in parts if p not in ("text_encoder", "tokenizer"))
     missing = [part for part in parts if not (src / part).is_dir()]
     if missing:
         raise FileNotFoundError(f"{src}: the pipeline lacks {missing} (need {list(parts)})")
@@ -156,8 +156,11 @@ def convert(source: str, out: str, *, guidance: float = 6.5, dtype: str = "float
     resolution = save_networks(tmp, load_diffusers_unet(str(src), subfolder="unet"),
                                load_diffusers_autoencoder(src, subfolder="vae"), dtype)
     for part in ("text_encoder", "tokenizer") + (SDXL_PARTS if sdxl else ()):
-        shutil.copytree(src / part, tmp / "text_encoder" / CLIP_DIR / part)
+        if (src / part).is_dir():                      # the SDXL refiner has no first encoder
+            shutil.copytree(src / part, tmp / "text_encoder" / CLIP_DIR / part)
     index = model_index_from_scheduler(scheduler, resolution, guidance)
+    if pipeline.get("requires_aesthetics_score"):      # the refiner: diffusers' default scores of its call
+        index.aesthetic = [6.0, 2.5]
     # SDXL draws the unconditional half from zeroed embeddings unless its pipeline says otherwise
     finish_folder(tmp, out, index, **({"kind": "sdxl", "zero_empty": bool(pipeline.get("force_zeros_for_empty_prompt",
                                                                                         True))} if sdxl else {}))

@@ -11,7 +11,8 @@ U-Net beside the size numbers (UNet._added). An empty prompt is all zeros, token
 draws the unconditional half so (diffusers' `force_zeros_for_empty_prompt`).
 
 A model folder holds the four parts as a diffusers SDXL pipeline names them: text_encoder/, tokenizer/,
-text_encoder_2/, tokenizer_2/ under `TextEncoderConfig.path`.
+text_encoder_2/, tokenizer_2/ under `TextEncoderConfig.path`. SDXL's refiner has bigG alone (no
+text_encoder/, tokenizer/): its context is bigG's 1280 wide.
 """
 from __future__ import annotations
 
@@ -22,29 +23,34 @@ import torch
 from ldm.models.text import TextEncoder, TextEncoderConfig, _check_prompts, add_word, check_word, expand_words
 
 PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+REQUIRED = PARTS[2:]                # the refiner has no CLIP ViT-L
 
 
 class SdxlTextEncoder(TextEncoder):
-    """transformers' CLIPTextModel + CLIPTextModelWithProjection with their tokenizers; frozen."""
+    """transformers' CLIPTextModel (None for the refiner) + CLIPTextModelWithProjection with their tokenizers;
+    frozen."""
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
         if not cfg.path or not os.path.isdir(cfg.path):
             raise ValueError(f"TextEncoderConfig.path: the sdxl kind needs a folder with {PARTS}, got {cfg.path!r}")
-        missing = [p for p in PARTS if not os.path.isdir(os.path.join(cfg.path, p))]
+        present = {p for p in PARTS if os.path.isdir(os.path.join(cfg.path, p))}
+        missing = [p for p in PARTS if p not in present and (p in REQUIRED or {"text_encoder", "tokenizer"} & present)]
         if missing:
             raise FileNotFoundError(f"{cfg.path}: SDXL's text encoders lack {missing}")
         self.cfg = cfg
         load = {"local_files_only": cfg.local_files_only}
-        self.tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(cfg.path, p), **load)
-                           for p in ("tokenizer", "tokenizer_2")]
-        self.model = CLIPTextModel.from_pretrained(os.path.join(cfg.path, "text_encoder"), **load)
+        first = "text_encoder" in present
+        self.model = CLIPTextModel.from_pretrained(os.path.join(cfg.path, "text_encoder"), **load) if first else None
         self.model_2 = CLIPTextModelWithProjection.from_pretrained(os.path.join(cfg.path, "text_encoder_2"), **load)
-        self.dim = self.model.config.hidden_size + self.model_2.config.hidden_size
+        self.tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(cfg.path, p), **load)
+                           for p in ("tokenizer", "tokenizer_2")[0 if first else 1:]]
+        self.pairs = [(m, t) for m, t in zip([self.model, self.model_2][0 if first else 1:], self.tokenizers)]
+        self.dim = sum(m.config.hidden_size for m, _ in self.pairs)
         self.pooled_dim = self.model_2.config.projection_dim
         self.max_length = min(cfg.max_length, *(t.model_max_length for t in self.tokenizers),
-                              self.model.config.max_position_embeddings)
+                              self.model_2.config.max_position_embeddings)
         self.clip_skip: int | None = None         # the layer counted from the end; None: 2, the penultimate
         self._words: dict[str, str] = {}          # textual-inversion word -> its tokens, space-separated
         self.requires_grad_(False)
@@ -71,14 +77,14 @@ class SdxlTextEncoder(TextEncoder):
 
     @torch.no_grad()
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """(N, L) rows in the first tokenizer's layout (start, text, end, end-token padding) -> (N, L, D1 + D2)."""
-        ids = ids.to(self.model.device)
+        """(N, L) rows in the first tokenizer's layout (start, text, end, padding) -> (N, L, D1 + D2)."""
+        ids = ids.to(self.model_2.device)
         end = (ids == self.tokenizers[0].eos_token_id).int()
         padding = (end.cumsum(1) - end) > 0                 # every position after the row's first end token
-        ids_2 = ids.masked_fill(padding, self.tokenizers[1].pad_token_id)
         layer = -(self.clip_skip or 2)
-        return torch.cat([self.model(input_ids=ids, output_hidden_states=True).hidden_states[layer],
-                          self.model_2(input_ids=ids_2, output_hidden_states=True).hidden_states[layer]], dim=-1)
+        return torch.cat([model(input_ids=ids.masked_fill(padding, tokenizer.pad_token_id),
+                                output_hidden_states=True).hidden_states[layer] for model, tokenizer in self.pairs],
+                         dim=-1)
 
     def _context_mask(self, mask: torch.Tensor) -> torch.Tensor:
         return mask if self.cfg.mask_padding else torch.ones_like(mask)
@@ -92,10 +98,11 @@ class SdxlTextEncoder(TextEncoder):
 
     def add_embedding(self, word: str, vectors_l: torch.Tensor, vectors_g: torch.Tensor) -> list[str]:
         """An SDXL textual-inversion word: k new tokens in both tokenizers, `vectors_l` (k, 768) their input
-        embeddings in CLIP ViT-L, `vectors_g` (k, 1280) in bigG (the file's clip_l and clip_g)."""
+        embeddings in CLIP ViT-L, `vectors_g` (k, 1280) in bigG (the file's clip_l and clip_g; the refiner
+        takes clip_g alone)."""
         if len(vectors_l) != len(vectors_g):
             raise ValueError(f"the embedding has {len(vectors_l)} clip_l and {len(vectors_g)} clip_g vectors")
-        pairs = ((self.tokenizers[0], self.model, vectors_l), (self.tokenizers[1], self.model_2, vectors_g))
+        pairs = [(t, m, v) for (m, t), v in zip(self.pairs, [vectors_l, vectors_g][-len(self.pairs):])]
         for tokenizer, model, vectors in pairs:             # every check first: all or nothing
             check_word(tokenizer, model, word, vectors)
         tokens = [add_word(tokenizer, model, word, vectors) for tokenizer, model, vectors in pairs][0]
@@ -115,8 +122,8 @@ class SdxlTextEncoder(TextEncoder):
         prompts = _check_prompts(prompts)
         layer = -(self.clip_skip or 2)
         states, pooled = [], None
-        for model, tokenizer in ((self.model, self.tokenizers[0]), (self.model_2, self.tokenizers[1])):
-            ids, _ = self._ids(tokenizer, prompts, warn=model is self.model)
+        for model, tokenizer in self.pairs:
+            ids, _ = self._ids(tokenizer, prompts, warn=tokenizer is self.tokenizers[0])
             out = model(input_ids=ids.to(model.device), output_hidden_states=True)
             states.append(out.hidden_states[layer])
             pooled = getattr(out, "text_embeds", None)

@@ -179,6 +179,8 @@ def export(model_dir: str, out: str, dtype: str = "float32") -> Path:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     index = load_index(model_dir)
+    if index.aesthetic is not None:
+        raise ValueError("an SDXL refiner folder (aesthetic scores): its export to diffusers is not written yet")
     scheduler = scheduler_config(index)                # the cheap refusals first
     unet = UNet.from_pretrained(os.path.join(model_dir, index.unet))
     ae = AutoencoderKL.from_pretrained(os.path.join(model_dir, index.autoencoder))

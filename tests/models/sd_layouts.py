@@ -160,6 +160,36 @@ def write_sdxl_pipeline(folder, text_encoder_2=None):
     return pipe
 
 
+def write_sdxl_refiner(folder):
+    """A tiny random diffusers SDXL refiner (StableDiffusionXLImg2ImgPipeline) saved in folder / "refiner":
+    bigG alone (48 wide), the U-Net's added embedding taking 5 numbers (size, crop, aesthetic score)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from ldm.models.clip_bpe import write_clip_tokenizer
+    write_clip_tokenizer(folder / "tok2", pad_token="!")
+    torch.manual_seed(5)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{
+        **TINY.clip, "hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 2, "num_hidden_layers": 3,
+        "projection_dim": 24, "hidden_act": "gelu"}))
+    unet = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=8,
+                cross_attention_dim=48, addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=24 + 5 * 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=diffusers.AutoencoderKL(**{**TINY.vae, "scaling_factor": 0.13025}), text_encoder=None,
+            text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=CLIPTokenizer.from_pretrained(str(folder / "tok2")),
+            unet=diffusers.UNet2DConditionModel(**unet),
+            scheduler=diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                              clip_sample=False),
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+        pipe.save_pretrained(str(folder / "refiner"))
+    return pipe
+
+
 EMBED = 16                                              # the IP-Adapter tests' image embedding width
 
 

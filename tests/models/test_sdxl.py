@@ -47,12 +47,11 @@ def test_sdxl_pipeline_draws_what_diffusers_draws(sdxl, tmp_path, one_thread, ca
     torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
 
 
-def test_refiner_and_wrong_second_encoder_are_named(sdxl, tmp_path):
+def test_wrong_second_encoder_is_named(sdxl, tmp_path):
     import json
     import shutil
     _, folder = sdxl
-    for name, edit, message in (("refiner", {"requires_aesthetics_score": True}, "SDXL refiner"),
-                                ("other", {"text_encoder_2": ["transformers", "T5EncoderModel"]}, "text_encoder_2 is")):
+    for name, edit, message in (("other", {"text_encoder_2": ["transformers", "T5EncoderModel"]}, "text_encoder_2 is"),):
         src = tmp_path / name
         shutil.copytree(folder / "sdxl", src)
         index = json.loads((src / "model_index.json").read_text())
@@ -454,3 +453,32 @@ def test_turbo_style_sampling_draws_what_diffusers_draws(sdxl, tmp_path, one_thr
                           latents=noise * (1 + sigma ** 2) ** 0.5 / sigma,
                           width=side, generator=torch.Generator().manual_seed(1), output_type="pt").images
     torch.testing.assert_close(ours * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_img2img_draws_what_diffusers_sdxl_img2img_draws(sdxl, tmp_path, one_thread, which):
+    """sample(init=latents, strength) as diffusers' StableDiffusionXLImg2ImgPipeline given the same latents,
+    for the base and for the refiner (bigG alone, 5 numbers: size, crop and the aesthetic score, 6.0 for the
+    prompt and 2.5 for the unconditional half, as diffusers' call defaults; the empty negative prompt
+    encoded, not zeroed, as the refiner's pipeline says)."""
+    from sd_layouts import write_sdxl_refiner
+    theirs, folder = sdxl
+    if which == "refiner":
+        theirs = write_sdxl_refiner(tmp_path)
+        folder = tmp_path
+    convert(str(folder / ("sdxl" if which == "base" else "refiner")), str(tmp_path / "model"), guidance=3.0)
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    if which == "refiner":
+        assert pipe.text_encoder.dim == 48 and pipe.index.aesthetic == [6.0, 2.5]
+        assert not pipe.text_encoder.cfg.zero_empty
+        assert pipe.size_ids((1, 4, 16, 16), negative=True).tolist() == [[32, 32, 0, 0, 2.5]]
+    init = torch.randn(2, 4, 16, 24, generator=torch.Generator().manual_seed(3))
+    z, info = pipe.sample(PROMPTS, steps=4, seed=0, init=init, strength=0.5)
+    assert info["steps"] == 2 and info["nfe"] == 4
+    img2img = diffusers.StableDiffusionXLImg2ImgPipeline(
+        **{k: v for k, v in theirs.components.items() if k not in ("image_encoder", "feature_extractor")},
+        requires_aesthetics_score=which == "refiner", force_zeros_for_empty_prompt=which == "base")
+    with torch.no_grad():
+        reference = on_our_grid(img2img)(PROMPTS, image=init, strength=0.5, num_inference_steps=4, guidance_scale=4.0,
+                                         generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(pipe.decode(z) * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
