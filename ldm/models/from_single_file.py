@@ -17,7 +17,7 @@ transformers' terms; an OpenCLIP tower's sizes are read off its weights), and `-
 `--vae-config`, `--text-config` (CLIP ViT-L's) take config.json files for other sizes. The tokenizer is CLIP's (ldm.models.clip_bpe; SD 2.x pads with id 0
 as open_clip does), the schedule SD's scaled-linear betas. A file says neither whether it predicts eps or
 v (SD 2.x 768-v models do: `--prediction v`) nor its image size (`--resolution 768` for those).
-SDXL refiner files are refused.
+SDXL's refiner (bigG alone under `conditioner.embedders.0.model.`) gets its aesthetic scores.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from ldm.models.weights import load_state_dict_strict
 VAE_PREFIX, CLIP_PREFIX = "first_stage_model.", "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."      # SD 2.x: open_clip's CLIP, text tower only
 XL_CLIP_PREFIX, XL_BIGG_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."   # SDXL
+REFINER_BIGG_PREFIX = "conditioner.embedders.0.model."                   # SDXL's refiner: bigG alone
 SD1_UNET = {   # diffusers' UNet2DConditionModel config of SD 1.x (v1-inference.yaml: 320 channels, 8 heads)
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "block_out_channels": [320, 640, 1280, 1280],
     "layers_per_block": 2, "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
@@ -56,6 +57,14 @@ SDXL_UNET = {  # sd_xl_base.yaml (Podell et al. 2023, Tab. 1): no attention at 1
     "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048, "use_linear_projection": True,
     "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,   # bigG's pooled 1280 + 6 size numbers x 256
+}
+REFINER_UNET = {   # sd_xl_refiner.yaml: 384 channels, attention at the middle two levels, 4 blocks each
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "block_out_channels": [384, 768, 1536, 1536],
+    "layers_per_block": 2, "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"], "attention_head_dim": [6, 12, 24, 24],
+    "transformer_layers_per_block": 4, "cross_attention_dim": 1280, "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2560,   # bigG's pooled 1280 + 5 numbers (size, crop, score) x 256
 }
 SD1_VAE = {    # diffusers' AutoencoderKL config of SD's f = 8 KL autoencoder
     "sample_size": 512, "in_channels": 3, "out_channels": 3, "block_out_channels": [128, 256, 512, 512],
@@ -80,23 +89,22 @@ def read_config(path: str | None, default: dict, what: str) -> dict:
     return json.loads(Path(path).read_text())
 
 
-TEXT_PREFIXES = {"sd1": (CLIP_PREFIX,), "sd2": (OPENCLIP_PREFIX,), "sdxl": (XL_CLIP_PREFIX, XL_BIGG_PREFIX)}
-UNETS, VAES = {"sd1": SD1_UNET, "sd2": SD2_UNET, "sdxl": SDXL_UNET}, {"sd1": SD1_VAE, "sd2": SD1_VAE, "sdxl": SDXL_VAE}
+TEXT_PREFIXES = {"sd1": (CLIP_PREFIX,), "sd2": (OPENCLIP_PREFIX,), "sdxl": (XL_CLIP_PREFIX, XL_BIGG_PREFIX),
+                 "refiner": (REFINER_BIGG_PREFIX,)}
+UNETS = {"sd1": SD1_UNET, "sd2": SD2_UNET, "sdxl": SDXL_UNET, "refiner": REFINER_UNET}
+VAES = {"sd1": SD1_VAE, "sd2": SD1_VAE, "sdxl": SDXL_VAE, "refiner": SDXL_VAE}
 
 
 def check_layout(state: dict, source: str) -> str:
-    """"sd1", "sd2" or "sdxl" (by the text towers), or an error that says what the file is and what to do."""
+    """"sd1", "sd2", "sdxl" or "refiner" (by the text towers), or an error that says what the file is."""
     if any(k.startswith("conditioner.embedders.") for k in state):
-        if not any(k.startswith(XL_CLIP_PREFIX) for k in state):
-            raise ValueError(f"{source}: an SDXL checkpoint without the CLIP ViT-L encoder ({XL_CLIP_PREFIX}*): "
-                             "the SDXL refiner is not supported, only SDXL base files")
-        version = "sdxl"
+        version = "sdxl" if any(k.startswith(XL_CLIP_PREFIX) for k in state) else "refiner"
     else:
         version = "sd2" if any(k.startswith(OPENCLIP_PREFIX) for k in state) else "sd1"
     prefixes = (COMPVIS_PREFIX, VAE_PREFIX, *TEXT_PREFIXES[version])
     missing = [p for p in prefixes if not any(k.startswith(p) for k in state)]
     if missing:
-        raise ValueError(f"{source}: no {missing} weights: not a full SD 1.x / 2.x / SDXL checkpoint "
+        raise ValueError(f"{source}: no {missing} weights: not a full SD 1.x / 2.x / SDXL (base or refiner) checkpoint "
                          "(a bare U-Net or VAE file loads with ldm.models.convert_unet / convert_ae)")
     return version
 
@@ -110,30 +118,36 @@ def load_clip(weights: dict, config: dict, source: str, projection: bool = False
     return model
 
 
+def _bigg(state: dict, prefix: str, source: str):
+    """SDXL's OpenCLIP bigG whole, with its projection (SDXL reads its layer -2 and the pooled end token)."""
+    tower = convert_openclip.text_tower(state, prefix)
+    return load_clip(convert_openclip.to_transformers(tower, drop_last=False, projection=True),
+                     convert_openclip.clip_config(tower, drop_last=False), source, projection=True)
+
+
 def text_encoders(state: dict, version: str, text_config: str | None, source: str) -> list[tuple]:
-    """The file's text towers as transformers models, each with the token that pads its prompts (None: the
-    end token). `text_config`: CLIP ViT-L's whole config (SD 1.x, SDXL's first), or entries over what an
-    OpenCLIP tower's weights say (SD 2.x)."""
+    """The file's text towers as (folder suffix: "" or "_2", transformers model, the token that pads its
+    prompts, None: the end token). `text_config`: CLIP ViT-L's whole config (SD 1.x, SDXL's first), or
+    entries over what an OpenCLIP tower's weights say (SD 2.x)."""
     if version == "sd2":
         tower = convert_openclip.text_tower(state, OPENCLIP_PREFIX)
         config = {**convert_openclip.clip_config(tower), **read_config(text_config, {}, "text")}
-        return [(load_clip(convert_openclip.to_transformers(tower), config, source), convert_openclip.PAD_TOKEN)]
+        return [("", load_clip(convert_openclip.to_transformers(tower), config, source), convert_openclip.PAD_TOKEN)]
+    if version == "refiner":
+        return [("_2", _bigg(state, REFINER_BIGG_PREFIX, source), convert_openclip.PAD_TOKEN)]
     prefix = XL_CLIP_PREFIX if version == "sdxl" else CLIP_PREFIX
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     weights = {k: v for k, v in weights.items() if k not in CLIP_BUFFERS}
-    encoders = [(load_clip(weights, read_config(text_config, SD1_TEXT, "text"), source), None)]
-    if version == "sdxl":   # bigG whole (SDXL reads its layer -2 and the pooled end token of the last)
-        tower = convert_openclip.text_tower(state, XL_BIGG_PREFIX)
-        encoders.append((load_clip(convert_openclip.to_transformers(tower, drop_last=False, projection=True),
-                                   convert_openclip.clip_config(tower, drop_last=False), source, projection=True),
-                         convert_openclip.PAD_TOKEN))
+    encoders = [("", load_clip(weights, read_config(text_config, SD1_TEXT, "text"), source), None)]
+    if version == "sdxl":
+        encoders.append(("_2", _bigg(state, XL_BIGG_PREFIX, source), convert_openclip.PAD_TOKEN))
     return encoders
 
 
 def convert(checkpoint: str, out: str, *, prediction: str = "eps", guidance: float = 6.5, dtype: str = "float32",
             resolution: int | None = None, unet_config: str | None = None, vae_config: str | None = None,
             text_config: str | None = None):
-    """Write a model folder at `out` from one CompVis-layout SD 1.x / 2.x checkpoint file; atomic."""
+    """Write a model folder at `out` from one CompVis-layout SD 1.x / 2.x / SDXL checkpoint file; atomic."""
     from ldm.models.clip_bpe import write_clip_tokenizer
     ours = {v: k for k, v in PREDICTIONS.items()}
     if prediction not in ours:
@@ -156,14 +170,16 @@ def convert(checkpoint: str, out: str, *, prediction: str = "eps", guidance: flo
                                                                                       "vae")))
     side = save_networks(tmp, unet, autoencoder, dtype)
     del unet, autoencoder
-    for i, (clip, pad_token) in enumerate(text_encoders(state, version, text_config, checkpoint)):
-        suffix = f"_{i + 1}" if i else ""                  # SDXL's second: text_encoder_2/, tokenizer_2/
+    for suffix, clip, pad_token in text_encoders(state, version, text_config, checkpoint):   # SDXL's bigG: _2
         clip.save_pretrained(str(tmp / "text_encoder" / CLIP_DIR / f"text_encoder{suffix}"))
         write_clip_tokenizer(tmp / "text_encoder" / CLIP_DIR / f"tokenizer{suffix}",
                              clip.config.max_position_embeddings, pad_token=pad_token)
     index = model_index_from_scheduler({**SD_SCHEDULER, "prediction_type": ours[prediction]}, resolution or side,
                                        guidance)
-    finish_folder(tmp, out, index, **({"kind": "sdxl", "zero_empty": True} if version == "sdxl" else {}))
+    if version == "refiner":                   # its aesthetic scores, diffusers' defaults
+        index.aesthetic = [6.0, 2.5]
+    finish_folder(tmp, out, index, **({"kind": "sdxl", "zero_empty": version == "sdxl"}
+                                      if version in ("sdxl", "refiner") else {}))
     return index
 
 

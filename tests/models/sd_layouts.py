@@ -160,23 +160,24 @@ def write_sdxl_pipeline(folder, text_encoder_2=None):
     return pipe
 
 
-def write_sdxl_refiner(folder):
+def write_sdxl_refiner(folder, text_encoder_2=None):
     """A tiny random diffusers SDXL refiner (StableDiffusionXLImg2ImgPipeline) saved in folder / "refiner":
-    bigG alone (48 wide), the U-Net's added embedding taking 5 numbers (size, crop, aesthetic score)."""
+    bigG alone (`text_encoder_2`, default a random 48-wide one), the U-Net's added embedding taking 5
+    numbers (size, crop, aesthetic score)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     from ldm.models.clip_bpe import write_clip_tokenizer
     write_clip_tokenizer(folder / "tok2", pad_token="!")
     torch.manual_seed(5)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{
+    text_encoder_2 = text_encoder_2 or CLIPTextModelWithProjection(CLIPTextConfig(**{
         **TINY.clip, "hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 2, "num_hidden_layers": 3,
         "projection_dim": 24, "hidden_act": "gelu"}))
     unet = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
                 transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=8,
-                cross_attention_dim=48, addition_embed_type="text_time", addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=24 + 5 * 8)
+                cross_attention_dim=text_encoder_2.config.hidden_size, addition_embed_type="text_time",
+                addition_time_embed_dim=8, projection_class_embeddings_input_dim=text_encoder_2.config.projection_dim + 5 * 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = diffusers.StableDiffusionXLImg2ImgPipeline(

@@ -11,8 +11,8 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.torch import save_file
-from sd_layouts import (PROMPTS, diffusers_images, openclip_text_model, openclip_tokens, unet_to_compvis,
-                        vae_key_to_compvis, write_sd_pipeline, write_sdxl_pipeline)
+from sd_layouts import (PROMPTS, diffusers_images, on_our_grid, openclip_text_model, openclip_tokens, unet_to_compvis,
+                        vae_key_to_compvis, write_sd_pipeline, write_sdxl_pipeline, write_sdxl_refiner)
 
 from ldm.bench_models import TINY
 from ldm.diffusion.samplers import initial_noise
@@ -23,13 +23,30 @@ diffusers = pytest.importorskip("diffusers")
 open_clip = pytest.importorskip("open_clip")
 
 
+def vae_state(pipe) -> dict:
+    """The pipeline's autoencoder under `first_stage_model.` in the CompVis layout."""
+    state = {}
+    for key, value in pipe.vae.state_dict().items():
+        key = vae_key_to_compvis(key, len(TINY.vae["block_out_channels"]))
+        state[key] = value[:, :, None, None] if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", key) else value
+    return state
+
+
+def sgm_unet_state(pipe) -> dict:
+    """An SDXL pipeline's U-Net in Stability AI's sgm layout (the CompVis names, `label_emb` added); checked
+    against diffusers' own converter, which must map it back exactly."""
+    unet = unet_to_compvis(pipe.unet.state_dict(), levels=len(pipe.unet.config.block_out_channels),
+                           n=pipe.unet.config.layers_per_block)
+    back = convert_ldm_unet_checkpoint(unet, dict(pipe.unet.config))
+    assert set(back) == set(pipe.unet.state_dict()) and all(torch.equal(back[k], v) for k, v in pipe.unet.state_dict().items())
+    return unet
+
+
 def single_file_state(pipe) -> dict:
     """The pipeline's three models under the CompVis prefixes, as an SD 1.x .ckpt / .safetensors holds them."""
     state = unet_to_compvis(pipe.unet.state_dict(), levels=len(TINY.unet["block_out_channels"]),
                                   n=TINY.unet["layers_per_block"])
-    for key, value in pipe.vae.state_dict().items():
-        key = vae_key_to_compvis(key, len(TINY.vae["block_out_channels"]))
-        state[key] = value[:, :, None, None] if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", key) else value
+    state |= vae_state(pipe)
     for key, value in pipe.text_encoder.state_dict().items():    # transformers 4's names, as every SD 1.x file has
         state["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = value
     # what old files carry besides: the CLIP position ids buffer, EMA copies are not there in -emaonly files
@@ -81,7 +98,8 @@ def test_wrong_files_are_named(sd, tmp_path, capsys):
     for name, edit, message in (
             ("v2.safetensors", lambda s: {**s, "cond_stage_model.model.ln_final.weight": torch.ones(1)},
              "OpenCLIP text tower: the weights lack"),
-            ("xl.safetensors", lambda s: {**s, "conditioner.embedders.1.model.x": torch.ones(1)}, "SDXL refiner"),
+            ("xl.safetensors", lambda s: {**s, "conditioner.embedders.1.model.x": torch.ones(1)},
+             "conditioner.embedders.0.model."),
             ("unet.safetensors", lambda s: {k: v for k, v in s.items() if k.startswith("model.")}, "first_stage_model"),
             ("bad.safetensors", lambda s: {k: v for k, v in s.items() if "conv_in" not in k}, "missing keys")):
         save_file(edit(state), str(tmp_path / name))
@@ -180,21 +198,20 @@ def sdxl(tmp_path_factory):
     bigg.load_state_dict({clip_name(k, bigg): v for k, v in
                           convert_openclip.to_transformers(tower, drop_last=False, projection=True).items()})
     pipe = write_sdxl_pipeline(folder, text_encoder_2=bigg)
-    levels = len(pipe.unet.config.block_out_channels)
-    unet = unet_to_compvis(pipe.unet.state_dict(), levels=levels, n=2)
-    # the test-side U-Net map, SDXL's label_emb included, is diffusers' own converter's inverse
-    back = convert_ldm_unet_checkpoint(unet, dict(pipe.unet.config))
-    assert set(back) == set(pipe.unet.state_dict()) and all(torch.equal(back[k], v) for k, v in pipe.unet.state_dict().items())
-    state = {**unet, **{k: v for k, v in single_file_state(pipe).items() if k.startswith("first_stage_model.")}}
+    state = {**sgm_unet_state(pipe), **vae_state(pipe)}
     state |= {"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v
               for k, v in pipe.text_encoder.state_dict().items()}
     state |= {f"conditioner.embedders.1.model.{k}": v for k, v in tower.items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "sdxl.safetensors"))
-    return pipe, folder
+    refiner = write_sdxl_refiner(folder, text_encoder_2=bigg)       # the same bigG: the refiner's only encoder
+    state = {**sgm_unet_state(refiner), **vae_state(refiner),
+             **{f"conditioner.embedders.0.model.{k}": v for k, v in tower.items()}}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "refiner.safetensors"))
+    return pipe, refiner, folder
 
 
 def test_sdxl_file_draws_what_diffusers_draws(sdxl, tmp_path, one_thread, capsys):
-    theirs, folder = sdxl
+    theirs, _, folder = sdxl
     sd = folder / "sdxl"
     main([str(folder / "sdxl.safetensors"), "--out", str(tmp_path / "model"), "--guidance", "3",
           "--unet-config", str(sd / "unet" / "config.json"), "--vae-config", str(sd / "vae" / "config.json"),
@@ -208,12 +225,40 @@ def test_sdxl_file_draws_what_diffusers_draws(sdxl, tmp_path, one_thread, capsys
     torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
 
 
-def test_sdxl_refiner_file_is_named(sdxl, tmp_path, capsys):
-    from safetensors.torch import load_file
-    _, folder = sdxl
-    state = {k: v for k, v in load_file(str(folder / "sdxl.safetensors")).items()
-             if not k.startswith("conditioner.embedders.0.")}
-    save_file(state, str(tmp_path / "refiner.safetensors"))
-    with pytest.raises(SystemExit):
-        main([str(tmp_path / "refiner.safetensors"), "--out", str(tmp_path / "model")])
-    assert "SDXL refiner is not supported" in capsys.readouterr().err
+def test_sdxl_refiner_file_refines_as_diffusers_does(sdxl, tmp_path, one_thread):
+    """A refiner file (bigG alone under conditioner.embedders.0.model.): the folder has bigG as its second
+    encoder, the aesthetic scores 6.0 / 2.5, the empty prompt encoded; img2img from the same latents equals
+    diffusers' StableDiffusionXLImg2ImgPipeline (requires_aesthetics_score) on the same weights."""
+    _, theirs, folder = sdxl
+    sd = folder / "refiner"
+    main([str(folder / "refiner.safetensors"), "--out", str(tmp_path / "model"), "--guidance", "3",
+          "--unet-config", str(sd / "unet" / "config.json"), "--vae-config", str(sd / "vae" / "config.json")])
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    assert pipe.index.aesthetic == [6.0, 2.5] and not pipe.text_encoder.cfg.zero_empty and pipe.text_encoder.model is None
+    init = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    z, _ = pipe.sample(PROMPTS, steps=4, seed=0, init=init, strength=0.5)
+    img2img = on_our_grid(diffusers.StableDiffusionXLImg2ImgPipeline(**{
+        k: v for k, v in theirs.components.items() if k not in ("image_encoder", "feature_extractor")},
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False))
+    with torch.no_grad():
+        reference = img2img(PROMPTS, image=init, strength=0.5, num_inference_steps=4, guidance_scale=4.0,
+                            generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(pipe.decode(z) * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["SDXL_UNET", "REFINER_UNET"])
+def test_built_in_sdxl_configs_are_diffusers_models(name):
+    """At full size on the meta device: the built-in SDXL base and refiner U-Net configs build diffusers'
+    models and ours with the same parameter count (the base: 2,567,463,684), every sgm name placed."""
+    from ldm.models import from_single_file
+    from ldm.models.convert_unet import compvis_to_ours, unet_config_from_diffusers
+    from ldm.models.unet import UNet
+    config = getattr(from_single_file, name)
+    with torch.device("meta"):
+        theirs = diffusers.UNet2DConditionModel(**config)
+        ours = UNet(unet_config_from_diffusers(config))
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in theirs.parameters()) and (name != "SDXL_UNET" or count == 2_567_463_684)
+    mapped = compvis_to_ours(unet_to_compvis(theirs.state_dict(), levels=len(config["block_out_channels"]), n=2),
+                             ours.cfg)
+    assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in ours.state_dict().items()}
