@@ -45,7 +45,7 @@ from ldm.distill.paths import load_paths, path_batch, path_error, save_paths, te
 from ldm.distill.student import GuidedStudent
 from ldm.distill.targets import (grid_rows, stage_one_target, stage_two_target, student_grid, teacher_states,
                                  x_space_loss)
-from ldm.models.unet import UNet
+from ldm.models.unet import UNet, refuse_refiner
 from ldm.pipeline import INDEX_NAME, TextToImage, load_index, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
                           build_scheduler, log_images, one_batch_size, optimizer_step, parse_args,
@@ -581,6 +581,7 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
     if parts.index.prediction == "eps":
         logger.warning("the teacher predicts eps: few-step students are unstable in eps (Salimans & Ho "
                        "2022, sec. 4); prefer a v- or x0-prediction teacher")
+    refuse_refiner(parts.index, "stage 3")
     if parts.index.resolution != cfg.data.resolution:
         raise ValueError(f"data.resolution={cfg.data.resolution} but the model folder's resolution is "
                          f"{parts.index.resolution}")

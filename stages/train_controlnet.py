@@ -29,7 +29,7 @@ from ldm.data.loaders import DataConfig, build_dataset, check_image_multiple, co
 from ldm.diffusion import SAMPLERS, DiffusionLoss
 from ldm.diffusion.guidance import drop_captions
 from ldm.models.controlnet import ControlNet, save_controlnet
-from ldm.models.unet import count_params, sdxl_time_ids
+from ldm.models.unet import count_params, refuse_refiner, sdxl_time_ids
 from ldm.pipeline import DEFAULT_MODEL, TextToImage
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
                           build_scheduler, config_to_dict, log_images, one_batch_size, optimizer_step,
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> Path:
     pipe = TextToImage.from_folder(cfg.model, device=device)
     for module in (pipe.autoencoder, pipe.text_encoder, pipe.unet):
         module.eval().requires_grad_(False)
+    refuse_refiner(pipe.index, "the ControlNet stage")
     factor = pipe.autoencoder.config.downsample_factor
     check_image_multiple(cfg.data, factor * pipe.unet.cfg.downsample_factor,
                          "the model's autoencoder factor x U-Net downsampling")

@@ -425,6 +425,10 @@ def main(argv: list[str] | None = None) -> Path:
     if (cfg.unet.added_cond is not None) != hasattr(text_encoder, "encode_pooled"):
         raise ValueError(f"unet.added_cond={cfg.unet.added_cond!r} needs text.kind=sdxl and text.kind=sdxl needs "
                          f"unet.added_cond='text_time' (SDXL), got text.kind={cfg.text.kind!r}")
+    if cfg.unet.added_cond and text_encoder.pooled_dim + 6 * cfg.unet.added_id_dim != cfg.unet.added_in_dim:
+        raise ValueError(f"unet.added_in_dim={cfg.unet.added_in_dim} is not the pooled text ({text_encoder.pooled_dim}) "
+                         f"and 6 size numbers x {cfg.unet.added_id_dim}: stage 2 trains SDXL base-style U-Nets "
+                         "(not the refiner's aesthetic-score numbers)")
     unet = UNet(cfg.unet)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -322,6 +322,14 @@ def sdxl_time_ids(size_ids: torch.Tensor | None, batch: int, height: int, width:
     return torch.cat([size_ids.float(), target], dim=1)
 
 
+def refuse_refiner(index, what: str) -> None:
+    """ValueError for SDXL's refiner (a model_index with aesthetic scores): the training stages feed
+    base-style numbers (size, crop, target size), not its (size, crop, aesthetic score)."""
+    if getattr(index, "aesthetic", None) is not None:
+        raise ValueError(f"{what} does not take SDXL's refiner (aesthetic-score numbers): use it to sample "
+                         "(img2img) or start from the base model")
+
+
 def refuse_added_cond(cfg: UNetConfig, what: str) -> None:
     """ValueError for parts that do not pass SDXL's added conditioning (pooled text, size numbers) yet."""
     if cfg.added_cond is not None:

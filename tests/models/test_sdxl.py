@@ -482,3 +482,23 @@ def test_img2img_draws_what_diffusers_sdxl_img2img_draws(sdxl, tmp_path, one_thr
         reference = on_our_grid(img2img)(PROMPTS, image=init, strength=0.5, num_inference_steps=4, guidance_scale=4.0,
                                          generator=torch.Generator().manual_seed(0), output_type="pt").images
     torch.testing.assert_close(pipe.decode(z) * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+
+
+def test_training_stages_refuse_the_refiner_by_name(tmp_path, one_thread, mixed_aspect_folder):
+    """The stages feed base-style numbers (size, crop, target size); the refiner's are (size, crop, score):
+    stages 2 and 3 and the ControlNet stage say so instead of failing inside the U-Net."""
+    from sd_layouts import write_sdxl_refiner
+    from stage_scripts import load_stage
+    write_sdxl_refiner(tmp_path)
+    convert(str(tmp_path / "refiner"), str(tmp_path / "model"))
+    root = Path(__file__).resolve().parents[2]
+    with pytest.raises(ValueError, match="stage 3 does not take SDXL's refiner"):
+        load_stage("distill").main(["--config", str(root / "configs" / "distill" / "tiny.yaml"),
+                                    f"teacher={tmp_path / 'model'}", f"train.output_dir={tmp_path / 'run'}",
+                                    f"model_out={tmp_path / 'out'}"])
+    with pytest.raises(ValueError, match="the ControlNet stage does not take SDXL's refiner"):
+        load_stage("train_controlnet").main(["--config", str(root / "configs" / "controlnet" / "tiny.yaml"),
+                                             f"model={tmp_path / 'model'}", f"train.output_dir={tmp_path / 'cn'}"])
+    config = _sdxl_stage_two_config(tmp_path / "model", mixed_aspect_folder, tmp_path / "latent")
+    with pytest.raises(ValueError, match="stage 2 trains SDXL base-style U-Nets"):
+        load_stage("train_latent").main(["--config", str(config)])
