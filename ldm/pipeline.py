@@ -268,8 +268,9 @@ class TextToImage:
         the model's resolution (`sample` puts the drawn size's in place)."""
         encoder = self.text_encoder
         plain = [plain_text(parse_weighted(p)) for p in prompts] if self.prompt_weights else prompts
-        context, _, pooled = encoder.encode_pooled(plain)
-        if chunks is not None and (chunks > 1 or self.prompt_weights):
+        chunked = chunks is not None and (chunks > 1 or self.prompt_weights)
+        context, _, pooled = encoder.encode_pooled(plain, warn=not chunked)   # chunked: nothing is cut
+        if chunked:
             context = encoder.zero_empty_rows(prompts, encode_chunked(encoder, prompts, chunks=chunks,
                                                                       weighted=self.prompt_weights)[0])
         return {"context": context, "pooled": pooled, "time_ids": self.size_ids(self.latent_shape(len(prompts)))}

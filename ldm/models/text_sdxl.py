@@ -117,13 +117,14 @@ class SdxlTextEncoder(TextEncoder):
         return enc["input_ids"], enc["attention_mask"].bool()
 
     @torch.no_grad()
-    def encode_pooled(self, prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(context (B, L, D1 + D2), mask (B, L), all True: SDXL's U-Net sees the padding, pooled (B, P))."""
+    def encode_pooled(self, prompts, warn: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(context (B, L, D1 + D2), mask (B, L), all True: SDXL's U-Net sees the padding, pooled (B, P)).
+        warn: say (once) that long prompts are cut to max_length (not when their tokens go in chunks)."""
         prompts = _check_prompts(prompts)
         layer = -(self.clip_skip or 2)
         states, pooled = [], None
         for model, tokenizer in self.pairs:
-            ids, _ = self._ids(tokenizer, prompts, warn=tokenizer is self.tokenizers[0])
+            ids, _ = self._ids(tokenizer, prompts, warn=warn and tokenizer is self.tokenizers[0])
             out = model(input_ids=ids.to(model.device), output_hidden_states=True)
             states.append(out.hidden_states[layer])
             pooled = getattr(out, "text_embeds", None)
