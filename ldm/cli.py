@@ -143,6 +143,16 @@ def check_prompt_syntax(parser: argparse.ArgumentParser, args, prompts: list[str
             parser.error(f"{err} (or --prompt-weights off)")
 
 
+def quiet_transformers() -> None:
+    """No "Loading weights" bar per CLIP model (transformers 5 draws one for every from_pretrained): the CLI
+    has its own progress; transformers' warnings and errors still show. Without importing transformers
+    (seconds of start-up a model without CLIP does not pay): it reads the hub's switch when imported."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+        transformers_logging.disable_progress_bar()
+
+
 def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()) -> TextToImage:
     """The model folder, or a parser error that names the missing path or a bad prompt. Warnings print
     as one line."""
@@ -153,6 +163,7 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
     if not os.path.isfile(os.path.join(args.model, INDEX_NAME)):
         parser.error(f"--model {args.model!r} is not a model folder: {os.path.join(args.model, INDEX_NAME)} "
                      f"is missing (train one with stages/, or pass --model DIR)")
+    quiet_transformers()
     pipe = TextToImage.from_folder(args.model, device=args.device, decoder_precision=args.decoder_precision)
     pipe.prompt_weights = args.prompt_weights == "a1111"
     pipe.set_freeu(args.freeu)
