@@ -115,11 +115,6 @@ def _maybe_compile(fn, mode: str):
     return torch.compile(fn) if mode == "compiled" else fn
 
 
-def _unet_call(impl: str, model):
-    """(x, t, context) -> prediction for either U-Net."""
-    if impl == "ours":
-        return lambda x, t, c: model(x, t, c)
-    return lambda x, t, c: model(x, t, encoder_hidden_states=c).sample
 
 
 # ----------------------------------------------------------------------------- benches
@@ -139,6 +134,7 @@ def bench_unet_infer(pair, size, device, dtypes, modes, impls, timer, profile_di
         x0 = torch.randn(b, 4, side, side, generator=g).to(device, dtype)
         ctx = torch.randn(b, size.tokens, ctx_dim, generator=g).to(device, dtype)
         t = torch.full((b,), 500.0, device=device)
+        added = {k: v.to(device, dtype) for k, v in size.added(b, g).items()}
         for layout in layouts:
             fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
             x = x0.contiguous(memory_format=fmt)
@@ -146,7 +142,7 @@ def bench_unet_infer(pair, size, device, dtypes, modes, impls, timer, profile_di
                 for impl in impls:
                     def make(impl=impl, mode=mode, fmt=fmt, x=x):
                         model = _placed(ours if impl == "ours" else theirs, impl, device, dtype).to(memory_format=fmt)
-                        call = _maybe_compile(_unet_call(impl, model), mode)
+                        call = _maybe_compile(bm.unet_call(impl, model, added), mode)
                         return torch.no_grad()(lambda: call(x, t, ctx))
                     case = f"B={b} {side}x{side} L={size.tokens}" + (" NHWC" if layout == "channels_last" else "")
                     row = dict(bench="unet-infer", case=case, dtype=dname, mode=mode, impl=impl)
@@ -163,6 +159,7 @@ def bench_unet_train(pair, size, device, amp_dtype, modes, impls, timer):
     ctx = torch.randn(b, size.tokens, ctx_dim, generator=g).to(device)
     target = torch.randn(b, 4, side, side, generator=g).to(device)
     t = torch.randint(0, 1000, (b,), generator=g).float().to(device)
+    added = {k: v.to(device) for k, v in size.added(b, g).items()}
     dname = next(k for k, v in DTYPES.items() if v == amp_dtype)
     rows = []
     for ckpt in (False, True):
@@ -172,7 +169,7 @@ def bench_unet_train(pair, size, device, amp_dtype, modes, impls, timer):
                     model = _placed(ours if impl == "ours" else theirs, impl, device, torch.float32).train()
                     if ckpt:
                         model.enable_gradient_checkpointing()
-                    call = _maybe_compile(_unet_call(impl, model), mode)
+                    call = _maybe_compile(bm.unet_call(impl, model, added), mode)
                     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
                     def step():
@@ -336,6 +333,10 @@ def parse_args(argv):
     if bad:
         parser.error(f"--dtypes: unknown dtype(s) {bad}; choose from {', '.join(DTYPES)}")
     args.only = [b for b in args.only.split(",") if b]
+    if args.size and args.size not in bm.TXT2IMG_SIZES and "txt2img" in args.only:
+        if any(a.startswith("--only") for a in argv):
+            parser.error(f"--only txt2img: the {args.size} size has no txt2img bench yet (SD's pipeline, one CLIP)")
+        args.only.remove("txt2img")
     unknown = [b for b in args.only if b not in BENCHES]
     if unknown:
         parser.error(f"--only: unknown bench(es) {unknown}; choose from {', '.join(BENCHES)}")

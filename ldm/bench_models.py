@@ -23,6 +23,16 @@ class Size:
     infer_batch: int    # U-Net inference batch (2 = one prompt under CFG)
     train_batch: int    # training-step batch
     tokens: int = 77    # text tokens in the context
+    pooled: int = 0     # SDXL: the pooled text width beside the six size numbers (0: no added embedding)
+
+    def added(self, batch: int, generator: torch.Generator) -> dict:
+        """SDXL's added inputs for a batch, in our U-Net's names ({} for SD): a pooled text vector and the
+        six size numbers of an uncropped picture at the image size."""
+        if not self.pooled:
+            return {}
+        return {"pooled": torch.randn(batch, self.pooled, generator=generator),
+                "time_ids": torch.tensor([[self.image, self.image, 0, 0, self.image, self.image]] * batch,
+                                         dtype=torch.float32)}
 
 
 SD15 = Size(
@@ -55,7 +65,31 @@ TINY = Size(
     latent=16, image=32, infer_batch=2, train_batch=2,
 )
 
-SIZES = {"sd15": SD15, "tiny": TINY}
+SDXL = Size(
+    # SDXL base (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json): 2,567,463,684 parameters.
+    unet=dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+              down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+              up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), attention_head_dim=(5, 10, 20),
+              transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+              addition_embed_type="text_time", addition_time_embed_dim=256,
+              projection_class_embeddings_input_dim=2816, norm_num_groups=32),
+    # SDXL's VAE: SD's architecture, its own weights and scaling factor.
+    vae={**SD15.vae, "sample_size": 1024, "scaling_factor": 0.13025},
+    clip=SD15.clip, latent=128, image=1024, infer_batch=2, train_batch=2, pooled=1280,
+)
+
+TINY_XL = Size(
+    # SDXL's block structure (a plain first level, 1 and 2 transformer blocks, the added embedding) at toy widths.
+    unet=dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+              attention_head_dim=2, transformer_layers_per_block=(1, 2), cross_attention_dim=32,
+              use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+              projection_class_embeddings_input_dim=16 + 6 * 8, norm_num_groups=8),
+    vae=TINY.vae, clip=TINY.clip, latent=16, image=32, infer_batch=2, train_batch=2, pooled=16,
+)
+
+SIZES = {"sd15": SD15, "tiny": TINY, "sdxl": SDXL, "tiny-xl": TINY_XL}
+TXT2IMG_SIZES = ("sd15", "tiny")     # txt2img runs SD's pipeline (one CLIP): not the SDXL sizes
 
 
 def unet_pair(size: Size, seed: int = 0):
@@ -111,8 +145,16 @@ def check_unet_pair(ours, theirs, size: Size, seed: int = 0) -> dict:
     x = torch.randn(1, 4, factor, factor, generator=g)
     ctx = torch.randn(1, size.tokens, size.unet["cross_attention_dim"], generator=g)
     t = torch.tensor([500.0])
-    return max_error(lambda x, t, c: ours(x, t, c), lambda x, t, c: theirs(x, t, encoder_hidden_states=c).sample,
-                     x, t, ctx)
+    added = size.added(1, g)
+    return max_error(unet_call("ours", ours, added), unet_call("diffusers", theirs, added), x, t, ctx)
+
+
+def unet_call(impl: str, model, added: dict):
+    """(x, t, context) -> prediction for either U-Net, with SDXL's `added` inputs (our names) where given."""
+    if impl == "ours":
+        return lambda x, t, c: model(x, t, c, **added)
+    theirs = {"added_cond_kwargs": {"text_embeds": added["pooled"], "time_ids": added["time_ids"]}} if added else {}
+    return lambda x, t, c: model(x, t, encoder_hidden_states=c, **theirs).sample
 
 
 def check_vae_pair(ours, theirs, size: Size, seed: int = 0) -> dict:

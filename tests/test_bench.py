@@ -100,3 +100,19 @@ def test_profile_tables(report):
         text = open(r["profile"]).read()
         assert r["impl"] in r["profile"] and "convolution" in text, r["profile"]
     assert not any("profile" in r for r in data["results"] if r["bench"] != "unet-infer")
+
+
+def test_sdxl_sizes_run_with_the_added_embedding(tmp_path):
+    """--size tiny-xl (SDXL's structure at toy widths): both U-Nets get the pooled text and the size numbers,
+    share their weights, and are timed; txt2img (SD's pipeline) is left out, and refused when asked for."""
+    out = tmp_path / "xl.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "ldm.bench", "--size", "tiny-xl", "--compile", "eager", "--out", str(out)]
+    proc = subprocess.run(cmd + ["--only", "unet-infer,unet-train"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["size"] == "tiny-xl" and data["weight_check"]["unet"]["max_abs_err"] < 1e-4
+    assert {r["bench"] for r in data["results"]} == {"unet-infer", "unet-train"}
+    assert all("error" not in r and r["ms"] > 0 for r in data["results"])
+    proc = subprocess.run(cmd + ["--only", "txt2img"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no txt2img bench yet" in proc.stderr
