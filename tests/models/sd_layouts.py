@@ -125,11 +125,12 @@ def openclip_tokens(model, prompts, penultimate: bool = True) -> torch.Tensor:
     return caught[0]
 
 
-def write_sdxl_pipeline(folder, text_encoder_2=None):
+def write_sdxl_pipeline(folder, text_encoder_2=None, unet_options: dict | None = None):
     """A tiny random diffusers StableDiffusionXLPipeline saved in folder / "sdxl": SDXL's block structure at toy
     widths (a plain first level, 1 and 2 transformer blocks, linear projections, the text_time embedding),
     both tokenizers on the real CLIP vocabulary (the second padding with "!"), the VAE's SDXL scaling factor.
-    `text_encoder_2`: a CLIPTextModelWithProjection to use (default: a random 48-wide one)."""
+    `text_encoder_2`: a CLIPTextModelWithProjection to use (default: a random 48-wide one); `unet_options`:
+    U-Net config entries to change (e.g. in_channels 9 for an inpainting model)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from ldm.models.clip_bpe import write_clip_tokenizer
@@ -146,7 +147,8 @@ def write_sdxl_pipeline(folder, text_encoder_2=None):
                 transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=8,
                 cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
                 addition_embed_type="text_time", addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=text_encoder_2.config.projection_dim + 6 * 8)
+                projection_class_embeddings_input_dim=text_encoder_2.config.projection_dim + 6 * 8,
+                **(unet_options or {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = diffusers.StableDiffusionXLPipeline(

@@ -502,3 +502,29 @@ def test_training_stages_refuse_the_refiner_by_name(tmp_path, one_thread, mixed_
     config = _sdxl_stage_two_config(tmp_path / "model", mixed_aspect_folder, tmp_path / "latent")
     with pytest.raises(ValueError, match="stage 2 trains SDXL base-style U-Nets"):
         load_stage("train_latent").main(["--config", str(config)])
+
+
+def test_sdxl_inpainting_model_draws_what_diffusers_draws(tmp_path, one_thread):
+    """An SDXL inpainting model (4 + 1 + 4 input channels, as diffusers/stable-diffusion-xl-1.0-inpainting-0.1)
+    imported and run as diffusers' StableDiffusionXLInpaintPipeline runs it: the same latents from the same
+    noise, mask and masked image, the size numbers passed through the inpainting inputs' wrapper."""
+    theirs = write_sdxl_pipeline(tmp_path, unet_options={"in_channels": 9})
+    convert(str(tmp_path / "sdxl"), str(tmp_path / "model"), guidance=3.0)
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    assert pipe.inpainting_unet
+    side = pipe.index.resolution
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, side, side, generator=g) * 2 - 1
+    masks = torch.zeros(2, 1, side, side)
+    masks[:, :, 4:20, 6:26] = 1
+    extra = pipe.inpainting_inputs(images, masks)
+    z, _ = pipe.sample(PROMPTS, steps=4, seed=0, inpaint=extra)
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(4), pipe.latent_shape(2),
+                          generator=torch.Generator().manual_seed(0))
+    inpaint = on_our_grid(diffusers.StableDiffusionXLInpaintPipeline(**{
+        k: v for k, v in theirs.components.items() if k not in ("image_encoder", "feature_extractor")}))
+    with torch.no_grad():
+        reference = inpaint(PROMPTS, image=images * 0.5 + 0.5, mask_image=masks, masked_image_latents=extra[:, 1:],
+                            latents=noise, strength=1.0, num_inference_steps=4, guidance_scale=4.0, height=side,
+                            width=side, output_type="latent").images
+    torch.testing.assert_close(z, reference, atol=1e-4, rtol=1e-4)
