@@ -125,30 +125,41 @@ def openclip_tokens(model, prompts, penultimate: bool = True) -> torch.Tensor:
     return caught[0]
 
 
+def _bigg():
+    """A random 48-wide stand-in for SDXL's OpenCLIP bigG (CLIPTextModelWithProjection, GELU, 24-d projection)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    return CLIPTextModelWithProjection(CLIPTextConfig(**{
+        **TINY.clip, "hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 2, "num_hidden_layers": 3,
+        "projection_dim": 24, "hidden_act": "gelu"}))
+
+
+def _sdxl_unet(cross_attention_dim: int, pooled: int, numbers: int, **options) -> dict:
+    """SDXL's U-Net structure at toy widths: a plain first level, 1 and 2 transformer blocks, linear
+    projections, the text_time embedding of the pooled text and `numbers` size numbers (8-wide sinusoids)."""
+    return dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=8,
+                cross_attention_dim=cross_attention_dim, addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=pooled + numbers * 8, **options)
+
+
 def write_sdxl_pipeline(folder, text_encoder_2=None, unet_options: dict | None = None):
     """A tiny random diffusers StableDiffusionXLPipeline saved in folder / "sdxl": SDXL's block structure at toy
     widths (a plain first level, 1 and 2 transformer blocks, linear projections, the text_time embedding),
     both tokenizers on the real CLIP vocabulary (the second padding with "!"), the VAE's SDXL scaling factor.
     `text_encoder_2`: a CLIPTextModelWithProjection to use (default: a random 48-wide one); `unet_options`:
     U-Net config entries to change (e.g. in_channels 9 for an inpainting model)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from ldm.models.clip_bpe import write_clip_tokenizer
     write_clip_tokenizer(folder / "tok")
     write_clip_tokenizer(folder / "tok2", pad_token="!")
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TINY.clip))
-    text_encoder_2 = text_encoder_2 or CLIPTextModelWithProjection(CLIPTextConfig(**{
-        **TINY.clip, "hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 2, "num_hidden_layers": 3,
-        "projection_dim": 24, "hidden_act": "gelu"}))
-    unet = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-                transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=8,
-                cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
-                addition_embed_type="text_time", addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=text_encoder_2.config.projection_dim + 6 * 8,
-                **(unet_options or {}))
+    text_encoder_2 = text_encoder_2 or _bigg()
+    unet = _sdxl_unet(text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+                      text_encoder_2.config.projection_dim, 6, **(unet_options or {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = diffusers.StableDiffusionXLPipeline(
@@ -166,20 +177,13 @@ def write_sdxl_refiner(folder, text_encoder_2=None):
     """A tiny random diffusers SDXL refiner (StableDiffusionXLImg2ImgPipeline) saved in folder / "refiner":
     bigG alone (`text_encoder_2`, default a random 48-wide one), the U-Net's added embedding taking 5
     numbers (size, crop, aesthetic score)."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     from ldm.models.clip_bpe import write_clip_tokenizer
     write_clip_tokenizer(folder / "tok2", pad_token="!")
     torch.manual_seed(5)
-    text_encoder_2 = text_encoder_2 or CLIPTextModelWithProjection(CLIPTextConfig(**{
-        **TINY.clip, "hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 2, "num_hidden_layers": 3,
-        "projection_dim": 24, "hidden_act": "gelu"}))
-    unet = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-                transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=8,
-                cross_attention_dim=text_encoder_2.config.hidden_size, addition_embed_type="text_time",
-                addition_time_embed_dim=8, projection_class_embeddings_input_dim=text_encoder_2.config.projection_dim + 5 * 8)
+    text_encoder_2 = text_encoder_2 or _bigg()
+    unet = _sdxl_unet(text_encoder_2.config.hidden_size, text_encoder_2.config.projection_dim, 5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
