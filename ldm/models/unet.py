@@ -330,13 +330,6 @@ def refuse_refiner(index, what: str) -> None:
                          "(img2img) or start from the base model")
 
 
-def refuse_added_cond(cfg: UNetConfig, what: str) -> None:
-    """ValueError for parts that do not pass SDXL's added conditioning (pooled text, size numbers) yet."""
-    if cfg.added_cond is not None:
-        raise ValueError(f"{what} does not take SDXL U-Nets yet (added_cond={cfg.added_cond!r}: pooled text and "
-                         "size numbers beside the context); txt2img, img2img and inpainting sample them")
-
-
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
