@@ -116,10 +116,9 @@ def _resolve_diffusers_dir(path_or_name: str | Path, subfolder: str | None) -> P
         path = path / subfolder
     elif not (path / DIFFUSERS_CONFIG).is_file() and (path / "vae" / DIFFUSERS_CONFIG).is_file():
         path = path / "vae"                                          # a full pipeline folder
-    for name in (DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} not found; expected a diffusers AutoencoderKL folder "
-                                    f"with {DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS}")
+    if not (path / DIFFUSERS_CONFIG).is_file():                     # the weights: load_diffusers_autoencoder
+        raise FileNotFoundError(f"{path / DIFFUSERS_CONFIG} not found; expected a diffusers AutoencoderKL folder "
+                                f"with {DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS}")
     return path
 
 
@@ -139,10 +138,13 @@ def _snapshot(repo_id: str, subfolder: str | None) -> Path:
                                     f"({type(err).__name__}: {err}) nor in the local HF cache") from err
 
 
-def load_diffusers_autoencoder(path_or_name: str | Path, subfolder: str | None = None,
+def load_diffusers_autoencoder(path_or_name: str | Path, subfolder: str | None = None, variant: str | None = None,
                                **config_overrides) -> AutoencoderKL:
-    """diffusers AutoencoderKL folder (or hub repo id) -> our AutoencoderKL in fp32 on CPU."""
+    """diffusers AutoencoderKL folder (or hub repo id) -> our AutoencoderKL in fp32 on CPU; `variant` (e.g.
+    "fp16") reads diffusion_pytorch_model.<variant>.safetensors."""
     from safetensors.torch import load_file
+
+    from ldm.models.convert_unet import variant_hint
 
     path = _resolve_diffusers_dir(path_or_name, subfolder)
     raw = json.loads((path / DIFFUSERS_CONFIG).read_text())
@@ -152,7 +154,10 @@ def load_diffusers_autoencoder(path_or_name: str | Path, subfolder: str | None =
         raise ValueError(f"unknown AutoencoderConfig overrides {unknown}")
     config = dataclasses.replace(config, **config_overrides)          # re-validates
     model = AutoencoderKL(config)
-    state = diffusers_state_dict_to_ours(load_file(str(path / DIFFUSERS_WEIGHTS)))
+    weights = path / (DIFFUSERS_WEIGHTS.replace(".safetensors", f".{variant}.safetensors") if variant else DIFFUSERS_WEIGHTS)
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {weights.name} in {path}{variant_hint(str(path), weights.name[:-len('.safetensors')])}")
+    state = diffusers_state_dict_to_ours(load_file(str(weights)))
     load_state_dict_strict(model, {k: v.float() for k, v in state.items()}, source=str(path))
     return model
 

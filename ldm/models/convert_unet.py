@@ -217,7 +217,15 @@ def _read_weights(directory: str, variant: str | None) -> dict:
         return load_file(st)
     if os.path.isfile(pt):
         return torch.load(pt, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"load_diffusers_unet: no {stem}.safetensors or .bin in {directory}")
+    raise FileNotFoundError(f"no {stem}.safetensors or .bin in {directory}{variant_hint(directory, stem)}")
+
+
+def variant_hint(directory: str, stem: str) -> str:
+    """", it has the variants [...] (pick one: --variant NAME)" when `directory` holds only variant files of `stem`."""
+    base = stem.split(".")[0]
+    found = sorted({name[len(base) + 1:].split(".")[0] for name in os.listdir(directory)
+                    if name.startswith(base + ".") and name.endswith((".safetensors", ".bin"))} - {"safetensors", "bin"})
+    return f", it has the variants {found} (pick one: --variant NAME)" if found else ""
 
 
 def load_diffusers_unet(path: str, subfolder: str | None = None, variant: str | None = None,

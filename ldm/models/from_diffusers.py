@@ -2,6 +2,7 @@
 
     python -m ldm.models.from_diffusers runwayml/stable-diffusion-v1-5 --out models/sd15
     python -m ldm.models.from_diffusers /data/my-sd-pipeline --out models/mine --dtype float16
+    python -m ldm.models.from_diffusers stabilityai/stable-diffusion-xl-base-1.0 --variant fp16 --out models/sdxl
     python -m ldm.txt2img "a corgi on a beach" --model models/sd15 --steps 25
     accelerate launch stages/distill.py --config configs/distill/sd15.yaml teacher=models/sd15 ...
 
@@ -43,6 +44,29 @@ HUB_FILES = ["model_index.json", "scheduler/*", "text_encoder/config.json", "tex
              "tokenizer/*", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
              "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder_2/config.json",
              "text_encoder_2/model.safetensors", "tokenizer_2/*"]
+
+
+def hub_files(variant: str | None = None) -> list[str]:
+    """The files of a pipeline that the import reads, with each weight file's `variant` (e.g. "fp16", half
+    the download) instead of the full-precision one."""
+    if not variant:
+        return HUB_FILES
+    return [f.replace(".safetensors", f".{variant}.safetensors") if f.endswith("model.safetensors") else f
+            for f in HUB_FILES]
+
+
+def copy_text_part(src: Path, dst: Path, variant: str | None) -> None:
+    """A text encoder or tokenizer folder; with `variant`, its model.<variant>.safetensors is copied as
+    model.safetensors (the name transformers loads by default) and the other weight files are left out."""
+    if not variant or not (src / "config.json").is_file():
+        shutil.copytree(src, dst)
+        return
+    weights = src / f"model.{variant}.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{src}: no model.{variant}.safetensors (--variant {variant})")
+    shutil.copytree(src, dst, ignore=lambda _, names: [n for n in names if n.startswith(("model.", "model-",
+                                                                                           "pytorch_model"))])
+    shutil.copy2(weights, dst / "model.safetensors")
 
 
 def resolve_source(source: str, patterns: list[str] = HUB_FILES, what: str = "a diffusers pipeline folder") -> Path:
@@ -144,20 +168,22 @@ def finish_folder(tmp: Path, out: str, index: ModelIndex, **text_options) -> Non
     os.replace(tmp, out)
 
 
-def convert(source: str, out: str, *, guidance: float = 6.5, dtype: str = "float32") -> ModelIndex:
-    """Write a model folder at `out` (autoencoder/, text_encoder/, unet/, model_index.json); atomic."""
+def convert(source: str, out: str, *, guidance: float = 6.5, dtype: str = "float32",
+            variant: str | None = None) -> ModelIndex:
+    """Write a model folder at `out` (autoencoder/, text_encoder/, unet/, model_index.json); atomic.
+    variant: read the pipeline's <name>.<variant>.safetensors weights (e.g. "fp16") instead of the plain ones."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tmp = start_folder(out)
-    src = resolve_source(source)
+    src = resolve_source(source, hub_files(variant))
     pipeline = check_pipeline(src)
     sdxl = bool(pipeline.get("text_encoder_2"))
     scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
-    resolution = save_networks(tmp, load_diffusers_unet(str(src), subfolder="unet"),
-                               load_diffusers_autoencoder(src, subfolder="vae"), dtype)
+    resolution = save_networks(tmp, load_diffusers_unet(str(src), subfolder="unet", variant=variant),
+                               load_diffusers_autoencoder(src, subfolder="vae", variant=variant), dtype)
     for part in ("text_encoder", "tokenizer") + (SDXL_PARTS if sdxl else ()):
         if (src / part).is_dir():                      # the SDXL refiner has no first encoder
-            shutil.copytree(src / part, tmp / "text_encoder" / CLIP_DIR / part)
+            copy_text_part(src / part, tmp / "text_encoder" / CLIP_DIR / part, variant)
     index = model_index_from_scheduler(scheduler, resolution, guidance)
     if pipeline.get("requires_aesthetics_score"):      # the refiner: diffusers' default scores of its call
         index.aesthetic = [6.0, 2.5]
@@ -172,9 +198,11 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="diffusers pipeline folder or hub repo id (e.g. runwayml/stable-diffusion-v1-5)")
     add_output_args(parser)
+    parser.add_argument("--variant", metavar="NAME", help="read the weight files of this variant (e.g. fp16: half "
+                        "the download; stored as --dtype says)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        index = convert(args.source, args.out, guidance=args.guidance, dtype=args.dtype)
+        index = convert(args.source, args.out, guidance=args.guidance, dtype=args.dtype, variant=args.variant)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         parser.error(str(err))
     print(f"{args.out}: {index.resolution} px, schedule {index.schedule['name']}, prediction {index.prediction}, "

@@ -279,7 +279,8 @@ class ClipTextEncoder(_Frozen):
             tok_dir, enc_dir = os.path.join(cfg.path, "tokenizer"), os.path.join(cfg.path, "text_encoder")
         self.cfg = cfg
         self.tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=cfg.local_files_only)
-        self.model = CLIPTextModel.from_pretrained(enc_dir, local_files_only=cfg.local_files_only)
+        # fp32 whatever the file holds (transformers 5 keeps a file's dtype): an fp16 import runs as the U-Net does
+        self.model = CLIPTextModel.from_pretrained(enc_dir, local_files_only=cfg.local_files_only, dtype=torch.float32)
         self.dim = self.model.config.hidden_size
         self.max_length = min(cfg.max_length, self.tokenizer.model_max_length,
                               self.model.config.max_position_embeddings)

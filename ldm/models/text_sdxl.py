@@ -41,9 +41,10 @@ class SdxlTextEncoder(TextEncoder):
             raise FileNotFoundError(f"{cfg.path}: SDXL's text encoders lack {missing}")
         self.cfg = cfg
         load = {"local_files_only": cfg.local_files_only}
+        weights = {**load, "dtype": torch.float32}           # whatever the files hold (fp16 variants)
         first = "text_encoder" in present
-        self.model = CLIPTextModel.from_pretrained(os.path.join(cfg.path, "text_encoder"), **load) if first else None
-        self.model_2 = CLIPTextModelWithProjection.from_pretrained(os.path.join(cfg.path, "text_encoder_2"), **load)
+        self.model = CLIPTextModel.from_pretrained(os.path.join(cfg.path, "text_encoder"), **weights) if first else None
+        self.model_2 = CLIPTextModelWithProjection.from_pretrained(os.path.join(cfg.path, "text_encoder_2"), **weights)
         self.tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(cfg.path, p), **load)
                            for p in ("tokenizer", "tokenizer_2")[0 if first else 1:]]
         self.pairs = [(m, t) for m, t in zip([self.model, self.model_2][0 if first else 1:], self.tokenizers)]

@@ -250,3 +250,28 @@ def test_pipeline_passes_no_mask_where_sd_used_none(tmp_path):
     assert set(TextToImage.from_folder(str(tmp_path / "ours")).encode_prompts(PROMPTS)) == {"context", "context_mask"}
     with pytest.raises(ValueError, match="scratch encoder always masks"):
         TextEncoderConfig(kind="scratch", mask_padding=False)
+
+
+def test_variant_weights_are_read(tmp_path, one_thread, capsys):
+    """A pipeline saved as the fp16 variant only (diffusion_pytorch_model.fp16.safetensors, model.fp16.safetensors:
+    half the download of SDXL's repo): refused without --variant with the variants it has named, read with
+    it, and drawing what diffusers draws from the same variant loaded in fp32."""
+    theirs = write_sd_pipeline(tmp_path)
+    theirs.to(torch.float16).save_pretrained(str(tmp_path / "v"), variant="fp16")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "v"), "--out", str(tmp_path / "model")])
+    assert "it has the variants ['fp16'] (pick one: --variant NAME)" in capsys.readouterr().err
+    main([str(tmp_path / "v"), "--out", str(tmp_path / "model"), "--variant", "fp16"])
+    clip = tmp_path / "model" / "text_encoder" / "clip" / "text_encoder"
+    assert sorted(p.name for p in clip.glob("*.safetensors")) == ["model.safetensors"]
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    assert pipe.text_encoder.model.dtype == torch.float32          # run as the U-Net is, whatever the file holds
+    images, _ = pipe.generate(PROMPTS, steps=4, seed=0)
+    reference_pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "v"), variant="fp16",
+                                                                       torch_dtype=torch.float32)
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(4), pipe.latent_shape(len(PROMPTS)),
+                          generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = on_our_grid(reference_pipe)(PROMPTS, num_inference_steps=4, guidance_scale=1 + pipe.index.guidance,
+                                                latents=noise, output_type="pt").images
+    torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
