@@ -115,8 +115,6 @@ def _maybe_compile(fn, mode: str):
     return torch.compile(fn) if mode == "compiled" else fn
 
 
-
-
 # ----------------------------------------------------------------------------- benches
 LAYOUTS = {"nchw": ["nchw"], "channels_last": ["channels_last"], "both": ["nchw", "channels_last"]}
 

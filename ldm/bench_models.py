@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ldm.models.from_single_file import SDXL_UNET
+
 
 @dataclass(frozen=True)
 class Size:
@@ -66,13 +68,8 @@ TINY = Size(
 )
 
 SDXL = Size(
-    # SDXL base (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json): 2,567,463,684 parameters.
-    unet=dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-              down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
-              up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), attention_head_dim=(5, 10, 20),
-              transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
-              addition_embed_type="text_time", addition_time_embed_dim=256,
-              projection_class_embeddings_input_dim=2816, norm_num_groups=32),
+    # SDXL base, the config the single-file importer builds in (sd_xl_base.yaml): 2,567,463,684 parameters.
+    unet=SDXL_UNET,
     # SDXL's VAE: SD's architecture, its own weights and scaling factor.
     vae={**SD15.vae, "sample_size": 1024, "scaling_factor": 0.13025},
     clip=SD15.clip, latent=128, image=1024, infer_batch=2, train_batch=2, pooled=1280,

@@ -194,10 +194,11 @@ class TextToImage:
         for student in self._students.values():
             student.unet.freeu = self.unet.freeu
 
-    def add_lora(self, path: str, scale: float = 1.0) -> int:
+    def add_lora(self, path: str, scale: float = 1.0, lora: dict | None = None) -> int:
         """Merge a LoRA file (diffusers/peft or kohya layout, ldm.models.lora) into the teacher's U-Net, its
-        CLIP text encoder(s) and every student, scaled by `scale`; returns how many layers it changed."""
-        lora = read_lora(path)
+        CLIP text encoder(s) and every student, scaled by `scale`; returns how many layers it changed.
+        lora: the file as `read_lora` read it already (else it is read here)."""
+        lora = read_lora(path) if lora is None else lora
         n = merge_lora(lora, [self.unet, *(s.unet for s in self._students.values())], self.clip_models(), scale, path)
         self._loras.append(({"unet": lora["unet"]}, scale, path))
         return n
@@ -441,8 +442,7 @@ class TextToImage:
         corner (0, 0): a whole, uncropped picture, as diffusers' default call. (B, 6), one row a sample.
         The refiner's: original size, crop corner and an aesthetic score, its negative one for the
         unconditional half (`negative`) (B, 5), as diffusers' refiner pipeline (6.0 and 2.5 by default)."""
-        factor = self.autoencoder.config.downsample_factor
-        ids = sdxl_time_ids(None, shape[0], shape[-2] * factor, shape[-1] * factor)
+        ids = sdxl_time_ids(None, shape, self.autoencoder.config.downsample_factor)
         if self.index.aesthetic is not None:
             score = torch.tensor([[float(self.index.aesthetic[int(negative)])]]).expand(shape[0], 1)
             ids = torch.cat([ids[:, :4], score], dim=1)

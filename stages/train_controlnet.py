@@ -178,9 +178,8 @@ def main(argv: list[str] | None = None) -> Path:
             hint = control_images({**batch, "pixel_values": pixels}, cfg).to(device)
             cond = pipe.encode_prompts(drop_captions(batch["text"], cfg.p_uncond))  # the seeded global RNG
             if "time_ids" in cond:   # SDXL: each picture's own size and crop numbers
-                factor = pipe.autoencoder.config.downsample_factor
-                cond["time_ids"] = sdxl_time_ids(batch.get("size_ids"), z.shape[0], z.shape[-2] * factor,
-                                                 z.shape[-1] * factor).to(device)
+                cond["time_ids"] = sdxl_time_ids(batch.get("size_ids"), z.shape,
+                                                 pipe.autoencoder.config.downsample_factor).to(device)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 loss = loss_fn(controlled, z, {"hint": hint, **cond})

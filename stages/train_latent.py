@@ -206,12 +206,6 @@ class LatentModel(nn.Module):
         return self.unet(x, t, context, context_mask=mask)
 
 
-def time_ids(batch: dict, z: torch.Tensor, factor: int) -> torch.Tensor:
-    """SDXL's six numbers of each picture: its original size and crop corner as the loader drew them, then
-    the size trained at; a batch without them (the shapes world, a latent cache built before they were
-    kept) counts as uncropped pictures at that size."""
-    return sdxl_time_ids(batch.get("size_ids"), z.shape[0], z.shape[-2] * factor, z.shape[-1] * factor).to(z.device)
-
 
 def load_autoencoder(path: str, device) -> AutoencoderKL:
     """The stage-1 autoencoder, frozen: eval mode, no gradients."""
@@ -489,13 +483,15 @@ def main(argv: list[str] | None = None) -> Path:
                 z = ae.encode_latents(batch["pixel_values"].to(device), sample=cfg.latents == "sample")
         captions = [cfg.ti.template.format(cfg.ti.word)] * len(batch["text"]) if cfg.ti.template else batch["text"]
         prompts = drop_captions(captions, cfg.p_uncond)     # (B,) per-sample, from the seeded global RNG
-        sdxl = {"time_ids": time_ids(batch, z, ae.config.downsample_factor)} if cfg.unet.added_cond else {}
+        factor = ae.config.downsample_factor      # SDXL: each picture's own size and crop numbers
+        sdxl = {"time_ids": sdxl_time_ids(batch.get("size_ids"), z.shape, factor).to(device)} if cfg.unet.added_cond else {}
         if class_batches is not None:                      # DreamBooth: the class as the model drew it
             pictures = next(class_batches)
             with torch.no_grad():
                 z_class = ae.encode_latents(pictures["pixel_values"].to(device), sample=cfg.latents == "sample")
             class_prompts = drop_captions(pictures["text"], cfg.p_uncond)
-            class_sdxl = {"time_ids": time_ids(pictures, z_class, ae.config.downsample_factor)} if sdxl else {}
+            class_sdxl = {"time_ids": sdxl_time_ids(pictures.get("size_ids"), z_class.shape, factor).to(device)} \
+                if sdxl else {}
         with accelerator.accumulate(model):
             loss = loss_fn(model, z, {"prompts": prompts, **sdxl})
             if class_batches is not None:                  # Ruiz et al. eq. 2: + lambda x the class's own loss

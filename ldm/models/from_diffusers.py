@@ -38,6 +38,8 @@ PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}   # diffus
 SCHEDULES = ("scaled_linear", "linear")                                # beta_schedule values we build
 TEXT_ENCODERS = ("CLIPTextModel",)
 TEXT_ENCODERS_2 = ("CLIPTextModelWithProjection",)   # SDXL's second encoder
+REFINER_AESTHETIC = [6.0, 2.5]             # the SDXL refiner's scores for the prompt and the unconditional
+                                           # half (diffusers' defaults of its call)
 CLIP_DIR = "clip"                          # text_encoder/clip/{text_encoder,tokenizer}: the copied CLIP
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HUB_FILES = ["model_index.json", "scheduler/*", "text_encoder/config.json", "text_encoder/model.safetensors",
@@ -185,8 +187,8 @@ def convert(source: str, out: str, *, guidance: float = 6.5, dtype: str = "float
         if (src / part).is_dir():                      # the SDXL refiner has no first encoder
             copy_text_part(src / part, tmp / "text_encoder" / CLIP_DIR / part, variant)
     index = model_index_from_scheduler(scheduler, resolution, guidance)
-    if pipeline.get("requires_aesthetics_score"):      # the refiner: diffusers' default scores of its call
-        index.aesthetic = [6.0, 2.5]
+    if pipeline.get("requires_aesthetics_score"):      # the refiner
+        index.aesthetic = list(REFINER_AESTHETIC)
     # SDXL draws the unconditional half from zeroed embeddings unless its pipeline says otherwise
     finish_folder(tmp, out, index, **({"kind": "sdxl", "zero_empty": bool(pipeline.get("force_zeros_for_empty_prompt",
                                                                                         True))} if sdxl else {}))

@@ -31,8 +31,8 @@ import torch
 from ldm.models import convert_openclip
 from ldm.models.convert_ae import read_checkpoint, diffusers_config_to_ours, load_compvis_autoencoder
 from ldm.models.convert_unet import COMPVIS_PREFIX, load_compvis_unet, unet_config_from_diffusers
-from ldm.models.from_diffusers import (CLIP_DIR, DTYPES, PREDICTIONS, add_output_args, finish_folder,
-                                       model_index_from_scheduler, save_networks, start_folder)
+from ldm.models.from_diffusers import (CLIP_DIR, DTYPES, PREDICTIONS, REFINER_AESTHETIC, add_output_args,
+                                       finish_folder, model_index_from_scheduler, save_networks, start_folder)
 from ldm.models.text import clip_name
 from ldm.models.weights import load_state_dict_strict
 
@@ -176,8 +176,8 @@ def convert(checkpoint: str, out: str, *, prediction: str = "eps", guidance: flo
                              clip.config.max_position_embeddings, pad_token=pad_token)
     index = model_index_from_scheduler({**SD_SCHEDULER, "prediction_type": ours[prediction]}, resolution or side,
                                        guidance)
-    if version == "refiner":                   # its aesthetic scores, diffusers' defaults
-        index.aesthetic = [6.0, 2.5]
+    if version == "refiner":
+        index.aesthetic = list(REFINER_AESTHETIC)
     finish_folder(tmp, out, index, **({"kind": "sdxl", "zero_empty": version == "sdxl"}
                                       if version in ("sdxl", "refiner") else {}))
     return index

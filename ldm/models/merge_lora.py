@@ -44,7 +44,8 @@ def merge(model_dir: str, loras: list[tuple[str, float]], out: str) -> int:
     for steps in pipe.student_steps:
         pipe.student(steps)                            # loaded now, so that each LoRA merges into it too
     text_dir = None
-    if any(read_lora(path)[part] for path, _ in loras for part in TEXT_PARTS):
+    files = [read_lora(path) for path, _ in loras]      # each read once
+    if any(lora[part] for lora in files for part in TEXT_PARTS):
         config = json.loads((Path(model_dir) / index.text_encoder / "config.json").read_text())
         path = config.get("path") or ""                # as written: relative when it lives in the folder
         inside = os.path.join(model_dir, index.text_encoder, path)
@@ -53,7 +54,7 @@ def merge(model_dir: str, loras: list[tuple[str, float]], out: str) -> int:
                              f"{model_dir}: a LoRA for it cannot be baked into this folder (import the model with "
                              "ldm.models.from_diffusers, which copies CLIP into the folder)")
         text_dir = Path(index.text_encoder) / path
-    changed = sum(pipe.add_lora(path, scale) for path, scale in loras)
+    changed = sum(pipe.add_lora(path, scale, lora) for (path, scale), lora in zip(loras, files))
 
     tmp = Path(f"{out}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -64,10 +65,11 @@ def merge(model_dir: str, loras: list[tuple[str, float]], out: str) -> int:
         for steps, rel in index.students.items():
             student_dir = tmp / rel
             pipe.student(int(steps)).save_pretrained(str(student_dir), dtype=_dtype_of(student_dir / "model.safetensors"))
-        for part, model in pipe.clip_models().items() if text_dir is not None else ():
-            enc = tmp / text_dir / part if (tmp / text_dir / part).is_dir() else tmp / text_dir
-            weights = next(enc.glob("*.safetensors"), None)
-            model.to(_dtype_of(weights) if weights is not None else model.dtype).save_pretrained(enc)
+        if text_dir is not None:
+            for part, model in pipe.clip_models().items():
+                enc = tmp / text_dir / part if (tmp / text_dir / part).is_dir() else tmp / text_dir
+                weights = next(enc.glob("*.safetensors"), None)
+                model.to(_dtype_of(weights) if weights is not None else model.dtype).save_pretrained(enc)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -20,13 +20,13 @@ import os
 
 import torch
 
-from ldm.models.text import TextEncoder, TextEncoderConfig, _check_prompts, add_word, check_word, expand_words
+from ldm.models.text import TextEncoderConfig, _check_prompts, _Frozen, add_word, check_word, expand_words
 
 PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 REQUIRED = PARTS[2:]                # the refiner has no CLIP ViT-L
 
 
-class SdxlTextEncoder(TextEncoder):
+class SdxlTextEncoder(_Frozen):
     """transformers' CLIPTextModel (None for the refiner) + CLIPTextModelWithProjection with their tokenizers;
     frozen."""
 
@@ -45,20 +45,20 @@ class SdxlTextEncoder(TextEncoder):
         first = "text_encoder" in present
         self.model = CLIPTextModel.from_pretrained(os.path.join(cfg.path, "text_encoder"), **weights) if first else None
         self.model_2 = CLIPTextModelWithProjection.from_pretrained(os.path.join(cfg.path, "text_encoder_2"), **weights)
-        self.tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(cfg.path, p), **load)
-                           for p in ("tokenizer", "tokenizer_2")[0 if first else 1:]]
-        self.pairs = [(m, t) for m, t in zip([self.model, self.model_2][0 if first else 1:], self.tokenizers)]
+        self.pairs = [(model, CLIPTokenizer.from_pretrained(os.path.join(cfg.path, f"tokenizer{suffix}"), **load))
+                      for model, suffix in ((self.model, ""), (self.model_2, "_2")) if model is not None]
         self.dim = sum(m.config.hidden_size for m, _ in self.pairs)
         self.pooled_dim = self.model_2.config.projection_dim
         self.max_length = min(cfg.max_length, *(t.model_max_length for t in self.tokenizers),
                               self.model_2.config.max_position_embeddings)
         self.clip_skip: int | None = None         # the layer counted from the end; None: 2, the penultimate
         self._words: dict[str, str] = {}          # textual-inversion word -> its tokens, space-separated
-        self.requires_grad_(False)
-        self.train(False)
+        self._freeze()
 
-    def train(self, mode: bool = True):
-        return super().train(False)               # frozen: dropout stays off whatever the parent does
+    @property
+    def tokenizers(self) -> list:
+        """The tokenizers of `pairs`, in order (the first lays out the rows of prompt_chunks)."""
+        return [tokenizer for _, tokenizer in self.pairs]
 
     def tokenize(self, prompts):
         """The first tokenizer's ids and mask (the second's differ only in the padding id)."""
@@ -86,9 +86,6 @@ class SdxlTextEncoder(TextEncoder):
         return torch.cat([model(input_ids=ids.masked_fill(padding, tokenizer.pad_token_id),
                                 output_hidden_states=True).hidden_states[layer] for model, tokenizer in self.pairs],
                          dim=-1)
-
-    def _context_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        return mask if self.cfg.mask_padding else torch.ones_like(mask)
 
     def zero_empty_rows(self, prompts, *tensors):
         """`tensors` (B, ...) with the rows of empty prompts zeroed when `zero_empty` (one tensor: itself)."""

@@ -311,11 +311,14 @@ class UNet(nn.Module):
         return model.to(device)
 
 
-def sdxl_time_ids(size_ids: torch.Tensor | None, batch: int, height: int, width: int) -> torch.Tensor:
-    """SDXL's six numbers a sample is drawn or trained with (Podell et al. 2023, sec. 2.2), (batch, 6): the
-    picture's original height, width and crop corner (`size_ids` (batch, 4), as the loaders record them,
+def sdxl_time_ids(size_ids: torch.Tensor | None, latent_shape: tuple[int, ...], factor: int) -> torch.Tensor:
+    """SDXL's six numbers a sample is drawn or trained with (Podell et al. 2023, sec. 2.2), (B, 6), for latents
+    of `latent_shape` (B, C, h, w) from an autoencoder of downsampling `factor`: the picture's original
+    height, width and crop corner (`size_ids` (B, 4), as the loaders record them,
     ldm.data.transforms.preprocess), then the size drawn at; None: an uncropped picture of that size, as
-    diffusers' pipeline draws by default."""
+    diffusers' pipeline draws by default (and as the shapes world, or a latent cache built before the
+    numbers were kept, counts)."""
+    batch, height, width = latent_shape[0], latent_shape[-2] * factor, latent_shape[-1] * factor
     if size_ids is None:
         size_ids = torch.tensor([[height, width, 0, 0]], dtype=torch.float32).expand(batch, 4)
     target = torch.tensor([[height, width]], dtype=torch.float32, device=size_ids.device).expand(batch, 2)
@@ -325,7 +328,7 @@ def sdxl_time_ids(size_ids: torch.Tensor | None, batch: int, height: int, width:
 def refuse_refiner(index, what: str) -> None:
     """ValueError for SDXL's refiner (a model_index with aesthetic scores): the training stages feed
     base-style numbers (size, crop, target size), not its (size, crop, aesthetic score)."""
-    if getattr(index, "aesthetic", None) is not None:
+    if index.aesthetic is not None:
         raise ValueError(f"{what} does not take SDXL's refiner (aesthetic-score numbers): use it to sample "
                          "(img2img) or start from the base model")
 
