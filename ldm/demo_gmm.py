@@ -21,6 +21,7 @@ RUNS = [
     ("DDIM 50", "ddim", "cosine", {}, 50, "trailing", {}),
     ("DDPM 1000", "ddpm", "cosine", {}, 1000, "trailing", {}),
     ("Euler 50", "euler", "cosine", {}, 50, "trailing", {}),
+    ("Euler 50 (rectified flow)", "euler", "rectified_flow", {}, 50, "trailing", {}),
     ("Heun 18 (VE)", "heun", "ve", {"sigma_min": 0.002, "sigma_max": 80.0}, 18, "linspace", {}),
     ("DPM-Solver++(2M) 20", "dpmpp_2m", "cosine", {}, 20, "trailing", {}),
     ("PC 100", "pc", "cosine", {}, 100, "trailing", {"snr": 0.16}),
@@ -58,15 +59,19 @@ def main(argv=None):
     mixture = default_mixture()
     data = mixture.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
     results = [("data", data, *mixture.errors(data), 0.0)] + list(run(args.n, args.seed))
-    fig, axes = plt.subplots(2, 4, figsize=(16, 8), sharex=True, sharey=True)
-    print(f"{'sampler':<22}{'max |weight err|':>18}{'max |mean err|':>16}{'seconds':>9}")
+    cols = 4
+    fig, axes = plt.subplots(-(-len(results) // cols), cols, figsize=(16, 4 * -(-len(results) // cols)),
+                             sharex=True, sharey=True)
+    print(f"{'sampler':<28}{'max |weight err|':>18}{'max |mean err|':>16}{'seconds':>9}")
     for ax, (label, x, w_err, m_err, secs) in zip(axes.flat, results):
-        print(f"{label:<22}{w_err:>18.4f}{m_err:>16.4f}{secs:>9.2f}")
+        print(f"{label:<28}{w_err:>18.4f}{m_err:>16.4f}{secs:>9.2f}")
         ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.3)
         ax.scatter(mixture.means[:, 0], mixture.means[:, 1], marker="x", color="red")
         ax.set_title(f"{label}\nweight err {w_err:.3f}, mean err {m_err:.3f}", fontsize=9)
         ax.set_xlim(-3, 3)
         ax.set_ylim(-3, 3)
+    for ax in axes.flat[len(results):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
     print(f"saved {args.out}")

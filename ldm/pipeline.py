@@ -71,7 +71,7 @@ class ModelIndex:
     text_encoder: str = "text_encoder"
     unet: str = "unet"
     schedule: dict = field(default_factory=lambda: {"name": "cosine_logsnr"})
-    prediction: str = "v"                   # what the teacher's U-Net predicts: eps | x0 | v
+    prediction: str = "v"                   # what the teacher's U-Net predicts: eps | x0 | v | flow
     time_scale: float = 1000.0              # the U-Net sees t * time_scale (continuous t in [0, 1])
     resolution: int = 64                    # image side in pixels
     guidance: float = 2.0                   # default w (Imagen convention: (1 + w) cond - w uncond)

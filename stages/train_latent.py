@@ -26,7 +26,7 @@ from torch import nn
 from ldm.data.loaders import DataConfig, check_image_multiple, make_dataloader
 from ldm.diffusion import SAMPLERS, DiffusionLoss, schedule_from_config
 from ldm.diffusion.guidance import drop_captions
-from ldm.diffusion.losses import check_noise_options, check_time_shift
+from ldm.diffusion.losses import check_logit_normal, check_noise_options, check_time_shift
 from ldm.diffusion.param import check_prediction
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
 from ldm.models.lora import TRAIN_TARGETS, add_lora, lora_file_state, merged_state_dict
@@ -51,10 +51,12 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "latent" / "s
 class DiffusionConfig:
     schedule: str = "cosine_logsnr"                        # ldm.diffusion.schedules name
     schedule_options: dict[str, Any] = field(default_factory=dict)  # e.g. {T: 1000} or {logsnr_min: -15}
-    prediction: Literal["eps", "v", "x0"] = "v"            # what the U-Net regresses onto
+    prediction: Literal["eps", "v", "x0", "flow"] = "v"    # what the U-Net regresses onto (flow: eps - x0)
     weighting: Literal["uniform", "truncated_snr", "min_snr"] = "uniform"  # per-t loss weight (losses.py)
     gamma: float = 5.0                                     # min_snr's clip
-    time: Literal["continuous", "discrete"] = "continuous"  # t ~ U[0, 1] or integer steps 0..T-1
+    time: Literal["continuous", "discrete", "logit_normal"] = "continuous"  # t ~ U[0, 1], steps 0..T-1, or
+    logit_mean: float = 0.0                                # t = sigmoid(N(logit_mean, logit_std^2)) (SD3's
+    logit_std: float = 1.0                                 # rectified-flow training, Esser et al. 2024)
     time_scale: float = 1000.0                             # the U-Net sees t * time_scale
     time_shift: float = 1.0                                # > 1: training log-SNR moved by -2 log(shift) (losses.py)
     time_shift_share: float = 1.0                          # share of samples shifted; the rest keep u ~ U[0, 1]
@@ -67,6 +69,7 @@ class DiffusionConfig:
             raise ValueError(f"time 'discrete' needs a discrete schedule, {self.schedule!r} is continuous")
         check_prediction(self.prediction, schedule)   # zero_snr with eps: refused by name
         check_noise_options(self.noise_offset, self.input_perturbation, "diffusion.")
+        check_logit_normal(self.logit_mean, self.logit_std, "diffusion.")
         check_time_shift(self.time_shift, self.time, "diffusion.time_shift", self.time_shift_share,
                          "diffusion.time_shift_share")
 
@@ -466,7 +469,7 @@ def main(argv: list[str] | None = None) -> Path:
                             cfg.diffusion.weighting, cfg.diffusion.gamma, cfg.diffusion.time,
                             cfg.diffusion.time_scale, cfg.diffusion.time_shift,
                             cfg.diffusion.time_shift_share, cfg.diffusion.noise_offset,
-                            cfg.diffusion.input_perturbation)
+                            cfg.diffusion.input_perturbation, cfg.diffusion.logit_mean, cfg.diffusion.logit_std)
     guard = NonFiniteGuard(cfg.train.max_nonfinite)
     bar = ProgressBar(accelerator, cfg.train.max_steps, initial=step)
     batches = data.forever()

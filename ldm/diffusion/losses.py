@@ -1,8 +1,9 @@
 """Denoising losses: MSE in eps / x0 / v space with a log-SNR dependent weighting.
 
 Weightings are stated as weights on the x0-space error ||x0-hat - x0||^2 and converted to the
-prediction space, since ||eps-hat - eps||^2 = SNR * ||x0-hat - x0||^2 and, for VP,
-||v-hat - v||^2 = (1 + SNR) * ||x0-hat - x0||^2 at fixed x_t:
+prediction space, since ||eps-hat - eps||^2 = SNR * ||x0-hat - x0||^2, for VP
+||v-hat - v||^2 = (1 + SNR) * ||x0-hat - x0||^2, and for rectified flow ||u-hat - u||^2 =
+||x0-hat - x0||^2 / t^2 at fixed x_t:
   uniform        plain MSE in the prediction space (no reweighting);
   truncated_snr  x0 weight max(SNR, 1) (Salimans & Ho 2022, sec. 4);
   min_snr        x0 weight min(SNR, gamma) (Hang et al. 2023, eq. 10).
@@ -16,15 +17,18 @@ import torch
 from .param import PREDICTIONS, append_dims, check_prediction, q_sample, training_target
 
 WEIGHTINGS = ("uniform", "truncated_snr", "min_snr")
-TIME_SAMPLING = ("discrete", "continuous")
+TIME_SAMPLING = ("discrete", "continuous", "logit_normal")
 
 
 def space_factor(prediction: str, alpha, sigma):
-    """c with ||pred-space error||^2 = c * ||x0 error||^2 at fixed x_t: eps SNR, x0 1, v (a^2+s^2)^2/s^2."""
+    """c with ||pred-space error||^2 = c * ||x0 error||^2 at fixed x_t: eps SNR, x0 1, v (a^2+s^2)^2/s^2,
+    flow (a+s)^2/s^2 (u = eps - x0 and x0 = (x - s u) / (a + s))."""
     if prediction == "eps":
         return alpha ** 2 / sigma ** 2
     if prediction == "v":
         return (alpha ** 2 + sigma ** 2) ** 2 / sigma ** 2
+    if prediction == "flow":
+        return (alpha + sigma) ** 2 / sigma ** 2
     if prediction == "x0":
         return torch.ones_like(torch.as_tensor(alpha))
     raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
@@ -49,8 +53,11 @@ def uniform_times(schedule, u: torch.Tensor) -> torch.Tensor:
 
 
 def sample_times(schedule, n: int, *, time: str = "discrete", shift: float = 1.0, shift_share: float = 1.0,
-                 generator=None, device=None) -> torch.Tensor:
-    """Training times (n,): integers in [0, T) for discrete, U[t_min, t_max] for continuous time.
+                 logit_mean: float = 0.0, logit_std: float = 1.0, generator=None, device=None) -> torch.Tensor:
+    """Training times (n,): integers in [0, T) for discrete, U[t_min, t_max] for continuous time, and for
+    logit_normal u = sigmoid(m + s n), n ~ N(0, 1), mapped onto [t_min, t_max] as u is for continuous time:
+    Esser et al. 2024, eq. 19 (their best rectified-flow setting: m = 0, s = 1, sec. 5.1), which spends the
+    training on the middle of the path, where the velocity is hardest to predict.
 
     `shift` s > 1 (continuous time only) draws u ~ U[t_min, t_max] and returns the time whose
     log-SNR is lambda(u) - 2 log s: the whole training distribution moved towards noise, as the
@@ -68,6 +75,9 @@ def sample_times(schedule, n: int, *, time: str = "discrete", shift: float = 1.0
     if time == "continuous":
         u = torch.rand(n, generator=generator, device=device)
         return shift_times(schedule, uniform_times(schedule, u), shift, shift_share, generator)
+    if time == "logit_normal":
+        u = torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator, device=device))
+        return shift_times(schedule, uniform_times(schedule, u), shift, shift_share, generator)
     raise ValueError(f"time must be one of {TIME_SAMPLING}, got {time!r}")
 
 
@@ -84,11 +94,18 @@ def shift_times(schedule, t: torch.Tensor, shift: float, share: float = 1.0, gen
 
 def check_time_shift(shift: float, time: str, name: str = "time_shift", share: float = 1.0,
                      share_name: str = "time_shift_share") -> None:
-    """ValueError naming the key unless shift > 0 (1 unless time is continuous) and 0 <= share <= 1."""
-    if shift <= 0 or (shift != 1.0 and time != "continuous"):
-        raise ValueError(f"{name}={shift}: must be > 0, and 1.0 unless time='continuous' (time={time!r})")
+    """ValueError naming the key unless shift > 0 (1 for discrete time) and 0 <= share <= 1."""
+    if shift <= 0 or (shift != 1.0 and time == "discrete"):
+        raise ValueError(f"{name}={shift}: must be > 0, and 1.0 unless time is 'continuous' or 'logit_normal' "
+                         f"(time={time!r})")
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"{share_name}={share}: must be in [0, 1] (the share of samples at shifted times)")
+
+
+def check_logit_normal(mean: float, std: float, prefix: str = "") -> None:
+    """ValueError naming the keys unless the logit-normal's mean is finite and its std > 0."""
+    if not math.isfinite(mean) or not (std > 0 and math.isfinite(std)):
+        raise ValueError(f"{prefix}logit_mean={mean} must be finite and {prefix}logit_std={std} finite and > 0")
 
 
 def check_noise_options(noise_offset: float, input_perturbation: float, prefix: str = "") -> None:
@@ -118,7 +135,8 @@ class DiffusionLoss:
 
     def __init__(self, schedule, prediction: str = "eps", weighting: str = "uniform",
                  gamma: float = 5.0, time: str = "discrete", time_scale: float = 1.0, time_shift: float = 1.0,
-                 time_shift_share: float = 1.0, noise_offset: float = 0.0, input_perturbation: float = 0.0):
+                 time_shift_share: float = 1.0, noise_offset: float = 0.0, input_perturbation: float = 0.0,
+                 logit_mean: float = 0.0, logit_std: float = 1.0):
         for name, value, allowed in (("weighting", weighting, WEIGHTINGS), ("time", time, TIME_SAMPLING)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -129,6 +147,8 @@ class DiffusionLoss:
         self.time_shift = time_shift   # training times moved towards noise (sample_times)
         self.time_shift_share = time_shift_share
         check_time_shift(time_shift, time, share=time_shift_share)
+        check_logit_normal(logit_mean, logit_std)
+        self.logit_mean, self.logit_std = logit_mean, logit_std     # time="logit_normal"'s m and s
         check_noise_options(noise_offset, input_perturbation)
         self.noise_offset = noise_offset              # eps += offset * n(B, C, 1, 1): images far from mid-gray
         self.input_perturbation = input_perturbation  # x_t from eps + gamma * xi, target from eps
@@ -158,7 +178,8 @@ class DiffusionLoss:
 
     def __call__(self, net, x0, extra_args=None, generator=None):
         t = sample_times(self.schedule, x0.shape[0], time=self.time, shift=self.time_shift,
-                         shift_share=self.time_shift_share, generator=generator, device=x0.device)
+                         shift_share=self.time_shift_share, logit_mean=self.logit_mean, logit_std=self.logit_std,
+                         generator=generator, device=x0.device)
         eps, input_noise = self.noise(x0, generator)
         alpha, sigma = (append_dims(c.to(x0.dtype), x0.ndim) for c in self.schedule.alpha_sigma(t))
         out = net(q_sample(x0, input_noise, alpha, sigma), t * self.time_scale, **(extra_args or {}))

@@ -1,7 +1,9 @@
-"""Forward process and parameterizations: conversions among eps, x0, v and the score.
+"""Forward process and parameterizations: conversions among eps, x0, v, the flow velocity and the score.
 
 All functions take the noisy x_t and (alpha, sigma) broadcastable to it, with
-x_t = alpha * x0 + sigma * eps and v = alpha * eps - sigma * x0 (Salimans & Ho 2022, sec. 4).
+x_t = alpha * x0 + sigma * eps, v = alpha * eps - sigma * x0 (Salimans & Ho 2022, sec. 4) and
+the flow velocity u = eps - x0, which is dx_t/dt on the rectified-flow path x_t = (1 - t) x0 + t eps
+(Liu et al. 2023; Lipman et al. 2023; Esser et al. 2024, eq. 3 with their "v"), what SD3 and Flux predict.
 `Denoiser` wraps a network so that samplers see one model function x_t, t -> x0-hat.
 """
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v", "flow")
 
 
 def append_dims(a: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -39,6 +41,16 @@ def x0_to_v(x, x0, alpha, sigma):
     return alpha * x0_to_eps(x, x0, alpha, sigma) - sigma * x0
 
 
+def flow_to_x0(x, u, alpha, sigma):
+    # From x = alpha*x0 + sigma*eps and eps = u + x0: x = (alpha + sigma) x0 + sigma u; on the
+    # rectified-flow path (alpha + sigma = 1) x0 = x - t u.
+    return (x - sigma * u) / (alpha + sigma)
+
+
+def x0_to_flow(x, x0, alpha, sigma):
+    return x0_to_eps(x, x0, alpha, sigma) - x0
+
+
 def ddim_step(x, x0, alpha, sigma, alpha_next, sigma_next):
     """Deterministic DDIM t -> s (Song et al. 2021, eq. 12): alpha_s x0 + sigma_s (x_t - alpha_t x0) / sigma_t."""
     return q_sample(x0, x0_to_eps(x, x0, alpha, sigma), alpha_next, sigma_next)
@@ -50,11 +62,13 @@ def score_from_x0(x, x0, alpha, sigma):
 
 
 def to_x0(prediction: str, out, x, alpha, sigma):
-    """x0-hat from a network output in `prediction` space ("eps", "x0" or "v")."""
+    """x0-hat from a network output in `prediction` space ("eps", "x0", "v" or "flow")."""
     if prediction == "eps":
         return eps_to_x0(x, out, alpha, sigma)
     if prediction == "v":
         return v_to_x0(x, out, alpha, sigma)
+    if prediction == "flow":
+        return flow_to_x0(x, out, alpha, sigma)
     if prediction == "x0":
         return out
     raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
@@ -66,6 +80,8 @@ def from_x0(prediction: str, x0, x, alpha, sigma):
         return x0_to_eps(x, x0, alpha, sigma)
     if prediction == "v":
         return x0_to_v(x, x0, alpha, sigma)
+    if prediction == "flow":
+        return x0_to_flow(x, x0, alpha, sigma)
     if prediction == "x0":
         return x0
     raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
@@ -77,6 +93,8 @@ def training_target(prediction: str, x0, eps, alpha, sigma):
         return eps
     if prediction == "v":
         return alpha * eps - sigma * x0
+    if prediction == "flow":
+        return eps - x0
     if prediction == "x0":
         return x0
     raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
@@ -88,11 +106,12 @@ def check_prediction(prediction: str, schedule) -> None:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if prediction == "eps" and getattr(schedule, "zero_terminal_snr", False):
         # x0 = (x - sigma eps) / alpha has alpha = 0 at the last step (Lin et al. 2024, sec. 3.2)
-        raise ValueError("a zero-terminal-SNR schedule needs prediction 'v' or 'x0': eps gives no x0 at SNR 0")
+        raise ValueError("a zero-terminal-SNR schedule needs prediction 'v', 'x0' or 'flow': eps gives no x0 "
+                         "at SNR 0")
 
 
 class Denoiser(nn.Module):
-    """Model function (x_t, t, **extra_args) -> x0-hat around a net predicting eps / x0 / v.
+    """Model function (x_t, t, **extra_args) -> x0-hat around a net predicting eps / x0 / v / flow.
 
     Like EDM's Precond it owns the schedule arithmetic; the net only sees x_t and t * time_scale
     (integer timesteps for discrete schedules; e.g. 1000 * t for continuous t in [0, 1]).

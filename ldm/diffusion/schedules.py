@@ -1,10 +1,11 @@
 """Noise schedules: a time t maps to (alpha_t, sigma_t) with x_t = alpha_t * x0 + sigma_t * eps.
 
-Three families share one small interface (`Schedule`):
+Four families share one small interface (`Schedule`):
   * discrete VP schedules over integer timesteps 0..T-1 (DDPM linear, Stable Diffusion's
     scaled_linear, Nichol & Dhariwal's cosine), defined by their betas;
   * the continuous-time VP schedule with cosine log-SNR (Salimans & Ho 2022), t in [0, 1];
-  * the VE schedule of NCSN (Song & Ermon 2019): alpha = 1, sigma geometric in t, t in [0, 1].
+  * the VE schedule of NCSN (Song & Ermon 2019): alpha = 1, sigma geometric in t, t in [0, 1];
+  * rectified flow (Liu et al. 2023; Esser et al. 2024): alpha = 1 - t, sigma = t, t in [0, 1].
 
 Time grids for sampling hold N+1 values: N model-evaluation times, descending, then a final
 entry. Any t < 0 (the constant `CLEAN`) means clean data, alpha = 1 and sigma = 0; this is
@@ -224,6 +225,43 @@ class GeometricVE(Schedule):
         return -2.0 * torch.log(self._sigma(_as_time(t)))
 
 
+class RectifiedFlow(Schedule):
+    """The straight path x_t = (1 - t) x0 + t eps of rectified flow / flow matching (Liu et al. 2023; Lipman
+    et al. 2023), t in [0, 1]: sigma = t, so a net fed t * 1000 sees SD3's and Flux's timestep. Not VP:
+    alpha + sigma = 1, and alpha = 0 at t = 1 (pure noise, like a zero-terminal-SNR schedule).
+
+    `shift` s moves the sampling grids (leading, trailing, linspace) to t' = s t / (1 + (s - 1) t), SD3's
+    shift (Esser et al. 2024, sec. 5.3.2, eq. 23; diffusers' FlowMatchEulerDiscreteScheduler `shift`):
+    a log-SNR lower by 2 log s at every grid time, more steps at high noise for larger images. It leaves
+    training alone; training times take `time_shift` (ldm.diffusion.losses), the same map.
+    """
+
+    zero_terminal_snr = True
+
+    def __init__(self, shift: float = 1.0):
+        if not shift > 0:
+            raise ValueError(f"rectified_flow: shift must be > 0, got {shift}")
+        self.shift = float(shift)
+        self.t_min, self.t_max = 0.0, 1.0
+
+    def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        t = _as_time(t)
+        sigma = torch.where(t < 0, torch.zeros_like(t), t.clamp(0.0, 1.0))
+        return 1.0 - sigma, sigma
+
+    def logsnr(self, t) -> torch.Tensor:
+        alpha, sigma = self.alpha_sigma(t)
+        return 2.0 * (torch.log(alpha) - torch.log(sigma))           # +inf at t <= 0, -inf at t = 1
+
+    def t_from_logsnr(self, lam: np.ndarray) -> np.ndarray:
+        """Exact inverse: alpha / sigma = exp(lambda / 2) with alpha + sigma = 1."""
+        return 1.0 / (1.0 + np.exp(np.asarray(lam, dtype=np.float64) / 2))
+
+    def _grid(self, n: int, spacing: str, steps_offset: int) -> np.ndarray:
+        t = super()._grid(n, spacing, steps_offset)
+        return self.shift * t / (1.0 + (self.shift - 1.0) * t)
+
+
 # ---- betas of the discrete schedules ----
 
 def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2) -> torch.Tensor:
@@ -269,6 +307,7 @@ SCHEDULES = {
         cosine_betas(T, s, max_beta), zero_snr),
     "cosine_logsnr": CosineLogSNR,
     "ve": GeometricVE,
+    "rectified_flow": RectifiedFlow,
 }
 
 

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ldm.data.loaders import DataConfig, ResumableLoader, build_dataset, collate, resumable_loader
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
-from ldm.models.weights import write_safetensors
+from ldm.models.weights import write_safetensors_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def _encode_shard(ae: AutoencoderKL, dataset: Dataset, indices: range, batch_siz
     item_buckets = getattr(dataset, "item_buckets", None)
     if item_buckets is None:
         mean, std, captions, ids = _encode(ae, dataset, list(indices), batch_size, num_workers)
-        write_safetensors({"mean": mean, "std": std, **({"size_ids": ids} if ids is not None else {})}, path,
+        write_safetensors_atomic({"mean": mean, "std": std, **({"size_ids": ids} if ids is not None else {})}, path,
                           metadata={"captions": json.dumps(captions)})
         return
     groups: dict[int, list[int]] = {}                      # bucket -> positions in the shard
@@ -194,7 +194,7 @@ def _encode_shard(ae: AutoencoderKL, dataset: Dataset, indices: range, batch_siz
                                                                      else {})}
         for position, text in zip(positions, texts):
             captions[position] = text
-    write_safetensors(tensors, path, metadata={"captions": json.dumps(captions),
+    write_safetensors_atomic(tensors, path, metadata={"captions": json.dumps(captions),
                                                "groups": json.dumps(sorted(groups.items()))})
 
 
@@ -204,19 +204,33 @@ def build_cache(folder: Path, ae: AutoencoderKL, dataset: Dataset, parts: dict, 
     """Encode `dataset` into `folder`; process `rank` of `world` encodes every world-th shard.
 
     All processes must call it (they meet at `barrier`) and see one shared file system.
-    The folder is assembled as `<folder>.tmp` and renamed when complete.
+    The folder is assembled as `<folder>.tmp` and renamed when complete. An interrupted build
+    resumes: each shard is written whole or not at all, and the shards of a `.tmp` with the same
+    plan (items, shard size) are kept; the folder's name is the key of the data and autoencoder,
+    so they hold these latents. On an SD-sized data set this is hours of encoding.
     """
     from tqdm.auto import tqdm
 
     tmp = folder.with_name(folder.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed build
-        tmp.mkdir(parents=True)
-    barrier()
     n = len(dataset)
+    plan = {"num_samples": n, "shard_size": shard_size}
+    if rank == 0:
+        try:
+            kept = json.loads((tmp / "plan.json").read_text()) == plan
+        except (OSError, ValueError):
+            kept = False
+        if not kept:
+            shutil.rmtree(tmp, ignore_errors=True)  # another plan, or a build from before plans
+            tmp.mkdir(parents=True)
+            (tmp / "plan.json").write_text(json.dumps(plan))
+    barrier()
     shards = [f"shard-{k:05d}.safetensors" for k in range((n + shard_size - 1) // shard_size)]
     mine = range(rank, len(shards), world)
-    for k in tqdm(mine, desc="caching latents", disable=not progress or rank != 0):
+    done = [k for k in mine if (tmp / shards[k]).is_file()]
+    if done and rank == 0:
+        logger.info("latent cache: resuming a build, %d of %d shards already encoded", len(done), len(mine))
+    for k in tqdm([k for k in mine if k not in done], desc="caching latents", initial=len(done), total=len(mine),
+                  disable=not progress or rank != 0):
         _encode_shard(ae, dataset, range(k * shard_size, min(n, (k + 1) * shard_size)),
                       batch_size, num_workers, tmp / shards[k])
     barrier()
@@ -224,6 +238,7 @@ def build_cache(folder: Path, ae: AutoencoderKL, dataset: Dataset, parts: dict, 
         meta = {"num_samples": n, "shard_size": shard_size, "shards": shards, **parts}
         if getattr(dataset, "buckets", None) is not None:
             meta["buckets"] = [list(size) for size in dataset.buckets]
+        (tmp / "plan.json").unlink()
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)  # the cache appears complete or not at all

@@ -60,7 +60,7 @@ def test_the_last_interval_is_continuous_and_invertible():
 
 def test_eps_prediction_is_refused_on_a_zero_snr_schedule():
     sched = make_schedule("scaled_linear", zero_snr=True)
-    with pytest.raises(ValueError, match="zero-terminal-SNR schedule needs prediction 'v' or 'x0'"):
+    with pytest.raises(ValueError, match="zero-terminal-SNR schedule needs prediction 'v', 'x0' or 'flow'"):
         Denoiser(v_fn, sched, "eps")
     with pytest.raises(ValueError, match="zero-terminal-SNR"):
         DiffusionLoss(sched, "eps", time="discrete")

@@ -311,6 +311,35 @@ def test_a_discrete_teacher_is_distilled_over_its_whole_schedule(stage, tmp_path
     assert t["dmd"].numel() == 16 and t["dmd"].max() > 300 and t["dmd"].max() <= 0.98 * 999 + 1e-3
 
 
+def test_a_rectified_flow_teacher_is_distilled_on_its_shifted_grid(stage, tmp_path, monkeypatch):
+    """A flow-velocity teacher on the straight path (SD3's objective) goes through stage one, a halving round,
+    a path round and DMD; the round's two teacher steps run on the schedule's shifted grid (1, 0.75, clean
+    at shift 3), and the students predict flow as their teacher."""
+    folder = tmp_path / "teacher"
+    save_random_model(str(folder), resolution=32)
+    index = load_index(str(folder))
+    index.schedule, index.prediction = {"name": "rectified_flow", "shift": 3.0}, "flow"
+    from ldm.pipeline import save_index
+    save_index(str(folder), index)
+    rows = []
+
+    def recorder(teacher, z_t, t, t_mid, t_end, *args):
+        rows.append(torch.stack([t, t_mid, t_end], 1).double())
+        return two_step(teacher, z_t, t, t_mid, t_end, *args)
+
+    two_step = stage.stage_two_target
+    monkeypatch.setattr(stage, "stage_two_target", recorder)
+    extra = ("distill.stage_one_steps=2", "distill.path_updates={1: 1}", "distill.dmd_updates={1: 2}",
+             "distill.teacher_paths=3", "distill.path_steps=4", "distill.dmd_batch=2")
+    out = stage.main(argv(folder, tmp_path / "run", tmp_path / "model", *extra))
+    grid = torch.cat(rows).unique(dim=0)
+    torch.testing.assert_close(grid, torch.tensor([[1.0, 0.75, -1.0]], dtype=torch.float64))
+    pipe = TextToImage.from_folder(out)
+    assert (pipe.index.prediction, pipe.index.student_prediction) == ("flow", "flow")
+    images, info = pipe.generate(["a red circle"], steps=1, guidance=1.0)
+    assert info["model"] == "student-1" and bool(torch.isfinite(images).all())
+
+
 def test_aspect_ratio_buckets_feed_both_stages(stage, teacher, tmp_path, mixed_aspect_folder):
     """Wide, square and tall pictures (buckets 40x24, 32x32, 24x40 at 32 px) through stage one and a round."""
     images = mixed_aspect_folder

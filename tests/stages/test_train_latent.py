@@ -241,6 +241,48 @@ def test_latent_cache_hit_miss_and_invalidation(tiny_ae, tmp_path):
     assert len([p for p in tmp_path.iterdir() if (p / "meta.json").is_file()]) == 3
 
 
+def test_an_interrupted_cache_build_resumes_from_its_shards(tiny_ae, tmp_path, monkeypatch):
+    """A build killed after its first shard keeps that shard and encodes only the others next time; the cache
+    equals one built straight. A .tmp from another shard size is started afresh."""
+    from ldm.training import latent_cache
+    ae = AutoencoderKL.from_pretrained(tiny_ae)
+    data = DataConfig(source="shapes", resolution=32, length=5, batch_size=2, seed=3)
+    straight, _ = open_or_build(tmp_path / "straight", tiny_ae, data, ae, shard_size=2, progress=False)
+    encode, encoded = latent_cache._encode_shard, []
+
+    def dies_after_one(ae, dataset, indices, *args):
+        if encoded:
+            raise KeyboardInterrupt
+        encoded.append(indices)
+        encode(ae, dataset, indices, *args)
+
+    monkeypatch.setattr(latent_cache, "_encode_shard", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        open_or_build(tmp_path / "resumed", tiny_ae, data, ae, shard_size=2, progress=False)
+    tmp = next((tmp_path / "resumed").glob("*.tmp"))
+    assert sorted(p.name for p in tmp.glob("shard-*")) == ["shard-00000.safetensors"]
+
+    def counts(ae, dataset, indices, *args):
+        encoded.append(indices)
+        encode(ae, dataset, indices, *args)
+
+    monkeypatch.setattr(latent_cache, "_encode_shard", counts)
+    resumed, hit = open_or_build(tmp_path / "resumed", tiny_ae, data, ae, shard_size=2, progress=False)
+    assert not hit and encoded == [range(0, 2), range(2, 4), range(4, 5)] and not tmp.exists()
+    assert torch.equal(resumed.mean, straight.mean) and resumed.captions == straight.captions
+    assert not (resumed.folder / "plan.json").exists()
+
+    encoded.clear()   # a stale .tmp of another plan is not trusted
+    other = dataclasses.replace(data, seed=4)
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(latent_cache, "_encode_shard", dies_after_one)
+        open_or_build(tmp_path / "plan", tiny_ae, other, ae, shard_size=2, progress=False)
+    encoded.clear()
+    monkeypatch.setattr(latent_cache, "_encode_shard", counts)
+    open_or_build(tmp_path / "plan", tiny_ae, other, ae, shard_size=3, progress=False)
+    assert encoded == [range(0, 3), range(3, 5)]
+
+
 def test_cache_key_follows_local_files(tiny_ae, tmp_path):
     export(tmp_path / "imgs", 2, progress=False)
     data = DataConfig(source="imagefolder", path=str(tmp_path / "imgs"), resolution=32)
@@ -381,3 +423,23 @@ def test_dreambooth_prior_draws_the_class_once_and_resumes_exactly(tiny_ae, tmp_
     with pytest.raises(SystemExit):
         run(tiny_ae, tmp_path / "bad", "prior.class_prompt=a red circle")
     assert "prior.class_prompt" in capsys.readouterr().err
+
+
+def test_rectified_flow_trains_and_samples(tiny_ae, tmp_path, capsys):
+    """SD3's objective (Esser et al. 2024): flow velocity on the straight path, logit-normal times, and the
+    schedule's grid shift recorded in the model folder, which samples with every kind of sampler."""
+    rf = ["diffusion.schedule=rectified_flow", "diffusion.schedule_options={shift: 2.0}", "diffusion.prediction=flow",
+          "diffusion.time=logit_normal", "diffusion.logit_std=0.8"]
+    for bad, message in (("diffusion.prediction=eps", "zero-terminal-SNR schedule needs prediction"),
+                         ("diffusion.logit_std=-1", "diffusion.logit_std=-1")):
+        with pytest.raises(SystemExit):
+            run(tiny_ae, tmp_path / "bad", *rf, bad)
+        assert message in capsys.readouterr().err
+    folder = run(tiny_ae, tmp_path / "rf", *rf, "train.max_steps=2", "train.validate_every=2")
+    assert (tmp_path / "rf" / "samples" / "step-000002.png").is_file()
+    pipe = TextToImage.from_folder(str(folder))
+    assert (pipe.index.prediction, pipe.index.schedule) == ("flow", {"name": "rectified_flow", "shift": 2.0})
+    torch.testing.assert_close(pipe.schedule.timesteps(2)[:-1], torch.tensor([1.0, 2 / 3], dtype=torch.float64))
+    for sampler in ("ddim", "dpmpp_2m", "euler_a", "heun"):
+        images, _ = pipe.generate(["a red circle"], steps=3, guidance=2.0, sampler=sampler)
+        assert images.shape == (1, 3, 32, 32) and bool(torch.isfinite(images).all()), sampler
