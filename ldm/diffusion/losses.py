@@ -1,4 +1,4 @@
-"""Denoising losses: MSE in eps / x0 / v space with a log-SNR dependent weighting.
+"""Denoising losses: MSE in eps / x0 / v / flow space with a log-SNR dependent weighting.
 
 Weightings are stated as weights on the x0-space error ||x0-hat - x0||^2 and converted to the
 prediction space, since ||eps-hat - eps||^2 = SNR * ||x0-hat - x0||^2, for VP
