@@ -239,6 +239,8 @@ def build_cache(folder: Path, ae: AutoencoderKL, dataset: Dataset, parts: dict, 
         if getattr(dataset, "buckets", None) is not None:
             meta["buckets"] = [list(size) for size in dataset.buckets]
         (tmp / "plan.json").unlink()
+        for part in tmp.glob("*.tmp"):             # a shard file cut off by an interrupted build
+            part.unlink()
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)  # the cache appears complete or not at all

@@ -261,6 +261,7 @@ def test_an_interrupted_cache_build_resumes_from_its_shards(tiny_ae, tmp_path, m
         open_or_build(tmp_path / "resumed", tiny_ae, data, ae, shard_size=2, progress=False)
     tmp = next((tmp_path / "resumed").glob("*.tmp"))
     assert sorted(p.name for p in tmp.glob("shard-*")) == ["shard-00000.safetensors"]
+    (tmp / "shard-00001.safetensors.tmp").write_bytes(b"cut off")    # a write the kill interrupted
 
     def counts(ae, dataset, indices, *args):
         encoded.append(indices)
@@ -270,7 +271,8 @@ def test_an_interrupted_cache_build_resumes_from_its_shards(tiny_ae, tmp_path, m
     resumed, hit = open_or_build(tmp_path / "resumed", tiny_ae, data, ae, shard_size=2, progress=False)
     assert not hit and encoded == [range(0, 2), range(2, 4), range(4, 5)] and not tmp.exists()
     assert torch.equal(resumed.mean, straight.mean) and resumed.captions == straight.captions
-    assert not (resumed.folder / "plan.json").exists()
+    assert sorted(p.name for p in resumed.folder.iterdir()) == ["meta.json", *(f"shard-0000{k}.safetensors"
+                                                                              for k in range(3))]
 
     encoded.clear()   # a stale .tmp of another plan is not trusted
     other = dataclasses.replace(data, seed=4)
