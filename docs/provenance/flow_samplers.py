@@ -3,7 +3,7 @@ teachers of the comparison runs.
 
     OMP_NUM_THREADS=2 python docs/provenance/flow_samplers.py N MODEL_DIR [MODEL_DIR ...]
 
-Each model folder's teacher at 4 and 8 steps with DDIM and DPM-Solver++(2M) on the trailing grid, w = 2,
+Each model folder's teacher at 4 steps (8 NFE with CFG) with DDIM and DPM-Solver++(2M) on the trailing grid, w = 2,
 seeds 0, 100, ... per batch of 100 prompts; N held-out prompts judged by the oracle (prompt accuracy) and
 FD in its features against N held-out real images, as `python -m ldm.eval` does (docs/provenance/sampler_grid.py
 with a model argument).
@@ -24,7 +24,7 @@ oracle = Oracle.load()
 reals = oracle.features(real_images(n, 0))
 for folder in folders:
     pipe = TextToImage.from_folder(folder)
-    for steps in (4, 8):
+    for steps in (4,):
         for sampler in ("ddim", "dpmpp_2m"):
             images = []
             for i in range(0, n, 100):
