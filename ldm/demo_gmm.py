@@ -60,8 +60,8 @@ def main(argv=None):
     data = mixture.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
     results = [("data", data, *mixture.errors(data), 0.0)] + list(run(args.n, args.seed))
     cols = 4
-    fig, axes = plt.subplots(-(-len(results) // cols), cols, figsize=(16, 4 * -(-len(results) // cols)),
-                             sharex=True, sharey=True)
+    rows = -(-len(results) // cols)                      # ceil: every run gets a panel
+    fig, axes = plt.subplots(rows, cols, figsize=(16, 4 * rows), sharex=True, sharey=True)
     print(f"{'sampler':<28}{'max |weight err|':>18}{'max |mean err|':>16}{'seconds':>9}")
     for ax, (label, x, w_err, m_err, secs) in zip(axes.flat, results):
         print(f"{label:<28}{w_err:>18.4f}{m_err:>16.4f}{secs:>9.2f}")

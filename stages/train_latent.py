@@ -209,7 +209,6 @@ class LatentModel(nn.Module):
         return self.unet(x, t, context, context_mask=mask)
 
 
-
 def load_autoencoder(path: str, device) -> AutoencoderKL:
     """The stage-1 autoencoder, frozen: eval mode, no gradients."""
     ae = AutoencoderKL.from_pretrained(path, device=device).eval().requires_grad_(False)

@@ -72,11 +72,9 @@ def sample_times(schedule, n: int, *, time: str = "discrete", shift: float = 1.0
         if not hasattr(schedule, "num_timesteps"):
             raise ValueError(f"time='discrete' needs a discrete schedule, got {type(schedule).__name__}")
         return torch.randint(0, schedule.num_timesteps, (n,), generator=generator, device=device).float()
-    if time == "continuous":
-        u = torch.rand(n, generator=generator, device=device)
-        return shift_times(schedule, uniform_times(schedule, u), shift, shift_share, generator)
-    if time == "logit_normal":
-        u = torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator, device=device))
+    if time in ("continuous", "logit_normal"):
+        u = torch.rand(n, generator=generator, device=device) if time == "continuous" else \
+            torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator, device=device))
         return shift_times(schedule, uniform_times(schedule, u), shift, shift_share, generator)
     raise ValueError(f"time must be one of {TIME_SAMPLING}, got {time!r}")
 

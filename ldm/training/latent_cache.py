@@ -226,10 +226,11 @@ def build_cache(folder: Path, ae: AutoencoderKL, dataset: Dataset, parts: dict, 
     barrier()
     shards = [f"shard-{k:05d}.safetensors" for k in range((n + shard_size - 1) // shard_size)]
     mine = range(rank, len(shards), world)
-    done = [k for k in mine if (tmp / shards[k]).is_file()]
-    if done and rank == 0:
-        logger.info("latent cache: resuming a build, %d of %d shards already encoded", len(done), len(mine))
-    for k in tqdm([k for k in mine if k not in done], desc="caching latents", initial=len(done), total=len(mine),
+    todo = [k for k in mine if not (tmp / shards[k]).is_file()]
+    if len(todo) < len(mine) and rank == 0:
+        logger.info("latent cache: resuming a build, %d of %d shards already encoded", len(mine) - len(todo),
+                    len(mine))
+    for k in tqdm(todo, desc="caching latents", initial=len(mine) - len(todo), total=len(mine),
                   disable=not progress or rank != 0):
         _encode_shard(ae, dataset, range(k * shard_size, min(n, (k + 1) * shard_size)),
                       batch_size, num_workers, tmp / shards[k])

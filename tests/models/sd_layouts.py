@@ -229,3 +229,22 @@ def write_ip_adapter(path, unet, tokens=4):
                 state[f"ip_adapter.{i}.{key}.weight"] = torch.randn(inner, dim, generator=g) * 0.3
     save_file(state, str(path))
     return path
+
+
+def ip_image():
+    """The IP-Adapter tests' image prompt: random RGB pixels, 48x40 (not the encoder's square size)."""
+    import numpy as np
+    from PIL import Image
+    return Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8))
+
+
+def with_ip_adapter(pipeline_class, theirs, encoder, adapter, scale: float):
+    """A diffusers pipeline of `pipeline_class` on `theirs`' components plus the image encoder folder
+    `encoder`, with the IP-Adapter file `adapter` loaded by diffusers' own load_ip_adapter at `scale`."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    pipe = pipeline_class(**{**theirs.components,
+                             "image_encoder": CLIPVisionModelWithProjection.from_pretrained(str(encoder)),
+                             "feature_extractor": CLIPImageProcessor.from_pretrained(str(encoder))})
+    pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(scale)
+    return pipe

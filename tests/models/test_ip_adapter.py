@@ -1,12 +1,12 @@
 """IP-Adapter (ldm.models.ip_adapter) against diffusers' load_ip_adapter on the tiny SD pipeline: a random
 adapter file written with diffusers' own attention numbering, a tiny random CLIP image encoder, the same
 image prompt: the same images."""
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from sd_layouts import PROMPTS, on_our_grid, write_image_encoder, write_ip_adapter, write_sd_pipeline
+from sd_layouts import (PROMPTS, ip_image, on_our_grid, with_ip_adapter, write_image_encoder, write_ip_adapter,
+                        write_sd_pipeline)
 
 from ldm.diffusion.samplers import initial_noise
 from ldm.models.from_diffusers import convert
@@ -22,7 +22,7 @@ def test_image_prompt_draws_what_diffusers_draws(tmp_path, one_thread):
     convert(str(tmp_path / "sd"), str(tmp_path / "model"))
     encoder = write_image_encoder(tmp_path / "image_encoder")
     adapter = write_ip_adapter(tmp_path / "ip.safetensors", theirs.unet)
-    image = Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8))
+    image = ip_image()
 
     pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
     plain, _ = pipe.generate(PROMPTS, steps=4, seed=0)
@@ -30,11 +30,7 @@ def test_image_prompt_draws_what_diffusers_draws(tmp_path, one_thread):
     ours, info = pipe.generate(PROMPTS, steps=4, seed=0, ip_image=image)
     assert info["nfe"] == 8
 
-    sd = diffusers.StableDiffusionPipeline(**{**theirs.components,
-                                              "image_encoder": transformers.CLIPVisionModelWithProjection.from_pretrained(str(encoder)),
-                                              "feature_extractor": transformers.CLIPImageProcessor.from_pretrained(str(encoder))})
-    sd.load_ip_adapter(str(tmp_path), subfolder="", weight_name="ip.safetensors", image_encoder_folder=None)
-    sd.set_ip_adapter_scale(0.7)
+    sd = with_ip_adapter(diffusers.StableDiffusionPipeline, theirs, encoder, adapter, 0.7)
     on_our_grid(sd)
     noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(4), pipe.latent_shape(2),
                           generator=torch.Generator().manual_seed(0))

@@ -401,25 +401,18 @@ def test_sdxl_ip_adapter_draws_what_diffusers_draws(sdxl, tmp_path, one_thread):
     """An IP-Adapter for SDXL (image tokens as wide as SDXL's 2048-ish context, one key/value pair per
     cross-attention of every transformer block, in diffusers' order): diffusers' load_ip_adapter on a fresh
     copy of the pipeline draws the same images."""
-    import numpy as np
-    import transformers
-    from PIL import Image
-    from sd_layouts import write_image_encoder, write_ip_adapter
+    from sd_layouts import ip_image, with_ip_adapter, write_image_encoder, write_ip_adapter
     _, folder = sdxl
     convert(str(folder / "sdxl"), str(tmp_path / "model"), guidance=3.0)
     theirs = write_sdxl_pipeline(tmp_path)
     encoder = write_image_encoder(tmp_path / "image_encoder")
     adapter = write_ip_adapter(tmp_path / "ip.safetensors", theirs.unet)
-    image = Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8))
+    image = ip_image()
     pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
     plain, _ = pipe.generate(PROMPTS, steps=3, seed=0)
     pipe.add_ip_adapter(str(adapter), str(encoder), scale=0.7)
     ours, _ = pipe.generate(PROMPTS, steps=3, seed=0, ip_image=image)
-    xl = diffusers.StableDiffusionXLPipeline(**{
-        **theirs.components, "image_encoder": transformers.CLIPVisionModelWithProjection.from_pretrained(str(encoder)),
-        "feature_extractor": transformers.CLIPImageProcessor.from_pretrained(str(encoder))})
-    xl.load_ip_adapter(str(tmp_path), subfolder="", weight_name="ip.safetensors", image_encoder_folder=None)
-    xl.set_ip_adapter_scale(0.7)
+    xl = with_ip_adapter(diffusers.StableDiffusionXLPipeline, theirs, encoder, adapter, 0.7)
     reference = diffusers_images(xl, pipe, PROMPTS, 3, 4.0, ip_adapter_image=image)
     torch.testing.assert_close(ours * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
     assert (ours - plain).abs().max() > 1e-2                               # the image prompt mattered
