@@ -48,7 +48,7 @@ def parse_freeu(text: str) -> tuple[float, float, float, float]:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --negative, --guidance-rescale,
+    """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --shift, --negative, --guidance-rescale,
     --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --ip-adapter, --image-encoder,
     --ip-image, --ip-scale, --freeu, --clip-skip, --lora, --device, --decoder-precision."""
     model = parser.add_argument_group("model and device")
@@ -77,6 +77,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument("--negative", default="", metavar="TEXT",
                         help="negative prompt: guidance's unconditional branch instead of the empty prompt "
                              "(teacher only: add --teacher where a student fits --steps)")
+    sampling.add_argument("--shift", type=float, default=None, metavar="S",
+                          help="teacher: move the time grid to log-SNR lower by 2 log S, more steps at high noise "
+                               "(SD3's timestep shift, 3.0 for SD3 at 1024 px; any schedule). Default: the model "
+                               "folder's (rectified flow's `shift`, else 1)")
     sampling.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
                         help="rescale the guided prediction's std to the conditional one's, by PHI in [0, 1] "
                              "(Lin et al. 2024, eqs. 15-16; they use 0.7; diffusers' guidance_rescale): less "
@@ -206,6 +210,8 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
             parser.error(f"--ip-adapter {args.ip_adapter}: {err}")
     if args.steps is None:
         args.steps = STUDENT_STEPS if STUDENT_STEPS in pipe.student_steps else TEACHER_STEPS
+    if args.shift is not None and not args.shift > 0:
+        parser.error(f"--shift must be > 0, got {args.shift}")
     if not 0.0 <= args.guidance_rescale <= 1.0:
         parser.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     if len(args.controlnet) != len(args.control_image) or len(args.control_scale) not in (0, 1, len(args.controlnet)):
@@ -214,7 +220,8 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
                      f"({len(args.control_scale)} given)")
     try:  # before any model runs
         pipe.refuse_with_student(args.steps, args.teacher, negative=args.negative, control=args.controlnet,
-                                 guidance_rescale=args.guidance_rescale, ip=args.ip_adapter)
+                                 guidance_rescale=args.guidance_rescale, ip=args.ip_adapter,
+                                 shift=args.shift is not None)
     except ValueError as err:
         parser.error(str(err))
     return pipe
@@ -253,7 +260,8 @@ def sampling_options(args) -> dict:
     ip_image = open_image(args.ip_image) if args.ip_image else None  # upright, RGB
     return dict(steps=args.steps, guidance=args.guidance, seed=args.seed, teacher=args.teacher,
                 sampler=args.sampler, negative=args.negative, spacing=args.spacing,
-                guidance_rescale=args.guidance_rescale, ip_image=ip_image, progress=show_progress())
+                guidance_rescale=args.guidance_rescale, ip_image=ip_image, shift=args.shift,
+                progress=show_progress())
 
 
 def show_progress() -> bool:
@@ -276,7 +284,7 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
     if args.ip_adapter:
         run.update(ip_adapter=args.ip_adapter, image_encoder=args.image_encoder, ip_image=args.ip_image,
                    ip_scale=args.ip_scale)
-    for key in ("clip_skip", "freeu"):
+    for key in ("clip_skip", "freeu", "shift"):
         if getattr(args, key) is not None:
             run[key] = getattr(args, key)
     if args.controlnet:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ldm.diffusion.guidance import cfg
 from ldm.diffusion.param import Denoiser
 from ldm.diffusion.samplers import SAMPLERS, initial_noise
-from ldm.diffusion.schedules import schedule_from_config
+from ldm.diffusion.schedules import schedule_from_config, shifted
 from ldm.distill.targets import coefficients
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.controlnet import ControlledUNet
@@ -43,7 +43,7 @@ STUDENT_SAMPLERS = ("ddim", "stochastic")   # what the students were distilled f
 # Options a student cannot take (it learnt plain CFG with the empty prompt as the unconditional branch),
 # named as the CLI names them; `refuse_with_student` checks them, the CLI before the model runs.
 TEACHER_ONLY = {"negative": "--negative", "guidance_rescale": "--guidance-rescale", "control": "--controlnet",
-                "ip": "--ip-adapter", "inpaint": "an inpainting U-Net's mask"}
+                "ip": "--ip-adapter", "inpaint": "an inpainting U-Net's mask", "shift": "--shift"}
 
 
 def native_bf16_cpu() -> bool:
@@ -356,7 +356,7 @@ class TextToImage:
                strength: float = 1.0, mask: torch.Tensor | None = None, negative: str = "",
                spacing: str | None = None, guidance_rescale: float = 0.0, size: tuple[int, int] | None = None,
                control: list | None = None, inpaint: torch.Tensor | None = None, ip_image=None,
-               progress: bool = False) -> tuple[torch.Tensor, dict]:
+               shift: float | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
         spacing: the time grid (ldm.diffusion.schedules.SPACINGS); None: "karras" (Karras et al. 2022,
@@ -377,7 +377,9 @@ class TextToImage:
         the teacher (ldm.models.controlnet). inpaint: an inpainting U-Net's extra inputs
         (`inpainting_inputs`); without them such a U-Net draws freely, from an all-ones mask over an
         all-gray image (the A1111 web UI's txt2img with an inpainting model). ip_image: a PIL image (or one
-        per prompt) prompting through the attached IP-Adapter (`add_ip_adapter`).
+        per prompt) prompting through the attached IP-Adapter (`add_ip_adapter`). shift: the teacher's time grid
+        at log-SNR lower by 2 log `shift` (SD3's shift, eq. 23, for any schedule: more steps at high noise),
+        in place of the model folder's (rectified flow's `shift`, else 1); students keep the grid they learnt.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
@@ -399,6 +401,7 @@ class TextToImage:
         if self.inpainting_unet and inpaint is None:
             inpaint = self._paint_everything(shape)
         ip_cond, ip_uncond = self.image_prompt(ip_image, len(prompts)) if ip_image is not None else (None, None)
+        self.refuse_with_student(steps, teacher, shift=shift is not None)
         model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks, control,
                                                       inpaint, ip_uncond, shape)
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
@@ -410,7 +413,7 @@ class TextToImage:
         if info["model"] != "teacher" and spacing != "trailing":
             warnings.warn(f"{info['model']} was distilled on the trailing time grid; {spacing!r} runs it off it",
                           stacklevel=3)
-        ts = self.schedule.timesteps(steps, spacing=spacing)
+        ts = (self.schedule if shift is None else shifted(self.schedule, shift)).timesteps(steps, spacing=spacing)
         run = steps if init is None else round(strength * steps)
         per_call = info["nfe_per_step"]
         info = {"model": info["model"], "steps": run, "nfe": 0, "guidance": w, "sampler": sampler, "spacing": spacing}

@@ -349,3 +349,21 @@ def test_karras_spacing_for_the_teacher_warns_for_a_student(model, tmp_path, cap
     with pytest.warns(UserWarning, match="distilled on the trailing time grid; 'karras'"):
         txt2img.main(["a red circle", "--model", model, "--steps", "2", "--spacing", "karras",
                       "--out", str(tmp_path / "s.png")])
+
+
+def test_shift_moves_the_teachers_grid_and_is_refused_for_a_student(model, tmp_path, capsys):
+    """--shift S: the teacher's grid at log-SNR - 2 log S (another image; S = 1 is this VP model's own grid),
+    kept in the PNG for --replay; refused for a student (distilled on its grid) and for S <= 0."""
+    for args, name in (([], "own"), (["--shift", "1"], "one"), (["--shift", "3"], "three")):
+        txt2img.main(["a red circle", "--model", model, "--steps", "3", "--teacher", "--guidance", "1", *args,
+                      "--out", str(tmp_path / f"{name}.png")])
+    pixels = {n: np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("own", "one", "three")}
+    assert np.array_equal(pixels["own"], pixels["one"])
+    assert np.abs(pixels["three"] - pixels["own"]).max() > 8
+    txt2img.main(["--replay", str(tmp_path / "three.png"), "--out", str(tmp_path / "again.png")])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png"), dtype=np.int16), pixels["three"])
+    for args, message in ((["--steps", "2", "--shift", "3"], "--shift needs the teacher"),
+                          (["--teacher", "--shift", "0"], "--shift must be > 0")):
+        with pytest.raises(SystemExit) as e:
+            txt2img.main(["a red circle", "--model", model, *args, "--out", str(tmp_path / "x.png")])
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -42,6 +42,7 @@ class Schedule:
     t_min: float
     t_max: float
     zero_terminal_snr: bool = False           # alpha(t_max) = 0 exactly (Lin et al. 2024)
+    grid_shift: float = 1.0                   # s: leading/trailing/linspace grids at log-SNR - 2 log s (`shifted`)
 
     def logsnr(self, t) -> torch.Tensor:
         """lambda(t) = log(alpha^2 / sigma^2), float64, same shape as t; +inf for t < 0."""
@@ -64,10 +65,20 @@ class Schedule:
                 raise ValueError(f"steps_offset does not apply to the {spacing} spacing, got {steps_offset}")
             grid = self._karras_grid(n) if spacing == "karras" else self._lcm_grid(n)
         else:
-            grid = self._grid(n, spacing, steps_offset)
+            grid = self._shift(self._grid(n, spacing, steps_offset))
         ts = torch.as_tensor(grid, dtype=torch.float64)
         last = CLEAN if final == "clean" else self.t_min
         return torch.cat([ts, ts.new_tensor([last])])
+
+    def _shift(self, grid: np.ndarray) -> np.ndarray:
+        """Each grid time moved to log-SNR lambda - 2 log s: SD3's timestep shift (Esser et al. 2024, eq. 23)
+        for any schedule; on rectified flow's path it is t' = s t / (1 + (s - 1) t). Ends stay ends."""
+        if self.grid_shift == 1.0:
+            return grid
+        lam = self.logsnr(torch.as_tensor(grid, dtype=torch.float64)).numpy()
+        moved = self.t_from_logsnr(lam - 2.0 * math.log(self.grid_shift))
+        # where the log-SNR is clipped (cosine_logsnr's t_max) the inverse lands short of t: keep t there
+        return np.maximum(moved, grid) if self.grid_shift > 1 else np.minimum(moved, grid)
 
     def _karras_grid(self, n: int, rho: float = KARRAS_RHO) -> np.ndarray:
         """Karras et al. 2022, eq. 5, in s = sigma / alpha from the noisiest time to the cleanest:
@@ -241,8 +252,12 @@ class RectifiedFlow(Schedule):
     def __init__(self, shift: float = 1.0):
         if not shift > 0:
             raise ValueError(f"rectified_flow: shift must be > 0, got {shift}")
-        self.shift = float(shift)
+        self.grid_shift = float(shift)
         self.t_min, self.t_max = 0.0, 1.0
+
+    @property
+    def shift(self) -> float:
+        return self.grid_shift
 
     def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
         t = _as_time(t)
@@ -255,11 +270,8 @@ class RectifiedFlow(Schedule):
 
     def t_from_logsnr(self, lam: np.ndarray) -> np.ndarray:
         """Exact inverse: alpha / sigma = exp(lambda / 2) with alpha + sigma = 1."""
-        return 1.0 / (1.0 + np.exp(np.asarray(lam, dtype=np.float64) / 2))
-
-    def _grid(self, n: int, spacing: str, steps_offset: int) -> np.ndarray:
-        t = super()._grid(n, spacing, steps_offset)
-        return self.shift * t / (1.0 + (self.shift - 1.0) * t)
+        with np.errstate(over="ignore"):                    # a huge lambda (t near 0): exp -> inf, t -> 0
+            return 1.0 / (1.0 + np.exp(np.asarray(lam, dtype=np.float64) / 2))
 
 
 # ---- betas of the discrete schedules ----
@@ -320,6 +332,18 @@ def make_schedule(name: str, **kwargs) -> Schedule:
         if key not in allowed:
             raise ValueError(f"schedule {name!r} has no option {key!r}; options: {sorted(allowed)}")
     return SCHEDULES[name](**kwargs)
+
+
+def shifted(schedule: Schedule, shift: float) -> Schedule:
+    """A copy of `schedule` whose sampling grids sit at log-SNR lower by 2 log `shift` (`Schedule._shift`; it
+    replaces the schedule's own shift, such as a rectified-flow model folder's). Training times and the
+    net's inputs are untouched: this moves only where a sampler evaluates the model."""
+    if not shift > 0:
+        raise ValueError(f"grid shift must be > 0, got {shift}")
+    copy = object.__new__(type(schedule))
+    copy.__dict__.update(schedule.__dict__)
+    copy.grid_shift = float(shift)
+    return copy
 
 
 def schedule_from_config(config: dict) -> Schedule:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ldm.diffusion.schedules import CLEAN, make_schedule, schedule_from_config
+from ldm.diffusion.schedules import CLEAN, make_schedule, schedule_from_config, shifted
 
 # our name -> (diffusers beta_schedule, its config kwargs)
 DISCRETE = {
@@ -99,3 +99,41 @@ def test_bad_options_name_the_culprit():
         schedule_from_config({"T": 1000})
     with pytest.raises(ValueError, match="steps_offset=1"):
         make_schedule("linear").timesteps(1000, spacing="leading", steps_offset=1)
+
+
+@pytest.mark.parametrize("name, options", [("scaled_linear", {}), ("cosine", {}), ("cosine_logsnr", {}),
+                                           ("ve", {}), ("scaled_linear", {"zero_snr": True})])
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
+def test_a_grid_shift_lowers_each_grid_times_logsnr_by_2_log_s(name, options, spacing):
+    """SD3's shift (eq. 23) for any schedule: lambda(t') = lambda(t) - 2 log s wherever that stays inside the
+    schedule's range (the noisiest end stays the end); the schedule itself is left as it was."""
+    schedule = make_schedule(name, **options)
+    plain = schedule.timesteps(10, spacing=spacing)[:-1]
+    moved = shifted(schedule, 3.0).timesteps(10, spacing=spacing)[:-1]
+    assert torch.equal(schedule.timesteps(10, spacing=spacing)[:-1], plain)          # the original is untouched
+    assert (moved >= plain - 1e-12).all() and (moved[1:] > plain[1:]).all()           # noisier, except the top end
+    lam_min = float(schedule.logsnr(torch.tensor(schedule.t_max, dtype=torch.float64)))
+    target = schedule.logsnr(plain) - 2 * math.log(3.0)
+    inside = target > lam_min + 1e-6
+    assert inside.sum() >= 7
+    assert torch.allclose(schedule.logsnr(moved)[inside], target[inside], atol=1e-6)
+    assert torch.allclose(moved[~inside], torch.full_like(moved[~inside], schedule.t_max))
+
+
+def test_grid_shift_closed_forms():
+    """cosine log-SNR: tan(pi t' / 2) = s tan(pi t / 2) (lambda = -2 log tan(pi t / 2)); rectified flow:
+    s t / (1 + (s - 1) t); a shift replaces the schedule's own, and karras / lcm grids keep theirs."""
+    cosine, s = make_schedule("cosine_logsnr"), 2.5
+    t = cosine.timesteps(8)[1:-1]                              # inside the log-SNR clip
+    moved = shifted(cosine, s).timesteps(8)[1:-1]
+    assert torch.allclose(torch.tan(math.pi * moved / 2), s * torch.tan(math.pi * t / 2), rtol=1e-9)
+    flow = make_schedule("rectified_flow", shift=3.0)
+    t = make_schedule("rectified_flow").timesteps(6, spacing="linspace")
+    assert torch.allclose(shifted(flow, 2.0).timesteps(6, spacing="linspace")[:-1], (2 * t / (1 + t))[:-1])
+    assert torch.allclose(shifted(flow, 1.0).timesteps(6), make_schedule("rectified_flow").timesteps(6))
+    assert shifted(flow, 2.0).shift == 2.0 and flow.shift == 3.0
+    for spacing in ("karras", "lcm"):
+        sd = make_schedule("scaled_linear")
+        assert torch.equal(shifted(sd, 3.0).timesteps(4, spacing=spacing), sd.timesteps(4, spacing=spacing))
+    with pytest.raises(ValueError, match="grid shift must be > 0"):
+        shifted(cosine, 0.0)
