@@ -170,7 +170,10 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
     quiet_transformers()
     pipe = TextToImage.from_folder(args.model, device=args.device, decoder_precision=args.decoder_precision)
     pipe.prompt_weights = args.prompt_weights == "a1111"
-    pipe.set_freeu(args.freeu)
+    try:
+        pipe.set_freeu(args.freeu)
+    except ValueError as err:
+        parser.error(f"--freeu: {err}")
     if args.clip_skip is not None:
         clip = getattr(pipe.text_encoder, "model", None) or getattr(pipe.text_encoder, "model_2", None)  # SDXL refiner: bigG
         layers = getattr(getattr(clip, "config", None), "num_hidden_layers", None)
@@ -238,6 +241,10 @@ def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, si
     if not args.controlnet:
         return {}
     from ldm.models.controlnet import load_controlnet
+    try:
+        pipe.unet_only("ControlNet")
+    except ValueError as err:
+        parser.error(f"--controlnet: {err}")
     scales = args.control_scale * len(args.controlnet) if len(args.control_scale) == 1 else \
         args.control_scale or [1.0] * len(args.controlnet)
     control = []

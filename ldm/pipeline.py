@@ -33,6 +33,7 @@ from ldm.models.lora import merge_lora, read_lora
 from ldm.models.prompt_chunks import chunk_count, encode_chunked
 from ldm.models.prompt_weights import encode_weighted, parse_weighted, plain_text
 from ldm.models.text import ScratchTextEncoder, TextEncoderConfig, build_text_encoder
+from ldm.models.nets import load_net
 from ldm.models.unet import UNet, sdxl_time_ids
 
 INDEX_NAME = "model_index.json"
@@ -138,11 +139,17 @@ class TextToImage:
         part = lambda name: os.path.join(folder, name)  # noqa: E731
         return cls(AutoencoderKL.from_pretrained(part(index.autoencoder), device=device),
                    load_text_encoder(part(index.text_encoder)).to(device),
-                   UNet.from_pretrained(part(index.unet), device=device), index, folder, decoder_precision)
+                   load_net(part(index.unet), device=device), index, folder, decoder_precision)
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    def unet_only(self, what: str) -> None:
+        """ValueError unless the network is a U-Net: `what` (an adapter, FreeU) is built for U-Net blocks."""
+        if not isinstance(self.unet, UNet):
+            raise ValueError(f"{what} works on U-Nets (SD 1.x/2.x, SDXL, ours); this model's network is "
+                             f"{type(self.unet).__name__} (SD3's transformer)")
 
     @property
     def student_steps(self) -> list[int]:
@@ -166,6 +173,7 @@ class TextToImage:
         """An IP-Adapter file (ldm.models.ip_adapter) on the teacher's U-Net, with its CLIP image encoder folder;
         `sample(ip_image=...)` then prompts with an image too. LoRAs merge before it, not after."""
         from ldm.models.ip_adapter import ImageEncoder, attach_ip_adapter
+        self.unet_only("an IP-Adapter")
         if self._ip is not None:
             raise ValueError("an IP-Adapter is attached already: one at a time")
         encoder = ImageEncoder(image_encoder, device=self.device)
@@ -190,6 +198,8 @@ class TextToImage:
 
     def set_freeu(self, factors: tuple[float, float, float, float] | None) -> None:
         """FreeU's (b1, b2, s1, s2) on the teacher and every student (ldm.models.unet.freeu); None: off."""
+        if factors is not None:
+            self.unet_only("FreeU")
         self.unet.freeu = None if factors is None else tuple(float(f) for f in factors)
         for student in self._students.values():
             student.unet.freeu = self.unet.freeu
@@ -198,6 +208,7 @@ class TextToImage:
         """Merge a LoRA file (diffusers/peft or kohya layout, ldm.models.lora) into the teacher's U-Net, its
         CLIP text encoder(s) and every student, scaled by `scale`; returns how many layers it changed.
         lora: the file as `read_lora` read it already (else it is read here)."""
+        self.unet_only("LoRA")
         lora = read_lora(path) if lora is None else lora
         n = merge_lora(lora, [self.unet, *(s.unet for s in self._students.values())], self.clip_models(), scale, path)
         self._loras.append(({"unet": lora["unet"]}, scale, path))
@@ -219,6 +230,8 @@ class TextToImage:
         `word` or else after the file; returns (the word, its number of vectors)."""
         from ldm.models.embeddings import embedding_word, read_embedding, read_embedding_pair
         from ldm.models.text import ClipTextEncoder
+        if getattr(getattr(self.text_encoder, "cfg", None), "kind", None) == "sd3":
+            raise ValueError("textual-inversion embeddings are not read for SD3's text encoders (two CLIPs and T5)")
         if hasattr(self.text_encoder, "model_2"):          # SDXL: a word for each encoder
             vectors_l, vectors_g = read_embedding_pair(path)
             word = embedding_word(path, word)
@@ -251,6 +264,8 @@ class TextToImage:
         With `prompt_weights` on, "(word:1.3)" emphasis is read (ldm.models.prompt_weights).
         chunks: with a CLIP text encoder, at least this many 77-token chunks side by side, and as many
         as the longest prompt needs (ldm.models.prompt_chunks); None: one, longer prompts truncated."""
+        if getattr(getattr(self.text_encoder, "cfg", None), "kind", None) == "sd3":
+            return self._encode_sd3(prompts)
         if hasattr(self.text_encoder, "encode_pooled"):      # SDXL
             return self._encode_sdxl(prompts, chunks)
         if chunks is not None and self.chunked_prompts:
@@ -275,6 +290,19 @@ class TextToImage:
             context = encoder.zero_empty_rows(prompts, encode_chunked(encoder, prompts, chunks=chunks,
                                                                       weighted=self.prompt_weights)[0])
         return {"context": context, "pooled": pooled, "time_ids": self.size_ids(self.latent_shape(len(prompts)))}
+
+    def _encode_sd3(self, prompts: list[str]) -> dict:
+        """SD3's conditioning (ldm.models.text_sd3): CLIP-L and bigG tokens, then T5's, and the two pooled vectors.
+        "(word:1.3)" emphasis is read and dropped (its CLIP and T5 tokens are not weighted), with a warning."""
+        if self.prompt_weights:
+            pieces = [parse_weighted(p) for p in prompts]
+            if any(w != 1.0 for p in pieces for _, w in p) and "sd3-weights" not in self._warned_prompts:
+                self._warned_prompts.add("sd3-weights")
+                warnings.warn("prompt emphasis such as (word:1.3) is not applied to SD3's text encoders: the words "
+                              "go in plain (or --prompt-weights off to keep the brackets)", stacklevel=4)
+            prompts = [plain_text(p) for p in pieces]
+        context, _, pooled = self.text_encoder.encode_pooled(prompts)
+        return {"context": context, "pooled": pooled}
 
     def check_prompts(self, prompts: list[str]) -> None:
         """Warn (once a prompt) when a model that saw only shapes-world captions is asked for something else:
@@ -340,7 +368,9 @@ class TextToImage:
         if self.index.aesthetic is not None:       # the refiner's unconditional half has its own score
             uncond["time_ids"] = self.size_ids(shape or self.latent_shape(1), negative=True)[:1]
         unet = self.unet if inpaint is None else ConcatInputs(self.unet, inpaint)
-        unet = ControlledUNet(unet, control) if control else unet
+        if control:
+            self.unet_only("ControlNet")
+            unet = ControlledUNet(unet, control)
         if ip_uncond is not None:                  # ip_tokens reach the U-Net as one more conditioning input
             from ldm.models.ip_adapter import IPAdapterUNet
             unet, uncond = IPAdapterUNet(unet, self._ip[1]), {**uncond, "ip_tokens": ip_uncond}
@@ -431,7 +461,7 @@ class TextToImage:
         cond = self.encode_prompts(prompts, chunks)
         if ip_cond is not None:
             cond["ip_tokens"] = ip_cond
-        if self.unet.cfg.added_cond == "text_time":
+        if getattr(self.unet.cfg, "added_cond", None) == "text_time":
             cond["time_ids"] = self.size_ids(shape)
         z = SAMPLERS[sampler](counted(model, info, per_call), x, ts, self.schedule, extra_args=extra_args(cond),
                               disable=not progress, generator=step_gen)

@@ -141,10 +141,8 @@ def _snapshot(repo_id: str, subfolder: str | None) -> Path:
 def load_diffusers_autoencoder(path_or_name: str | Path, subfolder: str | None = None, variant: str | None = None,
                                **config_overrides) -> AutoencoderKL:
     """diffusers AutoencoderKL folder (or hub repo id) -> our AutoencoderKL in fp32 on CPU; `variant` (e.g.
-    "fp16") reads diffusion_pytorch_model.<variant>.safetensors."""
-    from safetensors.torch import load_file
-
-    from ldm.models.convert_unet import variant_hint
+    "fp16") reads diffusion_pytorch_model.<variant>.safetensors (or its shards)."""
+    from ldm.models.convert_unet import _read_weights
 
     path = _resolve_diffusers_dir(path_or_name, subfolder)
     raw = json.loads((path / DIFFUSERS_CONFIG).read_text())
@@ -154,10 +152,7 @@ def load_diffusers_autoencoder(path_or_name: str | Path, subfolder: str | None =
         raise ValueError(f"unknown AutoencoderConfig overrides {unknown}")
     config = dataclasses.replace(config, **config_overrides)          # re-validates
     model = AutoencoderKL(config)
-    weights = path / (DIFFUSERS_WEIGHTS.replace(".safetensors", f".{variant}.safetensors") if variant else DIFFUSERS_WEIGHTS)
-    if not weights.is_file():
-        raise FileNotFoundError(f"no {weights.name} in {path}{variant_hint(str(path), weights.name[:-len('.safetensors')])}")
-    state = diffusers_state_dict_to_ours(load_file(str(weights)))
+    state = diffusers_state_dict_to_ours(_read_weights(str(path), variant))
     load_state_dict_strict(model, {k: v.float() for k, v in state.items()}, source=str(path))
     return model
 

@@ -211,10 +211,18 @@ def _resolve_diffusers_dir(path: str, subfolder: str | None, local_files_only: b
 
 
 def _read_weights(directory: str, variant: str | None) -> dict:
+    """diffusion_pytorch_model[.<variant>].safetensors (or .bin), or the shards its index names (large
+    models, e.g. SD 3.5 Large's transformer: diffusion_pytorch_model.safetensors.index[.<variant>].json)."""
     stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
     st, pt = os.path.join(directory, stem + ".safetensors"), os.path.join(directory, stem + ".bin")
     if os.path.isfile(st):
         return load_file(st)
+    index = os.path.join(directory, "diffusion_pytorch_model.safetensors.index" + (f".{variant}" if variant else "")
+                         + ".json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(os.path.join(directory, shard)).items()}
     if os.path.isfile(pt):
         return torch.load(pt, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"no {stem}.safetensors or .bin in {directory}{variant_hint(directory, stem)}")

@@ -1,8 +1,9 @@
-"""A diffusers Stable Diffusion pipeline (SD 1.x / 2.x / SDXL base and refiner layout) -> one of our model folders.
+"""A diffusers Stable Diffusion pipeline (SD 1.x / 2.x / SDXL base and refiner / SD3 layout) -> one of our model folders.
 
     python -m ldm.models.from_diffusers runwayml/stable-diffusion-v1-5 --out models/sd15
     python -m ldm.models.from_diffusers /data/my-sd-pipeline --out models/mine --dtype float16
     python -m ldm.models.from_diffusers stabilityai/stable-diffusion-xl-base-1.0 --variant fp16 --out models/sdxl
+    python -m ldm.models.from_diffusers stabilityai/stable-diffusion-3-medium-diffusers --out models/sd3 --guidance 6
     python -m ldm.txt2img "a corgi on a beach" --model models/sd15 --steps 25
     accelerate launch stages/distill.py --config configs/distill/sd15.yaml teacher=models/sd15 ...
 
@@ -11,7 +12,10 @@ scheduler/) or a hub repo id, downloaded, or found in the local Hugging Face cac
 The U-Net and the autoencoder are converted to our modules (ldm.models.convert_unet, convert_ae);
 the CLIP text encoder and its tokenizer are copied as they are into text_encoder/clip/ and run
 through transformers (`TextEncoderConfig(kind="clip")`); SDXL's two encoders and tokenizers likewise
-(`kind="sdxl"`, ldm.models.text_sdxl), its U-Net with the added size/pooled-text embedding. The scheduler's betas and prediction type
+(`kind="sdxl"`, ldm.models.text_sdxl), its U-Net with the added size/pooled-text embedding. SD3 (Esser et al.
+2024): its transformer becomes our MMDiT (ldm.models.convert_mmdit), its two CLIPs and optional T5 are copied
+(`kind="sd3"`, ldm.models.text_sd3), its flow-matching scheduler becomes the rectified-flow schedule with the
+scheduler's shift and flow prediction. The scheduler's betas and prediction type
 become model_index.json's schedule and prediction. Sampling uses our trailing-spaced grids (Lin et
 al. 2023), not the scheduler's "leading" spacing, and ends at clean data.
 """
@@ -45,7 +49,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 HUB_FILES = ["model_index.json", "scheduler/*", "text_encoder/config.json", "text_encoder/model.safetensors",
              "tokenizer/*", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
              "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder_2/config.json",
-             "text_encoder_2/model.safetensors", "tokenizer_2/*"]
+             "text_encoder_2/model.safetensors", "tokenizer_2/*",
+             # SD3: the transformer (one file, or shards and their index), the optional T5 likewise
+             "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+             "transformer/diffusion_pytorch_model.safetensors.index.json", "transformer/diffusion_pytorch_model-*",
+             "text_encoder_3/config.json", "text_encoder_3/model.safetensors", "text_encoder_3/model.safetensors.index.json",
+             "text_encoder_3/model-*", "tokenizer_3/*"]
+SD3_PARTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+SD3_OPTIONAL = ("text_encoder_3", "tokenizer_3")            # T5: SD3 runs without it (zeros in its place)
+SD3_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 
 def hub_files(variant: str | None = None) -> list[str]:
@@ -90,6 +102,39 @@ def resolve_source(source: str, patterns: list[str] = HUB_FILES, what: str = "a 
         except Exception:
             raise FileNotFoundError(f"{source!r}: not downloadable ({type(err).__name__}: {err}) "
                                     "and not in the local Hugging Face cache") from err
+
+
+def is_sd3(pipeline: dict) -> bool:
+    """Whether a model_index.json is an SD3 pipeline's (its denoiser is a transformer)."""
+    return "transformer" in pipeline or str(pipeline.get("_class_name", "")).startswith("StableDiffusion3")
+
+
+def check_sd3_pipeline(src: Path, pipeline: dict) -> bool:
+    """Whether an SD3 pipeline folder has its parts (the missing ones named) and holds T5."""
+    t5 = [part for part in SD3_OPTIONAL if (pipeline.get(part) or [None])[0] and (src / part).is_dir()]
+    missing = [part for part in SD3_PARTS if not (src / part).is_dir()]
+    missing += [part for part in SD3_OPTIONAL if t5 and part not in t5]
+    if missing:
+        raise FileNotFoundError(f"{src}: the SD3 pipeline lacks {missing} (need {list(SD3_PARTS)}, and "
+                                f"{list(SD3_OPTIONAL)} both or neither)")
+    return bool(t5)
+
+
+def model_index_from_flow_scheduler(scheduler: dict, resolution: int, guidance: float) -> ModelIndex:
+    """SD3's flow-matching scheduler in model_index.json's terms: rectified flow with its shift, flow prediction,
+    the transformer fed 1000 t (diffusers' timestep = 1000 sigma)."""
+    name = scheduler.get("_class_name")
+    if name not in SD3_SCHEDULERS:
+        raise ValueError(f"scheduler {name!r} is not supported for SD3; only {SD3_SCHEDULERS}")
+    for key in ("use_dynamic_shifting", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                "invert_sigmas", "stochastic_sampling"):
+        if scheduler.get(key):
+            raise ValueError(f"scheduler {key}=true is not supported (SD3 and SD 3.5 use a fixed shift)")
+    if scheduler.get("shift_terminal"):
+        raise ValueError("scheduler shift_terminal is not supported")
+    schedule = {"name": "rectified_flow", "shift": float(scheduler.get("shift", 1.0))}
+    return ModelIndex(schedule=schedule, prediction="flow", time_scale=float(scheduler.get("num_train_timesteps", 1000)),
+                      resolution=resolution, guidance=guidance, student_prediction="flow")
 
 
 def check_pipeline(src: Path) -> dict:
@@ -178,6 +223,8 @@ def convert(source: str, out: str, *, guidance: float = 6.5, dtype: str = "float
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tmp = start_folder(out)
     src = resolve_source(source, hub_files(variant))
+    if is_sd3(json.loads((src / "model_index.json").read_text()) if (src / "model_index.json").is_file() else {}):
+        return convert_sd3(src, tmp, out, guidance=guidance, dtype=dtype, variant=variant)
     pipeline = check_pipeline(src)
     sdxl = bool(pipeline.get("text_encoder_2"))
     scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
@@ -192,6 +239,22 @@ def convert(source: str, out: str, *, guidance: float = 6.5, dtype: str = "float
     # SDXL draws the unconditional half from zeroed embeddings unless its pipeline says otherwise
     finish_folder(tmp, out, index, **({"kind": "sdxl", "zero_empty": bool(pipeline.get("force_zeros_for_empty_prompt",
                                                                                         True))} if sdxl else {}))
+    return index
+
+
+def convert_sd3(src: Path, tmp: Path, out: str, *, guidance: float, dtype: str, variant: str | None) -> ModelIndex:
+    """An SD3 / SD 3.5 pipeline folder -> a model folder: the transformer as our MMDiT in unet/, the 16-channel
+    autoencoder, the text encoders copied (T5 if the pipeline has it), the rectified-flow schedule."""
+    from ldm.models.convert_mmdit import load_diffusers_mmdit
+    pipeline = json.loads((src / "model_index.json").read_text())
+    t5 = check_sd3_pipeline(src, pipeline)
+    scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
+    net = load_diffusers_mmdit(str(src), subfolder="transformer", variant=variant)
+    resolution = save_networks(tmp, net, load_diffusers_autoencoder(src, subfolder="vae", variant=variant), dtype)
+    for part in SD3_PARTS[3:] + (SD3_OPTIONAL if t5 else ()):
+        copy_text_part(src / part, tmp / "text_encoder" / CLIP_DIR / part, variant)
+    index = model_index_from_flow_scheduler(scheduler, resolution, guidance)
+    finish_folder(tmp, out, index, kind="sd3", joint_dim=net.cfg.context_dim)
     return index
 
 

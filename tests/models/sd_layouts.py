@@ -1,6 +1,7 @@
 """Stable Diffusion layouts for the model tests: a tiny random diffusers SD pipeline, and test-side maps
 of diffusers' parameter names to the CompVis (original SD) layout. Loaded as the module `sd_layouts` by
 tests/models/conftest.py (pytest's importlib mode puts no test folder on sys.path)."""
+import json
 import re
 import warnings
 
@@ -248,3 +249,51 @@ def with_ip_adapter(pipeline_class, theirs, encoder, adapter, scale: float):
     pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder=None)
     pipe.set_ip_adapter_scale(scale)
     return pipe
+
+
+SD3_WIDTHS = dict(clip_l=32, clip_g=48, t5=96)          # context: 32 + 48 zero-padded to 96; pooled: 32 + 48
+T5_WORDS = ("a", "an", "red", "blue", "green", "cube", "cat", "dog", "on", "the", "floor", "and", "of", "photo")
+
+
+def write_t5_tokenizer(directory) -> str:
+    """A T5 tokenizer (transformers' T5TokenizerFast: a Unigram model in tokenizer.json) on a toy vocabulary,
+    no download: <pad> 0, </s> 1, <unk> 2 as T5's own, then a few whole words and single characters (any
+    lower-case text tokenizes; other characters are <unk>). Appends </s>, pads with <pad>."""
+    from transformers import T5TokenizerFast
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-"
+    pieces = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "\u2581": -2.0}
+    pieces.update({f"\u2581{w}": -1.0 for w in T5_WORDS})              # whole words win over their letters
+    pieces.update({p: -4.0 for c in chars for p in (c, f"\u2581{c}") if p not in pieces})
+    tokenizer = T5TokenizerFast(vocab=list(pieces.items()), extra_ids=0, model_max_length=512)
+    tokenizer.save_pretrained(str(directory))
+    return str(directory)
+
+
+def write_sd3_text_parts(folder, t5: bool = True) -> None:
+    """SD3's text encoders at toy widths (SD3_WIDTHS) in `folder` as a diffusers SD3 pipeline names them:
+    text_encoder/ + tokenizer/ (a random CLIPTextModelWithProjection, 32 wide, 32-d projection, quick_gelu,
+    the real CLIP vocabulary padding with the end token), text_encoder_2/ + tokenizer_2/ (48 wide, 48-d
+    projection, gelu, padding with "!"), and with `t5` text_encoder_3/ + tokenizer_3/ (a random 96-wide
+    gated-gelu T5EncoderModel, write_t5_tokenizer's vocabulary)."""
+    from pathlib import Path
+
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from ldm.models.clip_bpe import write_clip_tokenizer
+    folder = Path(folder)
+    write_clip_tokenizer(folder / "tokenizer")
+    write_clip_tokenizer(folder / "tokenizer_2", pad_token="!")
+    torch.manual_seed(0)
+    CLIPTextModelWithProjection(CLIPTextConfig(**TINY.clip)).save_pretrained(str(folder / "text_encoder"))
+    CLIPTextModelWithProjection(CLIPTextConfig(**{
+        **TINY.clip, "hidden_size": SD3_WIDTHS["clip_g"], "intermediate_size": 2 * SD3_WIDTHS["clip_g"],
+        "projection_dim": SD3_WIDTHS["clip_g"], "hidden_act": "gelu"})
+    ).save_pretrained(str(folder / "text_encoder_2"))
+    if t5:
+        write_t5_tokenizer(folder / "tokenizer_3")
+        with open(folder / "tokenizer_3" / "tokenizer.json") as f:
+            vocab = len(json.load(f)["model"]["vocab"])
+        T5EncoderModel(T5Config(vocab_size=vocab, d_model=SD3_WIDTHS["t5"], d_kv=16, d_ff=128, num_layers=2,
+                                num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                                feed_forward_proj="gated-gelu", dropout_rate=0.0)
+                       ).save_pretrained(str(folder / "text_encoder_3"))

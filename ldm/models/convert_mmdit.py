@@ -1,0 +1,139 @@
+"""Load Stable Diffusion 3 / 3.5 transformers released in the diffusers layout (SD3Transformer2DModel).
+
+The same tensors under other names: diffusers' config maps onto MMDiTConfig and its keys onto ours
+(`diffusers_to_ours`, inverse `ours_to_diffusers`); loading is all-or-nothing.
+
+One diffusers tensor has no counterpart: the last block's text query projection (and its q-norm gain).
+Its text tokens' outputs are thrown away there, so that projection never reaches the output; we drop
+it, and `ours_to_diffusers` writes zeros (and unit gains) in its place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from ldm.models.convert_unet import _read_weights, _resolve_diffusers_dir
+from ldm.models.mmdit import MMDiT, MMDiTConfig
+from ldm.models.weights import load_state_dict_strict
+
+# diffusers config key -> ours
+_CONFIG_KEYS = {
+    "in_channels": "in_channels", "out_channels": "out_channels", "patch_size": "patch_size",
+    "num_layers": "depth", "num_attention_heads": "num_heads", "attention_head_dim": "head_dim",
+    "joint_attention_dim": "context_dim", "caption_projection_dim": "caption_dim",
+    "pooled_projection_dim": "pooled_dim", "pos_embed_max_size": "pos_embed_max_size",
+    "sample_size": "sample_size", "qk_norm": "qk_norm", "dual_attention_layers": "dual_attention_layers",
+}
+CLASS_NAME = "SD3Transformer2DModel"
+
+
+def mmdit_config_from_diffusers(d: dict) -> MMDiTConfig:
+    """Map a diffusers SD3Transformer2DModel config.json dict onto MMDiTConfig; other keys are refused."""
+    if d.get("_class_name", CLASS_NAME) != CLASS_NAME:
+        raise ValueError(f"diffusers config _class_name={d['_class_name']!r}: not an {CLASS_NAME}")
+    unknown = sorted(k for k in d if k not in _CONFIG_KEYS and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"diffusers config keys {unknown} are not supported by MMDiT")
+    if d.get("pos_embed_max_size", 96) is None:
+        raise ValueError("diffusers config pos_embed_max_size=None is not supported (SD3's cropped table needs it)")
+    ours = {_CONFIG_KEYS[k]: v for k, v in d.items() if k in _CONFIG_KEYS}
+    if ours.get("out_channels", 0) is None:
+        ours["out_channels"] = ours.get("in_channels", MMDiTConfig.in_channels)
+    return MMDiTConfig(**ours)
+
+
+# ---- key renaming ----------------------------------------------------------------------------
+
+TOP = {"pos_embed.proj.": "patch_embed.", "pos_embed.pos_embed": "pos_embed",
+       "time_text_embed.timestep_embedder.linear_1.": "time_embed.fc1.",
+       "time_text_embed.timestep_embedder.linear_2.": "time_embed.fc2.",
+       "time_text_embed.text_embedder.linear_1.": "pooled_embed.fc1.",
+       "time_text_embed.text_embedder.linear_2.": "pooled_embed.fc2.",
+       "context_embedder.": "context_embed.", "norm_out.linear.": "final_mod.", "proj_out.": "proj_out."}
+BLOCK = {"norm1.linear.": "image.mod.", "norm1_context.linear.": "text.mod.",
+         "attn.to_q.": "image.attn.q.", "attn.to_k.": "image.attn.k.", "attn.to_v.": "image.attn.v.",
+         "attn.norm_q.": "image.attn.q_norm.", "attn.norm_k.": "image.attn.k_norm.",
+         "attn.to_out.0.": "image.attn.out.",
+         "attn.add_q_proj.": "text.attn.q.", "attn.add_k_proj.": "text.attn.k.", "attn.add_v_proj.": "text.attn.v.",
+         "attn.norm_added_q.": "text.attn.q_norm.", "attn.norm_added_k.": "text.attn.k_norm.",
+         "attn.to_add_out.": "text.attn.out.",
+         "attn2.to_q.": "self_attn.q.", "attn2.to_k.": "self_attn.k.", "attn2.to_v.": "self_attn.v.",
+         "attn2.norm_q.": "self_attn.q_norm.", "attn2.norm_k.": "self_attn.k_norm.",
+         "attn2.to_out.0.": "self_attn.out.",
+         "ff.net.0.proj.": "image.mlp.fc1.", "ff.net.2.": "image.mlp.fc2.",
+         "ff_context.net.0.proj.": "text.mlp.fc1.", "ff_context.net.2.": "text.mlp.fc2."}
+_DEAD = ("attn.add_q_proj.", "attn.norm_added_q.")   # the last block's unused text query (module docstring)
+_BLOCK_KEY = re.compile(r"(transformer_blocks|blocks)\.(\d+)\.(.*)")
+
+
+def _rename(key: str, top: dict, block: dict, ours_prefix: str) -> str:
+    """Map one key through the top-level or the per-block table; an unknown key passes through."""
+    for old, new in top.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    m = _BLOCK_KEY.fullmatch(key)
+    if m:
+        for old, new in block.items():
+            if m.group(3).startswith(old):
+                return f"{ours_prefix}.{m.group(2)}.{new}{m.group(3)[len(old):]}"
+    return key
+
+
+def _pre_only_blocks(state: dict, prefix: str, out: str) -> set[str]:
+    """Indices of the blocks `prefix.i.*` in `state` without the text output projection `out`: the last one."""
+    blocks = {m.group(2) for k in state if (m := _BLOCK_KEY.fullmatch(k)) and m.group(1) == prefix}
+    return {i for i in blocks if f"{prefix}.{i}.{out}weight" not in state}
+
+
+def diffusers_to_ours(state: dict) -> dict:
+    """Rename diffusers SD3Transformer2DModel keys; unknown keys pass through (the loader reports them)."""
+    last = _pre_only_blocks(state, "transformer_blocks", "attn.to_add_out.")
+    out = {}
+    for key, value in state.items():
+        m = _BLOCK_KEY.fullmatch(key)
+        if m and m.group(1) == "transformer_blocks" and m.group(2) in last and m.group(3).startswith(_DEAD):
+            continue
+        if key == "pos_embed.pos_embed":   # (1, M * M, D) -> (M, M, D)
+            side = round(value.shape[1] ** 0.5)
+            value = value.reshape(side, side, value.shape[-1])
+        out[_rename(key, TOP, BLOCK, "blocks")] = value
+    return out
+
+
+def ours_to_diffusers(state: dict) -> dict:
+    """Inverse of diffusers_to_ours; the last block's dropped text query comes back as zeros (unit q-norm gain)."""
+    top = {v: k for k, v in TOP.items()}
+    block = {v: k for k, v in BLOCK.items()}
+    out = {}
+    for key, value in state.items():
+        if key == "pos_embed":
+            value = value.reshape(1, -1, value.shape[-1])
+        out[_rename(key, top, block, "transformer_blocks")] = value
+    for i in _pre_only_blocks(state, "blocks", "text.attn.out."):
+        k, k_norm = state[f"blocks.{i}.text.attn.k.weight"], state.get(f"blocks.{i}.text.attn.k_norm.weight")
+        out[f"transformer_blocks.{i}.attn.add_q_proj.weight"] = k.new_zeros(k.shape)
+        out[f"transformer_blocks.{i}.attn.add_q_proj.bias"] = k.new_zeros(k.shape[0])
+        if k_norm is not None:
+            out[f"transformer_blocks.{i}.attn.norm_added_q.weight"] = k_norm.new_ones(k_norm.shape)
+    return out
+
+
+# ---- loader ----------------------------------------------------------------------------------
+
+def load_diffusers_mmdit(path: str, subfolder: str | None = None, variant: str | None = None,
+                         local_files_only: bool = False) -> MMDiT:
+    """Our MMDiT from a diffusers SD3Transformer2DModel folder, a pipeline folder with transformer/, or a hub id."""
+    if not os.path.isdir(path) and (os.path.exists(path) or path.count("/") != 1):
+        raise FileNotFoundError(f"load_diffusers_mmdit: {path!r} is neither a folder nor a hub repo id 'org/name'")
+    if subfolder is None and not os.path.isfile(os.path.join(path, "config.json")):
+        subfolder = "transformer"   # a pipeline (folder or hub repo) keeps it there
+    directory = _resolve_diffusers_dir(path, subfolder, local_files_only)
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"load_diffusers_mmdit: missing {config_path}")
+    with open(config_path) as f:
+        cfg = mmdit_config_from_diffusers(json.load(f))
+    model = MMDiT(cfg)
+    load_state_dict_strict(model, diffusers_to_ours(_read_weights(directory, variant)), directory)
+    return model
