@@ -297,3 +297,33 @@ def write_sd3_text_parts(folder, t5: bool = True) -> None:
                                 num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
                                 feed_forward_proj="gated-gelu", dropout_rate=0.0)
                        ).save_pretrained(str(folder / "text_encoder_3"))
+
+
+# A tiny SD3: the transformer takes write_sd3_text_parts' widths (joint 96, pooled 80), a 16-channel autoencoder
+SD3_TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                       attention_head_dim=8, num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32,
+                       pooled_projection_dim=80, pos_embed_max_size=24)
+SD3_VAE = {**TINY.vae, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+           "scaling_factor": 1.5305, "shift_factor": 0.0609}
+
+
+def write_sd3_pipeline(folder, t5: bool = True, shift: float = 3.0, **transformer):
+    """A tiny random SD3 pipeline saved at `folder` (its transformer in two shards, as large checkpoints come)."""
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+    write_sd3_text_parts(folder / "parts", t5=t5)
+    parts = folder / "parts"
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=diffusers.SD3Transformer2DModel(**{**SD3_TRANSFORMER, **transformer}),
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=shift), vae=diffusers.AutoencoderKL(**SD3_VAE),
+            text_encoder=CLIPTextModelWithProjection.from_pretrained(parts / "text_encoder"),
+            tokenizer=CLIPTokenizer.from_pretrained(parts / "tokenizer"),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(parts / "text_encoder_2"),
+            tokenizer_2=CLIPTokenizer.from_pretrained(parts / "tokenizer_2"),
+            text_encoder_3=T5EncoderModel.from_pretrained(parts / "text_encoder_3") if t5 else None,
+            tokenizer_3=AutoTokenizer.from_pretrained(parts / "tokenizer_3") if t5 else None)
+        pipe.save_pretrained(str(folder / "sd3"), max_shard_size="100KB")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
