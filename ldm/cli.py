@@ -175,10 +175,11 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
     except ValueError as err:
         parser.error(f"--freeu: {err}")
     if args.clip_skip is not None:
-        clip = getattr(pipe.text_encoder, "model", None) or getattr(pipe.text_encoder, "model_2", None)  # SDXL refiner: bigG
+        clip = next((getattr(pipe.text_encoder, name) for name in ("model", "model_2", "clip_l")   # SDXL refiner: bigG;
+                     if getattr(pipe.text_encoder, name, None) is not None), None)                 # SD3: CLIP-L
         layers = getattr(getattr(clip, "config", None), "num_hidden_layers", None)
         if layers is None:
-            parser.error("--clip-skip needs a CLIP text encoder (SD 1.x/2.x); this model's is "
+            parser.error("--clip-skip needs a CLIP text encoder (SD 1.x/2.x, SDXL, SD3); this model's is "
                          f"{type(pipe.text_encoder).__name__}")
         if not 1 <= args.clip_skip <= layers:
             parser.error(f"--clip-skip must be in [1, {layers}] (the CLIP's layers), got {args.clip_skip}")
