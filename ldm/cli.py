@@ -118,7 +118,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "2 the penultimate, as many anime fine-tunes of SD 1.x expect); default: the model's own")
     adapters.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="merge a LoRA into the model before sampling, scaled by SCALE (default 1); repeatable. "
-                             "Reads diffusers/peft and kohya (A1111) files for SD 1.x/2.x and stage 2's lora.safetensors")
+                             "Reads diffusers/peft and kohya (A1111, sd-scripts) files for SD 1.x/2.x, SDXL and "
+                             "SD3, and stage 2's lora.safetensors")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (default: cuda when there is one, else cpu)")
     model.add_argument("--decoder-precision", default="auto", choices=list(DECODER_PRECISIONS),

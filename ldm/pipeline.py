@@ -165,7 +165,8 @@ class TextToImage:
             student = GuidedStudent.from_pretrained(path, device=self.device).eval()
             for lora, scale, source in self._loras:
                 merge_lora(lora, [student.unet], {}, scale, source)
-            student.unet.freeu = self.unet.freeu
+            if isinstance(student.unet, UNet):         # FreeU acts on U-Net decoder levels (set_freeu)
+                student.unet.freeu = self.unet.freeu
             self._students[steps] = student
         return self._students[steps]
 
@@ -205,10 +206,9 @@ class TextToImage:
             student.unet.freeu = self.unet.freeu
 
     def add_lora(self, path: str, scale: float = 1.0, lora: dict | None = None) -> int:
-        """Merge a LoRA file (diffusers/peft or kohya layout, ldm.models.lora) into the teacher's U-Net, its
-        CLIP text encoder(s) and every student, scaled by `scale`; returns how many layers it changed.
-        lora: the file as `read_lora` read it already (else it is read here)."""
-        self.unet_only("LoRA")
+        """Merge a LoRA file (diffusers/peft or kohya layout, ldm.models.lora) into the teacher's U-Net or SD3
+        transformer, its CLIP text encoder(s) and every student, scaled by `scale`; returns how many layers it
+        changed. lora: the file as `read_lora` read it already (else it is read here)."""
         lora = read_lora(path) if lora is None else lora
         n = merge_lora(lora, [self.unet, *(s.unet for s in self._students.values())], self.clip_models(), scale, path)
         self._loras.append(({"unet": lora["unet"]}, scale, path))
@@ -216,8 +216,10 @@ class TextToImage:
 
     def clip_models(self) -> dict:
         """The transformers CLIP models of the text encoder by a LoRA file's part names: {"text_encoder": ...}
-        (SDXL: and "text_encoder_2"); {} for our scratch encoder."""
+        (SDXL, SD3: and "text_encoder_2"); {} for our scratch encoder."""
         from ldm.models.text import ClipTextEncoder
+        if getattr(getattr(self.text_encoder, "cfg", None), "kind", None) == "sd3":      # T5 takes no LoRA here
+            return {"text_encoder": self.text_encoder.clip_l, "text_encoder_2": self.text_encoder.clip_g}
         if isinstance(self.text_encoder, ClipTextEncoder):
             return {"text_encoder": self.text_encoder.model}
         if hasattr(self.text_encoder, "model_2"):

@@ -45,7 +45,8 @@ from ldm.distill.paths import load_paths, path_batch, path_error, save_paths, te
 from ldm.distill.student import GuidedStudent
 from ldm.distill.targets import (grid_rows, stage_one_target, stage_two_target, student_grid, teacher_states,
                                  x_space_loss)
-from ldm.models.unet import UNet, refuse_refiner
+from ldm.models.nets import build_net
+from ldm.models.unet import refuse_refiner
 from ldm.pipeline import INDEX_NAME, TextToImage, load_index, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
                           build_scheduler, log_images, one_batch_size, optimizer_step, parse_args,
@@ -415,6 +416,7 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
     seed_everything(cfg.train.seed + 1000 * index + accelerator.process_index)
     loader.load_state_dict({"epoch": index, "batch": 0})
 
+    student.unet.enable_gradient_checkpointing(tcfg.gradient_checkpointing)   # recompute blocks in backward
     optimizer = build_optimizer(student, tcfg)
     scheduler = build_scheduler(optimizer, tcfg)                 # not prepared: one step per update
     model, optimizer = accelerator.prepare(student, optimizer)
@@ -422,6 +424,7 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
     extras = {}
     if rnd.kind == "dmd":                                        # the fake denoiser starts as the real one
         fake = copy.deepcopy(teacher.net).train().requires_grad_(True)
+        fake.unet.enable_gradient_checkpointing(tcfg.gradient_checkpointing)
         fake_optimizer = torch.optim.AdamW(fake.parameters(), lr=d.dmd_fake_lr, betas=tuple(tcfg.betas),
                                            eps=tcfg.eps, weight_decay=0.0)
         fake, fake_optimizer = accelerator.prepare(fake, fake_optimizer)
@@ -490,7 +493,7 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
     if ema is not None:
         ema.copy_to(final)                                       # the student is the EMA of its weights
     # Rank 0 saves alone: under FSDP2 every process gathers the shards into a plain copy for it.
-    plain = main_process_copy(accelerator, model, lambda: GuidedStudent(UNet(final.unet.cfg), d.w_features))
+    plain = main_process_copy(accelerator, model, lambda: GuidedStudent(build_net(final.unet.cfg), d.w_features))
     if accelerator.is_main_process:
         plain.w_range = (float(d.w_min), float(d.w_max))   # what it learnt: saved in its config
         plain.save_pretrained(os.path.join(tcfg.output_dir, "student"))   # fp32: next round's teacher
@@ -574,7 +577,7 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
     accelerator = setup(cfg.train, cfg, project="distill")
     device = accelerator.device
 
-    # The frozen parts: autoencoder, text encoder and the CFG teacher U-Net.
+    # The frozen parts: autoencoder, text encoder and the CFG teacher's net (a U-Net, or SD3's MMDiT).
     parts = TextToImage.from_folder(cfg.teacher, device=device)
     for module in (parts.autoencoder, parts.text_encoder, parts.unet):
         module.requires_grad_(False)
@@ -586,7 +589,7 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
         raise ValueError(f"data.resolution={cfg.data.resolution} but the model folder's resolution is "
                          f"{parts.index.resolution}")
     check_image_multiple(cfg.data, parts.autoencoder.config.downsample_factor * parts.unet.cfg.downsample_factor,
-                         "the teacher's autoencoder factor x U-Net downsampling")
+                         "the teacher's autoencoder factor x its net's downsampling or patch size")
     folder = prepare_model_folder(cfg) if accelerator.is_main_process else (cfg.model_out or cfg.teacher)
     accelerator.wait_for_everyone()
     if cfg.cache_latents:

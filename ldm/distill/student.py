@@ -1,8 +1,9 @@
-"""The guidance-conditioned student of Meng et al. 2023 (sec. 4.1): a U-Net that also takes w.
+"""The guidance-conditioned student of Meng et al. 2023 (sec. 4.1): a denoising net that also takes w.
 
-w enters as Fourier features -> MLP, added to the timestep embedding through the U-Net's
-`cond_emb` hook. The MLP's last layer starts at zero, so a fresh student equals its
-teacher's conditional model at every w; stage-one distillation then teaches it guidance.
+The net is either kind of ldm.models.nets: our U-Net or an MMDiT (SD3). w enters as Fourier
+features -> MLP, added to the timestep embedding (the MMDiT's c) through the net's `cond_emb`
+hook. The MLP's last layer starts at zero, so a fresh student equals its teacher's conditional
+model at every w; stage-one distillation then teaches it guidance.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import torch
 import torch.nn as nn
 
 from ldm.models.layers import TimestepMLP, timestep_embedding
-from ldm.models.unet import UNet, UNetConfig
+from ldm.models.mmdit import MMDiT
+from ldm.models.nets import build_net, net_config
+from ldm.models.unet import UNet
 from ldm.models.weights import load_weights, save_weights
 
 W_SCALE = 100.0   # w in [0, ~10] spread over the sinusoid frequencies made for t in [0, 1000)
@@ -35,14 +38,15 @@ class WEmbedding(nn.Module):
 
 
 class GuidedStudent(nn.Module):
-    """net(x, t, context, context_mask=None, w=0., **added) -> the U-Net's prediction at guidance w
-    (`added`: an SDXL U-Net's pooled text and size numbers, passed on).
+    """net(x, t, context, context_mask=None, w=0., **added) -> the net's prediction at guidance w
+    (`added`: an SDXL U-Net's pooled text and size numbers, an MMDiT's pooled text, passed on).
+    The net stays at `.unet` whichever kind it is: checkpoints and LoRA merges name it so.
 
     w_range: the (w_min, w_max) it was distilled on, saved with it so that samplers can warn when
     asked for a w outside it (the w-embedding does not extrapolate the teacher's guidance there).
     """
 
-    def __init__(self, unet: UNet, w_features: int = 64, w_range: tuple[float, float] | None = None):
+    def __init__(self, unet: UNet | MMDiT, w_features: int = 64, w_range: tuple[float, float] | None = None):
         super().__init__()
         self.unet = unet
         self.w_embed = WEmbedding(w_features, unet.cfg.time_embed_dim)
@@ -53,14 +57,14 @@ class GuidedStudent(nn.Module):
         return self.unet(x, t, context, context_mask=context_mask, cond_emb=self.w_embed(w), **added)
 
     @classmethod
-    def from_teacher(cls, teacher: UNet, w_features: int = 64) -> "GuidedStudent":
+    def from_teacher(cls, teacher: UNet | MMDiT, w_features: int = 64) -> "GuidedStudent":
         """A student initialised from the teacher's weights (a copy; the teacher is untouched)."""
-        unet = UNet(teacher.cfg).to(next(teacher.parameters()).device)
+        unet = build_net(dataclasses.replace(teacher.cfg)).to(next(teacher.parameters()).device)   # own config
         unet.load_state_dict(teacher.state_dict())
         return cls(unet, w_features)
 
     def save_pretrained(self, directory: str, dtype: torch.dtype | None = None) -> None:
-        """config.json (U-Net config + w features) and model.safetensors (optionally cast, e.g. fp16)."""
+        """config.json (the net's config + w features) and model.safetensors (optionally cast, e.g. fp16)."""
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "config.json"), "w") as f:
             w_range = {} if self.w_range is None else {"w_range": list(self.w_range)}
@@ -77,6 +81,6 @@ class GuidedStudent(nn.Module):
             cfg = json.load(f)
         if cfg.get("kind") != "guided_student":
             raise ValueError(f"{directory} holds a {cfg.get('kind', 'plain U-Net')!r} checkpoint, not a guided student")
-        model = cls(UNet(UNetConfig.from_dict(cfg["unet"])), cfg["w_features"], cfg.get("w_range"))
+        model = cls(build_net(net_config(cfg["unet"])), cfg["w_features"], cfg.get("w_range"))
         load_weights(model, os.path.join(directory, "model.safetensors"), directory)  # on CPU, then .to(device)
         return model.to(device)

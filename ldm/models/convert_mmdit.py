@@ -1,7 +1,8 @@
 """Load Stable Diffusion 3 / 3.5 transformers released in the diffusers layout (SD3Transformer2DModel).
 
 The same tensors under other names: diffusers' config maps onto MMDiTConfig and its keys onto ours
-(`diffusers_to_ours`, inverse `ours_to_diffusers`); loading is all-or-nothing.
+(`diffusers_to_ours`; back for an export: `mmdit_config_to_diffusers`, `ours_to_diffusers`); loading is
+all-or-nothing.
 
 One diffusers tensor has no counterpart: the last block's text query projection (and its q-norm gain).
 Its text tokens' outputs are thrown away there, so that projection never reaches the output; we drop
@@ -41,6 +42,13 @@ def mmdit_config_from_diffusers(d: dict) -> MMDiTConfig:
     if ours.get("out_channels", 0) is None:
         ours["out_channels"] = ours.get("in_channels", MMDiTConfig.in_channels)
     return MMDiTConfig(**ours)
+
+
+def mmdit_config_to_diffusers(cfg: MMDiTConfig) -> dict:
+    """MMDiTConfig -> an SD3Transformer2DModel config.json dict (inverse of mmdit_config_from_diffusers)."""
+    d = {theirs: getattr(cfg, ours) for theirs, ours in _CONFIG_KEYS.items()}
+    d["dual_attention_layers"] = list(cfg.dual_attention_layers)
+    return {"_class_name": CLASS_NAME, **d}
 
 
 # ---- key renaming ----------------------------------------------------------------------------

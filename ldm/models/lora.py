@@ -1,7 +1,7 @@
 """LoRA: low-rank updates W + (alpha / r) B A of a model's weights (Hu et al. 2021, eq. 3).
 
 Two uses:
-- Sampling with LoRA files as people share them for Stable Diffusion 1.x/2.x and SDXL, merged into the
+- Sampling with LoRA files as people share them for Stable Diffusion 1.x/2.x, SDXL and SD3, merged into the
   weights (no cost per step): `read_lora` + `merge_lora` (the CLIs' `--lora FILE[:SCALE]`). Layouts read:
     diffusers / peft   `unet.<diffusers module>.lora_A.weight`, `.lora_B.weight` (alpha from the
                        safetensors metadata `lora_adapter_metadata`, else alpha = r), the older
@@ -12,6 +12,20 @@ Two uses:
                        `.alpha`, and `lora_te_...` (LoCon's conv layers included); the U-Net module in
                        diffusers' names or, as kohya writes SDXL's, in the original (CompVis / sgm)
                        ones (`lora_unet_input_blocks_4_1_...`); SDXL's encoders `lora_te1_`, `lora_te2_`.
+  Stable Diffusion 3 (its MMDiT, ldm.models.mmdit; the same W += scale * alpha / r * up @ down):
+    diffusers / peft   `transformer.<SD3Transformer2DModel module>.lora_A.weight`, `.lora_B.weight` (alpha
+                       from the metadata's `transformer.lora_alpha`), as diffusers' save_lora_weights and its
+                       dreambooth-lora-sd3 script write them; the CLIPs `text_encoder.` (ViT-L), `text_encoder_2.`
+                       (bigG);
+    kohya              `lora_transformer_<module>` or `lora_unet_<module>` in diffusers' names, and sd-scripts'
+                       `lora_unet_joint_blocks_N_{x,context}_block_...` in SD3's original ones (`mmdit_updates`:
+                       a fused attn.qkv update is its q, k, v thirds of rows; the scale is alpha over the rank of
+                       the stored down, as sd-scripts' own loader and ComfyUI read it, a split_qkv file's
+                       block-diagonal update included); the CLIPs `lora_te1_`, `lora_te2_`. T5
+                       (`text_encoder_3.`, `lora_te3_`) is refused.
+    The last block's text query projection (diffusers' `transformer_blocks.LAST.attn.add_q_proj`, the q third
+    of SD3's last `context_block.attn.qkv`) has no counterpart in our MMDiT and no effect on the output (that
+    block's text outputs are discarded, convert_mmdit): its update is skipped.
   Other adapters (LoHa, LoKr, DoRA) are refused by name.
 - Training in stage 2 (`lora.rank > 0`): `add_lora` wraps the attention projections in
   `LoRALinear` with the base frozen; `lora_file_state` writes the result in diffusers' layout, so
@@ -28,7 +42,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ldm.models.convert_mmdit import diffusers_to_ours as mmdit_diffusers_to_ours
 from ldm.models.convert_unet import DIFFUSERS_TOP, RES_DIFFUSERS, TRANSFORMER_RENAMES, compvis_to_ours, diffusers_to_ours
+from ldm.models.mmdit import MMDiT
 from ldm.models.text import clip_name
 
 TRAIN_TARGETS = ("to_q", "to_k", "to_v", "to_out")   # our attention projections (diffusers: to_out.0)
@@ -167,9 +183,16 @@ _WORDS = {"down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q",
           "out_proj", "final_layer_norm", "layer_norm1", "layer_norm2", "add_embedding",
           # the CompVis / sgm U-Net (kohya's SDXL files)
           "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers",
-          "skip_connection", "time_embed", "label_emb"}
+          "skip_connection", "time_embed", "label_emb",
+          # SD3's transformer: diffusers' SD3Transformer2DModel, and the original layout (sd-scripts' SD3 files)
+          "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context", "norm1_context", "norm_out",
+          "context_embedder", "time_text_embed", "timestep_embedder", "text_embedder", "pos_embed",
+          "joint_blocks", "x_block", "context_block", "adaLN_modulation", "x_embedder", "t_embedder", "y_embedder",
+          "final_layer"}
 _COMPVIS_TOP = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
-TEXT_PARTS = ("text_encoder", "text_encoder_2")        # SDXL has two
+TEXT_PARTS = ("text_encoder", "text_encoder_2")        # SDXL and SD3 have two CLIPs
+NET_PARTS = ("unet", "transformer")                    # the denoiser: a U-Net, or SD3's transformer
+T5_PART = "text_encoder_3"                             # SD3's T5: refused
 
 
 def kohya_to_dotted(name: str) -> str:
@@ -197,13 +220,13 @@ _KOHYA = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 
 def _split_key(key: str) -> tuple[str, str, str] | None:
     """(part, source module, 'down'|'up'|'alpha') of one tensor key, or None for a key that is not LoRA."""
-    for pre, part in (("lora_unet_", "unet"), ("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"),
-                      ("lora_te2_", "text_encoder_2")):
+    for pre, part in (("lora_unet_", "unet"), ("lora_transformer_", "transformer"), ("lora_te_", "text_encoder"),
+                      ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"), ("lora_te3_", T5_PART)):
         if key.startswith(pre):
             module, _, kind = key[len(pre):].partition(".")
             return (part, kohya_to_dotted(module), _KOHYA[kind]) if kind in _KOHYA else None
     part, _, rest = key.partition(".")
-    if part not in ("unet", *TEXT_PARTS):
+    if part not in (*NET_PARTS, *TEXT_PARTS, T5_PART):
         part, rest = "unet", key                          # the oldest diffusers files have no prefix
     rest = rest.removeprefix("base_model.model.")         # a peft model's own state dict
     m = _PROCESSOR.fullmatch(rest)
@@ -217,8 +240,8 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
 
 
 def read_lora(path: str) -> dict[str, dict[str, Update]]:
-    """{'unet': {diffusers or CompVis module: Update}, 'text_encoder' (and SDXL's 'text_encoder_2'):
-    {transformers module: Update}} of a LoRA file."""
+    """{'unet': {diffusers or CompVis module (SD3: diffusers' or the original transformer module): Update},
+    'text_encoder' (and SDXL's / SD3's 'text_encoder_2'): {transformers module: Update}} of a LoRA file."""
     try:
         if path.endswith(".safetensors"):
             from safetensors import safe_open
@@ -234,9 +257,10 @@ def read_lora(path: str) -> dict[str, dict[str, Update]]:
         raise ValueError(f"{path}: not a LoRA file (expected a flat dict of tensors)")
     for marker, what in _UNSUPPORTED.items():
         if any(marker in k for k in state):
-            raise ValueError(f"{path}: a {what} file; only LoRA for Stable Diffusion U-Nets and CLIP is supported")
+            raise ValueError(f"{path}: a {what} file; only LoRA (for Stable Diffusion's U-Nets, SD3's transformer "
+                             "and CLIP) is supported")
     meta = json.loads(metadata.get(METADATA_KEY, "{}"))
-    for part in ("unet", *TEXT_PARTS):
+    for part in (*NET_PARTS, *TEXT_PARTS):
         if meta.get(f"{part}.use_dora") or meta.get(f"{part}.rank_pattern") or meta.get(f"{part}.alpha_pattern"):
             raise ValueError(f"{path}: per-module ranks/alphas or DoRA in the metadata are not supported")
     pieces: dict[tuple[str, str], dict] = {}
@@ -250,6 +274,9 @@ def read_lora(path: str) -> dict[str, dict[str, Update]]:
         pieces.setdefault((part, module), {})[kind] = value
     if unknown:
         raise ValueError(f"{path}: {len(unknown)} keys are not LoRA weights in a layout we read, e.g. {unknown[:3]}")
+    if any(part == T5_PART for part, _ in pieces):
+        raise ValueError(f"{path}: has LoRA weights for SD3's T5 text encoder ({T5_PART} / lora_te3_), which are not "
+                         "read; only its transformer and CLIPs")
     out: dict[str, dict[str, Update]] = {"unet": {}, **{part: {} for part in TEXT_PARTS}}
     for (part, module), p in pieces.items():
         if "down" not in p or "up" not in p:
@@ -260,17 +287,21 @@ def read_lora(path: str) -> dict[str, dict[str, Update]]:
         else:
             alpha = float(meta.get(f"{part}.lora_alpha", r))
             alpha = alpha * math.sqrt(r) if meta.get(f"{part}.use_rslora") else alpha  # rsLoRA: alpha / sqrt(r)
-        out[part][module] = Update(p["down"], p["up"], alpha / r)
+        out["unet" if part in NET_PARTS else part][module] = Update(p["down"], p["up"], alpha / r)
     return out
 
 
 # ----------------------------------------------------------------------------- merging
 
-def _targets(lora: dict[str, Update], model: nn.Module, rename, source: str) -> list[tuple[nn.Module, Update]]:
+def _targets(named: list[tuple[str, str | None, Update]], model: nn.Module,
+             source: str) -> list[tuple[nn.Module, Update]]:
+    """(layer, update) for each (the file's module name, ours or None for no effect, update); unknown ones refused."""
     modules = dict(model.named_modules())
     found, missing = [], []
-    for name, update in lora.items():
-        module = modules.get(rename(name))
+    for name, ours, update in named:
+        if ours is None:
+            continue
+        module = modules.get(ours)
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             missing.append(name)
         else:
@@ -290,15 +321,84 @@ def unet_module(name: str, cfg) -> str:
     return ours.popitem()[0][:-len(".weight")]
 
 
+# ----------------------------------------------------------------------------- SD3's transformer
+
+# SD3's original module names (its reference code, sd-scripts, ComfyUI) -> diffusers', as diffusers'
+# scripts/convert_sd3_to_diffusers.py moves the weights: a fused attn.qkv is three projections (its thirds of rows).
+SD3_ORIGINAL_TOP = {"x_embedder.proj": "pos_embed.proj", "context_embedder": "context_embedder",
+                    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+                    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+                    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+                    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+                    "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear"}
+SD3_ORIGINAL_BLOCK = {  # joint_blocks.N.<key> -> transformer_blocks.N.<value(s)>; x_block: image, context_block: text
+    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "x_block.attn.proj": ("attn.to_out.0",),
+    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"), "x_block.attn2.proj": ("attn2.to_out.0",),
+    "x_block.mlp.fc1": ("ff.net.0.proj",), "x_block.mlp.fc2": ("ff.net.2",),
+    "x_block.adaLN_modulation.1": ("norm1.linear",),
+    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "context_block.attn.proj": ("attn.to_add_out",),
+    "context_block.mlp.fc1": ("ff_context.net.0.proj",), "context_block.mlp.fc2": ("ff_context.net.2",),
+    "context_block.adaLN_modulation.1": ("norm1_context.linear",)}
+_JOINT_BLOCK = re.compile(r"joint_blocks\.(\d+)\.(.+)")
+_TEXT_QUERY = re.compile(r"transformer_blocks\.(\d+)\.attn\.add_q_proj")
+_OUR_TEXT_QUERY = re.compile(r"blocks\.(\d+)\.text\.attn\.q")
+
+
+def _rows(update: Update, parts: int, swap: bool, name: str) -> list[Update]:
+    """The update cut into `parts` equal blocks of output rows (a fused qkv: q, k, v); with `swap` the two
+    halves exchanged first ((shift, scale) rows, as SD3 orders an AdaLayerNormContinuous, -> (scale, shift))."""
+    up = update.up
+    if up.shape[0] % (2 if swap else parts):
+        raise ValueError(f"LoRA module {name!r}: up has {up.shape[0]} rows, not {'two' if swap else parts} equal parts")
+    if swap:
+        up = torch.cat(up.chunk(2)[::-1])
+    return [Update(update.down, rows, update.scale) for rows in up.chunk(parts)]
+
+
+def mmdit_module(name: str) -> str:
+    """A diffusers SD3Transformer2DModel module name -> ours (convert_mmdit's renaming; unknown names pass)."""
+    m = _TEXT_QUERY.fullmatch(name)
+    if m:   # diffusers_to_ours takes a lone key's block for the last one, and drops that block's text query
+        return f"blocks.{m.group(1)}.text.attn.q"
+    renamed = mmdit_diffusers_to_ours({f"{name}.weight": None})
+    return next(iter(renamed), name).removesuffix(".weight")
+
+
+def mmdit_updates(lora: dict[str, Update], net: MMDiT) -> list[tuple[str, str | None, Update]]:
+    """(the file's module, ours, update) for a LoRA on SD3's transformer in diffusers' or SD3's original names;
+    ours is None for the last block's text query, which our MMDiT drops: it does not reach the output."""
+    pre_only = {i for i, block in enumerate(net.blocks) if block.text.attn.q is None}   # the last block
+    out = []
+    for name, update in lora.items():
+        m = _JOINT_BLOCK.fullmatch(name)
+        if m and m.group(2) in SD3_ORIGINAL_BLOCK:
+            i, rest = int(m.group(1)), m.group(2)
+            theirs = [f"transformer_blocks.{i}.{t}" for t in SD3_ORIGINAL_BLOCK[rest]]
+            swap = rest == "context_block.adaLN_modulation.1" and i in pre_only   # (shift, scale) there
+        elif name in SD3_ORIGINAL_TOP:
+            theirs, swap = [SD3_ORIGINAL_TOP[name]], name == "final_layer.adaLN_modulation.1"
+        else:
+            theirs, swap = [name], False                                           # diffusers' names
+        updates = _rows(update, len(theirs), swap, name) if len(theirs) > 1 or swap else [update]
+        for t, u in zip(theirs, updates):
+            ours = mmdit_module(t)
+            q = _OUR_TEXT_QUERY.fullmatch(ours)
+            out.append((name, None if q and int(q.group(1)) in pre_only else ours, u))
+    return out
+
+
 @torch.no_grad()
 def merge_lora(lora: dict[str, dict[str, Update]], unets: list[nn.Module], text_encoders: dict[str, nn.Module],
                scale: float = 1.0, source: str = "LoRA") -> int:
-    """weight += scale * alpha / r * up @ down in each U-Net (ours, diffusers or CompVis names mapped) and in
-    the text encoders (`text_encoders`: part -> transformers module, its own names). Checks everything
-    first: all or nothing."""
+    """weight += scale * alpha / r * up @ down in each U-Net (ours, diffusers or CompVis names mapped) or SD3
+    MMDiT (`mmdit_updates`) and in the text encoders (`text_encoders`: part -> transformers module, its own
+    names). Checks everything first: all or nothing."""
     plan = []
-    for unet in unets:
-        plan += _targets(lora["unet"], unet, lambda n: unet_module(n, unet.cfg), source)
+    for net in unets:
+        named = mmdit_updates(lora["unet"], net) if isinstance(net, MMDiT) else \
+            [(n, unet_module(n, net.cfg), u) for n, u in lora["unet"].items()]
+        plan += _targets(named, net, source)
     for part in TEXT_PARTS:
         if not lora.get(part):
             continue
@@ -307,7 +407,7 @@ def merge_lora(lora: dict[str, dict[str, Update]], unets: list[nn.Module], text_
                 f"only {sorted(text_encoders)}"
             raise ValueError(f"{source} has {part} weights, but this model's text encoders are {have}")
         model = text_encoders[part]
-        plan += _targets(lora[part], model, lambda n: clip_name(n, model), source)
+        plan += _targets([(n, clip_name(n, model), u) for n, u in lora[part].items()], model, source)
     for module, update in plan:
         w = module.weight
         w.copy_((w.float() + scale * update.delta(w.shape).to(w.device)).to(w.dtype))

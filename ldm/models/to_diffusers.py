@@ -1,5 +1,5 @@
 """One of our model folders with Stable Diffusion's architecture -> a diffusers StableDiffusionPipeline folder
-(StableDiffusionXLPipeline for SDXL).
+(StableDiffusionXLPipeline for SDXL, StableDiffusion3Pipeline for SD3).
 
     python -m ldm.models.to_diffusers runs/my-finetune/model --out exported/sd-finetune
     # then, with diffusers: StableDiffusionPipeline.from_pretrained("exported/sd-finetune")
@@ -9,9 +9,15 @@ LoRA merged or not) goes back to the layout the rest of the ecosystem loads. Exp
 the autoencoder (our names mapped to diffusers', configs written from ours), the CLIP text encoder
 and tokenizer (saved through transformers), and a DDIMScheduler with our sampling grid (trailing
 spacing, ending at clean data), so the pipeline's default call draws what `ldm.txt2img --teacher`
-draws. Refused, by name: what diffusers' pipeline cannot run as we do (a scratch text encoder, a
-continuous schedule, position features, a padding mask the U-Net was trained with). Distilled
-students are not exported (they take w as an input: no diffusers pipeline does).
+draws. SD3 (an MMDiT on the rectified-flow schedule): the transformer, the autoencoder, the text
+encoders and tokenizers as imported (file for file), and a FlowMatchEulerDiscreteScheduler with the
+folder's shift. That scheduler's default grid (n times from 1 down to near 0) is not ours (trailing:
+1, 1 - 1/n, ..., 1/n), so call the pipeline with `sigmas=list(1 - np.arange(n) / n)` (it shifts them
+itself) to draw what we draw; without T5, load it as diffusers' own such folders load,
+`StableDiffusion3Pipeline.from_pretrained(DIR, text_encoder_3=None, tokenizer_3=None)`. Refused, by
+name: what diffusers' pipeline cannot run as we do (a scratch text encoder, a continuous schedule on a
+U-Net, rectified flow included, position features, a padding mask the U-Net was trained with).
+Distilled students are not exported (they take w as an input: no diffusers pipeline does).
 """
 from __future__ import annotations
 
@@ -22,10 +28,16 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable, NamedTuple
 
+from ldm.models import text_sd3
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.convert_mmdit import mmdit_config_to_diffusers
+from ldm.models.convert_mmdit import ours_to_diffusers as mmdit_state_to_diffusers
 from ldm.models.from_diffusers import DTYPES, PREDICTIONS, SCHEDULES, start_folder
 from ldm.models.lora import ours_to_diffusers
+from ldm.models.mmdit import MMDiT
+from ldm.models.nets import CONFIG_NAME
 from ldm.models.text import ClipTextEncoder
 from ldm.models.unet import UNet, UNetConfig
 from ldm.models.weights import save_state
@@ -44,6 +56,12 @@ SDXL_INDEX = {
     "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
     "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
     "scheduler": ["diffusers", "DDIMScheduler"], "image_encoder": [None, None], "feature_extractor": [None, None]}
+SD3_INDEX = {   # the text parts' classes are filled in from the folder's (T5's [None, None] when it has none)
+    "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.30.0",
+    "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "image_encoder": [None, None],
+    "feature_extractor": [None, None]}
+SD3_T5_TOKENS = 256          # StableDiffusion3Pipeline's max_sequence_length by default (T5's, or zeros, tokens)
 
 
 # ----------------------------------------------------------------------------- U-Net
@@ -130,14 +148,27 @@ def scheduler_config(index) -> dict:
     """A DDIMScheduler that samples on our grid: trailing spacing (Lin et al. 2023), ending at alpha = 1."""
     s = index.schedule
     if s.get("name") not in SCHEDULES or index.time_scale != 1.0:
-        raise ValueError(f"schedule {s.get('name')!r} (time_scale {index.time_scale:g}) has no diffusers scheduler: "
-                         f"only the discrete {SCHEDULES} schedules of SD, with the U-Net seeing integer steps")
+        raise ValueError(f"schedule {s.get('name')!r} (time_scale {index.time_scale:g}) has no diffusers scheduler "
+                         f"for a U-Net: only the discrete {SCHEDULES} schedules of SD, with the U-Net seeing integer "
+                         "steps (rectified flow exports with SD3's transformer, an MMDiT, alone)")
     prediction = {ours: theirs for theirs, ours in PREDICTIONS.items()}[index.prediction]
     return {"_class_name": "DDIMScheduler", "num_train_timesteps": int(s.get("T", 1000)),
             "beta_start": float(s.get("beta_start", 0.0001)), "beta_end": float(s.get("beta_end", 0.02)),
             "beta_schedule": s["name"], "prediction_type": prediction, "clip_sample": False,
             "set_alpha_to_one": True, "steps_offset": 1, "timestep_spacing": "trailing",
             "rescale_betas_zero_snr": bool(s.get("zero_snr", False))}
+
+
+def flow_scheduler_config(index) -> dict:
+    """SD3's FlowMatchEulerDiscreteScheduler: sigma = t on the straight path, shifted by the folder's shift,
+    the transformer fed 1000 sigma (our time_scale)."""
+    s = index.schedule
+    if (s.get("name"), index.prediction, index.time_scale) != ("rectified_flow", "flow", 1000.0):
+        raise ValueError(f"schedule {s.get('name')!r}, prediction {index.prediction!r}, time_scale "
+                         f"{index.time_scale:g}: an MMDiT exports to diffusers' SD3 pipeline only with rectified "
+                         "flow, flow prediction and time_scale 1000 (its FlowMatchEulerDiscreteScheduler)")
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+            "shift": float(s.get("shift", 1.0)), "use_dynamic_shifting": False}
 
 
 def check_text_encoder(encoder) -> None:
@@ -172,37 +203,104 @@ def save_text_encoder(encoder: ClipTextEncoder, out: Path) -> None:
     encoder.tokenizer.save_pretrained(out / "tokenizer")
 
 
+def check_sd3_text_encoder(encoder: text_sd3.Sd3TextEncoder) -> None:
+    """SD3's encoders reading as many tokens as diffusers' pipeline does by default."""
+    if encoder.max_length != encoder.tokenizer_l.model_max_length:
+        raise ValueError(f"the CLIPs read {encoder.max_length} tokens (text max_length); diffusers' pipeline reads "
+                         f"their tokenizer's model_max_length, {encoder.tokenizer_l.model_max_length}")
+    if encoder.t5_max_length != SD3_T5_TOKENS:
+        raise ValueError(f"T5's part of the context is {encoder.t5_max_length} tokens (text t5_max_length); "
+                         f"diffusers' pipeline uses {SD3_T5_TOKENS} unless called with max_sequence_length")
+
+
+def sd3_text_index(encoder: text_sd3.Sd3TextEncoder) -> dict:
+    """model_index.json's entries of SD3's text parts: the classes loaded, T5's [None, None] when absent."""
+    models = {"text_encoder": encoder.clip_l, "tokenizer": encoder.tokenizer_l, "text_encoder_2": encoder.clip_g,
+              "tokenizer_2": encoder.tokenizer_g, "text_encoder_3": encoder.t5, "tokenizer_3": encoder.tokenizer_t5}
+    return {part: ["transformers", type(m).__name__] if m is not None else [None, None] for part, m in models.items()}
+
+
+def copy_sd3_text_encoder(encoder: text_sd3.Sd3TextEncoder, out: Path) -> None:
+    """text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ (and T5's _3 pair) copied as imported: frozen, so
+    the files are the released ones."""
+    for part in text_sd3.PARTS + text_sd3.T5_PARTS:
+        if os.path.isdir(os.path.join(encoder.cfg.path, part)):
+            shutil.copytree(os.path.join(encoder.cfg.path, part), out / part)
+
+
 # ----------------------------------------------------------------------------- export
 
-def export(model_dir: str, out: str, dtype: str = "float32") -> Path:
-    """Write a diffusers StableDiffusionPipeline folder at `out`; atomic (`out`.tmp renamed at the end)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    index = load_index(model_dir)
-    if index.aesthetic is not None:
-        raise ValueError("an SDXL refiner folder (aesthetic scores): its export to diffusers is not written yet")
+class Parts(NamedTuple):
+    """What an export writes, gathered (and checked) before anything is written."""
+    networks: dict                       # folder -> (config.json dict, state dict under diffusers' names)
+    scheduler: dict                      # scheduler/scheduler_config.json
+    pipeline: dict                       # model_index.json
+    save_text: Callable[[Path], None]    # writes the text encoders and tokenizers into the folder
+
+
+def vae_part(ae: AutoencoderKL) -> tuple[dict, dict]:
+    return autoencoder_config_to_diffusers(ae.config), autoencoder_state_to_diffusers(ae.state_dict())
+
+
+def sd_parts(model_dir: str, index) -> Parts:
+    """SD 1.x / 2.x / SDXL: the U-Net, the autoencoder, CLIP (or SDXL's pair), a DDIMScheduler on our grid."""
     scheduler = scheduler_config(index)                # the cheap refusals first
     unet = UNet.from_pretrained(os.path.join(model_dir, index.unet))
     ae = AutoencoderKL.from_pretrained(os.path.join(model_dir, index.autoencoder))
     unet_config = unet_config_to_diffusers(unet.cfg, index.resolution // ae.config.downsample_factor)
     text = load_text_encoder(os.path.join(model_dir, index.text_encoder))
     check_text_encoder(text)
+    pipeline = PIPELINE_INDEX if unet.cfg.added_cond is None else \
+        {**SDXL_INDEX, "force_zeros_for_empty_prompt": text.cfg.zero_empty}
+    networks = {"unet": (unet_config, unet_state_to_diffusers(unet.state_dict(), len(unet.cfg.channels))),
+                "vae": vae_part(ae)}
+    return Parts(networks, scheduler, pipeline, lambda out: save_text_encoder(text, out))
+
+
+def sd3_parts(model_dir: str, index) -> Parts:
+    """SD3: the MMDiT as SD3Transformer2DModel, the 16-channel autoencoder, the text parts copied, a
+    FlowMatchEulerDiscreteScheduler with the folder's shift."""
+    scheduler = flow_scheduler_config(index)
+    net = MMDiT.from_pretrained(os.path.join(model_dir, index.unet))
+    ae = AutoencoderKL.from_pretrained(os.path.join(model_dir, index.autoencoder))
+    text = load_text_encoder(os.path.join(model_dir, index.text_encoder))
+    if not isinstance(text, text_sd3.Sd3TextEncoder):
+        raise ValueError(f"the text encoder is {type(text).__name__}: diffusers' StableDiffusion3Pipeline runs SD3's "
+                         "two CLIPs and optional T5 (text kind sd3)")
+    check_sd3_text_encoder(text)
+    networks = {"transformer": (mmdit_config_to_diffusers(net.cfg), mmdit_state_to_diffusers(net.state_dict())),
+                "vae": vae_part(ae)}
+    return Parts(networks, scheduler, {**SD3_INDEX, **sd3_text_index(text)},
+                 lambda out: copy_sd3_text_encoder(text, out))
+
+
+def is_mmdit(net_dir: str) -> bool:
+    """Whether a network folder holds an MMDiT (its config.json's kind; a U-Net's has none)."""
+    with open(os.path.join(net_dir, CONFIG_NAME)) as f:
+        return json.load(f).get("kind", "unet") == "mmdit"
+
+
+def export(model_dir: str, out: str, dtype: str = "float32") -> Path:
+    """Write a diffusers pipeline folder at `out` (networks in `dtype`, text encoders as they are); atomic
+    (`out`.tmp renamed at the end)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    index = load_index(model_dir)
+    if index.aesthetic is not None:
+        raise ValueError("an SDXL refiner folder (aesthetic scores): its export to diffusers is not written yet")
+    parts = (sd3_parts if is_mmdit(os.path.join(model_dir, index.unet)) else sd_parts)(model_dir, index)
     if os.path.exists(os.path.join(out, "model_index.json")):
         raise FileExistsError(f"{out} already holds a pipeline; remove it or pick another --out")
     tmp = start_folder(out)
-    parts = {"unet": (unet_config, unet_state_to_diffusers(unet.state_dict(), len(unet.cfg.channels))),
-             "vae": (autoencoder_config_to_diffusers(ae.config), autoencoder_state_to_diffusers(ae.state_dict()))}
     try:
-        for name, (config, state) in parts.items():
+        for name, (config, state) in parts.networks.items():
             (tmp / name).mkdir(parents=True)
             (tmp / name / "config.json").write_text(json.dumps(config, indent=2))
             save_state(state, tmp / name / WEIGHTS, DTYPES[dtype])
-        save_text_encoder(text, tmp)
+        parts.save_text(tmp)
         (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-        pipeline = PIPELINE_INDEX if unet.cfg.added_cond is None else \
-            {**SDXL_INDEX, "force_zeros_for_empty_prompt": text.cfg.zero_empty}
-        (tmp / "model_index.json").write_text(json.dumps(pipeline, indent=2))
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(parts.scheduler, indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(parts.pipeline, indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -214,7 +312,8 @@ def export(model_dir: str, out: str, dtype: str = "float32") -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ldm.models.to_diffusers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="our model folder (model_index.json, unet/, autoencoder/, text_encoder/)")
+    parser.add_argument("model", help="our model folder (model_index.json, unet/, autoencoder/, text_encoder/; "
+                        "unet/ a U-Net or SD3's MMDiT)")
     parser.add_argument("--out", required=True, metavar="DIR", help="the diffusers pipeline folder to write")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights (default float32)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

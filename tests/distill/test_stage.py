@@ -158,7 +158,7 @@ def test_bad_settings_are_named(stage, teacher, tmp_path, capsys):
         stage.run(stage.parse_args(stage.DistillStageConfig, "", None, ["--config", str(ROOT / "configs" / "distill" / "tiny.yaml")]))
 
 
-@pytest.mark.parametrize("preset", ["tiny", "shapes64", "sd15", "sdxl"])
+@pytest.mark.parametrize("preset", ["tiny", "shapes64", "sd15", "sdxl", "sd3"])
 def test_presets_load_and_plan_halving_rounds(stage, preset):
     from ldm.training import load_config
     cfg = load_config(stage.DistillStageConfig, ROOT / "configs" / "distill" / f"{preset}.yaml", ["teacher=x"])

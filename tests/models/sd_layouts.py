@@ -327,3 +327,18 @@ def write_sd3_pipeline(folder, t5: bool = True, shift: float = 3.0, **transforme
         pipe.save_pretrained(str(folder / "sd3"), max_shard_size="100KB")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sd3_images(theirs, pipe, prompts, steps: int, guidance_scale: float, seed: int = 0, **call):
+    """diffusers' SD3 images (B, 3, H, W) in [0, 1] on our trailing grid (it shifts the sigmas it is given
+    itself) from the noise our TextToImage `pipe` starts `prompts` from with `seed`."""
+    import numpy as np
+
+    from ldm.diffusion.samplers import initial_noise
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(steps), pipe.latent_shape(len(prompts)),
+                          generator=torch.Generator().manual_seed(seed))
+    side = pipe.index.resolution
+    with torch.no_grad():
+        return theirs(prompts, num_inference_steps=steps, sigmas=list(1 - np.arange(steps) / steps),
+                      guidance_scale=guidance_scale, latents=noise, height=side, width=side, output_type="pt",
+                      **call).images

@@ -3,27 +3,17 @@ what diffusers' StableDiffusion3Pipeline draws from the same noise on the same f
 import json
 
 import diffusers
-import numpy as np
 import pytest
 import torch
 
 from ldm.models.from_diffusers import convert
+from ldm.models.to_diffusers import export
+from ldm.models.to_diffusers import main as export_main
 from ldm.pipeline import TextToImage
+from sd_layouts import sd3_images as their_images
 from sd_layouts import write_sd3_pipeline
 
 PROMPTS = ["a red cube on a blue floor", "a cat"]
-
-
-def their_images(theirs, pipe, prompts, steps: int, guidance_scale: float, seed: int = 0, **call):
-    """diffusers' images on our trailing grid (it shifts the sigmas it is given itself) from our starting noise."""
-    from ldm.diffusion.samplers import initial_noise
-    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(steps), pipe.latent_shape(len(prompts)),
-                          generator=torch.Generator().manual_seed(seed))
-    side = pipe.index.resolution
-    with torch.no_grad():
-        return theirs(prompts, num_inference_steps=steps, sigmas=list(1 - np.arange(steps) / steps),
-                      guidance_scale=guidance_scale, latents=noise, height=side, width=side, output_type="pt",
-                      **call).images
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +58,6 @@ def test_sd3_refusals_name_what_is_missing(sd3, tmp_path):
     convert(str(folder / "sd3"), str(tmp_path / "model"))
     pipe = TextToImage.from_folder(str(tmp_path / "model"))
     for call, message in ((lambda: pipe.set_freeu((1.1, 1.2, 0.9, 0.2)), "FreeU works on U-Nets"),
-                          (lambda: pipe.add_lora("x.safetensors"), "LoRA works on U-Nets"),
                           (lambda: pipe.add_embedding("x.pt"), "not read for SD3")):
         with pytest.raises(ValueError, match=message):
             call()
@@ -78,3 +67,53 @@ def test_sd3_refusals_name_what_is_missing(sd3, tmp_path):
     shutil.rmtree(broken / "text_encoder_2")
     with pytest.raises(FileNotFoundError, match="text_encoder_2"):
         convert(str(broken), str(tmp_path / "other"))
+
+
+@pytest.mark.parametrize("t5,shift", [(True, 3.0), (False, 1.5)])
+def test_export_back_to_diffusers_draws_our_images(tmp_path, one_thread, capsys, t5, shift):
+    """ldm.models.to_diffusers on an SD3 folder: the transformer's and the VAE's tensors come back under diffusers'
+    names, the scheduler keeps the shift, and StableDiffusion3Pipeline.from_pretrained on the export draws our
+    images (on our grid, from our noise)."""
+    from safetensors.torch import load_file
+    write_sd3_pipeline(tmp_path, t5=t5, shift=shift)
+    convert(str(tmp_path / "sd3"), str(tmp_path / "model"), guidance=2.0)
+    export_main([str(tmp_path / "model"), "--out", str(tmp_path / "back")])
+    assert "a diffusers StableDiffusion3Pipeline folder" in capsys.readouterr().out
+    for part, cls in (("transformer", diffusers.SD3Transformer2DModel), ("vae", diffusers.AutoencoderKL)):
+        original = cls.from_pretrained(str(tmp_path / "sd3" / part)).state_dict()     # sharded, as released
+        exported = load_file(str(tmp_path / "back" / part / "diffusion_pytorch_model.safetensors"))
+        assert exported.keys() == original.keys(), part
+        dead = [k for k in original if k.startswith("transformer_blocks.1.attn.add_q_proj.")]  # the last block's
+        assert part == "vae" or len(dead) == 2 and all(not exported[k].any() for k in dead)   # unused text query
+        assert all(torch.equal(exported[k], original[k]) for k in original if k not in dead), part
+    scheduler = json.loads((tmp_path / "back" / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["_class_name"], scheduler["shift"], scheduler["num_train_timesteps"]) == \
+        ("FlowMatchEulerDiscreteScheduler", shift, 1000)
+    pipeline = json.loads((tmp_path / "back" / "model_index.json").read_text())
+    assert (pipeline["text_encoder_3"][0] is not None, (tmp_path / "back" / "text_encoder_3").is_dir()) == (t5, t5)
+
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    ours, _ = pipe.generate(PROMPTS, steps=3, seed=0)
+    no_t5 = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}   # diffusers asks for them so, by name
+    theirs = diffusers.StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "back"), **no_t5)
+    theirs.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(ours * 0.5 + 0.5, their_images(theirs, pipe, PROMPTS, 3, 3.0), atol=2e-4, rtol=0)
+
+
+def test_export_refuses_what_the_sd3_pipeline_runs_otherwise(sd3, tmp_path):
+    """An MMDiT folder off SD3's flow schedule, or reading other token counts than diffusers' call: refused by name,
+    nothing written."""
+    _, folder = sd3
+    convert(str(folder / "sd3"), str(tmp_path / "model"))
+    index_path, text_path = tmp_path / "model" / "model_index.json", tmp_path / "model" / "text_encoder" / "config.json"
+    index, text = json.loads(index_path.read_text()), json.loads(text_path.read_text())
+    for index_change, text_change, message in (
+            ({"prediction": "v"}, {}, "an MMDiT exports to diffusers' SD3 pipeline only with rectified flow"),
+            ({"schedule": {"name": "cosine_logsnr"}}, {}, "only with rectified flow"),
+            ({}, {"t5_max_length": 128}, "unless called with max_sequence_length"),
+            ({}, {"max_length": 60}, "the CLIPs read 60 tokens")):
+        index_path.write_text(json.dumps({**index, **index_change}))
+        text_path.write_text(json.dumps({**text, **text_change}))
+        with pytest.raises(ValueError, match=message):
+            export(str(tmp_path / "model"), str(tmp_path / "out"))
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()

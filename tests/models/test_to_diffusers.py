@@ -69,6 +69,10 @@ def test_what_diffusers_cannot_run_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="has no diffusers scheduler"):
         export(str(tmp_path / "ours"), str(tmp_path / "out"))
     index = json.loads((tmp_path / "ours" / "model_index.json").read_text())
+    (tmp_path / "ours" / "model_index.json").write_text(json.dumps(   # our own rectified-flow training: no SD3
+        {**index, "schedule": {"name": "rectified_flow", "shift": 1.0}, "prediction": "flow"}))
+    with pytest.raises(ValueError, match="rectified flow exports with SD3's transformer, an MMDiT, alone"):
+        export(str(tmp_path / "ours"), str(tmp_path / "out"))
     (tmp_path / "ours" / "model_index.json").write_text(json.dumps(
         {**index, "schedule": {"name": "scaled_linear", "T": 1000, "beta_start": 0.00085, "beta_end": 0.012},
          "time_scale": 1.0}))
