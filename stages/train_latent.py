@@ -1,10 +1,10 @@
-"""Stage 2: train a text-conditioned latent U-Net with classifier-free guidance.
+"""Stage 2: train a text-conditioned latent U-Net (or SD3's MMDiT, `net: mmdit`) with classifier-free guidance.
 
     accelerate launch stages/train_latent.py --config configs/latent/shapes64.yaml [--resume latest] [key=value ...]
     python stages/train_latent.py --config configs/latent/tiny.yaml train.max_steps=3
 
 The story: setup -> data -> frozen stage-1 autoencoder -> text encoder (scratch: trained with
-the U-Net in one optimizer; clip/openclip: frozen) -> U-Net -> prepare -> EMA -> resume ->
+the U-Net in one optimizer; clip/openclip/sdxl/sd3: frozen) -> U-Net or MMDiT -> prepare -> EMA -> resume ->
 loop (latents, caption dropout, text encoding, diffusion loss, update, log, validate,
 checkpoint) -> a model folder at `<output_dir>/model/` (ldm/pipeline.py) that
 `TextToImage.from_folder` samples from. Design notes: docs/stage2-latent.md.
@@ -29,7 +29,10 @@ from ldm.diffusion.guidance import drop_captions
 from ldm.diffusion.losses import check_logit_normal, check_noise_options, check_time_shift
 from ldm.diffusion.param import check_prediction
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
-from ldm.models.lora import TRAIN_TARGETS, add_lora, lora_file_state, merged_state_dict
+from ldm.models.lora import (MMDIT_TARGETS, MMDIT_TRAIN_TARGETS, TRAIN_TARGETS, add_lora, lora_file_state,
+                             merged_state_dict, mmdit_targets)
+from ldm.models.mmdit import MMDiT, MMDiTConfig
+from ldm.models.nets import build_net
 from ldm.models.text import TextEncoderConfig, build_text_encoder
 from ldm.models.unet import UNet, UNetConfig, count_params, sdxl_time_ids
 from ldm.models.weights import load_state_dict_strict, load_weights, read_weights, write_safetensors_atomic
@@ -100,18 +103,27 @@ class ValConfig:
 
 @dataclass
 class LoRAConfig:
-    """Fine-tune low-rank updates of a trained U-Net's attention projections only (Hu et al. 2021)."""
+    """Fine-tune low-rank updates of a trained net's attention projections only (Hu et al. 2021)."""
     rank: int = 0                                          # 0 = off (train every weight); SD LoRAs: 4-128
     alpha: float = 0.0                                     # the update is scaled by alpha / rank; 0 = rank (scale 1)
-    targets: list[str] = field(default_factory=lambda: list(TRAIN_TARGETS))  # our names (diffusers: to_out.0)
+    targets: list[str] = field(default_factory=list)       # [] = the net's attention: U-Net to_q/k/v/out (ours;
+                                                           # diffusers: to_out.0), MMDiT both streams' (diffusers' names)
 
     def __post_init__(self):
         if self.rank < 0 or self.alpha < 0:
             raise ValueError(f"lora.rank and lora.alpha must be >= 0, got {self.rank}, {self.alpha}")
-        unknown = sorted(set(self.targets) - set(TRAIN_TARGETS) - {"proj_in", "proj_out", "proj", "out"})
-        if unknown or not self.targets:
-            raise ValueError(f"lora.targets: {unknown or 'empty'}; pick from {list(TRAIN_TARGETS)} (attention), "
-                             "proj_in/proj_out (linear projections), proj/out (feed-forward)")
+
+    def settle_targets(self, net: str) -> None:
+        """Fill in `net`'s default targets, and refuse names that are not its layers'."""
+        if net == "mmdit":
+            self.targets = self.targets or list(MMDIT_TRAIN_TARGETS)
+            unknown, known = sorted(set(self.targets) - set(MMDIT_TARGETS)), f"{list(MMDIT_TARGETS)} (SD3's names)"
+        else:
+            self.targets = self.targets or list(TRAIN_TARGETS)
+            unknown = sorted(set(self.targets) - set(TRAIN_TARGETS) - {"proj_in", "proj_out", "proj", "out"})
+            known = f"{list(TRAIN_TARGETS)} (attention), proj_in/proj_out (linear projections), proj/out (feed-forward)"
+        if unknown:
+            raise ValueError(f"lora.targets: {unknown} are not layers of a net={net}; pick from {known}")
 
 
 @dataclass
@@ -148,7 +160,9 @@ class PriorConfig:
 class LatentStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    net: Literal["unet", "mmdit"] = "unet"                 # the denoiser: the `unet` section's, or the `mmdit` one's
     unet: UNetConfig = field(default_factory=UNetConfig)
+    mmdit: MMDiTConfig = field(default_factory=MMDiTConfig)  # net=mmdit: SD3's transformer (defaults: SD3 medium)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     val: ValConfig = field(default_factory=ValConfig)
@@ -173,6 +187,7 @@ class LatentStageConfig:
         if self.lora.rank and not self.init_from:
             raise ValueError("lora.rank > 0 fine-tunes a trained U-Net: set init_from=MODEL_FOLDER (e.g. one "
                              "written by `python -m ldm.models.from_diffusers`)")
+        self.lora.settle_targets(self.net)
         if self.val.score and self.data.source != "shapes":
             raise ValueError("val.score needs data.source=shapes: the oracle knows only the shapes world")
         if self.ti.word and (not self.init_from or self.text.kind != "clip" or self.lora.rank):
@@ -183,13 +198,19 @@ class LatentStageConfig:
                              "init_from=MODEL_FOLDER (the class pictures are its drawings), and no ti.word")
         self.data = one_batch_size(self.data, self.train)
 
+    @property
+    def network(self) -> UNetConfig | MMDiTConfig:
+        """The chosen net's section: `unet` or `mmdit`."""
+        return self.mmdit if self.net == "mmdit" else self.unet
+
 
 # ----------------------------------------------------------------------------- pieces
 
 class LatentModel(nn.Module):
-    """What the optimizer trains: the U-Net and, when trained jointly (scratch), the text encoder."""
+    """What the optimizer trains: the net (U-Net or MMDiT, `unet`) and, when trained jointly (scratch), the text
+    encoder."""
 
-    def __init__(self, unet: UNet, text_encoder: nn.Module, train_text: bool):
+    def __init__(self, unet: UNet | MMDiT, text_encoder: nn.Module, train_text: bool):
         super().__init__()
         self.unet = unet
         if train_text:
@@ -202,8 +223,10 @@ class LatentModel(nn.Module):
         return self.text_encoder if hasattr(self, "text_encoder") else self._frozen[0]
 
     def forward(self, x, t, prompts: list[str], time_ids=None):
-        if hasattr(self.encoder, "encode_pooled"):          # SDXL: pooled text and size numbers beside the tokens
+        if hasattr(self.encoder, "encode_pooled"):          # SDXL, SD3: pooled text beside the tokens
             context, mask, pooled = self.encoder.encode_pooled(prompts)
+            if isinstance(self.unet, MMDiT):                # SD3 attends to every token and takes no size numbers
+                return self.unet(x, t, context, pooled=pooled)
             return self.unet(x, t, context, context_mask=mask, pooled=pooled, time_ids=time_ids)
         context, mask = self.encoder(prompts)              # (B, L, D), (B, L)
         return self.unet(x, t, context, context_mask=mask)
@@ -216,6 +239,27 @@ def load_autoencoder(path: str, device) -> AutoencoderKL:
         logger.warning("autoencoder %s has scaling_factor 1.0: was it measured on data? "
                        "Latents far from unit variance distort the noise schedule", path)
     return ae
+
+
+def check_conditioning(cfg: LatentStageConfig, text_encoder: nn.Module) -> None:
+    """The net takes what the text encoder gives: an MMDiT tokens of its context_dim and pooled text of its
+    pooled_dim (0: none); SDXL's U-Net the pooled text and six size numbers in its added embedding."""
+    pooled = text_encoder.pooled_dim if hasattr(text_encoder, "encode_pooled") else 0
+    if cfg.net == "mmdit":
+        if (cfg.mmdit.pooled_dim, cfg.mmdit.context_dim) != (pooled, text_encoder.dim):
+            raise ValueError(f"mmdit.pooled_dim={cfg.mmdit.pooled_dim} and mmdit.context_dim={cfg.mmdit.context_dim} "
+                             f"must be the pooled width ({pooled}; 0 = no pooled text) and the token width "
+                             f"({text_encoder.dim}) of text.kind={cfg.text.kind}")
+        return
+    if cfg.text.kind == "sd3":
+        raise ValueError("text.kind=sd3 conditions SD3's transformer: set net=mmdit (and its `mmdit` section)")
+    if (cfg.unet.added_cond is not None) != hasattr(text_encoder, "encode_pooled"):
+        raise ValueError(f"unet.added_cond={cfg.unet.added_cond!r} needs text.kind=sdxl and text.kind=sdxl needs "
+                         f"unet.added_cond='text_time' (SDXL), got text.kind={cfg.text.kind!r}")
+    if cfg.unet.added_cond and pooled + 6 * cfg.unet.added_id_dim != cfg.unet.added_in_dim:
+        raise ValueError(f"unet.added_in_dim={cfg.unet.added_in_dim} is not the pooled text ({pooled}) "
+                         f"and 6 size numbers x {cfg.unet.added_id_dim}: stage 2 trains SDXL base-style U-Nets "
+                         "(not the refiner's aesthetic-score numbers)")
 
 
 def init_weights(model: LatentModel, folder: str) -> None:
@@ -239,10 +283,11 @@ def init_weights(model: LatentModel, folder: str) -> None:
 
 
 def add_lora_updates(model: LatentModel, cfg: LatentStageConfig) -> None:
-    """lora.rank > 0: freeze everything (text encoder included), then wrap the U-Net's targets in LoRALinear."""
+    """lora.rank > 0: freeze everything (text encoder included), then wrap the net's targets in LoRALinear."""
     if cfg.lora.rank:
         model.requires_grad_(False)
-        add_lora(model.unet, cfg.lora.rank, cfg.lora.alpha or None, cfg.lora.targets)
+        targets = mmdit_targets(cfg.lora.targets) if cfg.net == "mmdit" else cfg.lora.targets
+        add_lora(model.unet, cfg.lora.rank, cfg.lora.alpha or None, targets)
 
 
 def add_word(model: LatentModel, ti: TextualInversionConfig) -> None:
@@ -280,7 +325,7 @@ def plain_model(cfg: LatentStageConfig, net: LatentModel) -> LatentModel:
     """An unsharded LatentModel of the same architecture (FSDP2 runs validate and export from one)."""
     train_text = cfg.text.kind == "scratch"
     text_encoder = build_text_encoder(cfg.text) if train_text else net.encoder  # a frozen one is not sharded
-    plain = LatentModel(UNet(cfg.unet), text_encoder, train_text)
+    plain = LatentModel(build_net(cfg.network), text_encoder, train_text)
     add_lora_updates(plain, cfg)
     return plain
 
@@ -326,9 +371,9 @@ def score_heldout(accelerator, pipe: TextToImage, cfg: LatentStageConfig, step: 
     return scores
 
 
-def save_lora_file(unet: UNet, path: Path) -> None:
+def save_lora_file(unet: UNet | MMDiT, path: Path) -> None:
     """The LoRA updates alone, in diffusers' layout (`--lora FILE` here, `load_lora_weights` there); atomic."""
-    tensors, metadata = lora_file_state(unet, len(unet.cfg.channels))
+    tensors, metadata = lora_file_state(unet)
     write_safetensors_atomic(tensors, path, metadata)
 
 
@@ -343,7 +388,7 @@ def save_model_folder(net: LatentModel, cfg: LatentStageConfig, folder: Path) ->
     dtype = getattr(torch, cfg.save_dtype)
     unet = net.unet
     if cfg.lora.rank:  # the folder holds plain weights, the updates merged in; the LoRA file goes beside it
-        unet = UNet(cfg.unet)
+        unet = build_net(cfg.network)
         unet.load_state_dict(merged_state_dict(net.unet))
         save_lora_file(net.unet, folder.parent / "lora.safetensors")
     unet.save_pretrained(str(tmp / "unet"), dtype=dtype)
@@ -403,8 +448,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     # Frozen stage-1 autoencoder: images <-> latents at unit scale.
     ae = load_autoencoder(cfg.autoencoder, device)
-    check_image_multiple(cfg.data, ae.config.downsample_factor * cfg.unet.downsample_factor,
-                         "the autoencoder's factor x the U-Net's downsampling")
+    check_image_multiple(cfg.data, ae.config.downsample_factor * cfg.network.downsample_factor,
+                         "the autoencoder's factor x " + ("the MMDiT's patch size" if cfg.net == "mmdit" else
+                                                           "the U-Net's downsampling"))
 
     # Data: cached posterior moments of a finite set, or images encoded on the fly.
     if cfg.cache_latents:
@@ -416,16 +462,10 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         data = make_dataloader(cfg.data, accelerator)
 
-    # Text encoder + U-Net, wrapped as one module: one optimizer, one EMA, one checkpoint file.
+    # Text encoder + net (U-Net or MMDiT), wrapped as one module: one optimizer, one EMA, one checkpoint file.
     text_encoder = build_text_encoder(cfg.text).to(device)
-    if (cfg.unet.added_cond is not None) != hasattr(text_encoder, "encode_pooled"):
-        raise ValueError(f"unet.added_cond={cfg.unet.added_cond!r} needs text.kind=sdxl and text.kind=sdxl needs "
-                         f"unet.added_cond='text_time' (SDXL), got text.kind={cfg.text.kind!r}")
-    if cfg.unet.added_cond and text_encoder.pooled_dim + 6 * cfg.unet.added_id_dim != cfg.unet.added_in_dim:
-        raise ValueError(f"unet.added_in_dim={cfg.unet.added_in_dim} is not the pooled text ({text_encoder.pooled_dim}) "
-                         f"and 6 size numbers x {cfg.unet.added_id_dim}: stage 2 trains SDXL base-style U-Nets "
-                         "(not the refiner's aesthetic-score numbers)")
-    unet = UNet(cfg.unet)
+    check_conditioning(cfg, text_encoder)
+    unet = build_net(cfg.network)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model = LatentModel(unet, text_encoder, train_text=cfg.text.kind == "scratch")
@@ -440,7 +480,7 @@ def main(argv: list[str] | None = None) -> Path:
         # Still part of the model (checkpointed, exported), just not optimised.
         model.text_encoder.requires_grad_(False)
     text_params = count_params(model) - count_params(unet)
-    logger.info("U-Net %.2fM params, %s text encoder %.2fM params", count_params(unet) / 1e6,
+    logger.info("%s %.2fM params, %s text encoder %.2fM params", type(unet).__name__, count_params(unet) / 1e6,
                 "trained" if cfg.train_text_encoder and not cfg.lora.rank else "frozen", text_params / 1e6)
     if cfg.lora.rank:
         logger.info("LoRA rank %d on %s: %.3fM trainable params", cfg.lora.rank, "/".join(cfg.lora.targets),
@@ -451,7 +491,7 @@ def main(argv: list[str] | None = None) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     net = accelerator.unwrap_model(model)
     ema = EMA(net, cfg.train.ema_decay, cfg.train.ema_power) if cfg.train.ema_decay > 0 else None
-    model_config = {"unet": config_to_dict(cfg.unet), "text": config_to_dict(cfg.text),
+    model_config = {cfg.net: config_to_dict(cfg.network), "text": config_to_dict(cfg.text),
                     "autoencoder": config_to_dict(ae.config)}
     if cfg.lora.rank:  # the checkpoints hold the updates only: the frozen base must be the same on resume
         model_config |= {"lora": config_to_dict(cfg.lora), "init_from": cfg.init_from}
@@ -474,6 +514,7 @@ def main(argv: list[str] | None = None) -> Path:
     batches = data.forever()
     class_batches = prior.forever() if prior is not None else None
 
+    sdxl_net = cfg.net == "unet" and cfg.unet.added_cond is not None   # takes each picture's size numbers
     model.train()
     while step < cfg.train.max_steps:
         batch = next(batches)
@@ -486,7 +527,7 @@ def main(argv: list[str] | None = None) -> Path:
         captions = [cfg.ti.template.format(cfg.ti.word)] * len(batch["text"]) if cfg.ti.template else batch["text"]
         prompts = drop_captions(captions, cfg.p_uncond)     # (B,) per-sample, from the seeded global RNG
         factor = ae.config.downsample_factor      # SDXL: each picture's own size and crop numbers
-        sdxl = {"time_ids": sdxl_time_ids(batch.get("size_ids"), z.shape, factor).to(device)} if cfg.unet.added_cond else {}
+        sdxl = {"time_ids": sdxl_time_ids(batch.get("size_ids"), z.shape, factor).to(device)} if sdxl_net else {}
         if class_batches is not None:                      # DreamBooth: the class as the model drew it
             pictures = next(class_batches)
             with torch.no_grad():

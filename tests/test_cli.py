@@ -314,7 +314,7 @@ def test_lora_merges_into_teacher_and_students(model, tmp_path, capsys):
         for name, p in unet.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(0, 0.5)
-    tensors, meta = lora_file_state(unet, len(unet.cfg.channels))
+    tensors, meta = lora_file_state(unet)
     save_file(tensors, str(tmp_path / "lora.safetensors"), metadata=meta)
     runs = {"plain": [], "zero": ["--lora", f"{tmp_path / 'lora.safetensors'}:0"],
             "lora": ["--lora", str(tmp_path / "lora.safetensors")]}

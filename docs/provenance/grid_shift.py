@@ -36,4 +36,4 @@ for folder in folders:
                     images.append(out)
                 r = evaluate_images(oracle, torch.cat(images), prompts, reals)
                 print(json.dumps(dict(model=folder, steps=steps, sampler=sampler, shift=shift, nfe=info["nfe"],
-                                      accuracy=r["accuracy"], fd=r["fd"])), flush=True)
+                                      accuracy=r["accuracy"], fd=r["fd"], correct=r["correct"])), flush=True)

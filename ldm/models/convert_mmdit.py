@@ -46,6 +46,9 @@ def mmdit_config_from_diffusers(d: dict) -> MMDiTConfig:
 
 def mmdit_config_to_diffusers(cfg: MMDiTConfig) -> dict:
     """MMDiTConfig -> an SD3Transformer2DModel config.json dict (inverse of mmdit_config_from_diffusers)."""
+    if not cfg.pooled_dim:
+        raise ValueError("an MMDiT without pooled text (pooled_dim=0) has no SD3Transformer2DModel counterpart: "
+                         "SD3's transformer always adds the pooled text to its time embedding")
     d = {theirs: getattr(cfg, ours) for theirs, ours in _CONFIG_KEYS.items()}
     d["dual_attention_layers"] = list(cfg.dual_attention_layers)
     return {"_class_name": CLASS_NAME, **d}
@@ -109,15 +112,21 @@ def diffusers_to_ours(state: dict) -> dict:
     return out
 
 
+_TOP_BACK, _BLOCK_BACK = {v: k for k, v in TOP.items()}, {v: k for k, v in BLOCK.items()}
+
+
+def ours_to_diffusers_key(key: str) -> str:
+    """One key of ours -> diffusers' name for it (a LoRA file names modules so: `name.weight` in, out)."""
+    return _rename(key, _TOP_BACK, _BLOCK_BACK, "transformer_blocks")
+
+
 def ours_to_diffusers(state: dict) -> dict:
     """Inverse of diffusers_to_ours; the last block's dropped text query comes back as zeros (unit q-norm gain)."""
-    top = {v: k for k, v in TOP.items()}
-    block = {v: k for k, v in BLOCK.items()}
     out = {}
     for key, value in state.items():
         if key == "pos_embed":
             value = value.reshape(1, -1, value.shape[-1])
-        out[_rename(key, top, block, "transformer_blocks")] = value
+        out[ours_to_diffusers_key(key)] = value
     for i in _pre_only_blocks(state, "blocks", "text.attn.out."):
         k, k_norm = state[f"blocks.{i}.text.attn.k.weight"], state.get(f"blocks.{i}.text.attn.k_norm.weight")
         out[f"transformer_blocks.{i}.attn.add_q_proj.weight"] = k.new_zeros(k.shape)

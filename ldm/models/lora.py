@@ -28,8 +28,10 @@ Two uses:
     block's text outputs are discarded, convert_mmdit): its update is skipped.
   Other adapters (LoHa, LoKr, DoRA) are refused by name.
 - Training in stage 2 (`lora.rank > 0`): `add_lora` wraps the attention projections in
-  `LoRALinear` with the base frozen; `lora_file_state` writes the result in diffusers' layout, so
-  diffusers' `load_lora_weights` reads our files too, and `merged_state_dict` folds it into plain weights.
+  `LoRALinear` with the base frozen (an MMDiT: `mmdit_targets`, both streams' q, k, v, out by default, as
+  diffusers' train_dreambooth_lora_sd3.py); `lora_file_state` writes the result in diffusers' layout
+  (`unet.` or SD3's `transformer.`), so diffusers' `load_lora_weights` reads our files too, and
+  `merged_state_dict` folds it into plain weights.
 """
 from __future__ import annotations
 
@@ -43,12 +45,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldm.models.convert_mmdit import diffusers_to_ours as mmdit_diffusers_to_ours
+from ldm.models.convert_mmdit import ours_to_diffusers_key as mmdit_ours_to_diffusers_key
 from ldm.models.convert_unet import DIFFUSERS_TOP, RES_DIFFUSERS, TRANSFORMER_RENAMES, compvis_to_ours, diffusers_to_ours
 from ldm.models.mmdit import MMDiT
 from ldm.models.text import clip_name
 
 TRAIN_TARGETS = ("to_q", "to_k", "to_v", "to_out")   # our attention projections (diffusers: to_out.0)
 METADATA_KEY = "lora_adapter_metadata"               # diffusers' safetensors metadata entry
+# An MMDiT's targets by diffusers' SD3Transformer2DModel names (peft's target_modules; to_out.0 as to_out) -> the
+# ends of our module names: image stream (to_*), text stream (add_*, to_add_out), SD 3.5 medium's second image
+# attention (attn2.*), the feed-forwards.
+MMDIT_TARGETS = {"to_q": "image.attn.q", "to_k": "image.attn.k", "to_v": "image.attn.v", "to_out": "image.attn.out",
+                 "add_q_proj": "text.attn.q", "add_k_proj": "text.attn.k", "add_v_proj": "text.attn.v",
+                 "to_add_out": "text.attn.out",
+                 "attn2.to_q": "self_attn.q", "attn2.to_k": "self_attn.k", "attn2.to_v": "self_attn.v",
+                 "attn2.to_out": "self_attn.out",
+                 "ff.net.0.proj": "image.mlp.fc1", "ff.net.2": "image.mlp.fc2",
+                 "ff_context.net.0.proj": "text.mlp.fc1", "ff_context.net.2": "text.mlp.fc2"}
+MMDIT_TRAIN_TARGETS = tuple(list(MMDIT_TARGETS)[:8])   # both streams' attention: the SD3 LoRA script's default
 
 
 # ----------------------------------------------------------------------------- training
@@ -74,11 +88,13 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=TRAIN_TARGETS) -> list[str]:
-    """Freeze `model` and wrap every nn.Linear whose last name is in `targets`; returns their names."""
+    """Freeze `model` and wrap every nn.Linear whose name ends in one of `targets` ("to_q", or dotted:
+    "image.attn.q"); returns their names."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     model.requires_grad_(False)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and any(f".{n}".endswith(f".{t}") for t in targets)]
     if not names:
         raise ValueError(f"add_lora: no nn.Linear named one of {tuple(targets)} in {type(model).__name__}")
     for name in names:
@@ -86,6 +102,14 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=TR
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, LoRALinear(getattr(parent, leaf), rank, float(alpha or rank)))
     return names
+
+
+def mmdit_targets(names) -> list[str]:
+    """Stage 2's `lora.targets` for an MMDiT (MMDIT_TARGETS' keys, diffusers' names) -> add_lora's targets."""
+    unknown = sorted(set(names) - set(MMDIT_TARGETS))
+    if unknown or not names:
+        raise ValueError(f"MMDiT LoRA targets: {unknown or 'empty'}; pick from {list(MMDIT_TARGETS)}")
+    return [MMDIT_TARGETS[n] for n in names]
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -137,24 +161,29 @@ def ours_to_diffusers(name: str, num_levels: int) -> str:
     return head + rest[:-1]
 
 
-def lora_file_state(unet: nn.Module, num_levels: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a diffusers/peft LoRA file for the LoRALinear modules of `unet`.
+def lora_file_state(net: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a diffusers/peft LoRA file for the LoRALinear modules of `net`: a U-Net's under
+    `unet.` in UNet2DConditionModel's names, an MMDiT's under `transformer.` in SD3Transformer2DModel's.
 
     alpha / r is folded into lora_B and the metadata says lora_alpha = r: any reader, with or
     without the metadata, applies exactly the trained update.
     """
+    mmdit = isinstance(net, MMDiT)
+    part = "transformer" if mmdit else "unet"
     tensors, ranks, targets = {}, set(), set()
-    for name, m in lora_modules(unet).items():
-        theirs = ours_to_diffusers(name, num_levels)
-        tensors[f"unet.{theirs}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
-        tensors[f"unet.{theirs}.lora_B.weight"] = (m.lora_B.detach().float() * m.scale).contiguous()
+    for name, m in lora_modules(net).items():
+        theirs = mmdit_ours_to_diffusers_key(f"{name}.weight").removesuffix(".weight") if mmdit else \
+            ours_to_diffusers(name, len(net.cfg.channels))
+        tensors[f"{part}.{theirs}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
+        tensors[f"{part}.{theirs}.lora_B.weight"] = (m.lora_B.detach().float() * m.scale).contiguous()
         ranks.add(m.lora_A.shape[0])
-        parts = theirs.split(".")  # peft's target_modules match name suffixes: "to_q", "to_out.0", "net.2"
-        targets.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
+        parts = theirs.split(".")  # peft's target_modules match name suffixes: "to_q", "to_out.0", "net.2";
+        # an MMDiT's whole names: diffusers' last block has a text query ("add_q_proj") that ours has not
+        targets.add(theirs if mmdit else ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
     if len(ranks) != 1:
         raise ValueError(f"lora_file_state: one rank expected, got {sorted(ranks)}")
     r = ranks.pop()
-    meta = {"unet.r": r, "unet.lora_alpha": r, "unet.target_modules": sorted(targets)}
+    meta = {f"{part}.r": r, f"{part}.lora_alpha": r, f"{part}.target_modules": sorted(targets)}
     return tensors, {"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)}
 
 

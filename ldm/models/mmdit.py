@@ -4,7 +4,8 @@ for High-Resolution Image Synthesis", Sec. 4 and Fig. 2).
 Image patches and text tokens keep separate weights (two streams) but meet in one attention over the
 concatenated sequence [image; text] in every block (Fig. 2b). Both streams are modulated by the vector
 c = MLP(sinusoid(t)) + MLP(pooled text) through adaLN-Zero (Peebles & Xie 2023): shift and scale before
-the attention and the MLP, a gate on each residual branch. Options of the later releases:
+the attention and the MLP, a gate on each residual branch. pooled_dim=0 (ours, for a text encoder without a
+pooled vector, such as the shapes world's scratch one): c = MLP(sinusoid(t)) alone. Options of the later releases:
 - qk_norm="rms_norm" (SD3.5, Sec. 5.3.2): queries and keys RMS-normalized per head, for stable training.
 - dual_attention_layers (SD3.5 medium, "MMDiT-X"): in those blocks the image tokens also attend to
   themselves alone, with a third modulation triple (shift, scale, gate).
@@ -46,7 +47,7 @@ class MMDiTConfig:
     head_dim: int = 64                     # channels per head
     context_dim: int = 4096                # text token width in (diffusers: joint_attention_dim)
     caption_dim: int = 1536                # text token width inside; must be D (caption_projection_dim)
-    pooled_dim: int = 2048                 # pooled text width (diffusers: pooled_projection_dim)
+    pooled_dim: int = 2048                 # pooled text width (diffusers: pooled_projection_dim); 0 = no pooled text
     pos_embed_max_size: int = 192          # side of the position table, in patches: latents up to M * p
     sample_size: int = 128                 # training latent side: the table's positions are in its patches
     qk_norm: str | None = None             # "rms_norm": per-head RMSNorm of q and k (SD3.5)
@@ -64,6 +65,8 @@ class MMDiTConfig:
         if self.caption_dim != width:
             raise ValueError(f"MMDiTConfig.caption_dim {self.caption_dim} must equal the width num_heads * head_dim "
                              f"= {width}: the text tokens enter the joint blocks at that width")
+        if self.pooled_dim < 0:
+            raise ValueError(f"MMDiTConfig.pooled_dim must be >= 0 (0: no pooled text), got {self.pooled_dim}")
         if width % 4:
             raise ValueError(f"MMDiTConfig: width {width} must divide by 4 (sin and cos of two axes)")
         bad = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
@@ -227,7 +230,8 @@ def unpatchify(h, grid_h: int, grid_w: int, p: int):
 # ---- the network -----------------------------------------------------------------------------
 
 class MMDiT(nn.Module):
-    """Velocity-prediction MMDiT: forward(x (B,C,H,W), t (B,), context (B,L,D_ctx), pooled=(B,P)) -> (B,C_out,H,W)."""
+    """Velocity-prediction MMDiT: forward(x (B,C,H,W), t (B,), context (B,L,D_ctx), pooled=(B,P)) -> (B,C_out,H,W);
+    pooled is None where pooled_dim is 0."""
 
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
@@ -236,7 +240,8 @@ class MMDiT(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.in_channels, D, p, stride=p)
         self.register_buffer("pos_embed", sincos_table(cfg.pos_embed_max_size, D, cfg.sample_size // p))
         self.time_embed = TimestepMLP(TIME_FREQS, D)
-        self.pooled_embed = TimestepMLP(cfg.pooled_dim, D)  # the same Linear-SiLU-Linear on pooled text
+        # the same Linear-SiLU-Linear on pooled text; none without it
+        self.pooled_embed = TimestepMLP(cfg.pooled_dim, D) if cfg.pooled_dim else None
         self.context_embed = nn.Linear(cfg.context_dim, cfg.caption_dim)
         self.blocks = nn.ModuleList(
             JointBlock(D, cfg.num_heads, cfg.qk_norm, last=i == cfg.depth - 1, dual=i in cfg.dual_attention_layers)
@@ -256,9 +261,12 @@ class MMDiT(nn.Module):
         cfg = self.cfg
         if control is not None or time_ids is not None:
             raise ValueError("MMDiT: this net takes no `control` (ControlNet residuals) and no `time_ids` (SDXL)")
-        if pooled is None:
+        if not cfg.pooled_dim:
+            if pooled is not None:
+                raise ValueError("MMDiT: pooled_dim=0 takes no `pooled` text embedding")
+        elif pooled is None:
             raise ValueError(f"MMDiT: needs `pooled` (B, {cfg.pooled_dim}), the pooled text embedding")
-        if pooled.shape != (x.shape[0], cfg.pooled_dim):
+        elif pooled.shape != (x.shape[0], cfg.pooled_dim):
             raise ValueError(f"MMDiT: pooled shape {tuple(pooled.shape)}, expected ({x.shape[0]}, {cfg.pooled_dim})")
         if context.shape[-1] != cfg.context_dim:
             raise ValueError(f"MMDiT: context width {context.shape[-1]}, config context_dim {cfg.context_dim}")
@@ -274,14 +282,16 @@ class MMDiT(nn.Module):
                              f"{M} x {M} position table (pos_embed_max_size)")
 
     def _conditioning(self, t, pooled, cond_emb, batch: int, dtype):
-        """c = MLP(sinusoid(t)) + MLP(pooled) (+ cond_emb), (B, D)."""
+        """c = MLP(sinusoid(t)) + MLP(pooled) (+ cond_emb), (B, D); pooled_dim=0: no pooled term."""
         if not torch.is_tensor(t):
             t = torch.tensor(t)
-        t = t.to(pooled.device).reshape(-1)
+        t = t.to(self.patch_embed.weight.device).reshape(-1)
         t = t.expand(batch) if t.numel() == 1 else t
         if t.shape[0] != batch:
             raise ValueError(f"MMDiT: t has {t.shape[0]} entries for a batch of {batch}")
-        c = self.time_embed(timestep_embedding(t, TIME_FREQS).to(dtype)) + self.pooled_embed(pooled.to(dtype))
+        c = self.time_embed(timestep_embedding(t, TIME_FREQS).to(dtype))
+        if self.pooled_embed is not None:
+            c = c + self.pooled_embed(pooled.to(dtype))
         if cond_emb is not None:
             if cond_emb.shape != c.shape:
                 raise ValueError(f"MMDiT: cond_emb shape {tuple(cond_emb.shape)}, expected {tuple(c.shape)}")
@@ -296,7 +306,8 @@ class MMDiT(nn.Module):
 
     def forward(self, x, t, context, context_mask=None, cond_emb=None, control=None, pooled=None, time_ids=None):
         """x (B,C,H,W), t (B,) or scalar (sigma * 1000), context (B,L,D_ctx), context_mask (B,L) bool
-        True = a real token (masked ones are no keys), cond_emb (B, D) added to c, pooled (B, P) required."""
+        True = a real token (masked ones are no keys), cond_emb (B, D) added to c, pooled (B, P) required (none
+        where pooled_dim is 0)."""
         self._check_inputs(x, context, context_mask, pooled, control, time_ids)
         dtype, p = self.patch_embed.weight.dtype, self.cfg.patch_size
         B, _, H, W = x.shape

@@ -182,7 +182,7 @@ def test_our_trained_lora_file_loads_in_diffusers(tmp_path, one_thread):
         for m in ours.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.normal_(0, 0.1)
-    tensors, meta = lora_file_state(ours, levels)
+    tensors, meta = lora_file_state(ours)
     assert json.loads(meta[METADATA_KEY])["unet.target_modules"] == ["net.2", "proj", "to_k", "to_out.0", "to_q",
                                                                            "to_v"]
     save_file(tensors, str(tmp_path / "lora.safetensors"), metadata=meta)
@@ -301,7 +301,7 @@ def test_merge_lora_reaches_the_students_and_keeps_their_dtype(tmp_path, one_thr
         for m in unet.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.normal_(0, 0.3)
-    tensors, meta = lora_file_state(unet, len(unet.cfg.channels))
+    tensors, meta = lora_file_state(unet)
     save_file(tensors, str(tmp_path / "lora.safetensors"), metadata=meta)
     assert merge(str(tmp_path / "model"), [(str(tmp_path / "lora.safetensors"), 1.0)], str(tmp_path / "baked")) \
         == 2 * len(tensors) // 2                                           # teacher and student-2

@@ -7,9 +7,10 @@ from diffusers import SD3Transformer2DModel
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
 from ldm.models.convert_mmdit import (
-    diffusers_to_ours, load_diffusers_mmdit, mmdit_config_from_diffusers, ours_to_diffusers,
+    diffusers_to_ours, load_diffusers_mmdit, mmdit_config_from_diffusers, mmdit_config_to_diffusers, ours_to_diffusers,
 )
-from ldm.models.mmdit import MMDiT, MMDiTConfig
+from ldm.models.layers import timestep_embedding
+from ldm.models.mmdit import TIME_FREQS, MMDiT, MMDiTConfig
 
 TINY = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
             num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=24,
@@ -144,6 +145,39 @@ def test_time_formats_and_cond_emb():
     assert (moved - base).abs().max() > 1e-3
     with pytest.raises(ValueError, match="cond_emb shape"):
         net(x, t, ctx, pooled=pooled, cond_emb=torch.zeros(2, 7))
+
+
+def test_without_pooled_text_c_is_the_time_embedding_and_it_learns():
+    """pooled_dim=0 (a scratch text encoder has no pooled vector): no pooled MLP, c = MLP(sinusoid(t)) (+ cond_emb),
+    a pooled vector given is refused, SD3's export refuses the net; 30 Adam steps fit a fixed batch."""
+    net = _net(pooled_dim=0)
+    assert net.pooled_embed is None and not any(k.startswith("pooled_embed") for k in net.state_dict())
+    x, t, ctx, _ = _inputs(net.cfg)
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    with torch.no_grad():
+        out = net(x, t, ctx, context_mask=mask)
+        c = net.time_embed(timestep_embedding(t, TIME_FREQS))
+        torch.testing.assert_close(net._conditioning(t, None, None, 2, torch.float32), c)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="pooled_dim=0 takes no `pooled`"):
+        net(x, t, ctx, pooled=torch.zeros(2, 24))
+    with pytest.raises(ValueError, match="pooled_dim=0"):
+        mmdit_config_to_diffusers(net.cfg)
+    with pytest.raises(ValueError, match="pooled_dim must be >= 0"):
+        MMDiTConfig(**{**_tiny_cfg(), "pooled_dim": -1})
+
+    torch.manual_seed(0)
+    net = MMDiT(MMDiTConfig(**{**_tiny_cfg(), "pooled_dim": 0})).train()
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = (net(x, t, ctx, context_mask=mask) - target).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.75 * losses[0], losses                          # 0.64 here
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(qk_norm="rms_norm", dual_attention_layers=(0,))],

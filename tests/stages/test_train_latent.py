@@ -14,6 +14,8 @@ from ldm.data.loaders import DataConfig, build_dataset
 from ldm.data.shapes import export
 from ldm.distill.student import WEmbedding
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.lora import MMDIT_TRAIN_TARGETS
+from ldm.models.mmdit import MMDiT, MMDiTConfig
 from ldm.models.text import ScratchTextEncoder, TextEncoderConfig
 from ldm.models.unet import UNet, count_params, sdxl_config
 from ldm.pipeline import TextToImage, load_index
@@ -306,9 +308,13 @@ def test_caption_dropout_rate_is_p_uncond_and_seeded():
 
 
 def test_presets_load_and_shapes64_fits_the_budget():
-    for name in ("tiny", "shapes64", "sd15", "sdxl-lora"):
+    for name in ("tiny", "shapes64", "shapes64-mmdit", "sd15", "sdxl-lora", "sd3-lora"):
         load_config(stage.LatentStageConfig, CONFIGS / f"{name}.yaml")
     assert load_config(stage.LatentStageConfig, CONFIGS / "sdxl-lora.yaml").unet == sdxl_config()
+    sd3 = load_config(stage.LatentStageConfig, CONFIGS / "sd3-lora.yaml")          # SD3 medium, its LoRA script's layers
+    assert sd3.network is sd3.mmdit and sd3.mmdit == MMDiTConfig() and sd3.lora.targets == list(MMDIT_TRAIN_TARGETS)
+    assert load_config(stage.LatentStageConfig, CONFIGS / "sdxl-lora.yaml").lora.targets == ["to_q", "to_k", "to_v",
+                                                                                             "to_out"]
     cfg = load_config(stage.LatentStageConfig, CONFIGS / "shapes64.yaml")
     unet = count_params(UNet(cfg.unet))
     assert unet <= 5_000_000 and cfg.text.width == 128 and cfg.unet.context_dim == 128
@@ -445,3 +451,50 @@ def test_rectified_flow_trains_and_samples(tiny_ae, tmp_path, capsys):
     for sampler in ("ddim", "dpmpp_2m", "euler_a", "heun"):
         images, _ = pipe.generate(["a red circle"], steps=3, guidance=2.0, sampler=sampler)
         assert images.shape == (1, 3, 32, 32) and bool(torch.isfinite(images).all()), sampler
+
+
+TINY_MMDIT = ["net=mmdit", "mmdit={in_channels: 4, out_channels: 4, patch_size: 2, depth: 2, num_heads: 2, head_dim: 16, "
+              "context_dim: 32, caption_dim: 32, pooled_dim: 0, pos_embed_max_size: 8, sample_size: 16}"]
+
+
+def test_an_mmdit_trains_from_scratch_with_the_scratch_text_encoder(tiny_ae, tmp_path, monkeypatch):
+    """net=mmdit, pooled_dim=0: SD3's transformer on the shapes world, trained jointly with the scratch text encoder
+    (no pooled text; the padding masked); 2 + 2 steps resume to exactly 4, and the folder draws through txt2img."""
+    from ldm import txt2img
+    losses = []
+
+    class Recording(stage.DiffusionLoss):
+        def __call__(self, *args, **kwargs):
+            loss = super().__call__(*args, **kwargs)
+            losses.append(loss.item())
+            return loss
+    monkeypatch.setattr(stage, "DiffusionLoss", Recording)
+    common = [*TINY_MMDIT, "cache_latents=true", f"cache_dir={tmp_path / 'cache'}", "train.max_steps=4"]
+    run(tiny_ae, tmp_path / "straight", *common)
+    run(tiny_ae, tmp_path / "resumed", *common, "train.max_steps=2")
+    folder = run(tiny_ae, tmp_path / "resumed", *common, "--resume", "latest")
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses))), losses
+    assert losses[4:] == losses[:4]                                   # the resumed run drew the same times and noise
+    a, b = (load_file(str(find_latest_checkpoint(tmp_path / f) / "model.safetensors")) for f in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("text_encoder.") for k in a) and not any(".pooled_embed." in k for k in a)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    assert (config["kind"], config["pooled_dim"], config["depth"]) == ("mmdit", 0, 2)
+
+    out = tmp_path / "circle.png"
+    txt2img.main(["a red circle", "--model", str(folder), "--steps", "2", "--out", str(out)])
+    assert out.is_file()
+    with pytest.raises(ValueError, match=r"mmdit.pooled_dim=8 .* must be the pooled width \(0; 0 = no pooled text\) "
+                       r"and the token width \(32\) of text.kind=scratch"):     # the scratch encoder has none
+        run(tiny_ae, tmp_path / "bad", *TINY_MMDIT, "mmdit.pooled_dim=8")
+
+
+def test_shapes64_mmdit_preset_is_about_the_unets_size():
+    """configs/latent/shapes64-mmdit.yaml: shapes64 with an MMDiT of about the U-Net's parameters in its place."""
+    unet = load_config(stage.LatentStageConfig, CONFIGS / "shapes64.yaml")
+    mmdit = load_config(stage.LatentStageConfig, CONFIGS / "shapes64-mmdit.yaml")
+    assert mmdit.net == "mmdit" and count_params(MMDiT(mmdit.mmdit)) == 4_028_048     # the header's numbers
+    assert count_params(UNet(unet.unet)) == 3_849_268
+    same = ("text", "diffusion", "data", "val", "p_uncond", "latents", "guidance", "autoencoder")
+    assert all(getattr(mmdit, key) == getattr(unet, key) for key in same)
+    assert dataclasses.replace(mmdit.train, output_dir="") == dataclasses.replace(unet.train, output_dir="")
