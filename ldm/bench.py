@@ -1,8 +1,8 @@
-"""SD-scale model benchmark: our U-Net, VAE and txt2img pipeline vs diffusers, same weights.
+"""SD-scale model benchmark: our U-Net, VAE, txt2img pipeline and SD3 transformer vs diffusers, same weights.
 
-    python -m ldm.bench [--size sd15|tiny] [--out FILE.json] [--md FILE.md]
-                        [--only unet-infer,unet-train,vae-decode,txt2img] [--compile both|eager|compiled]
-                        [--dtypes fp16,bf16]
+    python -m ldm.bench [--size sd15|tiny|sdxl|tiny-xl|sd3|tiny-sd3] [--out FILE.json] [--md FILE.md]
+                        [--only unet-infer,unet-train,vae-decode,txt2img,mmdit-infer,mmdit-train]
+                        [--compile both|eager|compiled] [--dtypes fp16,bf16]
 
 Every diffusers module is built from its config (random init, fixed seed) and converted into
 ours, and both are run once on a small fp32 input to prove the weights match (max error
@@ -12,6 +12,9 @@ printed and stored) before anything is timed. Benches (docs/bench.md says more):
               checkpointing; peak memory per case
   vae-decode  one latent -> one image
   txt2img     4 DDIM steps with CFG: text encoder + 4 batch-2 U-Net calls + VAE decode
+  mmdit-infer, mmdit-train  as unet-infer / unet-train for SD3's transformer (ours: ldm.models.mmdit;
+              diffusers: SD3Transformer2DModel), at the sizes that have one (sd3, tiny-sd3)
+A size runs the benches of the models it has; the others are skipped, and refused when named in --only.
 "ours" calls ldm.ops with backend "auto" (our Triton kernels on CUDA); the peers are diffusers
 with its default SDPA attention processor and, when xformers is installed, with xformers.
 speed-up = t_peer / t_ours. On CPU everything runs in fp32 at --size tiny by default: that
@@ -28,6 +31,7 @@ import json
 import platform
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,12 +40,17 @@ import torch.nn.functional as F
 from ldm import bench_models as bm
 from ldm.kernels.bench import describe_error, make_timer  # timer: CUDA events, warmup, median
 
-BENCHES = ("unet-infer", "unet-train", "vae-decode", "txt2img")
+BENCHES = ("unet-infer", "unet-train", "vae-decode", "txt2img", "mmdit-infer", "mmdit-train")
+NEEDS = {"unet-infer": ("unet",), "unet-train": ("unet",), "vae-decode": ("vae",),  # the Size models a bench runs
+         "txt2img": ("unet", "vae", "clip"), "mmdit-infer": ("mmdit",), "mmdit-train": ("mmdit",)}
 COMPILE_MODES = {"both": ("eager", "compiled"), "eager": ("eager",), "compiled": ("compiled",)}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SDPA, XFORMERS = "diffusers-sdpa", "diffusers-xformers"
 # Speed-up goals over diffusers+SDPA per (bench, mode); training also needs peak memory <= the peer's.
-SPEED_GOALS = {("unet-infer", "eager"): 1.15, ("unet-infer", "compiled"): 1.0, ("unet-train", "eager"): 1.1}
+# MMDiT: parity, since both sides run the same cuBLAS matmuls and differ only in attention and host time.
+SPEED_GOALS = {("unet-infer", "eager"): 1.15, ("unet-infer", "compiled"): 1.0, ("unet-train", "eager"): 1.1,
+               ("mmdit-infer", "eager"): 1.0, ("mmdit-infer", "compiled"): 1.0, ("mmdit-train", "eager"): 1.0}
+MEMORY_GOALS = ("unet-train", "mmdit-train")  # every mode
 WEIGHT_CHECK_RTOL = 1e-4          # max |ours - diffusers| / max |diffusers| allowed at fp32
 TXT2IMG_STEPS, GUIDANCE = 4, 6.5   # w = 6.5 in our convention is diffusers' guidance_scale 7.5
 
@@ -92,6 +101,7 @@ def _profile(step, device, profile_dir, row) -> str:
         if cuda:
             torch.cuda.synchronize()
     name = "-".join(str(row[k]) for k in ("bench", "dtype", "mode", "impl"))
+    name += "-nhwc" if row["case"].endswith(" NHWC") else ""  # not the NCHW table of the same case
     path = Path(profile_dir) / f"{name}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
@@ -119,20 +129,21 @@ def _maybe_compile(fn, mode: str):
 LAYOUTS = {"nchw": ["nchw"], "channels_last": ["channels_last"], "both": ["nchw", "channels_last"]}
 
 
-def bench_unet_infer(pair, size, device, dtypes, modes, impls, timer, profile_dir=None, layouts=("nchw",)):
-    """One U-Net call at the CFG batch; channels_last: both U-Nets' weights and input in NHWC, where
-    cuDNN needs no NCHW <-> NHWC conversion around each convolution (27% of either U-Net's GPU time
-    in the H200 profiles of docs/results/profiles)."""
+def bench_denoiser_infer(bench, pair, inputs, call, batch, device, dtypes, modes, impls, timer, profile_dir=None,
+                         layouts=("nchw",)):
+    """One denoiser call at the CFG batch: a U-Net or an MMDiT pair (ours, diffusers), inputs(batch, generator)
+    -> (x, context, extra inputs) and call(impl, model, extra) -> (x, t, context) -> prediction (bench_models).
+    channels_last: both nets' weights and input in NHWC, where cuDNN needs no NCHW <-> NHWC conversion around
+    each convolution (27% of either U-Net's GPU time in the H200 profiles of docs/results/profiles)."""
     ours, theirs = pair
     g = torch.Generator().manual_seed(1)
-    b, side, ctx_dim = size.infer_batch, size.latent, size.unet["cross_attention_dim"]
     rows = []
     for dname in dtypes:
         dtype = DTYPES[dname]
-        x0 = torch.randn(b, 4, side, side, generator=g).to(device, dtype)
-        ctx = torch.randn(b, size.tokens, ctx_dim, generator=g).to(device, dtype)
-        t = torch.full((b,), 500.0, device=device)
-        added = {k: v.to(device, dtype) for k, v in size.added(b, g).items()}
+        x0, ctx, extra = inputs(batch, g)
+        x0, ctx = x0.to(device, dtype), ctx.to(device, dtype)
+        extra = {k: v.to(device, dtype) for k, v in extra.items()}
+        t = torch.full((batch,), 500.0, device=device)
         for layout in layouts:
             fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
             x = x0.contiguous(memory_format=fmt)
@@ -140,24 +151,23 @@ def bench_unet_infer(pair, size, device, dtypes, modes, impls, timer, profile_di
                 for impl in impls:
                     def make(impl=impl, mode=mode, fmt=fmt, x=x):
                         model = _placed(ours if impl == "ours" else theirs, impl, device, dtype).to(memory_format=fmt)
-                        call = _maybe_compile(bm.unet_call(impl, model, added), mode)
-                        return torch.no_grad()(lambda: call(x, t, ctx))
-                    case = f"B={b} {side}x{side} L={size.tokens}" + (" NHWC" if layout == "channels_last" else "")
-                    row = dict(bench="unet-infer", case=case, dtype=dname, mode=mode, impl=impl)
+                        step = _maybe_compile(call(impl, model, extra), mode)
+                        return torch.no_grad()(lambda: step(x, t, ctx))
+                    case = _case(x, ctx) + (" NHWC" if layout == "channels_last" else "")
+                    row = dict(bench=bench, case=case, dtype=dname, mode=mode, impl=impl)
                     rows.append(_measure(row, make, timer, device, profile_dir))
     return rows
 
 
-def bench_unet_train(pair, size, device, amp_dtype, modes, impls, timer):
-    """Forward + backward + AdamW step (fp32 master weights, autocast), checkpointing off and on."""
+def bench_denoiser_train(bench, pair, inputs, call, batch, device, amp_dtype, modes, impls, timer):
+    """Forward + backward + AdamW step (fp32 master weights, autocast), checkpointing off and on; pair, inputs
+    and call as in bench_denoiser_infer."""
     ours, theirs = pair
     g = torch.Generator().manual_seed(2)
-    b, side, ctx_dim = size.train_batch, size.latent, size.unet["cross_attention_dim"]
-    x = torch.randn(b, 4, side, side, generator=g).to(device)
-    ctx = torch.randn(b, size.tokens, ctx_dim, generator=g).to(device)
-    target = torch.randn(b, 4, side, side, generator=g).to(device)
-    t = torch.randint(0, 1000, (b,), generator=g).float().to(device)
-    added = {k: v.to(device) for k, v in size.added(b, g).items()}
+    x, ctx, extra = inputs(batch, g)
+    target = torch.randn(x.shape, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).float().to(device)
+    x, ctx, extra = x.to(device), ctx.to(device), {k: v.to(device) for k, v in extra.items()}
     dname = next(k for k, v in DTYPES.items() if v == amp_dtype)
     rows = []
     for ckpt in (False, True):
@@ -167,20 +177,25 @@ def bench_unet_train(pair, size, device, amp_dtype, modes, impls, timer):
                     model = _placed(ours if impl == "ours" else theirs, impl, device, torch.float32).train()
                     if ckpt:
                         model.enable_gradient_checkpointing()
-                    call = _maybe_compile(bm.unet_call(impl, model, added), mode)
+                    forward = _maybe_compile(call(impl, model, extra), mode)
                     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
                     def step():
                         opt.zero_grad(set_to_none=True)
                         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-                            out = call(x, t, ctx)
+                            out = forward(x, t, ctx)
                         F.mse_loss(out.float(), target).backward()
                         opt.step()
                     return step
-                row = dict(bench="unet-train", case=f"B={b} {side}x{side} ckpt={'on' if ckpt else 'off'}",
-                           dtype=dname, mode=mode, impl=impl)
+                row = dict(bench=bench, case=_case(x, ctx, ckpt), dtype=dname, mode=mode, impl=impl)
                 rows.append(_measure(row, make, timer, device))
     return rows
+
+
+def _case(x, ctx, ckpt=None) -> str:
+    """A denoiser case's label: batch, latent sides and text tokens (inference) or checkpointing (training)."""
+    b, _, h, w = x.shape
+    return f"B={b} {h}x{w} " + (f"L={ctx.shape[1]}" if ckpt is None else f"ckpt={'on' if ckpt else 'off'}")
 
 
 def bench_vae_decode(pair, size, device, dtypes, modes, impls, timer):
@@ -251,7 +266,7 @@ def compare(rows, on_gpu: bool) -> list[dict]:
 def _goal(c: dict, on_gpu: bool):
     """(goal text, True/False/None); None where no goal applies or nothing could be measured."""
     speed = SPEED_GOALS.get((c["bench"], c["mode"])) if c["peer"] == SDPA else None
-    memory = c["bench"] == "unet-train" and c["peer"] == SDPA
+    memory = c["bench"] in MEMORY_GOALS and c["peer"] == SDPA
     if speed is None and not memory:
         return "", None
     text = " and ".join(([f">= {speed}x"] if speed else []) + (["peak <= peer"] if memory else []))
@@ -318,7 +333,7 @@ def parse_args(argv):
     parser.add_argument("--md", default=None, help="write the markdown table here")
     parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
     parser.add_argument("--profile", default=None, metavar="DIR",
-                        help="also write a per-kernel torch.profiler table for each U-Net inference case here")
+                        help="also write a per-kernel torch.profiler table for each U-Net / MMDiT inference case here")
     parser.add_argument("--compile", choices=sorted(COMPILE_MODES), default="both", help="eager, compiled or both")
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="nchw",
                         help="U-Net inference memory format: nchw (default), channels_last, or both")
@@ -331,14 +346,30 @@ def parse_args(argv):
     if bad:
         parser.error(f"--dtypes: unknown dtype(s) {bad}; choose from {', '.join(DTYPES)}")
     args.only = [b for b in args.only.split(",") if b]
-    if args.size and args.size not in bm.TXT2IMG_SIZES and "txt2img" in args.only:
-        if any(a.startswith("--only") for a in argv):
-            parser.error(f"--only txt2img: the {args.size} size has no txt2img bench yet (SD's pipeline, one CLIP)")
-        args.only.remove("txt2img")
     unknown = [b for b in args.only if b not in BENCHES]
     if unknown:
         parser.error(f"--only: unknown bench(es) {unknown}; choose from {', '.join(BENCHES)}")
+    args.size = args.size or ("sd15" if torch.cuda.is_available() else "tiny")
+    asked = any(a.startswith("--only") for a in argv)
+    for bench in list(args.only):  # a size runs the benches of its models: skip the others, or refuse if asked for
+        why = unsupported(bench, args.size)
+        if why and asked:
+            parser.error(f"--only {bench}: {why}")
+        if why:
+            args.only.remove(bench)
     return args
+
+
+def unsupported(bench: str, size_name: str) -> str | None:
+    """Why the size cannot run the bench, or None when it can."""
+    def lacking(name):
+        return [m for m in NEEDS[bench] if getattr(bm.SIZES[name], m) is None]
+    if lacking(size_name):
+        runs = ", ".join(n for n in sorted(bm.SIZES) if not lacking(n) and unsupported(bench, n) is None)
+        return f"the {size_name} size has no {' / '.join(lacking(size_name))} (sizes that run {bench}: {runs})"
+    if bench == "txt2img" and size_name not in bm.TXT2IMG_SIZES:
+        return f"the {size_name} size has no txt2img bench yet (SD's pipeline, one CLIP)"
+    return None
 
 
 def main(argv=None) -> dict:
@@ -346,7 +377,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    size_name = args.size or ("sd15" if cuda else "tiny")
+    size_name = args.size
     size = bm.SIZES[size_name]
     note = None if cuda else "CPU-only timings (fp32): they check the harness, they are not the GPU goals"
     if note:
@@ -375,18 +406,28 @@ def main(argv=None) -> dict:
                 json.dump(report, f, indent=1)
 
     checks, rows = report["weight_check"], []
+    denoisers = {}  # family -> (ours, diffusers), input maker, call maker: what the denoiser benches take
     if {"unet-infer", "unet-train", "txt2img"} & set(args.only):
         unets = bm.unet_pair(size)
         checks["unet"] = _checked("U-Net", bm.check_unet_pair(*unets, size))
+        denoisers["unet"] = (unets, partial(bm.unet_inputs, size), bm.unet_call)
     if {"vae-decode", "txt2img"} & set(args.only):
         vaes = bm.vae_pair(size)
         checks["vae"] = _checked("VAE", bm.check_vae_pair(*vaes, size))
-    if "unet-infer" in args.only:
-        rows += bench_unet_infer(unets, size, device, dtypes, modes, impls, timer, args.profile, LAYOUTS[args.layout])
-        save(rows)
-    if "unet-train" in args.only:
-        rows += bench_unet_train(unets, size, device, amp_dtype, modes, impls, timer)
-        save(rows)
+    if {"mmdit-infer", "mmdit-train"} & set(args.only):
+        mmdits = bm.mmdit_pair(size)
+        checks["mmdit"] = _checked("MMDiT", bm.check_mmdit_pair(*mmdits, size))
+        denoisers["mmdit"] = (mmdits, partial(bm.mmdit_inputs, size), bm.mmdit_call)
+    for family, denoiser in denoisers.items():
+        layouts = LAYOUTS[args.layout] if family == "unet" else ("nchw",)  # the MMDiT has one convolution
+        if f"{family}-infer" in args.only:
+            rows += bench_denoiser_infer(f"{family}-infer", *denoiser, size.infer_batch, device, dtypes, modes,
+                                         impls, timer, args.profile, layouts)
+            save(rows)
+        if f"{family}-train" in args.only:
+            rows += bench_denoiser_train(f"{family}-train", *denoiser, size.train_batch, device, amp_dtype, modes,
+                                         impls, timer)
+            save(rows)
     if "vae-decode" in args.only:
         rows += bench_vae_decode(vaes, size, device, dtypes, modes, impls, timer)
         save(rows)

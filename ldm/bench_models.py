@@ -8,24 +8,26 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from ldm.models.from_single_file import SDXL_UNET
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Size:
-    """Model configs and input sizes of one benchmark size."""
-    unet: dict          # diffusers UNet2DConditionModel config
-    vae: dict           # diffusers AutoencoderKL config
-    clip: dict          # transformers CLIPTextConfig (the text encoder of txt2img)
-    latent: int         # latent side (image side = latent * 8 for sd15)
-    image: int          # image side of txt2img / VAE decode
-    infer_batch: int    # U-Net inference batch (2 = one prompt under CFG)
-    train_batch: int    # training-step batch
-    tokens: int = 77    # text tokens in the context
-    pooled: int = 0     # SDXL: the pooled text width beside the six size numbers (0: no added embedding)
+    """Model configs and input sizes of one benchmark size; a model left out (None) skips its benches."""
+    unet: dict | None = None    # diffusers UNet2DConditionModel config
+    vae: dict | None = None     # diffusers AutoencoderKL config
+    clip: dict | None = None    # transformers CLIPTextConfig (the text encoder of txt2img)
+    mmdit: dict | None = None   # diffusers SD3Transformer2DModel config
+    latent: int                 # latent side (image side = latent * 8)
+    image: int                  # image side of txt2img / VAE decode
+    infer_batch: int            # denoiser inference batch (2 = one prompt under CFG)
+    train_batch: int            # training-step batch
+    tokens: int = 77            # text tokens in the context
+    pooled: int = 0             # SDXL: the pooled text width beside the six size numbers (0: no added embedding)
 
     def added(self, batch: int, generator: torch.Generator) -> dict:
         """SDXL's added inputs for a batch, in our U-Net's names ({} for SD): a pooled text vector and the
@@ -85,7 +87,24 @@ TINY_XL = Size(
     vae=TINY.vae, clip=TINY.clip, latent=16, image=32, infer_batch=2, train_batch=2, pooled=16,
 )
 
-SIZES = {"sd15": SD15, "tiny": TINY, "sdxl": SDXL, "tiny-xl": TINY_XL}
+SD3 = Size(
+    # SD3 medium's transformer (stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json, our
+    # MMDiTConfig defaults): 2,028,328,000 parameters. 1024 px; text = 77 CLIP + 256 T5 tokens at T5's width.
+    mmdit=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+               attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+               caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192),
+    latent=128, image=1024, infer_batch=2, train_batch=2, tokens=77 + 256,
+)
+
+TINY_SD3 = Size(
+    # SD3 medium's layout (16 latent channels, patch 2, a context-pre-only last block) at toy widths.
+    mmdit=dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+               num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=24,
+               pos_embed_max_size=24),
+    latent=16, image=128, infer_batch=2, train_batch=2, tokens=77 + 256,
+)
+
+SIZES = {"sd15": SD15, "tiny": TINY, "sdxl": SDXL, "tiny-xl": TINY_XL, "sd3": SD3, "tiny-sd3": TINY_SD3}
 TXT2IMG_SIZES = ("sd15", "tiny")     # txt2img runs SD's pipeline (one CLIP): not the SDXL sizes
 
 
@@ -135,15 +154,38 @@ def max_error(ours_fn, theirs_fn, *inputs) -> dict:
     return {"max_abs_err": err, "max_rel_err": err / max(b.abs().max().item(), 1e-12)}
 
 
-def check_unet_pair(ours, theirs, size: Size, seed: int = 0) -> dict:
-    """Both U-Nets on a batch-1 8x8 latent (the smallest every size divides into), fp32."""
-    factor = 2 ** (len(size.unet["block_out_channels"]) - 1)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, factor, factor, generator=g)
-    ctx = torch.randn(1, size.tokens, size.unet["cross_attention_dim"], generator=g)
-    t = torch.tensor([500.0])
-    added = size.added(1, g)
-    return max_error(unet_call("ours", ours, added), unet_call("diffusers", theirs, added), x, t, ctx)
+def mmdit_pair(size: Size, seed: int = 0):
+    """(ours, diffusers) SD3 transformers with identical weights, fp32 on CPU, eval mode."""
+    from diffusers import SD3Transformer2DModel
+
+    from ldm.models.convert_mmdit import diffusers_to_ours, mmdit_config_from_diffusers
+    from ldm.models.mmdit import MMDiT
+    from ldm.models.weights import load_state_dict_strict
+
+    torch.manual_seed(seed)
+    theirs = SD3Transformer2DModel(**size.mmdit)
+    ours = MMDiT(mmdit_config_from_diffusers(dict(theirs.config)))
+    load_state_dict_strict(ours, diffusers_to_ours(theirs.state_dict()),
+                           "diffusers SD3Transformer2DModel (random init)")
+    return ours.eval(), theirs.eval()
+
+
+# ---- denoiser inputs and calls: what the generic denoiser benches of ldm.bench take --------------
+
+def unet_inputs(size: Size, batch: int, generator: torch.Generator, side: int | None = None):
+    """x (B, 4, s, s), context (B, L, D_ctx) and SDXL's added inputs (our names), fp32 on CPU; s = size.latent."""
+    side = side or size.latent
+    x = torch.randn(batch, 4, side, side, generator=generator)
+    ctx = torch.randn(batch, size.tokens, size.unet["cross_attention_dim"], generator=generator)
+    return x, ctx, size.added(batch, generator)
+
+
+def mmdit_inputs(size: Size, batch: int, generator: torch.Generator, side: int | None = None):
+    """x (B, C, s, s), context (B, L, D_ctx) and the pooled text {"pooled": (B, P)}, fp32 on CPU."""
+    side, cfg = side or size.latent, size.mmdit
+    x = torch.randn(batch, cfg["in_channels"], side, side, generator=generator)
+    ctx = torch.randn(batch, size.tokens, cfg["joint_attention_dim"], generator=generator)
+    return x, ctx, {"pooled": torch.randn(batch, cfg["pooled_projection_dim"], generator=generator)}
 
 
 def unet_call(impl: str, model, added: dict):
@@ -152,6 +194,34 @@ def unet_call(impl: str, model, added: dict):
         return lambda x, t, c: model(x, t, c, **added)
     theirs = {"added_cond_kwargs": {"text_embeds": added["pooled"], "time_ids": added["time_ids"]}} if added else {}
     return lambda x, t, c: model(x, t, encoder_hidden_states=c, **theirs).sample
+
+
+def mmdit_call(impl: str, model, extra: dict):
+    """(x, t, context) -> velocity for either SD3 transformer; t = sigma * 1000 on both sides."""
+    if impl == "ours":
+        return lambda x, t, c: model(x, t, c, pooled=extra["pooled"])
+    return lambda x, t, c: model(hidden_states=x, timestep=t, encoder_hidden_states=c,
+                                 pooled_projections=extra["pooled"]).sample
+
+
+def check_denoiser_pair(ours, theirs, inputs, call, side: int, seed: int = 0) -> dict:
+    """Both denoisers on a batch-1 side x side latent, fp32; inputs(batch, generator, side) and call as
+    `unet_inputs` / `unet_call` with the size bound."""
+    x, ctx, extra = inputs(1, torch.Generator().manual_seed(seed), side)
+    t = torch.tensor([500.0])
+    return max_error(call("ours", ours, extra), call("diffusers", theirs, extra), x, t, ctx)
+
+
+def check_unet_pair(ours, theirs, size: Size, seed: int = 0) -> dict:
+    """Both U-Nets on a batch-1 8x8 latent (the smallest every size divides into), fp32."""
+    factor = 2 ** (len(size.unet["block_out_channels"]) - 1)
+    return check_denoiser_pair(ours, theirs, partial(unet_inputs, size), unet_call, factor, seed)
+
+
+def check_mmdit_pair(ours, theirs, size: Size, seed: int = 0) -> dict:
+    """Both transformers on a batch-1 8x8 latent (16 patches at patch 2) and the size's text tokens, fp32."""
+    return check_denoiser_pair(ours, theirs, partial(mmdit_inputs, size), mmdit_call, 4 * size.mmdit["patch_size"],
+                               seed)
 
 
 def check_vae_pair(ours, theirs, size: Size, seed: int = 0) -> dict:

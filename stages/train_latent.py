@@ -466,6 +466,8 @@ def main(argv: list[str] | None = None) -> Path:
     text_encoder = build_text_encoder(cfg.text).to(device)
     check_conditioning(cfg, text_encoder)
     unet = build_net(cfg.network)
+    if cfg.net == "mmdit" and not cfg.init_from:
+        unet.init_for_training()                           # adaLN-Zero (Peebles & Xie 2023)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model = LatentModel(unet, text_encoder, train_text=cfg.text.kind == "scratch")

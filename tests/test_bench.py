@@ -9,15 +9,19 @@ import pytest
 BENCHES = ["unet-infer", "vae-decode"]
 
 
+def _bench(*args):
+    """Run `python -m ldm.bench ARGS` on the CPU path, even on a GPU machine."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "-m", "ldm.bench", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tmp.json"
     md = out.with_suffix(".md")
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, even on a GPU machine
-    cmd = [sys.executable, "-m", "ldm.bench", "--size", "tiny", "--only", ",".join(BENCHES),
-           "--compile", "eager", "--layout", "both", "--out", str(out), "--md", str(md),
-           "--profile", str(out.parent / "profiles")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = _bench("--size", "tiny", "--only", ",".join(BENCHES), "--compile", "eager", "--layout", "both",
+                  "--out", str(out), "--md", str(md), "--profile", str(out.parent / "profiles"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "CPU-only timings" in proc.stdout  # the banner
     return json.loads(out.read_text()), md.read_text()
@@ -80,7 +84,10 @@ def test_goal_verdicts_on_gpu():
             row("unet-infer", "a", "compiled", "diffusers-sdpa", 10.0),
             row("unet-train", "b", "eager", "ours", 10.0, 5.0),
             row("unet-train", "b", "eager", "diffusers-sdpa", 12.0, 4.0),
-            row("unet-train", "b", "eager", "diffusers-xformers", 12.0, 4.0)]
+            row("unet-train", "b", "eager", "diffusers-xformers", 12.0, 4.0),
+            row("mmdit-infer", "c", "eager", "ours", 10.0), row("mmdit-infer", "c", "eager", "diffusers-sdpa", 10.5),
+            row("mmdit-train", "d", "compiled", "ours", 10.0, 5.0),
+            row("mmdit-train", "d", "compiled", "diffusers-sdpa", 9.0, 6.0)]
     verdicts = {(c["bench"], c["mode"], c["peer"]): (round(c["speedup"], 3), c["goal_met"])
                 for c in compare(rows, on_gpu=True)}
     assert verdicts == {
@@ -88,6 +95,8 @@ def test_goal_verdicts_on_gpu():
         ("unet-infer", "compiled", "diffusers-sdpa"): (1.0, True),     # needs 1.0x
         ("unet-train", "eager", "diffusers-sdpa"): (1.2, False),       # fast enough, but more memory
         ("unet-train", "eager", "diffusers-xformers"): (1.2, None),    # no goal against xformers
+        ("mmdit-infer", "eager", "diffusers-sdpa"): (1.05, True),      # needs parity
+        ("mmdit-train", "compiled", "diffusers-sdpa"): (0.9, True),    # compiled training: memory only
     }
 
 
@@ -106,13 +115,78 @@ def test_sdxl_sizes_run_with_the_added_embedding(tmp_path):
     """--size tiny-xl (SDXL's structure at toy widths): both U-Nets get the pooled text and the size numbers,
     share their weights, and are timed; txt2img (SD's pipeline) is left out, and refused when asked for."""
     out = tmp_path / "xl.json"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "ldm.bench", "--size", "tiny-xl", "--compile", "eager", "--out", str(out)]
-    proc = subprocess.run(cmd + ["--only", "unet-infer,unet-train"], env=env, capture_output=True, text=True, timeout=300)
+    args = ["--size", "tiny-xl", "--compile", "eager", "--out", str(out)]
+    proc = _bench(*args, "--only", "unet-infer,unet-train")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     data = json.loads(out.read_text())
     assert data["size"] == "tiny-xl" and data["weight_check"]["unet"]["max_abs_err"] < 1e-4
     assert {r["bench"] for r in data["results"]} == {"unet-infer", "unet-train"}
     assert all("error" not in r and r["ms"] > 0 for r in data["results"])
-    proc = subprocess.run(cmd + ["--only", "txt2img"], env=env, capture_output=True, text=True, timeout=300)
+    proc = _bench(*args, "--only", "txt2img")
     assert proc.returncode == 2 and "no txt2img bench yet" in proc.stderr
+
+
+# ---- SD3's transformer (MMDiT) ----------------------------------------------------------------
+
+MMDIT_BENCHES = ["mmdit-infer", "mmdit-train"]
+
+
+@pytest.fixture(scope="module")
+def sd3_report(tmp_path_factory):
+    """--size tiny-sd3 (SD3 medium's layout at toy widths, 333 text tokens), both MMDiT benches, eager."""
+    out = tmp_path_factory.mktemp("bench-sd3") / "sd3.json"
+    md = out.with_suffix(".md")
+    proc = _bench("--size", "tiny-sd3", "--only", ",".join(MMDIT_BENCHES), "--compile", "eager",
+                  "--out", str(out), "--md", str(md))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text()), md.read_text()
+
+
+def test_mmdit_weights_shared(sd3_report):
+    data, md = sd3_report
+    assert data["size"] == "tiny-sd3" and set(data["weight_check"]) == {"mmdit"}
+    assert 0.0 <= data["weight_check"]["mmdit"]["max_abs_err"] < 1e-4
+    assert "mmdit max abs err" in md
+
+
+def test_mmdit_every_case_timed(sd3_report):
+    data, _ = sd3_report
+    rows = data["results"]
+    assert {(r["bench"], r["case"], r["dtype"], r["mode"], r["impl"]) for r in rows} == {
+        (bench, case, "fp32", "eager", impl) for impl in ("ours", "diffusers-sdpa")
+        for bench, case in [("mmdit-infer", "B=2 16x16 L=333"),            # CFG batch, 77 CLIP + 256 T5 tokens
+                            ("mmdit-train", "B=2 16x16 ckpt=off"), ("mmdit-train", "B=2 16x16 ckpt=on")]}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["ms"] > 0, r
+
+
+def test_mmdit_comparisons(sd3_report):
+    data, md = sd3_report
+    comps = data["comparisons"]
+    assert sorted(c["bench"] for c in comps) == ["mmdit-infer", "mmdit-train", "mmdit-train"]
+    for c in comps:
+        assert c["peer"] == "diffusers-sdpa" and c["speedup"] == pytest.approx(c["peer_ms"] / c["ours_ms"])
+        assert c["goal"] == (">= 1.0x" if c["bench"] == "mmdit-infer" else ">= 1.0x and peak <= peer")
+        assert c["goal_met"] is None  # CPU
+    assert md.count("| mmdit-infer |") == 1 and md.count("| mmdit-train |") == 2
+
+
+@pytest.mark.parametrize("size, only, runs", [
+    ("tiny-sd3", None, MMDIT_BENCHES),                                  # the size's own benches only
+    ("sd15", None, ["unet-infer", "unet-train", "vae-decode", "txt2img"]),
+    ("tiny-xl", None, ["unet-infer", "unet-train", "vae-decode"]),
+    ("tiny", "mmdit-train", "the tiny size has no mmdit"),              # refused when asked for
+    ("sd3", "unet-infer,mmdit-infer", "the sd3 size has no unet"),
+    ("tiny-sd3", "txt2img", "has no unet / vae / clip"),
+], ids=["tiny-sd3", "sd15", "tiny-xl", "refuse-mmdit-on-tiny", "refuse-unet-on-sd3", "refuse-txt2img-on-tiny-sd3"])
+def test_sizes_run_the_benches_of_their_models(capsys, size, only, runs):
+    from ldm.bench import parse_args
+
+    argv = ["--size", size] + (["--only", only] if only else [])
+    if isinstance(runs, list):
+        assert parse_args(argv).only == runs
+        return
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv)
+    assert exit_.value.code == 2 and runs in capsys.readouterr().err

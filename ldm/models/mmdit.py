@@ -252,6 +252,26 @@ class MMDiT(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.cfg.gradient_checkpointing = enabled
 
+    @torch.no_grad()
+    def init_for_training(self) -> "MMDiT":
+        """DiT's initialization for training from scratch (Peebles & Xie 2023, sec. 3.2 "adaLN-Zero" and their
+        code's choices): Xavier-uniform Linear and patch weights, zero biases, N(0, 0.02) timestep MLP, and
+        every modulation and the output projection at zero, so each block starts as the identity and the net
+        predicts 0. Imported weights replace all of it."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.out_channels, -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        for layer in (self.time_embed.fc1, self.time_embed.fc2):
+            nn.init.normal_(layer.weight, std=0.02)
+        zero = [self.final_mod, self.proj_out] + [s.mod for b in self.blocks for s in (b.image, b.text)]
+        for layer in zero:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        return self
+
     def _run(self, block, *args):
         if self.cfg.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
