@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ldm.diffusion.guidance import cfg
 from ldm.diffusion.param import Denoiser
 from ldm.diffusion.samplers import SAMPLERS, initial_noise
-from ldm.diffusion.schedules import schedule_from_config, shifted
+from ldm.diffusion.schedules import resolution_shift, schedule_from_config, shifted
 from ldm.distill.targets import coefficients
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.controlnet import ControlledUNet
@@ -81,6 +81,10 @@ class ModelIndex:
     data: str = ""                          # stage 2's data.source ("" = not recorded): with "shapes",
                                             # prompts outside the shapes world's caption forms warn
     aesthetic: list | None = None           # SDXL refiner: [score, negative score] among its size numbers
+    dynamic_shift: dict | None = None       # FLUX.1: the grid shift from the image's token count
+                                            # (schedules.resolution_shift's keyword arguments)
+    guidance_embed: bool = False            # FLUX.1-dev: the net takes the guidance scale 1 + w as an input
+                                            # (guidance distillation) instead of running CFG
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelIndex":
@@ -365,6 +369,12 @@ class TextToImage:
                               "the teacher's guidance (docs/stage3-distill.md)", stacklevel=3)
             model = self.denoiser(net, self.index.student_prediction)
             return model, lambda cond: {**cond, "w": guidance}, {"model": f"student-{steps}", "nfe_per_step": 1}
+        if self.index.guidance_embed:              # FLUX.1-dev: one call a step, the scale is an input of the net
+            if negative:
+                raise ValueError("this model's guidance is distilled into the net (FLUX.1-dev): it draws with the "
+                                 "guidance scale as an input, not CFG, so it takes no negative prompt")
+            model = self.denoiser(GuidanceInput(self.unet, 1.0 + guidance), self.index.prediction)
+            return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1}
         uncond = self.encode_prompts([negative], chunks)
         uncond.pop("time_ids", None)               # SDXL: both halves take the drawn size's numbers, but
         if self.index.aesthetic is not None:       # the refiner's unconditional half has its own score
@@ -445,6 +455,7 @@ class TextToImage:
         if info["model"] != "teacher" and spacing != "trailing":
             warnings.warn(f"{info['model']} was distilled on the trailing time grid; {spacing!r} runs it off it",
                           stacklevel=3)
+        shift = self.grid_shift(shape) if shift is None else shift
         ts = (self.schedule if shift is None else shifted(self.schedule, shift)).timesteps(steps, spacing=spacing)
         run = steps if init is None else round(strength * steps)
         per_call = info["nfe_per_step"]
@@ -470,6 +481,14 @@ class TextToImage:
         if mask is not None:
             z = mask * z + (1 - mask) * init
         return z, info
+
+    def grid_shift(self, shape: tuple[int, ...]) -> float | None:
+        """The folder's resolution-dependent shift for latents of `shape` (FLUX.1: from its token count), or
+        None: the schedule's own."""
+        if self.index.dynamic_shift is None:
+            return None
+        factor = self.unet.cfg.downsample_factor
+        return resolution_shift((shape[-2] // factor) * (shape[-1] // factor), **self.index.dynamic_shift)
 
     def size_ids(self, shape: tuple[int, ...], negative: bool = False) -> torch.Tensor:
         """SDXL's size and crop numbers (Podell et al. 2023, sec. 2.2) for drawing at `shape`'s size: the
@@ -600,6 +619,17 @@ class ConcatInputs(torch.nn.Module):
         extra = self.extra.to(device=x.device, dtype=x.dtype)
         extra = extra.repeat(x.shape[0] // extra.shape[0], 1, 1, 1)          # CFG's halves share it
         return self.unet(torch.cat([x, extra], dim=1), t, context, context_mask, cond_emb, control=control, **added)
+
+
+class GuidanceInput(torch.nn.Module):
+    """A guidance-distilled net (FLUX.1-dev) with its guidance scale bound: the net is called once a step."""
+
+    def __init__(self, net, scale: float):
+        super().__init__()
+        self.net, self.cfg, self.scale = net, net.cfg, float(scale)
+
+    def forward(self, x, t, context, **kwargs):
+        return self.net(x, t, context, guidance=torch.full((x.shape[0],), self.scale, device=x.device), **kwargs)
 
 
 def latent_grid_mask(masks: torch.Tensor, size) -> torch.Tensor:

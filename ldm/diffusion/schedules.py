@@ -346,6 +346,15 @@ def shifted(schedule: Schedule, shift: float) -> Schedule:
     return copy
 
 
+def resolution_shift(tokens: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                     max_shift: float = 1.15) -> float:
+    """FLUX.1's resolution-dependent grid shift: mu linear in the image's token count through (base_seq_len,
+    base_shift) and (max_seq_len, max_shift), shift s = exp(mu), so larger images sample at more noise (the
+    resolution-dependent shifting of Esser et al. 2024, sec. 5.3.2; diffusers' `use_dynamic_shifting`)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return math.exp(base_shift + slope * (tokens - base_seq_len))
+
+
 def schedule_from_config(config: dict) -> Schedule:
     """Build from a mapping like {"name": "scaled_linear", "T": 1000} (e.g. a YAML section)."""
     if "name" not in config:

@@ -177,3 +177,19 @@ def test_flow_matching_learns_a_mixture():
     weight_err, mean_err = errors(net)
     assert weight_err < 0.05 and mean_err < 0.15, (weight_err, mean_err)
     assert untrained[0] > 0.1 or untrained[1] > 0.5, untrained
+
+
+@pytest.mark.parametrize("tokens", [256, 1024, 4096, 6400])
+def test_resolution_shift_is_fluxs_dynamic_shift(tokens):
+    """FLUX.1's grid for an image of `tokens` patches: diffusers' calculate_shift (mu linear in the token count)
+    and its exponential time shift on sigmas linspace(1, 1/n, n) = our trailing grid shifted by exp(mu)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from ldm.diffusion.schedules import resolution_shift, shifted
+    n = 6
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    sched.set_timesteps(sigmas=list(np.linspace(1.0, 1 / n, n)), mu=calculate_shift(tokens))
+    ours = shifted(make_schedule("rectified_flow"), resolution_shift(tokens)).timesteps(n)
+    torch.testing.assert_close(sched.sigmas.double(), torch.cat([ours[:-1], ours.new_zeros(1)]), rtol=0, atol=1e-6)
+    assert resolution_shift(256) == pytest.approx(math.exp(0.5)) and resolution_shift(4096) == pytest.approx(math.exp(1.15))
