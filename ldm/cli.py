@@ -184,7 +184,10 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
                          f"{type(pipe.text_encoder).__name__}")
         if not 1 <= args.clip_skip <= layers:
             parser.error(f"--clip-skip must be in [1, {layers}] (the CLIP's layers), got {args.clip_skip}")
-        pipe.text_encoder.clip_skip = args.clip_skip
+        try:
+            pipe.text_encoder.clip_skip = args.clip_skip
+        except ValueError as err:                       # FLUX.1 reads CLIP's pooled output alone
+            parser.error(f"--clip-skip: {err}")
     for arg in args.embedding:
         path, word = parse_embedding_arg(arg)
         if not os.path.isfile(path):

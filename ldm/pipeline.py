@@ -153,7 +153,12 @@ class TextToImage:
         """ValueError unless the network is a U-Net: `what` (an adapter, FreeU) is built for U-Net blocks."""
         if not isinstance(self.unet, UNet):
             raise ValueError(f"{what} works on U-Nets (SD 1.x/2.x, SDXL, ours); this model's network is "
-                             f"{type(self.unet).__name__} (SD3's transformer)")
+                             f"{type(self.unet).__name__} (SD3's or FLUX.1's transformer)")
+
+    @property
+    def text_kind(self) -> str | None:
+        """The text encoder's kind ("sd3", "flux", ...; None for a scratch encoder saved before kinds)."""
+        return getattr(getattr(self.text_encoder, "cfg", None), "kind", None)
 
     @property
     def student_steps(self) -> list[int]:
@@ -213,6 +218,8 @@ class TextToImage:
         """Merge a LoRA file (diffusers/peft or kohya layout, ldm.models.lora) into the teacher's U-Net or SD3
         transformer, its CLIP text encoder(s) and every student, scaled by `scale`; returns how many layers it
         changed. lora: the file as `read_lora` read it already (else it is read here)."""
+        if self.text_kind == "flux":
+            raise ValueError("LoRA files for FLUX.1 are not read yet (its transformer's names differ from SD3's)")
         lora = read_lora(path) if lora is None else lora
         n = merge_lora(lora, [self.unet, *(s.unet for s in self._students.values())], self.clip_models(), scale, path)
         self._loras.append(({"unet": lora["unet"]}, scale, path))
@@ -222,7 +229,7 @@ class TextToImage:
         """The transformers CLIP models of the text encoder by a LoRA file's part names: {"text_encoder": ...}
         (SDXL, SD3: and "text_encoder_2"); {} for our scratch encoder."""
         from ldm.models.text import ClipTextEncoder
-        if getattr(getattr(self.text_encoder, "cfg", None), "kind", None) == "sd3":      # T5 takes no LoRA here
+        if self.text_kind == "sd3":                                                        # T5 takes no LoRA here
             return {"text_encoder": self.text_encoder.clip_l, "text_encoder_2": self.text_encoder.clip_g}
         if isinstance(self.text_encoder, ClipTextEncoder):
             return {"text_encoder": self.text_encoder.model}
@@ -236,8 +243,9 @@ class TextToImage:
         `word` or else after the file; returns (the word, its number of vectors)."""
         from ldm.models.embeddings import embedding_word, read_embedding, read_embedding_pair
         from ldm.models.text import ClipTextEncoder
-        if getattr(getattr(self.text_encoder, "cfg", None), "kind", None) == "sd3":
-            raise ValueError("textual-inversion embeddings are not read for SD3's text encoders (two CLIPs and T5)")
+        if self.text_kind in ("sd3", "flux"):
+            raise ValueError("textual-inversion embeddings are not read for SD3's and FLUX.1's text encoders (CLIPs "
+                             "and T5)")
         if hasattr(self.text_encoder, "model_2"):          # SDXL: a word for each encoder
             vectors_l, vectors_g = read_embedding_pair(path)
             word = embedding_word(path, word)
@@ -270,7 +278,7 @@ class TextToImage:
         With `prompt_weights` on, "(word:1.3)" emphasis is read (ldm.models.prompt_weights).
         chunks: with a CLIP text encoder, at least this many 77-token chunks side by side, and as many
         as the longest prompt needs (ldm.models.prompt_chunks); None: one, longer prompts truncated."""
-        if getattr(getattr(self.text_encoder, "cfg", None), "kind", None) == "sd3":
+        if self.text_kind in ("sd3", "flux"):
             return self._encode_sd3(prompts)
         if hasattr(self.text_encoder, "encode_pooled"):      # SDXL
             return self._encode_sdxl(prompts, chunks)
@@ -298,7 +306,8 @@ class TextToImage:
         return {"context": context, "pooled": pooled, "time_ids": self.size_ids(self.latent_shape(len(prompts)))}
 
     def _encode_sd3(self, prompts: list[str]) -> dict:
-        """SD3's conditioning (ldm.models.text_sd3): CLIP-L and bigG tokens, then T5's, and the two pooled vectors.
+        """SD3's conditioning (ldm.models.text_sd3): CLIP-L and bigG tokens, then T5's, and the two pooled vectors;
+        FLUX.1's (ldm.models.text_flux): T5's tokens and CLIP-L's pooled output.
         "(word:1.3)" emphasis is read and dropped (its CLIP and T5 tokens are not weighted), with a warning."""
         if self.prompt_weights:
             pieces = [parse_weighted(p) for p in prompts]

@@ -585,6 +585,9 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
         logger.warning("the teacher predicts eps: few-step students are unstable in eps (Salimans & Ho "
                        "2022, sec. 4); prefer a v- or x0-prediction teacher")
     refuse_refiner(parts.index, "stage 3")
+    if getattr(parts.unet.cfg, "kind", "unet") == "flux":   # its guidance (dev) or its steps (schnell) are distilled
+        raise ValueError("stage 3 does not take a FLUX.1 teacher: -dev is guidance-distilled (no CFG teacher to "
+                         "distil) and -schnell step-distilled already")
     if parts.index.resolution != cfg.data.resolution:
         raise ValueError(f"data.resolution={cfg.data.resolution} but the model folder's resolution is "
                          f"{parts.index.resolution}")

@@ -54,10 +54,17 @@ HUB_FILES = ["model_index.json", "scheduler/*", "text_encoder/config.json", "tex
              "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
              "transformer/diffusion_pytorch_model.safetensors.index.json", "transformer/diffusion_pytorch_model-*",
              "text_encoder_3/config.json", "text_encoder_3/model.safetensors", "text_encoder_3/model.safetensors.index.json",
-             "text_encoder_3/model-*", "tokenizer_3/*"]
+             "text_encoder_3/model-*", "tokenizer_3/*",
+             "text_encoder_2/model.safetensors.index.json", "text_encoder_2/model-*"]   # FLUX.1's T5 in shards
 SD3_PARTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 SD3_OPTIONAL = ("text_encoder_3", "tokenizer_3")            # T5: SD3 runs without it (zeros in its place)
 SD3_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+FLUX_PARTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+FLUX_T5_TOKENS = 512                                      # FluxPipeline's default max_sequence_length
+DEFAULT_GUIDANCE = {"sd": 6.5,            # SD's guidance scale 7.5 = 1 + w
+                    "sd3": 6.0,           # SD3's 7.0
+                    "flux-dev": 2.5,      # FLUX.1-dev's distilled guidance 3.5 (an input of the net, not CFG)
+                    "flux": 0.0}          # FLUX.1-schnell: timestep-distilled, no guidance
 
 
 def hub_files(variant: str | None = None) -> list[str]:
@@ -105,8 +112,14 @@ def resolve_source(source: str, patterns: list[str] = HUB_FILES, what: str = "a 
 
 
 def is_sd3(pipeline: dict) -> bool:
-    """Whether a model_index.json is an SD3 pipeline's (its denoiser is a transformer)."""
-    return "transformer" in pipeline or str(pipeline.get("_class_name", "")).startswith("StableDiffusion3")
+    """Whether a model_index.json is an SD3 pipeline's (its denoiser is a transformer, not Flux's)."""
+    return not is_flux(pipeline) and ("transformer" in pipeline or
+                                      str(pipeline.get("_class_name", "")).startswith("StableDiffusion3"))
+
+
+def is_flux(pipeline: dict) -> bool:
+    """Whether a model_index.json is a FLUX.1 pipeline's."""
+    return str(pipeline.get("_class_name", "")).startswith("Flux")
 
 
 def check_sd3_pipeline(src: Path, pipeline: dict) -> bool:
@@ -120,21 +133,32 @@ def check_sd3_pipeline(src: Path, pipeline: dict) -> bool:
     return bool(t5)
 
 
-def model_index_from_flow_scheduler(scheduler: dict, resolution: int, guidance: float) -> ModelIndex:
-    """SD3's flow-matching scheduler in model_index.json's terms: rectified flow with its shift, flow prediction,
-    the transformer fed 1000 t (diffusers' timestep = 1000 sigma)."""
+def model_index_from_flow_scheduler(scheduler: dict, resolution: int, guidance: float,
+                                    dynamic: bool = False) -> ModelIndex:
+    """A flow-matching scheduler in model_index.json's terms: rectified flow with its shift, flow prediction,
+    the transformer fed 1000 t (diffusers' timestep = 1000 sigma). dynamic: FLUX.1's resolution-dependent
+    shift (`use_dynamic_shifting`, exponential) is read too; SD3's scheduler has a fixed shift."""
     name = scheduler.get("_class_name")
     if name not in SD3_SCHEDULERS:
-        raise ValueError(f"scheduler {name!r} is not supported for SD3; only {SD3_SCHEDULERS}")
-    for key in ("use_dynamic_shifting", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                "invert_sigmas", "stochastic_sampling"):
+        raise ValueError(f"scheduler {name!r} is not supported; only {SD3_SCHEDULERS}")
+    for key in ("use_dynamic_shifting",) * (not dynamic) + ("use_karras_sigmas", "use_exponential_sigmas",
+                                                            "use_beta_sigmas", "invert_sigmas", "stochastic_sampling"):
         if scheduler.get(key):
             raise ValueError(f"scheduler {key}=true is not supported (SD3 and SD 3.5 use a fixed shift)")
     if scheduler.get("shift_terminal"):
         raise ValueError("scheduler shift_terminal is not supported")
     schedule = {"name": "rectified_flow", "shift": float(scheduler.get("shift", 1.0))}
-    return ModelIndex(schedule=schedule, prediction="flow", time_scale=float(scheduler.get("num_train_timesteps", 1000)),
-                      resolution=resolution, guidance=guidance, student_prediction="flow")
+    index = ModelIndex(schedule=schedule, prediction="flow", time_scale=float(scheduler.get("num_train_timesteps", 1000)),
+                       resolution=resolution, guidance=guidance, student_prediction="flow")
+    if dynamic and scheduler.get("use_dynamic_shifting"):
+        if scheduler.get("time_shift_type", "exponential") != "exponential":
+            raise ValueError(f"scheduler time_shift_type {scheduler['time_shift_type']!r}: only 'exponential'")
+        schedule["shift"] = 1.0                        # the dynamic shift replaces it (diffusers ignores it too)
+        index.dynamic_shift = {"base_seq_len": int(scheduler.get("base_image_seq_len", 256)),
+                               "max_seq_len": int(scheduler.get("max_image_seq_len", 4096)),
+                               "base_shift": float(scheduler.get("base_shift", 0.5)),
+                               "max_shift": float(scheduler.get("max_shift", 1.15))}
+    return index
 
 
 def check_pipeline(src: Path) -> dict:
@@ -197,7 +221,9 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     """--out, --guidance, --dtype: what both importers write."""
     parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
     parser.add_argument("--guidance", type=float, default=6.5, metavar="W",
-                        help="default w written to model_index.json (our (1 + w) convention: SD's scale 7.5 is 6.5)")
+                        help="default w written to model_index.json (our (1 + w) convention: SD's scale 7.5 is "
+                             "6.5); from_diffusers: the family's own unless given (SD 6.5, SD3 6.0, FLUX.1-dev 2.5 = "
+                             "its distilled scale 3.5, schnell 0)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="weights of unet/ and autoencoder/ (default float32: no rounding)")
 
@@ -215,16 +241,22 @@ def finish_folder(tmp: Path, out: str, index: ModelIndex, **text_options) -> Non
     os.replace(tmp, out)
 
 
-def convert(source: str, out: str, *, guidance: float = 6.5, dtype: str = "float32",
+def convert(source: str, out: str, *, guidance: float | None = None, dtype: str = "float32",
             variant: str | None = None) -> ModelIndex:
     """Write a model folder at `out` (autoencoder/, text_encoder/, unet/, model_index.json); atomic.
+    guidance: the default w written to model_index.json; None: the family's (DEFAULT_GUIDANCE).
     variant: read the pipeline's <name>.<variant>.safetensors weights (e.g. "fp16") instead of the plain ones."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tmp = start_folder(out)
     src = resolve_source(source, hub_files(variant))
-    if is_sd3(json.loads((src / "model_index.json").read_text()) if (src / "model_index.json").is_file() else {}):
-        return convert_sd3(src, tmp, out, guidance=guidance, dtype=dtype, variant=variant)
+    found = json.loads((src / "model_index.json").read_text()) if (src / "model_index.json").is_file() else {}
+    if is_flux(found):
+        return convert_flux(src, tmp, out, guidance=guidance, dtype=dtype, variant=variant)
+    if is_sd3(found):
+        return convert_sd3(src, tmp, out, guidance=DEFAULT_GUIDANCE["sd3"] if guidance is None else guidance,
+                           dtype=dtype, variant=variant)
+    guidance = DEFAULT_GUIDANCE["sd"] if guidance is None else guidance
     pipeline = check_pipeline(src)
     sdxl = bool(pipeline.get("text_encoder_2"))
     scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
@@ -258,11 +290,34 @@ def convert_sd3(src: Path, tmp: Path, out: str, *, guidance: float, dtype: str, 
     return index
 
 
+def convert_flux(src: Path, tmp: Path, out: str, *, guidance: float | None, dtype: str,
+                 variant: str | None) -> ModelIndex:
+    """A FLUX.1 pipeline folder (dev or schnell) -> a model folder: the transformer as our Flux net in unet/,
+    the 16-channel autoencoder, CLIP-L and T5 copied (text kind "flux"), rectified flow with the scheduler's
+    resolution-dependent shift, and for -dev the guidance scale as the net's input (`guidance_embed`)."""
+    from ldm.models.convert_flux import load_diffusers_flux
+    missing = [part for part in FLUX_PARTS if not (src / part).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{src}: the FLUX.1 pipeline lacks {missing} (need {list(FLUX_PARTS)})")
+    scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
+    net = load_diffusers_flux(str(src), subfolder="transformer", variant=variant)
+    resolution = save_networks(tmp, net, load_diffusers_autoencoder(src, subfolder="vae", variant=variant), dtype)
+    for part in FLUX_PARTS[3:]:
+        copy_text_part(src / part, tmp / "text_encoder" / CLIP_DIR / part, variant)
+    family = "flux-dev" if net.cfg.guidance_embeds else "flux"
+    index = model_index_from_flow_scheduler(scheduler, resolution, DEFAULT_GUIDANCE[family] if guidance is None
+                                            else guidance, dynamic=True)
+    index.guidance_embed = net.cfg.guidance_embeds
+    finish_folder(tmp, out, index, kind="flux", t5_max_length=FLUX_T5_TOKENS)
+    return index
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ldm.models.from_diffusers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="diffusers pipeline folder or hub repo id (e.g. runwayml/stable-diffusion-v1-5)")
     add_output_args(parser)
+    parser.set_defaults(guidance=None)      # each family's own default (DEFAULT_GUIDANCE)
     parser.add_argument("--variant", metavar="NAME", help="read the weight files of this variant (e.g. fp16: half "
                         "the download; stored as --dtype says)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

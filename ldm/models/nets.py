@@ -1,5 +1,5 @@
-"""The denoising network of a model folder: our U-Net, or an MMDiT (SD3's transformer), told apart by the
-`kind` in its config.json (a U-Net's has none)."""
+"""The denoising network of a model folder: our U-Net, an MMDiT (SD3's transformer) or a Flux transformer
+(FLUX.1), told apart by the `kind` in its config.json (a U-Net's has none)."""
 from __future__ import annotations
 
 import json
@@ -9,19 +9,25 @@ from ldm.models.unet import CONFIG_NAME, UNet, UNetConfig
 
 
 def net_config(d: dict):
-    """A config.json dict -> UNetConfig, or MMDiTConfig where `kind` says "mmdit"."""
+    """A config.json dict -> UNetConfig, or MMDiTConfig / FluxConfig where `kind` says "mmdit" / "flux"."""
     if d.get("kind", "unet") == "mmdit":
         from ldm.models.mmdit import MMDiTConfig
         return MMDiTConfig.from_dict(d)
+    if d.get("kind") == "flux":
+        from ldm.models.flux import FluxConfig
+        return FluxConfig.from_dict(d)
     if "kind" in d and d["kind"] != "unet":
-        raise ValueError(f"net config: unknown kind {d['kind']!r} (unet or mmdit)")
+        raise ValueError(f"net config: unknown kind {d['kind']!r} (unet, mmdit or flux)")
     return UNetConfig.from_dict({k: v for k, v in d.items() if k != "kind"})
 
 
 def net_class(cfg) -> type:
-    """UNet or MMDiT, whichever `cfg` (UNetConfig or MMDiTConfig) configures."""
+    """UNet, MMDiT or Flux, whichever `cfg` configures."""
     if isinstance(cfg, UNetConfig):
         return UNet
+    if cfg.kind == "flux":
+        from ldm.models.flux import Flux
+        return Flux
     from ldm.models.mmdit import MMDiT
     return MMDiT
 

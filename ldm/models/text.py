@@ -1,12 +1,13 @@
 """Text encoders: prompts -> token features (B, L, D) and a padding mask (B, L) for cross-attention.
 
-Five kinds behind one interface, picked by `TextEncoderConfig.kind`:
+Six kinds behind one interface, picked by `TextEncoderConfig.kind`:
   "scratch"  - a transformer trained jointly with the U-Net (LDM txt2img, Rombach et al. 2022, Sec. 4.3),
                on open_clip's CLIP BPE tokenizer;
   "clip"     - a frozen transformers CLIPTextModel (SD 1.x uses openai/clip-vit-large-patch14);
   "openclip" - a frozen OpenCLIP text tower from a local checkpoint (SD 2.x uses ViT-H-14, penultimate layer);
   "sdxl"     - SDXL's two frozen CLIP encoders side by side, plus a pooled vector (ldm.models.text_sdxl);
-  "sd3"      - SD3's two frozen CLIPs, then T5's tokens (optional), plus a pooled vector (ldm.models.text_sd3).
+  "sd3"      - SD3's two frozen CLIPs, then T5's tokens (optional), plus a pooled vector (ldm.models.text_sd3);
+  "flux"     - FLUX.1's frozen T5 tokens, plus CLIP-L's pooled vector (ldm.models.text_flux).
 Every encoder: `encoder(prompts) -> (context, mask)`, `.dim`, `.max_length`, `.tokenize(prompts)`.
 Prompts longer than `max_length` tokens are truncated (end token kept) with one warning per encoder.
 """
@@ -27,13 +28,13 @@ from ldm.models.clip_bpe import clip_bpe_for
 from ldm.models.layers import Attention
 from ldm.models.weights import load_state_dict_strict, load_weights, save_weights
 
-KINDS = ("scratch", "clip", "openclip", "sdxl", "sd3")
+KINDS = ("scratch", "clip", "openclip", "sdxl", "sd3", "flux")
 LAYERS = ("last", "penultimate")
 
 
 @dataclass
 class TextEncoderConfig:
-    kind: str = "scratch"             # "scratch" | "clip" | "openclip" | "sdxl" | "sd3"
+    kind: str = "scratch"             # "scratch" | "clip" | "openclip" | "sdxl" | "sd3" | "flux"
     path: str | None = None           # scratch: saved folder (None = random init); clip: folder or hub name;
                                       # openclip: checkpoint file (.safetensors / .pt / .bin)
     max_length: int = 77              # token limit incl. start/end tokens (openclip: the tower's own)
@@ -50,9 +51,10 @@ class TextEncoderConfig:
     mask_padding: bool = True         # clip/openclip: False = the U-Net's cross-attention sees the padding
                                       # tokens too, as Stable Diffusion's U-Nets were trained (its imports)
     zero_empty: bool = False          # sdxl: an empty prompt is all zeros (SDXL's dropped captions)
-    t5_max_length: int = 256          # sd3: T5's tokens after CLIP's max_length (diffusers' max_sequence_length)
+    t5_max_length: int = 256          # sd3: T5's tokens after CLIP's max_length (diffusers' max_sequence_length);
+                                      # flux: T5's tokens, the whole context (FLUX.1-dev 512, schnell 256)
     joint_dim: int | None = None      # sd3 without T5: the context width (None: the folder's
-                                      # transformer/config.json joint_attention_dim); with T5: T5's width
+                                      # transformer/config.json joint_attention_dim); with T5 (and flux): T5's width
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -398,4 +400,7 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
     if cfg.kind == "sd3":
         from ldm.models.text_sd3 import Sd3TextEncoder
         return Sd3TextEncoder(cfg)
+    if cfg.kind == "flux":
+        from ldm.models.text_flux import FluxTextEncoder
+        return FluxTextEncoder(cfg)
     return OpenClipTextEncoder(cfg)

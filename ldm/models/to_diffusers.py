@@ -274,10 +274,10 @@ def sd3_parts(model_dir: str, index) -> Parts:
                  lambda out: copy_sd3_text_encoder(text, out))
 
 
-def is_mmdit(net_dir: str) -> bool:
-    """Whether a network folder holds an MMDiT (its config.json's kind; a U-Net's has none)."""
+def net_kind(net_dir: str) -> str:
+    """A network folder's kind: "unet", "mmdit" or "flux" (its config.json's; a U-Net's has none)."""
     with open(os.path.join(net_dir, CONFIG_NAME)) as f:
-        return json.load(f).get("kind", "unet") == "mmdit"
+        return json.load(f).get("kind", "unet")
 
 
 def export(model_dir: str, out: str, dtype: str = "float32") -> Path:
@@ -288,7 +288,10 @@ def export(model_dir: str, out: str, dtype: str = "float32") -> Path:
     index = load_index(model_dir)
     if index.aesthetic is not None:
         raise ValueError("an SDXL refiner folder (aesthetic scores): its export to diffusers is not written yet")
-    parts = (sd3_parts if is_mmdit(os.path.join(model_dir, index.unet)) else sd_parts)(model_dir, index)
+    kind = net_kind(os.path.join(model_dir, index.unet))
+    if kind == "flux":
+        raise ValueError("a FLUX.1 folder: its export to diffusers is not written yet")
+    parts = (sd3_parts if kind == "mmdit" else sd_parts)(model_dir, index)
     if os.path.exists(os.path.join(out, "model_index.json")):
         raise FileExistsError(f"{out} already holds a pipeline; remove it or pick another --out")
     tmp = start_folder(out)

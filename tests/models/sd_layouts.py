@@ -277,7 +277,7 @@ def write_sd3_text_parts(folder, t5: bool = True) -> None:
     gated-gelu T5EncoderModel, write_t5_tokenizer's vocabulary)."""
     from pathlib import Path
 
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from ldm.models.clip_bpe import write_clip_tokenizer
     folder = Path(folder)
@@ -290,13 +290,40 @@ def write_sd3_text_parts(folder, t5: bool = True) -> None:
         "projection_dim": SD3_WIDTHS["clip_g"], "hidden_act": "gelu"})
     ).save_pretrained(str(folder / "text_encoder_2"))
     if t5:
-        write_t5_tokenizer(folder / "tokenizer_3")
-        with open(folder / "tokenizer_3" / "tokenizer.json") as f:
-            vocab = len(json.load(f)["model"]["vocab"])
-        T5EncoderModel(T5Config(vocab_size=vocab, d_model=SD3_WIDTHS["t5"], d_kv=16, d_ff=128, num_layers=2,
-                                num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
-                                feed_forward_proj="gated-gelu", dropout_rate=0.0)
-                       ).save_pretrained(str(folder / "text_encoder_3"))
+        _write_t5(folder / "text_encoder_3", folder / "tokenizer_3")
+
+
+def _write_t5(encoder_dir, tokenizer_dir) -> None:
+    """write_t5_tokenizer's vocabulary in `tokenizer_dir`, a random 96-wide gated-gelu T5EncoderModel on it
+    in `encoder_dir` (drawn from the global RNG)."""
+    from transformers import T5Config, T5EncoderModel
+    write_t5_tokenizer(tokenizer_dir)
+    with open(tokenizer_dir / "tokenizer.json") as f:
+        vocab = len(json.load(f)["model"]["vocab"])
+    T5EncoderModel(T5Config(vocab_size=vocab, d_model=SD3_WIDTHS["t5"], d_kv=16, d_ff=128, num_layers=2,
+                            num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                            feed_forward_proj="gated-gelu", dropout_rate=0.0)
+                   ).save_pretrained(str(encoder_dir))
+
+
+FLUX_WIDTHS = dict(pooled=SD3_WIDTHS["clip_l"], t5=SD3_WIDTHS["t5"])   # pooled: CLIP-L's width; context: T5's
+
+
+def write_flux_text_parts(folder) -> dict:
+    """FLUX.1's text encoders at toy widths (FLUX_WIDTHS, returned) in `folder` as diffusers' Flux pipeline
+    names them: text_encoder/ + tokenizer/ (a random CLIPTextModel, SD3's 32-wide CLIP-L config, the real
+    CLIP vocabulary padding with the end token) and text_encoder_2/ + tokenizer_2/ (SD3's random 96-wide T5)."""
+    from pathlib import Path
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.models.clip_bpe import write_clip_tokenizer
+    folder = Path(folder)
+    write_clip_tokenizer(folder / "tokenizer")
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(**TINY.clip)).save_pretrained(str(folder / "text_encoder"))
+    _write_t5(folder / "text_encoder_2", folder / "tokenizer_2")
+    return FLUX_WIDTHS
 
 
 # A tiny SD3: the transformer takes write_sd3_text_parts' widths (joint 96, pooled 80), a 16-channel autoencoder
@@ -342,3 +369,50 @@ def sd3_images(theirs, pipe, prompts, steps: int, guidance_scale: float, seed: i
         return theirs(prompts, num_inference_steps=steps, sigmas=list(1 - np.arange(steps) / steps),
                       guidance_scale=guidance_scale, latents=noise, height=side, width=side, output_type="pt",
                       **call).images
+
+
+# A tiny FLUX.1: the transformer takes write_flux_text_parts' widths (context 96, pooled 32), a 16-channel VAE
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=96, pooled_projection_dim=32,
+                        axes_dims_rope=(4, 6, 6))
+FLUX_VAE = {**TINY.vae, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+            "scaling_factor": 0.3611, "shift_factor": 0.1159}
+
+
+def write_flux_pipeline(folder, guidance_embeds: bool = True, dynamic: bool = True):
+    """A tiny random FLUX.1 pipeline saved at folder/"flux": -dev (the guidance embedding, the scheduler's
+    resolution-dependent shift) or -schnell (neither). Returns diffusers' FluxPipeline."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
+    parts = folder / "parts"
+    write_flux_text_parts(parts)
+    torch.manual_seed(0)
+    scheduler = (diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                           base_image_seq_len=256, max_image_seq_len=4096)
+                 if dynamic else diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = diffusers.FluxPipeline(
+            transformer=diffusers.FluxTransformer2DModel(**FLUX_TRANSFORMER, guidance_embeds=guidance_embeds),
+            scheduler=scheduler, vae=diffusers.AutoencoderKL(**FLUX_VAE),
+            text_encoder=CLIPTextModel.from_pretrained(parts / "text_encoder"),
+            tokenizer=CLIPTokenizer.from_pretrained(parts / "tokenizer"),
+            text_encoder_2=T5EncoderModel.from_pretrained(parts / "text_encoder_2"),
+            tokenizer_2=AutoTokenizer.from_pretrained(parts / "tokenizer_2"))
+        pipe.save_pretrained(str(folder / "flux"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_images(theirs, pipe, prompts, steps: int, guidance_scale: float, seed: int = 0, size=None, **call):
+    """diffusers' FLUX.1 images (B, 3, H, W) in [0, 1] from the noise our TextToImage `pipe` starts `prompts` from
+    with `seed` (packed into its 2x2 tokens), on its default grid linspace(1, 1/n, n) = our trailing grid, at
+    `size` = (width, height) (default the model's square)."""
+    from ldm.diffusion.samplers import initial_noise
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(steps), pipe.latent_shape(len(prompts), size),
+                          generator=torch.Generator().manual_seed(seed))
+    B, C, h, w = noise.shape
+    packed = noise.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w // 4, C * 4)
+    width, height = size or (pipe.index.resolution,) * 2
+    with torch.no_grad():
+        return theirs(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, latents=packed,
+                      height=height, width=width, output_type="pt", **call).images
