@@ -2,7 +2,9 @@
 
 The same tensors under other names: diffusers' config maps onto MMDiTConfig and its keys onto ours
 (`diffusers_to_ours`; back for an export: `mmdit_config_to_diffusers`, `ours_to_diffusers`); loading is
-all-or-nothing.
+all-or-nothing. SD3's original layout (Stability AI's single files: fused qkv, (shift, scale) modulations) maps
+onto diffusers' names (`original_to_diffusers`, tables shared with ldm.models.lora) and its sizes read off
+the tensors (`mmdit_config_from_original`).
 
 One diffusers tensor has no counterpart: the last block's text query projection (and its q-norm gain).
 Its text tokens' outputs are thrown away there, so that projection never reaches the output; we drop
@@ -13,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import re
+
+import torch
 
 from ldm.models.convert_unet import _read_weights, _resolve_diffusers_dir
 from ldm.models.mmdit import MMDiT, MMDiTConfig
@@ -153,4 +157,99 @@ def load_diffusers_mmdit(path: str, subfolder: str | None = None, variant: str |
         cfg = mmdit_config_from_diffusers(json.load(f))
     model = MMDiT(cfg)
     load_state_dict_strict(model, diffusers_to_ours(_read_weights(directory, variant)), directory)
+    return model
+
+
+# ---- SD3's original layout (Stability AI's single files, sd-scripts, ComfyUI) ------------------
+
+# SD3's original module names -> diffusers', as diffusers' scripts/convert_sd3_to_diffusers.py moves the weights:
+# a fused attn.qkv is three projections (its thirds of rows). The file's `pos_embed` is diffusers' pos_embed.pos_embed.
+SD3_ORIGINAL_TOP = {"x_embedder.proj": "pos_embed.proj", "context_embedder": "context_embedder",
+                    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+                    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+                    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+                    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+                    "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear"}
+SD3_ORIGINAL_BLOCK = {  # joint_blocks.N.<key> -> transformer_blocks.N.<value(s)>; x_block: image, context_block: text
+    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "x_block.attn.proj": ("attn.to_out.0",),
+    "x_block.attn.ln_q": ("attn.norm_q",), "x_block.attn.ln_k": ("attn.norm_k",),          # SD3.5's qk norm
+    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"), "x_block.attn2.proj": ("attn2.to_out.0",),
+    "x_block.attn2.ln_q": ("attn2.norm_q",), "x_block.attn2.ln_k": ("attn2.norm_k",),      # SD3.5 medium
+    "x_block.mlp.fc1": ("ff.net.0.proj",), "x_block.mlp.fc2": ("ff.net.2",),
+    "x_block.adaLN_modulation.1": ("norm1.linear",),
+    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "context_block.attn.proj": ("attn.to_add_out",),
+    "context_block.attn.ln_q": ("attn.norm_added_q",), "context_block.attn.ln_k": ("attn.norm_added_k",),
+    "context_block.mlp.fc1": ("ff_context.net.0.proj",), "context_block.mlp.fc2": ("ff_context.net.2",),
+    "context_block.adaLN_modulation.1": ("norm1_context.linear",)}
+SD3_JOINT_BLOCK = re.compile(r"joint_blocks\.(\d+)\.(.+)")
+SD3_HEAD_DIM = 64                     # every SD3 and SD 3.5 transformer: heads = width / 64
+
+
+def original_swaps_halves(module: str, last: int) -> bool:
+    """Whether SD3's original `module` holds (shift, scale) rows where diffusers holds (scale, shift): the final
+    layer's modulation and that of the last block's text stream (`last`: its index), AdaLayerNormContinuous there."""
+    m = SD3_JOINT_BLOCK.fullmatch(module)
+    if m:
+        return m.group(2) == "context_block.adaLN_modulation.1" and int(m.group(1)) == last
+    return module == "final_layer.adaLN_modulation.1"
+
+
+def original_to_diffusers(state: dict) -> dict:
+    """SD3's original tensors (the `model.diffusion_model.` prefix stripped) under diffusers' names: fused qkv
+    split in thirds, (shift, scale) halves swapped; unknown keys pass through (the loader reports them)."""
+    last = max((int(m.group(1)) for k in state if (m := SD3_JOINT_BLOCK.match(k))), default=-1)
+    out = {}
+    for key, value in state.items():
+        if key == "pos_embed":                        # a buffer (1, M * M, D), no module of its own
+            out["pos_embed.pos_embed"] = value
+            continue
+        module, _, param = key.rpartition(".")
+        m = SD3_JOINT_BLOCK.fullmatch(module)
+        if m and m.group(2) in SD3_ORIGINAL_BLOCK:
+            theirs = [f"transformer_blocks.{m.group(1)}.{t}" for t in SD3_ORIGINAL_BLOCK[m.group(2)]]
+        elif module in SD3_ORIGINAL_TOP:
+            theirs = [SD3_ORIGINAL_TOP[module]]
+        else:
+            out[key] = value
+            continue
+        if original_swaps_halves(module, last):
+            value = torch.cat(value.chunk(2)[::-1])
+        for name, rows in zip(theirs, value.chunk(len(theirs))):
+            out[f"{name}.{param}"] = rows
+    return out
+
+
+def mmdit_config_from_original(state: dict, sample_size: int = 128) -> MMDiTConfig:
+    """SD3's sizes read off its original tensors (prefix stripped), as no single file carries a config: width,
+    latent channels and patch from x_embedder, depth from the joint blocks, 64-channel heads, text widths from
+    the embedders, the position table's side, qk norm (ln_q) and dual attention (attn2) where present."""
+    needed = ("x_embedder.proj.weight", "pos_embed", "context_embedder.weight", "y_embedder.mlp.0.weight",
+              "final_layer.linear.weight")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise ValueError(f"SD3 transformer: the weights lack {missing}")
+    width, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
+    if width % SD3_HEAD_DIM:
+        raise ValueError(f"SD3 transformer: width {width} is no multiple of {SD3_HEAD_DIM}-channel heads; give its "
+                         "SD3Transformer2DModel config.json")
+    blocks = {int(m.group(1)) for k in state if (m := SD3_JOINT_BLOCK.match(k))}
+    if blocks != set(range(len(blocks))):
+        raise ValueError(f"SD3 transformer: joint_blocks {sorted(blocks)} are not 0..{len(blocks) - 1}")
+    context = state["context_embedder.weight"]
+    return MMDiTConfig(
+        in_channels=in_channels, out_channels=state["final_layer.linear.weight"].shape[0] // patch ** 2,
+        patch_size=patch, depth=len(blocks), num_heads=width // SD3_HEAD_DIM, head_dim=SD3_HEAD_DIM,
+        context_dim=context.shape[1], caption_dim=context.shape[0],
+        pooled_dim=state["y_embedder.mlp.0.weight"].shape[1],
+        pos_embed_max_size=round(state["pos_embed"].shape[1] ** 0.5), sample_size=sample_size,
+        qk_norm="rms_norm" if any(".attn.ln_q." in k for k in state) else None,
+        dual_attention_layers=sorted({int(m.group(1)) for k in state if (m := SD3_JOINT_BLOCK.match(k))
+                                      and m.group(2).startswith("x_block.attn2.")}))
+
+
+def load_original_mmdit(state: dict, cfg: MMDiTConfig | None = None, source: str = "SD3 checkpoint") -> MMDiT:
+    """Our MMDiT from SD3's original tensors (prefix stripped), all-or-nothing; cfg: read off them by default."""
+    model = MMDiT(cfg or mmdit_config_from_original(state))
+    load_state_dict_strict(model, diffusers_to_ours(original_to_diffusers(state)), source)
     return model

@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ldm.models.convert_mmdit import SD3_JOINT_BLOCK, SD3_ORIGINAL_BLOCK, SD3_ORIGINAL_TOP, original_swaps_halves
 from ldm.models.convert_mmdit import diffusers_to_ours as mmdit_diffusers_to_ours
 from ldm.models.convert_mmdit import ours_to_diffusers_key as mmdit_ours_to_diffusers_key
 from ldm.models.convert_unet import DIFFUSERS_TOP, RES_DIFFUSERS, TRANSFORMER_RENAMES, compvis_to_ours, diffusers_to_ours
@@ -351,25 +352,8 @@ def unet_module(name: str, cfg) -> str:
 
 
 # ----------------------------------------------------------------------------- SD3's transformer
+# (SD3's original module names -> diffusers': convert_mmdit's SD3_ORIGINAL_TOP / SD3_ORIGINAL_BLOCK tables)
 
-# SD3's original module names (its reference code, sd-scripts, ComfyUI) -> diffusers', as diffusers'
-# scripts/convert_sd3_to_diffusers.py moves the weights: a fused attn.qkv is three projections (its thirds of rows).
-SD3_ORIGINAL_TOP = {"x_embedder.proj": "pos_embed.proj", "context_embedder": "context_embedder",
-                    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
-                    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
-                    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
-                    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
-                    "final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear"}
-SD3_ORIGINAL_BLOCK = {  # joint_blocks.N.<key> -> transformer_blocks.N.<value(s)>; x_block: image, context_block: text
-    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "x_block.attn.proj": ("attn.to_out.0",),
-    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"), "x_block.attn2.proj": ("attn2.to_out.0",),
-    "x_block.mlp.fc1": ("ff.net.0.proj",), "x_block.mlp.fc2": ("ff.net.2",),
-    "x_block.adaLN_modulation.1": ("norm1.linear",),
-    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "context_block.attn.proj": ("attn.to_add_out",),
-    "context_block.mlp.fc1": ("ff_context.net.0.proj",), "context_block.mlp.fc2": ("ff_context.net.2",),
-    "context_block.adaLN_modulation.1": ("norm1_context.linear",)}
-_JOINT_BLOCK = re.compile(r"joint_blocks\.(\d+)\.(.+)")
 _TEXT_QUERY = re.compile(r"transformer_blocks\.(\d+)\.attn\.add_q_proj")
 _OUR_TEXT_QUERY = re.compile(r"blocks\.(\d+)\.text\.attn\.q")
 
@@ -400,15 +384,14 @@ def mmdit_updates(lora: dict[str, Update], net: MMDiT) -> list[tuple[str, str | 
     pre_only = {i for i, block in enumerate(net.blocks) if block.text.attn.q is None}   # the last block
     out = []
     for name, update in lora.items():
-        m = _JOINT_BLOCK.fullmatch(name)
+        m = SD3_JOINT_BLOCK.fullmatch(name)
         if m and m.group(2) in SD3_ORIGINAL_BLOCK:
-            i, rest = int(m.group(1)), m.group(2)
-            theirs = [f"transformer_blocks.{i}.{t}" for t in SD3_ORIGINAL_BLOCK[rest]]
-            swap = rest == "context_block.adaLN_modulation.1" and i in pre_only   # (shift, scale) there
+            theirs = [f"transformer_blocks.{m.group(1)}.{t}" for t in SD3_ORIGINAL_BLOCK[m.group(2)]]
         elif name in SD3_ORIGINAL_TOP:
-            theirs, swap = [SD3_ORIGINAL_TOP[name]], name == "final_layer.adaLN_modulation.1"
+            theirs = [SD3_ORIGINAL_TOP[name]]
         else:
-            theirs, swap = [name], False                                           # diffusers' names
+            theirs = [name]                                                        # diffusers' names
+        swap = original_swaps_halves(name, max(pre_only, default=-1))             # (shift, scale) rows there
         updates = _rows(update, len(theirs), swap, name) if len(theirs) > 1 or swap else [update]
         for t, u in zip(theirs, updates):
             ours = mmdit_module(t)
