@@ -218,6 +218,9 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
             parser.error(f"--ip-adapter {args.ip_adapter}: {err}")
     if args.steps is None:
         args.steps = STUDENT_STEPS if STUDENT_STEPS in pipe.student_steps else TEACHER_STEPS
+    if pipe.index.guidance_embed and (args.negative or args.guidance_rescale):
+        parser.error("--negative / --guidance-rescale: this model's guidance is distilled into the net (FLUX.1-dev): "
+                     "it takes the scale as an input, not CFG")
     if args.shift is not None and not args.shift > 0:
         parser.error(f"--shift must be > 0, got {args.shift}")
     if not 0.0 <= args.guidance_rescale <= 1.0:

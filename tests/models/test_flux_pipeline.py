@@ -20,7 +20,7 @@ def dev(tmp_path_factory):
     return write_flux_pipeline(folder), folder
 
 
-def test_flux_dev_draws_what_diffusers_draws(dev, tmp_path, one_thread):
+def test_flux_dev_draws_what_diffusers_draws(dev, tmp_path, one_thread, capsys):
     """-dev: one net call a step with the guidance scale 1 + w as its input (no CFG), the dynamic shift of the
     drawn size's token count, square and 48x32; the folder records both."""
     theirs, folder = dev
@@ -43,6 +43,11 @@ def test_flux_dev_draws_what_diffusers_draws(dev, tmp_path, one_thread):
                           (lambda: export(str(tmp_path / "model"), str(tmp_path / "out")), "FLUX.1 folder")):
         with pytest.raises(ValueError, match=message):
             call()
+    from ldm import txt2img
+    for flag, message in ((["--negative", "blurry"], "distilled into the net"), (["--clip-skip", "2"], "pooled output")):
+        with pytest.raises(SystemExit) as e:
+            txt2img.main(["a cat", "--model", str(tmp_path / "model"), *flag, "--out", str(tmp_path / "x.png")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
     stage = load_stage("distill")              # guidance-distilled: no CFG teacher to distil
     with pytest.raises(ValueError, match="does not take a FLUX.1 teacher"):
         stage.main(["--config", str(Path(__file__).resolve().parents[2] / "configs" / "distill" / "tiny.yaml"),
