@@ -8,14 +8,10 @@ and its patch_size must be 1 (the pipeline packs).
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 
-from ldm.models.convert_mmdit import BLOCK
-from ldm.models.convert_unet import _read_weights, _resolve_diffusers_dir
+from ldm.models.convert_mmdit import BLOCK, load_diffusers_transformer
 from ldm.models.flux import PATCH, Flux, FluxConfig
-from ldm.models.weights import load_state_dict_strict
 
 CLASS_NAME = "FluxTransformer2DModel"
 # diffusers config key -> ours; in/out channels are divided by PATCH^2 (packed -> latent channels)
@@ -100,16 +96,5 @@ def ours_to_diffusers(state: dict) -> dict:
 def load_diffusers_flux(path: str, subfolder: str | None = None, variant: str | None = None,
                         local_files_only: bool = False) -> Flux:
     """Our Flux from a diffusers FluxTransformer2DModel folder, a pipeline folder with transformer/, or a hub id."""
-    if not os.path.isdir(path) and (os.path.exists(path) or path.count("/") != 1):
-        raise FileNotFoundError(f"load_diffusers_flux: {path!r} is neither a folder nor a hub repo id 'org/name'")
-    if subfolder is None and not os.path.isfile(os.path.join(path, "config.json")):
-        subfolder = "transformer"   # a pipeline (folder or hub repo) keeps it there
-    directory = _resolve_diffusers_dir(path, subfolder, local_files_only)
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"load_diffusers_flux: missing {config_path}")
-    with open(config_path) as f:
-        cfg = flux_config_from_diffusers(json.load(f))
-    model = Flux(cfg)
-    load_state_dict_strict(model, diffusers_to_ours(_read_weights(directory, variant)), directory)
-    return model
+    return load_diffusers_transformer(path, subfolder, variant, local_files_only, flux_config_from_diffusers,
+                                      diffusers_to_ours, Flux, "load_diffusers_flux")

@@ -142,22 +142,29 @@ def ours_to_diffusers(state: dict) -> dict:
 
 # ---- loader ----------------------------------------------------------------------------------
 
-def load_diffusers_mmdit(path: str, subfolder: str | None = None, variant: str | None = None,
-                         local_files_only: bool = False) -> MMDiT:
-    """Our MMDiT from a diffusers SD3Transformer2DModel folder, a pipeline folder with transformer/, or a hub id."""
+def load_diffusers_transformer(path: str, subfolder: str | None, variant: str | None, local_files_only: bool,
+                               config_from, rename, net_class, what: str):
+    """A diffusers transformer folder (or a pipeline folder with transformer/, or a hub id) as our `net_class`:
+    its config.json through `config_from`, its weights renamed by `rename`, loaded all or nothing."""
     if not os.path.isdir(path) and (os.path.exists(path) or path.count("/") != 1):
-        raise FileNotFoundError(f"load_diffusers_mmdit: {path!r} is neither a folder nor a hub repo id 'org/name'")
+        raise FileNotFoundError(f"{what}: {path!r} is neither a folder nor a hub repo id 'org/name'")
     if subfolder is None and not os.path.isfile(os.path.join(path, "config.json")):
         subfolder = "transformer"   # a pipeline (folder or hub repo) keeps it there
     directory = _resolve_diffusers_dir(path, subfolder, local_files_only)
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"load_diffusers_mmdit: missing {config_path}")
+        raise FileNotFoundError(f"{what}: missing {config_path}")
     with open(config_path) as f:
-        cfg = mmdit_config_from_diffusers(json.load(f))
-    model = MMDiT(cfg)
-    load_state_dict_strict(model, diffusers_to_ours(_read_weights(directory, variant)), directory)
+        model = net_class(config_from(json.load(f)))
+    load_state_dict_strict(model, rename(_read_weights(directory, variant)), directory)
     return model
+
+
+def load_diffusers_mmdit(path: str, subfolder: str | None = None, variant: str | None = None,
+                         local_files_only: bool = False) -> MMDiT:
+    """Our MMDiT from a diffusers SD3Transformer2DModel folder, a pipeline folder with transformer/, or a hub id."""
+    return load_diffusers_transformer(path, subfolder, variant, local_files_only, mmdit_config_from_diffusers,
+                                      diffusers_to_ours, MMDiT, "load_diffusers_mmdit")
 
 
 # ---- SD3's original layout (Stability AI's single files, sd-scripts, ComfyUI) ------------------

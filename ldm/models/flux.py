@@ -24,8 +24,6 @@ as diffusers does with its `guidance`.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +33,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm import ops
 from ldm.models.layers import TimestepMLP, timestep_embedding
-from ldm.models.mmdit import CONFIG_NAME, TIME_FREQS, WEIGHTS_NAME, RMSNorm, Stream, layer_norm, merge_heads, modulate
-from ldm.models.weights import load_weights, save_weights
+from ldm.models.mmdit import TIME_FREQS, RMSNorm, Stream, layer_norm, merge_heads, modulate
+from ldm.models.weights import Pretrained
 
 PATCH = 2                # latent pixels per token side (the 2 x 2 packing)
 GUIDANCE_SCALE = 1000.0  # diffusers' and BFL's factor on the guidance scale before its sinusoid
@@ -189,9 +187,11 @@ class SingleBlock(nn.Module):
 
 # ---- the network -----------------------------------------------------------------------------
 
-class Flux(nn.Module):
+class Flux(Pretrained, nn.Module):
     """Velocity-prediction Flux: forward(x (B,C,H,W), t (B,) = 1000 sigma, context (B,L,D_ctx), pooled=(B,P),
     guidance=(B,) scale (FLUX.1-dev only)) -> (B,C_out,H,W)."""
+
+    config_class = FluxConfig
 
     def __init__(self, cfg: FluxConfig):
         super().__init__()
@@ -284,22 +284,3 @@ class Flux(nn.Module):
         scale, shift = self.final_mod(F.silu(c))[:, None].chunk(2, dim=-1)
         h = self.proj_out(modulate(layer_norm(h[:, L:]), shift, scale))   # (B, N, 4 C_out)
         return unpack(h, gh, gw)
-
-    def save_pretrained(self, directory: str, dtype: torch.dtype | None = None) -> None:
-        """Write config.json and model.safetensors into `directory` (weights cast to `dtype` if given)."""
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(dataclasses.asdict(self.cfg), f, indent=2)
-        save_weights(self, os.path.join(directory, WEIGHTS_NAME), dtype)
-
-    @classmethod
-    def from_pretrained(cls, directory: str, device="cpu") -> "Flux":
-        """Inverse of save_pretrained; every weight must be present, none extra."""
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not os.path.isfile(os.path.join(directory, name)):
-                raise FileNotFoundError(f"Flux.from_pretrained: missing {os.path.join(directory, name)}")
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            cfg = FluxConfig.from_dict(json.load(f))
-        model = cls(cfg)
-        load_weights(model, os.path.join(directory, WEIGHTS_NAME), directory)
-        return model.to(device)

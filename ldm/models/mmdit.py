@@ -19,8 +19,6 @@ latent's patch grid; stored as a buffer (`pos_embed`, (M, M, D)), as the release
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm import ops
 from ldm.models.layers import TimestepMLP, timestep_embedding
-from ldm.models.weights import load_weights, save_weights
+from ldm.models.weights import Pretrained
 
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 QK_NORMS = (None, "rms_norm")
 TIME_FREQS = 256  # width of the timestep sinusoid
 
@@ -229,9 +226,11 @@ def unpatchify(h, grid_h: int, grid_w: int, p: int):
 
 # ---- the network -----------------------------------------------------------------------------
 
-class MMDiT(nn.Module):
+class MMDiT(Pretrained, nn.Module):
     """Velocity-prediction MMDiT: forward(x (B,C,H,W), t (B,), context (B,L,D_ctx), pooled=(B,P)) -> (B,C_out,H,W);
     pooled is None where pooled_dim is 0."""
+
+    config_class = MMDiTConfig
 
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
@@ -343,22 +342,3 @@ class MMDiT(nn.Module):
         scale, shift = self.final_mod(F.silu(c))[:, None].chunk(2, dim=-1)
         h = self.proj_out(modulate(layer_norm(h), shift, scale))        # (B, N, p * p * C_out)
         return unpatchify(h, H // p, W // p, p)
-
-    def save_pretrained(self, directory: str, dtype: torch.dtype | None = None) -> None:
-        """Write config.json and model.safetensors into `directory` (weights cast to `dtype` if given)."""
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(dataclasses.asdict(self.cfg), f, indent=2)
-        save_weights(self, os.path.join(directory, WEIGHTS_NAME), dtype)
-
-    @classmethod
-    def from_pretrained(cls, directory: str, device="cpu") -> "MMDiT":
-        """Inverse of save_pretrained; every weight must be present, none extra."""
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not os.path.isfile(os.path.join(directory, name)):
-                raise FileNotFoundError(f"MMDiT.from_pretrained: missing {os.path.join(directory, name)}")
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            cfg = MMDiTConfig.from_dict(json.load(f))
-        model = cls(cfg)
-        load_weights(model, os.path.join(directory, WEIGHTS_NAME), directory)
-        return model.to(device)

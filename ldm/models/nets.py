@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-from ldm.models.unet import CONFIG_NAME, UNet, UNetConfig
+from ldm.models.unet import UNet, UNetConfig
+from ldm.models.weights import CONFIG_NAME
 
 
 def net_config(d: dict):

@@ -13,8 +13,6 @@ t in [0, 1] should pass 1000 * t.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +22,8 @@ from torch.utils.checkpoint import checkpoint
 from ldm.models.layers import (
     Downsample, GroupNorm, ResBlock, SpatialTransformer, TimestepMLP, Upsample, timestep_embedding,
 )
-from ldm.models.weights import load_state_dict_strict, load_weights, save_weights  # noqa: F401  (re-exported)
+from ldm.models.weights import CONFIG_NAME, Pretrained, load_state_dict_strict  # noqa: F401  (re-exported)
 
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 ADDED_CONDS = (None, "text_time")
 
 
@@ -145,8 +142,10 @@ def freeu(h: torch.Tensor, skip: torch.Tensor, b: float, s: float) -> tuple[torc
     return h, skip
 
 
-class UNet(nn.Module):
+class UNet(Pretrained, nn.Module):
     """eps/v-prediction U-Net: forward(x (B,C,H,W), t (B,), context (B,L,D)) -> (B,C_out,H,W)."""
+
+    config_class = UNetConfig
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -290,25 +289,6 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
         return self.conv_out(self.norm_out(h))
-
-    def save_pretrained(self, directory: str, dtype: torch.dtype | None = None) -> None:
-        """Write config.json and model.safetensors into `directory` (weights cast to `dtype` if given)."""
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(dataclasses.asdict(self.cfg), f, indent=2)
-        save_weights(self, os.path.join(directory, WEIGHTS_NAME), dtype)
-
-    @classmethod
-    def from_pretrained(cls, directory: str, device="cpu") -> "UNet":
-        """Inverse of save_pretrained; every weight must be present, none extra."""
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not os.path.isfile(os.path.join(directory, name)):
-                raise FileNotFoundError(f"UNet.from_pretrained: missing {os.path.join(directory, name)}")
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            cfg = UNetConfig.from_dict(json.load(f))
-        model = cls(cfg)
-        load_weights(model, os.path.join(directory, WEIGHTS_NAME), directory)
-        return model.to(device)
 
 
 def sdxl_time_ids(size_ids: torch.Tensor | None, latent_shape: tuple[int, ...], factor: int) -> torch.Tensor:

@@ -77,3 +77,34 @@ def save_weights(module: nn.Module, path: str, dtype: torch.dtype | None = None)
     Loading casts back: load_state_dict copies into the module's own (fp32) parameters.
     """
     save_state(module.state_dict(), path, dtype)
+
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+class Pretrained:
+    """save_pretrained / from_pretrained for a network built from one dataclass config `self.cfg` of type
+    `config_class` (with a `from_dict` that refuses unknown keys): config.json plus model.safetensors."""
+
+    config_class: type
+
+    def save_pretrained(self, directory: str, dtype: torch.dtype | None = None) -> None:
+        """Write config.json and model.safetensors into `directory` (weights cast to `dtype` if given)."""
+        import dataclasses
+        import json
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(dataclasses.asdict(self.cfg), f, indent=2)
+        save_weights(self, os.path.join(directory, WEIGHTS_NAME), dtype)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, device="cpu"):
+        """Inverse of save_pretrained; every weight must be present, none extra."""
+        import json
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not os.path.isfile(os.path.join(directory, name)):
+                raise FileNotFoundError(f"{cls.__name__}.from_pretrained: missing {os.path.join(directory, name)}")
+        with open(os.path.join(directory, CONFIG_NAME)) as f:
+            model = cls(cls.config_class.from_dict(json.load(f)))
+        load_weights(model, os.path.join(directory, WEIGHTS_NAME), directory)
+        return model.to(device)
