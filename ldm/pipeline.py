@@ -136,14 +136,20 @@ class TextToImage:
         self._warned_prompts: set[str] = set()
         self.prompt_weights = False   # read "(word:1.3)" emphasis in prompts (ldm.models.prompt_weights)
         self._ip = None               # (ImageTokens, shared state, ImageEncoder) once add_ip_adapter ran
+        self.net_dtype: torch.dtype | None = None   # from_folder's dtype: students load in it too
 
     @classmethod
-    def from_folder(cls, folder: str = DEFAULT_MODEL, device="cpu", decoder_precision: str = "auto") -> "TextToImage":
+    def from_folder(cls, folder: str = DEFAULT_MODEL, device="cpu", decoder_precision: str = "auto",
+                    dtype: torch.dtype | None = None) -> "TextToImage":
+        """dtype: the networks' and text encoders' weights in this precision (bf16 / fp16 halve the memory that
+        SDXL, SD3 and FLUX.1 take in fp32); the sampler's state stays fp32, the decoder follows decoder_precision."""
         index = load_index(folder)
         part = lambda name: os.path.join(folder, name)  # noqa: E731
-        return cls(AutoencoderKL.from_pretrained(part(index.autoencoder), device=device),
-                   load_text_encoder(part(index.text_encoder)).to(device),
-                   load_net(part(index.unet), device=device), index, folder, decoder_precision)
+        pipe = cls(AutoencoderKL.from_pretrained(part(index.autoencoder), device=device),
+                   load_text_encoder(part(index.text_encoder)).to(device, dtype),
+                   load_net(part(index.unet), device=device).to(dtype), index, folder, decoder_precision)
+        pipe.net_dtype = dtype
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -171,7 +177,7 @@ class TextToImage:
             raise ValueError(f"no student for {steps} steps in {self.folder}; have {self.student_steps}")
         if steps not in self._students:
             path = os.path.join(self.folder, self.index.students[str(steps)])
-            student = GuidedStudent.from_pretrained(path, device=self.device).eval()
+            student = GuidedStudent.from_pretrained(path, device=self.device).to(self.net_dtype).eval()
             for lora, scale, source in self._loras:
                 merge_lora(lora, [student.unet], {}, scale, source)
             if isinstance(student.unet, UNet):         # FreeU acts on U-Net decoder levels (set_freeu)

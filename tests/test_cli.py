@@ -367,3 +367,17 @@ def test_shift_moves_the_teachers_grid_and_is_refused_for_a_student(model, tmp_p
         with pytest.raises(SystemExit) as e:
             txt2img.main(["a red circle", "--model", model, *args, "--out", str(tmp_path / "x.png")])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_dtype_flag_loads_half_precision_networks_and_is_replayed(model, tmp_path, capsys):
+    """--dtype bfloat16: the image differs a little from float32's, the PNG says so, --replay draws it again."""
+    import json
+    for args, name in (([], "fp32"), (["--dtype", "bfloat16"], "bf16")):
+        txt2img.main(["a red circle", "--model", model, "--steps", "2", "--teacher", *args,
+                      "--out", str(tmp_path / f"{name}.png")])
+    pixels = {n: np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("fp32", "bf16")}
+    assert 0 < np.abs(pixels["fp32"] - pixels["bf16"]).mean() < 8
+    with Image.open(tmp_path / "bf16.png") as im:
+        assert json.loads(im.text["ldm"])["dtype"] == "bfloat16"
+    txt2img.main(["--replay", str(tmp_path / "bf16.png"), "--out", str(tmp_path / "again.png")])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png"), dtype=np.int16), pixels["bf16"])

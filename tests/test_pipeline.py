@@ -98,3 +98,25 @@ def test_cpu_start_up_leaves_triton_inductor_and_open_clip_unimported():
                          env={**env, "CUDA_VISIBLE_DEVICES": ""})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-2] == "[]"
+
+
+@pytest.mark.parametrize("dtype, mean_err", [(torch.bfloat16, 0.02), (torch.float16, 0.003)])
+def test_half_precision_networks_draw_close_to_fp32(tmp_path, one_thread, dtype, mean_err):
+    """from_folder(dtype=...): the teacher's U-Net, the text encoder and a student (loaded later) hold their
+    weights in bf16 / fp16, the sampler stays fp32, and the images stay close to the fp32 ones (8e-3 and 1e-3
+    mean here for bf16 and fp16)."""
+    save_random_model(str(tmp_path), resolution=32)
+    GuidedStudent.from_teacher(UNet.from_pretrained(str(tmp_path / "unet")), 16).save_pretrained(
+        str(tmp_path / "student-2"))
+    index = load_index(str(tmp_path))
+    index.students = {"2": "student-2"}
+    save_index(str(tmp_path), index)
+    full = TextToImage.from_folder(str(tmp_path), decoder_precision="fp32")
+    half = TextToImage.from_folder(str(tmp_path), decoder_precision="fp32", dtype=dtype)
+    assert next(half.unet.parameters()).dtype == dtype and next(half.text_encoder.parameters()).dtype == dtype
+    for teacher in (True, False):
+        a, _ = full.generate(["a red circle", "a blue square"], steps=2, teacher=teacher)
+        b, info = half.generate(["a red circle", "a blue square"], steps=2, teacher=teacher)
+        assert info["model"] == ("teacher" if teacher else "student-2") and b.dtype == torch.float32
+        assert torch.isfinite(b).all() and 0 < (a - b).abs().mean() < mean_err
+    assert next(half.student(2).parameters()).dtype == dtype

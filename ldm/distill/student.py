@@ -34,7 +34,7 @@ class WEmbedding(nn.Module):
         nn.init.zeros_(self.mlp.fc2.bias)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(w * W_SCALE, self.features))
+        return self.mlp(timestep_embedding(w * W_SCALE, self.features).to(self.mlp.fc1.weight.dtype))
 
 
 class GuidedStudent(nn.Module):

@@ -272,7 +272,7 @@ class UNet(Pretrained, nn.Module):
         self._check_inputs(x, context)
         emb = self._embed(x, t, cond_emb, pooled, time_ids)
         context = context.to(self.conv_in.weight.dtype)
-        h, skips = self.encode(self.conv_in(x), emb, context, context_mask)
+        h, skips = self.encode(self.conv_in(x.to(self.conv_in.weight.dtype)), emb, context, context_mask)
         if control is not None:
             down, mid = control
             skips = [s + r.to(s.dtype) for s, r in zip(skips, down, strict=True)]

@@ -33,6 +33,9 @@ def test_flux_dev_draws_what_diffusers_draws(dev, tmp_path, one_thread, capsys):
         assert info["nfe"] == 4                                              # guidance is an input: no CFG
         reference = flux_images(theirs, pipe, PROMPTS, 4, 3.5, size=size)
         torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+    half = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32", dtype=torch.bfloat16)
+    bf16, _ = half.generate(PROMPTS, steps=4, seed=0, size=(48, 32))    # bf16 weights: close, not equal
+    assert 0 < ((bf16 * 0.5 + 0.5) - reference).abs().mean() < 5e-3
     other, _ = pipe.generate(PROMPTS, steps=4, seed=0, guidance=0.0)
     assert ((other * 0.5 + 0.5) - flux_images(theirs, pipe, PROMPTS, 4, 3.5)).abs().max() > 0.01  # the input mattered
     with pytest.raises(ValueError, match="takes no negative prompt"):

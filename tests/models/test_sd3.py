@@ -35,6 +35,9 @@ def test_sd3_pipeline_draws_what_diffusers_draws(sd3, tmp_path, one_thread):
         assert info["nfe"] == 8
         reference = their_images(theirs, pipe, PROMPTS, 4, 4.0, negative_prompt="blurry")
         torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
+    half = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32", dtype=torch.bfloat16)
+    bf16, _ = half.generate(PROMPTS, steps=4, seed=0, sampler="euler", negative="blurry")   # close, not equal
+    assert 0 < ((bf16 * 0.5 + 0.5) - reference).abs().mean() < 2e-2
     plain, _ = pipe.generate(PROMPTS, steps=4, seed=0, guidance=0.0)
     assert ((plain * 0.5 + 0.5) - reference).abs().max() > 0.05            # guidance mattered
 
