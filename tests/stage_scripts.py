@@ -21,3 +21,16 @@ def load_stage(stem: str):
             del sys.modules[name]
             raise
     return sys.modules[name]
+
+
+def record_losses(monkeypatch, stage) -> list[float]:
+    """The list that every training loss `stage` computes (its DiffusionLoss calls) is appended to."""
+    losses = []
+
+    class Recording(stage.DiffusionLoss):
+        def __call__(self, *args, **kwargs):
+            loss = super().__call__(*args, **kwargs)
+            losses.append(loss.item())
+            return loss
+    monkeypatch.setattr(stage, "DiffusionLoss", Recording)
+    return losses

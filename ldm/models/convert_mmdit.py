@@ -202,6 +202,15 @@ def original_swaps_halves(module: str, last: int) -> bool:
     return module == "final_layer.adaLN_modulation.1"
 
 
+def original_modules(module: str) -> list[str] | None:
+    """The diffusers module(s) an SD3-original module's rows split into (a fused qkv: three, in order), or None
+    when `module` is not one of SD3's original names."""
+    m = SD3_JOINT_BLOCK.fullmatch(module)
+    if m and m.group(2) in SD3_ORIGINAL_BLOCK:
+        return [f"transformer_blocks.{m.group(1)}.{t}" for t in SD3_ORIGINAL_BLOCK[m.group(2)]]
+    return [SD3_ORIGINAL_TOP[module]] if module in SD3_ORIGINAL_TOP else None
+
+
 def original_to_diffusers(state: dict) -> dict:
     """SD3's original tensors (the `model.diffusion_model.` prefix stripped) under diffusers' names: fused qkv
     split in thirds, (shift, scale) halves swapped; unknown keys pass through (the loader reports them)."""
@@ -212,12 +221,8 @@ def original_to_diffusers(state: dict) -> dict:
             out["pos_embed.pos_embed"] = value
             continue
         module, _, param = key.rpartition(".")
-        m = SD3_JOINT_BLOCK.fullmatch(module)
-        if m and m.group(2) in SD3_ORIGINAL_BLOCK:
-            theirs = [f"transformer_blocks.{m.group(1)}.{t}" for t in SD3_ORIGINAL_BLOCK[m.group(2)]]
-        elif module in SD3_ORIGINAL_TOP:
-            theirs = [SD3_ORIGINAL_TOP[module]]
-        else:
+        theirs = original_modules(module)
+        if theirs is None:
             out[key] = value
             continue
         if original_swaps_halves(module, last):

@@ -23,7 +23,6 @@ as diffusers does with its `guidance`.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from ldm import ops
 from ldm.models.layers import TimestepMLP, timestep_embedding
 from ldm.models.mmdit import TIME_FREQS, RMSNorm, Stream, layer_norm, merge_heads, modulate
-from ldm.models.weights import Pretrained
+from ldm.models.weights import Pretrained, strict_from_dict
 
 PATCH = 2                # latent pixels per token side (the 2 x 2 packing)
 GUIDANCE_SCALE = 1000.0  # diffusers' and BFL's factor on the guidance scale before its sinusoid
@@ -82,11 +81,7 @@ class FluxConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FluxConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"FluxConfig: unknown keys {unknown}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 # ---- packing and positions -------------------------------------------------------------------

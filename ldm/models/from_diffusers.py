@@ -254,7 +254,7 @@ def convert(source: str, out: str, *, guidance: float | None = None, dtype: str 
     if is_flux(found):
         return convert_flux(src, tmp, out, guidance=guidance, dtype=dtype, variant=variant)
     if is_sd3(found):
-        return convert_sd3(src, tmp, out, guidance=DEFAULT_GUIDANCE["sd3"] if guidance is None else guidance,
+        return convert_sd3(src, found, tmp, out, guidance=DEFAULT_GUIDANCE["sd3"] if guidance is None else guidance,
                            dtype=dtype, variant=variant)
     guidance = DEFAULT_GUIDANCE["sd"] if guidance is None else guidance
     pipeline = check_pipeline(src)
@@ -274,11 +274,12 @@ def convert(source: str, out: str, *, guidance: float | None = None, dtype: str 
     return index
 
 
-def convert_sd3(src: Path, tmp: Path, out: str, *, guidance: float, dtype: str, variant: str | None) -> ModelIndex:
+def convert_sd3(src: Path, pipeline: dict, tmp: Path, out: str, *, guidance: float, dtype: str,
+                variant: str | None) -> ModelIndex:
     """An SD3 / SD 3.5 pipeline folder -> a model folder: the transformer as our MMDiT in unet/, the 16-channel
-    autoencoder, the text encoders copied (T5 if the pipeline has it), the rectified-flow schedule."""
+    autoencoder, the text encoders copied (T5 if the pipeline has it), the rectified-flow schedule. pipeline:
+    its model_index.json."""
     from ldm.models.convert_mmdit import load_diffusers_mmdit
-    pipeline = json.loads((src / "model_index.json").read_text())
     t5 = check_sd3_pipeline(src, pipeline)
     scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
     net = load_diffusers_mmdit(str(src), subfolder="transformer", variant=variant)

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.models.convert_mmdit import SD3_JOINT_BLOCK, SD3_ORIGINAL_BLOCK, SD3_ORIGINAL_TOP, original_swaps_halves
+from ldm.models.convert_mmdit import original_modules, original_swaps_halves
 from ldm.models.convert_mmdit import diffusers_to_ours as mmdit_diffusers_to_ours
 from ldm.models.convert_mmdit import ours_to_diffusers_key as mmdit_ours_to_diffusers_key
 from ldm.models.convert_unet import DIFFUSERS_TOP, RES_DIFFUSERS, TRANSFORMER_RENAMES, compvis_to_ours, diffusers_to_ours
@@ -384,13 +384,7 @@ def mmdit_updates(lora: dict[str, Update], net: MMDiT) -> list[tuple[str, str | 
     pre_only = {i for i, block in enumerate(net.blocks) if block.text.attn.q is None}   # the last block
     out = []
     for name, update in lora.items():
-        m = SD3_JOINT_BLOCK.fullmatch(name)
-        if m and m.group(2) in SD3_ORIGINAL_BLOCK:
-            theirs = [f"transformer_blocks.{m.group(1)}.{t}" for t in SD3_ORIGINAL_BLOCK[m.group(2)]]
-        elif name in SD3_ORIGINAL_TOP:
-            theirs = [SD3_ORIGINAL_TOP[name]]
-        else:
-            theirs = [name]                                                        # diffusers' names
+        theirs = original_modules(name) or [name]                                 # else diffusers' names
         swap = original_swaps_halves(name, max(pre_only, default=-1))             # (shift, scale) rows there
         updates = _rows(update, len(theirs), swap, name) if len(theirs) > 1 or swap else [update]
         for t, u in zip(theirs, updates):

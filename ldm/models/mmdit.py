@@ -18,7 +18,6 @@ latent's patch grid; stored as a buffer (`pos_embed`, (M, M, D)), as the release
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm import ops
 from ldm.models.layers import TimestepMLP, timestep_embedding
-from ldm.models.weights import Pretrained
+from ldm.models.weights import Pretrained, strict_from_dict
 
 QK_NORMS = (None, "rms_norm")
 TIME_FREQS = 256  # width of the timestep sinusoid
@@ -86,11 +85,7 @@ class MMDiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MMDiTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"MMDiTConfig: unknown keys {unknown}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 # ---- pieces --------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ t in [0, 1] should pass 1000 * t.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from ldm.models.layers import (
     Downsample, GroupNorm, ResBlock, SpatialTransformer, TimestepMLP, Upsample, timestep_embedding,
 )
-from ldm.models.weights import CONFIG_NAME, Pretrained, load_state_dict_strict  # noqa: F401  (re-exported)
+from ldm.models.weights import CONFIG_NAME, load_state_dict_strict  # noqa: F401  (re-exported)
+from ldm.models.weights import Pretrained, strict_from_dict
 
 ADDED_CONDS = (None, "text_time")
 
@@ -96,11 +96,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"UNetConfig: unknown keys {unknown}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 class _Level(nn.Module):

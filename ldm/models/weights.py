@@ -82,6 +82,15 @@ def save_weights(module: nn.Module, path: str, dtype: torch.dtype | None = None)
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 
+def strict_from_dict(cls, d: dict):
+    """The dataclass `cls` from a config.json dict; a key it does not know is refused by name."""
+    import dataclasses
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}")
+    return cls(**d)
+
+
 class Pretrained:
     """save_pretrained / from_pretrained for a network built from one dataclass config `self.cfg` of type
     `config_class` (with a `from_dict` that refuses unknown keys): config.json plus model.safetensors."""

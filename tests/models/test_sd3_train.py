@@ -13,7 +13,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 from sd_layouts import sd3_images, write_sd3_pipeline
-from stage_scripts import load_stage
+from stage_scripts import load_stage, record_losses
 
 from ldm.models.from_diffusers import convert
 from ldm.models.lora import METADATA_KEY
@@ -76,14 +76,7 @@ def test_latent_model_gives_the_mmdit_pooled_text_and_sd3s_unconditional(sd3_mod
 
 def test_stage_two_trains_an_sd3_lora_that_diffusers_loads(sd3_model, tmp_path, one_thread, monkeypatch):
     theirs_dir, model = sd3_model
-    losses = []
-
-    class Recording(stage.DiffusionLoss):
-        def __call__(self, *args, **kwargs):
-            loss = super().__call__(*args, **kwargs)
-            losses.append(loss.item())
-            return loss
-    monkeypatch.setattr(stage, "DiffusionLoss", Recording)
+    losses = record_losses(monkeypatch, stage)
     config = _sd3_stage_two_config(model, tmp_path / "run")
     stage.main(["--config", str(config), "train.max_steps=2"])
     out = stage.main(["--config", str(config), "--resume", "latest"])    # continues at step 2: one more update

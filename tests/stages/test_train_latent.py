@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from stage_scripts import load_stage
+from stage_scripts import load_stage, record_losses
 
 from ldm.data.loaders import DataConfig, build_dataset
 from ldm.data.shapes import export
@@ -461,14 +461,7 @@ def test_an_mmdit_trains_from_scratch_with_the_scratch_text_encoder(tiny_ae, tmp
     """net=mmdit, pooled_dim=0: SD3's transformer on the shapes world, trained jointly with the scratch text encoder
     (no pooled text; the padding masked); 2 + 2 steps resume to exactly 4, and the folder draws through txt2img."""
     from ldm import txt2img
-    losses = []
-
-    class Recording(stage.DiffusionLoss):
-        def __call__(self, *args, **kwargs):
-            loss = super().__call__(*args, **kwargs)
-            losses.append(loss.item())
-            return loss
-    monkeypatch.setattr(stage, "DiffusionLoss", Recording)
+    losses = record_losses(monkeypatch, stage)
     common = [*TINY_MMDIT, "cache_latents=true", f"cache_dir={tmp_path / 'cache'}", "train.max_steps=4"]
     run(tiny_ae, tmp_path / "straight", *common)
     run(tiny_ae, tmp_path / "resumed", *common, "train.max_steps=2")
