@@ -305,10 +305,18 @@ def convert_flux(src: Path, tmp: Path, out: str, *, guidance: float | None, dtyp
     resolution = save_networks(tmp, net, load_diffusers_autoencoder(src, subfolder="vae", variant=variant), dtype)
     for part in FLUX_PARTS[3:]:
         copy_text_part(src / part, tmp / "text_encoder" / CLIP_DIR / part, variant)
-    family = "flux-dev" if net.cfg.guidance_embeds else "flux"
+    return finish_flux_folder(tmp, out, scheduler, resolution, guidance, net.cfg.guidance_embeds)
+
+
+def finish_flux_folder(tmp: Path, out: str, scheduler: dict, resolution: int, guidance: float | None,
+                       guidance_embeds: bool) -> ModelIndex:
+    """A FLUX.1 folder's model_index.json and text config, then finish_folder: rectified flow with the scheduler's
+    (resolution-dependent) shift; -dev (`guidance_embeds`) takes the guidance scale as the net's input; guidance
+    None: the family's default w; T5 reads FLUX_T5_TOKENS. Shared by the pipeline and the single-file import."""
+    family = "flux-dev" if guidance_embeds else "flux"
     index = model_index_from_flow_scheduler(scheduler, resolution, DEFAULT_GUIDANCE[family] if guidance is None
                                             else guidance, dynamic=True)
-    index.guidance_embed = net.cfg.guidance_embeds
+    index.guidance_embed = guidance_embeds
     finish_folder(tmp, out, index, kind="flux", t5_max_length=FLUX_T5_TOKENS)
     return index
 

@@ -1,11 +1,12 @@
-"""One Stable Diffusion 1.x, 2.x, SDXL or SD3 / SD 3.5 checkpoint file (the CompVis / Stability AI layout most
-fine-tunes ship in, .safetensors or .ckpt) -> one of our model folders.
+"""One Stable Diffusion 1.x, 2.x, SDXL, SD3 / SD 3.5 or FLUX.1 checkpoint file (the CompVis / Stability AI layout most
+fine-tunes ship in, .safetensors or .ckpt; FLUX.1 in Black Forest Labs' or ComfyUI's) -> one of our model folders.
 
     python -m ldm.models.from_single_file v1-5-pruned-emaonly.safetensors --out models/sd15
     python -m ldm.models.from_single_file v2-1_768-ema-pruned.safetensors --prediction v --resolution 768 --out models/sd21
     python -m ldm.models.from_single_file sd_xl_base_1.0.safetensors --out models/sdxl
     python -m ldm.models.from_single_file sd3_medium_incl_clips_t5xxlfp16.safetensors --t5-tokenizer t5 --out models/sd3
     python -m ldm.models.from_single_file sd3.5_large.safetensors --text-encoders sd3.5-diffusers --out models/sd35
+    python -m ldm.models.from_single_file flux1-dev.safetensors --text-encoders FLUX.1-dev --out models/flux-dev
     python -m ldm.txt2img "a corgi on a beach" --model models/sd15 --steps 25 --sampler dpmpp_2m
 
 The file holds three models under three prefixes: the U-Net (`model.diffusion_model.`), the
@@ -34,6 +35,9 @@ tokenizer_3/); without one the file's T5 is left out, with a warning (SD3 runs o
 without CLIPs (sd3_medium.safetensors, sd3.5_large.safetensors) takes them, and T5 and its tokenizer if there,
 from `--text-encoders DIR`: a diffusers SD3 pipeline folder, or any folder with its text_encoder/, tokenizer/,
 text_encoder_2/, tokenizer_2/ (optionally text_encoder_3/, tokenizer_3/); what the file holds wins.
+
+FLUX.1-dev / -schnell (a file with BFL's double_blocks, bare or under `model.diffusion_model.`): read by
+ldm.models.single_file_flux, which says what it reads; `--vae FILE` (BFL's ae.safetensors) is for these files.
 """
 from __future__ import annotations
 
@@ -123,8 +127,11 @@ VAES = {"sd1": SD1_VAE, "sd2": SD1_VAE, "sdxl": SDXL_VAE, "refiner": SDXL_VAE}
 
 
 def check_layout(state: dict, source: str) -> str:
-    """"sd1", "sd2", "sdxl", "refiner" (by the text towers) or "sd3" (by the MMDiT's joint blocks), or an error
-    that says what the file is."""
+    """"sd1", "sd2", "sdxl", "refiner" (by the text towers), "sd3" (by the MMDiT's joint blocks) or "flux" (by
+    BFL's double blocks, with or without a prefix), or an error that says what the file is."""
+    from ldm.models.single_file_flux import flux_prefix
+    if flux_prefix(state) is not None:
+        return "flux"
     if any(k.startswith(COMPVIS_PREFIX + "joint_blocks.") for k in state):
         version = "sd3"
     elif any(k.startswith("conditioner.embedders.") for k in state):
@@ -135,7 +142,7 @@ def check_layout(state: dict, source: str) -> str:
     missing = [p for p in prefixes if not any(k.startswith(p) for k in state)]
     if missing:
         raise ValueError(f"{source}: no {missing} weights: not a full SD 1.x / 2.x / SDXL (base or refiner) / SD3 "
-                         "checkpoint "
+                         "checkpoint nor a FLUX.1 one "
                          "(a bare U-Net or VAE file loads with ldm.models.convert_unet / convert_ae)")
     return version
 
@@ -178,10 +185,11 @@ def text_encoders(state: dict, version: str, text_config: str | None, source: st
 def convert(checkpoint: str, out: str, *, prediction: str | None = None, guidance: float | None = None,
             dtype: str = "float32", resolution: int | None = None, unet_config: str | None = None,
             vae_config: str | None = None, text_config: str | None = None, text_encoders_from: str | None = None,
-            t5_tokenizer: str | None = None):
-    """Write a model folder at `out` from one CompVis-layout SD 1.x / 2.x / SDXL / SD3 checkpoint file; atomic.
-    prediction: "eps" (default) or "v", SD only; guidance: default w (SD 6.5, SD3 6.0); text_encoders_from (a folder),
-    t5_tokenizer: SD3's text parts the file lacks (module docstring)."""
+            t5_tokenizer: str | None = None, vae: str | None = None):
+    """Write a model folder at `out` from one CompVis-layout SD 1.x / 2.x / SDXL / SD3 checkpoint file, or a FLUX.1
+    file (ldm.models.single_file_flux); atomic. prediction: "eps" (default) or "v", SD only; guidance: default w (SD
+    6.5, SD3 6.0, FLUX.1-dev 2.5, -schnell 0); text_encoders_from (a folder), t5_tokenizer: SD3's and FLUX.1's text
+    parts the file lacks (module docstring); vae: FLUX.1's autoencoder file."""
     from ldm.models.clip_bpe import write_clip_tokenizer
     ours = {v: k for k, v in PREDICTIONS.items()}
     if prediction is not None and prediction not in ours:
@@ -195,12 +203,24 @@ def convert(checkpoint: str, out: str, *, prediction: str | None = None, guidanc
     for option, folder in (("--text-encoders", text_encoders_from), ("--t5-tokenizer", t5_tokenizer)):
         if folder is not None and not Path(folder).is_dir():
             raise FileNotFoundError(f"{option} {folder}: no such folder")
+    if vae is not None and not Path(vae).is_file():
+        raise FileNotFoundError(f"--vae {vae}: no such file")
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} not found")
     tmp = start_folder(out)
     state = read_checkpoint(path)
     version = check_layout(state, checkpoint)
+    if version == "flux":
+        from ldm.models.single_file_flux import convert_flux_file
+        if prediction is not None:
+            raise ValueError("--prediction is for SD 1.x / 2.x files; FLUX.1 predicts the flow velocity")
+        return convert_flux_file(state, tmp, out, checkpoint, guidance=guidance, dtype=dtype, resolution=resolution,
+                                 unet_config=unet_config, vae_config=vae_config, text_config=text_config,
+                                 donor=text_encoders_from, t5_tokenizer=t5_tokenizer, vae=vae)
+    if vae is not None:
+        raise ValueError(f"{checkpoint} is not a FLUX.1 file ({version}): --vae is for FLUX.1 files (an SD file's "
+                         "autoencoder is in it)")
     if version == "sd3":
         if prediction is not None:
             raise ValueError("--prediction is for SD 1.x / 2.x files; SD3 predicts the flow velocity")
@@ -209,7 +229,7 @@ def convert(checkpoint: str, out: str, *, prediction: str | None = None, guidanc
                            text_config=text_config, donor=text_encoders_from, t5_tokenizer=t5_tokenizer)
     if text_encoders_from or t5_tokenizer:
         raise ValueError(f"{checkpoint} is not an SD3 file ({version}): --text-encoders and --t5-tokenizer are for "
-                         "SD3 files")
+                         "SD3 and FLUX.1 files")
     prediction, guidance = prediction or "eps", DEFAULT_GUIDANCE["sd"] if guidance is None else guidance
     unet = load_compvis_unet({k: v.float() for k, v in state.items() if k.startswith(COMPVIS_PREFIX)},
                              unet_config_from_diffusers(read_config(unet_config, UNETS[version], "unet")))
@@ -275,7 +295,7 @@ def t5_config_from_weights(weights: dict, source: str) -> dict:
     needed = ("shared.weight", attention + "relative_attention_bias.weight", attention + "q.weight")
     missing = [k for k in needed if k not in weights]
     if missing:
-        raise ValueError(f"{source}: SD3's T5: the weights lack {missing}")
+        raise ValueError(f"{source}: T5-XXL: the weights lack {missing}")
     vocab, width = weights["shared.weight"].shape
     buckets, heads = weights[needed[1]].shape
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in weights
@@ -399,41 +419,55 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ldm.models.from_single_file", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="an SD 1.x / 2.x / SDXL (base or refiner) / SD3 / SD 3.5 checkpoint: "
-                                           ".safetensors, or .ckpt (read with weights_only)")
+                                           ".safetensors, or .ckpt (read with weights_only); or a FLUX.1-dev / "
+                                           "-schnell file: BFL's transformer alone or ComfyUI's all-in-one")
     add_output_args(parser)
     parser.set_defaults(guidance=None)
     parser.add_argument("--prediction", choices=["eps", "v"],
                         help="what an SD U-Net predicts (default eps: SD 1.x, SD 2.x base; v for SD 2.x 768-v files; "
-                             "the file does not say); SD3 files: flow, not an option")
+                             "the file does not say); SD3 and FLUX.1 files: flow, not an option")
     parser.add_argument("--resolution", type=int, metavar="PX",
                         help="the image side the model was trained at (default: the autoencoder config's: 512, "
                              "SDXL and SD3 1024; give 768 for SD 2.x 768-v files)")
-    for part, what in (("unet", "diffusers UNet2DConditionModel (SD3: SD3Transformer2DModel) config.json (default: "
-                                "built in by the file's kind; an SD3 transformer's sizes are read off its weights)"),
-                       ("vae", "diffusers AutoencoderKL config.json (default: built in by the file's kind)"),
+    for part, what in (("unet", "diffusers UNet2DConditionModel (SD3: SD3Transformer2DModel, FLUX.1: "
+                                "FluxTransformer2DModel) config.json (default: built in by the file's kind; an SD3 or "
+                                "FLUX.1 transformer's sizes are read off its weights)"),
+                       ("vae", "diffusers AutoencoderKL config.json (default: built in by the file's kind; FLUX.1: "
+                               "entries over its built-in config)"),
                        ("text", "transformers CLIPTextModel config.json of CLIP ViT-L (default: SD 1.x's; SD 2.x's "
                                 "OpenCLIP: entries over what its weights say)")):
         parser.add_argument(f"--{part}-config", metavar="JSON", help=f"a {what}")
     parser.add_argument("--text-encoders", metavar="DIR",
                         help="SD3: the text encoders the file lacks, from a diffusers SD3 pipeline folder "
                              "(text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/, optionally text_encoder_3/, "
-                             "tokenizer_3/); needed for files without CLIPs, e.g. sd3_medium.safetensors")
+                             "tokenizer_3/); needed for files without CLIPs, e.g. sd3_medium.safetensors. FLUX.1: "
+                             "CLIP-L, T5 and the autoencoder the file lacks, from a diffusers FLUX.1 pipeline folder "
+                             "(text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/, vae/); needed for BFL's "
+                             "flux1-dev / flux1-schnell.safetensors")
     parser.add_argument("--t5-tokenizer", metavar="DIR",
-                        help="SD3 files with T5-XXL: its tokenizer folder (google/t5-v1_1-xxl's, or an SD3 "
-                             "pipeline's tokenizer_3/; default: --text-encoders' tokenizer_3/, else T5 is left out, "
-                             "with a warning)")
+                        help="SD3 and FLUX.1 files with T5-XXL: its tokenizer folder (google/t5-v1_1-xxl's, or an "
+                             "SD3 pipeline's tokenizer_3/, a FLUX.1 pipeline's tokenizer_2/; default: --text-encoders' "
+                             "tokenizer_3/ (FLUX.1: tokenizer_2/), else SD3 leaves T5 out, with a warning, and "
+                             "FLUX.1 stops)")
+    parser.add_argument("--vae", metavar="FILE",
+                        help="FLUX.1: the autoencoder file, Black Forest Labs' ae.safetensors (CompVis names); wins "
+                             "over the file's own and --text-encoders' vae/")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         index = convert(args.checkpoint, args.out, prediction=args.prediction, guidance=args.guidance,
                         dtype=args.dtype, resolution=args.resolution, unet_config=args.unet_config,
                         vae_config=args.vae_config, text_config=args.text_config, text_encoders_from=args.text_encoders,
-                        t5_tokenizer=args.t5_tokenizer)
+                        t5_tokenizer=args.t5_tokenizer, vae=args.vae)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         parser.error(str(err))
     flow = index.schedule["name"] == "rectified_flow"
-    schedule = f"rectified flow (shift {index.schedule['shift']:g}), " if flow else ""
+    shift = "resolution-dependent shift" if index.dynamic_shift else f"shift {index.schedule.get('shift', 1):g}"
+    schedule = f"rectified flow ({shift}), " if flow else ""
+    flux = json.loads((Path(args.out) / "text_encoder" / "config.json").read_text())["kind"] == "flux"
+    # FluxPipeline's default 28 steps for -dev; -schnell is distilled for 1-4; SD: a usual 25 with DPM++ 2M
+    steps = ("--steps 28" if index.guidance_embed else "--steps 4") if flux else "--steps 25 --sampler dpmpp_2m"
     print(f"{args.out}: {index.resolution} px, {schedule}prediction {index.prediction}, w = {index.guidance:g}; try: "
-          f"python -m ldm.txt2img \"a photo of a corgi\" --model {args.out} --steps 25 --sampler dpmpp_2m")
+          f"python -m ldm.txt2img \"a photo of a corgi\" --model {args.out} {steps}")
 
 
 if __name__ == "__main__":
