@@ -23,7 +23,8 @@ from ldm.pipeline import DECODER_PRECISIONS, DEFAULT_MODEL, INDEX_NAME, TextToIm
 from ldm.training.images import make_grid
 
 NET_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CLI_SAMPLERS = ["ddim", "stochastic", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "lcm", "ddpm"]
+CLI_SAMPLERS = ["ddim", "stochastic", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m",
+                "dpmpp_3m_sde", "unipc", "lcm", "ddpm"]
 STUDENT_STEPS = 4      # the default where a 4-step student exists (the shipped model's: 87.4%, 17 ms)
 TEACHER_STEPS = 25     # else the teacher's: DDIM + CFG at 4 steps is far from converged
 
@@ -68,7 +69,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--sampler", default="ddim", choices=CLI_SAMPLERS,
                         help="ddim (deterministic) or stochastic (Meng et al. 2023, sec. 4.3), what students were "
                              "distilled for; for the teacher also euler, euler_a (ancestral), heun (Karras et al. "
-                             "2022), dpmpp_2m and dpmpp_2m_sde (DPM-Solver++(2M) and its SDE form, Lu et al. 2022), "
+                             "2022), dpmpp_2m, dpmpp_2m_sde, dpmpp_3m and dpmpp_3m_sde (DPM-Solver++ of second and "
+                             "third order and their SDE forms, Lu et al. 2022), unipc (UniPC, Zhao et al. 2023: "
+                             "predictor-corrector, diffusers' default for many pipelines), "
                              "lcm (latent consistency models and LCM-LoRAs, e.g. --steps 4 --guidance 0) and ddpm")
     sampling.add_argument("--spacing", default=None, choices=SPACINGS,
                         help="the time grid: trailing (Lin et al. 2023; what students were distilled on), karras "
@@ -291,7 +294,8 @@ def show_progress() -> bool:
 
 # The samplers as the A1111 web UI names them, where it has them
 SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
-                 "dpmpp_2m_sde": "DPM++ 2M SDE", "lcm": "LCM", "ddpm": "DDPM", "stochastic": "Meng stochastic"}
+                 "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_3m": "DPM++ 3M", "dpmpp_3m_sde": "DPM++ 3M SDE",
+                 "unipc": "UniPC", "lcm": "LCM", "ddpm": "DDPM", "stochastic": "Meng stochastic"}
 
 
 def settings(args, prompt: str, info: dict, **extra) -> dict:

@@ -45,7 +45,8 @@ def test_txt2img_student_teacher_and_grid(model, tmp_path, capsys):
 
 
 def test_teacher_samplers_count_their_network_evaluations(model, tmp_path, capsys):
-    for sampler, nfe in (("heun", (2 * 3 - 1) * 2), ("dpmpp_2m", 3 * 2), ("euler", 3 * 2)):  # CFG: 2 a call;
+    for sampler, nfe in (("heun", (2 * 3 - 1) * 2), ("dpmpp_2m", 3 * 2), ("euler", 3 * 2),  # CFG: 2 a call;
+                         ("unipc", 3 * 2), ("dpmpp_3m_sde", 3 * 2)):     # the corrector costs no call
         txt2img.main(["a red circle", "--model", model, "--steps", "3", "--sampler", sampler,     # Heun's last
                       "--guidance", "1", "--out", str(tmp_path / f"{sampler}.png")])               # step is Euler
         printed = capsys.readouterr().out

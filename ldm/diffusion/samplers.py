@@ -327,3 +327,8 @@ SAMPLERS = {
     "stochastic": sample_stochastic,
     "lcm": sample_lcm,
 }
+
+# The higher-order multistep solvers live in their own file; it imports this module's helpers above.
+from .multistep import sample_dpmpp_3m, sample_dpmpp_3m_sde, sample_unipc  # noqa: E402
+
+SAMPLERS.update({"dpmpp_3m": sample_dpmpp_3m, "dpmpp_3m_sde": sample_dpmpp_3m_sde, "unipc": sample_unipc})
