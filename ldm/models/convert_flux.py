@@ -50,6 +50,18 @@ def flux_config_from_diffusers(d: dict) -> FluxConfig:
     return FluxConfig(**ours)
 
 
+def flux_config_to_diffusers(cfg: FluxConfig) -> dict:
+    """FluxConfig -> a FluxTransformer2DModel config.json dict (inverse of flux_config_from_diffusers): packed
+    channel counts (4x ours), patch_size 1."""
+    if cfg.rope_theta != 10000.0:
+        raise ValueError(f"FluxConfig.rope_theta={cfg.rope_theta:g}: diffusers' {CLASS_NAME} has RoPE base 10000 "
+                         "built in")
+    d = {theirs: getattr(cfg, ours) for theirs, ours in _CONFIG_KEYS.items()}
+    d.update(in_channels=cfg.in_channels * PATCH * PATCH, out_channels=cfg.out_channels * PATCH * PATCH,
+             axes_dims_rope=list(cfg.axes_dims_rope))
+    return {"_class_name": CLASS_NAME, "patch_size": 1, **d}
+
+
 # ---- key renaming ----------------------------------------------------------------------------
 
 TOP = {"x_embedder.": "patch_embed.", "context_embedder.": "context_embed.",

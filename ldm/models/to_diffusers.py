@@ -1,5 +1,5 @@
 """One of our model folders with Stable Diffusion's architecture -> a diffusers StableDiffusionPipeline folder
-(StableDiffusionXLPipeline for SDXL, StableDiffusion3Pipeline for SD3).
+(StableDiffusionXLPipeline for SDXL, StableDiffusion3Pipeline for SD3, FluxPipeline for FLUX.1).
 
     python -m ldm.models.to_diffusers runs/my-finetune/model --out exported/sd-finetune
     # then, with diffusers: StableDiffusionPipeline.from_pretrained("exported/sd-finetune")
@@ -14,7 +14,11 @@ encoders and tokenizers as imported (file for file), and a FlowMatchEulerDiscret
 folder's shift. That scheduler's default grid (n times from 1 down to near 0) is not ours (trailing:
 1, 1 - 1/n, ..., 1/n), so call the pipeline with `sigmas=list(1 - np.arange(n) / n)` (it shifts them
 itself) to draw what we draw; without T5, load it as diffusers' own such folders load,
-`StableDiffusion3Pipeline.from_pretrained(DIR, text_encoder_3=None, tokenizer_3=None)`. Refused, by
+`StableDiffusion3Pipeline.from_pretrained(DIR, text_encoder_3=None, tokenizer_3=None)`. FLUX.1 (dev or
+schnell): the Flux transformer as FluxTransformer2DModel, the autoencoder, CLIP-L and T5 as imported, and a
+FlowMatchEulerDiscreteScheduler with the folder's resolution-dependent shift (use_dynamic_shifting and its four
+numbers) or fixed shift; FluxPipeline's default grid is our trailing one, so its default call draws what we draw
+at guidance_scale = 1 + w (-dev's input; schnell: no guidance). Refused, by
 name: what diffusers' pipeline cannot run as we do (a scratch text encoder, a continuous schedule on a
 U-Net, rectified flow included, position features, a padding mask the U-Net was trained with).
 Distilled students are not exported (they take w as an input: no diffusers pipeline does).
@@ -30,11 +34,14 @@ import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from ldm.models import text_sd3
+from ldm.models import text_flux, text_sd3
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.convert_flux import flux_config_to_diffusers
+from ldm.models.convert_flux import ours_to_diffusers as flux_state_to_diffusers
 from ldm.models.convert_mmdit import mmdit_config_to_diffusers
 from ldm.models.convert_mmdit import ours_to_diffusers as mmdit_state_to_diffusers
-from ldm.models.from_diffusers import DTYPES, PREDICTIONS, SCHEDULES, start_folder
+from ldm.models.flux import Flux
+from ldm.models.from_diffusers import DTYPES, FLUX_T5_TOKENS, PREDICTIONS, SCHEDULES, start_folder
 from ldm.models.lora import ours_to_diffusers
 from ldm.models.mmdit import MMDiT
 from ldm.models.nets import CONFIG_NAME
@@ -59,6 +66,11 @@ SDXL_INDEX = {
 SD3_INDEX = {   # the text parts' classes are filled in from the folder's (T5's [None, None] when it has none)
     "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.30.0",
     "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "image_encoder": [None, None],
+    "feature_extractor": [None, None]}
+FLUX_INDEX = {   # the text parts' classes are filled in from the folder's
+    "_class_name": "FluxPipeline", "_diffusers_version": "0.30.0",
+    "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
     "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "image_encoder": [None, None],
     "feature_extractor": [None, None]}
 SD3_T5_TOKENS = 256          # StableDiffusion3Pipeline's max_sequence_length by default (T5's, or zeros, tokens)
@@ -159,16 +171,24 @@ def scheduler_config(index) -> dict:
             "rescale_betas_zero_snr": bool(s.get("zero_snr", False))}
 
 
-def flow_scheduler_config(index) -> dict:
-    """SD3's FlowMatchEulerDiscreteScheduler: sigma = t on the straight path, shifted by the folder's shift,
-    the transformer fed 1000 sigma (our time_scale)."""
+def flow_scheduler_config(index, net: str = "an MMDiT exports to diffusers' SD3 pipeline") -> dict:
+    """SD3's and FLUX.1's FlowMatchEulerDiscreteScheduler: sigma = t on the straight path, shifted by the folder's
+    shift, or by FLUX.1's resolution-dependent one (index.dynamic_shift: the pipeline computes mu from the image's
+    token count, as schedules.resolution_shift), the transformer fed 1000 sigma (our time_scale)."""
     s = index.schedule
     if (s.get("name"), index.prediction, index.time_scale) != ("rectified_flow", "flow", 1000.0):
         raise ValueError(f"schedule {s.get('name')!r}, prediction {index.prediction!r}, time_scale "
-                         f"{index.time_scale:g}: an MMDiT exports to diffusers' SD3 pipeline only with rectified "
-                         "flow, flow prediction and time_scale 1000 (its FlowMatchEulerDiscreteScheduler)")
-    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
-            "shift": float(s.get("shift", 1.0)), "use_dynamic_shifting": False}
+                         f"{index.time_scale:g}: {net} only with rectified flow, flow prediction and time_scale "
+                         "1000 (its FlowMatchEulerDiscreteScheduler)")
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+              "shift": float(s.get("shift", 1.0)), "use_dynamic_shifting": index.dynamic_shift is not None}
+    if index.dynamic_shift is not None:
+        dynamic = {"base_seq_len": 256, "max_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15,
+                   **index.dynamic_shift}                  # resolution_shift's defaults where the index has none
+        config.update(base_image_seq_len=int(dynamic["base_seq_len"]), max_image_seq_len=int(dynamic["max_seq_len"]),
+                      base_shift=float(dynamic["base_shift"]), max_shift=float(dynamic["max_shift"]),
+                      time_shift_type="exponential")
+    return config
 
 
 def check_text_encoder(encoder) -> None:
@@ -220,12 +240,32 @@ def sd3_text_index(encoder: text_sd3.Sd3TextEncoder) -> dict:
     return {part: ["transformers", type(m).__name__] if m is not None else [None, None] for part, m in models.items()}
 
 
-def copy_sd3_text_encoder(encoder: text_sd3.Sd3TextEncoder, out: Path) -> None:
-    """text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ (and T5's _3 pair) copied as imported: frozen, so
-    the files are the released ones."""
-    for part in text_sd3.PARTS + text_sd3.T5_PARTS:
-        if os.path.isdir(os.path.join(encoder.cfg.path, part)):
-            shutil.copytree(os.path.join(encoder.cfg.path, part), out / part)
+def check_flux_text_encoder(encoder) -> None:
+    """FLUX.1's CLIP-L and T5 (text kind flux), reading as many tokens as diffusers' FluxPipeline does by default."""
+    if not isinstance(encoder, text_flux.FluxTextEncoder):
+        raise ValueError(f"the text encoder is {type(encoder).__name__}: diffusers' FluxPipeline runs FLUX.1's CLIP-L "
+                         "and T5 (text kind flux)")
+    if encoder.max_length != encoder.tokenizer_l.model_max_length:
+        raise ValueError(f"CLIP reads {encoder.max_length} tokens (text max_length); diffusers' pipeline reads its "
+                         f"tokenizer's model_max_length, {encoder.tokenizer_l.model_max_length}")
+    if encoder.t5_max_length != FLUX_T5_TOKENS:
+        raise ValueError(f"T5 reads {encoder.t5_max_length} tokens (text t5_max_length), padding included, which the "
+                         f"transformer attends to; diffusers' FluxPipeline reads {FLUX_T5_TOKENS} unless called with "
+                         "max_sequence_length")
+
+
+def flux_text_index(encoder: text_flux.FluxTextEncoder) -> dict:
+    """model_index.json's entries of FLUX.1's text parts: the classes loaded."""
+    models = {"text_encoder": encoder.clip_l, "tokenizer": encoder.tokenizer_l, "text_encoder_2": encoder.t5,
+              "tokenizer_2": encoder.tokenizer_t5}
+    return {part: ["transformers", type(m).__name__] for part, m in models.items()}
+
+
+def copy_text_parts(path: str, parts: tuple[str, ...], out: Path) -> None:
+    """The frozen text encoders' folders under `path` copied as imported, file for file (the released ones)."""
+    for part in parts:
+        if os.path.isdir(os.path.join(path, part)):
+            shutil.copytree(os.path.join(path, part), out / part)
 
 
 # ----------------------------------------------------------------------------- export
@@ -271,7 +311,24 @@ def sd3_parts(model_dir: str, index) -> Parts:
     networks = {"transformer": (mmdit_config_to_diffusers(net.cfg), mmdit_state_to_diffusers(net.state_dict())),
                 "vae": vae_part(ae)}
     return Parts(networks, scheduler, {**SD3_INDEX, **sd3_text_index(text)},
-                 lambda out: copy_sd3_text_encoder(text, out))
+                 lambda out: copy_text_parts(text.cfg.path, text_sd3.PARTS + text_sd3.T5_PARTS, out))
+
+
+def flux_parts(model_dir: str, index) -> Parts:
+    """FLUX.1: the Flux net as FluxTransformer2DModel, the 16-channel autoencoder, CLIP-L and T5 copied, a
+    FlowMatchEulerDiscreteScheduler with the folder's (dynamic) shift."""
+    scheduler = flow_scheduler_config(index, "a Flux transformer exports to diffusers' FluxPipeline")
+    net = Flux.from_pretrained(os.path.join(model_dir, index.unet))
+    if net.cfg.guidance_embeds != index.guidance_embed:
+        raise ValueError(f"unet/ has guidance_embeds={net.cfg.guidance_embeds} but model_index.json guidance_embed="
+                         f"{index.guidance_embed}: the folder does not say how it is guided")
+    ae = AutoencoderKL.from_pretrained(os.path.join(model_dir, index.autoencoder))
+    text = load_text_encoder(os.path.join(model_dir, index.text_encoder))
+    check_flux_text_encoder(text)
+    networks = {"transformer": (flux_config_to_diffusers(net.cfg), flux_state_to_diffusers(net.state_dict())),
+                "vae": vae_part(ae)}
+    return Parts(networks, scheduler, {**FLUX_INDEX, **flux_text_index(text)},
+                 lambda out: copy_text_parts(text.cfg.path, text_flux.PARTS, out))
 
 
 def net_kind(net_dir: str) -> str:
@@ -289,9 +346,7 @@ def export(model_dir: str, out: str, dtype: str = "float32") -> Path:
     if index.aesthetic is not None:
         raise ValueError("an SDXL refiner folder (aesthetic scores): its export to diffusers is not written yet")
     kind = net_kind(os.path.join(model_dir, index.unet))
-    if kind == "flux":
-        raise ValueError("a FLUX.1 folder: its export to diffusers is not written yet")
-    parts = (sd3_parts if kind == "mmdit" else sd_parts)(model_dir, index)
+    parts = {"flux": flux_parts, "mmdit": sd3_parts}.get(kind, sd_parts)(model_dir, index)
     if os.path.exists(os.path.join(out, "model_index.json")):
         raise FileExistsError(f"{out} already holds a pipeline; remove it or pick another --out")
     tmp = start_folder(out)
@@ -316,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ldm.models.to_diffusers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="our model folder (model_index.json, unet/, autoencoder/, text_encoder/; "
-                        "unet/ a U-Net or SD3's MMDiT)")
+                        "unet/ a U-Net, SD3's MMDiT or FLUX.1's transformer)")
     parser.add_argument("--out", required=True, metavar="DIR", help="the diffusers pipeline folder to write")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights (default float32)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
