@@ -1,10 +1,11 @@
-"""Stage 2: train a text-conditioned latent U-Net (or SD3's MMDiT, `net: mmdit`) with classifier-free guidance.
+"""Stage 2: train a text-conditioned latent U-Net (or SD3's MMDiT, `net: mmdit`, or FLUX.1's transformer, `net: flux`)
+with classifier-free guidance.
 
     accelerate launch stages/train_latent.py --config configs/latent/shapes64.yaml [--resume latest] [key=value ...]
     python stages/train_latent.py --config configs/latent/tiny.yaml train.max_steps=3
 
 The story: setup -> data -> frozen stage-1 autoencoder -> text encoder (scratch: trained with
-the U-Net in one optimizer; clip/openclip/sdxl/sd3: frozen) -> U-Net or MMDiT -> prepare -> EMA -> resume ->
+the U-Net in one optimizer; clip/openclip/sdxl/sd3/flux: frozen) -> U-Net, MMDiT or Flux -> prepare -> EMA -> resume ->
 loop (latents, caption dropout, text encoding, diffusion loss, update, log, validate,
 checkpoint) -> a model folder at `<output_dir>/model/` (ldm/pipeline.py) that
 `TextToImage.from_folder` samples from. Design notes: docs/stage2-latent.md.
@@ -27,10 +28,12 @@ from ldm.data.loaders import DataConfig, check_image_multiple, make_dataloader
 from ldm.diffusion import SAMPLERS, DiffusionLoss, schedule_from_config
 from ldm.diffusion.guidance import drop_captions
 from ldm.diffusion.losses import check_logit_normal, check_noise_options, check_time_shift
+from ldm.diffusion.schedules import resolution_shift
 from ldm.diffusion.param import check_prediction
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
-from ldm.models.lora import (MMDIT_TARGETS, MMDIT_TRAIN_TARGETS, TRAIN_TARGETS, add_lora, lora_file_state,
-                             merged_state_dict, mmdit_targets)
+from ldm.models.flux import Flux, FluxConfig
+from ldm.models.lora import (FLUX_TARGETS, FLUX_TRAIN_TARGETS, MMDIT_TARGETS, MMDIT_TRAIN_TARGETS, TRAIN_TARGETS,
+                             add_lora, flux_targets, lora_file_state, merged_state_dict, mmdit_targets)
 from ldm.models.mmdit import MMDiT, MMDiTConfig
 from ldm.models.nets import build_net
 from ldm.models.text import TextEncoderConfig, build_text_encoder
@@ -49,6 +52,21 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "latent" / "s
 
 # ----------------------------------------------------------------------------- config
 
+DYNAMIC_SHIFT_KEYS = ("base_seq_len", "max_seq_len", "base_shift", "max_shift")   # schedules.resolution_shift's
+
+
+def check_dynamic_shift(dynamic: dict, schedule_options: dict) -> None:
+    """ValueError naming the keys unless diffusion.dynamic_shift is {} or all of resolution_shift's numbers (two
+    token counts apart), on a schedule without a fixed shift of its own (the dynamic one replaces it)."""
+    if not dynamic:
+        return
+    if set(dynamic) != set(DYNAMIC_SHIFT_KEYS) or dynamic["base_seq_len"] == dynamic["max_seq_len"]:
+        raise ValueError(f"dynamic_shift {dynamic}: needs exactly {list(DYNAMIC_SHIFT_KEYS)} (schedules."
+                         "resolution_shift's), base_seq_len != max_seq_len")
+    if schedule_options.get("shift", 1.0) != 1.0:
+        raise ValueError(f"schedule_options.shift={schedule_options['shift']} and dynamic_shift: the dynamic shift "
+                         "replaces the fixed one at sampling (as diffusers' use_dynamic_shifting); keep shift 1")
+
 
 @dataclass
 class DiffusionConfig:
@@ -61,8 +79,13 @@ class DiffusionConfig:
     logit_mean: float = 0.0                                # t = sigmoid(N(logit_mean, logit_std^2)) (SD3's
     logit_std: float = 1.0                                 # rectified-flow training, Esser et al. 2024)
     time_scale: float = 1000.0                             # the U-Net sees t * time_scale
-    time_shift: float = 1.0                                # > 1: training log-SNR moved by -2 log(shift) (losses.py)
+    time_shift: float | Literal["dynamic"] = 1.0          # > 1: training log-SNR moved by -2 log(shift) (losses.py);
+                                                           # dynamic: by dynamic_shift's shift at each batch's size
     time_shift_share: float = 1.0                          # share of samples shifted; the rest keep u ~ U[0, 1]
+    dynamic_shift: dict[str, float] = field(default_factory=dict)  # FLUX.1: the sampling grid's shift from the
+                                                           # image's token count (schedules.resolution_shift's keys:
+                                                           # base_seq_len, max_seq_len, base_shift, max_shift), written
+                                                           # to the model folder; {} = the schedule's fixed shift
     noise_offset: float = 0.0                              # per-channel constant in eps (offset noise; SD uses ~0.05-0.1)
     input_perturbation: float = 0.0                        # x_t from eps + gamma*xi, target eps (Ning et al. 2023; 0.1)
 
@@ -73,8 +96,15 @@ class DiffusionConfig:
         check_prediction(self.prediction, schedule)   # zero_snr with eps: refused by name
         check_noise_options(self.noise_offset, self.input_perturbation, "diffusion.")
         check_logit_normal(self.logit_mean, self.logit_std, "diffusion.")
-        check_time_shift(self.time_shift, self.time, "diffusion.time_shift", self.time_shift_share,
-                         "diffusion.time_shift_share")
+        check_dynamic_shift(self.dynamic_shift, self.schedule_options)
+        dynamic = self.time_shift == "dynamic"
+        if dynamic and (not self.dynamic_shift or self.time == "discrete"):
+            raise ValueError("time_shift 'dynamic' moves each batch's training times by dynamic_shift's shift at its "
+                             "size: it needs diffusion.dynamic_shift (the model folder's; FLUX.1's: {base_seq_len: "
+                             "256, max_seq_len: 4096, base_shift: 0.5, max_shift: 1.15}) and time 'continuous' or "
+                             "'logit_normal'")
+        check_time_shift(1.0 if dynamic else self.time_shift, self.time, "diffusion.time_shift",
+                         self.time_shift_share, "diffusion.time_shift_share")
 
     def schedule_config(self) -> dict:
         return {"name": self.schedule, **self.schedule_options}
@@ -107,7 +137,8 @@ class LoRAConfig:
     rank: int = 0                                          # 0 = off (train every weight); SD LoRAs: 4-128
     alpha: float = 0.0                                     # the update is scaled by alpha / rank; 0 = rank (scale 1)
     targets: list[str] = field(default_factory=list)       # [] = the net's attention: U-Net to_q/k/v/out (ours;
-                                                           # diffusers: to_out.0), MMDiT both streams' (diffusers' names)
+                                                           # diffusers: to_out.0), MMDiT both streams', Flux both
+                                                           # streams' and its single blocks' q/k/v (diffusers' names)
 
     def __post_init__(self):
         if self.rank < 0 or self.alpha < 0:
@@ -118,6 +149,9 @@ class LoRAConfig:
         if net == "mmdit":
             self.targets = self.targets or list(MMDIT_TRAIN_TARGETS)
             unknown, known = sorted(set(self.targets) - set(MMDIT_TARGETS)), f"{list(MMDIT_TARGETS)} (SD3's names)"
+        elif net == "flux":
+            self.targets = self.targets or list(FLUX_TRAIN_TARGETS)
+            unknown, known = sorted(set(self.targets) - set(FLUX_TARGETS)), f"{list(FLUX_TARGETS)} (FLUX.1's names)"
         else:
             self.targets = self.targets or list(TRAIN_TARGETS)
             unknown = sorted(set(self.targets) - set(TRAIN_TARGETS) - {"proj_in", "proj_out", "proj", "out"})
@@ -160,9 +194,11 @@ class PriorConfig:
 class LatentStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    net: Literal["unet", "mmdit"] = "unet"                 # the denoiser: the `unet` section's, or the `mmdit` one's
+    net: Literal["unet", "mmdit", "flux"] = "unet"         # the denoiser: the `unet`, `mmdit` or `flux` section's
     unet: UNetConfig = field(default_factory=UNetConfig)
     mmdit: MMDiTConfig = field(default_factory=MMDiTConfig)  # net=mmdit: SD3's transformer (defaults: SD3 medium)
+    flux: FluxConfig = field(default_factory=FluxConfig)   # net=flux: FLUX.1's transformer (defaults: its shape,
+                                                           # schnell's guidance_embeds false; -dev: true)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     val: ValConfig = field(default_factory=ValConfig)
@@ -172,6 +208,9 @@ class LatentStageConfig:
     cache_latents: bool = False                            # encode the (finite) data set once
     cache_dir: str = ""                                    # "" = <output_dir>/latent-cache
     guidance: float = 2.0                                  # default w written to model_index.json
+    flux_guidance: float = 3.5                             # net=flux with flux.guidance_embeds (FLUX.1-dev, guidance-
+                                                           # distilled): the guidance scale the net is fed in training
+                                                           # (diffusers' train_dreambooth_lora_flux.py: 3.5)
     save_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # model-folder weights (checkpoints stay fp32)
     init_from: str = ""                                    # a model folder whose unet/ (+ text_encoder/) start the run
     # scratch text encoder: trained jointly (LDM), or frozen at its seeded random init. Frozen keeps
@@ -184,6 +223,8 @@ class LatentStageConfig:
     def __post_init__(self):
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+        if not 0.0 <= self.flux_guidance < float("inf"):
+            raise ValueError(f"flux_guidance must be a finite guidance scale >= 0, got {self.flux_guidance}")
         if self.lora.rank and not self.init_from:
             raise ValueError("lora.rank > 0 fine-tunes a trained U-Net: set init_from=MODEL_FOLDER (e.g. one "
                              "written by `python -m ldm.models.from_diffusers`)")
@@ -199,20 +240,26 @@ class LatentStageConfig:
         self.data = one_batch_size(self.data, self.train)
 
     @property
-    def network(self) -> UNetConfig | MMDiTConfig:
-        """The chosen net's section: `unet` or `mmdit`."""
-        return self.mmdit if self.net == "mmdit" else self.unet
+    def network(self) -> UNetConfig | MMDiTConfig | FluxConfig:
+        """The chosen net's section: `unet`, `mmdit` or `flux`."""
+        return {"mmdit": self.mmdit, "flux": self.flux}.get(self.net, self.unet)
+
+    @property
+    def guidance_input(self) -> float | None:
+        """The guidance scale a guidance-distilled net (FLUX.1-dev) is fed in training; None for other nets."""
+        return self.flux_guidance if self.net == "flux" and self.flux.guidance_embeds else None
 
 
 # ----------------------------------------------------------------------------- pieces
 
 class LatentModel(nn.Module):
-    """What the optimizer trains: the net (U-Net or MMDiT, `unet`) and, when trained jointly (scratch), the text
-    encoder."""
+    """What the optimizer trains: the net (U-Net, MMDiT or Flux, `unet`) and, when trained jointly (scratch), the text
+    encoder. guidance: the constant guidance scale a guidance-distilled net (FLUX.1-dev) is fed; None for others."""
 
-    def __init__(self, unet: UNet | MMDiT, text_encoder: nn.Module, train_text: bool):
+    def __init__(self, unet: UNet | MMDiT | Flux, text_encoder: nn.Module, train_text: bool,
+                 guidance: float | None = None):
         super().__init__()
-        self.unet = unet
+        self.unet, self.guidance = unet, guidance
         if train_text:
             self.text_encoder = text_encoder
         else:
@@ -223,10 +270,13 @@ class LatentModel(nn.Module):
         return self.text_encoder if hasattr(self, "text_encoder") else self._frozen[0]
 
     def forward(self, x, t, prompts: list[str], time_ids=None):
-        if hasattr(self.encoder, "encode_pooled"):          # SDXL, SD3: pooled text beside the tokens
+        if hasattr(self.encoder, "encode_pooled"):          # SDXL, SD3, FLUX.1: pooled text beside the tokens
             context, mask, pooled = self.encoder.encode_pooled(prompts)
             if isinstance(self.unet, MMDiT):                # SD3 attends to every token and takes no size numbers
                 return self.unet(x, t, context, pooled=pooled)
+            if isinstance(self.unet, Flux):                 # so does FLUX.1; -dev takes its guidance scale too
+                guidance = {} if self.guidance is None else {"guidance": self.guidance}
+                return self.unet(x, t, context, pooled=pooled, **guidance)
             return self.unet(x, t, context, context_mask=mask, pooled=pooled, time_ids=time_ids)
         context, mask = self.encoder(prompts)              # (B, L, D), (B, L)
         return self.unet(x, t, context, context_mask=mask)
@@ -242,17 +292,20 @@ def load_autoencoder(path: str, device) -> AutoencoderKL:
 
 
 def check_conditioning(cfg: LatentStageConfig, text_encoder: nn.Module) -> None:
-    """The net takes what the text encoder gives: an MMDiT tokens of its context_dim and pooled text of its
-    pooled_dim (0: none); SDXL's U-Net the pooled text and six size numbers in its added embedding."""
+    """The net takes what the text encoder gives: an MMDiT or a Flux tokens of its context_dim and pooled text of its
+    pooled_dim (an MMDiT's 0: none); SDXL's U-Net the pooled text and six size numbers in its added embedding."""
     pooled = text_encoder.pooled_dim if hasattr(text_encoder, "encode_pooled") else 0
-    if cfg.net == "mmdit":
-        if (cfg.mmdit.pooled_dim, cfg.mmdit.context_dim) != (pooled, text_encoder.dim):
-            raise ValueError(f"mmdit.pooled_dim={cfg.mmdit.pooled_dim} and mmdit.context_dim={cfg.mmdit.context_dim} "
+    if cfg.net in ("mmdit", "flux"):
+        net = cfg.network
+        if (net.pooled_dim, net.context_dim) != (pooled, text_encoder.dim):
+            raise ValueError(f"{cfg.net}.pooled_dim={net.pooled_dim} and {cfg.net}.context_dim={net.context_dim} "
                              f"must be the pooled width ({pooled}; 0 = no pooled text) and the token width "
                              f"({text_encoder.dim}) of text.kind={cfg.text.kind}")
         return
-    if cfg.text.kind == "sd3":
-        raise ValueError("text.kind=sd3 conditions SD3's transformer: set net=mmdit (and its `mmdit` section)")
+    if cfg.text.kind in ("sd3", "flux"):
+        net = {"sd3": "SD3's transformer: set net=mmdit (and its `mmdit` section)",
+               "flux": "FLUX.1's transformer: set net=flux (and its `flux` section)"}[cfg.text.kind]
+        raise ValueError(f"text.kind={cfg.text.kind} conditions {net}")
     if (cfg.unet.added_cond is not None) != hasattr(text_encoder, "encode_pooled"):
         raise ValueError(f"unet.added_cond={cfg.unet.added_cond!r} needs text.kind=sdxl and text.kind=sdxl needs "
                          f"unet.added_cond='text_time' (SDXL), got text.kind={cfg.text.kind!r}")
@@ -286,7 +339,8 @@ def add_lora_updates(model: LatentModel, cfg: LatentStageConfig) -> None:
     """lora.rank > 0: freeze everything (text encoder included), then wrap the net's targets in LoRALinear."""
     if cfg.lora.rank:
         model.requires_grad_(False)
-        targets = mmdit_targets(cfg.lora.targets) if cfg.net == "mmdit" else cfg.lora.targets
+        targets = mmdit_targets(cfg.lora.targets) if cfg.net == "mmdit" else \
+            flux_targets(cfg.lora.targets, cfg.flux) if cfg.net == "flux" else cfg.lora.targets
         add_lora(model.unet, cfg.lora.rank, cfg.lora.alpha or None, targets)
 
 
@@ -316,16 +370,18 @@ def add_word(model: LatentModel, ti: TextualInversionConfig) -> None:
 
 
 def model_index(cfg: LatentStageConfig) -> ModelIndex:
+    """model_index.json of the folder the run writes (FLUX.1: its dynamic shift, -dev's guidance input too)."""
     d = cfg.diffusion
     return ModelIndex(schedule=d.schedule_config(), prediction=d.prediction, time_scale=d.time_scale,
-                      resolution=cfg.data.resolution, guidance=cfg.guidance, data=cfg.data.source)
+                      resolution=cfg.data.resolution, guidance=cfg.guidance, data=cfg.data.source,
+                      dynamic_shift=dict(d.dynamic_shift) or None, guidance_embed=cfg.guidance_input is not None)
 
 
 def plain_model(cfg: LatentStageConfig, net: LatentModel) -> LatentModel:
     """An unsharded LatentModel of the same architecture (FSDP2 runs validate and export from one)."""
     train_text = cfg.text.kind == "scratch"
     text_encoder = build_text_encoder(cfg.text) if train_text else net.encoder  # a frozen one is not sharded
-    plain = LatentModel(build_net(cfg.network), text_encoder, train_text)
+    plain = LatentModel(build_net(cfg.network), text_encoder, train_text, cfg.guidance_input)
     add_lora_updates(plain, cfg)
     return plain
 
@@ -371,7 +427,18 @@ def score_heldout(accelerator, pipe: TextToImage, cfg: LatentStageConfig, step: 
     return scores
 
 
-def save_lora_file(unet: UNet | MMDiT, path: Path) -> None:
+def at_size(loss_fn: DiffusionLoss, z: torch.Tensor, cfg: LatentStageConfig) -> DiffusionLoss:
+    """`loss_fn`, with diffusion.time_shift=dynamic its training times moved by the grid shift the model folder samples
+    latents of z's size with (FLUX.1: resolution_shift of the token count), as SD3's fixed time_shift is its folder's
+    fixed grid shift."""
+    if cfg.diffusion.time_shift == "dynamic":
+        factor = cfg.network.downsample_factor
+        loss_fn.time_shift = resolution_shift((z.shape[-2] // factor) * (z.shape[-1] // factor),
+                                              **cfg.diffusion.dynamic_shift)
+    return loss_fn
+
+
+def save_lora_file(unet: UNet | MMDiT | Flux, path: Path) -> None:
     """The LoRA updates alone, in diffusers' layout (`--lora FILE` here, `load_lora_weights` there); atomic."""
     tensors, metadata = lora_file_state(unet)
     write_safetensors_atomic(tensors, path, metadata)
@@ -449,8 +516,9 @@ def main(argv: list[str] | None = None) -> Path:
     # Frozen stage-1 autoencoder: images <-> latents at unit scale.
     ae = load_autoencoder(cfg.autoencoder, device)
     check_image_multiple(cfg.data, ae.config.downsample_factor * cfg.network.downsample_factor,
-                         "the autoencoder's factor x " + ("the MMDiT's patch size" if cfg.net == "mmdit" else
-                                                           "the U-Net's downsampling"))
+                         "the autoencoder's factor x " + {"mmdit": "the MMDiT's patch size",
+                                                          "flux": "the Flux transformer's 2 x 2 packing"}.get(
+                             cfg.net, "the U-Net's downsampling"))
 
     # Data: cached posterior moments of a finite set, or images encoded on the fly.
     if cfg.cache_latents:
@@ -462,7 +530,7 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         data = make_dataloader(cfg.data, accelerator)
 
-    # Text encoder + net (U-Net or MMDiT), wrapped as one module: one optimizer, one EMA, one checkpoint file.
+    # Text encoder + net (U-Net, MMDiT or Flux), wrapped as one module: one optimizer, one EMA, one checkpoint file.
     text_encoder = build_text_encoder(cfg.text).to(device)
     check_conditioning(cfg, text_encoder)
     unet = build_net(cfg.network)
@@ -470,7 +538,7 @@ def main(argv: list[str] | None = None) -> Path:
         unet.init_for_training()                           # adaLN-Zero (Peebles & Xie 2023)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    model = LatentModel(unet, text_encoder, train_text=cfg.text.kind == "scratch")
+    model = LatentModel(unet, text_encoder, train_text=cfg.text.kind == "scratch", guidance=cfg.guidance_input)
     if cfg.init_from:
         init_weights(model, cfg.init_from)
     add_lora_updates(model, cfg)                           # lora.rank > 0: only the low-rank updates train
@@ -508,7 +576,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     loss_fn = DiffusionLoss(schedule_from_config(cfg.diffusion.schedule_config()), cfg.diffusion.prediction,
                             cfg.diffusion.weighting, cfg.diffusion.gamma, cfg.diffusion.time,
-                            cfg.diffusion.time_scale, cfg.diffusion.time_shift,
+                            cfg.diffusion.time_scale, 1.0 if cfg.diffusion.time_shift == "dynamic" else
+                            cfg.diffusion.time_shift,
                             cfg.diffusion.time_shift_share, cfg.diffusion.noise_offset,
                             cfg.diffusion.input_perturbation, cfg.diffusion.logit_mean, cfg.diffusion.logit_std)
     guard = NonFiniteGuard(cfg.train.max_nonfinite)
@@ -538,9 +607,10 @@ def main(argv: list[str] | None = None) -> Path:
             class_sdxl = {"time_ids": sdxl_time_ids(pictures.get("size_ids"), z_class.shape, factor).to(device)} \
                 if sdxl else {}
         with accelerator.accumulate(model):
-            loss = loss_fn(model, z, {"prompts": prompts, **sdxl})
+            loss = at_size(loss_fn, z, cfg)(model, z, {"prompts": prompts, **sdxl})
             if class_batches is not None:                  # Ruiz et al. eq. 2: + lambda x the class's own loss
-                loss = loss + cfg.prior.weight * loss_fn(model, z_class, {"prompts": class_prompts, **class_sdxl})
+                loss = loss + cfg.prior.weight * at_size(loss_fn, z_class, cfg)(
+                    model, z_class, {"prompts": class_prompts, **class_sdxl})
             guard.observe(loss)
             accelerator.backward(loss)
             update = None

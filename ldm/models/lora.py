@@ -29,8 +29,9 @@ Two uses:
   Other adapters (LoHa, LoKr, DoRA) are refused by name.
 - Training in stage 2 (`lora.rank > 0`): `add_lora` wraps the attention projections in
   `LoRALinear` with the base frozen (an MMDiT: `mmdit_targets`, both streams' q, k, v, out by default, as
-  diffusers' train_dreambooth_lora_sd3.py); `lora_file_state` writes the result in diffusers' layout
-  (`unet.` or SD3's `transformer.`), so diffusers' `load_lora_weights` reads our files too, and
+  diffusers' train_dreambooth_lora_sd3.py; a Flux: `flux_targets`, the same in its double blocks and the single
+  blocks' q, k, v, as train_dreambooth_lora_flux.py); `lora_file_state` writes the result in diffusers' layout
+  (`unet.`, or SD3's and FLUX.1's `transformer.`), so diffusers' `load_lora_weights` reads our files too, and
   `merged_state_dict` folds it into plain weights.
 """
 from __future__ import annotations
@@ -44,10 +45,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ldm.models.convert_flux import ours_to_diffusers as flux_ours_to_diffusers
 from ldm.models.convert_mmdit import original_modules, original_swaps_halves
 from ldm.models.convert_mmdit import diffusers_to_ours as mmdit_diffusers_to_ours
 from ldm.models.convert_mmdit import ours_to_diffusers_key as mmdit_ours_to_diffusers_key
 from ldm.models.convert_unet import DIFFUSERS_TOP, RES_DIFFUSERS, TRANSFORMER_RENAMES, compvis_to_ours, diffusers_to_ours
+from ldm.models.flux import Flux
 from ldm.models.mmdit import MMDiT
 from ldm.models.text import clip_name
 
@@ -64,6 +67,17 @@ MMDIT_TARGETS = {"to_q": "image.attn.q", "to_k": "image.attn.k", "to_v": "image.
                  "ff.net.0.proj": "image.mlp.fc1", "ff.net.2": "image.mlp.fc2",
                  "ff_context.net.0.proj": "text.mlp.fc1", "ff_context.net.2": "text.mlp.fc2"}
 MMDIT_TRAIN_TARGETS = tuple(list(MMDIT_TARGETS)[:8])   # both streams' attention: the SD3 LoRA script's default
+# A Flux's targets by diffusers' FluxTransformer2DModel names -> the ends of our module names in its double-stream
+# blocks and in its single-stream blocks (None: that kind of block has no such layer).
+FLUX_TARGETS = {"to_q": ("image.attn.q", "q"), "to_k": ("image.attn.k", "k"), "to_v": ("image.attn.v", "v"),
+                "to_out": ("image.attn.out", None), "add_q_proj": ("text.attn.q", None),
+                "add_k_proj": ("text.attn.k", None), "add_v_proj": ("text.attn.v", None),
+                "to_add_out": ("text.attn.out", None),
+                "ff.net.0.proj": ("image.mlp.fc1", None), "ff.net.2": ("image.mlp.fc2", None),
+                "ff_context.net.0.proj": ("text.mlp.fc1", None), "ff_context.net.2": ("text.mlp.fc2", None),
+                "proj_mlp": (None, "mlp_in"), "proj_out": (None, "out")}
+FLUX_TRAIN_TARGETS = tuple(list(FLUX_TARGETS)[:8])     # both streams' attention (the single blocks' q, k, v too)
+
 
 
 # ----------------------------------------------------------------------------- training
@@ -111,6 +125,17 @@ def mmdit_targets(names) -> list[str]:
     if unknown or not names:
         raise ValueError(f"MMDiT LoRA targets: {unknown or 'empty'}; pick from {list(MMDIT_TARGETS)}")
     return [MMDIT_TARGETS[n] for n in names]
+
+
+def flux_targets(names, cfg) -> list[str]:
+    """Stage 2's `lora.targets` for a Flux (FLUX_TARGETS' keys, diffusers' names) with FluxConfig `cfg` -> add_lora's
+    targets: whole module names, since a single block's q ends as a double block's does."""
+    unknown = sorted(set(names) - set(FLUX_TARGETS))
+    if unknown or not names:
+        raise ValueError(f"Flux LoRA targets: {unknown or 'empty'}; pick from {list(FLUX_TARGETS)}")
+    double, single = zip(*(FLUX_TARGETS[n] for n in names))
+    return [f"double_blocks.{i}.{t}" for i in range(cfg.depth_double) for t in double if t] + \
+        [f"single_blocks.{i}.{t}" for i in range(cfg.depth_single) for t in single if t]
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -164,23 +189,26 @@ def ours_to_diffusers(name: str, num_levels: int) -> str:
 
 def lora_file_state(net: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a diffusers/peft LoRA file for the LoRALinear modules of `net`: a U-Net's under
-    `unet.` in UNet2DConditionModel's names, an MMDiT's under `transformer.` in SD3Transformer2DModel's.
+    `unet.` in UNet2DConditionModel's names, an MMDiT's under `transformer.` in SD3Transformer2DModel's, a Flux's
+    under `transformer.` in FluxTransformer2DModel's.
 
     alpha / r is folded into lora_B and the metadata says lora_alpha = r: any reader, with or
     without the metadata, applies exactly the trained update.
     """
-    mmdit = isinstance(net, MMDiT)
-    part = "transformer" if mmdit else "unet"
+    mmdit, flux = isinstance(net, MMDiT), isinstance(net, Flux)
+    part = "transformer" if mmdit or flux else "unet"
     tensors, ranks, targets = {}, set(), set()
     for name, m in lora_modules(net).items():
         theirs = mmdit_ours_to_diffusers_key(f"{name}.weight").removesuffix(".weight") if mmdit else \
+            next(iter(flux_ours_to_diffusers({f"{name}.weight": None}))).removesuffix(".weight") if flux else \
             ours_to_diffusers(name, len(net.cfg.channels))
         tensors[f"{part}.{theirs}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
         tensors[f"{part}.{theirs}.lora_B.weight"] = (m.lora_B.detach().float() * m.scale).contiguous()
         ranks.add(m.lora_A.shape[0])
         parts = theirs.split(".")  # peft's target_modules match name suffixes: "to_q", "to_out.0", "net.2";
-        # an MMDiT's whole names: diffusers' last block has a text query ("add_q_proj") that ours has not
-        targets.add(theirs if mmdit else ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
+        # an MMDiT's whole names: diffusers' last block has a text query ("add_q_proj") that ours has not; a Flux's
+        # too: "proj_out" is a single block's and the transformer's own
+        targets.add(theirs if mmdit or flux else ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
     if len(ranks) != 1:
         raise ValueError(f"lora_file_state: one rank expected, got {sorted(ranks)}")
     r = ranks.pop()
