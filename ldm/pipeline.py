@@ -221,11 +221,9 @@ class TextToImage:
             student.unet.freeu = self.unet.freeu
 
     def add_lora(self, path: str, scale: float = 1.0, lora: dict | None = None) -> int:
-        """Merge a LoRA file (diffusers/peft or kohya layout, ldm.models.lora) into the teacher's U-Net or SD3
-        transformer, its CLIP text encoder(s) and every student, scaled by `scale`; returns how many layers it
-        changed. lora: the file as `read_lora` read it already (else it is read here)."""
-        if self.text_kind == "flux":
-            raise ValueError("LoRA files for FLUX.1 are not read yet (its transformer's names differ from SD3's)")
+        """Merge a LoRA file (diffusers/peft, kohya, FLUX.1's BFL / XLabs layouts: ldm.models.lora) into the
+        teacher's U-Net or SD3 / FLUX.1 transformer, its CLIP text encoder(s) and every student, scaled by `scale`;
+        returns how many layers it changed. lora: the file as `read_lora` read it already (else it is read here)."""
         lora = read_lora(path) if lora is None else lora
         n = merge_lora(lora, [self.unet, *(s.unet for s in self._students.values())], self.clip_models(), scale, path)
         self._loras.append(({"unet": lora["unet"]}, scale, path))
@@ -233,10 +231,13 @@ class TextToImage:
 
     def clip_models(self) -> dict:
         """The transformers CLIP models of the text encoder by a LoRA file's part names: {"text_encoder": ...}
-        (SDXL, SD3: and "text_encoder_2"); {} for our scratch encoder."""
+        (SDXL, SD3: and "text_encoder_2"; FLUX.1: CLIP-L only, its T5 is text_encoder_2); {} for our scratch
+        encoder."""
         from ldm.models.text import ClipTextEncoder
         if self.text_kind == "sd3":                                                        # T5 takes no LoRA here
             return {"text_encoder": self.text_encoder.clip_l, "text_encoder_2": self.text_encoder.clip_g}
+        if self.text_kind == "flux":
+            return {"text_encoder": self.text_encoder.clip_l}
         if isinstance(self.text_encoder, ClipTextEncoder):
             return {"text_encoder": self.text_encoder.model}
         if hasattr(self.text_encoder, "model_2"):

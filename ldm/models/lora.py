@@ -23,10 +23,21 @@ Two uses:
                        the stored down, as sd-scripts' own loader and ComfyUI read it, a split_qkv file's
                        block-diagonal update included); the CLIPs `lora_te1_`, `lora_te2_`. T5
                        (`text_encoder_3.`, `lora_te3_`) is refused.
-    The last block's text query projection (diffusers' `transformer_blocks.LAST.attn.add_q_proj`, the q third
+  FLUX.1 (its transformer, ldm.models.flux; the namings, fused modules and row splits: ldm.models.lora_flux):
+    diffusers / peft   `transformer.<FluxTransformer2DModel module>.lora_A.weight`, `.lora_B.weight`, and
+                       `lora_transformer_<the same>`;
+    kohya / sd-scripts `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`, `.lora_up.weight`, `.alpha`:
+                       FLUX.1's original (BFL) names, a fused qkv / linear1 update cut into its parts' rows;
+    BFL / ComfyUI      `diffusion_model.<BFL module>.lora_A.weight` / `.lora_B.weight` (or `.lora_down` / `.lora_up`
+                       / `.alpha`);
+    XLabs              `double_blocks.N.processor.qkv_lora1.down.weight`, `.up.weight` (1: image, 2: text);
+    its CLIP-L `text_encoder.`, `lora_te1_`, `lora_te_`, `text_encoders.clip_l.transformer.`; its T5 (`text_encoder_2.`,
+    `lora_te2_`, sd-scripts' `lora_te3_`, ComfyUI's `text_encoders.t5xxl.`) is refused.
+  SD3: the last block's text query projection (diffusers' `transformer_blocks.LAST.attn.add_q_proj`, the q third
     of SD3's last `context_block.attn.qkv`) has no counterpart in our MMDiT and no effect on the output (that
     block's text outputs are discarded, convert_mmdit): its update is skipped.
-  Other adapters (LoHa, LoKr, DoRA) are refused by name.
+  Other adapters (LoHa, LoKr, DoRA) are refused by name, and so are what some files carry besides low-rank
+  updates: whole-weight and bias differences (`.diff`, `.diff_b`), norm gains (`.scale`) and LoRA biases.
 - Training in stage 2 (`lora.rank > 0`): `add_lora` wraps the attention projections in
   `LoRALinear` with the base frozen (an MMDiT: `mmdit_targets`, both streams' q, k, v, out by default, as
   diffusers' train_dreambooth_lora_sd3.py; a Flux: `flux_targets`, the same in its double blocks and the single
@@ -77,7 +88,6 @@ FLUX_TARGETS = {"to_q": ("image.attn.q", "q"), "to_k": ("image.attn.k", "k"), "t
                 "ff_context.net.0.proj": ("text.mlp.fc1", None), "ff_context.net.2": ("text.mlp.fc2", None),
                 "proj_mlp": (None, "mlp_in"), "proj_out": (None, "out")}
 FLUX_TRAIN_TARGETS = tuple(list(FLUX_TARGETS)[:8])     # both streams' attention (the single blocks' q, k, v too)
-
 
 
 # ----------------------------------------------------------------------------- training
@@ -246,7 +256,11 @@ _WORDS = {"down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q",
           "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context", "norm1_context", "norm_out",
           "context_embedder", "time_text_embed", "timestep_embedder", "text_embedder", "pos_embed",
           "joint_blocks", "x_block", "context_block", "adaLN_modulation", "x_embedder", "t_embedder", "y_embedder",
-          "final_layer"}
+          "final_layer",
+          # FLUX.1's transformer: diffusers' FluxTransformer2DModel, and the original layout (sd-scripts' files)
+          "single_transformer_blocks", "guidance_embedder", "proj_mlp", "double_blocks", "single_blocks",
+          "img_attn", "txt_attn", "img_mod", "txt_mod", "img_mlp", "txt_mlp", "img_in", "txt_in", "time_in",
+          "vector_in", "guidance_in", "in_layer", "out_layer", "query_norm", "key_norm"}
 _COMPVIS_TOP = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
 TEXT_PARTS = ("text_encoder", "text_encoder_2")        # SDXL and SD3 have two CLIPs
 NET_PARTS = ("unet", "transformer")                    # the denoiser: a U-Net, or SD3's transformer
@@ -267,6 +281,9 @@ def kohya_to_dotted(name: str) -> str:
 
 
 _UNSUPPORTED = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA"}
+# key ends that some LoRA files carry besides the low-rank updates (LyCORIS, ComfyUI, FLUX.1 Control LoRAs)
+_NOT_LOW_RANK = {".diff": "whole-weight differences (.diff)", ".diff_b": "bias differences (.diff_b)",
+                 ".scale": "norm gains (.scale)", ".bias": "biases (.bias)"}
 
 
 _LAYOUTS = ((r"(.*)\.lora_A(?:\.default)?\.weight", "down"), (r"(.*)\.lora_B(?:\.default)?\.weight", "up"),  # peft
@@ -274,6 +291,12 @@ _LAYOUTS = ((r"(.*)\.lora_A(?:\.default)?\.weight", "down"), (r"(.*)\.lora_B(?:\
             (r"(.*)\.lora(?:_linear_layer)?\.up\.weight", "up"), (r"(.*)\.alpha", "alpha"))
 _PROCESSOR = re.compile(r"(.*)\.processor\.(to_[qkv]|to_out)_lora\.(down|up)\.weight")  # attention processors
 _KOHYA = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+_DOTTED = ((r"(.*)\.lora_down\.weight", "down"), (r"(.*)\.lora_up\.weight", "up"))   # kohya's ends, dotted names
+# ComfyUI's prefixes (BFL's / CompVis' net names, transformers' encoders) -> our part names
+_COMFY = (("model.diffusion_model.", "transformer"), ("diffusion_model.", "transformer"),
+          ("text_encoders.clip_l.transformer.", "text_encoder"), ("text_encoders.clip_g.transformer.", "text_encoder_2"),
+          ("text_encoders.t5xxl.transformer.", T5_PART))
+_XLABS = re.compile(r"((?:double|single)_blocks\.\d+\.processor\.(?:qkv|proj)_lora[12]?)\.(down|up)\.weight")  # FLUX.1
 
 
 def _split_key(key: str) -> tuple[str, str, str] | None:
@@ -283,14 +306,22 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
         if key.startswith(pre):
             module, _, kind = key[len(pre):].partition(".")
             return (part, kohya_to_dotted(module), _KOHYA[kind]) if kind in _KOHYA else None
-    part, _, rest = key.partition(".")
-    if part not in (*NET_PARTS, *TEXT_PARTS, T5_PART):
-        part, rest = "unet", key                          # the oldest diffusers files have no prefix
+    for pre, part in _COMFY:
+        if key.startswith(pre):
+            rest = key[len(pre):]
+            break
+    else:
+        part, _, rest = key.partition(".")
+        if part not in (*NET_PARTS, *TEXT_PARTS, T5_PART):
+            part, rest = "unet", key                      # the oldest diffusers files have no prefix
     rest = rest.removeprefix("base_model.model.")         # a peft model's own state dict
     m = _PROCESSOR.fullmatch(rest)
     if m:
         return part, f"{m.group(1)}.{m.group(2)}" + (".0" if m.group(2) == "to_out" else ""), m.group(3)
-    for pattern, kind in _LAYOUTS:
+    m = _XLABS.fullmatch(rest)
+    if m:
+        return part, m.group(1), m.group(2)
+    for pattern, kind in (*_LAYOUTS, *_DOTTED):
         m = re.fullmatch(pattern, rest)
         if m:
             return part, m.group(1), kind
@@ -298,7 +329,7 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
 
 
 def read_lora(path: str) -> dict[str, dict[str, Update]]:
-    """{'unet': {diffusers or CompVis module (SD3: diffusers' or the original transformer module): Update},
+    """{'unet': {diffusers or CompVis module (SD3, FLUX.1: diffusers' or the original transformer module): Update},
     'text_encoder' (and SDXL's / SD3's 'text_encoder_2'): {transformers module: Update}} of a LoRA file."""
     try:
         if path.endswith(".safetensors"):
@@ -315,8 +346,8 @@ def read_lora(path: str) -> dict[str, dict[str, Update]]:
         raise ValueError(f"{path}: not a LoRA file (expected a flat dict of tensors)")
     for marker, what in _UNSUPPORTED.items():
         if any(marker in k for k in state):
-            raise ValueError(f"{path}: a {what} file; only LoRA (for Stable Diffusion's U-Nets, SD3's transformer "
-                             "and CLIP) is supported")
+            raise ValueError(f"{path}: a {what} file; only LoRA (for Stable Diffusion's U-Nets, SD3's and FLUX.1's "
+                             "transformers and CLIP) is supported")
     meta = json.loads(metadata.get(METADATA_KEY, "{}"))
     for part in (*NET_PARTS, *TEXT_PARTS):
         if meta.get(f"{part}.use_dora") or meta.get(f"{part}.rank_pattern") or meta.get(f"{part}.alpha_pattern"):
@@ -331,10 +362,14 @@ def read_lora(path: str) -> dict[str, dict[str, Update]]:
         part, module, kind = split
         pieces.setdefault((part, module), {})[kind] = value
     if unknown:
+        kinds = sorted({what for key in unknown for end, what in _NOT_LOW_RANK.items() if key.endswith(end)})
+        if all(key.endswith(tuple(_NOT_LOW_RANK)) for key in unknown):   # a LoRA file with extras, not a model
+            raise ValueError(f"{path}: has {' and '.join(kinds)}, e.g. {unknown[:3]}; only low-rank LoRA updates "
+                             "(down / up, alpha) are read")
         raise ValueError(f"{path}: {len(unknown)} keys are not LoRA weights in a layout we read, e.g. {unknown[:3]}")
     if any(part == T5_PART for part, _ in pieces):
-        raise ValueError(f"{path}: has LoRA weights for SD3's T5 text encoder ({T5_PART} / lora_te3_), which are not "
-                         "read; only its transformer and CLIPs")
+        raise ValueError(f"{path}: has LoRA weights for SD3's T5 text encoder or FLUX.1's ({T5_PART}, lora_te3_, "
+                         "text_encoders.t5xxl), which are not read; only the transformer and the CLIPs")
     out: dict[str, dict[str, Update]] = {"unet": {}, **{part: {} for part in TEXT_PARTS}}
     for (part, module), p in pieces.items():
         if "down" not in p or "up" not in p:
@@ -363,7 +398,10 @@ def _targets(named: list[tuple[str, str | None, Update]], model: nn.Module,
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             missing.append(name)
         else:
-            update.delta(module.weight.shape)              # shape errors now, before any weight changes
+            try:
+                update.delta(module.weight.shape)          # shape errors now, before any weight changes
+            except ValueError as err:
+                raise ValueError(f"{source}: LoRA module {name!r}: {err} (is the LoRA for this base model?)") from None
             found.append((module, update))
     if missing:
         raise ValueError(f"{source}: {len(missing)} LoRA modules have no linear/conv layer in this model, "
@@ -425,13 +463,19 @@ def mmdit_updates(lora: dict[str, Update], net: MMDiT) -> list[tuple[str, str | 
 @torch.no_grad()
 def merge_lora(lora: dict[str, dict[str, Update]], unets: list[nn.Module], text_encoders: dict[str, nn.Module],
                scale: float = 1.0, source: str = "LoRA") -> int:
-    """weight += scale * alpha / r * up @ down in each U-Net (ours, diffusers or CompVis names mapped) or SD3
-    MMDiT (`mmdit_updates`) and in the text encoders (`text_encoders`: part -> transformers module, its own
-    names). Checks everything first: all or nothing."""
+    """weight += scale * alpha / r * up @ down in each U-Net (ours, diffusers or CompVis names mapped), SD3
+    MMDiT (`mmdit_updates`) or FLUX.1 transformer (lora_flux.flux_updates) and in the text encoders
+    (`text_encoders`: part -> transformers module, its own names). Checks everything first: all or nothing."""
     plan = []
     for net in unets:
-        named = mmdit_updates(lora["unet"], net) if isinstance(net, MMDiT) else \
-            [(n, unet_module(n, net.cfg), u) for n, u in lora["unet"].items()]
+        if isinstance(net, Flux):
+            from ldm.models.lora_flux import flux_updates, refuse_t5   # lora_flux builds on this module
+            refuse_t5(lora, source)
+            named = flux_updates(lora["unet"])
+        elif isinstance(net, MMDiT):
+            named = mmdit_updates(lora["unet"], net)
+        else:
+            named = [(n, unet_module(n, net.cfg), u) for n, u in lora["unet"].items()]
         plan += _targets(named, net, source)
     for part in TEXT_PARTS:
         if not lora.get(part):

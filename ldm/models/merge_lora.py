@@ -1,5 +1,5 @@
-"""Bake LoRA files into a copy of a model folder: the teacher's U-Net (or SD3 transformer), its students and its
-CLIP text encoder(s).
+"""Bake LoRA files into a copy of a model folder: the teacher's U-Net (or SD3 / FLUX.1 transformer), its students
+and its CLIP text encoder(s).
 
     python -m ldm.models.merge_lora models/sd15 --lora style.safetensors:0.8 --out models/sd15-style
     accelerate launch stages/distill.py --config configs/distill/sd15.yaml teacher=models/sd15-style ...
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="the model folder to start from (left unchanged)")
     parser.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]",
-                        help="a LoRA file (diffusers/peft or kohya layout; SD 1.x/2.x, SDXL, SD3) and its scale "
+                        help="a LoRA file (diffusers/peft or kohya layout; SD 1.x/2.x, SDXL, SD3, FLUX.1, whose "
+                             "BFL / ComfyUI and XLabs layouts too) and its scale "
                              "(default 1); repeatable")
     parser.add_argument("--out", required=True, metavar="DIR", help="the new model folder")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

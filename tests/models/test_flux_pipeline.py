@@ -40,12 +40,8 @@ def test_flux_dev_draws_what_diffusers_draws(dev, tmp_path, one_thread, capsys):
     assert ((other * 0.5 + 0.5) - flux_images(theirs, pipe, PROMPTS, 4, 3.5)).abs().max() > 0.01  # the input mattered
     with pytest.raises(ValueError, match="takes no negative prompt"):
         pipe.generate(PROMPTS, steps=2, negative="blurry")
-    from ldm.models.to_diffusers import export
-    for call, message in ((lambda: pipe.add_lora("x.safetensors"), "FLUX.1 are not read"),
-                          (lambda: pipe.set_freeu((1.1, 1.2, 0.9, 0.2)), "FreeU works on U-Nets"),
-                          (lambda: export(str(tmp_path / "model"), str(tmp_path / "out")), "FLUX.1 folder")):
-        with pytest.raises(ValueError, match=message):
-            call()
+    with pytest.raises(ValueError, match="FreeU works on U-Nets"):
+        pipe.set_freeu((1.1, 1.2, 0.9, 0.2))
     from ldm import txt2img
     for flag, message in ((["--negative", "blurry"], "distilled into the net"), (["--clip-skip", "2"], "pooled output")):
         with pytest.raises(SystemExit) as e:
