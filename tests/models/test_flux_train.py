@@ -157,7 +157,11 @@ def test_stage_two_trains_a_flux_lora_that_diffusers_loads(flux_model, tmp_path,
     # The folder draws what diffusers' FluxPipeline draws with the file loaded (peft's LoRA layers), at 3.5.
     pipe = TextToImage.from_folder(str(out), decoder_precision="fp32")
     images, _ = pipe.generate(PROMPTS, steps=3, seed=0)
-    before, _ = TextToImage.from_folder(str(model), decoder_precision="fp32").generate(PROMPTS, steps=3, seed=0)
+    source = TextToImage.from_folder(str(model), decoder_precision="fp32")
+    before, _ = source.generate(PROMPTS, steps=3, seed=0)
+    assert source.add_lora(str(lora)) == len(modules)                     # our --lora reads the file back
+    live, _ = source.generate(PROMPTS, steps=3, seed=0)
+    torch.testing.assert_close(live, images, atol=1e-5, rtol=0)
     theirs = diffusers.FluxPipeline.from_pretrained(str(theirs_dir))
     theirs.set_progress_bar_config(disable=True)
     with warnings.catch_warnings():
