@@ -34,3 +34,24 @@ def record_losses(monkeypatch, stage) -> list[float]:
             return loss
     monkeypatch.setattr(stage, "DiffusionLoss", Recording)
     return losses
+
+
+def imported_model_config(model: Path, out: Path, net: str, diffusion: dict, **settings) -> Path:
+    """A stage-2 YAML config (written beside `out`) that fine-tunes the imported tiny model folder `model`
+    (an SD3 or FLUX.1 import): its own transformer config under the `net` section, its frozen text encoders,
+    `diffusion`, a rank-4 LoRA, 3 steps of shapes at 32 px; `settings` add or replace top-level entries."""
+    import json
+
+    import yaml
+    text = json.loads((model / "text_encoder" / "config.json").read_text())
+    cfg = {"autoencoder": str(model / "autoencoder"), "init_from": str(model), "net": net,
+           "train": {"output_dir": str(out), "max_steps": 3, "batch_size": 2, "lr": 1e-2, "ema_decay": 0,
+                     "checkpoint_every": 2, "log_every": 1, "validate_every": 3, "tracker": "none",
+                     "min_free_disk_gb": 0},
+           "data": {"source": "shapes", "resolution": 32, "length": 8},
+           net: json.loads((model / "unet" / "config.json").read_text()),
+           "text": {**text, "path": str(model / "text_encoder" / text["path"])},
+           "diffusion": diffusion, "lora": {"rank": 4}, **settings}
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 from sd_layouts import flux_images, write_flux_pipeline
-from stage_scripts import load_stage
+from stage_scripts import imported_model_config, load_stage
 
 from ldm.diffusion.schedules import resolution_shift
 from ldm.models.flux import Flux
@@ -39,24 +38,13 @@ SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v")
 def _flux_stage_two_config(model: Path, out: Path, **sections) -> Path:
     """A stage-2 config that fine-tunes the imported tiny FLUX.1-dev folder: its Flux config, its frozen CLIP-L and
     T5, its rectified flow and dynamic shift (training times moved alike), a rank-4 LoRA, shapes at 32 px."""
-    text = json.loads((model / "text_encoder" / "config.json").read_text())
     index = load_index(str(model))
-    cfg = {"autoencoder": str(model / "autoencoder"), "init_from": str(model), "net": "flux", "p_uncond": 0.0,
-           "guidance": index.guidance, "flux_guidance": GUIDANCE,
-           "train": {"output_dir": str(out), "max_steps": 3, "batch_size": 2, "lr": 1e-2, "ema_decay": 0,
-                     "checkpoint_every": 2, "log_every": 1, "validate_every": 3, "tracker": "none",
-                     "min_free_disk_gb": 0},
-           "data": {"source": "shapes", "resolution": 32, "length": 8},
-           "flux": json.loads((model / "unet" / "config.json").read_text()),
-           "text": {**text, "path": str(model / "text_encoder" / text["path"])},
-           "diffusion": {"schedule": "rectified_flow", "schedule_options": {"shift": index.schedule["shift"]},
-                         "prediction": "flow", "time": "logit_normal",
-                         "time_scale": 1000.0, "time_shift": "dynamic", "dynamic_shift": index.dynamic_shift},
-           "lora": {"rank": 4},
-           "val": {"prompts": ["a red circle"], "guidance": [2.5], "steps": 2, "seed": 0}, **sections}
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    diffusion = {"schedule": "rectified_flow", "schedule_options": {"shift": index.schedule["shift"]},
+                 "prediction": "flow", "time": "logit_normal", "time_scale": 1000.0, "time_shift": "dynamic",
+                 "dynamic_shift": index.dynamic_shift}
+    return imported_model_config(model, out, "flux", diffusion, **{
+        "p_uncond": 0.0, "guidance": index.guidance, "flux_guidance": GUIDANCE,
+        "val": {"prompts": ["a red circle"], "guidance": [2.5], "steps": 2, "seed": 0}, **sections})
 
 
 @pytest.fixture(scope="module")

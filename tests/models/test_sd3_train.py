@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 from sd_layouts import sd3_images, write_sd3_pipeline
-from stage_scripts import load_stage, record_losses
+from stage_scripts import imported_model_config, load_stage, record_losses
 
 from ldm.models.from_diffusers import convert
 from ldm.models.lora import METADATA_KEY
@@ -34,22 +33,11 @@ ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 def _sd3_stage_two_config(model: Path, out: Path, **sections) -> Path:
     """A stage-2 config that fine-tunes the imported tiny SD3 model: its MMDiT's own config, its frozen CLIPs and
     T5, SD3's rectified flow (shift 3, flow prediction, logit-normal times), a rank-4 LoRA, shapes at 32 px."""
-    text = json.loads((model / "text_encoder" / "config.json").read_text())
-    cfg = {"autoencoder": str(model / "autoencoder"), "init_from": str(model), "net": "mmdit", "p_uncond": 0.5,
-           "guidance": 3.0,
-           "train": {"output_dir": str(out), "max_steps": 3, "batch_size": 2, "lr": 1e-2, "ema_decay": 0,
-                     "checkpoint_every": 2, "log_every": 1, "validate_every": 3, "tracker": "none",
-                     "min_free_disk_gb": 0},
-           "data": {"source": "shapes", "resolution": 32, "length": 8},
-           "mmdit": json.loads((model / "unet" / "config.json").read_text()),
-           "text": {**text, "path": str(model / "text_encoder" / text["path"])},
-           "diffusion": {"schedule": "rectified_flow", "schedule_options": {"shift": 3.0}, "prediction": "flow",
-                         "time": "logit_normal", "time_scale": 1000.0, "time_shift": 3.0},
-           "lora": {"rank": 4},
-           "val": {"prompts": ["a red circle"], "guidance": [0.0, 3.0], "steps": 2, "seed": 0}, **sections}
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    diffusion = {"schedule": "rectified_flow", "schedule_options": {"shift": 3.0}, "prediction": "flow",
+                 "time": "logit_normal", "time_scale": 1000.0, "time_shift": 3.0}
+    return imported_model_config(model, out, "mmdit", diffusion, **{
+        "p_uncond": 0.5, "guidance": 3.0,
+        "val": {"prompts": ["a red circle"], "guidance": [0.0, 3.0], "steps": 2, "seed": 0}, **sections})
 
 
 @pytest.fixture(scope="module")
