@@ -5,7 +5,8 @@
 
 as diffusers' FluxPipeline.encode_prompt computes prompt_embeds and pooled_prompt_embeds. The transformer
 attends to every T5 token, padding included, so the mask is all True. T5 reads `TextEncoderConfig.t5_max_length`
-tokens: 512 for FLUX.1-dev, 256 for schnell (the config's default is SD3's 256, so a dev folder says 512).
+tokens: the imports write 512 for both families, FluxPipeline's default max_sequence_length (BFL's own code reads
+256 for schnell: a folder's text_encoder/config.json may say so; the config's default is SD3's 256).
 CLIP's hidden states never reach the transformer, so `clip_skip` does not apply: it stays None and setting
 it is refused (a silently ignored --clip-skip would look like it worked).
 
