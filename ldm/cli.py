@@ -233,7 +233,11 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
         parser.error(f"--shift must be > 0, got {args.shift}")
     if not 0.0 <= args.guidance_rescale <= 1.0:
         parser.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
-    if len(args.controlnet) != len(args.control_image) or len(args.control_scale) not in (0, 1, len(args.controlnet)):
+    if pipe.index.image_input == "control":        # FLUX.1 Depth / Canny: the control is built into the net
+        if args.controlnet or args.control_scale or len(args.control_image) != 1:
+            parser.error("this model (FLUX.1 Depth / Canny) takes its control image in the net: give one "
+                         "--control-image IMG (a depth or edge map), no --controlnet / --control-scale")
+    elif len(args.controlnet) != len(args.control_image) or len(args.control_scale) not in (0, 1, len(args.controlnet)):
         parser.error(f"--controlnet and --control-image go together, one each ({len(args.controlnet)} and "
                      f"{len(args.control_image)} given), with one --control-scale or one per ControlNet "
                      f"({len(args.control_scale)} given)")
@@ -253,7 +257,15 @@ def load_control_image(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, size: tuple[int, int] | None) -> dict:
     """{"control": [(ControlNet, image, scale), ...]} from --controlnet/--control-image, or {}; errors as usage
-    errors. Several ControlNets add their residuals (diffusers' MultiControlNetModel)."""
+    errors. Several ControlNets add their residuals (diffusers' MultiControlNetModel). FLUX.1 Depth / Canny:
+    {"reference": the control image's latents} (ldm.flux_tools)."""
+    if pipe.index.image_input == "control":
+        try:
+            image = load_image(args.control_image[0], size or (pipe.index.resolution,) * 2)
+        except (OSError, ValueError) as err:
+            parser.error(f"--control-image {args.control_image[0]}: {err}")
+        with torch.no_grad():
+            return {"reference": pipe.encode_images(image)}
     if not args.controlnet:
         return {}
     from ldm.models.controlnet import load_controlnet
@@ -313,7 +325,7 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
             run[key] = getattr(args, key)
     if args.dtype != "float32":
         run["dtype"] = args.dtype
-    if args.controlnet:
+    if args.controlnet or args.control_image:
         run.update(controlnet=list(args.controlnet), control_image=list(args.control_image),
                    control_scale=list(args.control_scale))
     for key in ("size", "hires"):

@@ -6,6 +6,10 @@ White mask pixels (> 127) are repainted, black ones kept. The mask is max-pooled
 grid, so every latent cell touching the white region is generated; at every step the kept
 region is re-noised from the encoded input (`ldm.pipeline.keep_known`). The kept pixels of the
 output are the input's own. Image and mask are resized and centre-cropped to the model resolution.
+
+An inpainting model (SD-inpainting, FLUX.1 Fill) is given the mask and the masked image as inputs instead and
+draws the whole picture from pure noise (FLUX.1 Fill: guidance scale 30, w = 29, by default); the kept pixels
+are still pasted back from the input.
 """
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from ldm.diffusion.param import Denoiser
 from ldm.diffusion.samplers import SAMPLERS, initial_noise
 from ldm.diffusion.schedules import resolution_shift, schedule_from_config, shifted
 from ldm.distill.targets import coefficients
+from ldm.flux_tools import IMAGE_INPUTS, ReferenceTokens, fill_inputs
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.controlnet import ControlledUNet
 from ldm.models.lora import merge_lora, read_lora
@@ -85,12 +86,17 @@ class ModelIndex:
                                             # (schedules.resolution_shift's keyword arguments)
     guidance_embed: bool = False            # FLUX.1-dev: the net takes the guidance scale 1 + w as an input
                                             # (guidance distillation) instead of running CFG
+    image_input: str = ""                   # FLUX.1's image-conditioned nets (ldm.flux_tools): "fill" (a masked
+                                            # image and its mask), "control" (Depth / Canny: a control image),
+                                            # "kontext" (a reference image to edit); "" none
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelIndex":
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"{INDEX_NAME}: unknown keys {unknown}")
+        if d.get("image_input", "") not in IMAGE_INPUTS:
+            raise ValueError(f"{INDEX_NAME}: image_input {d['image_input']!r} is none of {IMAGE_INPUTS}")
         return cls(**d)
 
 
@@ -369,12 +375,13 @@ class TextToImage:
     def model_function(self, steps: int, guidance: float, teacher: bool = False, negative: str = "",
                        guidance_rescale: float = 0.0, chunks: int | None = None, control: list | None = None,
                        inpaint: torch.Tensor | None = None, ip_uncond: torch.Tensor | None = None,
-                       shape: tuple[int, ...] | None = None):
+                       shape: tuple[int, ...] | None = None, reference: torch.Tensor | None = None):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
         with `negative` as the unconditional prompt (students were distilled with the empty one) and
         guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024), and
-        `control`'s ControlNets attached to the U-Net (ldm.models.controlnet.ControlledUNet) and `inpaint`'s
-        extra inputs given to an inpainting U-Net (`ConcatInputs`)."""
+        `control`'s ControlNets attached to the U-Net (ldm.models.controlnet.ControlledUNet), `inpaint`'s
+        extra inputs given to an inpainting U-Net (`ConcatInputs`) and `reference` to a FLUX.1 Depth / Canny or
+        Kontext net (`image_input_net`)."""
         self.refuse_with_student(steps, teacher, negative=negative, guidance_rescale=guidance_rescale,
                                  control=control, inpaint=inpaint is not None, ip=ip_uncond is not None)
         if self.uses_student(steps, teacher):
@@ -389,13 +396,14 @@ class TextToImage:
             if negative:
                 raise ValueError("this model's guidance is distilled into the net (FLUX.1-dev): it draws with the "
                                  "guidance scale as an input, not CFG, so it takes no negative prompt")
-            model = self.denoiser(GuidanceInput(self.unet, 1.0 + guidance), self.index.prediction)
+            net = self.image_input_net(inpaint, reference)
+            model = self.denoiser(GuidanceInput(net, 1.0 + guidance), self.index.prediction)
             return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1}
         uncond = self.encode_prompts([negative], chunks)
         uncond.pop("time_ids", None)               # SDXL: both halves take the drawn size's numbers, but
         if self.index.aesthetic is not None:       # the refiner's unconditional half has its own score
             uncond["time_ids"] = self.size_ids(shape or self.latent_shape(1), negative=True)[:1]
-        unet = self.unet if inpaint is None else ConcatInputs(self.unet, inpaint)
+        unet = self.image_input_net(inpaint, reference)
         if control:
             self.unet_only("ControlNet")
             unet = ControlledUNet(unet, control)
@@ -408,13 +416,28 @@ class TextToImage:
             model = cfg(self.denoiser(unet, self.index.prediction), guidance, uncond)
         return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1 if guidance == 0 else 2}
 
+    def image_input_net(self, inpaint: torch.Tensor | None, reference: torch.Tensor | None):
+        """The teacher's net with its image inputs bound: `inpaint` (SD-inpainting's or FLUX.1 Fill's extra
+        channels) and `reference` latents, appended to x for FLUX.1 Depth / Canny, tokens for Kontext."""
+        if reference is not None and self.index.image_input not in ("control", "kontext"):
+            raise ValueError("reference latents are for FLUX.1 Depth / Canny (a control image) and Kontext (an "
+                             f"image to edit); this model's image_input is {self.index.image_input!r}")
+        if self.index.image_input == "control":      # [x | control latents], as Fill's [x | masked image | mask]
+            if reference is None:
+                raise ValueError("this model (FLUX.1 Depth / Canny) draws from a control image: give its latents as "
+                                 "`reference` (encode_images; the CLI's --control-image)")
+            return ConcatInputs(self.unet, reference)
+        net = self.unet if reference is None else ReferenceTokens(self.unet, reference)
+        return net if inpaint is None else ConcatInputs(net, inpaint)
+
     @torch.no_grad()
     def sample(self, prompts: list[str], *, steps: int, guidance: float | None = None, seed: int | list[int] = 0,
                teacher: bool = False, sampler: str = "ddim", init: torch.Tensor | None = None,
                strength: float = 1.0, mask: torch.Tensor | None = None, negative: str = "",
                spacing: str | None = None, guidance_rescale: float = 0.0, size: tuple[int, int] | None = None,
                control: list | None = None, inpaint: torch.Tensor | None = None, ip_image=None,
-               shift: float | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
+               shift: float | None = None, reference: torch.Tensor | None = None,
+               progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
         spacing: the time grid (ldm.diffusion.schedules.SPACINGS); None: "karras" (Karras et al. 2022,
@@ -438,6 +461,8 @@ class TextToImage:
         per prompt) prompting through the attached IP-Adapter (`add_ip_adapter`). shift: the teacher's time grid
         at log-SNR lower by 2 log `shift` (SD3's shift, eq. 23, for any schedule: more steps at high noise),
         in place of the model folder's (rectified flow's `shift`, else 1); students keep the grid they learnt.
+        reference: latents (1 or B, C, h', w') of an image the net takes besides x (`image_input_net`): FLUX.1
+        Depth / Canny's control image (at the drawn size), Kontext's image to edit (any size).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
@@ -461,7 +486,7 @@ class TextToImage:
         ip_cond, ip_uncond = self.image_prompt(ip_image, len(prompts)) if ip_image is not None else (None, None)
         self.refuse_with_student(steps, teacher, shift=shift is not None)
         model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks, control,
-                                                      inpaint, ip_uncond, shape)
+                                                      inpaint, ip_uncond, shape, reference)
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
             warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
                           f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
@@ -576,20 +601,40 @@ class TextToImage:
         given the mask and the masked image and draws from pure noise (`inpainting_inputs`)."""
         images, masks = images.to(self.device), masks.to(self.device)
         if self.inpainting_unet:
-            z, info = self.sample(prompts, steps=steps, inpaint=self.inpainting_inputs(images, masks), **kwargs)
+            size = (images.shape[-1], images.shape[-2])          # the image's size, not the model's default
+            z, info = self.sample(prompts, steps=steps, size=size, inpaint=self.inpainting_inputs(images, masks),
+                                  **kwargs)
         else:
             z0 = self.encode_images(images)
             z, info = self.sample(prompts, steps=steps, init=z0, mask=latent_grid_mask(masks, z0.shape[-2:]), **kwargs)
         return masks * self.decode(z) + (1 - masks) * images, info
 
+    @torch.no_grad()
+    def edit(self, images: torch.Tensor, prompts: list[str], *, steps: int, size: tuple[int, int] | None = None,
+             **kwargs) -> tuple[torch.Tensor, dict]:
+        """FLUX.1 Kontext: images (1 or B, 3, H, W) in [-1, 1] (ldm.flux_tools.kontext_size says the size Kontext
+        prefers) edited as `prompts` say, drawn from pure noise with the images' latents as reference tokens;
+        size: (width, height) of the output, default the images'."""
+        if self.index.image_input != "kontext":
+            raise ValueError(f"edit needs a FLUX.1 Kontext model; this one's image_input is {self.index.image_input!r}")
+        reference = self.encode_images(images)
+        size = size or (images.shape[-1], images.shape[-2])
+        z, info = self.sample(prompts, steps=steps, size=size, reference=reference, **kwargs)
+        return self.decode(z), info
+
     @property
     def inpainting_unet(self) -> bool:
-        """A U-Net that takes the mask and the masked image's latents besides x (4 + 1 + 4 channels)."""
-        return self.unet.cfg.in_channels == 2 * self.autoencoder.config.z_channels + 1
+        """A net that takes the mask and the masked image's latents besides x: SD-inpainting (4 + 1 + 4 channels),
+        FLUX.1 Fill (16 + 16 + 64)."""
+        return (self.index.image_input == "fill" or
+                self.unet.cfg.in_channels == 2 * self.autoencoder.config.z_channels + 1)
 
     def inpainting_inputs(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """(B, 1 + C, h, w): the mask at the latent grid (nearest) and the latents of the image with the masked
-        part set to 0 (mid-gray), as SD-inpainting was trained (diffusers' inpainting pipeline)."""
+        part set to 0 (mid-gray), as SD-inpainting was trained (diffusers' inpainting pipeline); FLUX.1 Fill's
+        (B, C + f^2, h, w) (ldm.flux_tools.fill_inputs)."""
+        if self.index.image_input == "fill":
+            return fill_inputs(self.encode_images, images, masks, self.autoencoder.config.downsample_factor)
         masks = (masks >= 0.5).to(images.dtype)
         latents = self.encode_images(images * (1 - masks))
         return torch.cat([F.interpolate(masks, size=latents.shape[-2:]), latents], dim=1)
@@ -625,7 +670,8 @@ class TextToImage:
 
 class ConcatInputs(torch.nn.Module):
     """An inpainting U-Net (SD-inpainting: 4 + 1 + 4 input channels) seen as a plain one: its extra
-    inputs, the latent mask and the masked image's latents, are appended to x at every call."""
+    inputs, the latent mask and the masked image's latents, are appended to x at every call. Likewise
+    FLUX.1 Fill's masked image and folded mask, and Depth / Canny's control latents (ldm.flux_tools)."""
 
     def __init__(self, unet, extra: torch.Tensor):
         super().__init__()

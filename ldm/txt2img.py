@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as err:
             parser.error(f"{flag}: {err}")
     control = control_options(parser, args, pipe, args.size)
+    if args.hires and "reference" in control:
+        parser.error("--hires: FLUX.1 Depth / Canny's control image is fixed at --size; draw at the size you want")
     for path, prompt in jobs:
         start = time.perf_counter()
         seeds = [args.seed + i for i in range(args.n)]   # image i of a grid is `--seed SEED+i` alone

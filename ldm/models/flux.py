@@ -8,6 +8,7 @@ its reference code github.com/black-forest-labs/flux; the joint blocks are the M
   a 4x tanh-GELU MLP in parallel, one output Linear on their concatenation, one gated residual.
 - Positions: no table; 3-axis rotary embeddings (RoPE, Su et al. 2021) on q and k after their RMSNorm. Every
   token has an id (axis 0, row, column); image tokens are (0, row, col) of the packed grid, text tokens (0, 0, 0);
+  FLUX.1 Kontext's reference-image tokens (`reference`) follow the image tokens as (1, row, col) of their own grid
   head channels split sum(axes_dims_rope) = head_dim over the axes, and each axis rotates adjacent channel pairs
   (2i, 2i + 1) by the angle id * theta^(-2i / axis_dim).
 - Conditioning c = MLP(sinusoid(t)) [+ MLP(sinusoid(1000 g))] + MLP(pooled CLIP) (+ cond_emb); the guidance term
@@ -108,6 +109,13 @@ def position_ids(text_len: int, grid_h: int, grid_w: int, device=None):
     return torch.cat([image.new_zeros(text_len, 3), image])
 
 
+def reference_ids(grid_h: int, grid_w: int, device=None):
+    """(gh * gw, 3) ids of FLUX.1 Kontext's reference tokens: (1, row, col) row-major, the image's ids on axis 1."""
+    ids = position_ids(0, grid_h, grid_w, device)
+    ids[:, 0] = 1
+    return ids
+
+
 def rope_angles(ids, axes_dims: tuple[int, ...], theta: float):
     """ids (N, n_axes) -> (cos, sin), each (N, d/2) float32: pair i of axis a turns by id_a * theta^(-2i / d_a)."""
     dtype = torch.float32 if ids.device.type == "mps" else torch.float64   # float64 as BFL, where the device has it
@@ -184,7 +192,7 @@ class SingleBlock(nn.Module):
 
 class Flux(Pretrained, nn.Module):
     """Velocity-prediction Flux: forward(x (B,C,H,W), t (B,) = 1000 sigma, context (B,L,D_ctx), pooled=(B,P),
-    guidance=(B,) scale (FLUX.1-dev only)) -> (B,C_out,H,W)."""
+    guidance=(B,) scale (FLUX.1-dev only), reference=(B,C,H',W') latents (FLUX.1 Kontext)) -> (B,C_out,H,W)."""
 
     config_class = FluxConfig
 
@@ -210,7 +218,7 @@ class Flux(Pretrained, nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _check_inputs(self, x, context, context_mask, pooled, control, time_ids, guidance) -> None:
+    def _check_inputs(self, x, context, context_mask, pooled, control, time_ids, guidance, reference) -> None:
         cfg, B = self.cfg, x.shape[0]
         if control is not None or time_ids is not None:
             raise ValueError("Flux: this net takes no `control` (ControlNet residuals) and no `time_ids` (SDXL)")
@@ -229,9 +237,11 @@ class Flux(Pretrained, nn.Module):
         if context_mask is not None and context_mask.shape != context.shape[:2]:
             raise ValueError(f"Flux: context_mask shape {tuple(context_mask.shape)}, "
                              f"expected {tuple(context.shape[:2])}")
-        H, W = x.shape[-2:]
-        if H % PATCH or W % PATCH:
-            raise ValueError(f"Flux: spatial size {(H, W)} must be divisible by the patch size {PATCH}")
+        for name, z in (("spatial size", x), ("reference size", reference)):
+            if z is not None and (z.shape[-2] % PATCH or z.shape[-1] % PATCH):
+                raise ValueError(f"Flux: {name} {tuple(z.shape[-2:])} must be divisible by the patch size {PATCH}")
+        if reference is not None and (reference.ndim != 4 or reference.shape[:2] != x.shape[:2]):
+            raise ValueError(f"Flux: reference latents {tuple(reference.shape)}, expected ({B}, {x.shape[1]}, H', W')")
 
     def _per_sample(self, value, name: str, batch: int):
         """A scalar or (B,) tensor -> (B,) float32 on the model's device."""
@@ -255,19 +265,25 @@ class Flux(Pretrained, nn.Module):
         return c
 
     def forward(self, x, t, context, context_mask=None, cond_emb=None, control=None, pooled=None, time_ids=None,
-                guidance=None):
+                guidance=None, reference=None):
         """x (B,C,H,W), t (B,) or scalar (1000 sigma), context (B,L,D_ctx), context_mask (B,L) bool True = a real
         token (masked ones are no keys), cond_emb (B, D) added to c, pooled (B, P) required, guidance (B,) or
-        scalar: the guidance scale, required iff guidance_embeds."""
-        self._check_inputs(x, context, context_mask, pooled, control, time_ids, guidance)
+        scalar: the guidance scale, required iff guidance_embeds. reference (B,C,H',W'): FLUX.1 Kontext's image
+        latents, packed by the same patch_embed into tokens after the image's (ids `reference_ids`); they are
+        attended to and dropped from the output."""
+        self._check_inputs(x, context, context_mask, pooled, control, time_ids, guidance, reference)
         dtype = self.patch_embed.weight.dtype
         B, _, H, W = x.shape
         gh, gw = H // PATCH, W // PATCH
         c = self._conditioning(t, guidance, pooled, cond_emb, B, dtype)
         h = self.patch_embed(pack(x.to(dtype)))                        # (B, N, D), N = gh * gw
         ctx = self.context_embed(context.to(dtype))                    # (B, L, D)
-        L = ctx.shape[1]
-        rope = rope_angles(position_ids(L, gh, gw, x.device), self.cfg.axes_dims_rope, self.cfg.rope_theta)
+        L, N = ctx.shape[1], h.shape[1]
+        ids = position_ids(L, gh, gw, x.device)
+        if reference is not None:                                      # Kontext: [image; reference] tokens
+            h = torch.cat([h, self.patch_embed(pack(reference.to(dtype)))], dim=1)     # (B, N + N_ref, D)
+            ids = torch.cat([ids, reference_ids(reference.shape[-2] // PATCH, reference.shape[-1] // PATCH, x.device)])
+        rope = rope_angles(ids, self.cfg.axes_dims_rope, self.cfg.rope_theta)
         mask = None
         if context_mask is not None:                                  # image tokens are always keys
             mask = torch.cat([context_mask.bool(), context_mask.new_ones(B, h.shape[1], dtype=torch.bool)], dim=1)
@@ -277,5 +293,5 @@ class Flux(Pretrained, nn.Module):
         for block in self.single_blocks:
             h = self._run(block, h, c, rope, mask)
         scale, shift = self.final_mod(F.silu(c))[:, None].chunk(2, dim=-1)
-        h = self.proj_out(modulate(layer_norm(h[:, L:]), shift, scale))   # (B, N, 4 C_out)
+        h = self.proj_out(modulate(layer_norm(h[:, L:L + N]), shift, scale))   # (B, N, 4 C_out): image tokens
         return unpack(h, gh, gw)

@@ -252,7 +252,7 @@ def convert(source: str, out: str, *, guidance: float | None = None, dtype: str 
     src = resolve_source(source, hub_files(variant))
     found = json.loads((src / "model_index.json").read_text()) if (src / "model_index.json").is_file() else {}
     if is_flux(found):
-        return convert_flux(src, tmp, out, guidance=guidance, dtype=dtype, variant=variant)
+        return convert_flux(src, found, tmp, out, guidance=guidance, dtype=dtype, variant=variant)
     if is_sd3(found):
         return convert_sd3(src, found, tmp, out, guidance=DEFAULT_GUIDANCE["sd3"] if guidance is None else guidance,
                            dtype=dtype, variant=variant)
@@ -291,32 +291,54 @@ def convert_sd3(src: Path, pipeline: dict, tmp: Path, out: str, *, guidance: flo
     return index
 
 
-def convert_flux(src: Path, tmp: Path, out: str, *, guidance: float | None, dtype: str,
+def flux_image_input(pipeline: dict, net, autoencoder, src: Path) -> str:
+    """What image a FLUX.1 pipeline's net takes besides the noise (ldm.flux_tools.PIPELINES; "" for FluxPipeline
+    and the other pipelines of the text-to-image net), its class and its input channels agreeing."""
+    from ldm.flux_tools import PIPELINES, image_input_from_channels
+    name = pipeline.get("_class_name")
+    kind = PIPELINES.get(name, "")
+    from_channels = image_input_from_channels(net.cfg.in_channels, autoencoder.config.z_channels,
+                                              autoencoder.config.downsample_factor)
+    if from_channels != ("" if kind == "kontext" else kind):
+        raise ValueError(f"{src}: a {name} whose transformer takes {4 * net.cfg.in_channels} packed channels, "
+                         f"which is {from_channels or 'text-to-image FLUX.1'}'s input")
+    return kind
+
+
+def convert_flux(src: Path, pipeline: dict, tmp: Path, out: str, *, guidance: float | None, dtype: str,
                  variant: str | None) -> ModelIndex:
-    """A FLUX.1 pipeline folder (dev or schnell) -> a model folder: the transformer as our Flux net in unet/,
-    the 16-channel autoencoder, CLIP-L and T5 copied (text kind "flux"), rectified flow with the scheduler's
-    resolution-dependent shift, and for -dev the guidance scale as the net's input (`guidance_embed`)."""
+    """A FLUX.1 pipeline folder (dev or schnell; Fill, Depth / Canny, Kontext) -> a model folder: the transformer
+    as our Flux net in unet/, the 16-channel autoencoder, CLIP-L and T5 copied (text kind "flux"), rectified flow
+    with the scheduler's resolution-dependent shift, and for -dev the guidance scale as the net's input
+    (`guidance_embed`); the image the net takes besides the noise in `image_input` (ldm.flux_tools)."""
     from ldm.models.convert_flux import load_diffusers_flux
     missing = [part for part in FLUX_PARTS if not (src / part).is_dir()]
     if missing:
         raise FileNotFoundError(f"{src}: the FLUX.1 pipeline lacks {missing} (need {list(FLUX_PARTS)})")
     scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
     net = load_diffusers_flux(str(src), subfolder="transformer", variant=variant)
-    resolution = save_networks(tmp, net, load_diffusers_autoencoder(src, subfolder="vae", variant=variant), dtype)
+    autoencoder = load_diffusers_autoencoder(src, subfolder="vae", variant=variant)
+    image_input = flux_image_input(pipeline, net, autoencoder, src)
+    resolution = save_networks(tmp, net, autoencoder, dtype)
     for part in FLUX_PARTS[3:]:
         copy_text_part(src / part, tmp / "text_encoder" / CLIP_DIR / part, variant)
-    return finish_flux_folder(tmp, out, scheduler, resolution, guidance, net.cfg.guidance_embeds)
+    return finish_flux_folder(tmp, out, scheduler, resolution, guidance, net.cfg.guidance_embeds, image_input)
 
 
 def finish_flux_folder(tmp: Path, out: str, scheduler: dict, resolution: int, guidance: float | None,
-                       guidance_embeds: bool) -> ModelIndex:
+                       guidance_embeds: bool, image_input: str = "") -> ModelIndex:
     """A FLUX.1 folder's model_index.json and text config, then finish_folder: rectified flow with the scheduler's
     (resolution-dependent) shift; -dev (`guidance_embeds`) takes the guidance scale as the net's input; guidance
-    None: the family's default w; T5 reads FLUX_T5_TOKENS. Shared by the pipeline and the single-file import."""
+    None: the family's default w (Fill, Depth / Canny, Kontext: ldm.flux_tools.DEFAULT_GUIDANCE); T5 reads
+    FLUX_T5_TOKENS; image_input: "fill", "control", "kontext" or "". Shared by the pipeline and the single-file
+    import."""
+    from ldm.flux_tools import DEFAULT_GUIDANCE as TOOL_GUIDANCE
     family = "flux-dev" if guidance_embeds else "flux"
-    index = model_index_from_flow_scheduler(scheduler, resolution, DEFAULT_GUIDANCE[family] if guidance is None
-                                            else guidance, dynamic=True)
+    default = TOOL_GUIDANCE.get(image_input, DEFAULT_GUIDANCE[family])
+    index = model_index_from_flow_scheduler(scheduler, resolution, default if guidance is None else guidance,
+                                            dynamic=True)
     index.guidance_embed = guidance_embeds
+    index.image_input = image_input
     finish_folder(tmp, out, index, kind="flux", t5_max_length=FLUX_T5_TOKENS)
     return index
 

@@ -22,8 +22,11 @@ Dev or schnell is told by the guidance input (guidance_in): -dev gets FLUX.1-dev
 the image's token count) and w = 2.5 (its distilled scale 3.5) as the net's input; -schnell a fixed shift 1 and w = 0.
 The scheduler settings are those of black-forest-labs' diffusers repos (the file holds none); the rest of
 model_index.json is written by the same code as ldm.models.from_diffusers writes for a FLUX.1 pipeline.
-Fill (img_in: 384 packed channels) and Depth / Canny (128) files are refused, as are FLUX.2, Chroma, and ComfyUI's
-scaled fp8 (weights with `scale_weight` factors). float8 tensors (e4m3fn / e5m2 files) are cast on load: the
+FLUX.1 Fill (img_in: 384 packed channels: the latents, the masked image's and the 8 x 8-folded mask) and Depth /
+Canny (128: the latents and the control image's) are told by img_in's width against the autoencoder's channels and
+factor, and recorded as model_index.json's image_input (ldm.flux_tools; Fill's default w is 29, Depth / Canny's 9);
+FLUX.1 Kontext has -dev's shapes and is read as -dev (import its diffusers folder instead). FLUX.2, Chroma, and
+ComfyUI's scaled fp8 (weights with `scale_weight` factors) are refused. float8 tensors (e4m3fn / e5m2 files) are cast on load: the
 transformer, autoencoder and CLIP into float32 (then stored in --dtype), T5, kept in the file's dtype elsewhere,
 into bfloat16 (exact).
 
@@ -42,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.flux_tools import image_input_from_channels
 from ldm.models.convert_ae import diffusers_config_to_ours, load_compvis_autoencoder, load_diffusers_autoencoder, \
     read_checkpoint
 from ldm.models.convert_flux import (ORIGINAL_PREFIXES, flux_config_from_diffusers, flux_config_from_original,
@@ -55,9 +59,6 @@ MARKER = "double_blocks.0.img_attn.qkv.weight"      # every FLUX.1 (BFL's names)
 PREFIXES = ORIGINAL_PREFIXES + ("",)
 OTHERS = {"single_stream_modulation.lin.weight": "FLUX.2",                 # diffusers' detection keys of
           "distilled_guidance_layer.in_proj.bias": "Chroma"}               # relatives we do not build
-PACKED = 64                                         # img_in's input: 16 latent channels x 2 x 2
-VARIANTS = {384: "FLUX.1 Fill (the latents, the masked image and the mask: 384 packed channels)",
-            128: "FLUX.1 Depth or Canny (the latents and the control image: 128 packed channels)"}
 CLIP_L, T5 = SD3_TEXT["clip_l"], SD3_TEXT["t5"]     # ComfyUI's text encoder prefixes (SD3's names)
 COMFY_VAE_PREFIX = "vae."
 CLIP_EXTRAS = ("text_projection.weight", "logit_scale")   # FLUX.1 reads CLIP-L's pooled output unprojected
@@ -86,7 +87,8 @@ def widen_fp8(state: dict) -> dict:
 
 
 def check_flux_file(state: dict, source: str) -> None:
-    """Refuse, by name, the files that look like FLUX.1 but are not a text-to-image FLUX.1-dev / -schnell."""
+    """Refuse, by name, the files that look like FLUX.1 but are not FLUX.1-dev / -schnell or their image-conditioned
+    relatives (Fill, Depth / Canny: told by img_in later, `flux_image_input`)."""
     prefix = flux_prefix(state)
     for key, family in OTHERS.items():
         if prefix + key in state:
@@ -95,10 +97,6 @@ def check_flux_file(state: dict, source: str) -> None:
     if scaled:
         raise ValueError(f"{source}: ComfyUI's scaled fp8 (per-tensor factors such as {scaled[0]}) is not read; "
                          "use a plain bf16 / fp16 / fp8 file")
-    packed = state[prefix + "img_in.weight"].shape[1] if prefix + "img_in.weight" in state else PACKED
-    if packed != PACKED:                            # (a missing img_in is named by flux_config_from_original)
-        what = VARIANTS.get(packed, f"a FLUX.1 whose img_in takes {packed} packed channels")
-        raise ValueError(f"{source}: {what}; only text-to-image FLUX.1-dev and -schnell ({PACKED}) are read")
 
 
 def transformer_weights(state: dict) -> dict:
@@ -192,6 +190,12 @@ def convert_flux_file(state: dict, tmp: Path, out: str, source: str, *, guidance
     flux_text_encoders(state, folder, source, text_config, donor, t5_tokenizer)
     check_text_widths(folder, cfg)
     autoencoder = flux_autoencoder(state, vae, donor, vae_config, source)
+    try:                                              # Fill / Depth / Canny by img_in's width
+        image_input = image_input_from_channels(cfg.in_channels, autoencoder.config.z_channels,
+                                                autoencoder.config.downsample_factor)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
     side = save_networks(tmp, load_original_flux(weights, cfg, source), autoencoder, dtype)
     family = "dev" if cfg.guidance_embeds else "schnell"
-    return finish_flux_folder(tmp, out, SCHEDULERS[family], resolution or side, guidance, cfg.guidance_embeds)
+    return finish_flux_folder(tmp, out, SCHEDULERS[family], resolution or side, guidance, cfg.guidance_embeds,
+                              image_input)

@@ -174,7 +174,7 @@ def test_refusals_name_the_problem(flux, tmp_path, capsys):
     bare = _save(bfl, tmp_path / "flux1-dev.safetensors")
     wide = lambda n: {**bfl, "img_in.weight": torch.zeros(128, n)}                  # noqa: E731
     files = {name: _save(state, tmp_path / f"{name}.safetensors") for name, state in (
-        ("fill", wide(384)), ("depth", wide(128)),
+        ("odd", wide(200)),
         ("flux2", {**bfl, "single_stream_modulation.lin.weight": torch.zeros(1)}),
         ("scaled", {**bfl, "img_in.scale_weight": torch.ones(()), "scaled_fp8": torch.zeros(1)}),
         ("sd1", {"model.diffusion_model.input_blocks.0.0.weight": torch.ones(1), "first_stage_model.x": torch.ones(1),
@@ -183,8 +183,8 @@ def test_refusals_name_the_problem(flux, tmp_path, capsys):
                      "text_encoders.t5xxl.transformer.shared.weight": torch.zeros(1)}))}
     pipeline, parts = str(folder / "pipeline"), str(folder / "parts")
     for args, message in (
-            ([files["fill"]], "FLUX.1 Fill"),
-            ([files["depth"]], "FLUX.1 Depth or Canny"),
+            ([files["odd"], "--text-encoders", pipeline], "taking 50 latent channels (200 packed) is none of FLUX.1 (16), "
+                                                          "Depth / Canny (32) or Fill (36)"),
             ([files["flux2"]], "a FLUX.2 transformer"),
             ([files["scaled"]], "scaled fp8"),
             ([bare], "without its text encoders (no ['text_encoders.clip_l.transformer.', 'text_encoders.t5xxl"),
