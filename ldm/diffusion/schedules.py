@@ -21,11 +21,11 @@ import torch
 
 CLEAN = -1.0                                  # any t < 0: alpha = 1, sigma = 0
 SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "beta", "lcm")
-SIGMA_SPACINGS = ("karras", "exponential", "beta")   # grids laid out in s = sigma / alpha, mapped back to times
+SIGMA_SPACINGS = ("karras", "exponential")    # grids laid out in s = sigma / alpha, mapped back to times
 LCM_ORIGINAL_STEPS = 50                       # Luo et al. 2023: LCMs learn consistency on a 50-step DDIM grid
 KARRAS_RHO = 7.0                              # Karras et al. 2022, eq. 5 (their choice for every model)
 KARRAS_SIGMAS = (0.002, 80.0)                 # their Table 1 range of sigma / alpha; SD's 0.029-14.6 lies inside
-BETA_SPACING = (0.6, 0.6)                     # Lee et al. 2024 ("Beta Sampling is All You Need"): Beta(a, b)
+BETA_SPACING = (0.6, 0.6)                     # Lee et al. 2024 ("Beta Sampling is All You Need"): Beta(a, b) in time
 FINALS = ("clean", "t_min")                   # last grid entry: clean data, or the schedule's t_min
 
 
@@ -74,10 +74,14 @@ class Schedule:
         _check_option("final", final, FINALS)
         if n < 1:
             raise ValueError(f"number of steps must be >= 1, got {n}")
-        if spacing in (*SIGMA_SPACINGS, "lcm"):
-            if steps_offset:
-                raise ValueError(f"steps_offset does not apply to the {spacing} spacing, got {steps_offset}")
-            grid = self._sigma_grid(n, spacing) if spacing in SIGMA_SPACINGS else self._lcm_grid(n)
+        if spacing in (*SIGMA_SPACINGS, "lcm", "beta") and steps_offset:
+            raise ValueError(f"steps_offset does not apply to the {spacing} spacing, got {steps_offset}")
+        if spacing in SIGMA_SPACINGS:
+            grid = self._sigma_grid(n, spacing)
+        elif spacing == "lcm":
+            grid = self._lcm_grid(n)
+        elif spacing == "beta":
+            grid = self._shift(self._beta_grid(n))
         else:
             grid = self._shift(self._grid(n, spacing, steps_offset))
         ts = torch.as_tensor(grid, dtype=torch.float64)
@@ -98,9 +102,7 @@ class Schedule:
         """n noise levels s = sigma / alpha from the noisiest to the cleanest, each mapped back to the time with
         that level (log s = -lambda / 2), fractional where it falls between steps:
           karras       Karras et al. 2022, eq. 5: s_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho;
-          exponential  evenly spaced in log s (the A1111 web UI's and diffusers' "exponential");
-          beta         s_i = s_min + F^-1(1 - i/(n-1)) (s_max - s_min), F the Beta(0.6, 0.6) CDF: steps crowd
-                       at both ends (Lee et al. 2024, "Beta Sampling is All You Need", sec. 4).
+          exponential  evenly spaced in log s (the A1111 web UI's and diffusers' "exponential").
         s_min, s_max: the schedule's range cut to Karras et al.'s [0.002, 80]. A log-SNR range of +-20
         (cosine_logsnr) reaches s = 22026, where rho = 7 would spend half of 8 steps on pure noise: the
         shapes64 teacher drew 19.8% of prompts right at 8 DPM++(2M) steps so, 68.0% with the cut
@@ -112,11 +114,18 @@ class Schedule:
         if spacing == "karras":
             rho = KARRAS_RHO
             s = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-        elif spacing == "exponential":
-            s = np.exp(np.log(s_max) + ramp * (np.log(s_min) - np.log(s_max)))
         else:
-            s = s_min + beta_ppf(1.0 - ramp, *BETA_SPACING) * (s_max - s_min)
+            s = np.exp(np.log(s_max) + ramp * (np.log(s_min) - np.log(s_max)))
         return self.t_from_logsnr(-2.0 * np.log(s))
+
+    def _beta_grid(self, n: int) -> np.ndarray:
+        """Lee et al. 2024 ("Beta Sampling is All You Need", sec. 4): the trailing grid's fractions 1, 1 - 1/n, ...,
+        1/n of the time range put through the Beta(0.6, 0.6) quantile function, so that steps crowd at both ends
+        of time, where their analysis finds the sampling path changing most. In time, as ComfyUI's "beta"
+        scheduler (which rounds a discrete schedule's times to integers and drops repeats; ours stay
+        fractional); diffusers' use_beta_sigmas lays the quantiles out in sigma instead."""
+        u = beta_ppf(1.0 - np.arange(n) / n, *BETA_SPACING)
+        return self.t_min + u * (self.t_max - self.t_min)
 
     def _lcm_grid(self, n: int) -> np.ndarray:
         raise ValueError("the lcm spacing is a grid of discrete timesteps: it needs a discrete schedule")
