@@ -183,6 +183,24 @@ def test_control_draws_what_diffusers_draws(control, posterior_mode, tmp_path, o
         assert e.value.code == 2 and "takes its control image in the net" in capsys.readouterr().err
 
 
+def test_control_single_file(control, tmp_path):
+    """BFL's flux1-depth-dev.safetensors layout (img_in 4 x 32 wide) imports as the diffusers folder does."""
+    from safetensors.torch import save_file
+
+    from ldm.models.from_single_file import main as from_single_file
+    from tests.models.test_flux_original import _to_original
+    theirs, model, _ = control
+    file = tmp_path / "flux1-depth-dev.safetensors"
+    save_file(_to_original(theirs.transformer.state_dict()), str(file))
+    pipeline = model.parent / "flux"
+    from_single_file([str(file), "--out", str(tmp_path / "single"), "--text-encoders", str(pipeline),
+                      "--unet-config", str(pipeline / "transformer" / "config.json")])
+    assert json.loads((tmp_path / "single" / "model_index.json").read_text()) == \
+        json.loads((model / "model_index.json").read_text())
+    ours, single = (TextToImage.from_folder(str(m)).unet.state_dict() for m in (model, tmp_path / "single"))
+    assert all(torch.equal(ours[k], single[k]) for k in ours) and ours.keys() == single.keys()
+
+
 # ---- Kontext -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -243,3 +261,30 @@ def test_kontext_sizes_and_cli(kontext, fill, tmp_path, one_thread, capsys):
         other.generate(["x"], steps=1, reference=torch.zeros(1, 16, 16, 16))
     with pytest.raises(ValueError, match="edit needs a FLUX.1 Kontext model"):
         other.edit(as_input(image), ["x"], steps=1)
+
+
+def test_kontext_cli_resizes_as_diffusers(kontext, tmp_path, one_thread, monkeypatch):
+    """Without --size the reference goes to the preferred size nearest its aspect ratio (Lanczos, no crop) and the
+    output takes that size: diffusers' _auto_resize, both given a short list of small sizes (the real ones are about
+    a megapixel, too big for the tiny autoencoder's 2x)."""
+    import diffusers.pipelines.flux.pipeline_flux_kontext as theirs_module
+
+    from ldm import flux_tools, img2img
+    small = [(24, 40), (32, 32), (40, 24)]
+    monkeypatch.setattr(flux_tools, "KONTEXT_SIZES", tuple(small))
+    monkeypatch.setattr(theirs_module, "PREFERRED_KONTEXT_RESOLUTIONS", small)
+    theirs, model, _ = kontext
+    rng = np.random.default_rng(5)                                        # sharp: the resampling filter shows
+    image = Image.fromarray(rng.integers(0, 256, (28, 52, 3), dtype=np.uint8))   # aspect 1.86: 40x24 is nearest
+    image.save(tmp_path / "in.png")
+    img2img.main(["--image", str(tmp_path / "in.png"), PROMPTS[0], "--model", str(model), "--steps", "2",
+                  "--out", str(tmp_path / "out.png")])
+    drawn = torch.from_numpy(np.array(Image.open(tmp_path / "out.png"))).permute(2, 0, 1) / 255.0
+    assert drawn.shape == (3, 24, 40)
+    pipe = TextToImage.from_folder(str(model), decoder_precision="fp32")
+    kontext = lambda prompt, **kwargs: theirs(image=image, prompt=prompt, **kwargs)      # noqa: E731
+    reference = flux_images(kontext, pipe, PROMPTS[:1], 2, 2.5, size=(40, 24), max_area=40 * 24)
+    assert (drawn - reference).abs().max() <= 1 / 255 + 1e-4
+    processor = theirs.image_processor                                  # the reference pixels themselves
+    expected = processor.preprocess(processor.resize(image, 24, 40), 24, 40)
+    torch.testing.assert_close(to_tensor(flux_tools.kontext_image(image, 4))[None], expected, atol=1e-6, rtol=0)
