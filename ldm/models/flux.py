@@ -289,7 +289,7 @@ class Flux(Pretrained, nn.Module):
             mask = torch.cat([context_mask.bool(), context_mask.new_ones(B, h.shape[1], dtype=torch.bool)], dim=1)
         for block in self.double_blocks:
             h, ctx = self._run(block, h, ctx, c, rope, mask)
-        h = torch.cat([ctx, h], dim=1)                                 # (B, L + N, D)
+        h = torch.cat([ctx, h], dim=1)                                 # (B, L + N [+ N_ref], D)
         for block in self.single_blocks:
             h = self._run(block, h, c, rope, mask)
         scale, shift = self.final_mod(F.silu(c))[:, None].chunk(2, dim=-1)
