@@ -4,12 +4,16 @@
     python -m ldm.eval report --model ldm/assets/shapes64 [--n 500] [--out-dir docs/eval/shapes64]
     python -m ldm.eval position --model ldm/assets/shapes64 [--n 32] [--steps 1,16] [--ws 0,4]
     python -m ldm.eval compare A/report.json[:RUN] B/report.json[:RUN] [--out result.json]
+    python -m ldm.eval fid --images DIR --ref DIR|STATS.npz [--inception WEIGHTS] [--out result.json]
+    python -m ldm.eval fid-stats --images DIR --out STATS.npz [--inception WEIGHTS]
+    python -m ldm.eval clip-score --images DIR --prompts FILE --clip DIR_OR_HUB_NAME [--out result.json]
 
 `score` judges a folder of generated PNGs (txt2img --from-file writes out/{line:04d}.png) against
 their prompts; `report` samples the teacher and its students itself and writes report.md/json,
 plots and sample grids; `position` measures how far position words move an object (fast, no
 oracle: usable on training checkpoints); `compare` tests whether two runs' accuracies differ,
-prompt by prompt (a paired test: McNemar's, with a confidence interval).
+prompt by prompt (a paired test: McNemar's, with a confidence interval). `fid`, `fid-stats` and
+`clip-score` are the standard real-image metrics, for any images (fid.py, clip_score.py).
 """
 from __future__ import annotations
 
@@ -101,6 +105,47 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("a", metavar="A[:RUN]", help="the baseline report (and run)")
     cp.add_argument("b", metavar="B[:RUN]", help="the report (and run) compared with it")
     cp.add_argument("--out", metavar="RESULT.json", help="also write the comparisons as JSON")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fi = commands.add_parser("fid", help="FID (and KID) of an image folder against a folder or statistics",
+                             description="FID in the pool3 features of pytorch-fid's FID Inception-v3 "
+                             "(ldm/eval/fid.py says exactly what is computed); KID too when --ref is a folder. "
+                             "Unreadable images are skipped and counted.")
+    fi.add_argument("--images", required=True, metavar="DIR", help="folder of images (any size and mode)")
+    fi.add_argument("--ref", required=True, metavar="DIR|STATS.npz",
+                    help="reference images, or their statistics from fid-stats (or pytorch-fid's .npz)")
+    fi.add_argument("--kid-subsets", type=int, default=100, metavar="N",
+                    help="KID subsets, when --ref is a folder; 0: no KID (default: 100)")
+    fi.add_argument("--kid-subset-size", type=int, default=1000, metavar="M",
+                    help="images per KID subset, capped at the smaller folder (default: 1000)")
+    fi.add_argument("--seed", type=int, default=0, help="KID's subset draws (default: 0)")
+    fi.add_argument("--out", metavar="RESULT.json", help="also write the result as JSON")
+    fs = commands.add_parser("fid-stats", help="save a folder's FID statistics (mu, sigma) once",
+                             description="Write the pool3 mean and covariance of a folder's images to a .npz "
+                             "with pytorch-fid's keys mu and sigma (plus n), for fid --ref.")
+    fs.add_argument("--images", required=True, metavar="DIR", help="folder of reference images")
+    fs.add_argument("--out", required=True, metavar="STATS.npz", help="the statistics file to write")
+    for sub in (fi, fs):
+        sub.add_argument("--inception", metavar="WEIGHTS", default=None,
+                         help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: torch.hub's "
+                              "checkpoints folder, where pytorch-fid keeps it); nothing is downloaded")
+        sub.add_argument("--batch-size", type=int, default=50, metavar="N", help="images per batch (default: 50)")
+        sub.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
+                         help="image-reading processes; 0: read in this process (default: min(8, CPUs))")
+        sub.add_argument("--device", default=device)
+
+    cs = commands.add_parser("clip-score", help="CLIP score of a folder of generated images and their prompts",
+                             description="torchmetrics' CLIP score, max(100 * mean cos(image, prompt), 0), of "
+                             "DIR/{line:04d}.png against line `line` of the prompts file (blank lines skipped "
+                             "but counted), with a transformers CLIPModel; see ldm/eval/clip_score.py.")
+    cs.add_argument("--images", required=True, metavar="DIR", help="folder of generated PNGs, one image per file")
+    cs.add_argument("--prompts", required=True, metavar="FILE", help="prompts, one per line")
+    cs.add_argument("--clip", required=True, metavar="DIR_OR_HUB_NAME",
+                    help="CLIPModel + CLIPProcessor folder, or a hub name in the local cache "
+                         "(e.g. openai/clip-vit-large-patch14, torchmetrics' default)")
+    cs.add_argument("--batch-size", type=int, default=32, metavar="N", help="pairs per batch (default: 32)")
+    cs.add_argument("--device", default=device)
+    cs.add_argument("--out", metavar="RESULT.json", help="also write the result as JSON")
     return parser
 
 
@@ -111,6 +156,31 @@ def emit(text: str, result, out: str | None) -> None:
     if out:
         write_json(result, out)
         print(f"wrote {out}")
+
+
+def real_image_metric(parser: argparse.ArgumentParser, args) -> None:
+    """fid, fid-stats and clip-score: run, print, write --out."""
+    if args.batch_size < 1 or getattr(args, "workers", 0) < 0:
+        parser.error(f"need --batch-size >= 1 and --workers >= 0, got {args.batch_size} and "
+                     f"{getattr(args, 'workers', 0)}")
+    try:
+        if args.command == "clip-score":
+            from ldm.eval.clip_score import clip_score, format_clip_score
+            result = clip_score(args.images, args.prompts, args.clip, args.batch_size, args.device)
+            return emit(format_clip_score(result), result, args.out)
+        from ldm.eval import fid
+        if args.command == "fid-stats":
+            result = fid.fid_stats(args.images, args.out, args.inception, args.batch_size, args.device,
+                                   args.workers)
+            return print(fid.format_stats(result))
+        if args.kid_subsets < 0 or args.kid_subset_size < 2:
+            parser.error(f"need --kid-subsets >= 0 and --kid-subset-size >= 2, got {args.kid_subsets} and "
+                         f"{args.kid_subset_size}")
+        result = fid.fid(args.images, args.ref, args.inception, args.batch_size, args.device, args.workers,
+                         args.kid_subsets, args.kid_subset_size, args.seed)
+        return emit(fid.format_fid(result), result, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"python -m ldm.eval {args.command}: error: {err}\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         except (FileNotFoundError, ValueError) as err:
             parser.exit(2, f"python -m ldm.eval score: error: {err}\n")
         return emit(format_table(result), result, args.out)
+    if args.command in ("fid", "fid-stats", "clip-score"):
+        return real_image_metric(parser, args)
     if args.command == "compare":
         from ldm.eval.compare import compare, format_comparisons
         try:
