@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from ldm.flux_tools import PIPELINES
 from ldm.models import text_flux, text_sd3
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.convert_flux import flux_config_to_diffusers
@@ -316,7 +317,8 @@ def sd3_parts(model_dir: str, index) -> Parts:
 
 def flux_parts(model_dir: str, index) -> Parts:
     """FLUX.1: the Flux net as FluxTransformer2DModel, the 16-channel autoencoder, CLIP-L and T5 copied, a
-    FlowMatchEulerDiscreteScheduler with the folder's (dynamic) shift."""
+    FlowMatchEulerDiscreteScheduler with the folder's (dynamic) shift; a Fill, Depth / Canny or Kontext folder
+    (`image_input`) as the pipeline class diffusers runs it with (ldm.flux_tools.PIPELINES)."""
     scheduler = flow_scheduler_config(index, "a Flux transformer exports to diffusers' FluxPipeline")
     net = Flux.from_pretrained(os.path.join(model_dir, index.unet))
     if net.cfg.guidance_embeds != index.guidance_embed:
@@ -327,7 +329,8 @@ def flux_parts(model_dir: str, index) -> Parts:
     check_flux_text_encoder(text)
     networks = {"transformer": (flux_config_to_diffusers(net.cfg), flux_state_to_diffusers(net.state_dict())),
                 "vae": vae_part(ae)}
-    return Parts(networks, scheduler, {**FLUX_INDEX, **flux_text_index(text)},
+    pipeline = {kind: name for name, kind in PIPELINES.items()}.get(index.image_input, "FluxPipeline")  # Fill, ...
+    return Parts(networks, scheduler, {**FLUX_INDEX, "_class_name": pipeline, **flux_text_index(text)},
                  lambda out: copy_text_parts(text.cfg.path, text_flux.PARTS, out))
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 from ldm.data.transforms import to_tensor
 from ldm.flux_tools import KONTEXT_SIZES, kontext_size
 from ldm.models.from_diffusers import convert
+from ldm.models.to_diffusers import export
 from ldm.pipeline import TextToImage
 from sd_layouts import FLUX_TRANSFORMER, FLUX_VAE, flux_images, write_flux_text_parts
 
@@ -84,11 +85,13 @@ def fill(tmp_path_factory):
     return theirs, folder / "model", index
 
 
-def test_fill_imports(fill):
+def test_fill_imports(fill, tmp_path):
     _, model, index = fill
     assert index.image_input == "fill" and index.guidance == 29.0 and index.guidance_embed      # scale 30
     assert json.loads((model / "unet" / "config.json").read_text())["in_channels"] == 16 + 16 + 4
     assert TextToImage.from_folder(str(model)).inpainting_unet
+    export(str(model), str(tmp_path / "back"))                       # exports as the pipeline class that runs it
+    assert type(diffusers.DiffusionPipeline.from_pretrained(str(tmp_path / "back"))) is diffusers.FluxFillPipeline
 
 
 def test_fill_draws_what_diffusers_draws(fill, posterior_mode, one_thread):
