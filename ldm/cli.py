@@ -75,8 +75,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "lcm (latent consistency models and LCM-LoRAs, e.g. --steps 4 --guidance 0) and ddpm")
     sampling.add_argument("--spacing", default=None, choices=SPACINGS,
                         help="the time grid: trailing (Lin et al. 2023; what students were distilled on), karras "
-                             "(Karras et al. 2022, eq. 5: 'DPM++ 2M Karras' is --sampler dpmpp_2m --spacing karras) "
-                             "or lcm (the 50 LCM timesteps); default: karras for the teacher's heun (the paper's "
+                             "(Karras et al. 2022, eq. 5: 'DPM++ 2M Karras' is --sampler dpmpp_2m --spacing karras), "
+                             "exponential (even in log sigma), beta (Lee et al. 2024, ComfyUI's 'beta'), leading, "
+                             "linspace or lcm (the 50 LCM timesteps); default: karras for the teacher's heun (the paper's "
                              "pairing), lcm for lcm on a discrete schedule, else trailing")
     prompt.add_argument("--negative", default="", metavar="TEXT",
                         help="negative prompt: guidance's unconditional branch instead of the empty prompt "
@@ -122,8 +123,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "2 the penultimate, as many anime fine-tunes of SD 1.x expect); default: the model's own")
     adapters.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="merge a LoRA into the model before sampling, scaled by SCALE (default 1); repeatable. "
-                             "Reads diffusers/peft and kohya (A1111, sd-scripts) files for SD 1.x/2.x, SDXL and "
-                             "SD3, and stage 2's lora.safetensors")
+                             "Reads diffusers/peft and kohya (A1111, sd-scripts) files for SD 1.x/2.x, SDXL, SD3 "
+                             "and FLUX.1 (also BFL/ComfyUI and XLabs layouts), and stage 2's lora.safetensors")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (default: cuda when there is one, else cpu)")
     model.add_argument("--dtype", default="float32", choices=sorted(NET_DTYPES),
@@ -337,7 +338,8 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
 def png_info(run: dict, size: tuple[int, int]) -> PngInfo:
     """Two text chunks: `parameters` in the A1111 web UI's layout, which image sites and other UIs read
     (CFG scale is SD's 1 + w), and `ldm`, the JSON of `settings`, to draw the image again."""
-    sampler = SAMPLER_NAMES.get(run["sampler"], run["sampler"]) + (" Karras" if run["spacing"] == "karras" else "")
+    sampler = SAMPLER_NAMES.get(run["sampler"], run["sampler"]) + \
+        (f" {run['spacing'].title()}" if run["spacing"] in ("karras", "exponential", "beta") else "")
     lines = [run["prompt"]] + ([f"Negative prompt: {run['negative']}"] if run["negative"] else [])
     lines.append(f"Steps: {run['steps']}, Sampler: {sampler}, CFG scale: {1 + run['guidance']:g}, "
                  f"Seed: {run['seed']}, Size: {size[0]}x{size[1]}, Model: {os.path.basename(run['model'].rstrip('/'))}")
