@@ -38,6 +38,7 @@ class TrainConfig:
     lr_min_ratio: float = 0.0                   # cosine/linear decay ends at lr * lr_min_ratio
     warmup_steps: int = 0                       # linear warmup from lr/warmup_steps to lr
     weight_decay: float = 0.0                   # AdamW decay, applied to matrices/kernels only
+    optimizer: Literal["adamw", "adafactor"] = "adamw"  # adafactor: factored second moments, no first (memory)
     betas: tuple[float, float] = (0.9, 0.999)   # AdamW moment decays
     eps: float = 1e-8                           # AdamW denominator floor
     max_grad_norm: float = 1.0                  # global-norm clip; 0 disables

@@ -1,4 +1,5 @@
-"""AdamW and the warmup + constant/cosine/linear learning-rate schedule, built from TrainConfig."""
+"""The optimizer (AdamW, or Adafactor for memory) and the warmup + constant/cosine/linear learning-rate schedule,
+built from TrainConfig."""
 from __future__ import annotations
 
 import math
@@ -9,11 +10,18 @@ from torch import nn
 from .config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on tensors with >= 2 dims (matrices, conv kernels, embeddings).
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """`cfg.optimizer`: AdamW, or Adafactor; weight decay only on tensors with >= 2 dims (matrices, conv kernels,
+    embeddings).
 
     Biases and norm gains are 1-D: decaying them pulls activations' scale and offset to zero
     without regularising what the layer computes.
+
+    Adafactor (Shazeer & Stern 2018) keeps, for a matrix, row and column sums of the squared gradients in place of
+    Adam's full second moment (their sec. 3, Alg. 4) and no first moment: its state is about (rows + columns)
+    floats per matrix against Adam's 2 x rows x columns, which is what lets a large fine-tune fit. transformers'
+    implementation, driven as a plain optimizer: our lr and schedule (relative_step and scale_parameter off, as
+    its docs advise for an external schedule), update clipping at 1 (their sec. 5), cfg.eps unused.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -21,6 +29,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+        return Adafactor(groups, lr=cfg.lr, relative_step=False, scale_parameter=False, warmup_init=False,
+                         clip_threshold=1.0)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
