@@ -51,8 +51,8 @@ def parse_freeu(text: str) -> tuple[float, float, float, float]:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --shift, --negative, --guidance-rescale,
-    --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --ip-adapter, --image-encoder,
-    --ip-image, --ip-scale, --freeu, --clip-skip, --lora, --device, --dtype, --decoder-precision."""
+    --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --control-mode, --ip-adapter,
+    --image-encoder, --ip-image, --ip-scale, --freeu, --clip-skip, --lora, --device, --dtype, --decoder-precision."""
     model = parser.add_argument_group("model and device")
     sampling = parser.add_argument_group("sampling")
     prompt = parser.add_argument_group("prompt")
@@ -98,7 +98,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers) as a new word for "
                              "prompts and --negative: WORD, else the file's name; repeatable. CLIP models (SD 1.x/2.x)")
     adapters.add_argument("--controlnet", action="append", default=[], metavar="DIR",
-                        help="a ControlNet folder (diffusers' ControlNetModel, hub id, or one of stages/"
+                        help="a ControlNet folder (diffusers' ControlNetModel, FluxControlNetModel (FLUX.1) or "
+                             "SD3ControlNetModel (SD3), hub id, or one of stages/"
                              "train_controlnet.py; shapes64-edges: the shipped one) steering the teacher with "
                              "--control-image (Zhang et al. 2023); repeatable: the n-th goes with the n-th image")
     adapters.add_argument("--control-image", action="append", default=[], metavar="IMAGE",
@@ -106,6 +107,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "and centre-cropped to the output size")
     adapters.add_argument("--control-scale", action="append", type=float, default=[], metavar="S",
                         help="ControlNet conditioning scale (default 1.0); one for all, or one per --controlnet")
+    adapters.add_argument("--control-mode", action="append", type=int, default=[], metavar="N",
+                        help="a FLUX.1 Union ControlNet's control mode (its model card numbers them: canny, tile, "
+                             "depth, ...); one for all, or one per --controlnet")
     adapters.add_argument("--ip-adapter", default=None, metavar="FILE",
                         help="an IP-Adapter (Ye et al. 2023; SD 1.x/2.x base variant) to prompt with --ip-image too; "
                              "needs --image-encoder")
@@ -235,13 +239,14 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
     if not 0.0 <= args.guidance_rescale <= 1.0:
         parser.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     if pipe.index.image_input == "control":        # FLUX.1 Depth / Canny: the control is built into the net
-        if args.controlnet or args.control_scale or len(args.control_image) != 1:
+        if args.controlnet or args.control_scale or args.control_mode or len(args.control_image) != 1:
             parser.error("this model (FLUX.1 Depth / Canny) takes its control image in the net: give one "
                          "--control-image IMG (a depth or edge map), no --controlnet / --control-scale")
-    elif len(args.controlnet) != len(args.control_image) or len(args.control_scale) not in (0, 1, len(args.controlnet)):
+    elif len(args.controlnet) != len(args.control_image) or \
+            any(len(values) not in (0, 1, len(args.controlnet)) for values in (args.control_scale, args.control_mode)):
         parser.error(f"--controlnet and --control-image go together, one each ({len(args.controlnet)} and "
-                     f"{len(args.control_image)} given), with one --control-scale or one per ControlNet "
-                     f"({len(args.control_scale)} given)")
+                     f"{len(args.control_image)} given), with one --control-scale / --control-mode or one per "
+                     f"ControlNet ({len(args.control_scale)} and {len(args.control_mode)} given)")
     try:  # before any model runs
         pipe.refuse_with_student(args.steps, args.teacher, negative=args.negative, control=args.controlnet,
                                  guidance_rescale=args.guidance_rescale, ip=args.ip_adapter,
@@ -270,23 +275,26 @@ def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, si
     if not args.controlnet:
         return {}
     from ldm.models.controlnet import load_controlnet
-    try:
-        pipe.unet_only("ControlNet")
-    except ValueError as err:
-        parser.error(f"--controlnet: {err}")
-    scales = args.control_scale * len(args.controlnet) if len(args.control_scale) == 1 else \
-        args.control_scale or [1.0] * len(args.controlnet)
+    n = len(args.controlnet)
+    scales = args.control_scale * n if len(args.control_scale) == 1 else args.control_scale or [1.0] * n
+    modes = args.control_mode * n if len(args.control_mode) == 1 else args.control_mode or [None] * n
     control = []
-    for folder, path, scale in zip(args.controlnet, args.control_image, scales):
+    for folder, path, scale, mode in zip(args.controlnet, args.control_image, scales, modes):
         try:
             net = load_controlnet(folder, device=pipe.device)
             image = load_control_image(path, size or (pipe.index.resolution,) * 2)
         except (OSError, ValueError) as err:
             parser.error(f"--controlnet {folder} / --control-image {path}: {err}")
-        if net.cfg.context_dim != pipe.unet.cfg.context_dim or net.cfg.channels != pipe.unet.cfg.channels:
-            parser.error(f"--controlnet {folder}: made for another U-Net (widths {net.cfg.channels}, text "
-                         f"{net.cfg.context_dim}; this model's {pipe.unet.cfg.channels}, {pipe.unet.cfg.context_dim})")
-        control.append((net, image, scale))
+        try:
+            net.check_base(pipe.unet)
+        except ValueError as err:
+            parser.error(f"--controlnet {folder}: {err}")
+        if (mode is not None) != (getattr(net, "num_mode", None) is not None):
+            parser.error(f"--controlnet {folder}: --control-mode goes with FLUX.1 Union ControlNets (num_mode in their "
+                         "config.json), and they need one")
+        if mode is not None and not 0 <= mode < net.num_mode:
+            parser.error(f"--control-mode {mode}: this Union ControlNet has modes 0..{net.num_mode - 1}")
+        control.append((net, image, scale) if mode is None else (net, image, scale, mode))
     return {"control": control}
 
 
@@ -329,6 +337,8 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
     if args.controlnet or args.control_image:
         run.update(controlnet=list(args.controlnet), control_image=list(args.control_image),
                    control_scale=list(args.control_scale))
+        if args.control_mode:
+            run["control_mode"] = list(args.control_mode)
     for key in ("size", "hires"):
         if getattr(args, key, None):
             run[key] = list(getattr(args, key))

@@ -29,7 +29,7 @@ from ldm.diffusion.schedules import resolution_shift, schedule_from_config, shif
 from ldm.distill.targets import coefficients
 from ldm.flux_tools import IMAGE_INPUTS, ReferenceTokens, fill_inputs
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.models.controlnet import ControlledUNet
+from ldm.models.controlnet import attach_controlnets
 from ldm.models.lora import merge_lora, read_lora
 from ldm.models.prompt_chunks import chunk_count, encode_chunked
 from ldm.models.prompt_weights import encode_weighted, parse_weighted, plain_text
@@ -379,7 +379,7 @@ class TextToImage:
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
         with `negative` as the unconditional prompt (students were distilled with the empty one) and
         guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024), and
-        `control`'s ControlNets attached to the U-Net (ldm.models.controlnet.ControlledUNet), `inpaint`'s
+        `control`'s ControlNets attached to the net (ldm.models.controlnet.attach_controlnets), `inpaint`'s
         extra inputs given to an inpainting U-Net (`ConcatInputs`) and `reference` to a FLUX.1 Depth / Canny or
         Kontext net (`image_input_net`)."""
         self.refuse_with_student(steps, teacher, negative=negative, guidance_rescale=guidance_rescale,
@@ -397,6 +397,8 @@ class TextToImage:
                 raise ValueError("this model's guidance is distilled into the net (FLUX.1-dev): it draws with the "
                                  "guidance scale as an input, not CFG, so it takes no negative prompt")
             net = self.image_input_net(inpaint, reference)
+            if control:
+                net = attach_controlnets(net, self.unet, control, self.autoencoder)
             model = self.denoiser(GuidanceInput(net, 1.0 + guidance), self.index.prediction)
             return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1}
         uncond = self.encode_prompts([negative], chunks)
@@ -405,8 +407,7 @@ class TextToImage:
             uncond["time_ids"] = self.size_ids(shape or self.latent_shape(1), negative=True)[:1]
         unet = self.image_input_net(inpaint, reference)
         if control:
-            self.unet_only("ControlNet")
-            unet = ControlledUNet(unet, control)
+            unet = attach_controlnets(unet, self.unet, control, self.autoencoder)
         if ip_uncond is not None:                  # ip_tokens reach the U-Net as one more conditioning input
             from ldm.models.ip_adapter import IPAdapterUNet
             unet, uncond = IPAdapterUNet(unet, self._ip[1]), {**uncond, "ip_tokens": ip_uncond}
@@ -454,8 +455,9 @@ class TextToImage:
         default the model's resolution; the U-Net and the autoencoder are convolutional and our position
         features resolution-free, so any multiple of `latent_shape`'s factor runs (what a model does at a
         size it was not trained at is its own affair: SD 1.x was trained at 512 px).
-        control: [(ControlNet, image (1 or B, 3, H, W) in [0, 1] at the output size, scale), ...] for
-        the teacher (ldm.models.controlnet). inpaint: an inpainting U-Net's extra inputs
+        control: [(ControlNet, image (1 or B, 3, H, W) in [0, 1] at the output size, scale[, mode]), ...] for
+        the teacher (ldm.models.controlnet; FLUX.1's and SD3's: controlnet_flux, controlnet_sd3, whose images are
+        encoded to latents; mode: a FLUX.1 Union ControlNet's control mode). inpaint: an inpainting U-Net's extra inputs
         (`inpainting_inputs`); without them such a U-Net draws freely, from an all-ones mask over an
         all-gray image (the A1111 web UI's txt2img with an inpainting model). ip_image: a PIL image (or one
         per prompt) prompting through the attached IP-Adapter (`add_ip_adapter`). shift: the teacher's time grid
@@ -580,8 +582,8 @@ class TextToImage:
         z, first = self.sample(prompts, steps=steps, seed=seed, size=(width, height), **kwargs)
         z = F.interpolate(z, size=(big[1] // factor, big[0] // factor), mode="bilinear", align_corners=False)
         if kwargs.get("control"):                          # control images follow to the larger size
-            kwargs["control"] = [(net, F.interpolate(hint, size=big[::-1], mode="bilinear", align_corners=False), scale)
-                                 for net, hint, scale in kwargs["control"]]
+            kwargs["control"] = [(net, F.interpolate(hint, size=big[::-1], mode="bilinear", align_corners=False), *rest)
+                                 for net, hint, *rest in kwargs["control"]]
         z, info = self.sample(prompts, steps=steps, seed=seed, init=z, strength=strength, **kwargs)
         return self.decode(z), {**info, "steps": first["steps"] + info["steps"], "nfe": first["nfe"] + info["nfe"]}
 

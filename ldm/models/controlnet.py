@@ -17,7 +17,9 @@ Training one (stages/train_controlnet.py): `ControlNet.from_unet` copies a train
 zero-initialises the zero convolutions and the hint encoder's last conv (Zhang et al. sec. 3.1: at step 0
 the controlled U-Net is exactly the U-Net). `save_controlnet` writes a diffusers ControlNetModel folder
 when the U-Net has SD's architecture, else our own (config.json with "_class_name": "ldm.ControlNet" +
-model.safetensors); `load_controlnet` reads either.
+model.safetensors); `load_controlnet` reads either, and diffusers' FLUX.1 and SD3 ControlNets
+(ldm.models.controlnet_flux, controlnet_sd3) by the config's _class_name. `attach_controlnets` puts any of
+them on the teacher.
 """
 from __future__ import annotations
 
@@ -88,6 +90,23 @@ class ControlNet(nn.Module):
             nn.init.zeros_(zero.bias)
         return net.to(next(unet.parameters()).device)
 
+    def check_base(self, unet) -> None:
+        """ValueError unless `unet` is a U-Net this ControlNet was made for (widths, text width)."""
+        if not isinstance(unet, UNet):
+            raise ValueError(f"a ControlNet for U-Nets (ControlNetModel: SD 1.x/2.x, SDXL) needs a U-Net model; this "
+                             f"model's network is {type(unet).__name__} (FLUX.1 and SD3 take FluxControlNetModel and "
+                             "SD3ControlNetModel folders)")
+        if self.cfg.context_dim != unet.cfg.context_dim or self.cfg.channels != unet.cfg.channels:
+            raise ValueError(f"made for another U-Net (widths {self.cfg.channels}, text {self.cfg.context_dim}; this "
+                             f"model's {unet.cfg.channels}, {unet.cfg.context_dim})")
+
+    @staticmethod
+    def attach(unet, controls: list, autoencoder=None) -> "ControlledUNet":
+        """`unet` (maybe wrapped) with controls [(ControlNet, image in [0, 1], scale), ...] attached."""
+        if any(len(c) != 3 for c in controls):
+            raise ValueError("U-Net ControlNets take no control mode (that is FLUX.1's Union ControlNets')")
+        return ControlledUNet(unet, controls)
+
     def forward(self, x, t, context, hint, context_mask=None, pooled=None, time_ids=None):
         body = self.body
         body._check_inputs(x, context)
@@ -124,6 +143,18 @@ class ControlledUNet(nn.Module):
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         return self.unet(x, t, context, context_mask, cond_emb, control=(down, mid), **added)
+
+
+def attach_controlnets(net, base, controls: list, autoencoder):
+    """The teacher's `net` (the model's `base` U-Net or transformer, maybe wrapped) with `controls` [(ControlNet,
+    image (1 or B, 3, H, W) in [0, 1], scale[, mode]), ...] attached, all of one kind: ControlNet (U-Nets),
+    FluxControlNet or SD3ControlNet, each checked against `base`; the transformers' get the images' latents."""
+    kinds = {type(c[0]) for c in controls}
+    if len(kinds) != 1:
+        raise ValueError(f"ControlNets of one kind at a time, got {sorted(k.__name__ for k in kinds)}")
+    for c in controls:
+        c[0].check_base(base)
+    return kinds.pop().attach(net, controls, autoencoder)
 
 
 # ----------------------------------------------------------------------------- diffusers' ControlNetModel
@@ -224,8 +255,15 @@ def load_diffusers_controlnet(source: str, device="cpu") -> ControlNet:
         raise FileNotFoundError(f"{path}: not a diffusers ControlNetModel folder (no config.json)")
     with open(config_path) as f:
         d = json.load(f)
-    if d.get("_class_name", "ControlNetModel") != "ControlNetModel":
-        raise ValueError(f"{path}: a {d['_class_name']}, not a ControlNetModel (SD 1.x/2.x, SDXL)")
+    kind = d.get("_class_name", "ControlNetModel")
+    if kind in ("FluxControlNetModel", "SD3ControlNetModel"):          # FLUX.1's and SD3's transformer copies
+        from ldm.models.controlnet_flux import load_flux_controlnet
+        from ldm.models.controlnet_sd3 import load_sd3_controlnet
+        load = load_flux_controlnet if kind == "FluxControlNetModel" else load_sd3_controlnet
+        return load(path, d, _read_weights(path, None)).to(device).eval().requires_grad_(False)
+    if kind != "ControlNetModel":
+        raise ValueError(f"{path}: a {kind}, not a ControlNetModel (SD 1.x/2.x, SDXL), FluxControlNetModel "
+                         "(FLUX.1) or SD3ControlNetModel (SD3)")
     if d.get("controlnet_conditioning_channel_order", "rgb") != "rgb" or d.get("global_pool_conditions", False):
         raise ValueError(f"{path}: BGR control images and pooled conditions (shuffle) are not supported")
     down = list(d["down_block_types"])

@@ -188,6 +188,12 @@ class SingleBlock(nn.Module):
         return h + gate * self.out(torch.cat([attn, mlp], dim=-1))
 
 
+def control_residual(residuals: list, i: int, blocks: int):
+    """The ControlNet residual for block i of `blocks`: each of the n residuals serves k = ceil(blocks / n) blocks
+    in a row (diffusers' FluxTransformer2DModel: a ControlNet of 2 double blocks feeds FLUX.1's 19 in runs of 10)."""
+    return residuals[i // -(-blocks // len(residuals))]
+
+
 # ---- the network -----------------------------------------------------------------------------
 
 class Flux(Pretrained, nn.Module):
@@ -220,8 +226,11 @@ class Flux(Pretrained, nn.Module):
 
     def _check_inputs(self, x, context, context_mask, pooled, control, time_ids, guidance, reference) -> None:
         cfg, B = self.cfg, x.shape[0]
-        if control is not None or time_ids is not None:
-            raise ValueError("Flux: this net takes no `control` (ControlNet residuals) and no `time_ids` (SDXL)")
+        if time_ids is not None:
+            raise ValueError("Flux: this net takes no `time_ids` (SDXL)")
+        if control is not None and (len(control) != 2 or not all(
+                isinstance(part, (list, tuple)) and all(torch.is_tensor(r) for r in part) for part in control)):
+            raise ValueError("Flux: control must be a pair (double, single) of ControlNet residual lists")
         if pooled is None:
             raise ValueError(f"Flux: needs `pooled` (B, {cfg.pooled_dim}), the pooled CLIP text embedding")
         if pooled.shape != (B, cfg.pooled_dim):
@@ -270,7 +279,8 @@ class Flux(Pretrained, nn.Module):
         token (masked ones are no keys), cond_emb (B, D) added to c, pooled (B, P) required, guidance (B,) or
         scalar: the guidance scale, required iff guidance_embeds. reference (B,C,H',W'): FLUX.1 Kontext's image
         latents, packed by the same patch_embed into tokens after the image's (ids `reference_ids`); they are
-        attended to and dropped from the output."""
+        attended to and dropped from the output. control: (double, single) lists of (B, N, D) residuals added to the
+        image tokens after the blocks (`control_residual` says which after which); [] adds none."""
         self._check_inputs(x, context, context_mask, pooled, control, time_ids, guidance, reference)
         dtype = self.patch_embed.weight.dtype
         B, _, H, W = x.shape
@@ -287,11 +297,16 @@ class Flux(Pretrained, nn.Module):
         mask = None
         if context_mask is not None:                                  # image tokens are always keys
             mask = torch.cat([context_mask.bool(), context_mask.new_ones(B, h.shape[1], dtype=torch.bool)], dim=1)
-        for block in self.double_blocks:
+        double, single = control or ([], [])
+        for i, block in enumerate(self.double_blocks):
             h, ctx = self._run(block, h, ctx, c, rope, mask)
+            if double:                                                 # a ControlNet's residual, image tokens
+                h = h + F.pad(control_residual(double, i, len(self.double_blocks)), (0, 0, 0, h.shape[1] - N))
         h = torch.cat([ctx, h], dim=1)                                 # (B, L + N [+ N_ref], D)
-        for block in self.single_blocks:
+        for i, block in enumerate(self.single_blocks):
             h = self._run(block, h, c, rope, mask)
+            if single:
+                h = h + F.pad(control_residual(single, i, len(self.single_blocks)), (0, 0, L, h.shape[1] - L - N))
         scale, shift = self.final_mod(F.silu(c))[:, None].chunk(2, dim=-1)
         h = self.proj_out(modulate(layer_norm(h[:, L:L + N]), shift, scale))   # (B, N, 4 C_out): image tokens
         return unpack(h, gh, gw)

@@ -273,8 +273,10 @@ class MMDiT(Pretrained, nn.Module):
 
     def _check_inputs(self, x, context, context_mask, pooled, control, time_ids) -> None:
         cfg = self.cfg
-        if control is not None or time_ids is not None:
-            raise ValueError("MMDiT: this net takes no `control` (ControlNet residuals) and no `time_ids` (SDXL)")
+        if time_ids is not None:
+            raise ValueError("MMDiT: this net takes no `time_ids` (SDXL)")
+        if control is not None and not (isinstance(control, (list, tuple)) and all(map(torch.is_tensor, control))):
+            raise ValueError("MMDiT: control must be a list of ControlNet residuals (B, N, D)")
         if not cfg.pooled_dim:
             if pooled is not None:
                 raise ValueError("MMDiT: pooled_dim=0 takes no `pooled` text embedding")
@@ -321,7 +323,8 @@ class MMDiT(Pretrained, nn.Module):
     def forward(self, x, t, context, context_mask=None, cond_emb=None, control=None, pooled=None, time_ids=None):
         """x (B,C,H,W), t (B,) or scalar (sigma * 1000), context (B,L,D_ctx), context_mask (B,L) bool
         True = a real token (masked ones are no keys), cond_emb (B, D) added to c, pooled (B, P) required (none
-        where pooled_dim is 0)."""
+        where pooled_dim is 0), control: a list of (B, N, D) ControlNet residuals (ldm.models.controlnet_sd3)
+        added to the image tokens after the blocks but the last, in runs as diffusers' SD3Transformer2DModel."""
         self._check_inputs(x, context, context_mask, pooled, control, time_ids)
         dtype, p = self.patch_embed.weight.dtype, self.cfg.patch_size
         B, _, H, W = x.shape
@@ -332,8 +335,11 @@ class MMDiT(Pretrained, nn.Module):
         mask = None
         if context_mask is not None:                                   # image tokens are always keys
             mask = torch.cat([context_mask.new_ones(B, h.shape[1]), context_mask], dim=1).bool()
-        for block in self.blocks:
+        n = len(self.blocks)
+        for i, block in enumerate(self.blocks):
             h, ctx = self._run(block, h, ctx, c, mask)
+            if control and i < n - 1:      # a ControlNet's residual; none after the last block (diffusers' choice)
+                h = h + control[int(i / (n / len(control)))]   # residual j serves blocks j n / len .. (j + 1) n / len
         scale, shift = self.final_mod(F.silu(c))[:, None].chunk(2, dim=-1)
         h = self.proj_out(modulate(layer_norm(h), shift, scale))        # (B, N, p * p * C_out)
         return unpatchify(h, H // p, W // p, p)

@@ -1,0 +1,101 @@
+"""SD3 ControlNets (ldm.models.controlnet_sd3) in diffusers' SD3ControlNetModel layout: on a tiny random SD3 pipeline
+(5 joint blocks) a tiny random ControlNet (4 blocks: residual j after blocks int(i / 1.25) = j, none after the last)
+drawn through txt2img --controlnet equals diffusers' StableDiffusion3ControlNetPipeline from the same noise with CFG,
+at scale 0.7; InstantX's kind (zero pooled text, control latents without the shift) and the other.
+
+diffusers samples the autoencoder's posterior for the control image; we take its mode, and so do the reference
+pipelines here (`posterior_mode`)."""
+import warnings
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from PIL import Image
+
+from ldm.models.from_diffusers import convert
+from ldm.pipeline import TextToImage
+from sd_layouts import SD3_TRANSFORMER, sd3_images, write_sd3_pipeline
+
+PROMPTS = ["a red cube on a blue floor", "a cat"]
+SCALE = 0.7
+
+
+@pytest.fixture
+def posterior_mode(monkeypatch):
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+
+
+def write_sd3_controlnet_pipeline(folder, zero_pooled: bool = True, **options):
+    """A tiny random SD3 pipeline (converted to folder/"model", guidance w = 3) and an SD3ControlNetModel at
+    folder/"controlnet"; returns diffusers' StableDiffusion3ControlNetPipeline over both."""
+    sd3 = write_sd3_pipeline(folder, num_layers=5)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        controlnet = diffusers.SD3ControlNetModel(**{**SD3_TRANSFORMER, "num_layers": 4, **options},
+                                                  force_zeros_for_pooled_projection=zero_pooled)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in controlnet.parameters():
+                if not p.any():                             # the zero-initialised layers: a trained one's are not
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        controlnet.save_pretrained(str(folder / "controlnet"))
+        theirs = diffusers.StableDiffusion3ControlNetPipeline(**sd3.components, controlnet=controlnet)
+    theirs.set_progress_bar_config(disable=True)
+    convert(str(folder / "sd3"), str(folder / "model"), guidance=3.0)
+    return theirs
+
+
+@pytest.mark.parametrize("zero_pooled", [True, False], ids=["instantx", "pooled"])
+def test_sd3_controlnet_draws_what_diffusers_draws(zero_pooled, posterior_mode, tmp_path, one_thread):
+    from ldm import txt2img
+    from ldm.models.controlnet import load_controlnet
+    theirs = write_sd3_controlnet_pipeline(tmp_path, zero_pooled)
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    side = pipe.index.resolution
+    g = torch.Generator().manual_seed(2)
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, side // 4, side // 4, generator=g), size=(side, side),
+                                        mode="bilinear", align_corners=False)
+    hint = Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    hint.save(tmp_path / "hint.png")
+    reference = sd3_images(theirs, pipe, PROMPTS, 3, 4.0, control_image=hint, controlnet_conditioning_scale=SCALE)
+    image = torch.from_numpy(np.array(hint)).permute(2, 0, 1)[None] / 255.0
+    net = load_controlnet(str(tmp_path / "controlnet"))
+    ours, info = pipe.generate(PROMPTS, steps=3, control=[(net, image, SCALE)])
+    assert info["nfe"] == 6
+    diff = ((ours * 0.5 + 0.5) - reference).abs().max().item()
+    print(f"zero_pooled={zero_pooled}: max |ours - diffusers| = {diff:.2e}")
+    assert diff < 2e-5
+    plain, _ = pipe.generate(PROMPTS, steps=3)
+    assert ((plain * 0.5 + 0.5) - reference).abs().max() > 0.01             # the ControlNet mattered
+
+    out = tmp_path / "out.png"
+    txt2img.main([PROMPTS[1], "--model", str(tmp_path / "model"), "--controlnet", str(tmp_path / "controlnet"),
+                  "--control-image", str(tmp_path / "hint.png"), "--control-scale", str(SCALE), "--steps", "3",
+                  "--out", str(out)])
+    alone = sd3_images(theirs, pipe, PROMPTS[1:], 3, 4.0, control_image=hint, controlnet_conditioning_scale=SCALE)
+    drawn = torch.from_numpy(np.array(Image.open(out))).permute(2, 0, 1)[None] / 255.0
+    assert (drawn - alone).abs().max() <= 1 / 255 + 1e-4
+
+
+def test_sd3_controlnet_refusals(tmp_path, capsys):
+    """An inpainting ControlNet (extra channels) is refused by name; an SD3 ControlNet on an SD model, or an SD one
+    on SD3, is a usage error."""
+    from ldm import txt2img
+    from ldm.models.controlnet import load_controlnet
+    from ldm.pipeline import save_random_model
+    write_sd3_controlnet_pipeline(tmp_path)
+    diffusers.SD3ControlNetModel(**{**SD3_TRANSFORMER, "num_layers": 1}, extra_conditioning_channels=1) \
+        .save_pretrained(str(tmp_path / "inpaint"))
+    with pytest.raises(ValueError, match="inpainting ControlNet"):
+        load_controlnet(str(tmp_path / "inpaint"))
+    save_random_model(str(tmp_path / "sd"))
+    Image.new("RGB", (32, 32)).save(tmp_path / "hint.png")
+    for model, controlnet, message in ((tmp_path / "sd", tmp_path / "controlnet", "needs an SD3 model"),
+                                       (tmp_path / "model", "shapes64-edges", "needs a U-Net model")):
+        with pytest.raises(SystemExit) as e:
+            txt2img.main(["a cat", "--model", str(model), "--controlnet", str(controlnet), "--control-image",
+                          str(tmp_path / "hint.png"), "--steps", "1", "--out", str(tmp_path / "x.png")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
