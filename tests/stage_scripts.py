@@ -55,3 +55,18 @@ def imported_model_config(model: Path, out: Path, net: str, diffusion: dict, **s
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def lora_run_outputs(run: Path) -> tuple[Path, dict, set]:
+    """After a 3-step stage-2 LoRA run in `run`: its last checkpoint is step 3 and holds the LoRA updates only,
+    sample grids were written; returns (lora.safetensors, its tensors, the modules they name)."""
+    from safetensors.torch import load_file
+
+    from ldm.training import find_latest_checkpoint
+    last = find_latest_checkpoint(run)
+    saved = load_file(str(last / "model.safetensors"))
+    assert last.name == "checkpoint-000003" and all(k.endswith(("lora_A", "lora_B")) for k in saved)
+    assert any((run / "samples").glob("*.png"))
+    lora = run / "lora.safetensors"
+    tensors = load_file(str(lora))
+    return lora, tensors, {k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight")}

@@ -135,19 +135,12 @@ class ControlledFlux(nn.Module):
 
 def load_flux_controlnet(path: str, d: dict, state: dict) -> FluxControlNet:
     """A FluxControlNetModel from its config.json dict `d` and diffusers-named weights `state`."""
-    from ldm.models.weights import load_state_dict_strict
+    from ldm.models.weights import load_state_dict_strict, split_renamed
     if d.get("conditioning_embedding_channels") is not None:
         raise ValueError(f"{path}: an XLabs-style FLUX.1 ControlNet (conditioning_embedding_channels, a conv stack on "
                          "the image): not supported, InstantX / Shakker-Labs ones are")
     body = {k: v for k, v in d.items() if k not in ("_class_name", "num_mode", "conditioning_embedding_channels")}
     net = FluxControlNet(flux_config_from_diffusers(body), d.get("num_mode"))
-    ours, body = {}, {}
-    for key, value in state.items():
-        old = next((old for old in _KEYS if key.startswith(old)), None)
-        if old is None:
-            body[key] = value                                # the copy: the base transformer's names
-        else:
-            ours[_KEYS[old] + key[len(old):]] = value
-    ours.update({"body." + key: value for key, value in diffusers_to_ours(body).items()})
-    load_state_dict_strict(net, ours, path)
+    # its own layers by _KEYS; the copy of the base transformer's blocks in that transformer's names
+    load_state_dict_strict(net, split_renamed(state, _KEYS, diffusers_to_ours, "body."), path)
     return net

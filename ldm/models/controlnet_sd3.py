@@ -122,7 +122,7 @@ class ControlledMMDiT(nn.Module):
 
 def load_sd3_controlnet(path: str, d: dict, state: dict) -> SD3ControlNet:
     """An SD3ControlNetModel from its config.json dict `d` and diffusers-named weights `state`."""
-    from ldm.models.weights import load_state_dict_strict
+    from ldm.models.weights import load_state_dict_strict, split_renamed
     if d.get("extra_conditioning_channels", 0):
         raise ValueError(f"{path}: an SD3 inpainting ControlNet (extra_conditioning_channels "
                          f"{d['extra_conditioning_channels']}: a mask besides the image): not supported")
@@ -134,13 +134,6 @@ def load_sd3_controlnet(path: str, d: dict, state: dict) -> SD3ControlNet:
     cfg = mmdit_config_from_diffusers({k: v for k, v in d.items() if k not in _OURS_ONLY})
     cfg = dataclasses.replace(cfg, out_channels=cfg.in_channels)   # no output layer: out_channels is moot
     net = SD3ControlNet(cfg, d.get("force_zeros_for_pooled_projection", True))
-    ours, body = {}, {}
-    for key, value in state.items():
-        old = next((old for old in _KEYS if key.startswith(old)), None)
-        if old is None:
-            body[key] = value                                # the copy: the base transformer's names
-        else:
-            ours[_KEYS[old] + key[len(old):]] = value
-    ours.update({"body." + key: value for key, value in diffusers_to_ours(body).items()})
-    load_state_dict_strict(net, ours, path)
+    # its own layers by _KEYS; the copy of the base transformer's blocks in that transformer's names
+    load_state_dict_strict(net, split_renamed(state, _KEYS, diffusers_to_ours, "body."), path)
     return net

@@ -117,3 +117,18 @@ class Pretrained:
             model = cls(cls.config_class.from_dict(json.load(f)))
         load_weights(model, os.path.join(directory, WEIGHTS_NAME), directory)
         return model.to(device)
+
+
+def split_renamed(state: dict, own: dict, rest_to_ours, rest_prefix: str) -> dict:
+    """`state` under our names: a key starting with one of `own`'s prefixes gets that prefix's value instead;
+    the others go through `rest_to_ours` (a whole-dict renaming) under `rest_prefix`. A transformer ControlNet's
+    own layers and its copy of the base net's blocks, say."""
+    ours, rest = {}, {}
+    for key, value in state.items():
+        old = next((old for old in own if key.startswith(old)), None)
+        if old is None:
+            rest[key] = value
+        else:
+            ours[own[old] + key[len(old):]] = value
+    ours.update({rest_prefix + key: value for key, value in rest_to_ours(rest).items()})
+    return ours

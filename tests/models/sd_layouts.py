@@ -379,9 +379,11 @@ FLUX_VAE = {**TINY.vae, "latent_channels": 16, "use_quant_conv": False, "use_pos
             "scaling_factor": 0.3611, "shift_factor": 0.1159}
 
 
-def write_flux_pipeline(folder, guidance_embeds: bool = True, dynamic: bool = True):
+def write_flux_pipeline(folder, guidance_embeds: bool = True, dynamic: bool = True, pipeline_class=None,
+                        in_channels: int = 64):
     """A tiny random FLUX.1 pipeline saved at folder/"flux": -dev (the guidance embedding, the scheduler's
-    resolution-dependent shift) or -schnell (neither). Returns diffusers' FluxPipeline."""
+    resolution-dependent shift) or -schnell (neither). Returns diffusers' FluxPipeline, or `pipeline_class`
+    (Fill, Control, Kontext) whose transformer takes `in_channels` packed channels and predicts 64."""
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
     parts = folder / "parts"
     write_flux_text_parts(parts)
@@ -391,8 +393,9 @@ def write_flux_pipeline(folder, guidance_embeds: bool = True, dynamic: bool = Tr
                  if dynamic else diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe = diffusers.FluxPipeline(
-            transformer=diffusers.FluxTransformer2DModel(**FLUX_TRANSFORMER, guidance_embeds=guidance_embeds),
+        pipe = (pipeline_class or diffusers.FluxPipeline)(
+            transformer=diffusers.FluxTransformer2DModel(**{**FLUX_TRANSFORMER, "in_channels": in_channels},
+                                                         out_channels=64, guidance_embeds=guidance_embeds),
             scheduler=scheduler, vae=diffusers.AutoencoderKL(**FLUX_VAE),
             text_encoder=CLIPTextModel.from_pretrained(parts / "text_encoder"),
             tokenizer=CLIPTokenizer.from_pretrained(parts / "tokenizer"),

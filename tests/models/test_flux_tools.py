@@ -5,7 +5,6 @@ The tiny autoencoder downsamples 2x (not FLUX.1's 8x), so Fill's mask takes 2 x 
 (packed: 64 + 64 + 16 = 144). diffusers samples the autoencoder's posterior for Fill's masked image and the control
 image, we take its mode: the reference pipelines here take the mode too (`posterior_mode`)."""
 import json
-import warnings
 
 import diffusers
 import numpy as np
@@ -19,7 +18,7 @@ from ldm.flux_tools import KONTEXT_SIZES, kontext_size
 from ldm.models.from_diffusers import convert
 from ldm.models.to_diffusers import export
 from ldm.pipeline import TextToImage
-from sd_layouts import FLUX_TRANSFORMER, FLUX_VAE, flux_images, write_flux_text_parts
+from sd_layouts import flux_images, write_flux_pipeline
 
 PROMPTS = ["a red cube on a blue floor", "a cat"]
 
@@ -33,26 +32,7 @@ def posterior_mode(monkeypatch):
 def write_tool_pipeline(folder, pipeline_class, in_channels: int):
     """A tiny random FLUX.1-dev-like pipeline of `pipeline_class` at folder/"flux" whose transformer takes
     `in_channels` packed channels (and predicts 64)."""
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
-    parts = folder / "parts"
-    write_flux_text_parts(parts)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = pipeline_class(
-            transformer=diffusers.FluxTransformer2DModel(**{**FLUX_TRANSFORMER, "in_channels": in_channels},
-                                                         out_channels=64, guidance_embeds=True),
-            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5,
-                                                                max_shift=1.15, base_image_seq_len=256,
-                                                                max_image_seq_len=4096),
-            vae=diffusers.AutoencoderKL(**FLUX_VAE),
-            text_encoder=CLIPTextModel.from_pretrained(parts / "text_encoder"),
-            tokenizer=CLIPTokenizer.from_pretrained(parts / "tokenizer"),
-            text_encoder_2=T5EncoderModel.from_pretrained(parts / "text_encoder_2"),
-            tokenizer_2=AutoTokenizer.from_pretrained(parts / "tokenizer_2"))
-        pipe.save_pretrained(str(folder / "flux"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return write_flux_pipeline(folder, pipeline_class=pipeline_class, in_channels=in_channels)
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -14,14 +14,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from sd_layouts import flux_images, write_flux_pipeline
-from stage_scripts import imported_model_config, load_stage
+from stage_scripts import imported_model_config, load_stage, lora_run_outputs
 
 from ldm.diffusion.schedules import resolution_shift
 from ldm.models.flux import Flux
 from ldm.models.from_diffusers import convert
 from ldm.models.lora import METADATA_KEY, LoRALinear
 from ldm.pipeline import TextToImage, load_index
-from ldm.training import find_latest_checkpoint
 from ldm.training.config import load_config
 
 diffusers = pytest.importorskip("diffusers")
@@ -115,15 +114,8 @@ def test_stage_two_trains_a_flux_lora_that_diffusers_loads(flux_model, tmp_path,
     shift = resolution_shift(64, **load_index(str(model)).dynamic_shift)   # 32 px: 16x16 latents, 8x8 tokens
     assert all(s == pytest.approx(shift) for _, s in losses) and shift != pytest.approx(1.0, abs=0.1)
     assert len(guidance) == 3 and all(g == GUIDANCE for g in guidance)      # fed in training, every step
-    last = find_latest_checkpoint(tmp_path / "run")
-    saved = load_file(str(last / "model.safetensors"))                     # the updates only
-    assert last.name == "checkpoint-000003" and all(k.endswith(("lora_A", "lora_B")) for k in saved)
-    assert any((tmp_path / "run" / "samples").glob("*.png"))
-
     # The LoRA file: diffusers' FLUX.1 names, both streams' attention and the single blocks' q, k, v.
-    lora = tmp_path / "run" / "lora.safetensors"
-    tensors = load_file(str(lora))
-    modules = {k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight")}
+    lora, tensors, modules = lora_run_outputs(tmp_path / "run")
     assert modules == {f"transformer.transformer_blocks.0.{n}" for n in DOUBLE} | \
         {f"transformer.single_transformer_blocks.{i}.{n}" for i in range(2) for n in SINGLE}
     with safe_open(str(lora), "pt") as f:
