@@ -185,11 +185,12 @@ def text_encoders(state: dict, version: str, text_config: str | None, source: st
 def convert(checkpoint: str, out: str, *, prediction: str | None = None, guidance: float | None = None,
             dtype: str = "float32", resolution: int | None = None, unet_config: str | None = None,
             vae_config: str | None = None, text_config: str | None = None, text_encoders_from: str | None = None,
-            t5_tokenizer: str | None = None, vae: str | None = None):
+            t5_tokenizer: str | None = None, vae: str | None = None, flux_kind: str = "auto"):
     """Write a model folder at `out` from one CompVis-layout SD 1.x / 2.x / SDXL / SD3 checkpoint file, or a FLUX.1
     file (ldm.models.single_file_flux); atomic. prediction: "eps" (default) or "v", SD only; guidance: default w (SD
     6.5, SD3 6.0, FLUX.1-dev 2.5, -schnell 0); text_encoders_from (a folder), t5_tokenizer: SD3's and FLUX.1's text
-    parts the file lacks (module docstring); vae: FLUX.1's autoencoder file."""
+    parts the file lacks (module docstring); vae: FLUX.1's autoencoder file; flux_kind: "kontext" for a FLUX.1
+    Kontext file (else "auto")."""
     from ldm.models.clip_bpe import write_clip_tokenizer
     ours = {v: k for k, v in PREDICTIONS.items()}
     if prediction is not None and prediction not in ours:
@@ -217,7 +218,9 @@ def convert(checkpoint: str, out: str, *, prediction: str | None = None, guidanc
             raise ValueError("--prediction is for SD 1.x / 2.x files; FLUX.1 predicts the flow velocity")
         return convert_flux_file(state, tmp, out, checkpoint, guidance=guidance, dtype=dtype, resolution=resolution,
                                  unet_config=unet_config, vae_config=vae_config, text_config=text_config,
-                                 donor=text_encoders_from, t5_tokenizer=t5_tokenizer, vae=vae)
+                                 donor=text_encoders_from, t5_tokenizer=t5_tokenizer, vae=vae, kind=flux_kind)
+    if flux_kind != "auto":
+        raise ValueError(f"{checkpoint} is not a FLUX.1 file ({version}): --flux-kind is for FLUX.1 files")
     if vae is not None:
         raise ValueError(f"{checkpoint} is not a FLUX.1 file ({version}): --vae is for FLUX.1 files (an SD file's "
                          "autoencoder is in it)")
@@ -452,12 +455,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae", metavar="FILE",
                         help="FLUX.1: the autoencoder file, Black Forest Labs' ae.safetensors (CompVis names); wins "
                              "over the file's own and --text-encoders' vae/")
+    parser.add_argument("--flux-kind", choices=["auto", "kontext"], default="auto",
+                        help="FLUX.1: what the weights cannot tell; kontext: a FLUX.1 Kontext [dev] file (its shapes "
+                             "are -dev's; ldm.img2img then edits with it). auto (default): -dev / -schnell, Fill or "
+                             "Depth / Canny by the tensors' shapes")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         index = convert(args.checkpoint, args.out, prediction=args.prediction, guidance=args.guidance,
                         dtype=args.dtype, resolution=args.resolution, unet_config=args.unet_config,
                         vae_config=args.vae_config, text_config=args.text_config, text_encoders_from=args.text_encoders,
-                        t5_tokenizer=args.t5_tokenizer, vae=args.vae)
+                        t5_tokenizer=args.t5_tokenizer, vae=args.vae, flux_kind=args.flux_kind)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         parser.error(str(err))
     flow = index.schedule["name"] == "rectified_flow"

@@ -25,7 +25,7 @@ model_index.json is written by the same code as ldm.models.from_diffusers writes
 FLUX.1 Fill (img_in: 384 packed channels: the latents, the masked image's and the 8 x 8-folded mask) and Depth /
 Canny (128: the latents and the control image's) are told by img_in's width against the autoencoder's channels and
 factor, and recorded as model_index.json's image_input (ldm.flux_tools; Fill's default w is 29, Depth / Canny's 9);
-FLUX.1 Kontext has -dev's shapes and is read as -dev (import its diffusers folder instead). FLUX.2, Chroma, and
+FLUX.1 Kontext has -dev's shapes: `--flux-kind kontext` says what the file is (else it is read as -dev). FLUX.2, Chroma, and
 ComfyUI's scaled fp8 (weights with `scale_weight` factors) are refused. float8 tensors (e4m3fn / e5m2 files) are cast on load: the
 transformer, autoencoder and CLIP into float32 (then stored in --dtype), T5, kept in the file's dtype elsewhere,
 into bfloat16 (exact).
@@ -73,6 +73,7 @@ SCHEDULERS = {"dev": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_tra
 # z 16): SD3's layout, its own latent statistics; the diffusion model works on (z - shift) * scale
 FLUX_VAE = {**SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+FLUX_KINDS = ("auto", "kontext")                    # --flux-kind: what the shapes cannot tell
 
 
 def flux_prefix(state: dict) -> str | None:
@@ -178,9 +179,14 @@ def check_text_widths(folder: Path, cfg) -> None:
 
 def convert_flux_file(state: dict, tmp: Path, out: str, source: str, *, guidance: float | None, dtype: str,
                       resolution: int | None, unet_config: str | None, vae_config: str | None,
-                      text_config: str | None, donor: str | None, t5_tokenizer: str | None, vae: str | None):
+                      text_config: str | None, donor: str | None, t5_tokenizer: str | None, vae: str | None,
+                      kind: str = "auto"):
     """A FLUX.1 file -> a model folder at `out` (written in `tmp`): our Flux net in unet/, the 16-channel
-    autoencoder, CLIP-L and T5 (text kind "flux"), the family's scheduler; the options as from_single_file's."""
+    autoencoder, CLIP-L and T5 (text kind "flux"), the family's scheduler; the options as from_single_file's.
+    kind: "auto" (-dev / -schnell, Fill or Depth / Canny by the tensors' shapes) or "kontext" (FLUX.1 Kontext,
+    which has -dev's shapes: only the user can say)."""
+    if kind not in FLUX_KINDS:
+        raise ValueError(f"--flux-kind must be one of {FLUX_KINDS}, got {kind!r}")
     check_flux_file(state, source)
     donor = Path(donor) if donor else None
     weights = transformer_weights(state)
@@ -195,6 +201,11 @@ def convert_flux_file(state: dict, tmp: Path, out: str, source: str, *, guidance
                                                 autoencoder.config.downsample_factor)
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from None
+    if kind == "kontext":
+        if image_input or not cfg.guidance_embeds:
+            raise ValueError(f"{source}: --flux-kind kontext, but this is no -dev-shaped FLUX.1 "
+                             f"({image_input or 'schnell: no guidance input'}); FLUX.1 Kontext [dev] has -dev's shapes")
+        image_input = "kontext"
     side = save_networks(tmp, load_original_flux(weights, cfg, source), autoencoder, dtype)
     family = "dev" if cfg.guidance_embeds else "schnell"
     return finish_flux_folder(tmp, out, SCHEDULERS[family], resolution or side, guidance, cfg.guidance_embeds,

@@ -194,6 +194,33 @@ def kontext(tmp_path_factory):
     return theirs, folder / "model", index
 
 
+def test_kontext_single_file_with_its_kind(kontext, tmp_path):
+    """A Kontext file has -dev's shapes: --flux-kind kontext gives the diffusers import's index and weights; without
+    it the file is -dev; on a -schnell-shaped file, or an SD file, the option is refused."""
+    from safetensors.torch import save_file
+
+    from ldm.models.from_single_file import convert as from_single_file
+    from tests.models.test_flux_original import _to_original
+    theirs, model, index = kontext
+    file = tmp_path / "flux1-kontext-dev.safetensors"
+    state = _to_original(theirs.transformer.state_dict())
+    save_file(state, str(file))
+    pipeline = model.parent / "flux"
+    common = dict(text_encoders_from=str(pipeline), unet_config=str(pipeline / "transformer" / "config.json"))
+    single = from_single_file(str(file), str(tmp_path / "single"), flux_kind="kontext", **common)
+    assert single == index
+    ours, theirs_net = (TextToImage.from_folder(str(m)).unet.state_dict() for m in (model, tmp_path / "single"))
+    assert ours.keys() == theirs_net.keys() and all(torch.equal(ours[k], theirs_net[k]) for k in ours)
+    assert from_single_file(str(file), str(tmp_path / "dev"), **common).image_input == ""
+    schnell = tmp_path / "schnell.safetensors"
+    save_file({k: v for k, v in state.items() if not k.startswith("guidance_in.")}, str(schnell))
+    config = json.loads((pipeline / "transformer" / "config.json").read_text())
+    (tmp_path / "schnell.json").write_text(json.dumps({**config, "guidance_embeds": False}))
+    with pytest.raises(ValueError, match="--flux-kind kontext, but this is no -dev-shaped"):
+        from_single_file(str(schnell), str(tmp_path / "s"), flux_kind="kontext", text_encoders_from=str(pipeline),
+                         unet_config=str(tmp_path / "schnell.json"))
+
+
 def kontext_images(theirs, pipe, prompts, steps, size, image=None):
     """diffusers' Kontext images at `size` exactly (max_area = its area) with `image` taken at its own size."""
     call = {} if image is None else {"_auto_resize": False}
