@@ -1,7 +1,8 @@
-"""SD-scale model benchmark: our U-Net, VAE, txt2img pipeline and SD3 transformer vs diffusers, same weights.
+"""SD-scale model benchmark: our U-Net, VAE, txt2img pipeline, SD3 and FLUX.1 transformers vs diffusers, same weights.
 
-    python -m ldm.bench [--size sd15|tiny|sdxl|tiny-xl|sd3|tiny-sd3] [--out FILE.json] [--md FILE.md]
-                        [--only unet-infer,unet-train,vae-decode,txt2img,mmdit-infer,mmdit-train]
+    python -m ldm.bench [--size sd15|tiny|sdxl|tiny-xl|sd3|tiny-sd3|flux-slice|tiny-flux] [--out FILE.json]
+                        [--md FILE.md]
+                        [--only unet-infer,unet-train,vae-decode,txt2img,mmdit-infer,mmdit-train,flux-infer,flux-train]
                         [--compile both|eager|compiled] [--dtypes fp16,bf16]
 
 Every diffusers module is built from its config (random init, fixed seed) and converted into
@@ -14,6 +15,9 @@ printed and stored) before anything is timed. Benches (docs/bench.md says more):
   txt2img     4 DDIM steps with CFG: text encoder + 4 batch-2 U-Net calls + VAE decode
   mmdit-infer, mmdit-train  as unet-infer / unet-train for SD3's transformer (ours: ldm.models.mmdit;
               diffusers: SD3Transformer2DModel), at the sizes that have one (sd3, tiny-sd3)
+  flux-infer, flux-train  the same for FLUX.1's transformer (ours: ldm.models.flux; diffusers:
+              FluxTransformer2DModel, called as FluxPipeline calls it), batch 1 with the guidance input, at
+              flux-slice (FLUX.1-dev's widths and 1024-px sequence, 2 + 4 of its 19 + 38 blocks) and tiny-flux
 A size runs the benches of the models it has; the others are skipped, and refused when named in --only.
 "ours" calls ldm.ops with backend "auto" (our Triton kernels on CUDA); the peers are diffusers
 with its default SDPA attention processor and, when xformers is installed, with xformers.
@@ -40,17 +44,20 @@ import torch.nn.functional as F
 from ldm import bench_models as bm
 from ldm.kernels.bench import describe_error, make_timer  # timer: CUDA events, warmup, median
 
-BENCHES = ("unet-infer", "unet-train", "vae-decode", "txt2img", "mmdit-infer", "mmdit-train")
+BENCHES = ("unet-infer", "unet-train", "vae-decode", "txt2img", "mmdit-infer", "mmdit-train", "flux-infer",
+           "flux-train")
 NEEDS = {"unet-infer": ("unet",), "unet-train": ("unet",), "vae-decode": ("vae",),  # the Size models a bench runs
-         "txt2img": ("unet", "vae", "clip"), "mmdit-infer": ("mmdit",), "mmdit-train": ("mmdit",)}
+         "txt2img": ("unet", "vae", "clip"), "mmdit-infer": ("mmdit",), "mmdit-train": ("mmdit",),
+         "flux-infer": ("flux",), "flux-train": ("flux",)}
 COMPILE_MODES = {"both": ("eager", "compiled"), "eager": ("eager",), "compiled": ("compiled",)}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SDPA, XFORMERS = "diffusers-sdpa", "diffusers-xformers"
 # Speed-up goals over diffusers+SDPA per (bench, mode); training also needs peak memory <= the peer's.
-# MMDiT: parity, since both sides run the same cuBLAS matmuls and differ only in attention and host time.
+# MMDiT, FLUX.1: parity, since both sides run the same cuBLAS matmuls and differ only in attention and host time.
 SPEED_GOALS = {("unet-infer", "eager"): 1.15, ("unet-infer", "compiled"): 1.0, ("unet-train", "eager"): 1.1,
-               ("mmdit-infer", "eager"): 1.0, ("mmdit-infer", "compiled"): 1.0, ("mmdit-train", "eager"): 1.0}
-MEMORY_GOALS = ("unet-train", "mmdit-train")  # every mode
+               ("mmdit-infer", "eager"): 1.0, ("mmdit-infer", "compiled"): 1.0, ("mmdit-train", "eager"): 1.0,
+               ("flux-infer", "eager"): 1.0, ("flux-infer", "compiled"): 1.0, ("flux-train", "eager"): 1.0}
+MEMORY_GOALS = ("unet-train", "mmdit-train", "flux-train")  # every mode
 WEIGHT_CHECK_RTOL = 1e-4          # max |ours - diffusers| / max |diffusers| allowed at fp32
 TXT2IMG_STEPS, GUIDANCE = 4, 6.5   # w = 6.5 in our convention is diffusers' guidance_scale 7.5
 
@@ -418,8 +425,12 @@ def main(argv=None) -> dict:
         mmdits = bm.mmdit_pair(size)
         checks["mmdit"] = _checked("MMDiT", bm.check_mmdit_pair(*mmdits, size))
         denoisers["mmdit"] = (mmdits, partial(bm.mmdit_inputs, size), bm.mmdit_call)
+    if {"flux-infer", "flux-train"} & set(args.only):
+        fluxes = bm.flux_pair(size)
+        checks["flux"] = _checked("Flux", bm.check_flux_pair(*fluxes, size))
+        denoisers["flux"] = (fluxes, partial(bm.flux_inputs, size), bm.flux_call)
     for family, denoiser in denoisers.items():
-        layouts = LAYOUTS[args.layout] if family == "unet" else ("nchw",)  # the MMDiT has one convolution
+        layouts = LAYOUTS[args.layout] if family == "unet" else ("nchw",)  # the transformers: one conv or none
         if f"{family}-infer" in args.only:
             rows += bench_denoiser_infer(f"{family}-infer", *denoiser, size.infer_batch, device, dtypes, modes,
                                          impls, timer, args.profile, layouts)

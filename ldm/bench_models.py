@@ -22,6 +22,7 @@ class Size:
     vae: dict | None = None     # diffusers AutoencoderKL config
     clip: dict | None = None    # transformers CLIPTextConfig (the text encoder of txt2img)
     mmdit: dict | None = None   # diffusers SD3Transformer2DModel config
+    flux: dict | None = None    # diffusers FluxTransformer2DModel config
     latent: int                 # latent side (image side = latent * 8)
     image: int                  # image side of txt2img / VAE decode
     infer_batch: int            # denoiser inference batch (2 = one prompt under CFG)
@@ -104,7 +105,26 @@ TINY_SD3 = Size(
     latent=16, image=128, infer_batch=2, train_batch=2, tokens=77 + 256,
 )
 
-SIZES = {"sd15": SD15, "tiny": TINY, "sdxl": SDXL, "tiny-xl": TINY_XL, "sd3": SD3, "tiny-sd3": TINY_SD3}
+FLUX_SLICE = Size(
+    # FLUX.1-dev's widths and sequence at 1024 px (3072 = 24 heads of 128, T5's 4096-wide 512 tokens, 64 x 64 = 4096
+    # image tokens, the guidance input) with 2 of its 19 double and 4 of its 38 single blocks: 1.4B of its 11.9B
+    # parameters, so that both copies, their fp32 masters and AdamW's moments fit one GPU. Time per block scales.
+    flux=dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
+              num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+              axes_dims_rope=(16, 56, 56)),
+    latent=128, image=1024, infer_batch=1, train_batch=1, tokens=512,
+)
+
+TINY_FLUX = Size(
+    # FLUX.1-dev's layout (double then single blocks, packed 2 x 2 patches, the guidance input) at toy widths.
+    flux=dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True,
+              axes_dims_rope=(4, 6, 6)),
+    latent=16, image=128, infer_batch=1, train_batch=2, tokens=64,
+)
+
+SIZES = {"sd15": SD15, "tiny": TINY, "sdxl": SDXL, "tiny-xl": TINY_XL, "sd3": SD3, "tiny-sd3": TINY_SD3,
+         "flux-slice": FLUX_SLICE, "tiny-flux": TINY_FLUX}
 TXT2IMG_SIZES = ("sd15", "tiny")     # txt2img runs SD's pipeline (one CLIP): not the SDXL sizes
 
 
@@ -170,6 +190,22 @@ def mmdit_pair(size: Size, seed: int = 0):
     return ours.eval(), theirs.eval()
 
 
+def flux_pair(size: Size, seed: int = 0):
+    """(ours, diffusers) FLUX.1 transformers with identical weights, fp32 on CPU, eval mode."""
+    from diffusers import FluxTransformer2DModel
+
+    from ldm.models.convert_flux import diffusers_to_ours, flux_config_from_diffusers
+    from ldm.models.flux import Flux
+    from ldm.models.weights import load_state_dict_strict
+
+    torch.manual_seed(seed)
+    theirs = FluxTransformer2DModel(**size.flux)
+    ours = Flux(flux_config_from_diffusers(dict(theirs.config)))
+    load_state_dict_strict(ours, diffusers_to_ours(theirs.state_dict()),
+                           "diffusers FluxTransformer2DModel (random init)")
+    return ours.eval(), theirs.eval()
+
+
 # ---- denoiser inputs and calls: what the generic denoiser benches of ldm.bench take --------------
 
 def unet_inputs(size: Size, batch: int, generator: torch.Generator, side: int | None = None):
@@ -188,6 +224,15 @@ def mmdit_inputs(size: Size, batch: int, generator: torch.Generator, side: int |
     return x, ctx, {"pooled": torch.randn(batch, cfg["pooled_projection_dim"], generator=generator)}
 
 
+def flux_inputs(size: Size, batch: int, generator: torch.Generator, side: int | None = None):
+    """x (B, 16, s, s) latents, T5 context (B, L, D_ctx), {"pooled": (B, P), "guidance": (B,) scale 3.5}, fp32."""
+    side, cfg = side or size.latent, size.flux
+    x = torch.randn(batch, cfg["in_channels"] // 4, side, side, generator=generator)
+    ctx = torch.randn(batch, size.tokens, cfg["joint_attention_dim"], generator=generator)
+    return x, ctx, {"pooled": torch.randn(batch, cfg["pooled_projection_dim"], generator=generator),
+                    "guidance": torch.full((batch,), 3.5)}
+
+
 def unet_call(impl: str, model, added: dict):
     """(x, t, context) -> prediction for either U-Net, with SDXL's `added` inputs (our names) where given."""
     if impl == "ours":
@@ -202,6 +247,23 @@ def mmdit_call(impl: str, model, extra: dict):
         return lambda x, t, c: model(x, t, c, pooled=extra["pooled"])
     return lambda x, t, c: model(hidden_states=x, timestep=t, encoder_hidden_states=c,
                                  pooled_projections=extra["pooled"]).sample
+
+
+def flux_call(impl: str, model, extra: dict):
+    """(x, t, context) -> velocity for either FLUX.1 transformer, t = 1000 sigma; diffusers is called as FluxPipeline
+    calls it (packed 2 x 2 patches, position ids, timestep sigma), its output unpacked."""
+    if impl == "ours":
+        return lambda x, t, c: model(x, t, c, pooled=extra["pooled"], guidance=extra["guidance"])
+    from ldm.models.flux import pack, position_ids, unpack
+
+    def call(x, t, c):
+        h, w = x.shape[-2] // 2, x.shape[-1] // 2
+        ids = position_ids(c.shape[1], h, w, device=x.device).to(x.dtype)
+        out = model(hidden_states=pack(x), encoder_hidden_states=c, pooled_projections=extra["pooled"],
+                    timestep=t / 1000, img_ids=ids[c.shape[1]:], txt_ids=ids[:c.shape[1]],
+                    guidance=extra["guidance"]).sample
+        return unpack(out, h, w)
+    return call
 
 
 def check_denoiser_pair(ours, theirs, inputs, call, side: int, seed: int = 0) -> dict:
@@ -222,6 +284,11 @@ def check_mmdit_pair(ours, theirs, size: Size, seed: int = 0) -> dict:
     """Both transformers on a batch-1 8x8 latent (16 patches at patch 2) and the size's text tokens, fp32."""
     return check_denoiser_pair(ours, theirs, partial(mmdit_inputs, size), mmdit_call, 4 * size.mmdit["patch_size"],
                                seed)
+
+
+def check_flux_pair(ours, theirs, size: Size, seed: int = 0) -> dict:
+    """Both transformers on a batch-1 8x8 latent (16 packed tokens) and the size's text tokens, fp32."""
+    return check_denoiser_pair(ours, theirs, partial(flux_inputs, size), flux_call, 8, seed)
 
 
 def check_vae_pair(ours, theirs, size: Size, seed: int = 0) -> dict:

@@ -126,50 +126,54 @@ def test_sdxl_sizes_run_with_the_added_embedding(tmp_path):
     assert proc.returncode == 2 and "no txt2img bench yet" in proc.stderr
 
 
-# ---- SD3's transformer (MMDiT) ----------------------------------------------------------------
+# ---- the transformers: SD3's MMDiT and FLUX.1's ----------------------------------------------------
 
+# size, family, inference case (SD3: CFG batch 2 over 77 CLIP + 256 T5 tokens; FLUX.1: batch 1, guidance as an
+# input, 64 T5 tokens), training batch
+TRANSFORMERS = {"sd3": ("tiny-sd3", "mmdit", "B=2 16x16 L=333", 2), "flux": ("tiny-flux", "flux", "B=1 16x16 L=64", 2)}
 MMDIT_BENCHES = ["mmdit-infer", "mmdit-train"]
 
 
-@pytest.fixture(scope="module")
-def sd3_report(tmp_path_factory):
-    """--size tiny-sd3 (SD3 medium's layout at toy widths, 333 text tokens), both MMDiT benches, eager."""
-    out = tmp_path_factory.mktemp("bench-sd3") / "sd3.json"
+@pytest.fixture(scope="module", params=sorted(TRANSFORMERS))
+def transformer_report(request, tmp_path_factory):
+    """A toy size of the family's layout, both of its benches, eager: (report, markdown, family, infer case, B)."""
+    size, family, case, batch = TRANSFORMERS[request.param]
+    out = tmp_path_factory.mktemp(f"bench-{family}") / f"{family}.json"
     md = out.with_suffix(".md")
-    proc = _bench("--size", "tiny-sd3", "--only", ",".join(MMDIT_BENCHES), "--compile", "eager",
+    proc = _bench("--size", size, "--only", f"{family}-infer,{family}-train", "--compile", "eager",
                   "--out", str(out), "--md", str(md))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return json.loads(out.read_text()), md.read_text()
+    return json.loads(out.read_text()), md.read_text(), family, case, batch
 
 
-def test_mmdit_weights_shared(sd3_report):
-    data, md = sd3_report
-    assert data["size"] == "tiny-sd3" and set(data["weight_check"]) == {"mmdit"}
-    assert 0.0 <= data["weight_check"]["mmdit"]["max_abs_err"] < 1e-4
-    assert "mmdit max abs err" in md
+def test_transformer_weights_shared(transformer_report):
+    data, md, family, _, _ = transformer_report
+    assert set(data["weight_check"]) == {family}
+    assert 0.0 <= data["weight_check"][family]["max_abs_err"] < 1e-4
+    assert f"{family} max abs err" in md
 
 
-def test_mmdit_every_case_timed(sd3_report):
-    data, _ = sd3_report
+def test_transformer_every_case_timed(transformer_report):
+    data, _, family, case, batch = transformer_report
     rows = data["results"]
     assert {(r["bench"], r["case"], r["dtype"], r["mode"], r["impl"]) for r in rows} == {
-        (bench, case, "fp32", "eager", impl) for impl in ("ours", "diffusers-sdpa")
-        for bench, case in [("mmdit-infer", "B=2 16x16 L=333"),            # CFG batch, 77 CLIP + 256 T5 tokens
-                            ("mmdit-train", "B=2 16x16 ckpt=off"), ("mmdit-train", "B=2 16x16 ckpt=on")]}
+        (bench, c, "fp32", "eager", impl) for impl in ("ours", "diffusers-sdpa")
+        for bench, c in [(f"{family}-infer", case), (f"{family}-train", f"B={batch} 16x16 ckpt=off"),
+                         (f"{family}-train", f"B={batch} 16x16 ckpt=on")]}
     for r in rows:
         assert "error" not in r, r
         assert r["ms"] > 0, r
 
 
-def test_mmdit_comparisons(sd3_report):
-    data, md = sd3_report
+def test_transformer_comparisons(transformer_report):
+    data, md, family, _, _ = transformer_report
     comps = data["comparisons"]
-    assert sorted(c["bench"] for c in comps) == ["mmdit-infer", "mmdit-train", "mmdit-train"]
+    assert sorted(c["bench"] for c in comps) == [f"{family}-infer", f"{family}-train", f"{family}-train"]
     for c in comps:
         assert c["peer"] == "diffusers-sdpa" and c["speedup"] == pytest.approx(c["peer_ms"] / c["ours_ms"])
-        assert c["goal"] == (">= 1.0x" if c["bench"] == "mmdit-infer" else ">= 1.0x and peak <= peer")
+        assert c["goal"] == (">= 1.0x" if c["bench"].endswith("-infer") else ">= 1.0x and peak <= peer")
         assert c["goal_met"] is None  # CPU
-    assert md.count("| mmdit-infer |") == 1 and md.count("| mmdit-train |") == 2
+    assert md.count(f"| {family}-infer |") == 1 and md.count(f"| {family}-train |") == 2
 
 
 @pytest.mark.parametrize("size, only, runs", [
@@ -179,7 +183,10 @@ def test_mmdit_comparisons(sd3_report):
     ("tiny", "mmdit-train", "the tiny size has no mmdit"),              # refused when asked for
     ("sd3", "unet-infer,mmdit-infer", "the sd3 size has no unet"),
     ("tiny-sd3", "txt2img", "has no unet / vae / clip"),
-], ids=["tiny-sd3", "sd15", "tiny-xl", "refuse-mmdit-on-tiny", "refuse-unet-on-sd3", "refuse-txt2img-on-tiny-sd3"])
+    ("flux-slice", None, ["flux-infer", "flux-train"]),
+    ("sd3", "flux-infer", "the sd3 size has no flux"),
+], ids=["tiny-sd3", "sd15", "tiny-xl", "refuse-mmdit-on-tiny", "refuse-unet-on-sd3", "refuse-txt2img-on-tiny-sd3",
+        "flux-slice", "refuse-flux-on-sd3"])
 def test_sizes_run_the_benches_of_their_models(capsys, size, only, runs):
     from ldm.bench import parse_args
 
