@@ -107,7 +107,7 @@ TINY_SD3 = Size(
 
 FLUX_SLICE = Size(
     # FLUX.1-dev's widths and sequence at 1024 px (3072 = 24 heads of 128, T5's 4096-wide 512 tokens, 64 x 64 = 4096
-    # image tokens, the guidance input) with 2 of its 19 double and 4 of its 38 single blocks: 1.4B of its 11.9B
+    # image tokens, the guidance input) with 2 of its 19 double and 4 of its 38 single blocks: 1.31B of its 11.9B
     # parameters, so that both copies, their fp32 masters and AdamW's moments fit one GPU. Time per block scales.
     flux=dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
               num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
