@@ -2,8 +2,9 @@
 
 Sources: the shapes world rendered on the fly ("shapes"), a local image folder with
 metadata.jsonl ("imagefolder", e.g. an exported shapes folder), parquet/arrow files with
-an image and a text column ("parquet", read through `datasets`), or a `datasets` hub
-name ("hub"). Every item is {"pixel_values": float (3, R, R) in [-1, 1], "text": str}
+an image and a text column ("parquet", read through `datasets`), a `datasets` hub
+name ("hub"), or WebDataset tar shards ("webdataset", `data/{00000..00999}.tar`, indexed and read
+by seeking: ldm/data/tar_shards.py). Every item is {"pixel_values": float (3, R, R) in [-1, 1], "text": str}
 (the shapes world adds its labels; image data sets add "size_ids", SDXL's original size and crop
 corner of the picture, ldm.data.transforms.preprocess). With `buckets` on, pixel_values are (3, H, W) in
 aspect-ratio buckets of about R^2 pixels, one bucket per batch (ldm/data/buckets.py). With
@@ -40,11 +41,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ldm.data.buckets import BucketBatchSampler, assign_buckets, bucket_sizes, describe
 from ldm.data.captions import P_ZONE
 from ldm.data.shapes import SPLITS, ShapesWorld
+from ldm.data.tar_shards import TarShards
 from ldm.data.transforms import CROPS, DECODE_ERRORS, image_size, open_image, preprocess
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("shapes", "imagefolder", "parquet", "hub")
+SOURCES = ("shapes", "imagefolder", "parquet", "hub", "webdataset")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -52,11 +54,11 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 class DataConfig:
     """Where training images and captions come from and how they are prepared."""
 
-    source: str = "shapes"       # shapes | imagefolder | parquet | hub
-    path: str = ""               # folder, parquet file/folder/glob, or hub name (not shapes)
+    source: str = "shapes"       # shapes | imagefolder | parquet | hub | webdataset
+    path: str = ""               # folder, parquet file/folder/glob, hub name, or tar shards ({000..099}, glob, folder)
     image_column: str = "image"  # parquet/hub column holding the image
-    text_column: str = "text"    # column (or metadata.jsonl key) holding the caption
-    control_column: str = ""     # column/key of a control image per row (ControlNet training); "" = none
+    text_column: str = "text"    # column (or metadata.jsonl key, .json field) holding the caption
+    control_column: str = ""     # column/key (tar shards: member extension) of a control image per row; "" = none
     resolution: int = 64         # output side; the shorter side is resized to it
     crop: str = "center"         # center | random
     flip: bool = False           # off by default: a mirror falsifies "left of" captions
@@ -107,6 +109,9 @@ class DataConfig:
                                  "(compute them: stages/train_controlnet.py hint=edges)")
         elif not self.path:
             raise ValueError(f"data.path is required for source {self.source!r}")
+        if self.source == "webdataset" and self.image_column != "image":
+            raise ValueError("data.image_column: a tar shard's image is each sample's .jpg, .jpeg, .png or .webp "
+                             "member; control images: data.control_column=EXTENSION")
 
 
 def check_image_multiple(cfg: DataConfig, multiple: int, why: str) -> None:
@@ -191,11 +196,12 @@ def _usable_rows(table, root: str | None, cfg: DataConfig, where: str) -> tuple[
         rows, sizes = [], [] if cfg.buckets else None
         for k in range(len(table)):
             try:
+                row = table[k]   # once: a tar-shard row is read from disk
                 if cfg.verify:
-                    for value in (table[k][0], *table[k][2:]):   # the picture and its control image
+                    for value in (row[0], *row[2:]):   # the picture and its control image
                         open_image(value, root, draft=cfg.resolution)
                 if cfg.buckets:  # the header: a draft decode may round the size
-                    sizes.append(image_size(table[k][0], root))
+                    sizes.append(image_size(row[0], root))
                 rows.append(k)
             except DECODE_ERRORS:
                 pass
@@ -274,6 +280,14 @@ def _load_table(cfg: DataConfig):
     """(table of (image value, text) rows, root for relative image paths) of a real source."""
     if cfg.source == "imagefolder":
         return _folder_table(cfg.path, cfg.text_column, cfg.control_column), None
+    if cfg.source == "webdataset":
+        table = TarShards(cfg.path, cfg.text_column, cfg.control_column)
+        if not len(table):
+            raise ValueError(f"no usable sample in {cfg.path} ({len(table.shards)} shards): "
+                             f"{table.describe_skipped() or 'no members with extensions'}")
+        if table.skipped:
+            warnings.warn(f"{cfg.path}: {table.describe_skipped()}", stacklevel=3)
+        return table, None
     import datasets  # slow to import: only the sources that read through it pay
 
     if cfg.source == "parquet":
@@ -289,7 +303,7 @@ def build_dataset(cfg: DataConfig) -> Dataset:
     """The map-style data set `cfg` names; items hold pixel_values (3, R, R) and text."""
     if cfg.source == "shapes":
         return ShapesWorld(cfg.split, cfg.seed, cfg.resolution, cfg.length, cfg.p_zone)
-    if cfg.source != "hub" and not os.path.exists(cfg.path) and not glob.glob(cfg.path):
+    if cfg.source not in ("hub", "webdataset") and not os.path.exists(cfg.path) and not glob.glob(cfg.path):
         raise FileNotFoundError(f"data path does not exist: {cfg.path}")
     table, root = _load_table(cfg)
     rows, sizes = _usable_rows(table, root, cfg, cfg.path)
