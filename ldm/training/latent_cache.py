@@ -64,6 +64,9 @@ def data_fingerprint(cfg: DataConfig) -> dict:
         files = sorted(root.rglob("*")) if root.is_dir() else [root]
         fields["files"] = [[str(f.relative_to(root) if root.is_dir() else f.name),
                             f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+    elif cfg.source == "webdataset":  # the shards the pattern names, each with its size and time
+        from ldm.data.tar_shards import shard_files
+        fields["files"] = [[str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in shard_files(cfg.path)]
     return fields
 
 

@@ -295,6 +295,17 @@ def test_cache_key_follows_local_files(tiny_ae, tmp_path):
     meta = tmp_path / "imgs" / "metadata.jsonl"
     meta.write_text(meta.read_text().replace("a ", "an ", 1))
     assert cache_key(tiny_ae, data)[0] != key
+    # tar shards: the files the pattern names, so a rewritten shard is a new cache
+    import tarfile
+    for i in range(2):
+        with tarfile.open(tmp_path / f"s{i}.tar", "w") as tar:
+            tar.add(tmp_path / "imgs" / "metadata.jsonl", arcname="000000.txt")
+    shards = DataConfig(source="webdataset", path=str(tmp_path / "s{0..1}.tar"), resolution=32)
+    key = cache_key(tiny_ae, shards)[0]
+    assert cache_key(tiny_ae, shards)[0] == key
+    with tarfile.open(tmp_path / "s1.tar", "w") as tar:
+        tar.add(tmp_path / "imgs" / "metadata.jsonl", arcname="000001.txt")
+    assert cache_key(tiny_ae, shards)[0] != key
 
 
 def test_caption_dropout_rate_is_p_uncond_and_seeded():
