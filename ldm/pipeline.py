@@ -320,16 +320,9 @@ class TextToImage:
 
     def _encode_sd3(self, prompts: list[str]) -> dict:
         """SD3's conditioning (ldm.models.text_sd3): CLIP-L and bigG tokens, then T5's, and the two pooled vectors;
-        FLUX.1's (ldm.models.text_flux): T5's tokens and CLIP-L's pooled output.
-        "(word:1.3)" emphasis is read and dropped (its CLIP and T5 tokens are not weighted), with a warning."""
-        if self.prompt_weights:
-            pieces = [parse_weighted(p) for p in prompts]
-            if any(w != 1.0 for p in pieces for _, w in p) and "sd3-weights" not in self._warned_prompts:
-                self._warned_prompts.add("sd3-weights")
-                warnings.warn("prompt emphasis such as (word:1.3) is not applied to SD3's text encoders: the words "
-                              "go in plain (or --prompt-weights off to keep the brackets)", stacklevel=4)
-            prompts = [plain_text(p) for p in pieces]
-        context, _, pooled = self.text_encoder.encode_pooled(prompts)
+        FLUX.1's (ldm.models.text_flux): T5's tokens and CLIP-L's pooled output. With `prompt_weights` on,
+        "(word:1.3)" emphasis weights every token sequence as ComfyUI does (prompt_weights.weigh_from_empty)."""
+        context, _, pooled = self.text_encoder.encode_pooled(prompts, weighted=self.prompt_weights)
         return {"context": context, "pooled": pooled}
 
     def check_prompts(self, prompts: list[str]) -> None:

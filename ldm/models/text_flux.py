@@ -9,6 +9,8 @@ tokens: the imports write 512 for both families, FluxPipeline's default max_sequ
 256 for schnell: a folder's text_encoder/config.json may say so; the config's default is SD3's 256).
 CLIP's hidden states never reach the transformer, so `clip_skip` does not apply: it stays None and setting
 it is refused (a silently ignored --clip-skip would look like it worked).
+`encode_pooled(..., weighted=True)` reads "(word:1.3)" emphasis as ComfyUI applies it to FLUX.1 (T5's tokens
+moved from the empty prompt's; CLIP's pooled vector the plain text's: ldm.models.prompt_weights).
 
 A model folder holds the parts as diffusers' Flux pipeline names them under `TextEncoderConfig.path` (the
 numbering differs from SD3's): text_encoder/, tokenizer/ (CLIPTextModel, CLIPTokenizer) and text_encoder_2/,
@@ -20,6 +22,7 @@ import os
 
 import torch
 
+from ldm.models.prompt_weights import parse_weighted, plain_text, weigh_from_empty
 from ldm.models.text import TextEncoderConfig, _check_prompts, _Frozen
 from ldm.models.text_sd3 import Sd3TextEncoder
 
@@ -69,15 +72,19 @@ class FluxTextEncoder(_Frozen):
     tokenize = Sd3TextEncoder.tokenize    # CLIP-L's (ids, mask) (B, max_length); T5 has its own
 
     @torch.no_grad()
-    def encode_pooled(self, prompts, warn: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode_pooled(self, prompts, warn: bool = True,
+                      weighted: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(context (B, t5_max_length, dim), mask (B, t5_max_length) all True, pooled (B, pooled_dim)).
-        warn: say (once for CLIP, once for T5) that long prompts are cut."""
-        prompts = _check_prompts(prompts)
+        warn: say (once for CLIP, once for T5) that long prompts are cut. weighted: read "(word:1.3)" emphasis
+        as ComfyUI does (prompt_weights.weigh_from_empty) on T5's tokens; the pooled vector is the plain text's."""
+        pieces = [parse_weighted(p) if weighted else [(p, 1.0)] for p in _check_prompts(prompts)]
+        prompts = [plain_text(p) for p in pieces]
         device = self.t5.device
         ids = self._ids(self.tokenizer_l, prompts, self.max_length, warn, "CLIP")
         pooled = self.clip_l(input_ids=ids.to(self.clip_l.device)).pooler_output.to(device)   # (B, 768)
         ids = self._ids(self.tokenizer_t5, prompts, self.t5_max_length, warn, "T5")
-        context = self.t5(input_ids=ids.to(device)).last_hidden_state            # (B, N, 4096); no mask, as Flux's
+        hidden = lambda ids: self.t5(input_ids=ids.to(device)).last_hidden_state   # (B, N, 4096); no mask, as Flux's
+        context = weigh_from_empty(hidden(ids), pieces, self.tokenizer_t5, hidden)
         return context, torch.ones(context.shape[:2], dtype=torch.bool, device=device), pooled
 
     def forward(self, prompts):

@@ -10,6 +10,8 @@ MMDiT attends to every token, padding included, so the mask is all True. `clip_s
 both CLIPs (default 2; diffusers' clip_skip k is N = k + 2). Without T5 its tokens are zeros (SD3 runs so,
 at a small cost in prompt following); their width is `TextEncoderConfig.joint_dim`, or else the folder's
 transformer/config.json joint_attention_dim. T5 reads `TextEncoderConfig.t5_max_length` tokens (256).
+`encode_pooled(..., weighted=True)` reads "(word:1.3)" emphasis as ComfyUI applies it to SD3 (both CLIPs' and
+T5's tokens moved from the empty prompt's, the pooled vectors the plain text's: ldm.models.prompt_weights).
 
 A model folder holds the parts as a diffusers SD3 pipeline names them under `TextEncoderConfig.path`:
 text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/ (CLIPTextModelWithProjection, CLIPTokenizer), and
@@ -24,6 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ldm.models.prompt_weights import parse_weighted, plain_text, weigh_from_empty
 from ldm.models.text import TextEncoderConfig, _check_prompts, _Frozen
 
 PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -101,17 +104,23 @@ class Sd3TextEncoder(_Frozen):
         return enc.input_ids, enc.attention_mask.bool()
 
     @torch.no_grad()
-    def encode_pooled(self, prompts, warn: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode_pooled(self, prompts, warn: bool = True,
+                      weighted: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(context (B, max_length + t5_max_length, dim), mask (B, L) all True, pooled (B, pooled_dim)).
-        warn: say (once for CLIP, once for T5) that long prompts are cut."""
-        prompts = _check_prompts(prompts)
+        warn: say (once for CLIP, once for T5) that long prompts are cut. weighted: read "(word:1.3)" emphasis
+        as ComfyUI does (prompt_weights.weigh_from_empty) on both CLIPs' tokens and T5's; the pooled vectors
+        are the plain text's."""
+        pieces = [parse_weighted(p) if weighted else [(p, 1.0)] for p in _check_prompts(prompts)]
+        prompts = [plain_text(p) for p in pieces]
         device = self.clip_l.device
         layer = -(self.clip_skip or 2)
         states, pooled = [], []
         for model, tokenizer in ((self.clip_l, self.tokenizer_l), (self.clip_g, self.tokenizer_g)):
             ids = self._ids(tokenizer, prompts, self.max_length, warn and model is self.clip_l, "CLIP")
             out = model(input_ids=ids.to(device), output_hidden_states=True)
-            states.append(out.hidden_states[layer])                 # (B, 77, D_L) and (B, 77, D_G)
+            hidden = lambda ids, model=model: model(input_ids=ids.to(device), output_hidden_states=True
+                                                    ).hidden_states[layer]
+            states.append(weigh_from_empty(out.hidden_states[layer], pieces, tokenizer, hidden))   # (B, 77, D_L|G)
             pooled.append(out.text_embeds)                          # (B, P_L) and (B, P_G)
         clip = torch.cat(states, dim=-1)
         clip = F.pad(clip, (0, self.dim - clip.shape[-1]))          # zeros up to T5's width
@@ -119,7 +128,8 @@ class Sd3TextEncoder(_Frozen):
             t5 = clip.new_zeros(len(prompts), self.t5_max_length, self.dim)
         else:
             ids = self._ids(self.tokenizer_t5, prompts, self.t5_max_length, warn, "T5")
-            t5 = self.t5(input_ids=ids.to(self.t5.device)).last_hidden_state.to(clip)   # no mask, as SD3's
+            hidden = lambda ids: self.t5(input_ids=ids.to(self.t5.device)).last_hidden_state   # no mask, as SD3's
+            t5 = weigh_from_empty(hidden(ids), pieces, self.tokenizer_t5, hidden).to(clip)
         context = torch.cat([clip, t5], dim=1)                      # (B, 77 + t5_max_length, dim)
         return context, torch.ones(context.shape[:2], dtype=torch.bool, device=device), torch.cat(pooled, dim=-1)
 
