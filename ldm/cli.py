@@ -18,7 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from ldm.diffusion.schedules import SPACINGS
 from ldm.models.embeddings import parse_embedding_arg
 from ldm.models.lora import parse_lora_arg
-from ldm.models.prompt_weights import parse_weighted, token_weights
+from ldm.models.prompt_weights import parse_weighted, token_weights, tokenizer_weights
 from ldm.pipeline import DECODER_PRECISIONS, DEFAULT_MODEL, INDEX_NAME, TextToImage
 from ldm.training.images import make_grid
 
@@ -155,7 +155,15 @@ def check_prompt_syntax(parser: argparse.ArgumentParser, args, prompts: list[str
         try:
             pieces = parse_weighted(prompt)
             if whole and any(w != 1.0 for _, w in pieces):
-                token_weights(pipe.text_encoder, pieces)
+                if pipe.text_kind in ("sd3", "flux"):    # SD3's and FLUX.1's token-wise weights, T5's included
+                    encoder = pipe.text_encoder
+                    for tokenizer, length in ((getattr(encoder, "tokenizer_l", None), encoder.max_length),
+                                              (getattr(encoder, "tokenizer_g", None), encoder.max_length),
+                                              (encoder.tokenizer_t5, encoder.t5_max_length)):
+                        if tokenizer is not None:
+                            tokenizer_weights(tokenizer, pieces, length)
+                else:
+                    token_weights(pipe.text_encoder, pieces)
         except ValueError as err:
             parser.error(f"{err} (or --prompt-weights off)")
 

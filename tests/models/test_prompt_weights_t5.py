@@ -136,3 +136,8 @@ def test_txt2img_draws_flux_with_emphasis(tmp_path, one_thread):
     assert np.array_equal(images["weighted"], images["again"])
     assert np.abs(images["weighted"] - images["plain"]).max() > 0
     assert np.abs(images["off"] - images["weighted"]).max() > 0
+    # a weight boundary inside a token is the parser's error, before any model runs
+    with pytest.raises(SystemExit) as exit_:
+        txt2img.main(["a (cu:1.2)be", "--model", str(tmp_path / "model"), "--steps", "2",
+                      "--out", str(tmp_path / "bad.png")])
+    assert exit_.value.code == 2 and not (tmp_path / "bad.png").exists()
