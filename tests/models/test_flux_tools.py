@@ -94,21 +94,28 @@ def test_fill_draws_what_diffusers_draws(fill, posterior_mode, one_thread):
     assert free.shape == (1, 3, 32, 32)
 
 
+def single_file_import(tool, tmp_path, name: str) -> None:
+    """The tool pipeline's transformer written in BFL's layout as tmp_path/name, imported by `from_single_file`
+    into tmp_path/"single" with the pipeline's text encoders: the folder's index equals the diffusers import's."""
+    from safetensors.torch import save_file
+
+    from ldm.models.from_single_file import main as from_single_file
+    from tests.models.test_flux_original import _to_original
+    theirs, model, _ = tool
+    save_file(_to_original(theirs.transformer.state_dict()), str(tmp_path / name))
+    pipeline = model.parent / "flux"
+    from_single_file([str(tmp_path / name), "--out", str(tmp_path / "single"), "--text-encoders", str(pipeline),
+                      "--unet-config", str(pipeline / "transformer" / "config.json")])
+    assert json.loads((tmp_path / "single" / "model_index.json").read_text()) == \
+        json.loads((model / "model_index.json").read_text())
+
+
 def test_fill_single_file_and_cli(fill, posterior_mode, tmp_path, one_thread):
     """BFL's flux1-fill-dev.safetensors layout (told by img_in's width) imports to the same folder; ldm.inpaint runs
     on it, keeping the unmasked pixels."""
     from ldm import inpaint
-    from ldm.models.from_single_file import main as from_single_file
-    from tests.models.test_flux_original import _to_original
     theirs, model, _ = fill
-    file = tmp_path / "flux1-fill-dev.safetensors"
-    from safetensors.torch import save_file
-    save_file(_to_original(theirs.transformer.state_dict()), str(file))
-    pipeline = model.parent / "flux"
-    from_single_file([str(file), "--out", str(tmp_path / "single"), "--text-encoders", str(pipeline),
-                      "--unet-config", str(pipeline / "transformer" / "config.json")])
-    assert json.loads((tmp_path / "single" / "model_index.json").read_text()) == \
-        json.loads((model / "model_index.json").read_text())
+    single_file_import(fill, tmp_path, "flux1-fill-dev.safetensors")
     image, mask = random_image(32, 32, seed=1), rect_mask(32, 32, (9, 3, 30, 14))
     image.save(tmp_path / "in.png")
     mask.save(tmp_path / "mask.png")
@@ -168,18 +175,8 @@ def test_control_draws_what_diffusers_draws(control, posterior_mode, tmp_path, o
 
 def test_control_single_file(control, tmp_path):
     """BFL's flux1-depth-dev.safetensors layout (img_in 4 x 32 wide) imports as the diffusers folder does."""
-    from safetensors.torch import save_file
-
-    from ldm.models.from_single_file import main as from_single_file
-    from tests.models.test_flux_original import _to_original
-    theirs, model, _ = control
-    file = tmp_path / "flux1-depth-dev.safetensors"
-    save_file(_to_original(theirs.transformer.state_dict()), str(file))
-    pipeline = model.parent / "flux"
-    from_single_file([str(file), "--out", str(tmp_path / "single"), "--text-encoders", str(pipeline),
-                      "--unet-config", str(pipeline / "transformer" / "config.json")])
-    assert json.loads((tmp_path / "single" / "model_index.json").read_text()) == \
-        json.loads((model / "model_index.json").read_text())
+    _, model, _ = control
+    single_file_import(control, tmp_path, "flux1-depth-dev.safetensors")
     ours, single = (TextToImage.from_folder(str(m)).unet.state_dict() for m in (model, tmp_path / "single"))
     assert all(torch.equal(ours[k], single[k]) for k in ours) and ours.keys() == single.keys()
 
