@@ -38,6 +38,17 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def parse_control_range(text: str) -> tuple[float, float]:
+    """'0.25:0.75' -> (0.25, 0.75): the fractions of the run a ControlNet acts on, 0 <= START < END <= 1."""
+    try:
+        start, end = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END such as 0:0.6, got {text!r}") from None
+    if not 0 <= start < end <= 1:
+        raise argparse.ArgumentTypeError(f"need 0 <= START < END <= 1, got {text!r}")
+    return start, end
+
+
 def parse_freeu(text: str) -> tuple[float, float, float, float]:
     """'1.5,1.6,0.9,0.2' -> (b1, b2, s1, s2)."""
     try:
@@ -51,7 +62,8 @@ def parse_freeu(text: str) -> tuple[float, float, float, float]:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --shift, --negative, --guidance-rescale,
-    --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --control-mode, --ip-adapter,
+    --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --control-mode, --control-range,
+    --ip-adapter,
     --image-encoder, --ip-image, --ip-scale, --freeu, --clip-skip, --lora, --device, --dtype, --decoder-precision."""
     model = parser.add_argument_group("model and device")
     sampling = parser.add_argument_group("sampling")
@@ -110,6 +122,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     adapters.add_argument("--control-mode", action="append", type=int, default=[], metavar="N",
                         help="a FLUX.1 Union ControlNet's control mode (its model card numbers them: canny, tile, "
                              "depth, ...); one for all, or one per --controlnet")
+    adapters.add_argument("--control-range", action="append", type=parse_control_range, default=[],
+                          metavar="START:END",
+                          help="the part of the sampling steps a ControlNet acts on (default 0:1): step i of n when "
+                               "i/n >= START and (i+1)/n <= END, as diffusers' control_guidance_start/_end and the "
+                               "A1111 web UI's starting/ending control step; one for all, or one per --controlnet")
     adapters.add_argument("--ip-adapter", default=None, metavar="FILE",
                         help="an IP-Adapter (Ye et al. 2023; SD 1.x/2.x base variant) to prompt with --ip-image too; "
                              "needs --image-encoder")
@@ -247,14 +264,17 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
     if not 0.0 <= args.guidance_rescale <= 1.0:
         parser.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     if pipe.index.image_input == "control":        # FLUX.1 Depth / Canny: the control is built into the net
-        if args.controlnet or args.control_scale or args.control_mode or len(args.control_image) != 1:
+        if args.controlnet or args.control_scale or args.control_mode or args.control_range or \
+                len(args.control_image) != 1:
             parser.error("this model (FLUX.1 Depth / Canny) takes its control image in the net: give one "
                          "--control-image IMG (a depth or edge map), no --controlnet / --control-scale")
     elif len(args.controlnet) != len(args.control_image) or \
-            any(len(values) not in (0, 1, len(args.controlnet)) for values in (args.control_scale, args.control_mode)):
+            any(len(values) not in (0, 1, len(args.controlnet))
+                for values in (args.control_scale, args.control_mode, args.control_range)):
         parser.error(f"--controlnet and --control-image go together, one each ({len(args.controlnet)} and "
-                     f"{len(args.control_image)} given), with one --control-scale / --control-mode or one per "
-                     f"ControlNet ({len(args.control_scale)} and {len(args.control_mode)} given)")
+                     f"{len(args.control_image)} given), with one --control-scale / --control-mode / --control-range "
+                     f"or one per ControlNet ({len(args.control_scale)}, {len(args.control_mode)} and "
+                     f"{len(args.control_range)} given)")
     try:  # before any model runs
         pipe.refuse_with_student(args.steps, args.teacher, negative=args.negative, control=args.controlnet,
                                  guidance_rescale=args.guidance_rescale, ip=args.ip_adapter,
@@ -270,7 +290,8 @@ def load_control_image(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 
 def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, size: tuple[int, int] | None) -> dict:
-    """{"control": [(ControlNet, image, scale), ...]} from --controlnet/--control-image, or {}; errors as usage
+    """{"control": [(ControlNet, image, scale[, mode]), ...], "control_range": [(start, end), ...] or None} from
+    --controlnet/--control-image/--control-range, or {}; errors as usage
     errors. Several ControlNets add their residuals (diffusers' MultiControlNetModel). FLUX.1 Depth / Canny:
     {"reference": the control image's latents} (ldm.flux_tools)."""
     if pipe.index.image_input == "control":
@@ -303,7 +324,7 @@ def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, si
         if mode is not None and not 0 <= mode < net.num_mode:
             parser.error(f"--control-mode {mode}: this Union ControlNet has modes 0..{net.num_mode - 1}")
         control.append((net, image, scale) if mode is None else (net, image, scale, mode))
-    return {"control": control}
+    return {"control": control, "control_range": [tuple(r) for r in args.control_range] or None}  # replay: lists
 
 
 def sampling_options(args) -> dict:
@@ -347,6 +368,8 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
                    control_scale=list(args.control_scale))
         if args.control_mode:
             run["control_mode"] = list(args.control_mode)
+        if args.control_range:
+            run["control_range"] = [list(r) for r in args.control_range]      # [[start, end], ...]
     for key in ("size", "hires"):
         if getattr(args, key, None):
             run[key] = list(getattr(args, key))

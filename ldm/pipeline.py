@@ -29,7 +29,7 @@ from ldm.diffusion.schedules import resolution_shift, schedule_from_config, shif
 from ldm.distill.targets import coefficients
 from ldm.flux_tools import IMAGE_INPUTS, ReferenceTokens, fill_inputs
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.models.controlnet import attach_controlnets
+from ldm.models.controlnet import ControlSteps, attach_controlnets, check_control_ranges
 from ldm.models.lora import merge_lora, read_lora
 from ldm.models.prompt_chunks import chunk_count, encode_chunked
 from ldm.models.prompt_weights import encode_weighted, parse_weighted, plain_text
@@ -368,11 +368,13 @@ class TextToImage:
     def model_function(self, steps: int, guidance: float, teacher: bool = False, negative: str = "",
                        guidance_rescale: float = 0.0, chunks: int | None = None, control: list | None = None,
                        inpaint: torch.Tensor | None = None, ip_uncond: torch.Tensor | None = None,
-                       shape: tuple[int, ...] | None = None, reference: torch.Tensor | None = None):
+                       shape: tuple[int, ...] | None = None, reference: torch.Tensor | None = None,
+                       control_range: list | None = None, grid: torch.Tensor | None = None):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
         with `negative` as the unconditional prompt (students were distilled with the empty one) and
         guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024), and
-        `control`'s ControlNets attached to the net (ldm.models.controlnet.attach_controlnets), `inpaint`'s
+        `control`'s ControlNets attached to the net (ldm.models.controlnet.attach_controlnets; with
+        `control_range`, each acting on its part of the steps at `grid`'s times: ControlSteps), `inpaint`'s
         extra inputs given to an inpainting U-Net (`ConcatInputs`) and `reference` to a FLUX.1 Depth / Canny or
         Kontext net (`image_input_net`)."""
         self.refuse_with_student(steps, teacher, negative=negative, guidance_rescale=guidance_rescale,
@@ -391,7 +393,8 @@ class TextToImage:
                                  "guidance scale as an input, not CFG, so it takes no negative prompt")
             net = self.image_input_net(inpaint, reference)
             if control:
-                net = attach_controlnets(net, self.unet, control, self.autoencoder)
+                net = attach_controlnets(net, self.unet, control, self.autoencoder, self._control_steps(
+                    control, control_range, grid))
             model = self.denoiser(GuidanceInput(net, 1.0 + guidance), self.index.prediction)
             return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1}
         uncond = self.encode_prompts([negative], chunks)
@@ -400,7 +403,8 @@ class TextToImage:
             uncond["time_ids"] = self.size_ids(shape or self.latent_shape(1), negative=True)[:1]
         unet = self.image_input_net(inpaint, reference)
         if control:
-            unet = attach_controlnets(unet, self.unet, control, self.autoencoder)
+            unet = attach_controlnets(unet, self.unet, control, self.autoencoder, self._control_steps(
+                control, control_range, grid))
         if ip_uncond is not None:                  # ip_tokens reach the U-Net as one more conditioning input
             from ldm.models.ip_adapter import IPAdapterUNet
             unet, uncond = IPAdapterUNet(unet, self._ip[1]), {**uncond, "ip_tokens": ip_uncond}
@@ -409,6 +413,18 @@ class TextToImage:
         else:
             model = cfg(self.denoiser(unet, self.index.prediction), guidance, uncond)
         return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1 if guidance == 0 else 2}
+
+    def _control_steps(self, control: list, control_range: list | None, grid: torch.Tensor | None):
+        """A ControlSteps for `control_range` over the run's step times `grid` (as the net sees them), or None
+        when every ControlNet acts throughout."""
+        if control_range is None:
+            return None
+        ranges = check_control_ranges(control_range, len(control))
+        if all(r == (0.0, 1.0) for r in ranges):
+            return None
+        if grid is None:
+            raise ValueError("control_range needs the run's time grid (`grid`)")
+        return ControlSteps(ranges, grid * self.index.time_scale)
 
     def image_input_net(self, inpaint: torch.Tensor | None, reference: torch.Tensor | None):
         """The teacher's net with its image inputs bound: `inpaint` (SD-inpainting's or FLUX.1 Fill's extra
@@ -431,6 +447,7 @@ class TextToImage:
                spacing: str | None = None, guidance_rescale: float = 0.0, size: tuple[int, int] | None = None,
                control: list | None = None, inpaint: torch.Tensor | None = None, ip_image=None,
                shift: float | None = None, reference: torch.Tensor | None = None,
+               control_range: list[tuple[float, float]] | None = None,
                progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
@@ -450,9 +467,12 @@ class TextToImage:
         size it was not trained at is its own affair: SD 1.x was trained at 512 px).
         control: [(ControlNet, image (1 or B, 3, H, W) in [0, 1] at the output size, scale[, mode]), ...] for
         the teacher (ldm.models.controlnet; FLUX.1's and SD3's: controlnet_flux, controlnet_sd3, whose images are
-        encoded to latents; mode: a FLUX.1 Union ControlNet's control mode). inpaint: an inpainting U-Net's extra inputs
-        (`inpainting_inputs`); without them such a U-Net draws freely, from an all-ones mask over an
-        all-gray image (the A1111 web UI's txt2img with an inpainting model). ip_image: a PIL image (or one
+        encoded to latents; mode: a FLUX.1 Union ControlNet's control mode). control_range: [(start, end)], one
+        for all ControlNets or one each, default (0, 1): a ControlNet acts on step i of the n run (img2img: the
+        steps left) when i / n >= start and (i + 1) / n <= end (diffusers' control_guidance_start / _end, the
+        A1111 web UI's starting / ending control step; ldm.models.controlnet.ControlSteps). inpaint: an inpainting
+        U-Net's extra inputs (`inpainting_inputs`); without them such a U-Net draws freely, from an all-ones mask
+        over an all-gray image (the A1111 web UI's txt2img with an inpainting model). ip_image: a PIL image (or one
         per prompt) prompting through the attached IP-Adapter (`add_ip_adapter`). shift: the teacher's time grid
         at log-SNR lower by 2 log `shift` (SD3's shift, eq. 23, for any schedule: more steps at high noise),
         in place of the model folder's (rectified flow's `shift`, else 1); students keep the grid they learnt.
@@ -480,20 +500,22 @@ class TextToImage:
             inpaint = self._paint_everything(shape)
         ip_cond, ip_uncond = self.image_prompt(ip_image, len(prompts)) if ip_image is not None else (None, None)
         self.refuse_with_student(steps, teacher, shift=shift is not None)
-        model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks, control,
-                                                      inpaint, ip_uncond, shape, reference)
-        if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
-            warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
-                          f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
+        teaching = not self.uses_student(steps, teacher)
         if spacing is None:   # heun: Karras et al.'s pairing; lcm: the grid LCMs were trained on (discrete only)
-            spacing = ("karras" if info["model"] == "teacher" and sampler == "heun" else
+            spacing = ("karras" if teaching and sampler == "heun" else
                        "lcm" if sampler == "lcm" and hasattr(self.schedule, "num_timesteps") else "trailing")
-        if info["model"] != "teacher" and spacing != "trailing":
-            warnings.warn(f"{info['model']} was distilled on the trailing time grid; {spacing!r} runs it off it",
-                          stacklevel=3)
         shift = self.grid_shift(shape) if shift is None else shift
         ts = (self.schedule if shift is None else shifted(self.schedule, shift)).timesteps(steps, spacing=spacing)
         run = steps if init is None else round(strength * steps)
+        model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks, control,
+                                                      inpaint, ip_uncond, shape, reference, control_range,
+                                                      ts[steps - run:-1])
+        if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
+            warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
+                          f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
+        if info["model"] != "teacher" and spacing != "trailing":
+            warnings.warn(f"{info['model']} was distilled on the trailing time grid; {spacing!r} runs it off it",
+                          stacklevel=3)
         per_call = info["nfe_per_step"]
         info = {"model": info["model"], "steps": run, "nfe": 0, "guidance": w, "sampler": sampler, "spacing": spacing}
         if run == 0:                                        # strength 0: nothing to do

@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 REPLAYED = ("prompt", "negative", "steps", "guidance", "seed", "n", "sampler", "spacing", "teacher",
             "guidance_rescale", "prompt_weights", "model", "lora", "embedding", "size", "hires", "controlnet",
-            "control_image", "control_scale", "control_mode", "clip_skip", "freeu", "ip_adapter", "image_encoder",
-            "ip_image", "ip_scale", "shift", "dtype")
+            "control_image", "control_scale", "control_mode", "control_range", "clip_skip", "freeu", "ip_adapter",
+            "image_encoder", "ip_image", "ip_scale", "shift", "dtype")
 
 
 def replay_defaults(parser: argparse.ArgumentParser, path: str) -> dict:

@@ -19,7 +19,8 @@ the controlled U-Net is exactly the U-Net). `save_controlnet` writes a diffusers
 when the U-Net has SD's architecture, else our own (config.json with "_class_name": "ldm.ControlNet" +
 model.safetensors); `load_controlnet` reads either, and diffusers' FLUX.1 and SD3 ControlNets
 (ldm.models.controlnet_flux, controlnet_sd3) by the config's _class_name. `attach_controlnets` puts any of
-them on the teacher.
+them on the teacher; `ControlSteps` lets each act on part of the sampling run only (diffusers'
+control_guidance_start / _end, the A1111 web UI's starting / ending control step).
 """
 from __future__ import annotations
 
@@ -101,11 +102,12 @@ class ControlNet(nn.Module):
                              f"model's {unet.cfg.channels}, {unet.cfg.context_dim})")
 
     @staticmethod
-    def attach(unet, controls: list, autoencoder=None) -> "ControlledUNet":
-        """`unet` (maybe wrapped) with controls [(ControlNet, image in [0, 1], scale), ...] attached."""
+    def attach(unet, controls: list, autoencoder=None, active=None) -> "ControlledUNet":
+        """`unet` (maybe wrapped) with controls [(ControlNet, image in [0, 1], scale), ...] attached; `active`:
+        see ControlledUNet."""
         if any(len(c) != 3 for c in controls):
             raise ValueError("U-Net ControlNets take no control mode (that is FLUX.1's Union ControlNets')")
-        return ControlledUNet(unet, controls)
+        return ControlledUNet(unet, controls, active)
 
     def forward(self, x, t, context, hint, context_mask=None, pooled=None, time_ids=None):
         body = self.body
@@ -118,10 +120,12 @@ class ControlNet(nn.Module):
 
 class ControlledUNet(nn.Module):
     """A U-Net with ControlNets attached: forward(x, t, context, context_mask=None, cond_emb=None, **added)
-    like the U-Net's (`added`: SDXL's pooled text and size numbers, for both); each (controlnet, hint (1 or B, 3, H, W) in [0, 1], scale) adds scale x its residuals
-    (several ControlNets: summed, as diffusers' MultiControlNetModel does)."""
+    like the U-Net's (`added`: SDXL's pooled text and size numbers, for both); each (controlnet, hint (1 or B, 3, H,
+    W) in [0, 1], scale) adds scale x its residuals (several ControlNets: summed, as diffusers' MultiControlNetModel
+    does). active: None (all act at every t) or t -> one bool per ControlNet (`ControlSteps`); one that does not act
+    is not run (diffusers runs it and multiplies by 0: the same sum)."""
 
-    def __init__(self, unet: UNet, controls: list[tuple[ControlNet, torch.Tensor, float]]):
+    def __init__(self, unet: UNet, controls: list[tuple[ControlNet, torch.Tensor, float]], active=None):
         super().__init__()
         for net, _, _ in controls:
             if (net.cfg.added_cond is None) != (unet.cfg.added_cond is None):
@@ -131,10 +135,13 @@ class ControlledUNet(nn.Module):
         self.nets = nn.ModuleList(net for net, _, _ in controls)
         self.hints = [hint for _, hint, _ in controls]
         self.scales = [float(scale) for _, _, scale in controls]
+        self.active = active
 
     def forward(self, x, t, context, context_mask=None, cond_emb=None, **added):
         down, mid = None, None
-        for net, hint, scale in zip(self.nets, self.hints, self.scales):
+        for net, hint, scale, on in zip(self.nets, self.hints, self.scales, acting(self.active, t, len(self.nets))):
+            if not on:
+                continue
             if x.shape[0] % hint.shape[0]:
                 raise ValueError(f"control image batch {hint.shape[0]} does not divide the batch {x.shape[0]}")
             hint = hint.to(x.device).repeat(x.shape[0] // hint.shape[0], 1, 1, 1)   # CFG's halves share it
@@ -142,19 +149,57 @@ class ControlledUNet(nn.Module):
             d, m = [r * scale for r in d], m * scale
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
-        return self.unet(x, t, context, context_mask, cond_emb, control=(down, mid), **added)
+        return self.unet(x, t, context, context_mask, cond_emb, control=None if down is None else (down, mid), **added)
 
 
-def attach_controlnets(net, base, controls: list, autoencoder):
+class ControlSteps:
+    """Which ControlNets act at net time t, as diffusers' controlnet_keep: ControlNet k acts on step i of the n a
+    sampler runs when i / n >= start_k and (i + 1) / n <= end_k (ranges [(start_k, end_k), ...] in [0, 1]).
+    grid: the n step times as the net sees them, descending; an evaluation at t belongs to the step whose
+    [grid[i], grid[i + 1]) holds it (t's first entry: sampling gives the batch one time; Heun's second evaluation,
+    at the next step's time, counts in that next step)."""
+
+    def __init__(self, ranges: list[tuple[float, float]], grid):
+        self.ranges = check_control_ranges(ranges, len(ranges))
+        self.grid = [float(g) for g in torch.as_tensor(grid).flatten()]
+
+    def step(self, t: torch.Tensor) -> int:
+        t = float(torch.as_tensor(t).reshape(-1)[0])
+        tol = 1e-5 * abs(t)                        # t reached the net as float32 t * time_scale
+        return max(0, sum(g >= t - tol for g in self.grid) - 1)
+
+    def __call__(self, t: torch.Tensor) -> list[bool]:
+        i, n = self.step(t), len(self.grid)
+        return [i / n >= start and (i + 1) / n <= end for start, end in self.ranges]
+
+
+def check_control_ranges(ranges, n: int) -> list[tuple[float, float]]:
+    """One (start, end) with 0 <= start < end <= 1 per ControlNet (n) from one for all or one each."""
+    ranges = [(float(a), float(b)) for a, b in ranges]
+    if len(ranges) not in (1, n):
+        raise ValueError(f"control_range: one (start, end) for all ControlNets or one each, got {len(ranges)} for {n}")
+    for start, end in ranges:
+        if not 0 <= start < end <= 1:
+            raise ValueError(f"control range {start:g}:{end:g}: need 0 <= start < end <= 1")
+    return ranges * n if len(ranges) == 1 else ranges
+
+
+def acting(active, t, n: int) -> list[bool]:
+    """Which of n ControlNets act at t: all without `active` (a ControlSteps)."""
+    return [True] * n if active is None else active(t)
+
+
+def attach_controlnets(net, base, controls: list, autoencoder, active=None):
     """The teacher's `net` (the model's `base` U-Net or transformer, maybe wrapped) with `controls` [(ControlNet,
     image (1 or B, 3, H, W) in [0, 1], scale[, mode]), ...] attached, all of one kind: ControlNet (U-Nets),
-    FluxControlNet or SD3ControlNet, each checked against `base`; the transformers' get the images' latents."""
+    FluxControlNet or SD3ControlNet, each checked against `base`; the transformers' get the images' latents.
+    active: None (all act throughout) or a ControlSteps for the run."""
     kinds = {type(c[0]) for c in controls}
     if len(kinds) != 1:
         raise ValueError(f"ControlNets of one kind at a time, got {sorted(k.__name__ for k in kinds)}")
     for c in controls:
         c[0].check_base(base)
-    return kinds.pop().attach(net, controls, autoencoder)
+    return kinds.pop().attach(net, controls, autoencoder, active)
 
 
 # ----------------------------------------------------------------------------- diffusers' ControlNetModel

@@ -23,6 +23,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ldm.models.controlnet import acting
 from ldm.models.convert_mmdit import diffusers_to_ours, mmdit_config_from_diffusers
 from ldm.models.mmdit import JointBlock, MMDiT, MMDiTConfig
 
@@ -86,9 +87,9 @@ class SD3ControlNet(nn.Module):
         return out
 
     @staticmethod
-    def attach(net, controls: list, autoencoder) -> "ControlledMMDiT":
+    def attach(net, controls: list, autoencoder, active=None) -> "ControlledMMDiT":
         """`net` (the SD3 teacher, maybe wrapped) with controls [(SD3ControlNet, image in [0, 1], scale), ...]
-        attached, their images encoded once here."""
+        attached, their images encoded once here; `active`: as ControlledUNet's."""
         bound = []
         ae = next(autoencoder.parameters())
         for control, image, scale, *mode in controls:
@@ -96,28 +97,32 @@ class SD3ControlNet(nn.Module):
                 raise ValueError("SD3 ControlNets take no control mode (that is FLUX.1's Union ControlNets')")
             with torch.no_grad():
                 bound.append((control, control.hint_latents(image.to(ae.device, ae.dtype), autoencoder), float(scale)))
-        return ControlledMMDiT(net, bound)
+        return ControlledMMDiT(net, bound, active)
 
 
 class ControlledMMDiT(nn.Module):
     """An MMDiT with SD3 ControlNets attached: forward like the MMDiT's; each (controlnet, latents (1 or B, C, h, w),
-    scale) adds scale x its residuals (several: summed, as diffusers' SD3MultiControlNetModel)."""
+    scale) adds scale x its residuals (several: summed, as diffusers' SD3MultiControlNetModel) at the t where
+    `active` (ldm.models.controlnet.ControlSteps, or None: all t) says it acts."""
 
-    def __init__(self, net, controls: list):
+    def __init__(self, net, controls: list, active=None):
         super().__init__()
         self.net, self.cfg = net, net.cfg
         self.nets = nn.ModuleList(c[0] for c in controls)
         self.controls = [c[1:] for c in controls]
+        self.active = active
 
     def forward(self, x, t, context, context_mask=None, cond_emb=None, pooled=None, **added):
         residuals = []
-        for net, (hint, scale) in zip(self.nets, self.controls):
+        for net, (hint, scale), on in zip(self.nets, self.controls, acting(self.active, t, len(self.nets))):
+            if not on:
+                continue
             hint = hint.to(x.device).repeat(x.shape[0] // hint.shape[0], 1, 1, 1)    # CFG's halves share it
             r = [s * scale for s in net(x, t, context, hint, pooled, context_mask)]
             if residuals and len(r) != len(residuals):
                 raise ValueError("several SD3 ControlNets must have as many blocks each to add up")
             residuals = [a + b for a, b in zip(residuals, r)] if residuals else r
-        return self.net(x, t, context, context_mask, cond_emb, control=residuals, pooled=pooled, **added)
+        return self.net(x, t, context, context_mask, cond_emb, control=residuals or None, pooled=pooled, **added)
 
 
 def load_sd3_controlnet(path: str, d: dict, state: dict) -> SD3ControlNet:

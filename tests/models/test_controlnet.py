@@ -2,7 +2,9 @@
 U-Net (its zero convolutions made non-zero, so that it does something), read into ours; the residuals,
 the controlled U-Net and the whole txt2img equal diffusers' ControlNetModel, UNet2DConditionModel and
 StableDiffusionControlNetPipeline on the same weights and noise."""
+import argparse
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from sd_layouts import PROMPTS, on_our_grid, write_sd_pipeline
 
 from ldm.bench_models import TINY
 from ldm.diffusion.samplers import initial_noise
-from ldm.models.controlnet import (ControlNet, controlnet_state_from_diffusers, load_controlnet,
+from ldm.models.controlnet import (ControlNet, ControlSteps, controlnet_state_from_diffusers, load_controlnet,
                                    load_diffusers_controlnet, save_controlnet)
 from ldm.models.from_diffusers import convert
 from ldm.pipeline import TextToImage
@@ -153,3 +155,65 @@ def test_saved_controlnets_load_in_diffusers_and_back(setup, tmp_path, one_threa
     assert save_controlnet(net, str(tmp_path / "ours")) == "ours"
     again = load_controlnet(str(tmp_path / "ours"))
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in net.state_dict().items())
+
+
+def test_control_steps_map_net_times_to_diffusers_keep():
+    """Step i of n acts when i / n >= start and (i + 1) / n <= end; a time between grid points (Heun's, DPM
+    solvers' inner evaluations) belongs to the step it falls in; float32 net times still find their step."""
+    grid = torch.tensor([999.0, 749.0, 499.0, 249.0], dtype=torch.float64)
+    steps = ControlSteps([(0.25, 0.75), (0.0, 0.5), (0.0, 1.0)], grid)
+    on = [steps(torch.tensor([t], dtype=torch.float32)) for t in grid.tolist()]
+    assert on == [[False, True, True], [True, True, True], [True, False, True], [False, False, True]]
+    assert [steps.step(torch.tensor(t)) for t in (999.5, 998.9999, 600.0, 250.0, 248.0, 0.0)] == [0, 0, 1, 2, 3, 3]
+    # a rectified-flow grid of t in [0, 1] the net sees as float32 1000 t: 1000 * float32(5/6) < 1000 * 5/6
+    flow = torch.arange(6, 0, -1, dtype=torch.float64) / 6
+    steps = ControlSteps([(0.0, 1.0)], flow * 1000)
+    assert [steps.step(t.float() * 1000) for t in flow] == list(range(6))
+    with pytest.raises(ValueError, match="start < end"):
+        ControlSteps([(0.5, 0.5)], grid)
+    from ldm.cli import parse_control_range
+    assert parse_control_range("0:0.6") == (0.0, 0.6)
+    with pytest.raises(argparse.ArgumentTypeError, match="START < END"):
+        parse_control_range("0.6:0.2")
+
+
+def test_control_range_equals_diffusers_control_guidance_start_end(setup, tmp_path, one_thread):
+    """sample(control_range=[(0.25, 0.75)]) over 4 steps (the ControlNet acts on steps 1 and 2) = diffusers'
+    StableDiffusionControlNetPipeline with control_guidance_start=0.25, end=0.75; 0:1 is the plain control
+    exactly; --control-range reaches the PNG and --replay draws it again."""
+    from ldm import txt2img
+    root, theirs, net = setup
+    side, steps = TINY.image, 4
+    control = (np.random.default_rng(0).random((side, side, 3)) * 255).astype(np.uint8)
+    Image.fromarray(control).save(tmp_path / "edges.png")
+    image = torch.from_numpy(control.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    pipe = TextToImage.from_folder(str(root / "model"), decoder_precision="fp32")
+    ours_net = load_controlnet(str(root / "cn"))
+    noise = initial_noise(pipe.schedule, pipe.schedule.timesteps(steps), pipe.latent_shape(1),
+                          generator=torch.Generator().manual_seed(0))
+    cn_pipe = on_our_grid(diffusers.StableDiffusionControlNetPipeline(**theirs.components, controlnet=net))
+    call = dict(image=image, controlnet_conditioning_scale=0.8, num_inference_steps=steps,
+                guidance_scale=1 + pipe.index.guidance, latents=noise, output_type="pt")
+    with torch.no_grad():
+        reference = cn_pipe(PROMPTS[0], control_guidance_start=0.25, control_guidance_end=0.75, **call).images
+        throughout = cn_pipe(PROMPTS[0], **call).images
+    control_list = [(ours_net, image, 0.8)]
+    ours, _ = pipe.generate([PROMPTS[0]], steps=steps, seed=0, control=control_list, control_range=[(0.25, 0.75)])
+    ours = ours * 0.5 + 0.5
+    diff = (ours - reference).abs().max().item()
+    print(f"control range 0.25:0.75, max |ours - diffusers| = {diff:.2e}")
+    assert diff < 1e-5
+    assert (ours - throughout).abs().max() > 1e-2                             # the range mattered
+    full, _ = pipe.generate([PROMPTS[0]], steps=steps, seed=0, control=control_list, control_range=[(0, 1)])
+    plain, _ = pipe.generate([PROMPTS[0]], steps=steps, seed=0, control=control_list)
+    assert torch.equal(full, plain)
+
+    out = tmp_path / "ranged.png"
+    txt2img.main([PROMPTS[0], "--model", str(root / "model"), "--steps", str(steps), "--controlnet", str(root / "cn"),
+                  "--control-image", str(tmp_path / "edges.png"), "--control-scale", "0.8", "--control-range",
+                  "0.25:0.75", "--decoder-precision", "fp32", "--out", str(out)])
+    drawn = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.abs(drawn - np.round(reference[0].permute(1, 2, 0).numpy() * 255)).max() <= 1
+    assert json.loads(Image.open(out).text["ldm"])["control_range"] == [[0.25, 0.75]]
+    txt2img.main(["--replay", str(out), "--decoder-precision", "fp32", "--out", str(tmp_path / "again.png")])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png"), dtype=np.int16), drawn)

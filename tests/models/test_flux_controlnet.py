@@ -136,3 +136,24 @@ def test_flux_controlnet_refusals(tmp_path, capsys):
                             axes_dims_rope=(4, 6, 6), guidance_embeds=True))
     with pytest.raises(ValueError, match="made for another transformer"):
         net.check_base(wider)
+
+
+def test_flux_control_range_equals_diffusers(posterior_mode, tmp_path, one_thread):
+    """sample(control_range=[(0.25, 0.75)]) over 4 steps = FluxControlNetPipeline's control_guidance_start=0.25,
+    end=0.75 (-dev: the net's times are 1000 t); the range mattered."""
+    theirs = write_flux_controlnet_pipeline(tmp_path, True)
+    hint = hint_image(tmp_path / "hint.png")
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    steps, call = 4, dict(control_image=hint, controlnet_conditioning_scale=SCALE)
+    reference = flux_images(theirs, pipe, [PROMPT], steps, 3.5, size=SIZE, control_guidance_start=0.25,
+                            control_guidance_end=0.75, **call)
+    throughout = flux_images(theirs, pipe, [PROMPT], steps, 3.5, size=SIZE, **call)
+
+    from ldm.models.controlnet import load_controlnet
+    image = torch.from_numpy(np.array(hint)).permute(2, 0, 1)[None] / 255.0
+    control = [(load_controlnet(str(tmp_path / "controlnet")), image, SCALE)]
+    ours, _ = pipe.generate([PROMPT], steps=steps, size=SIZE, control=control, control_range=[(0.25, 0.75)])
+    diff = ((ours * 0.5 + 0.5) - reference).abs().max().item()
+    print(f"control range 0.25:0.75: max |ours - diffusers| = {diff:.2e}")
+    assert diff < 2e-5
+    assert (reference - throughout).abs().max() > 0.01
