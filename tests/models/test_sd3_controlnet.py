@@ -99,3 +99,25 @@ def test_sd3_controlnet_refusals(tmp_path, capsys):
             txt2img.main(["a cat", "--model", str(model), "--controlnet", str(controlnet), "--control-image",
                           str(tmp_path / "hint.png"), "--steps", "1", "--out", str(tmp_path / "x.png")])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sd3_control_range_equals_diffusers(posterior_mode, tmp_path, one_thread):
+    """sample(control_range=[(0.25, 0.75)]) over 4 steps with CFG = StableDiffusion3ControlNetPipeline's
+    control_guidance_start=0.25, end=0.75; the range mattered."""
+    from ldm.models.controlnet import load_controlnet
+    theirs = write_sd3_controlnet_pipeline(tmp_path, True)
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    side = pipe.index.resolution
+    hint = Image.fromarray((torch.rand(side, side, 3, generator=torch.Generator().manual_seed(3)).numpy() * 255)
+                           .round().astype(np.uint8))
+    call = dict(control_image=hint, controlnet_conditioning_scale=SCALE)
+    reference = sd3_images(theirs, pipe, PROMPTS, 4, 4.0, control_guidance_start=0.25, control_guidance_end=0.75,
+                           **call)
+    throughout = sd3_images(theirs, pipe, PROMPTS, 4, 4.0, **call)
+    image = torch.from_numpy(np.array(hint)).permute(2, 0, 1)[None] / 255.0
+    control = [(load_controlnet(str(tmp_path / "controlnet")), image, SCALE)]
+    ours, _ = pipe.generate(PROMPTS, steps=4, control=control, control_range=[(0.25, 0.75)])
+    diff = ((ours * 0.5 + 0.5) - reference).abs().max().item()
+    print(f"control range 0.25:0.75: max |ours - diffusers| = {diff:.2e}")
+    assert diff < 2e-5
+    assert (reference - throughout).abs().max() > 0.01
