@@ -58,6 +58,9 @@ SPEED_GOALS = {("unet-infer", "eager"): 1.15, ("unet-infer", "compiled"): 1.0, (
                ("mmdit-infer", "eager"): 1.0, ("mmdit-infer", "compiled"): 1.0, ("mmdit-train", "eager"): 1.0,
                ("flux-infer", "eager"): 1.0, ("flux-infer", "compiled"): 1.0, ("flux-train", "eager"): 1.0}
 MEMORY_GOALS = ("unet-train", "mmdit-train", "flux-train")  # every mode
+# the transformer families: label, (ours, diffusers) pair, weight check, inputs and call (bench_models)
+TRANSFORMERS = {"mmdit": ("MMDiT", bm.mmdit_pair, bm.check_mmdit_pair, bm.mmdit_inputs, bm.mmdit_call),
+                "flux": ("Flux", bm.flux_pair, bm.check_flux_pair, bm.flux_inputs, bm.flux_call)}
 WEIGHT_CHECK_RTOL = 1e-4          # max |ours - diffusers| / max |diffusers| allowed at fp32
 TXT2IMG_STEPS, GUIDANCE = 4, 6.5   # w = 6.5 in our convention is diffusers' guidance_scale 7.5
 
@@ -421,14 +424,11 @@ def main(argv=None) -> dict:
     if {"vae-decode", "txt2img"} & set(args.only):
         vaes = bm.vae_pair(size)
         checks["vae"] = _checked("VAE", bm.check_vae_pair(*vaes, size))
-    if {"mmdit-infer", "mmdit-train"} & set(args.only):
-        mmdits = bm.mmdit_pair(size)
-        checks["mmdit"] = _checked("MMDiT", bm.check_mmdit_pair(*mmdits, size))
-        denoisers["mmdit"] = (mmdits, partial(bm.mmdit_inputs, size), bm.mmdit_call)
-    if {"flux-infer", "flux-train"} & set(args.only):
-        fluxes = bm.flux_pair(size)
-        checks["flux"] = _checked("Flux", bm.check_flux_pair(*fluxes, size))
-        denoisers["flux"] = (fluxes, partial(bm.flux_inputs, size), bm.flux_call)
+    for family, (label, make_pair, check, inputs, call) in TRANSFORMERS.items():
+        if {f"{family}-infer", f"{family}-train"} & set(args.only):
+            pair = make_pair(size)
+            checks[family] = _checked(label, check(*pair, size))
+            denoisers[family] = (pair, partial(inputs, size), call)
     for family, denoiser in denoisers.items():
         layouts = LAYOUTS[args.layout] if family == "unet" else ("nchw",)  # the transformers: one conv or none
         if f"{family}-infer" in args.only:

@@ -174,36 +174,34 @@ def max_error(ours_fn, theirs_fn, *inputs) -> dict:
     return {"max_abs_err": err, "max_rel_err": err / max(b.abs().max().item(), 1e-12)}
 
 
-def mmdit_pair(size: Size, seed: int = 0):
-    """(ours, diffusers) SD3 transformers with identical weights, fp32 on CPU, eval mode."""
-    from diffusers import SD3Transformer2DModel
+def _transformer_pair(diffusers_class: str, config: dict, config_from, rename, ours_class, seed: int):
+    """(ours, diffusers) transformers with identical weights, fp32 on CPU, eval mode: diffusers' `diffusers_class`
+    built from `config` (random init after seeding), ours from its config (`config_from`) and renamed weights."""
+    import diffusers
 
-    from ldm.models.convert_mmdit import diffusers_to_ours, mmdit_config_from_diffusers
-    from ldm.models.mmdit import MMDiT
     from ldm.models.weights import load_state_dict_strict
 
     torch.manual_seed(seed)
-    theirs = SD3Transformer2DModel(**size.mmdit)
-    ours = MMDiT(mmdit_config_from_diffusers(dict(theirs.config)))
-    load_state_dict_strict(ours, diffusers_to_ours(theirs.state_dict()),
-                           "diffusers SD3Transformer2DModel (random init)")
+    theirs = getattr(diffusers, diffusers_class)(**config)
+    ours = ours_class(config_from(dict(theirs.config)))
+    load_state_dict_strict(ours, rename(theirs.state_dict()), f"diffusers {diffusers_class} (random init)")
     return ours.eval(), theirs.eval()
+
+
+def mmdit_pair(size: Size, seed: int = 0):
+    """(ours, diffusers) SD3 transformers with identical weights, fp32 on CPU, eval mode."""
+    from ldm.models.convert_mmdit import diffusers_to_ours, mmdit_config_from_diffusers
+    from ldm.models.mmdit import MMDiT
+    return _transformer_pair("SD3Transformer2DModel", size.mmdit, mmdit_config_from_diffusers, diffusers_to_ours,
+                             MMDiT, seed)
 
 
 def flux_pair(size: Size, seed: int = 0):
     """(ours, diffusers) FLUX.1 transformers with identical weights, fp32 on CPU, eval mode."""
-    from diffusers import FluxTransformer2DModel
-
     from ldm.models.convert_flux import diffusers_to_ours, flux_config_from_diffusers
     from ldm.models.flux import Flux
-    from ldm.models.weights import load_state_dict_strict
-
-    torch.manual_seed(seed)
-    theirs = FluxTransformer2DModel(**size.flux)
-    ours = Flux(flux_config_from_diffusers(dict(theirs.config)))
-    load_state_dict_strict(ours, diffusers_to_ours(theirs.state_dict()),
-                           "diffusers FluxTransformer2DModel (random init)")
-    return ours.eval(), theirs.eval()
+    return _transformer_pair("FluxTransformer2DModel", size.flux, flux_config_from_diffusers, diffusers_to_ours,
+                             Flux, seed)
 
 
 # ---- denoiser inputs and calls: what the generic denoiser benches of ldm.bench take --------------
