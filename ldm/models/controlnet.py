@@ -189,6 +189,19 @@ def acting(active, t, n: int) -> list[bool]:
     return [True] * n if active is None else active(t)
 
 
+class ControlledTransformer(nn.Module):
+    """What an SD3 or FLUX.1 net with transformer ControlNets attached keeps (ControlledMMDiT, ControlledFlux):
+    the net, the ControlNets, each one's bound inputs (latents, scale[, mode]) and `active` (as ControlledUNet's);
+    the subclass's forward adds their residuals where its net takes them."""
+
+    def __init__(self, net, controls: list, active=None):
+        super().__init__()
+        self.net, self.cfg = net, net.cfg
+        self.nets = nn.ModuleList(c[0] for c in controls)
+        self.controls = [c[1:] for c in controls]
+        self.active = active
+
+
 def attach_controlnets(net, base, controls: list, autoencoder, active=None):
     """The teacher's `net` (the model's `base` U-Net or transformer, maybe wrapped) with `controls` [(ControlNet,
     image (1 or B, 3, H, W) in [0, 1], scale[, mode]), ...] attached, all of one kind: ControlNet (U-Nets),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ldm.models.controlnet import acting
+from ldm.models.controlnet import ControlledTransformer, acting
 from ldm.models.convert_flux import diffusers_to_ours, flux_config_from_diffusers
 from ldm.models.flux import PATCH, Flux, FluxConfig, pack, position_ids, rope_angles
 
@@ -101,25 +101,18 @@ class FluxControlNet(nn.Module):
         """`net` (the FLUX.1 teacher, maybe wrapped) with controls [(FluxControlNet, image in [0, 1], scale[,
         mode]), ...] attached, their images encoded once here; `active`: as ControlledUNet's."""
         bound = []
+        ae = next(autoencoder.parameters())
         for net_c, image, scale, *mode in controls:
-            ae = next(autoencoder.parameters())
             with torch.no_grad():
                 latents = net_c.hint_latents(image.to(ae.device, ae.dtype), autoencoder)
             bound.append((net_c, latents, float(scale), mode[0] if mode else None))
         return ControlledFlux(net, bound, active)
 
 
-class ControlledFlux(nn.Module):
+class ControlledFlux(ControlledTransformer):
     """A Flux with FLUX.1 ControlNets attached: forward like Flux's; each (controlnet, latents (1 or B, C, h, w),
     scale, mode) adds scale x its residuals (several: summed, as diffusers' FluxMultiControlNetModel) at the t
     where `active` (ldm.models.controlnet.ControlSteps, or None: all t) says it acts."""
-
-    def __init__(self, net, controls: list, active=None):
-        super().__init__()
-        self.net, self.cfg = net, net.cfg
-        self.nets = nn.ModuleList(c[0] for c in controls)
-        self.controls = [c[1:] for c in controls]
-        self.active = active
 
     def forward(self, x, t, context, context_mask=None, cond_emb=None, pooled=None, guidance=None, **added):
         double, single = [], []

@@ -23,7 +23,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ldm.models.controlnet import acting
+from ldm.models.controlnet import ControlledTransformer, acting
 from ldm.models.convert_mmdit import diffusers_to_ours, mmdit_config_from_diffusers
 from ldm.models.mmdit import JointBlock, MMDiT, MMDiTConfig
 
@@ -100,17 +100,10 @@ class SD3ControlNet(nn.Module):
         return ControlledMMDiT(net, bound, active)
 
 
-class ControlledMMDiT(nn.Module):
+class ControlledMMDiT(ControlledTransformer):
     """An MMDiT with SD3 ControlNets attached: forward like the MMDiT's; each (controlnet, latents (1 or B, C, h, w),
     scale) adds scale x its residuals (several: summed, as diffusers' SD3MultiControlNetModel) at the t where
     `active` (ldm.models.controlnet.ControlSteps, or None: all t) says it acts."""
-
-    def __init__(self, net, controls: list, active=None):
-        super().__init__()
-        self.net, self.cfg = net, net.cfg
-        self.nets = nn.ModuleList(c[0] for c in controls)
-        self.controls = [c[1:] for c in controls]
-        self.active = active
 
     def forward(self, x, t, context, context_mask=None, cond_emb=None, pooled=None, **added):
         residuals = []
