@@ -13,6 +13,15 @@ from ldm.bench_models import TINY, write_clip_folder
 PROMPTS = ["a red cube on a blue floor", "a cat"]      # different lengths: the padding differs
 
 
+def perturb(model, seed=0, std=0.1):
+    """Randomise every parameter (norm gains and zero-initialised ones too) so that a swapped name cannot hide."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
 def write_sd_pipeline(folder, prediction_type: str = "epsilon", unet_options: dict | None = None, **scheduler_options):
     from transformers import CLIPTextModel, CLIPTokenizer
     clip = write_clip_folder(TINY, str(folder / "clip-src"))

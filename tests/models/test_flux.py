@@ -13,6 +13,7 @@ from ldm.models.convert_flux import (
     diffusers_to_ours, flux_config_from_diffusers, load_diffusers_flux, ours_to_diffusers,
 )
 from ldm.models.flux import Flux, FluxConfig, apply_rope, pack, position_ids, rope_angles, unpack
+from sd_layouts import perturb
 
 TINY = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, axes_dims_rope=(4, 6, 6))
@@ -20,18 +21,9 @@ DEV = dict(guidance_embeds=True)        # FLUX.1-dev: guidance-distilled
 SCHNELL = dict(guidance_embeds=False)   # FLUX.1-schnell
 
 
-def _perturb(model, seed=0, std=0.1):
-    """Randomise every parameter (norm gains too) so that a swapped name cannot hide."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
-    return model
-
-
 def _reference(**overrides):
     torch.manual_seed(0)
-    return _perturb(FluxTransformer2DModel(**{**TINY, **overrides})).eval()
+    return perturb(FluxTransformer2DModel(**{**TINY, **overrides})).eval()
 
 
 def _ours(tmp_path, **overrides):
@@ -127,7 +119,7 @@ def _tiny_cfg(**overrides):
 
 def _net(seed=0, **overrides):
     torch.manual_seed(seed)
-    return _perturb(Flux(_tiny_cfg(**overrides)), seed).eval()
+    return perturb(Flux(_tiny_cfg(**overrides)), seed).eval()
 
 
 def test_refusals_name_what_is_wrong():

@@ -11,6 +11,7 @@ from ldm.models.convert_mmdit import (
 )
 from ldm.models.layers import timestep_embedding
 from ldm.models.mmdit import TIME_FREQS, MMDiT, MMDiTConfig
+from sd_layouts import perturb
 
 TINY = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
             num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=24,
@@ -21,18 +22,9 @@ SD35_LARGE = dict(qk_norm="rms_norm")
 SD35_MEDIUM = dict(qk_norm="rms_norm", dual_attention_layers=(0, 1))   # MMDiT-X blocks first, as released
 
 
-def _perturb(model, seed=0, std=0.1):
-    """Randomise every parameter (norm gains and zero-initialised ones too) so that a swapped name cannot hide."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
-    return model
-
-
 def _reference(**overrides):
     torch.manual_seed(0)
-    return _perturb(SD3Transformer2DModel(**{**TINY, **overrides})).eval()
+    return perturb(SD3Transformer2DModel(**{**TINY, **overrides})).eval()
 
 
 def _ours(tmp_path, **overrides):
@@ -92,7 +84,7 @@ def _tiny_cfg():
 
 def _net(seed=0, **overrides):
     torch.manual_seed(seed)
-    return _perturb(MMDiT(MMDiTConfig(**{**_tiny_cfg(), **overrides})), seed).eval()
+    return perturb(MMDiT(MMDiTConfig(**{**_tiny_cfg(), **overrides})), seed).eval()
 
 
 def test_config_from_diffusers_and_refusals():

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from ldm.models.convert_unet import load_compvis_unet, load_diffusers_unet, unet_config_from_diffusers
 from ldm.models.layers import timestep_embedding
-from sd_layouts import unet_to_compvis
+from sd_layouts import perturb, unet_to_compvis
 
 from ldm.models.unet import UNet, UNetConfig, count_params, sd2_config, sd15_config, sdxl_config, tiny_config
 
@@ -21,15 +21,6 @@ def _inputs(cfg, batch=2, size=8, tokens=5, seed=0):
     t = torch.tensor([3.0, 917.0])[:batch]
     ctx = torch.randn(batch, tokens, cfg.context_dim, generator=g)
     return x, t, ctx
-
-
-def _perturb(model, seed=0, std=0.1):
-    """Randomise every parameter (norm weights too) so that a swapped name cannot hide."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
-    return model
 
 
 def test_timestep_embedding_matches_diffusers_reference():
@@ -53,7 +44,7 @@ def test_output_shape_dtype_and_time_formats():
 def test_cond_emb_is_added_to_time_embedding():
     torch.manual_seed(0)
     cfg = tiny_config()
-    model = _perturb(UNet(cfg)).eval()
+    model = perturb(UNet(cfg)).eval()
     x, t, ctx = _inputs(cfg)
     base = model(x, t, ctx)
     torch.testing.assert_close(model(x, t, ctx, cond_emb=torch.zeros(2, cfg.time_embed_dim)), base)
@@ -74,7 +65,7 @@ def test_position_embeddings_zero_is_plain_and_nonzero_breaks_translation_symmet
     from ldm.models.layers import POS_FREQS, position_features
 
     cfg = tiny_config()
-    plain = _perturb(UNet(cfg)).eval()
+    plain = perturb(UNet(cfg)).eval()
     pos = UNet(dataclasses.replace(cfg, pos_embed=True)).eval()
     missing, unexpected = pos.load_state_dict(plain.state_dict(), strict=False)
     assert missing and all(".pos_proj." in k for k in missing) and not unexpected
@@ -99,7 +90,7 @@ def test_position_embeddings_zero_is_plain_and_nonzero_breaks_translation_symmet
 def test_context_mask_equals_dropping_masked_tokens():
     torch.manual_seed(0)
     cfg = tiny_config()
-    model = _perturb(UNet(cfg)).eval()
+    model = perturb(UNet(cfg)).eval()
     x, t, ctx = _inputs(cfg, tokens=6)
     mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 4 + [False] * 2])
     torch.testing.assert_close(model(x, t, ctx, context_mask=mask), model(x, t, ctx[:, :4]), atol=1e-5, rtol=1e-5)
@@ -108,7 +99,7 @@ def test_context_mask_equals_dropping_masked_tokens():
 def test_gradient_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     cfg = tiny_config()
-    model = _perturb(UNet(cfg)).train()
+    model = perturb(UNet(cfg)).train()
     x, t, ctx = _inputs(cfg)
 
     def grads(flag):
@@ -125,7 +116,7 @@ def test_gradient_checkpointing_gives_same_gradients():
 def test_save_load_roundtrip(tmp_path):
     torch.manual_seed(0)
     cfg = tiny_config(linear_projection=True, num_heads=(2, 4), transformer_depth=2)
-    model = _perturb(UNet(cfg)).eval()
+    model = perturb(UNet(cfg)).eval()
     model.save_pretrained(tmp_path)
     loaded = UNet.from_pretrained(tmp_path).eval()
     assert loaded.cfg == cfg
@@ -172,7 +163,7 @@ def _small_diffusers(linear: bool, heads):
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=heads, norm_num_groups=8, use_linear_projection=linear,
     )
-    return _perturb(model).eval()
+    return perturb(model).eval()
 
 
 def _diffusers_out(model, x, t, ctx, mask=None):
@@ -203,7 +194,7 @@ def _small_sdxl():
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 2, 4),
         transformer_layers_per_block=(1, 2, 3), cross_attention_dim=24, norm_num_groups=8, use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=20 + 6 * 8)
-    return _perturb(model).eval()
+    return perturb(model).eval()
 
 
 def test_sdxl_unet_loads_and_matches(tmp_path):
