@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm import ops
+from ldm.models.vae_tiling import Tiled
 from ldm.models.weights import load_state_dict_strict, load_weights  # noqa: F401  (re-exported)
 
 FP16_DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -292,16 +293,21 @@ class AutoencoderKL(nn.Module):
         """Recompute each ResBlock/Attention in the backward pass to save activation memory."""
         self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = enabled
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+    def encode(self, x: torch.Tensor, tile: int | None = None) -> DiagonalGaussian:
+        """tile: the encoder runs in tiles of this many pixels (ldm.models.vae_tiling): the same moments in
+        bounded memory; None: untiled."""
+        encoder = Tiled(self.encoder, tile) if tile else self.encoder
+        return DiagonalGaussian(self.quant_conv(encoder(x)))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents -> images; fp16 latents are decoded in `config.fp16_decode_dtype` (module doc)."""
+    def decode(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """Latents -> images; fp16 latents are decoded in `config.fp16_decode_dtype` (module doc). tile: in
+        tiles of this many pixels (ldm.models.vae_tiling), the same image in bounded memory; None: untiled."""
+        decoder = Tiled(self.decoder, tile) if tile else self.decoder
         if z.dtype != torch.float16 or self.config.fp16_decode_dtype == "float16":
-            return self.decoder(self.post_quant_conv(z))
+            return decoder(self.post_quant_conv(z))
         dtype = FP16_DECODE_DTYPES[self.config.fp16_decode_dtype]
         h = _call_in_dtype(self.post_quant_conv, z, dtype)
-        return _call_in_dtype(self.decoder, h, dtype).to(torch.float16)
+        return _call_in_dtype(decoder, h, dtype).to(torch.float16)
 
     def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
         """Returns (reconstruction, posterior)."""
@@ -309,17 +315,17 @@ class AutoencoderKL(nn.Module):
         z = posterior.sample(generator) if sample else posterior.mode()
         return self.decode(z), posterior
 
-    def encode_latents(self, x: torch.Tensor, sample: bool = True,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_latents(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None,
+                       tile: int | None = None) -> torch.Tensor:
         """Images -> latents at unit scale for the diffusion model: (z - shift) * scale."""
-        posterior = self.encode(x)
+        posterior = self.encode(x, tile)
         z = posterior.sample(generator) if sample else posterior.mode()
         return (z - (self.config.shift_factor or 0.0)) * self.config.scaling_factor
 
-    def decode_latents(self, z_scaled: torch.Tensor) -> torch.Tensor:
+    def decode_latents(self, z_scaled: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Inverse of the scaling in `encode_latents`, then decode."""
         z = z_scaled / self.config.scaling_factor + (self.config.shift_factor or 0.0)
-        return self.decode(z)
+        return self.decode(z, tile)
 
     # -- persistence: config.json + model.safetensors ------------------------
     def save_pretrained(self, directory: str | Path) -> None:
