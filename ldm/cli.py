@@ -19,6 +19,7 @@ from ldm.diffusion.schedules import SPACINGS
 from ldm.models.embeddings import parse_embedding_arg
 from ldm.models.lora import parse_lora_arg
 from ldm.models.prompt_weights import parse_weighted, token_weights, tokenizer_weights
+from ldm.models.vae_tiling import parse_tiling
 from ldm.pipeline import DECODER_PRECISIONS, DEFAULT_MODEL, INDEX_NAME, TextToImage
 from ldm.training.images import make_grid
 
@@ -60,11 +61,20 @@ def parse_freeu(text: str) -> tuple[float, float, float, float]:
     return values
 
 
+def parse_vae_tiling(text: str) -> str:
+    """'off', 'auto' or a tile side in pixels such as '512'."""
+    try:
+        return parse_tiling(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --shift, --negative, --guidance-rescale,
     --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --control-mode, --control-range,
     --ip-adapter,
-    --image-encoder, --ip-image, --ip-scale, --freeu, --clip-skip, --lora, --device, --dtype, --decoder-precision."""
+    --image-encoder, --ip-image, --ip-scale, --freeu, --clip-skip, --lora, --device, --dtype, --decoder-precision,
+    --vae-tiling."""
     model = parser.add_argument_group("model and device")
     sampling = parser.add_argument_group("sampling")
     prompt = parser.add_argument_group("prompt")
@@ -154,6 +164,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--decoder-precision", default="auto", choices=list(DECODER_PRECISIONS),
                         help="autoencoder decoder: auto = bf16 on CPUs with native bf16 (about 2x faster, "
                              "pixels within 0.02 of fp32), else fp32")
+    model.add_argument("--vae-tiling", default="off", type=parse_vae_tiling, metavar="off|auto|PIXELS",
+                       help="run the autoencoder in tiles of PIXELS (e.g. 512) so that large images fit in memory; "
+                            "the image equals the untiled one (within float rounding, unlike diffusers' blended "
+                            "tiles). auto: 512-px tiles on CUDA for images above 2 Mpx (default: off)")
 
 
 def short_warnings(message, category, filename, lineno, line=None) -> str:
@@ -209,6 +223,7 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
     pipe = TextToImage.from_folder(args.model, device=args.device, decoder_precision=args.decoder_precision,
                                    dtype=NET_DTYPES[args.dtype])
     pipe.prompt_weights = args.prompt_weights == "a1111"
+    pipe.vae_tiling = args.vae_tiling
     try:
         pipe.set_freeu(args.freeu)
     except ValueError as err:

@@ -36,6 +36,7 @@ from ldm.models.prompt_weights import encode_weighted, parse_weighted, plain_tex
 from ldm.models.text import ScratchTextEncoder, TextEncoderConfig, build_text_encoder
 from ldm.models.nets import load_net
 from ldm.models.unet import UNet, sdxl_time_ids
+from ldm.models.vae_tiling import tile_for
 
 INDEX_NAME = "model_index.json"
 CPU_DECODE_CHUNK = 8   # latents decoded at once on a CPU (see TextToImage.decode)
@@ -143,6 +144,7 @@ class TextToImage:
         self.prompt_weights = False   # read "(word:1.3)" emphasis in prompts (ldm.models.prompt_weights)
         self._ip = None               # (ImageTokens, shared state, ImageEncoder) once add_ip_adapter ran
         self.net_dtype: torch.dtype | None = None   # from_folder's dtype: students load in it too
+        self.vae_tiling = "off"    # autoencoder in exact tiles: "off", "auto" or pixels (ldm.models.vae_tiling)
 
     @classmethod
     def from_folder(cls, folder: str = DEFAULT_MODEL, device="cpu", decoder_precision: str = "auto",
@@ -661,19 +663,22 @@ class TextToImage:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
         self.latent_shape(len(images), (images.shape[-1], images.shape[-2]))
-        return self.autoencoder.encode_latents(images.to(self.device), sample=False)
+        tile = tile_for(self.vae_tiling, self.device, *images.shape[-2:])
+        return self.autoencoder.encode_latents(images.to(self.device), sample=False, tile=tile)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> fp32 images in [-1, 1], in bf16 autocast if decoder_precision says so
         (shapes64: at most 0.02 from fp32, 1.5e-3 on average). On a CPU in chunks: a chunk's
         full-resolution activations stay in cache (50 shapes64 latents at once are ~2x slower per image)."""
         bf16 = self.decoder_precision == "bf16"
+        factor = self.autoencoder.config.downsample_factor
+        tile = tile_for(self.vae_tiling, z.device, z.shape[-2] * factor, z.shape[-1] * factor)
         with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
             if z.device.type != "cpu":
-                return self.autoencoder.decode_latents(z).float().clamp(-1, 1)
+                return self.autoencoder.decode_latents(z, tile).float().clamp(-1, 1)
             # channels_last input as well as weights: an NCHW input sends the first convs to the
             # slow non-oneDNN path.
-            parts = [self.autoencoder.decode_latents(c.contiguous(memory_format=torch.channels_last))
+            parts = [self.autoencoder.decode_latents(c.contiguous(memory_format=torch.channels_last), tile)
                      for c in z.split(CPU_DECODE_CHUNK)]
         return torch.cat(parts).float().clamp(-1, 1).contiguous()
 
