@@ -15,6 +15,13 @@ own many-step DDIM paths, which a chain of halvings can only approach; optional 
 rounds (distill.dmd_updates, ldm/distill/dmd.py) after them make a student's samples distributed as
 the teacher's rather than close to its images in squared error.
 
+A FLUX.1-dev teacher is guidance-distilled already: it takes the guidance scale s as an input, so it is
+Meng's stage-one student. Stage one is not run; the halvings start from the teacher itself, w entering as its
+guidance scale s = 1 + w (the pipeline's convention: `--guidance 2.5` is FLUX.1's 3.5), on its rectified flow
+and the grid the pipeline samples data.resolution on (FLUX.1's resolution-dependent shift). The N_start-step
+model is the teacher, so no student-N_start is written. FLUX.1-schnell is refused: it is step-distilled
+already and has no guidance input to carry w.
+
 Every round trains in its own folder output_dir/<round>/ (checkpoints, samples, the final student)
 and writes its student into the model folder as student-N (model_index.json "students").
 `--resume latest` skips finished rounds and continues the unfinished one from its last checkpoint.
@@ -40,6 +47,7 @@ from ldm.diffusion.guidance import drop_captions
 from ldm.diffusion.losses import check_time_shift, shift_times, uniform_times
 from ldm.diffusion.param import Denoiser, q_sample
 from ldm.diffusion.samplers import initial_noise, sample_ddim
+from ldm.diffusion.schedules import shifted
 from ldm.distill.dmd import T_RANGE, dmd_direction, dmd_loss, unrolled_ddim
 from ldm.distill.paths import load_paths, path_batch, path_error, save_paths, teacher_path
 from ldm.distill.student import GuidedStudent
@@ -47,7 +55,7 @@ from ldm.distill.targets import (grid_rows, stage_one_target, stage_two_target, 
                                  x_space_loss)
 from ldm.models.nets import build_net
 from ldm.models.unet import refuse_refiner
-from ldm.pipeline import INDEX_NAME, TextToImage, load_index, save_index
+from ldm.pipeline import INDEX_NAME, ModelIndex, TextToImage, load_index, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
                           build_scheduler, log_images, one_batch_size, optimizer_step, parse_args,
                           seed_everything, setup)
@@ -227,8 +235,9 @@ def source_round(rounds: list[Round], rnd: Round) -> str:
     return [r for r in rounds[:rounds.index(rnd)] if r.steps == rnd.steps][-1].name
 
 
-def plan_rounds(d: DistillSettings) -> list[Round]:
-    """Stage one, halving rounds N_start/2, ..., n_end, then path rounds and DMD rounds."""
+def plan_rounds(d: DistillSettings, stage_one: bool = True) -> list[Round]:
+    """Stage one, halving rounds N_start/2, ..., n_end, then path rounds and DMD rounds. stage_one False: the
+    teacher takes w itself (FLUX.1-dev), it is stage one's student."""
     halvings = [Round(f"round-{n}", n, d.round_updates.get(n, d.round_steps), 2 * n, d.round_lr.get(n))
                 for n in halving_steps(d.n_start, d.n_end)]
     run = {r.steps for r in halvings}                            # fine-tune the rounds run only
@@ -236,7 +245,46 @@ def plan_rounds(d: DistillSettings) -> list[Round]:
              for n, updates in sorted(d.path_updates.items(), reverse=True) if n in run]
     dmd = [Round(f"dmd-{n}", n, updates, None, d.dmd_lr, kind="dmd")
            for n, updates in sorted(d.dmd_updates.items(), reverse=True) if n in run]
-    return [Round("stage-one", d.n_start, d.stage_one_steps, None)] + halvings + paths + dmd
+    return [Round("stage-one", d.n_start, d.stage_one_steps, None)] * stage_one + halvings + paths + dmd
+
+
+# ----------------------------------------------------------------------------- teacher
+
+def refuse_flux(index: ModelIndex) -> None:
+    """ValueError for the FLUX.1 teachers stage 3 cannot distil: -schnell and the image-conditioned nets."""
+    if not index.guidance_embed:
+        raise ValueError("stage 3 does not take a FLUX.1-schnell teacher: it is step-distilled already (1-4 steps) and "
+                         "has no guidance input to carry w; distil FLUX.1-dev (it takes the guidance scale) instead")
+    if index.image_input:
+        raise ValueError(f"stage 3 does not take a FLUX.1 teacher with image_input {index.image_input!r} (Fill, Depth "
+                         "/ Canny, Kontext): the stage feeds no image besides the noise; distil FLUX.1-dev")
+
+
+def student_schedule(parts: TextToImage):
+    """The schedule whose grids the students learn: the folder's; FLUX.1's at its resolution-dependent shift for
+    the model's resolution (`TextToImage.grid_shift`), the grid the pipeline draws that size on."""
+    shift = parts.grid_shift(parts.latent_shape(1))
+    return parts.schedule if shift is None else shifted(parts.schedule, shift)
+
+
+def round_student(cfg: DistillStageConfig, parts: TextToImage, name: str, device, copy: bool = True) -> GuidedStudent:
+    """The student round `name` finished with, read back. A guidance-distilled teacher's (FLUX.1-dev) "stage-one"
+    student is the teacher itself, w as its guidance scale 1 + w (BFL's guidance distillation was Meng's stage
+    one): a copy to train, or (`copy` False) the teacher's own frozen net to teach."""
+    if name == "stage-one" and parts.index.guidance_embed:
+        return GuidedStudent.from_teacher(parts.unet) if copy else GuidedStudent(parts.unet, w_input="guidance")
+    return GuidedStudent.from_pretrained(os.path.join(cfg.train.output_dir, name, "student"), device=device)
+
+
+def guided_teacher(parts: TextToImage):
+    """The guided teacher as one x0-model of (x, t, w=(B,), **cond): CFG against the empty prompt at w (Meng eq.
+    5), or a guidance-distilled net (FLUX.1-dev) given w as its guidance scale 1 + w."""
+    net = GuidedStudent(parts.unet, w_input="guidance") if parts.index.guidance_embed else parts.unet
+    teacher = Denoiser(net, parts.schedule, parts.index.prediction, parts.index.time_scale)
+    if parts.index.guidance_embed:
+        return teacher
+    uncond = parts.encode_prompts([""])
+    return lambda x, t, w, **cond: cfg_guidance(teacher, w, uncond)(x, t, **cond)
 
 
 # ----------------------------------------------------------------------------- model folder
@@ -432,7 +480,8 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
     unet_cfg = dataclasses.asdict(accelerator.unwrap_model(model).unet.cfg)
     ckpt = Checkpointer(accelerator, tcfg, stage=f"distill-{rnd.name}", config=cfg, model=model,
                         optimizer=optimizer, scheduler=scheduler, ema=ema, data=loader, extras=extras,
-                        model_config={"unet": unet_cfg, "w_features": d.w_features, "n_teacher": rnd.n_teacher})
+                        model_config={"unet": unet_cfg, "w_features": d.w_features, "n_teacher": rnd.n_teacher,
+                                      "w_input": accelerator.unwrap_model(model).w_input})
     step = ckpt.resume()                                         # restores the RNG last
 
     student_x0 = Denoiser(model, schedule, parts.index.prediction, time_scale)
@@ -493,7 +542,8 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
     if ema is not None:
         ema.copy_to(final)                                       # the student is the EMA of its weights
     # Rank 0 saves alone: under FSDP2 every process gathers the shards into a plain copy for it.
-    plain = main_process_copy(accelerator, model, lambda: GuidedStudent(build_net(final.unet.cfg), d.w_features))
+    plain = main_process_copy(accelerator, model, lambda: GuidedStudent(build_net(final.unet.cfg), d.w_features,
+                                                                         w_input=final.w_input))
     if accelerator.is_main_process:
         plain.w_range = (float(d.w_min), float(d.w_max))   # what it learnt: saved in its config
         plain.save_pretrained(os.path.join(tcfg.output_dir, "student"))   # fp32: next round's teacher
@@ -521,8 +571,7 @@ def draw_teacher_paths(accelerator, cfg: DistillStageConfig, parts: TextToImage,
     n_train = len(sizes)
     sizes += [min(batch, d.path_holdout - b * batch) for b in range(-(-d.path_holdout // batch))]
     files = [folder / f"paths-{b:05d}.safetensors" for b in range(len(sizes))]
-    teacher = Denoiser(parts.unet, parts.schedule, parts.index.prediction, parts.index.time_scale)
-    uncond, ts = parts.encode_prompts([""]), parts.schedule.timesteps(d.path_steps)
+    teacher, ts = guided_teacher(parts), parts.schedule.timesteps(d.path_steps)
     loader.load_state_dict({"epoch": epoch, "batch": 0})
     batches = loader.forever()
     todo = [b for b, f in enumerate(files) if b % accelerator.num_processes == accelerator.process_index
@@ -539,8 +588,8 @@ def draw_teacher_paths(accelerator, cfg: DistillStageConfig, parts: TextToImage,
         prompts = d.drop_captions(texts[:n], gen)
         w = d.draw_w(n, generator=gen)
         noise = initial_noise(parts.schedule, ts, parts.latent_shape(n), generator=gen)
-        states = teacher_path(cfg_guidance(teacher, w.to(accelerator.device), uncond), noise.to(accelerator.device),
-                              ts, parts.schedule, d.path_keep, parts.encode_prompts(prompts))
+        states = teacher_path(teacher, noise.to(accelerator.device), ts, parts.schedule, d.path_keep,
+                              {**parts.encode_prompts(prompts), "w": w.to(accelerator.device)})
         save_paths(f, states.cpu(), w, prompts)
         bar.update(1)
     bar.close()
@@ -577,7 +626,7 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
     accelerator = setup(cfg.train, cfg, project="distill")
     device = accelerator.device
 
-    # The frozen parts: autoencoder, text encoder and the CFG teacher's net (a U-Net, or SD3's MMDiT).
+    # The frozen parts: autoencoder, text encoder and the teacher's net (a U-Net, SD3's MMDiT or FLUX.1-dev's Flux).
     parts = TextToImage.from_folder(cfg.teacher, device=device)
     for module in (parts.autoencoder, parts.text_encoder, parts.unet):
         module.requires_grad_(False)
@@ -585,9 +634,8 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
         logger.warning("the teacher predicts eps: few-step students are unstable in eps (Salimans & Ho "
                        "2022, sec. 4); prefer a v- or x0-prediction teacher")
     refuse_refiner(parts.index, "stage 3")
-    if getattr(parts.unet.cfg, "kind", "unet") == "flux":   # its guidance (dev) or its steps (schnell) are distilled
-        raise ValueError("stage 3 does not take a FLUX.1 teacher: -dev is guidance-distilled (no CFG teacher to "
-                         "distil) and -schnell step-distilled already")
+    if getattr(parts.unet.cfg, "kind", "unet") == "flux":
+        refuse_flux(parts.index)
     if parts.index.resolution != cfg.data.resolution:
         raise ValueError(f"data.resolution={cfg.data.resolution} but the model folder's resolution is "
                          f"{parts.index.resolution}")
@@ -603,7 +651,9 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
         loader = make_cache_loader(cache, cfg.data, accelerator)
     else:
         loader = make_dataloader(cfg.data, accelerator)
-    rounds = plan_rounds(cfg.distill)
+    # Every grid below (the rounds', validation's, the teacher paths') is the one the pipeline samples on.
+    parts.schedule = student_schedule(parts)
+    rounds = plan_rounds(cfg.distill, stage_one=not parts.index.guidance_embed)   # FLUX.1-dev: no stage one
     export = cfg.distill.export
     start, resumes = first_unfinished(cfg, rounds)
     paths = heldout = None                                       # teacher paths, loaded for the path rounds
@@ -619,20 +669,18 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
         if rnd.kind != "data":
             if paths is None:
                 paths, heldout = draw_teacher_paths(accelerator, cfg, parts, loader, len(rounds))
-            previous = os.path.join(cfg.train.output_dir, source_round(rounds, rnd), "student")
-            teacher, student = None, GuidedStudent.from_pretrained(previous, device=device)
+            teacher, student = None, round_student(cfg, parts, source_round(rounds, rnd), device)
             if rnd.kind == "dmd":                                # the real denoiser: stage one's student
-                real = GuidedStudent.from_pretrained(os.path.join(cfg.train.output_dir, "stage-one", "student"),
-                                                     device=device).eval().requires_grad_(False)
+                real = round_student(cfg, parts, "stage-one", device, copy=False).eval().requires_grad_(False)
                 teacher = Denoiser(real, parts.schedule, parts.index.prediction, parts.index.time_scale)
         elif rnd.n_teacher is None:
             teacher = Denoiser(parts.unet, parts.schedule, parts.index.prediction, parts.index.time_scale)
             student = GuidedStudent.from_teacher(parts.unet, cfg.distill.w_features)
-        else:
-            previous = os.path.join(cfg.train.output_dir, rounds[i - 1].name, "student")
-            teacher_net = GuidedStudent.from_pretrained(previous, device=device).eval().requires_grad_(False)
+        else:                                                    # a halving round: the student before it teaches
+            previous = rounds[i - 1].name if i else "stage-one"
+            teacher_net = round_student(cfg, parts, previous, device, copy=False).eval().requires_grad_(False)
             teacher = Denoiser(teacher_net, parts.schedule, parts.index.prediction, parts.index.time_scale)
-            student = GuidedStudent.from_pretrained(previous, device=device)        # Salimans & Ho: init = teacher
+            student = round_student(cfg, parts, previous, device)                  # Salimans & Ho: init = teacher
         logger.info("%s: %d updates, %s-step student", rnd.name, rnd.updates, rnd.steps)
         final = train_round(accelerator, cfg, rnd, i, student.train(), teacher, parts, loader, resumes[i],
                             stop_after, *((paths, heldout) if rnd.kind != "data" else (None, None)))
