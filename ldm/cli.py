@@ -121,7 +121,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "prompts and --negative: WORD, else the file's name; repeatable. CLIP models (SD 1.x/2.x)")
     adapters.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                         help="a ControlNet folder (diffusers' ControlNetModel, FluxControlNetModel (FLUX.1) or "
-                             "SD3ControlNetModel (SD3), hub id, or one of stages/"
+                             "SD3ControlNetModel (SD3, SD 3.5 Large; inpainting ones with ldm.inpaint), hub id, or one "
+                             "of stages/"
                              "train_controlnet.py; shapes64-edges: the shipped one) steering the teacher with "
                              "--control-image (Zhang et al. 2023); repeatable: the n-th goes with the n-th image")
     adapters.add_argument("--control-image", action="append", default=[], metavar="IMAGE",
@@ -304,11 +305,13 @@ def load_control_image(path: str, size: tuple[int, int]) -> torch.Tensor:
     return load_image(path, size) * 0.5 + 0.5
 
 
-def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, size: tuple[int, int] | None) -> dict:
+def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, size: tuple[int, int] | None,
+                    inpainting: bool = False) -> dict:
     """{"control": [(ControlNet, image, scale[, mode]), ...], "control_range": [(start, end), ...] or None} from
     --controlnet/--control-image/--control-range, or {}; errors as usage
     errors. Several ControlNets add their residuals (diffusers' MultiControlNetModel). FLUX.1 Depth / Canny:
-    {"reference": the control image's latents} (ldm.flux_tools)."""
+    {"reference": the control image's latents} (ldm.flux_tools). inpainting: ldm.inpaint's, the one CLI that
+    takes inpainting ControlNets (they read a mask too)."""
     if pipe.index.image_input == "control":
         try:
             image = load_image(args.control_image[0], size or (pipe.index.resolution,) * 2)
@@ -333,6 +336,9 @@ def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, si
             net.check_base(pipe.unet)
         except ValueError as err:
             parser.error(f"--controlnet {folder}: {err}")
+        if getattr(net, "mask_channels", 0) and not inpainting:
+            parser.error(f"--controlnet {folder}: an inpainting ControlNet (extra_conditioning_channels in its "
+                         "config.json) reads a mask too: use it with python -m ldm.inpaint --mask")
         if (mode is not None) != (getattr(net, "num_mode", None) is not None):
             parser.error(f"--controlnet {folder}: --control-mode goes with FLUX.1 Union ControlNets (num_mode in their "
                          "config.json), and they need one")

@@ -10,6 +10,10 @@ output are the input's own. Image and mask are resized and centre-cropped to the
 An inpainting model (SD-inpainting, FLUX.1 Fill) is given the mask and the masked image as inputs instead and
 draws the whole picture from pure noise (FLUX.1 Fill: guidance scale 30, w = 29, by default); the kept pixels
 are still pasted back from the input.
+
+An inpainting ControlNet (SD3's alimama-creative/SD3-Controlnet-Inpainting) reads --control-image (the image to
+repaint, usually --image itself) blacked out under --mask, and the mask; the model then draws the whole picture from
+pure noise, as diffusers' StableDiffusion3ControlNetInpaintingPipeline does, and the kept pixels are pasted back.
 """
 from __future__ import annotations
 
@@ -33,6 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def controlnet_inpaint(pipe, image, mask, prompts: list[str], control: dict, sampling: dict):
+    """Inpainting ControlNets given the control image and `mask` (1, 1, H, W) side by side (inpaint_control), the
+    picture drawn from pure noise at the image's size, the kept pixels of `image` (1, 3, H, W) in [-1, 1] pasted back."""
+    from ldm.models.controlnet_sd3 import inpaint_control
+    control = {**control, "control": [(net, inpaint_control(hint, mask) if getattr(net, "mask_channels", 0) else hint,
+                                       *rest) for net, hint, *rest in control["control"]]}
+    images, info = pipe.generate(prompts, size=(image.shape[-1], image.shape[-2]), **sampling, **control)
+    mask, image = mask.to(images.device), image.to(images.device)
+    return mask * images + (1 - mask) * image, info
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -42,9 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     mask = (load_image(args.mask, size, mode="L") > 0).float()   # (1, 1, H, W): > 127
     if mask.sum() == 0:
         print(f"warning: mask {args.mask} has no white pixel: the output is the input", file=sys.stderr)
-    control = control_options(parser, args, pipe, size)
+    control = control_options(parser, args, pipe, size, inpainting=True)
     start = time.perf_counter()
-    images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], **sampling_options(args), **control)
+    if any(getattr(c[0], "mask_channels", 0) for c in control.get("control", ())):
+        images, info = controlnet_inpaint(pipe, image, mask, [args.prompt], control, sampling_options(args))
+    else:
+        images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], **sampling_options(args), **control)
     finish(images, info, start, args.out, settings(args, args.prompt, info, image=args.image, mask=args.mask))
 
 

@@ -1,7 +1,10 @@
-"""SD3 ControlNets (ldm.models.controlnet_sd3) in diffusers' SD3ControlNetModel layout: on a tiny random SD3 pipeline
-(5 joint blocks) a tiny random ControlNet (4 blocks: residual j after blocks int(i / 1.25) = j, none after the last)
-drawn through txt2img --controlnet equals diffusers' StableDiffusion3ControlNetPipeline from the same noise with CFG,
-at scale 0.7; InstantX's kind (zero pooled text, control latents without the shift) and the other.
+"""SD3 ControlNets (ldm.models.controlnet_sd3) in diffusers' SD3ControlNetModel layout, drawn through our CLIs and
+compared with diffusers' pipelines from the same noise with CFG on tiny random SD3 models:
+- InstantX's kind (zero pooled text, control latents without the shift) and the other, on a 5-block SD3 (4 ControlNet
+  blocks: residual j after blocks int(i / 1.25) = j, none after the last): StableDiffusion3ControlNetPipeline.
+- SD 3.5 Large's kind (use_pos_embed false, joint_attention_dim null: the base's patch embedding, image-only blocks)
+  on a 4-block SD 3.5 Large-style base (qk_norm rms_norm), 2 ControlNet blocks: the same pipeline.
+- The inpainting kind (extra_conditioning_channels 1): StableDiffusion3ControlNetInpaintingPipeline, via ldm.inpaint.
 
 diffusers samples the autoencoder's posterior for the control image; we take its mode, and so do the reference
 pipelines here (`posterior_mode`)."""
@@ -27,10 +30,20 @@ def posterior_mode(monkeypatch):
     monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
 
 
-def write_sd3_controlnet_pipeline(folder, zero_pooled: bool = True, **options):
-    """A tiny random SD3 pipeline (converted to folder/"model", guidance w = 3) and an SD3ControlNetModel at
-    folder/"controlnet"; returns diffusers' StableDiffusion3ControlNetPipeline over both."""
-    sd3 = write_sd3_pipeline(folder, num_layers=5)
+# SD 3.5 Large's ControlNets (stabilityai/stable-diffusion-3.5-large-controlnet-*): no patch embedding or text of
+# their own, image-only blocks, half as many as the base's (19 of 38), the pooled text and the shifted latents
+SD35_LARGE_CONTROLNET = dict(num_layers=2, use_pos_embed=False, joint_attention_dim=None, pos_embed_type=None,
+                             pos_embed_max_size=None, qk_norm="rms_norm", zero_pooled=False)
+SD35_LARGE_BASE = dict(num_layers=4, qk_norm="rms_norm")          # SD 3.5 Large: per-head RMSNorm of q and k
+KINDS = {"instantx": {}, "pooled": dict(zero_pooled=False), "sd35-large": dict(SD35_LARGE_CONTROLNET,
+                                                                             base=SD35_LARGE_BASE)}
+
+
+def write_sd3_controlnet_pipeline(folder, zero_pooled: bool = True, base: dict | None = None,
+                                  pipeline_class=diffusers.StableDiffusion3ControlNetPipeline, **options):
+    """A tiny random SD3 pipeline (5 blocks or `base`'s options; converted to folder/"model", guidance w = 3) and an
+    SD3ControlNetModel (4 blocks or `options`) at folder/"controlnet"; returns diffusers' `pipeline_class` over both."""
+    sd3 = write_sd3_pipeline(folder, **(base or dict(num_layers=5)))
     torch.manual_seed(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -42,17 +55,17 @@ def write_sd3_controlnet_pipeline(folder, zero_pooled: bool = True, **options):
                 if not p.any():                             # the zero-initialised layers: a trained one's are not
                     p.copy_(torch.randn(p.shape, generator=g) * 0.2)
         controlnet.save_pretrained(str(folder / "controlnet"))
-        theirs = diffusers.StableDiffusion3ControlNetPipeline(**sd3.components, controlnet=controlnet)
+        theirs = pipeline_class(**sd3.components, controlnet=controlnet)
     theirs.set_progress_bar_config(disable=True)
     convert(str(folder / "sd3"), str(folder / "model"), guidance=3.0)
     return theirs
 
 
-@pytest.mark.parametrize("zero_pooled", [True, False], ids=["instantx", "pooled"])
-def test_sd3_controlnet_draws_what_diffusers_draws(zero_pooled, posterior_mode, tmp_path, one_thread):
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_sd3_controlnet_draws_what_diffusers_draws(kind, posterior_mode, tmp_path, one_thread):
     from ldm import txt2img
     from ldm.models.controlnet import load_controlnet
-    theirs = write_sd3_controlnet_pipeline(tmp_path, zero_pooled)
+    theirs = write_sd3_controlnet_pipeline(tmp_path, **KINDS[kind])
     pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
     side = pipe.index.resolution
     g = torch.Generator().manual_seed(2)
@@ -66,7 +79,7 @@ def test_sd3_controlnet_draws_what_diffusers_draws(zero_pooled, posterior_mode, 
     ours, info = pipe.generate(PROMPTS, steps=3, control=[(net, image, SCALE)])
     assert info["nfe"] == 6
     diff = ((ours * 0.5 + 0.5) - reference).abs().max().item()
-    print(f"zero_pooled={zero_pooled}: max |ours - diffusers| = {diff:.2e}")
+    print(f"{kind}: max |ours - diffusers| = {diff:.2e}")
     assert diff < 2e-5
     plain, _ = pipe.generate(PROMPTS, steps=3)
     assert ((plain * 0.5 + 0.5) - reference).abs().max() > 0.01             # the ControlNet mattered
@@ -80,17 +93,63 @@ def test_sd3_controlnet_draws_what_diffusers_draws(zero_pooled, posterior_mode, 
     assert (drawn - alone).abs().max() <= 1 / 255 + 1e-4
 
 
+def test_sd3_inpainting_controlnet_draws_what_diffusers_draws(posterior_mode, tmp_path, one_thread, capsys):
+    """An inpainting ControlNet (extra_conditioning_channels 1: the image blacked out under the mask, as latents, and
+    1 - mask) = StableDiffusion3ControlNetInpaintingPipeline from the same noise (it holds no known latents); through
+    ldm.inpaint, the kept pixels pasted back. txt2img refuses it (it reads a mask)."""
+    from ldm import inpaint, txt2img
+    from ldm.models.controlnet import load_controlnet
+    from ldm.models.controlnet_sd3 import inpaint_control
+    theirs = write_sd3_controlnet_pipeline(tmp_path, extra_conditioning_channels=1,
+                                           pipeline_class=diffusers.StableDiffusion3ControlNetInpaintingPipeline)
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    side = pipe.index.resolution
+    g = torch.Generator().manual_seed(2)
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, side // 4, side // 4, generator=g), size=(side, side),
+                                        mode="bilinear", align_corners=False)
+    Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp_path / "image.png")
+    hole = np.zeros((side, side), np.uint8)
+    hole[4:20, 8:28] = 255                                   # on the latent grid: nearest and max-pool agree
+    Image.fromarray(hole).save(tmp_path / "mask.png")
+    image = torch.from_numpy(np.array(Image.open(tmp_path / "image.png"))).permute(2, 0, 1)[None] / 255.0
+    mask = torch.from_numpy(hole > 0).float()[None, None]
+    call = dict(control_image=image * 2 - 1, control_mask=mask, controlnet_conditioning_scale=SCALE)
+    reference = sd3_images(theirs, pipe, PROMPTS, 3, 4.0, **call)
+    net = load_controlnet(str(tmp_path / "controlnet"))
+    ours, _ = pipe.generate(PROMPTS, steps=3, control=[(net, inpaint_control(image, mask), SCALE)])
+    diff = ((ours * 0.5 + 0.5) - reference).abs().max().item()
+    with capsys.disabled():
+        print(f"inpainting ControlNet: max |ours - diffusers| = {diff:.2e}")
+    assert diff < 2e-5
+    plain, _ = pipe.generate(PROMPTS, steps=3)
+    assert ((plain * 0.5 + 0.5) - reference).abs().max() > 0.01             # the ControlNet mattered
+
+    out = tmp_path / "out.png"
+    cli = ["--model", str(tmp_path / "model"), "--controlnet", str(tmp_path / "controlnet"), "--control-image",
+           str(tmp_path / "image.png"), "--control-scale", str(SCALE), "--steps", "3"]
+    inpaint.main([PROMPTS[1], "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"), *cli,
+                  "--out", str(out)])
+    alone = sd3_images(theirs, pipe, PROMPTS[1:], 3, 4.0, **call)
+    drawn = torch.from_numpy(np.array(Image.open(out))).permute(2, 0, 1)[None] / 255.0
+    assert (drawn - (mask * alone + (1 - mask) * image)).abs().max() <= 1 / 255 + 1e-4
+    with pytest.raises(SystemExit) as e:
+        txt2img.main([PROMPTS[1], *cli, "--out", str(tmp_path / "x.png")])
+    assert e.value.code == 2 and "an inpainting ControlNet" in capsys.readouterr().err
+
+
 def test_sd3_controlnet_refusals(tmp_path, capsys):
-    """An inpainting ControlNet (extra channels) is refused by name; an SD3 ControlNet on an SD model, or an SD one
-    on SD3, is a usage error."""
+    """Layouts we do not read are refused naming the config key; an SD3 ControlNet on an SD model, or an SD one on
+    SD3, is a usage error."""
     from ldm import txt2img
     from ldm.models.controlnet import load_controlnet
     from ldm.pipeline import save_random_model
     write_sd3_controlnet_pipeline(tmp_path)
-    diffusers.SD3ControlNetModel(**{**SD3_TRANSFORMER, "num_layers": 1}, extra_conditioning_channels=1) \
-        .save_pretrained(str(tmp_path / "inpaint"))
-    with pytest.raises(ValueError, match="inpainting ControlNet"):
-        load_controlnet(str(tmp_path / "inpaint"))
+    for options, message in ((dict(extra_conditioning_channels=2), "extra_conditioning_channels 2"),
+                             (dict(use_pos_embed=False), "use_pos_embed False with joint_attention_dim 96")):
+        diffusers.SD3ControlNetModel(**{**SD3_TRANSFORMER, "num_layers": 1, **options}).save_pretrained(
+            str(tmp_path / "odd"))
+        with pytest.raises(ValueError, match=message):
+            load_controlnet(str(tmp_path / "odd"))
     save_random_model(str(tmp_path / "sd"))
     Image.new("RGB", (32, 32)).save(tmp_path / "hint.png")
     for model, controlnet, message in ((tmp_path / "sd", tmp_path / "controlnet", "needs an SD3 model"),
