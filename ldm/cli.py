@@ -121,8 +121,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "prompts and --negative: WORD, else the file's name; repeatable. CLIP models (SD 1.x/2.x)")
     adapters.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                         help="a ControlNet folder (diffusers' ControlNetModel, FluxControlNetModel (FLUX.1) or "
-                             "SD3ControlNetModel (SD3, SD 3.5 Large; inpainting ones with ldm.inpaint), hub id, or one "
-                             "of stages/"
+                             "SD3ControlNetModel (SD3, SD 3.5 Large; inpainting ones with ldm.inpaint), hub id, "
+                             "Stability's single .safetensors of an SD 3.5 Large one, or one of stages/"
                              "train_controlnet.py; shapes64-edges: the shipped one) steering the teacher with "
                              "--control-image (Zhang et al. 2023); repeatable: the n-th goes with the n-th image")
     adapters.add_argument("--control-image", action="append", default=[], metavar="IMAGE",

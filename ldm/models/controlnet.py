@@ -287,11 +287,14 @@ SHIPPED = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")   #
 
 
 def load_controlnet(source: str, device="cpu") -> ControlNet:
-    """A ControlNet folder of ours (save_controlnet) or of diffusers, a hub repo id (diffusers'), or the name
-    of one shipped in ldm/assets (`shapes64-edges`)."""
+    """A ControlNet folder of ours (save_controlnet) or of diffusers, a hub repo id (diffusers'), the name
+    of one shipped in ldm/assets (`shapes64-edges`), or Stability's single file of an SD 3.5 Large one."""
     if not os.path.isdir(source) and os.sep not in source and "/" not in source \
             and os.path.isfile(os.path.join(SHIPPED, source, "config.json")):
         source = os.path.join(SHIPPED, source)
+    if os.path.isfile(source):                     # a single file: Stability's SD 3.5 Large ControlNets come so
+        from ldm.models.controlnet_sd3 import load_original_sd3_controlnet
+        return load_original_sd3_controlnet(source).to(device).eval().requires_grad_(False)
     config_path = os.path.join(source, "config.json")
     if os.path.isfile(config_path):
         with open(config_path) as f:

@@ -23,12 +23,17 @@ zero-initialised Linear, times the conditioning scale; the MMDiT adds them after
   its "image" is RGB + the repaint mask (B, 4, H, W) in [0, 1] (`inpaint_control`), and it sees a zero pooled text
   (StableDiffusion3ControlNetInpaintingPipeline). ldm.inpaint draws with it from pure noise, as that pipeline does.
 
+Stability's own single files of SD 3.5 Large's (stabilityai/stable-diffusion-3.5-controlnets,
+sd3.5_large_controlnet_*.safetensors) load too (`load_original_sd3_controlnet`): their names as diffusers'
+scripts/convert_sd3_controlnet_to_diffusers.py maps them, the config read off the tensors (heads of 64).
+
 Refused by name: other mixes of use_pos_embed / joint_attention_dim, pos_embed_type other than sincos, and mask
 channels other than 1.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +41,7 @@ from torch import nn
 
 from ldm import ops
 from ldm.models.controlnet import ControlledTransformer, acting
-from ldm.models.convert_mmdit import diffusers_to_ours, mmdit_config_from_diffusers
+from ldm.models.convert_mmdit import SD3_HEAD_DIM, diffusers_to_ours, mmdit_config_from_diffusers
 from ldm.models.layers import TimestepMLP, timestep_embedding
 from ldm.models.mmdit import TIME_FREQS, JointBlock, MMDiT, MMDiTConfig, Stream, layer_norm, merge_heads, modulate
 
@@ -235,3 +240,56 @@ def load_sd3_controlnet(path: str, d: dict, state: dict) -> SD3ControlNet:
     # its own layers by _KEYS; the copy of the base transformer's blocks in that transformer's names
     load_state_dict_strict(net, split_renamed(state, _KEYS, diffusers_to_ours, "body."), path)
     return net
+
+
+# ---- Stability's single files of SD 3.5 Large's ControlNets -----------------------------------------------------
+
+# Their block names -> diffusers' (diffusers' scripts/convert_sd3_controlnet_to_diffusers.py): a fused attn.qkv is
+# three projections (its thirds of rows); the embeddings, pos_embed_input and controlnet_blocks keep their names.
+ORIGINAL_BLOCK = {"attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "attn.proj": ("attn.to_out.0",),
+                  "mlp.fc1": ("ff.net.0.proj",), "mlp.fc2": ("ff.net.2",), "adaLN_modulation.1": ("norm1.linear",)}
+_ORIGINAL_KEY = re.compile(r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)")
+ORIGINAL_MARKS = ("transformer_blocks.0.attn.qkv.weight", "pos_embed_input.proj.weight",
+                  "time_text_embed.text_embedder.linear_1.weight")
+
+
+def original_to_diffusers(state: dict) -> dict:
+    """An SD 3.5 Large ControlNet's original keys -> diffusers' SD3ControlNetModel keys."""
+    out = {}
+    for key, value in state.items():
+        m = _ORIGINAL_KEY.fullmatch(key)
+        if m and m[2] in ORIGINAL_BLOCK:
+            names = ORIGINAL_BLOCK[m[2]]
+            out.update({f"transformer_blocks.{m[1]}.{name}.{m[3]}": part
+                        for name, part in zip(names, value.chunk(len(names)))})
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_original(state: dict, source: str) -> dict:
+    """The SD3ControlNetModel config.json dict of an SD 3.5 Large ControlNet, read off its original tensors."""
+    missing = [k for k in ORIGINAL_MARKS if k not in state]
+    if missing:
+        raise ValueError(f"{source}: not an SD 3.5 Large ControlNet in Stability's layout (no {', '.join(missing)}); "
+                         "other ControlNets are read as diffusers folders (config.json + weights)")
+    width, channels, patch, _ = state["pos_embed_input.proj.weight"].shape        # (D, C, p, p)
+    if width % SD3_HEAD_DIM:
+        raise ValueError(f"{source}: width {width} is no multiple of SD3's {SD3_HEAD_DIM}-channel heads")
+    depth = len({k.split(".")[1] for k in state if k.startswith("controlnet_blocks.")})
+    return {"_class_name": CLASS_NAME, "patch_size": patch, "in_channels": channels, "out_channels": channels,
+            "num_layers": depth, "attention_head_dim": SD3_HEAD_DIM, "num_attention_heads": width // SD3_HEAD_DIM,
+            "joint_attention_dim": None, "caption_projection_dim": width,
+            "pooled_projection_dim": state["time_text_embed.text_embedder.linear_1.weight"].shape[1],
+            "pos_embed_max_size": None, "pos_embed_type": None, "use_pos_embed": False,
+            "force_zeros_for_pooled_projection": False}
+
+
+def load_original_sd3_controlnet(path: str) -> SD3ControlNet:
+    """An SD 3.5 Large ControlNet from Stability's single .safetensors file."""
+    from ldm.models.weights import read_weights
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{path}: a single-file ControlNet is read as Stability's SD 3.5 Large .safetensors; other "
+                         "ControlNets as diffusers folders (config.json + weights)")
+    state = read_weights(path)
+    return load_sd3_controlnet(path, config_from_original(state, path), original_to_diffusers(state))

@@ -4,10 +4,12 @@ compared with diffusers' pipelines from the same noise with CFG on tiny random S
   blocks: residual j after blocks int(i / 1.25) = j, none after the last): StableDiffusion3ControlNetPipeline.
 - SD 3.5 Large's kind (use_pos_embed false, joint_attention_dim null: the base's patch embedding, image-only blocks)
   on a 4-block SD 3.5 Large-style base (qk_norm rms_norm), 2 ControlNet blocks: the same pipeline.
+  Stability's single file of it (`stability_layout`) too.
 - The inpainting kind (extra_conditioning_channels 1): StableDiffusion3ControlNetInpaintingPipeline, via ldm.inpaint.
 
 diffusers samples the autoencoder's posterior for the control image; we take its mode, and so do the reference
 pipelines here (`posterior_mode`)."""
+import re
 import warnings
 
 import diffusers
@@ -33,7 +35,7 @@ def posterior_mode(monkeypatch):
 # SD 3.5 Large's ControlNets (stabilityai/stable-diffusion-3.5-large-controlnet-*): no patch embedding or text of
 # their own, image-only blocks, half as many as the base's (19 of 38), the pooled text and the shifted latents
 SD35_LARGE_CONTROLNET = dict(num_layers=2, use_pos_embed=False, joint_attention_dim=None, pos_embed_type=None,
-                             pos_embed_max_size=None, qk_norm="rms_norm", zero_pooled=False)
+                             pos_embed_max_size=None, caption_projection_dim=48, zero_pooled=False)   # 48: moot
 SD35_LARGE_BASE = dict(num_layers=4, qk_norm="rms_norm")          # SD 3.5 Large: per-head RMSNorm of q and k
 KINDS = {"instantx": {}, "pooled": dict(zero_pooled=False), "sd35-large": dict(SD35_LARGE_CONTROLNET,
                                                                              base=SD35_LARGE_BASE)}
@@ -93,6 +95,61 @@ def test_sd3_controlnet_draws_what_diffusers_draws(kind, posterior_mode, tmp_pat
     assert (drawn - alone).abs().max() <= 1 / 255 + 1e-4
 
 
+def stability_layout(state: dict) -> dict:
+    """diffusers' SD3ControlNetModel keys of an SD 3.5 Large ControlNet -> Stability's single-file names, the inverse
+    of diffusers' scripts/convert_sd3_controlnet_to_diffusers.py written from it: to_q, to_k, to_v rows stacked as
+    attn.qkv, to_out.0 as attn.proj, ff.net.0.proj / ff.net.2 as mlp.fc1 / fc2, norm1.linear as adaLN_modulation.1."""
+    renames = {"attn.to_out.0": "attn.proj", "ff.net.0.proj": "mlp.fc1", "ff.net.2": "mlp.fc2",
+               "norm1.linear": "adaLN_modulation.1"}
+    out = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)", key)
+        if m is None:
+            out[key] = value                      # time_text_embed, pos_embed_input, controlnet_blocks: the same
+        elif m[2] == "attn.to_q":
+            out[f"transformer_blocks.{m[1]}.attn.qkv.{m[3]}"] = torch.cat(
+                [state[f"transformer_blocks.{m[1]}.attn.to_{x}.{m[3]}"] for x in "qkv"])
+        elif m[2] not in ("attn.to_k", "attn.to_v"):
+            out[f"transformer_blocks.{m[1]}.{renames[m[2]]}.{m[3]}"] = value
+    return out
+
+
+def test_sd35_large_controlnet_single_file(posterior_mode, tmp_path, one_thread):
+    """Stability's single file of an SD 3.5 Large ControlNet (its names as diffusers' conversion script reads them;
+    heads of 64, as every SD3's) becomes diffusers' tensors key for key, its config read off the tensors builds
+    diffusers' SD3ControlNetModel that takes them, and txt2img --controlnet FILE draws what diffusers draws."""
+    from safetensors.torch import save_file
+
+    from ldm import txt2img
+    from ldm.models.controlnet_sd3 import config_from_original, original_to_diffusers
+    heads = dict(attention_head_dim=64, num_attention_heads=1)
+    theirs = write_sd3_controlnet_pipeline(tmp_path, **SD35_LARGE_CONTROLNET, **heads,
+                                           base=dict(SD35_LARGE_BASE, caption_projection_dim=64, **heads))
+    state = {k: v for k, v in theirs.controlnet.state_dict().items() if not k.startswith("pos_embed.")}  # the base's
+    original = stability_layout(state)
+    save_file(original, str(tmp_path / "sd3.5_large_controlnet_test.safetensors"))
+    converted = original_to_diffusers(original)
+    assert converted.keys() == state.keys() and all(torch.equal(converted[k], v) for k, v in state.items())
+    config = config_from_original(original, "test")
+    rebuilt = diffusers.SD3ControlNetModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    rebuilt.load_state_dict(converted, strict=True)
+
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    side = pipe.index.resolution
+    hint = Image.fromarray((torch.rand(side, side, 3, generator=torch.Generator().manual_seed(4)).numpy() * 255)
+                           .round().astype(np.uint8))
+    hint.save(tmp_path / "hint.png")
+    out = tmp_path / "out.png"
+    txt2img.main([PROMPTS[1], "--model", str(tmp_path / "model"), "--controlnet",
+                  str(tmp_path / "sd3.5_large_controlnet_test.safetensors"), "--control-image", str(tmp_path / "hint.png"),
+                  "--control-scale", str(SCALE), "--steps", "3", "--out", str(out)])
+    reference = sd3_images(theirs, pipe, PROMPTS[1:], 3, 4.0, control_image=hint, controlnet_conditioning_scale=SCALE)
+    plain = sd3_images(theirs, pipe, PROMPTS[1:], 3, 4.0, control_image=hint, controlnet_conditioning_scale=0.0)
+    drawn = torch.from_numpy(np.array(Image.open(out))).permute(2, 0, 1)[None] / 255.0
+    assert (drawn - reference).abs().max() <= 1 / 255 + 1e-4
+    assert (drawn - plain).abs().max() > 4 / 255                               # the ControlNet mattered
+
+
 def test_sd3_inpainting_controlnet_draws_what_diffusers_draws(posterior_mode, tmp_path, one_thread, capsys):
     """An inpainting ControlNet (extra_conditioning_channels 1: the image blacked out under the mask, as latents, and
     1 - mask) = StableDiffusion3ControlNetInpaintingPipeline from the same noise (it holds no known latents); through
@@ -150,6 +207,10 @@ def test_sd3_controlnet_refusals(tmp_path, capsys):
             str(tmp_path / "odd"))
         with pytest.raises(ValueError, match=message):
             load_controlnet(str(tmp_path / "odd"))
+    from safetensors.torch import save_file
+    save_file({"controlnet_blocks.0.weight": torch.zeros(2, 2)}, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(ValueError, match="no transformer_blocks.0.attn.qkv.weight, pos_embed_input.proj.weight"):
+        load_controlnet(str(tmp_path / "odd.safetensors"))
     save_random_model(str(tmp_path / "sd"))
     Image.new("RGB", (32, 32)).save(tmp_path / "hint.png")
     for model, controlnet, message in ((tmp_path / "sd", tmp_path / "controlnet", "needs an SD3 model"),
