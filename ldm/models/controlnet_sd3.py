@@ -202,12 +202,12 @@ class ControlledMMDiT(ControlledTransformer):
     `active` (ldm.models.controlnet.ControlSteps, or None: all t) says it acts."""
 
     def forward(self, x, t, context, context_mask=None, cond_emb=None, pooled=None, **added):
-        residuals = []
+        residuals, dtype = [], next(self.net.parameters()).dtype    # a ControlNet in fp32 on a bf16 net adds bf16
         for net, (hint, scale), on in zip(self.nets, self.controls, acting(self.active, t, len(self.nets))):
             if not on:
                 continue
             hint = hint.to(x.device).repeat(x.shape[0] // hint.shape[0], 1, 1, 1)    # CFG's halves share it
-            r = [s * scale for s in net(x, t, context, hint, pooled, context_mask)]
+            r = [(s * scale).to(dtype) for s in net(x, t, context, hint, pooled, context_mask)]
             if residuals and len(r) != len(residuals):
                 raise ValueError("several SD3 ControlNets must have as many blocks each to add up")
             residuals = [a + b for a, b in zip(residuals, r)] if residuals else r
