@@ -95,7 +95,7 @@ class GroupStats:
         scale, shift = scale.float()[:, :, None, None], shift.float()[:, :, None, None]   # (B, C, 1, 1)
 
         def apply(t: torch.Tensor) -> torch.Tensor:
-            y = t.float() * scale + shift
+            y = torch.addcmul(shift, t.float(), scale)                     # one fp32 pass, t's memory format
             if norm.activation == "silu":
                 y = F.silu(y, inplace=True)
             y = y.to(t.dtype)
