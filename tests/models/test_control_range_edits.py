@@ -118,6 +118,38 @@ def test_inpaint_control_range_equals_diffusers(setup, posterior_mode, tmp_path,
     assert_drawn(out, paste(reference), paste(throughout))
 
 
+def test_inpaint_with_a_plain_unet_runs_the_controlnet_where_diffusers_does(setup, monkeypatch, tmp_path, one_thread):
+    """A plain U-Net inpaints by holding the known latents with noise of its own (`keep_known`), so its images are not
+    StableDiffusionControlNetInpaintPipeline's; with --control-range 0.25:0.75 over 4 steps its ControlNet runs at
+    the timesteps where that pipeline gives the ControlNet a non-zero scale (749 and 499)."""
+    from ldm import inpaint
+    from ldm.models.controlnet import ControlNet
+    root, theirs, _, net = setup
+    ours_at, theirs_at = [], []
+    forward = ControlNet.forward
+
+    def recorded(self, x, t, *args, **kwargs):                # our ControlNet's forward, its net times noted
+        ours_at.append(round(float(t.flatten()[0])))
+        return forward(self, x, t, *args, **kwargs)
+    monkeypatch.setattr(ControlNet, "forward", recorded)
+    inpaint.main([PROMPTS[0], "--model", str(root / "model"), "--image", str(root / "image.png"), "--mask",
+                  str(root / "mask.png"), *cli_args(root, 4, "0.25:0.75"), "--out", str(tmp_path / "inpaint.png")])
+    pipe = on_our_grid(diffusers.StableDiffusionControlNetInpaintPipeline(**theirs.components, controlnet=net))
+
+    def record(module, args, kwargs):
+        if kwargs["conditioning_scale"] != 0:
+            theirs_at.append(int(args[1]))
+    hook = net.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe(PROMPTS[0], image=png(root / "image.png"), mask_image=png(root / "mask.png"),
+                 control_image=png(root / "hint.png"), num_inference_steps=4, control_guidance_start=0.25,
+                 control_guidance_end=0.75, output_type="latent")
+    finally:
+        hook.remove()
+    assert ours_at == theirs_at == [749, 499]
+
+
 def test_hires_second_pass_control_range_equals_diffusers(setup, posterior_mode, tmp_path, one_thread):
     """txt2img --hires 2:0.5 --control-range 0:0.5 over 4 steps: the first pass's ControlNet acts on steps 0 and 1
     (StableDiffusionControlNetPipeline), the second pass's (2 steps at twice the size, the control image enlarged
