@@ -2,6 +2,7 @@
 compared with diffusers' pipelines from the same noise with CFG on tiny random SD3 models:
 - InstantX's kind (zero pooled text, control latents without the shift) and the other, on a 5-block SD3 (4 ControlNet
   blocks: residual j after blocks int(i / 1.25) = j, none after the last): StableDiffusion3ControlNetPipeline.
+- The InstantX kind with SD 3.5's q/k RMSNorm and MMDiT-X blocks (diffusers' test_controlnet_sd35).
 - SD 3.5 Large's kind (use_pos_embed false, joint_attention_dim null: the base's patch embedding, image-only blocks)
   on a 4-block SD 3.5 Large-style base (qk_norm rms_norm), 2 ControlNet blocks: the same pipeline.
   Stability's single file of it (`stability_layout`) too.
@@ -37,8 +38,11 @@ def posterior_mode(monkeypatch):
 SD35_LARGE_CONTROLNET = dict(num_layers=2, use_pos_embed=False, joint_attention_dim=None, pos_embed_type=None,
                              pos_embed_max_size=None, caption_projection_dim=48, zero_pooled=False)   # 48: moot
 SD35_LARGE_BASE = dict(num_layers=4, qk_norm="rms_norm")          # SD 3.5 Large: per-head RMSNorm of q and k
-KINDS = {"instantx": {}, "pooled": dict(zero_pooled=False), "sd35-large": dict(SD35_LARGE_CONTROLNET,
-                                                                             base=SD35_LARGE_BASE)}
+# diffusers' test_controlnet_sd35: an InstantX-style ControlNet with SD 3.5 medium's q/k norm and MMDiT-X blocks
+SD35_JOINT = dict(qk_norm="rms_norm", dual_attention_layers=(0,),
+                  base=dict(num_layers=5, qk_norm="rms_norm", dual_attention_layers=(0, 1)))
+KINDS = {"instantx": {}, "pooled": dict(zero_pooled=False), "sd35-joint": SD35_JOINT,
+         "sd35-large": dict(SD35_LARGE_CONTROLNET, base=SD35_LARGE_BASE)}
 
 
 def write_sd3_controlnet_pipeline(folder, zero_pooled: bool = True, base: dict | None = None,
