@@ -3,7 +3,7 @@
     python -m ldm.bench [--size sd15|tiny|sdxl|tiny-xl|sd3|tiny-sd3|flux-slice|tiny-flux] [--out FILE.json]
                         [--md FILE.md]
                         [--only unet-infer,unet-train,vae-decode,txt2img,mmdit-infer,mmdit-train,flux-infer,flux-train]
-                        [--compile both|eager|compiled] [--dtypes fp16,bf16]
+                        [--compile both|eager|compiled] [--dtypes fp16,bf16] [--reps N]
 
 Every diffusers module is built from its config (random init, fixed seed) and converted into
 ours, and both are run once on a small fp32 input to prove the weights match (max error
@@ -350,7 +350,12 @@ def parse_args(argv):
     parser.add_argument("--dtypes", default=None,
                         help="comma-separated subset of fp16,bf16,fp32 for the inference benches "
                              "(default: fp16,bf16 on CUDA, fp32 on CPU; training always uses bf16 autocast on CUDA)")
+    parser.add_argument("--reps", type=int, default=None, metavar="N",
+                        help="timed calls per case, after the warm-up (3 calls on CUDA, 1 on CPU) and before the "
+                             "median (default: 10 on CUDA, 3 on CPU; the CPU tests run 1)")
     args = parser.parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        parser.error(f"--reps: {args.reps}; at least one call per case is timed")
     args.dtypes = [d for d in args.dtypes.split(",") if d] if args.dtypes else None
     bad = [d for d in args.dtypes or [] if d not in DTYPES]
     if bad:
@@ -397,7 +402,7 @@ def main(argv=None) -> dict:
     amp_dtype = torch.bfloat16 if cuda else torch.float32
     modes = COMPILE_MODES[args.compile]
     impls = _peers(cuda and importlib.util.find_spec("xformers") is not None)
-    warmup, reps = (3, 10) if cuda else (1, 3)
+    warmup, reps = (3, args.reps or 10) if cuda else (1, args.reps or 3)
     timer = make_timer(device, warmup, reps)
     from diffusers.utils import logging as diffusers_logging
     diffusers_logging.set_verbosity_error()  # its dtype-cast advice about .to() is noise here

@@ -1,29 +1,58 @@
-"""`python -m ldm.bench` end to end on CPU at the tiny size: JSON layout, timings, weight check."""
+"""`python -m ldm.bench` end to end on CPU at the toy sizes: JSON layout, timings, weight check.
+
+The runs call its main(ARGS) in this process, since a fresh start-up of torch and diffusers costs more than a
+toy size's benches; test_the_command_line_calls_main runs the module itself. Each case is timed over one call
+(--reps 1) after the CPU's one warm-up call, so a step that breaks on its second call still fails."""
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 BENCHES = ["unet-infer", "vae-decode"]
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # toy sizes: intra-op threads only contend
 
 
 def _bench(*args):
-    """Run `python -m ldm.bench ARGS` on the CPU path, even on a GPU machine."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    """Run `python -m ldm.bench ARGS` on the CPU path, even on a GPU machine, with one intra-op thread."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "ldm.bench", *args], env=env, capture_output=True, text=True,
                           timeout=300)
+
+
+def _bench_here(*args) -> str:
+    """What `_bench(*args)` runs, in this process: ldm.bench.main(ARGS) on the CPU path; returns what it printed.
+    The diffusers log level it lowers is put back."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from ldm.bench import main
+    verbosity, printed = diffusers_logging.get_verbosity(), io.StringIO()
+    try:
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+            mp.setattr(torch.cuda, "is_available", lambda: False)
+            main(args)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    return printed.getvalue()
+
+
+def test_the_command_line_calls_main():
+    """`python -m ldm.bench` parses its own command line: a bench the size lacks is refused (exit 2, why on stderr)."""
+    proc = _bench("--size", "tiny-xl", "--only", "txt2img")
+    assert proc.returncode == 2 and "no txt2img bench yet" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tmp.json"
     md = out.with_suffix(".md")
-    proc = _bench("--size", "tiny", "--only", ",".join(BENCHES), "--compile", "eager", "--layout", "both",
-                  "--out", str(out), "--md", str(md), "--profile", str(out.parent / "profiles"))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "CPU-only timings" in proc.stdout  # the banner
+    printed = _bench_here("--size", "tiny", "--only", ",".join(BENCHES), "--compile", "eager", "--layout", "both",
+                          "--reps", "1", "--out", str(out), "--md", str(md), "--profile", str(out.parent / "profiles"))
+    assert "CPU-only timings" in printed  # the banner
     return json.loads(out.read_text()), md.read_text()
 
 
@@ -36,6 +65,7 @@ def test_report_header(report):
     for name in ("torch", "triton", "diffusers"):
         assert data["versions"][name], name
     assert "--only unet-infer,vae-decode" in data["command"]
+    assert (data["warmup"], data["reps"]) == (1, 1)  # CPU's warm-up call, then --reps 1
 
 
 def test_weights_shared(report):
@@ -113,17 +143,15 @@ def test_profile_tables(report):
 
 def test_sdxl_sizes_run_with_the_added_embedding(tmp_path):
     """--size tiny-xl (SDXL's structure at toy widths): both U-Nets get the pooled text and the size numbers,
-    share their weights, and are timed; txt2img (SD's pipeline) is left out, and refused when asked for."""
+    share their weights, and are timed; txt2img (SD's pipeline) is left out, and refused when asked for
+    (test_sizes_run_the_benches_of_their_models: tiny-xl, refuse-txt2img-on-tiny-xl)."""
     out = tmp_path / "xl.json"
-    args = ["--size", "tiny-xl", "--compile", "eager", "--out", str(out)]
-    proc = _bench(*args, "--only", "unet-infer,unet-train")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    _bench_here("--size", "tiny-xl", "--compile", "eager", "--reps", "1", "--out", str(out),
+                "--only", "unet-infer,unet-train")
     data = json.loads(out.read_text())
     assert data["size"] == "tiny-xl" and data["weight_check"]["unet"]["max_abs_err"] < 1e-4
     assert {r["bench"] for r in data["results"]} == {"unet-infer", "unet-train"}
     assert all("error" not in r and r["ms"] > 0 for r in data["results"])
-    proc = _bench(*args, "--only", "txt2img")
-    assert proc.returncode == 2 and "no txt2img bench yet" in proc.stderr
 
 
 # ---- the transformers: SD3's MMDiT and FLUX.1's ----------------------------------------------------
@@ -140,9 +168,8 @@ def transformer_report(request, tmp_path_factory):
     size, family, case, batch = TRANSFORMERS[request.param]
     out = tmp_path_factory.mktemp(f"bench-{family}") / f"{family}.json"
     md = out.with_suffix(".md")
-    proc = _bench("--size", size, "--only", f"{family}-infer,{family}-train", "--compile", "eager",
-                  "--out", str(out), "--md", str(md))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    _bench_here("--size", size, "--only", f"{family}-infer,{family}-train", "--compile", "eager", "--reps", "1",
+                "--out", str(out), "--md", str(md))
     return json.loads(out.read_text()), md.read_text(), family, case, batch
 
 
@@ -180,13 +207,14 @@ def test_transformer_comparisons(transformer_report):
     ("tiny-sd3", None, MMDIT_BENCHES),                                  # the size's own benches only
     ("sd15", None, ["unet-infer", "unet-train", "vae-decode", "txt2img"]),
     ("tiny-xl", None, ["unet-infer", "unet-train", "vae-decode"]),
+    ("tiny-xl", "txt2img", "no txt2img bench yet"),                    # SD's pipeline, one CLIP
     ("tiny", "mmdit-train", "the tiny size has no mmdit"),              # refused when asked for
     ("sd3", "unet-infer,mmdit-infer", "the sd3 size has no unet"),
     ("tiny-sd3", "txt2img", "has no unet / vae / clip"),
     ("flux-slice", None, ["flux-infer", "flux-train"]),
     ("sd3", "flux-infer", "the sd3 size has no flux"),
-], ids=["tiny-sd3", "sd15", "tiny-xl", "refuse-mmdit-on-tiny", "refuse-unet-on-sd3", "refuse-txt2img-on-tiny-sd3",
-        "flux-slice", "refuse-flux-on-sd3"])
+], ids=["tiny-sd3", "sd15", "tiny-xl", "refuse-txt2img-on-tiny-xl", "refuse-mmdit-on-tiny", "refuse-unet-on-sd3",
+        "refuse-txt2img-on-tiny-sd3", "flux-slice", "refuse-flux-on-sd3"])
 def test_sizes_run_the_benches_of_their_models(capsys, size, only, runs):
     from ldm.bench import parse_args
 
@@ -197,3 +225,12 @@ def test_sizes_run_the_benches_of_their_models(capsys, size, only, runs):
     with pytest.raises(SystemExit) as exit_:
         parse_args(argv)
     assert exit_.value.code == 2 and runs in capsys.readouterr().err
+
+
+def test_reps_times_at_least_one_call(capsys):
+    from ldm.bench import parse_args
+
+    assert parse_args(["--reps", "1"]).reps == 1 and parse_args([]).reps is None  # None: the device's default
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--reps", "0"])
+    assert exit_.value.code == 2 and "at least one call" in capsys.readouterr().err
