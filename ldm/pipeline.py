@@ -155,7 +155,7 @@ class TextToImage:
         part = lambda name: os.path.join(folder, name)  # noqa: E731
         pipe = cls(AutoencoderKL.from_pretrained(part(index.autoencoder), device=device),
                    load_text_encoder(part(index.text_encoder)).to(device, dtype),
-                   load_net(part(index.unet), device=device).to(dtype), index, folder, decoder_precision)
+                   load_net(part(index.unet)).to(device, dtype), index, folder, decoder_precision)   # cast on the way
         pipe.net_dtype = dtype
         return pipe
 
@@ -506,7 +506,8 @@ class TextToImage:
         if spacing is None:   # heun: Karras et al.'s pairing; lcm: the grid LCMs were trained on (discrete only)
             spacing = ("karras" if teaching and sampler == "heun" else
                        "lcm" if sampler == "lcm" and hasattr(self.schedule, "num_timesteps") else "trailing")
-        shift = self.grid_shift(shape) if shift is None else shift
+        if shift is None:
+            shift = self.grid_shift(shape) if teaching else self.student_grid_shift(steps, shape)
         ts = (self.schedule if shift is None else shifted(self.schedule, shift)).timesteps(steps, spacing=spacing)
         run = steps if init is None else round(strength * steps)
         model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks, control,
@@ -549,6 +550,20 @@ class TextToImage:
             return None
         factor = self.unet.cfg.downsample_factor
         return resolution_shift((shape[-2] // factor) * (shape[-1] // factor), **self.index.dynamic_shift)
+
+    def student_grid_shift(self, steps: int, shape: tuple[int, ...]) -> float | None:
+        """The grid shift student-`steps` learnt, whatever size `shape` draws: its config's grid_shift, else (saved
+        before students recorded it) the folder's at the model's resolution, the size stage 3 trains at. A student
+        knows only its own grid's times; warns where the drawn size moves the teacher's grid off it."""
+        learnt = self.student(steps).grid_shift
+        learnt = self.grid_shift(self.latent_shape(1)) if learnt is None else learnt
+        here = self.grid_shift(shape)
+        if learnt is not None and here is not None and abs(here - learnt) > 1e-6 * learnt:
+            factor = self.autoencoder.config.downsample_factor
+            warnings.warn(f"student-{steps} draws {shape[-1] * factor}x{shape[-2] * factor} px on the grid it was "
+                          f"distilled on (shift {learnt:.4g}), not the teacher's for that size ({here:.4g}): it "
+                          f"learnt one size, the model's {self.index.resolution} px", stacklevel=4)
+        return learnt
 
     def size_ids(self, shape: tuple[int, ...], negative: bool = False) -> torch.Tensor:
         """SDXL's size and crop numbers (Podell et al. 2023, sec. 2.2) for drawing at `shape`'s size: the

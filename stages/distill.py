@@ -22,6 +22,10 @@ and the grid the pipeline samples data.resolution on (FLUX.1's resolution-depend
 model is the teacher, so no student-N_start is written. FLUX.1-schnell is refused: it is step-distilled
 already and has no guidance input to carry w.
 
+distill.frozen_dtype holds the frozen nets (the teacher's net, its text encoders, the autoencoder, each round's
+teacher) in bf16 or fp16 while the students train in fp32: the big teachers' presets (SDXL, SD3, FLUX.1-dev) set
+bfloat16. A FLUX.1 student records the shift of the grid it learnt (grid_shift), which the pipeline samples it on.
+
 Every round trains in its own folder output_dir/<round>/ (checkpoints, samples, the final student)
 and writes its student into the model folder as student-N (model_index.json "students").
 `--resume latest` skips finished rounds and continues the unfinished one from its last checkpoint.
@@ -50,10 +54,10 @@ from ldm.diffusion.samplers import initial_noise, sample_ddim
 from ldm.diffusion.schedules import shifted
 from ldm.distill.dmd import T_RANGE, dmd_direction, dmd_loss, unrolled_ddim
 from ldm.distill.paths import load_paths, path_batch, path_error, save_paths, teacher_path
-from ldm.distill.student import GuidedStudent
+from ldm.distill.student import GuidedStudent, guidance_input
 from ldm.distill.targets import (grid_rows, stage_one_target, stage_two_target, student_grid, teacher_states,
                                  x_space_loss)
-from ldm.models.nets import build_net
+from ldm.models.nets import build_net, load_net
 from ldm.models.unet import refuse_refiner
 from ldm.pipeline import INDEX_NAME, ModelIndex, TextToImage, load_index, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
@@ -96,6 +100,12 @@ class DistillSettings:
     # can overshoot (docs/stage3-distill.md).
     round_lr: dict[int, float] = field(default_factory=dict)
     save_dtype: Literal["float16", "float32"] = "float16"   # students in the model folder
+    # The frozen nets in this dtype: the teacher's net, its text encoder(s), the autoencoder (after any latent cache
+    # is built, in fp32) and each round's teacher (a frozen copy of the student before it). They run in it and hand
+    # their predictions on in fp32 (Denoiser), as TextToImage.from_folder(dtype=...) samples; the trained student
+    # keeps fp32 master weights, read from the fp32 files. bfloat16 halves what a process holds besides the student
+    # (FLUX.1-dev's 12B teacher: 48 -> 24 GB); float16 leaves the autoencoder in fp32 (SDXL's overflows fp16).
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     export: Optional[list[int]] = None  # step counts written into the model folder; None = every round
     val_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square left of a green triangle"])
     val_w: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0])   # one grid row per w
@@ -268,12 +278,26 @@ def student_schedule(parts: TextToImage):
 
 
 def round_student(cfg: DistillStageConfig, parts: TextToImage, name: str, device, copy: bool = True) -> GuidedStudent:
-    """The student round `name` finished with, read back. A guidance-distilled teacher's (FLUX.1-dev) "stage-one"
-    student is the teacher itself, w as its guidance scale 1 + w (BFL's guidance distillation was Meng's stage
-    one): a copy to train, or (`copy` False) the teacher's own frozen net to teach."""
+    """The student round `name` finished with, read back: an fp32 copy to train, or (`copy` False) a frozen one in
+    distill.frozen_dtype to teach. A guidance-distilled teacher's (FLUX.1-dev) "stage-one" student is the teacher
+    itself, w as its guidance scale 1 + w (BFL's guidance distillation was Meng's stage one): a copy of its net to
+    train, or the teacher's own frozen net to teach."""
     if name == "stage-one" and parts.index.guidance_embed:
-        return GuidedStudent.from_teacher(parts.unet) if copy else GuidedStudent(parts.unet, w_input="guidance")
-    return GuidedStudent.from_pretrained(os.path.join(cfg.train.output_dir, name, "student"), device=device)
+        return teacher_copy(cfg, parts, device) if copy else GuidedStudent(parts.unet, w_input="guidance")
+    student = GuidedStudent.from_pretrained(os.path.join(cfg.train.output_dir, name, "student"))   # on the CPU
+    if copy:
+        return student.to(device)
+    # Cast on the way to the device: the fp32 copy never sits beside the frozen one there.
+    return student.to(device, getattr(torch, cfg.distill.frozen_dtype)).eval().requires_grad_(False)
+
+
+def teacher_copy(cfg: DistillStageConfig, parts: TextToImage, device) -> GuidedStudent:
+    """A student initialised from the teacher's net, in fp32: a copy of parts.unet, or, when distill.frozen_dtype cast
+    that, the folder's weights read again (a copy of the cast net would round the student's master weights)."""
+    if next(parts.unet.parameters()).dtype == torch.float32:
+        return GuidedStudent.from_teacher(parts.unet, cfg.distill.w_features)
+    net = load_net(os.path.join(cfg.teacher, parts.index.unet)).to(device)
+    return GuidedStudent(net, cfg.distill.w_features, w_input=guidance_input(net))
 
 
 def guided_teacher(parts: TextToImage):
@@ -326,6 +350,7 @@ def validate(accelerator, student, parts: TextToImage, rnd: Round, d: DistillSet
     x = x.repeat(len(d.val_w), 1, 1, 1).to(accelerator.device)   # the same noise in every row
     z = sample_ddim(model, x, ts, parts.schedule, extra_args={**parts.encode_prompts(prompts), "w": w},
                     disable=True)
+    z = z.to(next(parts.autoencoder.parameters()).dtype)        # the autoencoder's (distill.frozen_dtype)
     log_images(accelerator, parts.decode(z), step, tag=f"val/{rnd.name}", output_dir=out_dir,
                nrow=len(d.val_prompts))
     net.train(was_training)
@@ -361,7 +386,8 @@ def data_batch(accelerator, cfg: DistillStageConfig, rnd: Round, parts: TextToIm
         if cfg.cache_latents:                                    # z ~ q(z|x) from the cached moments
             x0 = scaled_latents(batch["mean"].to(device), batch["std"].to(device), parts.autoencoder.config)
         else:
-            x0 = parts.autoencoder.encode_latents(batch["pixel_values"].to(device))   # (B, C, h, w)
+            ae = parts.autoencoder                               # in distill.frozen_dtype: latents back in fp32
+            x0 = ae.encode_latents(batch["pixel_values"].to(device, next(ae.parameters()).dtype)).float()  # (B, C, h, w)
         cond = parts.encode_prompts(d.drop_captions(batch["text"]))
     B = x0.shape[0]
     w = d.draw_w(B, device)                                                           # (B,)
@@ -470,8 +496,10 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
     model, optimizer = accelerator.prepare(student, optimizer)
     ema = EMA(accelerator.unwrap_model(model), tcfg.ema_decay, tcfg.ema_power) if tcfg.ema_decay > 0 else None
     extras = {}
-    if rnd.kind == "dmd":                                        # the fake denoiser starts as the real one
-        fake = copy.deepcopy(teacher.net).train().requires_grad_(True)
+    if rnd.kind == "dmd":                                        # the fake denoiser starts as the real one, in fp32
+        real = teacher.net
+        fake = (copy.deepcopy(real) if next(real.parameters()).dtype == torch.float32
+                else round_student(cfg, parts, "stage-one", device)).train().requires_grad_(True)
         fake.unet.enable_gradient_checkpointing(tcfg.gradient_checkpointing)
         fake_optimizer = torch.optim.AdamW(fake.parameters(), lr=d.dmd_fake_lr, betas=tuple(tcfg.betas),
                                            eps=tcfg.eps, weight_decay=0.0)
@@ -546,6 +574,8 @@ def train_round(accelerator, cfg: DistillStageConfig, rnd: Round, index: int, st
                                                                          w_input=final.w_input))
     if accelerator.is_main_process:
         plain.w_range = (float(d.w_min), float(d.w_max))   # what it learnt: saved in its config
+        if parts.index.dynamic_shift is not None:          # FLUX.1: the grid it learnt, whatever size is drawn
+            plain.grid_shift = parts.schedule.grid_shift
         plain.save_pretrained(os.path.join(tcfg.output_dir, "student"))   # fp32: next round's teacher
     accelerator.wait_for_everyone()
     accelerator.free_memory()                                    # drop the round's prepared objects
@@ -626,8 +656,10 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
     accelerator = setup(cfg.train, cfg, project="distill")
     device = accelerator.device
 
-    # The frozen parts: autoencoder, text encoder and the teacher's net (a U-Net, SD3's MMDiT or FLUX.1-dev's Flux).
-    parts = TextToImage.from_folder(cfg.teacher, device=device)
+    # The frozen parts: autoencoder, text encoder and the teacher's net (a U-Net, SD3's MMDiT or FLUX.1-dev's Flux),
+    # the last two in distill.frozen_dtype.
+    frozen = getattr(torch, cfg.distill.frozen_dtype)
+    parts = TextToImage.from_folder(cfg.teacher, device=device, dtype=frozen)
     for module in (parts.autoencoder, parts.text_encoder, parts.unet):
         module.requires_grad_(False)
     if parts.index.prediction == "eps":
@@ -651,6 +683,8 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
         loader = make_cache_loader(cache, cfg.data, accelerator)
     else:
         loader = make_dataloader(cfg.data, accelerator)
+    if frozen != torch.float16:                                  # after the cache, which is encoded in fp32 as stage 2's
+        parts.autoencoder.to(frozen)
     # Every grid below (the rounds', validation's, the teacher paths') is the one the pipeline samples on.
     parts.schedule = student_schedule(parts)
     rounds = plan_rounds(cfg.distill, stage_one=not parts.index.guidance_embed)   # FLUX.1-dev: no stage one
@@ -671,14 +705,14 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
                 paths, heldout = draw_teacher_paths(accelerator, cfg, parts, loader, len(rounds))
             teacher, student = None, round_student(cfg, parts, source_round(rounds, rnd), device)
             if rnd.kind == "dmd":                                # the real denoiser: stage one's student
-                real = round_student(cfg, parts, "stage-one", device, copy=False).eval().requires_grad_(False)
+                real = round_student(cfg, parts, "stage-one", device, copy=False)
                 teacher = Denoiser(real, parts.schedule, parts.index.prediction, parts.index.time_scale)
         elif rnd.n_teacher is None:
             teacher = Denoiser(parts.unet, parts.schedule, parts.index.prediction, parts.index.time_scale)
-            student = GuidedStudent.from_teacher(parts.unet, cfg.distill.w_features)
+            student = teacher_copy(cfg, parts, device)
         else:                                                    # a halving round: the student before it teaches
             previous = rounds[i - 1].name if i else "stage-one"
-            teacher_net = round_student(cfg, parts, previous, device, copy=False).eval().requires_grad_(False)
+            teacher_net = round_student(cfg, parts, previous, device, copy=False)       # frozen_dtype
             teacher = Denoiser(teacher_net, parts.schedule, parts.index.prediction, parts.index.time_scale)
             student = round_student(cfg, parts, previous, device)                  # Salimans & Ho: init = teacher
         logger.info("%s: %d updates, %s-step student", rnd.name, rnd.updates, rnd.steps)

@@ -52,10 +52,13 @@ class GuidedStudent(nn.Module):
     w_range: the (w_min, w_max) it was distilled on, saved with it so that samplers can warn when
     asked for a w outside it (the w-embedding does not extrapolate the teacher's guidance there).
     w_input: how w reaches the net (module docstring); "guidance" has no w-embedding.
+    grid_shift: the shift of the grid it was distilled on where the folder's grid moves with the drawn size (FLUX.1's
+    resolution-dependent shift), saved with it so that the pipeline samples it on that grid at any size; None: the
+    folder's schedule.
     """
 
     def __init__(self, unet: UNet | MMDiT | Flux, w_features: int = 64, w_range: tuple[float, float] | None = None,
-                 w_input: Literal["embedding", "guidance"] = "embedding"):
+                 w_input: Literal["embedding", "guidance"] = "embedding", grid_shift: float | None = None):
         super().__init__()
         if w_input not in W_INPUTS:
             raise ValueError(f"GuidedStudent: w_input must be one of {W_INPUTS}, got {w_input!r}")
@@ -66,6 +69,7 @@ class GuidedStudent(nn.Module):
         self.unet, self.w_input = unet, w_input
         self.w_embed = WEmbedding(w_features, unet.cfg.time_embed_dim) if w_input == "embedding" else None
         self.w_range = None if w_range is None else (float(w_range[0]), float(w_range[1]))
+        self.grid_shift = None if grid_shift is None else float(grid_shift)
 
     def forward(self, x, t, context, context_mask=None, w=0.0, **added):
         w = torch.as_tensor(w, dtype=torch.float32, device=x.device).expand(x.shape[0])  # (B,)
@@ -86,8 +90,9 @@ class GuidedStudent(nn.Module):
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "config.json"), "w") as f:
             w_range = {} if self.w_range is None else {"w_range": list(self.w_range)}
+            grid = {} if self.grid_shift is None else {"grid_shift": self.grid_shift}
             w_features = 0 if self.w_embed is None else self.w_embed.features
-            json.dump({"kind": "guided_student", "w_input": self.w_input, "w_features": w_features, **w_range,
+            json.dump({"kind": "guided_student", "w_input": self.w_input, "w_features": w_features, **w_range, **grid,
                        "unet": dataclasses.asdict(self.unet.cfg)}, f, indent=2)
         save_weights(self, os.path.join(directory, "model.safetensors"), dtype)
 
@@ -101,7 +106,7 @@ class GuidedStudent(nn.Module):
         if cfg.get("kind") != "guided_student":
             raise ValueError(f"{directory} holds a {cfg.get('kind', 'plain U-Net')!r} checkpoint, not a guided student")
         model = cls(build_net(net_config(cfg["unet"])), cfg["w_features"], cfg.get("w_range"),
-                    cfg.get("w_input", "embedding"))
+                    cfg.get("w_input", "embedding"), cfg.get("grid_shift"))
         load_weights(model, os.path.join(directory, "model.safetensors"), directory)  # on CPU, then .to(device)
         return model.to(device)
 

@@ -1,6 +1,10 @@
 """Stage 3 (stages/distill.py) on an imported tiny FLUX.1-dev teacher: -dev takes the guidance scale s = 1 + w as
 an input, so it is Meng's stage-one student; the halvings start from it on the grid the pipeline draws at (FLUX.1's
 resolution-dependent shift), and the students draw through the pipeline and ldm.txt2img. -schnell is refused."""
+import json
+import math
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,10 +98,11 @@ def test_the_round_target_is_the_pipelines_two_dev_steps(dev, one_thread):
 
 def test_stage_three_halves_a_dev_teacher(dev, tmp_path, one_thread, monkeypatch):
     """configs/distill/tiny.yaml from a 4-step -dev teacher: no stage one, round-2 and round-1 write student-2 and
-    student-1 (the teacher's net with its guidance input) and train on the pipeline's shifted grids; round-1 moves
-    the 1-step student towards its teacher's (student-2's) 2-step samples, drawn by the pipeline, on held-out prompts
-    and noise; the students draw finite images through TextToImage and ldm.txt2img --steps N --guidance W."""
-    _, model = dev
+    student-1 (the teacher's net with its guidance input, the grid shift they learnt recorded: diffusers' e^mu at the
+    model's 32 px) and train on the pipeline's shifted grids; round-1 moves the 1-step student towards its teacher's
+    (student-2's) 2-step samples, drawn by the pipeline, on held-out prompts and noise; the students draw finite images
+    through TextToImage and ldm.txt2img --steps N --guidance W."""
+    theirs, model = dev
     rows = []                                                            # (t, t', t'') of every round batch
 
     def recording(teacher, z_t, t, t_mid, t_end, *args):
@@ -111,6 +116,9 @@ def test_stage_three_halves_a_dev_teacher(dev, tmp_path, one_thread, monkeypatch
     assert load_index(out).students == {"2": "student-2", "1": "student-1"}
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_dir()) == ["round-1", "round-2"]
     pipe = TextToImage.from_folder(out, decoder_precision="fp32")
+    for steps in (1, 2):
+        config = json.loads((Path(out) / f"student-{steps}" / "config.json").read_text())
+        assert config["grid_shift"] == pytest.approx(math.exp(their_mu(theirs, pipe)), rel=1e-12)
     grid4, grid2 = (stage.student_schedule(pipe).timesteps(n) for n in (4, 2))   # the pipeline's at 32 px
     seen = torch.cat(rows)                                               # round-2's 2 updates, then round-1's 12
     assert len(seen) == 2 * 14 and set(seen[4:, 1].tolist()) == {float(grid2[1])}
@@ -137,6 +145,62 @@ def test_stage_three_halves_a_dev_teacher(dev, tmp_path, one_thread, monkeypatch
     txt2img.main(["a red circle", "--model", out, "--steps", "2", "--guidance", "2.5", "--decoder-precision", "fp32",
                   "--out", str(tmp_path / "two.png")])
     assert np.asarray(Image.open(tmp_path / "two.png")).std() > 0
+
+
+def their_mu(theirs, pipe: TextToImage, size: tuple[int, int] | None = None) -> float:
+    """diffusers' FluxPipeline's mu (calculate_shift) for `size` (width, height) px: its token count, 2x2 latent
+    patches; the grid shift is e^mu."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    _, _, h, w = pipe.latent_shape(1, size)
+    config = theirs.scheduler.config
+    return calculate_shift((h // 2) * (w // 2), config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
+                           config.max_shift)
+
+
+def their_sigmas(theirs, pipe: TextToImage, steps: int, size: tuple[int, int]) -> list[float]:
+    """The times diffusers' FluxPipeline samples `size` px on: its sigmas 1 ... 1/N moved by the size's mu."""
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(theirs.scheduler.config)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=their_mu(theirs, pipe, size))
+    return scheduler.sigmas[:-1].tolist()
+
+
+def test_a_student_draws_any_size_on_the_grid_it_learnt(dev, tmp_path, one_thread):
+    """A FLUX.1 student records the shift of the grid it was distilled on (the stage's at the model's 32 px) and draws
+    128 px on it: its network sees diffusers' sigmas for 32 px, not the 128 px ones the teacher takes there (a
+    warning says so). A student saved before students recorded their grid takes the model's resolution's too."""
+    theirs, model = dev
+    folder = tmp_path / "model"
+    shutil.copytree(model, folder)
+    pipe = TextToImage.from_folder(str(folder), decoder_precision="fp32")
+    size, other = (pipe.index.resolution,) * 2, (128, 128)
+    learnt, there = their_sigmas(theirs, pipe, 2, size), their_sigmas(theirs, pipe, 2, other)
+    assert max(abs(a - b) for a, b in zip(learnt, there)) > 0.02              # 0.04: the size moves the teacher's grid
+    student = GuidedStudent.from_teacher(pipe.unet)
+    student.grid_shift = stage.student_schedule(pipe).grid_shift
+    stage.export_student(student, str(folder), 2, "float32", "flow")
+    assert json.loads((folder / "student-2" / "config.json").read_text())["grid_shift"] == student.grid_shift
+
+    def times(pipe: TextToImage, size) -> list[float]:
+        """The times (t in [0, 1]) at which student-2's network is called drawing `size`."""
+        seen = []
+        hook = pipe.student(2).register_forward_pre_hook(
+            lambda net, args: seen.append(args[1][0].item() / pipe.index.time_scale))
+        _, info = pipe.sample(["a red circle"], steps=2, guidance=2.0, size=size)
+        hook.remove()
+        assert info["model"] == "student-2"
+        return seen
+
+    pipe = TextToImage.from_folder(str(folder), decoder_precision="fp32")
+    with pytest.warns(UserWarning, match="student-2 draws 128x128 px on the grid it was distilled on"):
+        assert times(pipe, other) == pytest.approx(learnt, abs=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                     # at its own size: no warning
+        assert times(pipe, size) == pytest.approx(learnt, abs=1e-6)
+    config = json.loads((folder / "student-2" / "config.json").read_text())
+    del config["grid_shift"]                                                # as students were saved before
+    (folder / "student-2" / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="distilled on"):
+        assert times(TextToImage.from_folder(str(folder), decoder_precision="fp32"), other) == pytest.approx(learnt, abs=1e-6)
 
 
 def test_schnell_is_refused(tmp_path, one_thread):
