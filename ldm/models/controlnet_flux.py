@@ -115,13 +115,13 @@ class ControlledFlux(ControlledTransformer):
     where `active` (ldm.models.controlnet.ControlSteps, or None: all t) says it acts."""
 
     def forward(self, x, t, context, context_mask=None, cond_emb=None, pooled=None, guidance=None, **added):
-        double, single = [], []
+        double, single, dtype = [], [], next(self.net.parameters()).dtype   # fp32 ControlNets on a bf16 net add bf16
         for net, (hint, scale, mode), on in zip(self.nets, self.controls, acting(self.active, t, len(self.nets))):
             if not on:
                 continue
             hint = hint.to(x.device).repeat(x.shape[0] // hint.shape[0], 1, 1, 1)    # CFG's halves share it
             d, s = net(x, t, context, hint, pooled, guidance if net.cfg.guidance_embeds else None, mode, context_mask)
-            d, s = [r * scale for r in d], [r * scale for r in s]
+            d, s = [(r * scale).to(dtype) for r in d], [(r * scale).to(dtype) for r in s]
             if double or single:
                 if (len(d), len(s)) != (len(double), len(single)):
                     raise ValueError("several FLUX.1 ControlNets must have as many blocks each to add up")
