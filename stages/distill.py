@@ -300,6 +300,15 @@ def teacher_copy(cfg: DistillStageConfig, parts: TextToImage, device) -> GuidedS
     return GuidedStudent(net, cfg.distill.w_features, w_input=guidance_input(net))
 
 
+def park_teacher(parts: TextToImage, device, runs: bool) -> None:
+    """A guidance-distilled teacher's net (FLUX.1-dev's 12B) on the device for a round that `runs` it, else on the CPU:
+    the rounds from the second halving on hold their own 12B teacher, and with both a process holds 57.5 GB of frozen
+    nets in bf16 (configs/distill/flux-dev.yaml). Other teachers stay put: their rounds fit beside them, and SDXL's
+    size numbers are made on the net's device (TextToImage.size_ids)."""
+    if parts.index.guidance_embed:
+        parts.unet.to(device if runs else "cpu")
+
+
 def guided_teacher(parts: TextToImage):
     """The guided teacher as one x0-model of (x, t, w=(B,), **cond): CFG against the empty prompt at w (Meng eq.
     5), or a guidance-distilled net (FLUX.1-dev) given w as its guidance scale 1 + w."""
@@ -697,6 +706,10 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
         if i < start:
             logger.info("%s: finished earlier, its student is in %s", rnd.name, round_dir)
             continue
+        # The teacher's net runs in the first round (stage one, or a guidance-distilled teacher's first halving), as
+        # DMD's real denoiser of a guidance-distilled teacher, and to draw the teacher paths.
+        park_teacher(parts, device, runs=(rnd.kind == "data" and i == 0) or rnd.kind == "dmd"
+                     or (rnd.kind != "data" and paths is None))
         # The teacher model function: the CFG teacher (stage one), or the previous student read back;
         # a path round fine-tunes its round's student on the CFG teacher's paths (drawn once), a DMD
         # round the student before it, against stage one's student.

@@ -99,7 +99,7 @@ def test_the_round_target_is_the_pipelines_two_dev_steps(dev, one_thread):
 def test_stage_three_halves_a_dev_teacher(dev, tmp_path, one_thread, monkeypatch):
     """configs/distill/tiny.yaml from a 4-step -dev teacher: no stage one, round-2 and round-1 write student-2 and
     student-1 (the teacher's net with its guidance input, the grid shift they learnt recorded: diffusers' e^mu at the
-    model's 32 px) and train on the pipeline's shifted grids; round-1 moves the 1-step student towards its teacher's
+    model's 32 px) and train on the pipeline's shifted grids; round-1 runs without the teacher's net and moves the 1-step student towards its teacher's
     (student-2's) 2-step samples, drawn by the pipeline, on held-out prompts and noise; the students draw finite images
     through TextToImage and ldm.txt2img --steps N --guidance W."""
     theirs, model = dev
@@ -109,12 +109,19 @@ def test_stage_three_halves_a_dev_teacher(dev, tmp_path, one_thread, monkeypatch
         rows.append(torch.stack([t, t_mid, t_end], 1).double().cpu())
         return stage_two_target(teacher, z_t, t, t_mid, t_end, *args)
     monkeypatch.setattr(stage, "stage_two_target", recording)
+    parked = []
+
+    def parking(parts, device, runs):                                    # the teacher's weights gone from round-1 on:
+        parked.append(runs)                                              # it fails if anything there still runs them
+        parts.unet.to(device if runs else "meta")
+    monkeypatch.setattr(stage, "park_teacher", parking)
     out = stage.main(["--config", TINY, f"teacher={model}", f"train.output_dir={tmp_path / 'run'}",
                       f"model_out={tmp_path / 'distilled'}", "distill.n_start=4", "distill.w_min=1.0",
                       "distill.w_max=3.0", "distill.round_updates={2: 2, 1: 12}", "train.lr=1e-3",
                       "train.checkpoint_every=0", "data.length=16"])
     assert load_index(out).students == {"2": "student-2", "1": "student-1"}
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_dir()) == ["round-1", "round-2"]
+    assert parked == [True, False]                                       # round-2 runs the teacher, round-1 not
     pipe = TextToImage.from_folder(out, decoder_precision="fp32")
     for steps in (1, 2):
         config = json.loads((Path(out) / f"student-{steps}" / "config.json").read_text())
