@@ -154,6 +154,27 @@ def test_stage_three_halves_a_dev_teacher(dev, tmp_path, one_thread, monkeypatch
     assert np.asarray(Image.open(tmp_path / "two.png")).std() > 0
 
 
+def test_a_bf16_dev_teacher_teaches_an_fp32_student(dev, tmp_path, one_thread, monkeypatch):
+    """distill.frozen_dtype=bfloat16 on -dev: the first halving's teacher is the folder's net and T5 / CLIP in bf16, its
+    student a copy of the folder's fp32 weights (read again, not the bf16 net's), and the round writes student-1."""
+    _, model = dev
+    seen = {}
+    train_round = stage.train_round
+
+    def recording(accelerator, cfg, rnd, index, student, teacher, parts, *args, **kwargs):
+        seen["frozen"] = {p.dtype for m in (teacher.net, parts.text_encoder) for p in m.parameters()}
+        seen["start"] = {k: v.clone() for k, v in student.unet.state_dict().items()}
+        return train_round(accelerator, cfg, rnd, index, student, teacher, parts, *args, **kwargs)
+    monkeypatch.setattr(stage, "train_round", recording)
+    out = stage.main(["--config", TINY, f"teacher={model}", f"train.output_dir={tmp_path / 'run'}",
+                      f"model_out={tmp_path / 'distilled'}", "distill.n_start=2", "distill.w_min=1.0",
+                      "distill.w_max=3.0", "distill.round_updates={1: 1}", "distill.frozen_dtype=bfloat16",
+                      "train.checkpoint_every=0", "data.length=4"])
+    assert load_index(out).students == {"1": "student-1"} and seen["frozen"] == {torch.bfloat16}
+    fp32 = TextToImage.from_folder(str(model)).unet.state_dict()
+    assert seen["start"].keys() == fp32.keys() and all(torch.equal(seen["start"][k], fp32[k]) for k in fp32)
+
+
 def their_mu(theirs, pipe: TextToImage, size: tuple[int, int] | None = None) -> float:
     """diffusers' FluxPipeline's mu (calculate_shift) for `size` (width, height) px: its token count, 2x2 latent
     patches; the grid shift is e^mu."""
