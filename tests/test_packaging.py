@@ -16,11 +16,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _start(code: str, cwd) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    """The started process's stdout, once it exited cleanly."""
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()  # no-op after a clean exit
+    assert proc.returncode == 0, stderr
+    return stdout
+
+
 def _run(code: str, cwd) -> str:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
+    return _finish(_start(code, cwd))
 
 
 def _pypi_kernels_installed() -> bool:
@@ -74,9 +86,9 @@ def test_root_folder_without_the_pypi_package_imports_as_absent():
     assert out.split() == ["absent", "kernels", "False"]
 
 
-@pytest.mark.parametrize("where", ["neutral folder", "repository root"])
-def test_transformers_and_diffusers_unaffected(tmp_path, where):
-    out = _run("""
+def test_transformers_and_diffusers_unaffected(tmp_path):
+    """From a neutral folder and from the repository root, side by side: each process is one core's imports."""
+    code = """
         import ldm, ldm.ops
         import transformers.utils
         print(transformers.utils.is_kernels_available())
@@ -84,5 +96,7 @@ def test_transformers_and_diffusers_unaffected(tmp_path, where):
         from diffusers import DDIMScheduler, UNet2DConditionModel, AutoencoderKL
         from transformers import CLIPTextModel
         print("ok")
-    """, tmp_path if where == "neutral folder" else ROOT)
-    assert out.split() == [str(_pypi_kernels_installed()), "ok"]
+    """
+    procs = {"neutral folder": _start(code, tmp_path), "repository root": _start(code, ROOT)}
+    for where, proc in procs.items():
+        assert _finish(proc).split() == [str(_pypi_kernels_installed()), "ok"], where
