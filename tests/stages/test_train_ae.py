@@ -18,6 +18,7 @@ from ldm.training.ae_eval import heldout_psnr, latent_scaling_factor, psnr
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "ae" / "tiny.yaml"
+pytestmark = pytest.mark.usefixtures("one_thread")  # an f=2 autoencoder at 32 px: intra-op threads only contend
 
 
 stage = load_stage("train_ae")
