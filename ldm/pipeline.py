@@ -254,10 +254,9 @@ class TextToImage:
         return {}
 
     def add_embedding(self, path: str, word: str | None = None) -> tuple[str, int]:
-        """A textual-inversion file (ldm.models.embeddings) as a new word of the CLIP text encoder, named
-        `word` or else after the file; returns (the word, its number of vectors)."""
+        """A textual-inversion file (ldm.models.embeddings) as a new word of the CLIP (or scratch) text encoder,
+        named `word`, else as the file says, else after the file; returns (the word, its number of vectors)."""
         from ldm.models.embeddings import embedding_word, read_embedding, read_embedding_pair
-        from ldm.models.text import ClipTextEncoder
         if self.text_kind in ("sd3", "flux"):
             raise ValueError("textual-inversion embeddings are not read for SD3's and FLUX.1's text encoders (CLIPs "
                              "and T5)")
@@ -266,9 +265,9 @@ class TextToImage:
             word = embedding_word(path, word)
             self.text_encoder.add_embedding(word, vectors_l, vectors_g)
             return word, len(vectors_l)
-        if not isinstance(self.text_encoder, ClipTextEncoder):
+        if not hasattr(self.text_encoder, "add_embedding"):   # CLIP, and our scratch encoder (shapes models)
             raise ValueError(f"textual-inversion embeddings need a CLIP text encoder (transformers), as SD 1.x/2.x "
-                             f"have; this model's is {type(self.text_encoder).__name__}")
+                             f"have, or our scratch one; this model's is {type(self.text_encoder).__name__}")
         _, vectors = read_embedding(path)
         word = embedding_word(path, word)
         self.text_encoder.add_embedding(word, vectors)

@@ -1,4 +1,5 @@
-"""Textual-inversion embeddings (Gal et al. 2023): new words for a CLIP text encoder, as people share them.
+"""Textual-inversion embeddings (Gal et al. 2023): new words for a CLIP (or our scratch) text encoder, as people
+share them.
 
     python -m ldm.txt2img "a <cat-toy> on a beach" --embedding cat-toy.safetensors:<cat-toy> --model models/sd15
     python -m ldm.txt2img "a castle" --teacher --negative "EasyNegative" --embedding EasyNegative.safetensors ...
@@ -10,9 +11,11 @@ Layouts read:
     A1111 .pt            {"string_to_param": {"*": (k, D)}, "name": ...}
     A1111 .safetensors   {"emb_params": (k, D)}
     diffusers            {word: (k, D) or (D,)} (.safetensors or .bin), or a bare tensor
-The word is the one given (`FILE:WORD`), else the file's name without its suffix (what the A1111 web
-UI uses). SDXL files hold a word for each of its two encoders, {"clip_l": (k, 768), "clip_g": (k, 1280)}
-(`read_embedding_pair`). .pt/.bin files are read with `torch.load(weights_only=True)`: no code in a
+The word is the one given (`FILE:WORD`), else the one a .safetensors file's metadata names (`word`: the
+files stages/train_embedding.py writes), else the file's name without its suffix (what the A1111 web UI
+uses). SDXL files hold a word for each of its two encoders, {"clip_l": (k, 768), "clip_g": (k, 1280)}
+(`read_embedding_pair`). Our scratch text encoder (the shapes model) takes words too: its k vectors are
+(k, width) rows appended to its token table (ScratchTextEncoder.add_embedding). .pt/.bin files are read with `torch.load(weights_only=True)`: no code in a
 shared file runs.
 """
 from __future__ import annotations
@@ -77,10 +80,23 @@ def read_embedding(path: str) -> tuple[str | None, torch.Tensor]:
     return (str(name) if name is not None else None), _vectors(path, vectors)
 
 
+def stored_word(path: str) -> str | None:
+    """The word a .safetensors file's metadata names (`{"word": ...}`, as stages/train_embedding.py writes it)."""
+    if not path.endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return (f.metadata() or {}).get("word") or None
+    except Exception:          # unreadable: `read_embedding` says why
+        return None
+
+
 def embedding_word(path: str, word: str | None) -> str:
-    """The word a prompt uses: the one given, else the file name's stem (the A1111 web UI's choice;
-    diffusers takes the word stored in the file, which `read_embedding` returns)."""
-    return word or Path(path).stem
+    """The word a prompt uses: the one given, else the one the file's metadata names (our trained files), else
+    the file name's stem (the A1111 web UI's choice; diffusers takes the word stored in the file, which
+    `read_embedding` returns)."""
+    return word or stored_word(path) or Path(path).stem
 
 
 def word_tokens(word: str, k: int) -> list[str]:

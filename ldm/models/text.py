@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -113,14 +114,23 @@ def _check_prompts(prompts) -> list[str]:
 
 
 class _BPETokenize:
-    """CLIP BPE ids [start] + text + [end], zero-padded, with the true lengths for the mask."""
+    """CLIP BPE ids [start] + text + [end], zero-padded, with the true lengths for the mask. `words`: added
+    words (textual inversion) -> their ids, matched in the prompt as written before the BPE sees the rest."""
 
     def __init__(self, tokenizer, max_length: int):
         self.tok, self.max_length = tokenizer, max_length
+        self.words: dict[str, list[int]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        if not self.words:
+            return self.tok.encode(text)
+        pattern = "(" + "|".join(re.escape(w) for w in sorted(self.words, key=len, reverse=True)) + ")"
+        return [i for part in re.split(pattern, text) if part
+                for i in (self.words[part] if part in self.words else self.tok.encode(part))]
 
     def __call__(self, encoder: TextEncoder, prompts):
         prompts = _check_prompts(prompts)
-        ids = [[self.tok.sot_token_id] + self.tok.encode(p) + [self.tok.eot_token_id] for p in prompts]
+        ids = [[self.tok.sot_token_id] + self.encode(p) + [self.tok.eot_token_id] for p in prompts]
         encoder._warn_truncation(prompts, [len(x) for x in ids])
         out = torch.zeros(len(ids), self.max_length, dtype=torch.long)
         mask = torch.zeros(len(ids), self.max_length, dtype=torch.bool)
@@ -181,6 +191,27 @@ class ScratchTextEncoder(TextEncoder):
 
     def tokenize(self, prompts):
         return self._tokenize(self, prompts)
+
+    def token_ids(self, text: str) -> list[int]:
+        """The ids of `text` without the start and end tokens, untruncated."""
+        return self._tokenize.encode(text)
+
+    def add_embedding(self, word: str, vectors: torch.Tensor) -> list[int]:
+        """A textual-inversion word (ldm.models.embeddings): k new rows of the token table holding `vectors`
+        (k, D), which a prompt's `word` (as written, before lower-casing) becomes. Returns their ids."""
+        table = self.token_embedding.weight
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"the embedding's vectors are {vectors.shape[-1]} wide, this encoder's tokens "
+                             f"{self.dim}: made for another model")
+        if not word.strip() or word != word.strip() or word in self._tokenize.words:
+            raise ValueError(f"{word!r} is empty, padded or a word of this encoder already: pick another word")
+        ids = list(range(len(table), len(table) + len(vectors)))
+        with torch.no_grad():
+            grown = torch.cat([table, vectors.to(table)])
+        self.token_embedding.weight = nn.Parameter(grown, requires_grad=table.requires_grad)
+        self.token_embedding.num_embeddings = len(grown)
+        self._tokenize.words[word] = ids
+        return ids
 
     def forward(self, prompts):
         ids, mask = self.tokenize(prompts)

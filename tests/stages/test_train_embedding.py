@@ -1,0 +1,195 @@
+"""stages/train_embedding.py: on a tiny random SD 1.x import only the new word's vectors train (every other row of
+the token table, the U-Net and the autoencoder stay bit-identical), the loss on the training pictures drops, resume
+is exact, and the file it writes gives, in diffusers' load_textual_inversion, the text-encoder output and the image
+ours gives; on the shipped shapes model (scratch text encoder) the word loads and draws through txt2img."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from stage_scripts import load_stage
+
+from ldm.models.from_diffusers import convert
+from ldm.training import load_config
+from ldm.pipeline import DEFAULT_MODEL, TextToImage
+
+ROOT = Path(__file__).resolve().parents[2]
+stage = load_stage("train_embedding")
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+
+def sd_layouts():
+    """tests/models/sd_layouts.py (the tiny diffusers pipelines), registered as tests/models/conftest.py does."""
+    if "sd_layouts" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("sd_layouts", ROOT / "tests" / "models" / "sd_layouts.py")
+        sys.modules["sd_layouts"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["sd_layouts"]
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """(our model folder, diffusers' pipeline folder, a folder of 4 uncaptioned 32 px pictures)."""
+    root = tmp_path_factory.mktemp("sd")
+    sd_layouts().write_sd_pipeline(root)
+    convert(str(root / "sd"), str(root / "model"))
+    pictures = root / "pictures"
+    pictures.mkdir()
+    for i in range(4):   # one "object": an orange disc on blue, in four places
+        yy, xx = np.mgrid[:40, :40]
+        disc = (yy - 12 - 4 * i) ** 2 + (xx - 20 + 3 * i) ** 2 < 80
+        image = np.where(disc[..., None], [240, 130, 30], [40, 90, 220]).astype(np.uint8)
+        Image.fromarray(image).save(pictures / f"{i}.png")
+    return root / "model", root / "sd", pictures
+
+
+def sd_args(sd, out: Path, *overrides: str) -> list[str]:
+    model, _, pictures = sd
+    return ["model=" + str(model), "data.source=imagefolder", f"data.path={pictures}", "data.resolution=32",
+            "data.crop=random", "concept=''", 'templates=["a photo of {}", "a {}"]', "embedding.word=<w>",
+            "embedding.init_word=cat", "embedding.vectors=2", "train.batch_size=2", "train.lr=0.05",
+            f"train.output_dir={out}", "train.max_steps=4", "train.checkpoint_every=2", "train.validate_every=0",
+            "train.tracker=none", "train.min_free_disk_gb=0", "val.steps=2", "val.images=2", *overrides]
+
+
+def fixed_loss(pipe, words, vectors, pictures: torch.Tensor, prompt: str, draws: int = 8) -> float:
+    """The stage's loss on `pictures` with the word's vectors set to `vectors`, over the same noise and times."""
+    with torch.no_grad():
+        words.vectors[0].copy_(vectors)
+        z = pipe.autoencoder.encode_latents(pictures, sample=False)
+        time = "discrete" if hasattr(pipe.schedule, "num_timesteps") else "continuous"
+        loss_fn = stage.DiffusionLoss(pipe.schedule, pipe.index.prediction, time=time, time_scale=pipe.index.time_scale)
+        cond = stage.conditioning(pipe, [prompt] * len(z), z)
+        g = torch.Generator().manual_seed(0)
+        return sum(loss_fn(pipe.unet, z, cond, generator=g).item() for _ in range(draws)) / draws
+
+
+def test_only_the_word_trains_resume_is_exact_and_diffusers_reads_the_file(sd, tmp_path, monkeypatch):
+    model, theirs_folder, _ = sd
+    made = []
+    monkeypatch.setattr(stage, "add_word", lambda pipe, cfg, add=stage.add_word: made.append(pipe) or add(pipe, cfg))
+    straight = stage.main(sd_args(sd, tmp_path / "straight", "train.validate_every=4"))
+    stage.main(sd_args(sd, tmp_path / "resumed", "train.max_steps=2"))
+    resumed = stage.main(sd_args(sd, tmp_path / "resumed", "--resume", "latest"))
+    assert straight.name == "learned_embeds.safetensors" and (tmp_path / "straight" / "samples" / "step-000004.png").is_file()
+    learned = load_file(str(straight))
+    assert list(learned) == ["<w>"] and learned["<w>"].shape == (2, 32)
+    assert torch.equal(learned["<w>"], load_file(str(resumed))["<w>"])                    # 2 + 2 steps == 4
+    with safe_open(str(straight), "pt") as f:
+        assert f.metadata()["word"] == "<w>" and f.metadata()["init_word"] == "cat"
+
+    # Frozen means frozen: the trained pipeline's weights are the folder's, bit for bit; the table grew by the
+    # word's 2 rows (still "cat", unused: the hook splices the vectors in) and kept every other row.
+    trained, fresh = made[0], TextToImage.from_folder(str(model))
+    for a, b in ((trained.unet, fresh.unet), (trained.autoencoder, fresh.autoencoder)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    mine, theirs_state = trained.text_encoder.model.state_dict(), fresh.text_encoder.model.state_dict()
+    for key, value in theirs_state.items():
+        if "token_embedding" in key:
+            cat = value[fresh.text_encoder.token_ids("cat")[0]]
+            assert torch.equal(mine[key][:len(value)], value) and torch.equal(mine[key][len(value):], cat.expand(2, -1))
+        else:
+            assert torch.equal(mine[key], value), key
+    assert (learned["<w>"] - cat).abs().max() > 0.05                                         # the vectors moved
+
+    # Our loader: the word from the file's metadata; the text-encoder output and image diffusers' give.
+    sd_layouts_ = sd_layouts()
+    ours = TextToImage.from_folder(str(model), decoder_precision="fp32")
+    assert ours.add_embedding(str(straight)) == ("<w>", 2)
+    theirs = sd_layouts_.diffusers.StableDiffusionPipeline.from_pretrained(str(theirs_folder), safety_checker=None)
+    theirs.load_textual_inversion(str(straight))
+    prompt = "a photo of <w>"
+    with torch.no_grad():
+        context = ours.encode_prompts([prompt])["context"]
+        reference, _ = theirs.encode_prompt(prompt, "cpu", 1, False)
+    torch.testing.assert_close(context, reference, atol=1e-5, rtol=0)
+    images, info = ours.generate([prompt], steps=3, seed=0, teacher=True)
+    drawn = sd_layouts_.diffusers_images(theirs, ours, [prompt], 3, 1 + info["guidance"])
+    torch.testing.assert_close(images * 0.5 + 0.5, drawn, atol=2e-4, rtol=0)
+    with torch.no_grad():                                  # training's hook encodes as the loaded rows do
+        torch.testing.assert_close(trained.encode_prompts([prompt])["context"], context, atol=1e-6, rtol=0)
+
+
+def test_the_loss_on_the_training_pictures_drops(sd, tmp_path):
+    """On the same noise and times: lower on the tiny random SD (whose random U-Net barely listens to its text),
+    by a clear margin on the shapes model taught "<zig>" for a large red circle from "square"."""
+    model, _, _ = sd
+    out = stage.main(sd_args(sd, tmp_path / "sd", "train.max_steps=12", "train.checkpoint_every=12",
+                             "data.crop=center", 'templates=["a photo of {}"]'))
+    pipe = TextToImage.from_folder(str(model))
+    words = stage.add_word(pipe, stage.WordConfig("<w>", "cat", 2))
+    cfg = load_config(stage.EmbeddingStageConfig, stage.DEFAULT_CONFIG, sd_args(sd, tmp_path / "x", "data.crop=center"))
+    images = torch.stack([stage.pictures(cfg)[i]["pixel_values"] for i in range(4)])
+    init = words.vectors[0].detach().clone()
+    before, after = (fixed_loss(pipe, words, v, images, "a photo of <w>") for v in (init, load_file(str(out))["<w>"]))
+    assert after < before, (before, after)
+
+    out = stage.main(["--config", str(stage.DEFAULT_CONFIG), f"train.output_dir={tmp_path / 'shapes'}",
+                      "train.max_steps=10", "train.batch_size=4", "train.lr=0.1", "train.validate_every=0",
+                      "train.checkpoint_every=10", "train.tracker=none", "train.min_free_disk_gb=0"])
+    pipe = TextToImage.from_folder(DEFAULT_MODEL)
+    words = stage.add_word(pipe, stage.WordConfig("<zig>", "square", 1))
+    images = torch.stack([stage.ConceptScenes("a large red circle", 5, 8, 64)[i]["pixel_values"] for i in range(8)])
+    init = words.vectors[0].detach().clone()
+    before, after = (fixed_loss(pipe, words, v, images, "a <zig>") for v in (init, load_file(str(out))["<zig>"]))
+    assert after < 0.9 * before, (before, after)
+
+
+def test_a_shapes_word_loads_into_the_scratch_encoder_and_draws_through_txt2img(tmp_path, capsys):
+    from ldm import txt2img
+    out = stage.main(["--config", str(ROOT / "configs" / "embedding" / "shapes64.yaml"), f"train.output_dir={tmp_path}",
+                      "train.max_steps=2", "train.batch_size=2", "train.validate_every=0", "train.tracker=none",
+                      "train.min_free_disk_gb=0", "embedding.vectors=3", "train.lr=0.1"])
+    vectors = load_file(str(out))["<zig>"]
+    pipe = TextToImage.from_folder(DEFAULT_MODEL)
+    table = pipe.text_encoder.token_embedding.weight.detach().clone()
+    assert pipe.add_embedding(str(out)) == ("<zig>", 3)
+    ids, _ = pipe.text_encoder.tokenize(["a <zig> on the left"])
+    assert ids[0, :8].tolist() == [49406, 320, 49408, 49409, 49410, 525, 518, 1823]          # a, the word's 3, on ...
+    grown = pipe.text_encoder.token_embedding.weight
+    assert torch.equal(grown[:len(table)], table) and torch.equal(grown[len(table):], vectors)
+    square = table[pipe.text_encoder.token_ids("square")[0]]
+    assert (vectors - square).abs().max() > 0.1
+    with pytest.raises(ValueError, match="already"):
+        pipe.add_embedding(str(out))
+    txt2img.main(["a <zig> on the left", "--embedding", str(out), "--teacher", "--steps", "2", "--out",
+                  str(tmp_path / "zig.png")])
+    assert "embedding" in capsys.readouterr().out and Image.open(tmp_path / "zig.png").size == (64, 64)
+
+
+@pytest.mark.parametrize("override, message", [
+    ('templates=["a photo"]', "need {} for the word"),
+    ("concept=a dog", "not a shapes-world caption"),
+    ("concept=''", "set it"),
+    ("embedding.word=two words", "one word without spaces"),
+    ("train.ema_decay=0.9", None),
+])
+def test_bad_settings_are_named(tmp_path, capsys, override, message):
+    args = ["--config", str(ROOT / "configs" / "embedding" / "shapes64.yaml"), f"train.output_dir={tmp_path}",
+            "train.tracker=none", "train.min_free_disk_gb=0", override]
+    if message is None:
+        with pytest.raises(ValueError, match="keeps no EMA"):
+            stage.main(args)
+        return
+    with pytest.raises(SystemExit):
+        stage.main(args)
+    assert message in capsys.readouterr().err
+
+
+def test_init_words_of_several_tokens_are_refused():
+    pipe = TextToImage.from_folder(DEFAULT_MODEL)
+    with pytest.raises(ValueError, match="is 3 tokens"):
+        stage.add_word(pipe, stage.WordConfig("<zig>", "large red circle", 1))
+
+
+def test_presets_load():
+    for name in ("shapes64", "sd15"):
+        cfg = load_config(stage.EmbeddingStageConfig, ROOT / "configs" / "embedding" / f"{name}.yaml")
+        assert cfg.data.batch_size == cfg.train.batch_size and "{}" in cfg.templates[0]
