@@ -15,8 +15,8 @@ decomposition with halo exchange), so the result equals the untiled one within f
   from the producing op, which merges each output tile's fp32 moments into float64 running ones (Chan et al.
   1979's pairwise update, no E[x^2] - E[x]^2); the consumer normalises each input slice, halo included,
   with those global statistics. The normalised tensor is never stored.
-- A ResBlock whose skip is the identity writes its output over its input (a tile's input core is read only
-  by that tile), so a full-resolution level holds two activations on the store, not four.
+- A ResBlock's second conv writes its output over its own input, keeping the 1-px strips of original values
+  that later tiles read as halo, so a block holds its input and one activation on the store, not three.
 
 The tile side is given in image pixels; a level at 1/s of the image resolution uses tiles of tile/s.
 
@@ -137,21 +137,32 @@ class Tiler:
 
     def conv(self, x: torch.Tensor, conv: nn.Conv2d, side: int, pre=None, resample: str | None = None,
              residual: torch.Tensor | None = None, skip: nn.Module | None = None, groups: int | None = None,
-             out: torch.Tensor | None = None) -> tuple[torch.Tensor, GroupStats | None]:
+             overwrite: bool = False) -> tuple[torch.Tensor, GroupStats | None]:
         """conv(pre(x)) (+ skip(residual)) for a 3x3 `conv`; resample "up" (nearest 2x before the conv) or "down"
         (pad right/bottom, stride 2). pre: a per-pixel tile function (`GroupStats.normalizer`). groups: also
-        return the output's GroupNorm statistics. out: write into this tensor when the dtype fits (in place:
-        only when the op reads `out` nowhere but at the tile being written, i.e. as `residual`)."""
+        return the output's GroupNorm statistics. overwrite: write the output over x (stride 1, as many channels,
+        same dtype), keeping the original halo strips that later tiles read: the band above's last row and the
+        left tile's last column."""
         B, _, H, W = x.shape
         up, stride = resample == "up", 2 if resample == "down" else 1
         Ho, Wo = ((2 * H, 2 * W) if up else ((H - 2) // 2 + 1, (W - 2) // 2 + 1) if stride == 2 else (H, W))
+        if overwrite and (up or stride != 1 or conv.out_channels != x.shape[1]):
+            raise ValueError("overwrite needs a stride-1 conv from and to as many channels")
         stats = GroupStats(groups) if groups else None
-        y = None
+        y = above = below = column = None    # overwrite: the original strips
         for a, b, c, d in _tiles(Ho, Wo, side):
             # conv-input rows the output tile reads: a 1-px halo, or the stride-2 window (pad bottom/right only)
             rows, cols = ((2 * a, 2 * b + 1), (2 * c, 2 * d + 1)) if stride == 2 else ((a - 1, b + 1), (c - 1, d + 1))
             (ry, ky, top, bottom), (rx, kx, left, right) = _span(*rows, H, up), _span(*cols, W, up)
-            t = x[:, :, ry, rx].to(self.device, memory_format=self.memory_format)
+            t = x[:, :, ry, rx].to(self.device, memory_format=self.memory_format, copy=overwrite)
+            if overwrite:                      # x above and left of this tile already holds outputs
+                if c == 0:                     # a new band: its last row, as read by the band below
+                    above, below = below, x[:, :, b - 1].clone()
+                if a > 0:
+                    t[:, :, 0] = above[:, :, rx]
+                if c > 0:
+                    t[:, :, int(a > 0):int(a > 0) + b - a, 0] = column
+                column = x[:, :, a:b, d - 1].clone()
             if pre is not None:
                 t = pre(t)
             if up:
@@ -162,17 +173,17 @@ class Tiler:
             if stats is not None:
                 stats.add(t)
             if y is None:
-                y = out if out is not None and out.dtype == t.dtype else torch.empty(
+                y = x if overwrite and x.dtype == t.dtype else torch.empty(
                     (B, t.shape[1], Ho, Wo), dtype=t.dtype, device=self.store, memory_format=self.memory_format)
             y[:, :, a:b, c:d] = t
         return y, stats
 
     def res_block(self, block: nn.Module, x: torch.Tensor, stats: GroupStats, side: int, groups: int):
-        """A ResBlock (ldm.models.autoencoder): two sweeps; the second writes over x when the skip is the identity."""
+        """A ResBlock (ldm.models.autoencoder) in two sweeps, the second writing over the first's output: the
+        block holds x and one activation as wide as its output on the store."""
         h, h_stats = self.conv(x, block.conv1, side, pre=stats.normalizer(block.norm1), groups=groups)
-        same = isinstance(block.skip, nn.Identity)
         return self.conv(h, block.conv2, side, pre=h_stats.normalizer(block.norm2, block.dropout),
-                         residual=x, skip=block.skip, groups=groups, out=x if same else None)
+                         residual=x, skip=block.skip, groups=groups, overwrite=True)
 
 
 def _setup(x: torch.Tensor, tile: int, store: torch.device | str | None) -> Tiler:
