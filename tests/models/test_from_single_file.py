@@ -21,6 +21,7 @@ from ldm.pipeline import TextToImage
 
 diffusers = pytest.importorskip("diffusers")
 open_clip = pytest.importorskip("open_clip")
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny pipelines, fixtures included: threads only contend
 
 
 def vae_state(pipe) -> dict:
@@ -72,7 +73,7 @@ def configs(folder) -> list[str]:
 
 
 @pytest.mark.parametrize("name", ["sd.safetensors", "sd.ckpt"])
-def test_single_file_draws_what_diffusers_draws(sd, tmp_path, one_thread, name, capsys):
+def test_single_file_draws_what_diffusers_draws(sd, tmp_path, name, capsys):
     theirs, folder = sd
     main([str(folder / name), "--out", str(tmp_path / "model"), "--guidance", "3", *configs(folder)])
     assert "prediction eps, w = 3" in capsys.readouterr().out
@@ -132,7 +133,7 @@ def sd2(tmp_path_factory):
     return pipe, tower, folder
 
 
-def test_sd2_file_draws_from_open_clips_conditioning(sd2, tmp_path, one_thread, capsys):
+def test_sd2_file_draws_from_open_clips_conditioning(sd2, tmp_path, capsys):
     theirs, tower, folder = sd2
     main([str(folder / "sd2.safetensors"), "--out", str(tmp_path / "model"), "--guidance", "3", "--prediction", "v",
           "--resolution", "48", *configs(folder)[:4]])                      # the text tower's sizes: from its weights
@@ -212,7 +213,7 @@ def sdxl(tmp_path_factory):
     return pipe, refiner, folder
 
 
-def test_sdxl_file_draws_what_diffusers_draws(sdxl, tmp_path, one_thread, capsys):
+def test_sdxl_file_draws_what_diffusers_draws(sdxl, tmp_path, capsys):
     theirs, _, folder = sdxl
     sd = folder / "sdxl"
     main([str(folder / "sdxl.safetensors"), "--out", str(tmp_path / "model"), "--guidance", "3",
@@ -227,7 +228,7 @@ def test_sdxl_file_draws_what_diffusers_draws(sdxl, tmp_path, one_thread, capsys
     torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=2e-4, rtol=0)
 
 
-def test_sdxl_refiner_file_refines_as_diffusers_does(sdxl, tmp_path, one_thread):
+def test_sdxl_refiner_file_refines_as_diffusers_does(sdxl, tmp_path):
     """A refiner file (bigG alone under conditioner.embedders.0.model.): the folder has bigG as its second
     encoder, the aesthetic scores 6.0 / 2.5, the empty prompt encoded; img2img from the same latents equals
     diffusers' StableDiffusionXLImg2ImgPipeline (requires_aesthetics_score) on the same weights."""
