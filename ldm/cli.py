@@ -139,8 +139,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                                "i/n >= START and (i+1)/n <= END, as diffusers' control_guidance_start/_end and the "
                                "A1111 web UI's starting/ending control step; one for all, or one per --controlnet")
     adapters.add_argument("--ip-adapter", default=None, metavar="FILE",
-                        help="an IP-Adapter (Ye et al. 2023; SD 1.x/2.x base variant) to prompt with --ip-image too; "
-                             "needs --image-encoder")
+                        help="an IP-Adapter (Ye et al. 2023; SD 1.x/2.x base variant, or XLabs' flux-ip-adapter for "
+                             "FLUX.1: one net call a step, no true CFG) to prompt with --ip-image too; needs "
+                             "--image-encoder")
     adapters.add_argument("--image-encoder", default=None, metavar="DIR",
                         help="the IP-Adapter's CLIP image encoder (a transformers CLIPVisionModelWithProjection folder)")
     adapters.add_argument("--ip-image", default=None, metavar="IMAGE", help="the image prompt for --ip-adapter")

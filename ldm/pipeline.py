@@ -194,30 +194,41 @@ class TextToImage:
         return self._students[steps]
 
     def add_ip_adapter(self, path: str, image_encoder: str, scale: float = 1.0) -> None:
-        """An IP-Adapter file (ldm.models.ip_adapter) on the teacher's U-Net, with its CLIP image encoder folder;
-        `sample(ip_image=...)` then prompts with an image too. LoRAs merge before it, not after."""
+        """An IP-Adapter file on the teacher's U-Net (ldm.models.ip_adapter) or FLUX.1 transformer (XLabs' layout:
+        ldm.models.ip_adapter_flux), with its CLIP image encoder folder; `sample(ip_image=...)` then prompts with an
+        image too. LoRAs merge before it, not after."""
+        from ldm.models.flux import Flux
         from ldm.models.ip_adapter import ImageEncoder, attach_ip_adapter
-        self.unet_only("an IP-Adapter")
+        from ldm.models.ip_adapter_flux import attach_flux_ip_adapter
+        if not isinstance(self.unet, (UNet, Flux)):
+            raise ValueError(f"an IP-Adapter works on U-Nets (SD 1.x/2.x, SDXL) and FLUX.1's transformer (XLabs' "
+                             f"adapters); this model's network is {type(self.unet).__name__} (SD3's)")
         if self._ip is not None:
             raise ValueError("an IP-Adapter is attached already: one at a time")
         encoder = ImageEncoder(image_encoder, device=self.device)
-        tokens, state = attach_ip_adapter(self.unet, path, scale)
+        tokens, state = (attach_flux_ip_adapter if isinstance(self.unet, Flux) else attach_ip_adapter)(
+            self.unet, path, scale)
         if encoder.model.config.projection_dim != tokens.proj.in_features:
             raise ValueError(f"{image_encoder}: image embeddings {encoder.model.config.projection_dim} wide, the "
                              f"IP-Adapter takes {tokens.proj.in_features}")
         self._ip = (tokens, state, encoder)
 
     def image_prompt(self, images, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """IP-Adapter tokens for PIL `images` (one, or one per prompt) and for the unconditional half (an
-        all-zero embedding, as diffusers' pipeline uses): (batch, n, D) and (1, n, D)."""
+        """IP-Adapter tokens for PIL `images` (one, or one per prompt) and for the unconditional half (as diffusers'
+        pipelines: an all-zero embedding; FLUX.1: a black image's): (batch, n, D) and (1, n, D)."""
+        from ldm.models.flux import Flux
+        from ldm.models.ip_adapter_flux import negative_image
         if self._ip is None:
             raise ValueError("an image prompt needs an IP-Adapter: add_ip_adapter(path, image_encoder) first")
         tokens, _, encoder = self._ip
-        embeds = encoder(images if isinstance(images, list) else [images]).to(tokens.proj.weight)
+        images = images if isinstance(images, list) else [images]
+        embeds = encoder(images).to(tokens.proj.weight)
         if embeds.shape[0] not in (1, batch):
             raise ValueError(f"{embeds.shape[0]} prompt images for {batch} prompts: give one, or one per prompt")
+        blank = (encoder([negative_image(images[0])]).to(embeds) if isinstance(self.unet, Flux) else
+                 torch.zeros_like(embeds[:1]))
         with torch.no_grad():
-            cond, uncond = tokens(embeds), tokens(torch.zeros_like(embeds[:1]))
+            cond, uncond = tokens(embeds), tokens(blank)
         return cond.expand(batch, -1, -1), uncond
 
     def set_freeu(self, factors: tuple[float, float, float, float] | None) -> None:
@@ -396,6 +407,9 @@ class TextToImage:
             if control:
                 net = attach_controlnets(net, self.unet, control, self.autoencoder, self._control_steps(
                     control, control_range, grid))
+            if ip_uncond is not None:              # one call a step: the image prompt's tokens only
+                from ldm.models.ip_adapter import IPAdapterUNet
+                net = IPAdapterUNet(net, self._ip[1])
             model = self.denoiser(GuidanceInput(net, 1.0 + guidance), self.index.prediction)
             return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1}
         uncond = self.encode_prompts([negative], chunks)

@@ -149,6 +149,7 @@ class DoubleBlock(nn.Module):
         super().__init__()
         self.image = Stream(width, heads, "rms_norm")
         self.text = Stream(width, heads, "rms_norm")
+        self.ip = None          # an IP-Adapter's attention on image-prompt tokens (ldm.models.ip_adapter_flux)
 
     def forward(self, x, ctx, c, rope, mask=None):
         """x (B, N, D) image tokens, ctx (B, L, D) text tokens, c (B, D), rope (cos, sin) (L + N, d/2),
@@ -159,7 +160,10 @@ class DoubleBlock(nn.Module):
         qc, kc, vc = self.text.attn.qkv(modulate(layer_norm(ctx), mc[0], mc[1]))
         out = joint_attention(torch.cat([qc, qx], dim=2), torch.cat([kc, kx], dim=2), torch.cat([vc, vx], dim=2),
                               rope, mask)                                 # (B, L + N, D)
-        return self.image.finish(x, out[:, L:], *m[2:]), self.text.finish(ctx, out[:, :L], *mc[2:])
+        x = self.image.finish(x, out[:, L:], *m[2:])
+        if self.ip is not None:   # IP-Adapter: the image queries (no RoPE) attend to the image prompt, added last
+            x = x + self.ip(qx)
+        return x, self.text.finish(ctx, out[:, :L], *mc[2:])
 
 
 class SingleBlock(nn.Module):

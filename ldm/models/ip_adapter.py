@@ -69,8 +69,16 @@ def cross_attentions(unet) -> list[tuple[nn.Module, str]]:
     return [(block, "attn2") for t in transformers for block in t.blocks]
 
 
+# XLabs' FLUX.1 files (ldm.models.ip_adapter_flux) -> diffusers' names, as diffusers' FluxIPAdapterMixin reads them
+_PARTS = {"image_proj": "image_proj", "ip_adapter_proj_model": "image_proj", "ip_adapter": "ip_adapter",
+          "double_blocks": "ip_adapter"}
+_XLABS_NAMES = {"processor.": "", "ip_adapter_double_stream_k_proj": "to_k_ip",
+                "ip_adapter_double_stream_v_proj": "to_v_ip"}
+
+
 def read_ip_adapter(path: str) -> tuple[dict, dict]:
-    """(image_proj state, ip_adapter state) from a .safetensors (prefixed keys) or .bin (two dicts)."""
+    """(image_proj state, ip_adapter state) from a .safetensors (prefixed keys; XLabs' FLUX.1 names renamed to
+    diffusers') or .bin (two dicts)."""
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -78,8 +86,10 @@ def read_ip_adapter(path: str) -> tuple[dict, dict]:
             state = {"image_proj": {}, "ip_adapter": {}}
             for key, value in flat.items():
                 part, _, rest = key.partition(".")
-                if part in state:
-                    state[part][rest] = value
+                if part in _PARTS:
+                    for theirs, ours in _XLABS_NAMES.items():
+                        rest = rest.replace(theirs, ours)
+                    state[_PARTS[part]][rest] = value
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -92,9 +102,14 @@ def read_ip_adapter(path: str) -> tuple[dict, dict]:
     return proj, attn
 
 
+def for_flux(attn_state: dict) -> bool:
+    """Whether an ip_adapter state is FLUX.1's (XLabs): its image keys and values have biases, a U-Net's none."""
+    return any(key.endswith("_ip.bias") for key in attn_state)
+
+
 class IPAdapterUNet(nn.Module):
-    """A U-Net (or a wrapper of one) whose forward also takes `ip_tokens` (B, n, D) for its wrapped
-    cross-attentions; None runs it as it was."""
+    """A U-Net or FLUX.1 (or a wrapper of one) whose forward also takes `ip_tokens` (B, n, D) for its IP-Adapter
+    layers (wrapped cross-attentions; ldm.models.ip_adapter_flux's image attention); None runs it as it was."""
 
     def __init__(self, unet: nn.Module, state: _Tokens):
         super().__init__()
@@ -113,6 +128,9 @@ def attach_ip_adapter(unet, path: str, scale: float = 1.0) -> tuple[ImageTokens,
     token projection and the shared state an `IPAdapterUNet` fills. ValueError before any change if the
     file does not fit."""
     proj_state, attn_state = read_ip_adapter(path)
+    if for_flux(attn_state):
+        raise ValueError(f"{path}: an IP-Adapter for FLUX.1 (XLabs' flux-ip-adapter: image keys and values with "
+                         "biases per double block); this model's network is a U-Net")
     places = cross_attentions(unet)
     dim = unet.cfg.context_dim
     expected = {f"{2 * i + 1}.{name}.weight" for i in range(len(places)) for name in ("to_k_ip", "to_v_ip")}
