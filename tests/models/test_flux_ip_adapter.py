@@ -79,9 +79,27 @@ def test_image_prompt_draws_what_diffusers_draws(flux, one_thread):
     torch.testing.assert_close(pipe.generate(PROMPTS, steps=3, seed=0, ip_image=image)[0], plain)
 
 
-def test_wrong_adapters_are_refused(flux, tmp_path, capsys):
+def test_schnell_cfg_is_diffusers_true_cfg(tmp_path, one_thread):
+    """FLUX.1-schnell with w > 0: CFG against the empty prompt and a black image prompt, which is diffusers' true CFG
+    (true_cfg_scale 1 + w, negative_prompt "", its default negative_ip_adapter_image)."""
+    theirs = write_flux_pipeline(tmp_path, guidance_embeds=False, dynamic=False)
+    convert(str(tmp_path / "flux"), str(tmp_path / "model"))
+    adapter = write_xlabs_adapter(tmp_path / "ip_adapter.safetensors", theirs.transformer)
+    encoder = write_image_encoder(tmp_path / "image_encoder")
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    pipe.add_ip_adapter(str(adapter), str(encoder))
+    image = ip_image()
+    ours, info = pipe.generate(PROMPTS, steps=2, seed=0, guidance=2.0, ip_image=image)
+    assert info["nfe"] == 4
+    reference = flux_images(with_flux_ip_adapter(theirs, encoder, adapter, 1.0), pipe, PROMPTS, 2, 0.0,
+                            ip_adapter_image=image, negative_prompt="", true_cfg_scale=3.0)
+    print("max |ours - diffusers|", ((ours * 0.5 + 0.5) - reference).abs().max().item())
+    torch.testing.assert_close(ours * 0.5 + 0.5, reference, atol=2e-5, rtol=0)
+
+
+def test_wrong_adapters_are_refused(flux, tmp_path, capsys, one_thread):
     """An SD adapter on FLUX.1, FLUX.1's on a U-Net, one for another FLUX.1: refused by name, the CLI's too (which
-    draws with the right one)."""
+    draws with the right one); the adapter under diffusers' names loads as XLabs' does."""
     _, model, adapter, encoder = flux
     sd = {"image_proj.proj.weight": torch.zeros(4 * 96, EMBED), "image_proj.proj.bias": torch.zeros(4 * 96),
           "image_proj.norm.weight": torch.ones(96), "image_proj.norm.bias": torch.zeros(96),
@@ -95,6 +113,14 @@ def test_wrong_adapters_are_refused(flux, tmp_path, capsys):
     with pytest.raises(ValueError, match="image attention for 1 double blocks, this FLUX.1 has 2"):
         pipe.add_ip_adapter(str(tmp_path / "one_block.safetensors"), str(encoder))
     assert all(block.ip is None for block in pipe.unet.double_blocks)      # refused before any change
+    renamed = {k.replace("ip_adapter_proj_model.", "image_proj.").replace("double_blocks.", "ip_adapter.")
+               .replace("processor.ip_adapter_double_stream_k_proj", "to_k_ip")
+               .replace("processor.ip_adapter_double_stream_v_proj", "to_v_ip"): v
+               for k, v in load_file(str(adapter)).items()}
+    assert "ip_adapter.1.to_v_ip.bias" in renamed and "image_proj.proj.weight" in renamed
+    save_file(renamed, str(tmp_path / "diffusers_names.safetensors"))
+    pipe.add_ip_adapter(str(tmp_path / "diffusers_names.safetensors"), str(encoder))
+    torch.testing.assert_close(pipe.unet.double_blocks[1].ip.to_v_ip.bias, renamed["ip_adapter.1.to_v_ip.bias"])
     save_random_model(str(tmp_path / "unet-model"))
     with pytest.raises(ValueError, match="an IP-Adapter for FLUX.1"):
         TextToImage.from_folder(str(tmp_path / "unet-model")).add_ip_adapter(str(adapter), str(encoder))
