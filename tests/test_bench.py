@@ -17,16 +17,9 @@ BENCHES = ["unet-infer", "vae-decode"]
 pytestmark = pytest.mark.usefixtures("one_thread_module")  # toy sizes: intra-op threads only contend
 
 
-def _bench(*args):
-    """Run `python -m ldm.bench ARGS` on the CPU path, even on a GPU machine, with one intra-op thread."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "ldm.bench", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
-
-
 def _bench_here(*args) -> str:
-    """What `_bench(*args)` runs, in this process: ldm.bench.main(ARGS) on the CPU path; returns what it printed.
-    The diffusers log level it lowers is put back."""
+    """What `python -m ldm.bench ARGS` runs, in this process: main(ARGS) on the CPU path, even on a GPU machine;
+    returns what it printed. The diffusers log level it lowers is put back."""
     from diffusers.utils import logging as diffusers_logging
 
     from ldm.bench import main
@@ -40,10 +33,15 @@ def _bench_here(*args) -> str:
     return printed.getvalue()
 
 
-def test_the_command_line_calls_main():
-    """`python -m ldm.bench` parses its own command line: a bench the size lacks is refused (exit 2, why on stderr)."""
-    proc = _bench("--size", "tiny-xl", "--only", "txt2img")
-    assert proc.returncode == 2 and "no txt2img bench yet" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-4000:]
+@pytest.fixture(scope="module", autouse=True)
+def command_line():
+    """`python -m ldm.bench --size tiny-xl --only txt2img` on the CPU path, started with the module: its start-up
+    runs beside the one-thread benches of this process."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ldm.bench", "--size", "tiny-xl", "--only", "txt2img"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield proc
+    proc.kill()  # no-op once it exited
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +232,10 @@ def test_reps_times_at_least_one_call(capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_args(["--reps", "0"])
     assert exit_.value.code == 2 and "at least one call" in capsys.readouterr().err
+
+
+def test_the_command_line_calls_main(command_line):
+    """`python -m ldm.bench` parses its own command line: a bench the size lacks is refused (exit 2, why on stderr).
+    Last in the file, so the process started with the module has finished by now."""
+    stdout, stderr = command_line.communicate(timeout=300)
+    assert command_line.returncode == 2 and "no txt2img bench yet" in stderr, stdout[-2000:] + stderr[-4000:]
