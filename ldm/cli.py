@@ -71,7 +71,7 @@ def parse_vae_tiling(text: str) -> str:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --shift, --negative, --guidance-rescale,
-    --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --control-mode, --control-range,
+    --true-cfg, --prompt-weights, --embedding, --controlnet, --control-image, --control-scale, --control-mode, --control-range,
     --ip-adapter,
     --image-encoder, --ip-image, --ip-scale, --freeu, --clip-skip, --lora, --device, --dtype, --decoder-precision,
     --vae-tiling."""
@@ -103,7 +103,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "pairing), lcm for lcm on a discrete schedule, else trailing")
     prompt.add_argument("--negative", default="", metavar="TEXT",
                         help="negative prompt: guidance's unconditional branch instead of the empty prompt "
-                             "(teacher only: add --teacher where a student fits --steps)")
+                             "(teacher only: add --teacher where a student fits --steps; FLUX.1-dev: with --true-cfg)")
     sampling.add_argument("--shift", type=float, default=None, metavar="S",
                           help="teacher: move the time grid to log-SNR lower by 2 log S, more steps at high noise "
                                "(SD3's timestep shift, 3.0 for SD3 at 1024 px; any schedule). Default: the model "
@@ -112,6 +112,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="rescale the guided prediction's std to the conditional one's, by PHI in [0, 1] "
                              "(Lin et al. 2024, eqs. 15-16; they use 0.7; diffusers' guidance_rescale): less "
                              "over-exposure at high guidance. Teacher only (default: 0, off)")
+    sampling.add_argument("--true-cfg", type=float, default=None, metavar="S",
+                          help="FLUX.1-dev: real CFG on top of its distilled guidance (--guidance stays its input), "
+                               "two net calls a step, neg + S (pos - neg) against --negative (default: the empty "
+                               "prompt; with --ip-adapter also a black image). S is diffusers' true_cfg_scale, not "
+                               "our w: --true-cfg 4 is w = 3; 1 is off. Other models have real CFG: --guidance W = "
+                               "S - 1 (default: off)")
     prompt.add_argument("--prompt-weights", default="a1111", choices=["a1111", "off"],
                         help="a1111 (default): read emphasis as the AUTOMATIC1111 web UI does, '(word:1.3)' weights "
                              "a word 1.3, '(word)' 1.1, '[word]' 1/1.1, '\\(' is a literal bracket; off: prompts "
@@ -140,7 +146,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                                "A1111 web UI's starting/ending control step; one for all, or one per --controlnet")
     adapters.add_argument("--ip-adapter", default=None, metavar="FILE",
                         help="an IP-Adapter (Ye et al. 2023; SD 1.x/2.x base variant, or XLabs' flux-ip-adapter for "
-                             "FLUX.1: one net call a step, no true CFG) to prompt with --ip-image too; needs "
+                             "FLUX.1: one net call a step unless --true-cfg) to prompt with --ip-image too; needs "
                              "--image-encoder")
     adapters.add_argument("--image-encoder", default=None, metavar="DIR",
                         help="the IP-Adapter's CLIP image encoder (a transformers CLIPVisionModelWithProjection folder)")
@@ -273,9 +279,15 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
             parser.error(f"--ip-adapter {args.ip_adapter}: {err}")
     if args.steps is None:
         args.steps = STUDENT_STEPS if STUDENT_STEPS in pipe.student_steps else TEACHER_STEPS
-    if pipe.index.guidance_embed and (args.negative or args.guidance_rescale):
+    if pipe.index.guidance_embed and ((args.negative and args.true_cfg is None) or args.guidance_rescale):
         parser.error("--negative / --guidance-rescale: this model's guidance is distilled into the net (FLUX.1-dev): "
-                     "it takes the scale as an input, not CFG")
+                     "it takes the scale as an input, not CFG; for a negative prompt add --true-cfg S (CFG on top, "
+                     "diffusers' true_cfg_scale, e.g. 4)")
+    if args.true_cfg is not None and not pipe.index.guidance_embed:
+        parser.error(f"--true-cfg is for guidance-distilled models (FLUX.1-dev); this model runs real CFG: give "
+                     f"--guidance W = S - 1 (--guidance {args.true_cfg - 1:g} for --true-cfg {args.true_cfg:g})")
+    if args.true_cfg is not None and not args.true_cfg >= 1:
+        parser.error(f"--true-cfg must be >= 1 (diffusers' true_cfg_scale; 1 is off), got {args.true_cfg}")
     if args.shift is not None and not args.shift > 0:
         parser.error(f"--shift must be > 0, got {args.shift}")
     if not 0.0 <= args.guidance_rescale <= 1.0:
@@ -295,7 +307,7 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
     try:  # before any model runs
         pipe.refuse_with_student(args.steps, args.teacher, negative=args.negative, control=args.controlnet,
                                  guidance_rescale=args.guidance_rescale, ip=args.ip_adapter,
-                                 shift=args.shift is not None)
+                                 shift=args.shift is not None, true_cfg=args.true_cfg is not None)
     except ValueError as err:
         parser.error(str(err))
     return pipe
@@ -356,7 +368,7 @@ def sampling_options(args) -> dict:
     return dict(steps=args.steps, guidance=args.guidance, seed=args.seed, teacher=args.teacher,
                 sampler=args.sampler, negative=args.negative, spacing=args.spacing,
                 guidance_rescale=args.guidance_rescale, ip_image=ip_image, shift=args.shift,
-                progress=show_progress())
+                true_cfg=args.true_cfg, progress=show_progress())
 
 
 def show_progress() -> bool:
@@ -380,7 +392,7 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
     if args.ip_adapter:
         run.update(ip_adapter=args.ip_adapter, image_encoder=args.image_encoder, ip_image=args.ip_image,
                    ip_scale=args.ip_scale)
-    for key in ("clip_skip", "freeu", "shift"):
+    for key in ("clip_skip", "freeu", "shift", "true_cfg"):     # true_cfg: diffusers' true_cfg_scale s
         if getattr(args, key) is not None:
             run[key] = getattr(args, key)
     if args.dtype != "float32":
@@ -405,6 +417,7 @@ def png_info(run: dict, size: tuple[int, int]) -> PngInfo:
         (f" {run['spacing'].title()}" if run["spacing"] in ("karras", "exponential", "beta") else "")
     lines = [run["prompt"]] + ([f"Negative prompt: {run['negative']}"] if run["negative"] else [])
     lines.append(f"Steps: {run['steps']}, Sampler: {sampler}, CFG scale: {1 + run['guidance']:g}, "
+                 + (f"True CFG scale: {run['true_cfg']:g}, " if run.get("true_cfg") is not None else "") +
                  f"Seed: {run['seed']}, Size: {size[0]}x{size[1]}, Model: {os.path.basename(run['model'].rstrip('/'))}")
     meta = PngInfo()
     meta.add_text("parameters", "\n".join(lines))

@@ -46,7 +46,8 @@ STUDENT_SAMPLERS = ("ddim", "stochastic")   # what the students were distilled f
 # Options a student cannot take (it learnt plain CFG with the empty prompt as the unconditional branch),
 # named as the CLI names them; `refuse_with_student` checks them, the CLI before the model runs.
 TEACHER_ONLY = {"negative": "--negative", "guidance_rescale": "--guidance-rescale", "control": "--controlnet",
-                "ip": "--ip-adapter", "inpaint": "an inpainting U-Net's mask", "shift": "--shift"}
+                "ip": "--ip-adapter", "inpaint": "an inpainting U-Net's mask", "shift": "--shift",
+                "true_cfg": "--true-cfg"}
 
 
 def native_bf16_cpu() -> bool:
@@ -381,16 +382,24 @@ class TextToImage:
                        guidance_rescale: float = 0.0, chunks: int | None = None, control: list | None = None,
                        inpaint: torch.Tensor | None = None, ip_uncond: torch.Tensor | None = None,
                        shape: tuple[int, ...] | None = None, reference: torch.Tensor | None = None,
-                       control_range: list | None = None, grid: torch.Tensor | None = None):
+                       control_range: list | None = None, grid: torch.Tensor | None = None,
+                       true_cfg: float | None = None):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
         with `negative` as the unconditional prompt (students were distilled with the empty one) and
         guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024), and
         `control`'s ControlNets attached to the net (ldm.models.controlnet.attach_controlnets; with
         `control_range`, each acting on its part of the steps at `grid`'s times: ControlSteps), `inpaint`'s
         extra inputs given to an inpainting U-Net (`ConcatInputs`) and `reference` to a FLUX.1 Depth / Canny or
-        Kontext net (`image_input_net`)."""
+        Kontext net (`image_input_net`). true_cfg: FLUX.1-dev's "true CFG" at diffusers' scale s (`true_cfg_scale`):
+        CFG with w = s - 1 around the guidance-bound net, `negative` (and `ip_uncond`) its unconditional half."""
         self.refuse_with_student(steps, teacher, negative=negative, guidance_rescale=guidance_rescale,
-                                 control=control, inpaint=inpaint is not None, ip=ip_uncond is not None)
+                                 control=control, inpaint=inpaint is not None, ip=ip_uncond is not None,
+                                 true_cfg=true_cfg is not None)
+        if true_cfg is not None and not self.index.guidance_embed:
+            raise ValueError("true CFG is for guidance-distilled models (FLUX.1-dev); this model runs real CFG: "
+                             f"guidance w = s - 1 ({true_cfg:g} -> {true_cfg - 1:g}; --guidance W)")
+        if true_cfg is not None and not true_cfg >= 1:
+            raise ValueError(f"true CFG scale s must be >= 1 (diffusers' true_cfg_scale; 1 is off), got {true_cfg}")
         if self.uses_student(steps, teacher):
             net = self.student(steps)
             if net.w_range is not None and not net.w_range[0] <= guidance <= net.w_range[1]:
@@ -400,9 +409,10 @@ class TextToImage:
             model = self.denoiser(net, self.index.student_prediction)
             return model, lambda cond: {**cond, "w": guidance}, {"model": f"student-{steps}", "nfe_per_step": 1}
         if self.index.guidance_embed:              # FLUX.1-dev: one call a step, the scale is an input of the net
-            if negative:
+            if negative and true_cfg is None:
                 raise ValueError("this model's guidance is distilled into the net (FLUX.1-dev): it draws with the "
-                                 "guidance scale as an input, not CFG, so it takes no negative prompt")
+                                 "guidance scale as an input, not CFG, so it takes no negative prompt without "
+                                 "true CFG (true_cfg=S, the CLI's --true-cfg S)")
             net = self.image_input_net(inpaint, reference)
             if control:
                 net = attach_controlnets(net, self.unet, control, self.autoencoder, self._control_steps(
@@ -411,7 +421,13 @@ class TextToImage:
                 from ldm.models.ip_adapter import IPAdapterUNet
                 net = IPAdapterUNet(net, self._ip[1])
             model = self.denoiser(GuidanceInput(net, 1.0 + guidance), self.index.prediction)
-            return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1}
+            if true_cfg is None or true_cfg == 1:
+                return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1}
+            # true CFG (diffusers' true_cfg_scale s): both halves at the distilled scale, neg + s (pos - neg)
+            uncond = self.encode_prompts([negative], chunks)
+            if ip_uncond is not None:              # the negative half sees a black image, as diffusers' default
+                uncond["ip_tokens"] = ip_uncond
+            return cfg(model, true_cfg - 1, uncond), lambda cond: cond, {"model": "teacher", "nfe_per_step": 2}
         uncond = self.encode_prompts([negative], chunks)
         uncond.pop("time_ids", None)               # SDXL: both halves take the drawn size's numbers, but
         if self.index.aesthetic is not None:       # the refiner's unconditional half has its own score
@@ -462,7 +478,7 @@ class TextToImage:
                spacing: str | None = None, guidance_rescale: float = 0.0, size: tuple[int, int] | None = None,
                control: list | None = None, inpaint: torch.Tensor | None = None, ip_image=None,
                shift: float | None = None, reference: torch.Tensor | None = None,
-               control_range: list[tuple[float, float]] | None = None,
+               control_range: list[tuple[float, float]] | None = None, true_cfg: float | None = None,
                progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
@@ -493,6 +509,10 @@ class TextToImage:
         in place of the model folder's (rectified flow's `shift`, else 1); students keep the grid they learnt.
         reference: latents (1 or B, C, h', w') of an image the net takes besides x (`image_input_net`): FLUX.1
         Depth / Canny's control image (at the drawn size), Kontext's image to edit (any size).
+        true_cfg: FLUX.1-dev only, diffusers' true_cfg_scale s (1: off; None: off): two net calls a step, both at
+        the distilled guidance 1 + w, combined as neg + s (pos - neg), i.e. our CFG at w' = s - 1 with `negative`
+        ("" by default: diffusers turns it on only when given a negative_prompt, "" included) and, with an
+        IP-Adapter, a black image prompt in the negative half. Other models have real CFG: guidance w = s - 1.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
@@ -514,7 +534,7 @@ class TextToImage:
         if self.inpainting_unet and inpaint is None:
             inpaint = self._paint_everything(shape)
         ip_cond, ip_uncond = self.image_prompt(ip_image, len(prompts)) if ip_image is not None else (None, None)
-        self.refuse_with_student(steps, teacher, shift=shift is not None)
+        self.refuse_with_student(steps, teacher, shift=shift is not None, true_cfg=true_cfg is not None)
         teaching = not self.uses_student(steps, teacher)
         if spacing is None:   # heun: Karras et al.'s pairing; lcm: the grid LCMs were trained on (discrete only)
             spacing = ("karras" if teaching and sampler == "heun" else
@@ -525,7 +545,7 @@ class TextToImage:
         run = steps if init is None else round(strength * steps)
         model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks, control,
                                                       inpaint, ip_uncond, shape, reference, control_range,
-                                                      ts[steps - run:-1])
+                                                      ts[steps - run:-1], true_cfg)
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
             warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
                           f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)

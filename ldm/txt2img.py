@@ -7,7 +7,8 @@
 `--steps N` uses the student distilled to N steps (one network evaluation per step) when the model
 folder has one, else the teacher with DDIM and classifier-free guidance (two per step); `--teacher`
 forces the teacher. Guidance uses the Imagen convention (1 + w) cond - w uncond: w = 0 is the plain
-conditional model, Stable Diffusion's scale s is w = s - 1.
+conditional model, Stable Diffusion's scale s is w = s - 1. FLUX.1-dev takes its guidance 1 + w as an input of
+the net; `--true-cfg S` runs CFG on top of it against --negative, S being diffusers' true_cfg_scale (w = S - 1).
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 REPLAYED = ("prompt", "negative", "steps", "guidance", "seed", "n", "sampler", "spacing", "teacher",
             "guidance_rescale", "prompt_weights", "model", "lora", "embedding", "size", "hires", "controlnet",
             "control_image", "control_scale", "control_mode", "control_range", "clip_skip", "freeu", "ip_adapter",
-            "image_encoder", "ip_image", "ip_scale", "shift", "dtype")
+            "image_encoder", "ip_image", "ip_scale", "shift", "dtype", "true_cfg")
 
 
 def replay_defaults(parser: argparse.ArgumentParser, path: str) -> dict:

@@ -2,7 +2,8 @@
 
 Convention (project-wide, Imagen / Meng et al. 2023):
     pred_w = (1 + w) * pred_cond - w * pred_uncond,   w = 0 is the plain conditional model.
-Stable Diffusion's guidance scale is sd_scale = 1 + w (sd_scale 7.5 <=> w = 6.5).
+Stable Diffusion's guidance scale is sd_scale = 1 + w (sd_scale 7.5 <=> w = 6.5); so is diffusers' FLUX.1
+"true CFG" scale, neg + s (pos - neg): w = s - 1, our wrapper around the guidance-distilled net (FLUX.1-dev).
 Because the weights sum to 1, guiding x0-hat equals guiding eps-hat or v-hat at the same x_t,
 so wrapping the x0 model function (e.g. a `Denoiser`) is exact. Guidance rescale is not linear:
 it depends on the space it runs in (the net's own, as diffusers' `guidance_rescale`, see `cfg`).
