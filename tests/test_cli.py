@@ -117,7 +117,7 @@ def test_embedding_errors_are_usage_errors(model, tmp_path, capsys):
     from safetensors.torch import save_file
     save_file({"<w>": torch.zeros(1, 8)}, str(tmp_path / "w.safetensors"))
     for arg, message in ((str(tmp_path / "none.pt"), "no file"),
-                         (str(tmp_path / "w.safetensors"), "need a CLIP text encoder")):
+                         (str(tmp_path / "w.safetensors"), "made for another model")):
         with pytest.raises(SystemExit) as e:
             txt2img.main(["a red circle", "--model", model, "--embedding", arg, "--out", str(tmp_path / "x.png")])
         assert e.value.code == 2 and message in capsys.readouterr().err
