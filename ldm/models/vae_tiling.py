@@ -19,6 +19,10 @@ decomposition with halo exchange), so the result equals the untiled one within f
   that later tiles read as halo, so a block holds its input and one activation on the store, not three.
 
 The tile side is given in image pixels; a level at 1/s of the image resolution uses tiles of tile/s.
+Measured on a 2-core CPU (store = compute device, docs/provenance/vae_tiling_memory.py): an SD-sized decoder
+at 1024x1024 in fp32 takes 3.9 GiB beyond its weights untiled, 2.4 GiB in 512-px tiles, 1.8 GiB in 256-px
+tiles, at about the same speed; the activations on the store set that floor. On CUDA with the CPU store the
+GPU holds the weights, the latent-resolution blocks and one tile's working set.
 
 Caution: inference only (no autograd graph). Dropout is applied per tile, so only eval mode (or p = 0)
 equals the untiled network. Each op moves its whole input through the compute device once, so on CUDA
