@@ -37,17 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def controlnet_inpaint(pipe, image, mask, prompts: list[str], control: dict, sampling: dict):
-    """Inpainting ControlNets given the control image and `mask` (1, 1, H, W) side by side (inpaint_control), the
-    picture drawn from pure noise at the image's size, the kept pixels of `image` (1, 3, H, W) in [-1, 1] pasted back."""
-    from ldm.models.controlnet_sd3 import inpaint_control
-    control = {**control, "control": [(net, inpaint_control(hint, mask) if getattr(net, "mask_channels", 0) else hint,
-                                       *rest) for net, hint, *rest in control["control"]]}
-    images, info = pipe.generate(prompts, size=(image.shape[-1], image.shape[-2]), **sampling, **control)
-    mask, image = mask.to(images.device), image.to(images.device)
-    return mask * images + (1 - mask) * image, info
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -59,10 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: mask {args.mask} has no white pixel: the output is the input", file=sys.stderr)
     control = control_options(parser, args, pipe, size, inpainting=True)
     start = time.perf_counter()
-    if any(getattr(c[0], "mask_channels", 0) for c in control.get("control", ())):
-        images, info = controlnet_inpaint(pipe, image, mask, [args.prompt], control, sampling_options(args))
-    else:
-        images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], **sampling_options(args), **control)
+    images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], **sampling_options(args), **control)
     finish(images, info, start, args.out, settings(args, args.prompt, info, image=args.image, mask=args.mask))
 
 

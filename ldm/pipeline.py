@@ -665,9 +665,16 @@ class TextToImage:
                 **kwargs) -> tuple[torch.Tensor, dict]:
         """Repaint where masks (B, 1, H, W) are 1; elsewhere the result is the input image. A plain U-Net
         repaints by holding the known latents (`keep_known`); an inpainting U-Net (SD-inpainting) is
-        given the mask and the masked image and draws from pure noise (`inpainting_inputs`)."""
+        given the mask and the masked image and draws from pure noise (`inpainting_inputs`); so does a model
+        with an inpainting ControlNet in `control` (SD3's, mask_channels 1), its RGB control image (usually
+        `images` in [0, 1]) given the mask (`inpaint_control`), as StableDiffusion3ControlNetInpaintingPipeline."""
         images, masks = images.to(self.device), masks.to(self.device)
-        if self.inpainting_unet:
+        if any(getattr(c[0], "mask_channels", 0) for c in kwargs.get("control") or ()):
+            from ldm.models.controlnet_sd3 import inpaint_control
+            kwargs["control"] = [(net, inpaint_control(hint, masks) if getattr(net, "mask_channels", 0) and
+                                  hint.shape[1] == 3 else hint, *rest) for net, hint, *rest in kwargs["control"]]
+            z, info = self.sample(prompts, steps=steps, size=(images.shape[-1], images.shape[-2]), **kwargs)
+        elif self.inpainting_unet:
             size = (images.shape[-1], images.shape[-2])          # the image's size, not the model's default
             z, info = self.sample(prompts, steps=steps, size=size, inpaint=self.inpainting_inputs(images, masks),
                                   **kwargs)

@@ -6,7 +6,8 @@ compared with diffusers' pipelines from the same noise with CFG on tiny random S
 - SD 3.5 Large's kind (use_pos_embed false, joint_attention_dim null: the base's patch embedding, image-only blocks)
   on a 4-block SD 3.5 Large-style base (qk_norm rms_norm), 2 ControlNet blocks: the same pipeline.
   Stability's single file of it (`stability_layout`) too.
-- The inpainting kind (extra_conditioning_channels 1): StableDiffusion3ControlNetInpaintingPipeline, via ldm.inpaint.
+- The inpainting kind (extra_conditioning_channels 1): StableDiffusion3ControlNetInpaintingPipeline, via ldm.inpaint
+  and TextToImage.inpaint.
 
 diffusers samples the autoencoder's posterior for the control image; we take its mode, and so do the reference
 pipelines here (`posterior_mode`)."""
@@ -176,7 +177,7 @@ def test_sd35_large_controlnet_single_file(posterior_mode, tmp_path, one_thread)
 def test_sd3_inpainting_controlnet_draws_what_diffusers_draws(posterior_mode, tmp_path, one_thread, capsys):
     """An inpainting ControlNet (extra_conditioning_channels 1: the image blacked out under the mask, as latents, and
     1 - mask) = StableDiffusion3ControlNetInpaintingPipeline from the same noise (it holds no known latents); through
-    ldm.inpaint, the kept pixels pasted back. txt2img refuses it (it reads a mask)."""
+    ldm.inpaint and pipe.inpaint, the kept pixels pasted back. txt2img refuses it (it reads a mask)."""
     from ldm import inpaint, txt2img
     from ldm.models.controlnet import load_controlnet
     from ldm.models.controlnet_sd3 import inpaint_control
@@ -212,6 +213,14 @@ def test_sd3_inpainting_controlnet_draws_what_diffusers_draws(posterior_mode, tm
     alone = sd3_images(theirs, pipe, PROMPTS[1:], 3, 4.0, **call)
     drawn = torch.from_numpy(np.array(Image.open(out))).permute(2, 0, 1)[None] / 255.0
     assert (drawn - (mask * alone + (1 - mask) * image)).abs().max() <= 1 / 255 + 1e-4
+    # pipe.inpaint: the CLI's path (pure noise, kept pixels pasted back), not the held known latents of a plain model
+    painted, _ = pipe.inpaint(image * 2 - 1, mask, PROMPTS, steps=3, control=[(net, image, SCALE)])
+    diff = ((painted * 0.5 + 0.5) - (mask * reference + (1 - mask) * image)).abs().max().item()
+    with capsys.disabled():
+        print(f"pipe.inpaint with the inpainting ControlNet: max |ours - diffusers| = {diff:.2e}")
+    assert diff < 2e-5
+    painted, _ = pipe.inpaint(image * 2 - 1, mask, PROMPTS[1:], steps=3, control=[(net, image, SCALE)])
+    assert ((painted * 0.5 + 0.5) - drawn).abs().max() <= 1 / 255 + 1e-4              # the CLI's PNG, rounded
     with pytest.raises(SystemExit) as e:
         txt2img.main([PROMPTS[1], *cli, "--out", str(tmp_path / "x.png")])
     assert e.value.code == 2 and "an inpainting ControlNet" in capsys.readouterr().err
