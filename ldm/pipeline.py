@@ -417,6 +417,7 @@ class TextToImage:
             if control:
                 net = attach_controlnets(net, self.unet, control, self.autoencoder, self._control_steps(
                     control, control_range, grid))
+                net.cond_half = true_cfg not in (None, 1)   # both halves take the ControlNets' cond residuals
             if ip_uncond is not None:              # one call a step: the image prompt's tokens only
                 from ldm.models.ip_adapter import IPAdapterUNet
                 net = IPAdapterUNet(net, self._ip[1])
@@ -436,6 +437,8 @@ class TextToImage:
         if control:
             unet = attach_controlnets(unet, self.unet, control, self.autoencoder, self._control_steps(
                 control, control_range, grid))
+            if hasattr(unet, "cond_half"):        # FLUX.1's CFG is diffusers' true CFG: ControlNets on the cond half
+                unet.cond_half = guidance != 0
         if ip_uncond is not None:                  # ip_tokens reach the U-Net as one more conditioning input
             from ldm.models.ip_adapter import IPAdapterUNet
             unet, uncond = IPAdapterUNet(unet, self._ip[1]), {**uncond, "ip_tokens": ip_uncond}

@@ -112,21 +112,29 @@ class FluxControlNet(nn.Module):
 class ControlledFlux(ControlledTransformer):
     """A Flux with FLUX.1 ControlNets attached: forward like Flux's; each (controlnet, latents (1 or B, C, h, w),
     scale, mode) adds scale x its residuals (several: summed, as diffusers' FluxMultiControlNetModel) at the t
-    where `active` (ldm.models.controlnet.ControlSteps, or None: all t) says it acts."""
+    where `active` (ldm.models.controlnet.ControlSteps, or None: all t) says it acts. cond_half: x is CFG's
+    [cond; uncond] batch and the ControlNets run on the conditional half only, both halves taking its residuals, as
+    diffusers' FluxControlNetPipeline does with true_cfg_scale (set by TextToImage under CFG)."""
+    cond_half = False
 
     def forward(self, x, t, context, context_mask=None, cond_emb=None, pooled=None, guidance=None, **added):
         double, single, dtype = [], [], next(self.net.parameters()).dtype   # fp32 ControlNets on a bf16 net add bf16
+        n = x.shape[0] // 2 if self.cond_half else x.shape[0]
+        half = lambda v: v[:n] if torch.is_tensor(v) and v.ndim and v.shape[0] == x.shape[0] else v   # noqa: E731
         for net, (hint, scale, mode), on in zip(self.nets, self.controls, acting(self.active, t, len(self.nets))):
             if not on:
                 continue
-            hint = hint.to(x.device).repeat(x.shape[0] // hint.shape[0], 1, 1, 1)    # CFG's halves share it
-            d, s = net(x, t, context, hint, pooled, guidance if net.cfg.guidance_embeds else None, mode, context_mask)
+            hint = hint.to(x.device).repeat(n // hint.shape[0], 1, 1, 1)            # the samples share it
+            d, s = net(x[:n], half(t), context[:n], hint, half(pooled),
+                       half(guidance) if net.cfg.guidance_embeds else None, half(mode), half(context_mask))
             d, s = [(r * scale).to(dtype) for r in d], [(r * scale).to(dtype) for r in s]
             if double or single:
                 if (len(d), len(s)) != (len(double), len(single)):
                     raise ValueError("several FLUX.1 ControlNets must have as many blocks each to add up")
                 d, s = [a + b for a, b in zip(double, d)], [a + b for a, b in zip(single, s)]
             double, single = d, s
+        if self.cond_half:
+            double, single = [torch.cat([r, r]) for r in double], [torch.cat([r, r]) for r in single]
         return self.net(x, t, context, context_mask, cond_emb, control=(double, single), pooled=pooled,
                         guidance=guidance, **added)
 
