@@ -515,7 +515,9 @@ class TextToImage:
         true_cfg: FLUX.1-dev only, diffusers' true_cfg_scale s (1: off; None: off): two net calls a step, both at
         the distilled guidance 1 + w, combined as neg + s (pos - neg), i.e. our CFG at w' = s - 1 with `negative`
         ("" by default: diffusers turns it on only when given a negative_prompt, "" included) and, with an
-        IP-Adapter, a black image prompt in the negative half. Other models have real CFG: guidance w = s - 1.
+        IP-Adapter, a black image prompt in the negative half; FLUX.1 ControlNets run on the positive half and
+        both halves take their residuals (as FluxControlNetPipeline; -schnell's CFG too). Fill's, Depth / Canny's and
+        Kontext's image inputs go to both halves. Other models have real CFG: guidance w = s - 1.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
