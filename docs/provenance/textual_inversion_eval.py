@@ -5,11 +5,18 @@ before (the word at its init, "square") and after stages/train_embedding.py taug
     OMP_NUM_THREADS=2 python docs/provenance/textual_inversion_eval.py runs/embedding-shapes64/learned_embeds.safetensors \
         runs/ti-eval 50 docs/eval/textual-inversion
 
-Each case draws N images, image i from seed i, exactly as `python -m ldm.txt2img PROMPT --seed i --teacher
---embedding FILE` does (25 DDIM steps, the folder's w; "student" rows: --steps 4, the 4-step student), writes them as
+Each case draws N images, image i from seed i, exactly as `python -m ldm.txt2img PROMPT --seed i --teacher --steps 25
+--embedding FILE` does (DDIM, the folder's w = 2; checked: the same PNG bytes' pixels for seed 3; "student" rows:
+`--steps 4` without --teacher, the 4-step student, which reads the word through the same text encoder), writes them as
 OUT/<case>/{i:04d}.png with OUT/<case>/prompts.txt holding the caption it should show, and scores them with the
 shapes-world oracle through the CLI `python -m ldm.eval score --images OUT/<case> --prompts OUT/<case>/prompts.txt`
-(in-process). Rows go to ROWS/results.json and ROWS/results.md, sample grids to ROWS/<case>.png.
+(in-process). Rows go to ROWS/results.json and ROWS/results.md, sample grids to ROWS/<case>.png. A fifth argument
+picks cases (comma-separated names), e.g. the 3-vector run's rows:
+
+    OMP_NUM_THREADS=2 python stages/train_embedding.py --config configs/embedding/shapes64.yaml embedding.vectors=3 \
+        train.output_dir=runs/embedding-shapes64-k3 train.validate_every=300
+    OMP_NUM_THREADS=2 python docs/provenance/textual_inversion_eval.py runs/embedding-shapes64-k3/learned_embeds.safetensors \
+        runs/ti-eval-k3 50 docs/eval/textual-inversion/k3 after,after-left,after-student4
 """
 import json
 import sys
@@ -46,7 +53,7 @@ def init_file(learned: Path, out: Path) -> Path:
     return path
 
 
-def main(learned: str, out: str, n: int, rows: str) -> None:
+def main(learned: str, out: str, n: int, rows: str, cases: str = "") -> None:
     from ldm.eval.__main__ import main as eval_cli
     learned, out, rows = Path(learned), Path(out), Path(rows)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,6 +61,8 @@ def main(learned: str, out: str, n: int, rows: str) -> None:
     files = {"init": init_file(learned, out), "learned": learned}
     results = []
     for case, prompt, embedding, target, steps, teacher in CASES:
+        if cases and case not in cases.split(","):
+            continue
         pipe = TextToImage.from_folder(DEFAULT_MODEL)          # fresh: a word is added once per encoder
         if embedding:
             pipe.add_embedding(str(files[embedding]))
@@ -86,4 +95,4 @@ def main(learned: str, out: str, n: int, rows: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], *sys.argv[5:6])
