@@ -1,7 +1,7 @@
 """Textual inversion (Gal et al. 2023, "An Image is Worth One Word"): learn a new word's vectors for a frozen model.
 
     accelerate launch stages/train_embedding.py --config configs/embedding/shapes64.yaml [--resume latest] [key=value ...]
-    python -m ldm.txt2img "a <zig> on the left" --teacher --embedding runs/embedding-shapes64/learned_embeds.safetensors
+    python -m ldm.txt2img "a <zig> on the left" --teacher --steps 25 --embedding runs/embedding-shapes64/learned_embeds.safetensors
 
 The story: setup -> the frozen model folder (autoencoder, text encoder, U-Net and its schedule, as txt2img loads
 them) -> the word: k new tokens, and k trainable vectors per token table (SDXL: one for each of its two CLIPs) that a

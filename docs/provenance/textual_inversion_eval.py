@@ -1,22 +1,27 @@
 """Textual inversion on the shapes world: how often does the shipped teacher draw "a <zig>" as a large red circle,
-before (the word at its init, "square") and after stages/train_embedding.py taught it from pictures of one?
+before (the word at its init, "square" in each vector) and after stages/train_embedding.py taught it from pictures
+of one? The session's runs (2-core CPU shared with other jobs; 300 steps of batch 16, lr 1e-2):
 
-    OMP_NUM_THREADS=2 python stages/train_embedding.py --config configs/embedding/shapes64.yaml
-    OMP_NUM_THREADS=2 python docs/provenance/textual_inversion_eval.py runs/embedding-shapes64/learned_embeds.safetensors \
-        runs/ti-eval 50 docs/eval/textual-inversion
-
-Each case draws N images, image i from seed i, exactly as `python -m ldm.txt2img PROMPT --seed i --teacher --steps 25
---embedding FILE` does (DDIM, the folder's w = 2; checked: the same PNG bytes' pixels for seed 3; "student" rows:
-`--steps 4` without --teacher, the 4-step student, which reads the word through the same text encoder), writes them as
-OUT/<case>/{i:04d}.png with OUT/<case>/prompts.txt holding the caption it should show, and scores them with the
-shapes-world oracle through the CLI `python -m ldm.eval score --images OUT/<case> --prompts OUT/<case>/prompts.txt`
-(in-process). Rows go to ROWS/results.json and ROWS/results.md, sample grids to ROWS/<case>.png. A fifth argument
-picks cases (comma-separated names), e.g. the 3-vector run's rows:
-
-    OMP_NUM_THREADS=2 python stages/train_embedding.py --config configs/embedding/shapes64.yaml embedding.vectors=3 \
+    # 3 vectors (the preset): 7.3 min wall
+    OMP_NUM_THREADS=2 python stages/train_embedding.py --config configs/embedding/shapes64.yaml train.tracker=none \
         train.output_dir=runs/embedding-shapes64-k3 train.validate_every=300
     OMP_NUM_THREADS=2 python docs/provenance/textual_inversion_eval.py runs/embedding-shapes64-k3/learned_embeds.safetensors \
         runs/ti-eval-k3 50 docs/eval/textual-inversion/k3 after,after-left,after-student4
+    OMP_NUM_THREADS=2 python docs/provenance/textual_inversion_eval.py runs/embedding-shapes64-k3/learned_embeds.safetensors \
+        runs/ti-eval-k3 50 docs/eval/textual-inversion/k3 before,words
+    # 1 vector: 19.2 min wall under a load of ~6
+    OMP_NUM_THREADS=2 python stages/train_embedding.py --config configs/embedding/shapes64.yaml train.tracker=none \
+        embedding.vectors=1
+    OMP_NUM_THREADS=2 python docs/provenance/textual_inversion_eval.py runs/embedding-shapes64/learned_embeds.safetensors \
+        runs/ti-eval 50 docs/eval/textual-inversion/k1
+
+Each case draws N images, image i from seed i, exactly as `python -m ldm.txt2img PROMPT --seed i --teacher --steps 25
+--embedding FILE` does (DDIM, the folder's w = 2; checked: the same pixels for seed 3; "student" rows: `--steps 4`
+without --teacher, the 4-step student, which reads the word through the same text encoder), writes them as
+OUT/<case>/{i:04d}.png with OUT/<case>/prompts.txt holding the caption it should show, and scores them with the
+shapes-world oracle through the CLI `python -m ldm.eval score --images OUT/<case> --prompts OUT/<case>/prompts.txt`
+(in-process). Rows go to ROWS/results.json and ROWS/results.md, sample grids (seeds 0-15) to ROWS/<case>.png. A
+fifth argument picks cases (comma-separated names); rows of other cases already in ROWS/results.json are kept.
 """
 import json
 import sys
@@ -86,6 +91,11 @@ def main(learned: str, out: str, n: int, rows: str, cases: str = "") -> None:
                         "correct": score["correct"]})
         save_image_grid(images[:16], rows / f"{case}.png", nrow=16)
         print(f"{case:15s} {prompt!r:24} -> {target!r}: {100 * score['accuracy']:.1f}% of {n}")
+    if (rows / "results.json").is_file():                  # rows of cases run before, this run's replacing theirs
+        done = {r["case"] for r in results}
+        order = [case for case, *_ in CASES]
+        earlier = [r for r in json.loads((rows / "results.json").read_text()) if r["case"] not in done]
+        results = sorted(earlier + results, key=lambda r: order.index(r["case"]))
     (rows / "results.json").write_text(json.dumps(results, indent=2))
     lines = ["| case | prompt | embedding | judged against | model | steps | accuracy |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['case']} | `{r['prompt']}` | {Path(r['embedding']).name if r['embedding'] else '-'} | "

@@ -133,7 +133,7 @@ def test_the_loss_on_the_shapes_pictures_drops(tmp_path):
     """On the same noise and times, by a clear margin: the shapes model taught "<zig>" for a large red circle from
     "square" in 10 steps."""
     out = stage.main(["--config", str(stage.DEFAULT_CONFIG), f"train.output_dir={tmp_path / 'shapes'}",
-                      "train.max_steps=10", "train.batch_size=4", "train.lr=0.1", "train.validate_every=0",
+                      "train.max_steps=10", "train.batch_size=4", "train.lr=0.1", "train.validate_every=0", "embedding.vectors=1",
                       "train.checkpoint_every=10", "train.tracker=none", "train.min_free_disk_gb=0"])
     pipe = TextToImage.from_folder(DEFAULT_MODEL)
     words = stage.add_word(pipe, stage.WordConfig("<zig>", "square", 1))
