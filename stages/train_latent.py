@@ -19,7 +19,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ from ldm.pipeline import ModelIndex, TextToImage, save_index
 from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainConfig, build_optimizer,
                           build_scheduler, config_to_dict, log_images, one_batch_size, optimizer_step,
                           parse_args, setup)
-from ldm.training.gather import ema_copy, is_sharded
+from ldm.training.gather import ema_copy
 from ldm.training.latent_cache import make_cache_loader, open_or_build, scaled_latents
 
 logger = logging.getLogger("train_latent")
@@ -161,21 +161,6 @@ class LoRAConfig:
 
 
 @dataclass
-class TextualInversionConfig:
-    """Learn a new word for a frozen CLIP text encoder from a few images (Gal et al. 2023): only its vectors train."""
-    word: str = ""                                         # e.g. "<my-cat>"; "" = off. Needs init_from, text.kind=clip
-    init_word: str = "*"                                   # its vectors start as this one-token word's embedding
-    vectors: int = 1                                       # tokens the word becomes (word, word_1, ...)
-    template: str = ""                                     # e.g. "a photo of {}": every caption, with the word; "" = the data's
-
-    def __post_init__(self):
-        if self.vectors < 1:
-            raise ValueError(f"ti.vectors must be >= 1, got {self.vectors}")
-        if self.template and "{}" not in self.template:
-            raise ValueError(f"ti.template {self.template!r} has no {{}} for the word")
-
-
-@dataclass
 class PriorConfig:
     """DreamBooth's prior preservation (Ruiz et al. 2023, eq. 2): fine-tune on a few pictures of one subject while
     a second loss, on pictures of its class that the model drew before training, keeps the class as it was."""
@@ -217,8 +202,11 @@ class LatentStageConfig:
     # words distinct that joint training merged: the shapes64 teacher's "left"/"right" (docs/stage2-latent.md).
     train_text_encoder: bool = True
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # rank > 0: only LoRA updates train (needs init_from)
-    ti: TextualInversionConfig = field(default_factory=TextualInversionConfig)  # word != "": only its vectors train
     prior: PriorConfig = field(default_factory=PriorConfig)  # class_prompt != "": DreamBooth's class prior loss
+    moved_keys: ClassVar[dict[str, str]] = {               # a preset or a saved config.yaml that still has them fails
+        "ti": "textual inversion moved to stages/train_embedding.py (configs/embedding/*.yaml; there ti.word/init_word/"
+              "vectors are embedding.word/init_word/vectors, ti.template is templates, init_from is model); an older "
+              "stage-2 config.yaml: delete its `ti` section"}
 
     def __post_init__(self):
         if not 0.0 <= self.p_uncond < 1.0:
@@ -231,12 +219,9 @@ class LatentStageConfig:
         self.lora.settle_targets(self.net)
         if self.val.score and self.data.source != "shapes":
             raise ValueError("val.score needs data.source=shapes: the oracle knows only the shapes world")
-        if self.ti.word and (not self.init_from or self.text.kind != "clip" or self.lora.rank):
-            raise ValueError("ti.word learns a word for a trained model's frozen CLIP text encoder: it needs "
-                             "init_from=MODEL_FOLDER and text.kind=clip, and no lora.rank")
-        if self.prior.class_prompt and (not self.init_from or self.ti.word):
+        if self.prior.class_prompt and not self.init_from:
             raise ValueError("prior.class_prompt keeps a trained model's class while it learns a subject: it needs "
-                             "init_from=MODEL_FOLDER (the class pictures are its drawings), and no ti.word")
+                             "init_from=MODEL_FOLDER (the class pictures are its drawings)")
         self.data = one_batch_size(self.data, self.train)
 
     @property
@@ -344,31 +329,6 @@ def add_lora_updates(model: LatentModel, cfg: LatentStageConfig) -> None:
         add_lora(model.unet, cfg.lora.rank, cfg.lora.alpha or None, targets)
 
 
-def add_word(model: LatentModel, ti: TextualInversionConfig) -> None:
-    """ti.word: freeze everything, add the word's tokens to the CLIP tokenizer, and give the model one trainable
-    (k, D) parameter that a hook on CLIP's token embedding splices in wherever those tokens appear."""
-    encoder = model.encoder
-    init_ids = encoder.token_ids(ti.init_word)
-    if len(init_ids) != 1:
-        raise ValueError(f"ti.init_word {ti.init_word!r} is {len(init_ids)} tokens: pick a word of one token")
-    table = encoder.model.get_input_embeddings()
-    init = table.weight[init_ids[0]].detach().float().clone()
-    tokens = encoder.add_embedding(ti.word, init.expand(ti.vectors, -1))
-    ids = torch.tensor(encoder.tokenizer.convert_tokens_to_ids(tokens))
-    model.requires_grad_(False)
-    model.ti_vectors = nn.Parameter(init.repeat(ti.vectors, 1))
-    owner = [model]                                        # the module, not a submodule of the encoder
-
-    def splice(module, inputs, output):
-        match = inputs[0][..., None] == ids.to(inputs[0].device)            # (B, L, k)
-        vectors = owner[0].ti_vectors.to(output.dtype)
-        if not bool(match.any()):   # a batch without the word (captions dropped for CFG): zero gradients
-            return output + 0 * vectors.sum()
-        return torch.where(match.any(-1, keepdim=True), match.to(output.dtype) @ vectors, output)
-
-    table.register_forward_hook(splice)
-
-
 def model_index(cfg: LatentStageConfig) -> ModelIndex:
     """model_index.json of the folder the run writes (FLUX.1: its dynamic shift, -dev's guidance input too)."""
     d = cfg.diffusion
@@ -459,9 +419,6 @@ def save_model_folder(net: LatentModel, cfg: LatentStageConfig, folder: Path) ->
         unet.load_state_dict(merged_state_dict(net.unet))
         save_lora_file(net.unet, folder.parent / "lora.safetensors")
     unet.save_pretrained(str(tmp / "unet"), dtype=dtype)
-    if cfg.ti.word:  # the word beside the folder, in diffusers' layout (`--embedding FILE:WORD` here)
-        write_safetensors_atomic({cfg.ti.word: net.ti_vectors.detach().float().cpu()},
-                                 folder.parent / "embedding.safetensors")
     if cfg.text.kind == "scratch":
         net.text_encoder.save_pretrained(str(tmp / "text_encoder"), dtype=dtype)
     else:  # a frozen encoder is named, not copied
@@ -542,10 +499,6 @@ def main(argv: list[str] | None = None) -> Path:
     if cfg.init_from:
         init_weights(model, cfg.init_from)
     add_lora_updates(model, cfg)                           # lora.rank > 0: only the low-rank updates train
-    if cfg.ti.word:
-        if is_sharded(accelerator):
-            raise ValueError("ti.word trains a few vectors: run it without FSDP")
-        add_word(model, cfg.ti)                            # only the new word's vectors train
     if cfg.text.kind == "scratch" and not cfg.train_text_encoder:
         # Still part of the model (checkpointed, exported), just not optimised.
         model.text_encoder.requires_grad_(False)
@@ -565,13 +518,11 @@ def main(argv: list[str] | None = None) -> Path:
                     "autoencoder": config_to_dict(ae.config)}
     if cfg.lora.rank:  # the checkpoints hold the updates only: the frozen base must be the same on resume
         model_config |= {"lora": config_to_dict(cfg.lora), "init_from": cfg.init_from}
-    if cfg.ti.word:    # ... or the word's vectors only
-        model_config |= {"ti": config_to_dict(cfg.ti), "init_from": cfg.init_from}
     prior = class_loader(cfg, draw_class_images(accelerator, cfg), accelerator) if cfg.prior.class_prompt else None
     ckpt = Checkpointer(accelerator, cfg.train, stage="latent", config=cfg, model=model, optimizer=optimizer,
                         scheduler=scheduler, ema=ema, data=data, model_config=model_config,
                         extras={"class_data": prior} if prior is not None else None,
-                        trainable_only=cfg.lora.rank > 0 or bool(cfg.ti.word))
+                        trainable_only=cfg.lora.rank > 0)
     step = ckpt.resume()  # restores the RNG last
 
     loss_fn = DiffusionLoss(schedule_from_config(cfg.diffusion.schedule_config()), cfg.diffusion.prediction,
@@ -595,8 +546,7 @@ def main(argv: list[str] | None = None) -> Path:
                                    sample=cfg.latents == "sample")
             else:
                 z = ae.encode_latents(batch["pixel_values"].to(device), sample=cfg.latents == "sample")
-        captions = [cfg.ti.template.format(cfg.ti.word)] * len(batch["text"]) if cfg.ti.template else batch["text"]
-        prompts = drop_captions(captions, cfg.p_uncond)     # (B,) per-sample, from the seeded global RNG
+        prompts = drop_captions(batch["text"], cfg.p_uncond)  # (B,) per-sample, from the seeded global RNG
         factor = ae.config.downsample_factor      # SDXL: each picture's own size and crop numbers
         sdxl = {"time_ids": sdxl_time_ids(batch.get("size_ids"), z.shape, factor).to(device)} if sdxl_net else {}
         if class_batches is not None:                      # DreamBooth: the class as the model drew it

@@ -354,7 +354,7 @@ class ClipTextEncoder(_Frozen):
         """(B, L) token ids, start/end/padding included -> (B, L, D) from the configured layer, or from
         the `clip_skip`-th layer from the end when set (1 = the last, 2 = the penultimate, ...). The
         weights are frozen, so no graph is built, except through a textual-inversion word being trained
-        (stage 2's `ti`), whose vectors enter through a hook on the token embedding."""
+        (stages/train_embedding.py), whose vectors enter through a hook on the token embedding."""
         skip = self.clip_skip or (2 if self.cfg.layer == "penultimate" else 1)
         # No attention mask into CLIP, as in SD: it is causal, so padding never reaches real tokens.
         out = self.model(input_ids=ids.to(self.model.device), output_hidden_states=skip > 1)

@@ -2,7 +2,8 @@
 
 A stage defines one dataclass whose fields are nested dataclasses (`model`, `data`, `train`);
 `load_config` builds it from YAML and dotted overrides (`train.lr=1e-4 model.channel_mult=[1,2,4]`)
-and checks every value against the annotations, naming the full dotted key on any error.
+and checks every value against the annotations, naming the full dotted key on any error. A key a
+stage no longer has can say where it went: the dataclass's `moved_keys: ClassVar[dict]` (name -> message).
 """
 from __future__ import annotations
 
@@ -177,8 +178,13 @@ def _fields(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
-def _unknown_key(key: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+def _unknown_key(cls: type, key: str, given: str) -> ConfigError:
+    """`key`'s last part is no field of `cls`: where it went if `cls.moved_keys` lists it (naming the key as
+    `given`: "ti.word" for key "ti"), else a close match."""
+    name, known = key.rsplit(".", 1)[-1], list(_fields(cls))
+    if name in getattr(cls, "moved_keys", {}):
+        return ConfigError(f"config key '{given}': {cls.moved_keys[name]}")
+    close = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}; valid keys here: {', '.join(known)}")
 
@@ -193,7 +199,9 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     hints = _fields(cls)
     for name in data:
         if name not in hints:
-            raise _unknown_key(f"{prefix}.{name}" if prefix else str(name), list(hints))
+            key = f"{prefix}.{name}" if prefix else str(name)
+            section = data[name] if isinstance(data[name], dict) and data[name] else {}
+            raise _unknown_key(cls, key, f"{key}.{next(iter(section))}" if section else key)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -224,7 +232,7 @@ def _field_type(cls: type, dotted: str) -> Any:
                               f"{_type_name(tp)}, not a section with sub-keys")
         hints = _fields(tp)
         if part not in hints:
-            raise _unknown_key(here, list(hints))
+            raise _unknown_key(tp, here, dotted)
         tp = hints[part]
     return tp
 

@@ -1,12 +1,14 @@
 """stages/train_embedding.py: on a tiny random SD 1.x import only the new word's vectors train (every other row of
-the token table, the U-Net and the autoencoder stay bit-identical), the loss on the training pictures drops, resume
-is exact, and the file it writes gives, in diffusers' load_textual_inversion, the text-encoder output and the image
-ours gives; on the shipped shapes model (scratch text encoder) the word loads and draws through txt2img."""
+the token table, the U-Net and the autoencoder stay bit-identical; checkpoints hold the vectors alone), the loss on
+the training pictures drops, resume is exact, and the file it writes gives, in diffusers' load_textual_inversion, the
+text-encoder output and the image ours gives; on the shipped shapes model (scratch text encoder) the word loads and
+draws through txt2img. (Stage 2's former `ti` mode is this stage's now.)"""
 from __future__ import annotations
 
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from safetensors.torch import load_file
 from stage_scripts import load_stage
 
 from ldm.models.from_diffusers import convert
-from ldm.training import load_config
+from ldm.training import find_latest_checkpoint, load_config
 from ldm.pipeline import DEFAULT_MODEL, TextToImage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,6 +90,8 @@ def test_only_the_word_trains_resume_is_exact_and_diffusers_reads_the_file(sd, t
     assert torch.equal(learned["<w>"], load_file(str(resumed))["<w>"])                    # 2 + 2 steps == 4
     with safe_open(str(straight), "pt") as f:
         assert f.metadata()["word"] == "<w>" and f.metadata()["init_word"] == "cat"
+    checkpoint = load_file(str(find_latest_checkpoint(tmp_path / "resumed") / "model.safetensors"))
+    assert list(checkpoint) == ["vectors.0"]                                             # the word's vectors only
 
     # Frozen means frozen: the trained pipeline's weights are the folder's, bit for bit; the table grew by the
     # word's 2 rows (still "cat", unused: the hook splices the vectors in) and kept every other row.
@@ -184,10 +188,28 @@ def test_bad_settings_are_named(tmp_path, capsys, override, message):
     assert message in capsys.readouterr().err
 
 
-def test_init_words_of_several_tokens_are_refused():
+def test_init_words_of_several_tokens_and_encoders_without_token_tables_are_refused():
     pipe = TextToImage.from_folder(DEFAULT_MODEL)
     with pytest.raises(ValueError, match="is 3 tokens"):
         stage.add_word(pipe, stage.WordConfig("<zig>", "large red circle", 1))
+    for kind in ("sd3", "flux"):                           # T5 beside CLIPs: refused by name, before anything runs
+        with pytest.raises(ValueError, match=rf"needs a CLIP text encoder .*\({kind}\)"):
+            stage.add_word(SimpleNamespace(text_kind=kind, text_encoder=object()), stage.WordConfig())
+
+
+def test_every_caption_names_the_word(tmp_path):
+    """No batch trains without the word (stage 2's former `ti` mode dropped captions for CFG and then had to train
+    on with zero gradients; this stage drops none): a template per picture, or the data's own captions, each of
+    which must name it."""
+    def config(templates: str):
+        return load_config(stage.EmbeddingStageConfig, stage.DEFAULT_CONFIG,
+                           ["data.source=imagefolder", f"data.path={tmp_path}", "concept=''", f"templates={templates}"])
+    templated, own = config('["a {}", "a {} on the left"]'), config("[]")
+    torch.manual_seed(0)
+    assert set(stage.captions({"text": [""] * 16}, templated)) == {"a <zig>", "a <zig> on the left"}
+    assert stage.captions({"text": ["a <zig> on the left"]}, own) == ["a <zig> on the left"]
+    with pytest.raises(ValueError, match="'a red circle' does not name '<zig>'"):
+        stage.captions({"text": ["a <zig>", "a red circle"]}, own)
 
 
 def test_presets_load():

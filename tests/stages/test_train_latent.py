@@ -341,6 +341,18 @@ def test_bad_key_is_named(capsys):
     assert "unet.chanels" in capsys.readouterr().err
 
 
+def test_textual_inversion_keys_point_to_the_embedding_stage(tmp_path, capsys):
+    """Stage 2's ti.* keys are gone (stages/train_embedding.py learns words): an override or a preset that still
+    sets one fails before training, naming the key and where it went."""
+    preset = tmp_path / "old.yaml"
+    preset.write_text((CONFIGS / "tiny.yaml").read_text() + "ti:\n  word: <w>\n  vectors: 2\n")
+    for args in (["--config", str(CONFIGS / "tiny.yaml"), "ti.word=<w>"], ["--config", str(preset)]):
+        with pytest.raises(SystemExit):
+            stage.main([*args, f"train.output_dir={tmp_path / 'run'}"])
+        assert "config key 'ti.word': textual inversion moved to stages/train_embedding.py" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("override, key", [("diffusion.time_shift=-2", "diffusion.time_shift="),
                                            ("diffusion.time_shift_share=2", "diffusion.time_shift_share="),
                                            ("diffusion.noise_offset=-1", "noise_offset=-1")])
@@ -368,36 +380,6 @@ def test_zero_terminal_snr_trains_v_and_refuses_eps(tiny_ae, tmp_path, capsys):
     assert pipe.index.schedule == {"name": "scaled_linear", "zero_snr": True} and pipe.schedule.zero_terminal_snr
     images, _ = pipe.generate(["a red circle"], steps=3, sampler="dpmpp_2m")
     assert bool(torch.isfinite(images).all()) and (tmp_path / "v" / "samples" / "step-000002.png").is_file()
-
-
-def test_textual_inversion_trains_only_the_words_vectors(tiny_ae, tiny_clip, tmp_path, capsys):
-    """ti.word on a CLIP model: the U-Net stays as it was, the word's vectors move, 2 + 1 steps resumed equal
-    3 straight, and the embedding file is one `--embedding` (and diffusers) reads."""
-    from safetensors.torch import load_file
-    clip = ["text.kind=clip", f"text.path={tiny_clip}", "cache_latents=true", f"cache_dir={tmp_path / 'cache'}",
-            "train.ema_decay=0"]
-    base = run(tiny_ae, tmp_path / "base", *clip, "train.max_steps=1")
-    ti = [*clip, f"init_from={base}", "ti.word=<w>", "ti.init_word=cat", "ti.vectors=2",
-          "ti.template=a photo of {}", "train.lr=0.05", "p_uncond=0"]
-    straight = run(tiny_ae, tmp_path / "straight", *ti, "train.max_steps=3")
-    run(tiny_ae, tmp_path / "resumed", *ti, "train.max_steps=2", "train.checkpoint_every=1")
-    resumed = run(tiny_ae, tmp_path / "resumed", *ti, "train.max_steps=3", "--resume", "latest")
-    vectors = load_file(str(straight.parent / "embedding.safetensors"))["<w>"]
-    assert vectors.shape == (2, 32)
-    assert torch.equal(vectors, load_file(str(resumed.parent / "embedding.safetensors"))["<w>"])
-    from ldm.pipeline import TextToImage
-    pipe = TextToImage.from_folder(str(straight))
-    cat = pipe.text_encoder.model.get_input_embeddings().weight[pipe.text_encoder.token_ids("cat")[0]]
-    assert (vectors - cat).abs().max() > 1e-3                                  # trained away from "cat"
-    a, b = load_file(str(straight / "unet" / "model.safetensors")), load_file(str(base / "unet" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)                              # the U-Net untouched
-    assert pipe.add_embedding(str(straight.parent / "embedding.safetensors"), "<w>") == ("<w>", 2)
-    images, _ = pipe.generate(["a photo of <w>"], steps=2)
-    assert bool(torch.isfinite(images).all())
-    run(tiny_ae, tmp_path / "dropped", *ti[:-1], "p_uncond=0.99", "train.max_steps=1")   # no word in the batch
-    with pytest.raises(SystemExit):
-        run(tiny_ae, tmp_path / "bad", "ti.word=<w>", "train.max_steps=1")       # scratch text encoder
-    assert "ti.word learns a word for a trained model's frozen CLIP" in capsys.readouterr().err
 
 
 def test_aspect_ratio_buckets_train_from_images_and_from_the_cache(tiny_ae, tmp_path, mixed_aspect_folder):
