@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -124,6 +125,26 @@ def load_text_encoder(folder: str):
     if tcfg.path and not os.path.isabs(tcfg.path) and os.path.exists(os.path.join(folder, tcfg.path)):
         tcfg = dataclasses.replace(tcfg, path=os.path.join(folder, tcfg.path))
     return ScratchTextEncoder.from_pretrained(folder) if tcfg.kind == "scratch" else build_text_encoder(tcfg)
+
+
+SHAPE_PARTS = ("large red circle", "red circle", "circle", "red", "large")   # what an added word may stand for
+
+
+def is_shapes_caption(text: str) -> bool:
+    """Whether a model sees `text` as a shapes-world caption (the CLIP BPE tokenizer lower-cases and collapses
+    whitespace, so it sees that form)."""
+    from ldm.data.captions import parse_caption
+    try:
+        parse_caption(" ".join(text.lower().split()))
+    except ValueError:
+        return False
+    return True
+
+
+def embedding_words(encoder) -> list[str]:
+    """The textual-inversion words added to a text encoder: our scratch one's (its tokenizer's), CLIP's or SDXL's."""
+    tokenize = getattr(encoder, "_tokenize", None)
+    return list(tokenize.words if tokenize is not None else getattr(encoder, "_words", {}))
 
 
 class TextToImage:
@@ -340,17 +361,20 @@ class TextToImage:
 
     def check_prompts(self, prompts: list[str]) -> None:
         """Warn (once a prompt) when a model that saw only shapes-world captions is asked for something else:
-        it will still draw shapes, and a user asking for "a corgi" should know why."""
+        it will still draw shapes, and a user asking for "a corgi" should know why. An added textual-inversion
+        word may stand for any part of a shape ("a <zig> on the left" reads as "a red circle on the left")."""
         if self.index.data != "shapes":
             return
-        from ldm.data.captions import parse_caption
+        words = sorted(embedding_words(self.text_encoder), key=len, reverse=True)    # longest first, as matched
         for prompt in dict.fromkeys(prompts):
             if prompt in self._warned_prompts:
                 continue
             text = plain_text(parse_weighted(prompt)) if self.prompt_weights else prompt
-            try:   # the CLIP BPE tokenizer lower-cases and collapses whitespace, so the model sees this form
-                parse_caption(" ".join(text.lower().split()))
-            except ValueError:
+            readings = [text]
+            if any(word in text for word in words):
+                pattern = "|".join(re.escape(word) for word in words)
+                readings = [re.sub(pattern, part, text) for part in SHAPE_PARTS]
+            if not any(map(is_shapes_caption, readings)):
                 self._warned_prompts.add(prompt)
                 warnings.warn(f"{prompt!r} is not a shapes-world caption, and this model was trained only on those "
                               "(one or two circles, squares or triangles: 'a large red circle on the left', 'a blue "

@@ -1,12 +1,13 @@
 """stages/train_embedding.py: on a tiny random SD 1.x import only the new word's vectors train (every other row of
 the token table, the U-Net and the autoencoder stay bit-identical; checkpoints hold the vectors alone), the loss on
 the training pictures drops, resume is exact, and the file it writes gives, in diffusers' load_textual_inversion, the
-text-encoder output and the image ours gives; on the shipped shapes model (scratch text encoder) the word loads and
-draws through txt2img. (Stage 2's former `ti` mode is this stage's now.)"""
+text-encoder output and the image ours gives; on the shipped shapes model (scratch text encoder) the word loads,
+draws through txt2img and passes the shapes-caption check. (Stage 2's former `ti` mode is this stage's now.)"""
 from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +21,7 @@ from stage_scripts import load_stage
 
 from ldm.models.from_diffusers import convert
 from ldm.training import find_latest_checkpoint, load_config
-from ldm.pipeline import DEFAULT_MODEL, TextToImage
+from ldm.pipeline import DEFAULT_MODEL, TextToImage, embedding_words
 
 ROOT = Path(__file__).resolve().parents[2]
 stage = load_stage("train_embedding")
@@ -107,6 +108,7 @@ def test_only_the_word_trains_resume_is_exact_and_diffusers_reads_the_file(sd, t
             assert torch.equal(mine[key], value), key
     assert (learned["<w>"] - cat).abs().max() > 0.05                                         # the vectors moved
     assert torch.equal(words.vectors[0].detach(), learned["<w>"])
+    assert embedding_words(trained.text_encoder) == ["<w>"]                              # CLIP's, for check_prompts
 
     # The loss on the training pictures, on the same noise and times, is lower with the learnt vectors (the random
     # U-Net barely listens to its text: the shapes model below shows a clear drop).
@@ -145,6 +147,9 @@ def test_the_loss_on_the_shapes_pictures_drops(tmp_path):
     init = words.vectors[0].detach().clone()
     before, after = (fixed_loss(pipe, words, v, images, "a <zig>") for v in (init, load_file(str(out))["<zig>"]))
     assert after < 0.9 * before, (before, after)
+    with warnings.catch_warnings():                        # the stage's own validation prompts: no caption warning
+        warnings.simplefilter("error")
+        pipe.check_prompts(["a <zig>", "a <zig> on the left"])
 
 
 def test_a_shapes_word_loads_into_the_scratch_encoder_and_draws_through_txt2img(tmp_path, capsys):
@@ -164,9 +169,21 @@ def test_a_shapes_word_loads_into_the_scratch_encoder_and_draws_through_txt2img(
     assert (vectors - square).abs().max() > 0.1
     with pytest.raises(ValueError, match="already"):
         pipe.add_embedding(str(out))
-    txt2img.main(["a <zig> on the left", "--embedding", str(out), "--teacher", "--steps", "2", "--out",
-                  str(tmp_path / "zig.png")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        txt2img.main(["a <zig> on the left", "--embedding", str(out), "--teacher", "--steps", "2", "--out",
+                      str(tmp_path / "zig.png")])
+    assert not [w for w in caught if "shapes-world" in str(w.message)]                  # the word reads as a shape
     assert "embedding" in capsys.readouterr().out and Image.open(tmp_path / "zig.png").size == (64, 64)
+
+    # The shapes-caption check reads an added word as some part of a shape; the rest of the prompt still counts.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.check_prompts(["a <zig> on the left", "a small blue <zig> at the top", "A  <zig>",
+                            "a <zig> to the left of a green square on a black background"])
+    for prompt in ("a <zig> riding a corgi", "a <zag> on the left"):                     # not shapes; unknown word
+        with pytest.warns(UserWarning, match=f"'{prompt}' is not a shapes-world caption"):
+            pipe.check_prompts([prompt])
 
 
 @pytest.mark.parametrize("override, message", [
