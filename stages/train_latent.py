@@ -205,8 +205,8 @@ class LatentStageConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)  # class_prompt != "": DreamBooth's class prior loss
     moved_keys: ClassVar[dict[str, str]] = {               # a preset or a saved config.yaml that still has them fails
         "ti": "textual inversion moved to stages/train_embedding.py (configs/embedding/*.yaml; there ti.word/init_word/"
-              "vectors are embedding.word/init_word/vectors, ti.template is templates, init_from is model); an older "
-              "stage-2 config.yaml: delete its `ti` section"}
+              "vectors are embedding.word/init_word/vectors, ti.template is templates, init_from is model)"}
+    retired_when_off: ClassVar[dict[str, str]] = {"ti": "word"}   # older runs' config.yaml: ti.word "" (off) still loads
 
     def __post_init__(self):
         if not 0.0 <= self.p_uncond < 1.0:

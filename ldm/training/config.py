@@ -3,7 +3,9 @@
 A stage defines one dataclass whose fields are nested dataclasses (`model`, `data`, `train`);
 `load_config` builds it from YAML and dotted overrides (`train.lr=1e-4 model.channel_mult=[1,2,4]`)
 and checks every value against the annotations, naming the full dotted key on any error. A key a
-stage no longer has can say where it went: the dataclass's `moved_keys: ClassVar[dict]` (name -> message).
+stage no longer has can say where it went: the dataclass's `moved_keys: ClassVar[dict]` (name -> message);
+`retired_when_off: ClassVar[dict]` (section -> the key that switched it on) lets such a section through when that
+key is empty, as older runs saved it.
 """
 from __future__ import annotations
 
@@ -197,8 +199,11 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{where}': expected a mapping for {cls.__name__}, got {data!r}")
     hints = _fields(cls)
+    off = getattr(cls, "retired_when_off", {})
     for name in data:
         if name not in hints:
+            if name in off and isinstance(data[name], dict) and not data[name].get(off[name]):
+                continue            # a retired section saved switched off (an older run's config.yaml): nothing lost
             key = f"{prefix}.{name}" if prefix else str(name)
             section = data[name] if isinstance(data[name], dict) and data[name] else {}
             raise _unknown_key(cls, key, f"{key}.{next(iter(section))}" if section else key)

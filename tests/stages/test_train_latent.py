@@ -353,6 +353,16 @@ def test_textual_inversion_keys_point_to_the_embedding_stage(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_older_config_with_ti_switched_off_still_loads(tmp_path):
+    """Stage-2 runs of 2026-12-06 saved a `ti` section with word "" (off) in their config.yaml: it loads as before."""
+    from ldm.training.config import load_config
+    saved = tmp_path / "config.yaml"
+    saved.write_text((CONFIGS / "tiny.yaml").read_text() + "ti:\n  word: ''\n  init_word: '*'\n  vectors: 1\n"
+                     "  template: ''\n")
+    cfg = load_config(stage.LatentStageConfig, str(saved), [])
+    assert cfg == load_config(stage.LatentStageConfig, str(CONFIGS / "tiny.yaml"), [])
+
+
 @pytest.mark.parametrize("override, key", [("diffusion.time_shift=-2", "diffusion.time_shift="),
                                            ("diffusion.time_shift_share=2", "diffusion.time_shift_share="),
                                            ("diffusion.noise_offset=-1", "noise_offset=-1")])
