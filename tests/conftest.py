@@ -21,6 +21,16 @@ except Exception:  # pragma: no cover - torch missing means nothing else runs ei
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One intra-op thread for the whole suite (and, through the environment, for the processes it launches): its
+# models are tiny, so threads only help when a core is idle and spin when it is not. 2-core dev machine, 2026-12-07,
+# `OMP_NUM_THREADS=N pytest tests/models/test_sdxl.py tests/diffusion ...`: idle 80.3 s (2) vs 80.1 s (1); with one
+# other job running 103-110 s vs 70-73 s. Tests that want more threads set them themselves.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+try:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+except (NameError, ValueError):  # no torch, or a value torch cannot take: leave its default
+    pass
+
 # tests/stage_scripts.py as the module `stage_scripts` (pytest's importlib mode puts no test folder on sys.path)
 _spec = importlib.util.spec_from_file_location("stage_scripts", Path(__file__).with_name("stage_scripts.py"))
 sys.modules["stage_scripts"] = importlib.util.module_from_spec(_spec)
