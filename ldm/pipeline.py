@@ -437,14 +437,8 @@ class TextToImage:
                 raise ValueError("this model's guidance is distilled into the net (FLUX.1-dev): it draws with the "
                                  "guidance scale as an input, not CFG, so it takes no negative prompt without "
                                  "true CFG (true_cfg=S, the CLI's --true-cfg S)")
-            net = self.image_input_net(inpaint, reference)
-            if control:
-                net = attach_controlnets(net, self.unet, control, self.autoencoder, self._control_steps(
-                    control, control_range, grid))
-                net.cond_half = true_cfg not in (None, 1)   # both halves take the ControlNets' cond residuals
-            if ip_uncond is not None:              # one call a step: the image prompt's tokens only
-                from ldm.models.ip_adapter import IPAdapterUNet
-                net = IPAdapterUNet(net, self._ip[1])
+            net = self.teacher_net(inpaint, reference, control, control_range, grid, ip_uncond is not None,
+                                   cfg_on=true_cfg not in (None, 1))
             model = self.denoiser(GuidanceInput(net, 1.0 + guidance), self.index.prediction)
             if true_cfg is None or true_cfg == 1:
                 return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1}
@@ -457,20 +451,32 @@ class TextToImage:
         uncond.pop("time_ids", None)               # SDXL: both halves take the drawn size's numbers, but
         if self.index.aesthetic is not None:       # the refiner's unconditional half has its own score
             uncond["time_ids"] = self.size_ids(shape or self.latent_shape(1), negative=True)[:1]
-        unet = self.image_input_net(inpaint, reference)
-        if control:
-            unet = attach_controlnets(unet, self.unet, control, self.autoencoder, self._control_steps(
-                control, control_range, grid))
-            if hasattr(unet, "cond_half"):        # FLUX.1's CFG is diffusers' true CFG: ControlNets on the cond half
-                unet.cond_half = guidance != 0
-        if ip_uncond is not None:                  # ip_tokens reach the U-Net as one more conditioning input
-            from ldm.models.ip_adapter import IPAdapterUNet
-            unet, uncond = IPAdapterUNet(unet, self._ip[1]), {**uncond, "ip_tokens": ip_uncond}
+        unet = self.teacher_net(inpaint, reference, control, control_range, grid, ip_uncond is not None,
+                                cfg_on=guidance != 0)
+        if ip_uncond is not None:                  # ip_tokens reach the net as one more conditioning input
+            uncond = {**uncond, "ip_tokens": ip_uncond}
         if guidance_rescale:   # rescale the net's eps / v, then convert: the rescale is not linear
             model = self.denoiser(cfg(unet, guidance, uncond, guidance_rescale), self.index.prediction)
         else:
             model = cfg(self.denoiser(unet, self.index.prediction), guidance, uncond)
         return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1 if guidance == 0 else 2}
+
+    def teacher_net(self, inpaint, reference, control: list | None, control_range: list | None, grid, ip: bool,
+                    cfg_on: bool):
+        """The teacher's net with what a run binds to it: its image inputs (`image_input_net`), `control`'s
+        ControlNets acting over `control_range` of `grid`, and with `ip` the IP-Adapter's image tokens. cfg_on: the
+        run combines two halves (CFG, FLUX.1-dev's true CFG): FLUX.1 ControlNets then run on the conditional half
+        and lend both halves its residuals, as diffusers' FluxControlNetPipeline does."""
+        net = self.image_input_net(inpaint, reference)
+        if control:
+            net = attach_controlnets(net, self.unet, control, self.autoencoder,
+                                     self._control_steps(control, control_range, grid))
+            if hasattr(net, "cond_half"):
+                net.cond_half = cfg_on
+        if ip:
+            from ldm.models.ip_adapter import IPAdapterUNet
+            net = IPAdapterUNet(net, self._ip[1])
+        return net
 
     def _control_steps(self, control: list, control_range: list | None, grid: torch.Tensor | None):
         """A ControlSteps for `control_range` over the run's step times `grid` (as the net sees them), or None
