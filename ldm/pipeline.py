@@ -142,9 +142,8 @@ def is_shapes_caption(text: str) -> bool:
 
 
 def embedding_words(encoder) -> list[str]:
-    """The textual-inversion words added to a text encoder: our scratch one's (its tokenizer's), CLIP's or SDXL's."""
-    tokenize = getattr(encoder, "_tokenize", None)
-    return list(tokenize.words if tokenize is not None else getattr(encoder, "_words", {}))
+    """The textual-inversion words added to a text encoder (ours, CLIP's, SDXL's: `added_words`; others take none)."""
+    return getattr(encoder, "added_words", [])
 
 
 class TextToImage:

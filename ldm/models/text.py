@@ -196,6 +196,11 @@ class ScratchTextEncoder(TextEncoder):
         """The ids of `text` without the start and end tokens, untruncated."""
         return self._tokenize.encode(text)
 
+    @property
+    def added_words(self) -> list[str]:
+        """The textual-inversion words `add_embedding` added."""
+        return list(self._tokenize.words)
+
     def add_embedding(self, word: str, vectors: torch.Tensor) -> list[int]:
         """A textual-inversion word (ldm.models.embeddings): k new rows of the token table holding `vectors`
         (k, D), which a prompt's `word` (as written, before lower-casing) becomes. Returns their ids."""
@@ -326,6 +331,11 @@ class ClipTextEncoder(_Frozen):
         self._words: dict[str, str] = {}          # textual-inversion word -> its tokens, space-separated
         self.clip_skip: int | None = None         # set: the layer counted from the end (A1111's "clip skip")
         self._freeze()
+
+    @property
+    def added_words(self) -> list[str]:
+        """The textual-inversion words `add_embedding` added."""
+        return list(self._words)
 
     def add_embedding(self, word: str, vectors: torch.Tensor) -> list[str]:
         """A textual-inversion word (ldm.models.embeddings): k new tokens with `vectors` (k, D) as their

@@ -94,6 +94,11 @@ class SdxlTextEncoder(_Frozen):
             tensors = tuple(t * keep.reshape(-1, *[1] * (t.ndim - 1)) for t in tensors)
         return tensors if len(tensors) > 1 else tensors[0]
 
+    @property
+    def added_words(self) -> list[str]:
+        """The textual-inversion words `add_embedding` added."""
+        return list(self._words)
+
     def add_embedding(self, word: str, vectors_l: torch.Tensor, vectors_g: torch.Tensor) -> list[str]:
         """An SDXL textual-inversion word: k new tokens in both tokenizers, `vectors_l` (k, 768) their input
         embeddings in CLIP ViT-L, `vectors_g` (k, 1280) in bigG (the file's clip_l and clip_g; the refiner
