@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ldm.diffusion.guidance import cfg
+from ldm.diffusion.guidance import cfg, check_interval, edm_sigma, in_interval
 from ldm.diffusion.param import Denoiser
 from ldm.diffusion.samplers import SAMPLERS, initial_noise
 from ldm.diffusion.schedules import resolution_shift, schedule_from_config, shifted
@@ -48,7 +48,7 @@ STUDENT_SAMPLERS = ("ddim", "stochastic")   # what the students were distilled f
 # named as the CLI names them; `refuse_with_student` checks them, the CLI before the model runs.
 TEACHER_ONLY = {"negative": "--negative", "guidance_rescale": "--guidance-rescale", "control": "--controlnet",
                 "ip": "--ip-adapter", "inpaint": "an inpainting U-Net's mask", "shift": "--shift",
-                "true_cfg": "--true-cfg"}
+                "true_cfg": "--true-cfg", "guidance_interval": "--guidance-interval"}
 
 
 def native_bf16_cpu() -> bool:
@@ -406,7 +406,7 @@ class TextToImage:
                        inpaint: torch.Tensor | None = None, ip_uncond: torch.Tensor | None = None,
                        shape: tuple[int, ...] | None = None, reference: torch.Tensor | None = None,
                        control_range: list | None = None, grid: torch.Tensor | None = None,
-                       true_cfg: float | None = None):
+                       true_cfg: float | None = None, guidance_interval: tuple[float, float] | None = None):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
         with `negative` as the unconditional prompt (students were distilled with the empty one) and
         guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024), and
@@ -414,15 +414,24 @@ class TextToImage:
         `control_range`, each acting on its part of the steps at `grid`'s times: ControlSteps), `inpaint`'s
         extra inputs given to an inpainting U-Net (`ConcatInputs`) and `reference` to a FLUX.1 Depth / Canny or
         Kontext net (`image_input_net`). true_cfg: FLUX.1-dev's "true CFG" at diffusers' scale s (`true_cfg_scale`):
-        CFG with w = s - 1 around the guidance-bound net, `negative` (and `ip_uncond`) its unconditional half."""
+        CFG with w = s - 1 around the guidance-bound net, `negative` (and `ip_uncond`) its unconditional half.
+        guidance_interval: (lo, hi), CFG (true CFG too) only where lo < sigma_t / alpha_t <= hi (`cfg`'s interval;
+        Kynkaanniemi et al. 2024); info's nfe_per_step is then a function of t."""
         self.refuse_with_student(steps, teacher, negative=negative, guidance_rescale=guidance_rescale,
                                  control=control, inpaint=inpaint is not None, ip=ip_uncond is not None,
-                                 true_cfg=true_cfg is not None)
+                                 true_cfg=true_cfg is not None, guidance_interval=guidance_interval is not None)
         if true_cfg is not None and not self.index.guidance_embed:
             raise ValueError("true CFG is for guidance-distilled models (FLUX.1-dev); this model runs real CFG: "
                              f"guidance w = s - 1 ({true_cfg:g} -> {true_cfg - 1:g}; --guidance W)")
         if true_cfg is not None and not true_cfg >= 1:
             raise ValueError(f"true CFG scale s must be >= 1 (diffusers' true_cfg_scale; 1 is off), got {true_cfg}")
+        if guidance_interval is not None:
+            guidance_interval = check_interval(guidance_interval)
+            if self.index.guidance_embed and true_cfg in (None, 1):
+                raise ValueError("a guidance interval limits CFG; this model's guidance is distilled into the net "
+                                 "(FLUX.1-dev), which runs none: add true CFG (true_cfg=S, the CLI's --true-cfg S)")
+            self._warn_empty_interval(guidance_interval, grid)
+        limit = dict(interval=guidance_interval, noise_level=edm_sigma(self.schedule))   # for a Denoiser's t
         if self.uses_student(steps, teacher):
             net = self.student(steps)
             if net.w_range is not None and not net.w_range[0] <= guidance <= net.w_range[1]:
@@ -438,6 +447,7 @@ class TextToImage:
                                  "true CFG (true_cfg=S, the CLI's --true-cfg S)")
             net = self.teacher_net(inpaint, reference, control, control_range, grid, ip_uncond is not None,
                                    cfg_on=true_cfg not in (None, 1))
+            self._refuse_interval_with_cond_half(net, guidance_interval)
             model = self.denoiser(GuidanceInput(net, 1.0 + guidance), self.index.prediction)
             if true_cfg is None or true_cfg == 1:
                 return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1}
@@ -445,20 +455,48 @@ class TextToImage:
             uncond = self.encode_prompts([negative], chunks)
             if ip_uncond is not None:              # the negative half sees a black image, as diffusers' default
                 uncond["ip_tokens"] = ip_uncond
-            return cfg(model, true_cfg - 1, uncond), lambda cond: cond, {"model": "teacher", "nfe_per_step": 2}
+            return (cfg(model, true_cfg - 1, uncond, **limit), lambda cond: cond,
+                    {"model": "teacher", "nfe_per_step": self._cfg_calls(guidance_interval)})
         uncond = self.encode_prompts([negative], chunks)
         uncond.pop("time_ids", None)               # SDXL: both halves take the drawn size's numbers, but
         if self.index.aesthetic is not None:       # the refiner's unconditional half has its own score
             uncond["time_ids"] = self.size_ids(shape or self.latent_shape(1), negative=True)[:1]
         unet = self.teacher_net(inpaint, reference, control, control_range, grid, ip_uncond is not None,
                                 cfg_on=guidance != 0)
+        self._refuse_interval_with_cond_half(unet, guidance_interval)
         if ip_uncond is not None:                  # ip_tokens reach the net as one more conditioning input
             uncond = {**uncond, "ip_tokens": ip_uncond}
         if guidance_rescale:   # rescale the net's eps / v, then convert: the rescale is not linear
-            model = self.denoiser(cfg(unet, guidance, uncond, guidance_rescale), self.index.prediction)
+            net_limit = {**limit, "noise_level": edm_sigma(self.schedule, self.index.time_scale)}   # the net's t
+            model = self.denoiser(cfg(unet, guidance, uncond, guidance_rescale, **net_limit), self.index.prediction)
         else:
-            model = cfg(self.denoiser(unet, self.index.prediction), guidance, uncond)
-        return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 1 if guidance == 0 else 2}
+            model = cfg(self.denoiser(unet, self.index.prediction), guidance, uncond, **limit)
+        return model, lambda cond: cond, {"model": "teacher",
+                                          "nfe_per_step": 1 if guidance == 0 else self._cfg_calls(guidance_interval)}
+
+    def _cfg_calls(self, interval: tuple[float, float] | None):
+        """Network evaluations of one CFG call: 2, or with a guidance interval t -> 2 inside it, 1 outside."""
+        if interval is None:
+            return 2
+        sigma = edm_sigma(self.schedule)
+        return lambda t: 1 + bool(in_interval(sigma(t), interval).any())
+
+    def _warn_empty_interval(self, interval: tuple[float, float], grid: torch.Tensor | None) -> None:
+        """Warn when no step of the run's `grid` lies inside the guidance interval: it would draw unguided."""
+        if grid is None or len(grid) == 0:
+            return
+        sigma = edm_sigma(self.schedule)(torch.as_tensor(grid))
+        if not bool(in_interval(sigma, interval).any()):
+            warnings.warn(f"the guidance interval ({interval[0]:g}, {interval[1]:g}] holds none of this run's "
+                          f"{len(grid)} steps (sigma / alpha from {float(sigma.max()):.4g} to "
+                          f"{float(sigma.min()):.4g}): every step runs the conditional model alone", stacklevel=4)
+
+    @staticmethod
+    def _refuse_interval_with_cond_half(net, interval) -> None:
+        """FLUX.1 ControlNets under CFG run on the first half of the batch (`cond_half`); outside a guidance
+        interval the batch is the conditional one alone, which they would halve."""
+        if interval is not None and getattr(net, "cond_half", False):
+            raise ValueError("a guidance interval is not supported with FLUX.1 ControlNets under CFG")
 
     def teacher_net(self, inpaint, reference, control: list | None, control_range: list | None, grid, ip: bool,
                     cfg_on: bool):
@@ -511,6 +549,7 @@ class TextToImage:
                control: list | None = None, inpaint: torch.Tensor | None = None, ip_image=None,
                shift: float | None = None, reference: torch.Tensor | None = None,
                control_range: list[tuple[float, float]] | None = None, true_cfg: float | None = None,
+               guidance_interval: tuple[float, float] | None = None,
                progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
@@ -547,6 +586,9 @@ class TextToImage:
         IP-Adapter, a black image prompt in the negative half; FLUX.1 ControlNets run on the positive half and
         both halves take their residuals (as FluxControlNetPipeline; -schnell's CFG too). Fill's, Depth / Canny's and
         Kontext's image inputs go to both halves. Other models have real CFG: guidance w = s - 1.
+        guidance_interval: (lo, hi) for the teacher: CFG (or true CFG) only at steps whose EDM noise level
+        sigma_t / alpha_t lies in (lo, hi] (Kynkaanniemi et al. 2024), the conditional model alone elsewhere, one
+        net call instead of two; 0 and inf leave a side open. nfe counts the calls made.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
@@ -579,7 +621,7 @@ class TextToImage:
         run = steps if init is None else round(strength * steps)
         model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks, control,
                                                       inpaint, ip_uncond, shape, reference, control_range,
-                                                      ts[steps - run:-1], true_cfg)
+                                                      ts[steps - run:-1], true_cfg, guidance_interval)
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
             warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
                           f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
@@ -812,10 +854,10 @@ def latent_grid_mask(masks: torch.Tensor, size) -> torch.Tensor:
     return torch.nn.functional.adaptive_max_pool2d(masks.float(), tuple(size) if not isinstance(size, int) else size)
 
 
-def counted(model, info: dict, per_call: int):
-    """`model`, adding `per_call` network evaluations to info["nfe"] at each call."""
+def counted(model, info: dict, per_call):
+    """`model`, adding `per_call` network evaluations (an int, or a function of t) to info["nfe"] at each call."""
     def call(x, t, **extra_args):
-        info["nfe"] += per_call
+        info["nfe"] += per_call(t) if callable(per_call) else per_call
         return model(x, t, **extra_args)
     return call
 

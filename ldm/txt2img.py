@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 REPLAYED = ("prompt", "negative", "steps", "guidance", "seed", "n", "sampler", "spacing", "teacher",
             "guidance_rescale", "prompt_weights", "model", "lora", "embedding", "size", "hires", "controlnet",
             "control_image", "control_scale", "control_mode", "control_range", "clip_skip", "freeu", "ip_adapter",
-            "image_encoder", "ip_image", "ip_scale", "shift", "dtype", "true_cfg")
+            "image_encoder", "ip_image", "ip_scale", "shift", "dtype", "true_cfg", "guidance_interval")
 
 
 def replay_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
