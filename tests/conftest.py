@@ -31,6 +31,13 @@ try:
 except (NameError, ValueError):  # no torch, or a value torch cannot take: leave its default
     pass
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (the README's command): a worker a core, as every test runs on one thread, but at most 8, so that a
+    big machine does not hold dozens of copies of torch and the test models."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 # tests/stage_scripts.py as the module `stage_scripts` (pytest's importlib mode puts no test folder on sys.path)
 _spec = importlib.util.spec_from_file_location("stage_scripts", Path(__file__).with_name("stage_scripts.py"))
 sys.modules["stage_scripts"] = importlib.util.module_from_spec(_spec)
