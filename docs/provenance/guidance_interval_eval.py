@@ -13,7 +13,7 @@ runs, timed,
         [--guidance-interval LO:HI] --decoder-precision fp32
     python -m ldm.eval score --images WORK/RUN --prompts PROMPTS --out WORK/RUN.json
 
-and wraps each score as a one-row report.json (OUT/runs/RUN/) that `python -m ldm.eval compare` reads.
+and wraps each score as a one-row report.json (OUT/reports/RUN/) that `python -m ldm.eval compare` reads.
 `compare` runs `python -m ldm.eval compare A B --out ...` for the pairs in `pairs()` and writes OUT/report.md,
 OUT/results.json and OUT/grid.png (the first 8 prompts of each run). WORK (the images) is /tmp/guidance-interval;
 OUT is docs/eval/guidance-interval. Every prompt is drawn from seed 0 (txt2img --from-file's --seed), the same
@@ -101,7 +101,7 @@ def run(w: float, n: int):
                "fd_n": result["fd_n"], "nfe": int(lines[0][0]), "per_image_s": [float(s) for _, s in lines],
                "txt2img_wall_s": wall, "command": " ".join(gen[1:]).replace(str(ROOT) + "/", ""),
                "score_command": " ".join(score[1:]), "correct": result["correct"]}
-        folder = OUT / "runs" / name
+        folder = OUT / "reports" / name
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "report.json").write_text(json.dumps({"n": n, "seed": 0, "rows": [row]}, indent=1))
         print(f"{name}: accuracy {100 * row['accuracy']:.1f}%, FD {row['fd']:.2f}, NFE {row['nfe']}, "
@@ -171,12 +171,13 @@ def paired_table(results: list[dict]) -> list[str]:
 
 
 def compare(n: int):
-    names = sorted(p.name for p in (OUT / "runs").iterdir() if (p / "report.json").exists())
-    rows = {name: json.loads((OUT / "runs" / name / "report.json").read_text())["rows"][0] for name in names}
+    names = sorted(p.name for p in (OUT / "reports").iterdir() if (p / "report.json").exists())
+    rows = {name: json.loads((OUT / "reports" / name / "report.json").read_text())["rows"][0] for name in names}
     results = []
     for a, b in pairs(sorted({row["guidance"] for row in rows.values()})):
         if a in rows and b in rows:
-            specs = [f"docs/eval/guidance-interval/runs/{x}:teacher-{STEPS}-w{rows[x]['guidance']:g}" for x in (a, b)]
+            specs = [f"{(OUT / 'reports' / x).relative_to(ROOT)}:teacher-{STEPS}-w{rows[x]['guidance']:g}"
+                     for x in (a, b)]
             printed, _ = sh([PY, "-m", "ldm.eval", "compare", *specs, "--out", str(WORK / "c.json")])
             print(printed)
             results += [{"a": a, "b": b, **{k: v for k, v in c.items() if k not in ("run_a", "run_b")}}
