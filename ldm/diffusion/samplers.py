@@ -263,20 +263,35 @@ def sample_langevin(model, x, ts, schedule, *, extra_args=None, callback=None, d
     return x
 
 
+LCM_TIMESTEPS = 1000   # the discrete timesteps LCM's boundary scalings are written for (diffusers' LCMScheduler)
+
+
+def lcm_scalings(t, schedule, timestep_scaling: float = 10.0):
+    """(c_skip, c_out) of the consistency function f = c_skip x_t + c_out D, which is x_t at t = 0 whatever D is
+    (Song et al. 2023's parameterisation, with Luo et al. 2023's scalings, diffusers' LCMScheduler):
+    c_skip = s^2 / (u^2 + s^2), c_out = u / sqrt(u^2 + s^2), s = sigma_data = 0.5, u = timestep_scaling x timestep.
+    The timestep is that of a 1000-step discrete schedule (0..999), what the scalings were written for: a discrete
+    schedule's t as it is, a continuous schedule's t in [0, 1] as 1000 t. Either way one step of LCM's 50-step grid
+    away from t = 0 (u = 190 or 200) c_skip is below 7e-6. t: a float or a tensor, the same type back; the sampler
+    and LCM training (ldm.distill.lcm) both use this."""
+    u = timestep_scaling * (t if hasattr(schedule, "num_timesteps") else LCM_TIMESTEPS * t)
+    root = u * u + 0.25
+    root = root.sqrt() if torch.is_tensor(root) else math.sqrt(root)
+    return 0.25 / (u * u + 0.25), u / root
+
+
 @torch.no_grad()
 def sample_lcm(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None,
                timestep_scaling=10.0):
     """Multistep consistency sampling (Song et al. 2023, Alg. 1) as latent consistency models use it (Luo et
-    al. 2023): each step maps x_t to the clean estimate f = c_out(t) D + c_skip(t) x_t and noises it afresh
-    to the next grid time; the last step returns f. The boundary-condition scalings c_skip = s^2 / (u^2 + s^2),
-    c_out = u / sqrt(u^2 + s^2) with s = 0.5 and u = timestep_scaling x t are the LCM's (diffusers'
-    LCMScheduler, t in discrete timesteps); far from t = 0 they are 0 and 1."""
+    al. 2023): each step maps x_t to the clean estimate f = c_out(t) D + c_skip(t) x_t (`lcm_scalings`: far from
+    t = 0 they are 0 and 1) and noises it afresh to the next grid time; the last step returns f."""
     denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
     for st in steps:
         denoised = denoise(x, st.t)
         _notify(callback, st, x, denoised)
-        u = timestep_scaling * st.t
-        d = (u / math.sqrt(u * u + 0.25)) * denoised + (0.25 / (u * u + 0.25)) * x
+        c_skip, c_out = lcm_scalings(st.t, schedule, timestep_scaling)
+        d = c_out * denoised + c_skip * x
         if st.sigma_next == 0:
             x = st.alpha_next * d
         else:

@@ -33,6 +33,13 @@ def _as_time(t) -> torch.Tensor:
     return torch.as_tensor(t).to(torch.float64)   # schedule arithmetic in float64
 
 
+def _lcm_pick(origin: np.ndarray, n: int) -> np.ndarray:
+    """n of the 50 LCM grid times `origin` (ascending), from the noisiest, evenly by index (diffusers' LCMScheduler)."""
+    if n > LCM_ORIGINAL_STEPS:
+        raise ValueError(f"the lcm spacing takes at most {LCM_ORIGINAL_STEPS} steps, got {n}")
+    return origin[::-1][np.floor(np.linspace(0, LCM_ORIGINAL_STEPS, n, endpoint=False)).astype(np.int64)]
+
+
 def _check_option(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -128,7 +135,10 @@ class Schedule:
         return self.t_min + u * (self.t_max - self.t_min)
 
     def _lcm_grid(self, n: int) -> np.ndarray:
-        raise ValueError("the lcm spacing is a grid of discrete timesteps: it needs a discrete schedule")
+        """Continuous time: n of the 50 times t_m = m/50 (m = 1..50) that stage LCM training learns consistency
+        between (ldm.distill.lcm.lcm_grid), picked as a discrete schedule's `_lcm_grid` picks its timesteps."""
+        origin = self.t_min + (self.t_max - self.t_min) * np.arange(1, LCM_ORIGINAL_STEPS + 1) / LCM_ORIGINAL_STEPS
+        return _lcm_pick(origin, n)
 
     def t_from_logsnr(self, lam: np.ndarray) -> np.ndarray:
         """The times with log-SNR `lam` (lambda decreases in t); here by interpolation on a fine grid."""
@@ -202,10 +212,8 @@ class DiscreteSchedule(Schedule):
     def _lcm_grid(self, n: int) -> np.ndarray:
         """Latent consistency models' grid (Luo et al. 2023): n of the 50 DDIM timesteps their consistency was
         trained on (T/50 - 1, ..., T - 1), from the noisiest, evenly by index (diffusers' LCMScheduler)."""
-        if n > LCM_ORIGINAL_STEPS:
-            raise ValueError(f"the lcm spacing takes at most {LCM_ORIGINAL_STEPS} steps, got {n}")
-        origin = (np.arange(1, LCM_ORIGINAL_STEPS + 1) * (self.num_timesteps // LCM_ORIGINAL_STEPS) - 1)[::-1]
-        return origin[np.floor(np.linspace(0, LCM_ORIGINAL_STEPS, n, endpoint=False)).astype(np.int64)].astype(np.float64)
+        origin = np.arange(1, LCM_ORIGINAL_STEPS + 1) * (self.num_timesteps // LCM_ORIGINAL_STEPS) - 1
+        return _lcm_pick(origin.astype(np.float64), n)
 
     def _grid(self, n: int, spacing: str, steps_offset: int) -> np.ndarray:
         """diffusers' DDIMScheduler/DDPMScheduler `timestep_spacing` (Lin et al. 2023, Table 2).

@@ -166,8 +166,8 @@ def test_lcm_matches_diffusers(name, n):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"step {i}: {m}")
     with pytest.raises(ValueError, match="at most 50 steps"):
         make_schedule(name).timesteps(51, spacing="lcm")
-    with pytest.raises(ValueError, match="needs a discrete schedule"):
-        make_schedule("cosine_logsnr").timesteps(4, spacing="lcm")
+    # a continuous schedule: n of the times m/50 (stage LCM training's grid, tests/distill/test_lcm.py)
+    assert make_schedule("cosine_logsnr").timesteps(4, spacing="lcm")[:-1].tolist() == [1.0, 0.76, 0.5, 0.26]
 
 
 @pytest.mark.parametrize("n", [2, 8, 25])  # n = 1: diffusers' linspace grid is [0] alone
