@@ -122,8 +122,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="the time grid: trailing (Lin et al. 2023; what students were distilled on), karras "
                              "(Karras et al. 2022, eq. 5: 'DPM++ 2M Karras' is --sampler dpmpp_2m --spacing karras), "
                              "exponential (even in log sigma), beta (Lee et al. 2024, ComfyUI's 'beta'), leading, "
-                             "linspace or lcm (the 50 LCM timesteps); default: karras for the teacher's heun (the paper's "
-                             "pairing), lcm for lcm on a discrete schedule, else trailing")
+                             "linspace or lcm (n of the 50 times LCMs learn on: stages/distill_lcm.py); default: karras for "
+                             "the teacher's heun (the paper's pairing), lcm for the lcm sampler, else trailing")
     prompt.add_argument("--negative", default="", metavar="TEXT",
                         help="negative prompt: guidance's unconditional branch instead of the empty prompt "
                              "(teacher only: add --teacher where a student fits --steps; FLUX.1-dev: with --true-cfg)")

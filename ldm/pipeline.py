@@ -612,9 +612,8 @@ class TextToImage:
         ip_cond, ip_uncond = self.image_prompt(ip_image, len(prompts)) if ip_image is not None else (None, None)
         self.refuse_with_student(steps, teacher, shift=shift is not None, true_cfg=true_cfg is not None)
         teaching = not self.uses_student(steps, teacher)
-        if spacing is None:   # heun: Karras et al.'s pairing; lcm: the grid LCMs were trained on (discrete only)
-            spacing = ("karras" if teaching and sampler == "heun" else
-                       "lcm" if sampler == "lcm" and hasattr(self.schedule, "num_timesteps") else "trailing")
+        if spacing is None:   # heun: Karras et al.'s pairing; lcm: the grid LCMs were trained on (ldm/distill/lcm.py)
+            spacing = "karras" if teaching and sampler == "heun" else "lcm" if sampler == "lcm" else "trailing"
         if shift is None:
             shift = self.grid_shift(shape) if teaching else self.student_grid_shift(steps, shape)
         ts = (self.schedule if shift is None else shifted(self.schedule, shift)).timesteps(steps, spacing=spacing)
