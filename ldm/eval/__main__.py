@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--student-sampler", choices=["ddim", "stochastic"], default="ddim",
                     help="the students' sampler: deterministic DDIM, or Meng et al.'s N-step stochastic "
                          "sampler (sec. 4.3); the teacher always uses DDIM (default: ddim)")
+    rp.add_argument("--teacher-sampler", default="ddim", metavar="NAME",
+                    help="the teacher's sampler, any of ldm.txt2img's --sampler (default: ddim)")
+    rp.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                    help="merge a LoRA into the teacher (repeatable), e.g. stages/distill_lcm.py's LCM-LoRA with "
+                         "--teacher-sampler lcm --teacher-steps 1,2,4,8 --guidance 0 --ws 0; the students are "
+                         "not run then")
     rp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     # the choices of ldm.pipeline.DECODER_PRECISIONS, which is not imported here: it would load the
     # model code (~1.6 s) for every --help
@@ -222,11 +228,20 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{flag} must be >= 1, got {values}")
     if args.n < 2 or args.batch < 1:
         parser.error(f"need --n >= 2 and --batch >= 1, got --n {args.n} and --batch {args.batch}")
+    from ldm.diffusion.samplers import SAMPLERS
+    from ldm.models.lora import parse_lora_arg
+    if args.teacher_sampler not in SAMPLERS:
+        parser.error(f"--teacher-sampler {args.teacher_sampler!r}: pick one of {', '.join(sorted(SAMPLERS))}")
+    loras = [parse_lora_arg(arg) for arg in args.lora]
+    for (path, _), arg in zip(loras, args.lora):
+        if not os.path.isfile(path):
+            parser.error(f"--lora {arg!r}: no file {path!r}")
     out_dir = args.out_dir or os.path.join("docs", "eval", os.path.basename(os.path.normpath(args.model)))
     report = make_report(args.model, out_dir, n=args.n, seed=args.seed, teacher_steps=args.teacher_steps,
                          student_steps=args.student_steps, guidance=args.guidance, ws=args.ws,
                          batch=args.batch, device=args.device, student_sampler=args.student_sampler,
-                         decoder_precision=args.decoder_precision, student_sweep=args.student_sweep)
+                         decoder_precision=args.decoder_precision, student_sweep=args.student_sweep,
+                         teacher_sampler=args.teacher_sampler, loras=loras)
     student_sweep = report["student_sweep"]["rows"] if report["student_sweep"] else []
     for row in report["rows"] + report["sweep"]["rows"] + student_sweep:
         print(f"{row['model']:>10} {row['steps']:>3} steps  w={row['guidance']:<4g} NFE {row['nfe']:>4}  "

@@ -76,16 +76,16 @@ def _sync(device: torch.device) -> None:
 
 
 def sample_run(pipe, run: Run, prompts: list[str], seed: int, batch: int, bar,
-               student_sampler: str = "ddim") -> tuple[torch.Tensor, dict]:
+               student_sampler: str = "ddim", teacher_sampler: str = "ddim") -> tuple[torch.Tensor, dict]:
     """uint8 images (N, 3, R, R) of one run and its {nfe, seconds_per_image}; wall time covers
-    text encoding, sampling and decoding, not the oracle. The teacher always samples with DDIM."""
+    text encoding, sampling and decoding, not the oracle."""
     images, seconds, nfe = [], 0.0, None
     for b, start in enumerate(range(0, len(prompts), batch)):
         _sync(pipe.device)
         t0 = time.perf_counter()
         out, info = pipe.generate(prompts[start:start + batch], steps=run.steps, guidance=run.guidance,
                                   seed=batch_seed(seed, b), teacher=run.teacher,
-                                  sampler="ddim" if run.teacher else student_sampler)
+                                  sampler=teacher_sampler if run.teacher else student_sampler)
         _sync(pipe.device)
         seconds += time.perf_counter() - t0
         if info["model"] != run.model:
@@ -236,7 +236,9 @@ def markdown(report: dict) -> str:
     lines = [f"# Evaluation of `{report['name']}`", "",
              f"Model folder `{report['model']}`; {report['n']} held-out prompts (seed {report['seed']}, "
              f"alternating one- and two-object); guidance w = {report['guidance']:g} "
-             f"(Imagen convention, (1 + w) cond - w uncond); DDIM for the teacher, "
+             f"(Imagen convention, (1 + w) cond - w uncond); {report.get('sampler', 'ddim')} for the teacher"
+             + "".join(f" with the LoRA `{path}` at scale {scale:g}" for path, scale in report.get("loras", [])) +
+             ", "
              f"{report['student_sampler']} for the students; "
              f"device: {report['device']}, torch {report['torch']}; "
              f"decoder in {report['decoder_precision']}.", "",
@@ -251,7 +253,7 @@ def markdown(report: dict) -> str:
         lines += ["", f"No student in the model folder for {report['missing_students']} steps."]
     lines += ["", "## Goals", ""]
     lines += [f"- **{g['status']}**: {g['goal']}: {g['detail']}" for g in report["goals"]]
-    lines += ["", f"## Guidance sweep (teacher, {sweep['steps']} DDIM steps)", ""]
+    lines += ["", f"## Guidance sweep (teacher, {sweep['steps']} {report.get('sampler', 'ddim')} steps)", ""]
     sweep_columns = [("w", lambda r: f"{r['guidance']:g}"), ("NFE", lambda r: str(r["nfe"]))]
     lines += _table(sweep["rows"], sweep_columns)
     student = report.get("student_sweep")
@@ -270,8 +272,13 @@ def markdown(report: dict) -> str:
 def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: int = 0,
                 teacher_steps=(8, 16, 32, 64), student_steps=(1, 2, 4, 8), guidance: float | None = None,
                 ws=(0, 1, 2, 3, 5, 8), batch: int = 50, device: str | None = None, oracle=None,
-                student_sampler: str = "ddim", decoder_precision: str = "auto", student_sweep: int = 4) -> dict:
-    """Evaluate the model folder, write the report files into out_dir and return report.json's dict."""
+                student_sampler: str = "ddim", decoder_precision: str = "auto", student_sweep: int = 4,
+                teacher_sampler: str = "ddim", loras=()) -> dict:
+    """Evaluate the model folder, write the report files into out_dir and return report.json's dict.
+
+    loras: (path, scale) pairs merged into the teacher, e.g. an LCM-LoRA from stages/distill_lcm.py sampled with
+    teacher_sampler="lcm" at a few teacher_steps. The students are not run then: the merge would reach them too,
+    and they were distilled from the teacher without it."""
     from tqdm import tqdm
 
     from ldm.eval.oracle import Oracle
@@ -283,6 +290,10 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
                          f"teacher_steps={list(teacher_steps)}, ws={list(ws)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = TextToImage.from_folder(str(model), device=device, decoder_precision=decoder_precision)
+    for path, scale in loras:
+        pipe.add_lora(str(path), scale)
+    if loras:
+        student_steps, student_sweep = (), 0
     oracle = oracle or Oracle.load()
     w = pipe.index.guidance if guidance is None else float(guidance)
     out_dir = Path(out_dir)
@@ -302,7 +313,7 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
         if run.model not in warm:
             warm_up(pipe, run, prompts[:batch])
             warm.add(run.model)
-        images, timing = sample_run(pipe, run, prompts, seed, batch, bar, student_sampler)
+        images, timing = sample_run(pipe, run, prompts, seed, batch, bar, student_sampler, teacher_sampler)
         grid = f"samples/{run.name}.png"
         save_image_grid(images[:GRID].float() / 127.5 - 1, out_dir / grid, nrow=4)
         results[run] = {"model": run.model, "steps": run.steps, "guidance": run.guidance, **timing,
@@ -313,7 +324,8 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
     student_rows = [results[r] for r in student_sweep_runs]
     reference = results[Run("teacher", sweep_steps, w)]
     report = {"name": Path(model).resolve().name, "model": str(model), "device": device_name(pipe.device),
-              "torch": torch.__version__, "n": n, "seed": seed, "guidance": w, "sampler": "ddim",
+              "torch": torch.__version__, "n": n, "seed": seed, "guidance": w, "sampler": teacher_sampler,
+              "loras": [[str(path), scale] for path, scale in loras],
               "student_sampler": student_sampler, "decoder_precision": pipe.decoder_precision,
               "rows": rows, "goals": goals(rows, reference),
               "missing_students": [s for s in sorted(student_steps) if s not in pipe.student_steps],

@@ -180,3 +180,55 @@ def test_report_student_sampler_reaches_the_students_only(tmp_path, one_thread):
     assert grids["ddim"]["teacher"] == grids["stochastic"]["teacher"]      # the teacher stays on DDIM
     assert grids["ddim"]["student-2"] != grids["stochastic"]["student-2"]  # the student's sampler changed
     assert reports["stochastic"]["student_sampler"] == "stochastic"
+
+
+def test_report_merges_a_lora_into_the_teacher_and_runs_its_sampler(tmp_path, one_thread):
+    """--lora FILE --teacher-sampler lcm (an LCM-LoRA's report): the teacher's images change with the file and with
+    the sampler, the students are left out (the merge would reach them), and the report says what ran."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ldm.distill.student import GuidedStudent
+    from ldm.eval.report import make_report
+    from ldm.models.lora import add_lora, lora_file_state
+    from ldm.models.unet import UNet
+    from ldm.pipeline import save_index, save_random_model
+
+    model = tmp_path / "tiny"
+    index = save_random_model(str(model))
+    GuidedStudent.from_teacher(UNet.from_pretrained(str(model / "unet"))).save_pretrained(str(model / "student-2"))
+    index.students = {"2": "student-2"}
+    save_index(str(model), index)
+    unet = UNet.from_pretrained(str(model / "unet"))
+    add_lora(unet, rank=2)
+    torch.manual_seed(0)
+    for name, p in unet.named_parameters():
+        if "lora" in name:
+            p.data.normal_(0, 0.5)      # lora_B starts at zero: a nonzero update so the file changes the images
+    tensors, metadata = lora_file_state(unet)
+    save_file(tensors, str(tmp_path / "lora.safetensors"), metadata=metadata)
+
+    def grid(name, **kw):
+        report = make_report(model, tmp_path / name, n=4, teacher_steps=(2,), student_steps=(2,), ws=(0,),
+                             guidance=0.0, device="cpu", **kw)
+        return report, (tmp_path / name / report["rows"][0]["grid"]).read_bytes()
+
+    plain, plain_grid = grid("plain", teacher_sampler="lcm")
+    merged, merged_grid = grid("lora", teacher_sampler="lcm", loras=[(tmp_path / "lora.safetensors", 1.0)])
+    _, ddim_grid = grid("ddim", loras=[(tmp_path / "lora.safetensors", 1.0)])
+    assert [r["model"] for r in plain["rows"]] == ["teacher", "student-2"]
+    assert [r["model"] for r in merged["rows"]] == ["teacher"] and merged["student_sweep"] is None
+    assert merged_grid != plain_grid and merged_grid != ddim_grid
+    assert merged["sampler"] == "lcm" and merged["loras"] == [[str(tmp_path / "lora.safetensors"), 1.0]]
+    assert "lcm for the teacher with the LoRA" in (tmp_path / "lora" / "report.md").read_text()
+
+
+def test_report_refuses_an_unknown_sampler_and_a_missing_lora(tmp_path, capsys):
+    from ldm.pipeline import save_random_model
+
+    save_random_model(str(tmp_path / "tiny"))
+    for extra, message in ((["--teacher-sampler", "dpm_fast"], "pick one of"),
+                           (["--lora", str(tmp_path / "none.safetensors")], "no file")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["report", "--model", str(tmp_path / "tiny"), "--n", "2", *extra])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
