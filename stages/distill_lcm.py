@@ -4,7 +4,7 @@ Luo et al. 2023b, "LCM-LoRA"): few-step sampling for a frozen model folder, as o
     accelerate launch stages/distill_lcm.py --config configs/lcm/shapes64.yaml [--resume latest] [key=value ...]
     python stages/distill_lcm.py --config configs/lcm/sd15.yaml teacher=models/sd15 data.source=webdataset ...
     python -m ldm.txt2img "a red circle" --model ldm/assets/shapes64 --lora runs/lcm-shapes64/lcm_lora.safetensors \\
-        --teacher --sampler lcm --spacing lcm --steps 4 --guidance 0
+        --teacher --sampler lcm --steps 4 --guidance 0
 
 The story: setup -> the teacher folder as txt2img loads it (autoencoder, text encoder, U-Net and its schedule) ->
 rank-r LoRA updates on its U-Net's linear layers (`lora.targets`), everything else frozen -> data (or the latent
@@ -23,9 +23,8 @@ at --guidance 0 (one network evaluation a step). The updates start at zero: the 
 teacher's conditional one.
 
 Grid: a discrete schedule (SD) takes diffusers' LCM timesteps 19, 39, ..., 999 (and 0); a continuous one (the
-shipped shapes64: cosine log-SNR) the times n/N. `--spacing lcm` samples on n of those N = 50 points on either
-kind (the pipeline's default spacing for --sampler lcm is lcm on a discrete schedule only: give --spacing lcm on a
-continuous one, or it samples the trailing grid, off the learnt points by up to 1/(2N)).
+shipped shapes64: cosine log-SNR) the times n/N. `--spacing lcm`, the pipeline's default for --sampler lcm,
+samples on n of those N = 50 points on either kind.
 
 The file is stage 2's LoRA layout (diffusers' `unet.<module>.lora_A/B`, ldm.models.lora.lora_file_state) with
 safetensors metadata {"kind": "lcm-lora", "lcm": its settings as JSON}; `--lora FILE` merges it. Only nn.Linear
