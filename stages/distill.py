@@ -45,7 +45,7 @@ from typing import Literal, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ldm.data.loaders import DataConfig, check_image_multiple, make_dataloader
+from ldm.data.loaders import DataConfig, check_image_multiple
 from ldm.diffusion.guidance import cfg as cfg_guidance
 from ldm.diffusion.guidance import drop_captions
 from ldm.diffusion.losses import check_time_shift, shift_times, uniform_times
@@ -64,7 +64,7 @@ from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainC
                           build_scheduler, log_images, one_batch_size, optimizer_step, parse_args,
                           seed_everything, setup)
 from ldm.training.gather import main_process_copy
-from ldm.training.latent_cache import make_cache_loader, open_or_build, scaled_latents
+from ldm.training.latent_cache import scaled_latents, stage_loader
 
 logger = logging.getLogger("distill")
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "distill" / "shapes64.yaml")
@@ -684,14 +684,8 @@ def run(cfg: DistillStageConfig, stop_after: tuple[str, int] | None = None) -> s
                          "the teacher's autoencoder factor x its net's downsampling or patch size")
     folder = prepare_model_folder(cfg) if accelerator.is_main_process else (cfg.model_out or cfg.teacher)
     accelerator.wait_for_everyone()
-    if cfg.cache_latents:
-        cache, _ = open_or_build(cfg.cache_dir or Path(cfg.train.output_dir) / "latent-cache",
-                                 Path(cfg.teacher) / parts.index.autoencoder, cfg.data, parts.autoencoder,
-                                 rank=accelerator.process_index, world=accelerator.num_processes,
-                                 barrier=accelerator.wait_for_everyone, progress=accelerator.is_local_main_process)
-        loader = make_cache_loader(cache, cfg.data, accelerator)
-    else:
-        loader = make_dataloader(cfg.data, accelerator)
+    loader = stage_loader(accelerator, cfg.data, parts.autoencoder, Path(cfg.teacher) / parts.index.autoencoder,
+                          (cfg.cache_dir or Path(cfg.train.output_dir) / "latent-cache") if cfg.cache_latents else None)
     if frozen != torch.float16:                                  # after the cache, which is encoded in fp32 as stage 2's
         parts.autoencoder.to(frozen)
     # Every grid below (the rounds', validation's, the teacher paths') is the one the pipeline samples on.

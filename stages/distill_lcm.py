@@ -43,7 +43,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ldm.data.loaders import DataConfig, check_image_multiple, make_dataloader
+from ldm.data.loaders import DataConfig, check_image_multiple
 from ldm.diffusion.guidance import drop_captions
 from ldm.diffusion.param import Denoiser, append_dims, q_sample
 from ldm.diffusion.schedules import LCM_ORIGINAL_STEPS
@@ -56,7 +56,7 @@ from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainC
                           build_scheduler, config_to_dict, log_images, one_batch_size, optimizer_step, parse_args,
                           setup)
 from ldm.training.gather import is_sharded
-from ldm.training.latent_cache import make_cache_loader, open_or_build, scaled_latents
+from ldm.training.latent_cache import scaled_latents, stage_loader
 
 logger = logging.getLogger("distill_lcm")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lcm" / "shapes64.yaml"
@@ -216,14 +216,8 @@ def main(argv: list[str] | None = None) -> Path:
     logger.info("LoRA rank %d on %d layers (%s): %.3fM trainable parameters", cfg.lora.rank, len(names),
                 "/".join(cfg.lora.targets), sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6)
 
-    if cfg.cache_latents:
-        cache, _ = open_or_build(cfg.cache_dir or Path(cfg.train.output_dir) / "latent-cache",
-                                 Path(cfg.teacher) / pipe.index.autoencoder, cfg.data, pipe.autoencoder,
-                                 rank=accelerator.process_index, world=accelerator.num_processes,
-                                 barrier=accelerator.wait_for_everyone, progress=accelerator.is_local_main_process)
-        data = make_cache_loader(cache, cfg.data, accelerator)
-    else:
-        data = make_dataloader(cfg.data, accelerator)
+    data = stage_loader(accelerator, cfg.data, pipe.autoencoder, Path(cfg.teacher) / pipe.index.autoencoder,
+                        (cfg.cache_dir or Path(cfg.train.output_dir) / "latent-cache") if cfg.cache_latents else None)
 
     optimizer = build_optimizer(net, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)      # stepped by us, not prepared

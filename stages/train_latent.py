@@ -44,7 +44,7 @@ from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainC
                           build_scheduler, config_to_dict, log_images, one_batch_size, optimizer_step,
                           parse_args, setup)
 from ldm.training.gather import ema_copy
-from ldm.training.latent_cache import make_cache_loader, open_or_build, scaled_latents
+from ldm.training.latent_cache import scaled_latents, stage_loader
 
 logger = logging.getLogger("train_latent")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "latent" / "shapes64.yaml"
@@ -478,14 +478,8 @@ def main(argv: list[str] | None = None) -> Path:
                              cfg.net, "the U-Net's downsampling"))
 
     # Data: cached posterior moments of a finite set, or images encoded on the fly.
-    if cfg.cache_latents:
-        cache, _ = open_or_build(cfg.cache_dir or output_dir / "latent-cache", cfg.autoencoder, cfg.data, ae,
-                                 rank=accelerator.process_index, world=accelerator.num_processes,
-                                 barrier=accelerator.wait_for_everyone,
-                                 progress=accelerator.is_local_main_process)
-        data = make_cache_loader(cache, cfg.data, accelerator)
-    else:
-        data = make_dataloader(cfg.data, accelerator)
+    data = stage_loader(accelerator, cfg.data, ae, cfg.autoencoder,
+                        (cfg.cache_dir or output_dir / "latent-cache") if cfg.cache_latents else None)
 
     # Text encoder + net (U-Net, MMDiT or Flux), wrapped as one module: one optimizer, one EMA, one checkpoint file.
     text_encoder = build_text_encoder(cfg.text).to(device)

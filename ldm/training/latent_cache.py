@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ldm.data.loaders import DataConfig, ResumableLoader, build_dataset, collate, resumable_loader
+from ldm.data.loaders import DataConfig, ResumableLoader, build_dataset, collate, make_dataloader, resumable_loader
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
 from ldm.models.weights import write_safetensors_atomic
 
@@ -267,3 +267,15 @@ def open_or_build(cache_dir: str | Path, autoencoder_dir: str | Path, data_cfg: 
     else:
         logger.info("latent cache hit: %s", folder)
     return LatentCache(folder), hit
+
+
+def stage_loader(accelerator, data_cfg: DataConfig, ae: AutoencoderKL, autoencoder_dir: str | Path,
+                 cache_dir: str | Path | None) -> ResumableLoader:
+    """A training stage's batches: with a cache_dir, the cached posterior moments of data_cfg's images (encoded
+    first on a miss, each process its share); without one, the images, which the stage encodes as it trains."""
+    if cache_dir is None:
+        return make_dataloader(data_cfg, accelerator)
+    cache, _ = open_or_build(cache_dir, autoencoder_dir, data_cfg, ae, rank=accelerator.process_index,
+                             world=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
+                             progress=accelerator.is_local_main_process)
+    return make_cache_loader(cache, data_cfg, accelerator)
