@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="merge a LoRA into the teacher (repeatable), e.g. stages/distill_lcm.py's LCM-LoRA with "
                          "--teacher-sampler lcm --teacher-steps 1,2,4,8 --guidance 0 --ws 0; the students are "
                          "not run then")
+    rp.add_argument("--guidance-interval", default=None, metavar="LO:HI",
+                    help="the teacher's CFG only where LO < sigma_t / alpha_t <= HI (as ldm.txt2img's; "
+                         "docs/sampling.md); the students are not run then")
     rp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     # the choices of ldm.pipeline.DECODER_PRECISIONS, which is not imported here: it would load the
     # model code (~1.6 s) for every --help
@@ -233,6 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.teacher_sampler not in SAMPLERS:
         parser.error(f"--teacher-sampler {args.teacher_sampler!r}: pick one of {', '.join(sorted(SAMPLERS))}")
     loras = [parse_lora_arg(arg) for arg in args.lora]
+    interval = None
+    if args.guidance_interval is not None:
+        from ldm.cli import parse_guidance_interval
+        try:
+            interval = parse_guidance_interval(args.guidance_interval)
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"--guidance-interval: {err}")
     for (path, _), arg in zip(loras, args.lora):
         if not os.path.isfile(path):
             parser.error(f"--lora {arg!r}: no file {path!r}")
@@ -241,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
                          student_steps=args.student_steps, guidance=args.guidance, ws=args.ws,
                          batch=args.batch, device=args.device, student_sampler=args.student_sampler,
                          decoder_precision=args.decoder_precision, student_sweep=args.student_sweep,
-                         teacher_sampler=args.teacher_sampler, loras=loras)
+                         teacher_sampler=args.teacher_sampler, loras=loras, guidance_interval=interval)
     student_sweep = report["student_sweep"]["rows"] if report["student_sweep"] else []
     for row in report["rows"] + report["sweep"]["rows"] + student_sweep:
         print(f"{row['model']:>10} {row['steps']:>3} steps  w={row['guidance']:<4g} NFE {row['nfe']:>4}  "

@@ -76,16 +76,18 @@ def _sync(device: torch.device) -> None:
 
 
 def sample_run(pipe, run: Run, prompts: list[str], seed: int, batch: int, bar,
-               student_sampler: str = "ddim", teacher_sampler: str = "ddim") -> tuple[torch.Tensor, dict]:
+               student_sampler: str = "ddim", teacher_sampler: str = "ddim",
+               guidance_interval=None) -> tuple[torch.Tensor, dict]:
     """uint8 images (N, 3, R, R) of one run and its {nfe, seconds_per_image}; wall time covers
-    text encoding, sampling and decoding, not the oracle."""
+    text encoding, sampling and decoding, not the oracle. guidance_interval: the teacher's (`cfg`'s interval)."""
+    limit = {"guidance_interval": guidance_interval} if run.teacher and guidance_interval is not None else {}
     images, seconds, nfe = [], 0.0, None
     for b, start in enumerate(range(0, len(prompts), batch)):
         _sync(pipe.device)
         t0 = time.perf_counter()
         out, info = pipe.generate(prompts[start:start + batch], steps=run.steps, guidance=run.guidance,
                                   seed=batch_seed(seed, b), teacher=run.teacher,
-                                  sampler=teacher_sampler if run.teacher else student_sampler)
+                                  sampler=teacher_sampler if run.teacher else student_sampler, **limit)
         _sync(pipe.device)
         seconds += time.perf_counter() - t0
         if info["model"] != run.model:
@@ -237,7 +239,9 @@ def markdown(report: dict) -> str:
              f"Model folder `{report['model']}`; {report['n']} held-out prompts (seed {report['seed']}, "
              f"alternating one- and two-object); guidance w = {report['guidance']:g} "
              f"(Imagen convention, (1 + w) cond - w uncond); {report.get('sampler', 'ddim')} for the teacher"
-             + "".join(f" with the LoRA `{path}` at scale {scale:g}" for path, scale in report.get("loras", [])) +
+             + "".join(f" with the LoRA `{path}` at scale {scale:g}" for path, scale in report.get("loras", []))
+             + (" and CFG only where {:g} < sigma / alpha <= {:g}".format(*report["guidance_interval"])
+                if report.get("guidance_interval") else "") +
              ", "
              f"{report['student_sampler']} for the students; "
              f"device: {report['device']}, torch {report['torch']}; "
@@ -273,12 +277,13 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
                 teacher_steps=(8, 16, 32, 64), student_steps=(1, 2, 4, 8), guidance: float | None = None,
                 ws=(0, 1, 2, 3, 5, 8), batch: int = 50, device: str | None = None, oracle=None,
                 student_sampler: str = "ddim", decoder_precision: str = "auto", student_sweep: int = 4,
-                teacher_sampler: str = "ddim", loras=()) -> dict:
+                teacher_sampler: str = "ddim", loras=(), guidance_interval=None) -> dict:
     """Evaluate the model folder, write the report files into out_dir and return report.json's dict.
 
     loras: (path, scale) pairs merged into the teacher, e.g. an LCM-LoRA from stages/distill_lcm.py sampled with
     teacher_sampler="lcm" at a few teacher_steps. The students are not run then: the merge would reach them too,
-    and they were distilled from the teacher without it."""
+    and they were distilled from the teacher without it. guidance_interval: (lo, hi), the teacher's CFG only where
+    lo < sigma_t / alpha_t <= hi (Kynkaanniemi et al. 2024, docs/sampling.md); teacher only, so no students then."""
     from tqdm import tqdm
 
     from ldm.eval.oracle import Oracle
@@ -292,7 +297,7 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
     pipe = TextToImage.from_folder(str(model), device=device, decoder_precision=decoder_precision)
     for path, scale in loras:
         pipe.add_lora(str(path), scale)
-    if loras:
+    if loras or guidance_interval is not None:
         student_steps, student_sweep = (), 0
     oracle = oracle or Oracle.load()
     w = pipe.index.guidance if guidance is None else float(guidance)
@@ -313,7 +318,8 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
         if run.model not in warm:
             warm_up(pipe, run, prompts[:batch])
             warm.add(run.model)
-        images, timing = sample_run(pipe, run, prompts, seed, batch, bar, student_sampler, teacher_sampler)
+        images, timing = sample_run(pipe, run, prompts, seed, batch, bar, student_sampler, teacher_sampler,
+                                    guidance_interval)
         grid = f"samples/{run.name}.png"
         save_image_grid(images[:GRID].float() / 127.5 - 1, out_dir / grid, nrow=4)
         results[run] = {"model": run.model, "steps": run.steps, "guidance": run.guidance, **timing,
@@ -326,6 +332,7 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
     report = {"name": Path(model).resolve().name, "model": str(model), "device": device_name(pipe.device),
               "torch": torch.__version__, "n": n, "seed": seed, "guidance": w, "sampler": teacher_sampler,
               "loras": [[str(path), scale] for path, scale in loras],
+              "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval],
               "student_sampler": student_sampler, "decoder_precision": pipe.decoder_precision,
               "rows": rows, "goals": goals(rows, reference),
               "missing_students": [s for s in sorted(student_steps) if s not in pipe.student_steps],

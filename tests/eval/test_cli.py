@@ -223,12 +223,33 @@ def test_report_merges_a_lora_into_the_teacher_and_runs_its_sampler(tmp_path, on
     assert "lcm for the teacher with the LoRA" in (tmp_path / "lora" / "report.md").read_text()
 
 
-def test_report_refuses_an_unknown_sampler_and_a_missing_lora(tmp_path, capsys):
+def test_report_refuses_an_unknown_sampler_a_missing_lora_and_a_bad_interval(tmp_path, capsys):
     from ldm.pipeline import save_random_model
 
     save_random_model(str(tmp_path / "tiny"))
     for extra, message in ((["--teacher-sampler", "dpm_fast"], "pick one of"),
-                           (["--lora", str(tmp_path / "none.safetensors")], "no file")):
+                           (["--lora", str(tmp_path / "none.safetensors")], "no file"),
+                           (["--guidance-interval", "3:1"], "need 0 <= LO < HI")):
         with pytest.raises(SystemExit) as exit_:
             main(["report", "--model", str(tmp_path / "tiny"), "--n", "2", *extra])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_report_guidance_interval_reaches_the_teacher_only(tmp_path, one_thread):
+    """--guidance-interval: the teacher's runs guide only inside it (fewer net calls, other images), the students
+    are left out, and the report records the interval."""
+    from ldm.eval.report import make_report
+    from ldm.pipeline import save_random_model
+
+    model = tmp_path / "tiny"
+    save_random_model(str(model))
+    runs = {}
+    for name, interval in (("plain", None), ("limited", (0.0, 2.0))):   # the 2-step grid: sigma 22026, then ~1
+        report = make_report(model, tmp_path / name, n=2, teacher_steps=(2,), ws=(1,), device="cpu",
+                             guidance_interval=interval)
+        runs[name] = report, (tmp_path / name / report["rows"][0]["grid"]).read_bytes()
+    (plain, plain_grid), (limited, limited_grid) = runs["plain"], runs["limited"]
+    assert plain["rows"][0]["nfe"] == 4 and limited["rows"][0]["nfe"] == 3
+    assert limited_grid != plain_grid
+    assert plain["guidance_interval"] is None and limited["guidance_interval"] == [0.0, 2.0]
+    assert "CFG only where 0 < sigma / alpha <= 2" in (tmp_path / "limited" / "report.md").read_text()
