@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .param import append_dims, ddim_step, score_from_x0
+from .schedules import CLEAN
 
 
 class Step(NamedTuple):
@@ -329,6 +330,53 @@ def sample_stochastic(model, x, ts, schedule, *, extra_args=None, callback=None,
     return x
 
 
+TCD_GAMMA = 0.3   # the TCD authors' recommended gamma ("often yields good results"; more with more steps)
+
+
+def tcd_time(s: float, gamma: float, schedule) -> float:
+    """Strategic stochastic sampling's intermediate time s' = (1 - gamma) s (Zheng et al. 2024, Alg. 4).
+
+    The paper's time 0 is the data. Ours is CLEAN: on a discrete schedule it lies one step below timestep 0
+    (alpha-bar, a product over no steps, is 1; SD's timestep 0 has sigma / alpha = 0.029), so gamma = 1 and a clean
+    s give CLEAN, and gamma = 1 is the multistep consistency sampler exactly. diffusers' TCDScheduler takes timestep 0
+    for the data instead. A discrete schedule's s' is rounded down to a timestep, the times its models know, as
+    diffusers' TCDScheduler rounds it; gamma = 0 keeps s whatever it is."""
+    if s < 0 or gamma == 1:
+        return CLEAN
+    if gamma == 0:
+        return s
+    s_mid = (1 - gamma) * s
+    return float(math.floor(s_mid)) if hasattr(schedule, "num_timesteps") else s_mid
+
+
+@torch.no_grad()
+def sample_tcd(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None,
+               gamma=TCD_GAMMA, timestep_scaling=10.0):
+    """Strategic stochastic sampling of trajectory consistency distillation (Zheng et al. 2024, Alg. 4): each step
+    t -> s takes the consistency function's clean estimate f (as `sample_lcm`) by DDIM to s' = (1 - gamma) s
+    (`tcd_time`), then diffuses it forward to s with fresh noise. gamma = 0: deterministic, DDIM on f; gamma = 1:
+    to the data and back, multistep consistency sampling (`sample_lcm`, the same noise draws)."""
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
+    for st in steps:
+        denoised = denoise(x, st.t)
+        _notify(callback, st, x, denoised)
+        # f = c_skip x_t + c_out D: LCM's boundary scalings, which LCM-LoRAs are trained with. TCD's trajectory
+        # consistency function (semi-linear, first order: DDIM on D) meets its boundary without them, and diffusers'
+        # TCDScheduler applies none; on LCM's grid (t >= 19) f and D differ by under 7e-6 of each.
+        c_skip, c_out = lcm_scalings(st.t, schedule, timestep_scaling)
+        d = c_out * denoised + c_skip * x
+        s_mid = tcd_time(st.t_next, gamma, schedule)
+        if s_mid == st.t_next:       # gamma = 0, or a last step that ends where s' does: no noise drawn
+            x = ddim_step(x, d, st.alpha, st.sigma, st.alpha_next, st.sigma_next)
+            continue
+        alpha_mid, sigma_mid = (float(c) for c in schedule.alpha_sigma(s_mid))
+        x = ddim_step(x, d, st.alpha, st.sigma, alpha_mid, sigma_mid)               # denoise: t -> s'
+        x = _forward_diffuse(x, alpha_mid, sigma_mid, st.alpha_next, st.sigma_next, generator)   # diffuse: s' -> s
+    return x
+
+
 SAMPLERS = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
@@ -341,7 +389,11 @@ SAMPLERS = {
     "langevin": sample_langevin,
     "stochastic": sample_stochastic,
     "lcm": sample_lcm,
+    "tcd": sample_tcd,
 }
+
+# The samplers with a noise knob in [0, 1] and its keyword: what the pipeline's `eta` (the CLI's --eta) sets.
+ETA_OPTIONS = {"ddim": "eta", "tcd": "gamma"}   # DDIM's eta (Song et al. 2021, eq. 16); TCD's gamma
 
 # The higher-order multistep solvers live in their own file; it imports this module's helpers above.
 from .multistep import sample_dpmpp_3m, sample_dpmpp_3m_sde, sample_unipc  # noqa: E402
