@@ -15,18 +15,20 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ldm.diffusion.guidance import check_interval
+from ldm.diffusion.guidance import APG, check_interval
+from ldm.diffusion.samplers import ETA_OPTIONS
 from ldm.diffusion.schedules import SPACINGS
 from ldm.models.embeddings import parse_embedding_arg
 from ldm.models.lora import parse_lora_arg
 from ldm.models.prompt_weights import parse_weighted, token_weights, tokenizer_weights
+from ldm.models.unet import self_attention_layers
 from ldm.models.vae_tiling import parse_tiling
 from ldm.pipeline import DECODER_PRECISIONS, DEFAULT_MODEL, INDEX_NAME, TextToImage
 from ldm.training.images import make_grid
 
 NET_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CLI_SAMPLERS = ["ddim", "stochastic", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m",
-                "dpmpp_3m_sde", "unipc", "lcm", "ddpm"]
+                "dpmpp_3m_sde", "unipc", "lcm", "tcd", "ddpm"]
 STUDENT_STEPS = 4      # the default where a 4-step student exists (the shipped model's: 87.4%, 17 ms)
 TEACHER_STEPS = 25     # else the teacher's: DDIM + CFG at 4 steps is far from converged
 
@@ -51,6 +53,15 @@ def parse_control_range(text: str) -> tuple[float, float]:
     return start, end
 
 
+def parse_pag_layers(text: str) -> list[str]:
+    """'mid,down.1' -> ['mid', 'down.1']: the U-Net self-attention layers perturbed-attention guidance perturbs
+    (the model checks the names: ldm.models.unet.self_attention_layers)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected layer names such as mid or mid,down.1,up.0, got {text!r}")
+    return names
+
+
 def parse_guidance_interval(text: str) -> tuple[float, float]:
     """'0.28:5.42' -> (0.28, 5.42); an empty side is unbounded: ':5.42' -> (0.0, inf), '0.28:' -> (0.28, inf)."""
     lo, sep, hi = text.partition(":")
@@ -73,6 +84,41 @@ def format_interval(interval: tuple[float, float]) -> str:
     return ("" if lo == 0 else repr(lo)) + ":" + ("" if hi == math.inf else repr(hi))
 
 
+def parse_apg(text: str) -> APG:
+    """'2' -> APG(2.0), '2:0:-0.5' -> APG(2.0, 0.0, -0.5): R[:ETA[:BETA]], an empty or missing ETA / BETA takes
+    APG's default (eta 0, beta -0.5); R may be inf (no cut)."""
+    parts = text.split(":")
+    try:
+        if len(parts) > 3 or not parts[0].strip():
+            raise ValueError
+        given = {name: float(part) for name, part in zip(("r", "eta", "beta"), parts) if part.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected R[:ETA[:BETA]] such as 2, 2:0 or 2:0:-0.5 (ETA, BETA default 0 "
+                                         f"and -0.5), got {text!r}") from None
+    try:
+        return APG(**given)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+
+
+def format_apg(apg: APG) -> str:
+    """The inverse of `parse_apg`, every part written: APG(2.0) -> '2.0:0.0:-0.5' (the PNG's settings, replayable)."""
+    return f"{apg.r!r}:{apg.eta!r}:{apg.beta!r}"
+
+
+def parse_window(text: str) -> tuple[int | None, int | None]:
+    """'64:16' -> (64, 16); '64' -> (64, None); 'native:16' -> (None, 16): None is resolved by `resolve_window`."""
+    side, _, stride = text.lower().partition(":")
+    try:
+        value = (None if side.strip() == "native" else int(side), int(stride) if stride.strip() else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SIDE[:STRIDE] in pixels such as 64:16 (SIDE may be 'native'), "
+                                         f"got {text!r}") from None
+    if any(v is not None and v < 1 for v in value):
+        raise argparse.ArgumentTypeError(f"SIDE and STRIDE must be positive, got {text!r}")
+    return value
+
+
 def parse_freeu(text: str) -> tuple[float, float, float, float]:
     """'1.5,1.6,0.9,0.2' -> (b1, b2, s1, s2)."""
     try:
@@ -93,11 +139,11 @@ def parse_vae_tiling(text: str) -> str:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --shift, --negative, --guidance-rescale,
-    --guidance-interval, --true-cfg, --prompt-weights, --embedding, --controlnet, --control-image, --control-scale,
-    --control-mode, --control-range, --ip-adapter,
+    """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --eta, --shift, --negative,
+    --guidance-rescale, --guidance-interval, --true-cfg, --apg, --pag, --pag-layers, --prompt-weights, --embedding, --controlnet, --control-image,
+    --control-scale, --control-mode, --control-range, --ip-adapter,
     --image-encoder, --ip-image, --ip-scale, --freeu, --clip-skip, --lora, --device, --dtype, --decoder-precision,
-    --vae-tiling."""
+    --vae-tiling, --window."""
     model = parser.add_argument_group("model and device")
     sampling = parser.add_argument_group("sampling")
     prompt = parser.add_argument_group("prompt")
@@ -117,13 +163,23 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "2022), dpmpp_2m, dpmpp_2m_sde, dpmpp_3m and dpmpp_3m_sde (DPM-Solver++ of second and "
                              "third order and their SDE forms, Lu et al. 2022), unipc (UniPC, Zhao et al. 2023: "
                              "predictor-corrector, diffusers' default for many pipelines), "
-                             "lcm (latent consistency models and LCM-LoRAs, e.g. --steps 4 --guidance 0) and ddpm")
+                             "lcm (latent consistency models and LCM-LoRAs, e.g. --steps 4 --guidance 0), tcd "
+                             "(trajectory consistency distillation's strategic stochastic sampling, Zheng et al. "
+                             "2024: lcm's steps with a share --eta of fresh noise; for LCM- and TCD-LoRAs) and ddpm")
     sampling.add_argument("--spacing", default=None, choices=SPACINGS,
                         help="the time grid: trailing (Lin et al. 2023; what students were distilled on), karras "
                              "(Karras et al. 2022, eq. 5: 'DPM++ 2M Karras' is --sampler dpmpp_2m --spacing karras), "
                              "exponential (even in log sigma), beta (Lee et al. 2024, ComfyUI's 'beta'), leading, "
                              "linspace or lcm (n of the 50 times LCMs learn on: stages/distill_lcm.py); default: karras for "
-                             "the teacher's heun (the paper's pairing), lcm for the lcm sampler, else trailing")
+                             "the teacher's heun (the paper's pairing), lcm for the lcm and tcd samplers, else "
+                             "trailing")
+    sampling.add_argument("--eta", type=float, default=None, metavar="E",
+                          help="the sampler's noise, in [0, 1], for --sampler ddim and tcd (diffusers' pipelines call "
+                               "both eta): DDIM's eta (Song et al. 2021, eq. 16; 0 deterministic, 1 DDPM's posterior "
+                               "noise; default 0) and TCD's gamma (Zheng et al. 2024, Alg. 4: each step denoises to "
+                               "(1 - E) times the next time, then noises afresh to it; 0 deterministic, 1 is --sampler "
+                               "lcm; default 0.3, the authors' advice, higher with more steps). Students take it with "
+                               "ddim. Not --apg's ETA")
     prompt.add_argument("--negative", default="", metavar="TEXT",
                         help="negative prompt: guidance's unconditional branch instead of the empty prompt "
                              "(teacher only: add --teacher where a student fits --steps; FLUX.1-dev: with --true-cfg)")
@@ -148,6 +204,29 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                                "prompt; with --ip-adapter also a black image). S is diffusers' true_cfg_scale, not "
                                "our w: --true-cfg 4 is w = 3; 1 is off. Other models have real CFG: --guidance W = "
                                "S - 1 (default: off)")
+    sampling.add_argument("--apg", type=parse_apg, default=None, metavar="R[:ETA[:BETA]]",
+                          help="teacher: adaptive projected guidance (Sadat, Hilliges & Weber 2024, arXiv "
+                               "2410.02416) instead of CFG's plain sum, against over-saturation at high --guidance: on the "
+                               "x0-hat predictions, the update cond - uncond gets momentum BETA across steps (theirs "
+                               "is negative, 'reverse'), its norm is cut to at most R, and its part parallel to the "
+                               "conditional prediction is weighted ETA (the rest 1), then cond + W update. R depends "
+                               "on the latent size: they used 15 for SD-XL's 128x128x4 latents and 2.5 for EDM2's "
+                               "64x64x4; about 2 matches SD-XL's per element on shapes64's 16x16x4. ETA defaults to "
+                               "0 and BETA to -0.5 (their recommendation and SD-XL setting); inf:1:0 is plain CFG. "
+                               "With --true-cfg it changes that; not with --guidance-rescale (default: off)")
+    sampling.add_argument("--pag", type=float, default=None, metavar="S",
+                          help="teacher: perturbed-attention guidance (Ahn et al. 2024, 'Self-Rectifying Diffusion "
+                               "Sampling with Perturbed-Attention Guidance', arXiv 2403.17377): the conditional "
+                               "prediction is made again with the self-attention maps of --pag-layers replaced by the "
+                               "identity (each token attends to itself), and the result is pushed away from it, "
+                               "CFG + S (cond - perturbed); diffusers' pag_scale (the paper used 3.0 for SD at "
+                               "--guidance 0). 3 net calls a step with CFG, 2 with --guidance 0 (PAG alone). U-Nets "
+                               "(SD 1.x/2.x, SDXL, ours), not SD3 / FLUX.1 (default: off)")
+    sampling.add_argument("--pag-layers", type=parse_pag_layers, default=["mid"], metavar="LIST",
+                          help="with --pag: comma-separated U-Net self-attention layers to perturb: mid, down.L, up.L "
+                               "(a level, counted as diffusers' down_blocks / up_blocks: up.0 is the deepest decoder "
+                               "level) or one transformer, down.L.I; diffusers' names (mid_block, down_blocks.1, "
+                               "up_blocks.0.attentions.1) work too; an unknown name lists the model's (default: mid)")
     prompt.add_argument("--prompt-weights", default="a1111", choices=["a1111", "off"],
                         help="a1111 (default): read emphasis as the AUTOMATIC1111 web UI does, '(word:1.3)' weights "
                              "a word 1.3, '(word)' 1.1, '[word]' 1/1.1, '\\(' is a literal bracket; off: prompts "
@@ -202,6 +281,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--decoder-precision", default="auto", choices=list(DECODER_PRECISIONS),
                         help="autoencoder decoder: auto = bf16 on CPUs with native bf16 (about 2x faster, "
                              "pixels within 0.02 of fp32), else fp32")
+    sampling.add_argument("--window", type=parse_window, default=None, metavar="SIDE[:STRIDE]",
+                          help="MultiDiffusion (Bar-Tal et al. 2023) for images larger than the model's: denoise "
+                               "SIDE x SIDE windows STRIDE px apart (default SIDE/4; the last one flush with the "
+                               "edge) and average their predictions where they overlap, e.g. --size 256x64 --window "
+                               "64:16 for a panorama from a 64-px model. SIDE: pixels, or 'native' (the model's "
+                               "resolution). Any sampler, teacher or student; not with ControlNets, inpainting "
+                               "U-Nets, SDXL, SD3 or FLUX.1 (default: off, the network sees the whole image)")
     model.add_argument("--vae-tiling", default="off", type=parse_vae_tiling, metavar="off|auto|PIXELS",
                        help="run the autoencoder in tiles of PIXELS (e.g. 512) so that large images fit in memory; "
                             "the image equals the untiled one (within float rounding, unlike diffusers' blended "
@@ -253,6 +339,11 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
     warnings.formatwarning = short_warnings
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.eta is not None and args.sampler not in ETA_OPTIONS:
+        parser.error(f"--eta is the noise of --sampler {' and '.join(ETA_OPTIONS)} (DDIM's eta, TCD's gamma); "
+                     f"--sampler {args.sampler} has no such option")
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
+        parser.error(f"--eta must be in [0, 1], got {args.eta}")
     check_prompt_syntax(parser, args, prompts)
     if not os.path.isfile(os.path.join(args.model, INDEX_NAME)):
         parser.error(f"--model {args.model!r} is not a model folder: {os.path.join(args.model, INDEX_NAME)} "
@@ -309,18 +400,6 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
             parser.error(f"--ip-adapter {args.ip_adapter}: {err}")
     if args.steps is None:
         args.steps = STUDENT_STEPS if STUDENT_STEPS in pipe.student_steps else TEACHER_STEPS
-    if pipe.index.guidance_embed and args.guidance_interval and args.true_cfg in (None, 1):
-        parser.error("--guidance-interval limits CFG; this model's guidance is distilled into the net (FLUX.1-dev), "
-                     "which runs none: add --true-cfg S")
-    if pipe.index.guidance_embed and ((args.negative and args.true_cfg is None) or args.guidance_rescale):
-        parser.error("--negative / --guidance-rescale: this model's guidance is distilled into the net (FLUX.1-dev): "
-                     "it takes the scale as an input, not CFG; for a negative prompt add --true-cfg S (CFG on top, "
-                     "diffusers' true_cfg_scale, e.g. 4)")
-    if args.true_cfg is not None and not pipe.index.guidance_embed:
-        parser.error(f"--true-cfg is for guidance-distilled models (FLUX.1-dev); this model runs real CFG: give "
-                     f"--guidance W = S - 1 (--guidance {args.true_cfg - 1:g} for --true-cfg {args.true_cfg:g})")
-    if args.true_cfg is not None and not args.true_cfg >= 1:
-        parser.error(f"--true-cfg must be >= 1 (diffusers' true_cfg_scale; 1 is off), got {args.true_cfg}")
     if args.shift is not None and not args.shift > 0:
         parser.error(f"--shift must be > 0, got {args.shift}")
     if not 0.0 <= args.guidance_rescale <= 1.0:
@@ -338,13 +417,38 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
                      f"or one per ControlNet ({len(args.control_scale)}, {len(args.control_mode)} and "
                      f"{len(args.control_range)} given)")
     try:  # before any model runs
+        pipe.check_guidance(args.negative, args.guidance_rescale, args.true_cfg, args.guidance_interval, args.apg,
+                            args.pag or 0.0)
         pipe.refuse_with_student(args.steps, args.teacher, negative=args.negative, control=args.controlnet,
                                  guidance_rescale=args.guidance_rescale, ip=args.ip_adapter,
                                  shift=args.shift is not None, true_cfg=args.true_cfg is not None,
-                                 guidance_interval=args.guidance_interval is not None)
+                                 guidance_interval=args.guidance_interval is not None, apg=args.apg is not None,
+                                 pag=bool(args.pag))
     except ValueError as err:
         parser.error(str(err))
+    if args.pag:
+        try:                                                # unknown names listed before anything runs
+            self_attention_layers(pipe.unet, args.pag_layers)
+        except ValueError as err:
+            parser.error(f"--pag-layers: {err}")
     return pipe
+
+
+def resolve_window(parser: argparse.ArgumentParser, args, pipe: TextToImage,
+                   sizes: list[tuple[int, int]], control: dict | None = None) -> None:
+    """--window's SIDE ('native': the model's resolution) and STRIDE (default SIDE/4) filled in args.window, and
+    checked against each image size in `sizes` (width, height) before any model runs (a usage error)."""
+    if args.window is None:
+        return
+    side, stride = args.window
+    side = side or pipe.index.resolution
+    args.window = (side, stride or side // 4)
+    for size in sizes:
+        try:
+            pipe.latent_windows(pipe.latent_shape(1, size), args.window, control=(control or {}).get("control"),
+                                reference=(control or {}).get("reference"))
+        except ValueError as err:
+            parser.error(f"--window {args.window[0]}:{args.window[1]} for {size[0]}x{size[1]}: {err}")
 
 
 def load_control_image(path: str, size: tuple[int, int]) -> torch.Tensor:
@@ -402,7 +506,8 @@ def sampling_options(args) -> dict:
     return dict(steps=args.steps, guidance=args.guidance, seed=args.seed, teacher=args.teacher,
                 sampler=args.sampler, negative=args.negative, spacing=args.spacing,
                 guidance_rescale=args.guidance_rescale, ip_image=ip_image, shift=args.shift,
-                true_cfg=args.true_cfg, guidance_interval=args.guidance_interval, progress=show_progress())
+                true_cfg=args.true_cfg, guidance_interval=args.guidance_interval, apg=args.apg, window=args.window,
+                pag_scale=args.pag or 0.0, pag_layers=args.pag_layers, eta=args.eta, progress=show_progress())
 
 
 def show_progress() -> bool:
@@ -413,7 +518,7 @@ def show_progress() -> bool:
 # The samplers as the A1111 web UI names them, where it has them
 SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
                  "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_3m": "DPM++ 3M", "dpmpp_3m_sde": "DPM++ 3M SDE",
-                 "unipc": "UniPC", "lcm": "LCM", "ddpm": "DDPM", "stochastic": "Meng stochastic"}
+                 "unipc": "UniPC", "lcm": "LCM", "tcd": "TCD", "ddpm": "DDPM", "stochastic": "Meng stochastic"}
 
 
 def settings(args, prompt: str, info: dict, **extra) -> dict:
@@ -426,11 +531,15 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
     if args.ip_adapter:
         run.update(ip_adapter=args.ip_adapter, image_encoder=args.image_encoder, ip_image=args.ip_image,
                    ip_scale=args.ip_scale)
-    for key in ("clip_skip", "freeu", "shift", "true_cfg"):     # true_cfg: diffusers' true_cfg_scale s
+    for key in ("clip_skip", "freeu", "shift", "true_cfg", "eta"):   # true_cfg: diffusers' true_cfg_scale s
         if getattr(args, key) is not None:
             run[key] = getattr(args, key)
     if args.guidance_interval is not None:                      # as typed, '0.28:5.42': JSON has no inf
         run["guidance_interval"] = format_interval(args.guidance_interval)
+    if args.apg is not None:                                    # every part, as R:ETA:BETA
+        run["apg"] = format_apg(args.apg)
+    if args.pag:                                                # diffusers' pag_scale and pag_applied_layers
+        run.update(pag=args.pag, pag_layers=",".join(args.pag_layers))
     if args.dtype != "float32":
         run["dtype"] = args.dtype
     if args.controlnet or args.control_image:
@@ -443,6 +552,8 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
     for key in ("size", "hires"):
         if getattr(args, key, None):
             run[key] = list(getattr(args, key))
+    if args.window is not None:                                 # as typed, resolved: '64:16'
+        run["window"] = "{}:{}".format(*args.window)
     return run
 
 
@@ -455,6 +566,16 @@ def png_info(run: dict, size: tuple[int, int]) -> PngInfo:
     lines.append(f"Steps: {run['steps']}, Sampler: {sampler}, CFG scale: {1 + run['guidance']:g}, "
                  + (f"True CFG scale: {run['true_cfg']:g}, " if run.get("true_cfg") is not None else "") +
                  f"Seed: {run['seed']}, Size: {size[0]}x{size[1]}, Model: {os.path.basename(run['model'].rstrip('/'))}")
+    if run.get("eta") is not None:                              # A1111's key for DDIM's eta; its generic one else
+        lines[-1] += f", {'Eta DDIM' if run['sampler'] == 'ddim' else 'Eta'}: {run['eta']:g}"
+    if run.get("window"):
+        side, stride = run["window"].split(":")
+        lines[-1] += f", MultiDiffusion window: {side}, MultiDiffusion stride: {stride}"
+    if run.get("apg"):                                          # no A1111 name: ours, as Key: value pairs
+        r, eta, beta = run["apg"].split(":")
+        lines[-1] += f", APG r: {float(r):g}, APG eta: {float(eta):g}, APG momentum: {float(beta):g}"
+    if run.get("pag"):                                          # ours too: the layer list quoted, it has commas
+        lines[-1] += f", PAG scale: {run['pag']:g}, PAG layers: \"{run['pag_layers']}\""
     meta = PngInfo()
     meta.add_text("parameters", "\n".join(lines))
     meta.add_text("ldm", json.dumps(run))

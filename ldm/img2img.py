@@ -19,7 +19,7 @@ import sys
 import time
 
 from ldm.cli import (add_input_size, add_model_args, control_options, finish, input_size, load_image, load_pipeline,
-                     sampling_options, settings)
+                     resolve_window, sampling_options, settings)
 
 STRENGTH = 0.6   # SDEdit's default
 
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
                          "there is no strength to set")
         image = kontext_input(parser, args, pipe)
         control = control_options(parser, args, pipe, (image.shape[-1], image.shape[-2]))
+        resolve_window(parser, args, pipe, [(image.shape[-1], image.shape[-2])], control)
         start = time.perf_counter()
         images, info = pipe.edit(image, [args.prompt], **sampling_options(args), **control)
         finish(images, info, start, args.out, settings(args, args.prompt, info, image=args.image, edit="kontext"))
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     size = input_size(parser, args, pipe)
     image = load_image(args.image, size)
     control = control_options(parser, args, pipe, size)
+    resolve_window(parser, args, pipe, [size], control)
     start = time.perf_counter()
     images, info = pipe.img2img(image, [args.prompt], strength=strength, **sampling_options(args), **control)
     finish(images, info, start, args.out, settings(args, args.prompt, info, strength=strength, image=args.image))

@@ -1,6 +1,7 @@
 """Inpainting with the few-step students or the teacher, in latent space (RePaint / SDEdit style).
 
     python -m ldm.inpaint --image in.png --mask mask.png "a red circle" --steps 4 --out out.png
+    python -m ldm.inpaint --image in.png --outpaint 0,0,64,0 "a red circle left of a blue square" --out wider.png
 
 White mask pixels (> 127) are repainted, black ones kept. The mask is max-pooled to the latent
 grid, so every latent cell touching the white region is generated; at every step the kept
@@ -14,6 +15,12 @@ are still pasted back from the input.
 An inpainting ControlNet (SD3's alimama-creative/SD3-Controlnet-Inpainting) reads --control-image (the image to
 repaint, usually --image itself) blacked out under --mask, and the mask; the model then draws the whole picture from
 pure noise, as diffusers' StableDiffusion3ControlNetInpaintingPipeline does, and the kept pixels are pasted back.
+
+Outpainting (--outpaint LEFT,TOP,RIGHT,BOTTOM) grows the canvas by that many pixels on each side and repaints the
+new border: the input (at --size) is padded, the pad filled with the image's edge pixels (--outpaint-fill edge; or
+noise), and the mask is the pad (with --mask, the pad and the mask's white pixels). The pads are multiples of the
+autoencoder's factor, so the pad covers whole latent cells and the kept cells are the input's own. With --window a
+canvas larger than the model's size is drawn by MultiDiffusion windows, e.g. a 64-px image outpainted to 256x64.
 """
 from __future__ import annotations
 
@@ -21,8 +28,45 @@ import argparse
 import sys
 import time
 
+import torch
+import torch.nn.functional as F
+
 from ldm.cli import (add_input_size, add_model_args, control_options, finish, input_size, load_image, load_pipeline,
-                     sampling_options, settings)
+                     resolve_window, sampling_options, settings)
+
+OUTPAINT_FILLS = ("edge", "noise")
+
+
+def parse_outpaint(text: str) -> tuple[int, int, int, int]:
+    """'0,0,64,0' -> (left, top, right, bottom) in pixels, each >= 0, not all 0."""
+    try:
+        pads = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        pads = ()
+    if len(pads) != 4 or min(pads) < 0 or not any(pads):
+        raise argparse.ArgumentTypeError(f"expected LEFT,TOP,RIGHT,BOTTOM pixels >= 0 (not all 0) such as 0,0,64,0, "
+                                         f"got {text!r}")
+    return pads
+
+
+def outpaint_canvas(image: torch.Tensor, mask: torch.Tensor | None, pads: tuple[int, int, int, int],
+                    fill: str = "edge", generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """image (B, 3, H, W) in [-1, 1] and its mask (B, 1, H, W) or None -> the image on a canvas grown by pads =
+    (left, top, right, bottom) px, and the mask of what to paint: 1 over the pad (and where `mask` is 1).
+    fill: the pad's pixels, "edge" (the nearest edge pixel repeated) or "noise" (uniform in [-1, 1]); only the
+    encoder sees them (and through its receptive field the kept latent cells next to the pad)."""
+    if fill not in OUTPAINT_FILLS:
+        raise ValueError(f"outpaint fill must be one of {OUTPAINT_FILLS}, got {fill!r}")
+    left, top, right, bottom = pads
+    padding = (left, right, top, bottom)                    # F.pad's order: last dim first
+    canvas = F.pad(image, padding, mode="replicate")
+    mask = torch.zeros_like(image[:, :1]) if mask is None else mask.to(image.dtype)
+    mask = F.pad(mask, padding, value=1.0)
+    if fill == "noise":
+        pad = F.pad(torch.zeros_like(image[:, :1]), padding, value=1.0)
+        noise = torch.rand(canvas.shape, generator=generator, dtype=canvas.dtype) * 2 - 1
+        canvas = pad * noise.to(canvas.device) + (1 - pad) * canvas
+    return canvas, mask
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,26 +74,58 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", help='what to paint in the masked region ("" allowed)')
     parser.add_argument("--image", required=True, metavar="IN.png", help="the image")
-    parser.add_argument("--mask", required=True, metavar="MASK.png", help="white = repaint, black = keep")
+    parser.add_argument("--mask", default=None, metavar="MASK.png",
+                        help="white = repaint, black = keep (needed unless --outpaint)")
+    parser.add_argument("--outpaint", type=parse_outpaint, default=None, metavar="LEFT,TOP,RIGHT,BOTTOM",
+                        help="grow the canvas by these pixels on each side (multiples of the autoencoder's factor, "
+                             "8 for SD, 4 for the shipped model; the canvas a size the model takes) and paint the "
+                             "new border; the output is that larger size")
+    parser.add_argument("--outpaint-fill", default="edge", choices=OUTPAINT_FILLS,
+                        help="what the encoder sees in the border before it is painted: the image's edge pixels "
+                             "repeated (default) or uniform noise")
     parser.add_argument("--out", default="inpaint.png", metavar="OUT.png")
     add_input_size(parser)
     add_model_args(parser)
     return parser
 
 
+def outpaint_settings(args) -> dict:
+    """--outpaint and its fill for the PNG's settings; {} without it."""
+    return {} if args.outpaint is None else {"outpaint": list(args.outpaint), "outpaint_fill": args.outpaint_fill}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.mask is None and args.outpaint is None:
+        parser.error("give --mask (what to repaint), --outpaint (a border to paint), or both")
     pipe = load_pipeline(parser, args, [args.prompt])
     size = input_size(parser, args, pipe)
     image = load_image(args.image, size)
-    mask = (load_image(args.mask, size, mode="L") > 0).float()   # (1, 1, H, W): > 127
+    mask = None if args.mask is None else (load_image(args.mask, size, mode="L") > 0).float()   # (1, 1, H, W): > 127
+    if args.outpaint:
+        if args.controlnet:        # its control image would be the input stretched over the larger canvas
+            parser.error("--outpaint is not combined with --controlnet")
+        factor = pipe.autoencoder.config.downsample_factor
+        if any(p % factor for p in args.outpaint):
+            parser.error(f"--outpaint {','.join(map(str, args.outpaint))}: each pad must be a multiple of {factor} px "
+                         "(the autoencoder's factor), so that the pad covers whole latent cells")
+        left, top, right, bottom = args.outpaint
+        size = (size[0] + left + right, size[1] + top + bottom)
+        try:
+            pipe.latent_shape(1, size)
+        except ValueError as err:
+            parser.error(f"--outpaint: the canvas {size[0]}x{size[1]}: {err}")
+        image, mask = outpaint_canvas(image, mask, args.outpaint, args.outpaint_fill,
+                                      torch.Generator().manual_seed(args.seed))
     if mask.sum() == 0:
         print(f"warning: mask {args.mask} has no white pixel: the output is the input", file=sys.stderr)
     control = control_options(parser, args, pipe, size, inpainting=True)
+    resolve_window(parser, args, pipe, [size], control)
     start = time.perf_counter()
     images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], **sampling_options(args), **control)
-    finish(images, info, start, args.out, settings(args, args.prompt, info, image=args.image, mask=args.mask))
+    finish(images, info, start, args.out, settings(args, args.prompt, info, image=args.image, mask=args.mask,
+                                                        **outpaint_settings(args)))
 
 
 if __name__ == "__main__":

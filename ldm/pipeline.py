@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ldm.diffusion.guidance import cfg, check_interval, edm_sigma, in_interval
+from ldm.diffusion.guidance import APG, cfg, check_interval, edm_sigma, in_interval, pag
+from ldm.diffusion.multidiffusion import window_boxes, windowed
 from ldm.diffusion.param import Denoiser
-from ldm.diffusion.samplers import SAMPLERS, initial_noise
+from ldm.diffusion.samplers import ETA_OPTIONS, SAMPLERS, initial_noise
 from ldm.diffusion.schedules import resolution_shift, schedule_from_config, shifted
 from ldm.distill.targets import coefficients
 from ldm.flux_tools import IMAGE_INPUTS, ReferenceTokens, fill_inputs
@@ -36,7 +37,7 @@ from ldm.models.prompt_chunks import chunk_count, encode_chunked
 from ldm.models.prompt_weights import encode_weighted, parse_weighted, plain_text
 from ldm.models.text import ScratchTextEncoder, TextEncoderConfig, build_text_encoder
 from ldm.models.nets import load_net
-from ldm.models.unet import UNet, sdxl_time_ids
+from ldm.models.unet import PAG_LAYERS, UNet, perturbed_self_attention, sdxl_time_ids, self_attention_layers
 from ldm.models.vae_tiling import tile_for
 
 INDEX_NAME = "model_index.json"
@@ -48,7 +49,8 @@ STUDENT_SAMPLERS = ("ddim", "stochastic")   # what the students were distilled f
 # named as the CLI names them; `refuse_with_student` checks them, the CLI before the model runs.
 TEACHER_ONLY = {"negative": "--negative", "guidance_rescale": "--guidance-rescale", "control": "--controlnet",
                 "ip": "--ip-adapter", "inpaint": "an inpainting U-Net's mask", "shift": "--shift",
-                "true_cfg": "--true-cfg", "guidance_interval": "--guidance-interval"}
+                "true_cfg": "--true-cfg", "guidance_interval": "--guidance-interval",
+                "apg": "--apg", "pag": "--pag"}
 
 
 def native_bf16_cpu() -> bool:
@@ -317,6 +319,31 @@ class TextToImage:
                              f"{multiple // ae.downsample_factor})")
         return (n, ae.z_channels, height // ae.downsample_factor, width // ae.downsample_factor)
 
+    def latent_windows(self, shape: tuple[int, ...], window: tuple[int, int], control=None,
+                       reference=None) -> tuple[tuple[int, int], tuple[int, int]]:
+        """MultiDiffusion's (side, stride) in pixels -> the (h, w) window and stride on the grid of latents `shape`;
+        ValueError for what does not fit: a side the networks do not take (`latent_shape`), a window larger than the
+        image, a stride off the latent grid or past the window (gaps), and what windows do not cut: spatial inputs
+        bound to the net (ControlNet images, an inpainting U-Net's mask and image, reference latents), SDXL's size
+        numbers, SD3's and FLUX.1's transformers."""
+        side, stride = (int(v) for v in window)
+        self.unet_only("MultiDiffusion windows")
+        if getattr(self.unet.cfg, "added_cond", None) == "text_time":
+            raise ValueError("MultiDiffusion windows: SDXL conditions on the image's size and crop (time_ids), which "
+                             "windows would need per window; not supported")
+        if control or reference is not None or self.inpainting_unet:
+            raise ValueError("MultiDiffusion windows: spatial inputs bound to the net (ControlNet images, an "
+                             "inpainting U-Net's mask and image, reference latents) are not cut into windows")
+        self.latent_shape(1, (side, side))                   # the U-Net takes the window
+        factor = self.autoencoder.config.downsample_factor
+        height, width = shape[-2] * factor, shape[-1] * factor
+        if side > min(height, width):
+            raise ValueError(f"window {side} px is larger than the image, {width}x{height}")
+        if stride % factor or not 0 < stride <= side:
+            raise ValueError(f"window stride {stride} px: need a multiple of {factor} px (the autoencoder's factor: "
+                             f"windows sit on the latent grid) in (0, {side}] (no gaps between windows)")
+        return (side // factor,) * 2, (stride // factor,) * 2
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], chunks: int | None = None) -> dict:
         """U-Net conditioning: the tokens, and the padding mask unless the U-Net was trained on every
@@ -406,7 +433,8 @@ class TextToImage:
                        inpaint: torch.Tensor | None = None, ip_uncond: torch.Tensor | None = None,
                        shape: tuple[int, ...] | None = None, reference: torch.Tensor | None = None,
                        control_range: list | None = None, grid: torch.Tensor | None = None,
-                       true_cfg: float | None = None, guidance_interval: tuple[float, float] | None = None):
+                       true_cfg: float | None = None, guidance_interval: tuple[float, float] | None = None,
+                       pag_scale: float = 0.0, pag_layers=PAG_LAYERS, apg: APG | None = None):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
         with `negative` as the unconditional prompt (students were distilled with the empty one) and
         guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024), and
@@ -416,20 +444,16 @@ class TextToImage:
         Kontext net (`image_input_net`). true_cfg: FLUX.1-dev's "true CFG" at diffusers' scale s (`true_cfg_scale`):
         CFG with w = s - 1 around the guidance-bound net, `negative` (and `ip_uncond`) its unconditional half.
         guidance_interval: (lo, hi), CFG (true CFG too) only where lo < sigma_t / alpha_t <= hi (`cfg`'s interval;
-        Kynkaanniemi et al. 2024); info's nfe_per_step is then a function of t."""
+        Kynkaanniemi et al. 2024); info's nfe_per_step is then a function of t. pag_scale: perturbed-attention
+        guidance's s on the self-attentions of `pag_layers` (`pag_model`); 0 is off. apg: the teacher's CFG
+        (true CFG too) combined by adaptive projected guidance on x0-hat (`cfg`'s apg; Sadat et al. 2024)."""
+        self.check_guidance(negative, guidance_rescale, true_cfg, guidance_interval, apg, pag_scale)
         self.refuse_with_student(steps, teacher, negative=negative, guidance_rescale=guidance_rescale,
                                  control=control, inpaint=inpaint is not None, ip=ip_uncond is not None,
-                                 true_cfg=true_cfg is not None, guidance_interval=guidance_interval is not None)
-        if true_cfg is not None and not self.index.guidance_embed:
-            raise ValueError("true CFG is for guidance-distilled models (FLUX.1-dev); this model runs real CFG: "
-                             f"guidance w = s - 1 ({true_cfg:g} -> {true_cfg - 1:g}; --guidance W)")
-        if true_cfg is not None and not true_cfg >= 1:
-            raise ValueError(f"true CFG scale s must be >= 1 (diffusers' true_cfg_scale; 1 is off), got {true_cfg}")
+                                 true_cfg=true_cfg is not None, guidance_interval=guidance_interval is not None,
+                                 pag=pag_scale != 0, apg=apg is not None)
         if guidance_interval is not None:
             guidance_interval = check_interval(guidance_interval)
-            if self.index.guidance_embed and true_cfg in (None, 1):
-                raise ValueError("a guidance interval limits CFG; this model's guidance is distilled into the net "
-                                 "(FLUX.1-dev), which runs none: add true CFG (true_cfg=S, the CLI's --true-cfg S)")
             self._warn_empty_interval(guidance_interval, grid)
         limit = dict(interval=guidance_interval, noise_level=edm_sigma(self.schedule))   # for a Denoiser's t
         if self.uses_student(steps, teacher):
@@ -441,10 +465,6 @@ class TextToImage:
             model = self.denoiser(net, self.index.student_prediction)
             return model, lambda cond: {**cond, "w": guidance}, {"model": f"student-{steps}", "nfe_per_step": 1}
         if self.index.guidance_embed:              # FLUX.1-dev: one call a step, the scale is an input of the net
-            if negative and true_cfg is None:
-                raise ValueError("this model's guidance is distilled into the net (FLUX.1-dev): it draws with the "
-                                 "guidance scale as an input, not CFG, so it takes no negative prompt without "
-                                 "true CFG (true_cfg=S, the CLI's --true-cfg S)")
             net = self.teacher_net(inpaint, reference, control, control_range, grid, ip_uncond is not None,
                                    cfg_on=true_cfg not in (None, 1))
             self._refuse_interval_with_cond_half(net, guidance_interval)
@@ -455,7 +475,7 @@ class TextToImage:
             uncond = self.encode_prompts([negative], chunks)
             if ip_uncond is not None:              # the negative half sees a black image, as diffusers' default
                 uncond["ip_tokens"] = ip_uncond
-            return (cfg(model, true_cfg - 1, uncond, **limit), lambda cond: cond,
+            return (cfg(model, true_cfg - 1, uncond, apg=apg, **limit), lambda cond: cond,
                     {"model": "teacher", "nfe_per_step": self._cfg_calls(guidance_interval)})
         uncond = self.encode_prompts([negative], chunks)
         uncond.pop("time_ids", None)               # SDXL: both halves take the drawn size's numbers, but
@@ -466,27 +486,85 @@ class TextToImage:
         self._refuse_interval_with_cond_half(unet, guidance_interval)
         if ip_uncond is not None:                  # ip_tokens reach the net as one more conditioning input
             uncond = {**uncond, "ip_tokens": ip_uncond}
+        if pag_scale != 0:
+            return self.pag_model(unet, guidance, pag_scale, pag_layers, uncond, guidance_rescale)
         if guidance_rescale:   # rescale the net's eps / v, then convert: the rescale is not linear
             net_limit = {**limit, "noise_level": edm_sigma(self.schedule, self.index.time_scale)}   # the net's t
             model = self.denoiser(cfg(unet, guidance, uncond, guidance_rescale, **net_limit), self.index.prediction)
         else:
-            model = cfg(self.denoiser(unet, self.index.prediction), guidance, uncond, **limit)
+            model = cfg(self.denoiser(unet, self.index.prediction), guidance, uncond, apg=apg, **limit)
         return model, lambda cond: cond, {"model": "teacher",
                                           "nfe_per_step": 1 if guidance == 0 else self._cfg_calls(guidance_interval)}
+
+    def pag_model(self, net, guidance: float, scale: float, layers, uncond: dict, rescale: float):
+        """(x0-model, extra_args maker, info) of the teacher's `net` with perturbed-attention guidance (Ahn et al.
+        2024; guidance.pag): the self-attentions of the U-Net's transformers named in `layers` (unet.layer_names:
+        "mid", "down.1", "up.0", ...) take the identity map in a third part of the batch, 3 net calls a step with
+        CFG, 2 at w = 0. `check_guidance` refused what it does not combine with."""
+        if isinstance(layers, str):
+            layers = [layers]
+        chosen = self_attention_layers(self.unet, layers)
+
+        def perturb(samples):
+            return perturbed_self_attention(chosen, samples)
+        if rescale:            # the net's eps / v, as diffusers rescales; the combination itself is linear
+            model = self.denoiser(pag(net, guidance, scale, uncond, perturb, rescale), self.index.prediction)
+        else:
+            model = pag(self.denoiser(net, self.index.prediction), guidance, scale, uncond, perturb)
+        return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 2 if guidance == 0 else 3}
+
+    def check_guidance(self, negative: str = "", guidance_rescale: float = 0.0, true_cfg: float | None = None,
+                       guidance_interval: tuple[float, float] | None = None, apg: APG | None = None,
+                       pag_scale: float = 0.0) -> None:
+        """ValueError, naming the CLI's flags, for guidance options this model cannot take or that do not combine:
+        `model_function` calls it, and the CLI before any model runs. A guidance-distilled net (FLUX.1-dev) runs no
+        CFG unless true CFG adds it; other models run real CFG."""
+        distilled = self.index.guidance_embed
+        if true_cfg is not None and not distilled:
+            raise ValueError(f"--true-cfg (true_cfg) is for guidance-distilled models (FLUX.1-dev); this model runs "
+                             f"real CFG: give --guidance W = S - 1 (--guidance {true_cfg - 1:g} for --true-cfg "
+                             f"{true_cfg:g})")
+        if true_cfg is not None and not true_cfg >= 1:
+            raise ValueError(f"--true-cfg must be >= 1 (diffusers' true_cfg_scale; 1 is off), got {true_cfg}")
+        if distilled and negative and true_cfg is None:
+            raise ValueError("--negative: this model's guidance is distilled into the net (FLUX.1-dev): it draws with "
+                             "the guidance scale as an input, not CFG, so it takes no negative prompt: add --true-cfg "
+                             "S (true_cfg=S: CFG on top, diffusers' true_cfg_scale, e.g. 4)")
+        if distilled and guidance_rescale:
+            raise ValueError("--guidance-rescale: this model's guidance is distilled into the net (FLUX.1-dev), and "
+                             "its true CFG (--true-cfg) takes no rescale (nor does diffusers' FluxPipeline)")
+        for flag, value in (("--guidance-interval limits", guidance_interval), ("--apg changes", apg)):
+            if distilled and value is not None and true_cfg in (None, 1):
+                raise ValueError(f"{flag} CFG; this model's guidance is distilled into the net (FLUX.1-dev), which "
+                                 "runs none: add --true-cfg S (true_cfg=S)")
+        if apg is not None and guidance_rescale:
+            raise ValueError("--apg and --guidance-rescale both counter over-saturation at high guidance (APG by "
+                             "cutting its update's norm to R): give one")
+        if apg is not None and pag_scale:
+            raise ValueError("--apg is not combined with --pag (perturbed-attention guidance adds its own term to "
+                             "CFG's): give one")
+        if pag_scale:      # SD3's and FLUX.1's transformers have no U-Net levels (and FLUX.1-dev's branch runs no CFG)
+            self.unet_only("--pag (perturbed-attention guidance, pag_scale)")
+            if guidance_interval is not None:
+                raise ValueError("--pag is not combined with --guidance-interval (pag_scale with guidance_interval)")
+
+    def _inside_interval(self, t, interval: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(EDM sigma at times t as a Denoiser sees them, where the guidance interval holds there)."""
+        sigma = edm_sigma(self.schedule)(torch.as_tensor(t))
+        return sigma, in_interval(sigma, interval)
 
     def _cfg_calls(self, interval: tuple[float, float] | None):
         """Network evaluations of one CFG call: 2, or with a guidance interval t -> 2 inside it, 1 outside."""
         if interval is None:
             return 2
-        sigma = edm_sigma(self.schedule)
-        return lambda t: 1 + bool(in_interval(sigma(t), interval).any())
+        return lambda t: 1 + bool(self._inside_interval(t, interval)[1].any())
 
     def _warn_empty_interval(self, interval: tuple[float, float], grid: torch.Tensor | None) -> None:
         """Warn when no step of the run's `grid` lies inside the guidance interval: it would draw unguided."""
         if grid is None or len(grid) == 0:
             return
-        sigma = edm_sigma(self.schedule)(torch.as_tensor(grid))
-        if not bool(in_interval(sigma, interval).any()):
+        sigma, inside = self._inside_interval(grid, interval)
+        if not bool(inside.any()):
             warnings.warn(f"the guidance interval ({interval[0]:g}, {interval[1]:g}] holds none of this run's "
                           f"{len(grid)} steps (sigma / alpha from {float(sigma.max()):.4g} to "
                           f"{float(sigma.min()):.4g}): every step runs the conditional model alone", stacklevel=4)
@@ -549,14 +627,15 @@ class TextToImage:
                control: list | None = None, inpaint: torch.Tensor | None = None, ip_image=None,
                shift: float | None = None, reference: torch.Tensor | None = None,
                control_range: list[tuple[float, float]] | None = None, true_cfg: float | None = None,
-               guidance_interval: tuple[float, float] | None = None,
-               progress: bool = False) -> tuple[torch.Tensor, dict]:
+               guidance_interval: tuple[float, float] | None = None, pag_scale: float = 0.0,
+               pag_layers=PAG_LAYERS, window: tuple[int, int] | None = None,
+               apg: APG | None = None, eta: float | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
         spacing: the time grid (ldm.diffusion.schedules.SPACINGS); None: "karras" (Karras et al. 2022,
-        eq. 5) for the teacher's heun, the pairing of their paper, else "trailing". Heun on a trailing
-        grid that starts at the shapes64 teacher's s = sigma / alpha of 22026 multiplies the change of
-        the denoiser over its first step by ~2000 (1% of prompts right, docs/sampling.md).
+        eq. 5) for the teacher's heun, the pairing of their paper, "lcm" for the lcm and tcd samplers, else
+        "trailing". Heun on a trailing grid that starts at the shapes64 teacher's s = sigma / alpha of 22026
+        multiplies the change of the denoiser over its first step by ~2000 (1% of prompts right, docs/sampling.md).
         seed: one seed for the batch's noise, or one per prompt (a list): then image i is what seed[i]
         draws alone, as far as the starting noise decides it (all of it for ddim, euler, heun and
         dpmpp_2m; the stochastic samplers' later noise comes from seed[0] + 1 for the whole batch).
@@ -589,9 +668,28 @@ class TextToImage:
         guidance_interval: (lo, hi) for the teacher: CFG (or true CFG) only at steps whose EDM noise level
         sigma_t / alpha_t lies in (lo, hi] (Kynkaanniemi et al. 2024), the conditional model alone elsewhere, one
         net call instead of two; 0 and inf leave a side open. nfe counts the calls made.
+        apg: the teacher's CFG (or true CFG) as adaptive projected guidance (ldm.diffusion.guidance.APG: r, eta,
+        beta; Sadat et al. 2024) on x0-hat: the update cond - uncond, with momentum over this run's calls, cut to
+        norm r, its part parallel to the conditional x0-hat weighted eta. Not with guidance_rescale.
+        window: (side, stride) in pixels: MultiDiffusion (Bar-Tal et al. 2023), the latent of `size` (or init's)
+        denoised as overlapping side x side windows `stride` apart whose x0-hat are averaged (`latent_windows`,
+        ldm.diffusion.multidiffusion), so a model draws a panorama as it draws its native size; nfe counts the
+        windows' evaluations and info gains "windows", how many cover the latent.
+        pag_scale: the teacher's perturbed-attention guidance (Ahn et al. 2024; diffusers' pag_scale s, 0: off):
+        the conditional prediction made again with the self-attention maps of `pag_layers` (default "mid"; "down.1",
+        "up.0", ...: unet.layer_names) replaced by the identity, and the guided one moved away from it by s times
+        the difference, beside CFG; 3 net calls a step with CFG, 2 at w = 0. U-Nets only (not SD3, FLUX.1).
+        eta: the sampler's noise in [0, 1], for the samplers that have such a knob (ETA_OPTIONS): DDIM's eta (Song
+        et al. 2021, eq. 16; 1 is DDPM's posterior noise), TCD's gamma (Zheng et al. 2024; 1 is the lcm sampler);
+        None: the sampler's own default (ddim 0, tcd 0.3). Students take it with ddim.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+        if eta is not None and sampler not in ETA_OPTIONS:
+            raise ValueError(f"eta is the sampler noise of {' and '.join(ETA_OPTIONS)} (DDIM's eta, TCD's gamma); "
+                             f"the {sampler} sampler has no such option")
+        if eta is not None and not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         if init is not None and size is not None:
@@ -612,15 +710,16 @@ class TextToImage:
         ip_cond, ip_uncond = self.image_prompt(ip_image, len(prompts)) if ip_image is not None else (None, None)
         self.refuse_with_student(steps, teacher, shift=shift is not None, true_cfg=true_cfg is not None)
         teaching = not self.uses_student(steps, teacher)
-        if spacing is None:   # heun: Karras et al.'s pairing; lcm: the grid LCMs were trained on (ldm/distill/lcm.py)
-            spacing = "karras" if teaching and sampler == "heun" else "lcm" if sampler == "lcm" else "trailing"
+        if spacing is None:   # heun: Karras et al.'s pairing; lcm, tcd: the grid LCMs learn on (ldm/distill/lcm.py)
+            spacing = "karras" if teaching and sampler == "heun" else "lcm" if sampler in ("lcm", "tcd") else "trailing"
         if shift is None:
             shift = self.grid_shift(shape) if teaching else self.student_grid_shift(steps, shape)
         ts = (self.schedule if shift is None else shifted(self.schedule, shift)).timesteps(steps, spacing=spacing)
         run = steps if init is None else round(strength * steps)
         model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks, control,
                                                       inpaint, ip_uncond, shape, reference, control_range,
-                                                      ts[steps - run:-1], true_cfg, guidance_interval)
+                                                      ts[steps - run:-1], true_cfg, guidance_interval,
+                                                      pag_scale=pag_scale, pag_layers=pag_layers, apg=apg)
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
             warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
                           f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
@@ -629,6 +728,11 @@ class TextToImage:
                           stacklevel=3)
         per_call = info["nfe_per_step"]
         info = {"model": info["model"], "steps": run, "nfe": 0, "guidance": w, "sampler": sampler, "spacing": spacing}
+        if window is not None:     # outside CFG: a guidance interval or rescale acts window by window
+            boxes, stride = self.latent_windows(shape, window, control=control, reference=reference)
+            model = windowed(model, boxes, stride)
+            n = info["windows"] = len(window_boxes(shape[-2:], boxes, stride))
+            per_call = (lambda t, f=per_call: n * f(t)) if callable(per_call) else n * per_call
         if run == 0:                                        # strength 0: nothing to do
             return init, info
         ts = ts[steps - run:]                               # the remaining part of the grid
@@ -645,8 +749,9 @@ class TextToImage:
             cond["ip_tokens"] = ip_cond
         if getattr(self.unet.cfg, "added_cond", None) == "text_time":
             cond["time_ids"] = self.size_ids(shape)
+        noise = {} if eta is None else {ETA_OPTIONS[sampler]: float(eta)}
         z = SAMPLERS[sampler](counted(model, info, per_call), x, ts, self.schedule, extra_args=extra_args(cond),
-                              disable=not progress, generator=step_gen)
+                              disable=not progress, generator=step_gen, **noise)
         if mask is not None:
             z = mask * z + (1 - mask) * init
         return z, info

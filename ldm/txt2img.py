@@ -3,6 +3,7 @@
     python -m ldm.txt2img "a red circle left of a blue square" --steps 4 --guidance 2 --out circle.png
     python -m ldm.txt2img "a green triangle" --n 8 --out grid.png          # a grid of 8 samples
     python -m ldm.txt2img --from-file prompts.txt --outdir out/              # out/0000.png, out/0001.png, ...
+    python -m ldm.txt2img "a red circle" --size 256x64 --window 64:16 --out pano.png   # a MultiDiffusion panorama
 
 `--steps N` uses the student distilled to N steps (one network evaluation per step) when the model
 folder has one, else the teacher with DDIM and classifier-free guidance (two per step); `--teacher`
@@ -20,7 +21,8 @@ import time
 
 from PIL import Image
 
-from ldm.cli import add_model_args, control_options, finish, load_pipeline, parse_size, sampling_options, settings
+from ldm.cli import (add_model_args, control_options, finish, load_pipeline, parse_size, resolve_window,
+                     sampling_options, settings)
 
 
 def read_prompts(path: str) -> list[tuple[int, str]]:
@@ -70,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 REPLAYED = ("prompt", "negative", "steps", "guidance", "seed", "n", "sampler", "spacing", "teacher",
             "guidance_rescale", "prompt_weights", "model", "lora", "embedding", "size", "hires", "controlnet",
             "control_image", "control_scale", "control_mode", "control_range", "clip_skip", "freeu", "ip_adapter",
-            "image_encoder", "ip_image", "ip_scale", "shift", "dtype", "true_cfg", "guidance_interval")
+            "image_encoder", "ip_image", "ip_scale", "shift", "dtype", "true_cfg", "guidance_interval", "window",
+            "apg", "eta")
 
 
 def replay_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
@@ -111,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     control = control_options(parser, args, pipe, args.size)
     if args.hires and "reference" in control:
         parser.error("--hires: FLUX.1 Depth / Canny's control image is fixed at --size; draw at the size you want")
+    resolve_window(parser, args, pipe, [(width, height)] + ([(round(width * args.hires[0]),
+                                                              round(height * args.hires[0]))] if args.hires else []),
+                   control)
     for path, prompt in jobs:
         start = time.perf_counter()
         seeds = [args.seed + i for i in range(args.n)]   # image i of a grid is `--seed SEED+i` alone
