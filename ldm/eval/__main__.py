@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "sampler (sec. 4.3); the teacher always uses DDIM (default: ddim)")
     rp.add_argument("--teacher-sampler", default="ddim", metavar="NAME",
                     help="the teacher's sampler, any of ldm.txt2img's --sampler (default: ddim)")
+    rp.add_argument("--teacher-eta", type=float, default=None, metavar="E",
+                    help="the teacher's sampler noise in [0, 1], as ldm.txt2img's --eta: DDIM's eta, TCD's gamma "
+                         "(default: the sampler's own, ddim 0 and tcd 0.3)")
     rp.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                     help="merge a LoRA into the teacher (repeatable), e.g. stages/distill_lcm.py's LCM-LoRA with "
                          "--teacher-sampler lcm --teacher-steps 1,2,4,8 --guidance 0 --ws 0; the students are "
@@ -85,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--guidance-interval", default=None, metavar="LO:HI",
                     help="the teacher's CFG only where LO < sigma_t / alpha_t <= HI (as ldm.txt2img's; "
                          "docs/sampling.md); the students are not run then")
+    rp.add_argument("--apg", default=None, metavar="R[:ETA[:BETA]]",
+                    help="the teacher's CFG as adaptive projected guidance (Sadat et al. 2024, arXiv 2410.02416; as "
+                         "ldm.txt2img's --apg: ETA, BETA default 0, -0.5); the students are not run then")
+    rp.add_argument("--pag", type=float, default=None, metavar="S",
+                    help="the teacher's perturbed-attention guidance at scale S beside CFG (Ahn et al. 2024, "
+                         "arXiv 2403.17377; as ldm.txt2img's --pag: 3 net calls a step, 2 at w = 0); the students "
+                         "are not run then")
+    rp.add_argument("--pag-layers", default="mid", metavar="LIST",
+                    help="with --pag: the self-attention layers perturbed, comma-separated (default: mid)")
     rp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     # the choices of ldm.pipeline.DECODER_PRECISIONS, which is not imported here: it would load the
     # model code (~1.6 s) for every --help
@@ -231,10 +243,15 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{flag} must be >= 1, got {values}")
     if args.n < 2 or args.batch < 1:
         parser.error(f"need --n >= 2 and --batch >= 1, got --n {args.n} and --batch {args.batch}")
-    from ldm.diffusion.samplers import SAMPLERS
+    from ldm.diffusion.samplers import ETA_OPTIONS, SAMPLERS
     from ldm.models.lora import parse_lora_arg
     if args.teacher_sampler not in SAMPLERS:
         parser.error(f"--teacher-sampler {args.teacher_sampler!r}: pick one of {', '.join(sorted(SAMPLERS))}")
+    if args.teacher_eta is not None and args.teacher_sampler not in ETA_OPTIONS:
+        parser.error(f"--teacher-eta is the noise of --teacher-sampler {' and '.join(ETA_OPTIONS)}; "
+                     f"{args.teacher_sampler} has no such option")
+    if args.teacher_eta is not None and not 0.0 <= args.teacher_eta <= 1.0:
+        parser.error(f"--teacher-eta must be in [0, 1], got {args.teacher_eta}")
     loras = [parse_lora_arg(arg) for arg in args.lora]
     interval = None
     if args.guidance_interval is not None:
@@ -243,6 +260,30 @@ def main(argv: list[str] | None = None) -> None:
             interval = parse_guidance_interval(args.guidance_interval)
         except argparse.ArgumentTypeError as err:
             parser.error(f"--guidance-interval: {err}")
+    pag = None
+    if args.pag is not None:
+        from ldm.cli import parse_pag_layers
+        from ldm.models.nets import load_net
+        from ldm.models.unet import UNet, self_attention_layers
+        from ldm.pipeline import load_index
+        try:
+            pag = (args.pag, parse_pag_layers(args.pag_layers))
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"--pag-layers: {err}")
+        net = load_net(os.path.join(args.model, load_index(args.model).unet))   # names checked before sampling
+        if not isinstance(net, UNet):
+            parser.error(f"--pag works on U-Nets; this model's network is {type(net).__name__}")
+        try:
+            self_attention_layers(net, pag[1])
+        except ValueError as err:
+            parser.error(f"--pag-layers: {err}")
+    apg = None
+    if args.apg is not None:
+        from ldm.cli import parse_apg
+        try:
+            apg = parse_apg(args.apg)
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"--apg: {err}")
     for (path, _), arg in zip(loras, args.lora):
         if not os.path.isfile(path):
             parser.error(f"--lora {arg!r}: no file {path!r}")
@@ -251,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
                          student_steps=args.student_steps, guidance=args.guidance, ws=args.ws,
                          batch=args.batch, device=args.device, student_sampler=args.student_sampler,
                          decoder_precision=args.decoder_precision, student_sweep=args.student_sweep,
-                         teacher_sampler=args.teacher_sampler, loras=loras, guidance_interval=interval)
+                         teacher_sampler=args.teacher_sampler, loras=loras, guidance_interval=interval,
+                         pag=pag, apg=apg, teacher_eta=args.teacher_eta)
     student_sweep = report["student_sweep"]["rows"] if report["student_sweep"] else []
     for row in report["rows"] + report["sweep"]["rows"] + student_sweep:
         print(f"{row['model']:>10} {row['steps']:>3} steps  w={row['guidance']:<4g} NFE {row['nfe']:>4}  "

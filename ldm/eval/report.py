@@ -77,10 +77,17 @@ def _sync(device: torch.device) -> None:
 
 def sample_run(pipe, run: Run, prompts: list[str], seed: int, batch: int, bar,
                student_sampler: str = "ddim", teacher_sampler: str = "ddim",
-               guidance_interval=None) -> tuple[torch.Tensor, dict]:
+               guidance_interval=None, pag=None, apg=None, teacher_eta=None) -> tuple[torch.Tensor, dict]:
     """uint8 images (N, 3, R, R) of one run and its {nfe, seconds_per_image}; wall time covers
-    text encoding, sampling and decoding, not the oracle. guidance_interval: the teacher's (`cfg`'s interval)."""
+    text encoding, sampling and decoding, not the oracle. guidance_interval: the teacher's (`cfg`'s interval);
+    pag: (scale, layers), the teacher's perturbed-attention guidance (`TextToImage.sample`'s pag_scale, pag_layers)."""
     limit = {"guidance_interval": guidance_interval} if run.teacher and guidance_interval is not None else {}
+    if run.teacher and pag is not None:
+        limit.update(pag_scale=pag[0], pag_layers=list(pag[1]))
+    if run.teacher and apg is not None:               # an APG: its momentum starts afresh in each batch's run
+        limit["apg"] = apg
+    if run.teacher and teacher_eta is not None:       # the teacher's sampler noise (`TextToImage.sample`'s eta)
+        limit["eta"] = teacher_eta
     images, seconds, nfe = [], 0.0, None
     for b, start in enumerate(range(0, len(prompts), batch)):
         _sync(pipe.device)
@@ -239,9 +246,14 @@ def markdown(report: dict) -> str:
              f"Model folder `{report['model']}`; {report['n']} held-out prompts (seed {report['seed']}, "
              f"alternating one- and two-object); guidance w = {report['guidance']:g} "
              f"(Imagen convention, (1 + w) cond - w uncond); {report.get('sampler', 'ddim')} for the teacher"
+             + (f" at eta {report['teacher_eta']:g}" if report.get("teacher_eta") is not None else "")
              + "".join(f" with the LoRA `{path}` at scale {scale:g}" for path, scale in report.get("loras", []))
              + (" and CFG only where {:g} < sigma / alpha <= {:g}".format(*report["guidance_interval"])
-                if report.get("guidance_interval") else "") +
+                if report.get("guidance_interval") else "")
+             + (" with perturbed-attention guidance s = {:g} on {}".format(report["pag"]["scale"],
+                                                                           ", ".join(report["pag"]["layers"]))
+                if report.get("pag") else "")
+             + (" as adaptive projected guidance, R:ETA:BETA {}".format(report["apg"]) if report.get("apg") else "") +
              ", "
              f"{report['student_sampler']} for the students; "
              f"device: {report['device']}, torch {report['torch']}; "
@@ -277,16 +289,21 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
                 teacher_steps=(8, 16, 32, 64), student_steps=(1, 2, 4, 8), guidance: float | None = None,
                 ws=(0, 1, 2, 3, 5, 8), batch: int = 50, device: str | None = None, oracle=None,
                 student_sampler: str = "ddim", decoder_precision: str = "auto", student_sweep: int = 4,
-                teacher_sampler: str = "ddim", loras=(), guidance_interval=None) -> dict:
+                teacher_sampler: str = "ddim", loras=(), guidance_interval=None, pag=None, apg=None,
+                teacher_eta: float | None = None) -> dict:
     """Evaluate the model folder, write the report files into out_dir and return report.json's dict.
 
     loras: (path, scale) pairs merged into the teacher, e.g. an LCM-LoRA from stages/distill_lcm.py sampled with
     teacher_sampler="lcm" at a few teacher_steps. The students are not run then: the merge would reach them too,
     and they were distilled from the teacher without it. guidance_interval: (lo, hi), the teacher's CFG only where
-    lo < sigma_t / alpha_t <= hi (Kynkaanniemi et al. 2024, docs/sampling.md); teacher only, so no students then."""
+    lo < sigma_t / alpha_t <= hi (Kynkaanniemi et al. 2024, docs/sampling.md); teacher only, so no students then.
+    pag: (scale, layer names), the teacher's perturbed-attention guidance (Ahn et al. 2024); no students then.
+    apg: an APG (ldm.diffusion.guidance), the teacher's CFG as adaptive projected guidance (Sadat et al. 2024);
+    no students then. teacher_eta: the teacher's sampler noise, DDIM's eta or TCD's gamma (None: the sampler's)."""
     from tqdm import tqdm
 
     from ldm.eval.oracle import Oracle
+    from ldm.cli import format_apg
     from ldm.pipeline import TextToImage
     from ldm.training.images import save_image_grid
 
@@ -297,7 +314,11 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
     pipe = TextToImage.from_folder(str(model), device=device, decoder_precision=decoder_precision)
     for path, scale in loras:
         pipe.add_lora(str(path), scale)
-    if loras or guidance_interval is not None:
+    if pag is not None:
+        from ldm.models.unet import self_attention_layers
+        pipe.unet_only("perturbed-attention guidance")
+        self_attention_layers(pipe.unet, pag[1])             # unknown layer names: an error before any sampling
+    if loras or guidance_interval is not None or pag is not None or apg is not None:
         student_steps, student_sweep = (), 0
     oracle = oracle or Oracle.load()
     w = pipe.index.guidance if guidance is None else float(guidance)
@@ -319,7 +340,7 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
             warm_up(pipe, run, prompts[:batch])
             warm.add(run.model)
         images, timing = sample_run(pipe, run, prompts, seed, batch, bar, student_sampler, teacher_sampler,
-                                    guidance_interval)
+                                    guidance_interval, pag, apg, teacher_eta)
         grid = f"samples/{run.name}.png"
         save_image_grid(images[:GRID].float() / 127.5 - 1, out_dir / grid, nrow=4)
         results[run] = {"model": run.model, "steps": run.steps, "guidance": run.guidance, **timing,
@@ -331,8 +352,11 @@ def make_report(model: str | Path, out_dir: str | Path, *, n: int = 500, seed: i
     reference = results[Run("teacher", sweep_steps, w)]
     report = {"name": Path(model).resolve().name, "model": str(model), "device": device_name(pipe.device),
               "torch": torch.__version__, "n": n, "seed": seed, "guidance": w, "sampler": teacher_sampler,
+              "teacher_eta": teacher_eta,
               "loras": [[str(path), scale] for path, scale in loras],
               "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval],
+              "apg": None if apg is None else format_apg(apg),
+              "pag": None if pag is None else {"scale": float(pag[0]), "layers": list(pag[1])},
               "student_sampler": student_sampler, "decoder_precision": pipe.decoder_precision,
               "rows": rows, "goals": goals(rows, reference),
               "missing_students": [s for s in sorted(student_steps) if s not in pipe.student_steps],
