@@ -708,7 +708,8 @@ class TextToImage:
         if self.inpainting_unet and inpaint is None:
             inpaint = self._paint_everything(shape)
         ip_cond, ip_uncond = self.image_prompt(ip_image, len(prompts)) if ip_image is not None else (None, None)
-        self.refuse_with_student(steps, teacher, shift=shift is not None, true_cfg=true_cfg is not None)
+        self.refuse_with_student(steps, teacher, shift=shift is not None, true_cfg=true_cfg is not None,
+                                 apg=apg is not None)
         teaching = not self.uses_student(steps, teacher)
         if spacing is None:   # heun: Karras et al.'s pairing; lcm, tcd: the grid LCMs learn on (ldm/distill/lcm.py)
             spacing = "karras" if teaching and sampler == "heun" else "lcm" if sampler in ("lcm", "tcd") else "trailing"

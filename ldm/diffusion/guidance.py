@@ -10,10 +10,16 @@ it depends on the space it runs in (the net's own, as diffusers' `guidance_resca
 
 A guidance interval (Kynkaanniemi et al. 2024) limits CFG to noise levels lo < sigma <= hi, on EDM's axis
 sigma = sigma_t / alpha_t (`edm_sigma`), which every schedule maps to; elsewhere the conditional model runs alone.
+
+Adaptive projected guidance (APG, Sadat et al. 2024, `APG`) changes how the two predictions combine: the update
+D_cond - D_uncond, averaged across calls with (reverse) momentum and cut to a norm of at most r, adds its part
+orthogonal to D_cond at full weight w and its parallel part (which they found to cause over-saturation) at eta * w.
+It is not linear, so unlike plain CFG it depends on the space: theirs is the denoised (x0-hat) prediction D.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -84,8 +90,56 @@ def in_interval(sigma: torch.Tensor, interval: tuple[float, float]) -> torch.Ten
     return (sigma > lo) & (sigma <= hi)
 
 
+@dataclass(frozen=True)
+class APG:
+    """Adaptive projected guidance's settings (Sadat et al. 2024, Algorithm 1); r = inf, eta = 1, beta = 0 is CFG."""
+
+    r: float                  # ||dD|| per sample cut to at most r: on the scale of D's norm, so of the model and
+                              # the image size (they used 2.5 for EDM2's 64x64x4 latents, 15 for SD-XL's 128x128x4)
+    eta: float = 0.0          # weight of dD's part parallel to D_cond: 0 drops it, as they recommend
+    beta: float = -0.5        # momentum across calls: < 0 pushes away from the previous updates (their "reverse
+                              # momentum"; -0.5 in their SD-XL settings), 0 off
+
+    def __post_init__(self):
+        if not self.r > 0 or not math.isfinite(self.eta) or not -1 < self.beta < 1:   # also refuses NaN
+            raise ValueError(f"APG needs r > 0 (inf: no cut), a finite eta and -1 < beta < 1; got r={self.r:g}, "
+                             f"eta={self.eta:g}, beta={self.beta:g}")
+
+    @property
+    def is_cfg(self) -> bool:
+        return self.r == math.inf and self.eta == 1 and self.beta == 0
+
+
+def project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v_par, v_perp): v_par = <v, u> u with u = onto / ||onto||, v_perp = v - v_par, per sample over all non-batch
+    dims (Sadat et al. 2024, sec. 3), in float64 (in low precision <v, u> is a sum of many terms that cancel)."""
+    dims = list(range(1, v.ndim))
+    v64, u = v.double(), onto.double()
+    u = u / append_dims(u.flatten(1).norm(dim=1).clamp_min(1e-30), v.ndim)       # unit vectors; 0 stays 0
+    par = (v64 * u).sum(dim=dims, keepdim=True) * u
+    return par.to(v.dtype), (v64 - par).to(v.dtype)
+
+
+def apg_guided(cond: torch.Tensor, uncond: torch.Tensor, w, apg: APG, average: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(guided, new average): APG's combination of one call's predictions (Sadat et al. 2024, Algorithm 1).
+
+    average: the momentum's running update from this run's previous calls (None at the first); pass the returned
+    one to the next call. w: float or per-sample (B,) tensor, our convention (their scale w' = 1 + w)."""
+    diff = cond - uncond                                                # dD = D_cond - D_uncond
+    if apg.beta and average is not None:                                # dD_k <- dD_k + beta dD_(k-1), running
+        diff = diff + apg.beta * average
+    average = diff
+    if apg.r != math.inf:                                               # dD <- dD min(1, r / ||dD||)
+        norm = diff.flatten(1).norm(dim=1)
+        diff = diff * append_dims(torch.clamp(apg.r / norm, max=1.0).to(diff.dtype), diff.ndim)
+    par, perp = project(diff, cond)                                     # dD = dD_par + dD_perp, along D_cond
+    wt = append_dims(torch.as_tensor(w, dtype=cond.dtype, device=cond.device), cond.ndim)
+    return cond + wt * (perp + apg.eta * par), average                  # D_cond + w (dD_perp + eta dD_par)
+
+
 def cfg(model, w, uncond: dict, rescale: float = 0.0, interval: tuple[float, float] | None = None,
-        noise_level=None):
+        noise_level=None, apg: APG | None = None):
     """Model function (x, t, **extra_args) -> (1 + w) * model(cond) - w * model(uncond).
 
     `extra_args` carry the conditioning, e.g. context (B, L, D) and context_mask (B, L);
@@ -99,6 +153,10 @@ def cfg(model, w, uncond: dict, rescale: float = 0.0, interval: tuple[float, flo
     model(cond) from one pass of B. A batch whose per-sample t straddles a bound runs the 2B pass for all
     and takes model(cond) where outside.
 
+    apg: combine the halves by adaptive projected guidance instead (`apg_guided`; Sadat et al. 2024), in the space
+    `model` returns: theirs is x0-hat, so wrap a `Denoiser`. Its momentum runs over this wrapper's guided calls, so
+    build one wrapper per sampling run; a sample outside the interval keeps its average. Exclusive with rescale.
+
     Caution: the interval is decided per call, from the t it is given. The paper keeps w constant within each
     sampler step; for samplers with one evaluation per step (ddim, euler, dpmpp_*, unipc) that is the same,
     but a step of Heun whose two evaluations lie on either side of a bound mixes a guided and an unguided slope.
@@ -111,6 +169,12 @@ def cfg(model, w, uncond: dict, rescale: float = 0.0, interval: tuple[float, flo
             raise ValueError("a guidance interval needs noise_level: t -> EDM sigma (e.g. edm_sigma(schedule))")
         if interval == (0.0, math.inf):
             interval = None                             # everywhere: plain CFG
+    if apg is not None and rescale:
+        raise ValueError("APG and guidance rescale both counter over-saturation (APG by cutting the update's norm to "
+                         "r): use one")
+    apg = None if apg is None or apg.is_cfg else apg    # r = inf, eta = 1, beta = 0: plain CFG, bit for bit
+    momentum = {"average": None}                        # APG's running update, this wrapper's run only
+
     def guided(x, t, **extra_args):
         if not torch.is_tensor(w) and w == 0:
             return model(x, t, **extra_args)            # w = 0 is the conditional model: one pass
@@ -124,10 +188,58 @@ def cfg(model, w, uncond: dict, rescale: float = 0.0, interval: tuple[float, flo
         t2 = t if t.ndim == 0 else torch.cat([t, t])
         out = model(torch.cat([x, x]), t2, **_batched_args(extra_args, uncond, batch))
         pred_cond, pred_uncond = out[:batch], out[batch:]
-        wt = append_dims(torch.as_tensor(w, dtype=out.dtype, device=out.device), out.ndim)
-        guided = (1 + wt) * pred_cond - wt * pred_uncond
-        guided = rescale_guided(guided, pred_cond, rescale) if rescale else guided
+        if apg is not None:
+            guided, average = apg_guided(pred_cond, pred_uncond, w, apg, momentum["average"])
+            if inside is not None:                      # samples outside the interval keep their average
+                before = momentum["average"]
+                average = torch.where(append_dims(inside, out.ndim), average,
+                                      torch.zeros_like(average) if before is None else before)
+            momentum["average"] = average
+        else:
+            wt = append_dims(torch.as_tensor(w, dtype=out.dtype, device=out.device), out.ndim)
+            guided = (1 + wt) * pred_cond - wt * pred_uncond
+            guided = rescale_guided(guided, pred_cond, rescale) if rescale else guided
         if inside is not None and not bool(inside.all()):
             guided = torch.where(append_dims(inside, out.ndim), guided, pred_cond)
+        return guided
+    return guided
+
+
+def pag(model, w, scale, uncond: dict, perturb, rescale: float = 0.0):
+    """Model function with perturbed-attention guidance (Ahn et al. 2024) beside CFG:
+
+        (1 + w) D(cond) - w D(uncond) + s (D(cond) - D_perturbed(cond)),
+
+    D_perturbed the same network with chosen self-attention maps replaced by the identity (layers.Attention.perturbed).
+    The paper's guided prediction is D + s (D - D_perturbed) (sec. 4); with CFG the two terms add, as their SD
+    experiments and diffusers' StableDiffusionPAGPipeline do (its guidance_scale is our 1 + w, pag_scale our s).
+    The weights sum to 1, so guiding x0-hat equals guiding eps-hat or v-hat at the same x_t (as for `cfg`).
+    One model call: [cond; uncond; cond] (3B samples) when w != 0, [cond; cond] (2B) at w = 0, the last B perturbed.
+    perturb: a (3B or 2B,) bool mask -> a context manager under which the model's chosen layers perturb those
+    samples (ldm.models.unet.perturbed_self_attention bound to its layers). w, scale: floats or per-sample (B,).
+    rescale: `cfg`'s phi on the guided prediction against D(cond), with CFG only (w != 0), as diffusers does.
+    """
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"guidance rescale phi must be in [0, 1], got {rescale}")
+    with_uncond = torch.is_tensor(w) or w != 0
+
+    def guided(x, t, **extra_args):
+        batch, parts = x.shape[0], 3 if with_uncond else 2
+        t = torch.as_tensor(t, device=x.device)
+        args = _batched_args(extra_args, uncond if with_uncond else {}, batch)   # [cond; uncond] or [cond; cond]
+        if with_uncond:                                 # [cond; uncond; cond]: per-sample keys once more
+            for key, value in extra_args.items():
+                if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+                    args[key] = torch.cat([args[key], value])
+        perturbed = torch.arange(parts * batch, device=x.device) >= (parts - 1) * batch
+        with perturb(perturbed):
+            out = model(torch.cat([x] * parts), t if t.ndim == 0 else torch.cat([t] * parts), **args)
+        pred_cond, pred_perturbed = out[:batch], out[-batch:]
+        s = append_dims(torch.as_tensor(scale, dtype=out.dtype, device=out.device), out.ndim)
+        guided = pred_cond + s * (pred_cond - pred_perturbed)
+        if with_uncond:
+            wt = append_dims(torch.as_tensor(w, dtype=out.dtype, device=out.device), out.ndim)
+            guided = guided + wt * (pred_cond - out[batch:2 * batch])
+            guided = rescale_guided(guided, pred_cond, rescale) if rescale else guided
         return guided
     return guided

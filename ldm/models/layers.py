@@ -119,6 +119,9 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_out = nn.Linear(inner, query_dim)
+        # Perturbed-attention guidance (ldm.models.unet.perturbed_self_attention sets it for one call):
+        # (B,) bool, the samples whose self-attention map is replaced by the identity; None: none.
+        self.identity: torch.Tensor | None = None
 
     def _split(self, x):
         B, N, _ = x.shape
@@ -134,7 +137,26 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, H, N, d) -> (B, N, C)
 
     def forward(self, x, context=None, mask=None):
+        if self.identity is not None:
+            return self.perturbed(x, context, mask)
         return self.merge(self.attend(x, context, mask)[1])
+
+    def perturbed(self, x, context=None, mask=None):
+        """Self-attention with its map softmax(Q K^T / sqrt(d)) replaced by the identity for the samples in
+        `identity` (Ahn et al. 2024, sec. 4, "perturbed self-attention": I V = V): each token attends only to
+        itself, so every head returns its own V and the layer gives to_out(to_v(x)), computed without any
+        attention kernel, so alike on every backend. The other samples attend as usual."""
+        if context is not None:
+            raise ValueError("perturbed-attention guidance replaces self-attention maps; this is a cross-attention")
+        chosen = self.identity.to(x.device)
+        if chosen.shape != (x.shape[0],):
+            raise ValueError(f"perturbed samples {tuple(chosen.shape)} for a batch of {x.shape[0]}")
+        identity = self.to_out(self.to_v(x[chosen]))                      # (b, N, C)
+        out = identity.new_empty(x.shape[0], x.shape[1], identity.shape[-1])
+        out[chosen] = identity
+        if not bool(chosen.all()):
+            out[~chosen] = self.merge(self.attend(x[~chosen], None, None if mask is None else mask[~chosen])[1])
+        return out
 
 
 class GEGLU(nn.Module):

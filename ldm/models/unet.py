@@ -12,6 +12,7 @@ t in [0, 1] should pass 1000 * t.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -307,6 +308,63 @@ def refuse_refiner(index, what: str) -> None:
     if index.aesthetic is not None:
         raise ValueError(f"{what} does not take SDXL's refiner (aesthetic-score numbers): use it to sample "
                          "(img2img) or start from the base model")
+
+
+# ---- perturbed-attention guidance: self-attention layers by name -----------------------------
+
+PAG_LAYERS = ("mid",)   # the default, as diffusers' pag_applied_layers
+
+
+def transformers_by_name(unet: UNet) -> dict[str, SpatialTransformer]:
+    """Every spatial transformer by name, in the order they run: "down.L.I", "mid.0", "up.L.I", I its place in its
+    level. Levels are counted as diffusers counts down_blocks and up_blocks: the encoder's from the full resolution,
+    the decoder's in the order the decoder runs, deepest first (so SD 1.x's "up.1" is up_blocks.1)."""
+    names = {}
+    for lvl, level in enumerate(unet.down):
+        names.update({f"down.{lvl}.{i}": t for i, t in enumerate(level.attn)})
+    if unet.mid.attn is not None:
+        names["mid.0"] = unet.mid.attn
+    for lvl, level in enumerate(reversed(unet.up)):
+        names.update({f"up.{lvl}.{i}": t for i, t in enumerate(level.attn)})
+    return names
+
+
+def layer_names(unet: UNet) -> list[str]:
+    """The names `self_attention_layers` takes: each transformer's and each prefix of one ("down", "down.1", ...)."""
+    parts = (name.split(".") for name in transformers_by_name(unet))
+    return list(dict.fromkeys(".".join(p[:k]) for p in parts for k in range(1, len(p) + 1)))
+
+
+def self_attention_layers(unet: UNet, names) -> list[nn.Module]:
+    """The self-attentions (every transformer block's attn1; cross-attention is never picked) of the transformers
+    that `names` pick: a transformer's name or a prefix of it (`layer_names`): "mid", "down.1", "up.0.2", ...
+    diffusers' spellings of the same read alike: "mid_block", "down_blocks.1", "up_blocks.0.attentions.2".
+    ValueError for a name that picks none, listing those that do."""
+    found, valid = transformers_by_name(unet), layer_names(unet)
+    picked = {}
+    for name in names:
+        key = name.strip().replace("down_blocks", "down").replace("up_blocks", "up").replace("mid_block", "mid")
+        key = key.replace(".attentions.", ".")
+        if key not in valid:
+            raise ValueError(f"no self-attention layer {name!r} in this U-Net; its layers: {', '.join(valid)} "
+                             "(down.L / up.L count levels as diffusers' down_blocks / up_blocks)")
+        picked.update((full, t) for full, t in found.items() if full == key or full.startswith(key + "."))
+    return [block.attn1 for t in picked.values() for block in t.blocks]
+
+
+@contextmanager
+def perturbed_self_attention(layers: list[nn.Module], samples: torch.Tensor):
+    """Within it, `layers` (from `self_attention_layers`) take the identity as their attention map for the samples
+    where `samples` (B,) bool is True (layers.Attention.perturbed), so one U-Net call over a batch gives plain and
+    perturbed predictions side by side (perturbed-attention guidance, Ahn et al. 2024). For sampling: a
+    gradient-checkpointed backward recomputes after the switch is off."""
+    for attn in layers:
+        attn.identity = samples
+    try:
+        yield
+    finally:
+        for attn in layers:
+            attn.identity = None
 
 
 def count_params(model: nn.Module) -> int:
