@@ -94,16 +94,20 @@ def test_png_replay_carries_true_cfg(dev, tmp_path, one_thread):
 
 
 def test_refusals(dev, tmp_path, capsys, one_thread):
-    """A -dev negative prompt without true CFG, true CFG on a model with real CFG, on a student, below 1: usage errors
-    that say what to give instead (Python: ValueErrors)."""
+    """A -dev negative prompt without true CFG, a -dev guidance rescale (with true CFG too), true CFG on a model with
+    real CFG, on a student, below 1: usage errors that say what to give instead; Python's ValueErrors say the same
+    (`TextToImage.check_guidance`, naming the CLI's flags)."""
     _, model = dev
     pipe = TextToImage.from_folder(str(model))
-    with pytest.raises(ValueError, match="no negative prompt without true CFG"):
+    with pytest.raises(ValueError, match="--negative: .* so it takes no negative prompt: add --true-cfg S"):
         pipe.generate(PROMPTS, steps=1, negative=NEGATIVE)
-    with pytest.raises(ValueError, match="must be >= 1"):
+    for true_cfg in (None, 4.0):                        # once ignored silently by the pipeline
+        with pytest.raises(ValueError, match="--guidance-rescale: this model's guidance is distilled into the net"):
+            pipe.generate(PROMPTS, steps=1, guidance_rescale=0.7, true_cfg=true_cfg)
+    with pytest.raises(ValueError, match="--true-cfg must be >= 1 .*, got 0.5"):
         pipe.generate(PROMPTS, steps=1, true_cfg=0.5)
     save_random_model(str(tmp_path / "unet-model"))
-    with pytest.raises(ValueError, match="runs real CFG: guidance w = s - 1"):
+    with pytest.raises(ValueError, match=r"real CFG: give --guidance W = S - 1 \(--guidance 3 for --true-cfg 4\)"):
         TextToImage.from_folder(str(tmp_path / "unet-model")).generate(PROMPTS, steps=1, true_cfg=4.0)
     students = tmp_path / "with-student"                  # a -dev folder that names a 2-step student
     shutil.copytree(model, students)
@@ -113,7 +117,8 @@ def test_refusals(dev, tmp_path, capsys, one_thread):
         TextToImage.from_folder(str(students)).generate(PROMPTS, steps=2, true_cfg=4.0)
     from ldm import txt2img
     for folder, flags, message in (
-            (model, ["--negative", "blurry"], "add --true-cfg S"),
+            (model, ["--negative", "blurry"], "takes no negative prompt: add --true-cfg S"),
+            (model, ["--true-cfg", "4", "--guidance-rescale", "0.7"], "--guidance-rescale: this model's guidance is"),
             (tmp_path / "unet-model", ["--true-cfg", "4"], "real CFG: give --guidance W = S - 1 (--guidance 3 for"),
             (model, ["--true-cfg", "0.5"], "--true-cfg must be >= 1"),
             (students, ["--true-cfg", "4"], "--true-cfg needs the teacher")):
