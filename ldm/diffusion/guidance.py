@@ -15,6 +15,9 @@ Adaptive projected guidance (APG, Sadat et al. 2024, `APG`) changes how the two 
 D_cond - D_uncond, averaged across calls with (reverse) momentum and cut to a norm of at most r, adds its part
 orthogonal to D_cond at full weight w and its parallel part (which they found to cause over-saturation) at eta * w.
 It is not linear, so unlike plain CFG it depends on the space: theirs is the denoised (x0-hat) prediction D.
+
+Perturbed-attention guidance (PAG, Ahn et al. 2024, `pag`) adds s (D_cond - D_perturbed) to CFG's prediction, where
+D_perturbed is the same network with chosen self-attention maps replaced by the identity; linear, like CFG.
 """
 from __future__ import annotations
 

@@ -159,3 +159,13 @@ def test_report_pag_reaches_the_teacher_only(tmp_path, one_thread):
     with pytest.raises(SystemExit) as exit_:
         main(["report", "--model", str(tmp_path / "tiny"), "--n", "2", "--pag", "1", "--pag-layers", "up.7"])
     assert exit_.value.code == 2
+
+
+def test_txt2img_replays_pag(model, tmp_path):
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    txt2img.main(["a red circle", "--model", model, "--steps", "3", "--teacher", "--pag", "2", "--pag-layers",
+                  "up.0,mid", "--out", str(first)])
+    txt2img.main(["--replay", str(first), "--out", str(again)])
+    with Image.open(first) as a, Image.open(again) as b:
+        assert json.loads(b.text["ldm"])["pag_layers"] == "up.0,mid" and json.loads(b.text["ldm"])["pag"] == 2
+        assert list(a.getdata()) == list(b.getdata())
