@@ -169,3 +169,22 @@ def test_txt2img_replays_pag(model, tmp_path):
     with Image.open(first) as a, Image.open(again) as b:
         assert json.loads(b.text["ldm"])["pag_layers"] == "up.0,mid" and json.loads(b.text["ldm"])["pag"] == 2
         assert list(a.getdata()) == list(b.getdata())
+
+
+def test_img2img_and_inpaint_take_pag(model, tmp_path, capsys):
+    import numpy as np
+    from ldm import img2img, inpaint
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 10:24] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    img2img.main(["a blue square", "--image", str(tmp_path / "in.png"), "--strength", "0.5", "--steps", "4",
+                  "--teacher", "--pag", "2", "--model", model, "--out", str(tmp_path / "i.png")])
+    assert "2 steps" in (printed := capsys.readouterr().out) and "NFE 6," in printed    # 2 of 4 steps, 3 calls each
+    inpaint.main(["a red circle", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                  "--steps", "2", "--teacher", "--pag", "2", "--guidance", "0", "--model", model,
+                  "--out", str(tmp_path / "p.png")])
+    assert "NFE 4," in capsys.readouterr().out                                   # PAG alone: 2 calls a step
+    with Image.open(tmp_path / "i.png") as im:
+        assert json.loads(im.text["ldm"])["pag"] == 2
