@@ -283,11 +283,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "pixels within 0.02 of fp32), else fp32")
     sampling.add_argument("--window", type=parse_window, default=None, metavar="SIDE[:STRIDE]",
                           help="MultiDiffusion (Bar-Tal et al. 2023) for images larger than the model's: denoise "
-                               "SIDE x SIDE windows STRIDE px apart (default SIDE/4; the last one flush with the "
+                               "SIDE x SIDE windows STRIDE px apart (default SIDE/2; the last one flush with the "
                                "edge) and average their predictions where they overlap, e.g. --size 256x64 --window "
                                "64:16 for a panorama from a 64-px model. SIDE: pixels, or 'native' (the model's "
                                "resolution). Any sampler, teacher or student; not with ControlNets, inpainting "
-                               "U-Nets, SDXL, SD3 or FLUX.1 (default: off, the network sees the whole image)")
+                               "U-Nets, SDXL, SD3 or FLUX.1. Large images: add --vae-tiling to decode them in "
+                               "bounded memory (default: off, the network sees the whole image)")
     model.add_argument("--vae-tiling", default="off", type=parse_vae_tiling, metavar="off|auto|PIXELS",
                        help="run the autoencoder in tiles of PIXELS (e.g. 512) so that large images fit in memory; "
                             "the image equals the untiled one (within float rounding, unlike diffusers' blended "
@@ -436,13 +437,14 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
 
 def resolve_window(parser: argparse.ArgumentParser, args, pipe: TextToImage,
                    sizes: list[tuple[int, int]], control: dict | None = None) -> None:
-    """--window's SIDE ('native': the model's resolution) and STRIDE (default SIDE/4) filled in args.window, and
-    checked against each image size in `sizes` (width, height) before any model runs (a usage error)."""
+    """--window's SIDE ('native': the model's resolution) and STRIDE (default SIDE/2: on shapes64 as close to native
+    as SIDE/4 at half the cost, docs/eval/panorama) filled in args.window, and checked against each image size in
+    `sizes` (width, height) before any model runs (a usage error)."""
     if args.window is None:
         return
     side, stride = args.window
     side = side or pipe.index.resolution
-    args.window = (side, stride or side // 4)
+    args.window = (side, stride or side // 2)
     for size in sizes:
         try:
             pipe.latent_windows(pipe.latent_shape(1, size), args.window, control=(control or {}).get("control"),

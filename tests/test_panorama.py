@@ -98,9 +98,10 @@ def test_txt2img_window_png_settings_and_replay(model, tmp_path, capsys):
                   "--out", str(tmp_path / "plain.png")])
     assert not np.array_equal(pixels(out), pixels(tmp_path / "plain.png"))
     txt2img.main(["a red circle", "--model", model, "--steps", "2", "--size", f"{3 * RES}x{RES}",
-                  "--window", str(RES), "--out", str(tmp_path / "default.png")])     # default stride SIDE/4 = 8
+                  "--window", str(RES), "--out", str(tmp_path / "default.png")])     # default stride SIDE/2
     with Image.open(tmp_path / "default.png") as im:
-        assert json.loads(im.text["ldm"])["window"] == f"{RES}:8"
+        assert json.loads(im.text["ldm"])["window"] == f"{RES}:16"
+    assert np.array_equal(pixels(out), pixels(tmp_path / "default.png"))
 
 
 @pytest.mark.parametrize("flag, message", [

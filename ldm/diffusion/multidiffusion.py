@@ -7,9 +7,10 @@ whose solution (eq. 7) is, per pixel, the W-weighted mean of the steps of the wi
 use W_i = 1. Here the windows' x0-hat are averaged instead, and the sampler takes one step on the big latent. For a
 DDIM step x_next = a x0-hat + b (x_t - alpha x0-hat) / sigma (Song et al. 2021, eq. 12) that is the same thing: the
 step is affine in (x0-hat, x_t) with coefficients set by t alone, and every window covering a pixel holds that
-pixel's x_t, so the mean of the windows' steps is the step of the mean x0-hat. So is any step affine in the model's
-outputs with t-only coefficients (Euler, DPM-Solver++ 2M, UniPC: multistep history is the fused x0-hat, as if each
-window had been fused at every earlier call). Stochastic samplers draw one noise for the big latent rather than
+pixel's x_t, so the mean of the windows' steps is the step of the mean x0-hat (tests/diffusion/test_multidiffusion.py
+checks it for DDIM and Euler). So is any step affine in the model's outputs with t-only coefficients (Euler,
+DPM-Solver++ 2M, UniPC: multistep history is the fused x0-hat, as if each window had been fused at every earlier
+call). Stochastic samplers draw one noise for the big latent rather than
 one per window (the paper's averaged per-window noise would shrink its variance where windows overlap).
 
 Because it wraps the x0 model, it composes with `cfg` (either order: both are linear in the predictions; with

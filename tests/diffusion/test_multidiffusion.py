@@ -116,3 +116,21 @@ def test_runs_in_samplers(sampler):
     a = SAMPLERS[sampler](windowed(pointwise, (4, 4), (4, 4)), x, ts, schedule, disable=True)
     b = SAMPLERS[sampler](pointwise, x, ts, schedule, disable=True)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_fused_x0_step_is_eq7_of_the_windows_steps(sampler):
+    """The docstring's claim: one DDIM (or Euler) step on the big latent with the windows' mean x0-hat equals the
+    per-pixel mean of each window's own step on its crop (MultiDiffusion, eq. 7 with W_i = 1)."""
+    schedule = schedule_from_config({"name": "cosine_logsnr"})
+    ts = torch.tensor([0.8, 0.55])                                  # one step between two noise levels
+    x = torch.randn(2, 2, 6, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    window, tops, lefts = (6, 6), [0], [0, 4, 8, 12, 14]
+    fused = SAMPLERS[sampler](windowed(window_mean, window, (6, 4)), x, ts, schedule, disable=True)
+    steps = {(i, j): SAMPLERS[sampler](window_mean, x[..., i:i + 6, j:j + 6], ts, schedule, disable=True)
+             for i in tops for j in lefts}
+    want = torch.empty_like(x)
+    for c in range(x.shape[-1]):
+        covering = [s[..., c - j] for (i, j), s in steps.items() if j <= c < j + 6]
+        want[..., c] = sum(covering) / len(covering)
+    torch.testing.assert_close(fused, want, rtol=1e-10, atol=1e-10)
