@@ -13,15 +13,14 @@ from ldm.pipeline import TextToImage
 
 SETTINGS = {  # name -> TextToImage.generate keywords
     "cfg-w2": dict(guidance=2.0),
-    "pag-w2-s3-mid": dict(guidance=2.0, pag_scale=3.0, pag_layers=["mid"]),
-    "pag-w2-s1-up1": dict(guidance=2.0, pag_scale=1.0, pag_layers=["up.1"]),
+    "pag-w2-s3-up1": dict(guidance=2.0, pag_scale=3.0, pag_layers=["up.1"]),
     "pag-w0-s3-up1": dict(guidance=0.0, pag_scale=3.0, pag_layers=["up.1"]),
     "cfg-w0": dict(guidance=0.0),
 }
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     pipe = TextToImage.from_folder(decoder_precision="fp32")
     prompts = heldout_prompts(n, 0)
     times = {name: [] for name in SETTINGS}
