@@ -180,8 +180,8 @@ def tiny(tmp_path_factory):
 
 
 def test_pipeline_apg_on_the_teacher(tiny, one_thread):
-    """inf:1:0 draws plain CFG's latents bit for bit; a cut changes them at the same number of net calls; a
-    student, guidance rescale and a -dev net without true CFG are refused, naming the flags."""
+    """inf:1:0 draws plain CFG's latents bit for bit; a cut changes them at the same number of net calls; guidance
+    rescale, perturbed-attention guidance and a student are refused, naming the flags."""
     pipe = TextToImage.from_folder(str(tiny), decoder_precision="fp32")
     run = dict(steps=3, guidance=6.0, seed=0)
     plain, info = pipe.sample(["a red circle"], **run)
@@ -192,6 +192,8 @@ def test_pipeline_apg_on_the_teacher(tiny, one_thread):
     assert torch.equal(again, cut)                                         # momentum starts afresh per run
     with pytest.raises(ValueError, match="--apg and --guidance-rescale"):
         pipe.sample(["a red circle"], apg=APG(0.5), guidance_rescale=0.7, **run)
+    with pytest.raises(ValueError, match="--apg is not combined with --pag"):
+        pipe.sample(["a red circle"], apg=APG(0.5), pag_scale=3.0, **run)
     index = json.loads((tiny / "model_index.json").read_text())
     students = tiny.parent / "apg-with-student"
     shutil.copytree(tiny, students, dirs_exist_ok=True)
