@@ -157,8 +157,9 @@ def inside(inner):
 
 
 def test_outpaint_without_a_mask_paints_the_pad_only():
-    canvas, mask = outpaint_canvas(torch.zeros(2, 3, 4, 4), None, (0, 4, 0, 0))
+    canvas, mask = outpaint_canvas(torch.zeros(2, 3, 4, 4), None, (0, 4, 0, 0), "edge")
     assert canvas.shape == (2, 3, 8, 4) and torch.equal(mask[:, :, :4], torch.ones(2, 1, 4, 4))
+    assert torch.equal(canvas, torch.zeros(2, 3, 8, 4))                # edge pixels of a black image
     assert torch.equal(mask[:, :, 4:], torch.zeros(2, 1, 4, 4))
     with pytest.raises(ValueError, match="fill"):
         outpaint_canvas(torch.zeros(1, 3, 4, 4), None, (4, 0, 0, 0), "blur")
@@ -177,7 +178,7 @@ def test_inpaint_outpaint_keeps_the_input_and_paints_the_border(model, tmp_path,
     assert not np.array_equal(out[pad], edge[pad])                    # the border is painted, not the fill
     with Image.open(tmp_path / "out.png") as im:
         run = json.loads(im.text["ldm"])
-    assert run["outpaint"] == [8, 0, 24, 8] and run["outpaint_fill"] == "edge" and run["mask"] is None
+    assert run["outpaint"] == [8, 0, 24, 8] and run["outpaint_fill"] == "noise" and run["mask"] is None
 
 
 def test_inpaint_outpaint_to_a_panorama_with_windows(model, tmp_path, capsys):
