@@ -12,7 +12,9 @@ rows = []
 for name_a, file_b, name_b in (("teacher-64-w2", "docs/eval/pag/cfg-w2", "teacher-64-w2"),
                                ("teacher-64-w2", "docs/eval/pag/pag-w2-s3-up1", "teacher-64-w2"),
                                ("teacher-64-w2", "docs/eval/pag/pag-w0-s3-up1", "teacher-64-w0"),
-                               ("teacher-64-w0", "docs/eval/pag/pag-w0-s3-up1", "teacher-64-w0")):
+                               ("teacher-64-w0", "docs/eval/pag/pag-w0-s3-up1", "teacher-64-w0"),
+                               ("teacher-64-w2", "docs/eval/pag/pag-w2-s3-mid", "teacher-64-w2"),
+                               ("teacher-64-w2", "docs/eval/pag/pag-w2-s1-up1", "teacher-64-w2")):
     _, runs = load_runs(file_b)
     a, b = shipped[name_a]["correct"][:N], runs[name_b]["correct"]
     rows.append({"run_a": f"shapes64 (first {N}):{name_a}", "run_b": f"{file_b}:{name_b}", **paired(a, b)})
