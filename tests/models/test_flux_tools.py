@@ -120,7 +120,7 @@ def test_fill_single_file_and_cli(fill, posterior_mode, tmp_path, one_thread):
     image.save(tmp_path / "in.png")
     mask.save(tmp_path / "mask.png")
     inpaint.main(["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "a cat", "--model",
-                  str(tmp_path / "single"), "--steps", "2", "--out", str(tmp_path / "out.png")])
+                  str(tmp_path / "single"), "--steps", "2", "--decoder-precision", "fp32", "--out", str(tmp_path / "out.png")])
     out = np.asarray(Image.open(tmp_path / "out.png")).astype(int)
     keep = np.asarray(mask) == 0
     assert np.abs(out - np.asarray(image).astype(int))[keep].max() <= 1          # the kept pixels, rounded
@@ -163,7 +163,7 @@ def test_control_draws_what_diffusers_draws(control, posterior_mode, tmp_path, o
     hint.save(tmp_path / "depth.png")
     out = tmp_path / "out.png"
     txt2img.main([PROMPTS[1], "--model", str(model), "--control-image", str(tmp_path / "depth.png"), "--size", "48x32",
-                  "--steps", "3", "--out", str(out)])
+                  "--steps", "3", "--decoder-precision", "fp32", "--out", str(out)])
     drawn = torch.from_numpy(np.array(Image.open(out))).permute(2, 0, 1) / 255.0
     alone = flux_images(theirs, pipe, PROMPTS[1:], 3, 10.0, size=size, control_image=hint)      # --seed 0, alone
     assert (drawn - alone).abs().max() <= 1 / 255 + 1e-4
@@ -256,7 +256,7 @@ def test_kontext_sizes_and_cli(kontext, fill, tmp_path, one_thread, capsys):
     image = random_image(44, 28, seed=4)
     image.save(tmp_path / "in.png")
     img2img.main(["--image", str(tmp_path / "in.png"), PROMPTS[1], "--model", str(model), "--size", "44x28",
-                  "--steps", "2", "--out", str(tmp_path / "out.png")])
+                  "--steps", "2", "--decoder-precision", "fp32", "--out", str(tmp_path / "out.png")])
     pipe = TextToImage.from_folder(str(model), decoder_precision="fp32")
     drawn = torch.from_numpy(np.array(Image.open(tmp_path / "out.png"))).permute(2, 0, 1) / 255.0
     assert (drawn - kontext_images(theirs, pipe, PROMPTS[1:], 2, (44, 28), image)).abs().max() <= 1 / 255 + 1e-4
@@ -285,7 +285,7 @@ def test_kontext_cli_resizes_as_diffusers(kontext, tmp_path, one_thread, monkeyp
     image = Image.fromarray(rng.integers(0, 256, (28, 52, 3), dtype=np.uint8))   # aspect 1.86: 40x24 is nearest
     image.save(tmp_path / "in.png")
     img2img.main(["--image", str(tmp_path / "in.png"), PROMPTS[0], "--model", str(model), "--steps", "2",
-                  "--out", str(tmp_path / "out.png")])
+                  "--decoder-precision", "fp32", "--out", str(tmp_path / "out.png")])
     drawn = torch.from_numpy(np.array(Image.open(tmp_path / "out.png"))).permute(2, 0, 1) / 255.0
     assert drawn.shape == (3, 24, 40)
     pipe = TextToImage.from_folder(str(model), decoder_precision="fp32")
