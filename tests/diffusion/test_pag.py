@@ -168,7 +168,7 @@ def test_txt2img_replays_pag(model, tmp_path):
     txt2img.main(["--replay", str(first), "--out", str(again)])
     with Image.open(first) as a, Image.open(again) as b:
         assert json.loads(b.text["ldm"])["pag_layers"] == "up.0,mid" and json.loads(b.text["ldm"])["pag"] == 2
-        assert list(a.getdata()) == list(b.getdata())
+        assert a.tobytes() == b.tobytes()
 
 
 def test_img2img_and_inpaint_take_pag(model, tmp_path, capsys):
