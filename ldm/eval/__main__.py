@@ -204,6 +204,16 @@ def real_image_metric(parser: argparse.ArgumentParser, args) -> None:
         parser.exit(2, f"python -m ldm.eval {args.command}: error: {err}\n")
 
 
+def parsed(parser: argparse.ArgumentParser, flag: str, parse, text: str | None):
+    """`parse(text)` (one of ldm.cli's option parsers), None for None; its error as `flag`'s usage error."""
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"{flag}: {err}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -253,23 +263,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.teacher_eta is not None and not 0.0 <= args.teacher_eta <= 1.0:
         parser.error(f"--teacher-eta must be in [0, 1], got {args.teacher_eta}")
     loras = [parse_lora_arg(arg) for arg in args.lora]
-    interval = None
-    if args.guidance_interval is not None:
-        from ldm.cli import parse_guidance_interval
-        try:
-            interval = parse_guidance_interval(args.guidance_interval)
-        except argparse.ArgumentTypeError as err:
-            parser.error(f"--guidance-interval: {err}")
+    from ldm.cli import parse_apg, parse_guidance_interval, parse_pag_layers
+    interval = parsed(parser, "--guidance-interval", parse_guidance_interval, args.guidance_interval)
+    apg = parsed(parser, "--apg", parse_apg, args.apg)
     pag = None
     if args.pag is not None:
-        from ldm.cli import parse_pag_layers
         from ldm.models.nets import load_net
         from ldm.models.unet import UNet, self_attention_layers
         from ldm.pipeline import load_index
-        try:
-            pag = (args.pag, parse_pag_layers(args.pag_layers))
-        except argparse.ArgumentTypeError as err:
-            parser.error(f"--pag-layers: {err}")
+        pag = (args.pag, parsed(parser, "--pag-layers", parse_pag_layers, args.pag_layers))
         net = load_net(os.path.join(args.model, load_index(args.model).unet))   # names checked before sampling
         if not isinstance(net, UNet):
             parser.error(f"--pag works on U-Nets; this model's network is {type(net).__name__}")
@@ -277,13 +279,6 @@ def main(argv: list[str] | None = None) -> None:
             self_attention_layers(net, pag[1])
         except ValueError as err:
             parser.error(f"--pag-layers: {err}")
-    apg = None
-    if args.apg is not None:
-        from ldm.cli import parse_apg
-        try:
-            apg = parse_apg(args.apg)
-        except argparse.ArgumentTypeError as err:
-            parser.error(f"--apg: {err}")
     for (path, _), arg in zip(loras, args.lora):
         if not os.path.isfile(path):
             parser.error(f"--lora {arg!r}: no file {path!r}")
