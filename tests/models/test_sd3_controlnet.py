@@ -94,7 +94,7 @@ def test_sd3_controlnet_draws_what_diffusers_draws(kind, posterior_mode, tmp_pat
     out = tmp_path / "out.png"
     txt2img.main([PROMPTS[1], "--model", str(tmp_path / "model"), "--controlnet", str(tmp_path / "controlnet"),
                   "--control-image", str(tmp_path / "hint.png"), "--control-scale", str(SCALE), "--steps", "3",
-                  "--out", str(out)])
+                  "--decoder-precision", "fp32", "--out", str(out)])
     alone = sd3_images(theirs, pipe, PROMPTS[1:], 3, 4.0, control_image=hint, controlnet_conditioning_scale=SCALE)
     drawn = torch.from_numpy(np.array(Image.open(out))).permute(2, 0, 1)[None] / 255.0
     assert (drawn - alone).abs().max() <= 1 / 255 + 1e-4
@@ -166,7 +166,8 @@ def test_sd35_large_controlnet_single_file(posterior_mode, tmp_path, one_thread)
     out = tmp_path / "out.png"
     txt2img.main([PROMPTS[1], "--model", str(tmp_path / "model"), "--controlnet",
                   str(tmp_path / "sd3.5_large_controlnet_test.safetensors"), "--control-image", str(tmp_path / "hint.png"),
-                  "--control-scale", str(SCALE), "--steps", "3", "--out", str(out)])
+                  "--control-scale", str(SCALE), "--steps", "3", "--decoder-precision", "fp32",
+                  "--out", str(out)])
     reference = sd3_images(theirs, pipe, PROMPTS[1:], 3, 4.0, control_image=hint, controlnet_conditioning_scale=SCALE)
     plain = sd3_images(theirs, pipe, PROMPTS[1:], 3, 4.0, control_image=hint, controlnet_conditioning_scale=0.0)
     drawn = torch.from_numpy(np.array(Image.open(out))).permute(2, 0, 1)[None] / 255.0
@@ -209,7 +210,7 @@ def test_sd3_inpainting_controlnet_draws_what_diffusers_draws(posterior_mode, tm
     cli = ["--model", str(tmp_path / "model"), "--controlnet", str(tmp_path / "controlnet"), "--control-image",
            str(tmp_path / "image.png"), "--control-scale", str(SCALE), "--steps", "3"]
     inpaint.main([PROMPTS[1], "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"), *cli,
-                  "--out", str(out)])
+                  "--decoder-precision", "fp32", "--out", str(out)])
     alone = sd3_images(theirs, pipe, PROMPTS[1:], 3, 4.0, **call)
     drawn = torch.from_numpy(np.array(Image.open(out))).permute(2, 0, 1)[None] / 255.0
     assert (drawn - (mask * alone + (1 - mask) * image)).abs().max() <= 1 / 255 + 1e-4
