@@ -16,7 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.diffusion.guidance import APG, check_interval
-from ldm.diffusion.samplers import ETA_OPTIONS
+from ldm.diffusion.samplers import check_eta
 from ldm.diffusion.schedules import SPACINGS
 from ldm.models.embeddings import parse_embedding_arg
 from ldm.models.lora import parse_lora_arg
@@ -340,11 +340,10 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
     warnings.formatwarning = short_warnings
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    if args.eta is not None and args.sampler not in ETA_OPTIONS:
-        parser.error(f"--eta is the noise of --sampler {' and '.join(ETA_OPTIONS)} (DDIM's eta, TCD's gamma); "
-                     f"--sampler {args.sampler} has no such option")
-    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
-        parser.error(f"--eta must be in [0, 1], got {args.eta}")
+    try:
+        check_eta(args.sampler, args.eta)
+    except ValueError as err:
+        parser.error(str(err))
     check_prompt_syntax(parser, args, prompts)
     if not os.path.isfile(os.path.join(args.model, INDEX_NAME)):
         parser.error(f"--model {args.model!r} is not a model folder: {os.path.join(args.model, INDEX_NAME)} "

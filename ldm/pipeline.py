@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ldm.diffusion.guidance import APG, cfg, check_interval, edm_sigma, in_interval, pag
 from ldm.diffusion.multidiffusion import window_boxes, windowed
 from ldm.diffusion.param import Denoiser
-from ldm.diffusion.samplers import ETA_OPTIONS, SAMPLERS, initial_noise
+from ldm.diffusion.samplers import ETA_OPTIONS, SAMPLERS, check_eta, initial_noise
 from ldm.diffusion.schedules import resolution_shift, schedule_from_config, shifted
 from ldm.distill.targets import coefficients
 from ldm.flux_tools import IMAGE_INPUTS, ReferenceTokens, fill_inputs
@@ -685,11 +685,7 @@ class TextToImage:
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
-        if eta is not None and sampler not in ETA_OPTIONS:
-            raise ValueError(f"eta is the sampler noise of {' and '.join(ETA_OPTIONS)} (DDIM's eta, TCD's gamma); "
-                             f"the {sampler} sampler has no such option")
-        if eta is not None and not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        check_eta(sampler, eta)
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         if init is not None and size is not None:

@@ -98,7 +98,7 @@ def test_pipeline_eta_option(model):
     lcm, _ = pipe.sample(["a red circle"], steps=2, teacher=True, guidance=0.0, sampler="lcm")
     torch.testing.assert_close(z1, lcm, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(z, z1)
-    for sampler, eta, message in (("heun", 0.5, "eta is the sampler noise of ddim and tcd"),
+    for sampler, eta, message in (("heun", 0.5, "--eta is the noise of --sampler ddim and tcd"),
                                   ("ddim", 2.0, r"eta must be in \[0, 1\], got 2.0")):
         with pytest.raises(ValueError, match=message):
             pipe.sample(["a red circle"], steps=2, teacher=True, sampler=sampler, eta=eta)

@@ -35,6 +35,11 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator | No
     return [c if k else "" for c, k in zip(captions, keep)]
 
 
+def is_per_sample(value, batch: int) -> bool:
+    """Whether an extra_arg holds one row per sample (context, masks, a per-sample w), not a shared option."""
+    return torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch
+
+
 def _batched_args(cond: dict, uncond: dict, batch: int) -> dict:
     """extra_args for the doubled batch [cond; uncond]: keys in `uncond` get their uncond value, others repeat."""
     for key in uncond:
@@ -49,7 +54,7 @@ def _batched_args(cond: dict, uncond: dict, batch: int) -> dict:
             if u.shape != value.shape:
                 raise ValueError(f"uncond[{key!r}] has shape {tuple(u.shape)}, cond has {tuple(value.shape)}")
             args[key] = torch.cat([value, u.to(value.dtype)])
-        elif torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+        elif is_per_sample(value, batch):
             args[key] = torch.cat([value, value])       # per-sample but shared by both halves
         else:
             args[key] = value                           # scalars and options pass through
@@ -232,7 +237,7 @@ def pag(model, w, scale, uncond: dict, perturb, rescale: float = 0.0):
         args = _batched_args(extra_args, uncond if with_uncond else {}, batch)   # [cond; uncond] or [cond; cond]
         if with_uncond:                                 # [cond; uncond; cond]: per-sample keys once more
             for key, value in extra_args.items():
-                if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+                if is_per_sample(value, batch):
                     args[key] = torch.cat([args[key], value])
         perturbed = torch.arange(parts * batch, device=x.device) >= (parts - 1) * batch
         with perturb(perturbed):

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from .guidance import is_per_sample
+
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
     """Offsets of the windows along a side: 0, stride, ..., and length - window (the last flush with the edge)."""
@@ -43,11 +45,6 @@ def window_boxes(size: tuple[int, int], window: tuple[int, int], stride: tuple[i
             for left in window_starts(size[1], window[1], stride[1])]
 
 
-def _is_per_sample(value, batch: int) -> bool:
-    """Whether an extra_arg holds one row per sample (context, masks, a per-sample w), as `cfg` tells them apart."""
-    return torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch
-
-
 def windowed(model, window: tuple[int, int], stride: tuple[int, int], chunk: int | None = None):
     """Model function (x, t, **extra_args) -> x0-hat for a big latent (B, C, H, W): the mean of `model`'s x0-hat over
     the (h, w) windows at `stride` covering each position (MultiDiffusion, eq. 7 with W_i = 1). All windows of all
@@ -62,8 +59,8 @@ def windowed(model, window: tuple[int, int], stride: tuple[int, int], chunk: int
         h, w = window
         crops = torch.cat([x[..., top:top + h, left:left + w] for top, left in boxes])   # (n B, C, h, w)
         t = torch.as_tensor(t, device=x.device)
-        rows = {key for key, value in extra_args.items() if _is_per_sample(value, batch)}
-        if _is_per_sample(t, batch):
+        rows = {key for key, value in extra_args.items() if is_per_sample(value, batch)}
+        if is_per_sample(t, batch):
             rows.add("t")
         # window-major like the crops: row k * B + b is window k of sample b
         args = {key: value.repeat(len(boxes), *([1] * (value.ndim - 1))) if key in rows else value

@@ -395,6 +395,18 @@ SAMPLERS = {
 # The samplers with a noise knob in [0, 1] and its keyword: what the pipeline's `eta` (the CLI's --eta) sets.
 ETA_OPTIONS = {"ddim": "eta", "tcd": "gamma"}   # DDIM's eta (Song et al. 2021, eq. 16); TCD's gamma
 
+
+def check_eta(sampler: str, eta: float | None, flag: str = "--eta", sampler_flag: str = "--sampler") -> None:
+    """ValueError, naming the CLI's `flag` and `sampler_flag`, unless eta is None or a noise in [0, 1] of a sampler
+    that takes one (ETA_OPTIONS); the pipeline, ldm.cli and ldm.eval's report check with it."""
+    if eta is None:
+        return
+    if sampler not in ETA_OPTIONS:
+        raise ValueError(f"{flag} is the noise of {sampler_flag} {' and '.join(ETA_OPTIONS)} (DDIM's eta, TCD's "
+                         f"gamma); {sampler_flag} {sampler} has no such option")
+    if not 0.0 <= eta <= 1.0:                      # also refuses NaN
+        raise ValueError(f"{flag} must be in [0, 1], got {eta}")
+
 # The higher-order multistep solvers live in their own file; it imports this module's helpers above.
 from .multistep import sample_dpmpp_3m, sample_dpmpp_3m_sde, sample_unipc  # noqa: E402
 

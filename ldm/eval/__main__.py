@@ -253,15 +253,14 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{flag} must be >= 1, got {values}")
     if args.n < 2 or args.batch < 1:
         parser.error(f"need --n >= 2 and --batch >= 1, got --n {args.n} and --batch {args.batch}")
-    from ldm.diffusion.samplers import ETA_OPTIONS, SAMPLERS
+    from ldm.diffusion.samplers import SAMPLERS, check_eta
     from ldm.models.lora import parse_lora_arg
     if args.teacher_sampler not in SAMPLERS:
         parser.error(f"--teacher-sampler {args.teacher_sampler!r}: pick one of {', '.join(sorted(SAMPLERS))}")
-    if args.teacher_eta is not None and args.teacher_sampler not in ETA_OPTIONS:
-        parser.error(f"--teacher-eta is the noise of --teacher-sampler {' and '.join(ETA_OPTIONS)}; "
-                     f"{args.teacher_sampler} has no such option")
-    if args.teacher_eta is not None and not 0.0 <= args.teacher_eta <= 1.0:
-        parser.error(f"--teacher-eta must be in [0, 1], got {args.teacher_eta}")
+    try:
+        check_eta(args.teacher_sampler, args.teacher_eta, "--teacher-eta", "--teacher-sampler")
+    except ValueError as err:
+        parser.error(str(err))
     loras = [parse_lora_arg(arg) for arg in args.lora]
     from ldm.cli import parse_apg, parse_guidance_interval, parse_pag_layers
     interval = parsed(parser, "--guidance-interval", parse_guidance_interval, args.guidance_interval)
