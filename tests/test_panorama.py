@@ -7,24 +7,18 @@ import torch
 from PIL import Image
 
 from ldm import img2img, inpaint, txt2img
-from ldm.distill.student import GuidedStudent
 from ldm.inpaint import outpaint_canvas
-from ldm.models.unet import UNet
-from ldm.pipeline import TextToImage, load_index, save_index, save_random_model
+from ldm.pipeline import TextToImage
+
+from tests.tiny_models import random_model_with_student
 
 RES = 32      # the tiny model: autoencoder factor 4, U-Net factor 2: sides multiples of 8 px
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, one_thread_module):
-    folder = tmp_path_factory.mktemp("model")
-    save_random_model(str(folder), resolution=RES)
-    GuidedStudent.from_teacher(UNet.from_pretrained(str(folder / "unet")), 16).save_pretrained(
-        str(folder / "student-2"), dtype=torch.float16)
-    index = load_index(str(folder))
-    index.students = {"2": "student-2"}
-    save_index(str(folder), index)
-    return str(folder)
+    return random_model_with_student(tmp_path_factory.mktemp("model"), resolution=RES, w_features=16,
+                                     dtype=torch.float16)
 
 
 @pytest.fixture(scope="module")

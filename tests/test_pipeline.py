@@ -11,6 +11,8 @@ from ldm.distill.student import GuidedStudent
 from ldm.models.unet import UNet
 from ldm.pipeline import CPU_DECODE_CHUNK, TextToImage, load_index, native_bf16_cpu, save_index, save_random_model
 
+from tests.tiny_models import random_model_with_student
+
 
 def test_cpu_decode_in_chunks_matches_plain_decode(tmp_path, one_thread):
     save_random_model(str(tmp_path), resolution=32)
@@ -105,12 +107,7 @@ def test_half_precision_networks_draw_close_to_fp32(tmp_path, one_thread, dtype,
     """from_folder(dtype=...): the teacher's U-Net, the text encoder and a student (loaded later) hold their
     weights in bf16 / fp16, the sampler stays fp32, and the images stay close to the fp32 ones (8e-3 and 1e-3
     mean here for bf16 and fp16)."""
-    save_random_model(str(tmp_path), resolution=32)
-    GuidedStudent.from_teacher(UNet.from_pretrained(str(tmp_path / "unet")), 16).save_pretrained(
-        str(tmp_path / "student-2"))
-    index = load_index(str(tmp_path))
-    index.students = {"2": "student-2"}
-    save_index(str(tmp_path), index)
+    random_model_with_student(tmp_path, w_features=16)
     full = TextToImage.from_folder(str(tmp_path), decoder_precision="fp32")
     half = TextToImage.from_folder(str(tmp_path), decoder_precision="fp32", dtype=dtype)
     assert next(half.unet.parameters()).dtype == dtype and next(half.text_encoder.parameters()).dtype == dtype

@@ -10,10 +10,10 @@ from torch import nn
 
 from ldm import txt2img
 from ldm.diffusion.guidance import cfg, pag
-from ldm.distill.student import GuidedStudent
 from ldm.models.mmdit import MMDiT, MMDiTConfig
-from ldm.models.unet import UNet
-from ldm.pipeline import TextToImage, load_index, save_index, save_random_model
+from ldm.pipeline import TextToImage, save_random_model
+
+from tests.tiny_models import random_model_with_student
 
 B, L, D = 3, 5, 8
 
@@ -73,13 +73,7 @@ def test_pag_scale_zero_is_cfg():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, one_thread_module):
-    folder = tmp_path_factory.mktemp("model")
-    save_random_model(str(folder))
-    GuidedStudent.from_teacher(UNet.from_pretrained(str(folder / "unet")), 16).save_pretrained(str(folder / "student-2"))
-    index = load_index(str(folder))
-    index.students = {"2": "student-2"}
-    save_index(str(folder), index)
-    return str(folder)
+    return random_model_with_student(tmp_path_factory.mktemp("model"), w_features=16)
 
 
 def test_pipeline_pag_counts_calls_and_scale_zero_is_exactly_cfg(model):

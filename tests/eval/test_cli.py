@@ -12,6 +12,8 @@ from ldm.eval.__main__ import main
 from ldm.eval.metrics import heldout_prompts
 from ldm.eval.score import heldout_samples
 
+from tests.tiny_models import random_model_with_student
+
 N = 64     # held-out images per folder: FD's finite-sample bias (~6 here) stays far below noise's (~200)
 SEED = 1   # the images' held-out seed; the CLI's FD reference uses seed 0, other scenes
 
@@ -98,15 +100,9 @@ def test_score_without_images_errors(tmp_path, capsys):
 
 
 def test_report_smoke_on_a_tiny_model(tmp_path, capsys, one_thread):
-    from ldm.distill.student import GuidedStudent
-    from ldm.models.unet import UNet
-    from ldm.pipeline import save_index, save_random_model
 
     model = tmp_path / "tiny"
-    index = save_random_model(str(model))
-    GuidedStudent.from_teacher(UNet.from_pretrained(str(model / "unet"))).save_pretrained(str(model / "student-4"))
-    index.students = {"4": "student-4"}
-    save_index(str(model), index)
+    random_model_with_student(model, steps=4)
     out = tmp_path / "report"
     main(["report", "--model", str(model), "--n", "4", "--teacher-steps", "1,2", "--ws", "0,1",
           "--out-dir", str(out), "--device", "cpu"])
@@ -163,16 +159,10 @@ def test_report_student_sweep_off_or_absent(tmp_path, one_thread):
 
 
 def test_report_student_sampler_reaches_the_students_only(tmp_path, one_thread):
-    from ldm.distill.student import GuidedStudent
     from ldm.eval.report import make_report
-    from ldm.models.unet import UNet
-    from ldm.pipeline import save_index, save_random_model
 
     model = tmp_path / "tiny"
-    index = save_random_model(str(model))
-    GuidedStudent.from_teacher(UNet.from_pretrained(str(model / "unet"))).save_pretrained(str(model / "student-2"))
-    index.students = {"2": "student-2"}
-    save_index(str(model), index)
+    random_model_with_student(model)
     reports = {s: make_report(model, tmp_path / s, n=4, teacher_steps=(2,), student_steps=(2,), ws=(1,),
                               device="cpu", student_sampler=s) for s in ("ddim", "stochastic")}
     grids = {s: {r["model"]: (tmp_path / s / r["grid"]).read_bytes() for r in rep["rows"]}
@@ -188,17 +178,12 @@ def test_report_merges_a_lora_into_the_teacher_and_runs_its_sampler(tmp_path, on
     import torch
     from safetensors.torch import save_file
 
-    from ldm.distill.student import GuidedStudent
     from ldm.eval.report import make_report
     from ldm.models.lora import add_lora, lora_file_state
     from ldm.models.unet import UNet
-    from ldm.pipeline import save_index, save_random_model
 
     model = tmp_path / "tiny"
-    index = save_random_model(str(model))
-    GuidedStudent.from_teacher(UNet.from_pretrained(str(model / "unet"))).save_pretrained(str(model / "student-2"))
-    index.students = {"2": "student-2"}
-    save_index(str(model), index)
+    random_model_with_student(model)
     unet = UNet.from_pretrained(str(model / "unet"))
     add_lora(unet, rank=2)
     torch.manual_seed(0)

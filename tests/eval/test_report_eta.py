@@ -3,20 +3,16 @@ import pytest
 
 from ldm.eval.__main__ import main
 
+from tests.tiny_models import random_model_with_student
+
 
 def test_report_teacher_eta_reaches_the_teacher_only(tmp_path, one_thread):
     """--teacher-sampler tcd --teacher-eta E: the teacher's images follow E (1 is the lcm sampler's), the students
     keep theirs, and the report records E."""
-    from ldm.distill.student import GuidedStudent
     from ldm.eval.report import make_report
-    from ldm.models.unet import UNet
-    from ldm.pipeline import save_index, save_random_model
 
     model = tmp_path / "tiny"
-    index = save_random_model(str(model))
-    GuidedStudent.from_teacher(UNet.from_pretrained(str(model / "unet"))).save_pretrained(str(model / "student-2"))
-    index.students = {"2": "student-2"}
-    save_index(str(model), index)
+    random_model_with_student(model)
 
     def grids(name, **kw):
         report = make_report(model, tmp_path / name, n=4, teacher_steps=(2,), student_steps=(2,), ws=(0,),

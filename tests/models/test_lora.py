@@ -21,6 +21,8 @@ from ldm.models.lora import (METADATA_KEY, LoRALinear, Update, add_lora, kohya_t
 from ldm.models.unet import UNet
 from ldm.pipeline import TextToImage
 
+from tests.tiny_models import random_model_with_student
+
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")                    # diffusers' LoRA loader needs it
 
@@ -288,13 +290,7 @@ def test_merge_lora_reaches_the_students_and_keeps_their_dtype(tmp_path, one_thr
 
     from ldm.distill.student import GuidedStudent
     from ldm.models.merge_lora import merge
-    from ldm.pipeline import load_index, save_index, save_random_model
-    save_random_model(str(tmp_path / "model"))
-    GuidedStudent.from_teacher(UNet.from_pretrained(str(tmp_path / "model" / "unet")), 16).save_pretrained(
-        str(tmp_path / "model" / "student-2"), dtype=torch.float16)
-    index = load_index(str(tmp_path / "model"))
-    index.students = {"2": "student-2"}
-    save_index(str(tmp_path / "model"), index)
+    random_model_with_student(tmp_path / "model", w_features=16, dtype=torch.float16)
     unet = UNet.from_pretrained(str(tmp_path / "model" / "unet"))
     add_lora(unet, rank=2)
     with torch.no_grad():
