@@ -267,11 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     apg = parsed(parser, "--apg", parse_apg, args.apg)
     pag = None
     if args.pag is not None:
-        from ldm.models.nets import load_net
+        from ldm.models.nets import net_structure
         from ldm.models.unet import UNet, self_attention_layers
         from ldm.pipeline import load_index
         pag = (args.pag, parsed(parser, "--pag-layers", parse_pag_layers, args.pag_layers))
-        net = load_net(os.path.join(args.model, load_index(args.model).unet))   # names checked before sampling
+        net = net_structure(os.path.join(args.model, load_index(args.model).unet))   # names checked, no weights
         if not isinstance(net, UNet):
             parser.error(f"--pag works on U-Nets; this model's network is {type(net).__name__}")
         try:

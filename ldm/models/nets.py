@@ -38,6 +38,16 @@ def build_net(cfg):
     return net_class(cfg)(cfg)
 
 
+def net_structure(directory: str):
+    """The network saved in `directory` built on the meta device: its modules and names, no weights read
+    (to check layer names before a run loads the real one)."""
+    import torch
+    with open(os.path.join(directory, CONFIG_NAME)) as f:
+        cfg = net_config(json.load(f))
+    with torch.device("meta"):
+        return build_net(cfg)
+
+
 def load_net(directory: str, device="cpu"):
     """The network saved in `directory` by its save_pretrained, whichever kind; every weight must fit."""
     path = os.path.join(directory, CONFIG_NAME)
