@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IMAGE_INPUTS = ("", "fill", "control", "kontext")   # model_index.json's `image_input`
+IMAGE_INPUTS = ("", "fill", "control", "kontext",   # model_index.json's `image_input`; the last is SD's
+                "instruct-pix2pix")                  # InstructPix2Pix (ldm.instruct_pix2pix), not FLUX.1's
 # diffusers' pipeline class -> image_input (a FluxPipeline folder is "")
 PIPELINES = {"FluxFillPipeline": "fill", "FluxControlPipeline": "control", "FluxKontextPipeline": "kontext"}
 # The family's default w (our (1 + w) convention) where it differs from FLUX.1-dev's 2.5: BFL's sampling defaults,

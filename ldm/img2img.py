@@ -2,6 +2,8 @@
 
     python -m ldm.img2img --image in.png "a blue square" --strength 0.6 --steps 4 --out out.png
     python -m ldm.img2img --image in.png "make the sky purple" --model models/flux-kontext --steps 28
+    python -m ldm.img2img --image in.png "make it blue" --image-guidance 1.5 --model models/ip2p --steps 20
+    python -m ldm.img2img --replay img2img.png --seed 3          # the PNG's settings, a flag given now wins
 
 The image is encoded, noised to the time on the --steps grid that leaves round(strength * steps)
 steps, and only those steps are run: strength 1 ignores the image, strength 0 returns its
@@ -11,6 +13,13 @@ A FLUX.1 Kontext model (model_index.json's image_input "kontext") edits instead:
 --steps, with the image's latents as reference tokens (ldm.flux_tools), so --strength does not apply. The image is
 resized to the Kontext size nearest its aspect ratio (about a megapixel, sides multiples of 16; BFL's and
 diffusers' default), or with --size resized to cover WxH and centre-cropped; the output has the reference's size.
+
+An InstructPix2Pix model (image_input "instruct-pix2pix", Brooks et al. 2023; ldm.instruct_pix2pix) edits too: from
+pure noise, the image's latents as the U-Net's extra input channels, no --strength. Its guidance has two scales
+(eq. 3): the instruction's s_T = 1 + W (--guidance W, our convention: diffusers' guidance_scale 7.5 is --guidance
+6.5) and the image's s_I = --image-guidance S (diffusers' image_guidance_scale, default 1.5; higher keeps more of the
+image). Three net calls a step. The image keeps its size, floored to the networks' multiple (64 px for SD), or with
+--size is resized to cover WxH and centre-cropped.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import time
 
 from ldm.cli import (add_input_size, add_model_args, control_options, finish, input_size, load_image, load_pipeline,
                      resolve_window, sampling_options, settings)
+from ldm.instruct_pix2pix import IMAGE_GUIDANCE, INSTRUCT, refuse_options
 
 STRENGTH = 0.6   # SDEdit's default
 
@@ -27,10 +37,18 @@ STRENGTH = 0.6   # SDEdit's default
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldm.img2img", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("prompt", help='the prompt ("" allowed)')
-    parser.add_argument("--image", required=True, metavar="IN.png", help="the image to edit")
+    parser.add_argument("prompt", nargs="?", default=None, help='the prompt, or the instruction ("" allowed)')
+    parser.add_argument("--image", default=None, metavar="IN.png", help="the image to edit (required)")
     parser.add_argument("--strength", type=float, default=None,
-                        help=f"how much to change, in [0, 1] (default {STRENGTH}); not for FLUX.1 Kontext")
+                        help=f"how much to change, in [0, 1] (default {STRENGTH}); not for FLUX.1 Kontext or "
+                             "InstructPix2Pix")
+    parser.add_argument("--image-guidance", type=float, default=None, metavar="S",
+                        help="InstructPix2Pix models: the image's guidance scale s_I (Brooks et al. 2023, eq. 3; "
+                             f"diffusers' image_guidance_scale, 1 is none; default {IMAGE_GUIDANCE}): higher keeps "
+                             "the edit closer to the input image. --guidance W sets the instruction's s_T = 1 + W")
+    parser.add_argument("--replay", metavar="FILE.png", default=None,
+                        help="draw again with the settings stored in a PNG this command wrote (image, prompt, seed, "
+                             "model, ...); flags given with it override them")
     parser.add_argument("--out", default="img2img.png", metavar="OUT.png")
     add_input_size(parser)
     add_model_args(parser)
@@ -51,12 +69,83 @@ def kontext_input(parser: argparse.ArgumentParser, args, pipe):
     return to_tensor(kontext_image(image, multiple))[None]
 
 
+def replay_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The settings an img2img PNG holds (its `ldm` chunk, see ldm.cli.settings), as parser defaults."""
+    import json
+
+    from PIL import Image
+
+    from ldm.txt2img import REPLAYED
+    try:
+        with Image.open(path) as im:
+            run = json.loads(im.text["ldm"])
+    except (OSError, KeyError, ValueError) as err:
+        parser.error(f"--replay {path}: no settings of ours in it ({type(err).__name__}: {err})")
+    if "image" not in run or "mask" in run:
+        parser.error(f"--replay {path}: not drawn by img2img (by {'inpaint' if 'mask' in run else 'txt2img'}); "
+                     "replay it there")
+    keys = set(REPLAYED) | {"image", "strength", "image_guidance"}
+    flags = {action.dest for action in parser._actions}          # img2img has no --n, --hires
+    return {k: tuple(v) if k in ("size", "freeu") else v for k, v in run.items() if k in keys and k in flags}
+
+
+def instruct_input(parser: argparse.ArgumentParser, args, pipe):
+    """InstructPix2Pix's input image (1, 3, H, W) in [-1, 1]: --size's cover-and-crop, else its own size floored to
+    the networks' multiple (resized, as diffusers' image processor floors it to the autoencoder's factor)."""
+    from PIL import Image
+
+    from ldm.data.transforms import open_image, to_tensor
+    if args.size:
+        return load_image(args.image, input_size(parser, args, pipe))
+    try:
+        image = open_image(args.image)
+    except (OSError, ValueError) as err:
+        parser.error(f"--image {args.image}: {err}")
+    multiple = pipe.autoencoder.config.downsample_factor * pipe.unet.cfg.downsample_factor
+    size = (image.width // multiple * multiple, image.height // multiple * multiple)
+    if min(size) < multiple:
+        parser.error(f"--image {args.image}: {image.width}x{image.height} is smaller than the networks' {multiple} px")
+    return to_tensor(image if size == image.size else image.resize(size, Image.LANCZOS))[None]
+
+
+def instruct_edit(parser: argparse.ArgumentParser, args, pipe) -> None:
+    """InstructPix2Pix: the usage errors before anything runs, then the edit and its PNG."""
+    if args.strength is not None:
+        parser.error("--strength: InstructPix2Pix edits from pure noise with the image as the U-Net's input; there is "
+                     "no strength to set (--image-guidance S says how closely to keep the image)")
+    if args.window is not None:
+        parser.error("--window: InstructPix2Pix's image input is not cut into windows")
+    try:
+        refuse_options(control=args.controlnet, ip=args.ip_adapter, guidance_rescale=args.guidance_rescale,
+                       guidance_interval=args.guidance_interval is not None, apg=args.apg is not None,
+                       pag=bool(args.pag))
+    except ValueError as err:
+        parser.error(str(err))
+    image = instruct_input(parser, args, pipe)
+    start = time.perf_counter()
+    images, info = pipe.edit(image, [args.prompt], image_guidance=args.image_guidance, **sampling_options(args))
+    finish(images, info, start, args.out, settings(args, args.prompt, info, image=args.image, edit=INSTRUCT,
+                                                   image_guidance=info["image_guidance"]))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if args.replay:   # the PNG's settings become the defaults: flags given now still win
+        parser.set_defaults(**replay_defaults(parser, args.replay))
+        args = parser.parse_args(argv)
+    if args.prompt is None or args.image is None:
+        parser.error("give a prompt and --image IN.png (or --replay FILE.png)")
     if args.strength is not None and not 0.0 <= args.strength <= 1.0:
         parser.error(f"--strength must be in [0, 1], got {args.strength}")
     pipe = load_pipeline(parser, args, [args.prompt])
+    if args.image_guidance is not None and pipe.index.image_input != INSTRUCT:
+        parser.error(f"--image-guidance is for InstructPix2Pix models (model_index.json's image_input "
+                     f"{INSTRUCT!r}); {args.model}'s is {pipe.index.image_input!r}")
+    if pipe.index.image_input == INSTRUCT:
+        instruct_edit(parser, args, pipe)
+        return
     if pipe.index.image_input == "kontext":
         if args.strength is not None:
             parser.error("--strength: FLUX.1 Kontext edits from pure noise with the image as reference tokens; "

@@ -18,6 +18,9 @@ It is not linear, so unlike plain CFG it depends on the space: theirs is the den
 
 Perturbed-attention guidance (PAG, Ahn et al. 2024, `pag`) adds s (D_cond - D_perturbed) to CFG's prediction, where
 D_perturbed is the same network with chosen self-attention maps replaced by the identity; linear, like CFG.
+
+InstructPix2Pix (Brooks et al. 2023, eq. 3, `pix2pix_cfg`) guides on two conditions, the input image and the
+instruction, with one scale each; linear, weights summing to 1, so exact on x0-hat too.
 """
 from __future__ import annotations
 
@@ -250,4 +253,40 @@ def pag(model, w, scale, uncond: dict, perturb, rescale: float = 0.0):
             guided = guided + wt * (pred_cond - out[batch:2 * batch])
             guided = rescale_guided(guided, pred_cond, rescale) if rescale else guided
         return guided
+    return guided
+
+
+def _stacked_args(cond: dict, nulls: list[dict], batch: int) -> dict:
+    """extra_args for the batch [cond; cond with nulls[0]'s values; ...]: `_batched_args` for more than two parts."""
+    parts = [_batched_args(cond, null, batch) for null in nulls]
+    args = {}
+    for key, value in cond.items():
+        if is_per_sample(value, batch) or any(key in null for null in nulls):
+            args[key] = torch.cat([value] + [part[key][batch:] for part in parts])
+        else:
+            args[key] = value                           # scalars and options pass through
+    return args
+
+
+def pix2pix_cfg(model, w, image_scale, null_text: dict, null_image: dict):
+    """Model function with InstructPix2Pix's two guidance scales (Brooks et al. 2023, eq. 3):
+
+        D(z, 0_I, 0_T) + s_I (D(z, c_I, 0_T) - D(z, 0_I, 0_T)) + s_T (D(z, c_I, c_T) - D(z, c_I, 0_T)),
+
+    s_T = 1 + w (our convention, as `cfg`: w = 0 leaves the instruction unguided) and s_I = `image_scale` as
+    diffusers' image_guidance_scale (1: the image unguided). extra_args hold c_I and c_T; `null_text` maps the
+    text's keys to the empty prompt's values (batch 1 or B), `null_image` the image's keys to the null image's (the
+    paper's and diffusers' zero latents). One model call of 3B: [c_I, c_T; c_I, 0_T; 0_I, 0_T], as diffusers' batch;
+    at w = 0, s_I = 1 the formula is D(z, c_I, c_T) alone: one pass of B. Floats, or per-sample (B,) tensors."""
+    def guided(x, t, **extra_args):
+        if not torch.is_tensor(w) and not torch.is_tensor(image_scale) and w == 0 and image_scale == 1:
+            return model(x, t, **extra_args)
+        batch = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        args = _stacked_args(extra_args, [null_text, {**null_text, **null_image}], batch)
+        out = model(torch.cat([x] * 3), t if t.ndim == 0 else torch.cat([t] * 3), **args)
+        both, image, neither = out[:batch], out[batch:2 * batch], out[2 * batch:]
+        s_t = append_dims(1 + torch.as_tensor(w, dtype=out.dtype, device=out.device), out.ndim)
+        s_i = append_dims(torch.as_tensor(image_scale, dtype=out.dtype, device=out.device), out.ndim)
+        return neither + s_t * (both - image) + s_i * (image - neither)     # eq. 3, in diffusers' order
     return guided

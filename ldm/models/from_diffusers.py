@@ -1,4 +1,5 @@
-"""A diffusers Stable Diffusion pipeline (SD 1.x / 2.x / SDXL base and refiner / SD3 layout) -> one of our model folders.
+"""A diffusers Stable Diffusion pipeline (SD 1.x / 2.x / SDXL base and refiner / SD3 layout / InstructPix2Pix) -> one of
+our model folders.
 
     python -m ldm.models.from_diffusers runwayml/stable-diffusion-v1-5 --out models/sd15
     python -m ldm.models.from_diffusers /data/my-sd-pipeline --out models/mine --dtype float16
@@ -15,7 +16,8 @@ through transformers (`TextEncoderConfig(kind="clip")`); SDXL's two encoders and
 (`kind="sdxl"`, ldm.models.text_sdxl), its U-Net with the added size/pooled-text embedding. SD3 (Esser et al.
 2024): its transformer becomes our MMDiT (ldm.models.convert_mmdit), its two CLIPs and optional T5 are copied
 (`kind="sd3"`, ldm.models.text_sd3), its flow-matching scheduler becomes the rectified-flow schedule with the
-scheduler's shift and flow prediction. The scheduler's betas and prediction type
+scheduler's shift and flow prediction. An InstructPix2Pix pipeline (SD's or SDXL's) is an SD one whose U-Net takes the
+input image's latents too: image_input "instruct-pix2pix" (ldm.instruct_pix2pix). The scheduler's betas and prediction type
 become model_index.json's schedule and prediction. Sampling uses our trailing-spaced grids (Lin et
 al. 2023), not the scheduler's "leading" spacing, and ends at clean data.
 """
@@ -31,6 +33,9 @@ from pathlib import Path
 
 import torch
 
+from ldm.instruct_pix2pix import INSTRUCT
+from ldm.instruct_pix2pix import PIPELINES as INSTRUCT_PIPELINES
+from ldm.instruct_pix2pix import check_unet as check_instruct_unet
 from ldm.models.convert_ae import load_diffusers_autoencoder
 from ldm.models.convert_unet import load_diffusers_unet
 from ldm.models.text import TextEncoderConfig
@@ -260,14 +265,20 @@ def convert(source: str, out: str, *, guidance: float | None = None, dtype: str 
     pipeline = check_pipeline(src)
     sdxl = bool(pipeline.get("text_encoder_2"))
     scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
-    resolution = save_networks(tmp, load_diffusers_unet(str(src), subfolder="unet", variant=variant),
-                               load_diffusers_autoencoder(src, subfolder="vae", variant=variant), dtype)
+    unet = load_diffusers_unet(str(src), subfolder="unet", variant=variant)
+    autoencoder = load_diffusers_autoencoder(src, subfolder="vae", variant=variant)
+    instruct = pipeline.get("_class_name") in INSTRUCT_PIPELINES     # InstructPix2Pix: 4 + 4 input channels
+    if instruct:
+        check_instruct_unet(unet.cfg.in_channels, autoencoder.config.z_channels, str(src))
+    resolution = save_networks(tmp, unet, autoencoder, dtype)
     for part in ("text_encoder", "tokenizer") + (SDXL_PARTS if sdxl else ()):
         if (src / part).is_dir():                      # the SDXL refiner has no first encoder
             copy_text_part(src / part, tmp / "text_encoder" / CLIP_DIR / part, variant)
     index = model_index_from_scheduler(scheduler, resolution, guidance)
     if pipeline.get("requires_aesthetics_score"):      # the refiner
         index.aesthetic = list(REFINER_AESTHETIC)
+    if instruct:                                       # edits an image (ldm.instruct_pix2pix)
+        index.image_input = INSTRUCT
     # SDXL draws the unconditional half from zeroed embeddings unless its pipeline says otherwise
     finish_folder(tmp, out, index, **({"kind": "sdxl", "zero_empty": bool(pipeline.get("force_zeros_for_empty_prompt",
                                                                                         True))} if sdxl else {}))
