@@ -20,6 +20,7 @@ from ldm.diffusion.samplers import check_eta
 from ldm.diffusion.schedules import SPACINGS
 from ldm.models.embeddings import parse_embedding_arg
 from ldm.models.lora import parse_lora_arg
+from ldm.models.prompt_schedule import is_scheduled, prompt_schedule
 from ldm.models.prompt_weights import parse_weighted, token_weights, tokenizer_weights
 from ldm.models.unet import self_attention_layers
 from ldm.models.vae_tiling import parse_tiling
@@ -229,8 +230,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                                "up_blocks.0.attentions.1) work too; an unknown name lists the model's (default: mid)")
     prompt.add_argument("--prompt-weights", default="a1111", choices=["a1111", "off"],
                         help="a1111 (default): read emphasis as the AUTOMATIC1111 web UI does, '(word:1.3)' weights "
-                             "a word 1.3, '(word)' 1.1, '[word]' 1/1.1, '\\(' is a literal bracket; off: prompts "
-                             "go to the text encoder as typed")
+                             "a word 1.3, '(word)' 1.1, '[word]' 1/1.1, '\\(' is a literal bracket; and its prompt "
+                             "editing: '[from:to:when]' draws FROM up to step WHEN (0.5: half the steps), then TO, "
+                             "'[to:when]' adds, '[from::when]' removes; '[a|b]' alternates a and b every step; off: "
+                             "prompts go to the text encoder as typed")
     prompt.add_argument("--embedding", action="append", default=[], metavar="FILE[:WORD]",
                         help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers) as a new word for "
                              "prompts and --negative: WORD, else the file's name; repeatable. CLIP models (SD 1.x/2.x)")
@@ -302,12 +305,20 @@ def short_warnings(message, category, filename, lineno, line=None) -> str:
 
 def check_prompt_syntax(parser: argparse.ArgumentParser, args, prompts: list[str],
                         pipe: TextToImage | None = None) -> None:
-    """A parser error for an unbalanced bracket (and, given the pipeline, a weight inside a word where its
-    text encoder tokenizes the whole prompt at once: chunked CLIP prompts tokenize each piece alone)."""
+    """A parser error for an unbalanced bracket or a malformed prompt edit, prompt editing in --negative (and,
+    given the pipeline, a weight inside a word where its text encoder tokenizes the whole prompt at once: chunked
+    CLIP prompts tokenize each piece alone), in each text a prompt edit gives (at --steps, else at 1000 steps)."""
     if args.prompt_weights == "off":
         return
     whole = pipe is not None and not pipe.chunked_prompts
-    for prompt in [*prompts, args.negative]:
+    try:
+        if is_scheduled(args.negative):
+            parser.error("--negative: prompt editing '[from:to:when]' and alternation '[a|b]' are read in prompts, "
+                         "not in the negative prompt (write \\[ for a literal bracket)")
+        texts = [text for prompt in prompts for _, text in prompt_schedule(prompt, args.steps or 1000)]
+    except ValueError as err:
+        parser.error(f"{err} (or --prompt-weights off)")
+    for prompt in dict.fromkeys([*texts, args.negative]):
         try:
             pieces = parse_weighted(prompt)
             if whole and any(w != 1.0 for _, w in pieces):
@@ -565,8 +576,7 @@ def png_info(run: dict, size: tuple[int, int]) -> PngInfo:
         (f" {run['spacing'].title()}" if run["spacing"] in ("karras", "exponential", "beta") else "")
     lines = [run["prompt"]] + ([f"Negative prompt: {run['negative']}"] if run["negative"] else [])
     lines.append(f"Steps: {run['steps']}, Sampler: {sampler}, CFG scale: {1 + run['guidance']:g}, "
-                 + (f"True CFG scale: {run['true_cfg']:g}, " if run.get("true_cfg") is not None else "")
-                 + (f"Image CFG scale: {run['image_guidance']:g}, " if run.get("image_guidance") is not None else "") +
+                 + (f"True CFG scale: {run['true_cfg']:g}, " if run.get("true_cfg") is not None else "") +
                  f"Seed: {run['seed']}, Size: {size[0]}x{size[1]}, Model: {os.path.basename(run['model'].rstrip('/'))}")
     if run.get("eta") is not None:                              # A1111's key for DDIM's eta; its generic one else
         lines[-1] += f", {'Eta DDIM' if run['sampler'] == 'ddim' else 'Eta'}: {run['eta']:g}"
