@@ -576,7 +576,8 @@ def png_info(run: dict, size: tuple[int, int]) -> PngInfo:
         (f" {run['spacing'].title()}" if run["spacing"] in ("karras", "exponential", "beta") else "")
     lines = [run["prompt"]] + ([f"Negative prompt: {run['negative']}"] if run["negative"] else [])
     lines.append(f"Steps: {run['steps']}, Sampler: {sampler}, CFG scale: {1 + run['guidance']:g}, "
-                 + (f"True CFG scale: {run['true_cfg']:g}, " if run.get("true_cfg") is not None else "") +
+                 + (f"True CFG scale: {run['true_cfg']:g}, " if run.get("true_cfg") is not None else "")
+                 + (f"Image CFG scale: {run['image_guidance']:g}, " if run.get("image_guidance") is not None else "") +
                  f"Seed: {run['seed']}, Size: {size[0]}x{size[1]}, Model: {os.path.basename(run['model'].rstrip('/'))}")
     if run.get("eta") is not None:                              # A1111's key for DDIM's eta; its generic one else
         lines[-1] += f", {'Eta DDIM' if run['sampler'] == 'ddim' else 'Eta'}: {run['eta']:g}"

@@ -30,6 +30,7 @@ from ldm.diffusion.samplers import ETA_OPTIONS, SAMPLERS, check_eta, initial_noi
 from ldm.diffusion.schedules import resolution_shift, schedule_from_config, shifted
 from ldm.distill.targets import coefficients
 from ldm.flux_tools import IMAGE_INPUTS, ReferenceTokens, fill_inputs
+from ldm.instruct_pix2pix import INSTRUCT, image_latents, instruct_model, refuse_options
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.controlnet import ControlSteps, attach_controlnets, check_control_ranges
 from ldm.models.lora import merge_lora, read_lora
@@ -94,7 +95,8 @@ class ModelIndex:
                                             # (guidance distillation) instead of running CFG
     image_input: str = ""                   # FLUX.1's image-conditioned nets (ldm.flux_tools): "fill" (a masked
                                             # image and its mask), "control" (Depth / Canny: a control image),
-                                            # "kontext" (a reference image to edit); "" none
+                                            # "kontext" (a reference image to edit); "instruct-pix2pix": SD's
+                                            # U-Net taking an image to edit (ldm.instruct_pix2pix); "" none
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelIndex":
@@ -461,7 +463,8 @@ class TextToImage:
                        shape: tuple[int, ...] | None = None, reference: torch.Tensor | None = None,
                        control_range: list | None = None, grid: torch.Tensor | None = None,
                        true_cfg: float | None = None, guidance_interval: tuple[float, float] | None = None,
-                       pag_scale: float = 0.0, pag_layers=PAG_LAYERS, apg: APG | None = None):
+                       pag_scale: float = 0.0, pag_layers=PAG_LAYERS, apg: APG | None = None,
+                       image_guidance: float | None = None):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
         with `negative` as the unconditional prompt (students were distilled with the empty one) and
         guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024), and
@@ -473,7 +476,11 @@ class TextToImage:
         guidance_interval: (lo, hi), CFG (true CFG too) only where lo < sigma_t / alpha_t <= hi (`cfg`'s interval;
         Kynkaanniemi et al. 2024); info's nfe_per_step is then a function of t. pag_scale: perturbed-attention
         guidance's s on the self-attentions of `pag_layers` (`pag_model`); 0 is off. apg: the teacher's CFG
-        (true CFG too) combined by adaptive projected guidance on x0-hat (`cfg`'s apg; Sadat et al. 2024)."""
+        (true CFG too) combined by adaptive projected guidance on x0-hat (`cfg`'s apg; Sadat et al. 2024).
+        image_guidance: an InstructPix2Pix model's s_I (`reference`: its image's latents; ldm.instruct_pix2pix)."""
+        if image_guidance is not None and self.index.image_input != INSTRUCT:
+            raise ValueError(f"--image-guidance (image_guidance) is for InstructPix2Pix models; this one's image_input "
+                             f"is {self.index.image_input!r}")
         self.check_guidance(negative, guidance_rescale, true_cfg, guidance_interval, apg, pag_scale)
         self.refuse_with_student(steps, teacher, negative=negative, guidance_rescale=guidance_rescale,
                                  control=control, inpaint=inpaint is not None, ip=ip_uncond is not None,
@@ -508,6 +515,11 @@ class TextToImage:
         uncond.pop("time_ids", None)               # SDXL: both halves take the drawn size's numbers, but
         if self.index.aesthetic is not None:       # the refiner's unconditional half has its own score
             uncond["time_ids"] = self.size_ids(shape or self.latent_shape(1), negative=True)[:1]
+        if self.index.image_input == INSTRUCT:     # eq. 3 of Brooks et al. 2023: three net calls a step
+            refuse_options(control=control, inpaint=inpaint is not None, ip=ip_uncond is not None,
+                           guidance_rescale=guidance_rescale, guidance_interval=guidance_interval is not None,
+                           apg=apg is not None, pag=pag_scale != 0)
+            return instruct_model(self, reference, guidance, image_guidance, uncond, shape)
         unet = self.teacher_net(inpaint, reference, control, control_range, grid, ip_uncond is not None,
                                 cfg_on=guidance != 0)
         self._refuse_interval_with_cond_half(unet, guidance_interval)
@@ -656,7 +668,8 @@ class TextToImage:
                control_range: list[tuple[float, float]] | None = None, true_cfg: float | None = None,
                guidance_interval: tuple[float, float] | None = None, pag_scale: float = 0.0,
                pag_layers=PAG_LAYERS, window: tuple[int, int] | None = None,
-               apg: APG | None = None, eta: float | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
+               apg: APG | None = None, eta: float | None = None, image_guidance: float | None = None,
+               progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
         spacing: the time grid (ldm.diffusion.schedules.SPACINGS); None: "karras" (Karras et al. 2022,
@@ -709,6 +722,9 @@ class TextToImage:
         eta: the sampler's noise in [0, 1], for the samplers that have such a knob (ETA_OPTIONS): DDIM's eta (Song
         et al. 2021, eq. 16; 1 is DDPM's posterior noise), TCD's gamma (Zheng et al. 2024; 1 is the lcm sampler);
         None: the sampler's own default (ddim 0, tcd 0.3). Students take it with ddim.
+        image_guidance: an InstructPix2Pix model's image guidance scale s_I (None: 1.5), `reference` its image's
+        unscaled latents at the drawn size (`edit` makes them); --guidance's w gives s_T = 1 + w (Brooks et al. 2023,
+        eq. 3; ldm.instruct_pix2pix). 3 net calls a step; info gains "image_guidance".
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
@@ -745,15 +761,18 @@ class TextToImage:
         model, extra_args, info = self.model_function(steps, w, teacher, negative, guidance_rescale, chunks, control,
                                                       inpaint, ip_uncond, shape, reference, control_range,
                                                       ts[steps - run:-1], true_cfg, guidance_interval,
-                                                      pag_scale=pag_scale, pag_layers=pag_layers, apg=apg)
+                                                      pag_scale=pag_scale, pag_layers=pag_layers, apg=apg,
+                                                      image_guidance=image_guidance)
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
             warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
                           f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
         if info["model"] != "teacher" and spacing != "trailing":
             warnings.warn(f"{info['model']} was distilled on the trailing time grid; {spacing!r} runs it off it",
                           stacklevel=3)
-        per_call = info["nfe_per_step"]
+        per_call, image_guidance = info["nfe_per_step"], info.get("image_guidance")
         info = {"model": info["model"], "steps": run, "nfe": 0, "guidance": w, "sampler": sampler, "spacing": spacing}
+        if image_guidance is not None:                      # InstructPix2Pix's s_I
+            info["image_guidance"] = image_guidance
         if window is not None:     # outside CFG: a guidance interval or rescale acts window by window
             boxes, stride = self.latent_windows(shape, window, control=control, reference=reference)
             model = windowed(model, boxes, stride)
@@ -894,9 +913,19 @@ class TextToImage:
              **kwargs) -> tuple[torch.Tensor, dict]:
         """FLUX.1 Kontext: images (1 or B, 3, H, W) in [-1, 1] (ldm.flux_tools.kontext_size says the size Kontext
         prefers) edited as `prompts` say, drawn from pure noise with the images' latents as reference tokens;
-        size: (width, height) of the output, default the images'."""
+        size: (width, height) of the output, default the images'. InstructPix2Pix (ldm.instruct_pix2pix): the same,
+        the images' unscaled latents as the U-Net's extra channels, at the images' size; kwargs' image_guidance is
+        its s_I."""
+        if self.index.image_input == INSTRUCT:
+            if size is not None and tuple(size) != (images.shape[-1], images.shape[-2]):
+                raise ValueError(f"InstructPix2Pix draws at the image's size, {images.shape[-1]}x{images.shape[-2]}; "
+                                 f"resize the image to {size[0]}x{size[1]} instead")
+            z, info = self.sample(prompts, steps=steps, size=(images.shape[-1], images.shape[-2]),
+                                  reference=image_latents(self, images), **kwargs)
+            return self.decode(z), info
         if self.index.image_input != "kontext":
-            raise ValueError(f"edit needs a FLUX.1 Kontext model; this one's image_input is {self.index.image_input!r}")
+            raise ValueError(f"edit needs a FLUX.1 Kontext model or an InstructPix2Pix one; this one's image_input "
+                             f"is {self.index.image_input!r}")
         reference = self.encode_images(images)
         size = size or (images.shape[-1], images.shape[-2])
         z, info = self.sample(prompts, steps=steps, size=size, reference=reference, **kwargs)
