@@ -142,13 +142,14 @@ def parse_vae_tiling(text: str) -> str:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --eta, --shift, --negative,
     --guidance-rescale, --guidance-interval, --true-cfg, --apg, --pag, --pag-layers, --prompt-weights, --embedding, --controlnet, --control-image,
-    --control-scale, --control-mode, --control-range, --ip-adapter,
+    --control-scale, --control-mode, --control-range, --t2i-adapter, --adapter-image, --adapter-scale,
+    --adapter-factor, --ip-adapter,
     --image-encoder, --ip-image, --ip-scale, --freeu, --clip-skip, --lora, --device, --dtype, --decoder-precision,
     --vae-tiling, --window."""
     model = parser.add_argument_group("model and device")
     sampling = parser.add_argument_group("sampling")
     prompt = parser.add_argument_group("prompt")
-    adapters = parser.add_argument_group("adapters (LoRA, ControlNet, IP-Adapter)")
+    adapters = parser.add_argument_group("adapters (LoRA, ControlNet, T2I-Adapter, IP-Adapter)")
     model.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
                         help="model folder with model_index.json (default: the shipped shapes64 model)")
     sampling.add_argument("--steps", type=int, default=None,
@@ -260,6 +261,21 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="an IP-Adapter (Ye et al. 2023; SD 1.x/2.x base variant, or XLabs' flux-ip-adapter for "
                              "FLUX.1: one net call a step unless --true-cfg) to prompt with --ip-image too; needs "
                              "--image-encoder")
+    adapters.add_argument("--t2i-adapter", action="append", default=[], metavar="DIR",
+                          help="a T2I-Adapter (Mou et al. 2023; diffusers' T2IAdapter folder or hub id, e.g. "
+                               "TencentARC/t2iadapter_canny_sd15v2, t2i-adapter-sketch-sdxl-1.0) steering the teacher "
+                               "with --adapter-image: its features are added in the U-Net's encoder; repeatable (the "
+                               "n-th goes with the n-th image; their scaled features add up, as MultiAdapter)")
+    adapters.add_argument("--adapter-image", action="append", default=[], metavar="IMAGE",
+                          help="the T2I-Adapter's input (sketch, edges, depth, ... as it expects; gray for 1-channel "
+                               "adapters), resized and centre-cropped to the output size")
+    adapters.add_argument("--adapter-scale", action="append", type=float, default=[], metavar="S",
+                          help="T2I-Adapter scale, diffusers' adapter_conditioning_scale (default 1.0); one for all, "
+                               "or one per --t2i-adapter")
+    adapters.add_argument("--adapter-factor", action="append", type=float, default=[], metavar="F",
+                          help="the fraction of the steps a T2I-Adapter acts on, from the first: steps i < int(n F) of "
+                               "n, diffusers' adapter_conditioning_factor (default 1.0); one for all, or one per "
+                               "--t2i-adapter")
     adapters.add_argument("--image-encoder", default=None, metavar="DIR",
                         help="the IP-Adapter's CLIP image encoder (a transformers CLIPVisionModelWithProjection folder)")
     adapters.add_argument("--ip-image", default=None, metavar="IMAGE", help="the image prompt for --ip-adapter")
@@ -431,10 +447,19 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
         pipe.check_guidance(args.negative, args.guidance_rescale, args.true_cfg, args.guidance_interval, args.apg,
                             args.pag or 0.0)
         pipe.refuse_with_student(args.steps, args.teacher, negative=args.negative, control=args.controlnet,
+    if len(args.t2i_adapter) != len(args.adapter_image) or \
+            any(len(values) not in (0, 1, len(args.t2i_adapter))
+                for values in (args.adapter_scale, args.adapter_factor)):
+        parser.error(f"--t2i-adapter and --adapter-image go together, one each ({len(args.t2i_adapter)} and "
+                     f"{len(args.adapter_image)} given), with one --adapter-scale / --adapter-factor or one per "
+                     f"adapter ({len(args.adapter_scale)} and {len(args.adapter_factor)} given)")
+    if any(not 0 <= f <= 1 for f in args.adapter_factor):
+        parser.error(f"--adapter-factor: the fraction of steps an adapter acts on, in [0, 1]; "
+                     f"got {args.adapter_factor}")
                                  guidance_rescale=args.guidance_rescale, ip=args.ip_adapter,
                                  shift=args.shift is not None, true_cfg=args.true_cfg is not None,
                                  guidance_interval=args.guidance_interval is not None, apg=args.apg is not None,
-                                 pag=bool(args.pag))
+                                 pag=bool(args.pag), adapter=args.t2i_adapter)
     except ValueError as err:
         parser.error(str(err))
     if args.pag:
@@ -457,7 +482,8 @@ def resolve_window(parser: argparse.ArgumentParser, args, pipe: TextToImage,
     args.window = (side, stride or side // 2)
     for size in sizes:
         try:
-            pipe.latent_windows(pipe.latent_shape(1, size), args.window, control=(control or {}).get("control"),
+            pipe.latent_windows(pipe.latent_shape(1, size), args.window,
+                                control=(control or {}).get("control") or (control or {}).get("adapter"),
                                 reference=(control or {}).get("reference"))
         except ValueError as err:
             parser.error(f"--window {args.window[0]}:{args.window[1]} for {size[0]}x{size[1]}: {err}")
@@ -474,16 +500,17 @@ def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, si
     --controlnet/--control-image/--control-range, or {}; errors as usage
     errors. Several ControlNets add their residuals (diffusers' MultiControlNetModel). FLUX.1 Depth / Canny:
     {"reference": the control image's latents} (ldm.flux_tools). inpainting: ldm.inpaint's, the one CLI that
-    takes inpainting ControlNets (they read a mask too)."""
+    takes inpainting ControlNets (they read a mask too). With --t2i-adapter: "adapter" too (`adapter_options`)."""
+    adapter = adapter_options(parser, args, pipe, size)
     if pipe.index.image_input == "control":
         try:
             image = load_image(args.control_image[0], size or (pipe.index.resolution,) * 2)
         except (OSError, ValueError) as err:
             parser.error(f"--control-image {args.control_image[0]}: {err}")
         with torch.no_grad():
-            return {"reference": pipe.encode_images(image)}
+            return {"reference": pipe.encode_images(image), **adapter}
     if not args.controlnet:
-        return {}
+        return adapter
     from ldm.models.controlnet import load_controlnet
     n = len(args.controlnet)
     scales = args.control_scale * n if len(args.control_scale) == 1 else args.control_scale or [1.0] * n
@@ -508,7 +535,29 @@ def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, si
         if mode is not None and not 0 <= mode < net.num_mode:
             parser.error(f"--control-mode {mode}: this Union ControlNet has modes 0..{net.num_mode - 1}")
         control.append((net, image, scale) if mode is None else (net, image, scale, mode))
-    return {"control": control, "control_range": [tuple(r) for r in args.control_range] or None}  # replay: lists
+    return {"control": control, "control_range": [tuple(r) for r in args.control_range] or None,  # replay: lists
+            **adapter}
+
+
+def adapter_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, size: tuple[int, int] | None) -> dict:
+    """{"adapter": [(T2IAdapter, image, scale, factor), ...]} from --t2i-adapter/--adapter-image/--adapter-scale/
+    --adapter-factor (each image gray for a 1-channel adapter, else RGB, in [0, 1]), or {}; errors as usage errors."""
+    if not args.t2i_adapter:
+        return {}
+    from ldm.models.t2i_adapter import load_t2i_adapter
+    n = len(args.t2i_adapter)
+    scales = args.adapter_scale * n if len(args.adapter_scale) == 1 else args.adapter_scale or [1.0] * n
+    factors = args.adapter_factor * n if len(args.adapter_factor) == 1 else args.adapter_factor or [1.0] * n
+    adapter = []
+    for folder, path, scale, factor in zip(args.t2i_adapter, args.adapter_image, scales, factors):
+        try:
+            net = load_t2i_adapter(folder, device=pipe.device)
+            image = load_image(path, size or (pipe.index.resolution,) * 2, "L" if net.in_channels == 1 else "RGB")
+            net.check_base(pipe.unet, pipe.autoencoder.config.downsample_factor)
+        except (OSError, ValueError) as err:
+            parser.error(f"--t2i-adapter {folder} / --adapter-image {path}: {err}")
+        adapter.append((net, image * 0.5 + 0.5, scale, factor))
+    return {"adapter": adapter}
 
 
 def sampling_options(args) -> dict:
@@ -567,6 +616,9 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
     if args.window is not None:                                 # as typed, resolved: '64:16'
         run["window"] = "{}:{}".format(*args.window)
     return run
+    if args.t2i_adapter:
+        run.update(t2i_adapter=list(args.t2i_adapter), adapter_image=list(args.adapter_image),
+                   adapter_scale=list(args.adapter_scale), adapter_factor=list(args.adapter_factor))
 
 
 def png_info(run: dict, size: tuple[int, int]) -> PngInfo:

@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     image = load_image(args.image, size)
     mask = None if args.mask is None else (load_image(args.mask, size, mode="L") > 0).float()   # (1, 1, H, W): > 127
     if args.outpaint:
-        if args.controlnet:        # its control image would be the input stretched over the larger canvas
-            parser.error("--outpaint is not combined with --controlnet")
+        if args.controlnet or args.t2i_adapter:   # its image would be the input stretched over the larger canvas
+            parser.error("--outpaint is not combined with --controlnet or --t2i-adapter")
         factor = pipe.autoencoder.config.downsample_factor
         if any(p % factor for p in args.outpaint):
             parser.error(f"--outpaint {','.join(map(str, args.outpaint))}: each pad must be a multiple of {factor} px "

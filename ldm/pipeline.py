@@ -52,7 +52,7 @@ STUDENT_SAMPLERS = ("ddim", "stochastic")   # what the students were distilled f
 TEACHER_ONLY = {"negative": "--negative", "guidance_rescale": "--guidance-rescale", "control": "--controlnet",
                 "ip": "--ip-adapter", "inpaint": "an inpainting U-Net's mask", "shift": "--shift",
                 "true_cfg": "--true-cfg", "guidance_interval": "--guidance-interval",
-                "apg": "--apg", "pag": "--pag"}
+                "apg": "--apg", "pag": "--pag", "adapter": "--t2i-adapter"}
 
 
 def native_bf16_cpu() -> bool:
@@ -335,8 +335,9 @@ class TextToImage:
             raise ValueError("MultiDiffusion windows: SDXL conditions on the image's size and crop (time_ids), which "
                              "windows would need per window; not supported")
         if control or reference is not None or self.inpainting_unet:
-            raise ValueError("MultiDiffusion windows: spatial inputs bound to the net (ControlNet images, an "
-                             "inpainting U-Net's mask and image, reference latents) are not cut into windows")
+            raise ValueError("MultiDiffusion windows: spatial inputs bound to the net (ControlNet and T2I-Adapter "
+                             "images, an inpainting U-Net's mask and image, reference latents) are not cut into "
+                             "windows")
         self.latent_shape(1, (side, side))                   # the U-Net takes the window
         factor = self.autoencoder.config.downsample_factor
         height, width = shape[-2] * factor, shape[-1] * factor
@@ -464,7 +465,7 @@ class TextToImage:
                        control_range: list | None = None, grid: torch.Tensor | None = None,
                        true_cfg: float | None = None, guidance_interval: tuple[float, float] | None = None,
                        pag_scale: float = 0.0, pag_layers=PAG_LAYERS, apg: APG | None = None,
-                       image_guidance: float | None = None):
+                       image_guidance: float | None = None, adapter: list | None = None):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
         with `negative` as the unconditional prompt (students were distilled with the empty one) and
         guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024), and
@@ -477,7 +478,8 @@ class TextToImage:
         Kynkaanniemi et al. 2024); info's nfe_per_step is then a function of t. pag_scale: perturbed-attention
         guidance's s on the self-attentions of `pag_layers` (`pag_model`); 0 is off. apg: the teacher's CFG
         (true CFG too) combined by adaptive projected guidance on x0-hat (`cfg`'s apg; Sadat et al. 2024).
-        image_guidance: an InstructPix2Pix model's s_I (`reference`: its image's latents; ldm.instruct_pix2pix)."""
+        image_guidance: an InstructPix2Pix model's s_I (`reference`: its image's latents; ldm.instruct_pix2pix).
+        adapter: T2I-Adapters attached to the teacher's U-Net (`teacher_net`, ldm.models.t2i_adapter)."""
         if image_guidance is not None and self.index.image_input != INSTRUCT:
             raise ValueError(f"--image-guidance (image_guidance) is for InstructPix2Pix models; this one's image_input "
                              f"is {self.index.image_input!r}")
@@ -485,7 +487,7 @@ class TextToImage:
         self.refuse_with_student(steps, teacher, negative=negative, guidance_rescale=guidance_rescale,
                                  control=control, inpaint=inpaint is not None, ip=ip_uncond is not None,
                                  true_cfg=true_cfg is not None, guidance_interval=guidance_interval is not None,
-                                 pag=pag_scale != 0, apg=apg is not None)
+                                 pag=pag_scale != 0, apg=apg is not None, adapter=adapter)
         if guidance_interval is not None:
             guidance_interval = check_interval(guidance_interval)
             self._warn_empty_interval(guidance_interval, grid)
@@ -500,7 +502,7 @@ class TextToImage:
             return model, lambda cond: {**cond, "w": guidance}, {"model": f"student-{steps}", "nfe_per_step": 1}
         if self.index.guidance_embed:              # FLUX.1-dev: one call a step, the scale is an input of the net
             net = self.teacher_net(inpaint, reference, control, control_range, grid, ip_uncond is not None,
-                                   cfg_on=true_cfg not in (None, 1))
+                                   cfg_on=true_cfg not in (None, 1), adapter=adapter)
             self._refuse_interval_with_cond_half(net, guidance_interval)
             model = self.denoiser(GuidanceInput(net, 1.0 + guidance), self.index.prediction)
             if true_cfg is None or true_cfg == 1:
@@ -518,10 +520,10 @@ class TextToImage:
         if self.index.image_input == INSTRUCT:     # eq. 3 of Brooks et al. 2023: three net calls a step
             refuse_options(control=control, inpaint=inpaint is not None, ip=ip_uncond is not None,
                            guidance_rescale=guidance_rescale, guidance_interval=guidance_interval is not None,
-                           apg=apg is not None, pag=pag_scale != 0)
+                           apg=apg is not None, pag=pag_scale != 0, adapter=adapter)
             return instruct_model(self, reference, guidance, image_guidance, uncond, shape)
         unet = self.teacher_net(inpaint, reference, control, control_range, grid, ip_uncond is not None,
-                                cfg_on=guidance != 0)
+                                cfg_on=guidance != 0, adapter=adapter)
         self._refuse_interval_with_cond_half(unet, guidance_interval)
         if ip_uncond is not None:                  # ip_tokens reach the net as one more conditioning input
             uncond = {**uncond, "ip_tokens": ip_uncond}
@@ -616,12 +618,17 @@ class TextToImage:
             raise ValueError("a guidance interval is not supported with FLUX.1 ControlNets under CFG")
 
     def teacher_net(self, inpaint, reference, control: list | None, control_range: list | None, grid, ip: bool,
-                    cfg_on: bool):
-        """The teacher's net with what a run binds to it: its image inputs (`image_input_net`), `control`'s
-        ControlNets acting over `control_range` of `grid`, and with `ip` the IP-Adapter's image tokens. cfg_on: the
+                    cfg_on: bool, adapter: list | None = None):
+        """The teacher's net with what a run binds to it: its image inputs (`image_input_net`), `adapter`'s
+        T2I-Adapters (ldm.models.t2i_adapter.attach_adapters, over `grid`), `control`'s ControlNets acting over
+        `control_range` of `grid`, and with `ip` the IP-Adapter's image tokens. cfg_on: the
         run combines two halves (CFG, FLUX.1-dev's true CFG): FLUX.1 ControlNets then run on the conditional half
         and lend both halves its residuals, as diffusers' FluxControlNetPipeline does."""
         net = self.image_input_net(inpaint, reference)
+        if adapter:                                # inside the ControlNets: they pass it `control`, it adds features
+            from ldm.models.t2i_adapter import attach_adapters
+            net = attach_adapters(net, self.unet, adapter, self.autoencoder.config.downsample_factor,
+                                  None if grid is None else grid * self.index.time_scale)
         if control:
             net = attach_controlnets(net, self.unet, control, self.autoencoder,
                                      self._control_steps(control, control_range, grid))
@@ -669,7 +676,7 @@ class TextToImage:
                guidance_interval: tuple[float, float] | None = None, pag_scale: float = 0.0,
                pag_layers=PAG_LAYERS, window: tuple[int, int] | None = None,
                apg: APG | None = None, eta: float | None = None, image_guidance: float | None = None,
-               progress: bool = False) -> tuple[torch.Tensor, dict]:
+               adapter: list | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
         spacing: the time grid (ldm.diffusion.schedules.SPACINGS); None: "karras" (Karras et al. 2022,
@@ -725,6 +732,10 @@ class TextToImage:
         image_guidance: an InstructPix2Pix model's image guidance scale s_I (None: 1.5), `reference` its image's
         unscaled latents at the drawn size (`edit` makes them); --guidance's w gives s_T = 1 + w (Brooks et al. 2023,
         eq. 3; ldm.instruct_pix2pix). 3 net calls a step; info gains "image_guidance".
+        adapter: [(T2IAdapter, image (1 or B, C, H, W) in [0, 1] at the output size, scale[, factor]), ...] for the
+        teacher's U-Net (Mou et al. 2023; ldm.models.t2i_adapter): scale x its features added in the encoder
+        (diffusers' adapter_conditioning_scale; several: summed, as MultiAdapter), on the first int(n x factor) of
+        the n steps run (diffusers' adapter_conditioning_factor, default 1).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
@@ -762,7 +773,7 @@ class TextToImage:
                                                       inpaint, ip_uncond, shape, reference, control_range,
                                                       ts[steps - run:-1], true_cfg, guidance_interval,
                                                       pag_scale=pag_scale, pag_layers=pag_layers, apg=apg,
-                                                      image_guidance=image_guidance)
+                                                      image_guidance=image_guidance, adapter=adapter)
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
             warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
                           f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
@@ -774,7 +785,8 @@ class TextToImage:
         if image_guidance is not None:                      # InstructPix2Pix's s_I
             info["image_guidance"] = image_guidance
         if window is not None:     # outside CFG: a guidance interval or rescale acts window by window
-            boxes, stride = self.latent_windows(shape, window, control=control, reference=reference)
+            boxes, stride = self.latent_windows(shape, window, control=(control or []) + (adapter or []),
+                                                reference=reference)
             model = windowed(model, boxes, stride)
             n = info["windows"] = len(window_boxes(shape[-2:], boxes, stride))
             per_call = (lambda t, f=per_call: n * f(t)) if callable(per_call) else n * per_call
@@ -871,9 +883,10 @@ class TextToImage:
         self.latent_shape(1, big)                          # the enlarged size must fit the networks
         z, first = self.sample(prompts, steps=steps, seed=seed, size=(width, height), **kwargs)
         z = F.interpolate(z, size=(big[1] // factor, big[0] // factor), mode="bilinear", align_corners=False)
-        if kwargs.get("control"):                          # control images follow to the larger size
-            kwargs["control"] = [(net, F.interpolate(hint, size=big[::-1], mode="bilinear", align_corners=False), *rest)
-                                 for net, hint, *rest in kwargs["control"]]
+        for key in ("control", "adapter"):                 # control and adapter images follow to the larger size
+            if kwargs.get(key):
+                kwargs[key] = [(net, F.interpolate(hint, size=big[::-1], mode="bilinear", align_corners=False), *rest)
+                               for net, hint, *rest in kwargs[key]]
         z, info = self.sample(prompts, steps=steps, seed=seed, init=z, strength=strength, **kwargs)
         return self.decode(z), {**info, "steps": first["steps"] + info["steps"], "nfe": first["nfe"] + info["nfe"]}
 

@@ -244,32 +244,47 @@ class UNet(Pretrained, nn.Module):
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(f"UNet: spatial size {tuple(x.shape[-2:])} must be divisible by {factor}")
 
-    def encode(self, h, emb, context, context_mask=None):
-        """The encoder and the middle block from conv_in's output h: (h, skips). A ControlNet runs this too."""
+    def encode(self, h, emb, context, context_mask=None, adapter=None):
+        """The encoder and the middle block from conv_in's output h: (h, skips). A ControlNet runs this too.
+        adapter: T2I-Adapter features (Mou et al. 2023, eq. 4), one added per level where diffusers adds its
+        down_intrablock_additional_residuals, a last one on the middle block's output (ldm.models.t2i_adapter)."""
+        features = list(adapter) if adapter is not None else None
         skips = [h]
         for level in self.down:
             for i, block in enumerate(level.res):
                 h = self._run(block, h, emb)
                 if len(level.attn):
                     h = self._run(level.attn[i], h, context, context_mask)
+                    if features and i == len(level.res) - 1:      # after the level's last transformer
+                        h = add_feature(h, features.pop(0))
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h)
                 skips.append(h)
+            if features and not len(level.attn):                  # a plain level: its output and last skip
+                h = skips[-1] = add_feature(h, features.pop(0))
         h = self._run(self.mid.res1, h, emb)
         if self.mid.attn is not None:
             h = self._run(self.mid.attn, h, context, context_mask)
-        return self._run(self.mid.res2, h, emb), skips
+        h = self._run(self.mid.res2, h, emb)
+        if features:                                              # SDXL's adapters: one more, at the middle
+            h = add_feature(h, features.pop(0))
+            if features:
+                raise ValueError(f"UNet: {len(adapter)} T2I-Adapter features for {len(self.down)} levels and "
+                                 "the middle block")
+        return h, skips
 
-    def forward(self, x, t, context, context_mask=None, cond_emb=None, control=None, pooled=None, time_ids=None):
+    def forward(self, x, t, context, context_mask=None, cond_emb=None, control=None, pooled=None, time_ids=None,
+                adapter=None):
         """x (B,C,H,W), t (B,) or scalar in [0, 1000), context (B,L,D), context_mask (B,L) bool True=attend.
         control: (residuals, one per skip, mid residual) from ControlNets (ldm.models.controlnet), added
         to the skips and to the middle block's output (Zhang et al. 2023, eq. 2 and Fig. 3).
-        pooled (B, P), time_ids (B, K): SDXL's added conditioning (`added_cond="text_time"` only)."""
+        pooled (B, P), time_ids (B, K): SDXL's added conditioning (`added_cond="text_time"` only).
+        adapter: T2I-Adapter features [(B, C_k, h_k, w_k)] added inside the encoder (`encode`)."""
         self._check_inputs(x, context)
         emb = self._embed(x, t, cond_emb, pooled, time_ids)
         context = context.to(self.conv_in.weight.dtype)
-        h, skips = self.encode(self.conv_in(x.to(self.conv_in.weight.dtype)), emb, context, context_mask)
+        h, skips = self.encode(self.conv_in(x.to(self.conv_in.weight.dtype)), emb, context, context_mask, adapter)
         if control is not None:
             down, mid = control
             skips = [s + r.to(s.dtype) for s, r in zip(skips, down, strict=True)]
@@ -286,6 +301,14 @@ class UNet(Pretrained, nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
         return self.conv_out(self.norm_out(h))
+
+
+def add_feature(h: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    """h + a T2I-Adapter feature of h's shape; ValueError naming both shapes else (an adapter for another model)."""
+    if feature.shape[1:] != h.shape[1:]:
+        raise ValueError(f"UNet: a T2I-Adapter feature {tuple(feature.shape[1:])} where the U-Net has "
+                         f"{tuple(h.shape[1:])} (an adapter for another base model, or another image size?)")
+    return h + feature.to(h.dtype)
 
 
 def sdxl_time_ids(size_ids: torch.Tensor | None, latent_shape: tuple[int, ...], factor: int) -> torch.Tensor:

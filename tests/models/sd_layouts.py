@@ -146,12 +146,12 @@ def _bigg():
 def _sdxl_unet(cross_attention_dim: int, pooled: int, numbers: int, **options) -> dict:
     """SDXL's U-Net structure at toy widths: a plain first level, 1 and 2 transformer blocks, linear
     projections, the text_time embedding of the pooled text and `numbers` size numbers (8-wide sinusoids)."""
-    return dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-                transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=8,
-                cross_attention_dim=cross_attention_dim, addition_embed_type="text_time", addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=pooled + numbers * 8, **options)
+    return {**dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
+                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                   transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=8,
+                   cross_attention_dim=cross_attention_dim, addition_embed_type="text_time", addition_time_embed_dim=8,
+                   projection_class_embeddings_input_dim=pooled + numbers * 8), **options}   # options may replace
 
 
 def write_sdxl_pipeline(folder, text_encoder_2=None, unet_options: dict | None = None):
