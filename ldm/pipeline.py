@@ -389,17 +389,17 @@ class TextToImage:
         context, _, pooled = self.text_encoder.encode_pooled(prompts, weighted=self.prompt_weights)
         return {"context": context, "pooled": pooled}
 
-    def step_prompts(self, prompts: list[str], negative: str, steps: int) -> list[list[str]]:
+    def step_prompts(self, prompts: list[str], negative: str, steps: int, first_pass: int = 0) -> list[list[str]]:
         """The prompts' texts at each of `steps` steps, with `prompt_weights` on (the A1111 web UI's syntax) read
         for prompt editing "[from:to:when]" and alternation "[a|b]" (ldm.models.prompt_schedule); one list when
-        they do not change. ValueError for such syntax in the negative prompt (CFG's unconditional branch is
-        encoded once, in `model_function`)."""
+        they do not change (first_pass: `sample`'s). ValueError for such syntax in the negative prompt (CFG's
+        unconditional branch is encoded once, in `model_function`)."""
         if not self.prompt_weights:
             return [prompts]
         if is_scheduled(negative):
             raise ValueError(f"negative prompt {negative!r}: prompt editing '[from:to:when]' and alternation "
                              "'[a|b]' are read in prompts, not in the negative prompt")
-        texts = [list(step) for step in zip(*(step_texts(p, steps) for p in prompts))]
+        texts = [list(step) for step in zip(*(step_texts(p, steps, first_pass) for p in prompts))]
         return texts[:1] if all(step == texts[0] for step in texts) else texts
 
     def step_conditioning(self, texts: list[list[str]], chunks: int | None, model, grid) -> tuple[dict, object]:
@@ -676,7 +676,7 @@ class TextToImage:
                guidance_interval: tuple[float, float] | None = None, pag_scale: float = 0.0,
                pag_layers=PAG_LAYERS, window: tuple[int, int] | None = None,
                apg: APG | None = None, eta: float | None = None, image_guidance: float | None = None,
-               adapter: list | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
+               adapter: list | None = None, first_pass: int = 0, progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
         spacing: the time grid (ldm.diffusion.schedules.SPACINGS); None: "karras" (Karras et al. 2022,
@@ -736,6 +736,8 @@ class TextToImage:
         teacher's U-Net (Mou et al. 2023; ldm.models.t2i_adapter): scale x its features added in the encoder
         (diffusers' adapter_conditioning_scale; several: summed, as MultiAdapter), on the first int(n x factor) of
         the n steps run (diffusers' adapter_conditioning_factor, default 1).
+        first_pass: the steps of a first pass this run continues (`hires`' second pass), for prompt editing's
+        timeline (ldm.models.prompt_schedule.edit_step, as the A1111 web UI's hires fix); 0: none.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
@@ -753,7 +755,7 @@ class TextToImage:
         if mask is not None and init is None:
             raise ValueError("a mask needs init latents (the image to inpaint)")
         run = steps if init is None else round(strength * steps)
-        texts = self.step_prompts(prompts, negative, max(run, 1))   # prompt editing: the texts of each step
+        texts = self.step_prompts(prompts, negative, max(run, 1), first_pass)   # prompt editing: each step's texts
         unique = list(dict.fromkeys(text for step in texts for text in step))
         self.check_prompts(unique)
         w = self.index.guidance if guidance is None else float(guidance)
@@ -876,7 +878,8 @@ class TextToImage:
         """Two passes, as the A1111 web UI's "hires fix" with its latent upscaler: sample at `size`, enlarge
         the latents `scale` times (bilinear), then SDEdit them at `strength` (round(strength * steps) steps
         from the same seed). A model trained at one size keeps that size's layout and adds the larger
-        size's detail. Images at scale x size; info's steps and nfe count both passes."""
+        size's detail. Images at scale x size; info's steps and nfe count both passes. Prompt edits run on the web
+        UI's two timelines: "[a:b:0.5]" switches half-way through the first pass, "[a:b:1.5]" through the second."""
         width, height = size or (self.index.resolution,) * 2
         big = (round(width * scale), round(height * scale))
         factor = self.autoencoder.config.downsample_factor
@@ -887,7 +890,7 @@ class TextToImage:
             if kwargs.get(key):
                 kwargs[key] = [(net, F.interpolate(hint, size=big[::-1], mode="bilinear", align_corners=False), *rest)
                                for net, hint, *rest in kwargs[key]]
-        z, info = self.sample(prompts, steps=steps, seed=seed, init=z, strength=strength, **kwargs)
+        z, info = self.sample(prompts, steps=steps, seed=seed, init=z, strength=strength, first_pass=steps, **kwargs)
         return self.decode(z), {**info, "steps": first["steps"] + info["steps"], "nfe": first["nfe"] + info["nfe"]}
 
     @torch.no_grad()

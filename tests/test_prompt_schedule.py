@@ -55,6 +55,16 @@ def test_schedules_of_documented_prompts(prompt, steps, schedule):
     assert prompt_schedule(prompt, steps) == schedule
 
 
+@pytest.mark.parametrize("prompt, schedule", [        # hires fix's second pass of 10 steps after a first of 10
+    ("a [b:.5] c", [(10, "a b c")]),                       # the first pass's fractions are over
+    ("a [b:1.5] c", [(5, "a  c"), (10, "a b c")]),         # half-way through this one
+    ("[a:b:14]", [(4, "a"), (10, "b")]),                   # step 14 of both: this one's 4th
+    ("[a:b:7]", [(10, "b")]),
+])
+def test_second_pass_timeline(prompt, schedule):
+    assert prompt_schedule(prompt, 10, first_pass=10) == schedule
+
+
 def test_alternation_cycles_through_its_words_every_step():
     """The wiki's example: one word a step, from the first, around and around."""
     words = ["cow", "cow", "horse", "man", "siberian tiger", "ox", "man"]
@@ -241,3 +251,22 @@ def test_cli_refuses_bad_edits_as_usage_errors(model, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             txt2img.main([*args, "--model", model, "--steps", "2", "--out", str(tmp_path / "x.png")])
         assert e.value.code == 2 and message in capsys.readouterr().err, args
+
+
+def test_hires_second_pass_continues_the_timeline(pipe):
+    """hires fix as the web UI's: '[a:b:0.5]' is b throughout the second pass, '[a:b:1.5]' a throughout the first and
+    switching half-way through the second; against the two passes run by hand with the texts each should see."""
+    import torch.nn.functional as F
+    options = dict(steps=4, scale=2.0, strength=0.5, seed=1, teacher=True, guidance=2.0)
+
+    def by_hand(first: str, second: str) -> torch.Tensor:
+        z, _ = pipe.sample([first], steps=4, seed=1, teacher=True, guidance=2.0)
+        z = F.interpolate(z, scale_factor=2.0, mode="bilinear", align_corners=False)
+        z, _ = pipe.sample([second], steps=4, seed=1, teacher=True, guidance=2.0, init=z, strength=0.5)
+        return pipe.decode(z)
+    for edit, first, second in (("a [red:blue:0.5] circle", "a [red:blue:0.5] circle", "a blue circle"),
+                                ("a [red:blue:1.5] circle", "a red circle", "a [red:blue:0.5] circle"),
+                                ("a [red:blue:5] circle", "a red circle", "a [red:blue:1] circle")):
+        images, _ = pipe.hires([edit], **options)
+        assert torch.equal(images, by_hand(first, second)), edit
+    assert not torch.equal(by_hand("a red circle", "a [red:blue:0.5] circle"), by_hand("a red circle", "a red circle"))

@@ -24,7 +24,9 @@ steps; we follow the wiki's description instead ("[a:b:0.5]" at 16 steps: 'a' on
 at 2 steps: 'a' then 'b'). A step is found from the time t the network is called at (`step_index`), so Heun's
 second evaluation, at the next step's time, takes the next step's text (the web UI, counting calls, doubles its
 step count for such samplers). Where the web UI reads a malformed group ("[a:b]", "[a|b:2]") as plain text, we
-refuse it with its position. No "AND" (composable diffusion) and no hires-fix second timeline ("[a:b:1.5]").
+refuse it with its position. Hires fix's second pass (`first_pass`) continues the timeline as the web UI's does
+since 1.6: "[a:b:0.5]" is 'b' throughout it, "[a:b:1.5]" switches half-way through it. No "AND" (composable
+diffusion).
 """
 from __future__ import annotations
 
@@ -123,10 +125,15 @@ def is_scheduled(prompt: str) -> bool:
     return any(isinstance(node, (_Edit, _Alternation)) for node in parse_schedule(prompt))
 
 
-def edit_step(when: str, steps: int) -> int:
+def edit_step(when: str, steps: int, first_pass: int = 0) -> int:
     """The step after which an edit switches: a number with a decimal point is a fraction of `steps`, else a step
-    number; truncated toward 0 and capped at `steps` as the web UI does."""
-    value = float(when) * steps if "." in when else float(when)
+    number; truncated toward 0 and capped at `steps` as the web UI does. first_pass: the steps of the first pass
+    that this run continues (hires fix's second pass; 0: none): the web UI's second timeline, where fractions
+    count from 1.0 ("1.5": half this run) and step numbers from the first pass's end."""
+    if "." in when:
+        value = (float(when) - (1.0 if first_pass else 0.0)) * steps
+    else:
+        value = float(when) - first_pass
     return min(steps, int(value))
 
 
@@ -141,34 +148,35 @@ def _walk(nodes: list):
                 yield from _walk(option)
 
 
-def _render(nodes: list, step: int, steps: int) -> str:
+def _render(nodes: list, step: int, steps: int, first_pass: int) -> str:
     """The text at `step` (from 1)."""
     out = []
     for node in nodes:
         if isinstance(node, _Edit):
-            out.append(_render(node.before if step <= edit_step(node.when, steps) else node.after, step, steps))
+            shown = node.before if step <= edit_step(node.when, steps, first_pass) else node.after
+            out.append(_render(shown, step, steps, first_pass))
         elif isinstance(node, _Alternation):
-            out.append(_render(node.options[(step - 1) % len(node.options)], step, steps))
+            out.append(_render(node.options[(step - 1) % len(node.options)], step, steps, first_pass))
         else:
             out.append(node)
     return "".join(out)
 
 
-def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+def prompt_schedule(prompt: str, steps: int, first_pass: int = 0) -> list[tuple[int, str]]:
     """[(end_step, text), ...]: `text` is the prompt on the steps after the previous entry's end up to `end_step`
-    (steps count from 1); the last end is `steps`. Adjacent equal texts are one entry."""
+    (steps count from 1); the last end is `steps`. Adjacent equal texts are one entry. first_pass: `edit_step`'s."""
     if steps < 1:
         raise ValueError(f"a prompt schedule needs steps >= 1, got {steps}")
     nodes = parse_schedule(prompt)
     ends = {steps}
     for node in _walk(nodes):
-        if isinstance(node, _Edit) and 1 <= edit_step(node.when, steps) < steps:
-            ends.add(edit_step(node.when, steps))
+        if isinstance(node, _Edit) and 1 <= edit_step(node.when, steps, first_pass) < steps:
+            ends.add(edit_step(node.when, steps, first_pass))
         elif isinstance(node, _Alternation):
             ends.update(range(1, steps))
     schedule: list[tuple[int, str]] = []
     for end in sorted(ends):                            # the text is constant on (previous end, end]
-        text = _render(nodes, end, steps)
+        text = _render(nodes, end, steps, first_pass)
         if schedule and schedule[-1][1] == text:
             schedule[-1] = (end, text)
         else:
@@ -176,10 +184,10 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     return schedule
 
 
-def step_texts(prompt: str, steps: int) -> list[str]:
-    """The prompt's text on each of `steps` steps (list index = step - 1)."""
+def step_texts(prompt: str, steps: int, first_pass: int = 0) -> list[str]:
+    """The prompt's text on each of `steps` steps (list index = step - 1); first_pass: `edit_step`'s."""
     texts, start = [], 0
-    for end, text in prompt_schedule(prompt, steps):
+    for end, text in prompt_schedule(prompt, steps, first_pass):
         texts += [text] * (end - start)
         start = end
     return texts
