@@ -1,5 +1,6 @@
 """The rest of k-diffusion's sampler set (Crowson's k_diffusion/sampling.py), the A1111 web UI's and ComfyUI's
-"LMS", "DPM2", "DPM2 a", "DPM++ 2S a" and "DPM++ SDE", as samplers of ldm.diffusion.samplers (registered there).
+"LMS", "DPM2", "DPM2 a", "DPM++ 2S a" and "DPM++ SDE", and DEIS (Zhang & Chen 2023; ComfyUI's "deis", diffusers'
+DEISMultistepScheduler), as samplers of ldm.diffusion.samplers (registered there).
 
 k-diffusion writes them for VE models, x = y + s eps with s = sigma / alpha; here they step y = x / alpha and
 s exactly so (Karras et al. 2022, eq. 4) and return to x = alpha y, as `sample_euler` does, so they run on any
@@ -75,7 +76,7 @@ def _lms_coefficients(nodes: list[float], s: float, s_next: float) -> list[float
 def sample_lms(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None,
                order: int = 4):
     """Linear multistep ("LMS", k-diffusion's sample_lms): y' = y + sum_j c_j d_j over the last `order` slopes
-    d = (y - D) / s, c_j the integral of the Lagrange polynomial through them (Adams-Bashforth on variable steps in s)."""
+    d = (y - D) / s, c_j the integral of the Lagrange polynomial through them (Adams-Bashforth, variable steps in s)."""
     if not (isinstance(order, int) and order >= 1):
         raise ValueError(f"LMS order must be an integer >= 1, got {order!r}")
     denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
@@ -218,4 +219,51 @@ def sample_dpmpp_sde(model, x, ts, schedule, *, extra_args=None, callback=None, 
         denoised_mid = denoise(alpha_mid * y_mid, t_mid)
         s_down, s_up = _ancestral_levels(s, s_next, eta)
         x = st.alpha_next * (_dpmpp_first_order(y, denoised_mid, s, s_down) + s_up * z2)
+    return x
+
+
+# ----------------------------------------------------------------------------- DEIS
+
+def _deis_coefficients(nodes: list[float], s: float, s_next: float) -> list[float]:
+    """DEIS's weights (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator", eq. 15,
+    the log-rho variant of diffusers' DEISMultistepScheduler): the integral over rho in [s, s_next] of each Lagrange
+    basis polynomial in log rho on `nodes` (levels, newest first). Exact: with u = log rho, the integral of P(u) e^u
+    is e^u (P - P' + P'' - ...), which tends to 0 as rho -> 0, so a step may land on s_next = 0."""
+    logs = [math.log(v) for v in nodes]
+    out = []
+    for j, u_j in enumerate(logs):
+        others = [u for k, u in enumerate(logs) if k != j]
+        p = np.polynomial.Polynomial.fromroots(others) if others else np.polynomial.Polynomial([1.0])
+        p = p / float(np.prod([u_j - u for u in others]))
+        g = sum(((-1) ** k * p.deriv(k) for k in range(1, len(logs))), p)        # P - P' + P'' - ...
+        antiderivative = lambda rho: 0.0 if rho == 0 else rho * g(math.log(rho))  # noqa: E731
+        out.append(antiderivative(s_next) - antiderivative(s))
+    return out
+
+
+@torch.no_grad()
+def sample_deis(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None,
+                order: int = 2):
+    """DEIS (Zhang & Chen 2023; diffusers' DEISMultistepScheduler, ComfyUI's "deis"): y' = y + sum_j c_j eps_j, the
+    noise predictions eps = (y - D) / s of the last `order` steps interpolated by a polynomial in log s and integrated
+    exactly over the step in s (`_deis_coefficients`). As diffusers: first order on the first step, and with fewer
+    than 15 steps on the last, at most second order on the one before."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"DEIS order must be 1, 2 or 3, got {order!r}")
+    denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
+    n = len(steps.iterable)
+    eps, nodes = [], []                           # newest first
+    for st in steps:
+        denoised = denoise(x, st.t)
+        _notify(callback, st, x, denoised)
+        if st.alpha == 0:                         # s = inf: no node to interpolate through; left out of the history
+            x = _from_pure_noise(x, denoised, st, st.sigma_next / st.alpha_next, 0.0, None)
+            continue
+        s, s_next = _levels(st)
+        y = x / st.alpha
+        eps, nodes = [(y - denoised) / s, *eps][:order], [s, *nodes][:order]
+        k = 1 if st.i == n - 1 and n < 15 else 2 if st.i == n - 2 and n < 15 else order
+        k = min(k, len(nodes))
+        y = y + sum(c * e for c, e in zip(_deis_coefficients(nodes[:k], s, s_next), eps))
+        x = st.alpha_next * y
     return x

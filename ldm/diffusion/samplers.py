@@ -412,9 +412,9 @@ from .multistep import sample_dpmpp_3m, sample_dpmpp_3m_sde, sample_unipc  # noq
 
 SAMPLERS.update({"dpmpp_3m": sample_dpmpp_3m, "dpmpp_3m_sde": sample_dpmpp_3m_sde, "unipc": sample_unipc})
 
-# k-diffusion's other samplers (the A1111 web UI's LMS, DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE), in their own file too.
-from .kdiffusion import (sample_dpm_2, sample_dpm_2_ancestral, sample_dpmpp_2s_ancestral,  # noqa: E402
-                         sample_dpmpp_sde, sample_lms)
+# k-diffusion's other samplers (the A1111 web UI's LMS, DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE) and DEIS, in a file too.
+from .kdiffusion import (sample_deis, sample_dpm_2, sample_dpm_2_ancestral,  # noqa: E402
+                         sample_dpmpp_2s_ancestral, sample_dpmpp_sde, sample_lms)
 
 SAMPLERS.update({"lms": sample_lms, "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral,
-                 "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_sde": sample_dpmpp_sde})
+                 "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_sde": sample_dpmpp_sde, "deis": sample_deis})

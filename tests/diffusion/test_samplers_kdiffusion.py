@@ -1,27 +1,28 @@
-"""k-diffusion's LMS, DPM2, DPM2 a, DPM++ 2S a and DPM++ SDE (ldm.diffusion.kdiffusion) against references:
-diffusers' LMSDiscreteScheduler, KDPM2DiscreteScheduler and KDPM2AncestralDiscreteScheduler step for step with
-the same noise; DPM-Solver++(2S) (the eta = 0 limit of both DPM++ samplers) against diffusers'
-DPMSolverSinglestepScheduler run over our grid with the log-s midpoints inserted; the ancestral DPM++ samplers
-against a transcription of k-diffusion's functions in VE sigmas (diffusers has no 2S a, and its DPM++ SDE needs
-torchsde); the noise against closed forms; orders of convergence on a closed-form mixture, rectified flow too."""
+"""k-diffusion's LMS, DPM2, DPM2 a, DPM++ 2S a and DPM++ SDE, and DEIS (ldm.diffusion.kdiffusion) against
+references: diffusers' LMSDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler and
+DEISMultistepScheduler step for step with the same noise; DPM-Solver++(2S) (the eta = 0 limit of both DPM++
+samplers) against diffusers' DPMSolverSinglestepScheduler run over our grid with the log-s midpoints inserted;
+the ancestral DPM++ samplers against a transcription of k-diffusion's functions in VE sigmas (diffusers has no
+2S a, and its DPM++ SDE needs torchsde); the noise against closed forms; orders of convergence on a closed-form
+mixture, rectified flow too."""
 import functools
 import math
 
 import numpy as np
 import pytest
 import torch
-from diffusers import (DPMSolverSinglestepScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
-                       LMSDiscreteScheduler)
+from diffusers import (DEISMultistepScheduler, DPMSolverSinglestepScheduler, KDPM2AncestralDiscreteScheduler,
+                       KDPM2DiscreteScheduler, LMSDiscreteScheduler)
 
 from ldm.diffusion.gmm import GaussianMixture
-from ldm.diffusion.kdiffusion import (sample_dpm_2, sample_dpm_2_ancestral, sample_dpmpp_2s_ancestral,
+from ldm.diffusion.kdiffusion import (sample_deis, sample_dpm_2, sample_dpm_2_ancestral, sample_dpmpp_2s_ancestral,
                                       sample_dpmpp_sde, sample_lms)
 from ldm.diffusion.samplers import SAMPLERS, initial_noise, sample_dpmpp_2m
 from ldm.diffusion.schedules import make_schedule
 from tests.diffusion.test_samplers_vs_diffusers import BETAS, _assert_trajectories_close, _noise, _ours, eps_fn
 
 NEW = {"lms": sample_lms, "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral,
-       "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_sde": sample_dpmpp_sde}
+       "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_sde": sample_dpmpp_sde, "deis": sample_deis}
 
 
 def _ve_reference(ref, n, *, full_steps=None, generator=None):
@@ -145,7 +146,8 @@ def test_dpmpp_eta_0_is_diffusers_singlestep_2s(name, n, sampler):
 
 
 def _kdiff_denoiser(name):
-    """k-diffusion's view of our eps model: D(y, s) = y - s eps(y / sqrt(1 + s^2), t(s)), t by diffusers' interpolation."""
+    """k-diffusion's view of our eps model: D(y, s) = y - s eps(y / sqrt(1 + s^2), t(s)), t(s) by diffusers'
+    interpolation."""
     ref, _, _ = _midpoint_grid(name, 1)
     ac = _alphas_cumprod(name).numpy()
     log_sigmas = np.log(((1 - ac) / ac) ** 0.5)
@@ -259,6 +261,8 @@ def test_eta_0_limits():
             run(f, eta=1.5)
     with pytest.raises(ValueError, match="LMS order"):
         run(sample_lms, order=0)
+    with pytest.raises(ValueError, match="DEIS order"):
+        run(sample_deis, order=4)
 
 
 @pytest.mark.parametrize("which", ["dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"])
@@ -332,8 +336,9 @@ def _gmm_error(name, sampler, n, **kw):
 
 
 @pytest.mark.parametrize("name", ["cosine_logsnr", "rectified_flow"])
-@pytest.mark.parametrize("which, kw", [("lms", {}), ("dpm_2", {}), ("dpmpp_2s_ancestral", {"eta": 0.0})],
-                         ids=["lms", "dpm_2", "dpmpp_2s"])
+@pytest.mark.parametrize("which, kw", [("lms", {}), ("dpm_2", {}), ("dpmpp_2s_ancestral", {"eta": 0.0}),
+                                      ("deis", {}), ("deis", {"order": 3})],
+                         ids=["lms", "dpm_2", "dpmpp_2s", "deis", "deis-order3"])
 def test_ode_samplers_converge_faster_than_first_order(name, which, kw):
     """Halving the step (20 -> 40 steps) cuts the error by more than 2.5x (DDIM: 2x), on rectified flow too, whose
     first step starts at alpha = 0 (the pure-noise limit step, left out of LMS's history)."""
@@ -352,4 +357,24 @@ def test_registered_and_finite_from_zero_snr():
         out = f(model, _noise(), ts, sched, disable=True, generator=torch.Generator().manual_seed(0))
         assert out.isfinite().all(), name
         # the single-step second-order samplers: one call on the first step (pure noise) and the last, else two
-        assert len(calls) == (6 if name == "lms" else 2 * 6 - 2), name
+        assert len(calls) == (6 if name in ("lms", "deis") else 2 * 6 - 2), name
+
+
+@pytest.mark.parametrize("name", BETAS)
+@pytest.mark.parametrize("n", [1, 2, 5, 20])     # 20: no lower-order steps at the end (diffusers: from 15 steps)
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_deis_matches_diffusers(name, n, order):
+    """DEISMultistepScheduler (log-rho) ends at t = 0's sigma, not 0: our grid with final="t_min". Its sigma table in
+    float64 (`_alphas_cumprod`)."""
+    beta_schedule, kw = BETAS[name]
+    ref = DEISMultistepScheduler(beta_schedule=beta_schedule, solver_order=order, timestep_spacing="trailing", **kw)
+    ref.set_timesteps(n)
+    sigmas = ((1 - _alphas_cumprod(name)) / _alphas_cumprod(name)).sqrt()
+    ref.sigmas = torch.cat([sigmas[ref.timesteps], sigmas[:1]])
+    x, traj = _noise(), [_noise()]
+    for t in ref.timesteps:
+        x = ref.step(eps_fn(x, t), t, x).prev_sample
+        traj.append(x)
+    ts = make_schedule(name).timesteps(n, spacing="trailing", final="t_min")
+    torch.testing.assert_close(ts[:-1], ref.timesteps.double())
+    _assert_trajectories_close(_ours(sample_deis, name, ts, _noise(), order=order), traj)
