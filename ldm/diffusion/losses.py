@@ -17,7 +17,7 @@ import torch
 from .param import PREDICTIONS, append_dims, check_prediction, q_sample, training_target
 
 WEIGHTINGS = ("uniform", "truncated_snr", "min_snr")
-TIME_SAMPLING = ("discrete", "continuous", "logit_normal")
+TIME_SAMPLING = ("discrete", "continuous", "logit_normal", "cubic")
 
 
 def space_factor(prediction: str, alpha, sigma):
@@ -58,6 +58,8 @@ def sample_times(schedule, n: int, *, time: str = "discrete", shift: float = 1.0
     logit_normal u = sigmoid(m + s n), n ~ N(0, 1), mapped onto [t_min, t_max] as u is for continuous time:
     Esser et al. 2024, eq. 19 (their best rectified-flow setting: m = 0, s = 1, sec. 5.1), which spends the
     training on the middle of the path, where the velocity is hardest to predict.
+    cubic (discrete or continuous schedules): u = 1 - v^3, v ~ U[0, 1], as T2I-Adapter training (Mou et al.
+    2023, sec. 3.4): the layout an adapter or ControlNet must carry is settled at the early, noisy steps.
 
     `shift` s > 1 (continuous time only) draws u ~ U[t_min, t_max] and returns the time whose
     log-SNR is lambda(u) - 2 log s: the whole training distribution moved towards noise, as the
@@ -76,6 +78,11 @@ def sample_times(schedule, n: int, *, time: str = "discrete", shift: float = 1.0
         u = torch.rand(n, generator=generator, device=device) if time == "continuous" else \
             torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator, device=device))
         return shift_times(schedule, uniform_times(schedule, u), shift, shift_share, generator)
+    if time == "cubic":          # Mou et al. 2023, sec. 3.4: t = (1 - (u/T)^3) T, most draws at the noisy end
+        u = 1.0 - torch.rand(n, generator=generator, device=device) ** 3
+        if hasattr(schedule, "num_timesteps"):
+            return (u * schedule.num_timesteps).floor().clamp(max=schedule.num_timesteps - 1)
+        return uniform_times(schedule, u)
     raise ValueError(f"time must be one of {TIME_SAMPLING}, got {time!r}")
 
 
@@ -93,7 +100,7 @@ def shift_times(schedule, t: torch.Tensor, shift: float, share: float = 1.0, gen
 def check_time_shift(shift: float, time: str, name: str = "time_shift", share: float = 1.0,
                      share_name: str = "time_shift_share") -> None:
     """ValueError naming the key unless shift > 0 (1 for discrete time) and 0 <= share <= 1."""
-    if shift <= 0 or (shift != 1.0 and time == "discrete"):
+    if shift <= 0 or (shift != 1.0 and time in ("discrete", "cubic")):
         raise ValueError(f"{name}={shift}: must be > 0, and 1.0 unless time is 'continuous' or 'logit_normal' "
                          f"(time={time!r})")
     if not 0.0 <= share <= 1.0:

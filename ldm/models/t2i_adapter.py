@@ -254,3 +254,27 @@ def load_t2i_adapter(source: str, device="cpu") -> T2IAdapter:
                      d.get("downscale_factor", 8))
     load_state_dict_strict(net, adapter_state_from_diffusers(_read_weights(path, None)), path)
     return net.to(device).eval().requires_grad_(False)
+
+
+def adapter_state_to_diffusers(state: dict) -> dict:
+    """Ours -> diffusers T2IAdapter keys: the inverse of `adapter_state_from_diffusers`."""
+    out = {}
+    for key, value in state.items():
+        new = key.replace("levels.", "body.", 1).replace(".res.", ".resnets.")
+        new = new.replace(".conv1.", ".block1.").replace(".conv2.", ".block2.")
+        out["adapter." + new.replace(".proj_in.", ".in_conv.").replace(".proj_out.", ".out_conv.")] = value
+    return out
+
+
+def save_t2i_adapter(net: T2IAdapter, folder: str, dtype: torch.dtype = torch.float32) -> None:
+    """`net` as a diffusers T2IAdapter folder (config.json + diffusion_pytorch_model.safetensors), which
+    `load_t2i_adapter` (--t2i-adapter) and diffusers' T2IAdapter.from_pretrained read."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    config = {"_class_name": "T2IAdapter", "_diffusers_version": "0.42.1", "adapter_type": net.kind,
+              "in_channels": net.in_channels, "channels": list(net.channels), "num_res_blocks": net.num_res_blocks,
+              "downscale_factor": net.factor}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in adapter_state_to_diffusers(net.state_dict()).items()}
+    save_file(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
