@@ -36,11 +36,40 @@ def check_unet(in_channels: int, z_channels: int, source: str) -> None:
                          f"the image's latents); this one takes {in_channels}")
 
 
+def unscaled(config, z: torch.Tensor) -> torch.Tensor:
+    """encode_latents' unit-scale latents -> the posterior's own units, which the U-Net's image channels take."""
+    return z / config.scaling_factor + (config.shift_factor or 0.0)
+
+
 def image_latents(pipe, images: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] -> (B, C, h, w): the posterior mode, unscaled (diffusers' prepare_image_latents:
     vae.encode(image).latent_dist.mode(), no scaling_factor)."""
-    config = pipe.autoencoder.config
-    return pipe.encode_images(images) / config.scaling_factor + (config.shift_factor or 0.0)
+    return unscaled(pipe.autoencoder.config, pipe.encode_images(images))
+
+
+def training_image_latents(autoencoder, images: torch.Tensor) -> torch.Tensor:
+    """`image_latents` for a training batch: the same mode, the same unscaling, from the bare autoencoder."""
+    return unscaled(autoencoder.config, autoencoder.encode_latents(images, sample=False))
+
+
+def widen_input(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A trained text-to-image U-Net's input conv (O, C, k, k) -> (O, in_channels, k, k), the new image channels zero
+    (Brooks et al. 2023, sec. 3.2.1): at zero weights the widened net is exactly the one it starts from."""
+    if in_channels < weight.shape[1]:
+        raise ValueError(f"cannot widen an input conv of {weight.shape[1]} channels to {in_channels}")
+    extra = weight.new_zeros(weight.shape[0], in_channels - weight.shape[1], *weight.shape[2:])
+    return torch.cat([weight, extra], dim=1)
+
+
+def drop_conditions(texts: list[str], latents: torch.Tensor, p: float,
+                    generator: torch.Generator | None = None) -> tuple[list[str], torch.Tensor]:
+    """Brooks et al. 2023, sec. 3.2.1: with probability p each, only the instruction -> "", only the image -> the null
+    image (zero latents, as `instruct_model` guides with), or both; so one net learns the three terms of eq. 3."""
+    u = torch.rand(len(texts), generator=generator)                        # (B,) one draw: the three are disjoint
+    drop_text = ((u < p) | ((u >= 2 * p) & (u < 3 * p))).tolist()
+    drop_image = (u >= p) & (u < 3 * p)
+    keep = (~drop_image).to(device=latents.device, dtype=latents.dtype).view(-1, *[1] * (latents.ndim - 1))
+    return [("" if d else t) for t, d in zip(texts, drop_text)], latents * keep
 
 
 class ImageLatentsInput(torch.nn.Module):

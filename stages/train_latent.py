@@ -29,6 +29,7 @@ from ldm.diffusion import SAMPLERS, DiffusionLoss, schedule_from_config
 from ldm.diffusion.guidance import drop_captions
 from ldm.diffusion.losses import check_logit_normal, check_noise_options, check_time_shift
 from ldm.diffusion.schedules import resolution_shift
+from ldm.instruct_pix2pix import INSTRUCT, check_unet, drop_conditions, training_image_latents, widen_input
 from ldm.diffusion.param import check_prediction
 from ldm.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL
 from ldm.models.flux import Flux, FluxConfig
@@ -198,6 +199,10 @@ class LatentStageConfig:
                                                            # (diffusers' train_dreambooth_lora_flux.py: 3.5)
     save_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # model-folder weights (checkpoints stay fp32)
     init_from: str = ""                                    # a model folder whose unet/ (+ text_encoder/) start the run
+    image_input: Literal["", "instruct-pix2pix"] = ""      # instruct-pix2pix: learn to edit data.source=shapes-edits'
+                                                           # before-images (Brooks et al. 2023): unet.in_channels =
+                                                           # 2 x latent, init_from's input conv widened by zeros, the
+                                                           # text, the image and both dropped with p_uncond each
     # scratch text encoder: trained jointly (LDM), or frozen at its seeded random init. Frozen keeps
     # words distinct that joint training merged: the shapes64 teacher's "left"/"right" (docs/stage2-latent.md).
     train_text_encoder: bool = True
@@ -219,6 +224,13 @@ class LatentStageConfig:
         self.lora.settle_targets(self.net)
         if self.val.score and self.data.source != "shapes":
             raise ValueError("val.score needs data.source=shapes: the oracle knows only the shapes world")
+        if (self.image_input == INSTRUCT) != (self.data.source == "shapes-edits"):
+            raise ValueError(f"image_input={self.image_input!r} with data.source={self.data.source!r}: an "
+                             "InstructPix2Pix model learns from (before, instruction, after) triples, and those triples "
+                             "train nothing else: set both image_input=instruct-pix2pix and data.source=shapes-edits")
+        if self.image_input and (self.net != "unet" or self.cache_latents or self.prior.class_prompt):
+            raise ValueError("image_input=instruct-pix2pix trains a U-Net (net=unet) on images encoded as it goes "
+                             "(cache_latents=false: the cache holds one image per item), without prior.class_prompt")
         if self.prior.class_prompt and not self.init_from:
             raise ValueError("prior.class_prompt keeps a trained model's class while it learns a subject: it needs "
                              "init_from=MODEL_FOLDER (the class pictures are its drawings)")
@@ -254,7 +266,9 @@ class LatentModel(nn.Module):
     def encoder(self) -> nn.Module:
         return self.text_encoder if hasattr(self, "text_encoder") else self._frozen[0]
 
-    def forward(self, x, t, prompts: list[str], time_ids=None):
+    def forward(self, x, t, prompts: list[str], time_ids=None, image_latents=None):
+        if image_latents is not None:                      # InstructPix2Pix: [z_t | E(c_I)] (Brooks et al. sec. 3.2.1)
+            x = torch.cat([x, image_latents.to(x.dtype)], dim=1)
         if hasattr(self.encoder, "encode_pooled"):          # SDXL, SD3, FLUX.1: pooled text beside the tokens
             context, mask, pooled = self.encoder.encode_pooled(prompts)
             if isinstance(self.unet, MMDiT):                # SD3 attends to every token and takes no size numbers
@@ -300,16 +314,20 @@ def check_conditioning(cfg: LatentStageConfig, text_encoder: nn.Module) -> None:
                          "(not the refiner's aesthetic-score numbers)")
 
 
-def init_weights(model: LatentModel, folder: str) -> None:
+def init_weights(model: LatentModel, folder: str, image_input: str = "") -> None:
     """Fine-tuning: start from a model folder's weights (a resumed checkpoint still takes precedence).
 
     The architecture comes from this run's config; a folder that does not fit it fails, naming the keys.
-    One exception: unet.pos_embed=true on a folder trained without it gets zero position
-    projections, so the run starts as exactly the folder's model.
+    Two exceptions, both starting the run as exactly the folder's model: unet.pos_embed=true on a folder trained
+    without it gets zero position projections; image_input=instruct-pix2pix on a text-to-image folder gets its
+    input conv widened by zero image channels.
     """
     unet_path = str(Path(folder) / "unet" / WEIGHTS_NAME)
     unet_state = read_weights(unet_path)
     own = model.unet.state_dict()
+    if image_input == INSTRUCT and unet_state["conv_in.weight"].shape[1] < own["conv_in.weight"].shape[1]:
+        unet_state["conv_in.weight"] = widen_input(unet_state["conv_in.weight"], own["conv_in.weight"].shape[1])
+        logger.info("input conv widened to %d channels, the image's zero-initialised", own["conv_in.weight"].shape[1])
     new = [k for k in own if ".pos_proj." in k and k not in unet_state]
     if new:
         unet_state.update({k: torch.zeros_like(own[k]) for k in new})
@@ -334,7 +352,8 @@ def model_index(cfg: LatentStageConfig) -> ModelIndex:
     d = cfg.diffusion
     return ModelIndex(schedule=d.schedule_config(), prediction=d.prediction, time_scale=d.time_scale,
                       resolution=cfg.data.resolution, guidance=cfg.guidance, data=cfg.data.source,
-                      dynamic_shift=dict(d.dynamic_shift) or None, guidance_embed=cfg.guidance_input is not None)
+                      dynamic_shift=dict(d.dynamic_shift) or None, guidance_embed=cfg.guidance_input is not None,
+                      image_input=cfg.image_input)
 
 
 def plain_model(cfg: LatentStageConfig, net: LatentModel) -> LatentModel:
@@ -350,13 +369,29 @@ def plain_model(cfg: LatentStageConfig, net: LatentModel) -> LatentModel:
 def validate(accelerator, net: LatentModel, ae, cfg: LatentStageConfig, step: int) -> None:
     """A PNG grid, rows = guidance weights, columns = the same prompts and noise; DDIM (main process only)."""
     pipe = TextToImage(ae, net.encoder, net.unet, model_index(cfg))  # own seeded generator inside
-    rows = [pipe.generate(cfg.val.prompts, steps=cfg.val.steps, guidance=w, seed=cfg.val.seed,
-                          sampler=cfg.val.sampler)[0] for w in cfg.val.guidance]
+    if cfg.image_input == INSTRUCT:                        # rows: before, target, edits; held-out triples
+        rows = edit_rows(pipe, cfg)
+    else:
+        rows = [pipe.generate(cfg.val.prompts, steps=cfg.val.steps, guidance=w, seed=cfg.val.seed,
+                              sampler=cfg.val.sampler)[0] for w in cfg.val.guidance]
     if cfg.val.score:
         with torch.random.fork_rng():  # building the oracle's net draws its init from the global RNG
             score_heldout(accelerator, pipe, cfg, step)
     net.train()
     log_images(accelerator, torch.cat(rows), step, output_dir=cfg.train.output_dir, nrow=len(cfg.val.prompts))
+
+
+def edit_rows(pipe: TextToImage, cfg: LatentStageConfig) -> list[torch.Tensor]:
+    """InstructPix2Pix validation: as many held-out triples as val.prompts; rows = the before-images, the after-images,
+    then the model's edits at each val.guidance w (s_I at its default)."""
+    from ldm.data.edits import generate_edit
+    from ldm.data.shapes import render
+    from ldm.data.transforms import to_tensor
+    triples = [generate_edit(cfg.data.seed, i, "heldout", cfg.data.resolution) for i in range(len(cfg.val.prompts))]
+    before, after = (torch.stack([to_tensor(render(getattr(s, part))) for s in triples]) for part in ("before", "after"))
+    edits = [pipe.edit(before, [s.instruction for s in triples], steps=cfg.val.steps, guidance=w, seed=cfg.val.seed,
+                       sampler=cfg.val.sampler)[0] for w in cfg.val.guidance]
+    return [before.to(edits[0].device), after.to(edits[0].device), *edits]
 
 
 _REFERENCE: dict = {}                                      # the oracle and its features of the real scenes, once
@@ -484,6 +519,8 @@ def main(argv: list[str] | None = None) -> Path:
     # Text encoder + net (U-Net, MMDiT or Flux), wrapped as one module: one optimizer, one EMA, one checkpoint file.
     text_encoder = build_text_encoder(cfg.text).to(device)
     check_conditioning(cfg, text_encoder)
+    if cfg.image_input == INSTRUCT:                        # noisy latents + the image's latents
+        check_unet(cfg.unet.in_channels, ae.config.z_channels, "unet.in_channels")
     unet = build_net(cfg.network)
     if cfg.net == "mmdit" and not cfg.init_from:
         unet.init_for_training()                           # adaLN-Zero (Peebles & Xie 2023)
@@ -491,7 +528,7 @@ def main(argv: list[str] | None = None) -> Path:
         unet.enable_gradient_checkpointing()
     model = LatentModel(unet, text_encoder, train_text=cfg.text.kind == "scratch", guidance=cfg.guidance_input)
     if cfg.init_from:
-        init_weights(model, cfg.init_from)
+        init_weights(model, cfg.init_from, cfg.image_input)
     add_lora_updates(model, cfg)                           # lora.rank > 0: only the low-rank updates train
     if cfg.text.kind == "scratch" and not cfg.train_text_encoder:
         # Still part of the model (checkpointed, exported), just not optimised.
@@ -540,7 +577,14 @@ def main(argv: list[str] | None = None) -> Path:
                                    sample=cfg.latents == "sample")
             else:
                 z = ae.encode_latents(batch["pixel_values"].to(device), sample=cfg.latents == "sample")
-        prompts = drop_captions(batch["text"], cfg.p_uncond)  # (B,) per-sample, from the seeded global RNG
+        edit = {}
+        if cfg.image_input == INSTRUCT:                    # the before-image's latents as inference feeds them
+            with torch.no_grad():
+                source = training_image_latents(ae, batch["source_pixels"].to(device))
+            prompts, source = drop_conditions(batch["text"], source, cfg.p_uncond)   # text, image, both: p each
+            edit = {"image_latents": source}
+        else:
+            prompts = drop_captions(batch["text"], cfg.p_uncond)  # (B,) per-sample, from the seeded global RNG
         factor = ae.config.downsample_factor      # SDXL: each picture's own size and crop numbers
         sdxl = {"time_ids": sdxl_time_ids(batch.get("size_ids"), z.shape, factor).to(device)} if sdxl_net else {}
         if class_batches is not None:                      # DreamBooth: the class as the model drew it
@@ -551,7 +595,7 @@ def main(argv: list[str] | None = None) -> Path:
             class_sdxl = {"time_ids": sdxl_time_ids(pictures.get("size_ids"), z_class.shape, factor).to(device)} \
                 if sdxl else {}
         with accelerator.accumulate(model):
-            loss = at_size(loss_fn, z, cfg)(model, z, {"prompts": prompts, **sdxl})
+            loss = at_size(loss_fn, z, cfg)(model, z, {"prompts": prompts, **sdxl, **edit})
             if class_batches is not None:                  # Ruiz et al. eq. 2: + lambda x the class's own loss
                 loss = loss + cfg.prior.weight * at_size(loss_fn, z_class, cfg)(
                     model, z_class, {"prompts": class_prompts, **class_sdxl})

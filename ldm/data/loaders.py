@@ -40,13 +40,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldm.data.buckets import BucketBatchSampler, assign_buckets, bucket_sizes, describe
 from ldm.data.captions import P_ZONE
+from ldm.data.edits import ShapesEdits
 from ldm.data.shapes import SPLITS, ShapesWorld
 from ldm.data.tar_shards import TarShards
 from ldm.data.transforms import CROPS, DECODE_ERRORS, image_size, open_image, preprocess
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("shapes", "imagefolder", "parquet", "hub", "webdataset")
+SOURCES = ("shapes", "shapes-edits", "imagefolder", "parquet", "hub", "webdataset")
+SHAPES_SOURCES = ("shapes", "shapes-edits")   # generated on the fly: no path, a split, no flips
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -54,7 +56,8 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 class DataConfig:
     """Where training images and captions come from and how they are prepared."""
 
-    source: str = "shapes"       # shapes | imagefolder | parquet | hub | webdataset
+    source: str = "shapes"       # shapes | shapes-edits (InstructPix2Pix triples) | imagefolder | parquet | hub |
+                                 # webdataset
     path: str = ""               # folder, parquet file/folder/glob, hub name, or tar shards ({000..099}, glob, folder)
     image_column: str = "image"  # parquet/hub column holding the image
     text_column: str = "text"    # column (or metadata.jsonl key, .json field) holding the caption
@@ -87,7 +90,7 @@ class DataConfig:
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.buckets:
-            if self.source == "shapes":
+            if self.source in SHAPES_SOURCES:
                 raise ValueError("data.buckets: the shapes world is square; buckets are for imagefolder, "
                                  "parquet and hub data")
             if not 1 <= self.bucket_step <= self.resolution:
@@ -97,7 +100,7 @@ class DataConfig:
                 raise ValueError(f"data.bucket_max_ratio must be >= 1, got {self.bucket_max_ratio}")
             if not self.drop_last:  # accelerate's sharding only takes full batches when they can differ in shape
                 raise ValueError("data.buckets needs data.drop_last=true")
-        if self.source == "shapes":
+        if self.source in SHAPES_SOURCES:
             if self.split not in SPLITS:
                 raise ValueError(f"data.split must be one of {tuple(SPLITS)} for shapes, "
                                  f"got {self.split!r}")
@@ -303,6 +306,8 @@ def build_dataset(cfg: DataConfig) -> Dataset:
     """The map-style data set `cfg` names; items hold pixel_values (3, R, R) and text."""
     if cfg.source == "shapes":
         return ShapesWorld(cfg.split, cfg.seed, cfg.resolution, cfg.length, cfg.p_zone)
+    if cfg.source == "shapes-edits":             # items add source_pixels, the image to edit (ldm.data.edits)
+        return ShapesEdits(cfg.split, cfg.seed, cfg.resolution, cfg.length)
     if cfg.source not in ("hub", "webdataset") and not os.path.exists(cfg.path) and not glob.glob(cfg.path):
         raise FileNotFoundError(f"data path does not exist: {cfg.path}")
     table, root = _load_table(cfg)

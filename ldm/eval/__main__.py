@@ -2,6 +2,7 @@
 
     python -m ldm.eval score --images out/ --prompts prompts.txt [--out result.json] [--fd-n N]
     python -m ldm.eval report --model ldm/assets/shapes64 [--n 500] [--out-dir docs/eval/shapes64]
+    python -m ldm.eval edits --model runs/latent-shapes64-instruct/model [--n 200] [--image-guidance 1,1.5,2]
     python -m ldm.eval position --model ldm/assets/shapes64 [--n 32] [--steps 1,16] [--ws 0,4]
     python -m ldm.eval compare A/report.json[:RUN] B/report.json[:RUN] [--out result.json]
     python -m ldm.eval fid --images DIR --ref DIR|STATS.npz [--inception WEIGHTS] [--out result.json]
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--out", metavar="RESULT.json", help="also write the result as JSON")
     po.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
+    from ldm.eval.edits import add_parser as add_edits_parser   # light: argparse only at import
+    add_edits_parser(commands)
+
     cp = commands.add_parser("compare", help="paired test of two runs' prompt accuracy (same prompts)",
                              description="Compare prompt accuracy prompt by prompt: B - A with a 95% "
                              "confidence interval and McNemar's exact p-value. A and B are report.json files "
@@ -228,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
         return emit(format_table(result), result, args.out)
     if args.command in ("fid", "fid-stats", "clip-score"):
         return real_image_metric(parser, args)
+    if args.command == "edits":                            # InstructPix2Pix: held-out edit triples (ldm/eval/edits.py)
+        from ldm.eval.edits import main as edits_main
+        edits_main(parser, args)
+        return
     if args.command == "compare":
         from ldm.eval.compare import compare, format_comparisons
         try:
