@@ -29,7 +29,8 @@ from ldm.training.images import make_grid
 
 NET_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CLI_SAMPLERS = ["ddim", "stochastic", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m",
-                "dpmpp_3m_sde", "unipc", "lcm", "tcd", "ddpm"]
+                "dpmpp_3m_sde", "unipc", "lms", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "deis",
+                "lcm", "tcd", "ddpm"]
 STUDENT_STEPS = 4      # the default where a 4-step student exists (the shipped model's: 87.4%, 17 ms)
 TEACHER_STEPS = 25     # else the teacher's: DDIM + CFG at 4 steps is far from converged
 
@@ -164,7 +165,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "distilled for; for the teacher also euler, euler_a (ancestral), heun (Karras et al. "
                              "2022), dpmpp_2m, dpmpp_2m_sde, dpmpp_3m and dpmpp_3m_sde (DPM-Solver++ of second and "
                              "third order and their SDE forms, Lu et al. 2022), unipc (UniPC, Zhao et al. 2023: "
-                             "predictor-corrector, diffusers' default for many pipelines), "
+                             "predictor-corrector, diffusers' default for many pipelines), lms, dpm_2, "
+                             "dpm_2_ancestral, dpmpp_2s_ancestral and dpmpp_sde (k-diffusion's, the A1111 web UI's "
+                             "LMS, DPM2, DPM2 a, DPM++ 2S a and DPM++ SDE: the single-step ones call the net twice a "
+                             "step but the last), deis (DEIS, Zhang & Chen 2023: multistep, ComfyUI's deis), "
                              "lcm (latent consistency models and LCM-LoRAs, e.g. --steps 4 --guidance 0), tcd "
                              "(trajectory consistency distillation's strategic stochastic sampling, Zheng et al. "
                              "2024: lcm's steps with a share --eta of fresh noise; for LCM- and TCD-LoRAs) and ddpm")
@@ -257,10 +261,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                           help="the part of the sampling steps a ControlNet acts on (default 0:1): step i of n when "
                                "i/n >= START and (i+1)/n <= END, as diffusers' control_guidance_start/_end and the "
                                "A1111 web UI's starting/ending control step; one for all, or one per --controlnet")
-    adapters.add_argument("--ip-adapter", default=None, metavar="FILE",
-                        help="an IP-Adapter (Ye et al. 2023; SD 1.x/2.x base variant, or XLabs' flux-ip-adapter for "
-                             "FLUX.1: one net call a step unless --true-cfg) to prompt with --ip-image too; needs "
-                             "--image-encoder")
     adapters.add_argument("--t2i-adapter", action="append", default=[], metavar="DIR",
                           help="a T2I-Adapter (Mou et al. 2023; diffusers' T2IAdapter folder or hub id, e.g. "
                                "TencentARC/t2iadapter_canny_sd15v2, t2i-adapter-sketch-sdxl-1.0) steering the teacher "
@@ -276,6 +276,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                           help="the fraction of the steps a T2I-Adapter acts on, from the first: steps i < int(n F) of "
                                "n, diffusers' adapter_conditioning_factor (default 1.0); one for all, or one per "
                                "--t2i-adapter")
+    adapters.add_argument("--ip-adapter", default=None, metavar="FILE",
+                        help="an IP-Adapter (Ye et al. 2023; SD 1.x/2.x base variant, or XLabs' flux-ip-adapter for "
+                             "FLUX.1: one net call a step unless --true-cfg) to prompt with --ip-image too; needs "
+                             "--image-encoder")
     adapters.add_argument("--image-encoder", default=None, metavar="DIR",
                         help="the IP-Adapter's CLIP image encoder (a transformers CLIPVisionModelWithProjection folder)")
     adapters.add_argument("--ip-image", default=None, metavar="IMAGE", help="the image prompt for --ip-adapter")
@@ -443,10 +447,6 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
                      f"{len(args.control_image)} given), with one --control-scale / --control-mode / --control-range "
                      f"or one per ControlNet ({len(args.control_scale)}, {len(args.control_mode)} and "
                      f"{len(args.control_range)} given)")
-    try:  # before any model runs
-        pipe.check_guidance(args.negative, args.guidance_rescale, args.true_cfg, args.guidance_interval, args.apg,
-                            args.pag or 0.0)
-        pipe.refuse_with_student(args.steps, args.teacher, negative=args.negative, control=args.controlnet,
     if len(args.t2i_adapter) != len(args.adapter_image) or \
             any(len(values) not in (0, 1, len(args.t2i_adapter))
                 for values in (args.adapter_scale, args.adapter_factor)):
@@ -456,6 +456,10 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
     if any(not 0 <= f <= 1 for f in args.adapter_factor):
         parser.error(f"--adapter-factor: the fraction of steps an adapter acts on, in [0, 1]; "
                      f"got {args.adapter_factor}")
+    try:  # before any model runs
+        pipe.check_guidance(args.negative, args.guidance_rescale, args.true_cfg, args.guidance_interval, args.apg,
+                            args.pag or 0.0)
+        pipe.refuse_with_student(args.steps, args.teacher, negative=args.negative, control=args.controlnet,
                                  guidance_rescale=args.guidance_rescale, ip=args.ip_adapter,
                                  shift=args.shift is not None, true_cfg=args.true_cfg is not None,
                                  guidance_interval=args.guidance_interval is not None, apg=args.apg is not None,
@@ -579,7 +583,9 @@ def show_progress() -> bool:
 # The samplers as the A1111 web UI names them, where it has them
 SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
                  "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_3m": "DPM++ 3M", "dpmpp_3m_sde": "DPM++ 3M SDE",
-                 "unipc": "UniPC", "lcm": "LCM", "tcd": "TCD", "ddpm": "DDPM", "stochastic": "Meng stochastic"}
+                 "unipc": "UniPC", "lms": "LMS", "dpm_2": "DPM2", "dpm_2_ancestral": "DPM2 a",
+                 "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "lcm": "LCM", "tcd": "TCD", "ddpm": "DDPM",
+                 "stochastic": "Meng stochastic"}
 
 
 def settings(args, prompt: str, info: dict, **extra) -> dict:
@@ -610,15 +616,15 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
             run["control_mode"] = list(args.control_mode)
         if args.control_range:
             run["control_range"] = [list(r) for r in args.control_range]      # [[start, end], ...]
+    if args.t2i_adapter:
+        run.update(t2i_adapter=list(args.t2i_adapter), adapter_image=list(args.adapter_image),
+                   adapter_scale=list(args.adapter_scale), adapter_factor=list(args.adapter_factor))
     for key in ("size", "hires"):
         if getattr(args, key, None):
             run[key] = list(getattr(args, key))
     if args.window is not None:                                 # as typed, resolved: '64:16'
         run["window"] = "{}:{}".format(*args.window)
     return run
-    if args.t2i_adapter:
-        run.update(t2i_adapter=list(args.t2i_adapter), adapter_image=list(args.adapter_image),
-                   adapter_scale=list(args.adapter_scale), adapter_factor=list(args.adapter_factor))
 
 
 def png_info(run: dict, size: tuple[int, int]) -> PngInfo:
