@@ -180,12 +180,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "the teacher's heun (the paper's pairing), lcm for the lcm and tcd samplers, else "
                              "trailing")
     sampling.add_argument("--eta", type=float, default=None, metavar="E",
-                          help="the sampler's noise, in [0, 1], for --sampler ddim and tcd (diffusers' pipelines call "
-                               "both eta): DDIM's eta (Song et al. 2021, eq. 16; 0 deterministic, 1 DDPM's posterior "
+                          help="the sampler's noise, in [0, 1], for --sampler ddim, tcd and the ancestral ones (diffusers' "
+                               "pipelines call the first two eta): DDIM's eta (Song et al. 2021, eq. 16; 0 deterministic, 1 DDPM's posterior "
                                "noise; default 0) and TCD's gamma (Zheng et al. 2024, Alg. 4: each step denoises to "
                                "(1 - E) times the next time, then noises afresh to it; 0 deterministic, 1 is --sampler "
-                               "lcm; default 0.3, the authors' advice, higher with more steps). Students take it with "
-                               "ddim. Not --apg's ETA")
+                               "lcm; default 0.3, the authors' advice, higher with more steps); for dpm_2_ancestral, "
+                               "dpmpp_2s_ancestral and dpmpp_sde k-diffusion's eta (the share of the ancestral noise; "
+                               "0 their deterministic solver; default 1). Students take it with ddim. Not --apg's ETA")
     prompt.add_argument("--negative", default="", metavar="TEXT",
                         help="negative prompt: guidance's unconditional branch instead of the empty prompt "
                              "(teacher only: add --teacher where a student fits --steps; FLUX.1-dev: with --true-cfg)")

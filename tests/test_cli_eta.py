@@ -70,7 +70,7 @@ def test_eta_is_ddims_for_teacher_and_student(model, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--sampler", "euler", "--eta", "0.5"], "--eta is the noise of --sampler ddim and tcd"),
+    (["--sampler", "euler", "--eta", "0.5"], "--eta is the noise of --sampler ddim, tcd, "),
     (["--sampler", "lcm", "--eta", "0.5"], "--sampler lcm has no such option"),
     (["--sampler", "tcd", "--eta", "1.5"], "--eta must be in [0, 1], got 1.5"),
     (["--eta", "-0.1"], "--eta must be in [0, 1], got -0.1"),
@@ -92,7 +92,23 @@ def test_pipeline_eta_option(model):
     lcm, _ = pipe.sample(["a red circle"], steps=2, teacher=True, guidance=0.0, sampler="lcm")
     torch.testing.assert_close(z1, lcm, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(z, z1)
-    for sampler, eta, message in (("heun", 0.5, "--eta is the noise of --sampler ddim and tcd"),
+    for sampler, eta, message in (("heun", 0.5, "--eta is the noise of --sampler ddim, tcd, "),
                                   ("ddim", 2.0, r"eta must be in \[0, 1\], got 2.0")):
         with pytest.raises(ValueError, match=message):
             pipe.sample(["a red circle"], steps=2, teacher=True, sampler=sampler, eta=eta)
+
+
+def test_eta_is_the_ancestral_samplers_noise(model, tmp_path, capsys):
+    """--eta reaches k-diffusion's ancestral samplers: DPM2 a at --eta 0 is DPM2's image exactly, no --eta is their
+    full noise (eta 1), and DPM++ 2S a at --eta 0.5 differs from both ends; the PNG says A1111's 'Eta'."""
+    teacher = ["--teacher", "--steps", "3", "--guidance", "1"]
+    assert np.array_equal(draw(model, tmp_path / "dpm2.png", *teacher, "--sampler", "dpm_2"),
+                          draw(model, tmp_path / "a0.png", *teacher, "--sampler", "dpm_2_ancestral", "--eta", "0"))
+    assert np.array_equal(draw(model, tmp_path / "a.png", *teacher, "--sampler", "dpm_2_ancestral"),
+                          draw(model, tmp_path / "a1.png", *teacher, "--sampler", "dpm_2_ancestral", "--eta", "1"))
+    ends = [draw(model, tmp_path / f"s{e}.png", *teacher, "--sampler", "dpmpp_2s_ancestral", "--eta", e)
+            for e in ("0", "1")]
+    half = draw(model, tmp_path / "s05.png", *teacher, "--sampler", "dpmpp_2s_ancestral", "--eta", "0.5")
+    assert not any(np.array_equal(half, end) for end in ends)
+    parameters, run = png_text(tmp_path / "s05.png")
+    assert "Sampler: DPM++ 2S a," in parameters and parameters.endswith(", Eta: 0.5") and run["eta"] == 0.5

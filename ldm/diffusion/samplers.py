@@ -393,7 +393,10 @@ SAMPLERS = {
 }
 
 # The samplers with a noise knob in [0, 1] and its keyword: what the pipeline's `eta` (the CLI's --eta) sets.
-ETA_OPTIONS = {"ddim": "eta", "tcd": "gamma"}   # DDIM's eta (Song et al. 2021, eq. 16); TCD's gamma
+# DDIM's eta (Song et al. 2021, eq. 16); TCD's gamma; k-diffusion's ancestral samplers' eta (1: the full
+# ancestral noise, 0: their deterministic solver; the A1111 web UI's "Eta for ancestral samplers")
+ETA_OPTIONS = {"ddim": "eta", "tcd": "gamma", "dpm_2_ancestral": "eta", "dpmpp_2s_ancestral": "eta",
+               "dpmpp_sde": "eta"}
 
 
 def check_eta(sampler: str, eta: float | None, flag: str = "--eta", sampler_flag: str = "--sampler") -> None:
@@ -402,8 +405,9 @@ def check_eta(sampler: str, eta: float | None, flag: str = "--eta", sampler_flag
     if eta is None:
         return
     if sampler not in ETA_OPTIONS:
-        raise ValueError(f"{flag} is the noise of {sampler_flag} {' and '.join(ETA_OPTIONS)} (DDIM's eta, TCD's "
-                         f"gamma); {sampler_flag} {sampler} has no such option")
+        names = list(ETA_OPTIONS)
+        raise ValueError(f"{flag} is the noise of {sampler_flag} {', '.join(names[:-1])} and {names[-1]} (DDIM's "
+                         f"eta, TCD's gamma, the ancestral samplers' eta); {sampler_flag} {sampler} has no such option")
     if not 0.0 <= eta <= 1.0:                      # also refuses NaN
         raise ValueError(f"{flag} must be in [0, 1], got {eta}")
 

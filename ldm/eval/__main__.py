@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--batch", type=int, default=50, help="prompts per sampling batch (default: 50)")
     rp.add_argument("--student-sampler", choices=["ddim", "stochastic"], default="ddim",
                     help="the students' sampler: deterministic DDIM, or Meng et al.'s N-step stochastic "
-                         "sampler (sec. 4.3); the teacher always uses DDIM (default: ddim)")
+                         "sampler (sec. 4.3); the teacher's is --teacher-sampler (default: ddim)")
     rp.add_argument("--teacher-sampler", default="ddim", metavar="NAME",
                     help="the teacher's sampler, any of ldm.txt2img's --sampler (default: ddim)")
     rp.add_argument("--teacher-eta", type=float, default=None, metavar="E",

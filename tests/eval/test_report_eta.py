@@ -31,7 +31,7 @@ def test_report_teacher_eta_reaches_the_teacher_only(tmp_path, one_thread):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--teacher-sampler", "euler", "--teacher-eta", "0.5"], "--teacher-eta is the noise of --teacher-sampler ddim"),
+    (["--teacher-sampler", "euler", "--teacher-eta", "0.5"], "--teacher-eta is the noise of --teacher-sampler ddim, tcd"),
     (["--teacher-sampler", "tcd", "--teacher-eta", "2"], "--teacher-eta must be in [0, 1], got 2.0"),
 ])
 def test_report_refuses_a_teacher_eta_without_its_sampler_or_range(tmp_path, capsys, extra, message):
