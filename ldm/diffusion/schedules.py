@@ -400,3 +400,14 @@ def schedule_from_config(config: dict) -> Schedule:
         raise ValueError(f"schedule config needs a 'name' key, got keys {sorted(config)}")
     options = {k: v for k, v in config.items() if k != "name"}
     return make_schedule(config["name"], **options)
+
+
+def step_index(grid, t) -> int:
+    """The step (from 0) of a run whose interval [grid[i], grid[i + 1]) holds the net's time t: `grid` the run's
+    descending step times (the sampler's ts without its final entry), t's first entry (a sampler gives the batch
+    one time). An evaluation between grid points (DPM-Solver's midpoints) counts in the step it falls in, Heun's
+    second one (at the next step's time) in the next step. Clamped to [0, len(grid) - 1]. Prompt editing,
+    ControlNet ranges and T2I-Adapter factors find their step with it, so the samplers stay untouched."""
+    t = float(torch.as_tensor(t).reshape(-1)[0])
+    tol = 1e-5 * abs(t)                                # t reached the model as float32
+    return min(len(grid) - 1, max(0, sum(float(g) >= t - tol for g in grid) - 1))

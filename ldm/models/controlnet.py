@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.diffusion.schedules import step_index
 from ldm.models.convert_unet import _read_weights, diffusers_to_ours, unet_config_from_diffusers
 from ldm.models.unet import UNet, UNetConfig
 from ldm.models.weights import load_state_dict_strict, load_weights, save_state, save_weights
@@ -164,9 +165,7 @@ class ControlSteps:
         self.grid = [float(g) for g in torch.as_tensor(grid).flatten()]
 
     def step(self, t: torch.Tensor) -> int:
-        t = float(torch.as_tensor(t).reshape(-1)[0])
-        tol = 1e-5 * abs(t)                        # t reached the net as float32 t * time_scale
-        return max(0, sum(g >= t - tol for g in self.grid) - 1)
+        return step_index(self.grid, t)
 
     def __call__(self, t: torch.Tensor) -> list[bool]:
         i, n = self.step(t), len(self.grid)

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ldm.diffusion.schedules import step_index
+
 _NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*")    # WHEN, spaces allowed around it as the web UI does
 
 
@@ -191,15 +193,6 @@ def step_texts(prompt: str, steps: int, first_pass: int = 0) -> list[str]:
         texts += [text] * (end - start)
         start = end
     return texts
-
-
-def step_index(grid, t) -> int:
-    """The step (from 0) whose interval [grid[i], grid[i + 1]) holds time t, on a run's descending step times `grid`
-    (the sampler's ts without its final entry); t's first entry (a sampler gives the batch one time). Clamped to
-    [0, len(grid) - 1]."""
-    t = float(torch.as_tensor(t).reshape(-1)[0])
-    tol = 1e-5 * abs(t)                                # t reached the model as float32
-    return min(len(grid) - 1, max(0, sum(g >= t - tol for g in grid) - 1))
 
 
 def scheduled(model, conds: dict, rows: torch.Tensor, grid):
