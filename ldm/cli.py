@@ -15,11 +15,13 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ldm.diffusion.composable import check_composition
 from ldm.diffusion.guidance import APG, check_interval
 from ldm.diffusion.samplers import check_eta
 from ldm.diffusion.schedules import SPACINGS
 from ldm.models.embeddings import parse_embedding_arg
 from ldm.models.lora import parse_lora_arg
+from ldm.models.prompt_compose import has_and, is_composed, parse_composable
 from ldm.models.prompt_schedule import is_scheduled, prompt_schedule
 from ldm.models.prompt_weights import parse_weighted, token_weights, tokenizer_weights
 from ldm.models.unet import self_attention_layers
@@ -238,8 +240,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="a1111 (default): read emphasis as the AUTOMATIC1111 web UI does, '(word:1.3)' weights "
                              "a word 1.3, '(word)' 1.1, '[word]' 1/1.1, '\\(' is a literal bracket; and its prompt "
                              "editing: '[from:to:when]' draws FROM up to step WHEN (0.5: half the steps), then TO, "
-                             "'[to:when]' adds, '[from::when]' removes; '[a|b]' alternates a and b every step; off: "
-                             "prompts go to the text encoder as typed")
+                             "'[to:when]' adds, '[from::when]' removes; '[a|b]' alternates a and b every step; and "
+                             "composable diffusion: 'a red circle AND a blue square :0.8' guides towards each "
+                             "sub-prompt (its weight after ':', default 1, negative: away), one net evaluation each, "
+                             "teacher only; off: prompts go to the text encoder as typed")
     prompt.add_argument("--embedding", action="append", default=[], metavar="FILE[:WORD]",
                         help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers) as a new word for "
                              "prompts and --negative: WORD, else the file's name; repeatable. CLIP models (SD 1.x/2.x)")
@@ -336,7 +340,11 @@ def check_prompt_syntax(parser: argparse.ArgumentParser, args, prompts: list[str
         if is_scheduled(args.negative):
             parser.error("--negative: prompt editing '[from:to:when]' and alternation '[a|b]' are read in prompts, "
                          "not in the negative prompt (write \\[ for a literal bracket)")
-        texts = [text for prompt in prompts for _, text in prompt_schedule(prompt, args.steps or 1000)]
+        if has_and(args.negative):
+            parser.error("--negative: AND composes prompts; the negative prompt is the one unconditional text "
+                         "(write 'and' for the word)")
+        texts = [text for prompt in prompts for sub, _ in parse_composable(prompt)    # "a AND b :0.8": each part
+                 for _, text in prompt_schedule(sub, args.steps or 1000)]
     except ValueError as err:
         parser.error(f"{err} (or --prompt-weights off)")
     for prompt in dict.fromkeys([*texts, args.negative]):
@@ -465,6 +473,12 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
                                  shift=args.shift is not None, true_cfg=args.true_cfg is not None,
                                  guidance_interval=args.guidance_interval is not None, apg=args.apg is not None,
                                  pag=bool(args.pag), adapter=args.t2i_adapter)
+        if args.prompt_weights == "a1111" and any(map(is_composed, prompts)):     # "a AND b": the teacher's CFG
+            check_composition(pipe, args.steps, args.teacher, guidance_rescale=args.guidance_rescale,
+                              control=args.controlnet, adapter=args.t2i_adapter, ip=args.ip_adapter,
+                              true_cfg=args.true_cfg is not None, guidance_interval=args.guidance_interval is not None,
+                              pag=bool(args.pag), apg=args.apg is not None, window=args.window is not None,
+                              image_guidance=getattr(args, "image_guidance", None) is not None)
     except ValueError as err:
         parser.error(str(err))
     if args.pag:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ldm.diffusion.composable import check_composition, composed_model
 from ldm.diffusion.guidance import APG, cfg, check_interval, edm_sigma, in_interval, pag
 from ldm.diffusion.multidiffusion import window_boxes, windowed
 from ldm.diffusion.param import Denoiser
@@ -35,6 +36,7 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.controlnet import ControlSteps, attach_controlnets, check_control_ranges
 from ldm.models.lora import merge_lora, read_lora
 from ldm.models.prompt_chunks import chunk_count, encode_chunked
+from ldm.models.prompt_compose import flatten, has_and
 from ldm.models.prompt_schedule import is_scheduled, scheduled, step_texts
 from ldm.models.prompt_weights import encode_weighted, parse_weighted, plain_text
 from ldm.models.text import ScratchTextEncoder, TextEncoderConfig, build_text_encoder
@@ -402,6 +404,20 @@ class TextToImage:
         texts = [list(step) for step in zip(*(step_texts(p, steps, first_pass) for p in prompts))]
         return texts[:1] if all(step == texts[0] for step in texts) else texts
 
+    def compose_prompts(self, prompts: list[str], negative: str) -> tuple[list[str], tuple | None]:
+        """(the sub-prompts, (owner, weights) or None): with `prompt_weights` on, composable prompts "a AND b :0.8"
+        (ldm.models.prompt_compose) split into one text a sub-prompt; None where each prompt is one sub-prompt of
+        weight 1 (plain CFG). ValueError for a malformed composition, or AND in the negative prompt (the
+        unconditional row, one text)."""
+        if not self.prompt_weights:
+            return prompts, None
+        if has_and(negative):
+            raise ValueError(f"negative prompt {negative!r}: AND composes prompts, the negative prompt is the one "
+                             "unconditional text (write 'and' for the word)")
+        texts, owner, weights = flatten(prompts)
+        plain = len(texts) == len(prompts) and all(weight == 1.0 for weight in weights)
+        return texts, None if plain else (owner, weights)
+
     def step_conditioning(self, texts: list[list[str]], chunks: int | None, model, grid) -> tuple[dict, object]:
         """(conditioning of the first step's texts, model): where the texts change over the steps (`step_prompts`),
         each distinct text is encoded once and the model `scheduled` to take step i's rows, found from the time it
@@ -465,7 +481,7 @@ class TextToImage:
                        control_range: list | None = None, grid: torch.Tensor | None = None,
                        true_cfg: float | None = None, guidance_interval: tuple[float, float] | None = None,
                        pag_scale: float = 0.0, pag_layers=PAG_LAYERS, apg: APG | None = None,
-                       image_guidance: float | None = None, adapter: list | None = None):
+                       image_guidance: float | None = None, adapter: list | None = None, compose=None):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
         with `negative` as the unconditional prompt (students were distilled with the empty one) and
         guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024), and
@@ -479,11 +495,19 @@ class TextToImage:
         guidance's s on the self-attentions of `pag_layers` (`pag_model`); 0 is off. apg: the teacher's CFG
         (true CFG too) combined by adaptive projected guidance on x0-hat (`cfg`'s apg; Sadat et al. 2024).
         image_guidance: an InstructPix2Pix model's s_I (`reference`: its image's latents; ldm.instruct_pix2pix).
-        adapter: T2I-Adapters attached to the teacher's U-Net (`teacher_net`, ldm.models.t2i_adapter)."""
+        adapter: T2I-Adapters attached to the teacher's U-Net (`teacher_net`, ldm.models.t2i_adapter).
+        compose: (owner, weights) of composable prompts' sub-prompts (ldm.diffusion.composable), teacher only."""
         if image_guidance is not None and self.index.image_input != INSTRUCT:
             raise ValueError(f"--image-guidance (image_guidance) is for InstructPix2Pix models; this one's image_input "
                              f"is {self.index.image_input!r}")
         self.check_guidance(negative, guidance_rescale, true_cfg, guidance_interval, apg, pag_scale)
+        if compose is not None:                    # "a AND b": Liu et al. 2022's conjunction on the teacher
+            check_composition(self, steps, teacher, guidance_rescale=guidance_rescale, control=control,
+                              adapter=adapter, inpaint=inpaint is not None, ip=ip_uncond is not None,
+                              reference=reference is not None, true_cfg=true_cfg is not None,
+                              guidance_interval=guidance_interval is not None, pag=pag_scale != 0,
+                              apg=apg is not None, image_guidance=image_guidance is not None)
+            return composed_model(self, steps, teacher, guidance, negative, chunks, shape, *compose)
         self.refuse_with_student(steps, teacher, negative=negative, guidance_rescale=guidance_rescale,
                                  control=control, inpaint=inpaint is not None, ip=ip_uncond is not None,
                                  true_cfg=true_cfg is not None, guidance_interval=guidance_interval is not None,
@@ -755,7 +779,10 @@ class TextToImage:
         if mask is not None and init is None:
             raise ValueError("a mask needs init latents (the image to inpaint)")
         run = steps if init is None else round(strength * steps)
-        texts = self.step_prompts(prompts, negative, max(run, 1), first_pass)   # prompt editing: each step's texts
+        subprompts, compose = self.compose_prompts(prompts, negative)          # "a AND b :0.8": a row a sub-prompt
+        if compose is not None:
+            check_composition(self, steps, teacher, window=window is not None)
+        texts = self.step_prompts(subprompts, negative, max(run, 1), first_pass)   # prompt editing: each step's texts
         unique = list(dict.fromkeys(text for step in texts for text in step))
         self.check_prompts(unique)
         w = self.index.guidance if guidance is None else float(guidance)
@@ -775,7 +802,8 @@ class TextToImage:
                                                       inpaint, ip_uncond, shape, reference, control_range,
                                                       ts[steps - run:-1], true_cfg, guidance_interval,
                                                       pag_scale=pag_scale, pag_layers=pag_layers, apg=apg,
-                                                      image_guidance=image_guidance, adapter=adapter)
+                                                      image_guidance=image_guidance, adapter=adapter,
+                                                      compose=compose)
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
             warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
                           f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
@@ -807,7 +835,7 @@ class TextToImage:
         if ip_cond is not None:
             cond["ip_tokens"] = ip_cond
         if getattr(self.unet.cfg, "added_cond", None) == "text_time":
-            cond["time_ids"] = self.size_ids(shape)
+            cond["time_ids"] = self.size_ids(shape if compose is None else (len(subprompts), *shape[1:]))
         noise = {} if eta is None else {ETA_OPTIONS[sampler]: float(eta)}
         z = SAMPLERS[sampler](counted(model, info, per_call), x, ts, self.schedule, extra_args=extra_args(cond),
                               disable=not progress, generator=step_gen, **noise)

@@ -25,8 +25,8 @@ at 2 steps: 'a' then 'b'). A step is found from the time t the network is called
 second evaluation, at the next step's time, takes the next step's text (the web UI, counting calls, doubles its
 step count for such samplers). Where the web UI reads a malformed group ("[a:b]", "[a|b:2]") as plain text, we
 refuse it with its position. Hires fix's second pass (`first_pass`) continues the timeline as the web UI's does
-since 1.6: "[a:b:0.5]" is 'b' throughout it, "[a:b:1.5]" switches half-way through it. No "AND" (composable
-diffusion).
+since 1.6: "[a:b:0.5]" is 'b' throughout it, "[a:b:1.5]" switches half-way through it. "AND" (composable
+diffusion) is split off before, each sub-prompt its own schedule (ldm.models.prompt_compose).
 """
 from __future__ import annotations
 
