@@ -476,7 +476,7 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
         if args.prompt_weights == "a1111" and any(map(is_composed, prompts)):     # "a AND b": the teacher's CFG
             check_composition(pipe, args.steps, args.teacher, guidance_rescale=args.guidance_rescale,
                               control=args.controlnet, adapter=args.t2i_adapter, ip=args.ip_adapter,
-                              true_cfg=args.true_cfg is not None, guidance_interval=args.guidance_interval is not None,
+                              inpaint=pipe.inpainting_unet, true_cfg=args.true_cfg is not None, guidance_interval=args.guidance_interval is not None,
                               pag=bool(args.pag), apg=args.apg is not None, window=args.window is not None,
                               image_guidance=getattr(args, "image_guidance", None) is not None)
     except ValueError as err:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm import txt2img
+from ldm import img2img, txt2img
 from ldm.diffusion.composable import composable_cfg
 from ldm.diffusion.guidance import cfg
 from ldm.diffusion.param import Denoiser
@@ -270,3 +270,11 @@ def test_cli_refuses_as_usage_errors(model, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             txt2img.main([*args, "--model", model, "--steps", "2", "--out", str(tmp_path / "x.png")])
         assert e.value.code == 2 and message in capsys.readouterr().err, args
+
+
+def test_img2img_cli_composes_on_the_steps_it_runs(model, tmp_path, capsys):
+    """SDEdit at strength 0.5 of 4 steps runs 2, each of K + 1 = 3 net evaluations."""
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(tmp_path / "in.png")
+    img2img.main(["a red circle AND a blue square :0.8", "--image", str(tmp_path / "in.png"), "--strength", "0.5",
+                  "--steps", "4", "--teacher", "--guidance", "2", "--model", model, "--out", str(tmp_path / "o.png")])
+    assert "2 steps, ddim, w=2, NFE 6," in capsys.readouterr().out
