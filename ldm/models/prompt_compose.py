@@ -14,14 +14,12 @@ Diffusion Models", sec. 4, Concept Conjunction, with classifier-free guidance), 
 at AND before it reads brackets.
 
 As the web UI: AND is split as a whole uppercase word (its pattern \\bAND\\b, so " AND " and also ",AND "; not
-"ANDROID" or "SAND"); the weight is a number at the very end after ':' ("1", "1.", ".5", "-0.3"); a prompt with no
-AND but a weight ("a red circle :0.5") is a composition of one sub-prompt (its guidance scaled by 0.5). Unlike the
-web UI, which reads anything it cannot parse as text, we refuse: an empty sub-prompt, a ':' at the end with a
+"ANDROID" or "SAND"); the weight is a number at the very end after ':' ("1", "1.", ".5", "-0.3"). Unlike the web
+UI, a prompt with no AND is never a composition, whatever it ends in: the web UI reads "a clock at 10:30" as "a
+clock at 10" at weight 30 (a composition of one sub-prompt), which would also send an everyday prompt away from
+the students, which take no composition. Also unlike the web UI, which reads anything it cannot parse as text, we refuse: an empty sub-prompt, a ':' at the end with a
 malformed or no number after it ("a cat :1.2.3", "a cat :"; write '\\:' for a literal ':'), and AND inside a bracket
 ("(a AND b)", "[a AND b:c:2]", which the web UI would cut in two), each with its position in the prompt.
-
-Caution: as in the web UI, a prompt that ends in ':NUMBER' is weighted even without AND ("a clock at 10:30" is
-"a clock at 10" at weight 30); write "10\\:30" for the text.
 """
 from __future__ import annotations
 
@@ -68,11 +66,11 @@ def _split_weight(prompt: str, piece: str, start: int) -> tuple[str, float | Non
 
 
 def parse_composable(prompt: str) -> list[tuple[str, float]]:
-    """`prompt` -> [(sub-prompt text, weight), ...], split at AND, texts stripped; a prompt with neither AND nor a
-    weight is itself, as written, with weight 1 (so "" stays the unconditional prompt). ValueError names a malformed
-    part's position."""
+    """`prompt` -> [(sub-prompt text, weight), ...], split at AND, texts stripped; a prompt without AND is itself, as
+    written, with weight 1 (so "" stays the unconditional prompt, and "at 10:30" is text). ValueError names a
+    malformed part's position."""
     splits = list(_AND.finditer(prompt))
-    if not splits and _split_weight(prompt, prompt, 0)[1] is None:
+    if not splits:
         return [(prompt, 1.0)]
     depths = _bracket_depths(prompt)
     for match in splits:

@@ -24,7 +24,7 @@ from tests.tiny_models import random_model_with_student
 @pytest.mark.parametrize("prompt, parts", [
     ("a red circle AND a blue square", [("a red circle", 1.0), ("a blue square", 1.0)]),
     ("a cat :1.2 AND a dog AND a penguin :2.2", [("a cat", 1.2), ("a dog", 1.0), ("a penguin", 2.2)]),  # the wiki's
-    ("a red circle:0.8AND a blue square : -0.5 ", [("a red circle:0.8AND a blue square", -0.5)]),  # no word boundary
+    ("a red circle:0.8AND a blue square : -0.5 ", [("a red circle:0.8AND a blue square : -0.5 ", 1.0)]),  # no \bAND\b
     ("a red circle :0.8 AND a blue square : -0.5 ", [("a red circle", 0.8), ("a blue square", -0.5)]),
     ("a red circle,AND a blue square", [("a red circle,", 1.0), ("a blue square", 1.0)]),   # \bAND\b, as the web UI
     ("  a red circle   AND   a blue square  ", [("a red circle", 1.0), ("a blue square", 1.0)]),
@@ -34,7 +34,8 @@ from tests.tiny_models import random_model_with_student
     ("a SANDY circle AND ANDROID", [("a SANDY circle", 1.0), ("ANDROID", 1.0)]),            # whole words only
     ("a (red:1.3) circle AND a [blue] square", [("a (red:1.3) circle", 1.0), ("a [blue] square", 1.0)]),  # emphasis
     ("a [red:blue:0.5] circle AND a [cow|horse] :0.7", [("a [red:blue:0.5] circle", 1.0), ("a [cow|horse]", 0.7)]),
-    ("a red circle :0.5", [("a red circle", 0.5)]),                # a weight without AND: one weighted sub-prompt
+    ("a red circle :0.5", [("a red circle :0.5", 1.0)]),          # no AND: text (the web UI would weigh it)
+    ("a clock at 10:30", [("a clock at 10:30", 1.0)]),              # ... which made this "a clock at 10" at weight 30
     ("a red circle", [("a red circle", 1.0)]),
     (" a red circle ", [(" a red circle ", 1.0)]),                 # no AND, no weight: as written
     ("", [("", 1.0)]),                                             # the unconditional prompt stays itself
@@ -50,12 +51,11 @@ def test_parser_reads_the_web_uis_syntax(prompt, parts):
     ("a red circle AND", "empty sub-prompt at position 16"),
     ("a AND  AND b", "empty sub-prompt at position 5"),
     ("a AND :0.5", "empty sub-prompt at position 5"),
-    (":0.5", "empty sub-prompt at position 0"),
     ("a red circle :1.2.3 AND b", "weight after ':' at position 13 is '1.2.3'"),
     ("a AND b :1,5", "weight after ':' at position 8 is '1,5'"),
     ("a AND b :", "weight after ':' at position 8 is ''"),
     ("a AND b :-", "weight after ':' at position 8 is '-'"),
-    ("a red circle:", "weight after ':' at position 12 is ''"),
+    ("a red circle: AND b", "weight after ':' at position 12 is ''"),
     ("(a red circle AND a blue square)", "AND at position 14 is inside a bracket"),
     ("[a AND b:c:2]", "AND at position 3 is inside a bracket"),
 ])
@@ -67,7 +67,7 @@ def test_parser_refuses_malformed_input_with_its_position(prompt, message):
 def test_flatten_and_is_composed():
     assert flatten(["a AND b :0.5", "c", "d :2 AND e AND f"]) == (
         ["a", "b", "c", "d", "e", "f"], [0, 0, 1, 2, 2, 2], [1.0, 0.5, 1.0, 2.0, 1.0, 1.0])
-    assert is_composed("a AND b") and is_composed("a :0.5") and not is_composed("a :1") and not is_composed("a and b")
+    assert is_composed("a AND b") and not is_composed("a :0.5") and not is_composed("a :1") and not is_composed("a and b")
 
 
 # ------------------------------------------------------------------------------------------- the guidance wrapper
@@ -200,9 +200,9 @@ def hand_run(pipe, parts_by_sample, *, steps, seed, guidance=2.0, negative=""):
 
 
 def test_pipeline_samples_the_conjunction_and_counts_its_calls(pipe):
-    """A batch of a 2-part, a weighted 1-part and a 3-part prompt against the hand-run closed form; NFE counts
+    """A batch of a 2-part, a 2-part with a zero weight and a 3-part prompt against the hand-run closed form; NFE counts
     K + 1 = 4 rows a call (the batch's most sub-prompts), a plain prompt's run stays CFG's 2."""
-    prompts = ["a red circle AND a blue square :0.8", "a green triangle :1.5",
+    prompts = ["a red circle AND a blue square :0.8", "a green triangle :1.5 AND a green triangle :0",
                "a red circle :0.6 AND a blue square AND a green triangle :-0.3"]
     z, info = pipe.sample(prompts, steps=3, seed=4, teacher=True, guidance=2.0, negative="a yellow square")
     want = hand_run(pipe, [parse_composable(p) for p in prompts], steps=3, seed=4, negative="a yellow square")
@@ -220,6 +220,12 @@ def test_sub_prompts_take_prompt_editing(pipe):
     edited = draw("a [red:blue:0] circle AND a (green:1.2) square :0.7")
     assert torch.equal(edited, draw("a blue circle AND a (green:1.2) square :0.7"))
     assert not torch.equal(edited, draw("a red circle AND a (green:1.2) square :0.7"))
+
+
+def test_a_colon_number_without_and_is_text_for_a_student(pipe):
+    """'10:30' in a prompt is no weight: a student draws it (a composition would be refused) as plain text."""
+    z, info = pipe.sample(["a red circle at 10:30"], steps=2, seed=1)
+    assert info["model"] == "student-2" and info["nfe"] == 2
 
 
 def test_pipeline_refusals(pipe):
