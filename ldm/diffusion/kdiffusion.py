@@ -79,7 +79,15 @@ def sample_lms(model, x, ts, schedule, *, extra_args=None, callback=None, disabl
     d = (y - D) / s, c_j the integral of the Lagrange polynomial through them (Adams-Bashforth, variable steps in s)."""
     if not (isinstance(order, int) and order >= 1):
         raise ValueError(f"LMS order must be an integer >= 1, got {order!r}")
+    return _multistep_in_s(model, x, ts, schedule, extra_args, callback, disable, order,
+                           lambda nodes, s, s_next, i, n: _lms_coefficients(nodes, s, s_next))
+
+
+def _multistep_in_s(model, x, ts, schedule, extra_args, callback, disable, order: int, coefficients):
+    """The loop LMS and DEIS share: y' = y + sum_j c_j d_j over the slopes d = (y - D) / s (= eps) of the last
+    `order` steps, newest first, c = coefficients(levels of those slopes, s, s_next, step i, steps n)."""
     denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
+    n = len(steps.iterable)
     slopes, nodes = [], []                        # newest first
     for st in steps:
         denoised = denoise(x, st.t)
@@ -90,7 +98,7 @@ def sample_lms(model, x, ts, schedule, *, extra_args=None, callback=None, disabl
         s, s_next = _levels(st)
         y = x / st.alpha
         slopes, nodes = [(y - denoised) / s, *slopes][:order], [s, *nodes][:order]
-        y = y + sum(c * d for c, d in zip(_lms_coefficients(nodes, s, s_next), slopes))
+        y = y + sum(c * d for c, d in zip(coefficients(nodes, s, s_next, st.i, n), slopes))
         x = st.alpha_next * y
     return x
 
@@ -250,20 +258,8 @@ def sample_deis(model, x, ts, schedule, *, extra_args=None, callback=None, disab
     than 15 steps on the last, at most second order on the one before."""
     if order not in (1, 2, 3):
         raise ValueError(f"DEIS order must be 1, 2 or 3, got {order!r}")
-    denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
-    n = len(steps.iterable)
-    eps, nodes = [], []                           # newest first
-    for st in steps:
-        denoised = denoise(x, st.t)
-        _notify(callback, st, x, denoised)
-        if st.alpha == 0:                         # s = inf: no node to interpolate through; left out of the history
-            x = _from_pure_noise(x, denoised, st, st.sigma_next / st.alpha_next, 0.0, None)
-            continue
-        s, s_next = _levels(st)
-        y = x / st.alpha
-        eps, nodes = [(y - denoised) / s, *eps][:order], [s, *nodes][:order]
-        k = 1 if st.i == n - 1 and n < 15 else 2 if st.i == n - 2 and n < 15 else order
-        k = min(k, len(nodes))
-        y = y + sum(c * e for c, e in zip(_deis_coefficients(nodes[:k], s, s_next), eps))
-        x = st.alpha_next * y
-    return x
+
+    def coefficients(nodes, s, s_next, i, n):
+        k = 1 if i == n - 1 and n < 15 else 2 if i == n - 2 and n < 15 else order
+        return _deis_coefficients(nodes[:min(k, len(nodes))], s, s_next)
+    return _multistep_in_s(model, x, ts, schedule, extra_args, callback, disable, order, coefficients)

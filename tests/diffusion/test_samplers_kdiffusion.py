@@ -24,6 +24,10 @@ from tests.diffusion.test_samplers_vs_diffusers import BETAS, _assert_trajectori
 NEW = {"lms": sample_lms, "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral,
        "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_sde": sample_dpmpp_sde, "deis": sample_deis}
 
+# diffusers' discrete schedulers hand numpy torch tensors on every step (numpy 2 deprecations, its code, not ours)
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
+              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context")]
+
 
 def _ve_reference(ref, n, *, full_steps=None, generator=None):
     """diffusers' trajectory in x: it steps y = x sqrt(1 + s^2) (VE); `full_steps`: the stage indices after which a
