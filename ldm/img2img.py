@@ -55,8 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def kontext_input(parser: argparse.ArgumentParser, args, pipe):
-    """FLUX.1 Kontext's reference image (1, 3, H, W) in [-1, 1]: --size's cover-and-crop, else `kontext_image`."""
+def edit_input(parser: argparse.ArgumentParser, args, pipe, kontext: bool):
+    """The image FLUX.1 Kontext or InstructPix2Pix edits, (1, 3, H, W) in [-1, 1]: --size's cover-and-crop, else its
+    own size fitted to the networks' multiple: the size Kontext prefers (`kontext_image`), or for InstructPix2Pix
+    floored to it (resized, as diffusers' image processor floors it to the autoencoder's factor)."""
+    from PIL import Image
+
     from ldm.data.transforms import open_image, to_tensor
     from ldm.flux_tools import kontext_image
     if args.size:
@@ -66,46 +70,24 @@ def kontext_input(parser: argparse.ArgumentParser, args, pipe):
     except (OSError, ValueError) as err:
         parser.error(f"--image {args.image}: {err}")
     multiple = pipe.autoencoder.config.downsample_factor * pipe.unet.cfg.downsample_factor
-    return to_tensor(kontext_image(image, multiple))[None]
+    if kontext:
+        return to_tensor(kontext_image(image, multiple))[None]
+    size = (image.width // multiple * multiple, image.height // multiple * multiple)
+    if min(size) < multiple:
+        parser.error(f"--image {args.image}: {image.width}x{image.height} is smaller than the networks' {multiple} px")
+    return to_tensor(image if size == image.size else image.resize(size, Image.LANCZOS))[None]
 
 
 def replay_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     """The settings an img2img PNG holds (its `ldm` chunk, see ldm.cli.settings), as parser defaults."""
-    import json
-
-    from PIL import Image
-
-    from ldm.txt2img import REPLAYED
-    try:
-        with Image.open(path) as im:
-            run = json.loads(im.text["ldm"])
-    except (OSError, KeyError, ValueError) as err:
-        parser.error(f"--replay {path}: no settings of ours in it ({type(err).__name__}: {err})")
+    from ldm.txt2img import REPLAYED, png_settings
+    run = png_settings(parser, path)
     if "image" not in run or "mask" in run:
         parser.error(f"--replay {path}: not drawn by img2img (by {'inpaint' if 'mask' in run else 'txt2img'}); "
                      "replay it there")
     keys = set(REPLAYED) | {"image", "strength", "image_guidance"}
     flags = {action.dest for action in parser._actions}          # img2img has no --n, --hires
     return {k: tuple(v) if k in ("size", "freeu") else v for k, v in run.items() if k in keys and k in flags}
-
-
-def instruct_input(parser: argparse.ArgumentParser, args, pipe):
-    """InstructPix2Pix's input image (1, 3, H, W) in [-1, 1]: --size's cover-and-crop, else its own size floored to
-    the networks' multiple (resized, as diffusers' image processor floors it to the autoencoder's factor)."""
-    from PIL import Image
-
-    from ldm.data.transforms import open_image, to_tensor
-    if args.size:
-        return load_image(args.image, input_size(parser, args, pipe))
-    try:
-        image = open_image(args.image)
-    except (OSError, ValueError) as err:
-        parser.error(f"--image {args.image}: {err}")
-    multiple = pipe.autoencoder.config.downsample_factor * pipe.unet.cfg.downsample_factor
-    size = (image.width // multiple * multiple, image.height // multiple * multiple)
-    if min(size) < multiple:
-        parser.error(f"--image {args.image}: {image.width}x{image.height} is smaller than the networks' {multiple} px")
-    return to_tensor(image if size == image.size else image.resize(size, Image.LANCZOS))[None]
 
 
 def instruct_edit(parser: argparse.ArgumentParser, args, pipe) -> None:
@@ -121,7 +103,7 @@ def instruct_edit(parser: argparse.ArgumentParser, args, pipe) -> None:
                        pag=bool(args.pag))
     except ValueError as err:
         parser.error(str(err))
-    image = instruct_input(parser, args, pipe)
+    image = edit_input(parser, args, pipe, kontext=False)
     start = time.perf_counter()
     images, info = pipe.edit(image, [args.prompt], image_guidance=args.image_guidance, **sampling_options(args))
     finish(images, info, start, args.out, settings(args, args.prompt, info, image=args.image, edit=INSTRUCT,
@@ -150,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.strength is not None:
             parser.error("--strength: FLUX.1 Kontext edits from pure noise with the image as reference tokens; "
                          "there is no strength to set")
-        image = kontext_input(parser, args, pipe)
+        image = edit_input(parser, args, pipe, kontext=True)
         control = control_options(parser, args, pipe, (image.shape[-1], image.shape[-2]))
         resolve_window(parser, args, pipe, [(image.shape[-1], image.shape[-2])], control)
         start = time.perf_counter()

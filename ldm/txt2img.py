@@ -76,13 +76,18 @@ REPLAYED = ("prompt", "negative", "steps", "guidance", "seed", "n", "sampler", "
             "apg", "eta", "pag", "pag_layers", "t2i_adapter", "adapter_image", "adapter_scale", "adapter_factor")
 
 
-def replay_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
-    """The settings a PNG of ours holds (its `ldm` chunk, see `settings`), as parser defaults."""
+def png_settings(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The settings a PNG of ours holds (its `ldm` chunk, see ldm.cli.settings); a usage error if it holds none."""
     try:
         with Image.open(path) as im:
-            run = json.loads(im.text["ldm"])
+            return json.loads(im.text["ldm"])
     except (OSError, KeyError, ValueError) as err:
         parser.error(f"--replay {path}: no settings of ours in it ({type(err).__name__}: {err})")
+
+
+def replay_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The settings a txt2img PNG holds, as parser defaults."""
+    run = png_settings(parser, path)
     if "image" in run:
         parser.error(f"--replay {path}: drawn by img2img/inpaint from {run['image']}; replay it there")
     return {k: tuple(v) if k in ("size", "hires", "freeu") else v for k, v in run.items() if k in REPLAYED}
