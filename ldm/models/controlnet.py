@@ -285,12 +285,19 @@ def save_controlnet(net: ControlNet, folder: str, sample_size: int = 64, dtype: 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")   # e.g. shapes64-edges
 
 
+def shipped(source: str) -> str:
+    """`source`, or the folder in ldm/assets a bare name (no folder of that name here, no '/') names, where one is
+    shipped: `shapes64-edges` (the ControlNet), `shapes64-edges-adapter` (the T2I-Adapter)."""
+    if not os.path.isdir(source) and os.sep not in source and "/" not in source \
+            and os.path.isfile(os.path.join(SHIPPED, source, "config.json")):
+        return os.path.join(SHIPPED, source)
+    return source
+
+
 def load_controlnet(source: str, device="cpu") -> ControlNet:
     """A ControlNet folder of ours (save_controlnet) or of diffusers, a hub repo id (diffusers'), the name
     of one shipped in ldm/assets (`shapes64-edges`), or Stability's single file of an SD 3.5 Large one."""
-    if not os.path.isdir(source) and os.sep not in source and "/" not in source \
-            and os.path.isfile(os.path.join(SHIPPED, source, "config.json")):
-        source = os.path.join(SHIPPED, source)
+    source = shipped(source)
     if os.path.isfile(source):                     # a single file: Stability's SD 3.5 Large ControlNets come so
         from ldm.models.controlnet_sd3 import load_original_sd3_controlnet
         return load_original_sd3_controlnet(source).to(device).eval().requires_grad_(False)

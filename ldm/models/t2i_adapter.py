@@ -237,11 +237,13 @@ def adapter_state_from_diffusers(state: dict) -> dict:
 
 
 def load_t2i_adapter(source: str, device="cpu") -> T2IAdapter:
-    """A diffusers T2IAdapter folder (config.json + diffusion_pytorch_model.safetensors/.bin), or a hub repo id
-    such as TencentARC/t2iadapter_canny_sd15v2 (downloaded, or from the cache when offline)."""
+    """A diffusers T2IAdapter folder (config.json + diffusion_pytorch_model.safetensors/.bin), a hub repo id such as
+    TencentARC/t2iadapter_canny_sd15v2 (downloaded, or from the cache when offline), or the name of one shipped in
+    ldm/assets (`shapes64-edges-adapter`)."""
+    from ldm.models.controlnet import shipped
     from ldm.models.convert_unet import _read_weights
     from ldm.models.from_diffusers import resolve_source
-    path = str(resolve_source(source, ["config.json", "diffusion_pytorch_model.safetensors"], "a T2I-Adapter folder"))
+    path = str(resolve_source(shipped(source), ["config.json", "diffusion_pytorch_model.safetensors"], "a T2I-Adapter folder"))
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path}: not a diffusers T2IAdapter folder (no config.json)")
