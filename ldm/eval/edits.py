@@ -51,8 +51,8 @@ def after_asks(scene) -> dict:
             "zone": None, "relation": None, "background": scene.background}
 
 
-def judge_edit(reading, triple) -> tuple[bool, bool, list[bool]]:
-    """(edit holds, everything else holds, each other attribute's judgement) for one image's oracle reading."""
+def judge_edit(reading, triple) -> tuple[bool, bool, dict[str, bool]]:
+    """(edit holds, everything else holds, each other attribute's judgement by key) for one image's oracle reading."""
     from ldm.eval.reader import judge
     judged = judge(reading, after_asks(triple.after))
     edit = triple.edit
@@ -62,15 +62,20 @@ def judge_edit(reading, triple) -> tuple[bool, bool, list[bool]]:
         x0, y0, x1, y1 = (v * 64 / triple.after.resolution for v in triple.after.objects[edit.target].bbox)
         there = [o for o in reading.objects if x0 <= o.centre[0] <= x1 and y0 <= o.centre[1] <= y1]
         done, key = any(o.colour == edit.value for o in there), f"colour_{edit.target}"
-    others = [v for k, v in judged.items() if k != key]
-    return done, all(others), others
+    others = {k: v for k, v in judged.items() if k != key}
+    return done, all(others.values()), others
 
 
 def score(oracle, images, triples, before, after) -> dict:
     """Edit accuracy, preservation (overall and per edit kind) and unchanged-pixel MAE of uint8 images (N, 3, H, W)."""
     judged = [judge_edit(r, t) for r, t in zip(oracle.read(images), triples)]
     outcomes = [(e, p) for e, p, _ in judged]
-    others = [v for _, _, o in judged for v in o]
+    from ldm.eval.reader import attribute
+    others = [v for _, _, o in judged for v in o.values()]
+    by_attribute: dict[str, list[bool]] = {}
+    for _, _, o in judged:
+        for k, v in o.items():
+            by_attribute.setdefault(attribute(k), []).append(v)
     keep = (before == after).all(1, keepdim=True).expand_as(images)     # pixels the edit must leave alone
     mae = (images.float() - before.float()).abs()[keep].mean().item()
 
@@ -79,7 +84,9 @@ def score(oracle, images, triples, before, after) -> dict:
         return {"n": n, "edit": sum(e for e, _ in rows) / n, "preserved": sum(p for _, p in rows) / n,
                 "both": sum(e and p for e, p in rows) / n}
     kinds = sorted({t.edit.kind for t in triples})
-    out = {**rates(outcomes), "preserved_attributes": sum(others) / len(others), "unchanged_pixel_mae": mae,
+    out = {**rates(outcomes), "preserved_attributes": sum(others) / len(others),
+           "preserved_by_attribute": {k: sum(v) / len(v) for k, v in sorted(by_attribute.items())},
+           "unchanged_pixel_mae": mae,
            "per_kind": {k: rates([o for o, t in zip(outcomes, triples) if t.edit.kind == k]) for k in kinds}}
     out["outcomes"] = "".join(str(2 * e + p) for e, p in outcomes)   # per triple: 3 both, 2 edit only, 1, 0
     return out
@@ -140,7 +147,8 @@ def format_run(name: str, run: dict) -> str:
                       for k, r in run["per_kind"].items())
     return (f"{name:>14}: edit {100 * run['edit']:5.1f}%  preserved {100 * run['preserved']:5.1f}% "
             f"({100 * run['preserved_attributes']:.1f}% of attributes)  both {100 * run['both']:5.1f}%  "
-            f"unchanged-pixel MAE {run['unchanged_pixel_mae']:6.2f}  ({kinds})")
+            f"unchanged-pixel MAE {run['unchanged_pixel_mae']:6.2f}  ({kinds})\n{'':>16}other attributes kept: "
+            + "  ".join(f"{k} {100 * v:.1f}%" for k, v in run["preserved_by_attribute"].items()))
 
 
 def main(parser: argparse.ArgumentParser, args) -> dict:
