@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ldm.cli import (add_input_size, add_model_args, control_options, finish, input_size, load_image, load_pipeline,
                      resolve_window, sampling_options, settings)
+from ldm.instruct_pix2pix import INSTRUCT
 
 OUTPAINT_FILLS = ("edge", "noise")
 
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.mask is None and args.outpaint is None:
         parser.error("give --mask (what to repaint), --outpaint (a border to paint), or both")
     pipe = load_pipeline(parser, args, [args.prompt])
+    if pipe.index.image_input == INSTRUCT:
+        parser.error(f"--model {args.model}: an InstructPix2Pix model edits an image: python -m ldm.img2img --image "
+                     "IN.png \"make it blue\"")
     size = input_size(parser, args, pipe)
     image = load_image(args.image, size)
     mask = None if args.mask is None else (load_image(args.mask, size, mode="L") > 0).float()   # (1, 1, H, W): > 127

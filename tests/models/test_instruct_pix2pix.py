@@ -193,3 +193,11 @@ def test_cli_refusals(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         img2img.main(["--replay", str(tmp_path / "plain.png")])
     assert "no settings of ours" in capsys.readouterr().err
+    from ldm import inpaint, txt2img                # they draw no image input: a usage error, not a traceback
+    Image.new("L", (38, 30), 255).save(tmp_path / "mask.png")
+    for main, argv in [(txt2img.main, ["make it blue", "--model", model, "--steps", "1"]),
+                       (inpaint.main, ["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                                       "make it blue", "--model", model, "--steps", "1"])]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and "python -m ldm.img2img --image" in capsys.readouterr().err
