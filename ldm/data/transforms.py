@@ -15,8 +15,17 @@ CROPS = ("center", "random")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (PIL's I;16 modes: PNG depth maps) -> L, 65535 -> 255; other images as they are. PIL's own
+    convert clips every value above 255 to white."""
+    if not image.mode.startswith("I;16"):
+        return image
+    return Image.fromarray(np.clip(np.round(np.asarray(image, dtype=np.float64) / 257), 0, 255).astype(np.uint8))
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to RGB; transparent pixels are composited over white, not left black."""
+    image = eight_bit(image)
     has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
     if has_alpha:
         rgba = image.convert("RGBA")
@@ -56,7 +65,7 @@ def open_image(value, root: str | None = None, draft: int | None = None, mode: s
     decode at a reduced scale (at least that many pixels a side), which makes a validation
     pass cheap. Raises one of DECODE_ERRORS for anything that is not a complete image.
     """
-    as_mode = to_rgb if mode == "RGB" else (lambda image: image.convert(mode))
+    as_mode = to_rgb if mode == "RGB" else (lambda image: eight_bit(image).convert(mode))
     if isinstance(value, Image.Image):
         return as_mode(value)
     with Image.open(_source(value, root)) as image:

@@ -172,6 +172,17 @@ def test_exif_orientation_is_applied(tmp_path):
     assert tensor.shape == (1, 3, 60, 40) and tensor[0, 0, 5, 20] > 0.5 and tensor[0, 2, 55, 20] > 0.5
 
 
+def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
+    """A 16-bit grayscale PNG (how depth estimators save depth maps, a ControlNet's or T2I-Adapter's image): its
+    levels scaled to 8 bits, as RGB and as L (PIL's convert clips every value above 255 to white)."""
+    ramp = np.linspace(0, 65535, 64 * 16).reshape(16, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "depth.png")
+    for mode in ("RGB", "L"):
+        pixels = np.asarray(open_image(tmp_path / "depth.png", mode=mode)).astype(int)
+        expected = np.round(ramp / 257).astype(int)
+        assert abs(pixels.reshape(16, 64, -1) - expected[..., None]).max() <= 1, mode
+
+
 def test_bucketed_latent_cache_equals_the_autoencoder_per_bucket(mixed_folder, tmp_path):
     from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
     from ldm.training.latent_cache import make_cache_loader, open_or_build
