@@ -393,6 +393,11 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
                                    dtype=NET_DTYPES[args.dtype])
     pipe.prompt_weights = args.prompt_weights == "a1111"
     pipe.vae_tiling = args.vae_tiling
+    if args.spacing is not None:
+        try:                                            # rectified flow refuses grids with a step at its data end
+            pipe.schedule.timesteps(args.steps or TEACHER_STEPS, spacing=args.spacing)
+        except ValueError as err:
+            parser.error(f"--spacing: {err}")
     try:
         pipe.set_freeu(args.freeu)
     except ValueError as err:

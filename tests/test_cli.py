@@ -376,3 +376,24 @@ def test_dtype_flag_loads_half_precision_networks_and_is_replayed(model, tmp_pat
         assert json.loads(im.text["ldm"])["dtype"] == "bfloat16"
     txt2img.main(["--replay", str(tmp_path / "bf16.png"), "--out", str(tmp_path / "again.png")])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png"), dtype=np.int16), pixels["bf16"])
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+def test_a_spacing_with_a_step_at_rectified_flows_data_end_is_a_usage_error(tmp_path, capsys, spacing):
+    """A rectified-flow model (its schedule, prediction flow): leading and linspace grids end a step at t = 0, the
+    data, where every sampler divides by sigma (a ZeroDivisionError traceback before); trailing draws."""
+    import json
+
+    from ldm.pipeline import save_random_model
+    folder = tmp_path / "flow"
+    save_random_model(str(folder))
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(schedule={"name": "rectified_flow"}, prediction="flow")
+    (folder / "model_index.json").write_text(json.dumps(index))
+    run = ["a red circle", "--model", str(folder), "--teacher", "--steps", "3", "--out", str(tmp_path / "a.png")]
+    with pytest.raises(SystemExit) as exit_:
+        txt2img.main([*run, "--spacing", spacing])
+    assert exit_.value.code == 2
+    assert f"--spacing: the {spacing} spacing puts a step at t = 0" in capsys.readouterr().err
+    txt2img.main([*run, "--spacing", "trailing"])
+    assert np.isfinite(np.asarray(Image.open(tmp_path / "a.png"), dtype=np.float64)).all()

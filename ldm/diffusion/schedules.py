@@ -92,6 +92,10 @@ class Schedule:
         else:
             grid = self._shift(self._grid(n, spacing, steps_offset))
         ts = torch.as_tensor(grid, dtype=torch.float64)
+        if torch.isposinf(self.logsnr(ts)).any():       # rectified flow's t = 0 is the data: nothing to denoise
+            t = float(ts[torch.isposinf(self.logsnr(ts))][0])
+            raise ValueError(f"the {spacing} spacing puts a step at t = {t:g}, where this schedule has no noise left "
+                             "(rectified flow's data end); pick trailing, karras, exponential, beta or lcm")
         last = CLEAN if final == "clean" else self.t_min
         return torch.cat([ts, ts.new_tensor([last])])
 

@@ -120,6 +120,15 @@ def test_a_grid_shift_lowers_each_grid_times_logsnr_by_2_log_s(name, options, sp
     assert torch.allclose(moved[~inside], torch.full_like(moved[~inside], schedule.t_max))
 
 
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+def test_a_grid_step_at_rectified_flows_data_end_is_refused(spacing):
+    """Rectified flow's t = 0 is the data (sigma = 0): leading and linspace grids end their steps there, where every
+    sampler divides by sigma; refused by name. VP's continuous t = 0 keeps some noise and stays allowed."""
+    with pytest.raises(ValueError, match=f"the {spacing} spacing puts a step at t = 0, where this schedule has no"):
+        make_schedule("rectified_flow").timesteps(4, spacing=spacing)
+    assert make_schedule("cosine_logsnr").timesteps(4, spacing=spacing)[-2] == 0.0
+
+
 def test_grid_shift_closed_forms():
     """cosine log-SNR: tan(pi t' / 2) = s tan(pi t / 2) (lambda = -2 log tan(pi t / 2)); rectified flow:
     s t / (1 + (s - 1) t); a shift replaces the schedule's own, and karras / lcm grids keep theirs."""
@@ -128,8 +137,8 @@ def test_grid_shift_closed_forms():
     moved = shifted(cosine, s).timesteps(8)[1:-1]
     assert torch.allclose(torch.tan(math.pi * moved / 2), s * torch.tan(math.pi * t / 2), rtol=1e-9)
     flow = make_schedule("rectified_flow", shift=3.0)
-    t = make_schedule("rectified_flow").timesteps(6, spacing="linspace")
-    assert torch.allclose(shifted(flow, 2.0).timesteps(6, spacing="linspace")[:-1], (2 * t / (1 + t))[:-1])
+    t = make_schedule("rectified_flow").timesteps(6)
+    assert torch.allclose(shifted(flow, 2.0).timesteps(6)[:-1], (2 * t / (1 + t))[:-1])
     assert torch.allclose(shifted(flow, 1.0).timesteps(6), make_schedule("rectified_flow").timesteps(6))
     assert shifted(flow, 2.0).shift == 2.0 and flow.shift == 3.0
     for spacing in ("karras", "lcm"):
