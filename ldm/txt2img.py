@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", default=None, help='the prompt ("" is the unconditional model)')
     parser.add_argument("--n", type=int, default=1, metavar="K",
-                        help="images per prompt, saved as one grid; image i has seed SEED+i (for ddim, euler, heun "
-                             "and dpmpp_2m it is what --seed SEED+i draws alone)")
+                        help="images per prompt, saved as one grid; image i has seed SEED+i (for the samplers without "
+                             "noise of their own, ddim, euler, heun, dpmpp_2m, lms, dpm_2, deis, ..., it is what --seed "
+                             "SEED+i draws alone)")
     parser.add_argument("--out", default="txt2img.png", metavar="FILE.png", help="output for a single prompt")
     parser.add_argument("--from-file", metavar="PROMPTS.txt",
                         help="one prompt per line; writes OUTDIR/{line:04d}.png (line 0 first, blank lines skipped)")

@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--teacher-sampler", default="ddim", metavar="NAME",
                     help="the teacher's sampler, any of ldm.txt2img's --sampler (default: ddim)")
     rp.add_argument("--teacher-eta", type=float, default=None, metavar="E",
-                    help="the teacher's sampler noise in [0, 1], as ldm.txt2img's --eta: DDIM's eta, TCD's gamma "
-                         "(default: the sampler's own, ddim 0 and tcd 0.3)")
+                    help="the teacher's sampler noise in [0, 1], as ldm.txt2img's --eta: DDIM's eta, TCD's gamma, "
+                         "the ancestral samplers' eta (default: the sampler's own, ddim 0, tcd 0.3, the ancestral "
+                         "ones 1)")
     rp.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                     help="merge a LoRA into the teacher (repeatable), e.g. stages/distill_lcm.py's LCM-LoRA with "
                          "--teacher-sampler lcm --teacher-steps 1,2,4,8 --guidance 0 --ws 0; the students are "
