@@ -17,7 +17,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ldm.diffusion.composable import check_composition
 from ldm.diffusion.guidance import APG, check_interval
-from ldm.diffusion.samplers import check_eta
+from ldm.diffusion.samplers import ETA_OPTIONS, check_eta
 from ldm.diffusion.schedules import SPACINGS
 from ldm.models.embeddings import parse_embedding_arg
 from ldm.models.lora import parse_lora_arg
@@ -372,6 +372,20 @@ def quiet_transformers() -> None:
     if "transformers" in sys.modules:
         from transformers.utils import logging as transformers_logging
         transformers_logging.disable_progress_bar()
+
+
+def parse_replayed(parser: argparse.ArgumentParser, argv: list[str], replay_defaults) -> argparse.Namespace:
+    """argv parsed; with --replay, the PNG's settings (`replay_defaults(parser, path)`) become the defaults and the
+    flags given now still win. A replayed --eta is dropped where the --sampler given now takes none (replaying a
+    dpmpp_sde PNG with --sampler lms), as there is no flag to clear it."""
+    args = parser.parse_args(argv)
+    if args.replay:
+        given = args
+        parser.set_defaults(**replay_defaults(parser, args.replay))
+        args = parser.parse_args(argv)
+        if given.eta is None and args.eta is not None and args.sampler not in ETA_OPTIONS:
+            args.eta = None
+    return args
 
 
 def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()) -> TextToImage:

@@ -28,7 +28,7 @@ import sys
 import time
 
 from ldm.cli import (add_input_size, add_model_args, control_options, finish, input_size, load_image, load_pipeline,
-                     resolve_window, sampling_options, settings)
+                     parse_replayed, resolve_window, sampling_options, settings)
 from ldm.instruct_pix2pix import IMAGE_GUIDANCE, INSTRUCT, refuse_options
 
 STRENGTH = 0.6   # SDEdit's default
@@ -113,10 +113,7 @@ def instruct_edit(parser: argparse.ArgumentParser, args, pipe) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    if args.replay:   # the PNG's settings become the defaults: flags given now still win
-        parser.set_defaults(**replay_defaults(parser, args.replay))
-        args = parser.parse_args(argv)
+    args = parse_replayed(parser, argv, replay_defaults)   # --replay: the PNG's settings, flags given now win
     if args.prompt is None or args.image is None:
         parser.error("give a prompt and --image IN.png (or --replay FILE.png)")
     if args.strength is not None and not 0.0 <= args.strength <= 1.0:

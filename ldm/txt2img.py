@@ -21,7 +21,7 @@ import time
 
 from PIL import Image
 
-from ldm.cli import (add_model_args, control_options, finish, load_pipeline, parse_size, resolve_window,
+from ldm.cli import (add_model_args, control_options, finish, load_pipeline, parse_replayed, parse_size, resolve_window,
                      sampling_options, settings)
 from ldm.instruct_pix2pix import INSTRUCT
 
@@ -98,10 +98,7 @@ def replay_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    if args.replay:   # the PNG's settings become the defaults: flags given now still win
-        parser.set_defaults(**replay_defaults(parser, args.replay))
-        args = parser.parse_args(argv)
+    args = parse_replayed(parser, argv, replay_defaults)   # --replay: the PNG's settings, flags given now win
     if (args.prompt is None) == (args.from_file is None):
         parser.error("give exactly one of a prompt or --from-file")
     if args.n < 1:

@@ -112,3 +112,18 @@ def test_eta_is_the_ancestral_samplers_noise(model, tmp_path, capsys):
     assert not any(np.array_equal(half, end) for end in ends)
     parameters, run = png_text(tmp_path / "s05.png")
     assert "Sampler: DPM++ 2S a," in parameters and parameters.endswith(", Eta: 0.5") and run["eta"] == 0.5
+
+
+def test_replay_under_a_sampler_without_eta_drops_the_replayed_eta(model, tmp_path, capsys):
+    """A dpmpp_sde PNG with --eta 0.3 replayed with --sampler lms: the PNG's eta cannot be cleared by a flag, so it
+    is dropped (the lms image drawn afresh); given again with --eta it is still refused."""
+    teacher = ["--teacher", "--steps", "3", "--guidance", "1"]
+    draw(model, tmp_path / "sde.png", *teacher, "--sampler", "dpmpp_sde", "--eta", "0.3")
+    assert png_text(tmp_path / "sde.png")[1]["eta"] == 0.3
+    lms = draw(model, tmp_path / "lms.png", *teacher, "--sampler", "lms")
+    assert np.array_equal(lms, draw(model, tmp_path / "again.png", "--replay", str(tmp_path / "sde.png"),
+                                    "--sampler", "lms"))
+    assert "eta" not in png_text(tmp_path / "again.png")[1]
+    with pytest.raises(SystemExit) as exit_:
+        draw(model, tmp_path / "no.png", "--replay", str(tmp_path / "sde.png"), "--sampler", "lms", "--eta", "0.3")
+    assert exit_.value.code == 2 and "--sampler lms has no such option" in capsys.readouterr().err
