@@ -146,3 +146,14 @@ def test_grid_shift_closed_forms():
         assert torch.equal(shifted(sd, 3.0).timesteps(4, spacing=spacing), sd.timesteps(4, spacing=spacing))
     with pytest.raises(ValueError, match="grid shift must be > 0"):
         shifted(cosine, 0.0)
+
+
+@pytest.mark.parametrize("name, t", [("cosine_logsnr", 0.7871234567891), ("scaled_linear", 787.1234567891),
+                                     ("rectified_flow", 0.7871234567891)])
+def test_a_python_float_time_is_read_in_float64(name, t):
+    """The samplers hand the schedule host floats (karras grids' fractional times): read at full precision, as a
+    float64 tensor of the same time is, not rounded through float32 first (1.5e-7 in log-SNR before)."""
+    schedule = make_schedule(name)
+    assert float(schedule.logsnr(t)) == float(schedule.logsnr(torch.tensor(t, dtype=torch.float64)))
+    assert [float(c) for c in schedule.alpha_sigma(t)] == \
+        [float(c) for c in schedule.alpha_sigma(torch.tensor(t, dtype=torch.float64))]
