@@ -431,6 +431,15 @@ class TextToImage:
         return ({key: value.index_select(0, rows[0]) for key, value in encoded.items()},
                 scheduled(model, encoded, rows, grid))
 
+    def unconditional(self, negative: str, chunks: int | None, shape: tuple[int, ...] | None) -> dict:
+        """CFG's unconditional conditioning: `negative` encoded, without SDXL's size numbers (every row takes the
+        drawn size's), except the refiner's, whose unconditional rows carry their own aesthetic score."""
+        uncond = self.encode_prompts([negative], chunks)
+        uncond.pop("time_ids", None)
+        if self.index.aesthetic is not None:
+            uncond["time_ids"] = self.size_ids(shape or self.latent_shape(1), negative=True)[:1]
+        return uncond
+
     def check_prompts(self, prompts: list[str]) -> None:
         """Warn (once a prompt) when a model that saw only shapes-world captions is asked for something else:
         it will still draw shapes, and a user asking for "a corgi" should know why. An added textual-inversion
@@ -537,10 +546,7 @@ class TextToImage:
                 uncond["ip_tokens"] = ip_uncond
             return (cfg(model, true_cfg - 1, uncond, apg=apg, **limit), lambda cond: cond,
                     {"model": "teacher", "nfe_per_step": self._cfg_calls(guidance_interval)})
-        uncond = self.encode_prompts([negative], chunks)
-        uncond.pop("time_ids", None)               # SDXL: both halves take the drawn size's numbers, but
-        if self.index.aesthetic is not None:       # the refiner's unconditional half has its own score
-            uncond["time_ids"] = self.size_ids(shape or self.latent_shape(1), negative=True)[:1]
+        uncond = self.unconditional(negative, chunks, shape)
         if self.index.image_input == INSTRUCT:     # eq. 3 of Brooks et al. 2023: three net calls a step
             refuse_options(control=control, inpaint=inpaint is not None, ip=ip_uncond is not None,
                            guidance_rescale=guidance_rescale, guidance_interval=guidance_interval is not None,

@@ -97,10 +97,7 @@ def composed_model(pipe, steps: int, teacher: bool, guidance: float, negative: s
     `composable_cfg`, `negative` its unconditional rows; K + 1 net evaluations a call, K the most sub-prompts of a
     prompt in the batch (fewer ride in the same call)."""
     check_composition(pipe, steps, teacher)
-    uncond = pipe.encode_prompts([negative], chunks)
-    uncond.pop("time_ids", None)               # SDXL: every row takes the drawn size's numbers, but
-    if pipe.index.aesthetic is not None:       # the refiner's unconditional rows have their own score
-        uncond["time_ids"] = pipe.size_ids(shape or pipe.latent_shape(1), negative=True)[:1]
+    uncond = pipe.unconditional(negative, chunks, shape)
     model = composable_cfg(pipe.denoiser(pipe.image_input_net(None, None), pipe.index.prediction), guidance, uncond,
                            owner, weights)
     most = max(owner.count(b) for b in set(owner))
