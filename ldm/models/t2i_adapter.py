@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.controlnet import ControlSteps, acting
+from ldm.diffusion.schedules import step_index
+from ldm.models.controlnet import acting
 from ldm.models.weights import load_state_dict_strict
 
 KINDS = ("full_adapter", "full_adapter_xl", "light_adapter")
@@ -159,10 +160,10 @@ class AdapterSteps:
 
     def __init__(self, factors: list[float], grid):
         self.factors = [float(f) for f in factors]
-        self.steps = ControlSteps([(0.0, 1.0)], grid)         # finds the step an evaluation belongs to
+        self.grid = [float(g) for g in torch.as_tensor(grid).flatten()]
 
     def __call__(self, t: torch.Tensor) -> list[bool]:
-        i, n = self.steps.step(t), len(self.steps.grid)
+        i, n = step_index(self.grid, t), len(self.grid)      # the step an evaluation belongs to
         return [i < int(n * f) for f in self.factors]
 
 
