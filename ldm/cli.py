@@ -551,8 +551,7 @@ def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, si
         return adapter
     from ldm.models.controlnet import load_controlnet
     n = len(args.controlnet)
-    scales = args.control_scale * n if len(args.control_scale) == 1 else args.control_scale or [1.0] * n
-    modes = args.control_mode * n if len(args.control_mode) == 1 else args.control_mode or [None] * n
+    scales, modes = per_unit(args.control_scale, n, 1.0), per_unit(args.control_mode, n, None)
     control = []
     for folder, path, scale, mode in zip(args.controlnet, args.control_image, scales, modes):
         try:
@@ -584,8 +583,7 @@ def adapter_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, si
         return {}
     from ldm.models.t2i_adapter import load_t2i_adapter
     n = len(args.t2i_adapter)
-    scales = args.adapter_scale * n if len(args.adapter_scale) == 1 else args.adapter_scale or [1.0] * n
-    factors = args.adapter_factor * n if len(args.adapter_factor) == 1 else args.adapter_factor or [1.0] * n
+    scales, factors = per_unit(args.adapter_scale, n, 1.0), per_unit(args.adapter_factor, n, 1.0)
     adapter = []
     for folder, path, scale, factor in zip(args.t2i_adapter, args.adapter_image, scales, factors):
         try:
@@ -681,10 +679,34 @@ def png_info(run: dict, size: tuple[int, int]) -> PngInfo:
         lines[-1] += f", APG r: {float(r):g}, APG eta: {float(eta):g}, APG momentum: {float(beta):g}"
     if run.get("pag"):                                          # ours too: the layer list quoted, it has commas
         lines[-1] += f", PAG scale: {run['pag']:g}, PAG layers: \"{run['pag_layers']}\""
+    for i, unit in enumerate(control_units(run)):             # the A1111 ControlNet extension's units
+        lines[-1] += f", ControlNet {i}: \"{unit}\""
     meta = PngInfo()
     meta.add_text("parameters", "\n".join(lines))
     meta.add_text("ldm", json.dumps(run))
     return meta
+
+
+def per_unit(values: list, n: int, default) -> list:
+    """A per-ControlNet / per-adapter option for n units: given once (for all), once each, or not (the default)."""
+    return list(values) * n if len(values) == 1 else list(values) or [default] * n
+
+
+def control_units(run: dict) -> list[str]:
+    """One "Model: NAME, Weight: S, Guidance Start: A, Guidance End: B" per ControlNet, then per T2I-Adapter, as the
+    A1111 web UI's ControlNet extension writes its units (it runs T2I-Adapters as units too). An adapter acts on the
+    first `adapter_factor` of the steps (diffusers' adapter_conditioning_factor), so that is its Guidance End."""
+    def unit(model: str, weight: float, start: float, end: float) -> str:
+        return (f"Model: {os.path.basename(model.rstrip('/'))}, Weight: {weight:g}, "
+                f"Guidance Start: {start:g}, Guidance End: {end:g}")
+
+    nets, adapters = run.get("controlnet", []), run.get("t2i_adapter", [])
+    ranges = per_unit(run.get("control_range") or [], len(nets), (0.0, 1.0))
+    units = [unit(net, scale, *span) for net, scale, span in
+             zip(nets, per_unit(run.get("control_scale", []), len(nets), 1.0), ranges)]
+    return units + [unit(a, scale, 0.0, factor) for a, scale, factor in
+                    zip(adapters, per_unit(run.get("adapter_scale", []), len(adapters), 1.0),
+                        per_unit(run.get("adapter_factor", []), len(adapters), 1.0))]
 
 
 def save_images(images: torch.Tensor, path: str, run: dict | None = None) -> None:

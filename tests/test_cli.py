@@ -397,3 +397,17 @@ def test_a_spacing_with_a_step_at_rectified_flows_data_end_is_a_usage_error(tmp_
     assert f"--spacing: the {spacing} spacing puts a step at t = 0" in capsys.readouterr().err
     txt2img.main([*run, "--spacing", "trailing"])
     assert np.isfinite(np.asarray(Image.open(tmp_path / "a.png"), dtype=np.float64)).all()
+
+
+def test_control_units_spread_one_value_over_every_unit():
+    from ldm.cli import control_units
+    run = {"controlnet": ["a/canny/", "b/depth"], "control_scale": [0.5], "control_range": [[0.2, 0.9], [0.0, 0.5]],
+           "t2i_adapter": ["x/sketch", "y/color"], "adapter_scale": [1.0, 0.25], "adapter_factor": [0.5]}
+    assert control_units(run) == [
+        "Model: canny, Weight: 0.5, Guidance Start: 0.2, Guidance End: 0.9",
+        "Model: depth, Weight: 0.5, Guidance Start: 0, Guidance End: 0.5",
+        "Model: sketch, Weight: 1, Guidance Start: 0, Guidance End: 0.5",
+        "Model: color, Weight: 0.25, Guidance Start: 0, Guidance End: 0.5"]
+    assert control_units({"controlnet": ["c"], "control_scale": []}) == [
+        "Model: c, Weight: 1, Guidance Start: 0, Guidance End: 1"]
+    assert control_units({"prompt": "no control"}) == []

@@ -93,6 +93,8 @@ def test_txt2img_with_a_controlnet_draws_what_diffusers_draws(setup, tmp_path, o
                   *["--controlnet", str(root / "cn"), "--control-image", str(tmp_path / "edges.png")] * 2,
                   "--control-scale", "0.4", "--out", str(tmp_path / "twice.png")])
     assert np.abs(np.asarray(Image.open(tmp_path / "twice.png"), dtype=np.int16) - ours).max() <= 1
+    unit = 'Model: cn, Weight: 0.4, Guidance Start: 0, Guidance End: 1"'   # the A1111 ControlNet extension's units
+    assert f'ControlNet 0: "{unit}, ControlNet 1: "{unit}' in Image.open(tmp_path / "twice.png").text["parameters"]
     with pytest.raises(SystemExit):
         txt2img.main([PROMPTS[0], "--model", str(root / "model"), "--controlnet", str(tmp_path),
                       "--control-image", str(tmp_path / "edges.png")])
@@ -215,5 +217,7 @@ def test_control_range_equals_diffusers_control_guidance_start_end(setup, tmp_pa
     drawn = np.asarray(Image.open(out), dtype=np.int16)
     assert np.abs(drawn - np.round(reference[0].permute(1, 2, 0).numpy() * 255)).max() <= 1
     assert json.loads(Image.open(out).text["ldm"])["control_range"] == [[0.25, 0.75]]
+    assert 'ControlNet 0: "Model: cn, Weight: 0.8, Guidance Start: 0.25, Guidance End: 0.75"' in \
+        Image.open(out).text["parameters"]
     txt2img.main(["--replay", str(out), "--decoder-precision", "fp32", "--out", str(tmp_path / "again.png")])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png"), dtype=np.int16), drawn)

@@ -146,6 +146,8 @@ def test_txt2img_with_adapters_draws_what_diffusers_draws(sd, tmp_path, one_thre
 
     run = json.loads(Image.open(tmp_path / "one.png").text["ldm"])
     assert (run["t2i_adapter"], run["adapter_scale"]) == ([str(root / "full")], [0.8])
+    assert Image.open(tmp_path / "one.png").text["parameters"].endswith(
+        ', ControlNet 0: "Model: full, Weight: 0.8, Guidance Start: 0, Guidance End: 1"')   # as A1111 writes units
     txt2img.main(["--replay", str(tmp_path / "one.png"), "--decoder-precision", "fp32",
                   "--out", str(tmp_path / "again.png")])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png"), dtype=np.int16), drawn)
