@@ -177,7 +177,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--spacing", default=None, choices=SPACINGS,
                         help="the time grid: trailing (Lin et al. 2023; what students were distilled on), karras "
                              "(Karras et al. 2022, eq. 5: 'DPM++ 2M Karras' is --sampler dpmpp_2m --spacing karras), "
-                             "exponential (even in log sigma), beta (Lee et al. 2024, ComfyUI's 'beta'), leading, "
+                             "exponential (even in log sigma), beta (Lee et al. 2024, ComfyUI's 'beta'), ays (Align "
+                             "Your Steps, Sabour et al. 2024: NVIDIA's 10-step SD 1.5 noise levels, SDXL's for an SDXL "
+                             "U-Net, log-linearly interpolated for other step counts, the same s = sigma / alpha on "
+                             "any schedule; not rectified flow), kl_optimal (even in atan(sigma), the same paper's "
+                             "KL-optimal schedule: A1111's and ComfyUI's 'KL Optimal'), leading, "
                              "linspace or lcm (n of the 50 times LCMs learn on: stages/distill_lcm.py); default: karras for "
                              "the teacher's heun (the paper's pairing), lcm for the lcm and tcd samplers, else "
                              "trailing")
@@ -618,6 +622,9 @@ SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun":
                  "unipc": "UniPC", "lms": "LMS", "dpm_2": "DPM2", "dpm_2_ancestral": "DPM2 a",
                  "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "lcm": "LCM", "tcd": "TCD", "ddpm": "DDPM",
                  "stochastic": "Meng stochastic"}
+# The spacings as the A1111 web UI's schedule types name them: "DPM++ 2M Karras" (it reads a name ending in a label)
+SPACING_NAMES = {"karras": "Karras", "exponential": "Exponential", "beta": "Beta", "ays": "Align Your Steps",
+                 "kl_optimal": "KL Optimal"}
 
 
 def settings(args, prompt: str, info: dict, **extra) -> dict:
@@ -663,7 +670,7 @@ def png_info(run: dict, size: tuple[int, int]) -> PngInfo:
     """Two text chunks: `parameters` in the A1111 web UI's layout, which image sites and other UIs read
     (CFG scale is SD's 1 + w), and `ldm`, the JSON of `settings`, to draw the image again."""
     sampler = SAMPLER_NAMES.get(run["sampler"], run["sampler"]) + \
-        (f" {run['spacing'].title()}" if run["spacing"] in ("karras", "exponential", "beta") else "")
+        (f" {SPACING_NAMES[run['spacing']]}" if run["spacing"] in SPACING_NAMES else "")
     lines = [run["prompt"]] + ([f"Negative prompt: {run['negative']}"] if run["negative"] else [])
     lines.append(f"Steps: {run['steps']}, Sampler: {sampler}, CFG scale: {1 + run['guidance']:g}, "
                  + (f"True CFG scale: {run['true_cfg']:g}, " if run.get("true_cfg") is not None else "")

@@ -166,6 +166,8 @@ class TextToImage:
             self.autoencoder.to(memory_format=torch.channels_last)
         self.index, self.folder = index, folder
         self.schedule = schedule_from_config(index.schedule)
+        if getattr(unet.cfg, "added_cond", None) == "text_time":   # SDXL (and its refiner): AYS's SDXL list
+            self.schedule.ays_model = "sdxl"
         self._students: dict[int, torch.nn.Module] = {}
         self._loras: list[tuple[dict, float, str]] = []   # merged into every U-Net, students as they load
         self._warned_prompts: set[str] = set()

@@ -20,13 +20,25 @@ import numpy as np
 import torch
 
 CLEAN = -1.0                                  # any t < 0: alpha = 1, sigma = 0
-SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "beta", "lcm")
-SIGMA_SPACINGS = ("karras", "exponential")    # grids laid out in s = sigma / alpha, mapped back to times
+SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "beta", "lcm", "ays", "kl_optimal")
+SIGMA_SPACINGS = ("karras", "exponential", "kl_optimal", "ays")   # laid out in s = sigma / alpha, mapped to times
 LCM_ORIGINAL_STEPS = 50                       # Luo et al. 2023: LCMs learn consistency on a 50-step DDIM grid
 KARRAS_RHO = 7.0                              # Karras et al. 2022, eq. 5 (their choice for every model)
 KARRAS_SIGMAS = (0.002, 80.0)                 # their Table 1 range of sigma / alpha; SD's 0.029-14.6 lies inside
 BETA_SPACING = (0.6, 0.6)                     # Lee et al. 2024 ("Beta Sampling is All You Need"): Beta(a, b) in time
 FINALS = ("clean", "t_min")                   # last grid entry: clean data, or the schedule's t_min
+# Align Your Steps (Sabour, Fidler & Kreis 2024): NVIDIA's optimized 10-step schedules, published as the timesteps
+# [999, 850, 736, 645, 545, 455, 343, 233, 124, 24, 0] (SD 1.5) and [999, 845, 730, 587, 443, 310, 193, 116, 53, 13, 0]
+# (SDXL) of SD's scaled_linear schedule (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html; diffusers'
+# AysSchedules). These are the noise levels s = sigma / alpha at those timesteps, as ComfyUI's AlignYourStepsScheduler
+# lists them (its SD1 / SDXL NOISE_LEVELS); diffusers' 3-decimal sigma lists (the levels before NVIDIA rounded them to
+# integer timesteps, also the A1111 web UI's) differ from them by at most 0.0035.
+AYS_LEVELS = {
+    "sd15": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092, 0.9642583904,
+             0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),
+    "sdxl": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141, 0.5550693289,
+             0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582),
+}
 
 
 def _as_time(t) -> torch.Tensor:
@@ -59,6 +71,17 @@ def beta_ppf(q: np.ndarray, a: float, b: float) -> np.ndarray:
     return np.interp(np.asarray(q, dtype=np.float64), cdf / cdf[-1], np.sin(theta) ** 2)
 
 
+def ays_levels(n: int, model: str = "sd15") -> np.ndarray:
+    """n + 1 descending noise levels s of Align Your Steps for n steps: the published 10-step list of `model`
+    ("sd15", "sdxl"), else that list interpolated linearly in log s at n + 1 evenly spaced positions (NVIDIA's
+    how-to `loglinear_interp`, ComfyUI's AlignYourStepsScheduler). The last level is the one a sampler steps to."""
+    _check_option("AYS model", model, tuple(AYS_LEVELS))
+    levels = np.asarray(AYS_LEVELS[model], dtype=np.float64)
+    if n + 1 == len(levels):
+        return levels
+    return np.exp(np.interp(np.linspace(0.0, 1.0, n + 1), np.linspace(0.0, 1.0, len(levels)), np.log(levels)))
+
+
 class Schedule:
     """Interface every sampler uses: `alpha_sigma(t)`, `logsnr(t)`, `timesteps(n, ...)`."""
 
@@ -66,6 +89,8 @@ class Schedule:
     t_max: float
     zero_terminal_snr: bool = False           # alpha(t_max) = 0 exactly (Lin et al. 2024)
     grid_shift: float = 1.0                   # s: leading/trailing/linspace grids at log-SNR - 2 log s (`shifted`)
+    ays_model: str = "sd15"                   # which AYS_LEVELS list the ays spacing takes (the pipeline: "sdxl"
+                                              # for an SDXL U-Net); every other model takes SD 1.5's
 
     def logsnr(self, t) -> torch.Tensor:
         """lambda(t) = log(alpha^2 / sigma^2), float64, same shape as t; +inf for t < 0."""
@@ -115,21 +140,43 @@ class Schedule:
         """n noise levels s = sigma / alpha from the noisiest to the cleanest, each mapped back to the time with
         that level (log s = -lambda / 2), fractional where it falls between steps:
           karras       Karras et al. 2022, eq. 5: s_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho;
-          exponential  evenly spaced in log s (the A1111 web UI's and diffusers' "exponential").
+          exponential  evenly spaced in log s (the A1111 web UI's and diffusers' "exponential");
+          kl_optimal   s_i = tan((1 - i/(n-1)) atan(s_max) + i/(n-1) atan(s_min)): evenly spaced in atan(s), the
+                       schedule Sabour et al. 2024 (Align Your Steps) derive as KL-optimal for Gaussian data
+                       (A1111 web UI PR #15608, ComfyUI's kl_optimal scheduler);
+          ays          Align Your Steps' published levels (`_ays_levels`), not spread over the range below.
         s_min, s_max: the schedule's range cut to Karras et al.'s [0.002, 80]. A log-SNR range of +-20
         (cosine_logsnr) reaches s = 22026, where rho = 7 would spend half of 8 steps on pure noise: the
         shapes64 teacher drew 19.8% of prompts right at 8 DPM++(2M) steps so, 68.0% with the cut
         (docs/stage2-latent.md)."""
         lam_clean, lam_noisy = (float(self.logsnr(t)) for t in (self.t_min, self.t_max))
+        if spacing == "ays":
+            return self.t_from_logsnr(-2.0 * np.log(self._ays_levels(n, lam_clean, lam_noisy)))
         s_min = max(math.exp(-lam_clean / 2), KARRAS_SIGMAS[0])
         s_max = min(math.exp(-lam_noisy / 2), KARRAS_SIGMAS[1])
         ramp = np.arange(n) / max(n - 1, 1)
         if spacing == "karras":
             rho = KARRAS_RHO
             s = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+        elif spacing == "kl_optimal":
+            s = np.tan((1 - ramp) * math.atan(s_max) + ramp * math.atan(s_min))
         else:
             s = np.exp(np.log(s_max) + ramp * (np.log(s_min) - np.log(s_max)))
         return self.t_from_logsnr(-2.0 * np.log(s))
+
+    def _ays_levels(self, n: int, lam_clean: float, lam_noisy: float) -> np.ndarray:
+        """The n levels s a sampler evaluates at: `ays_levels`' first n (its last, SD's s_min, becomes the grid's
+        final entry: clean data as in ComfyUI and diffusers; final="t_min" is NVIDIA's timestep 0 on SD). Taken as
+        noise levels, the same signal-to-noise ratio 1 / s^2 on any schedule, not stretched to the schedule's range:
+        a model whose range reaches further (the shapes64 teacher's cosine_logsnr, s up to 22026) starts at SD's
+        s = 14.6 from pure noise, as SD does. A schedule that does not reach a level (beyond a 1e-6 rounding) is
+        refused: AYS has no list for it."""
+        s = ays_levels(n, self.ays_model)[:n]
+        lo, hi = math.exp(-lam_clean / 2), math.exp(-lam_noisy / 2)
+        if s.max() > hi * (1 + 1e-6) or s.min() < lo * (1 - 1e-6):
+            raise ValueError(f"the ays spacing's {self.ays_model} levels span s = sigma / alpha in "
+                             f"[{s.min():.4g}, {s.max():.4g}]; this schedule covers only [{lo:.4g}, {hi:.4g}]")
+        return np.clip(s, lo, hi)
 
     def _beta_grid(self, n: int) -> np.ndarray:
         """Lee et al. 2024 ("Beta Sampling is All You Need", sec. 4): the trailing grid's fractions 1, 1 - 1/n, ...,
@@ -303,6 +350,12 @@ class RectifiedFlow(Schedule):
     @property
     def shift(self) -> float:
         return self.grid_shift
+
+    def _ays_levels(self, n: int, lam_clean: float, lam_noisy: float) -> np.ndarray:
+        """Refused: AYS's lists are noise levels optimized for SD 1.5 and SDXL, and NVIDIA published none for flow
+        models, whose grids start from pure noise at t = 1 (SD 1.5's list would start at t = 14.6 / 15.6 = 0.936)."""
+        raise ValueError("the ays spacing holds Align Your Steps' SD 1.5 and SDXL noise levels; a rectified-flow "
+                         "model has no published list: pick trailing, kl_optimal, karras, exponential or beta")
 
     def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
         t = _as_time(t)
