@@ -46,6 +46,7 @@ from ldm.training import (EMA, Checkpointer, NonFiniteGuard, ProgressBar, TrainC
                           parse_args, setup)
 from ldm.training.gather import ema_copy
 from ldm.training.latent_cache import scaled_latents, stage_loader
+from ldm.training.power_ema import power_ema_from_config
 
 logger = logging.getLogger("train_latent")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "latent" / "shapes64.yaml"
@@ -231,6 +232,9 @@ class LatentStageConfig:
         if self.image_input and (self.net != "unet" or self.cache_latents or self.prior.class_prompt):
             raise ValueError("image_input=instruct-pix2pix trains a U-Net (net=unet) on images encoded as it goes "
                              "(cache_latents=false: the cache holds one image per item), without prior.class_prompt")
+        if self.lora.rank and self.train.posthoc_ema.sigma_rels:
+            raise ValueError("train.posthoc_ema with lora.rank > 0: the snapshots would hold the LoRA updates alone, "
+                             "which ldm.training.posthoc_ema cannot merge into a model folder; leave sigma_rels []")
         if self.prior.class_prompt and not self.init_from:
             raise ValueError("prior.class_prompt keeps a trained model's class while it learns a subject: it needs "
                              "init_from=MODEL_FOLDER (the class pictures are its drawings)")
@@ -545,6 +549,8 @@ def main(argv: list[str] | None = None) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     net = accelerator.unwrap_model(model)
     ema = EMA(net, cfg.train.ema_decay, cfg.train.ema_power) if cfg.train.ema_decay > 0 else None
+    # EDM2's power EMAs beside it (train.posthoc_ema): snapshots for rebuilding any EMA length after the run.
+    phema = power_ema_from_config(net, cfg.train.posthoc_ema, output_dir)
     model_config = {cfg.net: config_to_dict(cfg.network), "text": config_to_dict(cfg.text),
                     "autoencoder": config_to_dict(ae.config)}
     if cfg.lora.rank:  # the checkpoints hold the updates only: the frozen base must be the same on resume
@@ -552,9 +558,11 @@ def main(argv: list[str] | None = None) -> Path:
     prior = class_loader(cfg, draw_class_images(accelerator, cfg), accelerator) if cfg.prior.class_prompt else None
     ckpt = Checkpointer(accelerator, cfg.train, stage="latent", config=cfg, model=model, optimizer=optimizer,
                         scheduler=scheduler, ema=ema, data=data, model_config=model_config,
-                        extras={"class_data": prior} if prior is not None else None,
+                        extras={k: v for k, v in {"class_data": prior, "power_ema": phema}.items() if v is not None},
                         trainable_only=cfg.lora.rank > 0)
     step = ckpt.resume()  # restores the RNG last
+    if phema is not None:   # a fresh run refuses old snapshots; a resumed one redoes those after its checkpoint
+        phema.settle_folder(step, drop_later=accelerator.is_main_process)
 
     loss_fn = DiffusionLoss(schedule_from_config(cfg.diffusion.schedule_config()), cfg.diffusion.prediction,
                             cfg.diffusion.weighting, cfg.diffusion.gamma, cfg.diffusion.time,
@@ -604,7 +612,7 @@ def main(argv: list[str] | None = None) -> Path:
             update = None
             if accelerator.sync_gradients:
                 update = optimizer_step(accelerator, model, optimizer, scheduler, guard,
-                                        max_grad_norm=cfg.train.max_grad_norm, ema=ema)
+                                        max_grad_norm=cfg.train.max_grad_norm, ema=ema, power_ema=phema)
         if update is None:  # mid-accumulation, or a skipped non-finite update
             continue
 
@@ -619,6 +627,8 @@ def main(argv: list[str] | None = None) -> Path:
                 if ema_net is not None:
                     validate(accelerator, ema_net, ae, cfg, step)
                     save_model_folder(ema_net, cfg, output_dir / "model")
+        if phema is not None and accelerator.is_main_process:
+            phema.maybe_snapshot(step, cfg.train.max_steps)
         ckpt.maybe_save(step)
 
     bar.close()

@@ -28,12 +28,13 @@ import importlib
 _HOME = {
     "checkpoint": ["CheckpointMismatchError", "Checkpointer", "find_latest_checkpoint", "list_checkpoints",
                    "resolve_resume"],
-    "config": ["ConfigError", "TrainConfig", "config_to_dict", "flatten_config", "load_config", "one_batch_size",
-               "parse_args", "save_config"],
+    "config": ["ConfigError", "PostHocEMAConfig", "TrainConfig", "config_to_dict", "flatten_config", "load_config",
+               "one_batch_size", "parse_args", "save_config"],
     "ema": ["EMA"],
     "images": ["log_images", "make_grid", "save_image_grid"],
     "loop": ["NonFiniteGuard", "NonFiniteLossError", "ProgressBar", "UpdateResult", "optimizer_step"],
     "optim": ["build_optimizer", "build_scheduler", "lr_multiplier"],
+    "power_ema": ["PowerEMA", "power_ema_from_config"],
     "runtime": ["check_output_dir", "seed_everything", "setup"],
 }
 _MODULE_OF = {name: module for module, names in _HOME.items() for name in names}

@@ -46,6 +46,7 @@ from ldm.models.weights import write_safetensors
 
 from .config import TrainConfig, config_to_dict, save_config
 from .ema import EMA, check_same_tensors
+from .power_ema import PowerEMA
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +233,9 @@ class Checkpointer:
         if self.fsdp:
             _check_fsdp(accelerator, dict(extras or {}))
         self.sharding = "fsdp2" if self.fsdp else None
+        if cfg.posthoc_ema.sigma_rels and not any(isinstance(v, PowerEMA) for v in (extras or {}).values()):
+            raise ValueError(f"train.posthoc_ema.sigma_rels={cfg.posthoc_ema.sigma_rels}: stage {stage!r} does not "
+                             "track post-hoc EMAs (stage 2, stages/train_latent.py, does); leave it [] here")
         self.accelerator, self.cfg, self.stage = accelerator, cfg, stage
         self.model_config, self.config = model_config, config if config is not None else cfg
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler

@@ -16,7 +16,7 @@ import json
 import sys
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -25,6 +25,28 @@ import yaml
 
 class ConfigError(ValueError):
     """A config key is unknown, missing or has a value of the wrong type."""
+
+
+@dataclass
+class PostHocEMAConfig:
+    """EDM2's post-hoc EMA (Karras et al. 2024, sec. 3): power-function EMAs tracked beside training, snapshots of them
+    saved to <output_dir>/posthoc-ema/, and `python -m ldm.training.posthoc_ema RUN` rebuilding any EMA length later."""
+
+    sigma_rels: list[float] = field(default_factory=list)  # tracked widths relative to the run's length; [] = off
+                                                            # (the paper: [0.05, 0.10]); each in (0, 1/sqrt(12)]
+    every: int = 500                                        # steps between snapshots (and one at max_steps)
+    dtype: Literal["float32", "float16"] = "float32"       # snapshot files; float16 halves them, but rounds each
+                                                            # by ~5e-4 relative, scaled by the rebuild's weights
+
+    def __post_init__(self):
+        bad = [s for s in self.sigma_rels if not 0.0 < s <= 12 ** -0.5]
+        if bad:
+            raise ValueError(f"sigma_rels {bad} out of range: each must be in (0, {12 ** -0.5:.4f}] (power-function "
+                             "exponent gamma >= 0; 0.2887 = the uniform average of every step)")
+        if len({round(s, 4) for s in self.sigma_rels}) != len(self.sigma_rels):
+            raise ValueError(f"sigma_rels {self.sigma_rels} must differ (in 4 decimals: the snapshot file names)")
+        if self.every < 1:
+            raise ValueError(f"every must be >= 1, got {self.every}")
 
 
 @dataclass
@@ -48,6 +70,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     ema_decay: float = 0.0                      # 0 disables the EMA of weights
     ema_power: float = 0.0                      # EMA warmup: d_n = min(ema_decay, 1-(1+n)^-power); 0 = off
+    posthoc_ema: PostHocEMAConfig = field(default_factory=PostHocEMAConfig)  # beside the EMA above; stage 2 only
     checkpoint_every: int = 500                 # steps between checkpoints (and one at max_steps)
     keep_last: int = 3                          # complete checkpoints kept; 0 keeps all
     log_every: int = 10                         # steps between scalar logs

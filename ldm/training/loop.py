@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .ema import EMA
+from .power_ema import PowerEMA
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,11 +73,11 @@ class UpdateResult:
 
 def optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
                    scheduler, guard: NonFiniteGuard, *, max_grad_norm: float,
-                   ema: EMA | None = None) -> UpdateResult | None:
+                   ema: EMA | None = None, power_ema: PowerEMA | None = None) -> UpdateResult | None:
     """Finish an update when `accelerator.sync_gradients`: returns None if it was skipped.
 
     Skipped: a non-finite loss anywhere (guard) or an fp16 overflow (the grad scaler). Applied:
-    clip, optimizer step, one scheduler step, EMA update, in that order.
+    clip, optimizer step, one scheduler step, EMA updates (classic, then post-hoc power EMAs), in that order.
     """
     loss = guard.end_update(accelerator)
     if loss is None:
@@ -93,6 +94,8 @@ def optimizer_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.
     scheduler.step()
     if ema is not None:
         ema.update()
+    if power_ema is not None:
+        power_ema.update()
     return UpdateResult(loss=loss, lr=lr, grad_norm=grad_norm)
 
 
