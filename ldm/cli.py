@@ -161,6 +161,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--guidance", type=float, default=None, metavar="W",
                         help="guidance weight w, (1 + w) cond - w uncond (default: the model's)")
     sampling.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    sampling.add_argument("--subseed", type=int, default=None, metavar="S",
+                          help="variation seed (the A1111 web UI's): the starting noise moves from --seed's towards "
+                               "S's by --subseed-strength, along the sphere (slerp); with --n K image i takes --seed "
+                               "and S+i, variations of one image, as A1111 does")
+    sampling.add_argument("--subseed-strength", type=float, default=None, metavar="X",
+                          help="variation strength in [0, 1] (A1111's): 0 draws --seed's image, 1 --subseed's, 0.1 a "
+                               "near variation of --seed's; needs --subseed")
     sampling.add_argument("--teacher", action="store_true", help="use the teacher + CFG even when a student fits")
     sampling.add_argument("--sampler", default="ddim", choices=CLI_SAMPLERS,
                         help="ddim (deterministic) or stochastic (Meng et al. 2023, sec. 4.3), what students were "
@@ -392,6 +399,16 @@ def parse_replayed(parser: argparse.ArgumentParser, argv: list[str], replay_defa
     return args
 
 
+def check_variation(parser: argparse.ArgumentParser, args) -> None:
+    """--subseed and --subseed-strength come together, the strength in [0, 1] (A1111's slider's range)."""
+    strength = args.subseed_strength
+    if strength is not None and not 0.0 <= strength <= 1.0:
+        parser.error(f"--subseed-strength must be in [0, 1], got {strength}")
+    if (strength is None) != (args.subseed is None):
+        parser.error("--subseed S and --subseed-strength X go together: the noise moves from --seed's towards S's "
+                     "by X" + (" (give --subseed)" if args.subseed is None else " (give --subseed-strength)"))
+
+
 def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()) -> TextToImage:
     """The model folder, or a parser error that names the missing path or a bad prompt. Warnings print
     as one line."""
@@ -403,6 +420,7 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
     except ValueError as err:
         parser.error(str(err))
     check_prompt_syntax(parser, args, prompts)
+    check_variation(parser, args)
     if not os.path.isfile(os.path.join(args.model, INDEX_NAME)):
         parser.error(f"--model {args.model!r} is not a model folder: {os.path.join(args.model, INDEX_NAME)} "
                      f"is missing (train one with stages/, or pass --model DIR)")
@@ -608,7 +626,8 @@ def sampling_options(args) -> dict:
                 sampler=args.sampler, negative=args.negative, spacing=args.spacing,
                 guidance_rescale=args.guidance_rescale, ip_image=ip_image, shift=args.shift,
                 true_cfg=args.true_cfg, guidance_interval=args.guidance_interval, apg=args.apg, window=args.window,
-                pag_scale=args.pag or 0.0, pag_layers=args.pag_layers, eta=args.eta, progress=show_progress())
+                pag_scale=args.pag or 0.0, pag_layers=args.pag_layers, eta=args.eta, subseed=args.subseed,
+                subseed_strength=args.subseed_strength or 0.0, progress=show_progress())
 
 
 def show_progress() -> bool:
@@ -637,7 +656,8 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
     if args.ip_adapter:
         run.update(ip_adapter=args.ip_adapter, image_encoder=args.image_encoder, ip_image=args.ip_image,
                    ip_scale=args.ip_scale)
-    for key in ("clip_skip", "freeu", "shift", "true_cfg", "eta"):   # true_cfg: diffusers' true_cfg_scale s
+    for key in ("clip_skip", "freeu", "shift", "true_cfg", "eta",   # true_cfg: diffusers' true_cfg_scale s
+                "subseed", "subseed_strength"):
         if getattr(args, key) is not None:
             run[key] = getattr(args, key)
     if args.guidance_interval is not None:                      # as typed, '0.28:5.42': JSON has no inf
@@ -676,6 +696,8 @@ def png_info(run: dict, size: tuple[int, int]) -> PngInfo:
                  + (f"True CFG scale: {run['true_cfg']:g}, " if run.get("true_cfg") is not None else "")
                  + (f"Image CFG scale: {run['image_guidance']:g}, " if run.get("image_guidance") is not None else "") +
                  f"Seed: {run['seed']}, Size: {size[0]}x{size[1]}, Model: {os.path.basename(run['model'].rstrip('/'))}")
+    if run.get("subseed_strength"):                             # A1111 writes its variation seed only when it acts
+        lines[-1] += f", Variation seed: {run['subseed']}, Variation seed strength: {run['subseed_strength']:g}"
     if run.get("eta") is not None:                              # A1111's key for DDIM's eta; its generic one else
         lines[-1] += f", {'Eta DDIM' if run['sampler'] == 'ddim' else 'Eta'}: {run['eta']:g}"
     if run.get("window"):
@@ -733,6 +755,8 @@ def finish(images: torch.Tensor, info: dict, start: float, path: str, run: dict 
     save_images(images, path, run)
     sampler = info["sampler"] + ("" if info.get("spacing", "trailing") == "trailing" else f" ({info['spacing']})")
     seeds = f", seeds {run['seed']}-{run['seed'] + run['n'] - 1}" if run and run.get("n", 1) > 1 else ""
+    if seeds and run.get("subseed_strength"):                   # A1111's grid of variations: one seed, subseeds S+i
+        seeds = f", seed {run['seed']}, variation seeds {run['subseed']}-{run['subseed'] + run['n'] - 1}"
     print(f"{path}: {info['model']}, {info['steps']} steps, {sampler}, w={info['guidance']:g}, "
           f"NFE {info['nfe']}, {time.perf_counter() - start:.2f} s{seeds}")
 

@@ -29,6 +29,7 @@ from ldm.diffusion.multidiffusion import window_boxes, windowed
 from ldm.diffusion.param import Denoiser
 from ldm.diffusion.samplers import ETA_OPTIONS, SAMPLERS, check_eta, initial_noise
 from ldm.diffusion.schedules import resolution_shift, schedule_from_config, shifted
+from ldm.diffusion.variation import slerp
 from ldm.distill.targets import coefficients
 from ldm.flux_tools import IMAGE_INPUTS, ReferenceTokens, fill_inputs
 from ldm.instruct_pix2pix import INSTRUCT, image_latents, instruct_model, refuse_options
@@ -708,7 +709,8 @@ class TextToImage:
                guidance_interval: tuple[float, float] | None = None, pag_scale: float = 0.0,
                pag_layers=PAG_LAYERS, window: tuple[int, int] | None = None,
                apg: APG | None = None, eta: float | None = None, image_guidance: float | None = None,
-               adapter: list | None = None, first_pass: int = 0, progress: bool = False) -> tuple[torch.Tensor, dict]:
+               adapter: list | None = None, first_pass: int = 0, subseed: int | list[int] | None = None,
+               subseed_strength: float = 0.0, progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
         spacing: the time grid (ldm.diffusion.schedules.SPACINGS); None: "karras" (Karras et al. 2022,
@@ -770,6 +772,9 @@ class TextToImage:
         the n steps run (diffusers' adapter_conditioning_factor, default 1).
         first_pass: the steps of a first pass this run continues (`hires`' second pass), for prompt editing's
         timeline (ldm.models.prompt_schedule.edit_step, as the A1111 web UI's hires fix); 0: none.
+        subseed, subseed_strength: variation seeds (the A1111 web UI's variation seed and strength X in [0, 1]): the
+        starting noise slerped from the seed's noise towards the subseed's (one subseed, or one per prompt as
+        `seed`) by X (ldm.diffusion.variation.slerp; the sampler's own noise still comes from the seed).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
@@ -831,7 +836,7 @@ class TextToImage:
         if run == 0:                                        # strength 0: nothing to do
             return init, info
         ts = ts[steps - run:]                               # the remaining part of the grid
-        x = self._starting_noise(ts, shape, seed)
+        x = self._starting_noise(ts, shape, seed, subseed, subseed_strength)
         seed = seed if isinstance(seed, int) else seed[0]
         if init is not None:
             alpha, sigma = (float(c) for c in self.schedule.alpha_sigma(ts[0]))
@@ -885,7 +890,15 @@ class TextToImage:
             ids = torch.cat([ids[:, :4], score], dim=1)
         return ids.to(self.device)
 
-    def _starting_noise(self, ts: torch.Tensor, shape: tuple[int, ...], seed: int | list[int]) -> torch.Tensor:
+    def _starting_noise(self, ts: torch.Tensor, shape: tuple[int, ...], seed: int | list[int],
+                        subseed: int | list[int] | None = None, strength: float = 0.0) -> torch.Tensor:
+        """x at ts[0] on the device, with variation seeds slerped in (`sample`'s subseed, subseed_strength)."""
+        if strength and subseed is None:
+            raise ValueError(f"a variation strength ({strength}) needs a subseed to vary towards")
+        x = self._seed_noise(ts, shape, seed)
+        return x if subseed is None else slerp(strength, x, self._seed_noise(ts, shape, subseed))
+
+    def _seed_noise(self, ts: torch.Tensor, shape: tuple[int, ...], seed: int | list[int]) -> torch.Tensor:
         """x at ts[0] on the device: from one seed for the batch, or from one seed per sample (CPU generators)."""
         if isinstance(seed, int):
             return initial_noise(self.schedule, ts, shape, generator=torch.Generator().manual_seed(seed)).to(self.device)

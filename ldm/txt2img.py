@@ -23,6 +23,7 @@ from PIL import Image
 
 from ldm.cli import (add_model_args, control_options, finish, load_pipeline, parse_replayed, parse_size, resolve_window,
                      sampling_options, settings)
+from ldm.diffusion.variation import grid_seeds
 from ldm.instruct_pix2pix import INSTRUCT
 
 
@@ -75,7 +76,8 @@ REPLAYED = ("prompt", "negative", "steps", "guidance", "seed", "n", "sampler", "
             "guidance_rescale", "prompt_weights", "model", "lora", "embedding", "size", "hires", "controlnet",
             "control_image", "control_scale", "control_mode", "control_range", "clip_skip", "freeu", "ip_adapter",
             "image_encoder", "ip_image", "ip_scale", "shift", "dtype", "true_cfg", "guidance_interval", "window",
-            "apg", "eta", "pag", "pag_layers", "t2i_adapter", "adapter_image", "adapter_scale", "adapter_factor")
+            "apg", "eta", "pag", "pag_layers", "t2i_adapter", "adapter_image", "adapter_scale", "adapter_factor",
+            "subseed", "subseed_strength")
 
 
 def png_settings(parser: argparse.ArgumentParser, path: str) -> dict:
@@ -126,8 +128,9 @@ def main(argv: list[str] | None = None) -> None:
                    control)
     for path, prompt in jobs:
         start = time.perf_counter()
-        seeds = [args.seed + i for i in range(args.n)]   # image i of a grid is `--seed SEED+i` alone
-        options = {**sampling_options(args), **control, "seed": seeds, "size": args.size}
+        # image i of a grid is `--seed SEED+i` alone; with variation, SEED and `--subseed S+i` (A1111's rule)
+        seeds, subseeds = grid_seeds(args.seed, args.n, args.subseed, args.subseed_strength or 0.0)
+        options = {**sampling_options(args), **control, "seed": seeds, "subseed": subseeds, "size": args.size}
         if args.hires:
             images, info = pipe.hires([prompt] * args.n, scale=args.hires[0], strength=args.hires[1], **options)
         else:
