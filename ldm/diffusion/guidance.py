@@ -168,6 +168,9 @@ def cfg(model, w, uncond: dict, rescale: float = 0.0, interval: tuple[float, flo
     `model` returns: theirs is x0-hat, so wrap a `Denoiser`. Its momentum runs over this wrapper's guided calls, so
     build one wrapper per sampling run; a sample outside the interval keeps its average. Exclusive with rescale.
 
+    The wrapper also has `guided_and_uncond(x, t, **extra_args) -> (guided, model(uncond))`, one pass of 2B even at
+    w = 0, what the CFG++ samplers call (ldm.diffusion.cfgpp); not with an interval.
+
     Caution: the interval is decided per call, from the t it is given. The paper keeps w constant within each
     sampler step; for samplers with one evaluation per step (ddim, euler, dpmpp_*, unipc) that is the same,
     but a step of Heun whose two evaluations lie on either side of a bound mixes a guided and an unguided slope.
@@ -196,23 +199,40 @@ def cfg(model, w, uncond: dict, rescale: float = 0.0, interval: tuple[float, flo
             inside = in_interval(noise_level(t), interval).to(x.device).expand(batch)   # (B,)
             if not bool(inside.any()):
                 return model(x, t, **extra_args)        # outside the interval: the conditional model, one pass
+        pred_cond, pred_uncond = halves(x, t, extra_args)
+        out = combine(pred_cond, pred_uncond, inside)
+        if inside is not None and not bool(inside.all()):
+            out = torch.where(append_dims(inside, out.ndim), out, pred_cond)
+        return out
+
+    def halves(x, t, extra_args):
+        """(model(cond), model(uncond)) from one pass of 2B."""
+        batch = x.shape[0]
         t2 = t if t.ndim == 0 else torch.cat([t, t])
         out = model(torch.cat([x, x]), t2, **_batched_args(extra_args, uncond, batch))
-        pred_cond, pred_uncond = out[:batch], out[batch:]
+        return out[:batch], out[batch:]
+
+    def combine(pred_cond, pred_uncond, inside):
         if apg is not None:
-            guided, average = apg_guided(pred_cond, pred_uncond, w, apg, momentum["average"])
+            out, average = apg_guided(pred_cond, pred_uncond, w, apg, momentum["average"])
             if inside is not None:                      # samples outside the interval keep their average
                 before = momentum["average"]
                 average = torch.where(append_dims(inside, out.ndim), average,
                                       torch.zeros_like(average) if before is None else before)
             momentum["average"] = average
-        else:
-            wt = append_dims(torch.as_tensor(w, dtype=out.dtype, device=out.device), out.ndim)
-            guided = (1 + wt) * pred_cond - wt * pred_uncond
-            guided = rescale_guided(guided, pred_cond, rescale) if rescale else guided
-        if inside is not None and not bool(inside.all()):
-            guided = torch.where(append_dims(inside, out.ndim), guided, pred_cond)
-        return guided
+            return out
+        wt = append_dims(torch.as_tensor(w, dtype=pred_cond.dtype, device=pred_cond.device), pred_cond.ndim)
+        out = (1 + wt) * pred_cond - wt * pred_uncond
+        return rescale_guided(out, pred_cond, rescale) if rescale else out
+
+    def guided_and_uncond(x, t, **extra_args):
+        """(guided, model(uncond)) from one pass of 2B, at w = 0 too: CFG++ renoises with the unconditional
+        prediction (Chung et al. 2024, Alg. 1; ComfyUI's disable_cfg1_optimization)."""
+        pred_cond, pred_uncond = halves(x, torch.as_tensor(t, device=x.device), extra_args)
+        return combine(pred_cond, pred_uncond, None), pred_uncond
+
+    if interval is None:    # outside an interval CFG is off, and CFG++ with it has no agreed meaning: none given
+        guided.guided_and_uncond = guided_and_uncond
     return guided
 
 

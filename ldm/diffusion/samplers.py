@@ -422,3 +422,13 @@ from .kdiffusion import (sample_deis, sample_dpm_2, sample_dpm_2_ancestral,  # n
 
 SAMPLERS.update({"lms": sample_lms, "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral,
                  "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_sde": sample_dpmpp_sde, "deis": sample_deis})
+
+# CFG++ (Chung et al. 2024): the samplers above that take the unconditional x0-hat too, from cfg's wrapper.
+from .cfgpp import (sample_dpmpp_2m_cfg_pp, sample_dpmpp_2s_ancestral_cfg_pp,  # noqa: E402
+                    sample_euler_ancestral_cfg_pp, sample_euler_cfg_pp)
+
+CFG_PP_SAMPLERS = {"euler_cfg_pp": sample_euler_cfg_pp, "euler_ancestral_cfg_pp": sample_euler_ancestral_cfg_pp,
+                   "dpmpp_2m_cfg_pp": sample_dpmpp_2m_cfg_pp,
+                   "dpmpp_2s_ancestral_cfg_pp": sample_dpmpp_2s_ancestral_cfg_pp}
+SAMPLERS.update(CFG_PP_SAMPLERS)
+ETA_OPTIONS.update({"euler_ancestral_cfg_pp": "eta", "dpmpp_2s_ancestral_cfg_pp": "eta"})
