@@ -17,7 +17,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ldm.diffusion.composable import check_composition
 from ldm.diffusion.guidance import APG, check_interval
-from ldm.diffusion.samplers import ETA_OPTIONS, check_eta
+from ldm.diffusion.samplers import CFG_PP_SAMPLERS, ETA_OPTIONS, check_eta
 from ldm.diffusion.schedules import SPACINGS
 from ldm.models.embeddings import parse_embedding_arg
 from ldm.models.lora import parse_lora_arg
@@ -32,7 +32,8 @@ from ldm.training.images import make_grid
 NET_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CLI_SAMPLERS = ["ddim", "stochastic", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m",
                 "dpmpp_3m_sde", "unipc", "lms", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "deis",
-                "lcm", "tcd", "ddpm"]
+                "lcm", "tcd", "ddpm", "euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2m_cfg_pp",
+                "dpmpp_2s_ancestral_cfg_pp"]
 STUDENT_STEPS = 4      # the default where a 4-step student exists (the shipped model's: 87.4%, 17 ms)
 TEACHER_STEPS = 25     # else the teacher's: DDIM + CFG at 4 steps is far from converged
 
@@ -180,7 +181,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "step but the last), deis (DEIS, Zhang & Chen 2023: multistep, ComfyUI's deis), "
                              "lcm (latent consistency models and LCM-LoRAs, e.g. --steps 4 --guidance 0), tcd "
                              "(trajectory consistency distillation's strategic stochastic sampling, Zheng et al. "
-                             "2024: lcm's steps with a share --eta of fresh noise; for LCM- and TCD-LoRAs) and ddpm")
+                             "2024: lcm's steps with a share --eta of fresh noise; for LCM- and TCD-LoRAs), ddpm, "
+                             "and ComfyUI's CFG++ samplers euler_cfg_pp, euler_ancestral_cfg_pp, dpmpp_2m_cfg_pp and "
+                             "dpmpp_2s_ancestral_cfg_pp (Chung et al. 2024: the guided x0-hat renoised with the "
+                             "unconditional noise; the teacher's plain CFG only, two net calls a step even at w = 0; "
+                             "the paper's scale lambda = ComfyUI's cfg = 1 + w, its range [0, 1] is w in [-1, 0])")
     sampling.add_argument("--spacing", default=None, choices=SPACINGS,
                         help="the time grid: trailing (Lin et al. 2023; what students were distilled on), karras "
                              "(Karras et al. 2022, eq. 5: 'DPM++ 2M Karras' is --sampler dpmpp_2m --spacing karras), "
@@ -199,7 +204,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                                "(1 - E) times the next time, then noises afresh to it; 0 deterministic, 1 is --sampler "
                                "lcm; default 0.3, the authors' advice, higher with more steps); for dpm_2_ancestral, "
                                "dpmpp_2s_ancestral and dpmpp_sde k-diffusion's eta (the share of the ancestral noise; "
-                               "0 their deterministic solver; default 1). Students take it with ddim. Not --apg's ETA")
+                               "0 their deterministic solver; default 1), also for euler_ancestral_cfg_pp and "
+                               "dpmpp_2s_ancestral_cfg_pp. Students take it with ddim. Not --apg's ETA")
     prompt.add_argument("--negative", default="", metavar="TEXT",
                         help="negative prompt: guidance's unconditional branch instead of the empty prompt "
                              "(teacher only: add --teacher where a student fits --steps; FLUX.1-dev: with --true-cfg)")
@@ -513,7 +519,13 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
                                  guidance_rescale=args.guidance_rescale, ip=args.ip_adapter,
                                  shift=args.shift is not None, true_cfg=args.true_cfg is not None,
                                  guidance_interval=args.guidance_interval is not None, apg=args.apg is not None,
-                                 pag=bool(args.pag), adapter=args.t2i_adapter)
+                                 pag=bool(args.pag), adapter=args.t2i_adapter, cfg_pp=args.sampler in CFG_PP_SAMPLERS)
+        for flag, given in (("--guidance-interval", args.guidance_interval is not None),
+                            ("--guidance-rescale", bool(args.guidance_rescale)), ("--pag", bool(args.pag)),
+                            ("--window", args.window is not None)):
+            if given and args.sampler in CFG_PP_SAMPLERS:   # their model functions give one prediction (pipeline)
+                raise ValueError(f"--sampler {args.sampler} (CFG++) renoises with CFG's unconditional prediction, "
+                                 f"which CFG with {flag} does not give alone: give one")
         if args.prompt_weights == "a1111" and any(map(is_composed, prompts)):     # "a AND b": the teacher's CFG
             check_composition(pipe, args.steps, args.teacher, guidance_rescale=args.guidance_rescale,
                               control=args.controlnet, adapter=args.t2i_adapter, ip=args.ip_adapter,

@@ -27,7 +27,7 @@ from ldm.diffusion.composable import check_composition, composed_model
 from ldm.diffusion.guidance import APG, cfg, check_interval, edm_sigma, in_interval, pag
 from ldm.diffusion.multidiffusion import window_boxes, windowed
 from ldm.diffusion.param import Denoiser
-from ldm.diffusion.samplers import ETA_OPTIONS, SAMPLERS, check_eta, initial_noise
+from ldm.diffusion.samplers import CFG_PP_SAMPLERS, ETA_OPTIONS, SAMPLERS, check_eta, initial_noise
 from ldm.diffusion.schedules import resolution_shift, schedule_from_config, shifted
 from ldm.diffusion.variation import slerp
 from ldm.distill.targets import coefficients
@@ -55,7 +55,8 @@ STUDENT_SAMPLERS = ("ddim", "stochastic")   # what the students were distilled f
 TEACHER_ONLY = {"negative": "--negative", "guidance_rescale": "--guidance-rescale", "control": "--controlnet",
                 "ip": "--ip-adapter", "inpaint": "an inpainting U-Net's mask", "shift": "--shift",
                 "true_cfg": "--true-cfg", "guidance_interval": "--guidance-interval",
-                "apg": "--apg", "pag": "--pag", "adapter": "--t2i-adapter"}
+                "apg": "--apg", "pag": "--pag", "adapter": "--t2i-adapter",
+                "cfg_pp": "a CFG++ --sampler (*_cfg_pp: it renoises with CFG's unconditional prediction)"}
 
 
 def native_bf16_cpu() -> bool:
@@ -804,7 +805,7 @@ class TextToImage:
             inpaint = self._paint_everything(shape)
         ip_cond, ip_uncond = self.image_prompt(ip_image, len(prompts)) if ip_image is not None else (None, None)
         self.refuse_with_student(steps, teacher, shift=shift is not None, true_cfg=true_cfg is not None,
-                                 apg=apg is not None)
+                                 apg=apg is not None, cfg_pp=sampler in CFG_PP_SAMPLERS)
         teaching = not self.uses_student(steps, teacher)
         if spacing is None:   # heun: Karras et al.'s pairing; lcm, tcd: the grid LCMs learn on (ldm/distill/lcm.py)
             spacing = "karras" if teaching and sampler == "heun" else "lcm" if sampler in ("lcm", "tcd") else "trailing"
@@ -849,6 +850,11 @@ class TextToImage:
             cond["ip_tokens"] = ip_cond
         if getattr(self.unet.cfg, "added_cond", None) == "text_time":
             cond["time_ids"] = self.size_ids(shape if compose is None else (len(subprompts), *shape[1:]))
+        if sampler in CFG_PP_SAMPLERS and not hasattr(model, "guided_and_uncond"):
+            raise ValueError(f"--sampler {sampler} (CFG++) renoises with CFG's unconditional prediction, which this "
+                             "run's model function does not give: not with --guidance-interval, --guidance-rescale, "
+                             "--pag, --window, a mask, prompt editing or composable prompts, an InstructPix2Pix model, "
+                             "nor FLUX.1-dev without --true-cfg")
         noise = {} if eta is None else {ETA_OPTIONS[sampler]: float(eta)}
         z = SAMPLERS[sampler](counted(model, info, per_call), x, ts, self.schedule, extra_args=extra_args(cond),
                               disable=not progress, generator=step_gen, **noise)
@@ -1083,6 +1089,13 @@ def counted(model, info: dict, per_call):
     def call(x, t, **extra_args):
         info["nfe"] += per_call(t) if callable(per_call) else per_call
         return model(x, t, **extra_args)
+
+    both = getattr(model, "guided_and_uncond", None)
+    if both is not None:                   # cfg's CFG++ path (ldm.diffusion.cfgpp): two evaluations a call, w = 0 too
+        def guided_and_uncond(x, t, **extra_args):
+            info["nfe"] += 2
+            return both(x, t, **extra_args)
+        call.guided_and_uncond = guided_and_uncond
     return call
 
 
