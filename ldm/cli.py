@@ -135,6 +135,18 @@ def parse_freeu(text: str) -> tuple[float, float, float, float]:
     return values
 
 
+def parse_deepcache(text: str) -> tuple[int, int]:
+    """'3' -> (3, 0); '3:1' -> (N, BRANCH): DeepCache's full-call interval and skip branch (ldm.models.deepcache)."""
+    interval, _, branch = text.partition(":")
+    try:
+        value = (int(interval), int(branch) if branch.strip() else 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N[:BRANCH] such as 3 or 3:1, got {text!r}") from None
+    if value[0] < 1 or value[1] < 0:
+        raise argparse.ArgumentTypeError(f"N must be >= 1 and BRANCH >= 0, got {text!r}")
+    return value
+
+
 def parse_vae_tiling(text: str) -> str:
     """'off', 'auto' or a tile side in pixels such as '512'."""
     try:
@@ -148,7 +160,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     --guidance-rescale, --guidance-interval, --true-cfg, --apg, --pag, --pag-layers, --prompt-weights, --embedding, --controlnet, --control-image,
     --control-scale, --control-mode, --control-range, --t2i-adapter, --adapter-image, --adapter-scale,
     --adapter-factor, --ip-adapter,
-    --image-encoder, --ip-image, --ip-scale, --freeu, --clip-skip, --lora, --device, --dtype, --decoder-precision,
+    --image-encoder, --ip-image, --ip-scale, --freeu, --deepcache, --clip-skip, --lora, --device, --dtype, --decoder-precision,
     --vae-tiling, --window."""
     model = parser.add_argument_group("model and device")
     sampling = parser.add_argument_group("sampling")
@@ -311,6 +323,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="FreeU (Si et al. 2024): scale the two deepest decoder levels' backbone features by B1, "
                              "B2 and their skips' low frequencies by S1, S2; diffusers' docs give 1.5,1.6,0.9,0.2 "
                              "for SD 1.x and 1.4,1.6,0.9,0.2 for SD 2.1 (default: off)")
+    sampling.add_argument("--deepcache", type=parse_deepcache, default=None, metavar="N[:BRANCH]",
+                        help="DeepCache (Ma et al. 2024), U-Nets only: every N-th U-Net call of a run in full, the "
+                             "others only the shallow blocks around skip BRANCH (default 0, conv_in's: the most "
+                             "saved; deeper: closer to the full model), reusing the deep features cached at the last "
+                             "full call; calls, not steps, are counted (heun: two a step); e.g. 3 (default: off)")
     prompt.add_argument("--clip-skip", type=int, default=None, metavar="N",
                         help="CLIP models: condition on the N-th layer from the end (A1111's 'clip skip': 1 the last, "
                              "2 the penultimate, as many anime fine-tunes of SD 1.x expect); default: the model's own")
@@ -444,6 +461,10 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
         pipe.set_freeu(args.freeu)
     except ValueError as err:
         parser.error(f"--freeu: {err}")
+    try:
+        pipe.set_deepcache(*(args.deepcache or (None,)))
+    except ValueError as err:
+        parser.error(f"--deepcache: {err}")
     if args.clip_skip is not None:
         clip = next((getattr(pipe.text_encoder, name) for name in ("model", "model_2", "clip_l")   # SDXL refiner: bigG;
                      if getattr(pipe.text_encoder, name, None) is not None), None)                 # SD3: CLIP-L
@@ -676,6 +697,8 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
         run["guidance_interval"] = format_interval(args.guidance_interval)
     if args.apg is not None:                                    # every part, as R:ETA:BETA
         run["apg"] = format_apg(args.apg)
+    if args.deepcache is not None:                              # both parts, as N:BRANCH
+        run["deepcache"] = "{}:{}".format(*args.deepcache)
     if args.pag:                                                # diffusers' pag_scale and pag_applied_layers
         run.update(pag=args.pag, pag_layers=",".join(args.pag_layers))
     if args.dtype != "float32":
@@ -718,6 +741,9 @@ def png_info(run: dict, size: tuple[int, int]) -> PngInfo:
     if run.get("apg"):                                          # no A1111 name: ours, as Key: value pairs
         r, eta, beta = run["apg"].split(":")
         lines[-1] += f", APG r: {float(r):g}, APG eta: {float(eta):g}, APG momentum: {float(beta):g}"
+    if run.get("deepcache"):                                    # ours too
+        interval, branch = run["deepcache"].split(":")
+        lines[-1] += f", DeepCache interval: {interval}, DeepCache branch: {branch}"
     if run.get("pag"):                                          # ours too: the layer list quoted, it has commas
         lines[-1] += f", PAG scale: {run['pag']:g}, PAG layers: \"{run['pag_layers']}\""
     for i, unit in enumerate(control_units(run)):             # the A1111 ControlNet extension's units

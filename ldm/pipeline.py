@@ -35,6 +35,7 @@ from ldm.flux_tools import IMAGE_INPUTS, ReferenceTokens, fill_inputs
 from ldm.instruct_pix2pix import INSTRUCT, image_latents, instruct_model, refuse_options
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.controlnet import ControlSteps, attach_controlnets, check_control_ranges
+from ldm.models.deepcache import DeepCache, fresh_caches
 from ldm.models.lora import merge_lora, read_lora
 from ldm.models.prompt_chunks import chunk_count, encode_chunked
 from ldm.models.prompt_compose import flatten, has_and
@@ -222,6 +223,7 @@ class TextToImage:
                 merge_lora(lora, [student.unet], {}, scale, source)
             if isinstance(student.unet, UNet):         # FreeU acts on U-Net decoder levels (set_freeu)
                 student.unet.freeu = self.unet.freeu
+                student.unet.deepcache = own_cache(self.unet.deepcache)   # set_deepcache; a cache of its own
             self._students[steps] = student
         return self._students[steps]
 
@@ -270,6 +272,19 @@ class TextToImage:
         self.unet.freeu = None if factors is None else tuple(float(f) for f in factors)
         for student in self._students.values():
             student.unet.freeu = self.unet.freeu
+
+    def set_deepcache(self, interval: int | None, branch: int = 0) -> None:
+        """DeepCache (ldm.models.deepcache; Ma et al. 2024) on the teacher and every student, each its own cache:
+        a full U-Net call every `interval` calls of a run, the others reusing the deep features at skip `branch`
+        (0: conv_in's, the shallowest). None: off; 1: every call full (the same images)."""
+        cache = None
+        if interval is not None:
+            self.unet_only("DeepCache")
+            cache = DeepCache(interval, branch)
+            cache.check(len(self.unet.skip_channels))
+        self.unet.deepcache = cache
+        for student in self._students.values():
+            student.unet.deepcache = own_cache(cache)
 
     def add_lora(self, path: str, scale: float = 1.0, lora: dict | None = None) -> int:
         """Merge a LoRA file (diffusers/peft, kohya, FLUX.1's BFL / XLabs layouts: ldm.models.lora) into the
@@ -856,8 +871,9 @@ class TextToImage:
                              "--pag, --window, a mask, prompt editing or composable prompts, an InstructPix2Pix model, "
                              "nor FLUX.1-dev without --true-cfg")
         noise = {} if eta is None else {ETA_OPTIONS[sampler]: float(eta)}
-        z = SAMPLERS[sampler](counted(model, info, per_call), x, ts, self.schedule, extra_args=extra_args(cond),
-                              disable=not progress, generator=step_gen, **noise)
+        with fresh_caches([self.unet, *(s.unet for s in self._students.values())]):   # DeepCache: per run
+            z = SAMPLERS[sampler](counted(model, info, per_call), x, ts, self.schedule, extra_args=extra_args(cond),
+                                  disable=not progress, generator=step_gen, **noise)
         if mask is not None:
             z = mask * z + (1 - mask) * init
         return z, info
@@ -1082,6 +1098,11 @@ def latent_grid_mask(masks: torch.Tensor, size) -> torch.Tensor:
     cell is repainted when any of its pixels is, so the repainted region covers the mask (the decoder mixes
     neighbours)."""
     return torch.nn.functional.adaptive_max_pool2d(masks.float(), tuple(size) if not isinstance(size, int) else size)
+
+
+def own_cache(cache: DeepCache | None) -> DeepCache | None:
+    """A DeepCache with `cache`'s options and an empty cache of its own (a student's beside the teacher's)."""
+    return None if cache is None else DeepCache(cache.interval, cache.branch)
 
 
 def counted(model, info: dict, per_call):

@@ -77,7 +77,7 @@ REPLAYED = ("prompt", "negative", "steps", "guidance", "seed", "n", "sampler", "
             "control_image", "control_scale", "control_mode", "control_range", "clip_skip", "freeu", "ip_adapter",
             "image_encoder", "ip_image", "ip_scale", "shift", "dtype", "true_cfg", "guidance_interval", "window",
             "apg", "eta", "pag", "pag_layers", "t2i_adapter", "adapter_image", "adapter_scale", "adapter_factor",
-            "subseed", "subseed_strength")
+            "deepcache", "subseed", "subseed_strength")
 
 
 def png_settings(parser: argparse.ArgumentParser, path: str) -> dict:

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm.models.deepcache import DeepCache
 from ldm.models.layers import (
     Downsample, GroupNorm, ResBlock, SpatialTransformer, TimestepMLP, Upsample, timestep_embedding,
 )
@@ -178,6 +179,7 @@ class UNet(Pretrained, nn.Module):
         self.down = nn.ModuleList(down)
         self.skip_channels = tuple(skips)   # widths of the skips, in order (a ControlNet adds one residual to each)
         self.freeu: tuple[float, float, float, float] | None = None   # (b1, b2, s1, s2): see `freeu`
+        self.deepcache: DeepCache | None = None    # reuse deep decoder features across calls (ldm.models.deepcache)
 
         self.mid = _Mid(res(c, c), attn(len(ch) - 1, c) if cfg.mid_attention else None, res(c, c))
 
@@ -244,25 +246,34 @@ class UNet(Pretrained, nn.Module):
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(f"UNet: spatial size {tuple(x.shape[-2:])} must be divisible by {factor}")
 
-    def encode(self, h, emb, context, context_mask=None, adapter=None):
+    def encode(self, h, emb, context, context_mask=None, adapter=None, stop: int | None = None):
         """The encoder and the middle block from conv_in's output h: (h, skips). A ControlNet runs this too.
         adapter: T2I-Adapter features (Mou et al. 2023, eq. 4), one added per level where diffusers adds its
-        down_intrablock_additional_residuals, a last one on the middle block's output (ldm.models.t2i_adapter)."""
+        down_intrablock_additional_residuals, a last one on the middle block's output (ldm.models.t2i_adapter).
+        stop: return (None, the first `stop` skips) once they are final: DeepCache's shallow path D_1..D_m."""
         features = list(adapter) if adapter is not None else None
         skips = [h]
+
+        def shallow_done(level):   # the first `stop` skips are final; a level adding a plain adapter feature is not
+            return stop is not None and len(skips) >= stop and not (features and not len(level.attn))
+
         for level in self.down:
             for i, block in enumerate(level.res):
+                if shallow_done(level):
+                    return None, skips[:stop]
                 h = self._run(block, h, emb)
                 if len(level.attn):
                     h = self._run(level.attn[i], h, context, context_mask)
                     if features and i == len(level.res) - 1:      # after the level's last transformer
                         h = add_feature(h, features.pop(0))
                 skips.append(h)
-            if level.resample is not None:
+            if level.resample is not None and not shallow_done(level):
                 h = level.resample(h)
                 skips.append(h)
             if features and not len(level.attn):                  # a plain level: its output and last skip
                 h = skips[-1] = add_feature(h, features.pop(0))
+            if stop is not None and len(skips) >= stop:
+                return None, skips[:stop]
         h = self._run(self.mid.res1, h, emb)
         if self.mid.attn is not None:
             h = self._run(self.mid.attn, h, context, context_mask)
@@ -284,21 +295,35 @@ class UNet(Pretrained, nn.Module):
         self._check_inputs(x, context)
         emb = self._embed(x, t, cond_emb, pooled, time_ids)
         context = context.to(self.conv_in.weight.dtype)
-        h, skips = self.encode(self.conv_in(x.to(self.conv_in.weight.dtype)), emb, context, context_mask, adapter)
+        cache = self.deepcache
+        if cache is not None:
+            cache.check(len(self.skip_channels))
+        reuse = cache is not None and cache.reuse(x)   # DeepCache: only the shallow path, around the cached feature
+        h, skips = self.encode(self.conv_in(x.to(self.conv_in.weight.dtype)), emb, context, context_mask, adapter,
+                               stop=cache.branch + 1 if reuse else None)
         if control is not None:
             down, mid = control
+            down = down[:len(skips)] if reuse else down   # the shallow path's skips only
             skips = [s + r.to(s.dtype) for s, r in zip(skips, down, strict=True)]
-            h = h + mid.to(h.dtype)
+            h = h if reuse else h + mid.to(h.dtype)
 
+        index = len(self.skip_channels)                # the skip the next decoder block takes; conv_in's is 0
         for depth, level in enumerate(reversed(self.up)):
             for i, block in enumerate(level.res):
+                index -= 1
+                if reuse and index > cache.branch:     # a deep block: F_cache stands for its output
+                    continue
+                if reuse and index == cache.branch:    # DeepCache (Sec. 3.3): U_m(Concat(D_m(x_t), F_cache))
+                    h = cache.feature
+                elif cache is not None and index == cache.branch:   # a full call: F_cache = U_{m+1}(.)
+                    cache.store(x, h)
                 skip = skips.pop()
                 if self.freeu is not None and depth < 2:
                     h, skip = freeu(h, skip, self.freeu[depth], self.freeu[2 + depth])
                 h = self._run(block, torch.cat([h, skip], dim=1), emb)
                 if len(level.attn):
                     h = self._run(level.attn[i], h, context, context_mask)
-            if level.resample is not None:
+            if level.resample is not None and not (reuse and index > cache.branch):
                 h = level.resample(h)
         return self.conv_out(self.norm_out(h))
 
