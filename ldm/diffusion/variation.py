@@ -18,8 +18,8 @@ def slerp(strength: float, low: torch.Tensor, high: torch.Tensor, dim: int = -2)
     with omega the angle between them, sin((1 - X) omega) / sin(omega) low + sin(X omega) / sin(omega) high.
 
     As the A1111 web UI's modules/rng.py `slerp`, which normalises dim 1 of one image's (C, H, W) noise: the vectors
-    are each channel's columns of H values, dim -2 of our (B, C, H, W) latents, so its variation noise is ours for
-    the same seeds. Where two vectors are nearly parallel (cos > 0.9995) it falls back to the lerp (1 - X) low + X high
+    are each channel's columns of H values, dim -2 of our (B, C, H, W) latents (a seed's CPU torch.randn noise is
+    A1111's with its "CPU" noise source, so the two mix it alike, ours in float64). Where two vectors are nearly parallel (cos > 0.9995) it falls back to the lerp (1 - X) low + X high
     vector by vector; A1111 tests the image's mean cosine and weights its lerp the other way round (low X + high
     (1 - X)), which only a subseed equal to the seed reaches, where every weighting gives the same noise."""
     if not 0.0 <= strength <= 1.0:
