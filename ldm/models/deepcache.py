@@ -16,6 +16,9 @@ input differs in shape, dtype or device from the cached one (the batch halving o
 image size) runs in full and caches afresh. `TextToImage.sample` resets the cache at the start and end of a run.
 
 Caution: the cached feature is reused whatever the call's t, text or control; that is the method's approximation.
+Only the uniform 1:N strategy: the paper's non-uniform one (full steps denser around a chosen step, Sec. 3.4) is not
+here. On the shapes64 teacher, DeepCache matched, not beat, plain sampling at fewer steps of equal FLOPs
+(docs/eval/deepcache/report.md).
 """
 from __future__ import annotations
 
