@@ -4,7 +4,8 @@
 
 The teacher at w = 2 (the model's), N_PROMPTS (default 200) held-out prompts, seeds 0, 100, ... per batch of 100
 (as docs/eval/samplers-kdiff/equal_nfe.py); each run judged by the oracle (prompt accuracy) and FD in its features
-against N_PROMPTS held-out real images, paired with the full U-Net at the same sampler and steps (ldm.eval.compare),
+against N_PROMPTS held-out real images, paired with the full U-Net at the same sampler and steps (ldm.eval.compare;
+the plain runs at fewer steps: with the full one at that sampler's DeepCache steps),
 plus the mean absolute pixel difference (0-255) to those images and the fraction of images within 4 of them
 (a changed background colour moves a whole image by ~100). "skipped" is the fraction of the U-Net's FLOPs
 (torch's counter: convolutions and matmuls) a run leaves out, counted on its real inputs: load-independent.
@@ -63,10 +64,11 @@ for sampler, steps, deepcache in RUNS:
     if deepcache is None and (sampler, steps) in [(s, k) for s, k, d in RUNS if d is not None]:
         full[sampler, steps] = (r, images)
     interval, branch = deepcache or (1, 0)
-    calls = -(-nfe // 2 // interval)                          # full calls: 0, N, 2N, ... of nfe / 2 (CFG)
-    row["skipped"] = (1 - calls / (nfe // 2)) * skipped[branch] if deepcache else 0.0
+    calls = nfe // 2                                          # U-Net calls: CFG counts two evaluations a call
+    full_calls = -(-calls // interval)                        # calls 0, N, 2N, ...
+    row["skipped"] = (1 - full_calls / calls) * skipped[branch] if deepcache else 0.0
     key = (sampler, steps) if (sampler, steps) in full else next((k for k in full if k[0] == sampler), None)
-    if key is not None and key != (sampler, steps) or (key is not None and deepcache is not None):
+    if key is not None and (key != (sampler, steps) or deepcache is not None):   # not the full run itself
         ref_result, ref_images = full[key]
         vs = paired(ref_result["correct"], r["correct"])
         per_image = (images.float() - ref_images.float()).abs().mean(dim=(1, 2, 3))
