@@ -1,9 +1,9 @@
 """DeepCache (Ma, Fang, Wang, CVPR 2024, "DeepCache: Accelerating Diffusion Models for Free"), training-free.
 
 A U-Net's skip branch m joins encoder block D_m to decoder block U_m: U_m takes Concat(D_m(.), U_{m+1}(.))
-(their Sec. 3.1). Adjacent steps' deep features U_{m+1}(.) barely change (Sec. 3.2), so a full call caches
+(their Sec. 3). Adjacent steps' deep features U_{m+1}(.) barely change, so a full call caches
 F_cache = U_{m+1}(.) and the next calls of the run compute only D_1..D_m and U_m..U_1 on their own input,
-U_m taking Concat(D_m(x_{t-1}), F_cache) (Sec. 3.3); a full call every N ("1:N inference", uniform).
+U_m taking Concat(D_m(x_{t-1}), F_cache); a full call every N ("1:N inference", uniform).
 
 Branches here are the U-Net's skips (`UNet.skip_channels`), counted from conv_in's output (0, the shallowest:
 the most saved) as the released code's (block, layer) pairs count them; the cached feature is the h that enters
@@ -16,7 +16,7 @@ input differs in shape, dtype or device from the cached one (the batch halving o
 image size) runs in full and caches afresh. `TextToImage.sample` resets the cache at the start and end of a run.
 
 Caution: the cached feature is reused whatever the call's t, text or control; that is the method's approximation.
-Only the uniform 1:N strategy: the paper's non-uniform one (full steps denser around a chosen step, Sec. 3.4) is not
+Only the uniform 1:N strategy: the paper's non-uniform one (full steps denser around a chosen step) is not
 here. On the shapes64 teacher, DeepCache matched, not beat, plain sampling at fewer steps of equal FLOPs
 (docs/eval/deepcache/report.md).
 """

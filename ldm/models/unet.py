@@ -313,7 +313,7 @@ class UNet(Pretrained, nn.Module):
                 index -= 1
                 if reuse and index > cache.branch:     # a deep block: F_cache stands for its output
                     continue
-                if reuse and index == cache.branch:    # DeepCache (Sec. 3.3): U_m(Concat(D_m(x_t), F_cache))
+                if reuse and index == cache.branch:    # DeepCache (Ma et al. 2024): U_m(Concat(D_m(x_t), F_cache))
                     h = cache.feature
                 elif cache is not None and index == cache.branch:   # a full call: F_cache = U_{m+1}(.)
                     cache.store(x, h)
