@@ -543,7 +543,11 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
                                  pag=bool(args.pag), adapter=args.t2i_adapter, cfg_pp=args.sampler in CFG_PP_SAMPLERS)
         for flag, given in (("--guidance-interval", args.guidance_interval is not None),
                             ("--guidance-rescale", bool(args.guidance_rescale)), ("--pag", bool(args.pag)),
-                            ("--window", args.window is not None)):
+                            ("--window", args.window is not None),
+                            ("prompt editing or alternation ('[a:b:when]', '[a|b]')",   # read with a1111 weights
+                             args.prompt_weights == "a1111" and any(map(is_scheduled, prompts))),
+                            ("composable prompts (AND)",
+                             args.prompt_weights == "a1111" and any(map(is_composed, prompts)))):
             if given and args.sampler in CFG_PP_SAMPLERS:   # their model functions give one prediction (pipeline)
                 raise ValueError(f"--sampler {args.sampler} (CFG++) renoises with CFG's unconditional prediction, "
                                  f"which CFG with {flag} does not give alone: give one")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ldm.cli import (add_input_size, add_model_args, control_options, finish, input_size, load_image, load_pipeline,
                      resolve_window, sampling_options, settings)
+from ldm.diffusion.samplers import CFG_PP_SAMPLERS
 from ldm.instruct_pix2pix import INSTRUCT
 
 OUTPAINT_FILLS = ("edge", "noise")
@@ -126,6 +127,11 @@ def main(argv: list[str] | None = None) -> None:
     if mask.sum() == 0:
         print(f"warning: mask {args.mask} has no white pixel: the output is the input", file=sys.stderr)
     control = control_options(parser, args, pipe, size, inpainting=True)
+    if args.sampler in CFG_PP_SAMPLERS and not pipe.inpainting_unet and \
+            not any(getattr(c[0], "mask_channels", 0) for c in control.get("control") or ()):   # pipe.inpaint's mask
+        parser.error(f"--sampler {args.sampler} (CFG++) renoises with CFG's unconditional prediction, which a plain "
+                     "U-Net's inpainting (the known part held by a mask at every step) does not give: pick another "
+                     "sampler, or an inpainting model or ControlNet")
     resolve_window(parser, args, pipe, [size], control)
     start = time.perf_counter()
     images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], **sampling_options(args), **control)

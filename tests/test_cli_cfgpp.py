@@ -81,3 +81,31 @@ def test_ancestral_ones_take_eta(model, tmp_path, capsys):
         txt2img.main(["a red circle", "--model", model, "--steps", "2", "--teacher", "--sampler", sampler,
                       "--eta", "0.5", "--guidance", "0.5", "--out", str(tmp_path / f"{sampler}.png")])
         assert f"{sampler}, w=0.5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("prompt", ["a [red:blue:0.5] circle", "a [red|blue] circle", "a red circle AND a blue square"])
+def test_prompt_editing_and_composition_are_usage_errors(model, tmp_path, capsys, prompt):
+    """Prompt editing, alternation and AND swap the model function for one without CFG's unconditional branch:
+    refused before any model runs, naming the sampler (was the pipeline's ValueError, a traceback)."""
+    with pytest.raises(SystemExit) as e:
+        txt2img.main([prompt, "--model", model, "--sampler", "euler_cfg_pp", "--steps", "3", "--teacher",
+                      "--out", str(tmp_path / "x.png")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--sampler euler_cfg_pp (CFG++)" in err, err
+
+
+def test_inpaint_with_a_plain_unet_is_a_usage_error(model, tmp_path, capsys):
+    """A plain U-Net inpaints by holding the known latents at every step (a mask around the model function), which
+    gives no unconditional branch: refused up front, naming the sampler (was a traceback from the pipeline)."""
+    from PIL import Image
+    from ldm import inpaint
+    Image.new("RGB", (32, 32), (90, 90, 90)).save(tmp_path / "in.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "mask.png")
+    with pytest.raises(SystemExit) as e:
+        inpaint.main(["a red circle", "--model", model, "--image", str(tmp_path / "in.png"), "--mask",
+                      str(tmp_path / "mask.png"), "--sampler", "euler_cfg_pp", "--steps", "3", "--teacher",
+                      "--out", str(tmp_path / "x.png")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--sampler euler_cfg_pp (CFG++)" in err and "mask" in err, err
