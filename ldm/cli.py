@@ -176,8 +176,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     sampling.add_argument("--subseed", type=int, default=None, metavar="S",
                           help="variation seed (the A1111 web UI's): the starting noise moves from --seed's towards "
-                               "S's by --subseed-strength, along the sphere (slerp); with --n K image i takes --seed "
-                               "and S+i, variations of one image, as A1111 does")
+                               "S's by --subseed-strength, along the sphere (slerp); in a txt2img grid, "
+                               "image i takes --seed and S+i, variations of one image, as A1111 does")
     sampling.add_argument("--subseed-strength", type=float, default=None, metavar="X",
                           help="variation strength in [0, 1] (A1111's): 0 draws --seed's image, 1 --subseed's, 0.1 a "
                                "near variation of --seed's; needs --subseed")

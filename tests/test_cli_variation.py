@@ -128,3 +128,17 @@ def test_ays_on_rectified_flow_is_a_usage_error(tmp_path, capsys):
     assert exit_.value.code == 2 and "--spacing: the ays spacing holds Align Your Steps'" in capsys.readouterr().err
     txt2img.main([*run, "--spacing", "kl_optimal"])
     assert np.isfinite(pixels(tmp_path / "a.png")).all()
+
+
+@pytest.mark.parametrize("cli", ["txt2img", "img2img", "inpaint"])
+def test_new_flags_help_names_only_flags_the_cli_has(cli):
+    """--subseed, --subseed-strength, --deepcache and --spacing help, shared by the three CLIs, refers to no flag the
+    CLI lacks (img2img and inpaint have no --n)."""
+    import importlib
+    import re
+    parser = importlib.import_module(f"ldm.{cli}").build_parser()
+    flags = {s for action in parser._actions for s in action.option_strings}
+    for action in parser._actions:
+        if {"--subseed", "--subseed-strength", "--deepcache", "--spacing"} & set(action.option_strings):
+            named = set(re.findall(r"--[a-z][a-z-]*", action.help))
+            assert named <= flags, f"{cli} {action.option_strings[0]}: {sorted(named - flags)}"
