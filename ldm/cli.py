@@ -411,7 +411,8 @@ def quiet_transformers() -> None:
 def parse_replayed(parser: argparse.ArgumentParser, argv: list[str], replay_defaults) -> argparse.Namespace:
     """argv parsed; with --replay, the PNG's settings (`replay_defaults(parser, path)`) become the defaults and the
     flags given now still win. A replayed --eta is dropped where the --sampler given now takes none (replaying a
-    dpmpp_sde PNG with --sampler lms), as there is no flag to clear it."""
+    dpmpp_sde PNG with --sampler lms), as there is no flag to clear it. A list flag given now (--lora, --controlnet,
+    --control-scale, ...) replaces the PNG's list: argparse's append would add to it."""
     args = parser.parse_args(argv)
     if args.replay:
         given = args
@@ -419,6 +420,9 @@ def parse_replayed(parser: argparse.ArgumentParser, argv: list[str], replay_defa
         args = parser.parse_args(argv)
         if given.eta is None and args.eta is not None and args.sampler not in ETA_OPTIONS:
             args.eta = None
+        for action in parser._actions:
+            if isinstance(action, argparse._AppendAction) and getattr(given, action.dest):
+                setattr(args, action.dest, getattr(given, action.dest))
     return args
 
 
@@ -534,6 +538,7 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
         parser.error(f"--adapter-factor: the fraction of steps an adapter acts on, in [0, 1]; "
                      f"got {args.adapter_factor}")
     try:  # before any model runs
+        pipe.resolve_spacing(args.spacing, args.sampler, args.steps, args.teacher, args.shift)
         pipe.check_guidance(args.negative, args.guidance_rescale, args.true_cfg, args.guidance_interval, args.apg,
                             args.pag or 0.0)
         pipe.refuse_with_student(args.steps, args.teacher, negative=args.negative, control=args.controlnet,

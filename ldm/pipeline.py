@@ -28,7 +28,7 @@ from ldm.diffusion.guidance import APG, cfg, check_interval, edm_sigma, in_inter
 from ldm.diffusion.multidiffusion import window_boxes, windowed
 from ldm.diffusion.param import Denoiser
 from ldm.diffusion.samplers import CFG_PP_SAMPLERS, ETA_OPTIONS, SAMPLERS, check_eta, initial_noise
-from ldm.diffusion.schedules import resolution_shift, schedule_from_config, shifted
+from ldm.diffusion.schedules import SHIFTED_SPACINGS, resolution_shift, schedule_from_config, shifted
 from ldm.diffusion.variation import slerp
 from ldm.distill.targets import coefficients
 from ldm.flux_tools import IMAGE_INPUTS, ReferenceTokens, fill_inputs
@@ -822,8 +822,7 @@ class TextToImage:
         self.refuse_with_student(steps, teacher, shift=shift is not None, true_cfg=true_cfg is not None,
                                  apg=apg is not None, cfg_pp=sampler in CFG_PP_SAMPLERS)
         teaching = not self.uses_student(steps, teacher)
-        if spacing is None:   # heun: Karras et al.'s pairing; lcm, tcd: the grid LCMs learn on (ldm/distill/lcm.py)
-            spacing = "karras" if teaching and sampler == "heun" else "lcm" if sampler in ("lcm", "tcd") else "trailing"
+        spacing = self.resolve_spacing(spacing, sampler, steps, teacher, shift)
         if shift is None:
             shift = self.grid_shift(shape) if teaching else self.student_grid_shift(steps, shape)
         ts = (self.schedule if shift is None else shifted(self.schedule, shift)).timesteps(steps, spacing=spacing)
@@ -1058,6 +1057,19 @@ class TextToImage:
             parts = [self.autoencoder.decode_latents(c.contiguous(memory_format=torch.channels_last), tile)
                      for c in z.split(CPU_DECODE_CHUNK)]
         return torch.cat(parts).float().clamp(-1, 1).contiguous()
+
+    def resolve_spacing(self, spacing: str | None, sampler: str, steps: int, teacher: bool = False,
+                        shift: float | None = None) -> str:
+        """The time grid a run takes: `spacing`, or by default "karras" for the teacher's heun (Karras et al.'s
+        pairing), "lcm" for lcm and tcd (the grid LCMs learn on, ldm/distill/lcm.py), else "trailing". A given
+        `shift` is refused on a grid that lays its own noise levels out, where it would do nothing."""
+        if spacing is None:
+            spacing = "karras" if sampler == "heun" and not self.uses_student(steps, teacher) else \
+                "lcm" if sampler in ("lcm", "tcd") else "trailing"
+        if shift is not None and spacing not in SHIFTED_SPACINGS:
+            raise ValueError(f"--shift moves the {', '.join(SHIFTED_SPACINGS)} grids; the {spacing} grid "
+                             "lays out its own noise levels and would ignore it")
+        return spacing
 
     def uses_student(self, steps: int, teacher: bool = False) -> bool:
         """Whether sampling with `steps` runs a student (one is distilled to it, and the teacher is not forced)."""

@@ -358,7 +358,9 @@ def test_shift_moves_the_teachers_grid_and_is_refused_for_a_student(model, tmp_p
     txt2img.main(["--replay", str(tmp_path / "three.png"), "--out", str(tmp_path / "again.png")])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png"), dtype=np.int16), pixels["three"])
     for args, message in ((["--steps", "2", "--shift", "3"], "--shift needs the teacher"),
-                          (["--teacher", "--shift", "0"], "--shift must be > 0")):
+                          (["--teacher", "--shift", "0"], "--shift must be > 0"),
+                          (["--teacher", "--shift", "2", "--spacing", "ays"], "the ays grid lays out its own"),
+                          (["--teacher", "--shift", "2", "--sampler", "heun"], "the karras grid lays out its own")):
         with pytest.raises(SystemExit) as e:
             txt2img.main(["a red circle", "--model", model, *args, "--out", str(tmp_path / "x.png")])
         assert e.value.code == 2 and message in capsys.readouterr().err
@@ -411,3 +413,15 @@ def test_control_units_spread_one_value_over_every_unit():
     assert control_units({"controlnet": ["c"], "control_scale": []}) == [
         "Model: c, Weight: 1, Guidance Start: 0, Guidance End: 1"]
     assert control_units({"prompt": "no control"}) == []
+
+
+def test_replay_list_flags_given_now_replace_the_pngs_lists():
+    # "flags given with it override them": argparse's append action would add --lora B to the PNG's [A]
+    from ldm.cli import parse_replayed
+    stored = {"prompt": "a red circle", "lora": ["a.safetensors:0.5"], "control_scale": [0.8, 0.6], "seed": 3}
+    args = parse_replayed(txt2img.build_parser(), ["--replay", "x.png", "--lora", "b.safetensors"],
+                          lambda parser, path: dict(stored))
+    assert args.lora == ["b.safetensors"] and args.control_scale == [0.8, 0.6] and args.seed == 3
+    args = parse_replayed(txt2img.build_parser(), ["--replay", "x.png", "--control-scale", "0.3", "--seed", "5"],
+                          lambda parser, path: dict(stored))
+    assert args.lora == ["a.safetensors:0.5"] and args.control_scale == [0.3] and args.seed == 5

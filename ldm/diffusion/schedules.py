@@ -22,6 +22,7 @@ import torch
 CLEAN = -1.0                                  # any t < 0: alpha = 1, sigma = 0
 SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "beta", "lcm", "ays", "kl_optimal")
 SIGMA_SPACINGS = ("karras", "exponential", "kl_optimal", "ays")   # laid out in s = sigma / alpha, mapped to times
+SHIFTED_SPACINGS = ("leading", "trailing", "linspace", "beta")   # the grids a grid shift moves (`Schedule._shift`)
 LCM_ORIGINAL_STEPS = 50                       # Luo et al. 2023: LCMs learn consistency on a 50-step DDIM grid
 KARRAS_RHO = 7.0                              # Karras et al. 2022, eq. 5 (their choice for every model)
 KARRAS_SIGMAS = (0.002, 80.0)                 # their Table 1 range of sigma / alpha; SD's 0.029-14.6 lies inside
