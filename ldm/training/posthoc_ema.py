@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         snapshots = list_snapshots(args.run)
         if args.sweep:
+            if args.gamma is not None or args.out is not None:
+                parser.error("--sweep lists errors for --sigma-rel values; it takes no --gamma or --out")
             print(f"{'sigma_rel':>9} {'gamma':>8} {'step':>7} {'snaps':>5} {'rel. L2 error':>13} {'max |weight|':>12}")
             for r in sweep_rows(snapshots, args.sigma_rel or SWEEP, args.step):
                 print(f"{r['sigma_rel']:9.3f} {r['gamma']:8.3f} {r['step']:7d} {r['snapshots']:5d} "

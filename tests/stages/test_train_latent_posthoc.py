@@ -74,6 +74,11 @@ def test_snapshots_survive_resume_and_rebuild_a_model_folder(tiny_ae, tmp_path, 
     images, _ = TextToImage.from_folder(str(out)).generate(["a red circle"], steps=2, seed=0)
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
 
+    weights = tmp_path / "sigma-0.07.safetensors"                # the weights alone, any stage's
+    posthoc([str(tmp_path / "straight"), "--sigma-rel", "0.07", "--step", "3", "--out", str(weights)])
+    alone, folder = load_file(str(weights)), load_file(str(out / "unet" / "model.safetensors"))
+    assert all(torch.equal(alone[f"unet.{k}"], v) for k, v in folder.items() if f"unet.{k}" in alone)
+
     capsys.readouterr()
     posthoc([str(tmp_path / "straight"), "--sweep", "--sigma-rel", "0.05", "0.08"])
     rows = capsys.readouterr().out.splitlines()
