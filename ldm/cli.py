@@ -17,6 +17,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ldm.diffusion.composable import check_composition
 from ldm.diffusion.guidance import APG, check_interval
+from ldm.diffusion.sag import THRESHOLD as SAG_THRESHOLD
 from ldm.diffusion.samplers import CFG_PP_SAMPLERS, ETA_OPTIONS, check_eta
 from ldm.diffusion.schedules import SPACINGS
 from ldm.models.embeddings import parse_embedding_arg
@@ -157,7 +158,7 @@ def parse_vae_tiling(text: str) -> str:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --steps, --guidance, --seed, --teacher, --sampler, --spacing, --eta, --shift, --negative,
-    --guidance-rescale, --guidance-interval, --true-cfg, --apg, --pag, --pag-layers, --prompt-weights, --embedding, --controlnet, --control-image,
+    --guidance-rescale, --guidance-interval, --true-cfg, --apg, --pag, --pag-layers, --sag, --prompt-weights, --embedding, --controlnet, --control-image,
     --control-scale, --control-mode, --control-range, --t2i-adapter, --adapter-image, --adapter-scale,
     --adapter-factor, --ip-adapter,
     --image-encoder, --ip-image, --ip-scale, --freeu, --deepcache, --clip-skip, --lora, --device, --dtype, --decoder-precision,
@@ -265,6 +266,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                                "(a level, counted as diffusers' down_blocks / up_blocks: up.0 is the deepest decoder "
                                "level) or one transformer, down.L.I; diffusers' names (mid_block, down_blocks.1, "
                                "up_blocks.0.attentions.1) work too; an unknown name lists the model's (default: mid)")
+    sampling.add_argument("--sag", type=float, default=None, metavar="S",
+                          help="teacher: self-attention guidance (Hong et al. 2023, 'Improving Sample Quality of "
+                               "Diffusion Models Using Self-Attention Guidance', arXiv 2210.00939): where the "
+                               "unconditional prediction's middle-block self-attention looks most, its x0-hat is "
+                               "blurred (Gaussian, sigma 1 latent pixel), renoised and denoised again, and S times the "
+                               "difference pushes the result away from it, beside CFG; diffusers' sag_scale (default "
+                               "0.75 there), the A1111 SAG extension's 'SAG Guidance Scale'. 3 net calls a step with "
+                               "CFG, 2 with --guidance 0. U-Nets with a middle-block transformer, not SD3 / FLUX.1; "
+                               "not with --pag, --apg, --guidance-interval, --guidance-rescale, --deepcache (default: "
+                               "off)")
     prompt.add_argument("--prompt-weights", default="a1111", choices=["a1111", "off"],
                         help="a1111 (default): read emphasis as the AUTOMATIC1111 web UI does, '(word:1.3)' weights "
                              "a word 1.3, '(word)' 1.1, '[word]' 1/1.1, '\\(' is a literal bracket; and its prompt "
@@ -540,14 +551,16 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
     try:  # before any model runs
         pipe.resolve_spacing(args.spacing, args.sampler, args.steps, args.teacher, args.shift)
         pipe.check_guidance(args.negative, args.guidance_rescale, args.true_cfg, args.guidance_interval, args.apg,
-                            args.pag or 0.0)
+                            args.pag or 0.0, args.sag or 0.0)
         pipe.refuse_with_student(args.steps, args.teacher, negative=args.negative, control=args.controlnet,
                                  guidance_rescale=args.guidance_rescale, ip=args.ip_adapter,
                                  shift=args.shift is not None, true_cfg=args.true_cfg is not None,
                                  guidance_interval=args.guidance_interval is not None, apg=args.apg is not None,
-                                 pag=bool(args.pag), adapter=args.t2i_adapter, cfg_pp=args.sampler in CFG_PP_SAMPLERS)
+                                 pag=bool(args.pag), sag=bool(args.sag), adapter=args.t2i_adapter,
+                                 cfg_pp=args.sampler in CFG_PP_SAMPLERS)
         for flag, given in (("--guidance-interval", args.guidance_interval is not None),
                             ("--guidance-rescale", bool(args.guidance_rescale)), ("--pag", bool(args.pag)),
+                            ("--sag", bool(args.sag)),
                             ("--window", args.window is not None),
                             ("prompt editing or alternation ('[a:b:when]', '[a|b]')",   # read with a1111 weights
                              args.prompt_weights == "a1111" and any(map(is_scheduled, prompts))),
@@ -560,7 +573,8 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
             check_composition(pipe, args.steps, args.teacher, guidance_rescale=args.guidance_rescale,
                               control=args.controlnet, adapter=args.t2i_adapter, ip=args.ip_adapter,
                               inpaint=pipe.inpainting_unet, true_cfg=args.true_cfg is not None, guidance_interval=args.guidance_interval is not None,
-                              pag=bool(args.pag), apg=args.apg is not None, window=args.window is not None,
+                              pag=bool(args.pag), sag=bool(args.sag), apg=args.apg is not None,
+                              window=args.window is not None,
                               image_guidance=getattr(args, "image_guidance", None) is not None)
     except ValueError as err:
         parser.error(str(err))
@@ -668,7 +682,8 @@ def sampling_options(args) -> dict:
                 sampler=args.sampler, negative=args.negative, spacing=args.spacing,
                 guidance_rescale=args.guidance_rescale, ip_image=ip_image, shift=args.shift,
                 true_cfg=args.true_cfg, guidance_interval=args.guidance_interval, apg=args.apg, window=args.window,
-                pag_scale=args.pag or 0.0, pag_layers=args.pag_layers, eta=args.eta, subseed=args.subseed,
+                pag_scale=args.pag or 0.0, pag_layers=args.pag_layers, sag_scale=args.sag or 0.0, eta=args.eta,
+                subseed=args.subseed,
                 subseed_strength=args.subseed_strength or 0.0, progress=show_progress())
 
 
@@ -710,6 +725,8 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
         run["deepcache"] = "{}:{}".format(*args.deepcache)
     if args.pag:                                                # diffusers' pag_scale and pag_applied_layers
         run.update(pag=args.pag, pag_layers=",".join(args.pag_layers))
+    if args.sag:                                                # diffusers' sag_scale
+        run["sag"] = args.sag
     if args.dtype != "float32":
         run["dtype"] = args.dtype
     if args.controlnet or args.control_image:
@@ -755,6 +772,8 @@ def png_info(run: dict, size: tuple[int, int]) -> PngInfo:
         lines[-1] += f", DeepCache interval: {interval}, DeepCache branch: {branch}"
     if run.get("pag"):                                          # ours too: the layer list quoted, it has commas
         lines[-1] += f", PAG scale: {run['pag']:g}, PAG layers: \"{run['pag_layers']}\""
+    if run.get("sag"):                                          # the A1111 SAG extension's keys (its threshold: 1)
+        lines[-1] += f", SAG Guidance Scale: {run['sag']:g}, SAG Mask Threshold: {SAG_THRESHOLD:g}"
     for i, unit in enumerate(control_units(run)):             # the A1111 ControlNet extension's units
         lines[-1] += f", ControlNet {i}: \"{unit}\""
     meta = PngInfo()

@@ -100,7 +100,7 @@ def instruct_edit(parser: argparse.ArgumentParser, args, pipe) -> None:
     try:
         refuse_options(control=args.controlnet, ip=args.ip_adapter, guidance_rescale=args.guidance_rescale,
                        guidance_interval=args.guidance_interval is not None, apg=args.apg is not None,
-                       pag=bool(args.pag), adapter=args.t2i_adapter)
+                       pag=bool(args.pag), sag=bool(args.sag), adapter=args.t2i_adapter)
     except ValueError as err:
         parser.error(str(err))
     image = edit_input(parser, args, pipe, kontext=False)

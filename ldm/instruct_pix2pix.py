@@ -26,7 +26,7 @@ IMAGE_GUIDANCE = 1.5                   # s_I: diffusers' default image_guidance_
 # Options of TextToImage.sample an InstructPix2Pix run does not take, named as the CLI names them
 REFUSED = {"control": "--controlnet", "inpaint": "an inpainting U-Net's mask", "ip": "--ip-adapter",
            "guidance_rescale": "--guidance-rescale", "guidance_interval": "--guidance-interval", "apg": "--apg",
-           "pag": "--pag", "true_cfg": "--true-cfg", "adapter": "--t2i-adapter"}
+           "pag": "--pag", "sag": "--sag", "true_cfg": "--true-cfg", "adapter": "--t2i-adapter"}
 
 
 def check_unet(in_channels: int, z_channels: int, source: str) -> None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ldm.diffusion.composable import check_composition, composed_model
 from ldm.diffusion.guidance import APG, cfg, check_interval, edm_sigma, in_interval, pag
 from ldm.diffusion.multidiffusion import window_boxes, windowed
+from ldm.diffusion.sag import sag
 from ldm.diffusion.param import Denoiser
 from ldm.diffusion.samplers import CFG_PP_SAMPLERS, ETA_OPTIONS, SAMPLERS, check_eta, initial_noise
 from ldm.diffusion.schedules import SHIFTED_SPACINGS, resolution_shift, schedule_from_config, shifted
@@ -43,7 +44,8 @@ from ldm.models.prompt_schedule import is_scheduled, scheduled, step_texts
 from ldm.models.prompt_weights import encode_weighted, parse_weighted, plain_text
 from ldm.models.text import ScratchTextEncoder, TextEncoderConfig, build_text_encoder
 from ldm.models.nets import load_net
-from ldm.models.unet import PAG_LAYERS, UNet, perturbed_self_attention, sdxl_time_ids, self_attention_layers
+from ldm.models.unet import (PAG_LAYERS, UNet, perturbed_self_attention, recorded_attention, sag_attention,
+                             sdxl_time_ids, self_attention_layers)
 from ldm.models.vae_tiling import tile_for
 
 INDEX_NAME = "model_index.json"
@@ -56,7 +58,7 @@ STUDENT_SAMPLERS = ("ddim", "stochastic")   # what the students were distilled f
 TEACHER_ONLY = {"negative": "--negative", "guidance_rescale": "--guidance-rescale", "control": "--controlnet",
                 "ip": "--ip-adapter", "inpaint": "an inpainting U-Net's mask", "shift": "--shift",
                 "true_cfg": "--true-cfg", "guidance_interval": "--guidance-interval",
-                "apg": "--apg", "pag": "--pag", "adapter": "--t2i-adapter",
+                "apg": "--apg", "pag": "--pag", "sag": "--sag", "adapter": "--t2i-adapter",
                 "cfg_pp": "a CFG++ --sampler (*_cfg_pp: it renoises with CFG's unconditional prediction)"}
 
 
@@ -509,7 +511,8 @@ class TextToImage:
                        control_range: list | None = None, grid: torch.Tensor | None = None,
                        true_cfg: float | None = None, guidance_interval: tuple[float, float] | None = None,
                        pag_scale: float = 0.0, pag_layers=PAG_LAYERS, apg: APG | None = None,
-                       image_guidance: float | None = None, adapter: list | None = None, compose=None):
+                       image_guidance: float | None = None, adapter: list | None = None, compose=None,
+                       sag_scale: float = 0.0):
         """(x0-model, extra_args maker, info): the student for `steps` when there is one, else teacher + CFG
         with `negative` as the unconditional prompt (students were distilled with the empty one) and
         guidance rescaled by phi = `guidance_rescale` in the net's prediction space (Lin et al. 2024), and
@@ -524,22 +527,23 @@ class TextToImage:
         (true CFG too) combined by adaptive projected guidance on x0-hat (`cfg`'s apg; Sadat et al. 2024).
         image_guidance: an InstructPix2Pix model's s_I (`reference`: its image's latents; ldm.instruct_pix2pix).
         adapter: T2I-Adapters attached to the teacher's U-Net (`teacher_net`, ldm.models.t2i_adapter).
-        compose: (owner, weights) of composable prompts' sub-prompts (ldm.diffusion.composable), teacher only."""
+        compose: (owner, weights) of composable prompts' sub-prompts (ldm.diffusion.composable), teacher only.
+        sag_scale: self-attention guidance's s (`sag_model`; Hong et al. 2023); 0 is off."""
         if image_guidance is not None and self.index.image_input != INSTRUCT:
             raise ValueError(f"--image-guidance (image_guidance) is for InstructPix2Pix models; this one's image_input "
                              f"is {self.index.image_input!r}")
-        self.check_guidance(negative, guidance_rescale, true_cfg, guidance_interval, apg, pag_scale)
+        self.check_guidance(negative, guidance_rescale, true_cfg, guidance_interval, apg, pag_scale, sag_scale)
         if compose is not None:                    # "a AND b": Liu et al. 2022's conjunction on the teacher
             check_composition(self, steps, teacher, guidance_rescale=guidance_rescale, control=control,
                               adapter=adapter, inpaint=inpaint is not None, ip=ip_uncond is not None,
                               reference=reference is not None, true_cfg=true_cfg is not None,
                               guidance_interval=guidance_interval is not None, pag=pag_scale != 0,
-                              apg=apg is not None, image_guidance=image_guidance is not None)
+                              sag=sag_scale != 0, apg=apg is not None, image_guidance=image_guidance is not None)
             return composed_model(self, steps, teacher, guidance, negative, chunks, shape, *compose)
         self.refuse_with_student(steps, teacher, negative=negative, guidance_rescale=guidance_rescale,
                                  control=control, inpaint=inpaint is not None, ip=ip_uncond is not None,
                                  true_cfg=true_cfg is not None, guidance_interval=guidance_interval is not None,
-                                 pag=pag_scale != 0, apg=apg is not None, adapter=adapter)
+                                 pag=pag_scale != 0, sag=sag_scale != 0, apg=apg is not None, adapter=adapter)
         if guidance_interval is not None:
             guidance_interval = check_interval(guidance_interval)
             self._warn_empty_interval(guidance_interval, grid)
@@ -569,7 +573,7 @@ class TextToImage:
         if self.index.image_input == INSTRUCT:     # eq. 3 of Brooks et al. 2023: three net calls a step
             refuse_options(control=control, inpaint=inpaint is not None, ip=ip_uncond is not None,
                            guidance_rescale=guidance_rescale, guidance_interval=guidance_interval is not None,
-                           apg=apg is not None, pag=pag_scale != 0, adapter=adapter)
+                           apg=apg is not None, pag=pag_scale != 0, sag=sag_scale != 0, adapter=adapter)
             return instruct_model(self, reference, guidance, image_guidance, uncond, shape)
         unet = self.teacher_net(inpaint, reference, control, control_range, grid, ip_uncond is not None,
                                 cfg_on=guidance != 0, adapter=adapter)
@@ -578,6 +582,8 @@ class TextToImage:
             uncond = {**uncond, "ip_tokens": ip_uncond}
         if pag_scale != 0:
             return self.pag_model(unet, guidance, pag_scale, pag_layers, uncond, guidance_rescale)
+        if sag_scale != 0:
+            return self.sag_model(unet, guidance, sag_scale, uncond)
         if guidance_rescale:   # rescale the net's eps / v, then convert: the rescale is not linear
             net_limit = {**limit, "noise_level": edm_sigma(self.schedule, self.index.time_scale)}   # the net's t
             model = self.denoiser(cfg(unet, guidance, uncond, guidance_rescale, **net_limit), self.index.prediction)
@@ -603,9 +609,20 @@ class TextToImage:
             model = pag(self.denoiser(net, self.index.prediction), guidance, scale, uncond, perturb)
         return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 2 if guidance == 0 else 3}
 
+    def sag_model(self, net, guidance: float, scale: float, uncond: dict):
+        """(x0-model, extra_args maker, info) of the teacher's `net` with self-attention guidance beside CFG (Hong et
+        al. 2023; ldm.diffusion.sag): the unconditional pass's middle-block self-attention map (`sag_attention`)
+        picks where its x0-hat is blurred, the blurred x0-hat renoised with its eps goes through the net again with
+        the unconditional prompt; 3 net calls a step with CFG, 2 at w = 0. `check_guidance` refused what it does
+        not combine with."""
+        def attention():
+            return recorded_attention(self.unet)
+        model = sag(self.denoiser(net, self.index.prediction), guidance, scale, uncond, attention, self.schedule)
+        return model, lambda cond: cond, {"model": "teacher", "nfe_per_step": 3 if guidance != 0 else 2}
+
     def check_guidance(self, negative: str = "", guidance_rescale: float = 0.0, true_cfg: float | None = None,
                        guidance_interval: tuple[float, float] | None = None, apg: APG | None = None,
-                       pag_scale: float = 0.0) -> None:
+                       pag_scale: float = 0.0, sag_scale: float = 0.0) -> None:
         """ValueError, naming the CLI's flags, for guidance options this model cannot take or that do not combine:
         `model_function` calls it, and the CLI before any model runs. A guidance-distilled net (FLUX.1-dev) runs no
         CFG unless true CFG adds it; other models run real CFG."""
@@ -637,6 +654,15 @@ class TextToImage:
             self.unet_only("--pag (perturbed-attention guidance, pag_scale)")
             if guidance_interval is not None:
                 raise ValueError("--pag is not combined with --guidance-interval (pag_scale with guidance_interval)")
+        if sag_scale:      # it reads a U-Net's middle-block self-attention, at every call
+            sag_attention(self.unet)
+            for flag, given in (("--guidance-interval", guidance_interval is not None), ("--apg", apg is not None),
+                                ("--pag", bool(pag_scale)), ("--guidance-rescale", bool(guidance_rescale)),
+                                ("--deepcache", getattr(self.unet, "deepcache", None) is not None)):
+                if given:
+                    raise ValueError(f"--sag (self-attention guidance, sag_scale) is not combined with {flag}: "
+                                     "it adds its own term to plain CFG's, from the middle block's attention map at "
+                                     "every call (as diffusers' StableDiffusionSAGPipeline): give one")
 
     def _inside_interval(self, t, interval: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
         """(EDM sigma at times t as a Denoiser sees them, where the guidance interval holds there)."""
@@ -726,7 +752,8 @@ class TextToImage:
                pag_layers=PAG_LAYERS, window: tuple[int, int] | None = None,
                apg: APG | None = None, eta: float | None = None, image_guidance: float | None = None,
                adapter: list | None = None, first_pass: int = 0, subseed: int | list[int] | None = None,
-               subseed_strength: float = 0.0, progress: bool = False) -> tuple[torch.Tensor, dict]:
+               subseed_strength: float = 0.0, sag_scale: float = 0.0,
+               progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
         spacing: the time grid (ldm.diffusion.schedules.SPACINGS); None: "karras" (Karras et al. 2022,
@@ -776,6 +803,11 @@ class TextToImage:
         the conditional prediction made again with the self-attention maps of `pag_layers` (default "mid"; "down.1",
         "up.0", ...: unet.layer_names) replaced by the identity, and the guided one moved away from it by s times
         the difference, beside CFG; 3 net calls a step with CFG, 2 at w = 0. U-Nets only (not SD3, FLUX.1).
+        sag_scale: the teacher's self-attention guidance (Hong et al. 2023; diffusers' sag_scale s, 0: off): where
+        the unconditional pass's middle-block self-attention looks most, its x0-hat is blurred, renoised and
+        denoised again, and s times the change added, beside CFG (ldm.diffusion.sag); 3 net calls a step with CFG,
+        2 at w = 0. U-Nets with a middle-block transformer only; not with guidance_interval, apg, pag_scale,
+        guidance_rescale, DeepCache, composable prompts or the CFG++ samplers.
         eta: the sampler's noise in [0, 1], for the samplers that have such a knob (ETA_OPTIONS): DDIM's eta (Song
         et al. 2021, eq. 16; 1 is DDPM's posterior noise), TCD's gamma (Zheng et al. 2024; 1 is the lcm sampler);
         None: the sampler's own default (ddim 0, tcd 0.3). Students take it with ddim.
@@ -831,7 +863,7 @@ class TextToImage:
                                                       ts[steps - run:-1], true_cfg, guidance_interval,
                                                       pag_scale=pag_scale, pag_layers=pag_layers, apg=apg,
                                                       image_guidance=image_guidance, adapter=adapter,
-                                                      compose=compose)
+                                                      compose=compose, sag_scale=sag_scale)
         if info["model"] != "teacher" and sampler not in STUDENT_SAMPLERS:
             warnings.warn(f"{info['model']} was distilled to match DDIM steps; {sampler!r} runs it off them "
                           f"(its samplers: {', '.join(STUDENT_SAMPLERS)})", stacklevel=3)
@@ -867,7 +899,7 @@ class TextToImage:
         if sampler in CFG_PP_SAMPLERS and not hasattr(model, "guided_and_uncond"):
             raise ValueError(f"--sampler {sampler} (CFG++) renoises with CFG's unconditional prediction, which this "
                              "run's model function does not give: not with --guidance-interval, --guidance-rescale, "
-                             "--pag, --window, a mask, prompt editing or composable prompts, an InstructPix2Pix model, "
+                             "--pag, --sag, --window, a mask, prompt editing or composable prompts, an InstructPix2Pix model, "
                              "nor FLUX.1-dev without --true-cfg")
         noise = {} if eta is None else {ETA_OPTIONS[sampler]: float(eta)}
         with fresh_caches([self.unet, *(s.unet for s in self._students.values())]):   # DeepCache: per run

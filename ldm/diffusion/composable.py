@@ -70,7 +70,7 @@ def composable_cfg(model, w, uncond: dict, owner, weights):
 REFUSED = {"guidance_rescale": "--guidance-rescale", "control": "--controlnet", "adapter": "--t2i-adapter",
            "inpaint": "an inpainting U-Net's image inputs", "ip": "--ip-adapter", "reference": "an image input",
            "true_cfg": "--true-cfg", "guidance_interval": "--guidance-interval", "pag": "--pag", "apg": "--apg",
-           "image_guidance": "--image-guidance", "window": "--window"}
+           "sag": "--sag", "image_guidance": "--image-guidance", "window": "--window"}
 
 
 def check_composition(pipe, steps: int, teacher: bool, **options) -> None:

@@ -18,6 +18,8 @@ It is not linear, so unlike plain CFG it depends on the space: theirs is the den
 
 Perturbed-attention guidance (PAG, Ahn et al. 2024, `pag`) adds s (D_cond - D_perturbed) to CFG's prediction, where
 D_perturbed is the same network with chosen self-attention maps replaced by the identity; linear, like CFG.
+Self-attention guidance (SAG, Hong et al. 2023) is in ldm.diffusion.sag: its third prediction is made at another
+x_t (a blurred x0-hat renoised), so it needs the schedule.
 
 InstructPix2Pix (Brooks et al. 2023, eq. 3, `pix2pix_cfg`) guides on two conditions, the input image and the
 instruction, with one scale each; linear, weights summing to 1, so exact on x0-hat too.

@@ -415,6 +415,51 @@ def perturbed_self_attention(layers: list[nn.Module], samples: torch.Tensor):
             attn.identity = None
 
 
+# ---- self-attention guidance: the middle block's attention map -------------------------------
+
+def sag_attention(unet: UNet) -> tuple[nn.Module, nn.Module]:
+    """(transformer, self-attention) whose map self-attention guidance reads: the middle block's first transformer
+    block's attn1, as diffusers' StableDiffusionSAGPipeline (mid_block.attentions[0].transformer_blocks[0].attn1)
+    and the A1111 SAG extension (middle_block.1 ... attn1) read it. ValueError for a U-Net without one."""
+    if not isinstance(unet, UNet):
+        raise ValueError(f"--sag (self-attention guidance) reads a U-Net's middle-block self-attention; this model's "
+                         f"network is {type(unet).__name__}")
+    if unet.mid.attn is None:
+        raise ValueError("--sag (self-attention guidance) reads the middle block's self-attention map; this U-Net "
+                         "has no transformer in its middle block (mid_attention: false)")
+    return unet.mid.attn, unet.mid.attn.blocks[0].attn1
+
+
+def attention_received(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, N): the attention each token of x (B, N, C) receives in the self-attention `attn`, its map
+    softmax(Q K^T / sqrt(d)) (queries in rows) summed over the queries and averaged over the heads, in float32.
+    Rows sum to 1, so the tokens average 1: above 1, a token more attended to than the average (the mask of Hong
+    et al. 2023). Recomputed from Q and K: the attention kernels never form the map. A head at a time: SDXL's
+    middle block at 2048 px has 4096 tokens, a (B, N, N) map of 64 MiB a sample."""
+    q, k = (attn._split(lin(x)).float() for lin in (attn.to_q, attn.to_k))          # (B, H, N, d)
+    received = q.new_zeros(q.shape[0], q.shape[2])
+    for h in range(q.shape[1]):
+        weights = torch.softmax(q[:, h] @ k[:, h].transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)   # (B, N_q, N_k)
+        received += weights.sum(1)
+    return received / q.shape[1]
+
+
+@contextmanager
+def recorded_attention(unet: UNet):
+    """Within it, each U-Net call appends to the yielded list the middle block's map (`sag_attention`) as
+    `attention_received` gives it, shaped (B, h, w) like the block's feature. For one sampling call at a time."""
+    transformer, attn = sag_attention(unet)
+    maps, sizes = [], []
+    hooks = [transformer.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[-2:])),
+             attn.register_forward_pre_hook(
+                 lambda module, args: maps.append(attention_received(module, args[0]).unflatten(1, sizes[-1])))]
+    try:
+        yield maps
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
