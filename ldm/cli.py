@@ -20,6 +20,7 @@ from ldm.diffusion.guidance import APG, check_interval
 from ldm.diffusion.sag import THRESHOLD as SAG_THRESHOLD
 from ldm.diffusion.samplers import CFG_PP_SAMPLERS, ETA_OPTIONS, check_eta
 from ldm.diffusion.schedules import SPACINGS
+from ldm.instruct_pix2pix import INSTRUCT
 from ldm.models.embeddings import parse_embedding_arg
 from ldm.models.lora import parse_lora_arg
 from ldm.models.prompt_compose import has_and, is_composed, parse_composable
@@ -569,6 +570,13 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
             if given and args.sampler in CFG_PP_SAMPLERS:   # their model functions give one prediction (pipeline)
                 raise ValueError(f"--sampler {args.sampler} (CFG++) renoises with CFG's unconditional prediction, "
                                  f"which CFG with {flag} does not give alone: give one")
+        for model, given in (("this model's guidance is distilled into the net (FLUX.1-dev), which runs no CFG: add "
+                              "--true-cfg S (S > 1)", pipe.index.guidance_embed and args.true_cfg in (None, 1)),
+                             ("an InstructPix2Pix model guides by eq. 3 of Brooks et al. 2023, not CFG: pick "
+                              "another sampler", pipe.index.image_input == INSTRUCT)):
+            if given and args.sampler in CFG_PP_SAMPLERS:   # the pipeline's ValueError, but before any model runs
+                raise ValueError(f"--sampler {args.sampler} (CFG++) renoises with CFG's unconditional prediction; "
+                                 f"{model}")
         if args.prompt_weights == "a1111" and any(map(is_composed, prompts)):     # "a AND b": the teacher's CFG
             check_composition(pipe, args.steps, args.teacher, guidance_rescale=args.guidance_rescale,
                               control=args.controlnet, adapter=args.t2i_adapter, ip=args.ip_adapter,

@@ -125,3 +125,22 @@ def test_refusals(dev, tmp_path, capsys, one_thread):
         with pytest.raises(SystemExit) as e:
             txt2img.main(["a cat", "--model", str(folder), "--steps", "2", *flags, "--out", str(tmp_path / "x.png")])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cfg_pp_samplers_take_true_cfg_and_need_it(dev, tmp_path, capsys, one_thread):
+    """A CFG++ sampler renoises with CFG's unconditional prediction: FLUX.1-dev runs CFG only with true CFG (s > 1),
+    where it takes both halves (with the negative = the prompt it is its plain twin, euler_cfg_pp = ddim); without
+    it ldm.txt2img refuses before any model runs, naming --true-cfg (was the pipeline's ValueError, a traceback)."""
+    _, model = dev
+    pipe = TextToImage.from_folder(str(model), decoder_precision="fp32")
+    pp, info = pipe.sample(PROMPTS, steps=3, seed=0, true_cfg=4.0, negative=PROMPTS[0], sampler="euler_cfg_pp")
+    twin, _ = pipe.sample(PROMPTS, steps=3, seed=0, true_cfg=4.0, negative=PROMPTS[0], sampler="ddim")
+    assert info["nfe"] == 6
+    torch.testing.assert_close(pp[0], twin[0], rtol=0, atol=1e-4)       # prompt 0: cond = uncond
+    from ldm import txt2img
+    for flags in ([], ["--true-cfg", "1"]):
+        with pytest.raises(SystemExit) as e:
+            txt2img.main(["a cat", "--model", str(model), "--steps", "2", "--sampler", "euler_cfg_pp", *flags,
+                          "--out", str(tmp_path / "x.png")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--sampler euler_cfg_pp (CFG++)" in err and "--true-cfg S" in err, err

@@ -183,6 +183,8 @@ def test_cli_refusals(setup, tmp_path, capsys):
              (["--image", str(tmp_path / "in.png"), "x", "--model", model, "--t2i-adapter", "shapes64-edges-adapter",
                "--adapter-image", str(tmp_path / "in.png")],                          # not dropped in silence
               "--t2i-adapter is not supported with an InstructPix2Pix"),
+             (["--image", str(tmp_path / "in.png"), "x", "--model", model, "--sampler", "euler_cfg_pp"],  # no traceback
+              "--sampler euler_cfg_pp (CFG++)"),
              (["--image", str(tmp_path / "in.png"), "x", "--image-guidance", "1.5"],            # the shipped model
               "--image-guidance is for InstructPix2Pix models")]
     for argv, message in cases:
