@@ -654,6 +654,8 @@ class TextToImage:
             self.unet_only("--pag (perturbed-attention guidance, pag_scale)")
             if guidance_interval is not None:
                 raise ValueError("--pag is not combined with --guidance-interval (pag_scale with guidance_interval)")
+        if sag_scale < 0:  # diffusers runs SAG only for sag_scale > 0; a negative one would pull towards the blur
+            raise ValueError(f"--sag (sag_scale) must be >= 0 (0 is off), got {sag_scale:g}")
         if sag_scale:      # it reads a U-Net's middle-block self-attention, at every call
             sag_attention(self.unet)
             for flag, given in (("--guidance-interval", guidance_interval is not None), ("--apg", apg is not None),

@@ -158,7 +158,8 @@ def test_txt2img_sag_png_settings_and_replay(model, tmp_path, capsys):
     (["--sag", "1", "--teacher", "--deepcache", "2"], "not combined with --deepcache"),
     (["--sag", "1", "--teacher", "--sampler", "euler_cfg_pp"], "--sampler euler_cfg_pp (CFG++)"),
     (["--sag", "1", "--teacher", "--guidance-interval", "0.5:5"], "not combined with --guidance-interval"),
-], ids=["student", "pag", "deepcache", "cfgpp", "interval"])
+    (["--sag=-0.5", "--teacher"], "--sag (sag_scale) must be >= 0"),
+], ids=["student", "pag", "deepcache", "cfgpp", "interval", "negative"])
 def test_txt2img_sag_errors_are_usage_errors(model, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_:
         txt2img.main(["a red circle", "--model", model, "--steps", "3", *extra, "--out", str(tmp_path / "x.png")])
