@@ -118,8 +118,8 @@ class PowerEMA:
                        if (m := SNAPSHOT_PATTERN.match(p.name)))
         if step == 0 and found:
             raise FileExistsError(f"{self.folder} already holds {len(found)} post-hoc EMA snapshots of an earlier run "
-                                  f"(steps {found[0][0]}..{found[-1][0]}): resume it (--resume latest) or move the "
-                                  "folder away; mixing two runs' snapshots would reconstruct neither")
+                                  f"(steps {found[0][0]}..{found[-1][0]}): resume it (--resume latest, where it left a "
+                                  "checkpoint) or move the folder away; mixing two runs' snapshots would reconstruct neither")
         later = [p for s, p in found if s > step] if drop_later else []
         for p in later:
             p.unlink()
