@@ -34,6 +34,7 @@ from ldm.data.hints import edge_map
 from ldm.data.loaders import DataConfig, build_dataset, check_image_multiple, collate, make_dataloader
 from ldm.diffusion import SAMPLERS, DiffusionLoss
 from ldm.diffusion.guidance import drop_captions
+from ldm.diffusion.losses import check_robust_loss
 from ldm.models.controlnet import ControlNet, save_controlnet
 from ldm.models.t2i_adapter import KINDS, T2IAdapter, save_t2i_adapter
 from ldm.models.unet import count_params, refuse_refiner, sdxl_time_ids
@@ -86,6 +87,9 @@ class ControlNetStageConfig:
                                                            # computed once per picture (Mou et al. 2023)
     time: Literal["uniform", "cubic"] = "uniform"          # training times: the model's own, or cubic (Mou et al.
                                                            # sec. 3.4: favours the early, noisy steps)
+    loss_type: Literal["l2", "huber", "smooth_l1", "l1"] = "l2"  # as stage 2's diffusion.loss_type (losses.py)
+    huber_schedule: Literal["constant", "exponential", "snr"] = "snr"  # huber/smooth_l1's c over time
+    huber_c: float = 0.1                                   # c at pure noise (always, with huber_schedule constant)
     model: str = DEFAULT_MODEL                             # the model folder whose frozen U-Net is steered
     hint: Literal["edges", "column"] = "edges"             # edges: Sobel edges of each picture; column: data.control_column
     edge_threshold: float = 0.1                            # edges: share of a black-to-white step (ldm.data.hints)
@@ -98,6 +102,7 @@ class ControlNetStageConfig:
             raise ValueError("hint=column reads control images from the data: set data.control_column")
         if not 0.0 <= self.p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
+        check_robust_loss(self.loss_type, self.huber_schedule, self.huber_c)
         self.data = one_batch_size(self.data, self.train)
 
 
@@ -212,7 +217,8 @@ def main(argv: list[str] | None = None) -> Path:
     schedule, index = pipe.schedule, pipe.index
     own_time = "discrete" if hasattr(schedule, "num_timesteps") else "continuous"
     loss_fn = DiffusionLoss(schedule, index.prediction, time=own_time if cfg.time == "uniform" else "cubic",
-                            time_scale=index.time_scale)
+                            time_scale=index.time_scale, loss_type=cfg.loss_type, huber_schedule=cfg.huber_schedule,
+                            huber_c=cfg.huber_c)
 
     def controlled(x, t, hint, context, context_mask=None, **added):      # added: SDXL's pooled text, numbers
         if cfg.kind == "t2i_adapter":          # Mou et al. eq. 4: features of the control image alone, no x_t or t

@@ -27,7 +27,7 @@ from torch import nn
 from ldm.data.loaders import DataConfig, check_image_multiple, make_dataloader
 from ldm.diffusion import SAMPLERS, DiffusionLoss, schedule_from_config
 from ldm.diffusion.guidance import drop_captions
-from ldm.diffusion.losses import check_logit_normal, check_noise_options, check_time_shift
+from ldm.diffusion.losses import check_logit_normal, check_noise_options, check_robust_loss, check_time_shift
 from ldm.diffusion.schedules import resolution_shift
 from ldm.instruct_pix2pix import INSTRUCT, check_unet, drop_conditions, training_image_latents, widen_input
 from ldm.diffusion.param import check_prediction
@@ -90,6 +90,11 @@ class DiffusionConfig:
                                                            # to the model folder; {} = the schedule's fixed shift
     noise_offset: float = 0.0                              # per-channel constant in eps (offset noise; SD uses ~0.05-0.1)
     input_perturbation: float = 0.0                        # x_t from eps + gamma*xi, target eps (Ning et al. 2023; 0.1)
+    loss_type: Literal["l2", "huber", "smooth_l1", "l1"] = "l2"  # the error's loss (losses.robust_loss): huber and
+                                                           # smooth_l1 cap an outlier's pull (corrupt captions/images)
+    huber_schedule: Literal["constant", "exponential", "snr"] = "snr"  # their c over time (losses.huber_c_at): from 1
+                                                           # at clean data to huber_c at pure noise, or huber_c always
+    huber_c: float = 0.1                                   # Khrapov et al. 2024 / diffusers' default
 
     def __post_init__(self):
         schedule = schedule_from_config(self.schedule_config())  # unknown names/options fail here, named
@@ -98,6 +103,7 @@ class DiffusionConfig:
         check_prediction(self.prediction, schedule)   # zero_snr with eps: refused by name
         check_noise_options(self.noise_offset, self.input_perturbation, "diffusion.")
         check_logit_normal(self.logit_mean, self.logit_std, "diffusion.")
+        check_robust_loss(self.loss_type, self.huber_schedule, self.huber_c, "diffusion.")
         check_dynamic_shift(self.dynamic_shift, self.schedule_options)
         dynamic = self.time_shift == "dynamic"
         if dynamic and (not self.dynamic_shift or self.time == "discrete"):
@@ -569,7 +575,8 @@ def main(argv: list[str] | None = None) -> Path:
                             cfg.diffusion.time_scale, 1.0 if cfg.diffusion.time_shift == "dynamic" else
                             cfg.diffusion.time_shift,
                             cfg.diffusion.time_shift_share, cfg.diffusion.noise_offset,
-                            cfg.diffusion.input_perturbation, cfg.diffusion.logit_mean, cfg.diffusion.logit_std)
+                            cfg.diffusion.input_perturbation, cfg.diffusion.logit_mean, cfg.diffusion.logit_std,
+                            cfg.diffusion.loss_type, cfg.diffusion.huber_schedule, cfg.diffusion.huber_c)
     guard = NonFiniteGuard(cfg.train.max_nonfinite)
     bar = ProgressBar(accelerator, cfg.train.max_steps, initial=step)
     batches = data.forever()

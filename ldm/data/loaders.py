@@ -76,6 +76,8 @@ class DataConfig:
     buckets: bool = False        # aspect-ratio buckets: whole pictures of ~resolution^2 pixels, not square crops
     bucket_step: int = 64        # bucket sides are multiples of this: the autoencoder's x the U-Net's downsampling
     bucket_max_ratio: float = 2.0  # the longest bucket side over its shortest
+    corrupt_captions: float = 0.0  # share of items given another item's caption, fixed per (seed, index): a data set
+                                   # with wrong labels for robustness experiments (docs/eval/huber-loss); not heldout
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -87,6 +89,8 @@ class DataConfig:
                 raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
         if not 0.0 <= self.p_zone <= 1.0:
             raise ValueError(f"data.p_zone must be in [0, 1], got {self.p_zone}")
+        if not 0.0 <= self.corrupt_captions < 1.0:
+            raise ValueError(f"data.corrupt_captions must be in [0, 1), got {self.corrupt_captions}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.buckets:
@@ -304,6 +308,42 @@ def _load_table(cfg: DataConfig):
 
 def build_dataset(cfg: DataConfig) -> Dataset:
     """The map-style data set `cfg` names; items hold pixel_values (3, R, R) and text."""
+    dataset = _build_dataset(cfg)
+    if cfg.corrupt_captions and not (cfg.source in SHAPES_SOURCES and cfg.split == "heldout"):
+        dataset = CorruptCaptions(dataset, cfg.corrupt_captions, cfg.seed)
+    return dataset
+
+
+class CorruptCaptions(Dataset):
+    """`dataset` with a fixed share of its items carrying another item's caption: whether item i is hit, and whose
+    caption it gets, are drawn from (seed, i), so every epoch, resume and latent cache sees the same wrong pairs, as a
+    badly captioned data set would (not fresh noise per view). Everything else is the wrapped data set's."""
+
+    def __init__(self, dataset: Dataset, share: float, seed: int):
+        self.dataset, self.share, self.seed = dataset, share, seed
+
+    def donor(self, index: int) -> int | None:
+        """The item whose caption item `index` carries, or None if it keeps its own."""
+        rng = np.random.default_rng([self.seed, index, 0xC0DE])   # a stream apart from the crops' (seed, epoch, i)
+        if rng.random() >= self.share or len(self.dataset) < 2:
+            return None
+        other = int(rng.integers(len(self.dataset) - 1))
+        return other + (other >= index)                             # any item but itself
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item, donor = self.dataset[index], self.donor(int(index))
+        return item if donor is None else {**item, "text": self.dataset[donor]["text"]}
+
+    def __getattr__(self, name: str):            # buckets, item_buckets, set_epoch, ...: the wrapped data set's
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _build_dataset(cfg: DataConfig) -> Dataset:
     if cfg.source == "shapes":
         return ShapesWorld(cfg.split, cfg.seed, cfg.resolution, cfg.length, cfg.p_zone)
     if cfg.source == "shapes-edits":             # items add source_pixels, the image to edit (ldm.data.edits)

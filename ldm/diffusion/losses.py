@@ -7,6 +7,9 @@ prediction space, since ||eps-hat - eps||^2 = SNR * ||x0-hat - x0||^2, for VP
   uniform        plain MSE in the prediction space (no reweighting);
   truncated_snr  x0 weight max(SNR, 1) (Salimans & Ho 2022, sec. 4);
   min_snr        x0 weight min(SNR, gamma) (Hang et al. 2023, eq. 10).
+The squared error itself can be swapped for a robust one (`loss_type`, `robust_loss`): l1, or the scheduled
+pseudo-Huber losses of Khrapov et al. 2024, whose c shrinks with the noise level (`huber_c_at`); the weighting
+above multiplies whichever per-sample mean it is, as diffusers' training scripts do.
 """
 from __future__ import annotations
 
@@ -18,6 +21,9 @@ from .param import PREDICTIONS, append_dims, check_prediction, q_sample, trainin
 
 WEIGHTINGS = ("uniform", "truncated_snr", "min_snr")
 TIME_SAMPLING = ("discrete", "continuous", "logit_normal", "cubic")
+LOSS_TYPES = ("l2", "huber", "smooth_l1", "l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+HUBER_DEFAULTS = {"huber_schedule": "snr", "huber_c": 0.1}   # diffusers' train_*_lora.py defaults
 
 
 def space_factor(prediction: str, alpha, sigma):
@@ -44,6 +50,76 @@ def loss_weight(weighting: str, prediction: str, alpha, sigma, gamma: float = 5.
     if weighting == "min_snr":
         return snr.clamp(max=gamma) / space_factor(prediction, alpha, sigma)
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def robust_loss(loss_type: str, residual: torch.Tensor, c=None) -> torch.Tensor:
+    """Element-wise loss of residual = prediction - target; c (broadcastable) is the pseudo-Huber scale.
+
+    huber      2c (sqrt(d^2 + c^2) - c): Khrapov et al. 2024's pseudo-Huber loss as diffusers'
+               `conditional_loss` scales it, d^2 for |d| << c (l2 itself) and 2c|d| - 2c^2 for |d| >> c, so an
+               outlier's gradient is capped at 2c where l2's grows as 2|d|;
+    smooth_l1  2 (sqrt(d^2 + c^2) - c), the same divided by c: 2|d| - 2c for |d| >> c (l1's slope, x2) and
+               d^2 / c near 0 (diffusers' "smooth_l1"; torch's smooth_l1_loss(beta=c) x 2 has the same two
+               asymptotic slopes but is piecewise);
+    l1         |d|;  l2  d^2.
+    sqrt(d^2 + c^2) - c is written d^2 / (sqrt(d^2 + c^2) + c): the difference loses every digit in float32
+    once |d| < 3e-4 c, the quotient none, and its gradient is 0 at d = 0 for any c > 0.
+    """
+    if loss_type == "l2":
+        return residual.pow(2)
+    if loss_type == "l1":
+        return residual.abs()
+    if loss_type in ("huber", "smooth_l1"):
+        d2 = residual.pow(2)
+        soft = d2 / ((d2 + c ** 2).sqrt() + c)          # sqrt(d^2 + c^2) - c
+        return 2 * c * soft if loss_type == "huber" else 2 * soft
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def time_fraction(schedule, t: torch.Tensor) -> torch.Tensor:
+    """t as a share of the schedule: timestep / T on a discrete 0..T-1 schedule (diffusers' timestep /
+    num_train_timesteps, so T-1 gives 1 - 1/T), (t - t_min) / (t_max - t_min) in continuous time."""
+    if hasattr(schedule, "num_timesteps"):
+        return t / schedule.num_timesteps
+    return (t - schedule.t_min) / (schedule.t_max - schedule.t_min)
+
+
+def huber_c_at(huber_schedule: str, huber_c: float, schedule, t, alpha, sigma) -> torch.Tensor:
+    """The pseudo-Huber c (B,) at times t with coefficients (alpha, sigma), Khrapov et al. 2024's schedules as
+    diffusers ships them: from c = 1 at clean data (l2 for residuals well below 1) down to huber_c at pure noise
+    (robust), where a layout is decided from the prompt alone and so a wrong caption pulls hardest (our reading):
+      constant     huber_c;
+      exponential  huber_c ** time_fraction(t): diffusers' exp(-a * timestep), a = -ln(huber_c) / T, on the
+                   time axis, so a schedule's times matter (cosine and rectified flow reach a given noise at
+                   different t);
+      snr          huber_c + (1 - huber_c) / (1 + s)^2 with s = sigma / alpha = SNR^-1/2 (diffusers' "sigmas",
+                   sqrt((1 - abar) / abar)), written (alpha / (alpha + sigma))^2 so alpha = 0 (zero terminal SNR)
+                   gives huber_c; rectified flow: huber_c + (1 - huber_c)(1 - t)^2.
+    On SD's discrete 1000-step schedule both equal diffusers' at every timestep (tests/diffusion)."""
+    if huber_schedule == "constant":
+        return torch.full_like(torch.as_tensor(alpha), huber_c)
+    if huber_schedule == "exponential":
+        return huber_c ** time_fraction(schedule, torch.as_tensor(t, dtype=torch.float64))
+    if huber_schedule == "snr":
+        return huber_c + (1.0 - huber_c) * (alpha / (alpha + sigma)) ** 2
+    raise ValueError(f"huber_schedule must be one of {HUBER_SCHEDULES}, got {huber_schedule!r}")
+
+
+def check_robust_loss(loss_type: str, huber_schedule: str, huber_c: float, prefix: str = "") -> None:
+    """ValueError naming the key unless the loss type and schedule are known, 0 < huber_c (<= 1 when scheduled:
+    c falls from 1 to it), and the pseudo-Huber keys are left at their defaults for l2 and l1, which take no c."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"{prefix}loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if huber_schedule not in HUBER_SCHEDULES:
+        raise ValueError(f"{prefix}huber_schedule must be one of {HUBER_SCHEDULES}, got {huber_schedule!r}")
+    if not (0.0 < huber_c < math.inf) or (huber_schedule != "constant" and huber_c > 1.0):
+        raise ValueError(f"{prefix}huber_c={huber_c}: must be > 0, and <= 1 with huber_schedule={huber_schedule!r} "
+                         "(c falls from 1 at clean data to huber_c at pure noise)")
+    given = {"huber_schedule": huber_schedule, "huber_c": huber_c}
+    changed = [k for k, v in given.items() if v != HUBER_DEFAULTS[k]]
+    if loss_type in ("l2", "l1") and changed:
+        raise ValueError(f"{', '.join(prefix + k for k in changed)} set with {prefix}loss_type={loss_type!r}, which "
+                         "takes no c: use loss_type 'huber' or 'smooth_l1', or leave them out")
 
 
 def uniform_times(schedule, u: torch.Tensor) -> torch.Tensor:
@@ -141,7 +217,8 @@ class DiffusionLoss:
     def __init__(self, schedule, prediction: str = "eps", weighting: str = "uniform",
                  gamma: float = 5.0, time: str = "discrete", time_scale: float = 1.0, time_shift: float = 1.0,
                  time_shift_share: float = 1.0, noise_offset: float = 0.0, input_perturbation: float = 0.0,
-                 logit_mean: float = 0.0, logit_std: float = 1.0):
+                 logit_mean: float = 0.0, logit_std: float = 1.0, loss_type: str = "l2",
+                 huber_schedule: str = HUBER_DEFAULTS["huber_schedule"], huber_c: float = HUBER_DEFAULTS["huber_c"]):
         for name, value, allowed in (("weighting", weighting, WEIGHTINGS), ("time", time, TIME_SAMPLING)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -157,6 +234,9 @@ class DiffusionLoss:
         check_noise_options(noise_offset, input_perturbation)
         self.noise_offset = noise_offset              # eps += offset * n(B, C, 1, 1): images far from mid-gray
         self.input_perturbation = input_perturbation  # x_t from eps + gamma * xi, target from eps
+        check_robust_loss(loss_type, huber_schedule, huber_c)
+        self.loss_type = loss_type                    # l2 | huber | smooth_l1 | l1 (robust_loss)
+        self.huber_schedule, self.huber_c = huber_schedule, huber_c   # pseudo-Huber c over time (huber_c_at)
 
     def noise(self, x0, generator=None):
         """(eps of the target, the noise x_t is made with). Offset noise (Guttenberg 2023) adds a per-channel
@@ -173,13 +253,19 @@ class DiffusionLoss:
         return eps, eps + self.input_perturbation * xi
 
     def per_sample(self, out, x0, eps, t):
-        """Weighted MSE per sample (B,) of the net output `out` at x_t = alpha(t)*x0 + sigma(t)*eps."""
+        """Weighted loss per sample (B,) of the net output `out` at x_t = alpha(t)*x0 + sigma(t)*eps: the mean of
+        `loss_type` over the prediction-space error (MSE for l2), times the weighting's w(t)."""
         alpha, sigma = self.schedule.alpha_sigma(t.to(x0.device))              # (B,) float64
         w = loss_weight(self.weighting, self.prediction, alpha, sigma, self.gamma)
         a, s = (append_dims(c.to(torch.float32), x0.ndim) for c in (alpha, sigma))
         target = training_target(self.prediction, x0.float(), eps.float(), a, s)
-        mse = (out.float() - target).pow(2).flatten(1).mean(1)                # (B,)
-        return w.to(mse.dtype) * mse
+        if self.loss_type == "l2":
+            err = (out.float() - target).pow(2).flatten(1).mean(1)            # (B,)
+        else:   # c per sample at its own t (diffusers draws one timestep per batch to share one c)
+            c = huber_c_at(self.huber_schedule, self.huber_c, self.schedule, t.to(x0.device), alpha, sigma)
+            err = robust_loss(self.loss_type, out.float() - target,
+                              append_dims(c.to(torch.float32), x0.ndim)).flatten(1).mean(1)
+        return w.to(err.dtype) * err
 
     def __call__(self, net, x0, extra_args=None, generator=None):
         t = sample_times(self.schedule, x0.shape[0], time=self.time, shift=self.time_shift,

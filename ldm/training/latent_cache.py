@@ -59,6 +59,8 @@ def data_fingerprint(cfg: DataConfig) -> dict:
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BATCH_ONLY}
     if not cfg.buckets:  # keys of square caches stay as they were before buckets existed
         fields = {k: v for k, v in fields.items() if not k.startswith("bucket")}
+    if not cfg.corrupt_captions:  # nor do those of clean captions, from before corrupt_captions existed
+        del fields["corrupt_captions"]
     if cfg.source in ("imagefolder", "parquet") and os.path.exists(cfg.path):
         root = Path(cfg.path)
         files = sorted(root.rglob("*")) if root.is_dir() else [root]

@@ -259,3 +259,31 @@ def test_accelerate_prepared_loader_resumes():
 def test_data_config_rejects_a_bad_p_zone_by_name():
     with pytest.raises(ValueError, match="data.p_zone"):
         DataConfig(p_zone=1.5)
+
+
+def test_corrupt_captions_swap_a_fixed_share_for_other_items_captions():
+    """data.corrupt_captions: about that share of the items carry another item's caption, the same ones at every build
+    (a data set with wrong labels, not noise per view), pictures untouched; held-out shapes stay clean; 0 keeps the
+    latent cache keys of before the option existed."""
+    import dataclasses
+
+    from ldm.data.shapes import generate
+    from ldm.training.latent_cache import data_fingerprint
+    cfg = DataConfig(source="shapes", resolution=32, length=2000, corrupt_captions=0.3, seed=3)
+    data, again = build_dataset(cfg), build_dataset(cfg)
+    own = [generate(3, i, "train", 32)[1] for i in range(cfg.length)]       # each scene's true caption
+    donors = [data.donor(i) for i in range(cfg.length)]
+    hit = [i for i, d in enumerate(donors) if d is not None]
+    assert abs(len(hit) / cfg.length - 0.3) < 4 * (0.3 * 0.7 / cfg.length) ** 0.5     # binomial, 4 sigma
+    assert all(d != i for i, d in enumerate(donors) if d is not None) and donors == [again.donor(i) for i in
+                                                                                      range(cfg.length)]
+    for i in [*hit[:20], 0, 1, 2]:
+        item, clean = data[i], build_dataset(dataclasses.replace(cfg, corrupt_captions=0.0))[i]
+        assert item["text"] == own[donors[i]] if donors[i] is not None else item["text"] == own[i]
+        assert torch.equal(item["pixel_values"], clean["pixel_values"])
+    heldout = build_dataset(dataclasses.replace(cfg, split="heldout", length=50))
+    assert [heldout[i]["text"] for i in range(50)] == [generate(3, i, "heldout", 32)[1] for i in range(50)]
+    assert "corrupt_captions" not in data_fingerprint(dataclasses.replace(cfg, corrupt_captions=0.0))
+    assert data_fingerprint(cfg)["corrupt_captions"] == 0.3
+    with pytest.raises(ValueError, match="data.corrupt_captions"):
+        DataConfig(corrupt_captions=1.0)

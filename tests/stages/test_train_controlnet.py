@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
-from stage_scripts import load_stage
+from stage_scripts import load_stage, record_losses
 
 from ldm.data.hints import edge_map
 from ldm.data.loaders import DataConfig, build_dataset
@@ -130,11 +130,21 @@ def test_column_hints_train(model, tmp_path):
 
 
 @pytest.mark.parametrize("override, key", [("hint=column", "data.control_column"), ("hint=depth", "config key 'hint'"),
-                                          ("p_uncond=2", "p_uncond")])
+                                          ("p_uncond=2", "p_uncond"), ("loss_type=huberr", "config key 'loss_type'"),
+                                          ("huber_c=0", "huber_c=0.0")])
 def test_bad_settings_are_named(model, tmp_path, capsys, override, key):
     with pytest.raises(SystemExit):
         run(model, tmp_path, override)
     assert key in capsys.readouterr().err
+
+
+def test_a_huber_run_trains_on_the_same_draws_below_l2(model, tmp_path, monkeypatch):
+    """loss_type reaches the ControlNet's loss: the same seed draws the same times and noise, and at step 0 (zero
+    convolutions: the U-Net itself) pseudo-Huber, 2c (sqrt(d^2 + c^2) - c) <= d^2, comes out below l2."""
+    losses = record_losses(monkeypatch, stage)
+    run(model, tmp_path / "l2", "train.max_steps=1", "train.validate_every=0")
+    folder = run(model, tmp_path / "huber", "train.max_steps=1", "train.validate_every=0", "loss_type=huber")
+    assert len(losses) == 2 and 0 < losses[1] < losses[0] and (folder / "config.json").is_file()
 
 
 def test_the_controlled_unet_starts_as_the_unet(model):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -370,6 +371,33 @@ def test_bad_time_shift_is_named(capsys, override, key):
     with pytest.raises(SystemExit):
         stage.main(["--config", str(CONFIGS / "tiny.yaml"), override])
     assert key in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, key", [("diffusion.loss_type=huberr", "config key 'diffusion.loss_type'"),
+                                           ("diffusion.huber_schedule=linear", "config key 'diffusion.huber_schedule'"),
+                                           ("diffusion.huber_c=0", "diffusion.huber_c=0.0"),
+                                           ("diffusion.huber_c=0.3", "diffusion.huber_c set with diffusion.loss_type='l2'")])
+def test_bad_robust_loss_is_named(capsys, override, key):
+    with pytest.raises(SystemExit):
+        stage.main(["--config", str(CONFIGS / "tiny.yaml"), override])
+    assert key in capsys.readouterr().err
+
+
+def test_a_huber_run_completes_and_trains_on_the_same_draws_below_l2(tiny_ae, tmp_path, monkeypatch):
+    """diffusion.loss_type=huber (Khrapov et al. 2024, scheduled c) runs stage 2 end to end: the same seed draws the
+    same data, times and noise, so its first loss is pseudo-Huber's 2c (sqrt(d^2 + c^2) - c) <= d^2 of l2's residuals
+    (below it), and the model folder samples."""
+    losses = record_losses(monkeypatch, stage)
+    run(tiny_ae, tmp_path / "l2", "train.max_steps=1")
+    first = len(losses)
+    folder = run(tiny_ae, tmp_path / "huber", "train.max_steps=3", "diffusion.loss_type=huber",
+                 "diffusion.huber_schedule=exponential", "diffusion.huber_c=0.2")
+    assert 0 < losses[first] < losses[0] and all(math.isfinite(v) for v in losses)
+    saved = load_config(stage.LatentStageConfig, str(tmp_path / "huber" / "config.yaml"), [])
+    assert (saved.diffusion.loss_type, saved.diffusion.huber_schedule, saved.diffusion.huber_c) == \
+        ("huber", "exponential", 0.2)
+    images, _ = TextToImage.from_folder(str(folder)).generate(["a red circle"], steps=2)
+    assert bool(torch.isfinite(images).all())
 
 
 ZERO_SNR = ["diffusion.schedule=scaled_linear", "diffusion.schedule_options={zero_snr: true}", "diffusion.time=discrete",
