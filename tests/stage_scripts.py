@@ -23,6 +23,28 @@ def load_stage(stem: str):
     return sys.modules[name]
 
 
+def save_tiny_ae(folder: Path, poison: bool = False) -> Path:
+    """A random f=2 autoencoder saved like stage 1 saves one; `poison` puts a NaN in its encoder."""
+    import torch
+
+    from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+    torch.manual_seed(0)
+    cfg = AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, z_channels=4,
+                            num_groups=4, mid_attn=False, resolution=32, scaling_factor=0.5)
+    ae = AutoencoderKL(cfg)
+    if poison:
+        with torch.no_grad():
+            ae.encoder.conv_in.bias[0] = float("nan")
+    ae.save_pretrained(folder)
+    return folder
+
+
+def train_latent(ae: Path, out: Path, *overrides: str) -> Path:
+    """stages/train_latent.py on configs/latent/tiny.yaml with the autoencoder folder `ae`, writing `out`."""
+    return load_stage("train_latent").main(["--config", str(STAGES.parent / "configs" / "latent" / "tiny.yaml"),
+                                            f"autoencoder={ae}", f"train.output_dir={out}", *overrides])
+
+
 def record_losses(monkeypatch, stage) -> list[float]:
     """The list that every training loss `stage` computes (its DiffusionLoss calls) is appended to."""
     losses = []

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from stage_scripts import save_tiny_ae
 
 # The test modules `import reliability_harness` (pytest's importlib mode puts no test folder on sys.path).
 _spec = importlib.util.spec_from_file_location("reliability_harness", Path(__file__).with_name("harness.py"))
@@ -16,20 +16,6 @@ _spec.loader.exec_module(harness)
 @pytest.fixture(autouse=True, scope="module")
 def _reliability_one_thread(one_thread_module):
     """Every reliability test runs small models: one intra-op thread (tests/conftest.py)."""
-
-
-def save_tiny_ae(folder: Path, poison: bool = False) -> Path:
-    """A random f=2 autoencoder saved like stage 1 saves one; `poison` puts a NaN in its encoder."""
-    from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
-    torch.manual_seed(0)
-    cfg = AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, z_channels=4,
-                            num_groups=4, mid_attn=False, resolution=32, scaling_factor=0.5)
-    ae = AutoencoderKL(cfg)
-    if poison:
-        with torch.no_grad():
-            ae.encoder.conv_in.bias[0] = float("nan")
-    ae.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")

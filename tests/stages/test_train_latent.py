@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from stage_scripts import load_stage, record_losses
+from stage_scripts import load_stage, record_losses, train_latent
 
 from ldm.data.loaders import DataConfig, build_dataset
 from ldm.data.shapes import export
 from ldm.distill.student import WEmbedding
-from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.lora import MMDIT_TRAIN_TARGETS
 from ldm.models.mmdit import MMDiT, MMDiTConfig
 from ldm.models.text import ScratchTextEncoder, TextEncoderConfig
@@ -33,20 +33,7 @@ stage = load_stage("train_latent")
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
-@pytest.fixture(scope="module")
-def tiny_ae(tmp_path_factory) -> Path:
-    """A random f=2 autoencoder saved like stage 1 saves one."""
-    torch.manual_seed(0)
-    cfg = AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, z_channels=4,
-                            num_groups=4, mid_attn=False, resolution=32, scaling_factor=0.5)
-    folder = tmp_path_factory.mktemp("ae") / "autoencoder"
-    AutoencoderKL(cfg).save_pretrained(folder)
-    return folder
-
-
-def run(ae: Path, out: Path, *overrides: str) -> Path:
-    return stage.main(["--config", str(CONFIGS / "tiny.yaml"), f"autoencoder={ae}",
-                       f"train.output_dir={out}", *overrides])
+run = train_latent          # stages/train_latent.py on configs/latent/tiny.yaml (tests/stage_scripts.py)
 
 
 def test_run_resume_is_exact_and_writes_a_model_folder(tiny_ae, tmp_path):

@@ -2,37 +2,22 @@
 a run on shapes-edits triples writes a model folder that TextToImage.edit samples, and bad settings are refused."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from stage_scripts import load_stage
+from stage_scripts import load_stage, train_latent
 
 from ldm.instruct_pix2pix import widen_input
-from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.unet import UNet, UNetConfig
 from ldm.pipeline import TextToImage, load_index
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "latent"
 stage = load_stage("train_latent")
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 INSTRUCT = ["data.source=shapes-edits", "image_input=instruct-pix2pix", "unet.in_channels=8"]
 
 
-@pytest.fixture(scope="module")
-def tiny_ae(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, z_channels=4,
-                            num_groups=4, mid_attn=False, resolution=32, scaling_factor=0.5)
-    folder = tmp_path_factory.mktemp("ae") / "autoencoder"
-    AutoencoderKL(cfg).save_pretrained(folder)
-    return folder
-
-
-def run(ae: Path, out: Path, *overrides: str) -> Path:
-    return stage.main(["--config", str(CONFIGS / "tiny.yaml"), f"autoencoder={ae}", f"train.output_dir={out}",
-                       *overrides])
+run = train_latent          # stages/train_latent.py on configs/latent/tiny.yaml (tests/stage_scripts.py)
 
 
 def test_widened_input_conv_is_the_original_net_while_the_image_weights_are_zero():

@@ -7,32 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from stage_scripts import load_stage
+from stage_scripts import load_stage, train_latent
 
-from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.pipeline import TextToImage
 from ldm.training import find_latest_checkpoint
 from ldm.training.posthoc_ema import main as posthoc
 
-ROOT = Path(__file__).resolve().parents[2]
 stage = load_stage("train_latent")
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 POSTHOC = ["train.posthoc_ema.sigma_rels=[0.05,0.1]", "train.posthoc_ema.every=1", "train.checkpoint_every=2"]
 
 
-@pytest.fixture(scope="module")
-def tiny_ae(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, z_channels=4,
-                            num_groups=4, mid_attn=False, resolution=32, scaling_factor=0.5)
-    folder = tmp_path_factory.mktemp("ae") / "autoencoder"
-    AutoencoderKL(cfg).save_pretrained(folder)
-    return folder
-
-
-def run(ae: Path, out: Path, *overrides: str) -> Path:
-    return stage.main(["--config", str(ROOT / "configs" / "latent" / "tiny.yaml"), f"autoencoder={ae}",
-                       f"train.output_dir={out}", *overrides])
+run = train_latent          # stages/train_latent.py on configs/latent/tiny.yaml (tests/stage_scripts.py)
 
 
 def files(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
