@@ -2,7 +2,6 @@
 a run on shapes-edits triples writes a model folder that TextToImage.edit samples, and bad settings are refused."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from safetensors.torch import load_file
