@@ -21,3 +21,16 @@ def random_model_with_student(folder, steps: int = 2, *, resolution: int = 32, w
     index.students = {str(steps): f"student-{steps}"}
     save_index(folder, index)
     return folder
+
+
+def write_image_and_mask(folder, side: int = 32) -> tuple[str, str]:
+    """A random RGB picture `folder`/in.png and an inpainting mask `folder`/mask.png (a white box at rows 8-19,
+    columns 10-23), side x side, for the img2img / inpaint CLIs; their paths."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(os.path.join(folder, "in.png"))
+    mask = np.zeros((side, side), np.uint8)
+    mask[8:20, 10:24] = 255
+    Image.fromarray(mask).save(os.path.join(folder, "mask.png"))
+    return os.path.join(folder, "in.png"), os.path.join(folder, "mask.png")

@@ -13,7 +13,7 @@ from ldm.diffusion.guidance import cfg, pag
 from ldm.models.mmdit import MMDiT, MMDiTConfig
 from ldm.pipeline import TextToImage, save_random_model
 
-from tests.tiny_models import random_model_with_student
+from tests.tiny_models import random_model_with_student, write_image_and_mask
 
 B, L, D = 3, 5, 8
 
@@ -166,13 +166,8 @@ def test_txt2img_replays_pag(model, tmp_path):
 
 
 def test_img2img_and_inpaint_take_pag(model, tmp_path, capsys):
-    import numpy as np
     from ldm import img2img, inpaint
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "in.png")
-    mask = np.zeros((32, 32), np.uint8)
-    mask[8:20, 10:24] = 255
-    Image.fromarray(mask).save(tmp_path / "mask.png")
+    write_image_and_mask(tmp_path)
     img2img.main(["a blue square", "--image", str(tmp_path / "in.png"), "--strength", "0.5", "--steps", "4",
                   "--teacher", "--pag", "2", "--model", model, "--out", str(tmp_path / "i.png")])
     assert "2 steps" in (printed := capsys.readouterr().out) and "NFE 6," in printed    # 2 of 4 steps, 3 calls each

@@ -16,7 +16,7 @@ from ldm.models.mmdit import MMDiT, MMDiTConfig
 from ldm.models.unet import UNet, recorded_attention, tiny_config
 from ldm.pipeline import TextToImage
 
-from tests.tiny_models import random_model_with_student
+from tests.tiny_models import random_model_with_student, write_image_and_mask
 
 B = 2
 
@@ -174,13 +174,8 @@ def test_txt2img_help_cites_the_paper(capsys):
 
 
 def test_img2img_and_inpaint_take_sag(model, tmp_path, capsys):
-    import numpy as np
     from ldm import img2img, inpaint
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "in.png")
-    mask = np.zeros((32, 32), np.uint8)
-    mask[8:20, 10:24] = 255
-    Image.fromarray(mask).save(tmp_path / "mask.png")
+    write_image_and_mask(tmp_path)
     img2img.main(["a blue square", "--image", str(tmp_path / "in.png"), "--strength", "0.5", "--steps", "4",
                   "--teacher", "--sag", "0.5", "--model", model, "--out", str(tmp_path / "i.png")])
     assert "NFE 6," in capsys.readouterr().out                                  # 2 of 4 steps, 3 calls each
