@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 from safetensors import safe_open
 
 from ldm.models.lora import TEXT_PARTS, parse_lora_arg, read_lora
+from ldm.models.weights import edited_copy
 from ldm.pipeline import TextToImage, load_index
 
 
@@ -57,10 +57,7 @@ def merge(model_dir: str, loras: list[tuple[str, float]], out: str) -> int:
         text_dir = Path(index.text_encoder) / path
     changed = sum(pipe.add_lora(path, scale, lora) for (path, scale), lora in zip(loras, files))
 
-    tmp = Path(f"{out}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model_dir, tmp)
-    try:
+    with edited_copy(model_dir, out) as tmp:           # an empty or half-written `out` from before is replaced
         unet_dir = tmp / index.unet
         pipe.unet.save_pretrained(str(unet_dir), dtype=_dtype_of(unet_dir / "model.safetensors"))
         for steps, rel in index.students.items():
@@ -71,11 +68,6 @@ def merge(model_dir: str, loras: list[tuple[str, float]], out: str) -> int:
                 enc = tmp / text_dir / part if (tmp / text_dir / part).is_dir() else tmp / text_dir
                 weights = next(enc.glob("*.safetensors"), None)
                 model.to(_dtype_of(weights) if weights is not None else model.dtype).save_pretrained(enc)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)             # an empty or half-written folder from before
-    os.replace(tmp, out)
     return changed
 
 

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -63,6 +66,22 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path, metadata: d
     tmp = path.with_name(path.name + ".tmp")
     write_safetensors(tensors, tmp, metadata=metadata)
     tmp.replace(path)
+
+
+@contextmanager
+def edited_copy(source, out) -> Iterator[Path]:
+    """A copy of the folder `source` at `out`.tmp to change inside the block, then put in place of `out` (an earlier
+    or half-written `out` removed); an error inside removes the copy and leaves `out` as it was."""
+    tmp = Path(f"{out}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
 
 
 def save_state(state: dict[str, torch.Tensor], path, dtype: torch.dtype | None = None) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ldm.models.weights import write_safetensors, write_safetensors_atomic
+from ldm.models.weights import edited_copy, write_safetensors, write_safetensors_atomic
 
 from .power_ema import SNAPSHOT_DIR, SNAPSHOT_FORMAT, SNAPSHOT_PATTERN, gamma_of_sigma_rel, sigma_rel_of_gamma
 
@@ -138,25 +137,22 @@ def write_model_folder(state: dict[str, torch.Tensor], template: Path, out: Path
     for key, t in state.items():
         part, _, name = key.partition(".")
         by_part.setdefault(part, {})[name] = t
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(template, tmp)
-    (tmp / RECORD).unlink(missing_ok=True)
-    for part, tensors in by_part.items():
-        path = tmp / part / "model.safetensors"
-        if not path.is_file():
-            raise ValueError(f"the snapshots hold '{part}.*' tensors, the template {template} has no {part}/model.safetensors")
-        with safe_open(str(path), "pt") as f:
-            meta, own = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-        wrong = sorted(k for k in tensors if k not in own or own[k].shape != tensors[k].shape)
-        if wrong:
-            raise ValueError(f"{template}/{part}/model.safetensors does not fit the snapshots at {wrong[:5]}: "
-                             "is it this run's model folder?")
-        own.update({k: v.to(own[k].dtype).contiguous() for k, v in tensors.items()})
-        write_safetensors(own, path, meta)
-    (tmp / RECORD).write_text(json.dumps(record, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with edited_copy(template, out) as tmp:
+        (tmp / RECORD).unlink(missing_ok=True)
+        for part, tensors in by_part.items():
+            path = tmp / part / "model.safetensors"
+            if not path.is_file():
+                raise ValueError(f"the snapshots hold '{part}.*' tensors, the template {template} has no "
+                                 f"{part}/model.safetensors")
+            with safe_open(str(path), "pt") as f:
+                meta, own = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+            wrong = sorted(k for k in tensors if k not in own or own[k].shape != tensors[k].shape)
+            if wrong:
+                raise ValueError(f"{template}/{part}/model.safetensors does not fit the snapshots at {wrong[:5]}: "
+                                 "is it this run's model folder?")
+            own.update({k: v.to(own[k].dtype).contiguous() for k, v in tensors.items()})
+            write_safetensors(own, path, meta)
+        (tmp / RECORD).write_text(json.dumps(record, indent=2))
 
 
 def sweep_rows(snapshots: list[Snapshot], sigma_rels: list[float], step: int | None) -> list[dict]:
