@@ -448,6 +448,29 @@ def check_variation(parser: argparse.ArgumentParser, args) -> None:
                      "by X" + (" (give --subseed)" if args.subseed is None else " (give --subseed-strength)"))
 
 
+def check_cfg_pp(args, pipe: TextToImage, prompts) -> None:
+    """ValueError for what a CFG++ --sampler cannot run with: its model function must give CFG's unconditional
+    prediction beside the guided one, which these options' model functions do not."""
+    for flag, given in (("--guidance-interval", args.guidance_interval is not None),
+                        ("--guidance-rescale", bool(args.guidance_rescale)), ("--pag", bool(args.pag)),
+                        ("--sag", bool(args.sag)),
+                        ("--window", args.window is not None),
+                        ("prompt editing or alternation ('[a:b:when]', '[a|b]')",   # read with a1111 weights
+                         args.prompt_weights == "a1111" and any(map(is_scheduled, prompts))),
+                        ("composable prompts (AND)",
+                         args.prompt_weights == "a1111" and any(map(is_composed, prompts)))):
+        if given:
+            raise ValueError(f"--sampler {args.sampler} (CFG++) renoises with CFG's unconditional prediction, "
+                             f"which CFG with {flag} does not give alone: give one")
+    for model, given in (("this model's guidance is distilled into the net (FLUX.1-dev), which runs no CFG: add "
+                          "--true-cfg S (S > 1)", pipe.index.guidance_embed and args.true_cfg in (None, 1)),
+                         ("an InstructPix2Pix model guides by eq. 3 of Brooks et al. 2023, not CFG: pick "
+                          "another sampler", pipe.index.image_input == INSTRUCT)):
+        if given:
+            raise ValueError(f"--sampler {args.sampler} (CFG++) renoises with CFG's unconditional prediction; "
+                             f"{model}")
+
+
 def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()) -> TextToImage:
     """The model folder, or a parser error that names the missing path or a bad prompt. Warnings print
     as one line."""
@@ -559,24 +582,8 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
                                  guidance_interval=args.guidance_interval is not None, apg=args.apg is not None,
                                  pag=bool(args.pag), sag=bool(args.sag), adapter=args.t2i_adapter,
                                  cfg_pp=args.sampler in CFG_PP_SAMPLERS)
-        for flag, given in (("--guidance-interval", args.guidance_interval is not None),
-                            ("--guidance-rescale", bool(args.guidance_rescale)), ("--pag", bool(args.pag)),
-                            ("--sag", bool(args.sag)),
-                            ("--window", args.window is not None),
-                            ("prompt editing or alternation ('[a:b:when]', '[a|b]')",   # read with a1111 weights
-                             args.prompt_weights == "a1111" and any(map(is_scheduled, prompts))),
-                            ("composable prompts (AND)",
-                             args.prompt_weights == "a1111" and any(map(is_composed, prompts)))):
-            if given and args.sampler in CFG_PP_SAMPLERS:   # their model functions give one prediction (pipeline)
-                raise ValueError(f"--sampler {args.sampler} (CFG++) renoises with CFG's unconditional prediction, "
-                                 f"which CFG with {flag} does not give alone: give one")
-        for model, given in (("this model's guidance is distilled into the net (FLUX.1-dev), which runs no CFG: add "
-                              "--true-cfg S (S > 1)", pipe.index.guidance_embed and args.true_cfg in (None, 1)),
-                             ("an InstructPix2Pix model guides by eq. 3 of Brooks et al. 2023, not CFG: pick "
-                              "another sampler", pipe.index.image_input == INSTRUCT)):
-            if given and args.sampler in CFG_PP_SAMPLERS:   # the pipeline's ValueError, but before any model runs
-                raise ValueError(f"--sampler {args.sampler} (CFG++) renoises with CFG's unconditional prediction; "
-                                 f"{model}")
+        if args.sampler in CFG_PP_SAMPLERS:   # the pipeline's ValueError, but before any model runs
+            check_cfg_pp(args, pipe, prompts)
         if args.prompt_weights == "a1111" and any(map(is_composed, prompts)):     # "a AND b": the teacher's CFG
             check_composition(pipe, args.steps, args.teacher, guidance_rescale=args.guidance_rescale,
                               control=args.controlnet, adapter=args.t2i_adapter, ip=args.ip_adapter,
@@ -592,6 +599,13 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
         except ValueError as err:
             parser.error(f"--pag-layers: {err}")
     return pipe
+
+
+def refuse_instruct(parser: argparse.ArgumentParser, args, pipe: TextToImage) -> None:
+    """A usage error for an InstructPix2Pix model outside ldm.img2img (txt2img, inpaint): it edits a given image."""
+    if pipe.index.image_input == INSTRUCT:
+        parser.error(f"--model {args.model}: an InstructPix2Pix model edits an image: python -m ldm.img2img --image "
+                     "IN.png \"make it blue\"")
 
 
 def resolve_window(parser: argparse.ArgumentParser, args, pipe: TextToImage,

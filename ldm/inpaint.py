@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ldm.cli import (add_input_size, add_model_args, control_options, finish, input_size, load_image, load_pipeline,
-                     resolve_window, sampling_options, settings)
+                     refuse_instruct, resolve_window, sampling_options, settings)
 from ldm.diffusion.samplers import CFG_PP_SAMPLERS
-from ldm.instruct_pix2pix import INSTRUCT
 
 OUTPAINT_FILLS = ("edge", "noise")
 
@@ -103,9 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.mask is None and args.outpaint is None:
         parser.error("give --mask (what to repaint), --outpaint (a border to paint), or both")
     pipe = load_pipeline(parser, args, [args.prompt])
-    if pipe.index.image_input == INSTRUCT:
-        parser.error(f"--model {args.model}: an InstructPix2Pix model edits an image: python -m ldm.img2img --image "
-                     "IN.png \"make it blue\"")
+    refuse_instruct(parser, args, pipe)
     size = input_size(parser, args, pipe)
     image = load_image(args.image, size)
     mask = None if args.mask is None else (load_image(args.mask, size, mode="L") > 0).float()   # (1, 1, H, W): > 127
@@ -127,8 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     if mask.sum() == 0:
         print(f"warning: mask {args.mask} has no white pixel: the output is the input", file=sys.stderr)
     control = control_options(parser, args, pipe, size, inpainting=True)
-    if args.sampler in CFG_PP_SAMPLERS and not pipe.inpainting_unet and \
-            not any(getattr(c[0], "mask_channels", 0) for c in control.get("control") or ()):   # pipe.inpaint's mask
+    if args.sampler in CFG_PP_SAMPLERS and pipe.holds_known(control.get("control")):
         parser.error(f"--sampler {args.sampler} (CFG++) renoises with CFG's unconditional prediction, which a plain "
                      "U-Net's inpainting (the known part held by a mask at every step) does not give: pick another "
                      "sampler, or an inpainting model or ControlNet")

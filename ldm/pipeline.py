@@ -1014,7 +1014,7 @@ class TextToImage:
         with an inpainting ControlNet in `control` (SD3's, mask_channels 1), its RGB control image (usually
         `images` in [0, 1]) given the mask (`inpaint_control`), as StableDiffusion3ControlNetInpaintingPipeline."""
         images, masks = images.to(self.device), masks.to(self.device)
-        if any(getattr(c[0], "mask_channels", 0) for c in kwargs.get("control") or ()):
+        if inpainting_control(kwargs.get("control")):
             from ldm.models.controlnet_sd3 import inpaint_control
             kwargs["control"] = [(net, inpaint_control(hint, masks) if getattr(net, "mask_channels", 0) and
                                   hint.shape[1] == 3 else hint, *rest) for net, hint, *rest in kwargs["control"]]
@@ -1092,6 +1092,11 @@ class TextToImage:
                      for c in z.split(CPU_DECODE_CHUNK)]
         return torch.cat(parts).float().clamp(-1, 1).contiguous()
 
+    def holds_known(self, control: list | None = None) -> bool:
+        """Whether `inpaint` repaints by holding the known latents at every step (`keep_known`: a plain U-Net and
+        no inpainting ControlNet in `control`), rather than with a net that is given the mask."""
+        return not inpainting_control(control) and not self.inpainting_unet
+
     def resolve_spacing(self, spacing: str | None, sampler: str, steps: int, teacher: bool = False,
                         shift: float | None = None) -> str:
         """The time grid a run takes: `spacing`, or by default "karras" for the teacher's heun (Karras et al.'s
@@ -1144,6 +1149,11 @@ def latent_grid_mask(masks: torch.Tensor, size) -> torch.Tensor:
     cell is repainted when any of its pixels is, so the repainted region covers the mask (the decoder mixes
     neighbours)."""
     return torch.nn.functional.adaptive_max_pool2d(masks.float(), tuple(size) if not isinstance(size, int) else size)
+
+
+def inpainting_control(control: list | None) -> bool:
+    """Whether `control` ((net, image, ...) entries) holds an inpainting ControlNet, one that reads a mask (SD3's)."""
+    return any(getattr(c[0], "mask_channels", 0) for c in control or ())
 
 
 def own_cache(cache: DeepCache | None) -> DeepCache | None:

@@ -21,10 +21,9 @@ import time
 
 from PIL import Image
 
-from ldm.cli import (add_model_args, control_options, finish, load_pipeline, parse_replayed, parse_size, resolve_window,
-                     sampling_options, settings)
+from ldm.cli import (add_model_args, control_options, finish, load_pipeline, parse_replayed, parse_size,
+                     refuse_instruct, resolve_window, sampling_options, settings)
 from ldm.diffusion.variation import grid_seeds
-from ldm.instruct_pix2pix import INSTRUCT
 
 
 def read_prompts(path: str) -> list[tuple[int, str]]:
@@ -110,9 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     if not jobs:
         parser.error(f"--from-file {args.from_file}: no prompts, every line is blank")
     pipe = load_pipeline(parser, args, [prompt for _, prompt in jobs])
-    if pipe.index.image_input == INSTRUCT:
-        parser.error(f"--model {args.model}: an InstructPix2Pix model edits an image: python -m ldm.img2img --image "
-                     "IN.png \"make it blue\"")
+    refuse_instruct(parser, args, pipe)
     width, height = args.size or (pipe.index.resolution,) * 2
     for flag, size in (("--size", (width, height)),
                        ("--hires", (round(width * args.hires[0]), round(height * args.hires[0])) if args.hires else None)):
