@@ -7,7 +7,7 @@ from PIL import Image
 from ldm import img2img, inpaint, txt2img
 from ldm.models.unet import UNet
 
-from tests.tiny_models import random_model_with_student
+from tests.tiny_models import random_flow_model, random_model_with_student
 
 RES = 32
 
@@ -384,15 +384,8 @@ def test_dtype_flag_loads_half_precision_networks_and_is_replayed(model, tmp_pat
 def test_a_spacing_with_a_step_at_rectified_flows_data_end_is_a_usage_error(tmp_path, capsys, spacing):
     """A rectified-flow model (its schedule, prediction flow): leading and linspace grids end a step at t = 0, the
     data, where every sampler divides by sigma (a ZeroDivisionError traceback before); trailing draws."""
-    import json
-
-    from ldm.pipeline import save_random_model
-    folder = tmp_path / "flow"
-    save_random_model(str(folder))
-    index = json.loads((folder / "model_index.json").read_text())
-    index.update(schedule={"name": "rectified_flow"}, prediction="flow")
-    (folder / "model_index.json").write_text(json.dumps(index))
-    run = ["a red circle", "--model", str(folder), "--teacher", "--steps", "3", "--out", str(tmp_path / "a.png")]
+    folder = random_flow_model(tmp_path / "flow")
+    run = ["a red circle", "--model", folder, "--teacher", "--steps", "3", "--out", str(tmp_path / "a.png")]
     with pytest.raises(SystemExit) as exit_:
         txt2img.main([*run, "--spacing", spacing])
     assert exit_.value.code == 2

@@ -10,7 +10,7 @@ from PIL import Image
 
 from ldm import img2img, txt2img
 
-from tests.tiny_models import random_model_with_student
+from tests.tiny_models import random_flow_model, random_model_with_student
 
 RES = 32
 
@@ -116,13 +116,8 @@ def test_new_spacings_carry_a1111s_schedule_names(model, tmp_path, sampler, spac
 
 
 def test_ays_on_rectified_flow_is_a_usage_error(tmp_path, capsys):
-    from ldm.pipeline import save_random_model
-    folder = tmp_path / "flow"
-    save_random_model(str(folder))
-    index = json.loads((folder / "model_index.json").read_text())
-    index.update(schedule={"name": "rectified_flow"}, prediction="flow")
-    (folder / "model_index.json").write_text(json.dumps(index))
-    run = ["a red circle", "--model", str(folder), "--teacher", "--steps", "3", "--out", str(tmp_path / "a.png")]
+    folder = random_flow_model(tmp_path / "flow")
+    run = ["a red circle", "--model", folder, "--teacher", "--steps", "3", "--out", str(tmp_path / "a.png")]
     with pytest.raises(SystemExit) as exit_:
         txt2img.main([*run, "--spacing", "ays"])
     assert exit_.value.code == 2 and "--spacing: the ays spacing holds Align Your Steps'" in capsys.readouterr().err

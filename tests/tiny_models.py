@@ -34,3 +34,16 @@ def write_image_and_mask(folder, side: int = 32) -> tuple[str, str]:
     mask[8:20, 10:24] = 255
     Image.fromarray(mask).save(os.path.join(folder, "mask.png"))
     return os.path.join(folder, "in.png"), os.path.join(folder, "mask.png")
+
+
+def random_flow_model(folder) -> str:
+    """A tiny random model folder (`save_random_model`) whose index says rectified flow, predicting the velocity."""
+    import json
+    save_random_model(str(folder))
+    index_path = os.path.join(folder, "model_index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    index.update(schedule={"name": "rectified_flow"}, prediction="flow")
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    return str(folder)
