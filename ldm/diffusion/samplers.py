@@ -423,6 +423,11 @@ from .kdiffusion import (sample_deis, sample_dpm_2, sample_dpm_2_ancestral,  # n
 SAMPLERS.update({"lms": sample_lms, "dpm_2": sample_dpm_2, "dpm_2_ancestral": sample_dpm_2_ancestral,
                  "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral, "dpmpp_sde": sample_dpmpp_sde, "deis": sample_deis})
 
+# Restart sampling (Xu et al. 2023; the A1111 web UI's "Restart"), in its own file too.
+from .restart import sample_restart  # noqa: E402
+
+SAMPLERS["restart"] = sample_restart
+
 # CFG++ (Chung et al. 2024): the samplers above that take the unconditional x0-hat too, from cfg's wrapper.
 from .cfgpp import (sample_dpmpp_2m_cfg_pp, sample_dpmpp_2s_ancestral_cfg_pp,  # noqa: E402
                     sample_euler_ancestral_cfg_pp, sample_euler_cfg_pp)
