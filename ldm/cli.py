@@ -18,6 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from ldm.diffusion.composable import check_composition
 from ldm.diffusion.guidance import APG, check_interval
 from ldm.diffusion.sag import THRESHOLD as SAG_THRESHOLD
+from ldm.diffusion.restart import Restart, format_restart, parse_restart
 from ldm.diffusion.samplers import CFG_PP_SAMPLERS, ETA_OPTIONS, check_eta
 from ldm.diffusion.schedules import SPACINGS
 from ldm.instruct_pix2pix import INSTRUCT
@@ -34,7 +35,7 @@ from ldm.training.images import make_grid
 NET_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CLI_SAMPLERS = ["ddim", "stochastic", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m",
                 "dpmpp_3m_sde", "unipc", "lms", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "deis",
-                "lcm", "tcd", "ddpm", "euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2m_cfg_pp",
+                "restart", "lcm", "tcd", "ddpm", "euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2m_cfg_pp",
                 "dpmpp_2s_ancestral_cfg_pp"]
 STUDENT_STEPS = 4      # the default where a 4-step student exists (the shipped model's: 87.4%, 17 ms)
 TEACHER_STEPS = 25     # else the teacher's: DDIM + CFG at 4 steps is far from converged
@@ -149,6 +150,14 @@ def parse_deepcache(text: str) -> tuple[int, int]:
     return value
 
 
+def parse_restart_arg(text: str) -> Restart:
+    """'0.1:2:2:10' -> Restart(s_min, s_max, K, N); a usage error otherwise."""
+    try:
+        return parse_restart(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def parse_vae_tiling(text: str) -> str:
     """'off', 'auto' or a tile side in pixels such as '512'."""
     try:
@@ -193,6 +202,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "dpm_2_ancestral, dpmpp_2s_ancestral and dpmpp_sde (k-diffusion's, the A1111 web UI's "
                              "LMS, DPM2, DPM2 a, DPM++ 2S a and DPM++ SDE: the single-step ones call the net twice a "
                              "step but the last), deis (DEIS, Zhang & Chen 2023: multistep, ComfyUI's deis), "
+                             "restart (Restart sampling, Xu et al. 2023, A1111's Restart: heun's steps, then K times "
+                             "noise back up an interval and N heun steps down it; --restart), "
                              "lcm (latent consistency models and LCM-LoRAs, e.g. --steps 4 --guidance 0), tcd "
                              "(trajectory consistency distillation's strategic stochastic sampling, Zheng et al. "
                              "2024: lcm's steps with a share --eta of fresh noise; for LCM- and TCD-LoRAs), ddpm, "
@@ -211,6 +222,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "linspace or lcm (n of the 50 times LCMs learn on: stages/distill_lcm.py); default: karras for "
                              "the teacher's heun (the paper's pairing), lcm for the lcm and tcd samplers, else "
                              "trailing")
+    sampling.add_argument("--restart", type=parse_restart_arg, default=None, metavar="S_MIN:S_MAX:K:N",
+                          help="--sampler restart's restarts: when the Heun solve reaches the grid's noise level "
+                               "sigma/alpha nearest S_MIN, K times: noise up to S_MAX, N Heun steps back down (2KN "
+                               "more net calls). Xu et al. 2023 use 0.1:2:2:10 on Stable Diffusion. Default: A1111's "
+                               "rule from --steps: none below 20, 0.1:2:1:9, from 36 steps 0.1:2:2:steps/4")
     sampling.add_argument("--eta", type=float, default=None, metavar="E",
                           help="the sampler's noise, in [0, 1], for --sampler ddim, tcd and the ancestral ones (diffusers' "
                                "pipelines call the first two eta): DDIM's eta (Song et al. 2021, eq. 16; 0 deterministic, 1 DDPM's posterior "
@@ -432,9 +448,13 @@ def parse_replayed(parser: argparse.ArgumentParser, argv: list[str], replay_defa
         args = parser.parse_args(argv)
         if given.eta is None and args.eta is not None and args.sampler not in ETA_OPTIONS:
             args.eta = None
+        if given.restart is None and args.restart is not None and args.sampler != "restart":
+            args.restart = None                         # as --eta: a replayed restart PNG with another --sampler
         for action in parser._actions:
             if isinstance(action, argparse._AppendAction) and getattr(given, action.dest):
                 setattr(args, action.dest, getattr(given, action.dest))
+    if getattr(args, "restart", None) is not None and args.sampler != "restart":
+        parser.error(f"--restart S_MIN:S_MAX:K:N is --sampler restart's; --sampler {args.sampler} takes none")
     return args
 
 
@@ -705,6 +725,7 @@ def sampling_options(args) -> dict:
                 guidance_rescale=args.guidance_rescale, ip_image=ip_image, shift=args.shift,
                 true_cfg=args.true_cfg, guidance_interval=args.guidance_interval, apg=args.apg, window=args.window,
                 pag_scale=args.pag or 0.0, pag_layers=args.pag_layers, sag_scale=args.sag or 0.0, eta=args.eta,
+                restart=args.restart,
                 subseed=args.subseed,
                 subseed_strength=args.subseed_strength or 0.0, progress=show_progress())
 
@@ -719,7 +740,7 @@ SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun":
                  "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_3m": "DPM++ 3M", "dpmpp_3m_sde": "DPM++ 3M SDE",
                  "unipc": "UniPC", "lms": "LMS", "dpm_2": "DPM2", "dpm_2_ancestral": "DPM2 a",
                  "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "lcm": "LCM", "tcd": "TCD", "ddpm": "DDPM",
-                 "stochastic": "Meng stochastic"}
+                 "restart": "Restart", "stochastic": "Meng stochastic"}
 # The spacings as the A1111 web UI's schedule types name them: "DPM++ 2M Karras" (it reads a name ending in a label)
 SPACING_NAMES = {"karras": "Karras", "exponential": "Exponential", "beta": "Beta", "ays": "Align Your Steps",
                  "kl_optimal": "KL Optimal"}
@@ -739,6 +760,8 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
                 "subseed", "subseed_strength"):
         if getattr(args, key) is not None:
             run[key] = getattr(args, key)
+    if getattr(args, "restart", None) is not None:             # as S_MIN:S_MAX:K:N, what --restart reads
+        run["restart"] = format_restart(args.restart)
     if args.guidance_interval is not None:                      # as typed, '0.28:5.42': JSON has no inf
         run["guidance_interval"] = format_interval(args.guidance_interval)
     if args.apg is not None:                                    # every part, as R:ETA:BETA

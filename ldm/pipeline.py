@@ -28,6 +28,7 @@ from ldm.diffusion.guidance import APG, cfg, check_interval, edm_sigma, in_inter
 from ldm.diffusion.multidiffusion import window_boxes, windowed
 from ldm.diffusion.sag import sag
 from ldm.diffusion.param import Denoiser
+from ldm.diffusion.restart import Restart
 from ldm.diffusion.samplers import CFG_PP_SAMPLERS, ETA_OPTIONS, SAMPLERS, check_eta, initial_noise
 from ldm.diffusion.schedules import SHIFTED_SPACINGS, resolution_shift, schedule_from_config, shifted
 from ldm.diffusion.variation import slerp
@@ -754,7 +755,7 @@ class TextToImage:
                pag_layers=PAG_LAYERS, window: tuple[int, int] | None = None,
                apg: APG | None = None, eta: float | None = None, image_guidance: float | None = None,
                adapter: list | None = None, first_pass: int = 0, subseed: int | list[int] | None = None,
-               subseed_strength: float = 0.0, sag_scale: float = 0.0,
+               subseed_strength: float = 0.0, sag_scale: float = 0.0, restart: Restart | None = None,
                progress: bool = False) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
@@ -813,6 +814,8 @@ class TextToImage:
         eta: the sampler's noise in [0, 1], for the samplers that have such a knob (ETA_OPTIONS): DDIM's eta (Song
         et al. 2021, eq. 16; 1 is DDPM's posterior noise), TCD's gamma (Zheng et al. 2024; 1 is the lcm sampler);
         None: the sampler's own default (ddim 0, tcd 0.3). Students take it with ddim.
+        restart: the restart sampler's interval, K and N (ldm.diffusion.restart.Restart; Xu et al. 2023); None: its
+        default from the step count (A1111's). Its restarts come on top of `steps` main Heun steps: nfe counts them.
         image_guidance: an InstructPix2Pix model's image guidance scale s_I (None: 1.5), `reference` its image's
         unscaled latents at the drawn size (`edit` makes them); --guidance's w gives s_T = 1 + w (Brooks et al. 2023,
         eq. 3; ldm.instruct_pix2pix). 3 net calls a step; info gains "image_guidance".
@@ -829,6 +832,8 @@ class TextToImage:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
         check_eta(sampler, eta)
+        if restart is not None and sampler != "restart":
+            raise ValueError(f"restart is the restart sampler's interval; sampler {sampler!r} takes none")
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         if init is not None and size is not None:
@@ -904,6 +909,8 @@ class TextToImage:
                              "--pag, --sag, --window, a mask, prompt editing or composable prompts, an InstructPix2Pix model, "
                              "nor FLUX.1-dev without --true-cfg")
         noise = {} if eta is None else {ETA_OPTIONS[sampler]: float(eta)}
+        if restart is not None:
+            noise["restart"] = restart
         with fresh_caches([self.unet, *(s.unet for s in self._students.values())]):   # DeepCache: per run
             z = SAMPLERS[sampler](counted(model, info, per_call), x, ts, self.schedule, extra_args=extra_args(cond),
                                   disable=not progress, generator=step_gen, **noise)
@@ -1100,10 +1107,11 @@ class TextToImage:
     def resolve_spacing(self, spacing: str | None, sampler: str, steps: int, teacher: bool = False,
                         shift: float | None = None) -> str:
         """The time grid a run takes: `spacing`, or by default "karras" for the teacher's heun (Karras et al.'s
-        pairing), "lcm" for lcm and tcd (the grid LCMs learn on, ldm/distill/lcm.py), else "trailing". A given
-        `shift` is refused on a grid that lays its own noise levels out, where it would do nothing."""
+        pairing) and restart (Heun too, on A1111's grid), "lcm" for lcm and tcd (the grid LCMs learn on,
+        ldm/distill/lcm.py), else "trailing". A given `shift` is refused on a grid that lays its own noise levels
+        out, where it would do nothing."""
         if spacing is None:
-            spacing = "karras" if sampler == "heun" and not self.uses_student(steps, teacher) else \
+            spacing = "karras" if sampler in ("heun", "restart") and not self.uses_student(steps, teacher) else \
                 "lcm" if sampler in ("lcm", "tcd") else "trailing"
         if shift is not None and spacing not in SHIFTED_SPACINGS:
             raise ValueError(f"--shift moves the {', '.join(SHIFTED_SPACINGS)} grids; the {spacing} grid "

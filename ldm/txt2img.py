@@ -75,7 +75,7 @@ REPLAYED = ("prompt", "negative", "steps", "guidance", "seed", "n", "sampler", "
             "guidance_rescale", "prompt_weights", "model", "lora", "embedding", "size", "hires", "controlnet",
             "control_image", "control_scale", "control_mode", "control_range", "clip_skip", "freeu", "ip_adapter",
             "image_encoder", "ip_image", "ip_scale", "shift", "dtype", "true_cfg", "guidance_interval", "window",
-            "apg", "eta", "pag", "pag_layers", "sag", "t2i_adapter", "adapter_image", "adapter_scale",
+            "apg", "eta", "restart", "pag", "pag_layers", "sag", "t2i_adapter", "adapter_image", "adapter_scale",
             "adapter_factor", "deepcache", "subseed", "subseed_strength")
 
 

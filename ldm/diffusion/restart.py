@@ -69,6 +69,11 @@ def parse_restart(text: str) -> Restart:
         raise ValueError(f"--restart {text!r}: expected {RESTART_USAGE} ({e})") from None
 
 
+def format_restart(restart: Restart) -> str:
+    """Restart -> "S_MIN:S_MAX:K:N", what `parse_restart` reads back exactly."""
+    return f"{restart.s_min!r}:{restart.s_max!r}:{restart.k}:{restart.n}"
+
+
 def restart_levels(s_lo: float, s_hi: float, n: int, rho: float = RESTART_RHO) -> list[float]:
     """n + 1 levels from s_hi down to s_lo, evenly spaced in s^(1/rho) (Karras et al. 2022, eq. 5); ends exact."""
     a, b = s_hi ** (1 / rho), s_lo ** (1 / rho)
