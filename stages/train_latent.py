@@ -27,7 +27,8 @@ from torch import nn
 from ldm.data.loaders import DataConfig, check_image_multiple, make_dataloader
 from ldm.diffusion import SAMPLERS, DiffusionLoss, schedule_from_config
 from ldm.diffusion.guidance import drop_captions
-from ldm.diffusion.losses import check_logit_normal, check_noise_options, check_robust_loss, check_time_shift
+from ldm.diffusion.losses import (MULTIRES_DISCOUNT, check_logit_normal, check_multires_noise, check_noise_options,
+                                  check_robust_loss, check_time_shift)
 from ldm.diffusion.schedules import resolution_shift
 from ldm.instruct_pix2pix import INSTRUCT, check_unet, drop_conditions, training_image_latents, widen_input
 from ldm.diffusion.param import check_prediction
@@ -75,7 +76,8 @@ class DiffusionConfig:
     schedule: str = "cosine_logsnr"                        # ldm.diffusion.schedules name
     schedule_options: dict[str, Any] = field(default_factory=dict)  # e.g. {T: 1000} or {logsnr_min: -15}
     prediction: Literal["eps", "v", "x0", "flow"] = "v"    # what the U-Net regresses onto (flow: eps - x0)
-    weighting: Literal["uniform", "truncated_snr", "min_snr"] = "uniform"  # per-t loss weight (losses.py)
+    weighting: Literal["uniform", "truncated_snr", "min_snr", "debiased"] = "uniform"  # per-t loss weight (losses.py;
+                                                           # debiased: eps weight 1/sqrt(SNR), Yu et al. 2024)
     gamma: float = 5.0                                     # min_snr's clip
     time: Literal["continuous", "discrete", "logit_normal"] = "continuous"  # t ~ U[0, 1], steps 0..T-1, or
     logit_mean: float = 0.0                                # t = sigmoid(N(logit_mean, logit_std^2)) (SD3's
@@ -90,6 +92,9 @@ class DiffusionConfig:
                                                            # to the model folder; {} = the schedule's fixed shift
     noise_offset: float = 0.0                              # per-channel constant in eps (offset noise; SD uses ~0.05-0.1)
     input_perturbation: float = 0.0                        # x_t from eps + gamma*xi, target eps (Ning et al. 2023; 0.1)
+    multires_noise_iterations: int = 0                     # > 0: eps gets that many coarser levels (1/2, 1/4, ...;
+                                                           # losses.multires_noise, Whitaker 2023; kohya users: 6)
+    multires_noise_discount: float = MULTIRES_DISCOUNT     # level i scaled by discount^i before the per-sample std
     loss_type: Literal["l2", "huber", "smooth_l1", "l1"] = "l2"  # the error's loss (losses.robust_loss): huber and
                                                            # smooth_l1 cap an outlier's pull (corrupt captions/images)
     huber_schedule: Literal["constant", "exponential", "snr"] = "snr"  # their c over time (losses.huber_c_at): from 1
@@ -102,6 +107,7 @@ class DiffusionConfig:
             raise ValueError(f"time 'discrete' needs a discrete schedule, {self.schedule!r} is continuous")
         check_prediction(self.prediction, schedule)   # zero_snr with eps: refused by name
         check_noise_options(self.noise_offset, self.input_perturbation, "diffusion.")
+        check_multires_noise(self.multires_noise_iterations, self.multires_noise_discount, "diffusion.")
         check_logit_normal(self.logit_mean, self.logit_std, "diffusion.")
         check_robust_loss(self.loss_type, self.huber_schedule, self.huber_c, "diffusion.")
         check_dynamic_shift(self.dynamic_shift, self.schedule_options)
@@ -576,7 +582,9 @@ def main(argv: list[str] | None = None) -> Path:
                             cfg.diffusion.time_shift,
                             cfg.diffusion.time_shift_share, cfg.diffusion.noise_offset,
                             cfg.diffusion.input_perturbation, cfg.diffusion.logit_mean, cfg.diffusion.logit_std,
-                            cfg.diffusion.loss_type, cfg.diffusion.huber_schedule, cfg.diffusion.huber_c)
+                            cfg.diffusion.loss_type, cfg.diffusion.huber_schedule, cfg.diffusion.huber_c,
+                            multires_noise_iterations=cfg.diffusion.multires_noise_iterations,
+                            multires_noise_discount=cfg.diffusion.multires_noise_discount)
     guard = NonFiniteGuard(cfg.train.max_nonfinite)
     bar = ProgressBar(accelerator, cfg.train.max_steps, initial=step)
     batches = data.forever()

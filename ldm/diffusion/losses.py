@@ -6,7 +6,9 @@ prediction space, since ||eps-hat - eps||^2 = SNR * ||x0-hat - x0||^2, for VP
 ||x0-hat - x0||^2 / t^2 at fixed x_t:
   uniform        plain MSE in the prediction space (no reweighting);
   truncated_snr  x0 weight max(SNR, 1) (Salimans & Ho 2022, sec. 4);
-  min_snr        x0 weight min(SNR, gamma) (Hang et al. 2023, eq. 10).
+  min_snr        x0 weight min(SNR, gamma) (Hang et al. 2023, eq. 10);
+  debiased       eps weight 1/sqrt(SNR) (Yu et al. 2024, "Debias the Training of Diffusion Models"; kohya's
+                 --debiased_estimation_loss), i.e. x0 weight sqrt(SNR), with SNR capped at 1000 as kohya does.
 The squared error itself can be swapped for a robust one (`loss_type`, `robust_loss`): l1, or the scheduled
 pseudo-Huber losses of Khrapov et al. 2024, whose c shrinks with the noise level (`huber_c_at`); the weighting
 above multiplies whichever per-sample mean it is, as diffusers' training scripts do.
@@ -16,14 +18,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .param import PREDICTIONS, append_dims, check_prediction, q_sample, training_target
 
-WEIGHTINGS = ("uniform", "truncated_snr", "min_snr")
+WEIGHTINGS = ("uniform", "truncated_snr", "min_snr", "debiased")
 TIME_SAMPLING = ("discrete", "continuous", "logit_normal", "cubic")
 LOSS_TYPES = ("l2", "huber", "smooth_l1", "l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 HUBER_DEFAULTS = {"huber_schedule": "snr", "huber_c": 0.1}   # diffusers' train_*_lora.py defaults
+DEBIASED_SNR_MAX = 1000.0   # kohya's cap: SNR is inf at a clean t, and 1/sqrt(1000) bounds the eps weight below
+MULTIRES_DISCOUNT = 0.3     # the discount kohya users run with (Whitaker's report used 0.4-0.9)
 
 
 def space_factor(prediction: str, alpha, sigma):
@@ -49,6 +54,9 @@ def loss_weight(weighting: str, prediction: str, alpha, sigma, gamma: float = 5.
         return snr.clamp(min=1.0) / space_factor(prediction, alpha, sigma)
     if weighting == "min_snr":
         return snr.clamp(max=gamma) / space_factor(prediction, alpha, sigma)
+    if weighting == "debiased":   # eps weight 1/sqrt(min(SNR, cap)) = x0 weight SNR / sqrt(min(SNR, cap)), written
+        # as below so SNR = 0 (zero terminal SNR, v or flow) gives 0, not 0 * inf
+        return (snr * (snr / DEBIASED_SNR_MAX).clamp(min=1.0)).sqrt() / space_factor(prediction, alpha, sigma)
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
@@ -196,6 +204,47 @@ def check_noise_options(noise_offset: float, input_perturbation: float, prefix: 
                          "must be >= 0")
 
 
+def multires_sizes(h: int, w: int, iterations: int) -> list[tuple[int, int]]:
+    """(h // 2^i, w // 2^i) for i = 1..iterations, stopping before a side would fall below 1."""
+    return [(h >> i, w >> i) for i in range(1, iterations + 1) if min(h >> i, w >> i) >= 1]
+
+
+def multires_noise(eps: torch.Tensor, iterations: int, discount: float, generator=None) -> torch.Tensor:
+    """Multi-resolution ("pyramid") noise (Whitaker 2023): eps + sum_i discount^i up(z_i), z_i ~ N(0, I) at
+    1/2^i of eps's last two sides, bilinearly upsampled, then scaled to unit std per sample; eps itself for 0.
+
+    The coarse levels are low-frequency noise that white noise lacks: at high noise the net must then move an
+    image's large-scale layout and colour, which white noise leaves almost intact in x_t (the offset-noise argument,
+    for every scale). Differences from kohya's pyramid_noise_like, on purpose: the factor is 2 at every level (kohya
+    draws r in [2, 4) per level with Python's unseeded `random`), so the levels and the noise's covariance are fixed
+    and follow the generator; level i counts from 1 (kohya's loop adds a second full-size level at i = 0, halving the
+    coarse levels' share); the std is each sample's own (kohya divides by the whole batch's), so one sample's noise
+    does not depend on the others in its batch.
+    """
+    if not iterations:
+        return eps
+    *lead, h, w = eps.shape
+    out = eps
+    for i, (hi, wi) in enumerate(multires_sizes(h, w, iterations), start=1):
+        z = torch.randn((*lead, hi, wi), generator=generator, device=eps.device, dtype=eps.dtype)
+        up = F.interpolate(z.reshape(1, -1, hi, wi), size=(h, w), mode="bilinear", align_corners=False)
+        out = out + discount ** i * up.reshape(eps.shape)
+    return out / append_dims(out.flatten(1).std(1), out.ndim)
+
+
+def check_multires_noise(iterations: int, discount: float, prefix: str = "") -> None:
+    """ValueError naming the key unless iterations is an int >= 0, 0 < discount <= 1, and discount is left at its
+    default when iterations is 0 (off)."""
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"{prefix}multires_noise_iterations={iterations!r}: must be an int >= 0 (0 = off)")
+    if not 0.0 < discount <= 1.0:
+        raise ValueError(f"{prefix}multires_noise_discount={discount}: must be in (0, 1] (level i is scaled by "
+                         "discount^i)")
+    if iterations == 0 and discount != MULTIRES_DISCOUNT:
+        raise ValueError(f"{prefix}multires_noise_discount set with {prefix}multires_noise_iterations=0 (off): set "
+                         "the iterations too, or leave it out")
+
+
 def time_of_logsnr(schedule, lam: torch.Tensor, iters: int = 60) -> torch.Tensor:
     """The t in [t_min, t_max] with logsnr(t) = lam (clipped to the schedule's range), by bisection.
 
@@ -218,7 +267,8 @@ class DiffusionLoss:
                  gamma: float = 5.0, time: str = "discrete", time_scale: float = 1.0, time_shift: float = 1.0,
                  time_shift_share: float = 1.0, noise_offset: float = 0.0, input_perturbation: float = 0.0,
                  logit_mean: float = 0.0, logit_std: float = 1.0, loss_type: str = "l2",
-                 huber_schedule: str = HUBER_DEFAULTS["huber_schedule"], huber_c: float = HUBER_DEFAULTS["huber_c"]):
+                 huber_schedule: str = HUBER_DEFAULTS["huber_schedule"], huber_c: float = HUBER_DEFAULTS["huber_c"],
+                 multires_noise_iterations: int = 0, multires_noise_discount: float = MULTIRES_DISCOUNT):
         for name, value, allowed in (("weighting", weighting, WEIGHTINGS), ("time", time, TIME_SAMPLING)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -234,6 +284,9 @@ class DiffusionLoss:
         check_noise_options(noise_offset, input_perturbation)
         self.noise_offset = noise_offset              # eps += offset * n(B, C, 1, 1): images far from mid-gray
         self.input_perturbation = input_perturbation  # x_t from eps + gamma * xi, target from eps
+        check_multires_noise(multires_noise_iterations, multires_noise_discount)
+        self.multires_noise_iterations = multires_noise_iterations   # eps's coarser levels (multires_noise)
+        self.multires_noise_discount = multires_noise_discount
         check_robust_loss(loss_type, huber_schedule, huber_c)
         self.loss_type = loss_type                    # l2 | huber | smooth_l1 | l1 (robust_loss)
         self.huber_schedule, self.huber_c = huber_schedule, huber_c   # pseudo-Huber c over time (huber_c_at)
@@ -242,8 +295,12 @@ class DiffusionLoss:
         """(eps of the target, the noise x_t is made with). Offset noise (Guttenberg 2023) adds a per-channel
         constant to eps, so the net learns to move an image's mean, which zero-mean noise hides from it at
         high noise; input perturbation (Ning et al. 2023, eq. 9) noises x_t with eps + gamma xi but keeps eps
-        as the target, the mismatch sampling meets (exposure bias)."""
+        as the target, the mismatch sampling meets (exposure bias). Multi-resolution noise replaces the white eps
+        before the offset is added, so noise_offset keeps its scale; eps, multires or not, is both x_t's noise and
+        the target's (eps, v = alpha eps - sigma x0, flow eps - x0), and xi stays white: it stands for the sampler's
+        own error, not the forward noise (kohya's ip_noise_gamma draws it the same way)."""
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        eps = multires_noise(eps, self.multires_noise_iterations, self.multires_noise_discount, generator)
         if self.noise_offset:
             offset = torch.randn(x0.shape[:2], generator=generator, device=x0.device, dtype=x0.dtype)
             eps = eps + self.noise_offset * append_dims(offset, x0.ndim)

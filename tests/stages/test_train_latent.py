@@ -370,6 +370,19 @@ def test_bad_robust_loss_is_named(capsys, override, key):
     assert key in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["diffusion.multires_noise_iterations=-2"], "diffusion.multires_noise_iterations=-2"),
+    (["diffusion.multires_noise_iterations=1.5"], "config key 'diffusion.multires_noise_iterations'"),
+    (["diffusion.multires_noise_iterations=6", "diffusion.multires_noise_discount=2"],
+     "diffusion.multires_noise_discount=2.0"),
+    (["diffusion.multires_noise_discount=0.5"], "diffusion.multires_noise_discount set with"),
+    (["diffusion.weighting=debiassed"], "config key 'diffusion.weighting'")])
+def test_bad_multires_noise_and_weighting_are_named(capsys, overrides, key):
+    with pytest.raises(SystemExit):
+        stage.main(["--config", str(CONFIGS / "tiny.yaml"), *overrides])
+    assert key in capsys.readouterr().err
+
+
 def test_a_huber_run_completes_and_trains_on_the_same_draws_below_l2(tiny_ae, tmp_path, monkeypatch):
     """diffusion.loss_type=huber (Khrapov et al. 2024, scheduled c) runs stage 2 end to end: the same seed draws the
     same data, times and noise, so its first loss is pseudo-Huber's 2c (sqrt(d^2 + c^2) - c) <= d^2 of l2's residuals
@@ -399,7 +412,8 @@ def test_zero_terminal_snr_trains_v_and_refuses_eps(tiny_ae, tmp_path, capsys):
     assert "config section 'diffusion': a zero-terminal-SNR schedule needs prediction 'v'" in capsys.readouterr().err
     folder = run(tiny_ae, tmp_path / "v", *ZERO_SNR, "diffusion.prediction=v", "train.max_steps=2",
                  "train.validate_every=2", "train.ema_decay=0", "diffusion.noise_offset=0.1",
-                 "diffusion.input_perturbation=0.1")   # the training tricks run with it too
+                 "diffusion.input_perturbation=0.1", "diffusion.multires_noise_iterations=2",
+                 "diffusion.weighting=debiased")   # the training tricks run with it too
     from ldm.pipeline import TextToImage
     pipe = TextToImage.from_folder(str(folder))
     assert pipe.index.schedule == {"name": "scaled_linear", "zero_snr": True} and pipe.schedule.zero_terminal_snr
