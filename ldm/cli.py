@@ -362,7 +362,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     adapters.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="merge a LoRA into the model before sampling, scaled by SCALE (default 1); repeatable. "
                              "Reads diffusers/peft and kohya (A1111, sd-scripts) files for SD 1.x/2.x, SDXL, SD3 "
-                             "and FLUX.1 (also BFL/ComfyUI and XLabs layouts), and stage 2's lora.safetensors")
+                             "and FLUX.1 (also BFL/ComfyUI and XLabs layouts), LyCORIS LoHa / LoKr files for "
+                             "SD 1.x/2.x and SDXL, and stage 2's lora.safetensors")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (default: cuda when there is one, else cpu)")
     model.add_argument("--dtype", default="float32", choices=sorted(NET_DTYPES),

@@ -36,7 +36,10 @@ Two uses:
   SD3: the last block's text query projection (diffusers' `transformer_blocks.LAST.attn.add_q_proj`, the q third
     of SD3's last `context_block.attn.qkv`) has no counterpart in our MMDiT and no effect on the output (that
     block's text outputs are discarded, convert_mmdit): its update is skipped.
-  Other adapters (LoHa, LoKr, DoRA) are refused by name, and so are what some files carry besides low-rank
+  LyCORIS's LoHa and LoKr (`lora_unet_<module>.hada_w1_a`, `.lokr_w1`, ..., in kohya's names, mixed with plain
+  LoRA modules or not): ldm.models.lycoris, read into `Factored` updates beside `Update`s, merged alike (SD 1.x/2.x,
+  SDXL, the CLIPs; refused for SD3's and FLUX.1's transformers, whose fused modules split an update's rows).
+  DoRA is refused by name, and so are what some files carry besides low-rank
   updates: whole-weight and bias differences (`.diff`, `.diff_b`), norm gains (`.scale`) and LoRA biases.
 - Training in stage 2 (`lora.rank > 0`): `add_lora` wraps the attention projections in
   `LoRALinear` with the base frozen (an MMDiT: `mmdit_targets`, both streams' q, k, v, out by default, as
@@ -62,6 +65,8 @@ from ldm.models.convert_mmdit import diffusers_to_ours as mmdit_diffusers_to_our
 from ldm.models.convert_mmdit import ours_to_diffusers_key as mmdit_ours_to_diffusers_key
 from ldm.models.convert_unet import DIFFUSERS_TOP, RES_DIFFUSERS, TRANSFORMER_RENAMES, compvis_to_ours, diffusers_to_ours
 from ldm.models.flux import Flux
+from ldm.models.lycoris import KEYS as LYCORIS_KEYS
+from ldm.models.lycoris import Factored, factored
 from ldm.models.mmdit import MMDiT
 from ldm.models.text import clip_name
 
@@ -280,7 +285,7 @@ def kohya_to_dotted(name: str) -> str:
     return ".".join(out)
 
 
-_UNSUPPORTED = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA"}
+_UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA"}
 # key ends that some LoRA files carry besides the low-rank updates (LyCORIS, ComfyUI, FLUX.1 Control LoRAs)
 _NOT_LOW_RANK = {".diff": "whole-weight differences (.diff)", ".diff_b": "bias differences (.diff_b)",
                  ".scale": "norm gains (.scale)", ".bias": "biases (.bias)"}
@@ -305,6 +310,8 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
                       ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"), ("lora_te3_", T5_PART)):
         if key.startswith(pre):
             module, _, kind = key[len(pre):].partition(".")
+            if kind in LYCORIS_KEYS:                   # LoHa / LoKr factors (ldm.models.lycoris)
+                return part, kohya_to_dotted(module), kind
             return (part, kohya_to_dotted(module), _KOHYA[kind]) if kind in _KOHYA else None
     for pre, part in _COMFY:
         if key.startswith(pre):
@@ -353,6 +360,7 @@ def read_lora(path: str) -> dict[str, dict[str, Update]]:
         if meta.get(f"{part}.use_dora") or meta.get(f"{part}.rank_pattern") or meta.get(f"{part}.alpha_pattern"):
             raise ValueError(f"{path}: per-module ranks/alphas or DoRA in the metadata are not supported")
     pieces: dict[tuple[str, str], dict] = {}
+    heads: dict[tuple[str, str], str] = {}                # LoHa / LoKr modules: the file's key, for messages
     unknown = []
     for key, value in state.items():
         split = _split_key(key)
@@ -361,6 +369,8 @@ def read_lora(path: str) -> dict[str, dict[str, Update]]:
             continue
         part, module, kind = split
         pieces.setdefault((part, module), {})[kind] = value
+        if kind in LYCORIS_KEYS:
+            heads[(part, module)] = key.partition(".")[0]
     if unknown:
         kinds = sorted({what for key in unknown for end, what in _NOT_LOW_RANK.items() if key.endswith(end)})
         if all(key.endswith(tuple(_NOT_LOW_RANK)) for key in unknown):   # a LoRA file with extras, not a model
@@ -372,6 +382,9 @@ def read_lora(path: str) -> dict[str, dict[str, Update]]:
                          "text_encoders.t5xxl), which are not read; only the transformer and the CLIPs")
     out: dict[str, dict[str, Update]] = {"unet": {}, **{part: {} for part in TEXT_PARTS}}
     for (part, module), p in pieces.items():
+        if (part, module) in heads:
+            out["unet" if part in NET_PARTS else part][module] = _factored(p, heads[part, module], path)
+            continue
         if "down" not in p or "up" not in p:
             raise ValueError(f"{path}: {part} module {module!r} has no {'down/lora_A' if 'down' not in p else 'up/lora_B'} weight")
         r = p["down"].shape[0]
@@ -382,6 +395,17 @@ def read_lora(path: str) -> dict[str, dict[str, Update]]:
             alpha = alpha * math.sqrt(r) if meta.get(f"{part}.use_rslora") else alpha  # rsLoRA: alpha / sqrt(r)
         out["unet" if part in NET_PARTS else part][module] = Update(p["down"], p["up"], alpha / r)
     return out
+
+
+def _factored(p: dict, key: str, path: str) -> Factored:
+    """A module's LoHa / LoKr pieces (factors and .alpha, no LoRA down / up) -> its update."""
+    if "down" in p or "up" in p:
+        raise ValueError(f"{path}: {key} has both LoRA (lora_down / lora_up) and LoHa / LoKr factors")
+    try:
+        alpha = float(p["alpha"]) if "alpha" in p else None
+        return factored({k: v for k, v in p.items() if k != "alpha"}, alpha, key)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 # ----------------------------------------------------------------------------- merging
@@ -468,6 +492,9 @@ def merge_lora(lora: dict[str, dict[str, Update]], unets: list[nn.Module], text_
     (`text_encoders`: part -> transformers module, its own names). Checks everything first: all or nothing."""
     plan = []
     for net in unets:
+        if isinstance(net, (Flux, MMDiT)) and any(isinstance(u, Factored) for u in lora["unet"].values()):
+            raise ValueError(f"{source}: LoHa / LoKr updates are read for SD 1.x/2.x and SDXL U-Nets and the CLIP "
+                             "text encoders, not for SD3's or FLUX.1's transformer")
         if isinstance(net, Flux):
             from ldm.models.lora_flux import flux_updates, refuse_t5   # lora_flux builds on this module
             refuse_t5(lora, source)

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", help="the model folder to start from (left unchanged)")
     parser.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]",
                         help="a LoRA file (diffusers/peft or kohya layout; SD 1.x/2.x, SDXL, SD3, FLUX.1, whose "
-                             "BFL / ComfyUI and XLabs layouts too) and its scale "
+                             "BFL / ComfyUI and XLabs layouts too; LyCORIS LoHa / LoKr for SD 1.x/2.x, SDXL) and "
+                             "its scale "
                              "(default 1); repeatable")
     parser.add_argument("--out", required=True, metavar="DIR", help="the new model folder")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
