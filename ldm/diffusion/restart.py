@@ -1,23 +1,25 @@
-"""The Restart sampler (Xu et al. 2023, "Restart Sampling for Improving Generative Processes", NeurIPS 2023, Alg. 1),
-the A1111 web UI's "Restart", as a sampler of ldm.diffusion.samplers (registered there).
+"""The Restart sampler (Xu et al. 2023, "Restart Sampling for Improving Generative Processes", NeurIPS 2023), the
+A1111 web UI's "Restart", as a sampler of ldm.diffusion.samplers (registered there).
 
 Heun's method on the probability-flow ODE along the main grid `ts`, as `sample_heun`, in y = x / alpha and the VE
 level s = sigma / alpha (Karras et al. 2022, eq. 4), so it runs on any schedule. When the main solve reaches the grid
-level s_lo nearest s_min, a restart interval [s_lo, s_hi] (s_hi: s_max) is run K times: forward noise back up,
-y <- y + sqrt(s_hi^2 - s_lo^2) z, the exact transition kernel of the VE SDE dy = sqrt(d s^2 / ds) dW (the paper's
-eq. 5, "Restart forward process"), then N Heun steps back down to s_lo on a Karras grid (rho = 7, Karras et al. 2022,
-eq. 5) ("Restart backward process"). The noise contracts the error the solve accumulated above s_lo (their Thm. 2);
-the ODE keeps the discretization error small. Each restart costs 2N net calls: K restarts add 2KN to Heun's 2n - 1
-on n main steps (2n - 2 from pure noise, alpha = 0, whose first step is the one-call DDIM limit as `sample_heun`'s).
+level s_lo nearest s_min (in log s), a restart interval [s_lo, s_hi] (s_hi: s_max) is run K times: forward noise
+back up, y <- y + sqrt(s_hi^2 - s_lo^2) z, the exact transition kernel of the VE SDE dy = sqrt(d(s^2)/ds) dW (the
+paper's "Restart forward process"), then N Heun steps back down to s_lo on a Karras grid (rho = 7, Karras et al.
+2022, eq. 5) (its "Restart backward process"). The added noise contracts the error the solve accumulated above s_lo;
+the ODE keeps the discretization error small (the paper's argument). Each restart costs 2N net calls: K restarts
+add 2KN to Heun's 2n - 1 on n main steps (2n - 2 from pure noise, alpha = 0, whose first step is the one-call DDIM
+limit as `sample_heun`'s).
 
 Settings (`Restart`: s_min, s_max, K, N):
-  default  `default_restart(n)`, the A1111 web UI's rule (modules/sd_samplers_extra.py): no restart below 20 steps,
-           [0.1, 2] with K = 1, N = 9 from 20 steps, K = 2, N = n // 4 from 36 steps. A1111 shrinks its main
-           Karras grid by K N steps so that the total is the step count; here the main grid is the `ts` given
-           (the pipeline's --steps and --spacing) and the restarts come on top of it: nfe says what a run cost.
-  paper    Xu et al. 2023, sec. 5.2 / app. D, and their Stable Diffusion code (diffuser/.../pipeline_stable_
-           diffusion.py): one interval [0.1, 2] with K = 2, N = 10 at guidance 5 and 8, [0.1, 3] at 3, two
-           intervals ([1, 9] and [5, 10], K = 2, N = 5) at 2. We run one interval per sample.
+  default  `default_restart(n)`, the A1111 web UI's rule (modules/sd_samplers_extra.py, restart_sampler): no
+           restart below 20 steps, [0.1, 2] with K = 1, N = 9 from 20 steps, K = 2, N = n // 4 from 36. A1111 shrinks
+           its main Karras grid by K N steps so that the total is the step count; here the main grid is the `ts`
+           given (the pipeline's --steps and --spacing) and the restarts come on top: nfe says what a run cost.
+  paper    their Stable Diffusion v1.5 code (github.com/Newbeeer/diffusion_restart_sampling, diffuser/diffusers/
+           pipelines/stable_diffusion/pipeline_stable_diffusion.py, `restart_list` by guidance scale): [0.1, 2] with
+           K = 2, N = 10 at scale 5 and 8, [0.1, 3] at 3, two intervals ([1, 9] and [5, 10], K = 2, N = 5) at 2.
+           Their scale is diffusers' (uncond + scale (cond - uncond)): 1 + our w. We run one interval per sample.
 """
 from __future__ import annotations
 
@@ -126,7 +128,7 @@ def _restart_start(steps: list[Step], s_min: float) -> int | None:
 @torch.no_grad()
 def sample_restart(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None,
                    restart: Restart | None = None):
-    """Restart sampling (Xu et al. 2023, Alg. 1): Heun on `ts`; at the grid level s_lo nearest s_min, K times: noise up
+    """Restart sampling (Xu et al. 2023): Heun on `ts`; at the grid level s_lo nearest s_min, K times: noise up
     to s_max by the VE kernel, N Heun steps back down. restart: None = `default_restart(len(ts) - 1)`; K = 0: heun."""
     denoise, bar = _prepare(model, x, ts, schedule, extra_args, disable)
     steps = bar.iterable
