@@ -496,14 +496,7 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
     """The model folder, or a parser error that names the missing path or a bad prompt. Warnings print
     as one line."""
     warnings.formatwarning = short_warnings
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    try:
-        check_eta(args.sampler, args.eta)
-    except ValueError as err:
-        parser.error(str(err))
-    check_prompt_syntax(parser, args, prompts)
-    check_variation(parser, args)
+    check_args(parser, args, prompts)
     if not os.path.isfile(os.path.join(args.model, INDEX_NAME)):
         parser.error(f"--model {args.model!r} is not a model folder: {os.path.join(args.model, INDEX_NAME)} "
                      f"is missing (train one with stages/, or pass --model DIR)")
@@ -512,11 +505,6 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
                                    dtype=NET_DTYPES[args.dtype])
     pipe.prompt_weights = args.prompt_weights == "a1111"
     pipe.vae_tiling = args.vae_tiling
-    if args.spacing is not None:
-        try:                                            # rectified flow refuses grids with a step at its data end
-            pipe.schedule.timesteps(args.steps or TEACHER_STEPS, spacing=args.spacing)
-        except ValueError as err:
-            parser.error(f"--spacing: {err}")
     try:
         pipe.set_freeu(args.freeu)
     except ValueError as err:
@@ -525,19 +513,7 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
         pipe.set_deepcache(*(args.deepcache or (None,)))
     except ValueError as err:
         parser.error(f"--deepcache: {err}")
-    if args.clip_skip is not None:
-        clip = next((getattr(pipe.text_encoder, name) for name in ("model", "model_2", "clip_l")   # SDXL refiner: bigG;
-                     if getattr(pipe.text_encoder, name, None) is not None), None)                 # SD3: CLIP-L
-        layers = getattr(getattr(clip, "config", None), "num_hidden_layers", None)
-        if layers is None:
-            parser.error("--clip-skip needs a CLIP text encoder (SD 1.x/2.x, SDXL, SD3); this model's is "
-                         f"{type(pipe.text_encoder).__name__}")
-        if not 1 <= args.clip_skip <= layers:
-            parser.error(f"--clip-skip must be in [1, {layers}] (the CLIP's layers), got {args.clip_skip}")
-        try:
-            pipe.text_encoder.clip_skip = args.clip_skip
-        except ValueError as err:                       # FLUX.1 reads CLIP's pooled output alone
-            parser.error(f"--clip-skip: {err}")
+    set_clip_skip(parser, args, pipe)
     for arg in args.embedding:
         path, word = parse_embedding_arg(arg)
         if not os.path.isfile(path):
@@ -547,7 +523,6 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
         except ValueError as err:
             parser.error(f"--embedding {arg!r}: {err}")
         print(f"embedding {path}: {word!r}, {k} token{'s' if k > 1 else ''}")
-    check_prompt_syntax(parser, args, prompts, pipe)
     for arg in args.lora:
         path, scale = parse_lora_arg(arg)
         if not os.path.isfile(path):
@@ -566,6 +541,49 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
             pipe.add_ip_adapter(args.ip_adapter, args.image_encoder, args.ip_scale)
         except (OSError, ValueError) as err:
             parser.error(f"--ip-adapter {args.ip_adapter}: {err}")
+    check_run(parser, args, pipe, prompts)
+    return pipe
+
+
+def check_args(parser: argparse.ArgumentParser, args, prompts: list[str] = ()) -> None:
+    """The usage errors of add_model_args' flags that need no model: --steps, --eta, the prompts' syntax, variation."""
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    try:
+        check_eta(args.sampler, args.eta)
+    except ValueError as err:
+        parser.error(str(err))
+    check_prompt_syntax(parser, args, prompts)
+    check_variation(parser, args)
+
+
+def set_clip_skip(parser: argparse.ArgumentParser, args, pipe: TextToImage) -> None:
+    """--clip-skip N set on the pipeline's CLIP text encoder (a usage error for a model without one, or N out of
+    range); nothing without it."""
+    if args.clip_skip is not None:
+        clip = next((getattr(pipe.text_encoder, name) for name in ("model", "model_2", "clip_l")   # SDXL refiner: bigG;
+                     if getattr(pipe.text_encoder, name, None) is not None), None)                 # SD3: CLIP-L
+        layers = getattr(getattr(clip, "config", None), "num_hidden_layers", None)
+        if layers is None:
+            parser.error("--clip-skip needs a CLIP text encoder (SD 1.x/2.x, SDXL, SD3); this model's is "
+                         f"{type(pipe.text_encoder).__name__}")
+        if not 1 <= args.clip_skip <= layers:
+            parser.error(f"--clip-skip must be in [1, {layers}] (the CLIP's layers), got {args.clip_skip}")
+        try:
+            pipe.text_encoder.clip_skip = args.clip_skip
+        except ValueError as err:                       # FLUX.1 reads CLIP's pooled output alone
+            parser.error(f"--clip-skip: {err}")
+
+
+def check_run(parser: argparse.ArgumentParser, args, pipe: TextToImage, prompts: list[str] = ()) -> None:
+    """The usage errors of add_model_args' per-image flags against the loaded pipeline, before any model runs
+    (ldm.serve checks each request so); fills in --steps's default."""
+    if args.spacing is not None:
+        try:                                            # rectified flow refuses grids with a step at its data end
+            pipe.schedule.timesteps(args.steps or TEACHER_STEPS, spacing=args.spacing)
+        except ValueError as err:
+            parser.error(f"--spacing: {err}")
+    check_prompt_syntax(parser, args, prompts, pipe)
     if args.steps is None:
         args.steps = STUDENT_STEPS if STUDENT_STEPS in pipe.student_steps else TEACHER_STEPS
     if args.shift is not None and not args.shift > 0:
@@ -619,7 +637,6 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
             self_attention_layers(pipe.unet, args.pag_layers)
         except ValueError as err:
             parser.error(f"--pag-layers: {err}")
-    return pipe
 
 
 def refuse_instruct(parser: argparse.ArgumentParser, args, pipe: TextToImage) -> None:
@@ -795,7 +812,16 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
 
 def png_info(run: dict, size: tuple[int, int]) -> PngInfo:
     """Two text chunks: `parameters` in the A1111 web UI's layout, which image sites and other UIs read
-    (CFG scale is SD's 1 + w), and `ldm`, the JSON of `settings`, to draw the image again."""
+    (CFG scale is SD's 1 + w; `infotext`), and `ldm`, the JSON of `settings`, to draw the image again."""
+    meta = PngInfo()
+    meta.add_text("parameters", infotext(run, size))
+    meta.add_text("ldm", json.dumps(run))
+    return meta
+
+
+def infotext(run: dict, size: tuple[int, int]) -> str:
+    """The A1111 web UI's `parameters` text of an image drawn with `run` (see `settings`) at size (width, height):
+    the prompt, "Negative prompt: ...", then "Steps: N, Sampler: ..., CFG scale: 1 + w, Seed: ...", one line each."""
     sampler = SAMPLER_NAMES.get(run["sampler"], run["sampler"]) + \
         (f" {SPACING_NAMES[run['spacing']]}" if run["spacing"] in SPACING_NAMES else "")
     lines = [run["prompt"]] + ([f"Negative prompt: {run['negative']}"] if run["negative"] else [])
@@ -822,10 +848,7 @@ def png_info(run: dict, size: tuple[int, int]) -> PngInfo:
         lines[-1] += f", SAG Guidance Scale: {run['sag']:g}, SAG Mask Threshold: {SAG_THRESHOLD:g}"
     for i, unit in enumerate(control_units(run)):             # the A1111 ControlNet extension's units
         lines[-1] += f", ControlNet {i}: \"{unit}\""
-    meta = PngInfo()
-    meta.add_text("parameters", "\n".join(lines))
-    meta.add_text("ldm", json.dumps(run))
-    return meta
+    return "\n".join(lines)
 
 
 def per_unit(values: list, n: int, default) -> list:
@@ -853,10 +876,15 @@ def control_units(run: dict) -> list[str]:
 def save_images(images: torch.Tensor, path: str, run: dict | None = None) -> None:
     """(K, 3, H, W) in [-1, 1] -> one PNG: the image itself for K = 1, else a near-square grid;
     with `run` (see `settings`) its settings go into the file as text chunks."""
-    grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=0 if len(images) == 1 else 2)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     meta = None if run is None else png_info(run, (images.shape[-1], images.shape[-2]))
-    Image.fromarray(np.ascontiguousarray(grid)).save(path, pnginfo=meta)
+    grid_image(images).save(path, pnginfo=meta)
+
+
+def grid_image(images: torch.Tensor) -> Image.Image:
+    """(K, 3, H, W) in [-1, 1] -> one RGB image: the image itself for K = 1, else a near-square grid."""
+    grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=0 if len(images) == 1 else 2)
+    return Image.fromarray(np.ascontiguousarray(grid))
 
 
 def finish(images: torch.Tensor, info: dict, start: float, path: str, run: dict | None = None) -> None:
@@ -893,10 +921,16 @@ def input_size(parser: argparse.ArgumentParser, args, pipe: TextToImage) -> tupl
 def load_image(path: str, size: int | tuple[int, int], mode: str = "RGB") -> torch.Tensor:
     """A PNG/JPEG resized to cover `size` (a side, or (width, height)) and centre-cropped to it: (1, C, H, W)
     in [-1, 1]."""
-    from ldm.data.transforms import cover_and_crop, open_image, to_tensor
+    from ldm.data.transforms import open_image
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
-    image = open_image(path, mode=mode)                     # upright as viewers show it (EXIF turns applied)
+    return image_tensor(open_image(path, mode=mode), size, mode)   # upright as viewers show it (EXIF turns applied)
+
+
+def image_tensor(image, size: int | tuple[int, int], mode: str = "RGB") -> torch.Tensor:
+    """A PIL image in `mode` resized to cover `size` (a side, or (width, height)) and centre-cropped to it:
+    (1, C, H, W) in [-1, 1]."""
+    from ldm.data.transforms import cover_and_crop, to_tensor
     image = cover_and_crop(image, (size, size) if isinstance(size, int) else tuple(size))
     if mode == "L":
         return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)[None, None]

@@ -96,6 +96,14 @@ def outpaint_settings(args) -> dict:
     return {} if args.outpaint is None else {"outpaint": list(args.outpaint), "outpaint_fill": args.outpaint_fill}
 
 
+def refuse_cfg_pp(parser: argparse.ArgumentParser, args, pipe, control: dict) -> None:
+    """A usage error for a CFG++ --sampler where the known part is held by the mask at every step."""
+    if args.sampler in CFG_PP_SAMPLERS and pipe.holds_known(control.get("control")):
+        parser.error(f"--sampler {args.sampler} (CFG++) renoises with CFG's unconditional prediction, which a plain "
+                     "U-Net's inpainting (the known part held by a mask at every step) does not give: pick another "
+                     "sampler, or an inpainting model or ControlNet")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -124,10 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     if mask.sum() == 0:
         print(f"warning: mask {args.mask} has no white pixel: the output is the input", file=sys.stderr)
     control = control_options(parser, args, pipe, size, inpainting=True)
-    if args.sampler in CFG_PP_SAMPLERS and pipe.holds_known(control.get("control")):
-        parser.error(f"--sampler {args.sampler} (CFG++) renoises with CFG's unconditional prediction, which a plain "
-                     "U-Net's inpainting (the known part held by a mask at every step) does not give: pick another "
-                     "sampler, or an inpainting model or ControlNet")
+    refuse_cfg_pp(parser, args, pipe, control)
     resolve_window(parser, args, pipe, [size], control)
     start = time.perf_counter()
     images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], **sampling_options(args), **control)

@@ -756,7 +756,7 @@ class TextToImage:
                apg: APG | None = None, eta: float | None = None, image_guidance: float | None = None,
                adapter: list | None = None, first_pass: int = 0, subseed: int | list[int] | None = None,
                subseed_strength: float = 0.0, sag_scale: float = 0.0, restart: Restart | None = None,
-               progress: bool = False) -> tuple[torch.Tensor, dict]:
+               progress: bool = False, callback=None) -> tuple[torch.Tensor, dict]:
         """Latents (B, C, h, w) and info {model, steps, nfe, guidance, sampler, spacing}; nfe counts the
         network evaluations the sampler made (Heun: two a step but the last; CFG: two a call).
         spacing: the time grid (ldm.diffusion.schedules.SPACINGS); None: "karras" (Karras et al. 2022,
@@ -828,6 +828,7 @@ class TextToImage:
         subseed, subseed_strength: variation seeds (the A1111 web UI's variation seed and strength X in [0, 1]): the
         starting noise slerped from the seed's noise towards the subseed's (one subseed, or one per prompt as
         `seed`) by X (ldm.diffusion.variation.slerp; the sampler's own noise still comes from the seed).
+        callback: the sampler's, called once a step with dict(i, t, x, denoised) (ldm.serve's progress and interrupt).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
@@ -913,7 +914,7 @@ class TextToImage:
             noise["restart"] = restart
         with fresh_caches([self.unet, *(s.unet for s in self._students.values())]):   # DeepCache: per run
             z = SAMPLERS[sampler](counted(model, info, per_call), x, ts, self.schedule, extra_args=extra_args(cond),
-                                  disable=not progress, generator=step_gen, **noise)
+                                  disable=not progress, generator=step_gen, callback=callback, **noise)
         if mask is not None:
             z = mask * z + (1 - mask) * init
         return z, info

@@ -110,6 +110,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--from-file {args.from_file}: no prompts, every line is blank")
     pipe = load_pipeline(parser, args, [prompt for _, prompt in jobs])
     refuse_instruct(parser, args, pipe)
+    control = check_sizes(parser, args, pipe)
+    for path, prompt in jobs:
+        start = time.perf_counter()
+        images, info = draw(pipe, args, prompt, control)
+        finish(images, info, start, path, settings(args, prompt, info))
+
+
+def check_sizes(parser: argparse.ArgumentParser, args, pipe) -> dict:
+    """--size and --hires's size checked against the networks, --window resolved, and the ControlNet / adapter
+    inputs loaded (`control_options`, what `draw` takes), all before any model runs (usage errors)."""
     width, height = args.size or (pipe.index.resolution,) * 2
     for flag, size in (("--size", (width, height)),
                        ("--hires", (round(width * args.hires[0]), round(height * args.hires[0])) if args.hires else None)):
@@ -123,16 +133,18 @@ def main(argv: list[str] | None = None) -> None:
     resolve_window(parser, args, pipe, [(width, height)] + ([(round(width * args.hires[0]),
                                                               round(height * args.hires[0]))] if args.hires else []),
                    control)
-    for path, prompt in jobs:
-        start = time.perf_counter()
-        # image i of a grid is `--seed SEED+i` alone; with variation, SEED and `--subseed S+i` (A1111's rule)
-        seeds, subseeds = grid_seeds(args.seed, args.n, args.subseed, args.subseed_strength or 0.0)
-        options = {**sampling_options(args), **control, "seed": seeds, "subseed": subseeds, "size": args.size}
-        if args.hires:
-            images, info = pipe.hires([prompt] * args.n, scale=args.hires[0], strength=args.hires[1], **options)
-        else:
-            images, info = pipe.generate([prompt] * args.n, **options)
-        finish(images, info, start, path, settings(args, prompt, info))
+    return control
+
+
+def draw(pipe, args, prompt: str, control: dict, **extra) -> tuple:
+    """The --n images of one prompt, (n, 3, H, W) in [-1, 1], and the run's info; `extra`: more keyword arguments
+    of `TextToImage.sample` (ldm.serve's step callback)."""
+    # image i of a grid is `--seed SEED+i` alone; with variation, SEED and `--subseed S+i` (A1111's rule)
+    seeds, subseeds = grid_seeds(args.seed, args.n, args.subseed, args.subseed_strength or 0.0)
+    options = {**sampling_options(args), **control, "seed": seeds, "subseed": subseeds, "size": args.size, **extra}
+    if args.hires:
+        return pipe.hires([prompt] * args.n, scale=args.hires[0], strength=args.hires[1], **options)
+    return pipe.generate([prompt] * args.n, **options)
 
 
 if __name__ == "__main__":
