@@ -18,7 +18,8 @@ from ldm.cli import CLI_SAMPLERS, SAMPLER_NAMES, SPACING_NAMES, grid_image, png_
 from ldm.diffusion.schedules import SPACINGS
 from ldm.diffusion.variation import grid_seeds
 
-# A1111 fields we do not implement, with the values that mean "off" (what clients send by default): others refused
+# A1111 fields we do not implement, with the values we accept: "off", or A1111's default that clients send unasked
+# (mask_blur 4: our mask stays hard, as ldm.inpaint's); other values are refused by name
 UNSUPPORTED = {"restore_faces": (False,), "tiling": (False,), "styles": ([],), "script_name": ("",),
                "script_args": ([],), "alwayson_scripts": ({},), "save_images": (False,), "s_churn": (0,),
                "s_tmin": (0,), "s_tmax": (0, math.inf), "s_noise": (1,), "s_min_uncond": (0,),
@@ -32,13 +33,14 @@ UNSUPPORTED = {"restore_faces": (False,), "tiling": (False,), "styles": ([],), "
                "hr_additional_modules": ([],)}
 # The fields we read (beside the UNSUPPORTED ones at their "off" value and the IGNORED ones)
 COMMON_FIELDS = {"prompt", "negative_prompt", "steps", "cfg_scale", "sampler_name", "scheduler", "seed", "subseed",
-                 "subseed_strength", "width", "height", "batch_size", "n_iter", "eta", "override_settings", "send_images"}
+                 "subseed_strength", "width", "height", "batch_size", "n_iter", "eta", "override_settings",
+                 "send_images", "sampler_index"}     # sampler_index: A1111's old name of sampler_name
 TXT2IMG_FIELDS = COMMON_FIELDS | {"enable_hr", "hr_scale", "denoising_strength"}
 IMG2IMG_FIELDS = COMMON_FIELDS | {"init_images", "resize_mode", "denoising_strength", "mask", "inpainting_mask_invert",
                                   "include_init_images", "inpaint_full_res"}
 # Fields that change nothing here, whatever their value: we save nothing, keep no tasks, always restore settings
 IGNORED = {"do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards", "force_task_id",
-           "comments", "infotext", "user", "mask_round", "inpaint_full_res_padding", "sampler_index"}
+           "comments", "infotext", "user", "mask_round", "inpaint_full_res_padding"}
 FLAG_FIELDS = {"--steps": "steps", "--guidance": "cfg_scale", "--seed": "seed", "--subseed": "subseed",
                "--subseed-strength": "subseed_strength", "--sampler": "sampler_name", "--spacing": "scheduler",
                "--eta": "eta", "--negative": "negative_prompt", "--size": "width/height", "--n": "batch_size",
@@ -77,7 +79,7 @@ def field(req: dict, name: str, kind: type, default=None):
         return default
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind) and \
             not (kind is float and isinstance(value, int)):
-        raise RequestError(f"{name}: expected {TYPES[kind]}, got {json.dumps(value)}")
+        raise RequestError(f"{name}: expected {TYPES[kind]}, got {json.dumps(value)[:60]}")
     return float(value) if kind is float else value
 
 
@@ -85,7 +87,7 @@ def refuse_unsupported(req: dict, honoured: set[str]) -> list[str]:
     """RequestError for a feature we lack given a non-default value; the names of fields nobody reads."""
     for name, off in UNSUPPORTED.items():
         if name not in honoured and req.get(name) is not None and req[name] not in off:
-            raise RequestError(f"{name}: {json.dumps(req[name])} is not supported by this server (accepted: "
+            raise RequestError(f"{name}: {json.dumps(req[name])[:60]} is not supported by this server (accepted: "
                                f"{', '.join(json.dumps(v) for v in off)} or null)")
     return sorted(set(req) - honoured - set(UNSUPPORTED) - IGNORED)
 
@@ -150,10 +152,18 @@ def parse_infotext(text: str) -> dict:
     items = {"Prompt": "\n".join(head[:negative]),
              "Negative prompt": "\n".join(head[negative:])[len("Negative prompt: "):]}
     for key, value in re.findall(r'\s*([^,:]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', last):
-        items[key] = json.loads(value) if value.startswith('"') else value
+        items[key] = unquote(value) if value.startswith('"') else value
     if re.fullmatch(r"\d+x\d+", items.get("Size", "")):
         items["Size-1"], items["Size-2"] = items["Size"].split("x")
     return items
+
+
+def unquote(value: str) -> str:
+    """A quoted infotext value ("mid,down.1", JSON's escapes) -> its text; as written where it is not JSON."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value.strip('"')
 
 
 def seeds(req: dict) -> tuple[list[int], list[int], float, int, int]:
@@ -190,6 +200,7 @@ def sampler_list() -> list:
     """/sdapi/v1/samplers: A1111's name of each sampler (ours where it has none), ours as the alias."""
     return [{"name": SAMPLER_NAMES.get(s, s), "aliases": [s], "options": {}} for s in CLI_SAMPLERS]
 
+
 def scheduler_list() -> list:
     """/sdapi/v1/schedulers: the spacings, A1111's names and labels where it has them (the fixed 'automatic' first)."""
     return [{"name": "automatic", "label": "Automatic", "aliases": [], "default_rho": -1,
@@ -221,8 +232,8 @@ def edit_inputs(req: dict) -> tuple[str, Image.Image, Image.Image | None, list[s
     """An img2img request's kind ("img2img", or "inpaint" with a mask), its image, its mask (or None) and the
     CLI flags it sets; A1111's options we do not have refused."""
     images = field(req, "init_images", list, [])
-    if not images:
-        raise RequestError("init_images: give one base64 image")
+    if len(images) != 1:
+        raise RequestError(f"init_images: give one base64 image (got {len(images)}); batch_size draws more from it")
     image = decode_image(images[0], "init_images[0]")
     if field(req, "resize_mode", int, 0) not in (0, 1):
         raise RequestError(f"resize_mode: {req['resize_mode']} is not supported (0: just resize, 1: crop and resize)")

@@ -12,15 +12,20 @@ the same text chunks (`python -m ldm.txt2img --replay` redraws a txt2img one). T
 types and A1111 features we lack (given a value other than their default) answer HTTP 422 {"error", "detail"}.
 
 Endpoints: POST txt2img, img2img (with "mask": inpainting), png-info, interrupt, options; GET samplers, schedulers,
-sd-models, options, progress. Request fields have A1111's names and meaning: cfg_scale is SD's scale s, our
-guidance w = s - 1; sampler_name is an A1111 name ("DPM++ 2M", "Euler a", also "DPM++ 2M Karras") or ours
-("dpmpp_2m"); seed -1 is a random seed. Fields left out take the CLIs' defaults (the model's size, its student's
-or 25 steps, its guidance, ddim), not A1111's 512 px, 20 steps and CFG 7.
+sd-models, options, progress, latent-upscale-modes, sd-vae, prompt-styles. Request fields have A1111's names and
+meaning: cfg_scale is SD's scale s, our guidance w = s - 1; sampler_name is an A1111 name ("DPM++ 2M", "Euler a",
+also "DPM++ 2M Karras") or ours ("dpmpp_2m"); seed -1 is a random seed; override_settings may set
+CLIP_stop_at_last_layers (our --clip-skip). Fields left out take the CLIs' defaults (the model's size, its
+student's or 25 steps, its guidance, ddim), not A1111's own (512 px, CFG scale 7, ...). The info of an answer lists
+the fields it did not read ("unused_fields") and the warnings the run gave. img2img's resize_mode 0 stretches the
+image to width x height (A1111's "just resize"), 1 covers and centre-crops (the CLIs' way).
 
 Caution: one job at a time (a lock; others wait). Each image of a batch is drawn alone, with its own seed, so that
 it equals the CLI's draw of that seed and its PNG replays (a batch in one call differs in the last bits, and an
 ancestral sampler's noise would come from the first seed). Inpainting is ldm.inpaint's: the masked region is drawn
 from pure noise (denoising_strength 1) with a hard mask (A1111's default mask_blur 4 is accepted, not applied).
+/interrupt stops after the current step and answers the images finished before it. FLUX.1 Kontext and
+InstructPix2Pix models are refused at img2img (they edit from pure noise: python -m ldm.img2img).
 """
 from __future__ import annotations
 
@@ -107,7 +112,8 @@ class Server:
         prompt = field(req, "prompt", str, "")
         negative = field(req, "negative_prompt", str, "")
         flags = [f"--negative={negative}"] if "negative_prompt" in req else []
-        for name, flag, kind in (("steps", "--steps", int), ("cfg_scale", "--guidance", float), ("eta", "--eta", float)):
+        for name, flag, kind in (("steps", "--steps", int), ("cfg_scale", "--guidance", float),
+                                 ("eta", "--eta", float)):
             value = field(req, name, kind)
             if value is not None and not math.isfinite(value):
                 raise RequestError(f"{name}: must be finite, got {value}")
@@ -276,7 +282,12 @@ ROUTES = {("POST", "/sdapi/v1/txt2img"): lambda s, req: s.generate(req, "txt2img
           ("GET", "/sdapi/v1/progress"): lambda s, req: s.progress(),
           ("GET", "/sdapi/v1/samplers"): lambda s, req: sampler_list(),
           ("GET", "/sdapi/v1/schedulers"): lambda s, req: scheduler_list(),
-          ("GET", "/sdapi/v1/sd-models"): lambda s, req: s.sd_models()}
+          ("GET", "/sdapi/v1/sd-models"): lambda s, req: s.sd_models(),
+          # what clients ask for at start-up, answered as we are: hires fix's one latent upscaler (pipe.hires:
+          # bilinear, A1111's "Latent"), no separate VAEs, no saved styles
+          ("GET", "/sdapi/v1/latent-upscale-modes"): lambda s, req: [{"name": "Latent"}],
+          ("GET", "/sdapi/v1/sd-vae"): lambda s, req: [],
+          ("GET", "/sdapi/v1/prompt-styles"): lambda s, req: []}
 
 
 def reject_constant(name: str):

@@ -226,6 +226,7 @@ def test_options_and_models(url):
     status, answer = call(url, "options", {"sd_model_checkpoint": "other.safetensors"})
     assert status == 422 and "sd_model_checkpoint" in answer["detail"]
     assert call(url, "sd-models")[1][0]["title"] == "shapes64"
+    assert call(url, "latent-upscale-modes")[1] == [{"name": "Latent"}] and call(url, "sd-vae")[1] == []
 
 
 def test_progress_and_interrupt(url):
