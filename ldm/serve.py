@@ -241,7 +241,7 @@ class Server:
                 "subseed": subseeds[0], "all_subseeds": subseeds, "subseed_strength": strength, "width": width,
                 "height": height, "sampler_name": sampler, "scheduler": scheduler, "cfg_scale": cfg_scale,
                 "steps": args.steps, "batch_size": batch, "clip_skip": args.clip_skip or 1,
-                "sd_model_name": self.title, "denoising_strength": extras.get("strength"),
+                "sd_model_name": self.title, "denoising_strength": extras.get("strength", (getattr(args, "hires", None) or (None, None))[1]),
                 "infotexts": texts, "index_of_first_image": 0, "styles": [], "restore_faces": False,
                 "interrupted": interrupted, "unused_fields": unused, "warnings": warned}
         parameters = {k: v for k, v in req.items() if k not in ("init_images", "mask")}

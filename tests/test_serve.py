@@ -84,6 +84,8 @@ def test_txt2img_equals_the_cli(url, tmp_path, request_, argv):
     answer, info = draw(url, **request_)
     assert len(answer["images"]) == 1 and info["seed"] == request_["seed"]
     np.testing.assert_array_equal(pixels(answer["images"][0]), cli(tmp_path, "cli", *argv))
+    if request_.get("enable_hr"):
+        assert info["denoising_strength"] == request_["denoising_strength"] and info["steps"] == request_["steps"]
     if "cfg_scale" in request_:                                      # A1111's s is our w = s - 1
         assert info["cfg_scale"] == request_["cfg_scale"] and f"CFG scale: {request_['cfg_scale']:g}," in \
             info["infotexts"][0]
