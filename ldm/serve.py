@@ -236,12 +236,13 @@ class Server:
         scheduler = SPACING_NAMES.get(first["spacing"], first["spacing"] or "Automatic")
         guidance = first["guidance"]
         cfg_scale = None if guidance is None else 1 + guidance
+        strength_ = extras.get("strength", (getattr(args, "hires", None) or (None, None))[1])   # img2img's, hires'
         info = {"prompt": args.prompt, "all_prompts": [args.prompt] * len(results), "negative_prompt": args.negative,
                 "all_negative_prompts": [args.negative] * len(results), "seed": seeds[0], "all_seeds": seeds,
                 "subseed": subseeds[0], "all_subseeds": subseeds, "subseed_strength": strength, "width": width,
                 "height": height, "sampler_name": sampler, "scheduler": scheduler, "cfg_scale": cfg_scale,
                 "steps": args.steps, "batch_size": batch, "clip_skip": args.clip_skip or 1,
-                "sd_model_name": self.title, "denoising_strength": extras.get("strength", (getattr(args, "hires", None) or (None, None))[1]),
+                "sd_model_name": self.title, "denoising_strength": strength_,
                 "infotexts": texts, "index_of_first_image": 0, "styles": [], "restore_faces": False,
                 "interrupted": interrupted, "unused_fields": unused, "warnings": warned}
         parameters = {k: v for k, v in req.items() if k not in ("init_images", "mask")}
