@@ -39,8 +39,9 @@ Two uses:
   LyCORIS's LoHa and LoKr (`lora_unet_<module>.hada_w1_a`, `.lokr_w1`, ..., in kohya's names, mixed with plain
   LoRA modules or not): ldm.models.lycoris, read into `Factored` updates beside `Update`s, merged alike (SD 1.x/2.x,
   SDXL, the CLIPs; refused for SD3's and FLUX.1's transformers, whose fused modules split an update's rows).
-  DoRA is refused by name, and so are what some files carry besides low-rank
-  updates: whole-weight and bias differences (`.diff`, `.diff_b`), norm gains (`.scale`) and LoRA biases.
+  DoRA's magnitudes `.dora_scale` (LyCORIS, kohya's names) beside any of these: lycoris.Decomposed. peft's DoRA
+  (`lora_magnitude_vector`) is refused by name, and so are what some files carry besides low-rank updates:
+  whole-weight and bias differences (`.diff`, `.diff_b`), norm gains (`.scale`) and LoRA biases.
 - Training in stage 2 (`lora.rank > 0`): `add_lora` wraps the attention projections in
   `LoRALinear` with the base frozen (an MMDiT: `mmdit_targets`, both streams' q, k, v, out by default, as
   diffusers' train_dreambooth_lora_sd3.py; a Flux: `flux_targets`, the same in its double blocks and the single
@@ -66,7 +67,7 @@ from ldm.models.convert_mmdit import ours_to_diffusers_key as mmdit_ours_to_diff
 from ldm.models.convert_unet import DIFFUSERS_TOP, RES_DIFFUSERS, TRANSFORMER_RENAMES, compvis_to_ours, diffusers_to_ours
 from ldm.models.flux import Flux
 from ldm.models.lycoris import KEYS as LYCORIS_KEYS
-from ldm.models.lycoris import Factored, factored
+from ldm.models.lycoris import DORA_KEY, Decomposed, Factored, factored
 from ldm.models.mmdit import MMDiT
 from ldm.models.text import clip_name
 
@@ -285,7 +286,7 @@ def kohya_to_dotted(name: str) -> str:
     return ".".join(out)
 
 
-_UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA"}
+_UNSUPPORTED = {"lora_magnitude_vector": "peft DoRA"}
 # key ends that some LoRA files carry besides the low-rank updates (LyCORIS, ComfyUI, FLUX.1 Control LoRAs)
 _NOT_LOW_RANK = {".diff": "whole-weight differences (.diff)", ".diff_b": "bias differences (.diff_b)",
                  ".scale": "norm gains (.scale)", ".bias": "biases (.bias)"}
@@ -310,7 +311,7 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
                       ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"), ("lora_te3_", T5_PART)):
         if key.startswith(pre):
             module, _, kind = key[len(pre):].partition(".")
-            if kind in LYCORIS_KEYS:                   # LoHa / LoKr factors (ldm.models.lycoris)
+            if kind in LYCORIS_KEYS or kind == DORA_KEY:   # LoHa / LoKr factors, DoRA (ldm.models.lycoris)
                 return part, kohya_to_dotted(module), kind
             return (part, kohya_to_dotted(module), _KOHYA[kind]) if kind in _KOHYA else None
     for pre, part in _COMFY:
@@ -369,7 +370,7 @@ def read_lora(path: str) -> dict[str, dict[str, Update]]:
             continue
         part, module, kind = split
         pieces.setdefault((part, module), {})[kind] = value
-        if kind in LYCORIS_KEYS:
+        if kind in LYCORIS_KEYS or kind == DORA_KEY:
             heads[(part, module)] = key.partition(".")[0]
     if unknown:
         kinds = sorted({what for key in unknown for end, what in _NOT_LOW_RANK.items() if key.endswith(end)})
@@ -382,18 +383,23 @@ def read_lora(path: str) -> dict[str, dict[str, Update]]:
                          "text_encoders.t5xxl), which are not read; only the transformer and the CLIPs")
     out: dict[str, dict[str, Update]] = {"unet": {}, **{part: {} for part in TEXT_PARTS}}
     for (part, module), p in pieces.items():
-        if (part, module) in heads:
-            out["unet" if part in NET_PARTS else part][module] = _factored(p, heads[part, module], path)
-            continue
-        if "down" not in p or "up" not in p:
-            raise ValueError(f"{path}: {part} module {module!r} has no {'down/lora_A' if 'down' not in p else 'up/lora_B'} weight")
-        r = p["down"].shape[0]
-        if "alpha" in p:
-            alpha = float(p["alpha"])
+        magnitude = p.pop(DORA_KEY, None)
+        if any(k in LYCORIS_KEYS for k in p):
+            update = _factored(p, heads[part, module], path)
         else:
-            alpha = float(meta.get(f"{part}.lora_alpha", r))
-            alpha = alpha * math.sqrt(r) if meta.get(f"{part}.use_rslora") else alpha  # rsLoRA: alpha / sqrt(r)
-        out["unet" if part in NET_PARTS else part][module] = Update(p["down"], p["up"], alpha / r)
+            if "down" not in p or "up" not in p:
+                raise ValueError(f"{path}: {part} module {module!r} has no "
+                                 f"{'down/lora_A' if 'down' not in p else 'up/lora_B'} weight")
+            r = p["down"].shape[0]
+            if "alpha" in p:
+                alpha = float(p["alpha"])
+            else:
+                alpha = float(meta.get(f"{part}.lora_alpha", r))
+                alpha = alpha * math.sqrt(r) if meta.get(f"{part}.use_rslora") else alpha  # rsLoRA: alpha / sqrt(r)
+            update = Update(p["down"], p["up"], alpha / r)
+        if magnitude is not None:                         # DoRA: the update then rescales the weight's rows / columns
+            update = Decomposed(update, magnitude, heads[part, module])
+        out["unet" if part in NET_PARTS else part][module] = update
     return out
 
 
@@ -492,9 +498,10 @@ def merge_lora(lora: dict[str, dict[str, Update]], unets: list[nn.Module], text_
     (`text_encoders`: part -> transformers module, its own names). Checks everything first: all or nothing."""
     plan = []
     for net in unets:
-        if isinstance(net, (Flux, MMDiT)) and any(isinstance(u, Factored) for u in lora["unet"].values()):
-            raise ValueError(f"{source}: LoHa / LoKr updates are read for SD 1.x/2.x and SDXL U-Nets and the CLIP "
-                             "text encoders, not for SD3's or FLUX.1's transformer")
+        if isinstance(net, (Flux, MMDiT)) and any(isinstance(u, (Factored, Decomposed))
+                                                  for u in lora["unet"].values()):
+            raise ValueError(f"{source}: LoHa / LoKr / DoRA updates are read for SD 1.x/2.x and SDXL U-Nets and the "
+                             "CLIP text encoders, not for SD3's or FLUX.1's transformer")
         if isinstance(net, Flux):
             from ldm.models.lora_flux import flux_updates, refuse_t5   # lora_flux builds on this module
             refuse_t5(lora, source)
@@ -515,7 +522,8 @@ def merge_lora(lora: dict[str, dict[str, Update]], unets: list[nn.Module], text_
         plan += _targets([(n, clip_name(n, model), u) for n, u in lora[part].items()], model, source)
     for module, update in plan:
         w = module.weight
-        w.copy_((w.float() + scale * update.delta(w.shape).to(w.device)).to(w.dtype))
+        dw = update.delta(w.shape, w.float()) if isinstance(update, Decomposed) else update.delta(w.shape)
+        w.copy_((w.float() + scale * dw.to(w.device)).to(w.dtype))
     return len(plan)
 
 

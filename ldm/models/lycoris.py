@@ -12,9 +12,17 @@
            Conv kernels: W2 a kernel (b, d, kh, kw) (W1's entries scale whole kernels), or W2 flattened
            (b, d*kh*kw), whose kron is the same numbers as the kernel's once reshaped.
     No `.alpha` key: scale 1 (kohya's LoRA likewise defaults alpha to r).
+    DoRA   `.dora_scale` m beside a LoRA's, LoHa's or LoKr's factors: W' = m (W + dW) / ||W + dW|| (Liu et al. 2024,
+           eq. 5), the norm per output row (m (out, 1[, 1, 1]) or (out,): LyCORIS's wd_on_out, peft's layout) or per
+           input column (m (1, in[, 1, 1]): LyCORIS's older default), as m's shape says (`Decomposed`).
 These scale rules are LyCORIS's own (lycoris/modules/loha.py, lokr.py) and ComfyUI's and A1111's loaders'.
 peft's LoKr scales by alpha / r even with both factors full; LyCORIS files never carry that case with
 alpha != r (LyCORIS writes alpha = r there), so the two agree on the files people share.
+
+Caution (DoRA): a :SCALE s gives W + s (W' - W), ComfyUI's strength (the base at 0, the paper's W' at 1); LyCORIS's
+own multiplier instead scales m / ||W + dW|| - 1, and peft's scales dW inside the norm: the three agree at s = 1
+only. ComfyUI divides by ||W|| instead of ||W + dW|| for an output-row m; here both axes follow the paper, as
+LyCORIS and peft do.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ import torch
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 KEYS = LOHA_KEYS + LOKR_KEYS
+DORA_KEY = "dora_scale"                                # DoRA's magnitude m, beside any of the three
 
 
 def tucker(core: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -104,3 +113,40 @@ def factored(factors: dict[str, torch.Tensor], alpha: float | None, key: str) ->
         raise ValueError(f"{kind} module {key} has no {', '.join(lacking)}")
     r = rank(kind, factors)
     return Factored(kind, dict(factors), 1.0 if alpha is None or r is None else alpha / r, key)
+
+
+def norm_axis(magnitude: torch.Tensor, shape: torch.Size) -> int:
+    """DoRA's m for a weight of `shape`: 0 if it holds one magnitude per output row, 1 if per input column."""
+    out, inp = shape[0], shape[1]
+    if magnitude.numel() == out and (magnitude.dim() == 1 or magnitude.shape[0] == out):
+        return 0
+    if magnitude.numel() == inp and magnitude.dim() > 1 and magnitude.shape[0] == 1 and magnitude.shape[1] == inp:
+        return 1
+    raise ValueError(f"dora_scale {tuple(magnitude.shape)} is neither one magnitude per output row ({out}, 1) nor "
+                     f"per input column (1, {inp}) of a weight of shape {tuple(shape)}")
+
+
+def decompose(weight: torch.Tensor, magnitude: torch.Tensor, axis: int) -> torch.Tensor:
+    """m * W / ||W||: each output row (axis 0) or input column (axis 1) of W rescaled to its magnitude in m."""
+    dims = tuple(d for d in range(weight.dim()) if d != axis)
+    norm = torch.linalg.vector_norm(weight, dim=dims, keepdim=True)   # (out, 1, ...) or (1, in, ...)
+    return weight * (magnitude.float().reshape(norm.shape) / (norm + torch.finfo(weight.dtype).eps))
+
+
+@dataclass
+class Decomposed:
+    """DoRA around a LoRA / LoHa / LoKr update: weight -> m (weight + dW) / ||weight + dW|| (Liu et al. 2024, eq. 5)."""
+    inner: object              # lora.Update or Factored: dW
+    magnitude: torch.Tensor    # m: (out, 1[, 1, 1]) / (out,) per output row, or (1, in[, 1, 1]) per input column
+    key: str = ""              # the file's module key, for messages
+
+    def delta(self, shape: torch.Size, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """W' - W for the weight W (float32); without it, the shapes checked and dW returned."""
+        dw = self.inner.delta(shape)
+        try:
+            axis = norm_axis(self.magnitude, shape)
+        except ValueError as err:
+            raise ValueError(f"{self.key}.{err}") from None
+        if weight is None:
+            return dw
+        return decompose(weight + dw.to(weight.device), self.magnitude.to(weight.device), axis) - weight

@@ -209,7 +209,7 @@ def test_bad_files_are_refused_and_change_nothing(tmp_path):
     q = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     good = {f"{q}.lora_A.weight": torch.ones(2, 64), f"{q}.lora_B.weight": torch.ones(64, 2)}
     cases = {
-        "dora": ({"lora_unet_x.dora_scale": torch.ones(1)}, "a DoRA file"),   # LoHa / LoKr: test_lycoris.py
+        "dora": ({f"{q}.lora_magnitude_vector": torch.ones(64)}, "a peft DoRA file"),  # LyCORIS': test_lycoris.py
         "sgm": (good | {"lora_unet_input_blocks_40_1_proj_in.lora_down.weight": torch.ones(2, 64),   # CompVis
                         "lora_unet_input_blocks_40_1_proj_in.lora_up.weight": torch.ones(64, 2)},  # names too
                 "have no linear/conv layer in this model"),

@@ -39,7 +39,7 @@ def _our_merge(toy, factors, alpha, tmp_path, scale):
     state = dict(factors) | {f"lora_te_{n}.alpha": torch.tensor(float(alpha)) for n, _ in toy.named_children()}
     save_file(state, str(tmp_path / "lyco.safetensors"))
     ours = copy.deepcopy(toy)
-    assert merge_lora(read_lora(str(tmp_path / "lyco.safetensors")), [], {"text_encoder": ours}, scale) == 2
+    assert merge_lora(read_lora(str(tmp_path / "lyco.safetensors")), [], {"text_encoder": ours}, scale) == len(toy)
     return ours
 
 
@@ -175,9 +175,10 @@ def _module_factors(kind: str, shape, i: int, g) -> tuple[dict, float, torch.Ten
     return f, alpha, _kron_by_hand(w1, w2) * scale
 
 
-def _lycoris_file(theirs, kind: str, seed: int = 0) -> tuple[dict, dict, dict]:
-    """(the file's tensors, {diffusers U-Net param: dW}, {CLIP param: dW}) for attention, resnet convs, proj_in and
-    CLIP q / v / fc1 of the diffusers pipeline `theirs`; kind "mixed": LoRA, LoHa, LoKr in turn."""
+def _lycoris_file(theirs, kind: str, seed: int = 0, dora: bool = False) -> tuple[dict, dict, dict]:
+    """(the file's tensors, {diffusers U-Net param: (dW, DoRA's m or None)}, {CLIP param: the same}) for attention,
+    resnet convs, proj_in and CLIP q / v / fc1 of the diffusers pipeline `theirs`; kind "mixed": LoRA, LoHa, LoKr in
+    turn; `dora`: every other module has a dora_scale, per output row and per input column in turn."""
     g = torch.Generator().manual_seed(seed)
     state, deltas = {}, ({}, {})
     parts = ((theirs.unet, "lora_unet_", ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in")),
@@ -191,16 +192,31 @@ def _lycoris_file(theirs, kind: str, seed: int = 0) -> tuple[dict, dict, dict]:
             f, alpha, dw = _module_factors(this, m.weight.shape, i // 3 if kind == "mixed" else i, g)
             key = prefix + name.replace(".", "_")
             state |= {f"{key}.{end}": t.contiguous() for end, t in f.items()} | {f"{key}.alpha": torch.tensor(alpha)}
-            delta[f"{name}.weight"] = dw
+            magnitude = None
+            if dora and i % 2 == 0:
+                w = m.weight.detach()
+                dims = [d for d in range(w.dim()) if d != (i // 2) % 2]     # the norm's axis: 0 rows, 1 columns
+                magnitude = (w * w).sum(dims, keepdim=True).sqrt()
+                magnitude = magnitude * (torch.rand(magnitude.shape, generator=g) + 0.5)
+                state[f"{key}.dora_scale"] = magnitude
+            delta[f"{name}.weight"] = (dw, magnitude)
             i += 1
     return state, *deltas
 
 
 def _add_by_hand(model, delta, scale):
+    """W += scale dW, or with DoRA's m, W += scale (m (W + dW) / ||W + dW|| - W), the norm along m's axis."""
     with torch.no_grad():
         params = dict(model.named_parameters())
-        for name, dw in delta.items():
-            params[name].add_(scale * dw)
+        for name, (dw, m) in delta.items():
+            w = params[name]
+            if m is None:
+                w.add_(scale * dw)
+                continue
+            v = w + dw
+            rows = m.shape[0] == v.shape[0]
+            norm = v.flatten(1).norm(dim=1) if rows else v.transpose(0, 1).flatten(1).norm(dim=1)
+            w.add_(scale * (m * v / norm.reshape(m.shape) - w))
 
 
 @pytest.fixture(scope="module")
@@ -211,13 +227,14 @@ def tiny_sd(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("kind,scale", [("loha", 1.0), ("lokr", 0.8), ("mixed", 1.0)])
+@pytest.mark.parametrize("kind,scale", [("loha", 1.0), ("lokr", 0.8), ("mixed", 1.0), ("mixed+dora", 0.7)])
 def test_file_draws_what_diffusers_draws_with_dw_added_by_hand(tiny_sd, tmp_path, one_thread, kind, scale):
     theirs = diffusers.StableDiffusionPipeline.from_pretrained(str(tiny_sd / "sd"), safety_checker=None)
-    state, unet_dw, text_dw = _lycoris_file(theirs, kind)
+    state, unet_dw, text_dw = _lycoris_file(theirs, kind.removesuffix("+dora"), dora=kind.endswith("+dora"))
     ends = {k.split(".", 1)[1] for k in state}                          # every layout meant is there
     assert ends >= {"loha": {"hada_t1", "hada_w1_b"}, "lokr": {"lokr_t2", "lokr_w1_a", "lokr_w2_b", "lokr_w2"},
-                    "mixed": {"lora_down.weight", "hada_t1", "lokr_w1_a", "lokr_w1"}}[kind]
+                    "mixed": {"lora_down.weight", "hada_t1", "lokr_w1_a", "lokr_w1"},
+                    "mixed+dora": {"dora_scale"}}[kind]
     save_file(state, str(tmp_path / "lyco.safetensors"))
     pipe = TextToImage.from_folder(str(tiny_sd / "model"), decoder_precision="fp32")
     before = diffusers_images(theirs, pipe, PROMPTS, 3, 4.0)
@@ -233,7 +250,7 @@ def test_file_draws_what_diffusers_draws_with_dw_added_by_hand(tiny_sd, tmp_path
 def test_merge_lora_bakes_lycoris_into_a_copy(tiny_sd, tmp_path, one_thread):
     from ldm.models.merge_lora import merge
     theirs = diffusers.StableDiffusionPipeline.from_pretrained(str(tiny_sd / "sd"), safety_checker=None)
-    state, unet_dw, text_dw = _lycoris_file(theirs, "mixed", seed=1)
+    state, unet_dw, text_dw = _lycoris_file(theirs, "mixed", seed=1, dora=True)
     save_file(state, str(tmp_path / "lyco.safetensors"))
     assert merge(str(tiny_sd / "model"), [(str(tmp_path / "lyco.safetensors"), 0.5)], str(tmp_path / "baked")) \
         == len(unet_dw) + len(text_dw)
@@ -263,7 +280,8 @@ def test_bad_lycoris_files_are_refused_by_key_and_change_nothing(tiny_sd, tmp_pa
                         f"{q}.hada_w2_a": torch.ones(64, 2)}, f"LoHa module {q} has no hada_w2_b"),
         "two kinds": (good | {f"{q}.hada_w1_a": torch.ones(64, 2)}, "has both LoHa"),
         "lora too": (good | {f"{q}.lora_down.weight": torch.ones(2, 64)}, "has both LoRA"),
-        "dora": (good | {f"{q}.dora_scale": torch.ones(64, 1)}, "a DoRA file"),
+        "dora shape": (good | {f"{q}.dora_scale": torch.ones(32, 1)},
+                       rf"{q}.dora_scale \(32, 1\) is neither one magnitude per output row"),
     }
     for name, (state, message) in cases.items():
         save_file(state, str(tmp_path / f"{name}.safetensors"))
@@ -273,6 +291,68 @@ def test_bad_lycoris_files_are_refused_by_key_and_change_nothing(tiny_sd, tmp_pa
         assert torch.equal(v, before[k]), k
     save_file(good, str(tmp_path / "good.safetensors"))
     assert pipe.add_lora(str(tmp_path / "good.safetensors")) == 1
+
+
+# ----------------------------------------------------------------------------- DoRA (dora_scale)
+
+@pytest.mark.parametrize("spelling", ["(out, 1)", "(out,)"])
+def test_dora_merge_equals_peft_dora_merge(tmp_path, spelling):
+    """A kohya LoRA with LyCORIS's dora_scale = peft's LoRA with use_dora, merged by peft (Liu et al. 2024, eq. 5)."""
+    toy, scale = _toy(), 0.6
+    config = peft.LoraConfig(r=4, lora_alpha=6, use_dora=True, init_lora_weights=False, target_modules=["fc", "conv"])
+    wrapped = peft.get_peft_model(copy.deepcopy(toy), config)
+    state = {}
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            m = re.fullmatch(r"base_model\.model\.(\w+)\.(lora_A|lora_B|lora_magnitude_vector)\.default\.weight", name)
+            if not m:
+                continue
+            p.mul_(torch.rand(p.shape) + 0.5) if m[2] == "lora_magnitude_vector" else p.normal_(0, 0.3)
+            out = toy[m[1]].weight.shape[0]
+            end = {"lora_A": "lora_down.weight", "lora_B": "lora_up.weight", "lora_magnitude_vector": "dora_scale"}[m[2]]
+            value = p.detach().clone()
+            if end == "dora_scale":          # peft: (out,) for a Linear, (1, out, 1, 1) for a conv
+                value = value.reshape(out) if spelling == "(out,)" else \
+                    value.reshape(out, *[1] * (toy[m[1]].weight.dim() - 1))
+            state[f"lora_te_{m[1]}.{end}"] = value.contiguous()
+    theirs = wrapped.merge_and_unload()
+    assert len(state) == 6
+    ours = _our_merge(toy, state, 6, tmp_path, scale)
+    for name in ("fc", "conv"):
+        w0, w1 = toy[name].weight, theirs[name].weight
+        assert (w1 - w0).abs().max() > 1e-2, name
+        torch.testing.assert_close(ours[name].weight, w0 + scale * (w1 - w0), atol=1e-5, rtol=1e-5)
+
+
+def test_dora_closed_forms(tmp_path):
+    """W + dW = [[1, 2], [4, 0]] rescaled per output row (m = [[5], [2]]) or per input column (m = [[2, 3]])."""
+    toy = nn.ModuleDict({"fc": nn.Linear(2, 2, bias=False)})
+    with torch.no_grad():
+        toy["fc"].weight.copy_(torch.tensor([[1., 2.], [2., 0.]]))
+    lora = {"lora_te_fc.lora_down.weight": torch.tensor([[1., 0.]]), "lora_te_fc.lora_up.weight": torch.tensor([[0.], [2.]])}
+    r5, r17 = 5 ** 0.5, 17 ** 0.5
+    rows = torch.tensor([[1 / r5 * 5, 2 / r5 * 5], [2., 0.]])          # rows of norm sqrt(5), 4 -> 5, 2
+    cols = torch.tensor([[2 / r17, 3.], [8 / r17, 0.]])                # columns of norm sqrt(17), 2 -> 2, 3
+    for m, hand in ((torch.tensor([[5.], [2.]]), rows), (torch.tensor([[2., 3.]]), cols)):
+        for scale in (1.0, 0.5):
+            ours = _our_merge(toy, lora | {"lora_te_fc.dora_scale": m}, 1.0, tmp_path, scale)
+            torch.testing.assert_close(ours["fc"].weight, toy["fc"].weight + scale * (hand - toy["fc"].weight))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_dora_on_lokr_sets_the_norms_to_m(tmp_path, axis):
+    """DoKr: at scale 1 each output row's (input column's) norm is its m, its direction that of W + dW."""
+    g = torch.Generator().manual_seed(0)
+    toy = _toy()
+    f, _, dw = _module_factors("lokr", toy["fc"].weight.shape, 1, g)
+    m = torch.rand(96, 1, generator=g) + 0.5 if axis == 0 else torch.rand(1, 64, generator=g) + 0.5
+    state = {f"lora_te_fc.{k}": v for k, v in f.items()} | {"lora_te_fc.dora_scale": m}
+    state |= {f"lora_te_conv.{k}": v for k, v in _module_factors("loha", toy["conv"].weight.shape, 0, g)[0].items()}
+    w = _our_merge(toy, state, 3.0, tmp_path, 1.0)["fc"].weight
+    norms = w.norm(dim=1 - axis, keepdim=True)
+    torch.testing.assert_close(norms, m, atol=1e-5, rtol=1e-5)
+    target = toy["fc"].weight + dw
+    torch.testing.assert_close(w / norms, target / target.norm(dim=1 - axis, keepdim=True), atol=1e-5, rtol=1e-5)
 
 
 def test_transformers_refuse_lycoris(tmp_path):
