@@ -263,6 +263,43 @@ def test_merge_lora_bakes_lycoris_into_a_copy(tiny_sd, tmp_path, one_thread):
             torch.testing.assert_close(theirs_state[k], v, atol=1e-6, rtol=0)
 
 
+def test_sdxl_file_in_sgm_names_draws_what_diffusers_draws(tmp_path, one_thread):
+    """kohya's SDXL naming: the U-Net in CompVis / sgm names (lora_unet_input_blocks_4_1_...), the two CLIPs as
+    lora_te1_ / lora_te2_ (transformers 4's text_model_ names); LoHa and LoKr in turn, dW added by hand to
+    diffusers' SDXL pipeline."""
+    from sd_layouts import unet_to_compvis, write_sdxl_pipeline
+    theirs = write_sdxl_pipeline(tmp_path)
+    convert(str(tmp_path / "sdxl"), str(tmp_path / "model"), guidance=3.0)
+    g, weights = torch.Generator().manual_seed(0), theirs.unet.state_dict()
+    compvis = {id(v): k for k, v in unet_to_compvis(weights, levels=len(theirs.unet.config.block_out_channels),
+                                                    n=theirs.unet.config.layers_per_block).items()}
+    state, deltas, i = {}, [{}, {}, {}], 0
+    targets = ((theirs.unet, "unet", ("to_q", "to_out.0", "resnets.0.conv1", "proj_in")),
+               (theirs.text_encoder, "te1", ("q_proj", "fc1")), (theirs.text_encoder_2, "te2", ("v_proj", "fc2")))
+    for (model, part, ends), delta in zip(targets, deltas):
+        for name, m in model.named_modules():
+            if not name.endswith(ends):
+                continue
+            module = compvis[id(weights[f"{name}.weight"])][len("model.diffusion_model."):-len(".weight")] \
+                if part == "unet" else "text_model." + name.removeprefix("text_model.")
+            key = f"lora_{part}_" + module.replace(".", "_")
+            f, alpha, dw = _module_factors(("loha", "lokr")[i % 2], m.weight.shape, i // 2, g)
+            state |= {f"{key}.{end}": t.contiguous() for end, t in f.items()} | {f"{key}.alpha": torch.tensor(alpha)}
+            delta[f"{name}.weight"] = (dw, None)
+            i += 1
+    assert any(k.startswith("lora_unet_input_blocks_") for k in state) and all(deltas)
+    save_file(state, str(tmp_path / "lyco.safetensors"))
+    pipe = TextToImage.from_folder(str(tmp_path / "model"), decoder_precision="fp32")
+    before = diffusers_images(theirs, pipe, PROMPTS, 3, 4.0)
+    assert pipe.add_lora(str(tmp_path / "lyco.safetensors"), 0.8) == i
+    images, _ = pipe.generate(PROMPTS, steps=3, seed=0)
+    for model, delta in zip((theirs.unet, theirs.text_encoder, theirs.text_encoder_2), deltas):
+        _add_by_hand(model, delta, 0.8)
+    reference = diffusers_images(theirs, pipe, PROMPTS, 3, 4.0)
+    assert (reference - before).abs().max() > 0.05
+    torch.testing.assert_close(images * 0.5 + 0.5, reference, atol=3e-4, rtol=0)
+
+
 # ----------------------------------------------------------------------------- refusals
 
 def test_bad_lycoris_files_are_refused_by_key_and_change_nothing(tiny_sd, tmp_path):
