@@ -1,4 +1,4 @@
-"""LyCORIS's LoHa and LoKr updates, as LoRA files for SD 1.x/2.x and SDXL carry them: kohya's module keys
+"""LyCORIS's LoHa, LoKr and DoRA updates, as LoRA files for SD 1.x/2.x and SDXL carry them: kohya's module keys
 (`lora_unet_<module>`, `lora_te_`, `lora_te1_`, `lora_te2_`, ldm.models.lora's naming) ending in these factors.
 
     LoHa   dW = (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b) * alpha / r,  r = hada_w1_b's rows:
@@ -16,8 +16,8 @@
            eq. 5), the norm per output row (m (out, 1[, 1, 1]) or (out,): LyCORIS's wd_on_out, peft's layout) or per
            input column (m (1, in[, 1, 1]): LyCORIS's older default), as m's shape says (`Decomposed`).
 These scale rules are LyCORIS's own (lycoris/modules/loha.py, lokr.py) and ComfyUI's and A1111's loaders'.
-peft's LoKr scales by alpha / r even with both factors full; LyCORIS files never carry that case with
-alpha != r (LyCORIS writes alpha = r there), so the two agree on the files people share.
+peft's LoKr scales by alpha / r even with both factors full (its r, which such a file does not carry; LyCORIS
+writes alpha = its r there, so that its own scale is 1 too).
 
 Caution (DoRA): a :SCALE s gives W + s (W' - W), ComfyUI's strength (the base at 0, the paper's W' at 1); LyCORIS's
 own multiplier instead scales m / ||W + dW|| - 1, and peft's scales dW inside the norm: the three agree at s = 1
