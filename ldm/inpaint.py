@@ -25,6 +25,7 @@ canvas larger than the model's size is drawn by MultiDiffusion windows, e.g. a 6
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -36,6 +37,7 @@ from ldm.cli import (add_input_size, add_model_args, control_options, finish, in
 from ldm.diffusion.samplers import CFG_PP_SAMPLERS
 
 OUTPAINT_FILLS = ("edge", "noise")
+MASKED_CONTENT = ("original", "fill")
 
 
 def parse_outpaint(text: str) -> tuple[int, int, int, int]:
@@ -70,6 +72,30 @@ def outpaint_canvas(image: torch.Tensor, mask: torch.Tensor | None, pads: tuple[
     return canvas, mask
 
 
+def blur_zero_padded(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """x (B, C, H, W) blurred by a Gaussian of std `sigma` px, separably, zero outside the picture (no data there)."""
+    radius = min(math.ceil(3 * sigma), max(x.shape[-2:]))       # past the picture the taps only meet zeros
+    k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
+    k = (k / k.sum()).repeat(x.shape[1], 1, 1)                  # (C, 1, 2r + 1): one kernel per channel
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0)), k.unsqueeze(2), groups=x.shape[1])     # along W
+    return F.conv2d(F.pad(x, (0, 0, radius, radius)), k.unsqueeze(3), groups=x.shape[1])  # along H
+
+
+def fill_masked(image: torch.Tensor, mask: torch.Tensor, sigma: float = 2.0) -> torch.Tensor:
+    """image (B, 3, H, W) with its masked pixels (mask 1) painted by the blurred colours of the kept ones around
+    them (the A1111 web UI's "fill" masked content, our way): normalised convolution, blur(image * keep) /
+    blur(keep) (Knutsson & Westin 1993), whose blur doubles until it reaches every masked pixel; kept pixels stay."""
+    keep = 1 - mask.to(image.dtype).expand(image.shape[0], 1, *image.shape[-2:])
+    out, todo = image * keep, keep.expand_as(image) == 0
+    while todo.any() and sigma <= 2 * max(image.shape[-2:]):
+        weight = blur_zero_padded(keep, sigma)                  # the kept share of the kernel's mass
+        ready = todo & (weight > 1e-6)
+        out = torch.where(ready, blur_zero_padded(image * keep, sigma) / weight.clamp_min(1e-6), out)
+        todo &= ~ready
+        sigma *= 2
+    return torch.where(todo, torch.zeros_like(out), out)       # no kept pixel at all: mid-gray
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldm.inpaint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what the encoder sees in the border before it is painted: uniform noise (default; "
                              "on shapes64 the painted border and the seam came closer to native samples, "
                              "docs/eval/panorama) or the image's edge pixels repeated (edge)")
+    parser.add_argument("--strength", type=float, default=1.0, metavar="S",
+                        help="in (0, 1]: 1 (default) draws the masked region from pure noise; below 1 it starts from "
+                             "the image noised to the grid time that leaves round(S * steps) steps, so the masked part "
+                             "keeps the image's layout and colours (the A1111 web UI's denoising strength)")
+    parser.add_argument("--masked-content", default="original", choices=MASKED_CONTENT,
+                        help="what the encoder sees under the mask, which --strength < 1 starts from: the image "
+                             "(original, default) or the blurred colours of the kept pixels around it (fill), as the "
+                             "A1111 web UI's 'masked content'")
     parser.add_argument("--out", default="inpaint.png", metavar="OUT.png")
     add_input_size(parser)
     add_model_args(parser)
@@ -92,8 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def outpaint_settings(args) -> dict:
-    """--outpaint and its fill for the PNG's settings; {} without it."""
-    return {} if args.outpaint is None else {"outpaint": list(args.outpaint), "outpaint_fill": args.outpaint_fill}
+    """--outpaint and its fill, --strength and --masked-content when not their defaults, for the PNG's settings."""
+    run = {} if args.outpaint is None else {"outpaint": list(args.outpaint), "outpaint_fill": args.outpaint_fill}
+    if args.strength != 1.0:
+        run["strength"] = args.strength
+    if args.masked_content != "original":
+        run["masked_content"] = args.masked_content
+    return run
+
+
+def check_strength(parser: argparse.ArgumentParser, args) -> None:
+    if not 0.0 < args.strength <= 1.0:
+        parser.error(f"--strength must be in (0, 1], got {args.strength}")
 
 
 def refuse_cfg_pp(parser: argparse.ArgumentParser, args, pipe, control: dict) -> None:
@@ -109,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.mask is None and args.outpaint is None:
         parser.error("give --mask (what to repaint), --outpaint (a border to paint), or both")
+    check_strength(parser, args)
     pipe = load_pipeline(parser, args, [args.prompt])
     refuse_instruct(parser, args, pipe)
     size = input_size(parser, args, pipe)
@@ -131,11 +176,14 @@ def main(argv: list[str] | None = None) -> None:
                                       torch.Generator().manual_seed(args.seed))
     if mask.sum() == 0:
         print(f"warning: mask {args.mask} has no white pixel: the output is the input", file=sys.stderr)
+    if args.masked_content == "fill":
+        image = fill_masked(image, mask)
     control = control_options(parser, args, pipe, size, inpainting=True)
     refuse_cfg_pp(parser, args, pipe, control)
     resolve_window(parser, args, pipe, [size], control)
     start = time.perf_counter()
-    images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], **sampling_options(args), **control)
+    images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], strength=args.strength,
+                                **sampling_options(args), **control)
     finish(images, info, start, args.out, settings(args, args.prompt, info, image=args.image, mask=args.mask,
                                                         **outpaint_settings(args)))
 

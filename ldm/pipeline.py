@@ -1015,25 +1015,29 @@ class TextToImage:
 
     @torch.no_grad()
     def inpaint(self, images: torch.Tensor, masks: torch.Tensor, prompts: list[str], *, steps: int,
-                **kwargs) -> tuple[torch.Tensor, dict]:
+                strength: float = 1.0, **kwargs) -> tuple[torch.Tensor, dict]:
         """Repaint where masks (B, 1, H, W) are 1; elsewhere the result is the input image. A plain U-Net
         repaints by holding the known latents (`keep_known`); an inpainting U-Net (SD-inpainting) is
         given the mask and the masked image and draws from pure noise (`inpainting_inputs`); so does a model
         with an inpainting ControlNet in `control` (SD3's, mask_channels 1), its RGB control image (usually
-        `images` in [0, 1]) given the mask (`inpaint_control`), as StableDiffusion3ControlNetInpaintingPipeline."""
+        `images` in [0, 1]) given the mask (`inpaint_control`), as StableDiffusion3ControlNetInpaintingPipeline.
+        strength < 1 starts every way from the image's latents noised to the grid time that leaves round(strength *
+        steps) steps (SDEdit inside the mask: the A1111 web UI's denoising strength with "original" content)."""
         images, masks = images.to(self.device), masks.to(self.device)
+        size = (images.shape[-1], images.shape[-2])              # the image's size, not the model's default
+        start = {"size": size} if strength == 1 else {"init": self.encode_images(images), "strength": strength}
         if inpainting_control(kwargs.get("control")):
             from ldm.models.controlnet_sd3 import inpaint_control
             kwargs["control"] = [(net, inpaint_control(hint, masks) if getattr(net, "mask_channels", 0) and
                                   hint.shape[1] == 3 else hint, *rest) for net, hint, *rest in kwargs["control"]]
-            z, info = self.sample(prompts, steps=steps, size=(images.shape[-1], images.shape[-2]), **kwargs)
+            z, info = self.sample(prompts, steps=steps, **start, **kwargs)
         elif self.inpainting_unet:
-            size = (images.shape[-1], images.shape[-2])          # the image's size, not the model's default
-            z, info = self.sample(prompts, steps=steps, size=size, inpaint=self.inpainting_inputs(images, masks),
+            z, info = self.sample(prompts, steps=steps, inpaint=self.inpainting_inputs(images, masks), **start,
                                   **kwargs)
         else:
-            z0 = self.encode_images(images)
-            z, info = self.sample(prompts, steps=steps, init=z0, mask=latent_grid_mask(masks, z0.shape[-2:]), **kwargs)
+            z0 = start["init"] if "init" in start else self.encode_images(images)
+            z, info = self.sample(prompts, steps=steps, init=z0, strength=strength,
+                                  mask=latent_grid_mask(masks, z0.shape[-2:]), **kwargs)
         return masks * self.decode(z) + (1 - masks) * images, info
 
     @torch.no_grad()

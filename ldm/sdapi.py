@@ -28,7 +28,7 @@ UNSUPPORTED = {"restore_faces": (False,), "tiling": (False,), "styles": ([],), "
                "hr_resize_x": (0,), "hr_resize_y": (0,), "hr_checkpoint_name": ("",), "hr_sampler_name": ("",),
                "hr_scheduler": ("",), "hr_prompt": ("",), "hr_negative_prompt": ("",), "refiner_checkpoint": ("",),
                "refiner_switch_at": (0,), "disable_extra_networks": (False,), "firstpass_image": ("",),
-               "latent_mask": ("",), "image_cfg_scale": (1.5,), "inpainting_fill": (0,),
+               "latent_mask": ("",), "image_cfg_scale": (1.5,),
                "initial_noise_multiplier": (1,), "mask_blur": (0, 4), "mask_blur_x": (0, 4), "mask_blur_y": (0, 4),
                "hr_additional_modules": ([],)}
 # The fields we read (beside the UNSUPPORTED ones at their "off" value and the IGNORED ones)
@@ -37,7 +37,10 @@ COMMON_FIELDS = {"prompt", "negative_prompt", "steps", "cfg_scale", "sampler_nam
                  "send_images", "sampler_index"}     # sampler_index: A1111's old name of sampler_name
 TXT2IMG_FIELDS = COMMON_FIELDS | {"enable_hr", "hr_scale", "denoising_strength"}
 IMG2IMG_FIELDS = COMMON_FIELDS | {"init_images", "resize_mode", "denoising_strength", "mask", "inpainting_mask_invert",
-                                  "include_init_images", "inpaint_full_res"}
+                                  "include_init_images", "inpaint_full_res", "inpainting_fill"}
+# A1111's inpainting_fill ("masked content") -> ldm.inpaint's --masked-content; 2 (latent noise) is what strength 1
+# draws (the masked latents from pure noise), 3 (latent nothing) is not offered
+MASKED_CONTENT = {0: "fill", 1: "original"}
 # Fields that change nothing here, whatever their value: we save nothing, keep no tasks, always restore settings
 IGNORED = {"do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards", "force_task_id",
            "comments", "infotext", "user", "mask_round", "inpaint_full_res_padding"}
@@ -247,8 +250,11 @@ def edit_inputs(req: dict) -> tuple[str, Image.Image, Image.Image | None, list[s
             ([] if strength is None else [f"--strength={strength!r}"])
     if req.get("inpaint_full_res") not in (None, False, 0):
         raise RequestError("inpaint_full_res: only the whole picture is inpainted here; send false")
-    if strength not in (None, 1.0):
-        raise RequestError(f"denoising_strength: {strength:g} with a mask: ldm.inpaint draws the masked region from "
-                           "pure noise (strength 1); send 1 or leave it out")
-    return "inpaint", image, decode_image(req["mask"], "mask", mode="L"), ["--image=sdapi:init_images[0]",
-                                                                            "--mask=sdapi:mask"]
+    fill = field(req, "inpainting_fill", int, 0)            # A1111's default: fill
+    if fill not in MASKED_CONTENT and not (fill == 2 and strength in (None, 1.0)):
+        raise RequestError(f"inpainting_fill: {fill} is not supported (0: fill, 1: original; 2: latent noise at "
+                           "denoising_strength 1)")
+    flags = ["--image=sdapi:init_images[0]", "--mask=sdapi:mask", f"--masked-content={MASKED_CONTENT.get(fill, 'original')}"]
+    if strength is not None:
+        flags.append(f"--strength={strength!r}")
+    return "inpaint", image, decode_image(req["mask"], "mask", mode="L"), flags

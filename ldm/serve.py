@@ -22,8 +22,9 @@ image to width x height (A1111's "just resize"), 1 covers and centre-crops (the 
 
 Caution: one job at a time (a lock; others wait). Each image of a batch is drawn alone, with its own seed, so that
 it equals the CLI's draw of that seed and its PNG replays (a batch in one call differs in the last bits, and an
-ancestral sampler's noise would come from the first seed). Inpainting is ldm.inpaint's: the masked region is drawn
-from pure noise (denoising_strength 1) with a hard mask (A1111's default mask_blur 4 is accepted, not applied).
+ancestral sampler's noise would come from the first seed). Inpainting is ldm.inpaint's: denoising_strength is its --strength
+(1, the default: the masked region from pure noise), inpainting_fill 0 / 1 its --masked-content fill / original, the
+mask stays hard (A1111's default mask_blur 4 is accepted, not applied).
 /interrupt stops after the current step and answers the images finished before it. FLUX.1 Kontext and
 InstructPix2Pix models are refused at img2img (they edit from pure noise: python -m ldm.img2img).
 """
@@ -214,12 +215,16 @@ class Server:
         masks = (fit(mask, "L") > 0).float()                # white (> 127) is repainted, as ldm.inpaint
         if field(req, "inpainting_mask_invert", int, 0):
             masks = 1 - masks
+        inpaint_cli.check_strength(parser, args)
+        if args.masked_content == "fill":
+            pixels = inpaint_cli.fill_masked(pixels, masks)
         control = inpaint_cli.control_options(parser, args, pipe, size, inpainting=True)
         inpaint_cli.refuse_cfg_pp(parser, args, pipe, control)
         resolve_window(parser, args, pipe, [size], control)
-        return (lambda one, cb: pipe.inpaint(pixels, masks.to(pipe.device), [one.prompt], **sampling_options(one),
-                                             **control, callback=cb),
-                args.steps, {"image": args.image, "mask": args.mask})
+        return (lambda one, cb: pipe.inpaint(pixels, masks.to(pipe.device), [one.prompt], strength=args.strength,
+                                             **sampling_options(one), **control, callback=cb),
+                round(args.strength * args.steps),
+                {"image": args.image, "mask": args.mask, **inpaint_cli.outpaint_settings(args)})
 
     def response(self, req, args, runs, results, extras, interrupted, unused, warned, seeds, subseeds, strength,
                  batch) -> dict:

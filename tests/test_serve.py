@@ -149,8 +149,22 @@ def test_inpaint_equals_the_cli(url, tmp_path):
                                            "mask_blur": 4, "inpainting_fill": 0})       # A1111's defaults
     assert status == 200, answer
     expected = cli(tmp_path, "inp", "--image", image, "--mask", mask, "--steps", "3", "--seed", "6", "--guidance",
-                   "2", "--sampler", "euler", prompt="a red circle", module=inpaint)
+                   "2", "--sampler", "euler", "--masked-content", "fill", prompt="a red circle", module=inpaint)
     np.testing.assert_array_equal(pixels(answer["images"][0]), expected)
+
+
+@pytest.mark.parametrize("fill, content", [(0, "fill"), (1, "original")])
+def test_inpaint_at_a_strength_equals_the_cli(url, tmp_path, fill, content):
+    image, mask = write_image_and_mask(str(tmp_path), side=64)
+    status, answer = call(url, "img2img", {"prompt": "a red circle", "init_images": [b64(image)], "mask": b64(mask),
+                                           "steps": 8, "seed": 6, "cfg_scale": 3, "sampler_name": "DDIM",
+                                           "denoising_strength": 0.75, "inpainting_fill": fill})
+    assert status == 200, answer
+    expected = cli(tmp_path, "inp", "--image", image, "--mask", mask, "--steps", "8", "--seed", "6", "--guidance",
+                   "2", "--sampler", "ddim", "--strength", "0.75", "--masked-content", content,
+                   prompt="a red circle", module=inpaint)
+    np.testing.assert_array_equal(pixels(answer["images"][0]), expected)
+    assert json.loads(answer["info"])["denoising_strength"] == 0.75
 
 
 def tiny_png(mode="RGB") -> str:
@@ -172,9 +186,12 @@ BAD = [("txt2img", {"prompt": "a", "sampler_name": "Euler b"}, "sampler_name"),
        ("img2img", {"prompt": "a", "init_images": ["not base64!"]}, "init_images[0]"),
        ("img2img", {"prompt": "a", "init_images": [base64.b64encode(b"not an image").decode()]}, "init_images[0]"),
        ("img2img", {"prompt": "a", "init_images": [], "denoising_strength": 0.5}, "init_images"),
-       ("img2img", {"prompt": "a", "init_images": ["AAAA"], "inpainting_fill": 1}, "inpainting_fill"),
+       ("img2img", {"prompt": "a", "init_images": [tiny_png()], "mask": tiny_png("L"), "inpainting_fill": 3},
+        "inpainting_fill"),
        ("img2img", {"prompt": "a", "init_images": [tiny_png()], "resize_mode": 2}, "resize_mode"),
-       ("img2img", {"prompt": "a", "init_images": [tiny_png()], "mask": tiny_png("L"), "denoising_strength": 0.75},
+       ("img2img", {"prompt": "a", "init_images": [tiny_png()], "mask": tiny_png("L"), "denoising_strength": 0.75,
+         "inpainting_fill": 2}, "inpainting_fill"),
+       ("img2img", {"prompt": "a", "init_images": [tiny_png()], "mask": tiny_png("L"), "denoising_strength": 0},
         "denoising_strength"),
        ("img2img", {"prompt": "a", "init_images": [tiny_png()], "mask": tiny_png("L"), "inpaint_full_res": True},
         "inpaint_full_res"),
