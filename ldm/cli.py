@@ -829,6 +829,11 @@ def infotext(run: dict, size: tuple[int, int]) -> str:
                  + (f"True CFG scale: {run['true_cfg']:g}, " if run.get("true_cfg") is not None else "")
                  + (f"Image CFG scale: {run['image_guidance']:g}, " if run.get("image_guidance") is not None else "") +
                  f"Seed: {run['seed']}, Size: {size[0]}x{size[1]}, Model: {os.path.basename(run['model'].rstrip('/'))}")
+    if run.get("strength") is not None:                         # img2img's and inpaint's, as A1111 writes them
+        lines[-1] += f", Denoising strength: {run['strength']:g}"
+    elif run.get("hires"):                                      # [scale, strength]: A1111's hires fix keys
+        lines[-1] += f", Denoising strength: {run['hires'][1]:g}, Hires upscale: {run['hires'][0]:g}, " \
+                     "Hires upscaler: Latent"
     if run.get("subseed_strength"):                             # A1111 writes its variation seed only when it acts
         lines[-1] += f", Variation seed: {run['subseed']}, Variation seed strength: {run['subseed_strength']:g}"
     if run.get("eta") is not None:                              # A1111's key for DDIM's eta; its generic one else

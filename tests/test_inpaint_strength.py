@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm import inpaint
+from ldm import img2img, inpaint, txt2img
 from ldm.inpaint import fill_masked
 from ldm.pipeline import TextToImage
 
@@ -52,6 +52,20 @@ def test_strength_keeps_the_unmasked_pixels_and_the_layout(model, tmp_path, caps
     assert near < np.abs(outs["1"][~keep] - source[~keep]).mean()
     with Image.open(tmp_path / "out0.25.png") as im:
         assert json.loads(im.text["ldm"])["strength"] == 0.25
+        assert ", Denoising strength: 0.25" in im.text["parameters"]      # A1111's key
+    with Image.open(tmp_path / "out1.png") as im:
+        assert "Denoising strength" not in im.text["parameters"]
+
+
+def test_img2img_and_hires_write_a1111_denoising_keys(model, tmp_path):
+    src, _ = write_image_and_mask(tmp_path)
+    img2img.main(["a red circle", "--image", src, "--steps", "4", "--teacher", "--model", model, "--strength", "0.6",
+                  "--out", str(tmp_path / "i.png")])
+    txt2img.main(["a red circle", "--steps", "2", "--teacher", "--model", model, "--hires", "2:0.5",
+                  "--out", str(tmp_path / "h.png")])
+    with Image.open(tmp_path / "i.png") as i, Image.open(tmp_path / "h.png") as h:
+        assert ", Denoising strength: 0.6," in i.text["parameters"] + ","
+        assert ", Denoising strength: 0.5, Hires upscale: 2, Hires upscaler: Latent" in h.text["parameters"]
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "-0.1"])
