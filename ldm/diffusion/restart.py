@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .samplers import Step, _noise, _notify, _prepare
+from .samplers import Step, _noise, _prepare, heun_step
 
 RESTART_RHO = 7.0            # the restart grid's Karras rho (Karras et al. 2022, eq. 5), as A1111's restart grid
 RESTART_USAGE = "S_MIN:S_MAX:K:N (0 < S_MIN < S_MAX noise levels sigma/alpha, K >= 0 restarts of N >= 1 Heun steps)"
@@ -93,23 +93,6 @@ def _time_at(schedule, s: float) -> float:
     return float(schedule.t_from_logsnr(np.float64(-2.0 * math.log(s))))
 
 
-def _heun_step(denoise, x, st: Step, callback):
-    """One Heun step st.t -> st.t_next in (y, s), as `sample_heun`'s (the same arithmetic: no restart = heun)."""
-    denoised = denoise(x, st.t)
-    _notify(callback, st, x, denoised)
-    if st.alpha == 0:   # s = inf: the first-order limit step (the DDIM step), as sample_heun
-        return st.alpha_next * denoised + (st.sigma_next / st.sigma) * x
-    s, s_next = st.sigma / st.alpha, st.sigma_next / st.alpha_next
-    y = x / st.alpha
-    slope = (y - denoised) / s
-    y_next = y + (s_next - s) * slope
-    if s_next > 0:      # the corrector needs D at s_next; at s_next = 0 Euler is exact (y = D)
-        denoised_next = denoise(st.alpha_next * y_next, st.t_next)
-        slope_next = (y_next - denoised_next) / s_next
-        y_next = y + (s_next - s) * (slope + slope_next) / 2
-    return st.alpha_next * y_next
-
-
 def restart_noise(x, lo: tuple[float, float, float], hi: tuple[float, float, float], generator):
     """x at level s_lo -> a draw at s_hi: y + sqrt(s_hi^2 - s_lo^2) z in y = x / alpha (the VE forward kernel);
     lo, hi: (t, alpha, sigma)."""
@@ -135,7 +118,7 @@ def sample_restart(model, x, ts, schedule, *, extra_args=None, callback=None, di
     plan = default_restart(len(steps)) if restart is None else check_restart(restart)
     start = None if plan is None or plan.k == 0 else _restart_start(steps, plan.s_min)
     for st in bar:
-        x = _heun_step(denoise, x, st, callback)
+        x = heun_step(denoise, x, st, callback)
         if st.i != start:
             continue
         lo, hi = _point(schedule, st.t_next), _point(schedule, _time_at(schedule, plan.s_max))
@@ -148,5 +131,5 @@ def sample_restart(model, x, ts, schedule, *, extra_args=None, callback=None, di
         for _ in range(plan.k):
             x = restart_noise(x, lo, hi, generator)
             for a, b in zip(points[:-1], points[1:]):
-                x = _heun_step(denoise, x, Step(st.i, a[0], b[0], a[1], a[2], b[1], b[2]), callback)
+                x = heun_step(denoise, x, Step(st.i, a[0], b[0], a[1], a[2], b[1], b[2]), callback)
     return x

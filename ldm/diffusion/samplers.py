@@ -131,25 +131,29 @@ def sample_euler(model, x, ts, schedule, *, extra_args=None, callback=None, disa
     return x
 
 
+def heun_step(denoise, x, st: Step, callback):
+    """One Heun step st.t -> st.t_next in (y, s) (Karras et al. 2022, Alg. 1, no churn); the Restart sampler's too."""
+    denoised = denoise(x, st.t)
+    _notify(callback, st, x, denoised)
+    if st.alpha == 0:  # s = inf: no slope to average there; the first-order limit step
+        return _step_from_pure_noise(x, denoised, st)
+    s, s_next = st.sigma / st.alpha, st.sigma_next / st.alpha_next
+    y = x / st.alpha
+    slope = (y - denoised) / s
+    y_next = y + (s_next - s) * slope
+    if s_next > 0:  # the corrector needs D at s_next; at s_next = 0 Euler is exact (y = D)
+        denoised_next = denoise(st.alpha_next * y_next, st.t_next)
+        slope_next = (y_next - denoised_next) / s_next
+        y_next = y + (s_next - s) * (slope + slope_next) / 2
+    return st.alpha_next * y_next
+
+
 @torch.no_grad()
 def sample_heun(model, x, ts, schedule, *, extra_args=None, callback=None, disable=None, generator=None):
     """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Alg. 1, no churn)."""
     denoise, steps = _prepare(model, x, ts, schedule, extra_args, disable)
     for st in steps:
-        denoised = denoise(x, st.t)
-        _notify(callback, st, x, denoised)
-        if st.alpha == 0:  # s = inf: no slope to average there; the first-order limit step
-            x = _step_from_pure_noise(x, denoised, st)
-            continue
-        s, s_next = st.sigma / st.alpha, st.sigma_next / st.alpha_next
-        y = x / st.alpha
-        slope = (y - denoised) / s
-        y_next = y + (s_next - s) * slope
-        if s_next > 0:  # the corrector needs D at s_next; at s_next = 0 Euler is exact (y = D)
-            denoised_next = denoise(st.alpha_next * y_next, st.t_next)
-            slope_next = (y_next - denoised_next) / s_next
-            y_next = y + (s_next - s) * (slope + slope_next) / 2
-        x = st.alpha_next * y_next
+        x = heun_step(denoise, x, st, callback)
     return x
 
 
