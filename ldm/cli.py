@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -23,8 +24,9 @@ from ldm.diffusion.samplers import CFG_PP_SAMPLERS, ETA_OPTIONS, check_eta
 from ldm.diffusion.schedules import SPACINGS
 from ldm.instruct_pix2pix import INSTRUCT
 from ldm.models.embeddings import parse_embedding_arg
-from ldm.models.lora import parse_lora_arg
+from ldm.models.lora import parse_lora_arg, read_lora
 from ldm.models.prompt_compose import has_and, is_composed, parse_composable
+from ldm.models.prompt_loras import find_lora, has_tags, hashes_text, split_tags, strip_tags
 from ldm.models.prompt_schedule import is_scheduled, prompt_schedule
 from ldm.models.prompt_weights import parse_weighted, token_weights, tokenizer_weights
 from ldm.models.unet import self_attention_layers
@@ -364,6 +366,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "Reads diffusers/peft and kohya (A1111, sd-scripts) files for SD 1.x/2.x, SDXL, SD3 "
                              "and FLUX.1 (also BFL/ComfyUI and XLabs layouts), LyCORIS LoHa / LoKr files for "
                              "SD 1.x/2.x and SDXL, and stage 2's lora.safetensors")
+    adapters.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                          help="where a prompt's <lora:NAME:WEIGHT> tags (the A1111 web UI's syntax; also "
+                               "<lora:NAME:TE:UNET>, <lyco:...>) find NAME.safetensors / .pt / .ckpt, subfolders "
+                               "included; repeatable (default: the model folder's loras/ if it has one). A tag's "
+                               "LoRA is merged for its prompt only: the weights are restored after each image")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="torch device (default: cuda when there is one, else cpu)")
     model.add_argument("--dtype", default="float32", choices=sorted(NET_DTYPES),
@@ -399,6 +406,7 @@ def check_prompt_syntax(parser: argparse.ArgumentParser, args, prompts: list[str
     if args.prompt_weights == "off":
         return
     whole = pipe is not None and not pipe.chunked_prompts
+    prompts = [strip_tags(p) for p in prompts]          # <lora:...> tags are cut out before encoding
     try:
         if is_scheduled(args.negative):
             parser.error("--negative: prompt editing '[from:to:when]' and alternation '[a|b]' are read in prompts, "
@@ -532,6 +540,11 @@ def load_pipeline(parser: argparse.ArgumentParser, args, prompts: list[str] = ()
         except ValueError as err:
             parser.error(f"--lora {arg!r}: {err}")
         print(f"LoRA {path} x {scale:g}: {layers} layers merged")
+    tag_sets = {tuple(prompt_loras(parser, args, p)[1]): p for p in reversed(prompts)}   # a prompt for each set
+    if len(tag_sets) > 1:        # --from-file: each set merged and restored once here, so that one that does not
+        for prompt in tag_sets.values():                # fit the model stops the run before the first image
+            with tagged_loras(parser, args, pipe, prompt):
+                pass
     if (args.ip_adapter is None) != (args.ip_image is None) or (args.ip_adapter and not args.image_encoder):
         parser.error("--ip-adapter, --image-encoder and --ip-image go together")
     if args.ip_adapter:
@@ -553,8 +566,56 @@ def check_args(parser: argparse.ArgumentParser, args, prompts: list[str] = ()) -
         check_eta(args.sampler, args.eta)
     except ValueError as err:
         parser.error(str(err))
+    check_lora_tags(parser, args, prompts)
     check_prompt_syntax(parser, args, prompts)
     check_variation(parser, args)
+
+
+def lora_dirs(args) -> list[str]:
+    """Where <lora:NAME> tags look: --lora-dir, else the model folder's loras/ when it has one."""
+    if getattr(args, "lora_dir", None):
+        return list(args.lora_dir)
+    default = os.path.join(args.model, "loras")
+    return [default] if os.path.isdir(default) else []
+
+
+def prompt_loras(parser: argparse.ArgumentParser, args, prompt: str) -> tuple[str, list]:
+    """The prompt without its <lora:...> tags and (tag, its file) for each; a usage error naming a bad tag."""
+    try:
+        text, tags = split_tags(prompt)
+        return text, [(tag, find_lora(tag, lora_dirs(args))) for tag in tags]
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def check_lora_tags(parser: argparse.ArgumentParser, args, prompts: list[str]) -> None:
+    """Usage errors before any model loads: a tag we do not run or a NAME with no file, or tags in --negative."""
+    if has_tags(args.negative):
+        parser.error(f"--negative: <lora:...> tags act in the prompt, not the negative prompt (A1111 would encode "
+                     f"{args.negative!r} as words)")
+    for prompt in dict.fromkeys(prompts):
+        prompt_loras(parser, args, prompt)
+
+
+@contextmanager
+def tagged_loras(parser: argparse.ArgumentParser, args, pipe: TextToImage, prompt: str):
+    """The prompt without its <lora:...> tags, their LoRAs merged into the pipeline for the `with` block and every
+    changed weight restored from a copy after it (the start-up --lora stay merged)."""
+    text, found = prompt_loras(parser, args, prompt)
+    loras = []
+    for tag, path in found:
+        try:
+            loras.append((read_lora(path), tag.te, tag.unet, path))
+        except ValueError as err:
+            parser.error(f"{tag.text}: {err}")
+    try:
+        saved = pipe.merge_job_loras(loras)
+    except ValueError as err:
+        parser.error(f"{' '.join(tag.text for tag, _ in found)}: {err}")
+    try:
+        yield text
+    finally:
+        pipe.restore_weights(saved)
 
 
 def set_clip_skip(parser: argparse.ArgumentParser, args, pipe: TextToImage) -> None:
@@ -771,6 +832,10 @@ def settings(args, prompt: str, info: dict, **extra) -> dict:
            "teacher": args.teacher, "guidance_rescale": args.guidance_rescale,
            "prompt_weights": args.prompt_weights, "model": args.model, "drawn_by": info["model"],
            "lora": list(args.lora), "embedding": list(args.embedding), **extra}
+    if getattr(args, "lora_dir", None):                         # where the prompt's <lora:...> tags were found
+        run["lora_dir"] = list(args.lora_dir)
+    if has_tags(prompt):                                        # A1111's "Lora hashes"
+        run["lora_hashes"] = hashes_text([(tag, find_lora(tag, lora_dirs(args))) for tag in split_tags(prompt)[1]])
     if args.ip_adapter:
         run.update(ip_adapter=args.ip_adapter, image_encoder=args.image_encoder, ip_image=args.ip_image,
                    ip_scale=args.ip_scale)
@@ -853,6 +918,8 @@ def infotext(run: dict, size: tuple[int, int]) -> str:
         lines[-1] += f", SAG Guidance Scale: {run['sag']:g}, SAG Mask Threshold: {SAG_THRESHOLD:g}"
     for i, unit in enumerate(control_units(run)):             # the A1111 ControlNet extension's units
         lines[-1] += f", ControlNet {i}: \"{unit}\""
+    if run.get("lora_hashes"):                                  # quoted as A1111 quotes a value with ':' or ','
+        lines[-1] += f", Lora hashes: {json.dumps(run['lora_hashes'], ensure_ascii=False)}"
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ import sys
 import time
 
 from ldm.cli import (add_input_size, add_model_args, control_options, finish, input_size, load_image, load_pipeline,
-                     parse_replayed, resolve_window, sampling_options, settings)
+                     parse_replayed, resolve_window, sampling_options, settings, tagged_loras)
 from ldm.instruct_pix2pix import IMAGE_GUIDANCE, INSTRUCT, refuse_options
 
 STRENGTH = 0.6   # SDEdit's default
@@ -105,7 +105,8 @@ def instruct_edit(parser: argparse.ArgumentParser, args, pipe) -> None:
         parser.error(str(err))
     image = edit_input(parser, args, pipe, kontext=False)
     start = time.perf_counter()
-    images, info = pipe.edit(image, [args.prompt], image_guidance=args.image_guidance, **sampling_options(args))
+    with tagged_loras(parser, args, pipe, args.prompt) as text:
+        images, info = pipe.edit(image, [text], image_guidance=args.image_guidance, **sampling_options(args))
     finish(images, info, start, args.out, settings(args, args.prompt, info, image=args.image, edit=INSTRUCT,
                                                    image_guidance=info["image_guidance"]))
 
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         control = control_options(parser, args, pipe, (image.shape[-1], image.shape[-2]))
         resolve_window(parser, args, pipe, [(image.shape[-1], image.shape[-2])], control)
         start = time.perf_counter()
-        images, info = pipe.edit(image, [args.prompt], **sampling_options(args), **control)
+        with tagged_loras(parser, args, pipe, args.prompt) as text:
+            images, info = pipe.edit(image, [text], **sampling_options(args), **control)
         finish(images, info, start, args.out, settings(args, args.prompt, info, image=args.image, edit="kontext"))
         return
     strength = STRENGTH if args.strength is None else args.strength
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     control = control_options(parser, args, pipe, size)
     resolve_window(parser, args, pipe, [size], control)
     start = time.perf_counter()
-    images, info = pipe.img2img(image, [args.prompt], strength=strength, **sampling_options(args), **control)
+    with tagged_loras(parser, args, pipe, args.prompt) as text:
+        images, info = pipe.img2img(image, [text], strength=strength, **sampling_options(args), **control)
     finish(images, info, start, args.out, settings(args, args.prompt, info, strength=strength, image=args.image))
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.cli import (add_input_size, add_model_args, control_options, finish, input_size, load_image, load_pipeline,
-                     refuse_instruct, resolve_window, sampling_options, settings)
+                     refuse_instruct, resolve_window, sampling_options, settings, tagged_loras)
 from ldm.diffusion.samplers import CFG_PP_SAMPLERS
 
 OUTPAINT_FILLS = ("edge", "noise")
@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     refuse_cfg_pp(parser, args, pipe, control)
     resolve_window(parser, args, pipe, [size], control)
     start = time.perf_counter()
-    images, info = pipe.inpaint(image, mask.to(pipe.device), [args.prompt], strength=args.strength,
-                                **sampling_options(args), **control)
+    with tagged_loras(parser, args, pipe, args.prompt) as text:
+        images, info = pipe.inpaint(image, mask.to(pipe.device), [text], strength=args.strength,
+                                    **sampling_options(args), **control)
     finish(images, info, start, args.out, settings(args, args.prompt, info, image=args.image, mask=args.mask,
                                                         **outpaint_settings(args)))
 

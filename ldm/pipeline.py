@@ -176,6 +176,7 @@ class TextToImage:
             self.schedule.ays_model = "sdxl"
         self._students: dict[int, torch.nn.Module] = {}
         self._loras: list[tuple[dict, float, str]] = []   # merged into every U-Net, students as they load
+        self._job: tuple[list, dict] | None = None        # merge_job_loras' LoRAs and the copies it keeps
         self._warned_prompts: set[str] = set()
         self.prompt_weights = False   # read "(word:1.3)" emphasis in prompts (ldm.models.prompt_weights)
         self._ip = None               # (ImageTokens, shared state, ImageEncoder) once add_ip_adapter ran
@@ -224,6 +225,9 @@ class TextToImage:
             student = GuidedStudent.from_pretrained(path, device=self.device).to(self.net_dtype).eval()
             for lora, scale, source in self._loras:
                 merge_lora(lora, [student.unet], {}, scale, source)
+            if self._job is not None:                  # loaded inside a job: its LoRAs too, restored with it
+                for lora, _, unet_scale, source in self._job[0]:
+                    merge_lora({"unet": lora["unet"]}, [student.unet], {}, unet_scale, source, self._job[1])
             if isinstance(student.unet, UNet):         # FreeU acts on U-Net decoder levels (set_freeu)
                 student.unet.freeu = self.unet.freeu
                 student.unet.deepcache = own_cache(self.unet.deepcache)   # set_deepcache; a cache of its own
@@ -297,6 +301,35 @@ class TextToImage:
         n = merge_lora(lora, [self.unet, *(s.unet for s in self._students.values())], self.clip_models(), scale, path)
         self._loras.append(({"unet": lora["unet"]}, scale, path))
         return n
+
+    def merge_job_loras(self, loras: list[tuple[dict, float, float, str]]) -> dict:
+        """Merge LoRAs for one job (a prompt's <lora:...> tags): (read_lora's dict, text-encoder scale, U-Net /
+        transformer scale, source) each, into the teacher, the CLIP text encoders and every student, also those
+        loaded during the job. Returns the copies `restore_weights` puts back; on an error, restored and raised."""
+        if self._job is not None:
+            raise RuntimeError("a job's LoRAs are merged already: restore_weights first")
+        saved: dict = {}
+        self._job = (loras, saved)
+        try:
+            for lora, te_scale, unet_scale, source in loras:
+                if unet_scale:
+                    merge_lora({"unet": lora["unet"]}, [self.unet, *(s.unet for s in self._students.values())],
+                               {}, unet_scale, source, saved)
+                if te_scale:
+                    merge_lora({**lora, "unet": {}}, [], self.clip_models(), te_scale, source, saved)
+        except BaseException:
+            self.restore_weights(saved)
+            raise
+        return saved
+
+    @torch.no_grad()
+    def restore_weights(self, saved: dict) -> None:
+        """Put back the weights `merge_job_loras` changed, from its copies: bit for bit (subtracting the update
+        again would drift in fp16 / bf16)."""
+        for weight, copy in saved.values():
+            weight.copy_(copy)
+        saved.clear()
+        self._job = None
 
     def clip_models(self) -> dict:
         """The transformers CLIP models of the text encoder by a LoRA file's part names: {"text_encoder": ...}

@@ -11,14 +11,16 @@ and checked by their parsers and checks, so an image is what the CLI draws with 
 the same text chunks (`python -m ldm.txt2img --replay` redraws a txt2img one). Their usage errors, bad JSON, wrong
 types and A1111 features we lack (given a value other than their default) answer HTTP 422 {"error", "detail"}.
 
-Endpoints: POST txt2img, img2img (with "mask": inpainting), png-info, interrupt, options; GET samplers, schedulers,
-sd-models, options, progress, latent-upscale-modes, sd-vae, prompt-styles. Request fields have A1111's names and
-meaning: cfg_scale is SD's scale s, our guidance w = s - 1; sampler_name is an A1111 name ("DPM++ 2M", "Euler a",
-also "DPM++ 2M Karras") or ours ("dpmpp_2m"); seed -1 is a random seed; override_settings may set
-CLIP_stop_at_last_layers (our --clip-skip). Fields left out take the CLIs' defaults (the model's size, its
-student's or 25 steps, its guidance, ddim), not A1111's own (512 px, CFG scale 7, ...). The info of an answer lists
-the fields it did not read ("unused_fields") and the warnings the run gave. img2img's resize_mode 0 stretches the
-image to width x height (A1111's "just resize"), 1 covers and centre-crops (the CLIs' way).
+Endpoints: POST txt2img, img2img (with "mask": inpainting), png-info, interrupt, options, refresh-loras; GET samplers,
+schedulers, sd-models, loras, options, progress, latent-upscale-modes, sd-vae, prompt-styles. A prompt's
+<lora:NAME:WEIGHT> tags (found in --lora-dir) merge for that request only: the weights are restored after it.
+Request fields have A1111's names and meaning: cfg_scale is SD's scale s, our guidance w = s - 1; sampler_name is
+an A1111 name ("DPM++ 2M", "Euler a", also "DPM++ 2M Karras") or ours ("dpmpp_2m"); seed -1 is a random seed;
+override_settings may set CLIP_stop_at_last_layers (our --clip-skip). Fields left out take the CLIs' defaults
+(the model's size, its student's or 25 steps, its guidance, ddim), not A1111's own (512 px, CFG scale 7, ...). The
+info of an answer lists the fields it did not read ("unused_fields") and the warnings the run gave. img2img's
+resize_mode 0 stretches the image to width x height (A1111's "just resize"), 1 covers and centre-crops (the CLIs'
+way).
 
 Caution: one job at a time (a lock; others wait). Each image of a batch is drawn alone, with its own seed, so that
 it equals the CLI's draw of that seed and its PNG replays (a batch in one call differs in the last bits, and an
@@ -45,8 +47,10 @@ from PIL import Image
 
 from ldm import img2img as img2img_cli, inpaint as inpaint_cli, sdapi, txt2img as txt2img_cli
 from ldm.cli import (SAMPLER_NAMES, SPACING_NAMES, add_model_args, check_args, check_run, image_tensor, infotext,
-                     load_pipeline, refuse_instruct, resolve_window, sampling_options, set_clip_skip, settings)
+                     load_pipeline, lora_dirs, refuse_instruct, resolve_window, sampling_options, set_clip_skip,
+                     settings, tagged_loras)
 from ldm.diffusion.samplers import ETA_OPTIONS
+from ldm.models.prompt_loras import lora_index, lora_listing
 from ldm.sdapi import (IMG2IMG_FIELDS, TXT2IMG_FIELDS, RequestError, cli_parser, edit_inputs, encode_png, field,
                        hires_flags, read_png_info, refuse_unsupported, sampler_flags, sampler_list, scheduler_list,
                        size_flags)
@@ -69,6 +73,7 @@ class Server:
         self.base_argv = own.parse_known_args(argv)[1]      # the model flags, given again with each request
         self.pipe = load_pipeline(parser, args, [])
         self.model = args.model
+        self.lora_dirs = lora_dirs(args)                    # where prompts' <lora:NAME> tags look (GET loras)
         self.clip_skip = args.clip_skip                     # the "CLIP_stop_at_last_layers" option, None: the model's
         self.lock = threading.Lock()
         self.job = {"active": False, "done": 0, "total": 0, "start": 0.0, "interrupt": False}
@@ -180,7 +185,10 @@ class Server:
                     for seed, subseed in zip(seeds, subseeds)]
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                results, interrupted = self.run_job([lambda cb, one=one: draws(one, cb) for one in runs], steps_each)
+                with tagged_loras(parser, args, self.pipe, args.prompt) as text:   # merged for this request only
+                    untagged = [argparse.Namespace(**{**vars(one), "prompt": text}) for one in runs]
+                    results, interrupted = self.run_job([lambda cb, one=one: draws(one, cb) for one in untagged],
+                                                        steps_each)
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
         return self.response(req, args, runs, results, extras, interrupted, unused, [str(w.message) for w in caught],
@@ -275,6 +283,11 @@ class Server:
             self.job["interrupt"] = True
         return {}
 
+    def refresh_loras(self) -> None:
+        """POST /sdapi/v1/refresh-loras: scan the LoRA folders again (A1111 answers null)."""
+        with self.lock:
+            lora_index(self.lora_dirs, refresh=True)
+
     def sd_models(self) -> list:
         return [{"title": self.title, "model_name": self.title, "hash": None, "sha256": None,
                  "filename": os.path.abspath(self.model), "config": None}]
@@ -289,6 +302,8 @@ ROUTES = {("POST", "/sdapi/v1/txt2img"): lambda s, req: s.generate(req, "txt2img
           ("GET", "/sdapi/v1/samplers"): lambda s, req: sampler_list(),
           ("GET", "/sdapi/v1/schedulers"): lambda s, req: scheduler_list(),
           ("GET", "/sdapi/v1/sd-models"): lambda s, req: s.sd_models(),
+          ("GET", "/sdapi/v1/loras"): lambda s, req: lora_listing(s.lora_dirs),
+          ("POST", "/sdapi/v1/refresh-loras"): lambda s, req: s.refresh_loras(),
           # what clients ask for at start-up, answered as we are: hires fix's one latent upscaler (pipe.hires:
           # bilinear, A1111's "Latent"), no separate VAEs, no saved styles
           ("GET", "/sdapi/v1/latent-upscale-modes"): lambda s, req: [{"name": "Latent"}],

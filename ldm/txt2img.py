@@ -22,7 +22,7 @@ import time
 from PIL import Image
 
 from ldm.cli import (add_model_args, control_options, finish, load_pipeline, parse_replayed, parse_size,
-                     refuse_instruct, resolve_window, sampling_options, settings)
+                     refuse_instruct, resolve_window, sampling_options, settings, tagged_loras)
 from ldm.diffusion.variation import grid_seeds
 
 
@@ -76,7 +76,7 @@ REPLAYED = ("prompt", "negative", "steps", "guidance", "seed", "n", "sampler", "
             "control_image", "control_scale", "control_mode", "control_range", "clip_skip", "freeu", "ip_adapter",
             "image_encoder", "ip_image", "ip_scale", "shift", "dtype", "true_cfg", "guidance_interval", "window",
             "apg", "eta", "restart", "pag", "pag_layers", "sag", "t2i_adapter", "adapter_image", "adapter_scale",
-            "adapter_factor", "deepcache", "subseed", "subseed_strength")
+            "adapter_factor", "deepcache", "subseed", "subseed_strength", "lora_dir")
 
 
 def png_settings(parser: argparse.ArgumentParser, path: str) -> dict:
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     control = check_sizes(parser, args, pipe)
     for path, prompt in jobs:
         start = time.perf_counter()
-        images, info = draw(pipe, args, prompt, control)
+        with tagged_loras(parser, args, pipe, prompt) as text:     # <lora:...> tags: merged for this prompt
+            images, info = draw(pipe, args, text, control)
         finish(images, info, start, path, settings(args, prompt, info))
 
 

@@ -492,10 +492,11 @@ def mmdit_updates(lora: dict[str, Update], net: MMDiT) -> list[tuple[str, str | 
 
 @torch.no_grad()
 def merge_lora(lora: dict[str, dict[str, Update]], unets: list[nn.Module], text_encoders: dict[str, nn.Module],
-               scale: float = 1.0, source: str = "LoRA") -> int:
+               scale: float = 1.0, source: str = "LoRA", saved: dict | None = None) -> int:
     """weight += scale * alpha / r * up @ down in each U-Net (ours, diffusers or CompVis names mapped), SD3
     MMDiT (`mmdit_updates`) or FLUX.1 transformer (lora_flux.flux_updates) and in the text encoders
-    (`text_encoders`: part -> transformers module, its own names). Checks everything first: all or nothing."""
+    (`text_encoders`: part -> transformers module, its own names). Checks everything first: all or nothing.
+    saved: {id: (weight, copy)} gets a copy of each weight before its first change, to restore it exactly."""
     plan = []
     for net in unets:
         if isinstance(net, (Flux, MMDiT)) and any(isinstance(u, (Factored, Decomposed))
@@ -522,6 +523,8 @@ def merge_lora(lora: dict[str, dict[str, Update]], unets: list[nn.Module], text_
         plan += _targets([(n, clip_name(n, model), u) for n, u in lora[part].items()], model, source)
     for module, update in plan:
         w = module.weight
+        if saved is not None and id(w) not in saved:
+            saved[id(w)] = (w, w.detach().clone())
         dw = update.delta(w.shape, w.float()) if isinstance(update, Decomposed) else update.delta(w.shape)
         w.copy_((w.float() + scale * dw.to(w.device)).to(w.dtype))
     return len(plan)
