@@ -1,5 +1,6 @@
 """A1111's `<lora:NAME:WEIGHT>` prompt tags (ldm.models.prompt_loras, ldm.cli.tagged_loras): cut out as A1111 cuts
-them, drawn as `--lora FILE:WEIGHT` draws, the weights restored bit for bit after each job, in the CLIs and ldm.serve."""
+them, drawn as `--lora FILE:WEIGHT` draws, the weights restored bit for bit after each job, in the CLIs and
+ldm.serve."""
 import hashlib
 import json
 import os
@@ -135,6 +136,23 @@ def test_from_file_merges_per_prompt_and_restores(model, loras, tmp_path):
                                   draw(model, tmp_path, "p", "a red circle", "--steps", "3", "--lora", p))
 
 
+def test_img2img_and_inpaint_read_tags(model, loras, tmp_path):
+    from ldm import img2img, inpaint
+    from tests.tiny_models import write_image_and_mask
+    image, mask = write_image_and_mask(str(tmp_path), RES)
+    x = os.path.join(loras, "styles", "x.safetensors")
+    for module, argv in ((img2img, ["--image", image, "--strength", "0.8"]),
+                         (inpaint, ["--image", image, "--mask", mask])):
+        out = {}
+        for name, prompt, extra in (("tag", "a red circle <lora:x:0.6>", ["--lora-dir", loras]),
+                                    ("flag", "a red circle", ["--lora", f"{x}:0.6"]), ("plain", "a red circle", [])):
+            module.main([prompt, "--model", model, "--steps", "3", "--out", str(tmp_path / f"{name}.png"), *argv,
+                         *extra])
+            out[name] = pixels(tmp_path / f"{name}.png")
+        np.testing.assert_array_equal(out["tag"], out["flag"])
+        assert np.abs(out["tag"] - out["plain"]).max() > 8
+
+
 @pytest.mark.parametrize("prompt, argv, message", [
     ("a red circle <lora:xx:0.6>", [], ["<lora:xx:0.6>: no LoRA file xx{.safetensors,.pt,.ckpt}", "close: x"]),
     ("a red circle <lora:styles/x:0.6>", [], ["no LoRA file styles/x", "there are pixel-art-v2, x"]),   # a stem
@@ -261,3 +279,38 @@ def test_server_lists_and_rescans_loras(server, model, loras):
     finally:
         os.remove(added)
         call(url, "refresh-loras", {})
+
+
+# ----------------------------------------------------------------------------- a CLIP model: two weights
+
+def test_two_weights_scale_text_encoders_and_unet_apart(tmp_path, one_thread):
+    """<lora:NAME:TE:UNET> draws what the file's U-Net half at UNET and its text-encoder half at TE draw as two
+    --lora files; after a tagged job (fp16) the CLIP weights are bit for bit what they were."""
+    pytest.importorskip("diffusers")
+    from ldm.models.from_diffusers import convert
+    from tests.models.sd_layouts import write_sd_pipeline
+    theirs = write_sd_pipeline(tmp_path)
+    convert(str(tmp_path / "sd"), str(tmp_path / "model"))
+    model, g, halves = str(tmp_path / "model"), torch.Generator().manual_seed(0), {"unet": {}, "text_encoder": {}}
+    for part, net in (("unet", theirs.unet), ("text_encoder", theirs.text_encoder)):
+        for n, m in net.named_modules():
+            if n.endswith(("to_q", "to_v", "q_proj", "v_proj")):
+                halves[part][f"{part}.{n}.lora_A.weight"] = torch.randn(2, m.weight.shape[1], generator=g) * 0.5
+                halves[part][f"{part}.{n}.lora_B.weight"] = torch.randn(m.weight.shape[0], 2, generator=g) * 0.5
+    os.makedirs(tmp_path / "loras")
+    save_file({**halves["unet"], **halves["text_encoder"]}, str(tmp_path / "loras" / "both.safetensors"))
+    for part, state in halves.items():
+        save_file(state, str(tmp_path / f"{part}.safetensors"))
+    steps = ["--steps", "2", "--lora-dir", str(tmp_path / "loras")]
+    split = draw(model, tmp_path, "split", "a red circle ", *steps, "--lora", f"{tmp_path / 'unet.safetensors'}:0.9",
+                 "--lora", f"{tmp_path / 'text_encoder.safetensors'}:0.3")
+    for tag in ("<lora:both:0.3:0.9>", "<lora:both:te=0.3:unet=0.9>"):
+        np.testing.assert_array_equal(draw(model, tmp_path, "tag", f"a red circle {tag}", *steps), split)
+    assert np.abs(draw(model, tmp_path, "one", "a red circle <lora:both:0.9>", *steps) - split).max() > 0
+    parser = txt2img.build_parser()
+    args = parser.parse_args(["a red circle <lora:both:0.3:0.9>", "--model", model, "--dtype", "float16", *steps])
+    pipe = load_pipeline(parser, args, [args.prompt])
+    before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    with tagged_loras(parser, args, pipe, args.prompt):
+        assert not all(torch.equal(v, before[k]) for k, v in pipe.text_encoder.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in pipe.text_encoder.state_dict().items())
