@@ -5,9 +5,6 @@ import hashlib
 import json
 import os
 import shutil
-import threading
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -20,8 +17,8 @@ from ldm.cli import load_pipeline, tagged_loras
 from ldm.models.lora import add_lora, lora_file_state
 from ldm.models.prompt_loras import split_tags
 from ldm.models.unet import UNet
-from ldm.serve import make_server
 
+from tests.serve_client import call, serving
 from tests.tiny_models import random_model_with_student
 
 RES = 32
@@ -222,22 +219,8 @@ def test_png_has_the_tag_a1111_hashes_and_replays(model, loras, tmp_path):
 def server(model, loras, tmp_path_factory):
     """ldm.serve with a start-up --lora (kept merged throughout) and the LoRA folder; (url, start-up LoRA)."""
     startup = write_lora(model, tmp_path_factory.mktemp("startup") / "s.safetensors", 3)
-    httpd = make_server(["--model", model, "--port", "0", "--lora-dir", loras, "--lora", f"{startup}:0.5"])
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/sdapi/v1/", startup
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def call(url, path, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, method="GET" if data is None else "POST")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    with serving(["--model", model, "--lora-dir", loras, "--lora", f"{startup}:0.5"]) as url:
+        yield url, startup
 
 
 def served(url, prompt) -> np.ndarray:

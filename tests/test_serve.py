@@ -4,8 +4,6 @@ import base64
 import io
 import json
 import threading
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -15,37 +13,15 @@ from ldm import img2img, inpaint, txt2img
 from ldm.cli import CLI_SAMPLERS, SAMPLER_NAMES
 from ldm.pipeline import DEFAULT_MODEL
 from ldm.sdapi import parse_infotext
-from ldm.serve import make_server
 
+from tests.serve_client import call, pixels, serving
 from tests.tiny_models import write_image_and_mask
 
 
 @pytest.fixture(scope="module")
 def url(one_thread_module):
-    httpd = make_server(["--model", DEFAULT_MODEL, "--port", "0"])
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/sdapi/v1/"
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def call(url, path, body=None, raw=None):
-    """(status, JSON answer) of GET `path`, or POST of `body` as JSON (or the bytes `raw`)."""
-    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, method="GET" if data is None else "POST")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-def pixels(png) -> np.ndarray:
-    """A PNG file path or base64 string -> its uint8 pixels."""
-    source = png if isinstance(png, str) and png.endswith(".png") else io.BytesIO(base64.b64decode(png))
-    with Image.open(source) as im:
-        return np.asarray(im.convert("RGB"))
+    with serving(["--model", DEFAULT_MODEL]) as base:
+        yield base
 
 
 def b64(path) -> str:
