@@ -120,6 +120,14 @@ def test_tag_draws_what_the_lora_flag_draws(model, loras, tmp_path, capsys):
                                                              "--steps", "3", "--lora", f"{x}:0.6"))
 
 
+def test_a_tag_may_name_the_files_alias(model, loras, tmp_path):
+    """pixel-art-v2.safetensors says ss_output_name "pixelart" (kohya's metadata, A1111's alias)."""
+    p = os.path.join(loras, "pixel-art-v2.safetensors")
+    np.testing.assert_array_equal(draw(model, tmp_path, "alias", "a red circle <lora:pixelart:0.7>", "--steps", "3",
+                                       "--lora-dir", loras),
+                                  draw(model, tmp_path, "file", "a red circle", "--steps", "3", "--lora", f"{p}:0.7"))
+
+
 def test_from_file_merges_per_prompt_and_restores(model, loras, tmp_path):
     (tmp_path / "prompts.txt").write_text("a red circle <lora:x:0.6>\na red circle\na red circle <lora:pixel-art-v2>\n")
     txt2img.main(["--from-file", str(tmp_path / "prompts.txt"), "--outdir", str(tmp_path / "out"), "--model", model,

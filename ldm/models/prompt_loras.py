@@ -10,7 +10,8 @@ As A1111 (modules/extra_networks.py): every `<word:args>` is cut out of the prom
 text around it left as it is ("a, <lora:x> b" -> "a,  b"; the tokenizers drop the spaces, a comma stays a comma).
 NAME is a file stem, looked up in the LoRA folders and all their subfolders with the extensions A1111 lists
 (.safetensors, .pt, .ckpt; ldm.models.lora.read_lora reads all three). Where A1111 differs, we say so:
-  - a stem is matched exactly, else case-insensitively when that finds one file (A1111: exactly only);
+  - a stem is matched exactly, else case-insensitively when that finds one file (A1111: exactly only), else the
+    file's alias, kohya's `ss_output_name` metadata (as A1111's alias lookup, only after the stems);
   - a stem found twice (two folders or subfolders) is refused, naming both files (A1111 takes the last it walked);
   - <hypernet:...>, a `dyn=` rank, unknown extra networks and unknown NAMEs are errors (A1111 logs and draws without);
   - tags in the negative prompt are refused by the CLIs (A1111 reads no tags there: they reach the text encoder as
@@ -122,9 +123,19 @@ def lora_index(dirs: list[str], refresh: bool = False) -> dict[str, list[str]]:
 
 
 def _matches(name: str, index: dict[str, list[str]]) -> list[str]:
+    """The files whose stem is `name`, else whose stem is `name` but for case, else whose alias (the kohya
+    metadata's ss_output_name, which A1111 also looks tags up by) is `name`."""
     if name in index:
         return index[name]
-    return [p for stem, paths in index.items() if stem.casefold() == name.casefold() for p in paths]
+    return [p for stem, paths in index.items() if stem.casefold() == name.casefold() for p in paths] or \
+        [p for paths in index.values() for p in paths if _alias(p) == name]
+
+
+def _alias(path: str) -> str | None:
+    try:
+        return lora_metadata(path).get("ss_output_name")
+    except (OSError, ValueError):                  # a broken header: no alias, as in the listing
+        return None
 
 
 def find_lora(tag: LoraTag, dirs: list[str]) -> str:
