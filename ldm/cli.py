@@ -754,7 +754,7 @@ def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, si
     control = []
     for folder, path, scale, mode in zip(args.controlnet, args.control_image, scales, modes):
         try:
-            net = load_controlnet(folder, device=pipe.device)
+            net = load_net(load_controlnet, folder, pipe, args)
             image = load_control_image(path, size or (pipe.index.resolution,) * 2)
         except (OSError, ValueError) as err:
             parser.error(f"--controlnet {folder} / --control-image {path}: {err}")
@@ -775,6 +775,18 @@ def control_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, si
             **adapter}
 
 
+def load_net(load, folder: str, pipe: TextToImage, args):
+    """`load(folder)` (a ControlNet or T2I-Adapter) on the pipeline's device, or the one ldm.serve keeps loaded in
+    args.net_cache (a dict) so that its requests do not load a net each."""
+    cache = getattr(args, "net_cache", None)
+    if cache is None:
+        return load(folder, device=pipe.device)
+    key = (load.__name__, os.path.abspath(folder))
+    if key not in cache:
+        cache[key] = load(folder, device=pipe.device)
+    return cache[key]
+
+
 def adapter_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, size: tuple[int, int] | None) -> dict:
     """{"adapter": [(T2IAdapter, image, scale, factor), ...]} from --t2i-adapter/--adapter-image/--adapter-scale/
     --adapter-factor (each image gray for a 1-channel adapter, else RGB, in [0, 1]), or {}; errors as usage errors."""
@@ -786,7 +798,7 @@ def adapter_options(parser: argparse.ArgumentParser, args, pipe: TextToImage, si
     adapter = []
     for folder, path, scale, factor in zip(args.t2i_adapter, args.adapter_image, scales, factors):
         try:
-            net = load_t2i_adapter(folder, device=pipe.device)
+            net = load_net(load_t2i_adapter, folder, pipe, args)
             image = load_image(path, size or (pipe.index.resolution,) * 2, "L" if net.in_channels == 1 else "RGB")
             net.check_base(pipe.unet, pipe.autoencoder.config.downsample_factor)
         except (OSError, ValueError) as err:

@@ -21,7 +21,7 @@ from ldm.diffusion.variation import grid_seeds
 # A1111 fields we do not implement, with the values we accept: "off", or A1111's default that clients send unasked
 # (mask_blur 4: our mask stays hard, as ldm.inpaint's); other values are refused by name
 UNSUPPORTED = {"restore_faces": (False,), "tiling": (False,), "styles": ([],), "script_name": ("",),
-               "script_args": ([],), "alwayson_scripts": ({},), "save_images": (False,), "s_churn": (0,),
+               "script_args": ([],), "save_images": (False,), "s_churn": (0,),
                "s_tmin": (0,), "s_tmax": (0, math.inf), "s_noise": (1,), "s_min_uncond": (0,),
                "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0), "firstphase_width": (0,),
                "firstphase_height": (0,), "hr_upscaler": ("Latent", ""), "hr_second_pass_steps": (0,),
@@ -34,7 +34,8 @@ UNSUPPORTED = {"restore_faces": (False,), "tiling": (False,), "styles": ([],), "
 # The fields we read (beside the UNSUPPORTED ones at their "off" value and the IGNORED ones)
 COMMON_FIELDS = {"prompt", "negative_prompt", "steps", "cfg_scale", "sampler_name", "scheduler", "seed", "subseed",
                  "subseed_strength", "width", "height", "batch_size", "n_iter", "eta", "override_settings",
-                 "send_images", "sampler_index"}     # sampler_index: A1111's old name of sampler_name
+                 "send_images", "sampler_index",     # sampler_index: A1111's old name of sampler_name
+                 "alwayson_scripts"}                 # its controlnet units: ldm.sdapi_controlnet
 TXT2IMG_FIELDS = COMMON_FIELDS | {"enable_hr", "hr_scale", "denoising_strength"}
 IMG2IMG_FIELDS = COMMON_FIELDS | {"init_images", "resize_mode", "denoising_strength", "mask", "inpainting_mask_invert",
                                   "include_init_images", "inpaint_full_res", "inpainting_fill"}

@@ -14,6 +14,9 @@ types and A1111 features we lack (given a value other than their default) answer
 Endpoints: POST txt2img, img2img (with "mask": inpainting), png-info, interrupt, options, refresh-loras; GET samplers,
 schedulers, sd-models, loras, options, progress, latent-upscale-modes, sd-vae, prompt-styles. A prompt's
 <lora:NAME:WEIGHT> tags (found in --lora-dir) merge for that request only: the weights are restored after it.
+ControlNet units (alwayson_scripts.controlnet, the A1111 ControlNet extension's API: ldm.sdapi_controlnet) become
+--controlnet / --t2i-adapter flags, their nets found by name in --controlnet-dir and kept loaded; the extension's
+GET /controlnet/model_list, module_list and version answer too. No detected maps are appended to the images.
 Request fields have A1111's names and meaning: cfg_scale is SD's scale s, our guidance w = s - 1; sampler_name is
 an A1111 name ("DPM++ 2M", "Euler a", also "DPM++ 2M Karras") or ours ("dpmpp_2m"); seed -1 is a random seed;
 override_settings may set CLIP_stop_at_last_layers (our --clip-skip). Fields left out take the CLIs' defaults
@@ -54,6 +57,8 @@ from ldm.models.prompt_loras import lora_index, lora_listing
 from ldm.sdapi import (IMG2IMG_FIELDS, TXT2IMG_FIELDS, RequestError, cli_parser, edit_inputs, encode_png, field,
                        hires_flags, read_png_info, refuse_unsupported, sampler_flags, sampler_list, scheduler_list,
                        size_flags)
+from ldm.sdapi_controlnet import (API_VERSION, default_dirs, model_index, model_list, module_list, read_units,
+                                  unit_inputs)
 
 
 class Interrupted(Exception):
@@ -70,11 +75,14 @@ class Server:
         own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
         own.add_argument("--host")
         own.add_argument("--port")
+        own.add_argument("--controlnet-dir", action="append")
         self.base_argv = own.parse_known_args(argv)[1]      # the model flags, given again with each request
         self.pipe = load_pipeline(parser, args, [])
         self.model = args.model
         self.lora_dirs = lora_dirs(args)                    # where prompts' <lora:NAME> tags look (GET loras)
         self.clip_skip = args.clip_skip                     # the "CLIP_stop_at_last_layers" option, None: the model's
+        self.controlnet_dirs = args.controlnet_dir or default_dirs(args.model)    # where units' models are found
+        self.nets = {}                                      # the units' nets, loaded once (ldm.cli.load_net)
         self.lock = threading.Lock()
         self.job = {"active": False, "done": 0, "total": 0, "start": 0.0, "interrupt": False}
 
@@ -177,9 +185,19 @@ class Server:
         else:
             kind, image, mask, flags = edit_inputs(req)
             module, extra = (img2img_cli if kind == "img2img" else inpaint_cli), extra + flags
+        units, unused_units = read_units(req, model_index(self.controlnet_dirs))    # ControlNet extension's units
+        unused += unused_units
         with self.lock:
-            parser, args = self.request_args(module, req, extra)
-            draws, steps_each, extras = self.plan(parser, args, kind, image, mask, req)
+            with unit_inputs(units, req) as (control_flags, folder):
+                try:
+                    parser, args = self.request_args(module, req, extra + control_flags)
+                    args.net_cache = self.nets
+                    draws, steps_each, extras = self.plan(parser, args, kind, image, mask, req)
+                except RequestError as err:                 # the units' files named by their request fields
+                    raise RequestError(str(err).replace(folder, "alwayson_scripts.controlnet.")) from None
+                for key in ("control_image", "adapter_image"):      # the PNG's settings name the fields too
+                    setattr(args, key, [p.replace(folder, "sdapi:alwayson_scripts.controlnet.")
+                                        for p in getattr(args, key)])
             runs = [argparse.Namespace(**{**vars(args), "seed": seed, "n": 1, "subseed": subseed if strength else None,
                                           "subseed_strength": strength or None})    # the CLI's args for each image
                     for seed, subseed in zip(seeds, subseeds)]
@@ -303,6 +321,10 @@ ROUTES = {("POST", "/sdapi/v1/txt2img"): lambda s, req: s.generate(req, "txt2img
           ("GET", "/sdapi/v1/schedulers"): lambda s, req: scheduler_list(),
           ("GET", "/sdapi/v1/sd-models"): lambda s, req: s.sd_models(),
           ("GET", "/sdapi/v1/loras"): lambda s, req: lora_listing(s.lora_dirs),
+          # the A1111 ControlNet extension's routes: the nets in --controlnet-dir, the one preprocessor ("none")
+          ("GET", "/controlnet/model_list"): lambda s, req: model_list(model_index(s.controlnet_dirs)),
+          ("GET", "/controlnet/module_list"): lambda s, req: module_list(),
+          ("GET", "/controlnet/version"): lambda s, req: {"version": API_VERSION},
           ("POST", "/sdapi/v1/refresh-loras"): lambda s, req: s.refresh_loras(),
           # what clients ask for at start-up, answered as we are: hires fix's one latent upscaler (pipe.hires:
           # bilinear, A1111's "Latent"), no separate VAEs, no saved styles
@@ -377,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     server.add_argument("--port", type=int, default=7860, help="port (default 7860, the A1111 web UI's; 0: any free)")
+    server.add_argument("--controlnet-dir", action="append", default=[], metavar="DIR",
+                        help="where a request's ControlNet units (alwayson_scripts.controlnet, the A1111 ControlNet "
+                             "extension's API) find their model: a ControlNet or T2I-Adapter folder of that name; "
+                             "repeatable (default: the model folder's controlnet/ if it has one, and ldm/assets)")
     add_model_args(parser)
     return parser
 
