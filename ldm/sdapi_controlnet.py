@@ -31,8 +31,8 @@ API_VERSION = 2                         # what the extension's /controlnet/versi
 # Unit fields we do not implement, with the values accepted: the extension's defaults (old and new), what UIs send
 UNIT_DEFAULTS = {"control_mode": (0, "Balanced"),   # 1 / 2 rescale its residuals (soft injection): not here
                  "resize_mode": (1, "Crop and Resize", "Inner Fit (Scale to Fit)", "Scale to Fit (Inner Fit)"),
-                 "guess_mode": (False,), "guessmode": (False,), "hr_option": ("Both",), "advanced_weighting": (), "mask": (),
-                 "mask_image": (), "effective_region_mask": (), "ipadapter_input": (), "is_ui": (False,),
+                 "guess_mode": (False,), "guessmode": (False,), "hr_option": ("Both",), "advanced_weighting": (),
+                 "mask": (), "mask_image": (), "effective_region_mask": (), "ipadapter_input": (), "is_ui": (False,),
                  "input_mode": ("simple",), "batch_images": ("",), "output_dir": ("",), "loopback": (False,),
                  "pulid_mode": ("Fidelity",)}
 # Preprocessor settings: no effect with module "none" (the extension ignores them so too); listed if not default
