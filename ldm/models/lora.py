@@ -38,7 +38,9 @@ Two uses:
     block's text outputs are discarded, convert_mmdit): its update is skipped.
   LyCORIS's LoHa and LoKr (`lora_unet_<module>.hada_w1_a`, `.lokr_w1`, ..., in kohya's names, mixed with plain
   LoRA modules or not): ldm.models.lycoris, read into `Factored` updates beside `Update`s, merged alike (SD 1.x/2.x,
-  SDXL, the CLIPs; refused for SD3's and FLUX.1's transformers, whose fused modules split an update's rows).
+  SDXL, the CLIPs, SD3's and FLUX.1's transformers in any of their namings above; on a fused module, sd-scripts'
+  `lora_unet_double_blocks_0_img_attn_qkv.lokr_w1`, dW is built for the whole fused weight and its rows cut as a
+  plain LoRA's up is: `Rows`, lycoris.fused_deltas).
   DoRA's magnitudes `.dora_scale` (LyCORIS, kohya's names) beside any of these: lycoris.Decomposed. peft's DoRA
   (`lora_magnitude_vector`) is refused by name, and so are what some files carry besides low-rank updates:
   whole-weight and bias differences (`.diff`, `.diff_b`), norm gains (`.scale`) and LoRA biases.
@@ -67,7 +69,7 @@ from ldm.models.convert_mmdit import ours_to_diffusers_key as mmdit_ours_to_diff
 from ldm.models.convert_unet import DIFFUSERS_TOP, RES_DIFFUSERS, TRANSFORMER_RENAMES, compvis_to_ours, diffusers_to_ours
 from ldm.models.flux import Flux
 from ldm.models.lycoris import KEYS as LYCORIS_KEYS
-from ldm.models.lycoris import DORA_KEY, Decomposed, Factored, factored
+from ldm.models.lycoris import DORA_KEY, Decomposed, Factored, factored, fused_deltas
 from ldm.models.mmdit import MMDiT
 from ldm.models.text import clip_name
 
@@ -416,23 +418,33 @@ def _factored(p: dict, key: str, path: str) -> Factored:
 
 # ----------------------------------------------------------------------------- merging
 
-def _targets(named: list[tuple[str, str | None, Update]], model: nn.Module,
-             source: str) -> list[tuple[nn.Module, Update]]:
-    """(layer, update) for each (the file's module name, ours or None for no effect, update); unknown ones refused."""
+@dataclass(frozen=True)
+class Rows:
+    """Our layers whose weights, stacked by rows in this order, are one fused module of a file (FLUX.1's
+    img_attn.qkv: our q, k, v), for a LoHa / LoKr / DoRA update, which cannot be cut before dW is built."""
+    modules: tuple[str | None, ...]   # None: a part our model drops (SD3's last text query), as tall as the first
+    swap: bool = False                # the file's module holds the stack's halves exchanged ((shift, scale))
+
+
+def _targets(named: list[tuple[str, str | Rows | None, Update]], model: nn.Module,
+             source: str) -> list[tuple[list[nn.Module | None], bool, Update]]:
+    """(layers, swap, update) for each (the file's module name, ours: a name, `Rows` or None for no effect,
+    update); unknown ones refused."""
     modules = dict(model.named_modules())
     found, missing = [], []
     for name, ours, update in named:
-        if ours is None:
+        rows = ours if isinstance(ours, Rows) else Rows((ours,))
+        layers = [None if n is None else modules.get(n) for n in rows.modules]
+        if all(n is None for n in rows.modules):
             continue
-        module = modules.get(ours)
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not all(n is None or isinstance(m, (nn.Linear, nn.Conv2d)) for n, m in zip(rows.modules, layers)):
             missing.append(name)
         else:
-            try:
-                update.delta(module.weight.shape)          # shape errors now, before any weight changes
+            try:                                           # shape errors now, before any weight changes
+                fused_deltas(update, [None if m is None else m.weight.detach() for m in layers], rows.swap)
             except ValueError as err:
                 raise ValueError(f"{source}: LoRA module {name!r}: {err} (is the LoRA for this base model?)") from None
-            found.append((module, update))
+            found.append((layers, rows.swap, update))
     if missing:
         raise ValueError(f"{source}: {len(missing)} LoRA modules have no linear/conv layer in this model, "
                          f"e.g. {missing[:3]} (is the LoRA for this base model?)")
@@ -474,19 +486,26 @@ def mmdit_module(name: str) -> str:
     return next(iter(renamed), name).removesuffix(".weight")
 
 
-def mmdit_updates(lora: dict[str, Update], net: MMDiT) -> list[tuple[str, str | None, Update]]:
+def mmdit_updates(lora: dict[str, Update], net: MMDiT) -> list[tuple[str, str | Rows | None, Update]]:
     """(the file's module, ours, update) for a LoRA on SD3's transformer in diffusers' or SD3's original names;
-    ours is None for the last block's text query, which our MMDiT drops: it does not reach the output."""
+    ours is None for the last block's text query, which our MMDiT drops: it does not reach the output. A LoHa /
+    LoKr / DoRA update keeps its whole module: ours are `Rows`."""
     pre_only = {i for i, block in enumerate(net.blocks) if block.text.attn.q is None}   # the last block
+
+    def ours(theirs: str) -> str | None:
+        name = mmdit_module(theirs)
+        q = _OUR_TEXT_QUERY.fullmatch(name)
+        return None if q and int(q.group(1)) in pre_only else name
+
     out = []
     for name, update in lora.items():
         theirs = original_modules(name) or [name]                                 # else diffusers' names
         swap = original_swaps_halves(name, max(pre_only, default=-1))             # (shift, scale) rows there
+        if not isinstance(update, Update):
+            out.append((name, Rows(tuple(ours(t) for t in theirs), swap), update))
+            continue
         updates = _rows(update, len(theirs), swap, name) if len(theirs) > 1 or swap else [update]
-        for t, u in zip(theirs, updates):
-            ours = mmdit_module(t)
-            q = _OUR_TEXT_QUERY.fullmatch(ours)
-            out.append((name, None if q and int(q.group(1)) in pre_only else ours, u))
+        out += [(name, ours(t), u) for t, u in zip(theirs, updates)]
     return out
 
 
@@ -499,10 +518,6 @@ def merge_lora(lora: dict[str, dict[str, Update]], unets: list[nn.Module], text_
     saved: {id: (weight, copy)} gets a copy of each weight before its first change, to restore it exactly."""
     plan = []
     for net in unets:
-        if isinstance(net, (Flux, MMDiT)) and any(isinstance(u, (Factored, Decomposed))
-                                                  for u in lora["unet"].values()):
-            raise ValueError(f"{source}: LoHa / LoKr / DoRA updates are read for SD 1.x/2.x and SDXL U-Nets and the "
-                             "CLIP text encoders, not for SD3's or FLUX.1's transformer")
         if isinstance(net, Flux):
             from ldm.models.lora_flux import flux_updates, refuse_t5   # lora_flux builds on this module
             refuse_t5(lora, source)
@@ -521,13 +536,15 @@ def merge_lora(lora: dict[str, dict[str, Update]], unets: list[nn.Module], text_
             raise ValueError(f"{source} has {part} weights, but this model's text encoders are {have}")
         model = text_encoders[part]
         plan += _targets([(n, clip_name(n, model), u) for n, u in lora[part].items()], model, source)
-    for module, update in plan:
-        w = module.weight
-        if saved is not None and id(w) not in saved:
-            saved[id(w)] = (w, w.detach().clone())
-        dw = update.delta(w.shape, w.float()) if isinstance(update, Decomposed) else update.delta(w.shape)
-        w.copy_((w.float() + scale * dw.to(w.device)).to(w.dtype))
-    return len(plan)
+    for layers, swap, update in plan:
+        weights = [None if m is None else m.weight for m in layers]
+        for w in weights:
+            if saved is not None and w is not None and id(w) not in saved:
+                saved[id(w)] = (w, w.detach().clone())
+        for w, dw in zip(weights, fused_deltas(update, weights, swap)):   # all blocks' dW before any changes
+            if w is not None:
+                w.copy_((w.float() + scale * dw.to(w.device)).to(w.dtype))
+    return sum(w is not None for layers, _, _ in plan for w in layers)
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:

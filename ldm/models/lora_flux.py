@@ -15,7 +15,8 @@ A BFL module that fuses several of ours (a double block's qkv: q, k, v; a single
 MLP's input, [D, D, D, 4D] rows: convert_flux.original_row_split) has its update cut by rows the same way: each
 part keeps the whole down and the scale alpha / r of the stored down, which is the fused update sd-scripts and
 ComfyUI add to the fused weight. final_layer.adaLN_modulation.1's (shift, scale) rows are swapped to our (scale,
-shift) order first.
+shift) order first. A LoHa / LoKr / DoRA update (kohya's names only: `lora_unet_double_blocks_0_img_attn_qkv.lokr_w1`)
+cannot be cut before dW is built: its parts go to the merge as one `lora.Rows`, the same parts in the same order.
 
 Caution: diffusers 0.42's reader of kohya files keeps the block modules only (the top-level img_in, txt_in,
 time_in, vector_in, guidance_in and final_layer come out without its `transformer.` prefix and are dropped), and
@@ -28,7 +29,7 @@ import re
 import torch
 
 from ldm.models.convert_flux import diffusers_to_ours, original_modules, original_row_split, original_swaps_halves
-from ldm.models.lora import Update
+from ldm.models.lora import Rows, Update
 
 # XLabs' attention processors: (block kind, lora name) -> the BFL module it updates; a single block's qkv_lora
 # covers only the first three of linear1's parts (q, k, v): diffusers_parts handles it apart.
@@ -64,11 +65,15 @@ def diffusers_parts(name: str, rows: int) -> tuple[list[str], list[int]]:
         raise ValueError(f"LoRA module {err}") from None
 
 
-def flux_updates(lora: dict[str, Update]) -> list[tuple[str, str, Update]]:
+def flux_updates(lora: dict[str, Update]) -> list[tuple[str, str | Rows, Update]]:
     """(the file's module, ours, Update) for a LoRA on FLUX.1's transformer in any of the namings above; a fused
-    BFL module gives one entry per part, each with its rows of up."""
+    BFL module gives one entry per part, each with its rows of up (a LoHa / LoKr / DoRA update: one entry, Rows)."""
     out = []
     for name, update in lora.items():
+        if not isinstance(update, Update):     # kohya's names only: not XLabs', whose qkv_lora covers part of linear1
+            theirs = original_modules(name) or [name]
+            out.append((name, Rows(tuple(flux_module(t) for t in theirs), original_swaps_halves(name)), update))
+            continue
         up = update.up
         if original_swaps_halves(name):
             if up.shape[0] % 2:

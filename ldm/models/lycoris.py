@@ -1,5 +1,6 @@
-"""LyCORIS's LoHa, LoKr and DoRA updates, as LoRA files for SD 1.x/2.x and SDXL carry them: kohya's module keys
-(`lora_unet_<module>`, `lora_te_`, `lora_te1_`, `lora_te2_`, ldm.models.lora's naming) ending in these factors.
+"""LyCORIS's LoHa, LoKr and DoRA updates, as LoRA files for SD 1.x/2.x, SDXL, SD3 and FLUX.1 carry them: kohya's
+module keys (`lora_unet_<module>`, `lora_te_`, `lora_te1_`, `lora_te2_`, ldm.models.lora's naming) ending in these
+factors. On a fused module (FLUX.1's img_attn.qkv, our q, k, v) dW is built whole, then cut by rows (`fused_deltas`).
 
     LoHa   dW = (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b) * alpha / r,  r = hada_w1_b's rows:
            the Hadamard product of two rank-r matrices reaches rank r^2 (FedPara, Hyeon-Woo et al. 2022).
@@ -150,3 +151,30 @@ class Decomposed:
         if weight is None:
             return dw
         return decompose(weight + dw.to(weight.device), self.magnitude.to(weight.device), axis) - weight
+
+
+def swap_halves(rows: torch.Tensor) -> torch.Tensor:
+    """The two halves of the rows exchanged ((shift, scale) <-> (scale, shift)); its own inverse."""
+    return torch.cat(rows.chunk(2)[::-1])
+
+
+def fused_deltas(update, weights: list, swap: bool = False) -> list:
+    """W' - W (float32) for each row block of one fused weight that `update` covers whole (FLUX.1's qkv as our q,
+    k, v), the blocks stacked in `weights`' order; a part the model drops (None) gets None, as tall as the first
+    block. swap: the file's fused weight holds the stack's two halves exchanged. dW is built for the whole fused
+    weight and then cut by rows, which is exact for any update; DoRA's norms are taken on the fused W + dW."""
+    present = next(w for w in weights if w is not None)
+    rows = [present.shape[0] if w is None else w.shape[0] for w in weights]
+    shape = torch.Size((sum(rows), *present.shape[1:]))
+    if not isinstance(update, Decomposed):
+        dw = update.delta(shape)
+    else:
+        if None in weights and norm_axis(update.magnitude, shape) == 1:   # a column's norm needs every row
+            raise ValueError(f"{update.key}: a DoRA magnitude per input column needs the whole fused weight, "
+                             "and this model drops a part of it")
+        fused = present.float() if len(weights) == 1 else \
+            torch.cat([torch.zeros(r, *shape[1:], device=present.device) if w is None else w.float()
+                       for w, r in zip(weights, rows)])              # a dropped part's rows: unused (row norms)
+        dw = update.delta(shape, swap_halves(fused) if swap else fused)
+    dw = swap_halves(dw) if swap else dw
+    return [None if w is None else d for w, d in zip(weights, dw.split(rows))]

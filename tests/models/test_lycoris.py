@@ -392,11 +392,19 @@ def test_dora_on_lokr_sets_the_norms_to_m(tmp_path, axis):
     torch.testing.assert_close(w / norms, target / target.norm(dim=1 - axis, keepdim=True), atol=1e-5, rtol=1e-5)
 
 
-def test_transformers_refuse_lycoris(tmp_path):
+def test_transformer_lycoris_in_diffusers_names_is_per_module(tmp_path):
+    """SD3's transformer, kohya's diffusers-named module: W1 kron W2 (both full: scale 1) added to that one layer
+    (fused modules: test_lycoris_transformers)."""
     from ldm.models.mmdit import MMDiT, MMDiTConfig
-    net = MMDiT(MMDiTConfig(in_channels=4, out_channels=4, depth=1, num_heads=2, head_dim=8, context_dim=16,
+    net = MMDiT(MMDiTConfig(in_channels=4, out_channels=4, depth=2, num_heads=2, head_dim=8, context_dim=16,
                             caption_dim=16, pooled_dim=16, pos_embed_max_size=8, sample_size=8))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
     key = "lora_transformer_transformer_blocks_0_attn_to_q"
-    save_file({f"{key}.lokr_w1": torch.ones(2, 2), f"{key}.lokr_w2": torch.ones(8, 8)}, str(tmp_path / "l.safetensors"))
-    with pytest.raises(ValueError, match="not for SD3's or FLUX.1's transformer"):
-        merge_lora(read_lora(str(tmp_path / "l.safetensors")), [net], {})
+    w1, w2 = torch.tensor([[1.0, -2.0], [0.5, 3.0]]), torch.arange(64.0).reshape(8, 8) / 64
+    save_file({f"{key}.lokr_w1": w1, f"{key}.lokr_w2": w2, f"{key}.alpha": torch.tensor(4.0)},
+              str(tmp_path / "l.safetensors"))
+    assert merge_lora(read_lora(str(tmp_path / "l.safetensors")), [net], {}, 0.5) == 1
+    after = net.state_dict()
+    torch.testing.assert_close(after["blocks.0.image.attn.q.weight"] - before["blocks.0.image.attn.q.weight"],
+                               0.5 * _kron_by_hand(w1, w2), atol=1e-6, rtol=0)
+    assert all(torch.equal(v, before[k]) for k, v in after.items() if k != "blocks.0.image.attn.q.weight")
